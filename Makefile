@@ -1,0 +1,64 @@
+# Townhall: one Makefile for setup, the local topology, tests and benchmarks.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(wildcard proto/townhall/v1/*.proto)
+GEN := services/townhall/v1
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup proto run dev demo test unit integration lint bench kafka kafka-stop clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) $(GEN)/__init__.py ## Create .venv, install Townhall and its tools, generate the gRPC code
+
+$(GEN)/__init__.py: $(PROTOS) $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=services --grpc_python_out=services \
+		--mypy_out=services --mypy_grpc_out=services $(PROTOS)
+	echo '"""Generated protobuf and gRPC code for townhall.v1 (make proto; not edited by hand)."""' > $@
+
+proto: ## Regenerate the protobuf/gRPC code (and .pyi stubs) from proto/
+	rm -f $(GEN)/__init__.py && $(MAKE) --no-print-directory $(GEN)/__init__.py
+
+run: setup ## Install everything, start the local topology, run the demo, exit with its status
+	$(BIN)/townhall dev --run-demo
+
+dev: setup ## Start the local topology (Kafka + services) and keep it up until Ctrl-C
+	$(BIN)/townhall dev
+
+demo: setup ## Run the demo against a topology started by `make dev`
+	$(BIN)/townhall demo
+
+test: setup lint ## Install everything, lint, run all tests (unit + integration on a real broker)
+	$(BIN)/pytest -q -ra tests
+
+unit: setup ## Run the unit tests only (no network)
+	$(BIN)/pytest -q tests/unit
+
+integration: setup ## Run the integration tests only (real Kafka broker, real servers)
+	$(BIN)/pytest -q -ra tests/integration
+
+lint: setup ## ruff and mypy on the package
+	$(BIN)/ruff check services tests
+	$(BIN)/ruff format --check services tests
+	$(BIN)/mypy
+
+bench: setup ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
+	$(BIN)/townhall bench --out .townhall/bench
+
+kafka: setup ## Start the local Kafka broker alone (foreground)
+	$(BIN)/townhall kafka
+
+clean: ## Remove the venv, generated code, caches and local state
+	rm -rf $(VENV) $(GEN) .townhall .cache .pytest_cache .mypy_cache .ruff_cache

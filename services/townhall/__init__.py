@@ -1,0 +1,1 @@
+"""Townhall: a backend for live audio rooms that absorbs a celebrity's join storm."""

@@ -1,0 +1,1 @@
+"""What every Townhall service shares: config, logs, metrics, server lifecycle, Kafka, tickets."""

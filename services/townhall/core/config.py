@@ -1,0 +1,274 @@
+"""Typed configuration: defaults, then a TOML file, then TOWNHALL_<SECTION>_<KEY> variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TOWNHALL_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Structured logging."""
+
+    level: str = "info"
+    json: bool = True
+
+    def validate(self) -> None:
+        if self.level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"log.level must be debug, info, warning or error, not {self.level!r}")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where Kafka is and what the topics are called."""
+
+    bootstrap: str = "127.0.0.1:19092"
+    topic_prefix: str = "townhall"
+    # Partitions per topic when the project creates its topics (local broker, tests).
+    partitions: int = 12
+
+    def validate(self) -> None:
+        if not self.bootstrap or any(":" not in a for a in self.bootstrap.split(",")):
+            raise ConfigError(f"kafka.bootstrap must be host:port[,host:port], not {self.bootstrap!r}")
+        _positive("kafka.partitions", self.partitions)
+
+
+@dataclass(frozen=True)
+class TicketConfig:
+    """Signing of the tickets that admission issues and relays verify."""
+
+    secret: str = "dev-only-secret-change-me-0123456789"
+    ttl_s: int = 3600
+
+    def validate(self) -> None:
+        if len(self.secret) < 32:
+            raise ConfigError("tickets.secret must be at least 32 characters")
+        _positive("tickets.ttl_s", self.ttl_s)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """gRPC server limits shared by every service."""
+
+    max_message_bytes: int = 64 * 1024
+    grace_s: float = 10.0
+    max_concurrent_streams: int = 10_000
+
+    def validate(self) -> None:
+        _positive("server.max_message_bytes", self.max_message_bytes)
+        _positive("server.grace_s", self.grace_s)
+        _positive("server.max_concurrent_streams", self.max_concurrent_streams)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """The admission service (rooms and joins)."""
+
+    listen: str = "127.0.0.1:50051"
+    metrics_port: int = 9101
+    # Relays handed out in grants (host:port); the room's relay is chosen by rendezvous hashing.
+    relays: tuple[str, ...] = ("127.0.0.1:50052",)
+    default_listener_limit: int = 1_000_000
+    # Presence events waiting for Kafka; beyond this they are dropped and counted.
+    event_queue: int = 100_000
+
+    def validate(self) -> None:
+        _address("admission.listen", self.listen)
+        _port("admission.metrics_port", self.metrics_port)
+        if not self.relays:
+            raise ConfigError("admission.relays must name at least one relay host:port")
+        for relay in self.relays:
+            _address("admission.relays", relay)
+        _positive("admission.default_listener_limit", self.default_listener_limit)
+        _positive("admission.event_queue", self.event_queue)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay service (audio fan-out)."""
+
+    listen: str = "127.0.0.1:50052"
+    metrics_port: int = 9102
+    # The address listeners are told to use; tickets are bound to it. Defaults to listen.
+    advertise: str = ""
+    chunk_ms: int = 100
+    # Chunks buffered per subscriber before its oldest are dropped.
+    subscriber_queue: int = 50
+    # A subscriber that has dropped chunks for this long without catching up is cut off.
+    stuck_cutoff_s: float = 10.0
+    # Chunks kept per room for late joiners (the last ~300 ms) and resumption.
+    ring_chunks: int = 100
+    late_join_ms: int = 300
+    max_payload_bytes: int = 1500
+
+    def validate(self) -> None:
+        _address("relay.listen", self.listen)
+        if self.advertise:
+            _address("relay.advertise", self.advertise)
+        _port("relay.metrics_port", self.metrics_port)
+        if not 20 <= self.chunk_ms <= 1000:
+            raise ConfigError(f"relay.chunk_ms must be within 20..1000, not {self.chunk_ms}")
+        _positive("relay.subscriber_queue", self.subscriber_queue)
+        _positive("relay.stuck_cutoff_s", self.stuck_cutoff_s)
+        _positive("relay.ring_chunks", self.ring_chunks)
+        _positive("relay.late_join_ms", self.late_join_ms)
+        if not 1 <= self.max_payload_bytes <= 16_384:
+            raise ConfigError("relay.max_payload_bytes must be within 1..16384")
+
+    @property
+    def address(self) -> str:
+        """The address clients reach this relay at."""
+        return self.advertise or self.listen
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    """The notifier service (follower graph, fan-out, inbox)."""
+
+    listen: str = "127.0.0.1:50053"
+    metrics_port: int = 9103
+    data_dir: str = ".townhall/notifier"
+    group_id: str = "townhall-notifier"
+    # Followers per notification record on the notifications topic.
+    batch_users: int = 1000
+
+    def validate(self) -> None:
+        _address("notifier.listen", self.listen)
+        _port("notifier.metrics_port", self.metrics_port)
+        if not self.data_dir:
+            raise ConfigError("notifier.data_dir must not be empty")
+        _positive("notifier.batch_users", self.batch_users)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a Townhall process can be told; each service reads its own section."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    tickets: TicketConfig = field(default_factory=TicketConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    notifier: NotifierConfig = field(default_factory=NotifierConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Builds the config from defaults, the TOML file (if any) and the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("TOWNHALL_CONFIG") or None
+    raw: dict[str, dict[str, Any]] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section [{name}] in {path}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section [{name}] in {path} must be a table")
+    for key, text in env.items():
+        if not key.startswith(ENV_PREFIX) or key == "TOWNHALL_CONFIG":
+            continue
+        section, _, name = key[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in sections or not name:
+            raise ConfigError(f"unknown config variable {key}")
+        raw.setdefault(section, {})[name] = _EnvText(text)
+    built = {s: _section(s, sections[s].default_factory, raw.get(s, {})) for s in sections}
+    config = Config(**built)
+    config.validate()
+    return config
+
+
+class _EnvText(str):
+    """A value that came from an environment variable, to be parsed into the field's type."""
+
+
+def _section(name: str, factory: Any, values: dict[str, Any]) -> Any:
+    cls = factory
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key}")
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, _EnvText):
+                if value.lower() in {"1", "true", "yes", "on"}:
+                    return True
+                if value.lower() in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool):
+                return value
+        elif hint is int:
+            if isinstance(value, _EnvText):
+                return int(value.replace("_", ""))
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif hint is float:
+            if isinstance(value, _EnvText):
+                return float(value)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        elif hint is str:
+            if isinstance(value, str):
+                return str(value)
+        elif origin is tuple:
+            items = value.split(",") if isinstance(value, _EnvText) else value
+            if isinstance(items, list | tuple) and all(isinstance(i, str) for i in items):
+                return tuple(i.strip() for i in items if i.strip())
+        elif isinstance(hint, types.UnionType):
+            raise TypeError(hint)
+    except ValueError:
+        pass
+    raise ConfigError(f"config key {key} must be {_describe(hint)}, not {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings (comma-separated in the environment)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, not {value}")
+
+
+def _port(key: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key} must be a port number 0..65535 (0 disables), not {value}")
+
+
+def _address(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key} must be host:port, not {value!r}")

@@ -1,0 +1,53 @@
+"""Domain errors that map one-to-one onto gRPC status codes, with a message for the caller."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TownhallError(Exception):
+    """An error whose message is safe and useful to show the caller."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(TownhallError):
+    """A field is missing or malformed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(TownhallError):
+    """The named room (or other object) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unauthenticated(TownhallError):
+    """No valid identity or ticket."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TownhallError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(TownhallError):
+    """The object is not in a state that allows this (e.g. joining an ended room)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(TownhallError):
+    """Over a limit; retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(TownhallError):
+    """A dependency (Kafka, the owner) could not be reached; safe to retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,184 @@
+"""Kafka helpers shared by every service: topic names, producers, topic creation, event queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from prometheus_client import Counter, Gauge
+
+from townhall.core import logging
+from townhall.core.config import KafkaConfig
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+
+log = logging.get(__name__)
+
+EVENTS_DROPPED = Counter(
+    "townhall_events_dropped_total",
+    "Best-effort events dropped because the in-process queue to Kafka was full or Kafka failed.",
+    ["topic"],
+)
+EVENTS_QUEUED = Gauge("townhall_events_queued", "Best-effort events waiting for Kafka.")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The project's topic names, derived from one prefix."""
+
+    prefix: str
+
+    @property
+    def room_state(self) -> str:
+        """Compacted; key room id; value townhall.v1.Room."""
+        return f"{self.prefix}.room-state"
+
+    @property
+    def presence(self) -> str:
+        """Key room id; value PresenceEvent."""
+        return f"{self.prefix}.presence"
+
+    @property
+    def room_started(self) -> str:
+        """Key host id; value RoomStarted."""
+        return f"{self.prefix}.room-started"
+
+    @property
+    def notifications(self) -> str:
+        """Key user shard; value NotificationBatch."""
+        return f"{self.prefix}.notifications"
+
+    def all(self) -> dict[str, dict[str, str]]:
+        """Every topic with its configuration."""
+        compacted = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
+        day = {"retention.ms": str(24 * 3600 * 1000)}
+        return {
+            self.room_state: compacted,
+            self.presence: day,
+            self.room_started: day,
+            self.notifications: day,
+        }
+
+
+async def ensure_topics(config: KafkaConfig) -> None:
+    """Creates the project's topics if they do not exist (local broker, tests)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name, config.partitions, 1, topic_configs=cfg)
+            for name, cfg in Topics(config.topic_prefix).all().items()
+            if name not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+            log.info("topics created", topics=[t.name for t in wanted])
+    finally:
+        await admin.close()
+
+
+def producer(config: KafkaConfig, client_id: str) -> AIOKafkaProducer:
+    """A producer whose send_and_wait means the record is on every in-sync replica."""
+    return AIOKafkaProducer(
+        bootstrap_servers=config.bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=2,
+        request_timeout_ms=15_000,
+        retry_backoff_ms=200,
+    )
+
+
+async def read_to_end(
+    config: KafkaConfig, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+) -> dict[TopicPartition, int]:
+    """Applies every record of `topic` up to its current end; returns the end offsets."""
+    # Without a group, a subscription is assigned every partition of the topic.
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=config.bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=5_000,
+    )
+    await consumer.start()
+    try:
+        partitions = list(consumer.assignment())
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist or has no partitions")
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        pending = {tp for tp, end in ends.items() if end > 0}
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    apply(record.key, record.value)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    pending.discard(tp)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+class EventQueue:
+    """A bounded in-process queue of best-effort records to Kafka that never blocks the caller.
+
+    `offer` returns at once; a full queue or a failed send drops the record and counts it.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, capacity: int) -> None:
+        self._producer = producer
+        self._queue: asyncio.Queue[tuple[str, bytes, bytes]] = asyncio.Queue(capacity)
+        self._task: asyncio.Task[None] | None = None
+
+    def offer(self, topic: str, key: bytes, value: bytes) -> bool:
+        """Queues a record; False (and counted) if the queue is full."""
+        try:
+            self._queue.put_nowait((topic, key, value))
+        except asyncio.QueueFull:
+            EVENTS_DROPPED.labels(topic).inc()
+            return False
+        EVENTS_QUEUED.inc()
+        return True
+
+    def start(self) -> None:
+        """Starts the background sender."""
+        self._task = asyncio.create_task(self._run(), name="event-queue")
+
+    async def close(self, flush_s: float = 5.0) -> None:
+        """Sends what is queued (within flush_s), then stops."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), flush_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            topic, key, value = await self._queue.get()
+            try:
+                future = await self._producer.send(topic, value, key=key)
+                future.add_done_callback(lambda f, t=topic: _count_failure(f, t))
+            except Exception as exc:
+                EVENTS_DROPPED.labels(topic).inc()
+                KAFKA_PRODUCE_ERRORS.labels(topic).inc()
+                log.warning("event dropped", topic=topic, error=str(exc))
+            finally:
+                EVENTS_QUEUED.dec()
+                self._queue.task_done()
+
+
+def _count_failure(future: asyncio.Future[object], topic: str) -> None:
+    if future.cancelled() or future.exception() is not None:
+        EVENTS_DROPPED.labels(topic).inc()
+        KAFKA_PRODUCE_ERRORS.labels(topic).inc()

@@ -1,0 +1,32 @@
+"""Prometheus metrics shared by every service, and the metrics endpoint.
+
+Names are in base units; `_total` only on counters; labels are low-cardinality (never a user id).
+Domain metrics live beside the code that moves them, in each service's `metrics` module.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RPC_REQUESTS = Counter(
+    "townhall_rpc_requests_total",
+    "RPCs finished, by method and gRPC status code.",
+    ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+)
+RPC_DURATION = Histogram(
+    "townhall_rpc_duration_seconds",
+    "Time from the start of an RPC to its status (a stream's whole life for streams).",
+    ["grpc_service", "grpc_method", "grpc_type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60),
+)
+KAFKA_PRODUCE_ERRORS = Counter(
+    "townhall_kafka_produce_errors_total",
+    "Kafka produce requests that failed, by topic.",
+    ["topic"],
+)
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serves /metrics on a background thread; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,128 @@
+"""The lifecycle every service shares: serve gRPC with health and reflection, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from townhall.core import logging
+from townhall.core.config import Config, ConfigError
+from townhall.core.config import load as load_config
+from townhall.core.interceptor import RpcInterceptor
+from townhall.core.metrics import serve_metrics
+
+log = logging.get(__name__)
+
+
+class App(Protocol):
+    """One service's servicers and background work, driven by `serve`."""
+
+    service_names: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the service's servicers to the server."""
+
+    async def start(self) -> None:
+        """Connects to dependencies (Kafka) and starts background tasks, before serving."""
+
+    async def drain(self) -> None:
+        """Asks long-lived streams to finish; called once SIGTERM arrives."""
+
+    async def close(self) -> None:
+        """Stops background tasks and closes clients; always called."""
+
+
+@dataclass
+class Running:
+    """A started server: its bound port and the means to stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    """Channel options every server sets: message size limits and keepalive."""
+    size = config.server.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", 4 * size),
+        ("grpc.max_concurrent_streams", config.server.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 1),
+    ]
+
+
+async def start(app: App, config: Config, listen: str) -> Running:
+    """Starts the app and a gRPC server for it on `listen` (port 0 picks a free port)."""
+    server = grpc.aio.server(interceptors=[RpcInterceptor()], options=server_options(config))
+    app.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    await app.start()
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, health_servicer, port)
+
+
+async def stop(app: App, running: Running, grace_s: float) -> None:
+    """Reports NOT_SERVING, drains streams, stops within the grace period, closes the app."""
+    try:
+        await running.health.enter_graceful_shutdown()
+        await app.drain()
+        await running.server.stop(grace_s)
+    finally:
+        await app.close()
+
+
+async def serve(app: App, config: Config, name: str, listen: str, metrics_port: int) -> None:
+    """Runs a service until SIGTERM or SIGINT, then drains it within server.grace_s."""
+    serve_metrics(metrics_port)
+    try:
+        running = await start(app, config, listen)
+    except BaseException:
+        await app.close()
+        raise
+    log.info("serving", name=name, listen=listen, port=running.port, metrics_port=metrics_port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping.wait()
+    log.info("draining", name=name, grace_s=config.server.grace_s)
+    await stop(app, running, config.server.grace_s)
+    log.info("stopped", name=name)
+
+
+def run_service(name: str, build: Callable[[Config], App], section: str) -> None:
+    """`python -m townhall.<service>`: loads config (a bad value exits 2 naming the key), serves."""
+    parser = argparse.ArgumentParser(prog=f"python -m townhall.{name}", description=f"Townhall {name}")
+    parser.add_argument("--config", help="TOML config file (else $TOWNHALL_CONFIG, then defaults)")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"townhall {name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    logging.configure(config.log, name)
+    own = getattr(config, section)
+    asyncio.run(serve(build(config), config, name, own.listen, own.metrics_port))

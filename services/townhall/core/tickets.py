@@ -1,0 +1,86 @@
+"""Tickets: what admission grants and relays verify locally, without calling admission."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.v1.common_pb2 import Role
+
+TICKET_KEY = "townhall-ticket"
+MAX_TICKET_BYTES = 1024
+_ALGORITHM = "HS256"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A verified ticket: this user may use this relay for this room, in this role, until expiry."""
+
+    room_id: str
+    user_id: int
+    role: int
+    relay: str
+    expires_at: int  # Unix seconds
+
+    @property
+    def on_stage(self) -> bool:
+        """Whether the ticket allows publishing audio."""
+        return self.role in (Role.ROLE_HOST, Role.ROLE_COHOST, Role.ROLE_SPEAKER)
+
+
+class TicketSigner:
+    """Issues and verifies HMAC-signed tickets (JWT, HS256) with a shared secret."""
+
+    def __init__(self, secret: str, ttl_s: int) -> None:
+        self._secret = secret.encode()
+        self._ttl_s = ttl_s
+
+    def issue(self, room_id: str, user_id: int, role: int, relay: str, now: float | None = None) -> Ticket:
+        """A ticket for the given grant, expiring ttl_s from now."""
+        expires = int((time.time() if now is None else now) + self._ttl_s)
+        return Ticket(room_id, user_id, role, relay, expires)
+
+    def sign(self, ticket: Ticket) -> str:
+        """The ticket's signed text."""
+        claims = {
+            "sub": str(ticket.user_id),
+            "room": ticket.room_id,
+            "role": ticket.role,
+            "aud": ticket.relay,
+            "exp": ticket.expires_at,
+        }
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+
+    def verify(self, token: str, relay: str) -> Ticket:
+        """The ticket if it is signed by us, unexpired and for this relay; else a clear error."""
+        if not token:
+            raise Unauthenticated(f"metadata {TICKET_KEY} (a ticket from Admission.Join) is required")
+        if len(token) > MAX_TICKET_BYTES:
+            raise Unauthenticated(f"ticket is {len(token)} bytes; at most {MAX_TICKET_BYTES} allowed")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                audience=relay,
+                options={"require": ["exp", "sub", "aud", "room", "role"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("ticket has expired: join the room again") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise PermissionDenied(f"ticket is for another relay, not {relay}") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"ticket is not valid: {exc}") from exc
+        try:
+            return Ticket(
+                room_id=str(claims["room"]),
+                user_id=int(claims["sub"]),
+                role=int(claims["role"]),
+                relay=relay,
+                expires_at=int(claims["exp"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise Unauthenticated("ticket claims are malformed") from exc
