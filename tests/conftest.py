@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall.devtools.kafka_broker import Broker, free_port

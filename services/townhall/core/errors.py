@@ -9,6 +9,8 @@ class TownhallError(Exception):
     """An error whose message is safe and useful to show the caller."""
 
     code = grpc.StatusCode.INTERNAL
+    # Trailing metadata sent with the status (e.g. retry-after-ms).
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidArgument(TownhallError):
@@ -42,9 +44,14 @@ class FailedPrecondition(TownhallError):
 
 
 class ResourceExhausted(TownhallError):
-    """Over a limit; retry later."""
+    """Over a limit; retry later. Clients read `retry-after-ms` from the trailing metadata."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        self.trailers = (("retry-after-ms", str(retry_after_ms)),)
 
 
 class Unavailable(TownhallError):

@@ -89,7 +89,7 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grp
 async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
     """Aborts the RPC with the error's status; an unexpected error becomes INTERNAL, logged."""
     if isinstance(error, TownhallError):
-        await context.abort(error.code, str(error))
+        await context.abort(error.code, str(error), trailing_metadata=error.trailers)
     log.error("rpc failed", method=method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
 

@@ -1,0 +1,1 @@
+"""Admission: room lifecycle and joins; the front door of a live room."""

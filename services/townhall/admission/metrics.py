@@ -1,0 +1,21 @@
+"""Admission's domain metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOINS = Counter(
+    "townhall_joins_total",
+    "Join attempts by outcome: admitted, waiting, shed (over a limit), rejected (bad request).",
+    ["result"],
+)
+JOIN_DURATION = Histogram(
+    "townhall_join_duration_seconds",
+    "Time to decide a join inside admission (validation, admission, ticket signing).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+ROOMS_LIVE = Gauge("townhall_rooms_live", "Live rooms known to this admission process.")
+LISTENERS = Gauge("townhall_admission_listeners", "Listeners admitted by this process and not yet left.")
+ROOM_CHANGES = Counter(
+    "townhall_room_changes_total", "Room state changes acknowledged by Kafka, by kind.", ["change"]
+)

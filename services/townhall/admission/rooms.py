@@ -1,0 +1,114 @@
+"""The room state machine: pure rules for create, start, end, with no I/O."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+
+from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from townhall.v1.common_pb2 import Role, Room, RoomState
+
+MAX_SPEAKERS = 12
+MAX_LISTENER_LIMIT = 10_000_000
+
+
+def new_room_id() -> str:
+    """A fresh room id: 16 URL-safe characters (96 random bits)."""
+    return secrets.token_urlsafe(12)
+
+
+class RoomBook:
+    """The rooms this process knows, keyed by id; every change yields a new Room version.
+
+    Changes are proposed (`created`, `started`, `ended` return a new Room without storing it)
+    and applied with `apply` once Kafka has acknowledged them, so memory never holds a change
+    that was not durably written.
+    """
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, Room] = {}
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def get(self, room_id: str) -> Room:
+        """The room, or NOT_FOUND."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            raise NotFound(f"room {room_id} does not exist")
+        return room
+
+    def apply(self, room: Room) -> bool:
+        """Stores a room version if it is newer than the one held; True if it was."""
+        held = self._rooms.get(room.room_id)
+        if held is not None and held.version >= room.version:
+            return False
+        self._rooms[room.room_id] = room
+        return True
+
+    def live(self) -> list[Room]:
+        """Live rooms, most recently started first."""
+        rooms = [r for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE]
+        return sorted(rooms, key=lambda r: r.started_at_ms, reverse=True)
+
+    def live_count(self) -> int:
+        """How many rooms are live."""
+        return sum(1 for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE)
+
+    def created(
+        self, host: int, title: str, speakers: Iterable[int], listener_limit: int, now_ms: int
+    ) -> Room:
+        """A new room hosted by `host` (not yet stored)."""
+        room_id = new_room_id()
+        while room_id in self._rooms:
+            room_id = new_room_id()
+        return Room(
+            room_id=room_id,
+            host_id=host,
+            title=title,
+            state=RoomState.ROOM_STATE_CREATED,
+            speaker_ids=[s for s in speakers if s != host],
+            listener_limit=listener_limit,
+            created_at_ms=now_ms,
+            version=1,
+        )
+
+    def started(self, room_id: str, caller: int, now_ms: int) -> Room:
+        """The room after its host starts it; starting a live room returns it unchanged."""
+        room = self._owned(room_id, caller, "start")
+        if room.state == RoomState.ROOM_STATE_LIVE:
+            return room
+        if room.state == RoomState.ROOM_STATE_ENDED:
+            raise FailedPrecondition(f"room {room_id} has ended and cannot start again")
+        return _next(room, state=RoomState.ROOM_STATE_LIVE, started_at_ms=now_ms)
+
+    def ended(self, room_id: str, caller: int, now_ms: int) -> Room:
+        """The room after its host ends it; ending an ended room returns it unchanged."""
+        room = self._owned(room_id, caller, "end")
+        if room.state == RoomState.ROOM_STATE_ENDED:
+            return room
+        return _next(room, state=RoomState.ROOM_STATE_ENDED, ended_at_ms=now_ms)
+
+    def _owned(self, room_id: str, caller: int, action: str) -> Room:
+        room = self.get(room_id)
+        if room.host_id != caller:
+            raise PermissionDenied(f"only the host of room {room_id} may {action} it")
+        return room
+
+
+def role_of(room: Room, user: int) -> Role.ValueType:
+    """The role a user joins a room in."""
+    if user == room.host_id:
+        return Role.ROLE_HOST
+    if user in room.speaker_ids:
+        return Role.ROLE_SPEAKER
+    return Role.ROLE_LISTENER
+
+
+def _next(room: Room, **changes: int) -> Room:
+    changed = Room()
+    changed.CopyFrom(room)
+    for name, value in changes.items():
+        setattr(changed, name, value)
+    changed.version = room.version + 1
+    return changed

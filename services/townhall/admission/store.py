@@ -1,0 +1,102 @@
+"""Durable rooms: every change is acknowledged by Kafka (acks=all) before it is applied or answered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
+from townhall.admission.rooms import RoomBook
+from townhall.core import logging
+from townhall.core.config import KafkaConfig
+from townhall.core.errors import Unavailable
+from townhall.core.kafka import Topics, read_to_end
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.v1.common_pb2 import Room
+from townhall.v1.events_pb2 import RoomStarted
+
+log = logging.get(__name__)
+
+# How long a change may wait for Kafka before the caller is told to retry (UNAVAILABLE).
+COMMIT_TIMEOUT_S = 10.0
+
+
+def now_ms() -> int:
+    """Wall-clock Unix milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class RoomStore:
+    """Rooms held in memory, written through to the compacted room-state topic."""
+
+    def __init__(self, kafka: KafkaConfig, producer: AIOKafkaProducer) -> None:
+        self.book = RoomBook()
+        self._kafka = kafka
+        self._topics = Topics(kafka.topic_prefix)
+        self._producer = producer
+        # One change at a time per room, so versions never fork.
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def load(self) -> int:
+        """Rebuilds every room from the room-state topic; returns how many records were read."""
+        count = 0
+
+        def apply(_key: bytes | None, value: bytes | None) -> None:
+            nonlocal count
+            count += 1
+            if value:
+                self.book.apply(Room.FromString(value))
+
+        await read_to_end(self._kafka, self._topics.room_state, apply)
+        self._update_gauge()
+        log.info("rooms rebuilt from kafka", records=count, rooms=len(self.book))
+        return count
+
+    async def create(self, host: int, title: str, speakers: list[int], listener_limit: int) -> Room:
+        """Creates and durably records a room."""
+        room = self.book.created(host, title, speakers, listener_limit, now_ms())
+        async with self._locks[room.room_id]:
+            await self._commit(room, "created")
+        return room
+
+    async def start(self, room_id: str, caller: int) -> Room:
+        """Starts the caller's room and announces it; repeating it announces it again."""
+        async with self._locks[room_id]:
+            room = self.book.started(room_id, caller, now_ms())
+            if room is not self.book.get(room_id):
+                await self._commit(room, "started")
+            await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room))
+        return room
+
+    async def end(self, room_id: str, caller: int) -> Room:
+        """Ends the caller's room."""
+        async with self._locks[room_id]:
+            room = self.book.ended(room_id, caller, now_ms())
+            if room is not self.book.get(room_id):
+                await self._commit(room, "ended")
+        return room
+
+    async def _commit(self, room: Room, change: str) -> None:
+        await self._send(self._topics.room_state, room.room_id, room)
+        self.book.apply(room)
+        ROOM_CHANGES.labels(change).inc()
+        self._update_gauge()
+        log.info("room changed", room=room.room_id, change=change, version=room.version)
+
+    async def _send(self, topic: str, key: str, message: Room | RoomStarted) -> None:
+        try:
+            await asyncio.wait_for(
+                self._producer.send_and_wait(topic, message.SerializeToString(), key=key.encode()),
+                COMMIT_TIMEOUT_S,
+            )
+        except (KafkaError, TimeoutError) as exc:
+            KAFKA_PRODUCE_ERRORS.labels(topic).inc()
+            log.warning("kafka write failed", topic=topic, key=key, error=repr(exc))
+            raise Unavailable("the change could not be recorded in Kafka; it was not made: retry") from exc
+
+    def _update_gauge(self) -> None:
+        ROOMS_LIVE.set(self.book.live_count())

@@ -1,0 +1,1 @@
+"""The `townhall` command: local topology, demo, manual room/speak/listen, benchmarks."""

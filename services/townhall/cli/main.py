@@ -1,0 +1,94 @@
+"""`townhall`: one command for the local topology, the demo, manual use and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from townhall.core import logging
+from townhall.core.config import LogConfig
+
+DEFAULT_ROOT = Path(".townhall")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="townhall", description=__doc__)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local state folder (.townhall)")
+    parser.add_argument("--admission", help="admission host:port (default: from topology.json)")
+    parser.add_argument("--notifier", help="notifier host:port (default: from topology.json)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
+    dev.add_argument("--admission", type=int, default=1, help="admission processes")
+    dev.add_argument("--relays", type=int, default=1, help="relay processes")
+    dev.add_argument("--notifiers", type=int, default=1, help="notifier processes")
+    dev.add_argument("--ports", choices=("fixed", "auto"), default="fixed", help="fixed or free ports")
+    dev.add_argument("--run-demo", action="store_true", help="run the demo, stop, exit with its status")
+
+    demo = sub.add_parser("demo", help="run the scripted celebrity-room demo against `townhall dev`")
+    demo.add_argument("--followers", type=int, default=20, help="followers, all connected to Inbox")
+    demo.add_argument("--listeners", type=int, default=20, help="listeners that join and subscribe")
+    demo.add_argument("--audio", type=Path, help="audio file to speak (default: a generated voice)")
+
+    sub.add_parser("kafka", help="run the local Kafka broker in the foreground")
+
+    room = sub.add_parser("room", help="create, start, end, get or list rooms")
+    room.add_argument("action", choices=("create", "start", "end", "get", "list"))
+    room.add_argument("arg", nargs="?", help="title (create) or room id (start, end, get)")
+    room.add_argument("--user", type=int, required=True, help="your user id")
+    room.add_argument("--speaker", type=int, action="append", default=[], help="speaker id (create)")
+
+    follow = sub.add_parser("follow", help="follow a user")
+    follow.add_argument("followee", type=int)
+    follow.add_argument("--user", type=int, required=True, help="your user id")
+
+    inbox = sub.add_parser("inbox", help="print your notifications as they arrive")
+    inbox.add_argument("--user", type=int, required=True, help="your user id")
+    inbox.add_argument("--seconds", type=float, default=60.0, help="stop after this long")
+
+    speak = sub.add_parser("speak", help="join a room and speak an audio file into it (Opus)")
+    speak.add_argument("file", type=Path, help="any audio file PyAV reads (WAV, MP3, OGG...)")
+    speak.add_argument("--room", required=True)
+    speak.add_argument("--user", type=int, required=True, help="your user id (host or speaker)")
+
+    listen = sub.add_parser("listen", help="join a room and record what you hear to a WAV file")
+    listen.add_argument("--room", required=True)
+    listen.add_argument("--user", type=int, required=True, help="your user id")
+    listen.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    listen.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
+
+    bench = sub.add_parser("bench", help="run the benchmarks; figures on screen, JSON in --out")
+    bench.add_argument("--out", type=Path, default=DEFAULT_ROOT / "bench")
+    bench.add_argument("--listeners", type=int, nargs="+", default=[100, 500, 1000, 2000])
+    bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `townhall` command."""
+    args = _parser().parse_args(argv)
+    logging.configure(LogConfig(level="warning", json=False), "cli")
+    if args.command == "dev":
+        from townhall.cli.dev import run_dev
+
+        sys.exit(run_dev(args))
+    if args.command == "demo":
+        from townhall.cli.demo import run_demo
+
+        sys.exit(run_demo(args.root / "topology.json", args.followers, args.listeners, args.audio))
+    if args.command == "kafka":
+        from townhall.cli.dev import run_kafka
+
+        sys.exit(run_kafka(args.root))
+    if args.command == "bench":
+        from townhall.cli.bench import run_bench
+
+        sys.exit(run_bench(args))
+    from townhall.cli import manual
+
+    sys.exit(manual.run(args))
+
+
+if __name__ == "__main__":
+    main()

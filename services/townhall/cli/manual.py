@@ -1,0 +1,126 @@
+"""Manual use: `townhall room|follow|inbox|speak|listen`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from townhall import audio
+from townhall.cli.endpoints import resolve
+from townhall.client import Client
+from townhall.v1 import relay_pb2, rooms_pb2
+from townhall.v1.common_pb2 import Room
+
+console = Console()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs one manual command; gRPC errors are printed with their status, exit code 1."""
+    endpoints = resolve(args.root / "topology.json", args.admission, args.notifier)
+    client = Client(endpoints, args.user)
+    handler = {
+        "room": _room,
+        "follow": _follow,
+        "inbox": _inbox,
+        "speak": _speak,
+        "listen": _listen,
+    }[args.command]
+    try:
+        return asyncio.run(_closing(client, handler(client, args)))
+    except grpc.aio.AioRpcError as exc:
+        console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+        return 1
+
+
+async def _closing(client: Client, work: Awaitable[int]) -> int:
+    try:
+        return await work
+    finally:
+        await client.close()
+
+
+def _show(room: Room) -> None:
+    console.print_json(data=MessageToDict(room))
+
+
+async def _room(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        reply = await client.rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(limit=100), timeout=10)
+        table = Table("room", "title", "host", "started")
+        for room in reply.rooms:
+            started = time.strftime("%H:%M:%S", time.localtime(room.started_at_ms / 1000))
+            table.add_row(room.room_id, room.title, str(room.host_id), started)
+        console.print(table)
+        return 0
+    if not args.arg:
+        console.print(
+            f"[red]room {args.action} needs {'a title' if args.action == 'create' else 'a room id'}"
+        )
+        return 2
+    if args.action == "create":
+        _show(await client.create_room(args.arg, args.speaker))
+    elif args.action == "start":
+        _show(await client.start_room(args.arg))
+    elif args.action == "end":
+        _show(await client.end_room(args.arg))
+    else:
+        _show(await client.rooms.GetRoom(rooms_pb2.GetRoomRequest(room_id=args.arg), timeout=10))
+    return 0
+
+
+async def _follow(client: Client, args: argparse.Namespace) -> int:
+    created = await client.follow(args.followee)
+    console.print(f"user {args.user} {'now follows' if created else 'already follows'} {args.followee}")
+    return 0
+
+
+async def _inbox(client: Client, args: argparse.Namespace) -> int:
+    call = client.notifications()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(args.seconds):
+            async for note in call:
+                console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
+    call.cancel()
+    return 0
+
+
+async def _speak(client: Client, args: argparse.Namespace) -> int:
+    packets = audio.encode_opus(audio.read_wav(args.file))
+    grant = await client.join(args.room)
+    seconds = len(packets) * audio.FRAME_MS / 1000
+    console.print(f"speaking {len(packets)} frames ({seconds:.1f} s) to {grant.relay_address}")
+    accepted = await client.publish(grant, packets)
+    console.print(f"relay accepted {accepted} frames")
+    return 0 if accepted == len(packets) else 1
+
+
+async def _listen(client: Client, args: argparse.Namespace) -> int:
+    grant = await client.join(args.room)
+    call = client.subscribe(grant, args.room)
+    by_speaker: dict[int, list[bytes]] = {}
+    chunks = gaps = 0
+    last = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(args.seconds):
+            async for chunk in call:
+                assert isinstance(chunk, relay_pb2.Chunk)
+                chunks += 1
+                gaps += int(last and chunk.sequence != last + 1)
+                last = chunk.sequence
+                for frame in chunk.frames:
+                    by_speaker.setdefault(frame.speaker_id, []).append(frame.payload)
+    call.cancel()
+    pcm = audio.mix([audio.OpusDecoder().decode(p) for p in by_speaker.values()])
+    audio.write_wav(args.out, pcm)
+    frames = sum(len(p) for p in by_speaker.values())
+    seconds = len(pcm) / audio.SAMPLE_RATE
+    console.print(f"{chunks} chunks, {frames} frames, {gaps} gaps -> {args.out} ({seconds:.1f} s)")
+    return 0

@@ -1,0 +1,164 @@
+"""A small asyncio client for Townhall, used by the CLI, the demo, the load generator and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from townhall.core.identity import metadata as user_metadata
+from townhall.core.tickets import TICKET_KEY
+from townhall.v1 import (
+    admission_pb2,
+    admission_pb2_grpc,
+    graph_pb2,
+    graph_pb2_grpc,
+    inbox_pb2,
+    inbox_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
+    rooms_pb2,
+    rooms_pb2_grpc,
+)
+from townhall.v1.common_pb2 import Room
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel to a Townhall service (TLS comes with authentication)."""
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+def now_us() -> int:
+    """Wall-clock Unix microseconds, the unit of capture timestamps."""
+    return time.time_ns() // 1_000
+
+
+@dataclass
+class Endpoints:
+    """Where the services are."""
+
+    admission: str
+    notifier: str
+
+
+class Client:
+    """One user's view of Townhall; every call carries the user's identity."""
+
+    def __init__(self, endpoints: Endpoints, user: int) -> None:
+        self.user = user
+        self._metadata = user_metadata(user)
+        self._admission = channel(endpoints.admission)
+        self._notifier = channel(endpoints.notifier)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.rooms = rooms_pb2_grpc.RoomsStub(self._admission)
+        self.admission = admission_pb2_grpc.AdmissionStub(self._admission)
+        self.graph = graph_pb2_grpc.GraphStub(self._notifier)
+        self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        for ch in (self._admission, self._notifier, *self._channels.values()):
+            await ch.close()
+
+    async def create_room(self, title: str, speakers: Iterable[int] = (), listener_limit: int = 0) -> Room:
+        """Creates a room hosted by this user."""
+        request = rooms_pb2.CreateRoomRequest(
+            title=title, speaker_ids=list(speakers), listener_limit=listener_limit
+        )
+        return await self.rooms.CreateRoom(request, metadata=self._metadata, timeout=15)
+
+    async def start_room(self, room_id: str) -> Room:
+        """Starts this user's room."""
+        request = rooms_pb2.StartRoomRequest(room_id=room_id)
+        return await self.rooms.StartRoom(request, metadata=self._metadata, timeout=15)
+
+    async def end_room(self, room_id: str) -> Room:
+        """Ends this user's room."""
+        request = rooms_pb2.EndRoomRequest(room_id=room_id)
+        return await self.rooms.EndRoom(request, metadata=self._metadata, timeout=15)
+
+    async def follow(self, followee: int) -> bool:
+        """Follows a user; True if the follow is new."""
+        request = graph_pb2.FollowRequest(followee_id=followee)
+        reply = await self.graph.Follow(request, metadata=self._metadata, timeout=10)
+        return reply.created
+
+    async def join(self, room_id: str, give_up_after_s: float = 30.0) -> admission_pb2.Grant:
+        """Joins a room, honouring retry-after when the room is full or the server is busy."""
+        deadline = time.monotonic() + give_up_after_s
+        while True:
+            try:
+                reply = await self.admission.Join(
+                    admission_pb2.JoinRequest(room_id=room_id), metadata=self._metadata, timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                delay_s = retry_after_s(exc)
+            else:
+                if reply.HasField("grant"):
+                    return reply.grant
+                delay_s = reply.waiting.retry_after_ms / 1000
+            if time.monotonic() + delay_s > deadline:
+                raise TimeoutError(f"not admitted to room {room_id} within {give_up_after_s:.0f} s")
+            await asyncio.sleep(delay_s)
+
+    async def leave(self, room_id: str) -> None:
+        """Leaves a room."""
+        await self.admission.Leave(
+            admission_pb2.LeaveRequest(room_id=room_id), metadata=self._metadata, timeout=10
+        )
+
+    def relay(
+        self, grant: admission_pb2.Grant
+    ) -> tuple[relay_pb2_grpc.RelayStub, tuple[tuple[str, str], ...]]:
+        """The relay stub for a grant and the metadata that carries its ticket."""
+        ch = self._channels.get(grant.relay_address)
+        if ch is None:
+            ch = self._channels[grant.relay_address] = channel(grant.relay_address)
+        return relay_pb2_grpc.RelayStub(ch), ((TICKET_KEY, grant.ticket),)
+
+    async def publish(self, grant: admission_pb2.Grant, payloads: Iterable[bytes], frame_ms: int = 20) -> int:
+        """Streams payloads as frames at real-time pace; returns how many the relay accepted."""
+        stub, md = self.relay(grant)
+
+        async def frames() -> AsyncIterator[relay_pb2.AudioFrame]:
+            start = time.monotonic()
+            for seq, payload in enumerate(payloads):
+                # Pace against the start time, so scheduling hiccups do not accumulate as drift.
+                delay = start + seq * frame_ms / 1000 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                yield relay_pb2.AudioFrame(sequence=seq, capture_ts_us=now_us(), payload=payload)
+
+        summary = await stub.Publish(frames(), metadata=md)
+        return int(summary.frames_accepted)
+
+    def subscribe(
+        self, grant: admission_pb2.Grant, room_id: str, resume_after: int = 0
+    ) -> grpc.aio.UnaryStreamCall:
+        """The room's chunk stream on the granted relay."""
+        stub, md = self.relay(grant)
+        return stub.Subscribe(
+            relay_pb2.SubscribeRequest(room_id=room_id, resume_after=resume_after), metadata=md
+        )
+
+    def notifications(self) -> grpc.aio.UnaryStreamCall:
+        """This user's Inbox stream."""
+        return self.inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=self._metadata)
+
+
+def retry_after_s(error: grpc.aio.AioRpcError, default_s: float = 1.0) -> float:
+    """The retry-after a server attached to RESOURCE_EXHAUSTED (trailing `retry-after-ms`)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                break
+    return default_s

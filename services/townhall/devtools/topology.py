@@ -1,0 +1,186 @@
+"""The local topology: a real Kafka broker and N processes of each service on loopback.
+
+It mirrors the Helm chart (same entrypoints, same TOWNHALL_* settings) and records itself in
+`topology.json` so the CLI, demo, tests, benchmarks and Prometheus can find every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from townhall.core import logging
+from townhall.core.config import KafkaConfig
+from townhall.core.kafka import ensure_topics
+from townhall.devtools.kafka_broker import Broker, free_port
+
+log = logging.get(__name__)
+
+SERVICES = ("relay", "notifier", "admission")  # start order: admission hands out relays
+FIXED_PORTS = {"admission": (50051, 9101), "relay": (50052, 9102), "notifier": (50053, 9103)}
+FIXED_KAFKA_PORT = 19092
+# A fixed-port topology gives process i of a service these ports plus 100 * i.
+FIXED_STRIDE = 100
+
+
+@dataclass
+class Process:
+    """One service process of the topology."""
+
+    service: str
+    index: int
+    grpc: str
+    metrics_port: int
+    popen: subprocess.Popen[bytes] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Its entry in topology.json."""
+        return {
+            "grpc": self.grpc,
+            "metrics": f"http://127.0.0.1:{self.metrics_port}/metrics",
+            "pid": self.popen.pid if self.popen else None,
+        }
+
+
+@dataclass
+class Topology:
+    """Kafka plus `counts[service]` processes of each service, under `root`."""
+
+    root: Path
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
+    fixed_ports: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    broker: Broker | None = None
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def manifest(self) -> Path:
+        """Where the topology is recorded."""
+        return self.root / "topology.json"
+
+    def _ports(self, service: str, index: int) -> tuple[int, int]:
+        if not self.fixed_ports:
+            return free_port(), free_port()
+        grpc_port, metrics_port = FIXED_PORTS[service]
+        return grpc_port + FIXED_STRIDE * index, metrics_port + FIXED_STRIDE * index
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Starts Kafka and every process, waits until all report SERVING, writes topology.json."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        kafka_port = FIXED_KAFKA_PORT if self.fixed_ports else free_port()
+        self.broker = Broker(self.root / "kafka", port=kafka_port)
+        self.broker.start()
+        asyncio.run(ensure_topics(KafkaConfig(bootstrap=self.broker.bootstrap)))
+        for service in SERVICES:
+            for index in range(self.counts.get(service, 0)):
+                grpc_port, metrics_port = self._ports(service, index)
+                self.processes.append(Process(service, index, f"127.0.0.1:{grpc_port}", metrics_port))
+        try:
+            for service in SERVICES:
+                group = [p for p in self.processes if p.service == service]
+                for proc in group:
+                    self._spawn(proc)
+                for proc in group:
+                    _wait_serving(proc, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.manifest.write_text(json.dumps(self.describe(), indent=2))
+        log.info("topology ready", manifest=str(self.manifest))
+
+    def describe(self) -> dict[str, Any]:
+        """The topology.json content."""
+        assert self.broker is not None
+        return {
+            "kafka": self.broker.bootstrap,
+            "services": {s: [p.describe() for p in self.processes if p.service == s] for s in SERVICES},
+        }
+
+    def _child_env(self, proc: Process) -> dict[str, str]:
+        assert self.broker is not None
+        prefix = f"TOWNHALL_{proc.service.upper()}_"
+        relays = ",".join(p.grpc for p in self.processes if p.service == "relay")
+        env = {
+            **os.environ,
+            "TOWNHALL_KAFKA_BOOTSTRAP": self.broker.bootstrap,
+            "TOWNHALL_ADMISSION_RELAYS": relays,
+            f"{prefix}LISTEN": proc.grpc,
+            f"{prefix}METRICS_PORT": str(proc.metrics_port),
+            "TOWNHALL_NOTIFIER_DATA_DIR": str(self.root / f"notifier-{proc.index}"),
+            **self.env,
+        }
+        if proc.service == "relay":
+            env["TOWNHALL_RELAY_ADVERTISE"] = proc.grpc
+        return env
+
+    def _spawn(self, proc: Process) -> None:
+        logfile = open(self.root / "logs" / f"{proc.service}-{proc.index}.log", "ab")  # noqa: SIM115
+        proc.popen = subprocess.Popen(
+            [sys.executable, "-m", f"townhall.{proc.service}"],
+            env=self._child_env(proc),
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def restart(self, proc: Process, timeout_s: float = 60.0) -> None:
+        """Starts a stopped or killed process again on the same ports."""
+        self._spawn(proc)
+        _wait_serving(proc, timeout_s)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to every process (admission first), then the broker; kills stragglers."""
+        for proc in reversed(self.processes):
+            if proc.popen and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in reversed(self.processes):
+            if proc.popen is None:
+                continue
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(5)
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _wait_serving(proc: Process, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(proc.grpc) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert proc.popen is not None
+            if proc.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{proc.service}-{proc.index} exited with {proc.popen.returncode}; see its log"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{proc.service}-{proc.index} not serving within {timeout_s:.0f} s")
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    """A topology.json written by `townhall dev`, or a clear error if there is none."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: start the topology with `make dev` (townhall dev)")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

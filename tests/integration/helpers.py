@@ -1,0 +1,62 @@
+"""Helpers for integration tests: in-process servers on loopback and Kafka readers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from aiokafka import AIOKafkaConsumer
+
+from townhall.core import server
+from townhall.core.config import Config, KafkaConfig, load
+
+
+def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
+    """Default config on the test broker, with section overrides."""
+    config = dataclasses.replace(load(env={}), kafka=kafka)
+    for name, changes in sections.items():
+        config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)})
+    return config
+
+
+@asynccontextmanager
+async def serving(app: server.App, config: Config) -> AsyncIterator[str]:
+    """Serves `app` on a free loopback port; yields its address; drains it afterwards."""
+    running = await server.start(app, config, "127.0.0.1:0")
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        await server.stop(app, running, grace_s=1.0)
+
+
+async def wait_for_record(
+    kafka: KafkaConfig, topic: str, match: Callable[[bytes, bytes], bool], timeout_s: float = 15.0
+) -> tuple[bytes, bytes]:
+    """The first record of `topic` (from the beginning) that matches, or TimeoutError."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    if match(record.key or b"", record.value or b""):
+                        return record.key or b"", record.value or b""
+        raise TimeoutError(f"no matching record on {topic} within {timeout_s} s")
+    finally:
+        await consumer.stop()
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    """The error an awaited call raises (fails the test if it succeeds)."""
+    try:
+        await asyncio.wait_for(call, 15)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded but should have failed")

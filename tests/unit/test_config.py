@@ -1,0 +1,51 @@
+"""Config: defaults, then file, then environment; a bad value names its key."""
+
+from pathlib import Path
+
+import pytest
+
+from townhall.core.config import ConfigError, load
+
+
+def test_defaults_are_valid() -> None:
+    config = load(env={})
+    assert config.relay.chunk_ms == 100
+    assert config.admission.relays == ("127.0.0.1:50052",)
+
+
+def test_file_then_environment_override(tmp_path: Path) -> None:
+    path = tmp_path / "townhall.toml"
+    path.write_text('[relay]\nchunk_ms = 200\n[admission]\nrelays = ["a:1", "b:2"]\n')
+    config = load(path, env={"TOWNHALL_RELAY_CHUNK_MS": "300", "TOWNHALL_LOG_JSON": "false"})
+    assert config.relay.chunk_ms == 300
+    assert config.admission.relays == ("a:1", "b:2")
+    assert config.log.json is False
+
+
+def test_environment_list_is_comma_separated() -> None:
+    config = load(env={"TOWNHALL_ADMISSION_RELAYS": "h1:50052, h2:50052"})
+    assert config.admission.relays == ("h1:50052", "h2:50052")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOWNHALL_RELAY_CHUNK_MS": "fast"}, "relay.chunk_ms must be an integer"),
+        ({"TOWNHALL_RELAY_CHUNK_MS": "5"}, "relay.chunk_ms must be within 20..1000"),
+        ({"TOWNHALL_RELAY_COLOUR": "red"}, "unknown config key relay.colour"),
+        ({"TOWNHALL_NOPE_X": "1"}, "unknown config variable TOWNHALL_NOPE_X"),
+        ({"TOWNHALL_TICKETS_SECRET": "short"}, "tickets.secret must be at least 32"),
+        ({"TOWNHALL_ADMISSION_LISTEN": "nowhere"}, "admission.listen must be host:port"),
+        ({"TOWNHALL_LOG_JSON": "maybe"}, "log.json must be true or false"),
+    ],
+)
+def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(env=env)
+
+
+def test_unknown_section_in_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[relays]\nchunk_ms = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config section \[relays\]"):
+        load(path, env={})

@@ -1,0 +1,70 @@
+"""The room state machine: who may start and end a room, and what each change yields."""
+
+import pytest
+
+from townhall.admission.rooms import RoomBook, role_of
+from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from townhall.v1.common_pb2 import Role, RoomState
+
+HOST, OTHER = 7, 8
+
+
+def _book_with_room() -> tuple[RoomBook, str]:
+    book = RoomBook()
+    room = book.created(HOST, "Hello", [11, 12], 0, now_ms=1_000)
+    assert book.apply(room)
+    return book, room.room_id
+
+
+def test_host_starts_and_ends_a_room_each_change_a_new_version() -> None:
+    book, room_id = _book_with_room()
+    started = book.started(room_id, HOST, now_ms=2_000)
+    assert (started.state, started.version, started.started_at_ms) == (RoomState.ROOM_STATE_LIVE, 2, 2_000)
+    assert book.get(room_id).state == RoomState.ROOM_STATE_CREATED, "proposals are not stored until applied"
+    book.apply(started)
+    assert [r.room_id for r in book.live()] == [room_id]
+    ended = book.ended(room_id, HOST, now_ms=3_000)
+    book.apply(ended)
+    assert (ended.state, ended.version) == (RoomState.ROOM_STATE_ENDED, 3)
+    assert book.live() == []
+
+
+def test_only_the_host_may_start_or_end() -> None:
+    book, room_id = _book_with_room()
+    with pytest.raises(PermissionDenied, match="only the host"):
+        book.started(room_id, OTHER, now_ms=2_000)
+    with pytest.raises(PermissionDenied, match="only the host"):
+        book.ended(room_id, OTHER, now_ms=2_000)
+
+
+def test_repeated_start_and_end_are_idempotent_and_ended_rooms_stay_ended() -> None:
+    book, room_id = _book_with_room()
+    book.apply(book.started(room_id, HOST, 2_000))
+    assert book.started(room_id, HOST, 2_500) is book.get(room_id)
+    book.apply(book.ended(room_id, HOST, 3_000))
+    assert book.ended(room_id, HOST, 3_500) is book.get(room_id)
+    with pytest.raises(FailedPrecondition, match="has ended"):
+        book.started(room_id, HOST, 4_000)
+
+
+def test_unknown_room_is_not_found() -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        RoomBook().get("nope")
+
+
+def test_apply_keeps_the_newest_version_whatever_the_order() -> None:
+    book, room_id = _book_with_room()
+    v2 = book.started(room_id, HOST, 2_000)
+    book.apply(v2)
+    v3 = book.ended(room_id, HOST, 3_000)
+    assert book.apply(v3)
+    assert not book.apply(v2), "a replayed older version must not win"
+    assert book.get(room_id).version == 3
+
+
+def test_roles_host_speaker_listener() -> None:
+    book, room_id = _book_with_room()
+    room = book.get(room_id)
+    assert role_of(room, HOST) == Role.ROLE_HOST
+    assert role_of(room, 11) == Role.ROLE_SPEAKER
+    assert role_of(room, 99) == Role.ROLE_LISTENER
