@@ -142,15 +142,19 @@ class NotifierConfig:
     metrics_port: int = 9103
     data_dir: str = ".townhall/notifier"
     group_id: str = "townhall-notifier"
-    # Followers per notification record on the notifications topic.
+    # Followers per notification record on the notifications topic (records stay under 1 MB).
     batch_users: int = 1000
+    # Notifications buffered per Inbox stream before its oldest are dropped.
+    inbox_queue: int = 256
 
     def validate(self) -> None:
         _address("notifier.listen", self.listen)
         _port("notifier.metrics_port", self.metrics_port)
         if not self.data_dir:
             raise ConfigError("notifier.data_dir must not be empty")
-        _positive("notifier.batch_users", self.batch_users)
+        if not 1 <= self.batch_users <= 100_000:
+            raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
+        _positive("notifier.inbox_queue", self.inbox_queue)
 
 
 @dataclass(frozen=True)

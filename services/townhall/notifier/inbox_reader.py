@@ -1,0 +1,68 @@
+"""The Inbox reader: every partition of the notifications topic, from the end, into the Hub."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from google.protobuf.message import DecodeError
+
+from townhall.core import logging
+from townhall.notifier.clients import describe
+from townhall.notifier.inbox import Hub
+from townhall.notifier.records import decode_batch
+
+log = logging.get(__name__)
+
+RETRY_BACKOFF_S = 1.0
+ASSIGN_POLL_S = 0.1
+
+
+async def from_end(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    """Waits until a started group-less consumer holds every partition of its topic, then fixes
+    each position at the current end, so nothing produced after this returns is missed.
+    """
+    # Without a group, aiokafka assigns every partition of the subscribed topic once its metadata
+    # is known; right after the topic is created that can take a few metadata refreshes.
+    # aiokafka has no public event for that, hence the polling.
+    while True:
+        partitions = sorted(consumer.assignment())
+        if partitions:
+            break
+        await asyncio.sleep(ASSIGN_POLL_S)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)  # waits for the end offset to be resolved
+    return partitions
+
+
+class InboxReader:
+    """Delivers each NotificationBatch record to the users connected to this process."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, hub: Hub) -> None:
+        self._consumer = consumer
+        self._hub = hub
+
+    async def run(self) -> None:
+        """Reads until cancelled."""
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000)
+            except Exception as exc:
+                log.warning("notifications fetch failed, will retry", error=describe(exc))
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self.apply(record.value or b"")
+
+    def apply(self, value: bytes) -> int:
+        """Delivers one record's notification; returns how many users got it here."""
+        if self._hub.empty:
+            return 0  # nobody to deliver to, and de-duplication only tracks delivered users
+        try:
+            notification, ids = decode_batch(value)
+        except DecodeError as exc:
+            log.warning("notification record skipped", error=str(exc))
+            return 0
+        return self._hub.deliver(notification, ids)

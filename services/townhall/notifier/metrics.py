@@ -1,0 +1,36 @@
+"""The notifier's domain metrics: follows, fan-out progress and lag, Inbox delivery."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+FOLLOWS = Counter(
+    "townhall_notifier_follows_total", "Follow edges created (a repeated Follow is not counted)."
+)
+UNFOLLOWS = Counter("townhall_notifier_unfollows_total", "Follow edges removed.")
+FOLLOWERS_STORED = Gauge("townhall_notifier_followers_stored", "Follow edges in this process's store.")
+FANOUT_EVENTS = Counter(
+    "townhall_notifier_fanout_events_total",
+    "Room-started events handled by the fan-out worker, by outcome (done, invalid).",
+    ["outcome"],
+)
+NOTIFICATIONS = Counter(
+    "townhall_notifications_total",
+    "Users notified: path=topic once the record naming them is acknowledged by Kafka, "
+    "path=inbox once queued to a connected Inbox stream.",
+    ["path"],
+)
+DUPLICATES_DROPPED = Counter(
+    "townhall_notifier_duplicates_dropped_total",
+    "Inbox notifications not delivered because that user already had that (room, kind).",
+)
+INBOX_DROPPED = Counter(
+    "townhall_notifier_inbox_dropped_total",
+    "Notifications dropped from the front of a slow Inbox subscriber's full queue.",
+)
+INBOX_CONNECTIONS = Gauge("townhall_notifier_inbox_connections", "Inbox streams open on this process.")
+FANOUT_LAG = Histogram(
+    "townhall_notifier_fanout_lag_seconds",
+    "From a room's start to the acknowledgement of the last notification record for it.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
