@@ -50,8 +50,8 @@ integration: setup ## Run the integration tests only (real Kafka broker, real se
 	$(BIN)/pytest -q -ra tests/integration
 
 lint: setup ## ruff and mypy on the package
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
+	$(BIN)/ruff check services tests deploy
+	$(BIN)/ruff format --check services tests deploy
 	$(BIN)/mypy
 
 bench: setup ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
@@ -59,6 +59,8 @@ bench: setup ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
 
 kafka: setup ## Start the local Kafka broker alone (foreground)
 	$(BIN)/townhall kafka
+
+include deploy/k8s.mk
 
 clean: ## Remove the venv, generated code, caches and local state
 	rm -rf $(VENV) $(GEN) .townhall .cache .pytest_cache .mypy_cache .ruff_cache

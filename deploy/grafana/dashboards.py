@@ -1,0 +1,427 @@
+"""Writes the Grafana dashboards (helm/townhall/dashboards/*.json) from the panel lists below.
+
+The JSON files are committed (the chart packages them); tests/chart checks they match this script.
+Run: python deploy/grafana/dashboards.py   (or: make dashboards-json)
+
+Queries use `job` = the service name (admission, relay, notifier), as the chart's ServiceMonitor and
+deploy/prometheus/render.py label them, and Grafana's $__rate_interval.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[2] / "helm" / "townhall" / "dashboards"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "$__rate_interval"
+
+
+@dataclass
+class Panel:
+    """One panel: a title, its queries as (expr, legend) pairs, a unit, and its kind."""
+
+    title: str
+    queries: list[tuple[str, str]]
+    unit: str = "short"
+    description: str = ""
+    kind: str = "timeseries"
+    width: int = 12
+    height: int = 8
+
+
+@dataclass
+class Dashboard:
+    """A dashboard: uid, title and panels laid out left to right, top to bottom."""
+
+    uid: str
+    title: str
+    description: str
+    panels: list[Panel] = field(default_factory=list)
+
+
+def rate(metric: str, by: str = "", selector: str = "") -> str:
+    """sum [by (...)] (rate(metric{selector}[$__rate_interval]))."""
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (rate({metric}{selector}[{RATE}]))"
+
+
+def quantile(q: float, histogram: str, by: str = "", selector: str = "") -> str:
+    """histogram_quantile(q, sum by (le[, ...]) (rate(<histogram>_bucket{selector}[$__rate_interval])))."""
+    labels = ", ".join(["le", *([by] if by else [])])
+    return f"histogram_quantile({q}, sum by ({labels}) (rate({histogram}_bucket{selector}[{RATE}])))"
+
+
+def latency(histogram: str, selector: str = "") -> list[tuple[str, str]]:
+    """p50 and p99 of a histogram."""
+    return [
+        (quantile(0.5, histogram, selector=selector), "p50"),
+        (quantile(0.99, histogram, selector=selector), "p99"),
+    ]
+
+
+def rpc_panels(job: str, services: str) -> list[Panel]:
+    """RPC rate, error ratio and unary latency of one service's gRPC services (a regex)."""
+    sel = f'{{grpc_service=~"{services}"}}'
+    ok = f'{{grpc_service=~"{services}", grpc_code="OK"}}'
+    unary = f'{{grpc_service=~"{services}", grpc_type="unary"}}'
+    return [
+        Panel(
+            "RPCs/s by method and code",
+            [
+                (
+                    rate("townhall_rpc_requests_total", "grpc_method, grpc_code", sel),
+                    "{{grpc_method}} {{grpc_code}}",
+                )
+            ],
+            "reqps",
+        ),
+        Panel(
+            "RPC error ratio by method",
+            [
+                (
+                    f"1 - {rate('townhall_rpc_requests_total', 'grpc_method', ok)}"
+                    f" / {rate('townhall_rpc_requests_total', 'grpc_method', sel)}",
+                    "{{grpc_method}}",
+                )
+            ],
+            "percentunit",
+            "Share of finished RPCs with a status other than OK (shed joins count: RESOURCE_EXHAUSTED).",
+        ),
+        Panel(
+            "Unary RPC latency p99 by method",
+            [(quantile(0.99, "townhall_rpc_duration_seconds", "grpc_method", unary), "{{grpc_method}}")],
+            "s",
+        ),
+        Panel(
+            "CPU per process (cores)",
+            [(f'sum by (instance) (rate(process_cpu_seconds_total{{job="{job}"}}[{RATE}]))', "{{instance}}")],
+            "short",
+            "One Python process uses at most one core.",
+        ),
+        Panel(
+            "Resident memory per process",
+            [(f'sum by (instance) (process_resident_memory_bytes{{job="{job}"}})', "{{instance}}")],
+            "bytes",
+        ),
+    ]
+
+
+def kafka_panels(job: str) -> list[Panel]:
+    """Kafka produce errors and best-effort events queued or dropped by one service."""
+    sel = f'{{job="{job}"}}'
+    return [
+        Panel(
+            "Kafka produce errors/s by topic",
+            [(rate("townhall_kafka_produce_errors_total", "topic", sel), "{{topic}}")],
+            "ops",
+        ),
+        Panel(
+            "Events queued for Kafka, dropped/s",
+            [
+                (f"sum(townhall_events_queued{sel})", "queued"),
+                (rate("townhall_events_dropped_total", "topic", sel), "dropped {{topic}}"),
+            ],
+            "short",
+            "Best-effort events (presence) wait in a bounded queue; a full queue drops and counts them.",
+        ),
+    ]
+
+
+OVERVIEW = Dashboard(
+    "townhall-overview",
+    "Townhall / Overview",
+    "The whole system at a glance: rooms, joins, audio, notifications and Kafka.",
+    [
+        Panel(
+            "Live rooms",
+            [("max(townhall_rooms_live)", "rooms")],
+            kind="stat",
+            width=6,
+            height=4,
+            description="Every admission process knows every live room; max over processes.",
+        ),
+        Panel(
+            "Listeners",
+            [("sum(townhall_relay_listeners)", "listeners")],
+            kind="stat",
+            width=6,
+            height=4,
+            description="Subscribe streams open on all relays.",
+        ),
+        Panel(
+            "Speakers publishing",
+            [("sum(townhall_relay_publishers)", "publishers")],
+            kind="stat",
+            width=6,
+            height=4,
+        ),
+        Panel(
+            "Inbox connections",
+            [("sum(townhall_notifier_inbox_connections)", "inbox")],
+            kind="stat",
+            width=6,
+            height=4,
+        ),
+        Panel(
+            "Joins/s: admitted, waiting, shed, rejected",
+            [(rate("townhall_joins_total", "result"), "{{result}}")],
+            "ops",
+            "Shedding (RESOURCE_EXHAUSTED with retry-after) is the designed answer to a join storm.",
+        ),
+        Panel("Join latency", latency("townhall_join_duration_seconds"), "s"),
+        Panel(
+            "Audio latency (capture to chunk emit)",
+            latency("townhall_relay_frame_delay_seconds"),
+            "s",
+            "Relay frame delay: from the speaker's capture clock to the chunk that carries the frame.",
+        ),
+        Panel(
+            "Dropped chunks/s, cut subscribers/s",
+            [
+                (rate("townhall_relay_chunks_dropped_total"), "chunks dropped"),
+                (rate("townhall_relay_subscribers_cut_total"), "subscribers cut"),
+            ],
+            "ops",
+            "Slow listeners lose their oldest chunks; stuck ones are cut off. Healthy listeners lose none.",
+        ),
+        Panel(
+            "Follower fan-out lag",
+            latency("townhall_notifier_fanout_lag_seconds"),
+            "s",
+            "From a room's start to the acknowledgement of its last notification record.",
+        ),
+        Panel("Notifications/s by path", [(rate("townhall_notifications_total", "path"), "{{path}}")], "ops"),
+        Panel(
+            "Kafka produce errors/s by topic",
+            [(rate("townhall_kafka_produce_errors_total", "topic"), "{{topic}}")],
+            "ops",
+        ),
+        Panel(
+            "Kafka consumer lag by group and topic",
+            [("sum by (group, topic) (townhall_kafka_consumer_lag_records)", "{{group}} {{topic}}")],
+            "short",
+            "Records between each consumer group's position and the end of each topic.",
+        ),
+    ],
+)
+
+ADMISSION = Dashboard(
+    "townhall-admission",
+    "Townhall / Admission",
+    "Rooms, roles and joins.",
+    [
+        Panel("Joins/s by result", [(rate("townhall_joins_total", "result"), "{{result}}")], "ops"),
+        Panel(
+            "Join decision latency",
+            latency("townhall_join_duration_seconds"),
+            "s",
+            "Validation, admission and ticket signing inside one admission process.",
+        ),
+        Panel("Live rooms per process", [("max by (instance) (townhall_rooms_live)", "{{instance}}")]),
+        Panel(
+            "Admitted listeners per process",
+            [("sum by (instance) (townhall_admission_listeners)", "{{instance}}")],
+        ),
+        Panel(
+            "Room changes/s by kind",
+            [(rate("townhall_room_changes_total", "change"), "{{change}}")],
+            "ops",
+            "Authoritative changes, acknowledged by Kafka (acks=all) before the RPC returns.",
+        ),
+        *rpc_panels("admission", "townhall.v1.(Rooms|Admission)"),
+        *kafka_panels("admission"),
+    ],
+)
+
+RELAY = Dashboard(
+    "townhall-relay",
+    "Townhall / Relay",
+    "The audio path: publishers, listeners, chunks.",
+    [
+        Panel("Listeners per relay", [("sum by (instance) (townhall_relay_listeners)", "{{instance}}")]),
+        Panel(
+            "Publishers and rooms per relay",
+            [
+                ("sum by (instance) (townhall_relay_publishers)", "publishers {{instance}}"),
+                ("sum by (instance) (townhall_relay_rooms)", "rooms {{instance}}"),
+            ],
+        ),
+        Panel(
+            "Frames in/s, chunks emitted/s, chunks out/s",
+            [
+                (rate("townhall_relay_frames_in_total"), "frames in"),
+                (rate("townhall_relay_chunks_emitted_total"), "chunks emitted"),
+                (rate("townhall_relay_chunks_out_total"), "chunks out"),
+            ],
+            "ops",
+            "A chunk is serialised once (emitted) and written to every subscriber (out).",
+        ),
+        Panel("Audio latency (capture to chunk emit)", latency("townhall_relay_frame_delay_seconds"), "s"),
+        Panel(
+            "Dropped chunks/s, cut subscribers/s, rejected frames/s",
+            [
+                (rate("townhall_relay_chunks_dropped_total"), "chunks dropped"),
+                (rate("townhall_relay_subscribers_cut_total"), "subscribers cut"),
+                (rate("townhall_relay_frames_rejected_total"), "frames rejected"),
+            ],
+            "ops",
+        ),
+        Panel("Chunk size", latency("townhall_relay_chunk_bytes"), "bytes"),
+        *rpc_panels("relay", "townhall.v1.Relay"),
+    ],
+)
+
+NOTIFIER = Dashboard(
+    "townhall-notifier",
+    "Townhall / Notifier",
+    "Follower graph, fan-out and Inbox.",
+    [
+        Panel(
+            "Notifications/s by path",
+            [(rate("townhall_notifications_total", "path"), "{{path}}")],
+            "ops",
+            "topic: records acknowledged on the notifications topic; inbox: queued to a connected client.",
+        ),
+        Panel("Fan-out lag", latency("townhall_notifier_fanout_lag_seconds"), "s"),
+        Panel(
+            "Room-start events/s by outcome",
+            [(rate("townhall_notifier_fanout_events_total", "outcome"), "{{outcome}}")],
+            "ops",
+        ),
+        Panel(
+            "Inbox: connections, duplicates dropped/s, overflow dropped/s",
+            [
+                ("sum(townhall_notifier_inbox_connections)", "connections"),
+                (rate("townhall_notifier_duplicates_dropped_total"), "duplicates dropped"),
+                (rate("townhall_notifier_inbox_dropped_total"), "overflow dropped"),
+            ],
+        ),
+        Panel(
+            "Follow edges stored",
+            [("sum by (instance) (townhall_notifier_followers_stored)", "{{instance}}")],
+        ),
+        Panel(
+            "Follows/s and unfollows/s",
+            [
+                (rate("townhall_notifier_follows_total"), "follows"),
+                (rate("townhall_notifier_unfollows_total"), "unfollows"),
+            ],
+            "ops",
+        ),
+        Panel(
+            "Kafka consumer lag by group and topic",
+            [("sum by (group, topic) (townhall_kafka_consumer_lag_records)", "{{group}} {{topic}}")],
+        ),
+        *rpc_panels("notifier", "townhall.v1.(Graph|Inbox)"),
+        *kafka_panels("notifier"),
+    ],
+)
+
+DASHBOARDS = {"overview": OVERVIEW, "admission": ADMISSION, "relay": RELAY, "notifier": NOTIFIER}
+
+
+def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
+    """The Grafana JSON model of one panel."""
+    targets = [
+        {
+            "datasource": DATASOURCE,
+            "refId": chr(ord("A") + i),
+            "expr": expr,
+            "legendFormat": legend,
+            "range": True,
+            "instant": False,
+        }
+        for i, (expr, legend) in enumerate(panel.queries)
+    ]
+    body: dict = {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+    }
+    if panel.kind == "stat":
+        body["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+        }
+    else:
+        body["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    return body
+
+
+def dashboard_json(dashboard: Dashboard) -> dict:
+    """The Grafana JSON model of one dashboard, panels placed on the 24-column grid."""
+    panels, x, y, row_height = [], 0, 0, 0
+    for i, panel in enumerate(dashboard.panels, start=1):
+        if x + panel.width > 24:
+            x, y, row_height = 0, y + row_height, 0
+        panels.append(panel_json(panel, i, x, y))
+        x, row_height = x + panel.width, max(row_height, panel.height)
+    return {
+        "uid": dashboard.uid,
+        "title": dashboard.title,
+        "description": dashboard.description,
+        "tags": ["townhall"],
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "10s",
+        "schemaVersion": 39,
+        "time": {"from": "now-30m", "to": "now"},
+        "timezone": "browser",
+        "links": [{"title": "Townhall", "type": "dashboards", "tags": ["townhall"], "asDropdown": True}],
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                    "options": [],
+                }
+            ]
+        },
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {f"{name}.json": json.dumps(dashboard_json(d), indent=2) + "\n" for name, d in DASHBOARDS.items()}
+
+
+def main() -> int:
+    """Writes the dashboards; with --check, exits 1 if the committed files differ instead."""
+    check = "--check" in sys.argv[1:]
+    stale = []
+    for name, text in render().items():
+        path = OUT / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print(
+            f"stale dashboards (run python deploy/grafana/dashboards.py): {', '.join(stale)}", file=sys.stderr
+        )
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

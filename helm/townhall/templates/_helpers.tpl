@@ -1,0 +1,255 @@
+{{/*
+The chart name, or nameOverride; used in the app.kubernetes.io/name label.
+*/}}
+{{- define "townhall.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource name prefix: fullnameOverride, else the release name (plus the chart name unless the release
+name already contains it). Kept to 40 characters so "<fullname>-admission-headless" fits in 63.
+*/}}
+{{- define "townhall.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "townhall.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource. Call with (dict "ctx" $ "component" "admission"); component may be empty.
+*/}}
+{{- define "townhall.labels" -}}
+helm.sh/chart: {{ include "townhall.chart" .ctx }}
+{{ include "townhall.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: townhall
+{{- end }}
+
+{{/*
+Selector labels: name, instance and (when given) component. Call with (dict "ctx" $ "component" "relay").
+*/}}
+{{- define "townhall.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "townhall.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{/*
+The name of a component's resources: <fullname>-<component>. Call with (dict "ctx" $ "component" "relay").
+*/}}
+{{- define "townhall.componentName" -}}
+{{- printf "%s-%s" (include "townhall.fullname" .ctx) .component }}
+{{- end }}
+
+{{/*
+The Townhall image reference; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "townhall.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The ServiceAccount of admission and relay pods.
+*/}}
+{{- define "townhall.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "townhall.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the ticket signing secret (key tickets-secret).
+*/}}
+{{- define "townhall.secretName" -}}
+{{- default (include "townhall.fullname" .) .Values.tickets.existingSecret }}
+{{- end }}
+
+{{/*
+Kafka bootstrap servers: the bundled broker's Service, or kafka.external.bootstrap.
+*/}}
+{{- define "townhall.kafkaBootstrap" -}}
+{{- if .Values.kafka.bundled }}
+{{- printf "%s.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "kafka")) .Release.Namespace .Values.clusterDomain (int .Values.kafka.port) }}
+{{- else }}
+{{- required "kafka.external.bootstrap is required when kafka.bundled is false" .Values.kafka.external.bootstrap }}
+{{- end }}
+{{- end }}
+
+{{/*
+Effective replica count of a sharded service: autoscaling.minReplicas when its HPA is on, else replicas.
+Call with the service's values (e.g. .Values.relay).
+*/}}
+{{- define "townhall.shards" -}}
+{{- if .autoscaling.enabled }}{{ int .autoscaling.minReplicas }}{{ else }}{{ int .replicas }}{{ end }}
+{{- end }}
+
+{{/*
+The relay advertise template: relay.advertise, or the pod's stable name behind the headless Service.
+"$(POD_NAME)" in it is expanded by the kubelet from the POD_NAME variable (downward API).
+*/}}
+{{- define "townhall.relayAdvertise" -}}
+{{- if .Values.relay.advertise }}
+{{- .Values.relay.advertise }}
+{{- else }}
+{{- printf "$(POD_NAME).%s-headless.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "relay")) .Release.Namespace .Values.clusterDomain (int .Values.relay.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The relays admission hands out (TOWNHALL_ADMISSION_RELAYS): the advertise template expanded for
+relay-0..N-1. An advertise address without $(POD_NAME) names one relay, so it needs exactly one.
+*/}}
+{{- define "townhall.relayAddresses" -}}
+{{- $template := include "townhall.relayAdvertise" . }}
+{{- $relay := include "townhall.componentName" (dict "ctx" . "component" "relay") }}
+{{- $count := int (include "townhall.shards" .Values.relay) }}
+{{- if and (not (contains "$(POD_NAME)" $template)) (or (ne $count 1) .Values.relay.autoscaling.enabled) }}
+{{- fail "relay.advertise without $(POD_NAME) gives every relay the same address: use relay.replicas=1 without autoscaling, or put $(POD_NAME) in it" }}
+{{- end }}
+{{- $addresses := list }}
+{{- range $i := until $count }}
+{{- $addresses = append $addresses (replace "$(POD_NAME)" (printf "%s-%d" $relay $i) $template) }}
+{{- end }}
+{{- join "," $addresses }}
+{{- end }}
+
+{{/*
+One config value as environment text: lists comma-joined, whole numbers without an exponent (YAML numbers
+reach templates as float64, and 1000000 would otherwise print as 1e+06).
+*/}}
+{{- define "townhall.envValue" -}}
+{{- if kindIs "slice" . }}
+{{- join "," . }}
+{{- else if and (kindIs "float64" .) (eq (float64 (int64 .)) .) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: preStop sleep + the server's drain (config.server.grace_s) + time to close.
+*/}}
+{{- define "townhall.terminationGracePeriod" -}}
+{{- add (int .Values.termination.preStopSleepSeconds) (ceil .Values.config.server.grace_s | int) (int .Values.termination.closeSeconds) }}
+{{- end }}
+
+{{/*
+Pod annotations of a Townhall service: config checksum and Prometheus scrape hints.
+Call with (dict "ctx" $ "values" .Values.relay).
+*/}}
+{{- define "townhall.podAnnotations" -}}
+checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+{{- if .ctx.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .values.metricsPort | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- with .values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Affinity of a Townhall service: its own, else soft anti-affinity spreading its pods over nodes.
+Call with (dict "ctx" $ "component" "relay" "values" .Values.relay).
+*/}}
+{{- define "townhall.affinity" -}}
+{{- if .values.affinity }}
+{{- toYaml .values.affinity }}
+{{- else if eq .ctx.Values.podAntiAffinity "preferred" -}}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "townhall.selectorLabels" . | nindent 12 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The container of a Townhall service: command, ports, config, probes, shutdown, resources, security.
+Call with (dict "ctx" $ "component" "relay" "values" .Values.relay); optional "extraEnv" and "extraMounts"
+are lists appended to the container's env and volumeMounts.
+*/}}
+{{- define "townhall.container" -}}
+{{- $ctx := .ctx -}}
+- name: {{ .component }}
+  image: {{ include "townhall.image" $ctx }}
+  imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+  command: ["python", "-m", "townhall.{{ .component }}"]
+  ports:
+    - name: grpc
+      containerPort: {{ .values.port }}
+      protocol: TCP
+    - name: metrics
+      containerPort: {{ .values.metricsPort }}
+      protocol: TCP
+  envFrom:
+    - configMapRef:
+        name: {{ include "townhall.fullname" $ctx }}
+  env:
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: TOWNHALL_TICKETS_SECRET
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "townhall.secretName" $ctx }}
+          key: tickets-secret
+    {{- with .extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  startupProbe:
+    grpc:
+      port: {{ .values.port }}
+    periodSeconds: {{ $ctx.Values.probes.startup.periodSeconds }}
+    failureThreshold: {{ $ctx.Values.probes.startup.failureThreshold }}
+  readinessProbe:
+    grpc:
+      port: {{ .values.port }}
+    periodSeconds: {{ $ctx.Values.probes.readiness.periodSeconds }}
+    failureThreshold: {{ $ctx.Values.probes.readiness.failureThreshold }}
+  livenessProbe:
+    grpc:
+      port: {{ .values.port }}
+    periodSeconds: {{ $ctx.Values.probes.liveness.periodSeconds }}
+    timeoutSeconds: {{ $ctx.Values.probes.liveness.timeoutSeconds }}
+    failureThreshold: {{ $ctx.Values.probes.liveness.failureThreshold }}
+  lifecycle:
+    preStop:
+      sleep:
+        seconds: {{ $ctx.Values.termination.preStopSleepSeconds }}
+  resources:
+    {{- toYaml .values.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $ctx.Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    {{- with .extraMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}

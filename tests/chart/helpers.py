@@ -1,0 +1,64 @@
+"""Chart test helpers: paths, the scenarios, helm invocation and manifest lookups."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "townhall"
+SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
+# kind v0.33.0's default node image is kindest/node:v1.37.0; deploy/kind/cluster.yaml pins the same.
+KUBE_VERSION = "1.37.0"
+RELEASE = "townhall"
+NAMESPACE = "townhall"
+MONITORING_API = "monitoring.coreos.com/v1"
+
+Manifest = dict[str, Any]
+
+
+def values_file(scenario: str) -> Path:
+    """The values file of a ci/ scenario."""
+    return CHART / "ci" / f"{scenario}-values.yaml"
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs helm and returns the finished process (not checked)."""
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def template_args(scenario: str | None, *extra: str, chart: Path = CHART) -> list[str]:
+    """Arguments of `helm template` for a scenario (None: chart defaults) plus extra flags."""
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    if scenario:
+        args += ["-f", str(values_file(scenario))]
+    return [*args, *extra]
+
+
+def by_kind(manifests: list[Manifest], kind: str) -> dict[str, Manifest]:
+    """The manifests of one kind, by name."""
+    return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
+
+
+def component(manifest: Manifest) -> str:
+    """The app.kubernetes.io/component label of a manifest ('' if none)."""
+    return manifest["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+
+
+def pod_specs(manifests: list[Manifest]) -> list[tuple[Manifest, dict[str, Any]]]:
+    """(owner manifest, pod spec) for every workload, Job and bare Pod."""
+    specs = []
+    for m in manifests:
+        if m["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            specs.append((m, m["spec"]["template"]["spec"]))
+        elif m["kind"] == "Pod":
+            specs.append((m, m["spec"]))
+    return specs
+
+
+def workload(manifests: list[Manifest], name: str) -> Manifest:
+    """The Deployment or StatefulSet of a Townhall component (admission, relay, notifier, kafka)."""
+    found = [m for m in manifests if m["kind"] in {"Deployment", "StatefulSet"} and component(m) == name]
+    assert len(found) == 1, f"expected one workload for {name}, found {len(found)}"
+    return found[0]

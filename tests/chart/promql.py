@@ -1,0 +1,240 @@
+"""Evaluates every dashboard panel query and alert expression against a live Prometheus.
+
+    report = check("http://127.0.0.1:9090")
+    assert not report.errors, report.summary()
+    assert not report.unexpected_empty(), report.summary()
+
+Queries come from helm/townhall/dashboards/*.json and helm/townhall/files/rules.yml (the files the chart
+ships). Grafana's interval variables are replaced by fixed windows before evaluation. An alert expression
+is normally empty (nothing firing), so for rules "no data" means a metric it reads is absent from
+Prometheus; for panels it means the query itself returned no series.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = REPO / "helm" / "townhall" / "dashboards"
+RULES = REPO / "helm" / "townhall" / "files" / "rules.yml"
+# Grafana's built-in interval variables, as fixed windows. 1m covers four scrapes at the local 15 s.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+METRIC = re.compile(r"\b((?:townhall|process|python)_[a-zA-Z0-9_]*)\b")
+# Series that exist only once something went wrong (labelled error counters have no series before
+# their first increment), or that a service does not export yet. A healthy run may leave them empty.
+EXPECTED_EMPTY_WHEN_HEALTHY = frozenset(
+    {
+        "townhall_kafka_produce_errors_total",
+        "townhall_events_dropped_total",
+        "townhall_kafka_consumer_lag_records",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL expression and where it comes from."""
+
+    source: str  # "dashboard" or "rule"
+    where: str  # "<dashboard title> / <panel title> / <refId>" or "<group> / <alert>"
+    expr: str
+
+    @property
+    def metrics(self) -> set[str]:
+        """The metric names the expression reads (townhall_*, process_*, python_*)."""
+        return set(METRIC.findall(self.expr))
+
+
+@dataclass
+class Result:
+    """The outcome of one query: an error message, or the number of series returned."""
+
+    query: Query
+    error: str = ""
+    series: int = 0
+    missing_metrics: set[str] = field(default_factory=set)
+
+    @property
+    def empty(self) -> bool:
+        """A panel that showed nothing, or a rule reading a metric Prometheus does not have."""
+        if self.error:
+            return False
+        if self.query.source == "rule":
+            return bool(self.missing_metrics)
+        return self.series == 0
+
+
+@dataclass
+class Report:
+    """Every query's result."""
+
+    results: list[Result]
+
+    @property
+    def errors(self) -> list[Result]:
+        """Queries Prometheus rejected or failed to run."""
+        return [r for r in self.results if r.error]
+
+    @property
+    def empty(self) -> list[Result]:
+        """Queries that returned no data (panels) or read absent metrics (rules)."""
+        return [r for r in self.results if r.empty]
+
+    def unexpected_empty(self, expected: Iterable[str] = EXPECTED_EMPTY_WHEN_HEALTHY) -> list[Result]:
+        """Empty results other than those explained by metrics that are empty when all is well."""
+        allowed = set(expected)
+        return [r for r in self.empty if not r.query.metrics <= allowed and not _absent(r) <= allowed]
+
+    def summary(self) -> str:
+        """A readable list of errored and empty queries."""
+        lines = [f"{len(self.results)} queries, {len(self.errors)} errors, {len(self.empty)} empty"]
+        lines += [f"ERROR {r.query.where}: {r.error}\n    {r.query.expr}" for r in self.errors]
+        lines += [
+            f"EMPTY {r.query.where}"
+            + (f" (missing {', '.join(sorted(r.missing_metrics))})" if r.missing_metrics else "")
+            + f"\n    {r.query.expr}"
+            for r in self.empty
+        ]
+        return "\n".join(lines)
+
+
+def _absent(result: Result) -> set[str]:
+    return result.missing_metrics or result.query.metrics
+
+
+def dashboard_queries(directory: Path = DASHBOARDS) -> list[Query]:
+    """Every target expr of every panel (rows' nested panels included) of every dashboard."""
+    queries = []
+    for path in sorted(directory.glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for panel in _panels(dashboard.get("panels", [])):
+            for target in panel.get("targets", []):
+                where = f"{dashboard['title']} / {panel.get('title', '?')} / {target.get('refId', '?')}"
+                queries.append(Query("dashboard", where, target.get("expr", "")))
+    return queries
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def rule_queries(path: Path = RULES) -> list[Query]:
+    """Every alerting and recording rule expression in a Prometheus rules file."""
+    document = yaml.safe_load(path.read_text())
+    return [
+        Query("rule", f"{group['name']} / {rule.get('alert') or rule.get('record')}", rule["expr"])
+        for group in document["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def substitute(expr: str) -> str:
+    """Replaces Grafana's interval variables; any other $variable is an error (it cannot be evaluated)."""
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+    leftover = re.findall(r"\$\{?\w+\}?", expr)
+    if leftover:
+        raise ValueError(f"unknown Grafana variables {leftover}")
+    return expr
+
+
+class Prometheus:
+    """The few HTTP API calls the check needs."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def get(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path>; returns `data`, or raises RuntimeError with Prometheus's error."""
+        url = f"{self.base_url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:  # 400/422: bad query, with a JSON error body
+            body = json.load(exc)
+        if body.get("status") != "success":
+            raise RuntimeError(f"{body.get('errorType', 'error')}: {body.get('error', body)}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query; the result vector (or matrix/scalar as one item)."""
+        params = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.get("query", **params)
+        result = data["result"]
+        return result if isinstance(result, list) else [result]
+
+    def metric_names(self) -> set[str]:
+        """Every metric name Prometheus has series for."""
+        return set(self.get("label/__name__/values"))
+
+    def targets_up(self) -> dict[str, bool]:
+        """scrapeUrl -> up, for every active target."""
+        return {t["scrapeUrl"]: t["health"] == "up" for t in self.get("targets")["activeTargets"]}
+
+    def rule_health(self) -> dict[str, str]:
+        """'<group> / <rule>' -> lastError (only rules Prometheus could not evaluate)."""
+        bad = {}
+        for group in self.get("rules")["groups"]:
+            for rule in group["rules"]:
+                if rule.get("health") not in {"ok", "unknown"}:
+                    bad[f"{group['name']} / {rule['name']}"] = rule.get("lastError", rule.get("health"))
+        return bad
+
+
+def wait_until_scraped(prometheus: Prometheus, timeout: float = 60.0, scrapes: int = 2) -> None:
+    """Waits until every target is up and has been scraped `scrapes` times (rate() needs two samples)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            up = prometheus.targets_up()
+            counts = prometheus.query("min(count_over_time(up[5m]))")
+            seen = int(float(counts[0]["value"][1])) if counts else 0
+            if up and all(up.values()) and seen >= scrapes:
+                return
+            state = f"targets {up}, scrapes {seen}"
+        except (OSError, RuntimeError) as exc:
+            state = str(exc)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Prometheus at {prometheus.base_url} not ready: {state}")
+        time.sleep(1)
+
+
+def evaluate(prometheus: Prometheus, queries: Iterable[Query], at: float | None = None) -> Report:
+    """Runs every query; records errors, series counts and (for all) the metrics Prometheus lacks."""
+    known = prometheus.metric_names()
+    results = []
+    for query in queries:
+        result = Result(query, missing_metrics=query.metrics - known)
+        try:
+            result.series = len(prometheus.query(substitute(query.expr), at))
+        except (RuntimeError, ValueError, OSError) as exc:
+            result.error = str(exc)
+        results.append(result)
+    return Report(results)
+
+
+def check(base_url: str, dashboards: Path = DASHBOARDS, rules: Path = RULES) -> Report:
+    """Evaluates every dashboard panel query and alert expression; rules Prometheus failed count as errors."""
+    prometheus = Prometheus(base_url)
+    report = evaluate(prometheus, [*dashboard_queries(dashboards), *rule_queries(rules)])
+    for where, error in prometheus.rule_health().items():
+        report.results.append(Result(Query("rule", f"{where} (loaded)", ""), error=f"rule health: {error}"))
+    return report

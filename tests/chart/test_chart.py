@@ -1,0 +1,496 @@
+"""The Helm chart, rendered by the real helm for every ci/ scenario and checked for what an operator relies on."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.chart.helpers import (
+    CHART,
+    KUBE_VERSION,
+    MONITORING_API,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    SCENARIOS,
+    Manifest,
+    by_kind,
+    component,
+    pod_specs,
+    run_helm,
+    template_args,
+    values_file,
+    workload,
+)
+from townhall.core.config import load as load_config
+from townhall.core.kafka import Topics
+
+Render = Callable[..., list[Manifest]]
+SERVICES = ("admission", "relay", "notifier")
+# Shards per scenario: what the StatefulSet (or its HPA's minReplicas) runs and admission is told about.
+SHARDS = {
+    "kind-default": {"admission": 1, "relay": 1},
+    "multi-shard": {"admission": 3, "relay": 4},
+    "external-kafka": {"admission": 2, "relay": 2},
+}
+HEALTH_SERVICES = {
+    "admission": {"townhall.v1.Rooms", "townhall.v1.Admission"},
+    "relay": {"townhall.v1.Relay"},
+    "notifier": {"townhall.v1.Graph", "townhall.v1.Inbox"},
+}
+
+
+def test_every_scenario_has_expectations() -> None:
+    assert set(SCENARIOS) == set(SHARDS)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_lint_strict(helm: Path, scenario: str) -> None:
+    result = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file(scenario)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("api_versions", [(), ("--api-versions", MONITORING_API)], ids=["plain", "operator"])
+def test_manifests_are_valid_kubernetes(render: Render, scenario: str, api_versions: tuple[str, ...]) -> None:
+    """Strict schema validation (unknown fields are errors) against the Kubernetes of kind's node image."""
+    manifests = render(scenario, *api_versions)
+    errors = []
+    for m in manifests:
+        if m["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: no schema in kubernetes-validate; checked in test_monitoring_objects_*.
+        try:
+            kubernetes_validate.validate(m, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{m['kind']}/{m['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_shard_counts_match_the_scenario(render: Render, scenario: str) -> None:
+    manifests = render(scenario)
+    hpas = by_kind(manifests, "HorizontalPodAutoscaler")
+    config = configmap(manifests)
+    for name, shards in SHARDS[scenario].items():
+        sts = workload(manifests, name)
+        assert sts["kind"] == "StatefulSet"
+        hpa = hpas.get(sts["metadata"]["name"])
+        if hpa:
+            assert "replicas" not in sts["spec"], "with an HPA the StatefulSet must leave replicas to it"
+            assert hpa["spec"]["minReplicas"] == shards
+            assert hpa["spec"]["scaleTargetRef"] == {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "name": sts["metadata"]["name"],
+            }
+        else:
+            assert sts["spec"]["replicas"] == shards
+    # Admission hands out exactly the relays that exist: relay-0..N-1 (or the one advertised address).
+    relays = config["TOWNHALL_ADMISSION_RELAYS"].split(",")
+    assert len(relays) == SHARDS[scenario]["relay"]
+    if scenario != "kind-default":
+        assert relays == [
+            f"{RELEASE}-relay-{i}.{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
+            for i in range(SHARDS[scenario]["relay"])
+        ]
+    # The helm test pod checks every admission and relay pod by its stable name.
+    test_pod = next(iter(by_kind(manifests, "Pod").values()))
+    targets = " ".join(test_pod["spec"]["containers"][0]["command"][4:])
+    for name, shards in SHARDS[scenario].items():
+        for i in range(shards):
+            assert f"{RELEASE}-{name}-{i}.{RELEASE}-{name}-headless" in targets
+        assert f"{RELEASE}-{name}-{shards}." not in targets
+
+
+def test_multi_shard_autoscales_admission_and_relay(render: Render) -> None:
+    hpas = by_kind(render("multi-shard"), "HorizontalPodAutoscaler")
+    assert set(hpas) == {f"{RELEASE}-admission", f"{RELEASE}-relay"}
+    for hpa in hpas.values():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_container_has_resources_and_every_server_has_probes(render: Render, scenario: str) -> None:
+    for owner, spec in pod_specs(render(scenario)):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{owner['kind']}/{owner['metadata']['name']}/{c['name']}"
+            resources = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{where}: requests"
+            assert "memory" in resources.get("limits", {}), f"{where}: memory limit"
+            if owner["kind"] in {"Job", "Pod"}:
+                continue  # run to completion
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in c, f"{where}: {probe}"
+            if component(owner) in SERVICES:
+                grpc_port = port_of(c, "grpc")
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert c[probe]["grpc"] == {"port": grpc_port}, f"{where}: {probe} must be gRPC health"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_shutdown_is_consistent_with_the_servers_grace_period(render: Render, scenario: str) -> None:
+    """preStop sleep, then SIGTERM and a drain of server.grace_s: all within terminationGracePeriodSeconds."""
+    manifests = render(scenario)
+    grace_s = float(configmap(manifests)["TOWNHALL_SERVER_GRACE_S"])
+    for name in SERVICES:
+        spec = workload(manifests, name)["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pre_stop > 0
+        assert spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(grace_s) + 1
+        # Liveness must not kill a draining server (it reports NOT_SERVING) before the grace period ends.
+        live = c["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > spec["terminationGracePeriodSeconds"]
+
+
+def test_grace_period_follows_the_configured_drain_time(render: Render) -> None:
+    manifests = render("kind-default", "--set", "config.server.grace_s=30")
+    assert configmap(manifests)["TOWNHALL_SERVER_GRACE_S"] == "30"
+    for name in SERVICES:
+        assert workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> None:
+    manifests = render(scenario)
+    assert not by_kind(manifests, "ClusterRole") and not by_kind(manifests, "ClusterRoleBinding")
+    (role,) = by_kind(manifests, "Role").values()
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    (binding,) = by_kind(manifests, "RoleBinding").values()
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (account,) = by_kind(manifests, "ServiceAccount").values()
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    for owner, spec in pod_specs(manifests):
+        if component(owner) in {"admission", "relay"}:
+            assert spec["serviceAccountName"] == account["metadata"]["name"]
+        else:
+            assert spec.get("automountServiceAccountToken") is False, owner["metadata"]["name"]
+            assert "serviceAccountName" not in spec
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_images_are_pinned(render: Render, scenario: str) -> None:
+    for owner, spec in pod_specs(render(scenario)):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            image = c["image"]
+            name, _, tag = image.rpartition(":")
+            assert name and "/" not in tag, f"{image} has no tag"
+            assert tag != "latest", f"{owner['metadata']['name']} uses {image}"
+
+
+def test_townhall_image_defaults_to_the_app_version(render: Render) -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert workload(render(None), "relay")["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"townhall:{app_version}"
+    )
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_are_locked_down(render: Render, scenario: str) -> None:
+    for owner, spec in pod_specs(render(scenario)):
+        where = owner["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        # Service links would put TOWNHALL_*_PORT (and KAFKA_PORT) variables in the environment.
+        assert spec["enableServiceLinks"] is False, where
+        for c in spec["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+            if component(owner) != "kafka":  # the Kafka image writes its config at start
+                assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: str) -> None:
+    """The env a service container gets loads with townhall.core.config (which rejects unknown keys)."""
+    manifests = render(scenario)
+    for name in SERVICES:
+        sts = workload(manifests, name)
+        pod_name = f"{sts['metadata']['name']}-0"
+        (c,) = sts["spec"]["template"]["spec"]["containers"]
+        env = container_env(manifests, c, pod_name)
+        config = load_config(env=env)
+        section = getattr(config, name)
+        assert section.listen == f"0.0.0.0:{port_of(c, 'grpc')}"
+        assert section.metrics_port == port_of(c, "metrics")
+        if name == "relay":
+            # Tickets are bound to the advertised address, so admission must hand out the same one.
+            assert config.relay.address in config.admission.relays
+        if name == "notifier":
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert config.notifier.data_dir in mounts
+
+
+def test_whole_numbers_reach_the_services_unmangled(render: Render) -> None:
+    config = configmap(render(None, "--set", "admission.config.default_listener_limit=100000000"))
+    assert config["TOWNHALL_ADMISSION_DEFAULT_LISTENER_LIMIT"] == "100000000"
+    assert config["TOWNHALL_SERVER_GRACE_S"] == "10"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_config_checksum_rolls_every_service(render: Render, scenario: str) -> None:
+    def checksums(*flags: str) -> set[str]:
+        manifests = render(scenario, *flags)
+        return {
+            workload(manifests, name)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            for name in SERVICES
+        }
+
+    base = checksums()
+    assert len(base) == 1 and re.fullmatch(r"[0-9a-f]{64}", next(iter(base)))
+    assert checksums("--set", "config.log.level=debug") != base
+    assert checksums("--set", "relay.config.chunk_ms=60") != base
+    # Values outside the ConfigMap (resources here) do not change it.
+    assert checksums("--set", "admission.resources.requests.cpu=300m") == base
+
+
+def test_external_kafka_has_no_bundled_broker(render: Render) -> None:
+    manifests = render("external-kafka")
+    assert not [m for m in manifests if component(m) == "kafka"]
+    assert not [m for m in manifests if "kafka" in m["metadata"]["name"]]
+    expected = yaml.safe_load(values_file("external-kafka").read_text())["kafka"]["external"]["bootstrap"]
+    assert configmap(manifests)["TOWNHALL_KAFKA_BOOTSTRAP"] == expected
+    # The cluster exists before the release: topics are created before the services start.
+    job = topics_job(manifests)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert "--replication-factor 3" in job_script(job)
+
+
+@pytest.mark.parametrize("scenario", ["kind-default", "multi-shard"])
+def test_bundled_broker_is_kraft_without_topic_auto_creation(render: Render, scenario: str) -> None:
+    manifests = render(scenario)
+    broker = workload(manifests, "kafka")
+    (c,) = broker["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", c["image"])
+    bootstrap = configmap(manifests)["TOWNHALL_KAFKA_BOOTSTRAP"]
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{bootstrap}"
+    assert bootstrap.startswith(f"{RELEASE}-kafka.{NAMESPACE}.svc")
+    assert topics_job(manifests)["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_topics_job_creates_the_services_topics(render: Render, scenario: str) -> None:
+    """Same names and settings as townhall.core.kafka.Topics (what the local broker gets)."""
+    manifests = render(scenario)
+    config = configmap(manifests)
+    script = job_script(topics_job(manifests))
+    created = {}
+    for line in script.splitlines():
+        if "--create" in line:
+            topic = re.search(r"--topic (\S+)", line).group(1)  # type: ignore[union-attr]
+            created[topic] = dict(kv.split("=", 1) for kv in re.findall(r"--config (\S+)", line))
+            assert f"--partitions {config['TOWNHALL_KAFKA_PARTITIONS']}" in line
+            assert "--if-not-exists" in line
+    assert created == Topics(config["TOWNHALL_KAFKA_TOPIC_PREFIX"]).all()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_monitoring_objects_only_with_the_operator_api(render: Render, scenario: str) -> None:
+    plain = render(scenario)
+    assert not [m for m in plain if m["apiVersion"].startswith("monitoring.coreos.com/")]
+    with_api = render(scenario, "--api-versions", MONITORING_API)
+    (monitor,) = by_kind(with_api, "ServiceMonitor").values()
+    (rule,) = by_kind(with_api, "PrometheusRule").values()
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "rules.yml").read_text())
+    # The ServiceMonitor selects exactly the three headless Services, on their metrics port.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [
+        s
+        for s in by_kind(with_api, "Service").values()
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert sorted(component(s) for s in selected) == sorted(SERVICES)
+    for s in selected:
+        assert s["spec"]["clusterIP"] == "None"
+        assert "metrics" in {p["name"] for p in s["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_dashboards_ship_as_grafana_configmaps(render: Render, scenario: str) -> None:
+    maps = [
+        m for m in by_kind(render(scenario), "ConfigMap").values() if "-dashboard-" in m["metadata"]["name"]
+    ]
+    files = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    assert len(maps) == len(files) >= 4
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((key, text),) = m["data"].items()
+        assert yaml.safe_load(text)["uid"].startswith("townhall-"), key
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_carry_scrape_annotations(render: Render, scenario: str) -> None:
+    manifests = render(scenario)
+    for name in SERVICES:
+        w = workload(manifests, name)
+        annotations = w["spec"]["template"]["metadata"]["annotations"]
+        (c,) = w["spec"]["template"]["spec"]["containers"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(port_of(c, "metrics"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_disruption_budgets_cover_every_service(render: Render, scenario: str) -> None:
+    manifests = render(scenario)
+    pdbs = by_kind(manifests, "PodDisruptionBudget")
+    for name in SERVICES:
+        w = workload(manifests, name)
+        pdb = pdbs[w["metadata"]["name"]]
+        assert pdb["spec"]["selector"] == w["spec"]["selector"]
+        assert pdb["spec"]["maxUnavailable"] >= 1  # never blocks a node drain outright
+
+
+def test_notifier_keeps_its_store_on_a_volume(render: Render) -> None:
+    manifests = render("kind-default")
+    notifier = workload(manifests, "notifier")
+    assert notifier["kind"] == "Deployment"
+    assert notifier["spec"]["strategy"] == {"type": "Recreate"}  # never two pods on one sqlite store
+    volumes = {v["name"]: v for v in notifier["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+    pvc = by_kind(manifests, "PersistentVolumeClaim")[claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_client_services_use_fixed_node_ports_mapped_by_kind(render: Render) -> None:
+    services = by_kind(render("kind-default"), "Service")
+    node_ports = {
+        p["nodePort"]
+        for s in services.values()
+        if s["spec"].get("type") == "NodePort"
+        for p in s["spec"]["ports"]
+    }
+    assert node_ports == {30051, 30052, 30053}
+    cluster = yaml.safe_load((REPO / "deploy" / "kind" / "cluster.yaml").read_text())
+    mapped = {m["hostPort"] for n in cluster["nodes"] for m in n.get("extraPortMappings", [])}
+    assert node_ports <= mapped
+    assert {30300, 30090} <= mapped  # Grafana, Prometheus (deploy/kind/monitoring-values.yaml)
+    images = {n["image"] for n in cluster["nodes"]}
+    assert all(i.startswith(f"kindest/node:v{KUBE_VERSION}@sha256:") for i in images)
+
+
+def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> None:
+    manifests = render("kind-default")
+    relay = workload(manifests, "relay")
+    env = {e["name"]: e.get("value") for e in relay["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TOWNHALL_RELAY_ADVERTISE"] == "127.0.0.1:30052"
+    assert configmap(manifests)["TOWNHALL_ADMISSION_RELAYS"] == "127.0.0.1:30052"
+    per_pod = render(None, "--set", "relay.advertise=$(POD_NAME).relays.example.com:443")
+    assert configmap(per_pod)["TOWNHALL_ADMISSION_RELAYS"] == (
+        f"{RELEASE}-relay-0.relays.example.com:443,{RELEASE}-relay-1.relays.example.com:443"
+    )
+
+
+def test_secret_is_generated_or_taken_as_given(render: Render) -> None:
+    generated = by_kind(render(None), "Secret")[RELEASE]["data"]["tickets-secret"]
+    assert len(base64.b64decode(generated)) >= 32
+    given = "x" * 40
+    rendered = by_kind(render(None, "--set", f"tickets.secret={given}"), "Secret")[RELEASE]
+    assert base64.b64decode(rendered["data"]["tickets-secret"]).decode() == given
+    external = render("external-kafka")
+    assert not by_kind(external, "Secret")
+    env = workload(external, "admission")["spec"]["template"]["spec"]["containers"][0]["env"]
+    ref = next(e for e in env if e["name"] == "TOWNHALL_TICKETS_SECRET")
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "townhall-tickets", "key": "tickets-secret"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "image.tag=latest"], "/image/tag"),
+        (["--set", "kafka.bundled=false"], "/kafka/external/bootstrap"),
+        (["--set", "notifier.replicas=2"], "/notifier/replicas"),
+        (["--set", "tickets.secret=short"], "/tickets/secret"),
+        (["--set", "admision.replicas=3"], "admision"),
+        (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
+        (["--set", "admission.config.relays=a:1"], "relays"),
+        (["--set", "service.type=Ingress"], "/service/type"),
+        (["--set", "admission.resources=null"], "resources"),
+        (["--set", "relay.replicas=2", "--set", "relay.advertise=127.0.0.1:30052"], "POD_NAME"),
+    ],
+)
+def test_bad_values_fail_at_install(helm: Path, flags: list[str], message: str) -> None:
+    result = run_helm(helm, *template_args(None, *flags))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_notes_render(helm: Path, tmp_path: Path, scenario: str) -> None:
+    """NOTES.txt is not rendered by `helm template`: render it as a ConfigMap of a copied chart."""
+    chart = tmp_path / "townhall"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}\n' + notes + "{{- end }}\n")
+    (chart / "templates" / "notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: |\n{{ include "notes" . | indent 4 }}\n'
+    )
+    result = run_helm(helm, *template_args(scenario, "--show-only", "templates/notes.yaml", chart=chart))
+    assert result.returncode == 0, result.stderr
+    text = yaml.safe_load(result.stdout)["data"]["notes"]
+    assert "grpcurl -plaintext $ADMISSION list" in text
+    assert "helm test" in text
+
+
+def configmap(manifests: list[Manifest]) -> dict[str, str]:
+    """The data of the services' ConfigMap."""
+    return by_kind(manifests, "ConfigMap")[RELEASE]["data"]
+
+
+def port_of(container: dict[str, Any], name: str) -> int:
+    """A container's port number by name."""
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def container_env(manifests: list[Manifest], container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """What the kubelet would give the container: envFrom ConfigMaps, then env with $(VAR) expanded."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(by_kind(manifests, "ConfigMap")[source["configMapRef"]["name"]]["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"]
+            )
+        elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[item["name"]] = pod_name
+        elif "secretKeyRef" in item["valueFrom"]:
+            env[item["name"]] = "s" * 48
+    return env
+
+
+def topics_job(manifests: list[Manifest]) -> Manifest:
+    """The topic-creation hook Job."""
+    (job,) = by_kind(manifests, "Job").values()
+    return job
+
+
+def job_script(job: Manifest) -> str:
+    """The shell script a single-container Job runs."""
+    return job["spec"]["template"]["spec"]["containers"][0]["command"][-1]

@@ -1,0 +1,51 @@
+"""The Dockerfile, read as text (no container engine in CI): pinned bases, same codegen, slim non-root runtime."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from tests.chart.helpers import REPO
+
+DOCKERFILE = (REPO / "deploy" / "Dockerfile").read_text()
+STAGES = re.split(r"(?m)^FROM ", DOCKERFILE)[1:]
+
+
+def instructions(stage: str) -> list[str]:
+    """The stage's instructions with continuation lines joined."""
+    lines = re.sub(r"\\\n\s*", " ", stage).splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def test_base_image_is_pinned_to_a_python_3_11_patch_release() -> None:
+    base = re.search(r"(?m)^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base.group(1))
+    assert all(stage.split()[0] == "${PYTHON_IMAGE}" for stage in STAGES)
+
+
+def test_code_is_generated_with_the_makefiles_protoc_flags() -> None:
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    make_line = next(line for line in makefile.splitlines() if "grpc_tools.protoc" in line)
+    docker_line = next(line for line in instructions(STAGES[0]) if "grpc_tools.protoc" in line)
+
+    def flags(line: str) -> set[str]:
+        return {w for w in shlex.split(line.split("grpc_tools.protoc", 1)[1]) if w.startswith("-")}
+
+    assert flags(docker_line) == flags(make_line)
+
+
+def test_runtime_is_slim_and_runs_as_a_fixed_non_root_user() -> None:
+    runtime = "\n".join(instructions(STAGES[-1]))
+    assert "grpcio-tools" not in runtime and "pip install" not in runtime
+    assert "apt-get install" not in runtime and "gcc" not in runtime
+    assert "COPY --from=builder /opt/townhall /opt/townhall" in runtime
+    user = re.search(r"(?m)^USER (\S+)$", runtime)
+    assert user and user.group(1).split(":")[0] == "10001"
+    assert "ENTRYPOINT" not in runtime  # the chart passes `python -m townhall.<service>` as the command
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert lines[lines.index("*")] == "*"
+    for keep in ("!pyproject.toml", "!README.md", "!proto/", "!services/"):
+        assert keep in lines

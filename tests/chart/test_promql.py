@@ -1,0 +1,145 @@
+"""Every dashboard query and alert expression, run by a real Prometheus scraping the services' real metrics.
+
+A child process imports the services' metric modules (the real names, labels and types), gives every
+labelled metric a child and moves them all, and serves them on three ports as admission, relay and
+notifier would. deploy/prometheus/render.py writes the scrape config for that topology; a real
+Prometheus (the `prometheus` package that also brings promtool) scrapes it, loads the alert rules, and
+tests/chart/promql.py evaluates everything. The live check on the real topology uses the same module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chart import promql
+from tests.chart.helpers import REPO
+
+EXPORTER = r"""
+import importlib, sys, time
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+modules = ["townhall.core.metrics", "townhall.core.kafka", "townhall.admission.metrics",
+           "townhall.relay.metrics", "townhall.notifier.metrics"]
+metrics = [m for name in modules for m in vars(importlib.import_module(name)).values()
+           if isinstance(m, MetricWrapperBase)]
+services = {"Rooms": "Create", "Admission": "Join", "Relay": "Subscribe", "Graph": "Follow", "Inbox": "Watch"}
+
+def children(metric):
+    names = metric._labelnames
+    if not names:
+        return [metric]
+    if "grpc_service" in names:
+        out = []
+        for service, method in services.items():
+            labels = {"grpc_service": f"townhall.v1.{service}", "grpc_method": method, "grpc_type": "unary"}
+            for code in ("OK", "RESOURCE_EXHAUSTED"):
+                out.append(metric.labels(**{k: v for k, v in {**labels, "grpc_code": code}.items() if k in names}))
+        return out
+    return [metric.labels(**{n: "x" for n in names})]
+
+live = [c for m in metrics for c in children(m)]
+for port in sys.argv[1:]:
+    start_http_server(int(port), addr="127.0.0.1")
+print("serving", flush=True)
+while True:
+    for c in live:
+        if isinstance(c, Histogram):
+            c.observe(0.05)
+        elif isinstance(c, Gauge):
+            c.set(3)
+        else:
+            c.inc()
+    time.sleep(0.2)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus scraping the exporter as the local topology, with the alert rules loaded."""
+    binary = shutil.which("prometheus")
+    if not binary:
+        pytest.fail("the prometheus server is needed (Debian package `prometheus`, which also has promtool)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    ports = {name: free_port() for name in ("admission", "relay", "notifier")}
+    topology = {
+        "services": {
+            name: [{"grpc": "127.0.0.1:0", "metrics": f"http://127.0.0.1:{port}/metrics"}]
+            for name, port in ports.items()
+        }
+    }
+    (tmp / "topology.json").write_text(json.dumps(topology))
+    render = [sys.executable, str(REPO / "deploy" / "prometheus" / "render.py"), "--interval", "1s"]
+    subprocess.run(
+        [*render, "--topology", str(tmp / "topology.json"), "--out", str(tmp / "prometheus.yml")], check=True
+    )
+    web = f"127.0.0.1:{free_port()}"
+    exporter = subprocess.Popen(
+        [sys.executable, "-c", EXPORTER, *map(str, ports.values())], stdout=subprocess.PIPE, text=True
+    )
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address={web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp / "prometheus.log").open("w"),
+    )
+    try:
+        assert exporter.stdout is not None and exporter.stdout.readline().strip() == "serving"
+        url = f"http://{web}"
+        promql.wait_until_scraped(promql.Prometheus(url), timeout=60, scrapes=5)
+        time.sleep(1)  # one more rule evaluation
+        yield url
+    finally:
+        for process in (server, exporter):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_every_query_and_rule_runs_and_finds_its_metrics(prometheus_url: str) -> None:
+    report = promql.check(prometheus_url)
+    assert report.results, "no queries found"
+    assert not report.errors, report.summary()
+    assert not report.unexpected_empty(), report.summary()
+    # Only metrics the services do not export yet may be missing.
+    missing = set().union(*(r.missing_metrics for r in report.results))
+    assert missing <= {"townhall_kafka_consumer_lag_records"}, report.summary()
+
+
+def test_check_reports_bad_and_empty_queries(prometheus_url: str, tmp_path: Path) -> None:
+    """The checker itself: a syntax error is an error; a query for an unknown metric is empty."""
+    panel = {
+        "title": "p",
+        "targets": [{"refId": "A", "expr": "sum(rate(townhall_nope_total[$__rate_interval]))"}],
+    }
+    broken = {"title": "q", "targets": [{"refId": "A", "expr": "sum(rate(townhall_joins_total[5m]"}]}
+    (tmp_path / "d.json").write_text(json.dumps({"title": "T", "panels": [panel, broken]}))
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups: [{name: g, rules: [{alert: A, expr: 'townhall_nope > 1'}]}]\n")
+    report = promql.check(prometheus_url, dashboards=tmp_path, rules=rules)
+    assert [r.query.where for r in report.errors if "(loaded)" not in r.query.where] == ["T / q / A"]
+    assert sorted(r.query.where for r in report.empty) == ["T / p / A", "g / A"]
+
+
+def test_grafana_variables_are_substituted() -> None:
+    assert promql.substitute("rate(x[$__rate_interval])") == "rate(x[1m])"
+    with pytest.raises(ValueError):
+        promql.substitute('x{job="$job"}')
