@@ -32,12 +32,11 @@ RULES = REPO / "helm" / "townhall" / "files" / "rules.yml"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 METRIC = re.compile(r"\b((?:townhall|process|python)_[a-zA-Z0-9_]*)\b")
 # Series that exist only once something went wrong (labelled error counters have no series before
-# their first increment), or that a service does not export yet. A healthy run may leave them empty.
+# their first increment). A healthy run may leave them empty.
 EXPECTED_EMPTY_WHEN_HEALTHY = frozenset(
     {
         "townhall_kafka_produce_errors_total",
         "townhall_events_dropped_total",
-        "townhall_kafka_consumer_lag_records",
     }
 )
 

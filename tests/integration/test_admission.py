@@ -6,6 +6,7 @@ import random
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.helpers import config_for, rpc_error, serving, wait_for_record
 from townhall.admission.app import AdmissionApp
@@ -152,3 +153,29 @@ async def test_bad_input_gets_a_clear_status(config: Config) -> None:
             error = await rpc_error(call)
             assert (error.code(), message in (error.details() or "")) == (code, True), error.details()
         await host.close()
+
+
+async def test_every_rpc_is_counted_by_method_and_status(config: Config) -> None:
+    host_id, other_id, _ = users()
+
+    def count(method: str, code: str) -> float:
+        labels = {
+            "grpc_service": "townhall.v1.Rooms",
+            "grpc_method": method,
+            "grpc_type": "unary",
+            "grpc_code": code,
+        }
+        return REGISTRY.get_sample_value("townhall_rpc_requests_total", labels) or 0.0
+
+    async with serving(AdmissionApp(config), config) as address:
+        host, other = (
+            Client(Endpoints(address, address), host_id),
+            Client(Endpoints(address, address), other_id),
+        )
+        created, denied = count("CreateRoom", "OK"), count("StartRoom", "PERMISSION_DENIED")
+        room = await host.create_room("Counted")
+        await rpc_error(other.start_room(room.room_id))
+        assert count("CreateRoom", "OK") == created + 1
+        assert count("StartRoom", "PERMISSION_DENIED") == denied + 1
+        await host.close()
+        await other.close()

@@ -8,7 +8,6 @@ must receive every frame, byte for byte, in order. Prints a summary; exit 0 only
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import tempfile
 import time
@@ -72,7 +71,17 @@ async def _await_notification(client: Client, room_id: str, ready: asyncio.Event
     raise RuntimeError("inbox stream ended")
 
 
-async def _demo(manifest: Path, followers: int, listeners: int, audio_file: Path | None) -> bool:
+@dataclass(frozen=True)
+class Check:
+    """One demo check: what was measured and whether it passed."""
+
+    name: str
+    value: str
+    ok: bool
+
+
+async def demo(manifest: Path, followers: int, listeners: int, audio_file: Path | None) -> list[Check]:
+    """Runs the scripted room against the topology in `manifest`; returns every check."""
     endpoints = resolve(manifest)
     base = random.randrange(1, 2**40) * 1_000_000  # fresh user ids for each run
     host = Client(endpoints, base)
@@ -118,10 +127,10 @@ async def _demo(manifest: Path, followers: int, listeners: int, audio_file: Path
     finally:
         for c in (host, *fans, *audience):
             await c.close()
-    return _report(followers, notify_ms, listeners, joined, len(packets), accepted, packets, heard)
+    return _checks(followers, notify_ms, listeners, joined, len(packets), accepted, packets, heard)
 
 
-def _report(
+def _checks(
     followers: int,
     notify_ms: list[float],
     listeners: int,
@@ -130,42 +139,49 @@ def _report(
     accepted: int,
     packets: list[bytes],
     heard: list[Heard],
-) -> bool:
+) -> list[Check]:
     latencies = np.array([x for h in heard for x in h.latencies_ms] or [np.nan])
     intact = sum(1 for h in heard if h.payloads == packets)
     received = [len(h.payloads) for h in heard]
-    checks = [
-        ("followers notified", f"{len(notify_ms)}/{followers}", len(notify_ms) == followers),
-        ("notification p99", f"{np.percentile(notify_ms, 99):.0f} ms" if notify_ms else "-", bool(notify_ms)),
-        ("listeners joined and heard all", f"{joined}/{listeners}", joined == listeners),
-        ("frames sent / accepted", f"{sent} / {accepted}", sent == accepted),
-        (
+    return [
+        Check("followers notified", f"{len(notify_ms)}/{followers}", len(notify_ms) == followers),
+        Check(
+            "notification p99",
+            f"{np.percentile(notify_ms, 99):.0f} ms" if notify_ms else "-",
+            bool(notify_ms),
+        ),
+        Check("listeners joined and heard all", f"{joined}/{listeners}", joined == listeners),
+        Check("frames sent / accepted", f"{sent} / {accepted}", sent == accepted),
+        Check(
             "frames received (min per listener)",
             str(min(received, default=0)),
             min(received, default=0) == sent,
         ),
-        ("audio byte-identical, in order", f"{intact}/{listeners}", intact == listeners),
-        ("sequence gaps", str(sum(h.gaps for h in heard)), all(h.gaps == 0 for h in heard)),
-        ("audio latency p50", f"{np.nanpercentile(latencies, 50):.1f} ms", True),
-        ("audio latency p99", f"{np.nanpercentile(latencies, 99):.1f} ms", True),
+        Check("audio byte-identical, in order", f"{intact}/{listeners}", intact == listeners),
+        Check("sequence gaps", str(sum(h.gaps for h in heard)), all(h.gaps == 0 for h in heard)),
+        Check("audio latency p50", f"{np.nanpercentile(latencies, 50):.1f} ms", True),
+        Check("audio latency p99", f"{np.nanpercentile(latencies, 99):.1f} ms", True),
     ]
+
+
+def _print(checks: list[Check]) -> None:
     table = Table(title="Townhall demo")
     table.add_column("check")
     table.add_column("value", justify="right")
     table.add_column("ok")
-    for name, value, ok in checks:
-        table.add_row(name, value, "[green]yes[/green]" if ok else "[red]NO[/red]")
+    for check in checks:
+        table.add_row(check.name, check.value, "[green]yes[/green]" if check.ok else "[red]NO[/red]")
     console.print(table)
-    return all(ok for _, _, ok in checks)
 
 
 def run_demo(manifest: Path, followers: int, listeners: int, audio: Path | None) -> int:
     """Runs the demo; 0 if every check passed, 1 otherwise."""
     try:
-        ok = asyncio.run(_demo(manifest, followers, listeners, audio))
+        checks = asyncio.run(demo(manifest, followers, listeners, audio))
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
-    with contextlib.suppress(Exception):
-        console.print("[green]demo passed[/green]" if ok else "[red]demo failed[/red]")
+    _print(checks)
+    ok = all(c.ok for c in checks)
+    console.print("[green]demo passed[/green]" if ok else "[red]demo failed[/red]")
     return 0 if ok else 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter, Gauge
 
 from townhall.core import logging
@@ -24,6 +24,11 @@ EVENTS_DROPPED = Counter(
     ["topic"],
 )
 EVENTS_QUEUED = Gauge("townhall_events_queued", "Best-effort events waiting for Kafka.")
+CONSUMER_LAG = Gauge(
+    "townhall_kafka_consumer_lag_records",
+    "Records between a consumer's position and the end of its assigned partitions.",
+    ["group", "topic"],
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,25 @@ async def read_to_end(
         return ends
     finally:
         await consumer.stop()
+
+
+async def report_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.0) -> None:
+    """Publishes the consumer's lag per topic every `every_s` seconds, until cancelled."""
+    while True:
+        lag: dict[str, int] = {}
+        for tp in consumer.assignment():
+            lag.setdefault(tp.topic, 0)
+            high = consumer.highwater(tp)
+            if high is None:  # nothing fetched yet from this partition
+                continue
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), 1.0)
+            except (TimeoutError, KafkaError, AssertionError):
+                continue
+            lag[tp.topic] += max(0, high - position)
+        for topic, records in lag.items():
+            CONSUMER_LAG.labels(group, topic).set(records)
+        await asyncio.sleep(every_s)
 
 
 class EventQueue:

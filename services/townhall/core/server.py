@@ -20,6 +20,7 @@ from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
 from townhall.core.interceptor import RpcInterceptor
 from townhall.core.metrics import serve_metrics
+from townhall.core.process import tune_gc
 
 log = logging.get(__name__)
 
@@ -62,6 +63,10 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 1),
+        # Calls arrived but not yet accepted by the asyncio server: past the soft limit gRPC cancels
+        # new calls at random (CANCELLED). About 2,000 listeners joining at once hit the default.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
     ]
 
 
@@ -124,5 +129,11 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
         print(f"townhall {name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     logging.configure(config.log, name)
+    tune_gc()
     own = getattr(config, section)
-    asyncio.run(serve(build(config), config, name, own.listen, own.metrics_port))
+
+    async def main() -> None:
+        # Built inside the event loop: Kafka clients bind to the running loop when created.
+        await serve(build(config), config, name, own.listen, own.metrics_port)
+
+    asyncio.run(main())

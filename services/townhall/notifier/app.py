@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from townhall.core import logging
 from townhall.core.config import Config
-from townhall.core.kafka import Topics, producer
+from townhall.core.kafka import Topics, producer, report_lag
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.fanout_worker import FanoutWorker
 from townhall.notifier.inbox import Hub
@@ -101,6 +101,8 @@ class NotifierApp:
         )
         self._spawn(worker.run(), "notifier-fanout")
         self._spawn(InboxReader(self._inbox_consumer, self.hub).run(), "notifier-inbox")
+        self._spawn(report_lag(self._fanout_consumer, own.group_id), "fanout-lag")
+        self._spawn(report_lag(self._inbox_consumer, "inbox"), "inbox-lag")
         log.info(
             "notifier started",
             data_dir=own.data_dir,

@@ -1,0 +1,1 @@
+"""Benchmarks: figures on screen and JSON on disk, measured against a bare-gRPC ceiling; never tests."""

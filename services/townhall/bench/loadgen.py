@@ -1,0 +1,148 @@
+"""Listener load generator: one process holding many Subscribe streams, measuring what they hear.
+
+Runs in a child process (multiprocessing, spawn) so the generator's CPU is its own. Protocol on
+the pipe: child sends ("ready", ok, failed); parent sends ("window", start_at, end_at) in Unix
+seconds; child counts only chunks received inside the window, then sends ("result", dict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+
+from townhall.bench.stats import LatencyHistogram, gap
+from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.v1 import relay_pb2_grpc
+from townhall.v1.common_pb2 import Role
+from townhall.v1.relay_pb2 import SubscribeRequest
+
+STREAMS_PER_CHANNEL = 100
+WAVE = 250
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one generator process does."""
+
+    address: str
+    room_id: str
+    listeners: int
+    first_user: int
+    secret: str
+    relay_claim: str
+    ready_timeout_s: float
+    result_timeout_s: float
+
+
+class _Counters:
+    """What the listeners of this process heard inside the measurement window."""
+
+    def __init__(self) -> None:
+        self.start_at = float("inf")
+        self.end_at = float("inf")
+        self.chunks = 0
+        self.frames = 0
+        self.gaps = 0
+        self.errors = 0
+        self.error_kinds: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+        self.first_audio_ms: list[float] = []
+        self.ready = 0
+        # Per listener, [first, last] sequence received in the window: how far the room advanced.
+        self.spans: list[list[int]] = []
+
+
+async def _listen(
+    stub: relay_pb2_grpc.RelayStub, request: SubscribeRequest, metadata: Any, c: _Counters
+) -> None:
+    opened = time.monotonic()
+    call = stub.Subscribe(request, metadata=metadata)
+    previous = 0
+    add = c.latency.add_us
+    span = [0, 0]
+    c.spans.append(span)
+    try:
+        async for chunk in call:
+            now = time.time()
+            if previous == 0:
+                c.first_audio_ms.append((time.monotonic() - opened) * 1000)
+                c.ready += 1
+            elif c.start_at <= now < c.end_at:
+                c.chunks += 1
+                c.frames += len(chunk.frames)
+                c.gaps += gap(previous, chunk.sequence)
+                if not span[0]:
+                    span[0] = chunk.sequence
+                span[1] = chunk.sequence
+                now_us = int(now * 1e6)
+                for frame in chunk.frames:
+                    add(now_us - frame.capture_ts_us)
+            previous = chunk.sequence
+    except grpc.aio.AioRpcError as error:
+        c.errors += 1
+        key = f"{error.code().name}: {error.details()}"[:120]
+        c.error_kinds[key] = c.error_kinds.get(key, 0) + 1
+
+
+async def _run(spec: Spec, conn: Connection) -> None:
+    signer = TicketSigner(spec.secret, 3600)
+    counters = _Counters()
+    channels = [
+        # A local subchannel pool gives each channel its own TCP connection (else they share one).
+        grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, -(-spec.listeners // STREAMS_PER_CHANNEL)))
+    ]
+    request = SubscribeRequest(room_id=spec.room_id)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        deadline = time.monotonic() + spec.ready_timeout_s
+        # Listeners arrive in waves: a burst of thousands of new streams at once overflows the
+        # gRPC server's queue of not-yet-accepted calls, which then cancels some at random.
+        for first in range(0, spec.listeners, WAVE):
+            for i in range(first, min(first + WAVE, spec.listeners)):
+                user = spec.first_user + i
+                token = signer.sign(signer.issue(spec.room_id, user, Role.ROLE_LISTENER, spec.relay_claim))
+                stub = relay_pb2_grpc.RelayStub(channels[i % len(channels)])
+                tasks.append(asyncio.create_task(_listen(stub, request, ((TICKET_KEY, token),), counters)))
+            while counters.ready + counters.errors < len(tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        conn.send(("ready", counters.ready, spec.listeners - counters.ready))
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, conn.poll, spec.result_timeout_s):
+            return
+        _, counters.start_at, counters.end_at = conn.recv()
+        await asyncio.sleep(max(0.0, counters.end_at - time.time()) + 0.2)
+        conn.send(
+            (
+                "result",
+                {
+                    "chunks": counters.chunks,
+                    "frames": counters.frames,
+                    "gaps": counters.gaps,
+                    "errors": counters.errors,
+                    "error_kinds": counters.error_kinds,
+                    "latency": counters.latency.counts,
+                    "first_audio_ms": counters.first_audio_ms,
+                    "sequence_spans": [last - first + 1 for first, last in counters.spans if first],
+                },
+            )
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in channels:
+            await channel.close()
+
+
+def main(spec: Spec, conn: Connection) -> None:
+    """The child process's entry point."""
+    asyncio.run(_run(spec, conn))

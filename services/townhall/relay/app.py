@@ -1,0 +1,52 @@
+"""The relay service's App: the hub, the servicer and their lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from townhall.core.config import Config
+from townhall.core.tickets import TicketSigner
+from townhall.relay.fanout import FanoutSettings
+from townhall.relay.hub import Hub
+from townhall.relay.servicer import SERVICE, RelayServicer, generic_handler
+
+
+class RelayApp:
+    """One relay process: rooms, chunk timers and the Relay service."""
+
+    service_names: Sequence[str] = (SERVICE,)
+
+    def __init__(self, config: Config, idle_room_s: float = 60.0) -> None:
+        relay = config.relay
+        settings = FanoutSettings(
+            subscriber_queue=relay.subscriber_queue,
+            stuck_cutoff_s=relay.stuck_cutoff_s,
+            ring_chunks=relay.ring_chunks,
+            late_join_s=relay.late_join_ms / 1000,
+        )
+        self.hub = Hub(settings, chunk_s=relay.chunk_ms / 1000, idle_s=idle_room_s)
+        signer = TicketSigner(config.tickets.secret, config.tickets.ttl_s)
+        self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the Relay service (Subscribe writes pre-serialised chunks)."""
+        server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+
+    async def start(self) -> None:
+        """Starts the idle-room sweep (chunk timers start with each room)."""
+        await self.hub.start()
+
+    async def drain(self) -> None:
+        """Ends every Subscribe stream at once; listeners reconnect elsewhere with resume_after."""
+        self.hub.drain()
+
+    async def close(self) -> None:
+        """Stops the chunk timers and the sweep."""
+        await self.hub.close()
+
+
+def build_app(config: Config) -> RelayApp:
+    """The relay App for `run_service`."""
+    return RelayApp(config)

@@ -1,0 +1,37 @@
+"""Relay domain metrics (base units; no user or room labels: rooms are unbounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LISTENERS = Gauge("townhall_relay_listeners", "Subscribe streams open on this relay.")
+PUBLISHERS = Gauge("townhall_relay_publishers", "Publish streams open on this relay.")
+ROOMS = Gauge("townhall_relay_rooms", "Rooms held by this relay (active or recently idle).")
+FRAMES_IN = Counter("townhall_relay_frames_in_total", "Audio frames accepted from speakers.")
+FRAMES_REJECTED = Counter(
+    "townhall_relay_frames_rejected_total",
+    "Audio frames refused (bad size, clock or speaker); each ends its Publish stream.",
+)
+CHUNKS_EMITTED = Counter("townhall_relay_chunks_emitted_total", "Chunks built (one per room interval).")
+CHUNKS_OUT = Counter(
+    "townhall_relay_chunks_out_total",
+    "Chunks handed to subscriber queues (one per subscriber per chunk).",
+)
+CHUNKS_DROPPED = Counter(
+    "townhall_relay_chunks_dropped_total",
+    "Chunks dropped from the queue of a subscriber that read too slowly.",
+)
+SUBSCRIBERS_CUT = Counter(
+    "townhall_relay_subscribers_cut_total",
+    "Subscribers cut off after overflowing their queue for relay.stuck_cutoff_s.",
+)
+CHUNK_BYTES = Histogram(
+    "townhall_relay_chunk_bytes",
+    "Size of a serialised chunk.",
+    buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+)
+FRAME_DELAY = Histogram(
+    "townhall_relay_frame_delay_seconds",
+    "Time from a frame's capture (speaker clock) to the emission of the chunk that carries it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5),
+)

@@ -1,0 +1,149 @@
+"""The Relay gRPC servicer: checks tickets and frames, then hands off to the hub.
+
+Subscribe writes pre-serialised chunk bytes (an identity response serializer), so a chunk is
+serialised once per room, never per listener.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from townhall.core import logging, validation
+from townhall.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from townhall.core.tickets import TICKET_KEY, Ticket, TicketSigner
+from townhall.relay import metrics
+from townhall.relay.hub import DRAINING, STUCK, Hub, wall_us
+from townhall.v1.common_pb2 import Role
+from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, SubscribeRequest
+
+log = logging.get(__name__)
+
+SERVICE = "townhall.v1.Relay"
+# How far a frame's capture time may be from the relay's clock.
+MAX_CLOCK_SKEW_US = 60_000_000
+
+
+class RelayServicer:
+    """Publish and Subscribe: ticket and frame checks around the hub."""
+
+    def __init__(self, hub: Hub, signer: TicketSigner, address: str, max_payload_bytes: int) -> None:
+        self._hub = hub
+        self._signer = signer
+        self._address = address
+        self._max_payload = max_payload_bytes
+
+    async def publish(self, requests: AsyncIterator[AudioFrame], context: grpc.aio.ServicerContext) -> Any:
+        """A speaker's frames go into the room's next chunks; returns how many were accepted."""
+        ticket = self._ticket(context)
+        if not ticket.on_stage:
+            raise PermissionDenied(
+                f"a {_role(ticket.role)} ticket may not publish audio; only the host, co-hosts and "
+                "speakers may (ask to be invited on stage)"
+            )
+        room = self._hub.join_publisher(ticket.room_id)
+        log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
+        accepted = 0
+        try:
+            async for frame in requests:
+                if self._hub.draining:
+                    raise Unavailable("relay is shutting down; publish again to continue")
+                self._check(frame, ticket.user_id)
+                frame.speaker_id = ticket.user_id
+                room.add_frame(frame)
+                accepted += 1
+                metrics.FRAMES_IN.inc()
+        finally:
+            self._hub.leave_publisher(room)
+            log.info("publisher left", room=ticket.room_id, user=ticket.user_id, frames=accepted)
+        return PublishSummary(frames_accepted=accepted)
+
+    async def subscribe(self, request: SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
+        """Streams the room's chunks (ring buffer first) until the client leaves or the relay drains."""
+        ticket = self._ticket(context)
+        room_id = validation.room_id(request.room_id)
+        if room_id != ticket.room_id:
+            raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
+        room, subscriber = self._hub.subscribe(room_id, request.resume_after)
+        take, waiter, write = subscriber.take, subscriber.waiter, context.write
+        # A cut-off or drain is seen after the write in flight returns. A client that stopped
+        # reading holds that one write (its flow-control window is full) until it reads again or
+        # disconnects; cancelling the task instead would leave the call open with no status.
+        try:
+            while subscriber.reason is None:
+                data = take()
+                if data is None:
+                    ready = waiter()
+                    if ready is not None:
+                        await ready
+                    continue
+                await write(data)
+        finally:
+            self._hub.unsubscribe(room, subscriber)
+        if subscriber.reason == STUCK:
+            raise ResourceExhausted(
+                f"listener read too slowly: chunks were dropped for {self._hub.settings.stuck_cutoff_s:g} s; "
+                "reconnect with resume_after set to the last sequence received",
+                retry_after_ms=0,
+            )
+        if subscriber.reason == DRAINING:
+            raise Unavailable(
+                "relay is shutting down; reconnect with resume_after set to the last sequence received"
+            )
+
+    def _ticket(self, context: grpc.aio.ServicerContext) -> Ticket:
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == TICKET_KEY:
+                token = value if isinstance(value, str) else value.decode("ascii", "replace")
+        return self._signer.verify(token, self._address)
+
+    def _check(self, frame: AudioFrame, user_id: int) -> None:
+        size = len(frame.payload)
+        problem = ""
+        if size == 0:
+            problem = f"frame payload is empty; it must hold 1..{self._max_payload} bytes of encoded audio"
+        elif size > self._max_payload:
+            problem = f"frame payload is {size} bytes; at most {self._max_payload} bytes allowed"
+        elif abs(skew := frame.capture_ts_us - wall_us()) > MAX_CLOCK_SKEW_US:
+            problem = (
+                f"frame capture_ts_us is {skew / 1e6:+.1f} s from the relay clock; "
+                f"it must be within {MAX_CLOCK_SKEW_US // 1_000_000} s"
+            )
+        elif frame.speaker_id not in (0, user_id):
+            problem = f"frame speaker_id {frame.speaker_id} is not the ticket's user {user_id}; send 0"
+        if problem:
+            metrics.FRAMES_REJECTED.inc()
+            raise InvalidArgument(problem)
+
+
+def _role(role: int) -> str:
+    try:
+        return Role.Name(role).removeprefix("ROLE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return f"role {role}"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def generic_handler(servicer: RelayServicer) -> grpc.GenericRpcHandler:
+    """The Relay service's handlers; Subscribe's responses are already-serialised chunk bytes."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Publish": grpc.stream_unary_rpc_method_handler(
+                servicer.publish,
+                request_deserializer=AudioFrame.FromString,
+                response_serializer=PublishSummary.SerializeToString,
+            ),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                servicer.subscribe,
+                request_deserializer=SubscribeRequest.FromString,
+                response_serializer=_identity,
+            ),
+        },
+    )

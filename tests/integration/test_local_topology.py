@@ -1,0 +1,83 @@
+"""The whole system as separate processes on loopback, as `townhall dev` runs it, on a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from townhall.cli.demo import demo
+from townhall.devtools.topology import Topology
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    topo = Topology(tmp_path_factory.mktemp("topology"), fixed_ports=False)
+    topo.start()
+    try:
+        yield topo
+    finally:
+        topo.stop()
+
+
+async def test_demo_room_end_to_end(topology: Topology) -> None:
+    """Follow, start, notified, join, speak real Opus audio, every listener hears every frame in order."""
+    checks = await demo(topology.manifest, followers=8, listeners=8, audio_file=None)
+    assert [c for c in checks if not c.ok] == []
+
+
+def test_topology_manifest_lists_every_process(topology: Topology) -> None:
+    manifest = json.loads(topology.manifest.read_text())
+    assert manifest["kafka"].startswith("127.0.0.1:")
+    for service in ("admission", "relay", "notifier"):
+        (entry,) = manifest["services"][service]
+        assert entry["grpc"].startswith("127.0.0.1:")
+        assert entry["metrics"].endswith("/metrics")
+
+
+def test_sigterm_drains_and_exits_cleanly(topology: Topology) -> None:
+    relay = next(p for p in topology.processes if p.service == "relay")
+    assert relay.popen is not None
+    relay.popen.send_signal(signal.SIGTERM)
+    assert relay.popen.wait(30) == 0
+    topology.restart(relay)
+
+
+@pytest.mark.parametrize("service", ["admission", "relay", "notifier"])
+def test_bad_config_stops_the_process_naming_the_key(service: str) -> None:
+    env = {**os.environ, f"TOWNHALL_{service.upper()}_METRICS_PORT": "lots"}
+    done = subprocess.run(
+        [sys.executable, "-m", f"townhall.{service}"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert f"{service}.metrics_port must be an integer" in done.stderr
+
+
+def test_townhall_dev_run_demo_exits_zero(tmp_path: Path) -> None:
+    """What `make run` does: start everything, run the demo, stop everything, exit with its status."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "townhall.cli.main",
+            "--root",
+            str(tmp_path),
+            "dev",
+            "--ports",
+            "auto",
+            "--run-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo passed" in done.stdout

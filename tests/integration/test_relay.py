@@ -1,0 +1,374 @@
+"""One relay process in-process on loopback, real gRPC clients: what speakers and listeners notice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from townhall.core import config as config_module
+from townhall.core import server
+from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.relay.app import RelayApp
+from townhall.v1 import relay_pb2_grpc
+from townhall.v1.common_pb2 import Role
+from townhall.v1.relay_pb2 import AudioFrame, Chunk, SubscribeRequest
+
+ADVERTISE = "relay-under-test:7000"
+ROOM = "room-1"
+SECRET = "integration-test-secret-0123456789abcdef"
+TIMEOUT = 5.0
+
+
+@dataclasses.dataclass
+class Relay:
+    """A running relay and the means to talk to it."""
+
+    app: RelayApp
+    port: int
+    signer: TicketSigner
+    channels: list[grpc.aio.Channel]
+
+    def stub(self, **options: Any) -> relay_pb2_grpc.RelayStub:
+        """A stub on a new channel (its own connection, so flow control is per listener)."""
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=list(options.items()))
+        self.channels.append(channel)
+        return relay_pb2_grpc.RelayStub(channel)
+
+    def ticket(self, user: int, role: int, room: str = ROOM, **issue: Any) -> tuple[tuple[str, str], ...]:
+        """Metadata carrying a valid ticket for this relay."""
+        return ((TICKET_KEY, self.signer.sign(self.signer.issue(room, user, role, ADVERTISE, **issue))),)
+
+
+@contextlib.asynccontextmanager
+async def relay(**overrides: str) -> AsyncIterator[Relay]:
+    """A relay server on a free loopback port, stopped (drained) on exit."""
+    env = {
+        "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
+        "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
+        "TOWNHALL_RELAY_METRICS_PORT": "0",
+        "TOWNHALL_TICKETS_SECRET": SECRET,
+        **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
+    }
+    config = config_module.load(env=env)
+    app = RelayApp(config)
+    running = await server.start(app, config, "127.0.0.1:0")
+    handle = Relay(app, running.port, TicketSigner(SECRET, 600), [])
+    try:
+        yield handle
+    finally:
+        await server.stop(app, running, grace_s=1.0)
+        for channel in handle.channels:
+            await channel.close()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+async def frames(
+    count: int, interval_s: float = 0.02, size: int = 60, stop: asyncio.Event | None = None
+) -> AsyncIterator[AudioFrame]:
+    """A speaker's frames at real-time pace (count bounds the stream even if never stopped)."""
+    start = time.monotonic()
+    for seq in range(count):
+        if stop is not None and stop.is_set():
+            return
+        delay = start + seq * interval_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield AudioFrame(sequence=seq, capture_ts_us=now_us(), payload=bytes([seq % 256]) * size)
+
+
+async def read_until(
+    call: Any, done: Callable[[list[Chunk]], bool], within_s: float = TIMEOUT
+) -> list[tuple[float, Chunk]]:
+    """Reads chunks (with their receipt time) until `done` holds; fails after `within_s`."""
+    got: list[tuple[float, Chunk]] = []
+    deadline = time.monotonic() + within_s
+    while not done([chunk for _, chunk in got]):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out after {len(got)} chunks"
+        chunk = await asyncio.wait_for(call.read(), remaining)
+        assert chunk is not grpc.aio.EOF, "stream ended early"
+        got.append((time.time(), chunk))
+    return got
+
+
+def frame_ids(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    return [(f.speaker_id, f.sequence) for chunk in chunks for f in chunk.frames]
+
+
+def gaps(chunks: list[Chunk]) -> int:
+    seqs = [chunk.sequence for chunk in chunks]
+    return sum(b - a - 1 for a, b in itertools.pairwise(seqs))
+
+
+def _metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def wait_for(predicate: Callable[[], bool], within_s: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_two_speakers_three_listeners_hear_the_same_frames_in_the_same_order() -> None:
+    async with relay() as r:
+        listeners = [
+            r.stub().Subscribe(SubscribeRequest(room_id=ROOM), metadata=r.ticket(100 + i, Role.ROLE_LISTENER))
+            for i in range(3)
+        ]
+        await wait_for(lambda: (room := r.app.hub.room(ROOM)) is not None and len(room.subscribers) == 3)
+        speakers = [
+            r.stub().Publish(frames(25), metadata=r.ticket(user, Role.ROLE_SPEAKER)) for user in (1, 2)
+        ]
+
+        def all_frames(chunks: list[Chunk]) -> bool:
+            return len(frame_ids(chunks)) >= 50
+
+        received = await asyncio.gather(*(read_until(call, all_frames) for call in listeners))
+        summaries = await asyncio.wait_for(asyncio.gather(*speakers), TIMEOUT)
+
+    assert [s.frames_accepted for s in summaries] == [25, 25]
+    heard = [frame_ids([chunk for _, chunk in got]) for got in received]
+    assert heard[0] == heard[1] == heard[2]
+    assert sorted(heard[0]) == sorted((user, seq) for user in (1, 2) for seq in range(25))
+    for user in (1, 2):  # each speaker's frames in the order spoken
+        assert [seq for speaker, seq in heard[0] if speaker == user] == list(range(25))
+    assert [chunk.sequence for _, chunk in received[0]] == list(range(1, len(received[0]) + 1))
+
+
+async def test_a_listener_that_stops_reading_does_not_delay_the_others() -> None:
+    dropped_before = _metric("townhall_relay_chunks_dropped_total")
+    async with relay(chunk_ms="20", subscriber_queue="5", stuck_cutoff_s="60") as r:
+        # The slow listener has its own connection with a fixed, small flow-control window, so its
+        # relay-side queue overflows quickly once it stops reading.
+        slow = r.stub(**{"grpc.http2.bdp_probe": 0}).Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
+        )
+        fast = r.stub().Subscribe(SubscribeRequest(room_id=ROOM), metadata=r.ticket(101, Role.ROLE_LISTENER))
+        await wait_for(lambda: (room := r.app.hub.room(ROOM)) is not None and len(room.subscribers) == 2)
+        # ~5.6 KB chunks every 20 ms: the slow listener's window is full within a few chunks.
+        stop = asyncio.Event()
+        speaker = r.stub().Publish(
+            frames(1000, interval_s=0.005, size=1400, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER)
+        )
+
+        def slow_overflowed() -> bool:
+            room = r.app.hub.room(ROOM)
+            return room is not None and any(s.dropped > 0 for s in room.subscribers)
+
+        got = await read_until(fast, lambda chunks: slow_overflowed() and len(chunks) >= 30)
+        got += await read_until(fast, lambda chunks: len(chunks) >= 10)
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+        last = got[-1][1].sequence
+
+        fast_chunks = [chunk for _, chunk in got]
+        assert gaps(fast_chunks) == 0
+        assert [c.sequence for c in fast_chunks] == list(range(1, len(fast_chunks) + 1))
+        worst = max(received - f.capture_ts_us / 1e6 for received, chunk in got for f in chunk.frames)
+        assert worst < 1.0, f"healthy listener heard audio {worst:.3f} s late"
+
+        assert _metric("townhall_relay_chunks_dropped_total") > dropped_before
+
+        # The slow listener, reading again, sees the jump where its oldest chunks were dropped.
+        behind = await read_until(slow, lambda chunks: bool(chunks) and chunks[-1].sequence >= last)
+        assert gaps([chunk for _, chunk in behind]) > 0
+
+
+async def test_a_listener_that_never_reads_is_cut_off_and_told_why() -> None:
+    cut_before = _metric("townhall_relay_subscribers_cut_total")
+    async with relay(chunk_ms="20", subscriber_queue="2", stuck_cutoff_s="0.3") as r:
+        stuck = r.stub(**{"grpc.http2.bdp_probe": 0}).Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
+        )
+        await wait_for(lambda: r.app.hub.room(ROOM) is not None)
+        speaker = r.stub().Publish(
+            frames(200, interval_s=0.005, size=1400), metadata=r.ticket(1, Role.ROLE_SPEAKER)
+        )
+        await wait_for(lambda: not r.app.hub.room(ROOM).subscribers)  # type: ignore[union-attr]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await read_until(stuck, lambda chunks: False)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too slowly" in (error.value.details() or "")
+        assert _metric("townhall_relay_subscribers_cut_total") == cut_before + 1
+        await asyncio.wait_for(speaker, TIMEOUT)
+
+
+async def test_late_joiner_gets_the_last_300_ms_at_once_and_a_resume_has_no_gap() -> None:
+    async with relay(chunk_ms="50", late_join_ms="300") as r:
+        stop = asyncio.Event()
+        speaker = r.stub().Publish(frames(500, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER))
+        await wait_for(lambda: (room := r.app.hub.room(ROOM)) is not None and room.sequence >= 12)
+
+        joined_us = now_us()
+        late = r.stub().Subscribe(SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER))
+        got = [
+            chunk
+            for _, chunk in await read_until(late, lambda c: bool(c) and c[-1].emitted_ts_us > joined_us)
+        ]
+        replayed = got[:-1]
+        # 300 ms of 50 ms chunks, buffered before the join, delivered before the next live chunk.
+        assert 5 <= len(replayed) <= 7, [c.sequence for c in got]
+        assert min(f.capture_ts_us for c in replayed for f in c.frames) <= joined_us - 250_000
+        assert gaps(got) == 0
+
+        # Leave, miss a few chunks, come back with resume_after: no gap.
+        last = got[-1].sequence
+        late.cancel()
+        await wait_for(lambda: r.app.hub.room(ROOM).sequence >= last + 4)  # type: ignore[union-attr]
+        resumed = r.stub().Subscribe(
+            SubscribeRequest(room_id=ROOM, resume_after=last), metadata=r.ticket(100, Role.ROLE_LISTENER)
+        )
+        after = [chunk for _, chunk in await read_until(resumed, lambda c: len(c) >= 6)]
+        assert [c.sequence for c in after] == list(range(last + 1, last + 7))
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+
+
+async def test_draining_ends_streams_promptly_with_unavailable() -> None:
+    async with relay() as r:
+        listener = r.stub().Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
+        )
+        speaker = r.stub().Publish(frames(500), metadata=r.ticket(1, Role.ROLE_SPEAKER))
+        await read_until(listener, lambda chunks: len(chunks) >= 1)
+        started = time.monotonic()
+        await r.app.drain()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await read_until(listener, lambda chunks: False)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (error.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(speaker, TIMEOUT)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 2.0  # generous: both end within a frame or two
+
+
+def _forged(r: Relay) -> tuple[tuple[str, str], ...]:
+    other = TicketSigner("some-other-secret-0123456789abcdefghij", 600)
+    return ((TICKET_KEY, other.sign(other.issue(ROOM, 1, Role.ROLE_SPEAKER, ADVERTISE))),)
+
+
+SUBSCRIBE_ERRORS = [
+    ("missing ticket", lambda r: (), ROOM, grpc.StatusCode.UNAUTHENTICATED, "townhall-ticket"),
+    ("forged ticket", _forged, ROOM, grpc.StatusCode.UNAUTHENTICATED, "not valid"),
+    (
+        "expired ticket",
+        lambda r: r.ticket(100, Role.ROLE_LISTENER, now=time.time() - 3600),
+        ROOM,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "expired",
+    ),
+    (
+        "another room",
+        lambda r: r.ticket(100, Role.ROLE_LISTENER, room="room-2"),
+        ROOM,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "room-2",
+    ),
+    (
+        "bad room id",
+        lambda r: r.ticket(100, Role.ROLE_LISTENER),
+        "no spaces allowed",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "room_id",
+    ),
+]
+
+
+async def test_bad_subscribe_requests_get_a_clear_status() -> None:
+    async with relay() as r:
+        for name, metadata, room_id, code, needle in SUBSCRIBE_ERRORS:
+            call = r.stub().Subscribe(SubscribeRequest(room_id=room_id), metadata=metadata(r))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await asyncio.wait_for(call.read(), TIMEOUT)
+            assert error.value.code() == code, name
+            assert needle in (error.value.details() or ""), (name, error.value.details())
+
+
+def _one(**fields: Any) -> Callable[[], AsyncIterator[AudioFrame]]:
+    async def gen() -> AsyncIterator[AudioFrame]:
+        yield AudioFrame(**{"capture_ts_us": now_us(), "payload": b"\x01" * 60, **fields})
+
+    return gen
+
+
+PUBLISH_ERRORS = [
+    ("missing ticket", lambda r: (), _one(), grpc.StatusCode.UNAUTHENTICATED, ["townhall-ticket"]),
+    ("forged ticket", _forged, _one(), grpc.StatusCode.UNAUTHENTICATED, ["not valid"]),
+    (
+        "expired ticket",
+        lambda r: r.ticket(1, Role.ROLE_SPEAKER, now=time.time() - 3600),
+        _one(),
+        grpc.StatusCode.UNAUTHENTICATED,
+        ["expired"],
+    ),
+    (
+        "listener publishing",
+        lambda r: r.ticket(100, Role.ROLE_LISTENER),
+        _one(),
+        grpc.StatusCode.PERMISSION_DENIED,
+        ["listener", "may not publish"],
+    ),
+    (
+        "payload too large",
+        lambda r: r.ticket(1, Role.ROLE_SPEAKER),
+        _one(payload=b"\x01" * 1501),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["1501 bytes", "1500"],
+    ),
+    (
+        "empty payload",
+        lambda r: r.ticket(1, Role.ROLE_SPEAKER),
+        _one(payload=b""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["empty"],
+    ),
+    (
+        "stale capture time",
+        lambda r: r.ticket(1, Role.ROLE_SPEAKER),
+        _one(capture_ts_us=now_us() - 120_000_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["capture_ts_us", "60 s"],
+    ),
+    (
+        "someone else's speaker id",
+        lambda r: r.ticket(1, Role.ROLE_SPEAKER),
+        _one(speaker_id=2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["speaker_id 2"],
+    ),
+]
+
+
+async def test_bad_publish_requests_get_a_clear_status() -> None:
+    async with relay() as r:
+        for name, metadata, gen, code, needles in PUBLISH_ERRORS:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await asyncio.wait_for(r.stub().Publish(gen(), metadata=metadata(r)), TIMEOUT)
+            assert error.value.code() == code, name
+            for needle in needles:
+                assert needle in (error.value.details() or ""), (name, error.value.details())
+
+
+async def test_a_ticket_for_another_relay_is_refused() -> None:
+    async with relay() as r:
+        token = r.signer.sign(r.signer.issue(ROOM, 100, Role.ROLE_LISTENER, "elsewhere:7000"))
+        call = r.stub().Subscribe(SubscribeRequest(room_id=ROOM), metadata=((TICKET_KEY, token),))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(call.read(), TIMEOUT)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "another relay" in (error.value.details() or "")
