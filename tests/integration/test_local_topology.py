@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from townhall.cli.demo import demo
+from townhall.cli.endpoints import resolve
 from townhall.devtools.topology import Topology
 
 pytestmark = pytest.mark.kafka
@@ -30,7 +31,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
 
 async def test_demo_room_end_to_end(topology: Topology) -> None:
     """Follow, start, notified, join, speak real Opus audio, every listener hears every frame in order."""
-    checks = await demo(topology.manifest, followers=8, listeners=8, audio_file=None)
+    checks = await demo(resolve(topology.manifest), followers=8, listeners=8, audio_file=None)
     assert [c for c in checks if not c.ok] == []
 
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from townhall import audio
 from townhall.cli.endpoints import resolve
-from townhall.client import Client, now_us
+from townhall.client import Client, Endpoints, now_us
 from townhall.v1 import relay_pb2
 
 console = Console()
@@ -80,9 +80,8 @@ class Check:
     ok: bool
 
 
-async def demo(manifest: Path, followers: int, listeners: int, audio_file: Path | None) -> list[Check]:
-    """Runs the scripted room against the topology in `manifest`; returns every check."""
-    endpoints = resolve(manifest)
+async def demo(endpoints: Endpoints, followers: int, listeners: int, audio_file: Path | None) -> list[Check]:
+    """Runs the scripted room against the given services; returns every check."""
     base = random.randrange(1, 2**40) * 1_000_000  # fresh user ids for each run
     host = Client(endpoints, base)
     fans = [Client(endpoints, base + 1 + i) for i in range(followers)]
@@ -174,10 +173,17 @@ def _print(checks: list[Check]) -> None:
     console.print(table)
 
 
-def run_demo(manifest: Path, followers: int, listeners: int, audio: Path | None) -> int:
-    """Runs the demo; 0 if every check passed, 1 otherwise."""
+def run_demo(
+    manifest: Path,
+    followers: int,
+    listeners: int,
+    audio: Path | None,
+    admission: str | None = None,
+    notifier: str | None = None,
+) -> int:
+    """Runs the demo (addresses from flags, else the manifest); 0 if every check passed, 1 otherwise."""
     try:
-        checks = asyncio.run(demo(manifest, followers, listeners, audio))
+        checks = asyncio.run(demo(resolve(manifest, admission, notifier), followers, listeners, audio))
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2

@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from townhall.cli.demo import run_demo
 
-        sys.exit(run_demo(args.root / "topology.json", args.followers, args.listeners, args.audio))
+        manifest = args.root / "topology.json"
+        sys.exit(
+            run_demo(manifest, args.followers, args.listeners, args.audio, args.admission, args.notifier)
+        )
     if args.command == "kafka":
         from townhall.cli.dev import run_kafka
 
