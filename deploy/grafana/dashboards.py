@@ -62,11 +62,14 @@ def latency(histogram: str, selector: str = "") -> list[tuple[str, str]]:
     ]
 
 
-def rpc_panels(job: str, services: str) -> list[Panel]:
-    """RPC rate, error ratio and unary latency of one service's gRPC services (a regex)."""
+def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Panel]:
+    """RPC rate, error ratio and latency (unary calls, or stream lifetimes) of a service's gRPC services."""
     sel = f'{{grpc_service=~"{services}"}}'
     ok = f'{{grpc_service=~"{services}", grpc_code="OK"}}'
-    unary = f'{{grpc_service=~"{services}", grpc_type="unary"}}'
+    # A service with only streaming methods (Relay) has no unary latency to show: show stream lifetimes.
+    kind = 'grpc_type=~".*_stream"' if streams_only else 'grpc_type="unary"'
+    unary = f'{{grpc_service=~"{services}", {kind}}}'
+    latency_title = "Stream lifetime p99 by method" if streams_only else "Unary RPC latency p99 by method"
     return [
         Panel(
             "RPCs/s by method and code",
@@ -91,7 +94,7 @@ def rpc_panels(job: str, services: str) -> list[Panel]:
             "Share of finished RPCs with a status other than OK (shed joins count: RESOURCE_EXHAUSTED).",
         ),
         Panel(
-            "Unary RPC latency p99 by method",
+            latency_title,
             [(quantile(0.99, "townhall_rpc_duration_seconds", "grpc_method", unary), "{{grpc_method}}")],
             "s",
         ),
@@ -270,7 +273,7 @@ RELAY = Dashboard(
             "ops",
         ),
         Panel("Chunk size", latency("townhall_relay_chunk_bytes"), "bytes"),
-        *rpc_panels("relay", "townhall.v1.Relay"),
+        *rpc_panels("relay", "townhall.v1.Relay", streams_only=True),
     ],
 )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.chart import promql
+from tests.chart.helpers import REPO
 from townhall.cli.demo import demo
 from townhall.cli.endpoints import resolve
+from townhall.devtools.kafka_broker import free_port
 from townhall.devtools.topology import Topology
 
 pytestmark = pytest.mark.kafka
@@ -82,3 +87,63 @@ def test_townhall_dev_run_demo_exits_zero(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "demo passed" in done.stdout
+
+
+async def test_every_dashboard_panel_and_alert_has_data_on_the_live_topology(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """A real Prometheus scrapes the running processes through a demo; every query runs and shows data."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("the prometheus server is needed (Debian package `prometheus`; .ci/run installs it)")
+    config = tmp_path / "prometheus.yml"
+    render = REPO / "deploy" / "prometheus" / "render.py"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            str(render),
+            "--interval",
+            "1s",
+            "--topology",
+            str(topology.manifest),
+            "--out",
+            str(config),
+        ],
+        check=True,
+        timeout=60,
+    )
+    web = f"127.0.0.1:{free_port()}"
+    log = (tmp_path / "prometheus.log").open("w")
+    server = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; it is waited for below
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        prometheus = promql.Prometheus(f"http://{web}")
+        await asyncio.to_thread(promql.wait_until_scraped, prometheus, 60, 2)
+        checks = await demo(resolve(topology.manifest), followers=3, listeners=3, audio_file=None)
+        assert [c for c in checks if not c.ok] == []
+        # Streams are counted when they end, at the demo's end: wait for three scrapes after that.
+        after = await asyncio.to_thread(_scrapes, prometheus) + 3
+        await asyncio.to_thread(promql.wait_until_scraped, prometheus, 60, after)
+        report = await asyncio.to_thread(promql.check, f"http://{web}")
+        assert report.results, "no dashboard or alert queries found"
+        assert not report.errors, report.summary()
+        assert not report.unexpected_empty(), report.summary()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _scrapes(prometheus: promql.Prometheus) -> int:
+    """How many times the least-scraped target has been scraped in the last 5 minutes."""
+    counts = prometheus.query("min(count_over_time(up[5m]))")
+    return int(float(counts[0]["value"][1])) if counts else 0
