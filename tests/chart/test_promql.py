@@ -41,7 +41,8 @@ def children(metric):
     if "grpc_service" in names:
         out = []
         for service, method in services.items():
-            labels = {"grpc_service": f"townhall.v1.{service}", "grpc_method": method, "grpc_type": "unary"}
+            kind = "server_stream" if service in ("Relay", "Inbox") else "unary"
+            labels = {"grpc_service": f"townhall.v1.{service}", "grpc_method": method, "grpc_type": kind}
             for code in ("OK", "RESOURCE_EXHAUSTED"):
                 out.append(metric.labels(**{k: v for k, v in {**labels, "grpc_code": code}.items() if k in names}))
         return out
