@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from townhall.v1 import (
 from townhall.v1.common_pb2 import Room
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+# Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
+_BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+BUSY_RETRY_S = (1.0, 3.0)
 
 
 def channel(address: str) -> grpc.aio.Channel:
@@ -97,9 +101,14 @@ class Client:
                     admission_pb2.JoinRequest(room_id=room_id), metadata=self._metadata, timeout=10
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    delay_s = retry_after_s(exc)
+                elif exc.code() in _BUSY:
+                    # Cancelled by an overloaded server's transport before it could answer: back off
+                    # with jitter, as a shed client would, so retries do not arrive in step.
+                    delay_s = random.uniform(*BUSY_RETRY_S)
+                else:
                     raise
-                delay_s = retry_after_s(exc)
             else:
                 if reply.HasField("grant"):
                     return reply.grant

@@ -37,6 +37,10 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_TICKETS_SECRET": "short"}, "tickets.secret must be at least 32"),
         ({"TOWNHALL_ADMISSION_LISTEN": "nowhere"}, "admission.listen must be host:port"),
         ({"TOWNHALL_LOG_JSON": "maybe"}, "log.json must be true or false"),
+        ({"TOWNHALL_ADMISSION_MEMBERS": "a:1,nowhere"}, "admission.members must be host:port"),
+        ({"TOWNHALL_ADMISSION_MEMBERSHIP": "dns"}, "admission.membership must be static or kubernetes"),
+        ({"TOWNHALL_ADMISSION_MEMBERSHIP": "kubernetes"}, "admission.kube_service must name"),
+        ({"TOWNHALL_ADMISSION_LEASE_MIN": "0"}, "admission.lease_min must be within"),
     ],
 )
 def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:

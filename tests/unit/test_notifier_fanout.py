@@ -1,4 +1,4 @@
-"""Fan-out planning (shards, batch sizes), the record format, and Inbox de-duplication."""
+"""The notifications record format, and Inbox delivery and de-duplication."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from townhall.core.errors import InvalidArgument
-from townhall.notifier.fanout import ShardBatcher, plan, split_by_shard
 from townhall.notifier.inbox import Deduper, Hub, Subscriber
-from townhall.notifier.records import SHARDS, decode_batch, encode_batch, room_started, shard_key
+from townhall.notifier.records import decode_batch, encode_batch, room_started, shard_key
 from townhall.v1 import common_pb2, events_pb2, inbox_pb2
 
 ROOM_STARTED = inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED
@@ -22,46 +21,6 @@ def _ids(*values: int) -> np.ndarray:
 
 def _notification(room: str = "r1") -> inbox_pb2.Notification:
     return inbox_pb2.Notification(kind=ROOM_STARTED, room_id=room, host_id=7, title="t")
-
-
-def test_split_by_shard_groups_ids_of_one_shard_in_order() -> None:
-    ids = _ids(1, 2, 65, 66, 129, 2**63 - 1)
-    groups = split_by_shard(ids)
-    assert {s: g.tolist() for s, g in groups.items()} == {1: [1, 65, 129], 2: [2, 66], 63: [2**63 - 1]}
-    assert split_by_shard(_ids()) == {}
-
-
-def test_plan_covers_every_follower_once_in_full_single_shard_batches() -> None:
-    followers = np.arange(1, 10_001, dtype=np.uint64)
-    blocks = np.array_split(followers, 7)  # blocks that do not line up with batches or shards
-    batches = plan(blocks, batch_users=40)
-
-    covered = np.concatenate([b.user_ids for b in batches])
-    assert sorted(covered.tolist()) == followers.tolist()
-    for batch in batches:
-        assert 0 < len(batch.user_ids) <= 40
-        assert set((batch.user_ids % SHARDS).tolist()) == {batch.shard}
-        assert batch.key == str(batch.shard).encode()
-        assert batch.user_ids.tolist() == sorted(batch.user_ids.tolist())
-    # Holding partial batches across blocks leaves at most one partial batch per shard.
-    partial = [b for b in batches if len(b.user_ids) < 40]
-    assert len(partial) <= SHARDS
-    assert len({b.shard for b in partial}) == len(partial)
-
-
-def test_batcher_emits_only_full_batches_until_flush() -> None:
-    batcher = ShardBatcher(batch_users=3, shards=2)
-    assert batcher.add(_ids(2, 4)) == []
-    full = batcher.add(_ids(1, 6, 8, 10))
-    assert [(b.shard, b.user_ids.tolist()) for b in full] == [(0, [2, 4, 6])]
-    rest = batcher.flush()
-    assert [(b.shard, b.user_ids.tolist()) for b in rest] == [(0, [8, 10]), (1, [1])]
-    assert batcher.flush() == []
-
-
-def test_batcher_rejects_a_zero_batch_size() -> None:
-    with pytest.raises(ValueError, match="batch_users"):
-        ShardBatcher(0)
 
 
 def test_shard_key_is_decimal_text() -> None:

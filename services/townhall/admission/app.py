@@ -1,58 +1,132 @@
-"""The admission process: wires Kafka, the room store, the admitter and the servicers."""
+"""The admission process: wires Kafka, membership, the room store, capacity, the admitter and servicers."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
+from townhall.admission.capacity import Capacity
+from townhall.admission.cluster import Peers
+from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
-from townhall.admission.servicer import AdmissionServicer, RoomsServicer
+from townhall.admission.placement import Placer
+from townhall.admission.relay_load import RelayLoadFollower
+from townhall.admission.scheduler import Scheduler
+from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
-from townhall.core.config import Config
+from townhall.core.config import AdmissionConfig, Config
 from townhall.core.kafka import EventQueue, Topics, producer
+from townhall.core.membership import KubernetesMembership, Membership, StaticMembership
 from townhall.core.tickets import TicketSigner
-from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
+from townhall.v1 import (
+    admission_pb2,
+    admission_pb2_grpc,
+    internal_pb2,
+    internal_pb2_grpc,
+    rooms_pb2,
+    rooms_pb2_grpc,
+)
+from townhall.v1.common_pb2 import Room, RoomState
+
+_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def membership_for(config: AdmissionConfig) -> Membership:
+    """Static members from config, or the ready endpoints of the admission headless Service."""
+    if config.membership == "kubernetes":
+        namespace = config.kube_namespace or (
+            _NAMESPACE_FILE.read_text().strip() if _NAMESPACE_FILE.exists() else "default"
+        )
+        return KubernetesMembership(config.address, config.kube_service, namespace, config.kube_port or None)
+    return StaticMembership(config.address, config.members)
 
 
 class AdmissionApp:
-    """Rooms + Admission on one server; rooms are rebuilt from Kafka before serving."""
+    """Rooms + Admission on one server; rooms are rebuilt from Kafka before serving, then followed."""
 
     service_names: Sequence[str] = (
         rooms_pb2.DESCRIPTOR.services_by_name["Rooms"].full_name,
         admission_pb2.DESCRIPTOR.services_by_name["Admission"].full_name,
+        internal_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
+        internal_pb2.DESCRIPTOR.services_by_name["Owner"].full_name,
     )
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        member = f"{socket.gethostname()}/{config.admission.listen}"
+        own = config.admission
+        self.max_concurrent_rpcs = own.max_concurrent_rpcs
+        self.server_options = {
+            "grpc.server.max_pending_requests": own.max_pending_requests,
+            "grpc.server.max_pending_requests_hard_limit": 2 * own.max_pending_requests,
+        }
+        member = f"{socket.gethostname()}/{own.listen}"
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
+        self.membership = membership_for(own)
+        self.peers = Peers(self.membership)
+        self.capacity = Capacity(
+            self.store.book, self.peers, own.default_listener_limit, own.lease_min, own.lease_max
+        )
         self._events = EventQueue(self._producer, config.admission.event_queue)
+        relay = config.relay
+        self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
+        self._relay_loads = RelayLoadFollower(config.kafka, self.placer)
         self.admitter = Admitter(
             self.store.book,
             TicketSigner(config.tickets.secret, config.tickets.ttl_s),
-            config.admission.relays,
+            own.relays,
             self._events,
             Topics(config.kafka.topic_prefix),
             member,
-            config.admission.default_listener_limit,
+            self.capacity,
+            FairBudget(own.admit_rate),
+            own.waiting_room,
+            self.placer,
         )
+        self.store.on_change = self._changed
+        self.scheduler = Scheduler(self.store, self.peers.is_owner)
+
+    def _changed(self, room: Room) -> None:
+        if room.state == RoomState.ROOM_STATE_ENDED:
+            self.admitter.forget(room.room_id)
+        elif room.state == RoomState.ROOM_STATE_LIVE:
+            # Lease ahead of the first join, so no join waits for capacity from the owner.
+            self.capacity.allowance(room.room_id)
 
     def register(self, server: grpc.aio.Server) -> None:
-        rooms_pb2_grpc.add_RoomsServicer_to_server(RoomsServicer(self.store, self.admitter), server)
+        rooms = RoomsServicer(self.store, self.admitter, self.peers)
+        rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
         admission_pb2_grpc.add_AdmissionServicer_to_server(AdmissionServicer(self.admitter), server)
+        internal_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(self.capacity), server)
+        internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store), server)
 
     async def start(self) -> None:
+        if isinstance(self.membership, KubernetesMembership):
+            self.membership.start()
         await self._producer.start()
         await self.store.load()
+        self.store.follow()
+        for room in self.store.book.live():
+            self.capacity.allowance(room.room_id)
         self._events.start()
+        self.capacity.start()
+        self._relay_loads.start()
+        self.scheduler.start()
 
     async def drain(self) -> None:
         """Unary RPCs only: the server's grace period covers in-flight calls."""
 
     async def close(self) -> None:
+        if isinstance(self.membership, KubernetesMembership):
+            self.membership.stop()
+        await self.scheduler.close()
+        await self._relay_loads.close()
+        await self.capacity.close()
+        await self.store.stop()
+        await self.peers.close()
         await self._events.close()
         await self._producer.stop()
 

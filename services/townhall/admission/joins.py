@@ -6,21 +6,28 @@ import random
 import time
 from collections.abc import Sequence
 
+from townhall.admission.capacity import Capacity
+from townhall.admission.fairness import FairBudget
 from townhall.admission.metrics import JOINS, LISTENERS
+from townhall.admission.placement import Placement, Placer
 from townhall.admission.rooms import RoomBook, role_of
+from townhall.admission.waiting import WaitingLine
 from townhall.core.errors import FailedPrecondition, NotFound, ResourceExhausted
 from townhall.core.kafka import EventQueue, Topics
 from townhall.core.sharding import owner
 from townhall.core.tickets import TicketSigner
-from townhall.v1.admission_pb2 import Grant, JoinResponse
+from townhall.v1.admission_pb2 import Grant, JoinResponse, Waiting
 from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.events_pb2 import PresenceEvent
 
 RETRY_AFTER_MS = (1_000, 3_000)  # jittered, so shed clients do not come back in step
+# A waiting user comes back after about this long per place ahead of them, within these bounds.
+WAIT_MS_PER_PLACE = 2.0
+WAIT_MS = (200, 3_000)
 
 
 class Admitter:
-    """Admits listeners to live rooms up to each room's listener limit, and issues tickets."""
+    """Admits listeners to live rooms within leased capacity and a fair process budget; issues tickets."""
 
     def __init__(
         self,
@@ -30,74 +37,114 @@ class Admitter:
         events: EventQueue,
         topics: Topics,
         member: str,
-        default_limit: int,
+        capacity: Capacity,
+        budget: FairBudget,
+        waiting_room: int,
+        placer: Placer | None = None,
     ) -> None:
         self._book = book
+        self._placer = placer
         self._signer = signer
         self._relays = list(relays)
         self._events = events
         self._topic = topics.presence
         self._member = member
-        self._default_limit = default_limit
-        self._listeners: dict[str, set[int]] = {}
+        self._capacity = capacity
+        self._budget = budget
+        self._waiting_room = waiting_room
+        self._lines: dict[str, WaitingLine] = {}
 
     def join(self, room_id: str, user: int) -> JoinResponse:
-        """A grant for a live room, or RESOURCE_EXHAUSTED with a retry-after when it is full."""
+        """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after."""
         room = self._book.get(room_id)
         if room.state != RoomState.ROOM_STATE_LIVE:
             JOINS.labels("rejected").inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
         role = role_of(room, user)
         if role == Role.ROLE_LISTENER:
-            self._admit_listener(room, user)
-        relay = owner(room_id, self._relays)
-        ticket = self._signer.issue(room_id, user, role, relay)
+            waiting = self._admit_listener(room, user)
+            if waiting is not None:
+                return waiting
+        relay = self._relay_for(room_id, user, on_stage=role != Role.ROLE_LISTENER)
+        ticket = self._signer.issue(room_id, user, role, relay.relay, upstream=relay.upstream)
         self._presence(PresenceEvent.KIND_JOIN, room_id, user, role)
         JOINS.labels("admitted").inc()
         return JoinResponse(
             grant=Grant(
                 ticket=self._signer.sign(ticket),
-                relay_address=relay,
+                relay_address=relay.relay,
                 role=role,
                 expires_at_ms=ticket.expires_at * 1000,
             )
         )
 
+    def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:
+        """The relay a user of the room is sent to, and the relays above it in the room's tree."""
+        if self._placer is None:
+            return Placement(owner(room_id, self._relays), ())
+        return self._placer.place(room_id, on_stage, time.time())
+
     def leave(self, room_id: str, user: int) -> None:
         """Forgets a listener; leaving twice or without joining is accepted."""
-        listeners = self._listeners.get(room_id)
-        if listeners is not None and user in listeners:
-            listeners.discard(user)
+        allowance = self._capacity.get(room_id)
+        if allowance is not None and allowance.leave(user):
             LISTENERS.dec()
         self._presence(PresenceEvent.KIND_LEAVE, room_id, user, Role.ROLE_UNSPECIFIED)
 
+    def forget(self, room_id: str) -> None:
+        """Drops what this process holds for a room that is no longer live."""
+        allowance = self._capacity.forget(room_id)
+        self._lines.pop(room_id, None)
+        if allowance is not None:
+            LISTENERS.dec(len(allowance.listeners))
+
     def forget_ended(self) -> None:
-        """Drops the listener sets of rooms that are no longer live."""
-        for room_id in list(self._listeners):
+        """Drops the listeners of every room that is no longer live."""
+        for room_id in list(self._lines.keys() | self._capacity.rooms()):
             try:
                 live = self._book.get(room_id).state == RoomState.ROOM_STATE_LIVE
             except NotFound:
                 live = False
             if not live:
-                LISTENERS.dec(len(self._listeners.pop(room_id)))
+                self.forget(room_id)
 
     def listeners(self, room_id: str) -> int:
         """How many listeners this process has admitted to the room."""
-        return len(self._listeners.get(room_id, ()))
+        allowance = self._capacity.get(room_id)
+        return len(allowance.listeners) if allowance else 0
 
-    def _admit_listener(self, room: Room, user: int) -> None:
-        listeners = self._listeners.setdefault(room.room_id, set())
-        if user in listeners:
-            return
-        limit = room.listener_limit or self._default_limit
-        if len(listeners) >= limit:
-            JOINS.labels("shed").inc()
-            retry = random.randint(*RETRY_AFTER_MS)
-            raise ResourceExhausted(
-                f"room {room.room_id} is full ({limit} listeners); retry after {retry} ms", retry
-            )
-        listeners.add(user)
-        LISTENERS.inc()
+    def _admit_listener(self, room: Room, user: int) -> JoinResponse | None:
+        """Admits `user` (None), or answers waiting; raises RESOURCE_EXHAUSTED when shedding."""
+        allowance = self._capacity.allowance(room.room_id)
+        if user in allowance.listeners:
+            return None
+        allowance.demand()
+        line = self._lines.get(room.room_id)
+        # Spare admits go to whoever asks first: holding them for waiting users who may never come
+        # back would leave capacity idle during a storm. The line orders the waiting answers.
+        if allowance.spare > 0:
+            if not self._budget.take(room.room_id):
+                # This process is at its admit budget and the room has had its fair share.
+                _shed(f"admission is busy; room {room.room_id} has had its share; retry")
+            allowance.admit(user)
+            if line is not None:
+                line.remove(user)
+            LISTENERS.inc()
+            return None
+        limit = room.listener_limit or self._capacity.default_limit
+        if allowance.refilling or time.monotonic() >= allowance.exhausted_until:
+            # Capacity is on its way from the owner: hold a place in line.
+            if line is None:
+                line = self._lines[room.room_id] = WaitingLine(self._waiting_room)
+            ahead = line.ahead(user)
+            wait_ms = _jitter(min(WAIT_MS[1], max(WAIT_MS[0], (ahead + 1) * WAIT_MS_PER_PLACE)))
+            position = line.wait(user, hold_s=wait_ms / 1000 + 1.0)
+            if position:
+                JOINS.labels("waiting").inc()
+                return JoinResponse(waiting=Waiting(position=position, retry_after_ms=wait_ms))
+            _shed(f"room {room.room_id}'s waiting line is full; retry")
+        _shed(f"room {room.room_id} is full ({limit} listeners); retry")
+        return None  # unreachable: _shed raises
 
     def _presence(
         self, kind: PresenceEvent.Kind.ValueType, room_id: str, user: int, role: Role.ValueType
@@ -111,3 +158,13 @@ class Admitter:
             member=self._member,
         )
         self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
+
+
+def _jitter(ms: float) -> int:
+    return int(ms * random.uniform(0.8, 1.2))
+
+
+def _shed(message: str) -> None:
+    JOINS.labels("shed").inc()
+    retry = random.randint(*RETRY_AFTER_MS)
+    raise ResourceExhausted(f"{message} after {retry} ms", retry)

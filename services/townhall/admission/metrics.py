@@ -19,3 +19,8 @@ LISTENERS = Gauge("townhall_admission_listeners", "Listeners admitted by this pr
 ROOM_CHANGES = Counter(
     "townhall_room_changes_total", "Room state changes acknowledged by Kafka, by kind.", ["change"]
 )
+LEASE_CALLS = Counter(
+    "townhall_lease_calls_total",
+    "Capacity lease calls by outcome: granted, empty (room full), failed (owner unreachable).",
+    ["result"],
+)

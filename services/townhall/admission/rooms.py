@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 
-from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from townhall.v1.common_pb2 import Role, Room, RoomState
 
 MAX_SPEAKERS = 12
@@ -56,11 +56,18 @@ class RoomBook:
         return sum(1 for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE)
 
     def created(
-        self, host: int, title: str, speakers: Iterable[int], listener_limit: int, now_ms: int
+        self,
+        host: int,
+        title: str,
+        speakers: Iterable[int],
+        listener_limit: int,
+        now_ms: int,
+        room_id: str | None = None,
     ) -> Room:
-        """A new room hosted by `host` (not yet stored)."""
-        room_id = new_room_id()
-        while room_id in self._rooms:
+        """A new room hosted by `host` (not yet stored); `room_id` if given, else a fresh one."""
+        if room_id is not None and room_id in self._rooms:
+            raise AlreadyExists(f"room {room_id} already exists")
+        while room_id is None or room_id in self._rooms:
             room_id = new_room_id()
         return Room(
             room_id=room_id,
@@ -88,6 +95,24 @@ class RoomBook:
         if room.state == RoomState.ROOM_STATE_ENDED:
             return room
         return _next(room, state=RoomState.ROOM_STATE_ENDED, ended_at_ms=now_ms)
+
+    def scheduled(self, room_id: str, caller: int, start_at_ms: int) -> Room:
+        """The room after its host schedules it to start at `start_at_ms` (created or scheduled only)."""
+        room = self._owned(room_id, caller, "schedule")
+        if room.state not in (RoomState.ROOM_STATE_CREATED, RoomState.ROOM_STATE_SCHEDULED):
+            raise FailedPrecondition(
+                f"room {room_id} is {RoomState.Name(room.state)} and cannot be scheduled"
+            )
+        return _next(room, state=RoomState.ROOM_STATE_SCHEDULED, scheduled_start_ms=start_at_ms)
+
+    def due(self, now_ms: int) -> list[Room]:
+        """Scheduled rooms whose start time has come, earliest first."""
+        rooms = [
+            r
+            for r in self._rooms.values()
+            if r.state == RoomState.ROOM_STATE_SCHEDULED and r.scheduled_start_ms <= now_ms
+        ]
+        return sorted(rooms, key=lambda r: r.scheduled_start_ms)
 
     def _owned(self, room_id: str, caller: int, action: str) -> Room:
         room = self.get(room_id)

@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 import grpc
 
+from townhall.admission.capacity import Capacity
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, FORWARDED_KEY, Peers, forwarded
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import JOIN_DURATION, JOINS
-from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS
+from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id
 from townhall.admission.store import RoomStore
 from townhall.core import validation
-from townhall.core.errors import InvalidArgument
+from townhall.core.errors import InvalidArgument, from_rpc
 from townhall.core.identity import caller
-from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
+from townhall.core.identity import metadata as identity_metadata
+from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
+from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
 
 LIST_DEFAULT, LIST_MAX = 50, 500
+TIMEOUT = FORWARD_TIMEOUT_S
+
+
+# How far ahead a room may be scheduled: 30 days.
+MAX_SCHEDULE_AHEAD_MS = 30 * 24 * 3600 * 1000
 
 
 class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
-    """Room lifecycle: every change is acknowledged by Kafka before it is answered."""
+    """Room lifecycle: owner-only changes run on the room's owner (forwarded there if need be)."""
 
-    def __init__(self, store: RoomStore, admitter: Admitter) -> None:
+    def __init__(self, store: RoomStore, admitter: Admitter, peers: Peers) -> None:
         self._store = store
         self._admitter = admitter
+        self._peers = peers
 
     async def CreateRoom(
         self, request: rooms_pb2.CreateRoomRequest, context: grpc.aio.ServicerContext
@@ -35,16 +46,56 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         if host in speakers:
             raise InvalidArgument("speaker_ids must not include the host (the caller)")
         limit = validation.bounded(request.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
-        return await self._store.create(host, title, speakers, limit)
+        # The id decides the owner, so it is picked here, before the room exists anywhere.
+        room_id = new_room_id()
+        owner = self._peers.owner(room_id)
+        if owner == self._peers.me:
+            return await self._store.create(host, title, speakers, limit, room_id)
+        forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
+        return self._learn(await _forward(self._peers.owner_api(owner).CreateRoom(forward, timeout=TIMEOUT)))
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = caller(context)
-        return await self._store.start(validation.room_id(request.room_id), user)
+        room_id = validation.room_id(request.room_id)
+        if self._serve_here(room_id, context):
+            return await self._store.start(room_id, user)
+        stub = self._peers.rooms(self._peers.owner(room_id))
+        return self._learn(await _forward(stub.StartRoom(request, metadata=_relayed(user), timeout=TIMEOUT)))
+
+    async def ScheduleRoom(
+        self, request: rooms_pb2.ScheduleRoomRequest, context: grpc.aio.ServicerContext
+    ) -> Room:
+        user = caller(context)
+        room_id = validation.room_id(request.room_id)
+        now = int(time.time() * 1000)
+        validation.bounded(request.start_at_ms, "start_at_ms", now + 1, now + MAX_SCHEDULE_AHEAD_MS)
+        if self._serve_here(room_id, context):
+            return await self._store.schedule(room_id, user, request.start_at_ms)
+        stub = self._peers.rooms(self._peers.owner(room_id))
+        return self._learn(
+            await _forward(stub.ScheduleRoom(request, metadata=_relayed(user), timeout=TIMEOUT))
+        )
 
     async def EndRoom(self, request: rooms_pb2.EndRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = caller(context)
-        room = await self._store.end(validation.room_id(request.room_id), user)
+        room_id = validation.room_id(request.room_id)
+        if self._serve_here(room_id, context):
+            room = await self._store.end(room_id, user)
+        else:
+            stub = self._peers.rooms(self._peers.owner(room_id))
+            room = self._learn(
+                await _forward(stub.EndRoom(request, metadata=_relayed(user), timeout=TIMEOUT))
+            )
         self._admitter.forget_ended()
+        return room
+
+    def _serve_here(self, room_id: str, context: grpc.aio.ServicerContext) -> bool:
+        """Owner-only work runs here if this process owns the room or the call was forwarded to it."""
+        return self._peers.is_owner(room_id) or forwarded(context.invocation_metadata())
+
+    def _learn(self, room: Room) -> Room:
+        # The owner's answer is applied here at once, so the caller reads its own change from this process.
+        self._store.book.apply(room)
         return room
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
@@ -84,3 +135,41 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
         user = caller(context)
         self._admitter.leave(validation.room_id(request.room_id), user)
         return admission_pb2.LeaveResponse()
+
+
+class OwnerServicer(internal_pb2_grpc.OwnerServicer):
+    """Room creations forwarded by other members to this one, the owner of the new room's id."""
+
+    def __init__(self, store: RoomStore) -> None:
+        self._store = store
+
+    async def CreateRoom(self, request: ForwardedCreate, context: grpc.aio.ServicerContext) -> Room:
+        create = request.request
+        room_id = validation.room_id(request.room_id)
+        speakers = validation.user_ids(create.speaker_ids, "speaker_ids", MAX_SPEAKERS)
+        title = validation.title(create.title)
+        limit = validation.bounded(create.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
+        return await self._store.create(request.host_id, title, speakers, limit, room_id)
+
+
+class LeasesServicer(internal_pb2_grpc.LeasesServicer):
+    """Capacity leases of the rooms this member owns."""
+
+    def __init__(self, capacity: Capacity) -> None:
+        self._capacity = capacity
+
+    async def Acquire(self, request: AcquireRequest, context: grpc.aio.ServicerContext) -> AcquireResponse:
+        validation.room_id(request.room_id)
+        return self._capacity.grant(request)
+
+
+async def _forward(call: Awaitable[Room]) -> Room:
+    """Awaits a call to the owner; its failure becomes this call's failure, with the same status."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc(exc) from exc
+
+
+def _relayed(user: int) -> tuple[tuple[str, str], ...]:
+    return (*identity_metadata(user), (FORWARDED_KEY, "1"))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
@@ -40,6 +42,10 @@ class RoomStore:
         self._producer = producer
         # One change at a time per room, so versions never fork.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._ends: dict[TopicPartition, int] = {}
+        self._follower: asyncio.Task[None] | None = None
+        # Called with each room version read from the topic while following (after `load`).
+        self.on_change: Callable[[Room], None] | None = None
 
     async def load(self) -> int:
         """Rebuilds every room from the room-state topic; returns how many records were read."""
@@ -51,14 +57,51 @@ class RoomStore:
             if value:
                 self.book.apply(Room.FromString(value))
 
-        await read_to_end(self._kafka, self._topics.room_state, apply)
+        self._ends = await read_to_end(self._kafka, self._topics.room_state, apply)
         self._update_gauge()
         log.info("rooms rebuilt from kafka", records=count, rooms=len(self.book))
         return count
 
-    async def create(self, host: int, title: str, speakers: list[int], listener_limit: int) -> Room:
-        """Creates and durably records a room."""
-        room = self.book.created(host, title, speakers, listener_limit, now_ms())
+    def follow(self) -> None:
+        """Keeps applying the topic from where `load` stopped: every process holds a replica of every room."""
+        self._follower = asyncio.create_task(self._follow(), name="room-state-follower")
+
+    async def stop(self) -> None:
+        """Stops following the topic."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._kafka.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+        )
+        await consumer.start()
+        try:
+            consumer.assign(list(self._ends))
+            for tp, offset in self._ends.items():
+                consumer.seek(tp, offset)
+            while True:
+                batch = await consumer.getmany(timeout_ms=1_000)
+                for records in batch.values():
+                    for record in records:
+                        if not record.value:
+                            continue
+                        room = Room.FromString(record.value)
+                        if self.book.apply(room):
+                            self._update_gauge()
+                        # Also for versions already applied (this process's own or forwarded changes).
+                        if self.on_change is not None:
+                            self.on_change(room)
+        finally:
+            await consumer.stop()
+
+    async def create(
+        self, host: int, title: str, speakers: list[int], listener_limit: int, room_id: str | None = None
+    ) -> Room:
+        """Creates and durably records a room (with `room_id` when a forwarding member picked it)."""
+        room = self.book.created(host, title, speakers, listener_limit, now_ms(), room_id)
         async with self._locks[room.room_id]:
             await self._commit(room, "created")
         return room
@@ -70,6 +113,13 @@ class RoomStore:
             if room is not self.book.get(room_id):
                 await self._commit(room, "started")
             await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room))
+        return room
+
+    async def schedule(self, room_id: str, caller: int, start_at_ms: int) -> Room:
+        """Durably schedules the caller's room to start at `start_at_ms`."""
+        async with self._locks[room_id]:
+            room = self.book.scheduled(room_id, caller, start_at_ms)
+            await self._commit(room, "scheduled")
         return room
 
     async def end(self, room_id: str, caller: int) -> Room:

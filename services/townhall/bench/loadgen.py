@@ -18,11 +18,13 @@ import grpc
 
 from townhall.bench.stats import LatencyHistogram, gap
 from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.relay.fanout import chunk_sequence
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
-from townhall.v1.relay_pb2 import SubscribeRequest
+from townhall.v1.relay_pb2 import AudioFrame, SubscribeRequest
 
 STREAMS_PER_CHANNEL = 100
+SUBSCRIBE = "/townhall.v1.Relay/Subscribe"
 WAVE = 250
 
 
@@ -38,6 +40,11 @@ class Spec:
     relay_claim: str
     ready_timeout_s: float
     result_timeout_s: float
+    # Relays above `address` in the room's tree (origin first): listeners on an edge.
+    upstream: tuple[str, ...] = ()
+    # Read chunks as bytes: sequence and the oldest frame's capture time only, not every frame
+    # (10 speakers make 50 frames a chunk; parsing them all would make the generator the bottleneck).
+    light: bool = False
 
 
 class _Counters:
@@ -90,6 +97,70 @@ async def _listen(
         c.error_kinds[key] = c.error_kinds.get(key, 0) + 1
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def first_capture_us(data: bytes) -> int:
+    """capture_ts_us of a serialised Chunk's first (oldest) frame, 0 if none, without parsing the rest."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if field == 3:
+                return AudioFrame.FromString(data[pos : pos + length]).capture_ts_us
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            break
+    return 0
+
+
+async def _listen_light(call: Any, c: _Counters) -> None:
+    opened = time.monotonic()
+    previous = 0
+    add = c.latency.add_us
+    span = [0, 0]
+    c.spans.append(span)
+    try:
+        async for data in call:
+            now = time.time()
+            sequence = chunk_sequence(data)
+            if previous == 0:
+                c.first_audio_ms.append((time.monotonic() - opened) * 1000)
+                c.ready += 1
+            elif c.start_at <= now < c.end_at:
+                c.chunks += 1
+                c.gaps += gap(previous, sequence)
+                if not span[0]:
+                    span[0] = sequence
+                span[1] = sequence
+                add(int(now * 1e6) - first_capture_us(data))
+            previous = sequence
+    except grpc.aio.AioRpcError as error:
+        c.errors += 1
+        key = f"{error.code().name}: {error.details()}"[:120]
+        c.error_kinds[key] = c.error_kinds.get(key, 0) + 1
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
 async def _run(spec: Spec, conn: Connection) -> None:
     signer = TicketSigner(spec.secret, 3600)
     counters = _Counters()
@@ -107,9 +178,21 @@ async def _run(spec: Spec, conn: Connection) -> None:
         for first in range(0, spec.listeners, WAVE):
             for i in range(first, min(first + WAVE, spec.listeners)):
                 user = spec.first_user + i
-                token = signer.sign(signer.issue(spec.room_id, user, Role.ROLE_LISTENER, spec.relay_claim))
-                stub = relay_pb2_grpc.RelayStub(channels[i % len(channels)])
-                tasks.append(asyncio.create_task(_listen(stub, request, ((TICKET_KEY, token),), counters)))
+                ticket = signer.issue(
+                    spec.room_id, user, Role.ROLE_LISTENER, spec.relay_claim, upstream=spec.upstream
+                )
+                metadata = ((TICKET_KEY, signer.sign(ticket)),)
+                channel = channels[i % len(channels)]
+                if spec.light:
+                    subscribe = channel.unary_stream(
+                        SUBSCRIBE,
+                        request_serializer=SubscribeRequest.SerializeToString,
+                        response_deserializer=_identity,
+                    )
+                    listen = _listen_light(subscribe(request, metadata=metadata), counters)
+                else:
+                    listen = _listen(relay_pb2_grpc.RelayStub(channel), request, metadata, counters)
+                tasks.append(asyncio.create_task(listen))
             while counters.ready + counters.errors < len(tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         conn.send(("ready", counters.ready, spec.listeners - counters.ready))

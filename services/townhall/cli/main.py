@@ -58,10 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", type=Path, required=True, help="WAV file to write")
     listen.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
 
+    from townhall.cli import graph
+
+    graph.add_parser(sub)
+
+    from townhall.cli import loadtest
+
+    loadtest.add_parser(sub)
+
     bench = sub.add_parser("bench", help="run the benchmarks; figures on screen, JSON in --out")
     bench.add_argument("--out", type=Path, default=DEFAULT_ROOT / "bench")
     bench.add_argument("--listeners", type=int, nargs="+", default=[100, 500, 1000, 2000])
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step")
+    bench.add_argument("--storm-seconds", type=float, default=60.0, help="join storm: seconds per phase")
+    bench.add_argument("--followers", type=int, default=10_000_000, help="notify: the celebrity's followers")
     return parser
 
 
@@ -84,6 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli.dev import run_kafka
 
         sys.exit(run_kafka(args.root))
+    if args.command == "graph":
+        from townhall.cli import graph as graph_cli
+
+        sys.exit(graph_cli.run(args))
+    if args.command == "loadtest":
+        from townhall.cli import loadtest as loadtest_cli
+
+        sys.exit(loadtest_cli.run(args))
     if args.command == "bench":
         from townhall.cli.bench import run_bench
 

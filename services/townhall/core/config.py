@@ -84,9 +84,48 @@ class AdmissionConfig:
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
+    # The address the other admission processes reach this one at; defaults to listen.
+    advertise: str = ""
+    # How members are found: "static" (the `members` list) or "kubernetes" (EndpointSlices).
+    membership: str = "static"
+    # Static members (host:port of every admission process); this process is always one.
+    members: tuple[str, ...] = ()
+    # Kubernetes membership: the headless Service, its namespace (default: the pod's) and port name.
+    kube_service: str = ""
+    kube_namespace: str = ""
+    kube_port: str = "grpc"
+    # Admits per lease taken from a room's owner: the size follows the join rate within these bounds.
+    lease_min: int = 8
+    lease_max: int = 5_000
+    # Joins/s this process admits across all rooms, shared fairly between rooms; 0 = no budget.
+    admit_rate: float = 0.0
+    # Users a room's waiting line holds per process; beyond it joins are shed.
+    waiting_room: int = 1_000
+    # Overload guard below the fair budget: RPCs handled at once, and calls gRPC queues before
+    # handing them over; beyond the queue gRPC itself cancels calls, at almost no CPU, so a
+    # process offered far more than it can look at keeps admitting at capacity instead of collapsing.
+    max_concurrent_rpcs: int = 256
+    max_pending_requests: int = 256
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
+        if self.advertise:
+            _address("admission.advertise", self.advertise)
+        if self.membership not in {"static", "kubernetes"}:
+            raise ConfigError(f"admission.membership must be static or kubernetes, not {self.membership!r}")
+        for member in self.members:
+            _address("admission.members", member)
+        if self.membership == "kubernetes" and not self.kube_service:
+            raise ConfigError("admission.kube_service must name the headless Service (membership kubernetes)")
+        if not 1 <= self.lease_min <= self.lease_max:
+            raise ConfigError("admission.lease_min must be within 1..admission.lease_max")
+        if self.admit_rate < 0:
+            raise ConfigError(
+                f"admission.admit_rate must be 0 (no budget) or positive, not {self.admit_rate}"
+            )
+        _positive("admission.waiting_room", self.waiting_room)
+        _positive("admission.max_concurrent_rpcs", self.max_concurrent_rpcs)
+        _positive("admission.max_pending_requests", self.max_pending_requests)
         _port("admission.metrics_port", self.metrics_port)
         if not self.relays:
             raise ConfigError("admission.relays must name at least one relay host:port")
@@ -94,6 +133,11 @@ class AdmissionConfig:
             _address("admission.relays", relay)
         _positive("admission.default_listener_limit", self.default_listener_limit)
         _positive("admission.event_queue", self.event_queue)
+
+    @property
+    def address(self) -> str:
+        """The address other admission processes reach this one at."""
+        return self.advertise or self.listen
 
 
 @dataclass(frozen=True)
@@ -113,9 +157,33 @@ class RelayConfig:
     ring_chunks: int = 100
     late_join_ms: int = 300
     max_payload_bytes: int = 1500
+    # Listener streams one relay process is sized for; admission places no more on it.
+    listener_capacity: int = 2_500
+    # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
+    load_report_ms: int = 2_000
+    # The relay tree (read by admission's placement): listeners of one room per relay before the
+    # room gets another edge, and downstream relays per relay before a mid-tier level is added.
+    edge_target: int = 1_000
+    tree_degree: int = 8
+    # Very large audiences: a room pulled by at least large_room_relays downstream relays is chunked
+    # every large_room_chunk_ms instead (more listeners per core, more latency); 0 keeps chunk_ms.
+    large_room_chunk_ms: int = 0
+    large_room_relays: int = 4
 
     def validate(self) -> None:
         _address("relay.listen", self.listen)
+        _positive("relay.listener_capacity", self.listener_capacity)
+        if self.load_report_ms < 0:
+            raise ConfigError(f"relay.load_report_ms must be 0 (off) or positive, not {self.load_report_ms}")
+        _positive("relay.edge_target", self.edge_target)
+        if self.large_room_chunk_ms and not self.chunk_ms <= self.large_room_chunk_ms <= 1000:
+            raise ConfigError(
+                f"relay.large_room_chunk_ms must be 0 or within relay.chunk_ms..1000, not "
+                f"{self.large_room_chunk_ms}"
+            )
+        _positive("relay.large_room_relays", self.large_room_relays)
+        if self.tree_degree < 2:
+            raise ConfigError(f"relay.tree_degree must be at least 2, not {self.tree_degree}")
         if self.advertise:
             _address("relay.advertise", self.advertise)
         _port("relay.metrics_port", self.metrics_port)
@@ -146,15 +214,54 @@ class NotifierConfig:
     batch_users: int = 1000
     # Notifications buffered per Inbox stream before its oldest are dropped.
     inbox_queue: int = 256
+    # The address the other notifiers reach this one at (Follow forwarding); defaults to listen.
+    advertise: str = ""
+    # Every notifier (host:port), this one included; each followee's graph lives on one of them
+    # (rendezvous hashing). Empty: this process holds the whole graph.
+    members: tuple[str, ...] = ()
+    # Hosts with more followers than this fan out on the bulk lane; the rest on the fast lane.
+    bulk_threshold: int = 10_000
+    # Most of the worker's tasks that go to the bulk lane while fast-lane tasks wait (0..0.9).
+    bulk_share: float = 0.2
+    # Fan-out tasks a worker takes in one step (one step's records are acknowledged together).
+    worker_tasks: int = 32
+    # Most fan-out tasks per second a worker runs (protects push gateways); 0 = no limit.
+    worker_rate: float = 0.0
+    # Follower ids per fan-out task, at most 4096 (one stored block).
+    task_users: int = 4096
+    # Run the planner and the workers here; false for an Inbox-only process.
+    fanout: bool = True
 
     def validate(self) -> None:
         _address("notifier.listen", self.listen)
+        if self.advertise:
+            _address("notifier.advertise", self.advertise)
+        for member in self.members:
+            _address("notifier.members", member)
+        if self.members and self.address not in self.members:
+            raise ConfigError(f"notifier.members must include this notifier ({self.address})")
+        _positive("notifier.bulk_threshold", self.bulk_threshold)
+        if not 0 <= self.bulk_share <= 0.9:
+            raise ConfigError(f"notifier.bulk_share must be within 0..0.9, not {self.bulk_share}")
+        if not 1 <= self.worker_tasks <= 1000:
+            raise ConfigError(f"notifier.worker_tasks must be within 1..1000, not {self.worker_tasks}")
+        if self.worker_rate < 0:
+            raise ConfigError(
+                f"notifier.worker_rate must be 0 (no limit) or positive, not {self.worker_rate}"
+            )
+        if not 1 <= self.task_users <= 4096:
+            raise ConfigError(f"notifier.task_users must be within 1..4096, not {self.task_users}")
         _port("notifier.metrics_port", self.metrics_port)
         if not self.data_dir:
             raise ConfigError("notifier.data_dir must not be empty")
         if not 1 <= self.batch_users <= 100_000:
             raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
         _positive("notifier.inbox_queue", self.inbox_queue)
+
+    @property
+    def address(self) -> str:
+        """The address other notifiers reach this one at."""
+        return self.advertise or self.listen
 
 
 @dataclass(frozen=True)

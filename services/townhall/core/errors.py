@@ -54,7 +54,23 @@ class ResourceExhausted(TownhallError):
         self.trailers = (("retry-after-ms", str(retry_after_ms)),)
 
 
+class AlreadyExists(TownhallError):
+    """The object to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unavailable(TownhallError):
     """A dependency (Kafka, the owner) could not be reached; safe to retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+def from_rpc(error: grpc.aio.AioRpcError) -> TownhallError:
+    """A TownhallError carrying another process's status, so a forwarded call fails as it would there."""
+    relayed = TownhallError(error.details() or error.code().name)
+    relayed.code = error.code()
+    relayed.trailers = tuple(
+        (k, v) for k, v in (error.trailing_metadata() or ()) if k == "retry-after-ms" and isinstance(v, str)
+    )
+    return relayed

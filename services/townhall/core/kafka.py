@@ -57,6 +57,21 @@ class Topics:
         """Key user shard; value NotificationBatch."""
         return f"{self.prefix}.notifications"
 
+    @property
+    def relay_load(self) -> str:
+        """Compacted; key relay address; value RelayLoad."""
+        return f"{self.prefix}.relay-load"
+
+    @property
+    def fanout_fast(self) -> str:
+        """Key task id; value FanoutTask: small hosts and reminders."""
+        return f"{self.prefix}.fanout-fast"
+
+    @property
+    def fanout_bulk(self) -> str:
+        """Key task id; value FanoutTask: hosts above notifier.bulk_threshold followers."""
+        return f"{self.prefix}.fanout-bulk"
+
     def all(self) -> dict[str, dict[str, str]]:
         """Every topic with its configuration."""
         compacted = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
@@ -66,6 +81,9 @@ class Topics:
             self.presence: day,
             self.room_started: day,
             self.notifications: day,
+            self.fanout_fast: day,
+            self.fanout_bulk: day,
+            self.relay_load: compacted,
         }
 
 

@@ -72,7 +72,14 @@ def server_options(config: Config) -> list[tuple[str, int]]:
 
 async def start(app: App, config: Config, listen: str) -> Running:
     """Starts the app and a gRPC server for it on `listen` (port 0 picks a free port)."""
-    server = grpc.aio.server(interceptors=[RpcInterceptor()], options=server_options(config))
+    # An app may bound its own concurrency and pending queue (admission sheds overload this way).
+    extra = dict(getattr(app, "server_options", {}))
+    options = [(k, v) for k, v in server_options(config) if k not in extra] + list(extra.items())
+    server = grpc.aio.server(
+        interceptors=[RpcInterceptor()],
+        options=options,
+        maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None),
+    )
     app.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,6 +13,8 @@ from townhall.v1.common_pb2 import Role
 TICKET_KEY = "townhall-ticket"
 MAX_TICKET_BYTES = 1024
 _ALGORITHM = "HS256"
+# The role of a relay-to-relay pull credential; outside the Role enum so no user can hold it.
+ROLE_RELAY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,8 @@ class Ticket:
     role: int
     relay: str
     expires_at: int  # Unix seconds
+    # Relays above this one in the room's tree, origin first, nearest last; empty on the origin.
+    upstream: tuple[str, ...] = ()
 
     @property
     def on_stage(self) -> bool:
@@ -38,10 +42,22 @@ class TicketSigner:
         self._secret = secret.encode()
         self._ttl_s = ttl_s
 
-    def issue(self, room_id: str, user_id: int, role: int, relay: str, now: float | None = None) -> Ticket:
+    def issue(
+        self,
+        room_id: str,
+        user_id: int,
+        role: int,
+        relay: str,
+        now: float | None = None,
+        upstream: tuple[str, ...] = (),
+    ) -> Ticket:
         """A ticket for the given grant, expiring ttl_s from now."""
         expires = int((time.time() if now is None else now) + self._ttl_s)
-        return Ticket(room_id, user_id, role, relay, expires)
+        return Ticket(room_id, user_id, role, relay, expires, tuple(upstream))
+
+    def pull_token(self, room_id: str, upstream: tuple[str, ...]) -> str:
+        """A signed credential for a relay to pull the room from upstream[-1] (the rest is its path)."""
+        return self.sign(self.issue(room_id, 0, ROLE_RELAY, upstream[-1], upstream=upstream[:-1]))
 
     def sign(self, ticket: Ticket) -> str:
         """The ticket's signed text."""
@@ -52,6 +68,8 @@ class TicketSigner:
             "aud": ticket.relay,
             "exp": ticket.expires_at,
         }
+        if ticket.upstream:
+            claims["up"] = list(ticket.upstream)
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
     def verify(self, token: str, relay: str) -> Ticket:
@@ -81,6 +99,7 @@ class TicketSigner:
                 role=int(claims["role"]),
                 relay=relay,
                 expires_at=int(claims["exp"]),
+                upstream=tuple(str(address) for address in claims.get("up", ())),
             )
         except (TypeError, ValueError) as exc:
             raise Unauthenticated("ticket claims are malformed") from exc

@@ -123,6 +123,18 @@ class Topology:
         }
         if proc.service == "relay":
             env["TOWNHALL_RELAY_ADVERTISE"] = proc.grpc
+        if proc.service == "admission":
+            # Every admission process knows all of them: rooms are owned by rendezvous over this list.
+            env["TOWNHALL_ADMISSION_ADVERTISE"] = proc.grpc
+            env["TOWNHALL_ADMISSION_MEMBERS"] = ",".join(
+                p.grpc for p in self.processes if p.service == "admission"
+            )
+        if proc.service == "notifier":
+            # Each followee's graph shard lives on one notifier, by rendezvous over this list.
+            env["TOWNHALL_NOTIFIER_ADVERTISE"] = proc.grpc
+            env["TOWNHALL_NOTIFIER_MEMBERS"] = ",".join(
+                p.grpc for p in self.processes if p.service == "notifier"
+            )
         return env
 
     def _spawn(self, proc: Process) -> None:

@@ -1,4 +1,4 @@
-"""The notifier process: Graph and Inbox servicers, the fan-out worker and the Inbox reader."""
+"""The notifier process: Graph and Inbox servicers, the planner, the fan-out worker and the Inbox reader."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from townhall.core import logging
-from townhall.core.config import Config
-from townhall.core.kafka import Topics, producer, report_lag
+from townhall.core.config import Config, KafkaConfig
+from townhall.core.kafka import Topics, report_lag
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
-from townhall.notifier.fanout_worker import FanoutWorker
 from townhall.notifier.inbox import Hub
 from townhall.notifier.inbox_reader import InboxReader, from_end
 from townhall.notifier.metrics import FOLLOWERS_STORED
+from townhall.notifier.peers import Peers
+from townhall.notifier.placement import Placement
+from townhall.notifier.planner import Planner, PlannerCommitOnRevoke
 from townhall.notifier.servicers import GraphServicer, InboxServicer
 from townhall.notifier.store import SqliteFollowerStore
+from townhall.notifier.worker import CommitOnRevoke, Worker
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 log = logging.get(__name__)
@@ -45,14 +48,19 @@ class NotifierApp:
         self.topics = Topics(config.kafka.topic_prefix)
         self.store = SqliteFollowerStore(config.notifier.data_dir)
         self.hub = Hub(config.notifier.inbox_queue)
-        self._producer: AIOKafkaProducer | None = None
-        self._fanout_consumer: AIOKafkaConsumer | None = None
+        self.placement = Placement(config.notifier.address, config.notifier.members)
+        self.peers = Peers()
+        self._producers: dict[str, AIOKafkaProducer] = {}
+        self._planner_consumer: AIOKafkaConsumer | None = None
+        self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}
         self._inbox_consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds Graph and Inbox to the server."""
-        graph_pb2_grpc.add_GraphServicer_to_server(GraphServicer(self.store), server)
+        graph_pb2_grpc.add_GraphServicer_to_server(
+            GraphServicer(self.store, self.placement, self.peers), server
+        )
         inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub), server)
 
     async def start(self) -> None:
@@ -61,22 +69,43 @@ class NotifierApp:
         own = self.config.notifier
         await self.store.open()
         FOLLOWERS_STORED.set(await self.store.total())
-        self._producer = await started(
-            lambda: producer(kafka, "notifier-fanout"), "fan-out producer", kafka.bootstrap
-        )
-        self._fanout_consumer = await started(
-            lambda: AIOKafkaConsumer(
-                self.topics.room_started,
-                bootstrap_servers=kafka.bootstrap,
-                client_id="notifier-fanout",
-                group_id=own.group_id,
-                enable_auto_commit=False,
-                # A new group must not skip rooms that started before it first joined.
-                auto_offset_reset="earliest",
-            ),
-            "fan-out consumer",
-            kafka.bootstrap,
-        )
+        if own.fanout:
+            for lane in ("fast", "bulk"):
+                self._producers[lane] = await started(
+                    lambda lane=lane: fanout_producer(kafka, lane),  # type: ignore[misc]
+                    f"{lane}-lane producer",
+                    kafka.bootstrap,
+                )
+            # Every notifier reads every room start (its own group) and plans only what it owns.
+            planner_group = own.group_id + "-planner" + ("" if self.placement.alone else f"-{own.address}")
+            self._planner_consumer = await started(
+                lambda: AIOKafkaConsumer(
+                    bootstrap_servers=kafka.bootstrap,
+                    client_id="notifier-planner",
+                    group_id=planner_group,
+                    enable_auto_commit=False,
+                    # A new group must not skip rooms that started before it first joined.
+                    auto_offset_reset="earliest",
+                ),
+                "planner consumer",
+                kafka.bootstrap,
+            )
+            for lane in ("fast", "bulk"):
+                # Subscribed once the worker exists, with its listener (commit on revoke).
+                self._fanout_consumers[lane] = await started(
+                    lambda lane=lane: AIOKafkaConsumer(  # type: ignore[misc]
+                        bootstrap_servers=kafka.bootstrap,
+                        client_id=f"notifier-worker-{lane}",
+                        group_id=f"{own.group_id}-{lane}",
+                        enable_auto_commit=False,
+                        auto_offset_reset="earliest",
+                        metadata_max_age_ms=5_000,
+                        # Small fetches per partition: a worker step is a few dozen tasks at most.
+                        max_partition_fetch_bytes=256 * 1024,
+                    ),
+                    f"{lane}-lane consumer",
+                    kafka.bootstrap,
+                )
         self._inbox_consumer = await started(
             lambda: AIOKafkaConsumer(
                 self.topics.notifications,
@@ -96,17 +125,44 @@ class NotifierApp:
                 f"no partitions of {self.topics.notifications} within {ASSIGN_TIMEOUT_S:.0f} s; "
                 "does the topic exist?"
             ) from exc
-        worker = FanoutWorker(
-            self._fanout_consumer, self._producer, self.store, self.topics.notifications, own.batch_users
-        )
-        self._spawn(worker.run(), "notifier-fanout")
+        if self._producers and self._planner_consumer and self._fanout_consumers:
+            planner = Planner(
+                self._planner_consumer,
+                self._producers,
+                self.store,
+                self.topics,
+                self.placement,
+                own.bulk_threshold,
+                own.task_users,
+            )
+            worker = Worker(
+                self._fanout_consumers,
+                self._producers,
+                self.topics,
+                own.batch_users,
+                own.bulk_share,
+                own.worker_tasks,
+                own.worker_rate,
+            )
+            lanes = {"fast": self.topics.fanout_fast, "bulk": self.topics.fanout_bulk}
+            for lane, consumer in self._fanout_consumers.items():
+                consumer.subscribe([lanes[lane]], listener=CommitOnRevoke(worker, lane))
+            self._planner_consumer.subscribe(
+                [self.topics.room_started], listener=PlannerCommitOnRevoke(planner)
+            )
+            self._spawn(planner.run(), "notifier-planner")
+            self._spawn(worker.run(), "notifier-worker")
+            for lane, consumer in self._fanout_consumers.items():
+                self._spawn(report_lag(consumer, f"{own.group_id}-{lane}"), f"{lane}-lag")
         self._spawn(InboxReader(self._inbox_consumer, self.hub).run(), "notifier-inbox")
-        self._spawn(report_lag(self._fanout_consumer, own.group_id), "fanout-lag")
         self._spawn(report_lag(self._inbox_consumer, "inbox"), "inbox-lag")
         log.info(
             "notifier started",
             data_dir=own.data_dir,
             group=own.group_id,
+            fanout=own.fanout,
+            member=own.address,
+            members=len(self.placement.members),
             room_started=self.topics.room_started,
             notifications=self.topics.notifications,
             inbox_partitions=len(partitions),
@@ -126,17 +182,39 @@ class NotifierApp:
         self._tasks.clear()
         try:
             # The consumer leaves its group now, so another member takes over its partitions at once.
-            await stopped(self._fanout_consumer, "fan-out consumer")
+            await stopped(self._planner_consumer, "planner consumer")
+            for lane, consumer in self._fanout_consumers.items():
+                await stopped(consumer, f"{lane}-lane consumer")
             await stopped(self._inbox_consumer, "inbox reader")
-            await stopped(self._producer, "fan-out producer")
+            for lane, client in self._producers.items():
+                await stopped(client, f"{lane}-lane producer")
         finally:
-            self._fanout_consumer = self._inbox_consumer = self._producer = None
+            self._planner_consumer = self._inbox_consumer = None
+            self._fanout_consumers = {}
+            self._producers = {}
+            await self.peers.close()
             await self.store.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
         task.add_done_callback(_report_exit)
         self._tasks.append(task)
+
+
+def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
+    """The planner's and workers' producer: acks=all like every producer, with larger batches,
+    because fan-out writes many records back to back and throughput is the point."""
+    return AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap,
+        client_id=f"notifier-{lane}",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=1 if lane == "fast" else 5,
+        max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
+        max_request_size=2 * 1024 * 1024,
+        request_timeout_ms=15_000,
+        retry_backoff_ms=200,
+    )
 
 
 def _report_exit(task: asyncio.Task[None]) -> None:

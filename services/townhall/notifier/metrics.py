@@ -11,7 +11,7 @@ UNFOLLOWS = Counter("townhall_notifier_unfollows_total", "Follow edges removed."
 FOLLOWERS_STORED = Gauge("townhall_notifier_followers_stored", "Follow edges in this process's store.")
 FANOUT_EVENTS = Counter(
     "townhall_notifier_fanout_events_total",
-    "Room-started events handled by the fan-out worker, by outcome (done, invalid).",
+    "Room-started events handled by the planner, by outcome (done, invalid).",
     ["outcome"],
 )
 NOTIFICATIONS = Counter(
@@ -31,6 +31,23 @@ INBOX_DROPPED = Counter(
 INBOX_CONNECTIONS = Gauge("townhall_notifier_inbox_connections", "Inbox streams open on this process.")
 FANOUT_LAG = Histogram(
     "townhall_notifier_fanout_lag_seconds",
-    "From a room's start to the acknowledgement of the last notification record for it.",
+    "From a room's start to the acknowledgement of the last fan-out task planned for it.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+FANOUT_TASKS = Counter(
+    "townhall_notifier_fanout_tasks_total",
+    "Fan-out tasks by lane (fast, bulk) and stage (planned: acknowledged on the lane; done: its "
+    "notification records acknowledged).",
+    ["lane", "stage"],
+)
+TASK_LAG = Histogram(
+    "townhall_notifier_task_lag_seconds",
+    "From a room's start to the acknowledgement of one fan-out task's notification records, by lane.",
+    ["lane"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+FORWARDED = Counter(
+    "townhall_notifier_forwarded_total",
+    "Graph calls forwarded to the notifier that owns the followee, by method.",
+    ["method"],
 )

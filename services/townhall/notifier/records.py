@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from townhall.core import validation
 from townhall.v1 import events_pb2, inbox_pb2
@@ -54,9 +58,104 @@ def encode_batch(notification: bytes, user_ids: np.ndarray) -> bytes:
 
 def decode_batch(value: bytes) -> tuple[inbox_pb2.Notification, np.ndarray]:
     """The notification and uint64 user ids of a record; DecodeError if it is not a NotificationBatch."""
-    batch = events_pb2.NotificationBatch.FromString(value)
-    ids = np.fromiter(batch.user_ids, dtype=np.uint64, count=len(batch.user_ids))
-    return batch.notification, ids
+    fields = _parse(value, packed=2)
+    notification = inbox_pb2.Notification.FromString(fields.get(1, b""))
+    return notification, fields.get(2, _NO_IDS)
+
+
+def encode_task(
+    task_id: str, notification: bytes, index: int, part_users: int, ids: np.ndarray, at_ms: int
+) -> bytes:
+    """A serialised FanoutTask (assembled by hand for the same reason as encode_batch)."""
+    tid = task_id.encode()
+    out = [b"\x0a", _varint(len(tid)), tid, b"\x12", _varint(len(notification)), notification]
+    out += [b"\x18", _varint(index), b"\x20", _varint(part_users)]
+    if len(ids):
+        payload = np.ascontiguousarray(ids, dtype="<u8").tobytes()
+        out += [b"\x2a", _varint(len(payload)), payload]
+    out += [b"\x30", _varint(at_ms)]
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A decoded FanoutTask: the notification stays serialised (workers copy it into records)."""
+
+    task_id: str
+    notification: bytes
+    user_ids: np.ndarray
+    planned_at_ms: int
+
+
+def decode_task(value: bytes) -> Task:
+    """A FanoutTask record value; DecodeError if malformed."""
+    fields = _parse(value, packed=5)
+    tid = fields.get(1, b"")
+    assert isinstance(tid, bytes)
+    note = fields.get(2, b"")
+    assert isinstance(note, bytes)
+    at = fields.get(6, 0)
+    return Task(tid.decode(errors="replace"), note, fields.get(5, _NO_IDS), int(at))
+
+
+_NO_IDS = np.empty(0, dtype=np.uint64)
+
+
+def _parse(value: bytes, packed: int) -> dict[int, Any]:
+    """Top-level fields of a protobuf message: varints as int, length-delimited as bytes, and the
+    `packed` repeated fixed64 field as a uint64 array read straight from the buffer."""
+    out: dict[int, Any] = {}
+    ids: list[np.ndarray] = []
+    singles: list[int] = []
+    pos, end = 0, len(value)
+    view = memoryview(value)
+    try:
+        while pos < end:
+            tag, pos = _read_varint(value, pos)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                out[field], pos = _read_varint(value, pos)
+            elif wire == 2:
+                size, pos = _read_varint(value, pos)
+                if pos + size > end:
+                    raise DecodeError("truncated field")
+                if field == packed:
+                    if size % 8:
+                        raise DecodeError("packed fixed64 field is not a multiple of 8 bytes")
+                    ids.append(np.frombuffer(view[pos : pos + size], dtype="<u8").astype(np.uint64))
+                else:
+                    out[field] = bytes(view[pos : pos + size])
+                pos += size
+            elif wire == 1:
+                if pos + 8 > end:
+                    raise DecodeError("truncated fixed64")
+                if field == packed:
+                    singles.append(int.from_bytes(value[pos : pos + 8], "little"))
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            else:
+                raise DecodeError(f"unsupported wire type {wire}")
+    except IndexError as exc:
+        raise DecodeError("truncated message") from exc
+    if singles:
+        ids.append(np.array(singles, dtype=np.uint64))
+    if ids:
+        out[packed] = ids[0] if len(ids) == 1 else np.concatenate(ids)
+    return out
+
+
+def _read_varint(value: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = value[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
 
 
 def _varint(value: int) -> bytes:

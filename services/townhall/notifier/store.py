@@ -1,4 +1,4 @@
-"""The follower graph: a store boundary and its embedded sqlite implementation."""
+"""The follower graph: a store boundary and its embedded sqlite implementation in sorted id blocks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from townhall.notifier import blocks as blk
+
 T = TypeVar("T")
 
 DEFAULT_BLOCK = 10_000
+# Stored blocks read per query while iterating one followee (each at most blk.BLOCK_IDS ids).
+READ_BLOCKS = 16
 
 
 class FollowerStore(Protocol):
@@ -45,24 +49,32 @@ class FollowerStore(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS followers (
+CREATE TABLE IF NOT EXISTS blocks (
     followee INTEGER NOT NULL,
-    follower INTEGER NOT NULL,
-    PRIMARY KEY (followee, follower)
+    start INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    PRIMARY KEY (followee, start)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS follower_counts (
     followee INTEGER PRIMARY KEY,
     n INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reminders (
+    room_id TEXT NOT NULL,
+    user INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user)
+) WITHOUT ROWID;
 """
 
 
 class SqliteFollowerStore:
-    """A FollowerStore in one sqlite file, used from a single worker thread off the event loop.
+    """A FollowerStore in one sqlite file: per followee, sorted uint64 follower ids in blobs.
 
-    Ids (1..2^63-1) are stored as sqlite's signed 64-bit INTEGER; the count table keeps
-    CountFollowers O(1). WAL with synchronous=NORMAL: a committed edge survives a process
-    crash (kill -9); only a power loss may lose the last few commits.
+    A row of `blocks` holds at most 4096 ascending ids packed little-endian (8 bytes each), keyed
+    by (followee, first id), so an edge costs about 8 bytes on disk and a follow or unfollow
+    rewrites one block. Memory is bounded by one block (or one import flush), never by the
+    largest follower list. WAL with synchronous=NORMAL: a committed edge survives kill -9.
     """
 
     def __init__(self, data_dir: str | Path) -> None:
@@ -82,6 +94,7 @@ class SqliteFollowerStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             self._conn = db
+            self._migrate_rows()
 
         await self._run(connect)
 
@@ -99,16 +112,7 @@ class SqliteFollowerStore:
 
         def write() -> bool:
             with self._transaction():
-                added = self._db.execute(
-                    "INSERT OR IGNORE INTO followers (followee, follower) VALUES (?, ?)", (followee, follower)
-                ).rowcount
-                if added:
-                    self._db.execute(
-                        "INSERT INTO follower_counts (followee, n) VALUES (?, 1) "
-                        "ON CONFLICT (followee) DO UPDATE SET n = n + 1",
-                        (followee,),
-                    )
-            return bool(added)
+                return self._merge(followee, np.array([follower], dtype=np.uint64)) == 1
 
         return await self._run(write)
 
@@ -117,13 +121,29 @@ class SqliteFollowerStore:
 
         def write() -> bool:
             with self._transaction():
-                removed = self._db.execute(
-                    "DELETE FROM followers WHERE followee = ? AND follower = ?", (followee, follower)
-                ).rowcount
-                if removed:
-                    self._db.execute("UPDATE follower_counts SET n = n - 1 WHERE followee = ?", (followee,))
-                    self._db.execute("DELETE FROM follower_counts WHERE followee = ? AND n <= 0", (followee,))
-            return bool(removed)
+                row = self._block_of(followee, follower)
+                if row is None:
+                    return False
+                start, blob = row
+                ids = blk.unpack(blob)
+                at = int(np.searchsorted(ids, np.uint64(follower)))
+                if at >= len(ids) or int(ids[at]) != follower:
+                    return False
+                self._db.execute("DELETE FROM blocks WHERE followee = ? AND start = ?", (followee, start))
+                rest = np.delete(ids, at)
+                if len(rest):
+                    self._insert_blocks(followee, [rest])
+                self._add_count(followee, -1)
+                return True
+
+        return await self._run(write)
+
+    async def import_edges(self, pairs: np.ndarray) -> int:
+        """Adds (followee, follower) rows of a uint64 array of shape (n, 2); returns edges created."""
+
+        def write() -> int:
+            with self._transaction():
+                return self._import(pairs)
 
         return await self._run(write)
 
@@ -144,28 +164,97 @@ class SqliteFollowerStore:
 
         return await self._run(read)
 
+    async def stored_blocks(self, followee: int) -> AsyncIterator[np.ndarray]:
+        """The followee's stored blocks in ascending order (each at most 4096 ids): the planner's unit."""
+        after = -1
+        while True:
+            rows = await self._run(lambda a=after: self._blocks_after(followee, a))  # type: ignore[misc]
+            for _start, blob in rows:
+                yield blk.unpack(blob)
+            if len(rows) < READ_BLOCKS:
+                return
+            after = rows[-1][0]
+
     async def followers(self, followee: int, block: int = DEFAULT_BLOCK) -> AsyncIterator[np.ndarray]:
-        """The followers of `followee` in ascending order, as uint64 arrays of at most `block` ids."""
+        """The followers of `followee` in ascending order, as uint64 arrays of exactly `block` ids
+        (the last one fewer)."""
         if block <= 0:
             raise ValueError(f"block must be positive, not {block}")
+        pending: list[np.ndarray] = []
+        waiting = 0
+        async for ids in self.stored_blocks(followee):
+            pending.append(ids)
+            waiting += len(ids)
+            if waiting >= block:
+                joined = np.concatenate(pending)
+                ready = waiting - waiting % block
+                for i in range(0, ready, block):
+                    yield joined[i : i + block]
+                pending = [joined[ready:]]
+                waiting -= ready
+        if waiting:
+            yield np.concatenate(pending)
+
+    async def page(self, followee: int, after: int, limit: int) -> np.ndarray:
+        """At most `limit` followers of `followee` above `after`, ascending."""
+
+        def read() -> np.ndarray:
+            out: list[np.ndarray] = []
+            got = 0
+            first = self._block_of(followee, after)
+            since = first[0] - 1 if first is not None else -1
+            while got < limit:
+                rows = self._blocks_after(followee, since)
+                for _start, blob in rows:
+                    ids = blk.unpack(blob)
+                    ids = ids[np.searchsorted(ids, np.uint64(after), side="right") :]
+                    out.append(ids[: limit - got])
+                    got += len(out[-1])
+                    if got >= limit:
+                        break
+                if len(rows) < READ_BLOCKS:
+                    break
+                since = rows[-1][0]
+            return np.concatenate(out) if out else np.empty(0, dtype=np.uint64)
+
+        return await self._run(read)
+
+    async def remind(self, room_id: str, user: int) -> bool:
+        """Remembers that `user` wants a reminder when `room_id` starts; False if already asked."""
+
+        def write() -> bool:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO reminders (room_id, user) VALUES (?, ?)", (room_id, user)
+            )
+            return bool(cur.rowcount)
+
+        return await self._run(write)
+
+    async def reminded(self, room_id: str, block: int = blk.BLOCK_IDS) -> AsyncIterator[np.ndarray]:
+        """The users who asked for a reminder for `room_id`, ascending, in arrays of at most `block`."""
         after = 0
-
-        def page() -> np.ndarray:
-            # Keyset paging on the primary key: each block is one index range scan, no OFFSET.
-            rows = self._db.execute(
-                "SELECT follower FROM followers WHERE followee = ? AND follower > ? "
-                "ORDER BY follower LIMIT ?",
-                (followee, after, block),
-            ).fetchall()
-            return np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
-
         while True:
-            ids = await self._run(page)
-            if len(ids):
-                yield ids
-            if len(ids) < block:
+            rows = await self._run(
+                lambda a=after: self._db.execute(  # type: ignore[misc]
+                    "SELECT user FROM reminders WHERE room_id = ? AND user > ? ORDER BY user LIMIT ?",
+                    (room_id, a, block),
+                ).fetchall()
+            )
+            if rows:
+                yield np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
+            if len(rows) < block:
                 return
-            after = int(ids[-1])
+            after = int(rows[-1][0])
+
+    async def disk_bytes(self) -> int:
+        """Bytes the database takes on disk (main file and WAL), after a checkpoint."""
+
+        def measure() -> int:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            files = [self.path, self.path.with_name(self.path.name + "-wal")]
+            return sum(f.stat().st_size for f in files if f.exists())
+
+        return await self._run(measure)
 
     async def close(self) -> None:
         """Closes the database on its own thread, then the thread; safe to call twice."""
@@ -183,8 +272,117 @@ class SqliteFollowerStore:
         finally:
             self._executor.shutdown(wait=False)
 
+    # --- on the store thread only ---------------------------------------------------------
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    def _blocks_after(self, followee: int, after: int) -> list[tuple[int, bytes]]:
+        return self._db.execute(
+            "SELECT start, ids FROM blocks WHERE followee = ? AND start > ? ORDER BY start LIMIT ?",
+            (followee, after, READ_BLOCKS),
+        ).fetchall()
+
+    def _block_of(self, followee: int, follower: int) -> tuple[int, bytes] | None:
+        """The block that holds (or would hold) `follower`: the last starting at or below it, else the 1st."""
+        row = self._db.execute(
+            "SELECT start, ids FROM blocks WHERE followee = ? AND start <= ? ORDER BY start DESC LIMIT 1",
+            (followee, follower),
+        ).fetchone()
+        if row is None:
+            row = self._db.execute(
+                "SELECT start, ids FROM blocks WHERE followee = ? ORDER BY start LIMIT 1", (followee,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def _insert_blocks(self, followee: int, parts: list[np.ndarray]) -> None:
+        self._db.executemany(
+            "INSERT INTO blocks (followee, start, n, ids) VALUES (?, ?, ?, ?)",
+            [(followee, int(p[0]), len(p), blk.pack(p)) for p in parts if len(p)],
+        )
+
+    def _add_count(self, followee: int, delta: int) -> None:
+        if delta == 0:
+            return
+        self._db.execute(
+            "INSERT INTO follower_counts (followee, n) VALUES (?, ?) "
+            "ON CONFLICT (followee) DO UPDATE SET n = n + excluded.n",
+            (followee, delta),
+        )
+        self._db.execute("DELETE FROM follower_counts WHERE followee = ? AND n <= 0", (followee,))
+
+    def _merge(self, followee: int, new: np.ndarray) -> int:
+        """Adds sorted distinct `new` follower ids to `followee`; returns how many were not there."""
+        if len(new) == 1:
+            row = self._block_of(followee, int(new[0]))
+            index = [] if row is None else [row[0]]
+        else:
+            index = [
+                int(r[0])
+                for r in self._db.execute(
+                    "SELECT start FROM blocks WHERE followee = ? ORDER BY start", (followee,)
+                )
+            ]
+        if not index:
+            self._insert_blocks(followee, blk.split(new))
+            self._add_count(followee, len(new))
+            return len(new)
+        created = 0
+        for start, part in blk.assign(np.array(index, dtype=np.uint64), new):
+            (blob,) = self._db.execute(
+                "SELECT ids FROM blocks WHERE followee = ? AND start = ?", (followee, start)
+            ).fetchone()
+            old = blk.unpack(blob)
+            merged = blk.merge_sorted(old, part)
+            if len(merged) == len(old):
+                continue
+            created += len(merged) - len(old)
+            self._db.execute("DELETE FROM blocks WHERE followee = ? AND start = ?", (followee, start))
+            self._insert_blocks(followee, blk.split(merged))
+        self._add_count(followee, created)
+        return created
+
+    def _import(self, pairs: np.ndarray) -> int:
+        followees, groups = blk.group_pairs(pairs)
+        if not len(followees):
+            return 0
+        known: set[int] = set()
+        keys = followees.tolist()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                int(r[0])
+                for r in self._db.execute(
+                    f"SELECT followee FROM follower_counts WHERE followee IN ({marks})", chunk
+                )
+            )
+        created = 0
+        rows: list[tuple[int, int, int, bytes]] = []
+        counts: list[tuple[int, int]] = []
+        for followee, ids in zip(keys, groups, strict=True):
+            if followee in known:
+                created += self._merge(followee, ids)
+                continue
+            # A followee new to this store: its blocks are written in one go, no reads.
+            rows += [(followee, int(p[0]), len(p), blk.pack(p)) for p in blk.split(ids)]
+            counts.append((followee, len(ids)))
+            created += len(ids)
+        self._db.executemany("INSERT INTO blocks (followee, start, n, ids) VALUES (?, ?, ?, ?)", rows)
+        self._db.executemany("INSERT INTO follower_counts (followee, n) VALUES (?, ?)", counts)
+        return created
+
+    def _migrate_rows(self) -> None:
+        """Moves edges from the first layout (one row per edge) into blocks, once."""
+        db = self._db
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'followers'").fetchone():
+            return
+        edges = db.execute("SELECT followee, follower FROM followers").fetchall()
+        with self._transaction():
+            db.execute("DELETE FROM follower_counts")
+            if edges:
+                self._import(np.array(edges, dtype=np.uint64))
+            db.execute("DROP TABLE followers")
 
 
 class _Transaction:

@@ -10,7 +10,9 @@ from townhall.core.config import Config
 from townhall.core.tickets import TicketSigner
 from townhall.relay.fanout import FanoutSettings
 from townhall.relay.hub import Hub
+from townhall.relay.load_report import LoadReporter
 from townhall.relay.servicer import SERVICE, RelayServicer, generic_handler
+from townhall.relay.upstream import Upstreams
 
 
 class RelayApp:
@@ -26,8 +28,17 @@ class RelayApp:
             ring_chunks=relay.ring_chunks,
             late_join_s=relay.late_join_ms / 1000,
         )
-        self.hub = Hub(settings, chunk_s=relay.chunk_ms / 1000, idle_s=idle_room_s)
         signer = TicketSigner(config.tickets.secret, config.tickets.ttl_s)
+        self.upstreams = Upstreams(signer, config.server.max_message_bytes)
+        self.hub = Hub(
+            settings,
+            chunk_s=relay.chunk_ms / 1000,
+            idle_s=idle_room_s,
+            upstreams=self.upstreams,
+            large_chunk_s=relay.large_room_chunk_ms / 1000,
+            large_downstream=relay.large_room_relays,
+        )
+        self.reporter = LoadReporter(config, self.hub)
         self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -35,16 +46,19 @@ class RelayApp:
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
 
     async def start(self) -> None:
-        """Starts the idle-room sweep (chunk timers start with each room)."""
+        """Starts the idle-room sweep and the load report (chunk timers and pulls start with each room)."""
         await self.hub.start()
+        self.reporter.start()
 
     async def drain(self) -> None:
         """Ends every Subscribe stream at once; listeners reconnect elsewhere with resume_after."""
         self.hub.drain()
 
     async def close(self) -> None:
-        """Stops the chunk timers and the sweep."""
+        """Stops the load report, the chunk timers, the pulls and the sweep."""
+        await self.reporter.close()
         await self.hub.close()
+        await self.upstreams.close()
 
 
 def build_app(config: Config) -> RelayApp:

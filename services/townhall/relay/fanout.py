@@ -151,12 +151,25 @@ class Ring:
         items = self._items
         if not items:
             return []
-        first, last = items[0][0], items[-1][0]
+        last = items[-1][0]
         if resume_after == 0 or resume_after > last:
             since = now - late_join_s
             return [data for _, at, data in items if at >= since]
-        skip = max(0, resume_after - first + 1)
-        return [data for index, (_, _, data) in enumerate(items) if index >= skip]
+        # By sequence, not position: an edge's ring has gaps where its pull from upstream had them.
+        return [data for sequence, _, data in items if sequence > resume_after]
+
+
+def chunk_sequence(data: bytes) -> int:
+    """A serialised Chunk's sequence, read from its first field without parsing the frames."""
+    # Field 1 (varint) is written first; an edge reads it from every chunk it forwards.
+    if data[:1] == b"\x08":
+        result = shift = 0
+        for byte in data[1:11]:
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+    return Chunk.FromString(data).sequence
 
 
 @dataclass
@@ -180,6 +193,13 @@ class Room:
         self.sequence = 0
         self.ring = Ring(settings.ring_chunks)
         self.subscribers: set[Subscriber] = set()
+        # On-stage subscribers get every frame as it arrives (conversation latency), not chunks.
+        self.stage: set[Subscriber] = set()
+        self.stage_sequence = 0
+        # Relays above this one, origin first; empty when this relay is the room's origin.
+        self.upstream: tuple[str, ...] = ()
+        # How many of the subscribers are other relays pulling the room (not listeners).
+        self.downstream = 0
         self.publishers = 0
         self._pending: list[AudioFrame] = []
         # Monotonic time since which the room has had no publishers and no subscribers.
@@ -188,16 +208,25 @@ class Room:
     @property
     def active(self) -> bool:
         """Whether anyone publishes to or listens in this room."""
-        return self.publishers > 0 or bool(self.subscribers)
+        return self.publishers > 0 or bool(self.subscribers) or bool(self.stage)
 
     @property
     def pending(self) -> int:
         """Frames waiting for the next chunk."""
         return len(self._pending)
 
-    def add_frame(self, frame: AudioFrame) -> None:
-        """Adds a validated frame (speaker_id already set) to the next chunk."""
+    def add_frame(self, frame: AudioFrame, now: float = 0.0, now_us: int = 0) -> None:
+        """Adds a validated frame (speaker_id already set) to the next chunk, and sends it to the stage."""
         self._pending.append(frame)
+        if self.stage:
+            self.stage_sequence += 1
+            data = Chunk(
+                sequence=self.stage_sequence, emitted_ts_us=now_us, frames=[frame]
+            ).SerializeToString()
+            cut = [subscriber for subscriber in self.stage if subscriber.push(data, now) == STUCK]
+            for subscriber in cut:
+                self.stage.discard(subscriber)
+                subscriber.close("stuck")
 
     def emit(self, now: float, now_us: int) -> Emitted | None:
         """Builds the chunk of all waiting frames, serialises it once and queues it to everyone.
@@ -209,7 +238,15 @@ class Room:
         frames, self._pending = self._pending, []
         self.sequence += 1
         data = Chunk(sequence=self.sequence, emitted_ts_us=now_us, frames=frames).SerializeToString()
-        self.ring.add(self.sequence, now, data)
+        return self._fan(self.sequence, data, frames, now)
+
+    def forward(self, sequence: int, data: bytes, now: float) -> Emitted:
+        """Queues a chunk pulled from upstream to everyone, as is (an edge never re-serialises)."""
+        self.sequence = sequence
+        return self._fan(sequence, data, [], now)
+
+    def _fan(self, sequence: int, data: bytes, frames: list[AudioFrame], now: float) -> Emitted:
+        self.ring.add(sequence, now, data)
         dropped = 0
         cut: list[Subscriber] = []
         for subscriber in self.subscribers:
@@ -221,17 +258,25 @@ class Room:
         for subscriber in cut:
             self.subscribers.discard(subscriber)
             subscriber.close("stuck")
-        return Emitted(self.sequence, data, frames, len(self.subscribers) + len(cut), dropped, cut)
+        return Emitted(sequence, data, frames, len(self.subscribers) + len(cut), dropped, cut)
 
-    def subscribe(self, resume_after: int, now: float) -> Subscriber:
+    def subscribe(self, resume_after: int, now: float, limit: int = 0) -> Subscriber:
         """A new subscriber, primed with the late-join or resume chunks from the ring."""
         settings = self.settings
         replay = self.ring.replay(resume_after, now, settings.late_join_s)
-        subscriber = Subscriber(settings.subscriber_queue, settings.stuck_cutoff_s, replay)
+        subscriber = Subscriber(limit or settings.subscriber_queue, settings.stuck_cutoff_s, replay)
         self.subscribers.add(subscriber)
+        self.idle_since = None
+        return subscriber
+
+    def subscribe_stage(self) -> Subscriber:
+        """A stage subscriber: each frame as it arrives, no replay (the stage is live)."""
+        subscriber = Subscriber(self.settings.subscriber_queue, self.settings.stuck_cutoff_s)
+        self.stage.add(subscriber)
         self.idle_since = None
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Forgets a subscriber (its stream ended)."""
         self.subscribers.discard(subscriber)
+        self.stage.discard(subscriber)

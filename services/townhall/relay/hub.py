@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import grpc
 
 from townhall.core import logging
 from townhall.core.errors import Unavailable
 from townhall.relay import metrics
-from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber
+from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_sequence
 
 log = logging.get(__name__)
 
 # Reasons a subscriber is closed by the relay (Subscriber.reason).
 STUCK = "stuck"
 DRAINING = "draining"
+
+
+class PullSource(Protocol):
+    """Where an edge pulls a room's chunks from (Upstreams; a fake in unit tests)."""
+
+    def pull(self, room_id: str, path: tuple[str, ...], resume_after: int) -> AsyncIterator[bytes]:
+        """The room's serialised chunks from path[-1], after `resume_after`."""
+        ...
 
 
 def wall_us() -> int:
@@ -35,8 +47,19 @@ class Hub:
         idle_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_us: Callable[[], int] = wall_us,
+        upstreams: PullSource | None = None,
+        pull_linger_s: float = 5.0,
+        large_chunk_s: float = 0.0,
+        large_downstream: int = 0,
     ) -> None:
         self.settings = settings
+        self._upstreams = upstreams
+        # An edge keeps pulling this long after its last listener left, so one who reconnects resumes.
+        self.pull_linger_s = pull_linger_s
+        # A room pulled by this many relays has a large audience: longer chunks cost its edges less.
+        self._large_chunk_s = large_chunk_s
+        self._large_downstream = large_downstream
+        self._pulls: dict[str, asyncio.Task[None]] = {}
         self._chunk_s = chunk_s
         self._idle_s = idle_s
         self._clock = clock
@@ -64,6 +87,13 @@ class Hub:
         """Counts a new Publish stream into the room, creating the room and its timer as needed."""
         self._refuse_if_draining()
         room = self._room(room_id)
+        if room.upstream:
+            # Speakers publish to the origin: if they come here, this relay has become the origin.
+            log.info("edge room became origin", room=room_id, upstream=room.upstream[-1])
+            room.upstream = ()
+            pull = self._pulls.pop(room_id, None)
+            if pull is not None:
+                pull.cancel()
         room.publishers += 1
         room.idle_since = None
         metrics.PUBLISHERS.inc()
@@ -75,19 +105,60 @@ class Hub:
         room.publishers -= 1
         metrics.PUBLISHERS.dec()
 
-    def subscribe(self, room_id: str, resume_after: int) -> tuple[Room, Subscriber]:
-        """A new subscriber of the room, primed from the ring buffer."""
+    def subscribe(
+        self, room_id: str, resume_after: int, upstream: tuple[str, ...] = (), downstream: bool = False
+    ) -> tuple[Room, Subscriber]:
+        """A new subscriber of the room, primed from the ring buffer.
+
+        With `upstream` (origin first) this relay is an edge for the room: its chunks come from one
+        pull to upstream[-1] instead of a local chunk timer. `downstream` marks another relay's pull.
+        """
         self._refuse_if_draining()
         room = self._room(room_id)
-        subscriber = room.subscribe(resume_after, self._clock())
+        if upstream and not room.publishers and room_id not in self._timers:
+            room.upstream = upstream
+        # A downstream relay serves many listeners: it gets the whole ring's worth of queue.
+        limit = self.settings.ring_chunks if downstream else 0
+        subscriber = room.subscribe(resume_after, self._clock(), limit)
+        if downstream:
+            room.downstream += 1
+            metrics.PULLS_SERVED.inc()
+        else:
+            metrics.LISTENERS.inc()
+        if room.upstream:
+            self._start_pull(room, resume_after)
+        else:
+            self._activate(room)
+        return room, subscriber
+
+    def subscribe_stage(self, room_id: str) -> tuple[Room, Subscriber]:
+        """A stage subscriber (host, co-host, speaker): every frame as it arrives, at the origin."""
+        self._refuse_if_draining()
+        room = self._room(room_id)
+        subscriber = room.subscribe_stage()
         metrics.LISTENERS.inc()
         self._activate(room)
         return room, subscriber
 
-    def unsubscribe(self, room: Room, subscriber: Subscriber) -> None:
-        """A Subscribe stream ended (for whatever reason)."""
+    def unsubscribe(self, room: Room, subscriber: Subscriber, downstream: bool = False) -> None:
+        """A Subscribe or Pull stream ended (for whatever reason)."""
         room.unsubscribe(subscriber)
-        metrics.LISTENERS.dec()
+        if downstream:
+            room.downstream -= 1
+            metrics.PULLS_SERVED.dec()
+        else:
+            metrics.LISTENERS.dec()
+        if not room.active and room.room_id not in self._timers:
+            room.idle_since = self._clock()
+
+    def load(self) -> dict[str, int]:
+        """Listener streams per room (relay pulls excluded), for the load report."""
+        loads = {}
+        for room_id, room in self._rooms.items():
+            listeners = len(room.subscribers) - room.downstream + len(room.stage)
+            if listeners > 0:
+                loads[room_id] = listeners
+        return loads
 
     async def start(self) -> None:
         """Starts the idle-room sweep."""
@@ -98,20 +169,21 @@ class Hub:
         self._draining = True
         closed = 0
         for room in self._rooms.values():
-            for subscriber in list(room.subscribers):
+            for subscriber in [*room.subscribers, *room.stage]:
                 subscriber.close(DRAINING)
                 closed += 1
         log.info("relay draining", rooms=len(self._rooms), subscribers=closed)
 
     async def close(self) -> None:
         """Stops the timers and the sweep."""
-        tasks = [*self._timers.values(), *([self._sweeper] if self._sweeper else [])]
+        tasks = [*self._timers.values(), *self._pulls.values(), *([self._sweeper] if self._sweeper else [])]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._timers.clear()
+        self._pulls.clear()
         self._sweeper = None
 
     def _refuse_if_draining(self) -> None:
@@ -131,10 +203,49 @@ class Hub:
             task = asyncio.create_task(self._tick(room), name=f"relay-chunks-{room.room_id}")
             self._timers[room.room_id] = task
 
+    def _start_pull(self, room: Room, resume_after: int) -> None:
+        if room.room_id in self._pulls:
+            return
+        if self._upstreams is None:
+            raise Unavailable("this relay cannot pull from upstream relays")
+        resume = room.sequence or resume_after
+        task = asyncio.create_task(self._pull(room, resume), name=f"relay-pull-{room.room_id}")
+        self._pulls[room.room_id] = task
+
+    async def _pull(self, room: Room, resume_after: int) -> None:
+        """Forwards the room's chunks from upstream as they come, reconnecting (with resume) on errors."""
+        assert self._upstreams is not None
+        backoff = 0.05
+        try:
+            for attempt in itertools.count():
+                if attempt:
+                    metrics.PULL_RECONNECTS.inc()
+                    await asyncio.sleep(backoff)
+                    backoff = min(2.0, backoff * 2)
+                # After the first chunk, resume from the last one forwarded: no gap if still buffered.
+                resume = room.sequence or resume_after
+                try:
+                    async for data in self._upstreams.pull(room.room_id, room.upstream, resume):
+                        emitted = room.forward(chunk_sequence(data), data, self._clock())
+                        self._observe(room, emitted, 0)
+                        backoff = 0.05
+                    log.info("pull ended by upstream", room=room.room_id, upstream=room.upstream[-1])
+                except grpc.aio.AioRpcError as exc:
+                    log.warning(
+                        "pull from upstream failed",
+                        room=room.room_id,
+                        upstream=room.upstream[-1],
+                        code=exc.code().name,
+                        details=exc.details(),
+                    )
+        finally:
+            if self._pulls.get(room.room_id) is asyncio.current_task():
+                del self._pulls[room.room_id]
+
     async def _tick(self, room: Room) -> None:
         """Emits the room's chunk every chunk_s while it has publishers or subscribers."""
         loop = asyncio.get_running_loop()
-        interval = self._chunk_s
+        interval = self._interval(room)
         due = loop.time() + interval
         try:
             while True:
@@ -145,6 +256,7 @@ class Hub:
                     self._observe(room, emitted, now_us)
                 if not room.active:
                     break
+                interval = self._interval(room)
                 due += interval
                 late = loop.time() - due
                 if late > 0:
@@ -156,9 +268,18 @@ class Hub:
             if not room.active:
                 room.idle_since = self._clock()
 
+    def _interval(self, room: Room) -> float:
+        """The room's chunk interval: longer once enough relays pull it (when configured)."""
+        if self._large_chunk_s and room.downstream >= self._large_downstream:
+            return self._large_chunk_s
+        return self._chunk_s
+
     def _observe(self, room: Room, emitted: Emitted, now_us: int) -> None:
-        metrics.CHUNKS_EMITTED.inc()
-        metrics.CHUNK_BYTES.observe(len(emitted.data))
+        if emitted.frames:
+            metrics.CHUNKS_EMITTED.inc()
+            metrics.CHUNK_BYTES.observe(len(emitted.data))
+        else:
+            metrics.CHUNKS_PULLED.inc()
         if emitted.subscribers:
             metrics.CHUNKS_OUT.inc(emitted.subscribers)
         if emitted.dropped:
@@ -178,14 +299,25 @@ class Hub:
             self.sweep()
 
     def sweep(self) -> int:
-        """Drops the rooms idle for longer than idle_s; returns how many."""
+        """Drops the rooms idle for longer than idle_s, ends lingering pulls; returns rooms dropped."""
         now = self._clock()
+        for room_id, pull in list(self._pulls.items()):
+            room = self._rooms[room_id]
+            if (
+                room.idle_since is not None
+                and not room.active
+                and now - room.idle_since >= self.pull_linger_s
+            ):
+                log.info("pull stopped", room=room_id, reason="no listeners")
+                del self._pulls[room_id]
+                pull.cancel()
         idle = [
             room_id
             for room_id, room in self._rooms.items()
             if room.idle_since is not None
             and not room.active
             and room_id not in self._timers
+            and room_id not in self._pulls
             and now - room.idle_since >= self._idle_s
         ]
         for room_id in idle:

@@ -6,6 +6,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LISTENERS = Gauge("townhall_relay_listeners", "Subscribe streams open on this relay.")
 PUBLISHERS = Gauge("townhall_relay_publishers", "Publish streams open on this relay.")
+PULLS_SERVED = Gauge(
+    "townhall_relay_pulls_served", "Pull streams open to downstream (edge, mid-tier) relays."
+)
+CHUNKS_PULLED = Counter(
+    "townhall_relay_chunks_pulled_total", "Chunks received from an upstream relay (edge, mid-tier)."
+)
+PULL_RECONNECTS = Counter(
+    "townhall_relay_pull_reconnects_total", "Pulls from an upstream relay opened again after they ended."
+)
 ROOMS = Gauge("townhall_relay_rooms", "Rooms held by this relay (active or recently idle).")
 FRAMES_IN = Counter("townhall_relay_frames_in_total", "Audio frames accepted from speakers.")
 FRAMES_REJECTED = Counter(

@@ -6,6 +6,7 @@ serialised once per room, never per listener.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +14,12 @@ import grpc
 
 from townhall.core import logging, validation
 from townhall.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
-from townhall.core.tickets import TICKET_KEY, Ticket, TicketSigner
+from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
+from townhall.relay.fanout import Room, Subscriber
 from townhall.relay.hub import DRAINING, STUCK, Hub, wall_us
 from townhall.v1.common_pb2 import Role
-from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, SubscribeRequest
+from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
 
 log = logging.get(__name__)
 
@@ -52,7 +54,7 @@ class RelayServicer:
                     raise Unavailable("relay is shutting down; publish again to continue")
                 self._check(frame, ticket.user_id)
                 frame.speaker_id = ticket.user_id
-                room.add_frame(frame)
+                room.add_frame(frame, time.monotonic(), wall_us())
                 accepted += 1
                 metrics.FRAMES_IN.inc()
         finally:
@@ -61,12 +63,41 @@ class RelayServicer:
         return PublishSummary(frames_accepted=accepted)
 
     async def subscribe(self, request: SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
-        """Streams the room's chunks (ring buffer first) until the client leaves or the relay drains."""
+        """Streams the room's chunks (ring buffer first) until the client leaves or the relay drains.
+
+        The stage (host, co-hosts, speakers) gets each frame as it arrives instead of chunks. A
+        listener ticket naming upstream relays makes this relay an edge for the room.
+        """
         ticket = self._ticket(context)
         room_id = validation.room_id(request.room_id)
         if room_id != ticket.room_id:
             raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
-        room, subscriber = self._hub.subscribe(room_id, request.resume_after)
+        if ticket.role == ROLE_RELAY:
+            raise PermissionDenied("a relay pull credential is for Relay.Pull, not Subscribe")
+        if ticket.on_stage and not ticket.upstream:
+            room, subscriber = self._hub.subscribe_stage(room_id)
+        else:
+            room, subscriber = self._hub.subscribe(room_id, request.resume_after, ticket.upstream)
+        await self._stream(room, subscriber, context, downstream=False)
+
+    async def pull(self, request: PullRequest, context: grpc.aio.ServicerContext) -> None:
+        """Another relay's one stream of the room: the same bytes as listeners get, from the ring first."""
+        ticket = self._ticket(context)
+        room_id = validation.room_id(request.room_id)
+        if ticket.role != ROLE_RELAY:
+            raise PermissionDenied("Relay.Pull needs a relay pull credential, not a user's ticket")
+        if room_id != ticket.room_id:
+            raise PermissionDenied(f"credential is for room {ticket.room_id!r}, not {room_id!r}")
+        # A credential with its own upstream makes this relay a mid-tier: it pulls in turn.
+        room, subscriber = self._hub.subscribe(
+            room_id, request.resume_after, ticket.upstream, downstream=True
+        )
+        log.info("downstream relay pulling", room=room_id, resume_after=request.resume_after)
+        await self._stream(room, subscriber, context, downstream=True)
+
+    async def _stream(
+        self, room: Room, subscriber: Subscriber, context: grpc.aio.ServicerContext, downstream: bool
+    ) -> None:
         take, waiter, write = subscriber.take, subscriber.waiter, context.write
         # A cut-off or drain is seen after the write in flight returns. A client that stopped
         # reading holds that one write (its flow-control window is full) until it reads again or
@@ -81,7 +112,7 @@ class RelayServicer:
                     continue
                 await write(data)
         finally:
-            self._hub.unsubscribe(room, subscriber)
+            self._hub.unsubscribe(room, subscriber, downstream)
         if subscriber.reason == STUCK:
             raise ResourceExhausted(
                 f"listener read too slowly: chunks were dropped for {self._hub.settings.stuck_cutoff_s:g} s; "
@@ -143,6 +174,11 @@ def generic_handler(servicer: RelayServicer) -> grpc.GenericRpcHandler:
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 servicer.subscribe,
                 request_deserializer=SubscribeRequest.FromString,
+                response_serializer=_identity,
+            ),
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                servicer.pull,
+                request_deserializer=PullRequest.FromString,
                 response_serializer=_identity,
             ),
         },

@@ -1,0 +1,150 @@
+"""Listener capacity on one member: allowances per room, refilled from the owner ahead of need.
+
+The join path only reads and decrements an Allowance; refills run as background tasks, so a
+join never waits on the owner. The owner's own allowances come from its LeaseBook directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+
+from townhall.admission.cluster import Peers
+from townhall.admission.leases import Allowance, LeaseBook
+from townhall.admission.metrics import LEASE_CALLS
+from townhall.admission.rooms import RoomBook
+from townhall.core import logging
+from townhall.core.errors import NotFound
+from townhall.v1.common_pb2 import RoomState
+from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
+
+log = logging.get(__name__)
+
+LEASE_TIMEOUT_S = 2.0
+# After a failed call, or when the owner said the room is full, ask again after this long.
+RETRY_S = 0.5
+FULL_RETRY_S = 1.0
+# Holdings are reported this often even without need, so a new owner learns them quickly.
+REPORT_EVERY_S = 5.0
+
+
+class Capacity:
+    """Allowances of the rooms this member admits to, and the owner's lease book."""
+
+    def __init__(
+        self, rooms: RoomBook, peers: Peers, default_limit: int, lease_min: int, lease_max: int
+    ) -> None:
+        self.book = LeaseBook()
+        self._rooms = rooms
+        self._peers = peers
+        self.default_limit = default_limit
+        self._lease_min, self._lease_max = lease_min, lease_max
+        self._allowances: dict[str, Allowance] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reporter: asyncio.Task[None] | None = None
+
+    def allowance(self, room_id: str) -> Allowance:
+        """The room's allowance here, with a refill started if it runs low."""
+        allowance = self._allowances.get(room_id)
+        if allowance is None:
+            allowance = self._allowances[room_id] = Allowance(self._lease_min, self._lease_max)
+        if allowance.wants_refill():
+            if self._peers.is_owner(room_id):
+                # The owner's book is local: take the lease now, no call and no wait.
+                self._take_local(room_id, allowance, allowance.lease_size())
+                return allowance
+            allowance.refilling = True
+            task = asyncio.get_running_loop().create_task(self._refill(room_id, allowance))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return allowance
+
+    def rooms(self) -> set[str]:
+        """Rooms with an allowance here."""
+        return set(self._allowances)
+
+    def get(self, room_id: str) -> Allowance | None:
+        """The room's allowance here, if any."""
+        return self._allowances.get(room_id)
+
+    def forget(self, room_id: str) -> Allowance | None:
+        """Drops an ended room's allowance (and lease book, if this member owns it)."""
+        self.book.forget(room_id)
+        return self._allowances.pop(room_id, None)
+
+    def grant(self, request: AcquireRequest) -> AcquireResponse:
+        """The owner's answer to a lease request."""
+        try:
+            room = self._rooms.get(request.room_id)
+        except NotFound:
+            return AcquireResponse()
+        limit = room.listener_limit or self.default_limit
+        if room.state != RoomState.ROOM_STATE_LIVE:
+            return AcquireResponse(limit=limit)
+        members = self._peers.membership.members()
+        granted, available = self.book.acquire(
+            request.room_id, request.member, request.count, request.held, limit, members
+        )
+        LEASE_CALLS.labels("granted" if granted else "empty").inc()
+        return AcquireResponse(granted=granted, available=available, limit=limit)
+
+    def start(self) -> None:
+        """Starts the periodic holding reports."""
+        self._reporter = asyncio.create_task(self._report_forever(), name="lease-reports")
+
+    async def close(self) -> None:
+        """Stops background work."""
+        for task in [*self._tasks, *([self._reporter] if self._reporter else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _refill(self, room_id: str, allowance: Allowance) -> None:
+        try:
+            await self._ask(room_id, allowance, allowance.lease_size())
+        finally:
+            allowance.refilling = False
+
+    def _take_local(self, room_id: str, allowance: Allowance, count: int) -> None:
+        allowance.give_back()
+        request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
+        self._took(allowance, count, self.grant(request))
+
+    async def _ask(self, room_id: str, allowance: Allowance, count: int) -> None:
+        owner = self._peers.owner(room_id)
+        if owner == self._peers.me:
+            self._take_local(room_id, allowance, count)
+            return
+        allowance.give_back()
+        request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
+        try:
+            reply = await self._peers.leases(owner).Acquire(request, timeout=LEASE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            LEASE_CALLS.labels("failed").inc()
+            log.warning("lease call failed", room=room_id, owner=owner, code=exc.code().name)
+            allowance.exhausted_until = time.monotonic() + RETRY_S
+            return
+        self._took(allowance, count, reply)
+
+    @staticmethod
+    def _took(allowance: Allowance, count: int, reply: AcquireResponse) -> None:
+        allowance.last_report = time.monotonic()
+        allowance.held += reply.granted
+        if reply.granted < count and reply.available == 0:
+            allowance.exhausted_until = time.monotonic() + FULL_RETRY_S
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            now = time.monotonic()
+            for room_id, allowance in list(self._allowances.items()):
+                if allowance.refilling or now - allowance.last_report < REPORT_EVERY_S:
+                    continue
+                allowance.refilling = True
+                try:
+                    await self._ask(room_id, allowance, 0)
+                finally:
+                    allowance.refilling = False

@@ -1,0 +1,65 @@
+"""The admission cluster seen from one process: its membership and gRPC stubs to the other members."""
+
+from __future__ import annotations
+
+import grpc
+
+from townhall.core.membership import Membership
+from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
+
+# Marks a call a member forwarded to the owner: the receiver serves it itself, so two members
+# with momentarily different views of the membership cannot bounce it back and forth.
+FORWARDED_KEY = "townhall-forwarded"
+# Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin.
+FORWARD_TIMEOUT_S = 12.0
+_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
+
+
+class Peers:
+    """Membership plus one channel per other member, opened on first use."""
+
+    def __init__(self, membership: Membership) -> None:
+        self.membership = membership
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def me(self) -> str:
+        """This process's member address."""
+        return self.membership.me
+
+    def is_owner(self, room_id: str) -> bool:
+        """Whether this process owns the room (room changes, leases and schedules run there)."""
+        return self.membership.is_owner(room_id)
+
+    def owner(self, room_id: str) -> str:
+        """The member that owns the room."""
+        return self.membership.owner(room_id)
+
+    def _channel(self, member: str) -> grpc.aio.Channel:
+        channel = self._channels.get(member)
+        if channel is None:
+            channel = self._channels[member] = grpc.aio.insecure_channel(member, options=_OPTIONS)
+        return channel
+
+    def rooms(self, member: str) -> rooms_pb2_grpc.RoomsStub:
+        """The Rooms API of a member."""
+        return rooms_pb2_grpc.RoomsStub(self._channel(member))
+
+    def owner_api(self, member: str) -> internal_pb2_grpc.OwnerStub:
+        """The internal Owner API of a member."""
+        return internal_pb2_grpc.OwnerStub(self._channel(member))
+
+    def leases(self, member: str) -> internal_pb2_grpc.LeasesStub:
+        """The internal Leases API of a member."""
+        return internal_pb2_grpc.LeasesStub(self._channel(member))
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def forwarded(metadata: object) -> bool:
+    """Whether invocation metadata marks a call as forwarded by another member."""
+    return any(key == FORWARDED_KEY for key, _ in (metadata or ()))  # type: ignore[attr-defined]

@@ -1,0 +1,140 @@
+"""Capacity leases, pure: the owner's book of admits handed out, and a member's local allowance.
+
+A room's listener limit is split into admits that members lease from the room's owner in
+batches. A member admits from its allowance with no call; the sum of all allowances never
+exceeds the limit, so the limit holds across processes. After an owner change the new owner
+learns each member's holding from its next call, so the limit holds to within what members
+hold but have not yet reported (at most one lease each, since members report every refill
+and every few seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+# A member that has not reported a holding for this long is taken to be gone.
+HOLDING_TTL_S = 20.0
+# Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S calls/s per room.
+REFILL_HORIZON_S = 0.5
+
+
+@dataclass
+class _Holding:
+    admits: int
+    seen: float
+
+
+@dataclass
+class RoomLeases:
+    """One room's admits, by member."""
+
+    holdings: dict[str, _Holding] = field(default_factory=dict)
+
+    def leased(self) -> int:
+        """Admits held by all members."""
+        return sum(h.admits for h in self.holdings.values())
+
+
+class LeaseBook:
+    """The owner's side: who holds how many admits of each room it owns."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rooms: dict[str, RoomLeases] = {}
+        self._clock = clock
+
+    def acquire(
+        self, room_id: str, member: str, count: int, held: int, limit: int, members: Collection[str] = ()
+    ) -> tuple[int, int]:
+        """Records `member`'s holding, grants up to `count` more within `limit`: (granted, available)."""
+        now = self._clock()
+        room = self._rooms.setdefault(room_id, RoomLeases())
+        for name, holding in list(room.holdings.items()):
+            gone = members and name not in members and name != member
+            if gone or now - holding.seen > HOLDING_TTL_S:
+                del room.holdings[name]
+        holding = room.holdings.setdefault(member, _Holding(0, now))
+        holding.admits, holding.seen = held, now
+        granted = max(0, min(count, limit - room.leased()))
+        holding.admits += granted
+        return granted, max(0, limit - room.leased())
+
+    def forget(self, room_id: str) -> None:
+        """Drops a room (ended)."""
+        self._rooms.pop(room_id, None)
+
+    def leased(self, room_id: str) -> int:
+        """Admits of a room held by all members."""
+        room = self._rooms.get(room_id)
+        return room.leased() if room else 0
+
+
+class Allowance:
+    """A member's side for one room: admits held, listeners admitted, and when to refill."""
+
+    def __init__(self, lease_min: int, lease_max: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.held = 0
+        self.listeners: set[int] = set()
+        self.refilling = False
+        # The owner said the room had nothing left: do not ask again before this time.
+        self.exhausted_until = 0.0
+        self.last_report = 0.0
+        self._min = lease_min
+        self._max = lease_max
+        self._clock = clock
+        self._rate = 0.0  # join attempts/s, exponentially smoothed
+        self._window_start = clock()
+        self._window_admits = 0
+
+    @property
+    def spare(self) -> int:
+        """Admits held but not in use."""
+        return self.held - len(self.listeners)
+
+    def admit(self, user: int) -> bool:
+        """Uses one admit for `user`; False when none is spare (a rejoin needs none)."""
+        if user in self.listeners:
+            return True
+        if self.spare <= 0:
+            return False
+        self.listeners.add(user)
+        return True
+
+    def demand(self) -> None:
+        """Counts one join attempt: leases follow the rate users ask at, not the rate they got in."""
+        self._count()
+
+    def leave(self, user: int) -> bool:
+        """Frees the user's admit for reuse here; True if the user was admitted here."""
+        if user in self.listeners:
+            self.listeners.discard(user)
+            return True
+        return False
+
+    def lease_size(self) -> int:
+        """How many admits to ask for: about REFILL_HORIZON_S of joins at the recent rate."""
+        self._count(0)
+        return int(min(self._max, max(self._min, self._rate * REFILL_HORIZON_S)))
+
+    def wants_refill(self) -> bool:
+        """Whether to ask the owner now: spare below half a lease and none in flight."""
+        if self.refilling or self._clock() < self.exhausted_until:
+            return False
+        return self.spare < max(1, self.lease_size() // 2)
+
+    def give_back(self) -> int:
+        """Spare admits beyond two leases, returned on the next report so idle processes hoard none."""
+        extra = self.spare - 2 * self.lease_size()
+        if extra <= 0:
+            return 0
+        self.held -= extra
+        return extra
+
+    def _count(self, n: int = 1) -> None:
+        self._window_admits += n
+        now = self._clock()
+        elapsed = now - self._window_start
+        if elapsed >= 0.25:
+            self._rate = 0.5 * self._rate + 0.5 * self._window_admits / elapsed
+            self._window_start, self._window_admits = now, 0

@@ -1,0 +1,154 @@
+"""Edge placement: which relay a user of a room is sent to, and the relay path above it (pure logic).
+
+A room's relays are the live relays in rendezvous order for the room: the first is its origin
+(speakers publish there), the next ones are its edges. Every admission process computes the same
+order, so they all pack a room's listeners onto the same edges without talking to each other:
+a listener goes to the first relay in that order that carries fewer than `edge_target` of the
+room's listeners and is below its capacity, so a room adds edges only as its audience grows.
+The relays form a `degree`-ary tree in that order (relay i pulls from relay (i - 1) // degree):
+the origin feeds at most `degree` relays, and larger rooms get mid-tier levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from townhall.core.sharding import ranked
+
+MAX_CACHED_ROOMS = 100_000
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a user connects, and the relays above it (origin first; empty when it is the origin)."""
+
+    relay: str
+    upstream: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Load:
+    """A relay's last load report."""
+
+    relay: str
+    listeners: int
+    capacity: int
+    at: float  # when it was made, seconds on the placer's clock
+    rooms: Mapping[str, int] = field(default_factory=dict)
+
+
+def parent(index: int, degree: int) -> int:
+    """The tree position a relay at `index` (0: origin) pulls from."""
+    return (index - 1) // degree
+
+
+def path(order: Sequence[str], index: int, degree: int) -> tuple[str, ...]:
+    """The relays above order[index], origin first."""
+    above: list[str] = []
+    while index > 0:
+        index = parent(index, degree)
+        above.append(order[index])
+    return tuple(reversed(above))
+
+
+class Placer:
+    """Places users on relays from the relays' load reports and this process's own recent placements."""
+
+    def __init__(
+        self,
+        relays: Sequence[str],
+        edge_target: int,
+        degree: int,
+        default_capacity: int,
+        stale_s: float = 15.0,
+    ) -> None:
+        if degree < 2 or edge_target < 1:
+            raise ValueError("degree must be at least 2 and edge_target at least 1")
+        self._relays = list(relays)
+        self._edge_target = edge_target
+        self._degree = degree
+        self._default_capacity = default_capacity
+        self._stale_s = stale_s
+        self._loads: dict[str, Load] = {}
+        # Placed by this process since the relay's last report: listeners not yet in any report.
+        self._placed: dict[str, dict[str, int]] = {}
+        self._placed_total: dict[str, int] = {}
+        # A room's rendezvous order hashes every relay: cached per room while the live relays stay.
+        self._orders: dict[str, tuple[list[str], list[str]]] = {}
+
+    def set_relays(self, relays: Sequence[str]) -> None:
+        """The relay members changed (configuration or membership)."""
+        self._relays = list(relays)
+
+    def observe(self, load: Load) -> None:
+        """Takes a relay's load report; it supersedes this process's count of placements on it."""
+        previous = self._loads.get(load.relay)
+        if previous is not None and previous.at > load.at:
+            return
+        self._loads[load.relay] = load
+        self._placed.pop(load.relay, None)
+        self._placed_total.pop(load.relay, None)
+
+    def live(self, now: float) -> list[str]:
+        """Relays that are members and have not gone quiet (a relay yet to report counts as live)."""
+        loads = self._loads
+        relays = [r for r in self._relays if (load := loads.get(r)) is None or now - load.at < self._stale_s]
+        return relays or list(self._relays)
+
+    def carried(self, relay: str, room_id: str) -> int:
+        """The room's listeners on the relay: last reported plus placed here since."""
+        load = self._loads.get(relay)
+        reported = load.rooms.get(room_id, 0) if load is not None else 0
+        return reported + self._placed.get(relay, {}).get(room_id, 0)
+
+    def total(self, relay: str) -> int:
+        """All listeners on the relay: last reported plus placed here since."""
+        load = self._loads.get(relay)
+        reported = load.listeners if load is not None else 0
+        return reported + self._placed_total.get(relay, 0)
+
+    def capacity(self, relay: str) -> int:
+        """The listener streams the relay says it is sized for."""
+        load = self._loads.get(relay)
+        return load.capacity if load is not None and load.capacity > 0 else self._default_capacity
+
+    def origin(self, room_id: str, now: float) -> str:
+        """The room's origin relay: where its stage publishes and listens."""
+        return self._order(room_id, now)[0]
+
+    def _order(self, room_id: str, now: float) -> list[str]:
+        live = self.live(now)
+        cached = self._orders.get(room_id)
+        if cached is not None and cached[0] == live:
+            return cached[1]
+        if len(self._orders) >= MAX_CACHED_ROOMS:
+            self._orders.clear()
+        order = ranked(room_id, live)
+        self._orders[room_id] = (live, order)
+        return order
+
+    def place(self, room_id: str, on_stage: bool, now: float) -> Placement:
+        """The relay for one more user of the room (the stage always goes to the origin)."""
+        order = self._order(room_id, now)
+        if on_stage:
+            return Placement(order[0], ())
+        index = self._choose(order, room_id)
+        relay = order[index]
+        placed = self._placed.setdefault(relay, {})
+        placed[room_id] = placed.get(room_id, 0) + 1
+        self._placed_total[relay] = self._placed_total.get(relay, 0) + 1
+        return Placement(relay, path(order, index, self._degree))
+
+    def _choose(self, order: list[str], room_id: str) -> int:
+        for index, relay in enumerate(order):
+            # Usually the first few relays: a room is packed from the front of its order.
+            if self.carried(relay, room_id) < self._edge_target and self.total(relay) < self.capacity(relay):
+                return index
+        with_room = [i for i, relay in enumerate(order) if self.total(relay) < self.capacity(relay)]
+        if with_room:
+            # Every relay with room holds its target of this room: spread the excess evenly.
+            return min(with_room, key=lambda i: (self.carried(order[i], room_id), i))
+        # Every relay is full: overload the least loaded one rather than refuse (admission's
+        # listener limits and leases are what bound a room; this only chooses where).
+        return min(range(len(order)), key=lambda i: (self.total(order[i]) / self.capacity(order[i]), i))

@@ -1,0 +1,65 @@
+"""The scheduler: starts scheduled rooms when their time comes (on the room's owner)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from townhall.admission.store import RoomStore, now_ms
+from townhall.core import logging
+from townhall.core.errors import TownhallError
+
+log = logging.get(__name__)
+
+TICK_S = 0.25
+
+
+class Scheduler:
+    """Every tick, starts the due scheduled rooms this process owns, as their host would.
+
+    Starting goes through RoomStore.start, so the room-started event (and with it the
+    followers' and reminder-askers' notifications) is exactly what a host's StartRoom writes.
+    A failed start (Kafka down) is retried on the next tick; the room stays scheduled until then.
+    """
+
+    def __init__(self, store: RoomStore, owns: Callable[[str], bool] = lambda _room: True) -> None:
+        self._store = store
+        self._owns = owns
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> int:
+        """Starts every due room owned here; returns how many started."""
+        started = 0
+        for room in self._store.book.due(now_ms()):
+            if not self._owns(room.room_id):
+                continue
+            try:
+                await self._store.start(room.room_id, room.host_id)
+            except TownhallError as exc:
+                log.warning("scheduled room not started, will retry", room=room.room_id, error=str(exc))
+                continue
+            started += 1
+            log.info("scheduled room started", room=room.room_id, host=room.host_id)
+        return started
+
+    def start(self) -> None:
+        """Starts ticking in the background."""
+        self._task = asyncio.create_task(self._run(), name="room-scheduler")
+
+    async def close(self) -> None:
+        """Stops ticking."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as exc:  # a tick must never end the loop
+                log.warning("scheduler tick failed", error=str(exc))
+            await asyncio.sleep(TICK_S)

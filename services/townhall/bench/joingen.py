@@ -1,0 +1,157 @@
+"""Join load generator: one process offering joins at fixed arrival rates (open loop), whatever the answers.
+
+Runs in a child process (multiprocessing, spawn) so its CPU is its own. Arrivals are started on
+schedule as tasks; a slow server makes calls pile up in flight, not arrivals slow down. Past
+`max_inflight` an arrival is counted as unsent (the generator, not the server, is then the limit).
+Protocol on the pipe: child sends ("progress", counts) twice a second, then ("result", dict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+
+from townhall.bench.stats import LatencyHistogram
+from townhall.core.identity import USER_KEY
+from townhall.v1.admission_pb2 import JoinRequest
+
+METHOD = "/townhall.v1.Admission/Join"
+TICK_S = 0.002
+CALL_TIMEOUT_S = 10.0
+CHANNELS_PER_ADDRESS = 4
+_GRANT_TAG = b"\x0a"  # JoinResponse field 1 (grant), length-delimited: cheaper than parsing
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one generator process offers."""
+
+    addresses: tuple[str, ...]
+    hot_room: str | None
+    hot_rate: float
+    cold_rooms: tuple[str, ...]
+    cold_rate: float
+    start_at: float  # Unix seconds
+    warmup_s: float
+    seconds: float
+    first_user: int
+    max_inflight: int = 4000
+
+
+@dataclass
+class _Class:
+    """Counts for one class of rooms (hot or cold), inside the measured window."""
+
+    sent: int = 0
+    unsent: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "unsent": self.unsent,
+            "outcomes": self.outcomes,
+            "latency": self.latency.counts,
+        }
+
+
+class _Generator:
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for address in spec.addresses
+            for _ in range(CHANNELS_PER_ADDRESS)
+        ]
+        self.calls = [ch.unary_unary(METHOD) for ch in self.channels]  # raw bytes in and out
+        self.classes = {"hot": _Class(), "cold": _Class()}
+        self.inflight = 0
+        self.user = spec.first_user
+        self.measure_from = spec.start_at + spec.warmup_s
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, kind: str, request: bytes) -> None:
+        self.user += 1
+        metadata = ((USER_KEY, str(self.user)),)
+        call = self.calls[self.user % len(self.calls)]
+        measured = time.time() >= self.measure_from
+        counts = self.classes[kind]
+        if measured:
+            counts.sent += 1
+        start = time.perf_counter()
+        self.inflight += 1
+        try:
+            reply = await call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            outcome = "granted" if reply[:1] == _GRANT_TAG else "waiting"
+        except grpc.aio.AioRpcError as error:
+            outcome = "shed" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
+        finally:
+            self.inflight -= 1
+        if measured:
+            elapsed_us = int((time.perf_counter() - start) * 1e6)
+            counts.outcomes[outcome] = counts.outcomes.get(outcome, 0) + 1
+            counts.latency.add_us(elapsed_us)
+
+    def launch(self, kind: str, request: bytes) -> None:
+        if self.inflight >= self.spec.max_inflight:
+            if time.time() >= self.measure_from:
+                self.classes[kind].unsent += 1
+            return
+        task = asyncio.get_running_loop().create_task(self.call(kind, request))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self, conn: Connection) -> None:
+        spec = self.spec
+        hot = JoinRequest(room_id=spec.hot_room).SerializeToString() if spec.hot_room else b""
+        colds = [JoinRequest(room_id=r).SerializeToString() for r in spec.cold_rooms]
+        await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+        end = spec.start_at + spec.warmup_s + spec.seconds
+        launched_hot = launched_cold = 0
+        next_progress = time.time()
+        while (now := time.time()) < end:
+            elapsed = now - spec.start_at
+            # Open loop: everything due by now is started now, however the earlier calls went.
+            for _ in range(int(elapsed * spec.hot_rate) - launched_hot):
+                launched_hot += 1
+                self.launch("hot", hot)
+            for _ in range(int(elapsed * spec.cold_rate) - launched_cold):
+                launched_cold += 1
+                self.launch("cold", colds[launched_cold % len(colds)])
+            if now >= next_progress:
+                next_progress = now + 0.5
+                conn.send(("progress", self.progress()))
+            await asyncio.sleep(TICK_S)
+        # Calls still in flight at the end are answered (or time out) before the result is sent.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), CALL_TIMEOUT_S + 1)
+        conn.send(("result", {kind: c.result() for kind, c in self.classes.items()}))
+
+    def progress(self) -> dict[str, Any]:
+        return {kind: {"sent": c.sent, **c.outcomes} for kind, c in self.classes.items()}
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for channel in self.channels:
+            await channel.close()
+
+
+async def _main(spec: Spec, conn: Connection) -> None:
+    generator = _Generator(spec)
+    try:
+        await generator.run(conn)
+    finally:
+        await generator.close()
+
+
+def main(spec: Spec, conn: Connection) -> None:
+    """The child process's entry point."""
+    asyncio.run(_main(spec, conn))

@@ -1,0 +1,67 @@
+"""`townhall loadtest`: open-loop join arrivals against a running topology; live progress, table, JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from townhall.bench import ghz
+from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
+from townhall.devtools.topology import load_manifest
+
+console = Console() if Console().is_terminal else Console(width=160)
+
+
+def add_parser(sub: Any) -> None:
+    """Registers the `loadtest` command."""
+    p = sub.add_parser("loadtest", help="offer joins at fixed arrival rates (open loop) and measure them")
+    p.add_argument("--hot-rate", type=float, default=2000.0, help="joins/s offered to one hot room")
+    p.add_argument("--cold-rate", type=float, default=100.0, help="joins/s offered to the cold rooms in all")
+    p.add_argument("--cold-rooms", type=int, default=50, help="cold rooms")
+    p.add_argument("--seconds", type=float, default=30.0, help="measured seconds (after 1 s of warm-up)")
+    p.add_argument("--generators", type=int, default=2, help="generator processes (Python generator)")
+    p.add_argument("--ghz", action="store_true", help="generate with ghz (.cache/bin/ghz) instead of Python")
+    p.add_argument("--json", type=Path, help="write the figures to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Creates the rooms, offers the load to every admission process, prints and writes the figures."""
+    manifest = args.root / "topology.json"
+    if args.admission:
+        addresses, pids = [args.admission], []
+    else:
+        entries = load_manifest(manifest)["services"]["admission"]
+        addresses = [e["grpc"] for e in entries]
+        pids = [e["pid"] for e in entries if e.get("pid")]
+    binary = ghz.find() if args.ghz else None
+    if args.ghz and binary is None:
+        console.print(
+            "[red]ghz not found: go install github.com/bojand/ghz/cmd/ghz@latest into .cache/bin[/red]"
+        )
+        return 2
+
+    async def main() -> dict[str, Any]:
+        hot, colds = await make_rooms(addresses[0], args.cold_rooms)
+        await wait_live(addresses, [hot, *colds])
+        load = Load(
+            tuple(addresses), hot if args.hot_rate > 0 else None, args.hot_rate, tuple(colds),
+            args.cold_rate, args.seconds, generators=args.generators, ghz=binary,
+        )  # fmt: skip
+        return await offer(load, pids, "loadtest", console)
+
+    figures = asyncio.run(main())
+    console.print(
+        table(f"townhall loadtest against {len(addresses)} admission process(es)", {"load": figures})
+    )
+    if not pids:
+        console.print("server CPU unknown (no pids: pass a topology from `townhall dev`)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        console.print(f"JSON written to {args.json}")
+    return 0

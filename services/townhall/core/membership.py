@@ -1,0 +1,190 @@
+"""Membership: the live members of a sharded service, from config or from Kubernetes EndpointSlices."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from townhall.core import logging
+from townhall.core.sharding import owner
+
+log = logging.get(__name__)
+
+SERVICE_LABEL = "kubernetes.io/service-name"
+RESTART_DELAY_S = 2.0
+
+
+class Membership(Protocol):
+    """Who the members are, which one this process is, and who owns a key."""
+
+    @property
+    def me(self) -> str:
+        """This process's member address (host:port)."""
+
+    def members(self) -> list[str]:
+        """The live members, sorted; never empty while this process serves."""
+
+    def owner(self, key: str) -> str:
+        """The member that owns `key` by rendezvous hashing over the live members."""
+
+    def is_owner(self, key: str) -> bool:
+        """Whether this process owns `key` (scheduler, leases and room changes run only there)."""
+
+
+class _Base:
+    """Owner look-ups shared by both implementations."""
+
+    me: str
+
+    def members(self) -> list[str]:
+        raise NotImplementedError
+
+    def owner(self, key: str) -> str:
+        return owner(key, self.members() or [self.me])
+
+    def is_owner(self, key: str) -> bool:
+        return self.owner(key) == self.me
+
+
+class StaticMembership(_Base):
+    """Members named in configuration (local topology, tests); `me` is always a member."""
+
+    def __init__(self, me: str, members: Iterable[str] = ()) -> None:
+        self.me = me
+        self._members = sorted({*members, me})
+
+    def members(self) -> list[str]:
+        return list(self._members)
+
+
+def slice_members(endpoint_slice: Any, port_name: str | None) -> set[str]:
+    """The ready host:port addresses of one V1EndpointSlice (the named port, else its first)."""
+    ports = endpoint_slice.ports or []
+    port = next((p.port for p in ports if port_name is None or p.name == port_name), None)
+    if port is None:
+        return set()
+    found = set()
+    for endpoint in endpoint_slice.endpoints or []:
+        conditions = endpoint.conditions
+        # Kubernetes says an unset `ready` means ready; terminating pods are never ready.
+        if conditions is not None and conditions.ready is False:
+            continue
+        for address in endpoint.addresses or []:
+            found.add(f"{address}:{port}")
+    return found
+
+
+class SliceTable:
+    """Members from a stream of EndpointSlice watch events (one service can have many slices)."""
+
+    def __init__(self, port_name: str | None) -> None:
+        self._port_name = port_name
+        self._slices: dict[str, set[str]] = {}
+
+    def apply(self, kind: str, endpoint_slice: Any) -> bool:
+        """Applies ADDED/MODIFIED/DELETED; True if the member set changed."""
+        before = self.members()
+        name = endpoint_slice.metadata.name
+        if kind == "DELETED":
+            self._slices.pop(name, None)
+        else:
+            self._slices[name] = slice_members(endpoint_slice, self._port_name)
+        return self.members() != before
+
+    def replace(self, slices: Iterable[Any]) -> None:
+        """Replaces everything with a fresh list (after a LIST, before watching)."""
+        self._slices = {s.metadata.name: slice_members(s, self._port_name) for s in slices}
+
+    def members(self) -> list[str]:
+        """Every ready address across slices, sorted."""
+        return sorted(set().union(*self._slices.values()))
+
+
+class KubernetesMembership(_Base):
+    """Members from the EndpointSlices of a headless Service, watched in a daemon thread.
+
+    A thread, not the kubernetes_asyncio client: the synchronous client is already a dependency,
+    the watch is one long poll, and the join path only reads an immutable list the thread swaps
+    in, so no lock is held on the event loop.
+    """
+
+    def __init__(
+        self,
+        me: str,
+        service: str,
+        namespace: str,
+        port_name: str | None = None,
+        on_change: Callable[[list[str]], None] | None = None,
+        api: Any = None,
+    ) -> None:
+        self.me = me
+        self._service = service
+        self._namespace = namespace
+        self._table = SliceTable(port_name)
+        self._members: list[str] = [me]
+        self._on_change = on_change
+        self._api = api
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def members(self) -> list[str]:
+        return self._members
+
+    def start(self) -> None:
+        """Lists the slices once (so ownership is known before serving), then watches in a thread."""
+        if self._api is None:
+            from kubernetes import client, config
+
+            config.load_incluster_config()
+            self._api = client.DiscoveryV1Api()
+        version = self._list()
+        self._thread = threading.Thread(target=self._watch, args=(version,), daemon=True, name="membership")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Asks the watch thread to end (it ends at its next event or timeout)."""
+        self._stop.set()
+
+    def _selector(self) -> Mapping[str, Any]:
+        return {"namespace": self._namespace, "label_selector": f"{SERVICE_LABEL}={self._service}"}
+
+    def _list(self) -> str:
+        listed = self._api.list_namespaced_endpoint_slice(**self._selector())
+        self._table.replace(listed.items)
+        self._publish()
+        return str(listed.metadata.resource_version)
+
+    def _watch(self, version: str) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            try:
+                stream = watch.Watch().stream(
+                    self._api.list_namespaced_endpoint_slice,
+                    resource_version=version,
+                    timeout_seconds=60,
+                    **self._selector(),
+                )
+                for event in stream:
+                    version = event["object"].metadata.resource_version
+                    if self._table.apply(event["type"], event["object"]):
+                        self._publish()
+                    if self._stop.is_set():
+                        return
+            except Exception as exc:  # expired version, API restart: list again, then watch
+                log.warning("membership watch failed; listing again", error=repr(exc))
+                self._stop.wait(RESTART_DELAY_S)
+                try:
+                    version = self._list()
+                except Exception as again:
+                    log.warning("membership list failed", error=repr(again))
+
+    def _publish(self) -> None:
+        # An empty table (a pod not yet ready sees no one) keeps this process as its own owner.
+        members = self._table.members() or [self.me]
+        if members != self._members:
+            self._members = members
+            log.info("members changed", members=members)
+            if self._on_change is not None:
+                self._on_change(members)

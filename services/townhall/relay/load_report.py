@@ -1,0 +1,71 @@
+"""The relay's load report: listeners per room, every few seconds, to the compacted relay-load topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from townhall.core import logging
+from townhall.core.config import Config
+from townhall.core.kafka import Topics
+from townhall.relay.hub import Hub
+from townhall.v1.events_pb2 import RelayLoad
+
+log = logging.get(__name__)
+
+
+class LoadReporter:
+    """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
+
+    def __init__(self, config: Config, hub: Hub) -> None:
+        self._hub = hub
+        self._relay = config.relay.address
+        self._capacity = config.relay.listener_capacity
+        self._every_s = config.relay.load_report_ms / 1000
+        self._topic = Topics(config.kafka.topic_prefix).relay_load
+        self._bootstrap = config.kafka.bootstrap
+        self._task: asyncio.Task[None] | None = None
+
+    def report(self) -> RelayLoad:
+        """What the relay carries now."""
+        rooms = self._hub.load()
+        return RelayLoad(
+            relay=self._relay,
+            listeners=sum(rooms.values()),
+            capacity=self._capacity,
+            at_ms=time.time_ns() // 1_000_000,
+            rooms=rooms,
+        )
+
+    def start(self) -> None:
+        """Starts reporting in the background (no-op when load_report_ms is 0)."""
+        if self._every_s > 0:
+            self._task = asyncio.create_task(self._run(), name="relay-load-report")
+
+    async def close(self) -> None:
+        """Stops reporting."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        key = self._relay.encode()
+        while True:
+            # Not acks=all: a lost report is replaced by the next one a few seconds later.
+            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, client_id=f"relay-{self._relay}")
+            try:
+                await producer.start()
+                while True:
+                    await producer.send_and_wait(self._topic, self.report().SerializeToString(), key=key)
+                    await asyncio.sleep(self._every_s)
+            except KafkaError as exc:
+                log.warning("relay load report failed", topic=self._topic, error=str(exc))
+            finally:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+            await asyncio.sleep(max(self._every_s, 1.0))

@@ -1,0 +1,50 @@
+"""Relay-to-relay pulls: one channel per upstream relay, chunks received as the origin's raw bytes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.v1.relay_pb2 import PullRequest
+
+PULL_METHOD = "/townhall.v1.Relay/Pull"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class Upstreams:
+    """Pull streams to upstream relays, sharing one HTTP/2 connection per upstream relay."""
+
+    def __init__(self, signer: TicketSigner, max_message_bytes: int) -> None:
+        self._signer = signer
+        self._options = [
+            ("grpc.max_receive_message_length", 4 * max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def pull(self, room_id: str, path: tuple[str, ...], resume_after: int) -> AsyncIterator[bytes]:
+        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it."""
+        address = path[-1]
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        call = channel.unary_stream(
+            PULL_METHOD, request_serializer=PullRequest.SerializeToString, response_deserializer=_identity
+        )
+        token = self._signer.pull_token(room_id, path)
+        stream: AsyncIterator[bytes] = call(
+            PullRequest(room_id=room_id, resume_after=resume_after), metadata=((TICKET_KEY, token),)
+        )
+        return stream
+
+    async def close(self) -> None:
+        """Closes every upstream channel (their pulls end)."""
+        for channel in self._channels.values():
+            await channel.close(grace=None)
+        self._channels.clear()

@@ -1,0 +1,86 @@
+"""Two notifiers on loopback sharing the graph by followee: forwarding, import, one fan-out per host."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.integration.fanout_helpers import (
+    counting_inbox,
+    fresh_users,
+    import_followers,
+    own_topics,
+    start_room,
+    until,
+)
+from tests.integration.helpers import config_for
+from townhall.core import server
+from townhall.core.config import KafkaConfig
+from townhall.core.identity import metadata
+from townhall.devtools.kafka_broker import free_port
+from townhall.notifier.app import build_app
+from townhall.notifier.placement import Placement
+from townhall.v1 import graph_pb2, graph_pb2_grpc
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    topics = await own_topics(kafka)
+    members = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    apps, running = [], []
+    try:
+        for i, address in enumerate(members):
+            config = config_for(
+                topics,
+                notifier={
+                    "listen": address,
+                    "members": tuple(members),
+                    "data_dir": str(tmp_path / f"n{i}"),
+                    "group_id": group,
+                    "metrics_port": 0,
+                },
+            )
+            app = build_app(config)
+            apps.append(app)
+            running.append(await server.start(app, config, address))
+        placement = Placement(members[0], members)
+        # A host owned by the second notifier, followed through the first one.
+        host = next(u for u in fresh_users(200) if placement.followee_owner(u) == members[1])
+        follower, *crowd = fresh_users(301)
+        async with grpc.aio.insecure_channel(members[0]) as channel:
+            graph = graph_pb2_grpc.GraphStub(channel)
+            reply = await graph.Follow(
+                graph_pb2.FollowRequest(followee_id=host), metadata=metadata(follower), timeout=10
+            )
+            assert reply.created is True
+            assert await import_followers(members[0], host, crowd) == len(crowd)
+            count = await graph.CountFollowers(
+                graph_pb2.CountFollowersRequest(user_id=host), metadata=metadata(host), timeout=10
+            )
+            assert count.count == len(crowd) + 1
+        assert await apps[1].store.count(host) == len(crowd) + 1, "the edges live on the owner"
+        assert await apps[0].store.count(host) == 0
+
+        room = f"sharded-{uuid.uuid4().hex[:6]}"
+        users = [follower, *crowd]
+        before = REGISTRY.get_sample_value("townhall_notifier_duplicates_dropped_total") or 0.0
+        async with counting_inbox(topics, users) as inbox:
+            await start_room(topics, room, host)
+            await until(lambda: inbox.delivered(room) == len(users), what="every follower notified")
+            got = inbox.got(room)
+        assert sorted(set(got.values())) == [1]
+        after = REGISTRY.get_sample_value("townhall_notifier_duplicates_dropped_total") or 0.0
+        assert after == before, "only the owner planned the room: no repeats reached the Inbox"
+    finally:
+        for app, run in zip(apps, running, strict=False):
+            await server.stop(app, run, 1.0)
+        for app in apps[len(running) :]:
+            await app.close()

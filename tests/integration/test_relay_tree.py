@@ -1,0 +1,294 @@
+"""Several relays in-process on loopback: an origin, edges and a mid-tier, with real gRPC clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.integration.test_relay import SECRET, TIMEOUT, frame_ids, frames, gaps, read_until, wait_for
+from townhall.admission.placement import Placement, Placer
+from townhall.admission.relay_load import RelayLoadFollower
+from townhall.core import config as config_module
+from townhall.core import server
+from townhall.core.config import KafkaConfig
+from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.devtools.kafka_broker import free_port
+from townhall.relay.app import RelayApp
+from townhall.v1 import relay_pb2_grpc
+from townhall.v1.common_pb2 import Role
+from townhall.v1.relay_pb2 import Chunk, PullRequest, SubscribeRequest
+
+ROOM = "hot-room"
+
+
+class Tree:
+    """Running relays (index 0 is the origin) and clients for them."""
+
+    def __init__(self, apps: list[RelayApp], addresses: list[str]) -> None:
+        self.apps = apps
+        self.addresses = addresses
+        self.signer = TicketSigner(SECRET, 600)
+        self.channels: list[grpc.aio.Channel] = []
+
+    def stub(self, relay: int, **options: Any) -> relay_pb2_grpc.RelayStub:
+        """A stub for relay `relay` on its own connection."""
+        channel = grpc.aio.insecure_channel(self.addresses[relay], options=list(options.items()))
+        self.channels.append(channel)
+        return relay_pb2_grpc.RelayStub(channel)
+
+    def ticket(
+        self, relay: int, user: int, role: int, via: tuple[int, ...] = ()
+    ) -> tuple[tuple[str, str], ...]:
+        """A ticket for relay `relay`, whose upstream relays are `via` (origin first)."""
+        upstream = tuple(self.addresses[i] for i in via)
+        ticket = self.signer.issue(ROOM, user, role, self.addresses[relay], upstream=upstream)
+        return ((TICKET_KEY, self.signer.sign(ticket)),)
+
+    def listen(
+        self, relay: int, user: int, via: tuple[int, ...] = (), resume_after: int = 0, **options: Any
+    ) -> Any:
+        """A listener's Subscribe call on relay `relay`."""
+        request = SubscribeRequest(room_id=ROOM, resume_after=resume_after)
+        return self.stub(relay, **options).Subscribe(
+            request, metadata=self.ticket(relay, user, Role.ROLE_LISTENER, via)
+        )
+
+    def speak(self, user: int, count: int = 1000, stop: asyncio.Event | None = None, **kw: Any) -> Any:
+        """A speaker publishing to the origin."""
+        return self.stub(0).Publish(
+            frames(count, stop=stop, **kw), metadata=self.ticket(0, user, Role.ROLE_SPEAKER)
+        )
+
+    def room_sequence(self, relay: int) -> int:
+        room = self.apps[relay].hub.room(ROOM)
+        return room.sequence if room is not None else 0
+
+
+@contextlib.asynccontextmanager
+async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
+    """`relays` relay servers on free loopback ports, each advertising its real address."""
+    apps: list[RelayApp] = []
+    running: list[server.Running] = []
+    addresses: list[str] = []
+    try:
+        for _ in range(relays):
+            address = f"127.0.0.1:{free_port()}"
+            env = {
+                "TOWNHALL_RELAY_LISTEN": address,
+                "TOWNHALL_RELAY_METRICS_PORT": "0",
+                "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                "TOWNHALL_TICKETS_SECRET": SECRET,
+                **{
+                    f"TOWNHALL_{key.upper()}": value
+                    for key, value in overrides.items()
+                    if key.startswith("kafka_")
+                },
+                **{
+                    f"TOWNHALL_RELAY_{key.upper()}": v
+                    for key, v in overrides.items()
+                    if not key.startswith("kafka_")
+                },
+            }
+            config = config_module.load(env=env)
+            app = RelayApp(config)
+            running.append(await server.start(app, config, address))
+            apps.append(app)
+            addresses.append(address)
+        handle = Tree(apps, addresses)
+        try:
+            yield handle
+        finally:
+            for channel in handle.channels:
+                await channel.close()
+    finally:
+        for app, one in zip(apps, running, strict=True):
+            await server.stop(app, one, grace_s=0.5)
+
+
+def chunks_of(got: list[tuple[float, Chunk]]) -> list[Chunk]:
+    return [chunk for _, chunk in got]
+
+
+async def test_a_hot_rooms_listeners_on_two_edges_hear_every_frame_in_order_with_the_same_sequences() -> None:
+    async with tree(3) as t:
+        calls = [t.listen(0, 100)] + [
+            t.listen(edge, 200 + 10 * edge + i, via=(0,)) for edge in (1, 2) for i in range(3)
+        ]
+        await wait_for(lambda: all(app.hub.room(ROOM) is not None for app in t.apps))
+        await wait_for(lambda: len(t.apps[0].hub.room(ROOM).subscribers) == 3)  # type: ignore[union-attr]
+        speakers = [t.speak(user, count=25) for user in (1, 2)]
+
+        received = await asyncio.gather(*(read_until(c, lambda ch: len(frame_ids(ch)) >= 50) for c in calls))
+        summaries = await asyncio.wait_for(asyncio.gather(*speakers), TIMEOUT)
+
+    assert [s.frames_accepted for s in summaries] == [25, 25]
+    heard = [frame_ids(chunks_of(got)) for got in received]
+    assert all(h == heard[0] for h in heard)
+    for user in (1, 2):
+        assert [seq for speaker, seq in heard[0] if speaker == user] == list(range(25))
+    # Edges forward the origin's bytes: the same sequence numbers everywhere, no gaps.
+    sequences = [[c.sequence for c in chunks_of(got)] for got in received]
+    assert all(s == sequences[0] for s in sequences)
+    assert gaps(chunks_of(received[0])) == 0
+    # The origin served one pull per edge, not one stream per edge listener.
+    assert len(t.apps[0].hub.room(ROOM).subscribers) <= 3  # type: ignore[union-attr]
+
+
+async def test_a_mid_tier_relays_the_room_to_an_edge_below_it() -> None:
+    async with tree(3) as t:
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop)
+        deep = t.listen(2, 300, via=(0, 1))
+        got = chunks_of(await read_until(deep, lambda ch: len(ch) >= 8))
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+        assert gaps(got) == 0
+        # The edge pulled from the mid-tier, which pulled from the origin: one pull each.
+        mid = t.apps[1].hub.room(ROOM)
+        assert mid is not None and mid.downstream == 1 and mid.upstream == (t.addresses[0],)
+        assert t.apps[0].hub.room(ROOM).downstream == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("moves_to", [1, 2, 3], ids=["same-edge", "another-edge", "an-edge-new-to-the-room"])
+async def test_a_cut_listener_resumes_without_missing_buffered_frames(moves_to: int) -> None:
+    async with tree(4, chunk_ms="50") as t:
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop)
+        keeper = t.listen(2, 99, via=(0,))  # edge 2 already carries the room when the listener moves
+        first = t.listen(1, 100, via=(0,))
+        before = chunks_of(await read_until(first, lambda ch: len(ch) >= 6))
+        await read_until(keeper, lambda ch: len(ch) >= 1)
+        last = before[-1].sequence
+        first.cancel()  # the connection is cut; chunks keep coming at the origin meanwhile
+        await wait_for(lambda: t.room_sequence(0) >= last + 5)
+        resumed = t.listen(moves_to, 100, via=(0,), resume_after=last)
+        after = chunks_of(await read_until(resumed, lambda ch: len(ch) >= 8))
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+    assert [c.sequence for c in after] == list(range(last + 1, last + 9))
+    heard = [seq for _, seq in frame_ids(before + after)]
+    assert heard == list(range(heard[0], heard[0] + len(heard)))
+
+
+async def test_a_listener_that_stops_reading_on_an_edge_delays_no_one() -> None:
+    async with tree(3, chunk_ms="20", subscriber_queue="5", stuck_cutoff_s="60") as t:
+        slow = t.listen(1, 100, via=(0,), **{"grpc.http2.bdp_probe": 0})
+        same_edge = t.listen(1, 101, via=(0,))
+        other_edge = t.listen(2, 102, via=(0,))
+        await wait_for(lambda: (room := t.apps[1].hub.room(ROOM)) is not None and len(room.subscribers) == 2)
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop, interval_s=0.005, size=1400)
+
+        def slow_overflowed() -> bool:
+            room = t.apps[1].hub.room(ROOM)
+            return room is not None and any(s.dropped > 0 for s in room.subscribers)
+
+        got_same, got_other = await asyncio.gather(
+            read_until(same_edge, lambda ch: slow_overflowed() and len(ch) >= 30),
+            read_until(other_edge, lambda ch: slow_overflowed() and len(ch) >= 30),
+        )
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+        for got in (got_same, got_other):
+            assert gaps(chunks_of(got)) == 0
+            worst = max(received - f.capture_ts_us / 1e6 for received, chunk in got for f in chunk.frames)
+            assert worst < 1.0, f"healthy listener heard audio {worst:.3f} s late"
+        # Only the slow listener lost chunks; the edge's pull from the origin lost none.
+        assert t.apps[0].hub.room(ROOM) is not None
+        origin_pulls = [s for s in t.apps[0].hub.room(ROOM).subscribers]  # type: ignore[union-attr]
+        assert all(s.dropped == 0 for s in origin_pulls)
+        slow.cancel()
+
+
+async def test_the_stage_hears_each_frame_as_it_arrives() -> None:
+    async with tree(1, chunk_ms="200") as t:
+        stage = t.stub(0).Subscribe(SubscribeRequest(room_id=ROOM), metadata=t.ticket(0, 2, Role.ROLE_COHOST))
+        audience = t.listen(0, 100)
+        await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and len(room.stage) == 1)
+        speaker = t.speak(1, count=25)
+        on_stage = await read_until(stage, lambda ch: len(ch) >= 25)
+        heard = chunks_of(await read_until(audience, lambda ch: len(frame_ids(ch)) >= 25))
+        await asyncio.wait_for(speaker, TIMEOUT)
+    assert [len(c.frames) for _, c in on_stage] == [1] * 25
+    assert [c.sequence for _, c in on_stage] == list(range(1, 26))
+    assert [seq for _, seq in frame_ids(chunks_of(on_stage))] == list(range(25))
+    # Per frame, not per 200 ms chunk: the stage hears a frame within a few ms of its capture.
+    delays = sorted(received - c.frames[0].capture_ts_us / 1e6 for received, c in on_stage)
+    assert delays[len(delays) // 2] < 0.05, delays
+    assert len(heard) < 25  # the audience gets the same frames grouped into chunks
+
+
+async def test_pull_needs_a_relay_credential_and_subscribe_refuses_one() -> None:
+    async with tree(1) as t:
+        user_ticket = t.ticket(0, 100, Role.ROLE_LISTENER)
+        pull = t.stub(0).Pull(PullRequest(room_id=ROOM), metadata=user_ticket)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(pull.read(), TIMEOUT)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        credential = ((TICKET_KEY, t.signer.pull_token(ROOM, (t.addresses[0],))),)
+        sub = t.stub(0).Subscribe(SubscribeRequest(room_id=ROOM), metadata=credential)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(sub.read(), TIMEOUT)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_an_edge_stops_pulling_once_its_last_listener_has_gone() -> None:
+    async with tree(2) as t:
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop)
+        listener = t.listen(1, 100, via=(0,))
+        await read_until(listener, lambda ch: len(ch) >= 2)
+        listener.cancel()
+        hub = t.apps[1].hub
+        await wait_for(lambda: not hub.room(ROOM).active)  # type: ignore[union-attr]
+        started = time.monotonic()
+        hub.pull_linger_s = 0.0  # seconds in production
+        hub.sweep()
+        await wait_for(lambda: not t.apps[0].hub.room(ROOM).downstream)  # type: ignore[union-attr]
+        assert time.monotonic() - started < TIMEOUT
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+
+
+async def test_relays_report_their_load_and_admission_places_on_the_reports(kafka: KafkaConfig) -> None:
+    async with tree(2, load_report_ms="200", kafka_bootstrap=kafka.bootstrap) as t:
+        listeners = [t.listen(0, 100 + i) for i in range(3)]
+        await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and len(room.subscribers) == 3)
+        placer = Placer(t.addresses, edge_target=3, degree=2, default_capacity=100)
+        follower = RelayLoadFollower(kafka, placer)
+        follower.start()
+        try:
+            await wait_for(lambda: placer.carried(t.addresses[0], ROOM) == 3, within_s=20)
+        finally:
+            await follower.close()
+        # The origin carries its target of the room: the next listener goes to the other relay.
+        origin = placer.origin(ROOM, time.time())
+        assert origin == t.addresses[0] or placer.carried(origin, ROOM) == 0
+        if origin == t.addresses[0]:
+            nxt = placer.place(ROOM, on_stage=False, now=time.time())
+            assert nxt == Placement(t.addresses[1], (t.addresses[0],))
+        for call in listeners:
+            call.cancel()
+
+
+async def test_a_room_pulled_by_enough_relays_gets_the_longer_large_room_chunks() -> None:
+    async with tree(3, chunk_ms="50", large_room_chunk_ms="200", large_room_relays="2") as t:
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop)
+        one = t.listen(1, 100, via=(0,))
+        small = chunks_of(await read_until(one, lambda ch: len(ch) >= 6))
+        two = t.listen(2, 101, via=(0,))
+        await wait_for(lambda: t.apps[0].hub.room(ROOM).downstream == 2)  # type: ignore[union-attr]
+        large = chunks_of(await read_until(two, lambda ch: len(ch) >= 14))
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+    # One speaker at 50 frames/s: ~2.5 frames per 50 ms chunk, ~10 per 200 ms chunk.
+    assert max(len(c.frames) for c in small[1:]) <= 4
+    assert sorted(len(c.frames) for c in large[-4:])[1] >= 8
+    assert gaps(large) == 0

@@ -1,0 +1,75 @@
+"""Capacity leases: the limit holds across members, leases follow the join rate, holdings are relearnt."""
+
+from __future__ import annotations
+
+from townhall.admission.leases import HOLDING_TTL_S, Allowance, LeaseBook
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_grants_never_exceed_the_limit_across_members() -> None:
+    book = LeaseBook()
+    assert book.acquire("r", "a", 60, 0, 100) == (60, 40)
+    assert book.acquire("r", "b", 60, 0, 100) == (40, 0)
+    assert book.acquire("r", "c", 10, 0, 100) == (0, 0)
+    # "a" gives 30 back (reports a smaller holding): they can go to someone else.
+    assert book.acquire("r", "a", 0, 30, 100) == (0, 30)
+    assert book.acquire("r", "c", 50, 0, 100) == (30, 0)
+    assert book.leased("r") == 100
+
+
+def test_a_new_owner_relearns_holdings_from_members_reports() -> None:
+    book = LeaseBook()  # the new owner knows nothing
+    assert book.acquire("r", "a", 0, 70, 100) == (0, 30)
+    assert book.acquire("r", "b", 50, 0, 100) == (30, 0)
+
+
+def test_holdings_of_departed_or_silent_members_are_dropped() -> None:
+    clock = Clock()
+    book = LeaseBook(clock)
+    book.acquire("r", "a", 50, 0, 100)
+    book.acquire("r", "b", 50, 0, 100)
+    assert book.acquire("r", "c", 10, 0, 100, members=["a", "c"]) == (10, 40)
+    clock.now += HOLDING_TTL_S + 1
+    assert book.acquire("r", "c", 80, 10, 100) == (80, 10)
+
+
+def test_allowance_admits_only_what_it_holds_and_reuses_admits_of_leavers() -> None:
+    allowance = Allowance(4, 100)
+    assert not allowance.admit(1)
+    allowance.held = 2
+    assert allowance.admit(1) and allowance.admit(1), "a rejoin needs no new admit"
+    assert allowance.admit(2)
+    assert not allowance.admit(3)
+    assert allowance.leave(2) and allowance.admit(3)
+
+
+def test_lease_size_follows_the_join_rate_so_the_owner_sees_a_few_calls_per_second() -> None:
+    clock = Clock()
+    allowance = Allowance(8, 5000, clock)
+    assert allowance.lease_size() == 8
+    allowance.held = 10**6
+    for i in range(20_000):  # 2,000 joins/s for 10 s
+        clock.now += 0.0005
+        allowance.demand()
+        allowance.admit(i)
+    size = allowance.lease_size()
+    assert 600 <= size <= 1200, size  # ~0.5 s of joins: about 2 lease calls/s
+    assert allowance.wants_refill() is False, "plenty spare"
+    allowance.held = len(allowance.listeners) + size // 4
+    assert allowance.wants_refill(), "below half a lease"
+    allowance.refilling = True
+    assert not allowance.wants_refill(), "one refill in flight at a time"
+
+
+def test_idle_spare_is_given_back() -> None:
+    allowance = Allowance(8, 5000)
+    allowance.held = 100
+    assert allowance.give_back() == 100 - 16
+    assert allowance.held == 16

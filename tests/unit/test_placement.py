@@ -1,0 +1,115 @@
+"""Edge placement: packing a room's listeners onto edges, adding edges, mid-tier levels (no network)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from townhall.admission.placement import Load, Placer, path
+from townhall.core.sharding import ranked
+
+RELAYS = [f"10.0.0.{i}:50052" for i in range(1, 21)]
+ROOM = "hot-room"
+
+
+def placer(relays: list[str] = RELAYS, target: int = 10, degree: int = 3, capacity: int = 1000) -> Placer:
+    return Placer(relays, edge_target=target, degree=degree, default_capacity=capacity)
+
+
+def test_small_room_stays_on_its_origin() -> None:
+    p = placer()
+    origin = ranked(ROOM, RELAYS)[0]
+    placements = [p.place(ROOM, on_stage=False, now=0.0) for _ in range(10)]
+    assert {x.relay for x in placements} == {origin}
+    assert all(x.upstream == () for x in placements)
+
+
+def test_listeners_are_packed_to_the_target_and_edges_added_as_the_audience_grows() -> None:
+    p = placer(target=10)
+    order = ranked(ROOM, RELAYS)
+    counts = Counter(p.place(ROOM, on_stage=False, now=0.0).relay for _ in range(45))
+    assert counts == {order[0]: 10, order[1]: 10, order[2]: 10, order[3]: 10, order[4]: 5}
+
+
+def test_every_admission_process_packs_the_same_edges() -> None:
+    a, b = placer(target=5), placer(target=5)
+    edges_a = {a.place(ROOM, on_stage=False, now=0.0).relay for _ in range(12)}
+    edges_b = {b.place(ROOM, on_stage=False, now=0.0).relay for _ in range(12)}
+    assert edges_a == edges_b == set(ranked(ROOM, RELAYS)[:3])
+
+
+def test_edges_pull_from_the_origin_then_through_a_mid_tier_beyond_its_degree() -> None:
+    p = placer(target=1, degree=3)
+    order = ranked(ROOM, RELAYS)
+    placements = [p.place(ROOM, on_stage=False, now=0.0) for _ in range(8)]
+    assert [x.relay for x in placements] == order[:8]
+    assert [x.upstream for x in placements[1:4]] == [(order[0],)] * 3
+    # Relays 4..6 hang under relay 1, relay 7 under relay 2: the origin feeds only `degree` relays.
+    assert [x.upstream for x in placements[4:8]] == [(order[0], order[1])] * 3 + [(order[0], order[2])]
+
+
+def test_tree_path_depth_grows_logarithmically() -> None:
+    order = [f"r{i}" for i in range(100)]
+    assert path(order, 0, 4) == ()
+    assert path(order, 4, 4) == ("r0",)
+    assert path(order, 5, 4) == ("r0", "r1")
+    assert path(order, 21, 4) == ("r0", "r1", "r5")
+
+
+def test_the_stage_always_goes_to_the_origin() -> None:
+    p = placer(target=1)
+    for _ in range(5):
+        p.place(ROOM, on_stage=False, now=0.0)
+    stage = p.place(ROOM, on_stage=True, now=0.0)
+    assert stage.relay == ranked(ROOM, RELAYS)[0]
+    assert stage.upstream == ()
+
+
+def test_reports_replace_the_local_count_and_fill_holes_left_by_listeners() -> None:
+    p = placer(target=10)
+    order = ranked(ROOM, RELAYS)
+    for _ in range(20):
+        p.place(ROOM, on_stage=False, now=0.0)
+    # Half the origin's listeners left; the report says so, and new listeners fill it first.
+    p.observe(Load(order[0], listeners=5, capacity=1000, at=1.0, rooms={ROOM: 5}))
+    p.observe(Load(order[1], listeners=10, capacity=1000, at=1.0, rooms={ROOM: 10}))
+    assert [p.place(ROOM, on_stage=False, now=1.0).relay for _ in range(6)] == [order[0]] * 5 + [order[2]]
+
+
+def test_a_full_relay_gets_no_listeners_but_still_forwards() -> None:
+    p = placer(target=10, degree=2)
+    order = ranked(ROOM, RELAYS)
+    p.observe(Load(order[1], listeners=1000, capacity=1000, at=0.0, rooms={"other": 1000}))
+    placements = [p.place(ROOM, on_stage=False, now=0.0) for _ in range(30)]
+    assert order[1] not in {x.relay for x in placements}
+    # order[3] is below order[1] in the tree: the full relay is still its mid-tier.
+    assert next(x for x in placements if x.relay == order[3]).upstream == (order[0], order[1])
+
+
+def test_a_relay_that_stopped_reporting_is_left_out() -> None:
+    p = placer(target=10)
+    origin = ranked(ROOM, RELAYS)[0]
+    p.observe(Load(origin, listeners=0, capacity=1000, at=0.0))
+    assert p.place(ROOM, on_stage=True, now=5.0).relay == origin
+    assert p.place(ROOM, on_stage=True, now=60.0).relay == ranked(ROOM, [r for r in RELAYS if r != origin])[0]
+
+
+def test_when_every_edge_holds_its_target_the_excess_is_spread_evenly() -> None:
+    relays = RELAYS[:3]
+    p = placer(relays, target=2, capacity=1000)
+    counts = Counter(p.place(ROOM, on_stage=False, now=0.0).relay for _ in range(12))
+    assert sorted(counts.values()) == [4, 4, 4]
+
+
+def test_when_every_relay_is_full_the_least_loaded_is_chosen() -> None:
+    relays = RELAYS[:2]
+    p = placer(relays, target=5)
+    p.observe(Load(relays[0], listeners=900, capacity=900, at=0.0))
+    p.observe(Load(relays[1], listeners=1000, capacity=800, at=0.0))
+    assert p.place(ROOM, on_stage=False, now=0.0).relay == relays[0]
+
+
+def test_bad_shape_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Placer(RELAYS, edge_target=10, degree=1, default_capacity=100)
