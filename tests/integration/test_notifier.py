@@ -309,7 +309,9 @@ async def test_a_room_started_while_the_notifier_is_down_is_fanned_out_when_it_i
         finally:
             await second.stop()
 
-    assert covered(records) == sorted([a, b])
+    # At-least-once: a task replayed across a consumer rebalance may repeat records on the topic
+    # (gateways and the Inbox de-duplicate by room, kind and user); every follower must be covered.
+    assert sorted(set(covered(records))) == sorted([a, b])
 
 
 @pytest.mark.parametrize(
