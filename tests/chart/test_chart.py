@@ -188,6 +188,24 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
+def test_admission_members_find_each_other_through_their_headless_service(
+    render: Render, scenario: str
+) -> None:
+    manifests = render(scenario)
+    admission = workload(manifests, "admission")
+    (container,) = admission["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    headless = admission["spec"]["serviceName"]
+    assert headless in by_kind(manifests, "Service")
+    assert env["TOWNHALL_ADMISSION_MEMBERSHIP"]["value"] == "kubernetes"
+    assert env["TOWNHALL_ADMISSION_KUBE_SERVICE"]["value"] == headless
+    # A member is known by what its EndpointSlice lists: the pod IP and the gRPC port.
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    assert env["TOWNHALL_ADMISSION_ADVERTISE"]["value"] == f"$(POD_IP):{port}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_images_are_pinned(render: Render, scenario: str) -> None:
     for owner, spec in pod_specs(render(scenario)):
         for c in spec.get("initContainers", []) + spec["containers"]:
