@@ -18,6 +18,7 @@ from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
 from townhall.core.config import AdmissionConfig, Config
+from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import EventQueue, Topics, producer
 from townhall.core.membership import KubernetesMembership, Membership, StaticMembership
 from townhall.core.tickets import TicketSigner
@@ -66,7 +67,7 @@ class AdmissionApp:
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
         self.membership = membership_for(own)
-        self.peers = Peers(self.membership)
+        self.peers = Peers(self.membership, Forwarding(config.tickets.secret))
         self.capacity = Capacity(
             self.store.book, self.peers, own.default_listener_limit, own.lease_min, own.lease_max
         )

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from townhall.core.forwarding import Forwarding
 from townhall.core.membership import Membership
 from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
 
-# Marks a call a member forwarded to the owner: the receiver serves it itself, so two members
-# with momentarily different views of the membership cannot bounce it back and forth.
-FORWARDED_KEY = "townhall-forwarded"
 # Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin.
 FORWARD_TIMEOUT_S = 12.0
 _OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
@@ -18,8 +16,9 @@ _OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10
 class Peers:
     """Membership plus one channel per other member, opened on first use."""
 
-    def __init__(self, membership: Membership) -> None:
+    def __init__(self, membership: Membership, forwarding: Forwarding) -> None:
         self.membership = membership
+        self.forwarding = forwarding
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     @property
@@ -58,8 +57,3 @@ class Peers:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
-
-
-def forwarded(metadata: object) -> bool:
-    """Whether invocation metadata marks a call as forwarded by another member."""
-    return any(key == FORWARDED_KEY for key, _ in (metadata or ()))  # type: ignore[attr-defined]

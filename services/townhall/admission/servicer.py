@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, FORWARDED_KEY, Peers, forwarded
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import JOIN_DURATION, JOINS
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id
@@ -16,7 +16,6 @@ from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.errors import InvalidArgument, from_rpc
 from townhall.core.identity import caller
-from townhall.core.identity import metadata as identity_metadata
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
@@ -60,7 +59,11 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         if self._serve_here(room_id, context):
             return await self._store.start(room_id, user)
         stub = self._peers.rooms(self._peers.owner(room_id))
-        return self._learn(await _forward(stub.StartRoom(request, metadata=_relayed(user), timeout=TIMEOUT)))
+        return self._learn(
+            await _forward(
+                stub.StartRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+            )
+        )
 
     async def ScheduleRoom(
         self, request: rooms_pb2.ScheduleRoomRequest, context: grpc.aio.ServicerContext
@@ -73,7 +76,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             return await self._store.schedule(room_id, user, request.start_at_ms)
         stub = self._peers.rooms(self._peers.owner(room_id))
         return self._learn(
-            await _forward(stub.ScheduleRoom(request, metadata=_relayed(user), timeout=TIMEOUT))
+            await _forward(
+                stub.ScheduleRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+            )
         )
 
     async def EndRoom(self, request: rooms_pb2.EndRoomRequest, context: grpc.aio.ServicerContext) -> Room:
@@ -84,14 +89,16 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         else:
             stub = self._peers.rooms(self._peers.owner(room_id))
             room = self._learn(
-                await _forward(stub.EndRoom(request, metadata=_relayed(user), timeout=TIMEOUT))
+                await _forward(
+                    stub.EndRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+                )
             )
         self._admitter.forget_ended()
         return room
 
     def _serve_here(self, room_id: str, context: grpc.aio.ServicerContext) -> bool:
         """Owner-only work runs here if this process owns the room or the call was forwarded to it."""
-        return self._peers.is_owner(room_id) or forwarded(context.invocation_metadata())
+        return self._peers.is_owner(room_id) or self._peers.forwarding.check(context)
 
     def _learn(self, room: Room) -> Room:
         # The owner's answer is applied here at once, so the caller reads its own change from this process.
@@ -169,7 +176,3 @@ async def _forward(call: Awaitable[Room]) -> Room:
         return await call
     except grpc.aio.AioRpcError as exc:
         raise from_rpc(exc) from exc
-
-
-def _relayed(user: int) -> tuple[tuple[str, str], ...]:
-    return (*identity_metadata(user), (FORWARDED_KEY, "1"))

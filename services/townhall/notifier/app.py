@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from townhall.core import logging
 from townhall.core.config import Config, KafkaConfig
+from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import Topics, report_lag
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.inbox import Hub
@@ -49,7 +50,7 @@ class NotifierApp:
         self.store = SqliteFollowerStore(config.notifier.data_dir)
         self.hub = Hub(config.notifier.inbox_queue)
         self.placement = Placement(config.notifier.address, config.notifier.members)
-        self.peers = Peers()
+        self.peers = Peers(Forwarding(config.tickets.secret))
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
         self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}

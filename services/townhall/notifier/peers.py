@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from townhall.core.identity import metadata
+from townhall.core.forwarding import Forwarding
 from townhall.v1 import graph_pb2_grpc
-
-# Marks a forwarded call: the receiver serves it locally even if its own view of the members
-# differs for a moment, so a call is forwarded at most once.
-FORWARDED_KEY = "townhall-forwarded"
 
 
 class Peers:
     """Lazily opened channels to peer notifiers, by address."""
 
-    def __init__(self) -> None:
+    def __init__(self, forwarding: Forwarding) -> None:
+        self.forwarding = forwarding
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def graph(self, address: str) -> graph_pb2_grpc.GraphStub:
@@ -30,13 +27,3 @@ class Peers:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
-
-
-def forwarded_metadata(user: int) -> tuple[tuple[str, str], ...]:
-    """Metadata for a call forwarded on behalf of `user`."""
-    return (*metadata(user), (FORWARDED_KEY, "1"))
-
-
-def is_forwarded(context: grpc.aio.ServicerContext) -> bool:
-    """Whether this call was already forwarded once."""
-    return any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())

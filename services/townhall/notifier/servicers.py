@@ -13,7 +13,7 @@ from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.inbox import Hub
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
-from townhall.notifier.peers import Peers, forwarded_metadata, is_forwarded
+from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
@@ -35,7 +35,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         self._peers = peers
 
     def _remote(self, owner: str, context: grpc.aio.ServicerContext) -> bool:
-        return owner != self._placement.me and not is_forwarded(context)
+        return owner != self._placement.me and not self._peers.forwarding.check(context)
 
     async def Follow(
         self, request: graph_pb2.FollowRequest, context: grpc.aio.ServicerContext
@@ -50,7 +50,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Follow").inc()
             return await _forward(
                 self._peers.graph(owner).Follow(
-                    request, metadata=forwarded_metadata(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
                 )
             )
         created = await self._store.follow(followee, user)
@@ -70,7 +70,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Unfollow").inc()
             return await _forward(
                 self._peers.graph(owner).Unfollow(
-                    request, metadata=forwarded_metadata(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
                 )
             )
         removed = await self._store.unfollow(followee, user)
@@ -90,7 +90,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("CountFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).CountFollowers(
-                    request, metadata=forwarded_metadata(me), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.sign(me), timeout=FORWARD_TIMEOUT_S
                 )
             )
         return graph_pb2.CountFollowersResponse(count=await self._store.count(user))
@@ -107,7 +107,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("ListFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).ListFollowers(
-                    request, metadata=forwarded_metadata(me), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.sign(me), timeout=FORWARD_TIMEOUT_S
                 )
             )
         ids = await self._store.page(user, request.after_id, limit)
@@ -118,7 +118,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     ) -> graph_pb2.ImportSummary:
         """Adds streamed (followee, follower) pairs; pairs owned elsewhere are forwarded to their owner."""
         me = caller(context)
-        forwarded = is_forwarded(context)
+        forwarded = self._peers.forwarding.check(context)
         received = created = invalid = 0
         buffered: list[np.ndarray] = []
         waiting = 0
@@ -169,7 +169,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 )
 
         summary = await _forward(
-            self._peers.graph(owner).Import(chunks(), metadata=forwarded_metadata(user), timeout=600)
+            self._peers.graph(owner).Import(chunks(), metadata=self._peers.forwarding.sign(user), timeout=600)
         )
         return int(summary.created)
 
@@ -184,7 +184,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("RemindMe").inc()
             return await _forward(
                 self._peers.graph(owner).RemindMe(
-                    request, metadata=forwarded_metadata(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
                 )
             )
         return graph_pb2.RemindMeResponse(created=await self._store.remind(room, user))
