@@ -121,7 +121,9 @@ class Capacity:
         allowance.give_back()
         request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
         try:
-            reply = await self._peers.leases(owner).Acquire(request, timeout=LEASE_TIMEOUT_S)
+            reply = await self._peers.leases(owner).Acquire(
+                request, timeout=LEASE_TIMEOUT_S, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as exc:
             LEASE_CALLS.labels("failed").inc()
             log.warning("lease call failed", room=room_id, owner=owner, code=exc.code().name)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import grpc
 
-from townhall.core.forwarding import Forwarding
+from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.core.membership import Membership
 from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
 
 # Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin.
 FORWARD_TIMEOUT_S = 12.0
-_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
 
 class Peers:
@@ -37,7 +36,7 @@ class Peers:
     def _channel(self, member: str) -> grpc.aio.Channel:
         channel = self._channels.get(member)
         if channel is None:
-            channel = self._channels[member] = grpc.aio.insecure_channel(member, options=_OPTIONS)
+            channel = self._channels[member] = peer_channel(member)
         return channel
 
     def rooms(self, member: str) -> rooms_pb2_grpc.RoomsStub:

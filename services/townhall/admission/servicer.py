@@ -51,7 +51,11 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         if owner == self._peers.me:
             return await self._store.create(host, title, speakers, limit, room_id)
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
-        return self._learn(await _forward(self._peers.owner_api(owner).CreateRoom(forward, timeout=TIMEOUT)))
+        return self._learn(
+            await _forward(
+                self._peers.owner_api(owner).CreateRoom(forward, timeout=TIMEOUT, wait_for_ready=True)
+            )
+        )
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = caller(context)
@@ -61,7 +65,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         stub = self._peers.rooms(self._peers.owner(room_id))
         return self._learn(
             await _forward(
-                stub.StartRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+                stub.StartRoom(
+                    request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT, wait_for_ready=True
+                )
             )
         )
 
@@ -77,7 +83,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         stub = self._peers.rooms(self._peers.owner(room_id))
         return self._learn(
             await _forward(
-                stub.ScheduleRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+                stub.ScheduleRoom(
+                    request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT, wait_for_ready=True
+                )
             )
         )
 
@@ -90,7 +98,12 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             stub = self._peers.rooms(self._peers.owner(room_id))
             room = self._learn(
                 await _forward(
-                    stub.EndRoom(request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT)
+                    stub.EndRoom(
+                        request,
+                        metadata=self._peers.forwarding.sign(user),
+                        timeout=TIMEOUT,
+                        wait_for_ready=True,
+                    )
                 )
             )
         self._admitter.forget_ended()

@@ -21,6 +21,20 @@ from townhall.core.identity import metadata as user_metadata
 FORWARDED_KEY = "townhall-forwarded"
 # Clock skew and queueing a forwarded call may see between two members.
 MAX_AGE_S = 60
+# A peer that was down when first dialled must be usable as soon as it is back: gRPC's default
+# reconnect backoff (1 s, growing to minutes) fails every call at once meanwhile.
+PEER_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def peer_channel(address: str) -> grpc.aio.Channel:
+    """A channel from one member to another (calls on it should pass wait_for_ready=True)."""
+    return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
 
 
 class Forwarding:

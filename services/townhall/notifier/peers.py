@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from townhall.core.forwarding import Forwarding
+from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.v1 import graph_pb2_grpc
 
 
@@ -19,7 +19,7 @@ class Peers:
         """A Graph stub for the notifier at `address`."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = peer_channel(address)
         return graph_pb2_grpc.GraphStub(channel)
 
     async def close(self) -> None:

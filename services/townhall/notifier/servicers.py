@@ -169,7 +169,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 )
 
         summary = await _forward(
-            self._peers.graph(owner).Import(chunks(), metadata=self._peers.forwarding.sign(user), timeout=600)
+            self._peers.graph(owner).Import(
+                chunks(), metadata=self._peers.forwarding.sign(user), timeout=600, wait_for_ready=True
+            )
         )
         return int(summary.created)
 
