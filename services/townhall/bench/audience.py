@@ -25,7 +25,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -49,13 +49,14 @@ from townhall.bench.relay import (
     _receive,
     _round,
     _start,
+    speak,
 )
 from townhall.bench.stats import LatencyHistogram, percentile
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
-from townhall.v1.relay_pb2 import AudioFrame, SubscribeRequest
+from townhall.v1.relay_pb2 import SubscribeRequest
 
 SPEAKERS = 10
 CHUNKS_MS = (100, 200, 300)
@@ -122,25 +123,6 @@ def _ceiling(out_dir: Path, chunk_ms: int) -> Iterator[Server]:
             yield server
         finally:
             _stop_all([server])
-
-
-async def _frames(stop: asyncio.Event) -> AsyncIterator[AudioFrame]:
-    payload = os.urandom(PAYLOAD_BYTES)
-    start = time.monotonic()
-    for seq in range(10_000_000):  # bounded; the run stops it long before
-        if stop.is_set():
-            return
-        delay = start + seq * FRAME_MS / 1000 - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        yield AudioFrame(sequence=seq, capture_ts_us=time.time_ns() // 1_000, payload=payload)
-
-
-async def _speak(origin: str, user: int, stop: asyncio.Event) -> None:
-    signer = TicketSigner(SECRET, 3600)
-    token = signer.sign(signer.issue(ROOM, user, Role.ROLE_SPEAKER, origin))
-    async with grpc.aio.insecure_channel(origin) as channel:
-        await relay_pb2_grpc.RelayStub(channel).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
 
 
 async def _probe(
@@ -300,7 +282,7 @@ async def _interval(
         baseline = _rss(edge_servers)
         stop = asyncio.Event()
         speakers = [
-            asyncio.create_task(_speak(origin.address, user, stop)) for user in range(1, SPEAKERS + 1)
+            asyncio.create_task(speak(origin.address, ROOM, stop, user)) for user in range(1, SPEAKERS + 1)
         ]
         try:
             for n in listeners:

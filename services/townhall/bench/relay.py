@@ -126,10 +126,10 @@ async def _frames(stop: asyncio.Event) -> AsyncIterator[AudioFrame]:
         yield AudioFrame(sequence=seq, capture_ts_us=time.time_ns() // 1_000, payload=payload)
 
 
-async def _speak(address: str, room_id: str, stop: asyncio.Event) -> None:
-    """One speaker at 50 frames/s until `stop`."""
+async def speak(address: str, room_id: str, stop: asyncio.Event, user: int = 1) -> None:
+    """One speaker at 50 frames/s until `stop` (also used by the audience benchmark)."""
     signer = TicketSigner(SECRET, 3600)
-    token = signer.sign(signer.issue(room_id, 1, Role.ROLE_SPEAKER, address))
+    token = signer.sign(signer.issue(room_id, user, Role.ROLE_SPEAKER, address))
     async with grpc.aio.insecure_channel(address) as channel:
         await relay_pb2_grpc.RelayStub(channel).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
 
@@ -145,7 +145,7 @@ async def _phase(
     """One measurement: `listeners` subscribers of one room on `server`."""
     room_id = f"bench-{listeners}"
     stop = asyncio.Event()
-    speaker = asyncio.create_task(_speak(server.address, room_id, stop)) if server.name == "relay" else None
+    speaker = asyncio.create_task(speak(server.address, room_id, stop)) if server.name == "relay" else None
     workers = 1 if listeners <= 250 else 2
     context = multiprocessing.get_context("spawn")
     processes: list[BaseProcess] = []
