@@ -21,9 +21,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from townhall.core.config import KafkaConfig
 from townhall.core.identity import metadata
 from townhall.core.kafka import Topics, ensure_topics
+from townhall.devtools.events import publish_room_started
 from townhall.notifier.inbox import Hub, Subscriber
 from townhall.notifier.inbox_reader import InboxReader, from_end
-from townhall.v1 import common_pb2, events_pb2, graph_pb2, graph_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc
 
 WAIT_S = 45.0
 
@@ -92,25 +93,11 @@ async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S, what: 
 
 
 async def start_room(kafka: KafkaConfig, room: str, host: int, title: str = "fan-out test") -> None:
-    """Writes what admission writes when a host starts a room."""
-    event = events_pb2.RoomStarted(
-        room=common_pb2.Room(
-            room_id=room,
-            host_id=host,
-            title=title,
-            state=common_pb2.ROOM_STATE_LIVE,
-            started_at_ms=int(time.time() * 1000),
-        )
-    )
+    """Writes what admission writes when a host starts a room, with a producer of its own."""
     p = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     await p.start()
     try:
-        await asyncio.wait_for(
-            p.send_and_wait(
-                Topics(kafka.topic_prefix).room_started, event.SerializeToString(), key=str(host).encode()
-            ),
-            WAIT_S,
-        )
+        await publish_room_started(p, kafka, room, host, title, WAIT_S)
     finally:
         await p.stop()
 

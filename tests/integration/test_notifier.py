@@ -21,10 +21,11 @@ from townhall.core import server
 from townhall.core.config import KafkaConfig, load
 from townhall.core.identity import metadata
 from townhall.core.kafka import Topics, producer
+from townhall.devtools.events import publish_room_started
 from townhall.notifier.app import NotifierApp, build_app
 from townhall.notifier.inbox_reader import from_end
 from townhall.notifier.records import decode_batch
-from townhall.v1 import common_pb2, events_pb2, graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 pytestmark = pytest.mark.kafka
 
@@ -176,21 +177,6 @@ def covered(records: list[tuple[bytes, np.ndarray]]) -> list[int]:
     return sorted(int(u) for _, ids in records for u in ids)
 
 
-async def start_room(p: AIOKafkaProducer, kafka: KafkaConfig, room: str, host: int, title: str) -> None:
-    """What admission writes when a host starts a room."""
-    event = events_pb2.RoomStarted(
-        room=common_pb2.Room(
-            room_id=room,
-            host_id=host,
-            title=title,
-            state=common_pb2.ROOM_STATE_LIVE,
-            started_at_ms=int(time.time() * 1000),
-        )
-    )
-    topic = Topics(kafka.topic_prefix).room_started
-    await asyncio.wait_for(p.send_and_wait(topic, event.SerializeToString(), key=str(host).encode()), WAIT_S)
-
-
 async def follow(n: Notifier, follower: int, followee: int) -> bool:
     request = graph_pb2.FollowRequest(followee_id=followee)
     response = await n.graph.Follow(request, metadata=metadata(follower), timeout=WAIT_S)
@@ -227,7 +213,7 @@ async def test_connected_followers_get_one_notification_and_the_topic_covers_all
     room = new_room()
 
     async with notifications_topic(kafka) as topic, connected(notifier, a, b) as (inbox_a, inbox_b):
-        await start_room(kafka_producer, kafka, room, host, "Friday AMA")
+        await publish_room_started(kafka_producer, kafka, room, host, "Friday AMA")
         records = await read_room_records(topic, room, lambda seen: len(covered(seen)) >= 3)
         await until(lambda: bool(inbox_a.for_room(room) and inbox_b.for_room(room)))
         await asyncio.sleep(0.3)  # room for a wrong second delivery to show up
@@ -253,8 +239,8 @@ async def test_a_replayed_room_started_notifies_each_connected_user_once(
     before = duplicates_dropped()
 
     async with notifications_topic(kafka) as topic, connected(notifier, a, b) as inboxes:
-        await start_room(kafka_producer, kafka, room, host, "twice")
-        await start_room(kafka_producer, kafka, room, host, "twice")
+        await publish_room_started(kafka_producer, kafka, room, host, "twice")
+        await publish_room_started(kafka_producer, kafka, room, host, "twice")
         # Both events fanned out: every follower appears in the topic twice.
         records = await read_room_records(topic, room, lambda seen: len(covered(seen)) >= 4)
         await until(lambda: duplicates_dropped() - before >= 2)
@@ -302,7 +288,7 @@ async def test_a_room_started_while_the_notifier_is_down_is_fanned_out_when_it_i
     room = new_room()
 
     async with notifications_topic(kafka) as topic:
-        await start_room(kafka_producer, kafka, room, host, "while you were away")
+        await publish_room_started(kafka_producer, kafka, room, host, "while you were away")
         second = await start_notifier(kafka, tmp_path, group)
         try:
             records = await read_room_records(topic, room, lambda seen: len(covered(seen)) >= 2)

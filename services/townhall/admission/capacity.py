@@ -7,7 +7,6 @@ join never waits on the owner. The owner's own allowances come from its LeaseBoo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import grpc
@@ -18,6 +17,7 @@ from townhall.admission.metrics import LEASE_CALLS
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.errors import NotFound
+from townhall.core.tasks import cancel
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
@@ -97,10 +97,7 @@ class Capacity:
 
     async def close(self) -> None:
         """Stops background work."""
-        for task in [*self._tasks, *([self._reporter] if self._reporter else [])]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*self._tasks, self._reporter)
 
     async def _refill(self, room_id: str, allowance: Allowance) -> None:
         try:

@@ -12,6 +12,7 @@ from townhall.admission.placement import Load, Placer
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics
+from townhall.core.tasks import cancel
 from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
@@ -38,10 +39,7 @@ class RelayLoadFollower:
 
     async def close(self) -> None:
         """Stops following."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import logging
 from townhall.core.errors import TownhallError
+from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
 
@@ -49,11 +49,7 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stops ticking."""
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel(self._task)
         self._task = None
 
     async def _run(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from townhall.core.config import KafkaConfig
 from townhall.core.errors import Unavailable
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.tasks import cancel
 from townhall.v1.common_pb2 import Room
 from townhall.v1.events_pb2 import RoomStarted
 
@@ -68,10 +68,7 @@ class RoomStore:
 
     async def stop(self) -> None:
         """Stops following the topic."""
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await cancel(self._follower)
 
     async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(

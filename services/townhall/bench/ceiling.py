@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ import grpc
 from townhall.core.config import Config
 from townhall.core.process import tune_gc
 from townhall.core.server import server_options
+from townhall.core.tasks import cancel
 from townhall.v1.relay_pb2 import AudioFrame, Chunk, SubscribeRequest
 
 METHOD_SERVICE = "townhall.v1.Relay"
@@ -106,9 +106,7 @@ async def serve(port: int, interval_s: float, frames: int, payload: int) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    tick.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await tick
+    await cancel(tick)
     await server.stop(0.5)
 
 

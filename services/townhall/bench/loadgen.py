@@ -8,7 +8,6 @@ seconds; child counts only chunks received inside the window, then sends ("resul
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -17,6 +16,7 @@ from typing import Any
 import grpc
 
 from townhall.bench.stats import LatencyHistogram, gap
+from townhall.core.tasks import cancel
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.relay.fanout import chunk_sequence
 from townhall.v1 import relay_pb2_grpc
@@ -217,11 +217,7 @@ async def _run(spec: Spec, conn: Connection) -> None:
             )
         )
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         for channel in channels:
             await channel.close()
 

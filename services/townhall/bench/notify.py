@@ -41,14 +41,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench.stats import percentile
+from townhall.cli.graph import import_with_progress
 from townhall.core.config import KafkaConfig
 from townhall.core.identity import metadata
 from townhall.core.kafka import Topics, ensure_topics, producer
+from townhall.devtools.events import publish_room_started
 from townhall.devtools.kafka_broker import Broker, free_port
-from townhall.notifier.graphfile import GraphSpec, generate, import_file
+from townhall.notifier.graphfile import GraphSpec, generate
 from townhall.notifier.inbox_reader import from_end
 from townhall.notifier.records import decode_batch
-from townhall.v1 import common_pb2, events_pb2, inbox_pb2, inbox_pb2_grpc
+from townhall.v1 import inbox_pb2, inbox_pb2_grpc
 
 START_TIMEOUT_S = 60.0
 # What the figures mean, written into the JSON next to them.
@@ -285,7 +287,7 @@ async def _small_hosts(
             for h, user, _ in tasks:
                 if h == host:
                     pending[f"{room}/{user}"] = 1
-            await _start_room(p, kafka, room, host, "small host")
+            await publish_room_started(p, kafka, room, host, "small host")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_done.wait(), 120)
     finally:
@@ -298,25 +300,6 @@ async def _small_hosts(
         for ch in channels:
             await ch.close()
     return latencies
-
-
-async def _start_room(p: Any, kafka: KafkaConfig, room: str, host: int, title: str) -> None:
-    """Writes what admission writes when a host starts a room."""
-    event = events_pb2.RoomStarted(
-        room=common_pb2.Room(
-            room_id=room,
-            host_id=host,
-            title=title,
-            state=common_pb2.ROOM_STATE_LIVE,
-            started_at_ms=int(time.time() * 1000),
-        )
-    )
-    await asyncio.wait_for(
-        p.send_and_wait(
-            Topics(kafka.topic_prefix).room_started, event.SerializeToString(), key=str(host).encode()
-        ),
-        20,
-    )
 
 
 def run(
@@ -351,17 +334,7 @@ def run(
         small_followers = sum(len(f) for _, f in hosts)
         with _cluster(work, notifiers, bulk_threshold) as (broker, procs):
             kafka = KafkaConfig(bootstrap=broker.bootstrap)
-            with Progress(
-                TextColumn("import"),
-                BarColumn(),
-                TextColumn("{task.completed:,}/{task.total:,}"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as bar:
-                task = bar.add_task("import", total=edges)
-                imported = asyncio.run(
-                    import_file(procs[0].address, graph, progress=lambda n: bar.update(task, completed=n))
-                )
+            imported = import_with_progress(procs[0].address, graph, edges, console)
             store_bytes = sum(_store_bytes(n.data_dir) for n in procs)
             report_run = _measure(console, kafka, procs, broker, hosts, followers, spec.users, window_s)
     figures = {
@@ -441,7 +414,7 @@ def _measure(
         await p.start()
         try:
             started = time.time()
-            await _start_room(p, kafka, room, CELEBRITY, "celebrity")
+            await publish_room_started(p, kafka, room, CELEBRITY, "celebrity")
         finally:
             await p.stop()
         small = asyncio.create_task(_small_hosts(procs, hosts, kafka, window_s, state))

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from townhall.cli.endpoints import resolve
-from townhall.notifier.graphfile import GraphSpec, import_file, read_pairs, write
+from townhall.notifier.graphfile import GraphSpec, ImportResult, import_file, read_pairs, write
 
 console = Console()
 
@@ -50,7 +50,16 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{edges:,} edges written to {args.file} (celebrity: user {spec.celebrity})")
         return 0
     address = resolve(args.root / "topology.json", "-", args.notifier).notifier
-    total = len(read_pairs(args.file))
+    result = import_with_progress(address, args.file, len(read_pairs(args.file)), console)
+    console.print(
+        f"{result.received:,} pairs sent, {result.created:,} new edges, {result.invalid:,} invalid, "
+        f"{result.seconds:.1f} s, {result.edges_per_s:,.0f} edges/s"
+    )
+    return 0
+
+
+def import_with_progress(address: str, path: Path, total: int, console: Console) -> ImportResult:
+    """Streams a graph file to a notifier with Graph.Import, with a progress bar of pairs sent."""
     with Progress(
         TextColumn("import"),
         BarColumn(),
@@ -59,11 +68,4 @@ def run(args: argparse.Namespace) -> int:
         console=console,
     ) as bar:
         task = bar.add_task("import", total=total)
-        result = asyncio.run(
-            import_file(address, args.file, progress=lambda n: bar.update(task, completed=n))
-        )
-    console.print(
-        f"{result.received:,} pairs sent, {result.created:,} new edges, {result.invalid:,} invalid, "
-        f"{result.seconds:.1f} s, {result.edges_per_s:,.0f} edges/s"
-    )
-    return 0
+        return asyncio.run(import_file(address, path, progress=lambda n: bar.update(task, completed=n)))

@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
 
@@ -201,9 +202,7 @@ class EventQueue:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), flush_s)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from townhall.core import logging
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import Topics, report_lag
+from townhall.core.tasks import cancel
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.inbox import Hub
 from townhall.notifier.inbox_reader import InboxReader, from_end
@@ -175,11 +175,7 @@ class NotifierApp:
 
     async def close(self) -> None:
         """Stops the loops, then the Kafka clients, then the store; safe after a failed start."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*self._tasks)
         self._tasks.clear()
         try:
             # The consumer leaves its group now, so another member takes over its partitions at once.

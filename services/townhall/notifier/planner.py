@@ -17,6 +17,7 @@ from townhall.core import logging
 from townhall.core.errors import TownhallError
 from townhall.core.kafka import Topics
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.tasks import cancel
 from townhall.notifier.clients import describe
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
 from townhall.notifier.offsets import OffsetBook
@@ -98,9 +99,7 @@ class Planner:
                             await self._plan_record(tp, record)
                 await self._commit(force=not batch)
         finally:
-            big.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await big
+            await cancel(big)
 
     async def _big_loop(self) -> None:
         while True:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import time
@@ -14,6 +13,7 @@ import grpc
 
 from townhall.core import logging
 from townhall.core.errors import Unavailable
+from townhall.core.tasks import cancel
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_sequence
 
@@ -177,11 +177,7 @@ class Hub:
     async def close(self) -> None:
         """Stops the timers and the sweep."""
         tasks = [*self._timers.values(), *self._pulls.values(), *([self._sweeper] if self._sweeper else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         self._timers.clear()
         self._pulls.clear()
         self._sweeper = None

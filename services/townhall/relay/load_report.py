@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaError
 from townhall.core import logging
 from townhall.core.config import Config
 from townhall.core.kafka import Topics
+from townhall.core.tasks import cancel
 from townhall.relay.hub import Hub
 from townhall.v1.events_pb2 import RelayLoad
 
@@ -48,10 +49,7 @@ class LoadReporter:
 
     async def close(self) -> None:
         """Stops reporting."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _run(self) -> None:
         key = self._relay.encode()
