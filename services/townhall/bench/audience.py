@@ -19,34 +19,29 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench import loadgen
+from townhall.bench.loadgen import cpu_s
 from townhall.bench.relay import (
     FRAME_MS,
     PAYLOAD_BYTES,
     SECRET,
     Server,
-    _cpu_s,
     _interrupt_on_sigterm,
     _merge_counts,
-    _receive,
     _round,
     _start,
     speak,
@@ -170,64 +165,45 @@ async def _phase(
 ) -> dict[str, Any]:
     """`per_target` listeners on each target; CPU and memory of the targets, CPU of `others`."""
     label = progress.tasks[task].description
-    context = multiprocessing.get_context("spawn")
-    processes: list[BaseProcess] = []
-    pipes: list[Connection] = []
+    generators = loadgen.Generators()
     workers = max(1, -(-per_target // LISTENERS_PER_GENERATOR))
     ready_timeout = 15.0 + per_target * len(targets) / 100
     try:
         for t_index, target in enumerate(targets):
             for w in range(workers):
                 share = per_target // workers + (1 if w < per_target % workers else 0)
-                spec = loadgen.Spec(
-                    address=target.address,
-                    room_id=ROOM,
-                    listeners=share,
-                    first_user=1_000_000 * (1 + t_index * workers + w),
-                    secret=SECRET,
-                    relay_claim=target.address,
-                    ready_timeout_s=ready_timeout,
-                    result_timeout_s=ready_timeout + seconds + 30,
-                    upstream=upstream,
-                    light=True,
+                generators.spawn(
+                    loadgen.Spec(
+                        address=target.address,
+                        room_id=ROOM,
+                        listeners=share,
+                        first_user=1_000_000 * (1 + t_index * workers + w),
+                        secret=SECRET,
+                        relay_claim=target.address,
+                        ready_timeout_s=ready_timeout,
+                        result_timeout_s=ready_timeout + seconds + 30,
+                        upstream=upstream,
+                        light=True,
+                    )
                 )
-                parent, child = context.Pipe()
-                process = context.Process(target=loadgen.main, args=(spec, child), daemon=True)
-                process.start()
-                processes.append(process)
-                pipes.append(parent)
         progress.update(task, description=f"{label}: connecting")
-        ready = [await _receive(pipe, "ready", ready_timeout + 15) for pipe in pipes]
-        connected = sum(r[1] for r in ready)
-        start_at = time.time() + WARMUP_S
-        end_at = start_at + seconds
-        for pipe in pipes:
-            pipe.send(("window", start_at, end_at))
-        generators = [psutil.Process(p.pid) for p in processes if p.pid is not None]
+        connected = await generators.ready(ready_timeout + 15)
+        start_at, end_at = generators.open_window(WARMUP_S, seconds)
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        cpu_start = sum(map(_cpu_s, (t.ps for t in targets))), [_cpu_s(o.ps) for o in others]
-        gen_start = sum(_cpu_s(g) for g in generators)
+        cpu_start = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
+        gen_start = generators.cpu_s()
         progress.update(task, description=f"{label}: measuring")
         probe_ms: list[float] = []
         probe = asyncio.create_task(_probe(targets, upstream, end_at - 0.5, probe_ms))
-        for _ in range(int(seconds * 10) + 1):  # bounded: one step per 100 ms of the window
-            remaining = end_at - time.time()
-            if remaining <= 0:
-                break
-            progress.update(task, completed=seconds - remaining)
-            await asyncio.sleep(min(0.1, remaining))
-        cpu_end = sum(map(_cpu_s, (t.ps for t in targets))), [_cpu_s(o.ps) for o in others]
-        gen_end = sum(_cpu_s(g) for g in generators)
+        await loadgen.tick_through(progress, task, seconds, end_at)
+        cpu_end = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
+        gen_end = generators.cpu_s()
         rss = _rss(targets)
         await asyncio.wait_for(probe, 10)
         progress.update(task, completed=seconds, description=f"{label}: collecting")
-        results = [(await _receive(pipe, "result", 30))[1] for pipe in pipes]
+        results = await generators.results()
     finally:
-        for worker in processes:
-            worker.join(timeout=3)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=3)
+        generators.reap()
     latency = LatencyHistogram()
     for result in results:
         latency.merge(result["latency"])

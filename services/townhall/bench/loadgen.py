@@ -8,12 +8,16 @@ seconds; child counts only chunks received inside the window, then sends ("resul
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import grpc
+import psutil
+from rich.progress import Progress
 
 from townhall.bench.stats import LatencyHistogram, gap
 from townhall.core.tasks import cancel
@@ -225,3 +229,78 @@ async def _run(spec: Spec, conn: Connection) -> None:
 def main(spec: Spec, conn: Connection) -> None:
     """The child process's entry point."""
     asyncio.run(_run(spec, conn))
+
+
+def cpu_s(process: psutil.Process) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def receive(pipe: Connection, kind: str, timeout_s: float) -> Any:
+    """The next message of `kind` from a generator, polling so the event loop keeps running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pipe.poll():
+            message = pipe.recv()
+            if message[0] == kind:
+                return message
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"load generator sent no {kind!r} within {timeout_s:.0f} s")
+
+
+class Generators:
+    """The listener generator processes of one benchmark step: spawn, ready, window, results, reap."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: list[BaseProcess] = []
+        self._pipes: list[Connection] = []
+        self._ps: list[psutil.Process] = []
+
+    def spawn(self, spec: Spec) -> None:
+        """Starts one generator process for `spec`."""
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=main, args=(spec, child), daemon=True)
+        process.start()
+        self._processes.append(process)
+        self._pipes.append(parent)
+
+    async def ready(self, timeout_s: float) -> int:
+        """Waits until every generator has opened its streams; how many streams connected."""
+        return sum([(await receive(pipe, "ready", timeout_s))[1] for pipe in self._pipes])
+
+    def open_window(self, warmup_s: float, seconds: float) -> tuple[float, float]:
+        """Tells every generator the measuring window (after a warm-up); returns its start and end."""
+        start_at = time.time() + warmup_s
+        end_at = start_at + seconds
+        for pipe in self._pipes:
+            pipe.send(("window", start_at, end_at))
+        self._ps = [psutil.Process(p.pid) for p in self._processes if p.pid is not None]
+        return start_at, end_at
+
+    def cpu_s(self) -> float:
+        """CPU seconds the generators have used so far (to show they are not the bottleneck)."""
+        return sum(cpu_s(p) for p in self._ps)
+
+    async def results(self, timeout_s: float = 30) -> list[dict[str, Any]]:
+        """Every generator's result for the window."""
+        return [(await receive(pipe, "result", timeout_s))[1] for pipe in self._pipes]
+
+    def reap(self) -> None:
+        """Waits briefly for the processes to exit, then kills what is left."""
+        for process in self._processes:
+            process.join(timeout=3)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=3)
+
+
+async def tick_through(progress: Progress, task: Any, seconds: float, end_at: float) -> None:
+    """Advances a progress bar until the window ends; bounded to one step per 100 ms."""
+    for _ in range(int(seconds * 10) + 1):
+        remaining = end_at - time.time()
+        if remaining <= 0:
+            break
+        progress.update(task, completed=seconds - remaining)
+        await asyncio.sleep(min(0.1, remaining))

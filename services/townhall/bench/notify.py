@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import percentile
 from townhall.cli.graph import import_with_progress
 from townhall.core.config import KafkaConfig
@@ -89,11 +90,6 @@ class Notifier:
     def ps(self) -> psutil.Process:
         """The process, for CPU figures."""
         return psutil.Process(self.process.pid)
-
-
-def _cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -404,9 +400,9 @@ def _measure(
     counter.start()
     if not parent.poll(60) or parent.recv()[0] != "ready":
         raise RuntimeError("the counting consumer did not start")
-    cpu0 = [_cpu_s(n.ps) for n in procs]
+    cpu0 = [cpu_s(n.ps) for n in procs]
     broker_ps = psutil.Process(broker.process.pid) if broker.process else None
-    broker0 = _cpu_s(broker_ps) if broker_ps else 0.0
+    broker0 = cpu_s(broker_ps) if broker_ps else 0.0
     state: dict[str, Any] = {"small_done": 0, "small_total": 0, "got": 0, "dups": 0, "last": 0.0}
 
     async def scenario() -> tuple[float, list[float]]:
@@ -445,8 +441,8 @@ def _measure(
         return started, await small
 
     started, latencies = asyncio.run(scenario())
-    cpu = sum(_cpu_s(n.ps) for n in procs) - sum(cpu0)
-    broker_cpu = (_cpu_s(broker_ps) - broker0) if broker_ps else 0.0
+    cpu = sum(cpu_s(n.ps) for n in procs) - sum(cpu0)
+    broker_cpu = (cpu_s(broker_ps) - broker0) if broker_ps else 0.0
     counter.join(10)
     notified = state["got"] + len(latencies)
     small_total = sum(len(f) for _, f in hosts)

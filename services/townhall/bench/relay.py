@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import signal
@@ -23,8 +22,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -36,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench import loadgen
+from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import LatencyHistogram, percentile
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
@@ -134,11 +132,6 @@ async def speak(address: str, room_id: str, stop: asyncio.Event, user: int = 1) 
         await relay_pb2_grpc.RelayStub(channel).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
 
 
-def _cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 async def _phase(
     server: Server, listeners: int, seconds: float, progress: Progress, task: Any
 ) -> dict[str, Any]:
@@ -147,61 +140,41 @@ async def _phase(
     stop = asyncio.Event()
     speaker = asyncio.create_task(speak(server.address, room_id, stop)) if server.name == "relay" else None
     workers = 1 if listeners <= 250 else 2
-    context = multiprocessing.get_context("spawn")
-    processes: list[BaseProcess] = []
-    pipes: list[Connection] = []
+    generators = loadgen.Generators()
     ready_timeout = 15.0 + listeners / 100
     try:
         for index in range(workers):
             share = listeners // workers + (1 if index < listeners % workers else 0)
-            spec = loadgen.Spec(
-                address=server.address,
-                room_id=room_id,
-                listeners=share,
-                first_user=1_000 + index * 1_000_000,
-                secret=SECRET,
-                relay_claim=server.address,
-                ready_timeout_s=ready_timeout,
-                result_timeout_s=ready_timeout + seconds + 30,
+            generators.spawn(
+                loadgen.Spec(
+                    address=server.address,
+                    room_id=room_id,
+                    listeners=share,
+                    first_user=1_000 + index * 1_000_000,
+                    secret=SECRET,
+                    relay_claim=server.address,
+                    ready_timeout_s=ready_timeout,
+                    result_timeout_s=ready_timeout + seconds + 30,
+                )
             )
-            parent, child = context.Pipe()
-            process = context.Process(target=loadgen.main, args=(spec, child), daemon=True)
-            process.start()
-            processes.append(process)
-            pipes.append(parent)
         progress.update(task, description=f"{server.name} {listeners}: connecting")
-        ready = [await _receive(pipe, "ready", ready_timeout + 15) for pipe in pipes]
-        connected = sum(r[1] for r in ready)
-
-        start_at = time.time() + WARMUP_S
-        end_at = start_at + seconds
-        for pipe in pipes:
-            pipe.send(("window", start_at, end_at))
-        generators = [psutil.Process(p.pid) for p in processes if p.pid is not None]
+        connected = await generators.ready(ready_timeout + 15)
+        start_at, end_at = generators.open_window(WARMUP_S, seconds)
         progress.update(task, description=f"{server.name} {listeners}: warming up")
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        cpu_start = _cpu_s(server.ps), sum(_cpu_s(g) for g in generators)
+        cpu_start = cpu_s(server.ps), generators.cpu_s()
         progress.update(task, description=f"{server.name} {listeners}: measuring")
-        for _ in range(int(seconds * 10) + 1):  # bounded: one step per 100 ms of the window
-            remaining = end_at - time.time()
-            if remaining <= 0:
-                break
-            progress.update(task, completed=seconds - remaining)
-            await asyncio.sleep(min(0.1, remaining))
-        cpu_end = _cpu_s(server.ps), sum(_cpu_s(g) for g in generators)
+        await loadgen.tick_through(progress, task, seconds, end_at)
+        cpu_end = cpu_s(server.ps), generators.cpu_s()
         rss = server.ps.memory_info().rss
         progress.update(task, completed=seconds, description=f"{server.name} {listeners}: collecting")
-        results = [(await _receive(pipe, "result", 30))[1] for pipe in pipes]
+        results = await generators.results()
     finally:
         stop.set()
         if speaker is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(speaker, 5)
-        for worker in processes:
-            worker.join(timeout=3)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=3)
+        generators.reap()
 
     latency = LatencyHistogram()
     for result in results:
@@ -248,18 +221,6 @@ def _merge_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-async def _receive(pipe: Connection, kind: str, timeout_s: float) -> Any:
-    """The next message of `kind` from a generator, polling so the event loop keeps running."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pipe.poll():
-            message = pipe.recv()
-            if message[0] == kind:
-                return message
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"load generator sent no {kind!r} within {timeout_s:.0f} s")
 
 
 async def _run_all(
