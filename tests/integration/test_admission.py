@@ -97,13 +97,14 @@ async def test_join_grants_a_ticket_the_relay_can_verify(config: Config, kafka: 
         assert (await speaker.join(room.room_id)).role == Role.ROLE_SPEAKER
         assert (await host.join(room.room_id)).role == Role.ROLE_HOST
 
-        # Join events reach Kafka through the bounded queue, not in the RPC.
+        # Join events reach Kafka in batches through the bounded queue, not in the RPC.
         def is_join(_key: bytes, value: bytes) -> bool:
             event = PresenceEvent.FromString(value)
-            return event.room_id == room.room_id and event.user_id == listener_id
+            return event.room_id == room.room_id and listener_id in event.user_ids
 
         _, value = await wait_for_record(kafka, Topics(kafka.topic_prefix).presence, is_join)
-        assert PresenceEvent.FromString(value).kind == PresenceEvent.KIND_JOIN
+        event = PresenceEvent.FromString(value)
+        assert (event.kind, event.role) == (PresenceEvent.KIND_JOIN, Role.ROLE_LISTENER)
         for c in (host, listener, speaker):
             await c.close()
 

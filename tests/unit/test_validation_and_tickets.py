@@ -51,3 +51,20 @@ def test_ticket_round_trip_and_refusals() -> None:
         signer.verify("", "relay-a:1")
     with pytest.raises(Unauthenticated, match="not valid"):
         signer.verify(token[:-3] + "abc", "relay-a:1")
+
+
+def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
+    """The join path signs tickets itself; the bytes must be what PyJWT makes (and verifies)."""
+    import jwt
+
+    signer = TicketSigner("s" * 40, 60)
+    for room, upstream in (("Room_1-x", ()), ('odd"room\\', ("10.0.0.1:50052", "10.0.0.2:50052"))):
+        ticket = signer.issue(room, 42, Role.ROLE_LISTENER, "10.0.0.3:50052", upstream=upstream)
+        claims: dict[str, object] = {
+            "sub": "42", "room": room, "role": Role.ROLE_LISTENER, "aud": "10.0.0.3:50052",
+            "exp": ticket.expires_at,
+        }  # fmt: skip
+        if upstream:
+            claims["up"] = list(upstream)
+        assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256")
+        assert signer.verify(signer.sign(ticket), "10.0.0.3:50052") == ticket

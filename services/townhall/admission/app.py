@@ -13,6 +13,7 @@ from townhall.admission.cluster import Peers
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
 from townhall.admission.placement import Placer
+from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
@@ -75,13 +76,14 @@ class AdmissionApp:
         relay = config.relay
         self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
         self._relay_loads = RelayLoadFollower(config.kafka, self.placer)
+        self.presence = Presence(
+            self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
+        )
         self.admitter = Admitter(
             self.store.book,
             TicketSigner(config.tickets.secret, config.tickets.ttl_s),
             own.relays,
-            self._events,
-            Topics(config.kafka.topic_prefix),
-            member,
+            self.presence,
             self.capacity,
             FairBudget(own.admit_rate),
             own.waiting_room,
@@ -113,6 +115,7 @@ class AdmissionApp:
         for room in self.store.book.live():
             self.capacity.allowance(room.room_id)
         self._events.start()
+        self.presence.start()
         self.capacity.start()
         self._relay_loads.start()
         self.scheduler.start()
@@ -128,6 +131,7 @@ class AdmissionApp:
         await self.capacity.close()
         await self.store.stop()
         await self.peers.close()
+        await self.presence.close()
         await self._events.close()
         await self._producer.stop()
 

@@ -8,17 +8,20 @@ from collections.abc import Sequence
 
 from townhall.admission.capacity import Capacity
 from townhall.admission.fairness import FairBudget
-from townhall.admission.metrics import JOINS, LISTENERS
+from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING, LISTENERS
 from townhall.admission.placement import Placement, Placer
+from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook, role_of
 from townhall.admission.waiting import WaitingLine
 from townhall.core.errors import FailedPrecondition, NotFound, ResourceExhausted
-from townhall.core.kafka import EventQueue, Topics
 from townhall.core.sharding import owner
 from townhall.core.tickets import TicketSigner
-from townhall.v1.admission_pb2 import Grant, JoinResponse, Waiting
-from townhall.v1.common_pb2 import Role, Room, RoomState
+from townhall.v1.admission_pb2 import JoinResponse, Waiting
+from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Room, RoomState
 from townhall.v1.events_pb2 import PresenceEvent
+
+# Plain ints: an enum wrapper's attribute lookup is a Python call, four of them per join.
+KIND_JOIN = PresenceEvent.KIND_JOIN
 
 RETRY_AFTER_MS = (1_000, 3_000)  # jittered, so shed clients do not come back in step
 # A waiting user comes back after about this long per place ahead of them, within these bounds.
@@ -34,9 +37,7 @@ class Admitter:
         book: RoomBook,
         signer: TicketSigner,
         relays: Sequence[str],
-        events: EventQueue,
-        topics: Topics,
-        member: str,
+        presence: Presence,
         capacity: Capacity,
         budget: FairBudget,
         waiting_room: int,
@@ -46,9 +47,7 @@ class Admitter:
         self._placer = placer
         self._signer = signer
         self._relays = list(relays)
-        self._events = events
-        self._topic = topics.presence
-        self._member = member
+        self._presence = presence
         self._capacity = capacity
         self._budget = budget
         self._waiting_room = waiting_room
@@ -57,26 +56,26 @@ class Admitter:
     def join(self, room_id: str, user: int) -> JoinResponse:
         """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after."""
         room = self._book.get(room_id)
-        if room.state != RoomState.ROOM_STATE_LIVE:
-            JOINS.labels("rejected").inc()
+        if room.state != ROOM_STATE_LIVE:
+            JOINS_REJECTED.inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
         role = role_of(room, user)
-        if role == Role.ROLE_LISTENER:
+        listener = role == ROLE_LISTENER
+        if listener:
             waiting = self._admit_listener(room, user)
             if waiting is not None:
                 return waiting
-        relay = self._relay_for(room_id, user, on_stage=role != Role.ROLE_LISTENER)
+        relay = self._relay_for(room_id, user, on_stage=not listener)
         ticket = self._signer.issue(room_id, user, role, relay.relay, upstream=relay.upstream)
-        self._presence(PresenceEvent.KIND_JOIN, room_id, user, role)
-        JOINS.labels("admitted").inc()
-        return JoinResponse(
-            grant=Grant(
-                ticket=self._signer.sign(ticket),
-                relay_address=relay.relay,
-                role=role,
-                expires_at_ms=ticket.expires_at * 1000,
-            )
-        )
+        self._presence.record(KIND_JOIN, room_id, user, role)
+        JOINS_ADMITTED.inc()
+        response = JoinResponse()
+        grant = response.grant  # filled in place: building a Grant and copying it in costs twice as much
+        grant.ticket = self._signer.sign(ticket)
+        grant.relay_address = relay.relay
+        grant.role = role
+        grant.expires_at_ms = ticket.expires_at * 1000
+        return response
 
     def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:
         """The relay a user of the room is sent to, and the relays above it in the room's tree."""
@@ -89,7 +88,7 @@ class Admitter:
         allowance = self._capacity.get(room_id)
         if allowance is not None and allowance.leave(user):
             LISTENERS.dec()
-        self._presence(PresenceEvent.KIND_LEAVE, room_id, user, Role.ROLE_UNSPECIFIED)
+        self._presence.record(PresenceEvent.KIND_LEAVE, room_id, user, ROLE_UNSPECIFIED)
 
     def forget(self, room_id: str) -> None:
         """Drops what this process holds for a room that is no longer live."""
@@ -140,24 +139,11 @@ class Admitter:
             wait_ms = _jitter(min(WAIT_MS[1], max(WAIT_MS[0], (ahead + 1) * WAIT_MS_PER_PLACE)))
             position = line.wait(user, hold_s=wait_ms / 1000 + 1.0)
             if position:
-                JOINS.labels("waiting").inc()
+                JOINS_WAITING.inc()
                 return JoinResponse(waiting=Waiting(position=position, retry_after_ms=wait_ms))
             _shed(f"room {room.room_id}'s waiting line is full; retry")
         _shed(f"room {room.room_id} is full ({limit} listeners); retry")
         return None  # unreachable: _shed raises
-
-    def _presence(
-        self, kind: PresenceEvent.Kind.ValueType, room_id: str, user: int, role: Role.ValueType
-    ) -> None:
-        event = PresenceEvent(
-            kind=kind,
-            room_id=room_id,
-            user_id=user,
-            role=role,
-            at_ms=time.time_ns() // 1_000_000,
-            member=self._member,
-        )
-        self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
 
 
 def _jitter(ms: float) -> int:
@@ -165,6 +151,6 @@ def _jitter(ms: float) -> int:
 
 
 def _shed(message: str) -> None:
-    JOINS.labels("shed").inc()
+    JOINS_SHED.inc()
     retry = random.randint(*RETRY_AFTER_MS)
     raise ResourceExhausted(f"{message} after {retry} ms", retry)

@@ -86,6 +86,7 @@ class Allowance:
         self._rate = 0.0  # join attempts/s, exponentially smoothed
         self._window_start = clock()
         self._window_admits = 0
+        self._lease = lease_min  # the lease size for the current rate, kept up to date by _count
 
     @property
     def spare(self) -> int:
@@ -115,13 +116,14 @@ class Allowance:
     def lease_size(self) -> int:
         """How many admits to ask for: about REFILL_HORIZON_S of joins at the recent rate."""
         self._count(0)
-        return int(min(self._max, max(self._min, self._rate * REFILL_HORIZON_S)))
+        return self._lease
 
     def wants_refill(self) -> bool:
         """Whether to ask the owner now: spare below half a lease and none in flight."""
-        if self.refilling or self._clock() < self.exhausted_until:
+        # Checked on every join: the cheap tests first, the clock only when a refill is due.
+        if self.refilling or self.held - len(self.listeners) >= max(1, self._lease // 2):
             return False
-        return self.spare < max(1, self.lease_size() // 2)
+        return self._clock() >= self.exhausted_until and self.spare < max(1, self.lease_size() // 2)
 
     def give_back(self) -> int:
         """Spare admits beyond two leases, returned on the next report so idle processes hoard none."""
@@ -138,3 +140,4 @@ class Allowance:
         if elapsed >= 0.25:
             self._rate = 0.5 * self._rate + 0.5 * self._window_admits / elapsed
             self._window_start, self._window_admits = now, 0
+            self._lease = int(min(self._max, max(self._min, self._rate * REFILL_HORIZON_S)))

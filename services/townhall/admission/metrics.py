@@ -9,6 +9,10 @@ JOINS = Counter(
     "Join attempts by outcome: admitted, waiting, shed (over a limit), rejected (bad request).",
     ["result"],
 )
+# The join path's children, resolved once (a labels() lookup per join is measurable there).
+JOINS_ADMITTED, JOINS_WAITING, JOINS_SHED, JOINS_REJECTED = (
+    JOINS.labels(result) for result in ("admitted", "waiting", "shed", "rejected")
+)
 JOIN_DURATION = Histogram(
     "townhall_join_duration_seconds",
     "Time to decide a join inside admission (validation, admission, ticket signing).",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from townhall.core.sharding import ranked
 
 MAX_CACHED_ROOMS = 100_000
+LIVE_EVERY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,13 @@ class Placer:
         self._placed_total: dict[str, int] = {}
         # A room's rendezvous order hashes every relay: cached per room while the live relays stay.
         self._orders: dict[str, tuple[list[str], list[str]]] = {}
+        # The live relays, recomputed at most every LIVE_EVERY_S or when a report or member changes it.
+        self._live: tuple[float, list[str]] | None = None
 
     def set_relays(self, relays: Sequence[str]) -> None:
         """The relay members changed (configuration or membership)."""
         self._relays = list(relays)
+        self._live = None
 
     def observe(self, load: Load) -> None:
         """Takes a relay's load report; it supersedes this process's count of placements on it."""
@@ -87,6 +91,7 @@ class Placer:
         if previous is not None and previous.at > load.at:
             return
         self._loads[load.relay] = load
+        self._live = None
         self._placed.pop(load.relay, None)
         self._placed_total.pop(load.relay, None)
 
@@ -118,7 +123,10 @@ class Placer:
         return self._order(room_id, now)[0]
 
     def _order(self, room_id: str, now: float) -> list[str]:
-        live = self.live(now)
+        cached_live = self._live
+        if cached_live is None or not 0 <= now - cached_live[0] < LIVE_EVERY_S:
+            cached_live = self._live = (now, self.live(now))
+        live = cached_live[1]
         cached = self._orders.get(room_id)
         if cached is not None and cached[0] == live:
             return cached[1]

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Iterable
 
 from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from townhall.v1.common_pb2 import Role, Room, RoomState
+from townhall.v1.common_pb2 import ROLE_HOST, ROLE_LISTENER, ROLE_SPEAKER, Role, Room, RoomState
 
 MAX_SPEAKERS = 12
 MAX_LISTENER_LIMIT = 10_000_000
@@ -124,10 +124,10 @@ class RoomBook:
 def role_of(room: Room, user: int) -> Role.ValueType:
     """The role a user joins a room in."""
     if user == room.host_id:
-        return Role.ROLE_HOST
+        return ROLE_HOST
     if user in room.speaker_ids:
-        return Role.ROLE_SPEAKER
-    return Role.ROLE_LISTENER
+        return ROLE_SPEAKER
+    return ROLE_LISTENER
 
 
 def _next(room: Room, **changes: int) -> Room:

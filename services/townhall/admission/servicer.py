@@ -10,7 +10,7 @@ import grpc
 from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
 from townhall.admission.joins import Admitter
-from townhall.admission.metrics import JOIN_DURATION, JOINS
+from townhall.admission.metrics import JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id
 from townhall.admission.store import RoomStore
 from townhall.core import validation
@@ -142,7 +142,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
             user = caller(context)
             room_id = validation.room_id(request.room_id)
         except Exception:
-            JOINS.labels("rejected").inc()
+            JOINS_REJECTED.inc()
             raise
         try:
             return self._admitter.join(room_id, user)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from townhall import audio
 from townhall.cli.endpoints import resolve
-from townhall.client import Client
+from townhall.client import Client, Endpoints
 from townhall.v1 import relay_pb2, rooms_pb2
 from townhall.v1.common_pb2 import Room
 
@@ -25,7 +25,6 @@ console = Console()
 def run(args: argparse.Namespace) -> int:
     """Runs one manual command; gRPC errors are printed with their status, exit code 1."""
     endpoints = resolve(args.root / "topology.json", args.admission, args.notifier)
-    client = Client(endpoints, args.user)
     handler = {
         "room": _room,
         "follow": _follow,
@@ -34,15 +33,21 @@ def run(args: argparse.Namespace) -> int:
         "listen": _listen,
     }[args.command]
     try:
-        return asyncio.run(_closing(client, handler(client, args)))
+        return asyncio.run(_closing(endpoints, args, handler))
     except grpc.aio.AioRpcError as exc:
         console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
         return 1
 
 
-async def _closing(client: Client, work: Awaitable[int]) -> int:
+async def _closing(
+    endpoints: Endpoints,
+    args: argparse.Namespace,
+    handler: Callable[[Client, argparse.Namespace], Awaitable[int]],
+) -> int:
+    # The client's channels are made inside the event loop that uses them (grpc.aio binds them to it).
+    client = Client(endpoints, args.user)
     try:
-        return await work
+        return await handler(client, args)
     finally:
         await client.close()
 

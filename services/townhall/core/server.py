@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from townhall.core import logging
 from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
-from townhall.core.interceptor import RpcInterceptor
+from townhall.core.interceptor import Instrumented
 from townhall.core.metrics import serve_metrics
 from townhall.core.process import tune_gc
 
@@ -76,13 +76,13 @@ async def start(app: App, config: Config, listen: str) -> Running:
     extra = dict(getattr(app, "server_options", {}))
     options = [(k, v) for k, v in server_options(config) if k not in extra] + list(extra.items())
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor()],
-        options=options,
-        maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None),
+        options=options, maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None)
     )
-    app.register(server)
+    # Servicers register through Instrumented: every method is counted, timed and error-mapped.
+    instrumented = Instrumented(server)
+    app.register(instrumented)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
     await app.start()

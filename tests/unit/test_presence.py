@@ -1,0 +1,52 @@
+"""Presence batching: joins become one record per room, kind and role; a full buffer drops and counts."""
+
+from __future__ import annotations
+
+from townhall.admission.presence import MAX_BATCH, Presence
+from townhall.core.kafka import EVENTS_DROPPED
+from townhall.v1.common_pb2 import Role
+from townhall.v1.events_pb2 import PresenceEvent
+
+JOIN, LEAVE = PresenceEvent.KIND_JOIN, PresenceEvent.KIND_LEAVE
+
+
+class Recorder:
+    """Stands in for the EventQueue: keeps what it is offered."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes, PresenceEvent]] = []
+
+    def offer(self, topic: str, key: bytes, value: bytes) -> bool:
+        self.records.append((topic, key, PresenceEvent.FromString(value)))
+        return True
+
+
+def test_joins_of_a_room_become_one_record_per_kind_and_role() -> None:
+    queue = Recorder()
+    presence = Presence(queue, "t.presence", "pod-0", capacity=100)  # type: ignore[arg-type]
+    for user in (11, 12, 13):
+        presence.record(JOIN, "hot", user, Role.ROLE_LISTENER)
+    presence.record(JOIN, "hot", 1, Role.ROLE_HOST)
+    presence.record(LEAVE, "hot", 12, Role.ROLE_UNSPECIFIED)
+    presence.record(JOIN, "cold", 21, Role.ROLE_LISTENER)
+    assert presence.flush() == 4
+    by_key = {(e.room_id, e.kind, e.role): (key, list(e.user_ids), e.member) for _, key, e in queue.records}
+    assert by_key[("hot", JOIN, Role.ROLE_LISTENER)] == (b"hot", [11, 12, 13], "pod-0")
+    assert by_key[("hot", JOIN, Role.ROLE_HOST)][1] == [1]
+    assert by_key[("hot", LEAVE, Role.ROLE_UNSPECIFIED)][1] == [12]
+    assert by_key[("cold", JOIN, Role.ROLE_LISTENER)][:2] == (b"cold", [21])
+    assert presence.flush() == 0  # nothing is sent twice
+
+
+def test_a_large_batch_is_split_and_a_full_buffer_drops_and_counts() -> None:
+    queue = Recorder()
+    presence = Presence(queue, "t.presence", "pod-0", capacity=MAX_BATCH + 10)  # type: ignore[arg-type]
+    dropped = EVENTS_DROPPED.labels("t.presence")._value.get()
+    for user in range(1, MAX_BATCH + 21):
+        presence.record(JOIN, "hot", user, Role.ROLE_LISTENER)
+    assert EVENTS_DROPPED.labels("t.presence")._value.get() - dropped == 10
+    presence.flush()
+    sizes = [len(e.user_ids) for _, _, e in queue.records]
+    assert sizes == [MAX_BATCH, 10]
+    users = [u for _, _, e in queue.records for u in e.user_ids]
+    assert users == list(range(1, MAX_BATCH + 11))  # the first ones kept, in order
