@@ -3,8 +3,9 @@
 The JSON files are committed (the chart packages them); tests/chart checks they match this script.
 Run: python deploy/grafana/dashboards.py   (or: make dashboards-json)
 
-Queries use `job` = the service name (admission, relay, notifier), as the chart's ServiceMonitor and
-deploy/prometheus/render.py label them, and Grafana's $__rate_interval.
+Queries use `job` = the service name (admission, relay, notifier; admission-crowd for admission's crowd
+lane), as the chart's ServiceMonitor and deploy/prometheus/render.py label them, and Grafana's
+$__rate_interval.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parents[2] / "helm" / "townhall" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
+# Admission's processes: the owners and the crowd lane.
+ADMISSION_JOBS = "admission|admission-crowd"
 
 
 @dataclass
@@ -100,13 +103,13 @@ def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Pane
         ),
         Panel(
             "CPU per process (cores)",
-            [(f'sum by (instance) (rate(process_cpu_seconds_total{{job="{job}"}}[{RATE}]))', "{{instance}}")],
+            [(rate("process_cpu_seconds_total", "instance", f'{{job=~"{job}"}}'), "{{instance}}")],
             "short",
             "One Python process uses at most one core.",
         ),
         Panel(
             "Resident memory per process",
-            [(f'sum by (instance) (process_resident_memory_bytes{{job="{job}"}})', "{{instance}}")],
+            [(f'sum by (instance) (process_resident_memory_bytes{{job=~"{job}"}})', "{{instance}}")],
             "bytes",
         ),
     ]
@@ -114,7 +117,7 @@ def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Pane
 
 def kafka_panels(job: str) -> list[Panel]:
     """Kafka produce errors and best-effort events queued or dropped by one service."""
-    sel = f'{{job="{job}"}}'
+    sel = f'{{job=~"{job}"}}'
     return [
         Panel(
             "Kafka produce errors/s by topic",
@@ -234,8 +237,8 @@ ADMISSION = Dashboard(
             "ops",
             "Authoritative changes, acknowledged by Kafka (acks=all) before the RPC returns.",
         ),
-        *rpc_panels("admission", "townhall.v1.(Rooms|Admission)"),
-        *kafka_panels("admission"),
+        *rpc_panels(ADMISSION_JOBS, "townhall.v1.(Rooms|Admission)"),
+        *kafka_panels(ADMISSION_JOBS),
     ],
 )
 

@@ -33,9 +33,15 @@ DEFAULT_TOPOLOGY: dict[str, Any] = {
 
 
 def scrape_configs(topology: dict[str, Any]) -> list[dict[str, Any]]:
-    """One job per service, its processes' metrics endpoints as static targets."""
+    """One job per service (admission's crowd lane: admission-crowd), its processes' metrics endpoints."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for service, entries in topology["services"].items():
+        for entry in entries:
+            # The chart's ServiceMonitor names jobs after the component: crowd-lane pods are admission-crowd.
+            name = f"{service}-{entry['lane']}" if entry.get("lane") else service
+            groups.setdefault(name, []).append(entry)
     jobs = []
-    for service, processes in sorted(topology["services"].items()):
+    for service, processes in sorted(groups.items()):
         urls = [urlsplit(p["metrics"]) for p in processes if p.get("metrics")]
         if not urls:
             continue

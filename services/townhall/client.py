@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +27,7 @@ from townhall.v1 import (
 )
 from townhall.v1.common_pb2 import Room
 
+_Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
 # Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
 _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
@@ -48,6 +50,8 @@ class Endpoints:
 
     admission: str
     notifier: str
+    # Admission's crowd lane (joins of rooms that draw a crowd); empty: they join on `admission`.
+    crowd: str = ""
 
 
 class Client:
@@ -61,6 +65,12 @@ class Client:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.rooms = rooms_pb2_grpc.RoomsStub(self._admission)
         self.admission = admission_pb2_grpc.AdmissionStub(self._admission)
+        self.crowd_admission = self.admission
+        if endpoints.crowd:
+            self._channels[endpoints.crowd] = channel(endpoints.crowd)
+            self.crowd_admission = admission_pb2_grpc.AdmissionStub(self._channels[endpoints.crowd])
+        # Rooms this client has seen marked crowd (in a Room or a notification): joined on the crowd lane.
+        self.crowd_rooms: set[str] = set()
         self.graph = graph_pb2_grpc.GraphStub(self._notifier)
         self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
 
@@ -79,7 +89,18 @@ class Client:
     async def start_room(self, room_id: str) -> Room:
         """Starts this user's room."""
         request = rooms_pb2.StartRoomRequest(room_id=room_id)
-        return await self.rooms.StartRoom(request, metadata=self._metadata, timeout=15)
+        return self.learn(await self.rooms.StartRoom(request, metadata=self._metadata, timeout=15))
+
+    async def get_room(self, room_id: str) -> Room:
+        """A room by id."""
+        request = rooms_pb2.GetRoomRequest(room_id=room_id)
+        return self.learn(await self.rooms.GetRoom(request, metadata=self._metadata, timeout=10))
+
+    def learn(self, room: _Seen) -> _Seen:
+        """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""
+        if room.crowd:
+            self.crowd_rooms.add(room.room_id)
+        return room
 
     async def end_room(self, room_id: str) -> Room:
         """Ends this user's room."""
@@ -93,11 +114,15 @@ class Client:
         return reply.created
 
     async def join(self, room_id: str, give_up_after_s: float = 30.0) -> admission_pb2.Grant:
-        """Joins a room, honouring retry-after when the room is full or the server is busy."""
+        """Joins a room, honouring retry-after when the room is full or the server is busy.
+
+        A room known to draw a crowd is joined on admission's crowd lane, where its storm is shed.
+        """
         deadline = time.monotonic() + give_up_after_s
+        stub = self.crowd_admission if room_id in self.crowd_rooms else self.admission
         while True:
             try:
-                reply = await self.admission.Join(
+                reply = await stub.Join(
                     admission_pb2.JoinRequest(room_id=room_id), metadata=self._metadata, timeout=10
                 )
             except grpc.aio.AioRpcError as exc:

@@ -35,7 +35,7 @@ from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics
 
 Render = Callable[..., list[Manifest]]
-SERVICES = ("admission", "relay", "notifier")
+SERVICES = ("admission", "admission-crowd", "relay", "notifier")
 # Shards per scenario: what the StatefulSet (or its HPA's minReplicas) runs and admission is told about.
 SHARDS = {
     "kind-default": {"admission": 1, "relay": 1},
@@ -180,7 +180,7 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
     for owner, spec in pod_specs(manifests):
-        if component(owner) in {"admission", "relay"}:
+        if component(owner) in {"admission", "admission-crowd", "relay"}:
             assert spec["serviceAccountName"] == account["metadata"]["name"]
         else:
             assert spec.get("automountServiceAccountToken") is False, owner["metadata"]["name"]
@@ -247,7 +247,7 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
         (c,) = sts["spec"]["template"]["spec"]["containers"]
         env = container_env(manifests, c, pod_name)
         config = load_config(env=env)
-        section = getattr(config, name)
+        section = getattr(config, name.removesuffix("-crowd"))  # the crowd lane runs admission
         assert section.listen == f"0.0.0.0:{port_of(c, 'grpc')}"
         assert section.metrics_port == port_of(c, "metrics")
         if name == "relay":
@@ -402,13 +402,42 @@ def test_client_services_use_fixed_node_ports_mapped_by_kind(render: Render) -> 
         if s["spec"].get("type") == "NodePort"
         for p in s["spec"]["ports"]
     }
-    assert node_ports == {30051, 30052, 30053}
+    assert node_ports == {30051, 30052, 30053, 30061}
     cluster = yaml.safe_load((REPO / "deploy" / "kind" / "cluster.yaml").read_text())
     mapped = {m["hostPort"] for n in cluster["nodes"] for m in n.get("extraPortMappings", [])}
     assert node_ports <= mapped
     assert {30300, 30090} <= mapped  # Grafana, Prometheus (deploy/kind/monitoring-values.yaml)
     images = {n["image"] for n in cluster["nodes"]}
     assert all(i.startswith(f"kindest/node:v{KUBE_VERSION}@sha256:") for i in images)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_crowd_lane_runs_admission_pods_that_own_no_rooms(render: Render, enabled: bool) -> None:
+    manifests = render(None, "--set", f"admission.crowd.enabled={str(enabled).lower()}")
+    crowd = [m for m in manifests if component(m) == "admission-crowd"]
+    if not enabled:
+        assert crowd == []
+        return
+    assert sorted(m["kind"] for m in crowd) == ["Deployment", "PodDisruptionBudget", "Service", "Service"]
+    container = workload(manifests, "admission-crowd")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "townhall.admission"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    headless = next(s for s in by_kind(manifests, "Service") if s.endswith("-admission-headless"))
+    assert env["TOWNHALL_ADMISSION_OWNER"] == "false"
+    assert env["TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS"] == "16"
+    # It finds the owners (and only them) through their headless Service, and listens on its own port.
+    assert (env["TOWNHALL_ADMISSION_MEMBERSHIP"], env["TOWNHALL_ADMISSION_KUBE_SERVICE"]) == (
+        "kubernetes",
+        headless,
+    )
+    assert env["TOWNHALL_ADMISSION_LISTEN"] == "0.0.0.0:50061"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == 50061
+    service = next(
+        m for m in crowd if m["kind"] == "Service" and not m["metadata"]["name"].endswith("-headless")
+    )
+    assert [p["port"] for p in service["spec"]["ports"]] == [50061]
+    env_of_pods = load_config(env=container_env(manifests, container, "crowd-pod"))
+    assert not env_of_pods.admission.owner and env_of_pods.admission.max_pending_requests == 16
 
 
 def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> None:

@@ -53,6 +53,10 @@ class CountingInbox:
         """Notifications for `room` queued per user."""
         return {u: sum(1 for n in s._queue if n.room_id == room) for u, s in self.subs.items()}
 
+    def crowd(self, room: str) -> set[bool]:
+        """The `crowd` flags of the notifications for `room` queued so far."""
+        return {n.crowd for s in self.subs.values() for n in s._queue if n.room_id == room}
+
     def delivered(self, room: str) -> int:
         """Users that have at least one notification for `room`."""
         return sum(1 for c in self.got(room).values() if c)

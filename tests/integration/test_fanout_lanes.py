@@ -69,6 +69,8 @@ async def test_a_small_host_is_notified_while_a_big_fanout_is_still_running(noti
         )
         bulk_done_then = inbox.delivered(big_room)
         await until(lambda: inbox.delivered(big_room) == len(crowd), what="the bulk fan-out finished")
+        # A bulk-lane host draws a crowd: its followers are told to join on admission's crowd lane.
+        assert (inbox.crowd(big_room), inbox.crowd(small_room)) == ({True}, {False})
     # Not a timing claim: the small host's notifications overtook a bulk lane with work queued.
     assert bulk_done_then < len(crowd)
 

@@ -73,3 +73,19 @@ def test_idle_spare_is_given_back() -> None:
     allowance.held = 100
     assert allowance.give_back() == 100 - 16
     assert allowance.held == 16
+
+
+def test_the_owner_sees_a_rooms_join_demand_from_the_leases_members_ask_for() -> None:
+    """Each member asks for ~0.5 s of its joins at a time, so the asks add up to the room's join rate."""
+    clock = Clock()
+    book = LeaseBook(clock)
+    for _ in range(40):  # 20 s: two members, each asking for 400 admits every 0.5 s (800 joins/s each)
+        clock.now += 0.5
+        book.acquire("hot", "a", 400, 0, 10**9)
+        book.acquire("hot", "b", 400, 0, 10**9)
+        book.acquire("cold", "a", 8, 0, 10**9)
+    assert 1300 <= book.demand("hot") <= 1900, book.demand("hot")  # 1,600 joins/s, measured in steps
+    assert book.demand("cold") < 30
+    clock.now += 20  # nobody asks any more: the demand fades
+    assert book.demand("hot") < 10
+    assert book.demand("unknown") == 0

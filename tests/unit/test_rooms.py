@@ -68,3 +68,15 @@ def test_roles_host_speaker_listener() -> None:
     assert role_of(room, HOST) == Role.ROLE_HOST
     assert role_of(room, 11) == Role.ROLE_SPEAKER
     assert role_of(room, 99) == Role.ROLE_LISTENER
+
+
+def test_only_a_live_room_is_marked_crowd_and_marking_it_again_changes_nothing() -> None:
+    book = RoomBook()
+    room = book.created(1, "t", [], 0, 1000)
+    book.apply(room)
+    assert book.crowded(room.room_id) is book.get(room.room_id), "a room that is not live is left as it is"
+    book.apply(book.started(room.room_id, 1, 2000))
+    crowded = book.crowded(room.room_id)
+    assert crowded.crowd and crowded.version == book.get(room.room_id).version + 1
+    book.apply(crowded)
+    assert book.crowded(room.room_id) is book.get(room.room_id)

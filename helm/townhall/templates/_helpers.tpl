@@ -191,14 +191,15 @@ podAntiAffinity:
 {{/*
 The container of a Townhall service: command, ports, config, probes, shutdown, resources, security.
 Call with (dict "ctx" $ "component" "relay" "values" .Values.relay); optional "extraEnv" and "extraMounts"
-are lists appended to the container's env and volumeMounts.
+are lists appended to the container's env and volumeMounts, and "module" names the service to run when it
+is not the component (the crowd lane runs townhall.admission).
 */}}
 {{- define "townhall.container" -}}
 {{- $ctx := .ctx -}}
 - name: {{ .component }}
   image: {{ include "townhall.image" $ctx }}
   imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
-  command: ["python", "-m", "townhall.{{ .component }}"]
+  command: ["python", "-m", "townhall.{{ .module | default .component }}"]
   ports:
     - name: grpc
       containerPort: {{ .values.port }}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,13 @@ from townhall.admission.relay_load import RelayLoadFollower
 from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
+from townhall.core import logging
 from townhall.core.config import AdmissionConfig, Config
+from townhall.core.errors import TownhallError
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import EventQueue, Topics, producer
 from townhall.core.membership import KubernetesMembership, Membership, StaticMembership
+from townhall.core.tasks import cancel
 from townhall.core.tickets import TicketSigner
 from townhall.v1 import (
     admission_pb2,
@@ -33,6 +37,8 @@ from townhall.v1 import (
 )
 from townhall.v1.common_pb2 import Room, RoomState
 
+log = logging.get(__name__)
+
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -43,7 +49,7 @@ def membership_for(config: AdmissionConfig) -> Membership:
             _NAMESPACE_FILE.read_text().strip() if _NAMESPACE_FILE.exists() else "default"
         )
         return KubernetesMembership(config.address, config.kube_service, namespace, config.kube_port or None)
-    return StaticMembership(config.address, config.members)
+    return StaticMembership(config.address, config.members, owns=config.owner)
 
 
 class AdmissionApp:
@@ -64,13 +70,21 @@ class AdmissionApp:
             "grpc.server.max_pending_requests": own.max_pending_requests,
             "grpc.server.max_pending_requests_hard_limit": 2 * own.max_pending_requests,
         }
+        self._marking: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         member = f"{socket.gethostname()}/{own.listen}"
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
         self.membership = membership_for(own)
         self.peers = Peers(self.membership, Forwarding(config.tickets.secret))
         self.capacity = Capacity(
-            self.store.book, self.peers, own.default_listener_limit, own.lease_min, own.lease_max
+            self.store.book,
+            self.peers,
+            own.default_listener_limit,
+            own.lease_min,
+            own.lease_max,
+            own.crowd_joins_per_s,
+            self._mark_crowd,
         )
         self._events = EventQueue(self._producer, config.admission.event_queue)
         relay = config.relay
@@ -99,6 +113,24 @@ class AdmissionApp:
             # Lease ahead of the first join, so no join waits for capacity from the owner.
             self.capacity.allowance(room.room_id)
 
+    def _mark_crowd(self, room_id: str) -> None:
+        """The owner saw the room's join demand pass admission.crowd_joins_per_s: record it (once)."""
+        if room_id in self._marking:
+            return
+        self._marking.add(room_id)
+        task = asyncio.create_task(self._record_crowd(room_id), name="mark-crowd")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_crowd(self, room_id: str) -> None:
+        try:
+            await self.store.mark_crowd(room_id)
+            log.info("room draws a crowd: its clients join on the crowd lane", room=room_id)
+        except TownhallError as exc:
+            log.warning("could not mark the room crowd", room=room_id, error=str(exc))
+        finally:
+            self._marking.discard(room_id)
+
     def register(self, server: grpc.aio.Server) -> None:
         rooms = RoomsServicer(self.store, self.admitter, self.peers)
         rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
@@ -126,6 +158,7 @@ class AdmissionApp:
     async def close(self) -> None:
         if isinstance(self.membership, KubernetesMembership):
             self.membership.stop()
+        await cancel(*self._tasks)
         await self.scheduler.close()
         await self._relay_loads.close()
         await self.capacity.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -35,7 +36,14 @@ class Capacity:
     """Allowances of the rooms this member admits to, and the owner's lease book."""
 
     def __init__(
-        self, rooms: RoomBook, peers: Peers, default_limit: int, lease_min: int, lease_max: int
+        self,
+        rooms: RoomBook,
+        peers: Peers,
+        default_limit: int,
+        lease_min: int,
+        lease_max: int,
+        crowd_joins_per_s: float = 0.0,
+        on_crowd: Callable[[str], None] | None = None,
     ) -> None:
         self.book = LeaseBook()
         self._rooms = rooms
@@ -43,6 +51,9 @@ class Capacity:
         self.default_limit = default_limit
         self._lease_min, self._lease_max = lease_min, lease_max
         self._allowances: dict[str, Allowance] = {}
+        # The owner marks a room crowd once its demand passes this (on_crowd makes the change).
+        self._crowd_joins_per_s = crowd_joins_per_s
+        self._on_crowd = on_crowd
         self._tasks: set[asyncio.Task[None]] = set()
         self._reporter: asyncio.Task[None] | None = None
 
@@ -89,6 +100,12 @@ class Capacity:
             request.room_id, request.member, request.count, request.held, limit, members
         )
         LEASE_CALLS.labels("granted" if granted else "empty").inc()
+        if (
+            self._on_crowd is not None
+            and not room.crowd
+            and 0 < self._crowd_joins_per_s < self.book.demand(request.room_id)
+        ):
+            self._on_crowd(request.room_id)
         return AcquireResponse(granted=granted, available=available, limit=limit)
 
     def start(self) -> None:

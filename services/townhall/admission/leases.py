@@ -10,6 +10,7 @@ and every few seconds).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 HOLDING_TTL_S = 20.0
 # Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S calls/s per room.
 REFILL_HORIZON_S = 0.5
+DEMAND_TAU_S = 2.0
 
 
 @dataclass
@@ -28,9 +30,13 @@ class _Holding:
 
 @dataclass
 class RoomLeases:
-    """One room's admits, by member."""
+    """One room's admits, by member, and how fast members ask for more."""
 
     holdings: dict[str, _Holding] = field(default_factory=dict)
+    # Admits asked for, exponentially decayed with DEMAND_TAU_S: about the room's join attempts/s
+    # over every member, since each member asks for REFILL_HORIZON_S of its own join rate at a time.
+    demand: float = 0.0
+    demand_at: float = 0.0
 
     def leased(self) -> int:
         """Admits held by all members."""
@@ -56,9 +62,18 @@ class LeaseBook:
                 del room.holdings[name]
         holding = room.holdings.setdefault(member, _Holding(0, now))
         holding.admits, holding.seen = held, now
+        room.demand = room.demand * math.exp((room.demand_at - now) / DEMAND_TAU_S) + count / DEMAND_TAU_S
+        room.demand_at = now
         granted = max(0, min(count, limit - room.leased()))
         holding.admits += granted
         return granted, max(0, limit - room.leased())
+
+    def demand(self, room_id: str) -> float:
+        """The room's recent join attempts per second over every member (from what they ask for)."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            return 0.0
+        return room.demand * math.exp((room.demand_at - self._clock()) / DEMAND_TAU_S)
 
     def forget(self, room_id: str) -> None:
         """Drops a room (ended)."""

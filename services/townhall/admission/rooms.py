@@ -105,6 +105,13 @@ class RoomBook:
             )
         return _next(room, state=RoomState.ROOM_STATE_SCHEDULED, scheduled_start_ms=start_at_ms)
 
+    def crowded(self, room_id: str) -> Room:
+        """The live room marked as drawing a crowd; a room already marked (or not live) is returned as is."""
+        room = self.get(room_id)
+        if room.crowd or room.state != RoomState.ROOM_STATE_LIVE:
+            return room
+        return _next(room, crowd=True)
+
     def due(self, now_ms: int) -> list[Room]:
         """Scheduled rooms whose start time has come, earliest first."""
         rooms = [

@@ -127,6 +127,14 @@ class RoomStore:
                 await self._commit(room, "ended")
         return room
 
+    async def mark_crowd(self, room_id: str) -> Room:
+        """Durably marks a live room as drawing a crowd (its clients then join on the crowd lane)."""
+        async with self._locks[room_id]:
+            room = self.book.crowded(room_id)
+            if room is not self.book.get(room_id):
+                await self._commit(room, "crowd")
+        return room
+
     async def _commit(self, room: Room, change: str) -> None:
         await self._send(self._topics.room_state, room.room_id, room)
         self.book.apply(room)

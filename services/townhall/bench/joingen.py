@@ -42,6 +42,8 @@ class Spec:
     seconds: float
     first_user: int
     max_inflight: int = 4000
+    # Where the hot room's joins go (admission's crowd lane); empty: `addresses`, like the cold rooms.
+    hot_addresses: tuple[str, ...] = ()
 
 
 @dataclass
@@ -65,22 +67,32 @@ class _Class:
 class _Generator:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self.channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for address in spec.addresses
-            for _ in range(CHANNELS_PER_ADDRESS)
-        ]
-        self.calls = [ch.unary_unary(METHOD) for ch in self.channels]  # raw bytes in and out
+        self.channels: list[grpc.aio.Channel] = []
+        # Raw bytes in and out, per room class: the hot room may be joined on the crowd lane.
+        self.calls = {
+            "cold": self._calls(spec.addresses),
+            "hot": self._calls(spec.hot_addresses or spec.addresses),
+        }
         self.classes = {"hot": _Class(), "cold": _Class()}
         self.inflight = 0
         self.user = spec.first_user
         self.measure_from = spec.start_at + spec.warmup_s
         self.tasks: set[asyncio.Task[None]] = set()
 
+    def _calls(self, addresses: tuple[str, ...]) -> list[Any]:
+        channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for address in addresses
+            for _ in range(CHANNELS_PER_ADDRESS)
+        ]
+        self.channels += channels
+        return [ch.unary_unary(METHOD) for ch in channels]
+
     async def call(self, kind: str, request: bytes) -> None:
         self.user += 1
         metadata = ((USER_KEY, str(self.user)),)
-        call = self.calls[self.user % len(self.calls)]
+        calls = self.calls[kind]
+        call = calls[self.user % len(calls)]
         measured = time.time() >= self.measure_from
         counts = self.classes[kind]
         if measured:

@@ -44,6 +44,9 @@ class Load:
     generators: int = 2
     # A ghz binary to generate the load with (one process per room class) instead of Python processes.
     ghz: str | None = None
+    # Where the hot room's joins go (admission's crowd lane, as clients that know the room draws a
+    # crowd send them); empty: `addresses`, like the cold rooms.
+    hot_addresses: tuple[str, ...] = ()
 
 
 async def make_rooms(address: str, cold: int, host: int = 7_000_000) -> tuple[str, list[str]]:
@@ -114,7 +117,8 @@ async def _offer_ghz(
         for i, (kind, (rooms, rate)) in enumerate(classes.items()):
             if rooms and rate > 0:
                 out = Path(tmp) / f"{kind}.json"
-                address = load.addresses[i % len(load.addresses)]
+                addresses = (load.hot_addresses or load.addresses) if kind == "hot" else load.addresses
+                address = addresses[i % len(addresses)]
                 runs[kind] = (
                     ghz.start(binary, address, rooms, rate, duration, int(rate * load.warmup_s), out),
                     out,
@@ -169,6 +173,7 @@ async def _offer_python(
             warmup_s=load.warmup_s,
             seconds=load.seconds,
             first_user=(index + 1) * 10**12 + int(time.time() * 1000) % 10**9 * 1000,
+            hot_addresses=load.hot_addresses,
         )
         parent, child = context.Pipe()
         worker = context.Process(target=joingen.main, args=(spec, child), daemon=True)

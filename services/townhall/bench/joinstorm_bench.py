@@ -1,10 +1,16 @@
-"""Join-storm benchmark: ceiling, capacity, cold rooms alone, then a hot room at 3x capacity plus cold rooms.
+"""Join-storm benchmark: ceiling and capacity by rate search, cold rooms alone, a 3x storm (two ways).
 
 Phases, all in one run on one machine (so ratios compare like with like):
-1. ceiling  - a bare grpc.aio unary server (unary_ceiling.py) offered `probe_rate` joins/s;
-2. capacity - admission (no admit budget) offered `probe_rate` joins/s to one room: its admits/s;
-3. cold     - admission with its admit budget set to that capacity; 50 cold rooms at a low rate;
-4. storm    - the same cold load plus one hot room offered `overload` x capacity.
+1. ceiling  - a bare grpc.aio unary server (unary_ceiling.py): offered rates rise step by step until
+              a step is not clean (errors, offered not served, p99 over STEP_P99_MS); the best clean
+              step gives the most calls/s and the calls per CPU-second (per core);
+2. capacity - admission (no admit budget), the same search with joins to one room: its admits/s;
+3. cold     - admission with its admit budget set to that capacity (and a crowd-lane process beside
+              it, as the chart runs them): 50 cold rooms at a low rate;
+4. storm    - the same cold load plus one hot room offered `overload` x capacity on the crowd lane
+              (the hot room draws a crowd: its clients know it from the notification or the Room);
+5. storm, one lane - the same storm with the hot room's joins on the owner's port, as without the
+              crowd lane: what the lane buys.
 Figures are per core of the measured processes. The machine is shared and noisy: compare
 figures within one run.
 
@@ -30,6 +36,7 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.table import Table
 
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
@@ -37,6 +44,7 @@ from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
 from townhall.devtools.kafka_broker import Broker, free_port
+from townhall.devtools.topology import CROWD_PENDING
 from townhall.v1.common_pb2 import Role
 
 START_TIMEOUT_S = 30.0
@@ -62,35 +70,51 @@ def _process(
             process.wait(5)
 
 
-def _admission_env(bootstrap: str, addresses: list[str], me: str, admit_rate: float) -> dict[str, str]:
+def _admission_env(
+    bootstrap: str, owners: list[str], me: str, admit_rate: float, crowd: bool
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")}
     env.update(
         TOWNHALL_KAFKA_BOOTSTRAP=bootstrap,
         TOWNHALL_ADMISSION_LISTEN=me,
         TOWNHALL_ADMISSION_METRICS_PORT="0",
-        TOWNHALL_ADMISSION_MEMBERS=",".join(addresses),
+        TOWNHALL_ADMISSION_MEMBERS=",".join(owners),
         TOWNHALL_ADMISSION_ADMIT_RATE=str(admit_rate),
         TOWNHALL_LOG_LEVEL="warning",
     )
+    if crowd:  # the crowd lane as `townhall dev` and the chart run it
+        env.update(
+            TOWNHALL_ADMISSION_OWNER="false", TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS=str(CROWD_PENDING)
+        )
     return env
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """Admission processes started for a phase: owners' and crowd-lane addresses, every pid."""
+
+    addresses: tuple[str, ...]
+    crowd: tuple[str, ...]
+    pids: list[int]
 
 
 @contextlib.contextmanager
 def _admission(
-    bootstrap: str, count: int, admit_rate: float, logs: Path
-) -> Iterator[tuple[list[str], list[int]]]:
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    bootstrap: str, count: int, admit_rate: float, logs: Path, crowd: int = 0
+) -> Iterator[_Admission]:
+    owners = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    lane = [f"127.0.0.1:{free_port()}" for _ in range(crowd)]
     with contextlib.ExitStack() as stack:
         pids = []
-        for i, address in enumerate(addresses):
+        for i, address in enumerate([*owners, *lane]):
             argv = [sys.executable, "-m", "townhall.admission"]
-            env = _admission_env(bootstrap, addresses, address, admit_rate)
+            env = _admission_env(bootstrap, owners, address, admit_rate, crowd=i >= count)
             pids.append(stack.enter_context(_process(argv, env, address, logs / f"admission-{i}.log")).pid)
-        yield addresses, pids
+        yield _Admission(tuple(owners), tuple(lane), pids)
 
 
 def jwt_cost_us(samples: int = 20_000) -> float:
-    """Microseconds to issue and sign one listener ticket (PyJWT HS256), in this process."""
+    """Microseconds to issue and sign one listener ticket, in this process."""
     signer = TicketSigner("x" * 40, 3600)
     start = time.perf_counter()
     for i in range(samples):
@@ -98,26 +122,72 @@ def jwt_cost_us(samples: int = 20_000) -> float:
     return (time.perf_counter() - start) / samples * 1e6
 
 
+# A search step is clean when its calls are served: at most 1% errors, at least 97% of the offered
+# rate answered, and p99 within STEP_P99_MS. Steps rise by STEP_FACTOR from `search_from`.
+STEP_P99_MS = 250.0
+STEP_FACTOR = 1.2
+MAX_STEPS = 14
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the benchmark offers and with what."""
 
     seconds: float = 60.0
-    probe_rate: float = 5000.0
+    step_seconds: float = 6.0
+    search_from: float = 400.0
     overload: float = 3.0
     cold_rate: float = 100.0
     generators: int = 2
     processes: int = 1
     ghz: str | None = None
+    # The storm with the hot room on the main port as well (what the crowd lane buys); 0 skips it.
+    one_lane_seconds: float = 20.0
+
+
+def _clean(figures: dict[str, Any], rate: float) -> bool:
+    hot = figures["hot"]
+    sent = hot["sent_per_s"] or 1e-9
+    answered = sum(v for k, v in hot.items() if k in ("granted_per_s", "waiting_per_s"))
+    errors = sent - answered
+    p99 = hot["p99_ms"] if hot["p99_ms"] is not None else float("inf")
+    return errors <= 0.01 * sent and answered >= 0.97 * rate and p99 <= STEP_P99_MS
+
+
+async def search(
+    addresses: tuple[str, ...], room: str, pids: list[int], name: str, console: Console, settings: Settings
+) -> dict[str, Any]:
+    """Rising offered rates until a step is not clean; the best clean step's figures, with every step."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    rate = settings.search_from
+    for _ in range(MAX_STEPS):
+        load = Load(addresses, room, rate, (), 0.0, settings.step_seconds, generators=settings.generators,
+                    ghz=settings.ghz)  # fmt: skip
+        figures = await offer(load, pids, f"{name} {rate:,.0f}/s", console)
+        clean = _clean(figures, rate)
+        steps.append({"offered_per_s": round(rate, 1), "clean": clean, **figures})
+        if not clean:
+            break
+        if best is None or figures["admitted_per_s"] > best["admitted_per_s"]:
+            best = figures
+        rate *= STEP_FACTOR
+    if best is None:
+        raise RuntimeError(f"{name}: not even {settings.search_from:.0f} calls/s were served cleanly")
+    return {**best, "steps": [_step_row(s) for s in steps]}
+
+
+def _step_row(step: dict[str, Any]) -> dict[str, Any]:
+    hot = step["hot"]
+    keep = ("offered_per_s", "clean", "admitted_per_s", "server_cpu_cores", "admitted_per_core_s",
+            "generator_cpu_cores")  # fmt: skip
+    return {**{k: step[k] for k in keep}, "p99_ms": hot["p99_ms"], "sent_per_s": hot["sent_per_s"]}
 
 
 async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str, Any]:
-    seconds, probe_rate, overload, cold_rate = (
-        settings.seconds, settings.probe_rate, settings.overload, settings.cold_rate
-    )  # fmt: skip
+    seconds, overload, cold_rate = settings.seconds, settings.overload, settings.cold_rate
     generators, processes, ghz_binary = settings.generators, settings.processes, settings.ghz
     phases: dict[str, dict[str, Any]] = {}
-    short = min(seconds, 20.0)
     broker = Broker(out_dir / "joinstorm-kafka", port=free_port())
     broker.start()
     try:
@@ -126,35 +196,32 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
         argv = [sys.executable, "-m", "townhall.bench.unary_ceiling", "--port", str(port)]
         address = f"127.0.0.1:{port}"
         with _process(argv, dict(os.environ), address, out_dir / "unary-ceiling.log") as ceiling:
-            load = Load(
-                (address,), "ceiling-room", probe_rate, (), 0.0, short, generators=generators, ghz=ghz_binary
+            phases["ceiling"] = await search(
+                (address,), "ceiling-room", [ceiling.pid], "ceiling", console, settings
             )
-            phases["ceiling"] = await offer(load, [ceiling.pid], "ceiling", console)
-        with _admission(broker.bootstrap, processes, 0.0, out_dir) as (addresses, pids):
-            hot, colds = await make_rooms(addresses[0], 50)
-            await wait_live(addresses, [hot, *colds])
-            load = Load(
-                tuple(addresses), hot, probe_rate, (), 0.0, short, generators=generators, ghz=ghz_binary
+        with _admission(broker.bootstrap, processes, 0.0, out_dir) as admission:
+            hot, colds = await make_rooms(admission.addresses[0], 50)
+            await wait_live(admission.addresses, [hot, *colds])
+            phases["capacity"] = await search(
+                admission.addresses, hot, admission.pids, "capacity", console, settings
             )
-            phases["capacity"] = await offer(load, pids, "capacity", console)
         capacity = phases["capacity"]["admitted_per_s"]
-        # The admit budget an operator would set from the capacity phase, split between processes.
-        with _admission(broker.bootstrap, processes, capacity / processes, out_dir) as (addresses, pids):
-            await wait_live(addresses, [hot, *colds])
-            load = Load(
-                tuple(addresses),
-                None,
-                0.0,
-                tuple(colds),
-                cold_rate,
-                seconds,
-                generators=generators,
-                ghz=ghz_binary,
-            )
-            phases["cold"] = await offer(load, pids, "cold rooms alone", console)
-            storm = Load(tuple(addresses), hot, overload * capacity, tuple(colds), cold_rate, seconds,
-                         generators=generators, ghz=ghz_binary)  # fmt: skip
-            phases["storm"] = await offer(storm, pids, "storm", console)
+        # The admit budget an operator would set from the capacity phase, split between processes; one
+        # crowd-lane process per owner, as the chart runs them.
+        with _admission(broker.bootstrap, processes, capacity / processes, out_dir, processes) as admission:
+            await wait_live(admission.addresses, [hot, *colds])
+
+            def storm(
+                hot_addresses: tuple[str, ...], length: float, rate: float = overload * capacity
+            ) -> Load:
+                return Load(admission.addresses, hot if rate else None, rate, tuple(colds), cold_rate, length,
+                            generators=generators, ghz=ghz_binary, hot_addresses=hot_addresses)  # fmt: skip
+
+            phases["cold"] = await offer(storm((), seconds, 0.0), admission.pids, "cold rooms alone", console)
+            phases["storm"] = await offer(storm(admission.crowd, seconds), admission.pids, "storm", console)
+            if settings.one_lane_seconds:
+                one_lane = storm((), settings.one_lane_seconds)
+                phases["storm_one_lane"] = await offer(one_lane, admission.pids, "storm, one lane", console)
     finally:
         broker.stop()
     return phases
@@ -166,30 +233,42 @@ def targets(phases: dict[str, dict[str, Any]], processes: int) -> dict[str, Any]
     capacity = phases["capacity"]
     storm, cold = phases["storm"], phases["cold"]
     per_core = capacity["admitted_per_core_s"]
-    cold_ratio = (
-        storm["cold"]["p99_ms"] / cold["cold"]["p99_ms"]
-        if storm["cold"]["p99_ms"] and cold["cold"]["p99_ms"]
-        else None
-    )
-    overload_ratio = (
-        storm["admitted_per_s"] / capacity["admitted_per_s"] if capacity["admitted_per_s"] else None
-    )
-    return {
+
+    def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+        return round(a / b, digits) if a and b else None
+
+    result = {
         "unary_ceiling_per_core_s": ceiling,
+        "unary_ceiling_per_s": phases["ceiling"]["admitted_per_s"],
         "admitted_per_core_s": per_core,
-        "admitted_vs_ceiling": round(per_core / ceiling, 3) if per_core and ceiling else None,
+        "capacity_per_s": capacity["admitted_per_s"],
+        "admitted_vs_ceiling": ratio(per_core, ceiling),
         "admitted_vs_ceiling_target": 0.8,
-        "cold_p99_storm_vs_alone": round(cold_ratio, 2) if cold_ratio else None,
+        "storm_admitted_per_core_s": storm["admitted_per_core_s"],
+        "cold_p99_ms_alone": cold["cold"]["p99_ms"],
+        "cold_p99_ms_storm": storm["cold"]["p99_ms"],
+        "cold_p99_storm_vs_alone": ratio(storm["cold"]["p99_ms"], cold["cold"]["p99_ms"], 2),
         "cold_p99_storm_vs_alone_target": 2.0,
-        "overload_admitted_vs_capacity": round(overload_ratio, 3) if overload_ratio else None,
+        "cold_granted_storm_vs_sent": ratio(storm["cold"].get("granted_per_s"), storm["cold"]["sent_per_s"]),
+        "overload_admitted_vs_capacity": ratio(storm["admitted_per_s"], capacity["admitted_per_s"]),
         "overload_admitted_vs_capacity_target": 0.9,
         "storm_shed_rate": round(
-            (storm["hot"].get("shed_per_s", 0) + storm["hot"].get("waiting_per_s", 0))
+            (storm["hot"]["sent_per_s"] - storm["hot"].get("granted_per_s", 0.0))
             / max(1e-9, storm["hot"]["sent_per_s"]),
             3,
         ),
         "admission_processes": processes,
     }
+    one_lane = phases.get("storm_one_lane")
+    if one_lane:
+        result["one_lane_cold_p99_ms"] = one_lane["cold"]["p99_ms"]
+        result["one_lane_cold_granted_vs_sent"] = ratio(
+            one_lane["cold"].get("granted_per_s"), one_lane["cold"]["sent_per_s"]
+        )
+        result["one_lane_admitted_vs_capacity"] = ratio(
+            one_lane["admitted_per_s"], capacity["admitted_per_s"]
+        )
+    return result
 
 
 def run(out_dir: Path, settings: Settings) -> dict[str, Any]:
@@ -205,6 +284,7 @@ def run(out_dir: Path, settings: Settings) -> dict[str, Any]:
         "phases": phases,
         "targets": targets(phases, settings.processes),
     }
+    console.print(_steps_table(phases))
     console.print(
         table(f"Join storm ({os.cpu_count()} CPUs, {settings.processes} admission process(es))", phases)
     )
@@ -213,12 +293,29 @@ def run(out_dir: Path, settings: Settings) -> dict[str, Any]:
     return report
 
 
+def _steps_table(phases: dict[str, dict[str, Any]]) -> Table:
+    """The rate searches, one row per step."""
+    out = Table(title="Rate search: the best clean step is the ceiling / capacity")
+    for heading in ("phase", "offered/s", "served/s", "p99 ms", "server cores", "served/core/s", "clean"):
+        out.add_column(heading, justify="left" if heading == "phase" else "right")
+    for name in ("ceiling", "capacity"):
+        for step in phases[name]["steps"]:
+            clean = "yes" if step["clean"] else "no"
+            out.add_row(
+                name, f"{step['offered_per_s']:,.0f}", f"{step['admitted_per_s']:,.0f}", str(step["p99_ms"]),
+                str(step["server_cpu_cores"]), str(step["admitted_per_core_s"]), clean,
+            )  # fmt: skip
+    return out
+
+
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(prog="python -m townhall.bench.joinstorm_bench", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(".townhall/bench"))
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--probe-rate", type=float, default=5000.0)
+    parser.add_argument("--seconds", type=float, default=60.0, help="cold and storm phases")
+    parser.add_argument("--step-seconds", type=float, default=6.0, help="each step of the rate searches")
+    parser.add_argument("--search-from", type=float, default=400.0, help="first offered rate of a search")
+    parser.add_argument("--one-lane-seconds", type=float, default=20.0, help="storm without the crowd lane")
     parser.add_argument("--generators", type=int, default=2, help="Python generator processes (without ghz)")
     parser.add_argument("--processes", type=int, default=1, help="admission processes")
     parser.add_argument(
@@ -226,12 +323,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     binary = None if args.no_ghz else ghz.find()
-    run(
-        args.out,
-        Settings(
-            args.seconds, args.probe_rate, generators=args.generators, processes=args.processes, ghz=binary
-        ),
-    )
+    settings = Settings(
+        args.seconds, args.step_seconds, args.search_from, generators=args.generators,
+        processes=args.processes, ghz=binary, one_lane_seconds=args.one_lane_seconds,
+    )  # fmt: skip
+    run(args.out, settings)
 
 
 if __name__ == "__main__":

@@ -180,10 +180,12 @@ def run_demo(
     audio: Path | None,
     admission: str | None = None,
     notifier: str | None = None,
+    crowd: str | None = None,
 ) -> int:
     """Runs the demo (addresses from flags, else the manifest); 0 if every check passed, 1 otherwise."""
     try:
-        checks = asyncio.run(demo(resolve(manifest, admission, notifier), followers, listeners, audio))
+        endpoints = resolve(manifest, admission, notifier, crowd)
+        checks = asyncio.run(demo(endpoints, followers, listeners, audio))
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2

@@ -30,6 +30,10 @@ def run_dev(args: argparse.Namespace) -> int:
         if not 1 <= count <= 16:
             console.print(f"[red]--{name} must be within 1..16[/red]")
             return 2
+    if not 0 <= args.crowd <= 16:
+        console.print("[red]--crowd must be within 0..16[/red]")
+        return 2
+    counts["crowd"] = args.crowd
     topology = Topology(args.root, counts, fixed_ports=args.ports == "fixed")
     with console.status("starting Kafka and the services..."):
         topology.start()
@@ -76,5 +80,5 @@ def _print(topology: Topology) -> None:
     )
     for proc in topology.processes:
         info = proc.describe()
-        table.add_row(f"{proc.service}-{proc.index}", proc.grpc, info["metrics"], str(info["pid"]))
+        table.add_row(proc.name, proc.grpc, info["metrics"], str(info["pid"]))
     console.print(table)

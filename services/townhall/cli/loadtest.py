@@ -26,6 +26,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds (after 1 s of warm-up)")
     p.add_argument("--generators", type=int, default=2, help="generator processes (Python generator)")
     p.add_argument("--ghz", action="store_true", help="generate with ghz (.cache/bin/ghz) instead of Python")
+    p.add_argument(
+        "--hot-lane",
+        choices=("crowd", "main"),
+        default="crowd",
+        help="where the hot room's joins go: the crowd lane (as clients that know the room draws a crowd "
+        "send them; the main port if the topology has no crowd lane) or the main port",
+    )
     p.add_argument("--json", type=Path, help="write the figures to this file")
 
 
@@ -33,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
     """Creates the rooms, offers the load to every admission process, prints and writes the figures."""
     manifest = args.root / "topology.json"
     if args.admission:
-        addresses, pids = [args.admission], []
+        addresses, crowd, pids = [args.admission], [args.crowd] if args.crowd else [], []
     else:
         entries = load_manifest(manifest)["services"]["admission"]
-        addresses = [e["grpc"] for e in entries]
+        addresses = [e["grpc"] for e in entries if not e.get("lane")]
+        crowd = [e["grpc"] for e in entries if e.get("lane") == "crowd"]
         pids = [e["pid"] for e in entries if e.get("pid")]
+    hot_addresses = tuple(crowd) if args.hot_lane == "crowd" else ()
     binary = ghz.find() if args.ghz else None
     if args.ghz and binary is None:
         console.print(
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         await wait_live(addresses, [hot, *colds])
         load = Load(
             tuple(addresses), hot if args.hot_rate > 0 else None, args.hot_rate, tuple(colds),
-            args.cold_rate, args.seconds, generators=args.generators, ghz=binary,
+            args.cold_rate, args.seconds, generators=args.generators, ghz=binary, hot_addresses=hot_addresses,
         )  # fmt: skip
         return await offer(load, pids, "loadtest", console)
 

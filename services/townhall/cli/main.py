@@ -17,12 +17,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local state folder (.townhall)")
     parser.add_argument("--admission", help="admission host:port (default: from topology.json)")
     parser.add_argument("--notifier", help="notifier host:port (default: from topology.json)")
+    parser.add_argument(
+        "--crowd",
+        help="admission's crowd lane host:port, for rooms that draw a crowd (default: topology.json)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
     dev.add_argument("--admission", type=int, default=1, help="admission processes")
     dev.add_argument("--relays", type=int, default=1, help="relay processes")
     dev.add_argument("--notifiers", type=int, default=1, help="notifier processes")
+    dev.add_argument(
+        "--crowd", type=int, default=1, help="admission processes of the crowd lane (own no rooms; 0: none)"
+    )
     dev.add_argument("--ports", choices=("fixed", "auto"), default="fixed", help="fixed or free ports")
     dev.add_argument("--run-demo", action="store_true", help="run the demo, stop, exit with its status")
 
@@ -88,7 +95,15 @@ def main(argv: list[str] | None = None) -> None:
 
         manifest = args.root / "topology.json"
         sys.exit(
-            run_demo(manifest, args.followers, args.listeners, args.audio, args.admission, args.notifier)
+            run_demo(
+                manifest,
+                args.followers,
+                args.listeners,
+                args.audio,
+                args.admission,
+                args.notifier,
+                args.crowd,
+            )
         )
     if args.command == "kafka":
         from townhall.cli.dev import run_kafka

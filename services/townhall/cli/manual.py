@@ -24,7 +24,7 @@ console = Console()
 
 def run(args: argparse.Namespace) -> int:
     """Runs one manual command; gRPC errors are printed with their status, exit code 1."""
-    endpoints = resolve(args.root / "topology.json", args.admission, args.notifier)
+    endpoints = resolve(args.root / "topology.json", args.admission, args.notifier, args.crowd)
     handler = {
         "room": _room,
         "follow": _follow,

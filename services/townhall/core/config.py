@@ -88,7 +88,8 @@ class AdmissionConfig:
     advertise: str = ""
     # How members are found: "static" (the `members` list) or "kubernetes" (EndpointSlices).
     membership: str = "static"
-    # Static members (host:port of every admission process); this process is always one.
+    # Static members (host:port of every admission process that owns rooms); this process is one
+    # unless `owner` is false.
     members: tuple[str, ...] = ()
     # Kubernetes membership: the headless Service, its namespace (default: the pod's) and port name.
     kube_service: str = ""
@@ -106,6 +107,14 @@ class AdmissionConfig:
     # process offered far more than it can look at keeps admitting at capacity instead of collapsing.
     max_concurrent_rpcs: int = 256
     max_pending_requests: int = 256
+    # Whether this process owns rooms (is one of the rendezvous members). False for the crowd lane:
+    # processes that take the joins of rooms that draw a crowd (Room.crowd), with a short
+    # max_pending_requests, so a celebrity's join storm is shed there, on CPU of their own, and
+    # never queues ahead of other rooms' joins or slows an owner; they forward owner-only calls.
+    owner: bool = True
+    # Join attempts/s (all processes, as seen by the owner's leases) above which a room is marked
+    # crowd; 0 never marks one.
+    crowd_joins_per_s: float = 500.0
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
@@ -126,6 +135,12 @@ class AdmissionConfig:
         _positive("admission.waiting_room", self.waiting_room)
         _positive("admission.max_concurrent_rpcs", self.max_concurrent_rpcs)
         _positive("admission.max_pending_requests", self.max_pending_requests)
+        if not self.owner and self.membership == "static" and not self.members:
+            raise ConfigError("admission.members must list the owners when admission.owner is false")
+        if self.crowd_joins_per_s < 0:
+            raise ConfigError(
+                f"admission.crowd_joins_per_s must be 0 (never) or positive, not {self.crowd_joins_per_s}"
+            )
         _port("admission.metrics_port", self.metrics_port)
         if not self.relays:
             raise ConfigError("admission.relays must name at least one relay host:port")

@@ -48,11 +48,15 @@ class _Base:
 
 
 class StaticMembership(_Base):
-    """Members named in configuration (local topology, tests); `me` is always a member."""
+    """Members named in configuration (local topology, tests); `me` is one unless it owns nothing.
 
-    def __init__(self, me: str, members: Iterable[str] = ()) -> None:
+    A process that `owns` nothing (admission's crowd lane) is not a member: it never owns a key
+    and sends owner-only work to the members.
+    """
+
+    def __init__(self, me: str, members: Iterable[str] = (), owns: bool = True) -> None:
         self.me = me
-        self._members = sorted({*members, me})
+        self._members = sorted({*members, me} if owns else set(members))
 
     def members(self) -> list[str]:
         return list(self._members)

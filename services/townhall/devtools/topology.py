@@ -29,6 +29,9 @@ log = logging.get(__name__)
 
 SERVICES = ("relay", "notifier", "admission")  # start order: admission hands out relays
 FIXED_PORTS = {"admission": (50051, 9101), "relay": (50052, 9102), "notifier": (50053, 9103)}
+# Admission's crowd lane: admission processes that own no rooms and take the joins of crowd rooms.
+FIXED_CROWD_PORTS = (50061, 9161)
+CROWD_PENDING = 16
 FIXED_KAFKA_PORT = 19092
 # A fixed-port topology gives process i of a service these ports plus 100 * i.
 FIXED_STRIDE = 100
@@ -43,19 +46,30 @@ class Process:
     grpc: str
     metrics_port: int
     popen: subprocess.Popen[bytes] | None = None
+    # "crowd" for an admission process of the crowd lane (owns no rooms, takes crowd rooms' joins).
+    lane: str = ""
+
+    @property
+    def name(self) -> str:
+        """admission-0, relay-1, admission-crowd-0, ..."""
+        return f"{self.service}-{self.lane + '-' if self.lane else ''}{self.index}"
 
     def describe(self) -> dict[str, Any]:
         """Its entry in topology.json."""
-        return {
+        entry: dict[str, Any] = {
             "grpc": self.grpc,
             "metrics": f"http://127.0.0.1:{self.metrics_port}/metrics",
             "pid": self.popen.pid if self.popen else None,
         }
+        if self.lane:
+            entry["lane"] = self.lane
+        return entry
 
 
 @dataclass
 class Topology:
-    """Kafka plus `counts[service]` processes of each service, under `root`."""
+    """Kafka plus `counts[service]` processes of each service (and `counts["crowd"]` crowd-lane
+    admission processes), under `root`."""
 
     root: Path
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
@@ -69,10 +83,10 @@ class Topology:
         """Where the topology is recorded."""
         return self.root / "topology.json"
 
-    def _ports(self, service: str, index: int) -> tuple[int, int]:
+    def _ports(self, service: str, index: int, lane: str = "") -> tuple[int, int]:
         if not self.fixed_ports:
             return free_port(), free_port()
-        grpc_port, metrics_port = FIXED_PORTS[service]
+        grpc_port, metrics_port = FIXED_CROWD_PORTS if lane else FIXED_PORTS[service]
         return grpc_port + FIXED_STRIDE * index, metrics_port + FIXED_STRIDE * index
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -87,6 +101,11 @@ class Topology:
             for index in range(self.counts.get(service, 0)):
                 grpc_port, metrics_port = self._ports(service, index)
                 self.processes.append(Process(service, index, f"127.0.0.1:{grpc_port}", metrics_port))
+        for index in range(self.counts.get("crowd", 0)):
+            grpc_port, metrics_port = self._ports("admission", index, "crowd")
+            self.processes.append(
+                Process("admission", index, f"127.0.0.1:{grpc_port}", metrics_port, lane="crowd")
+            )
         try:
             for service in SERVICES:
                 group = [p for p in self.processes if p.service == service]
@@ -124,11 +143,14 @@ class Topology:
         if proc.service == "relay":
             env["TOWNHALL_RELAY_ADVERTISE"] = proc.grpc
         if proc.service == "admission":
-            # Every admission process knows all of them: rooms are owned by rendezvous over this list.
+            # Every admission process knows the owners: rooms are owned by rendezvous over this list.
             env["TOWNHALL_ADMISSION_ADVERTISE"] = proc.grpc
             env["TOWNHALL_ADMISSION_MEMBERS"] = ",".join(
-                p.grpc for p in self.processes if p.service == "admission"
+                p.grpc for p in self.processes if p.service == "admission" and not p.lane
             )
+            if proc.lane == "crowd":
+                env["TOWNHALL_ADMISSION_OWNER"] = "false"
+                env["TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS"] = str(CROWD_PENDING)
         if proc.service == "notifier":
             # Each followee's graph shard lives on one notifier, by rendezvous over this list.
             env["TOWNHALL_NOTIFIER_ADVERTISE"] = proc.grpc
@@ -138,7 +160,7 @@ class Topology:
         return env
 
     def _spawn(self, proc: Process) -> None:
-        logfile = open(self.root / "logs" / f"{proc.service}-{proc.index}.log", "ab")  # noqa: SIM115
+        logfile = open(self.root / "logs" / f"{proc.name}.log", "ab")  # noqa: SIM115
         proc.popen = subprocess.Popen(
             [sys.executable, "-m", f"townhall.{proc.service}"],
             env=self._child_env(proc),
@@ -177,9 +199,7 @@ def _wait_serving(proc: Process, timeout_s: float) -> None:
         while time.monotonic() < deadline:
             assert proc.popen is not None
             if proc.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{proc.service}-{proc.index} exited with {proc.popen.returncode}; see its log"
-                )
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see its log")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -187,7 +207,7 @@ def _wait_serving(proc: Process, timeout_s: float) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"{proc.service}-{proc.index} not serving within {timeout_s:.0f} s")
+    raise TimeoutError(f"{proc.name} not serving within {timeout_s:.0f} s")
 
 
 def load_manifest(path: Path) -> dict[str, Any]:

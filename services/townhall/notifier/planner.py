@@ -141,12 +141,15 @@ class Planner:
             FANOUT_EVENTS.labels("invalid").inc()
             log.warning("room-started event skipped", error=str(exc))
             return Plan("", 0, 0)
-        encoded = notification.SerializeToString()
         room, host, started = notification.room_id, notification.host_id, notification.started_at_ms
+        owns_host = self._placement.owns_followee(host)
+        count = await self._store.count(host) if owns_host else 0
+        lane = "bulk" if count > self._threshold else "fast"
+        # A host big enough for the bulk lane draws a crowd: followers join on admission's crowd lane.
+        notification.crowd = notification.crowd or lane == "bulk"
+        encoded = notification.SerializeToString()
         tasks = users = 0
-        if self._placement.owns_followee(host):
-            count = await self._store.count(host)
-            lane = "bulk" if count > self._threshold else "fast"
+        if owns_host:
             n, u = await self._write(
                 self._store.stored_blocks(host), encoded, room, started, "f", lane, count
             )

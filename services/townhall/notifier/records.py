@@ -40,6 +40,7 @@ def room_started(event: events_pb2.RoomStarted) -> inbox_pb2.Notification:
         host_id=room.host_id,
         title=room.title,
         started_at_ms=room.started_at_ms,
+        crowd=room.crowd,
     )
 
 
