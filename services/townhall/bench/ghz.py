@@ -1,6 +1,6 @@
 """Join load from ghz (a compiled gRPC load generator): open loop at a fixed rate, about 4x cheaper per call.
 
-ghz is optional: `go install github.com/bojand/ghz/cmd/ghz@latest` into .cache/bin. With
+ghz is built by `make ghz` (deploy/tools/install-ghz.sh) into .cache/bin; `make bench` builds it. With
 `--async` and `--rps` it starts calls on schedule without waiting for answers (open loop).
 One ghz process per room class; its JSON report gives status codes and latency percentiles.
 """

@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     hot_addresses = tuple(crowd) if args.hot_lane == "crowd" else ()
     binary = ghz.find() if args.ghz else None
     if args.ghz and binary is None:
-        console.print(
-            "[red]ghz not found: go install github.com/bojand/ghz/cmd/ghz@latest into .cache/bin[/red]"
-        )
+        console.print("[red]ghz not found: build it with `make ghz` (into .cache/bin)[/red]")
         return 2
 
     async def main() -> dict[str, Any]:
