@@ -117,20 +117,24 @@ class Broker:
             *args,
         ]
 
+    def format(self, cluster_id: str, props: Path) -> None:
+        """Formats the KRaft storage for a new cluster id (any urlsafe id, one starting with "-" too)."""
+        done = subprocess.run(
+            # --cluster-id=...: as a separate argument an id starting with "-" reads as an option.
+            self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BrokerError(f"kafka storage format failed:\n{done.stdout}\n{done.stderr}")
+
     def start(self, timeout_s: float = 90.0) -> None:
         """Formats storage on first use, starts the broker and waits until it accepts clients."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self._properties()
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-            done = subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cluster, "-c", str(props)),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise BrokerError(f"kafka storage format failed:\n{done.stdout}\n{done.stderr}")
+            self.format(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode(), props)
         logpath = self.data_dir / "broker.log"
         since = logpath.stat().st_size if logpath.exists() else 0
         logfile = open(logpath, "ab")  # noqa: SIM115 - owned by the process
