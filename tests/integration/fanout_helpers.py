@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from tests.integration.helpers import metadata
 from townhall.core.config import KafkaConfig
-from townhall.core.identity import metadata
 from townhall.core.kafka import Topics, ensure_topics
 from townhall.devtools.events import publish_room_started
 from townhall.notifier.inbox import Hub, Subscriber

@@ -18,6 +18,7 @@ from townhall.admission.relay_load import RelayLoadFollower
 from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
+from townhall.core.auth import Authenticator
 from townhall.core.config import AdmissionConfig, Config
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import EventQueue, Topics, producer
@@ -68,7 +69,8 @@ class AdmissionApp:
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
         self.membership = membership_for(own)
-        self.peers = Peers(self.membership, Forwarding(config.tickets.secret))
+        self.auth = Authenticator(config.auth, "admission")
+        self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
             self.store.book, self.peers, own.default_listener_limit, own.lease_min, own.lease_max
         )
@@ -81,7 +83,7 @@ class AdmissionApp:
         )
         self.admitter = Admitter(
             self.store.book,
-            TicketSigner(config.tickets.secret, config.tickets.ttl_s),
+            TicketSigner.from_config(config.tickets),
             own.relays,
             self.presence,
             self.capacity,

@@ -18,7 +18,9 @@ from typing import Any
 import grpc
 
 from townhall.bench.stats import LatencyHistogram
-from townhall.core.identity import USER_KEY
+from townhall.core.auth import AUTHORIZATION, SUBSCRIBE, Tokens
+from townhall.core.channels import channel
+from townhall.core.config import AuthConfig, TlsConfig
 from townhall.v1.admission_pb2 import JoinRequest
 
 METHOD = "/townhall.v1.Admission/Join"
@@ -41,6 +43,8 @@ class Spec:
     warmup_s: float
     seconds: float
     first_user: int
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     max_inflight: int = 4000
 
 
@@ -65,8 +69,9 @@ class _Class:
 class _Generator:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
+        self.tokens = Tokens(spec.auth)
         self.channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            channel(address, spec.tls, [("grpc.use_local_subchannel_pool", 1)])
             for address in spec.addresses
             for _ in range(CHANNELS_PER_ADDRESS)
         ]
@@ -79,7 +84,9 @@ class _Generator:
 
     async def call(self, kind: str, request: bytes) -> None:
         self.user += 1
-        metadata = ((USER_KEY, str(self.user)),)
+        # Every arrival is a new user with a token of its own, as in a real storm: the server verifies
+        # each one (no cache hit), which is the join's full cost.
+        metadata = ((AUTHORIZATION, f"Bearer {self.tokens.mint(self.user, (SUBSCRIBE,))}"),)
         call = self.calls[self.user % len(self.calls)]
         measured = time.time() >= self.measure_from
         counts = self.classes[kind]
@@ -140,8 +147,8 @@ class _Generator:
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        for channel in self.channels:
-            await channel.close()
+        for ch in self.channels:
+            await ch.close()
 
 
 async def _main(spec: Spec, conn: Connection) -> None:

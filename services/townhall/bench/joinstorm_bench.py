@@ -33,13 +33,17 @@ from rich.console import Console
 
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
-from townhall.core.config import KafkaConfig
+from townhall.core.channels import blocking_channel
+from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
 from townhall.devtools.kafka_broker import Broker, free_port
 from townhall.v1.common_pb2 import Role
 
 START_TIMEOUT_S = 30.0
+# The servers under test run with the defaults (their TOWNHALL_* variables are cleared):
+# development keys, no TLS.
+AUTH, TLS = AuthConfig(), TlsConfig()
 
 
 @contextlib.contextmanager
@@ -50,7 +54,7 @@ def _process(
     with open(log, "ab") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with blocking_channel(address, TlsConfig()) as channel:
             grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
         yield process
     finally:
@@ -91,7 +95,7 @@ def _admission(
 
 def jwt_cost_us(samples: int = 20_000) -> float:
     """Microseconds to issue and sign one listener ticket (PyJWT HS256), in this process."""
-    signer = TicketSigner("x" * 40, 3600)
+    signer = TicketSigner([("bench", "x" * 40)], 3600)
     start = time.perf_counter()
     for i in range(samples):
         signer.sign(signer.issue("r" * 16, i + 1, Role.ROLE_LISTENER, "127.0.0.1:50052"))
@@ -131,8 +135,8 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
             )
             phases["ceiling"] = await offer(load, [ceiling.pid], "ceiling", console)
         with _admission(broker.bootstrap, processes, 0.0, out_dir) as (addresses, pids):
-            hot, colds = await make_rooms(addresses[0], 50)
-            await wait_live(addresses, [hot, *colds])
+            hot, colds = await make_rooms(addresses[0], 50, AUTH, TLS)
+            await wait_live(addresses, [hot, *colds], AUTH, TLS)
             load = Load(
                 tuple(addresses), hot, probe_rate, (), 0.0, short, generators=generators, ghz=ghz_binary
             )
@@ -140,7 +144,7 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
         capacity = phases["capacity"]["admitted_per_s"]
         # The admit budget an operator would set from the capacity phase, split between processes.
         with _admission(broker.bootstrap, processes, capacity / processes, out_dir) as (addresses, pids):
-            await wait_live(addresses, [hot, *colds])
+            await wait_live(addresses, [hot, *colds], AUTH, TLS)
             load = Load(
                 tuple(addresses),
                 None,

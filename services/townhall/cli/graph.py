@@ -9,7 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from townhall.cli.endpoints import resolve
+from townhall.cli.endpoints import config, resolve, tokens
+from townhall.core.config import TlsConfig
 from townhall.notifier.graphfile import GraphSpec, ImportResult, import_file, read_pairs, write
 
 console = Console()
@@ -49,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
             edges = write(spec, args.file)
         console.print(f"{edges:,} edges written to {args.file} (celebrity: user {spec.celebrity})")
         return 0
-    address = resolve(args.root / "topology.json", "-", args.notifier).notifier
-    result = import_with_progress(address, args.file, len(read_pairs(args.file)), console)
+    address = resolve(args.root / "topology.json", "-", args.notifier, args.config).notifier
+    token = args.token or tokens(args.config).mint(1, ())
+    total = len(read_pairs(args.file))
+    result = import_with_progress(address, args.file, total, console, token, config(args.config).tls)
     console.print(
         f"{result.received:,} pairs sent, {result.created:,} new edges, {result.invalid:,} invalid, "
         f"{result.seconds:.1f} s, {result.edges_per_s:,.0f} edges/s"
@@ -58,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_with_progress(address: str, path: Path, total: int, console: Console) -> ImportResult:
+def import_with_progress(
+    address: str, path: Path, total: int, console: Console, token: str, tls: TlsConfig | None = None
+) -> ImportResult:
     """Streams a graph file to a notifier with Graph.Import, with a progress bar of pairs sent."""
     with Progress(
         TextColumn("import"),
@@ -68,4 +73,5 @@ def import_with_progress(address: str, path: Path, total: int, console: Console)
         console=console,
     ) as bar:
         task = bar.add_task("import", total=total)
-        return asyncio.run(import_file(address, path, progress=lambda n: bar.update(task, completed=n)))
+        progress = lambda n: bar.update(task, completed=n)  # noqa: E731
+        return asyncio.run(import_file(address, path, token, tls, progress))

@@ -17,7 +17,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local state folder (.townhall)")
     parser.add_argument("--admission", help="admission host:port (default: from topology.json)")
     parser.add_argument("--notifier", help="notifier host:port (default: from topology.json)")
+    parser.add_argument("--config", help="TOML config with keys and TLS (else $TOWNHALL_CONFIG, TOWNHALL_*)")
+    parser.add_argument(
+        "--token", help="a user token to call with (default: one minted with the development key)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("token", help="print a user token signed with the development key (auth.keys)")
+    token.add_argument("--user", type=int, required=True, help="the user id (sub)")
+    token.add_argument(
+        "--grants", default="host,moderate,publish,subscribe", help="comma-separated grants (default: all)"
+    )
+    token.add_argument("--ttl-s", type=float, default=3600.0, help="lifetime in seconds")
 
     dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
     dev.add_argument("--admission", type=int, default=1, help="admission processes")
@@ -79,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `townhall` command."""
     args = _parser().parse_args(argv)
     logging.configure(LogConfig(level="warning", json=False), "cli")
+    if args.command == "token":
+        from townhall.cli.manual import print_token
+
+        sys.exit(print_token(args))
     if args.command == "dev":
         from townhall.cli.dev import run_dev
 
@@ -88,7 +103,15 @@ def main(argv: list[str] | None = None) -> None:
 
         manifest = args.root / "topology.json"
         sys.exit(
-            run_demo(manifest, args.followers, args.listeners, args.audio, args.admission, args.notifier)
+            run_demo(
+                manifest,
+                args.followers,
+                args.listeners,
+                args.audio,
+                args.admission,
+                args.notifier,
+                args.config,
+            )
         )
     if args.command == "kafka":
         from townhall.cli.dev import run_kafka
