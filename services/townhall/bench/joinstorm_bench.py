@@ -66,7 +66,9 @@ def _process(
             process.wait(5)
 
 
-def _admission_env(bootstrap: str, addresses: list[str], me: str, admit_rate: float) -> dict[str, str]:
+def _admission_env(
+    bootstrap: str, addresses: list[str], me: str, admit_rate: float, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")}
     env.update(
         TOWNHALL_KAFKA_BOOTSTRAP=bootstrap,
@@ -76,19 +78,21 @@ def _admission_env(bootstrap: str, addresses: list[str], me: str, admit_rate: fl
         TOWNHALL_ADMISSION_ADMIT_RATE=str(admit_rate),
         TOWNHALL_LOG_LEVEL="warning",
     )
+    env.update(extra or {})
     return env
 
 
 @contextlib.contextmanager
-def _admission(
-    bootstrap: str, count: int, admit_rate: float, logs: Path
+def admission(
+    bootstrap: str, count: int, admit_rate: float, logs: Path, extra: dict[str, str] | None = None
 ) -> Iterator[tuple[list[str], list[int]]]:
+    """`count` admission processes on the broker (with `extra` TOWNHALL_* settings); addresses and pids."""
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     with contextlib.ExitStack() as stack:
         pids = []
         for i, address in enumerate(addresses):
             argv = [sys.executable, "-m", "townhall.admission"]
-            env = _admission_env(bootstrap, addresses, address, admit_rate)
+            env = _admission_env(bootstrap, addresses, address, admit_rate, extra)
             pids.append(stack.enter_context(_process(argv, env, address, logs / f"admission-{i}.log")).pid)
         yield addresses, pids
 
@@ -134,7 +138,7 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
                 (address,), "ceiling-room", probe_rate, (), 0.0, short, generators=generators, ghz=ghz_binary
             )
             phases["ceiling"] = await offer(load, [ceiling.pid], "ceiling", console)
-        with _admission(broker.bootstrap, processes, 0.0, out_dir) as (addresses, pids):
+        with admission(broker.bootstrap, processes, 0.0, out_dir) as (addresses, pids):
             hot, colds = await make_rooms(addresses[0], 50, AUTH, TLS)
             await wait_live(addresses, [hot, *colds], AUTH, TLS)
             load = Load(
@@ -143,7 +147,7 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
             phases["capacity"] = await offer(load, pids, "capacity", console)
         capacity = phases["capacity"]["admitted_per_s"]
         # The admit budget an operator would set from the capacity phase, split between processes.
-        with _admission(broker.bootstrap, processes, capacity / processes, out_dir) as (addresses, pids):
+        with admission(broker.bootstrap, processes, capacity / processes, out_dir) as (addresses, pids):
             await wait_live(addresses, [hot, *colds], AUTH, TLS)
             load = Load(
                 tuple(addresses),
