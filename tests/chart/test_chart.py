@@ -293,6 +293,19 @@ def test_config_checksum_rolls_every_service(render: Render, scenario: str) -> N
     assert checksums("--set", "admission.resources.requests.cpu=300m") == base
 
 
+def test_a_new_key_list_rolls_every_service(render: Render) -> None:
+    def keys(*flags: str) -> set[str]:
+        manifests = render(None, *flags)
+        return {
+            workload(manifests, name)["spec"]["template"]["metadata"]["annotations"]["checksum/keys"]
+            for name in SERVICES
+        }
+
+    base = keys()
+    assert len(base) == 1
+    assert keys("--set", "keys.auth[0]=k2=" + "n" * 40) != base
+
+
 def test_external_kafka_has_no_bundled_broker(render: Render) -> None:
     manifests = render("external-kafka")
     assert not [m for m in manifests if component(m) == "kafka"]

@@ -173,6 +173,8 @@ Call with (dict "ctx" $ "values" .Values.relay).
 */}}
 {{- define "townhall.podAnnotations" -}}
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+{{- /* Keys reach the containers as environment variables, read at start: a new key list rolls the pods. */}}
+checksum/keys: {{ toJson .ctx.Values.keys | sha256sum }}
 {{- if .ctx.Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .values.metricsPort | quote }}

@@ -92,6 +92,7 @@ def figures(out: Path, seconds: float) -> dict[str, Any]:
     report = json.loads(out.read_text())
     codes: dict[str, int] = report.get("statusCodeDistribution") or {}
     result: dict[str, Any] = {"sent_per_s": round(report.get("count", 0) / seconds, 1), "unsent": 0}
+    result["users"] = POOL_USERS  # distinct callers: the token pool (see the module docstring)
     for code, count in codes.items():
         result[f"{_CODES.get(code, code)}_per_s"] = round(count / seconds, 1)
     # ghz reports OK without telling a grant from a waiting answer; waiting is rare (lease refills).
