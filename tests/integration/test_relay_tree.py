@@ -272,6 +272,18 @@ async def test_pull_is_for_relays_only_and_subscribe_refuses_a_pull_credential()
                 grpc.StatusCode.PERMISSION_DENIED,
                 "pull credential",
             ),
+            (
+                "a pull credential for another room",
+                ((TICKET_KEY, t.signer.pull_token("other-room", (t.addresses[0],))), *service),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "credential is for room 'other-room'",
+            ),
+            (
+                "a pull credential for another relay",
+                ((TICKET_KEY, t.signer.pull_token(ROOM, ("elsewhere:1",))), *service),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "another relay",
+            ),
         ]
         for name, md, code, needle in cases:
             pull = t.stub(0).Pull(PullRequest(room_id=ROOM), metadata=md)
