@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl-s", type=float, default=3600.0, help="lifetime in seconds")
 
+    certs = sub.add_parser(
+        "certs", help="write a throwaway CA and a certificate for local TLS; print the env"
+    )
+    certs.add_argument("folder", type=Path, help="where to write ca.pem, townhall.pem, townhall-key.pem")
+    certs.add_argument(
+        "--name", default="townhall.local", help="the name in the certificate (tls.server_name)"
+    )
+
     dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
     dev.add_argument("--admission", type=int, default=1, help="admission processes")
     dev.add_argument("--relays", type=int, default=1, help="relay processes")
@@ -94,6 +102,18 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli.manual import print_token
 
         sys.exit(print_token(args))
+    if args.command == "certs":
+        from townhall.devtools.certs import Authority
+
+        ca = Authority(args.folder)
+        pem = ca.issue("townhall", dns=(args.name, "localhost"), ips=("127.0.0.1",))
+        for key, value in (
+            ("ENABLED", "true"), ("CERT", pem.cert.resolve()), ("KEY", pem.key.resolve()),
+            ("CA", ca.ca.resolve()), ("SERVER_NAME", args.name),
+        ):  # fmt: skip
+            print(f"export TOWNHALL_TLS_{key}={value}")
+        print("# and TOWNHALL_TLS_REQUIRE_CLIENT_CERT=true for mutual TLS")
+        sys.exit(0)
     if args.command == "dev":
         from townhall.cli.dev import run_dev
 
