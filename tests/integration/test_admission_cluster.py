@@ -46,6 +46,10 @@ class Cluster:
             TOWNHALL_ADMISSION_MEMBERS=",".join(self.addresses),
             TOWNHALL_ADMISSION_ADMIT_RATE=str(ADMIT_RATE),
             TOWNHALL_ADMISSION_LEASE_MIN="4",
+            # The storm test is about fairness, not the overload guard: every join (each from a new
+            # user whose token is verified) must reach the admitter even on a busy 2-core machine,
+            # instead of being cancelled by gRPC's pending-call limit.
+            TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS="4096",
             TOWNHALL_LOG_LEVEL="warning",
         )
         log = open(self.root / f"admission-{proc.index}.log", "ab")  # noqa: SIM115

@@ -60,9 +60,6 @@ class Servers:
         graph = graph_pb2_grpc.GraphStub(self.notifier)
         inbox = inbox_pb2_grpc.InboxStub(self.notifier)
 
-        async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
-            yield graph_pb2.ImportChunk()
-
         async def first_notification() -> Any:
             return await inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=md).read()
 
@@ -88,7 +85,6 @@ class Servers:
             "Graph/ListFollowers": lambda: graph.ListFollowers(
                 graph_pb2.ListFollowersRequest(user_id=5), metadata=md
             ),
-            "Graph/Import": lambda: graph.Import(chunks(), metadata=md),
             "Graph/RemindMe": lambda: graph.RemindMe(graph_pb2.RemindMeRequest(room_id=room_id), metadata=md),
             "Inbox/Subscribe": first_notification,
         }
@@ -193,9 +189,17 @@ async def test_internal_rpcs_refuse_users_and_forged_service_credentials(
             room_id="made-up", host_id=99, request=rooms_pb2.CreateRoomRequest(title="as someone else")
         )
         stranger = Authenticator(AuthConfig(service_keys=("dev=not-the-clusters-service-key-0123456789",)))
-        calls = {
+        graph = graph_pb2_grpc.GraphStub(s.notifier)
+        # 5 follows 6: a bulk import writes anyone's follows, so it is an operator's (internal) call.
+        pairs = graph_pb2.ImportChunk(pairs=(5).to_bytes(8, "little") + (6).to_bytes(8, "little"))
+
+        async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
+            yield pairs
+
+        calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "Leases/Acquire": lambda md: leases.Acquire(acquire, metadata=md),
             "Owner/CreateRoom": lambda md: owner.CreateRoom(create, metadata=md),
+            "Graph/Import": lambda md: graph.Import(chunks(), metadata=md),
         }
         for method, call in calls.items():
             error = await rpc_error(call(signed(NEW, 99)))
@@ -211,6 +215,7 @@ async def test_internal_rpcs_refuse_users_and_forged_service_credentials(
         # The cluster's own credential is accepted.
         member = Authenticator(s.config.auth).credential.metadata()
         assert (await leases.Acquire(acquire, metadata=member)).granted == 0  # no such room
+        assert (await graph.Import(chunks(), metadata=member)).created == 1
         # A user cannot pass a call off as forwarded to make a non-host's change stick.
         rooms = rooms_pb2_grpc.RoomsStub(s.admission)
         forged = (*signed(NEW, 99), *stranger.credential.metadata())

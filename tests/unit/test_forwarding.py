@@ -5,7 +5,7 @@ import pytest
 from townhall.core.auth import AUTHORIZATION, SERVICE_KEY, Authenticator, bearer
 from townhall.core.config import AuthConfig
 from townhall.core.errors import PermissionDenied
-from townhall.core.forwarding import Forwarding
+from townhall.core.forwarding import FORWARDED_KEY, Forwarding
 
 SERVICE = "svc=" + "s" * 40
 
@@ -18,8 +18,15 @@ def test_a_forwarded_call_carries_the_users_token_and_is_recognised() -> None:
     forwarding = members()
     forwarded = forwarding.forward_metadata(bearer("the-users-token"))
     assert dict(forwarded)[AUTHORIZATION] == "Bearer the-users-token"  # the owner checks the user itself
-    assert forwarding._auth.service(forwarded) == "townhall"
-    assert forwarding._auth.service(bearer("the-users-token")) is None  # a plain client call
+    assert forwarding.check_metadata(forwarded) is True
+    assert forwarding.check_metadata(bearer("the-users-token")) is False  # a plain client call
+    # An internal call (an operator's import) has the credential but is not a forwarded one.
+    assert forwarding.check_metadata(forwarding.internal()) is False
+
+
+def test_a_client_cannot_mark_its_call_as_forwarded() -> None:
+    with pytest.raises(PermissionDenied, match="townhall-forwarded is reserved"):
+        members().check_metadata((*bearer("t"), (FORWARDED_KEY, "1")))
 
 
 @pytest.mark.parametrize(

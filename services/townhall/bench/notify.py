@@ -339,8 +339,7 @@ def run(
         small_followers = sum(len(f) for _, f in hosts)
         with _cluster(work, notifiers, bulk_threshold) as (broker, procs):
             kafka = KafkaConfig(bootstrap=broker.bootstrap)
-            token = _tokens().mint(CELEBRITY, ())
-            imported = import_with_progress(procs[0].address, graph, edges, console, token)
+            imported = import_with_progress(procs[0].address, graph, edges, console, load().auth)
             store_bytes = sum(_store_bytes(n.data_dir) for n in procs)
             report_run = _measure(console, kafka, procs, broker, hosts, followers, spec.users, window_s)
     figures = {

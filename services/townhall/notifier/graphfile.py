@@ -4,13 +4,12 @@ the Import client that streams a file to a notifier."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from townhall.core.auth import bearer
 from townhall.core.channels import channel
 from townhall.core.config import TlsConfig
 from townhall.v1 import graph_pb2, graph_pb2_grpc
@@ -114,11 +113,12 @@ class ImportResult:
 async def import_file(
     address: str,
     path: Path,
-    token: str,
+    credential: Sequence[tuple[str, str]],
     tls: TlsConfig | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
-    """Streams the file at `path` to the notifier at `address` with Graph.Import, calling with `token`."""
+    """Streams the file at `path` to the notifier at `address` with Graph.Import (an internal call:
+    `credential` is the service credential's metadata)."""
     pairs = read_pairs(path)
 
     async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
@@ -130,5 +130,5 @@ async def import_file(
     started = time.perf_counter()
     async with channel(address, tls or TlsConfig()) as ch:
         stub = graph_pb2_grpc.GraphStub(ch)
-        summary = await stub.Import(chunks(), metadata=bearer(token), timeout=3600)
+        summary = await stub.Import(chunks(), metadata=tuple(credential), timeout=3600)
     return ImportResult(summary.received, summary.created, summary.invalid, time.perf_counter() - started)
