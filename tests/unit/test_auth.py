@@ -79,6 +79,14 @@ def _unsigned() -> str:
         (bearer(token(ttl_s=-120)), r"token has expired at .* UTC \(\d+ s ago\)"),
         (bearer(_unsigned()), "says alg 'none', but key 'k1' is for HS256"),
         (bearer(token(user=0)), "token sub must be a user id"),
+        (
+            bearer(SigningKey("k1", "a" * 40).sign('{"sub":"007","exp":9999999999}')),
+            "token sub must be a user id",
+        ),
+        (
+            bearer(SigningKey("k1", "a" * 40).sign('{"sub":42,"exp":9999999999}')),
+            "token is not valid: .*string",
+        ),
         (bearer("x" * 5000), "5000 bytes"),
     ],
     ids=[
@@ -92,6 +100,8 @@ def _unsigned() -> str:
         "expired",
         "alg none",
         "bad sub",
+        "leading zero",
+        "number sub",
         "too long",
     ],
 )

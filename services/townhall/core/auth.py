@@ -64,13 +64,16 @@ class Principal:
 def principal_from(claims: dict[str, Any]) -> Principal:
     """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim."""
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub.isdigit() or not 0 < int(sub) <= USER_ID_MAX:
+    # Canonical ASCII decimal only: "007" or a non-ASCII digit would name the same user two ways.
+    text = sub if isinstance(sub, str) else ""
+    canonical = text.isascii() and text.isdigit() and str(int(text)) == text
+    if not (canonical and 0 < int(text) <= USER_ID_MAX):
         raise Unauthenticated(f"token sub must be a user id, a decimal string 1..{USER_ID_MAX}, not {sub!r}")
     grants = claims.get("grants", [])
     if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
         raise Unauthenticated(f"token grants must be a list of strings ({', '.join(sorted(GRANTS))})")
     # Grants this version does not know are left out, so an issuer can add new ones first.
-    return Principal(int(sub), frozenset(grants) & GRANTS)
+    return Principal(int(text), frozenset(grants) & GRANTS)
 
 
 def _service_from(claims: dict[str, Any]) -> str:
