@@ -71,6 +71,7 @@ def _unsigned() -> str:
     [
         ((), "metadata authorization is required: 'Bearer <JWT>'"),
         ((("authorization", "Basic dXNlcjpwYXNz"),), "must be 'Bearer <JWT>'"),
+        ((("townhall-user", "42"),), r"user token \(townhall-user is no longer accepted\)"),
         (bearer("not-a-jwt"), "token is not a JWT"),
         (bearer("e30.e30.e30"), "token has no kid"),
         (bearer(_without_kid()), "token has no kid .* keys k1, k2"),
@@ -92,6 +93,7 @@ def _unsigned() -> str:
     ids=[
         "missing",
         "not bearer",
+        "old townhall-user",
         "garbled",
         "empty header",
         "no kid",

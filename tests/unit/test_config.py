@@ -73,3 +73,13 @@ def test_unknown_section_in_file(tmp_path: Path) -> None:
     path.write_text("[relays]\nchunk_ms = 1\n")
     with pytest.raises(ConfigError, match=r"unknown config section \[relays\]"):
         load(path, env={})
+
+
+def test_development_keys_are_named() -> None:
+    assert load(env={}).development_keys() == ["auth.keys", "auth.service_keys", "tickets.keys"]
+    own = {
+        "TOWNHALL_AUTH_KEYS": "u=" + "u" * 40,
+        "TOWNHALL_AUTH_SERVICE_KEYS": "s=" + "s" * 40,
+        "TOWNHALL_TICKETS_KEYS": "t=" + "t" * 40,
+    }
+    assert load(env=own).development_keys() == []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from townhall.core import logging
-from townhall.core.config import DEV_SERVICE_KEY, DEV_USER_KEY, AuthConfig, ConfigError, parse_keys
+from townhall.core.config import AuthConfig, ConfigError, parse_keys
 from townhall.core.errors import PermissionDenied, Unauthenticated
 from townhall.core.tokens import KeyRing, SigningKey, Verifier, claims_json, load_jwks
 from townhall.core.validation import USER_ID_MAX
@@ -203,7 +203,6 @@ class Authenticator:
         )
         assert service_ring.signer is not None
         self.credential = ServiceCredential(service_ring.signer, name)
-        self.development = DEV_USER_KEY in config.keys or DEV_SERVICE_KEY in config.service_keys
 
     def _user_ring(self) -> KeyRing:
         try:
@@ -227,8 +226,9 @@ class Authenticator:
         if service is not None:
             self.service(((SERVICE_KEY, service),))
         if header is None:
+            old = " (townhall-user is no longer accepted)" if value(metadata, "townhall-user") else ""
             raise Unauthenticated(
-                f"metadata {AUTHORIZATION} is required: 'Bearer <JWT>', a user token "
+                f"metadata {AUTHORIZATION} is required: 'Bearer <JWT>', a user token{old} "
                 "(`townhall token --user N` mints one with the development key)"
             )
         scheme, _, token = header.partition(" ")

@@ -390,6 +390,15 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
 
+    def development_keys(self) -> list[str]:
+        """The key lists that hold a built-in development key (anyone can read it in the source)."""
+        lists = {
+            "auth.keys": (self.auth.keys, DEV_USER_KEY),
+            "auth.service_keys": (self.auth.service_keys, DEV_SERVICE_KEY),
+            "tickets.keys": (self.tickets.keys, DEV_TICKET_KEY),
+        }
+        return [name for name, (keys, dev) in lists.items() if dev in keys]
+
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Builds the config from defaults, the TOML file (if any) and the environment."""

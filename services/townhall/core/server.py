@@ -93,8 +93,8 @@ async def start(app: App, config: Config, listen: str) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    if app.auth.development:
-        log.warning("using a built-in development key (auth.keys or auth.service_keys): not for production")
+    if config.development_keys():
+        log.warning("built-in development keys in use: not for production", keys=config.development_keys())
     await app.start()
     port = add_port(server, listen, config.tls)
     if port == 0:
