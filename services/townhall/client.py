@@ -6,12 +6,14 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 
-from townhall.core.identity import metadata as user_metadata
+from townhall.core.auth import bearer
+from townhall.core.channels import channel as open_channel
+from townhall.core.config import TlsConfig
 from townhall.core.tickets import TICKET_KEY
 from townhall.v1 import (
     admission_pb2,
@@ -34,9 +36,9 @@ _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 BUSY_RETRY_S = (1.0, 3.0)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to a Townhall service (TLS comes with authentication)."""
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def channel(address: str, tls: TlsConfig) -> grpc.aio.Channel:
+    """A channel to a Townhall service, with TLS when [tls] says so."""
+    return open_channel(address, tls, _CHANNEL_OPTIONS)
 
 
 def now_us() -> int:
@@ -50,29 +52,37 @@ class Endpoints:
 
     admission: str
     notifier: str
+    # How to dial them (and the relays their grants name).
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Admission's crowd lane (joins of rooms that draw a crowd); empty: they join on `admission`.
     crowd: str = ""
 
 
 class Client:
-    """One user's view of Townhall; every call carries the user's identity."""
+    """One user's view of Townhall; every call carries the user's token."""
 
-    def __init__(self, endpoints: Endpoints, user: int) -> None:
+    def __init__(self, endpoints: Endpoints, user: int, token: str) -> None:
         self.user = user
-        self._metadata = user_metadata(user)
-        self._admission = channel(endpoints.admission)
-        self._notifier = channel(endpoints.notifier)
+        self._tls = endpoints.tls
+        self._metadata = bearer(token)
+        self._admission = channel(endpoints.admission, self._tls)
+        self._notifier = channel(endpoints.notifier, self._tls)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.rooms = rooms_pb2_grpc.RoomsStub(self._admission)
         self.admission = admission_pb2_grpc.AdmissionStub(self._admission)
         self.crowd_admission = self.admission
         if endpoints.crowd:
-            self._channels[endpoints.crowd] = channel(endpoints.crowd)
+            self._channels[endpoints.crowd] = channel(endpoints.crowd, self._tls)
             self.crowd_admission = admission_pb2_grpc.AdmissionStub(self._channels[endpoints.crowd])
         # Rooms this client has seen marked crowd (in a Room or a notification): joined on the crowd lane.
         self.crowd_rooms: set[str] = set()
         self.graph = graph_pb2_grpc.GraphStub(self._notifier)
         self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call of this user carries (its token), for calls made on the stubs."""
+        return self._metadata
 
     async def close(self) -> None:
         """Closes every channel."""
@@ -86,13 +96,19 @@ class Client:
         )
         return await self.rooms.CreateRoom(request, metadata=self._metadata, timeout=15)
 
+    async def live_rooms(self, limit: int = 100) -> list[Room]:
+        """Live rooms, newest first."""
+        request = rooms_pb2.ListLiveRoomsRequest(limit=limit)
+        reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
+        return [self.learn(room) for room in reply.rooms]
+
     async def start_room(self, room_id: str) -> Room:
         """Starts this user's room."""
         request = rooms_pb2.StartRoomRequest(room_id=room_id)
         return self.learn(await self.rooms.StartRoom(request, metadata=self._metadata, timeout=15))
 
     async def get_room(self, room_id: str) -> Room:
-        """A room by id."""
+        """A room as this process knows it."""
         request = rooms_pb2.GetRoomRequest(room_id=room_id)
         return self.learn(await self.rooms.GetRoom(request, metadata=self._metadata, timeout=10))
 
@@ -154,7 +170,7 @@ class Client:
         """The relay stub for a grant and the metadata that carries its ticket."""
         ch = self._channels.get(grant.relay_address)
         if ch is None:
-            ch = self._channels[grant.relay_address] = channel(grant.relay_address)
+            ch = self._channels[grant.relay_address] = channel(grant.relay_address, self._tls)
         return relay_pb2_grpc.RelayStub(ch), ((TICKET_KEY, grant.ticket),)
 
     async def publish(self, grant: admission_pb2.Grant, payloads: Iterable[bytes], frame_ms: int = 20) -> int:

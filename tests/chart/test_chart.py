@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import shutil
@@ -33,6 +34,7 @@ from tests.chart.helpers import (
 )
 from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics
+from townhall.devtools.certs import Authority
 
 Render = Callable[..., list[Manifest]]
 SERVICES = ("admission", "admission-crowd", "relay", "notifier")
@@ -41,6 +43,7 @@ SHARDS = {
     "kind-default": {"admission": 1, "relay": 1},
     "multi-shard": {"admission": 3, "relay": 4},
     "external-kafka": {"admission": 2, "relay": 2},
+    "tls": {"admission": 2, "relay": 2},
 }
 HEALTH_SERVICES = {
     "admission": {"townhall.v1.Rooms", "townhall.v1.Admission"},
@@ -133,9 +136,10 @@ def test_every_container_has_resources_and_every_server_has_probes(render: Rende
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert probe in c, f"{where}: {probe}"
             if component(owner) in SERVICES:
-                grpc_port = port_of(c, "grpc")
+                # Under TLS the kubelet (which cannot do TLS) checks the plaintext health-only port.
+                port = port_of(c, "health" if scenario == "tls" else "grpc")
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    assert c[probe]["grpc"] == {"port": grpc_port}, f"{where}: {probe} must be gRPC health"
+                    assert c[probe]["grpc"] == {"port": port}, f"{where}: {probe} must be gRPC health"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -238,15 +242,23 @@ def test_pods_are_locked_down(render: Render, scenario: str) -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: str) -> None:
+def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: str, tmp_path: Path) -> None:
     """The env a service container gets loads with townhall.core.config (which rejects unknown keys)."""
     manifests = render(scenario)
+    mounted = mounted_files(tmp_path)
     for name in SERVICES:
         sts = workload(manifests, name)
         pod_name = f"{sts['metadata']['name']}-0"
         (c,) = sts["spec"]["template"]["spec"]["containers"]
         env = container_env(manifests, c, pod_name)
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        for key, value in env.items():
+            # Files the pod reads from its Secret volumes: each path is under a mount, here made real.
+            if value in mounted:
+                assert any(value.startswith(m + "/") for m in mounts), (name, key, value)
+                env[key] = str(mounted[value])
         config = load_config(env=env)
+        assert config.auth.keys and config.auth.service_keys and config.tickets.keys
         section = getattr(config, name.removesuffix("-crowd"))  # the crowd lane runs admission
         assert section.listen == f"0.0.0.0:{port_of(c, 'grpc')}"
         assert section.metrics_port == port_of(c, "metrics")
@@ -279,6 +291,19 @@ def test_config_checksum_rolls_every_service(render: Render, scenario: str) -> N
     assert checksums("--set", "relay.config.chunk_ms=60") != base
     # Values outside the ConfigMap (resources here) do not change it.
     assert checksums("--set", "admission.resources.requests.cpu=300m") == base
+
+
+def test_a_new_key_list_rolls_every_service(render: Render) -> None:
+    def keys(*flags: str) -> set[str]:
+        manifests = render(None, *flags)
+        return {
+            workload(manifests, name)["spec"]["template"]["metadata"]["annotations"]["checksum/keys"]
+            for name in SERVICES
+        }
+
+    base = keys()
+    assert len(base) == 1
+    assert keys("--set", "keys.auth[0]=k2=" + "n" * 40) != base
 
 
 def test_external_kafka_has_no_bundled_broker(render: Render) -> None:
@@ -452,17 +477,55 @@ def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> Non
     )
 
 
-def test_secret_is_generated_or_taken_as_given(render: Render) -> None:
-    generated = by_kind(render(None), "Secret")[RELEASE]["data"]["tickets-secret"]
-    assert len(base64.b64decode(generated)) >= 32
-    given = "x" * 40
-    rendered = by_kind(render(None, "--set", f"tickets.secret={given}"), "Secret")[RELEASE]
-    assert base64.b64decode(rendered["data"]["tickets-secret"]).decode() == given
+KEY_ENV = {
+    "TOWNHALL_AUTH_KEYS": "auth-keys",
+    "TOWNHALL_AUTH_SERVICE_KEYS": "service-keys",
+    "TOWNHALL_TICKETS_KEYS": "tickets-keys",
+}
+
+
+def test_keys_are_generated_or_taken_as_given_with_two_live_for_rotation(render: Render) -> None:
+    generated = {
+        k: base64.b64decode(v).decode() for k, v in by_kind(render(None), "Secret")[RELEASE]["data"].items()
+    }
+    assert set(generated) == set(KEY_ENV.values())
+    assert len(set(generated.values())) == 3, "user, service and ticket keys are distinct"
+    for value in generated.values():
+        kid, _, secret = value.partition("=")
+        assert kid == "k1" and len(secret) >= 32
+    rotating = render("tls")  # two user keys and two ticket keys live at once
+    data = by_kind(rotating, "Secret")[RELEASE]["data"]
+    values = yaml.safe_load(values_file("tls").read_text())["keys"]
+    assert base64.b64decode(data["auth-keys"]).decode() == ",".join(values["auth"])
+    assert base64.b64decode(data["tickets-keys"]).decode() == ",".join(values["tickets"])
     external = render("external-kafka")
     assert not by_kind(external, "Secret")
-    env = workload(external, "admission")["spec"]["template"]["spec"]["containers"][0]["env"]
-    ref = next(e for e in env if e["name"] == "TOWNHALL_TICKETS_SECRET")
-    assert ref["valueFrom"]["secretKeyRef"] == {"name": "townhall-tickets", "key": "tickets-secret"}
+    for name in SERVICES:
+        env = {
+            e["name"]: e for e in workload(external, name)["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        for variable, key in KEY_ENV.items():
+            assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "townhall-keys", "key": key}
+
+
+def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
+    manifests = render("tls")
+    config = configmap(manifests)
+    assert config["TOWNHALL_TLS_ENABLED"] == "true"
+    assert config["TOWNHALL_TLS_REQUIRE_CLIENT_CERT"] == "true"
+    assert config["TOWNHALL_TLS_SERVER_NAME"] == "townhall.internal"
+    for name in SERVICES:
+        spec = workload(manifests, name)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "townhall-tls"
+        assert volumes["jwks"]["secret"]["secretName"] == "idp-jwks"
+        assert port_of(spec["containers"][0], "health") == int(config["TOWNHALL_SERVER_HEALTH_PORT"])
+    test_pod = next(iter(by_kind(manifests, "Pod").values()))
+    command = test_pod["spec"]["containers"][0]["command"]
+    assert command[command.index("--tls") + 4] == "townhall.internal"
+    assert test_pod["spec"]["volumes"][0]["secret"]["secretName"] == "townhall-tls"
+    plain = configmap(render(None))
+    assert not any(k.startswith("TOWNHALL_TLS_") for k in plain)
 
 
 @pytest.mark.parametrize(
@@ -471,7 +534,11 @@ def test_secret_is_generated_or_taken_as_given(render: Render) -> None:
         (["--set", "image.tag=latest"], "/image/tag"),
         (["--set", "kafka.bundled=false"], "/kafka/external/bootstrap"),
         (["--set", "notifier.replicas=2"], "/notifier/replicas"),
-        (["--set", "tickets.secret=short"], "/tickets/secret"),
+        (["--set", "keys.tickets[0]=k1=short"], "/keys/tickets/0"),
+        (["--set", "keys.auth[0]=no-key-id-0123456789abcdefghijklmnopqrstuv"], "/keys/auth/0"),
+        (["--set", "tls.enabled=true"], "secretName"),
+        (["--set", "tls.requireClientCert=true"], "/tls/requireClientCert"),
+        (["--set", "config.auth.keys=a"], "invalid propertyName 'keys'"),
         (["--set", "admision.replicas=3"], "admision"),
         (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
         (["--set", "admission.config.relays=a:1"], "relays"),
@@ -501,7 +568,11 @@ def test_notes_render(helm: Path, tmp_path: Path, scenario: str) -> None:
     result = run_helm(helm, *template_args(scenario, "--show-only", "templates/notes.yaml", chart=chart))
     assert result.returncode == 0, result.stderr
     text = yaml.safe_load(result.stdout)["data"]["notes"]
-    assert "grpcurl -plaintext $ADMISSION list" in text
+    if scenario == "tls":
+        assert 'G="grpcurl -cacert ca.crt -cert tls.crt -key tls.key -authority townhall.internal"' in text
+    else:
+        assert 'G="grpcurl -plaintext"' in text
+    assert "$G $ADMISSION list" in text and "authorization: Bearer" in text
     assert "helm test" in text
 
 
@@ -528,8 +599,36 @@ def container_env(manifests: list[Manifest], container: dict[str, Any], pod_name
         elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = pod_name
         elif "secretKeyRef" in item["valueFrom"]:
-            env[item["name"]] = "s" * 48
+            # What the chart's Secret holds for this key: KID=SECRET entries, a distinct secret each.
+            env[item["name"]] = f"k1={item['valueFrom']['secretKeyRef']['key']}-" + "s" * 40
     return env
+
+
+def mounted_files(folder: Path) -> dict[str, Path]:
+    """Real files for the paths a pod reads from its Secret volumes (TLS certificates, the JWKS)."""
+    ca = Authority(folder / "pki")
+    pem = ca.issue("townhall", dns=("townhall.internal",))
+    jwks = folder / "jwks.json"
+    jwks.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {
+                        "kty": "oct",
+                        "kid": "idp-1",
+                        "alg": "HS256",
+                        "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA",
+                    }
+                ]
+            }
+        )
+    )
+    return {
+        "/etc/townhall/tls/tls.crt": pem.cert,
+        "/etc/townhall/tls/tls.key": pem.key,
+        "/etc/townhall/tls/ca.crt": ca.ca,
+        "/etc/townhall/jwks/jwks.json": jwks,
+    }
 
 
 def topics_job(manifests: list[Manifest]) -> Manifest:

@@ -37,7 +37,7 @@ services = {"Rooms": "Create", "Admission": "Join", "Relay": "Subscribe", "Graph
 
 def children(metric):
     names = metric._labelnames
-    if not names:
+    if not names or metric._labelvalues:  # unlabelled, or a child a module resolved once
         return [metric]
     if "grpc_service" in names:
         out = []

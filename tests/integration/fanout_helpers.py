@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from townhall.core.config import KafkaConfig
-from townhall.core.identity import metadata
+from townhall.core.auth import Authenticator
+from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.kafka import Topics, ensure_topics
 from townhall.devtools.events import publish_room_started
 from townhall.notifier.inbox import Hub, Subscriber
@@ -116,7 +116,7 @@ async def import_followers(address: str, host: int, followers: list[int]) -> int
 
     async with grpc.aio.insecure_channel(address) as channel:
         summary = await graph_pb2_grpc.GraphStub(channel).Import(
-            chunks(), metadata=metadata(host), timeout=WAIT_S
+            chunks(), metadata=Authenticator(AuthConfig()).credential.metadata(), timeout=WAIT_S
         )
     return int(summary.created)
 

@@ -5,15 +5,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaConsumer
 
+from townhall.client import Client, Endpoints
 from townhall.core import server
-from townhall.core.config import Config, KafkaConfig, load
+from townhall.core.auth import GRANTS, Tokens
+from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig, load
+
+# Test servers run with the default (development) user key: tokens minted with it are accepted.
+TOKENS = Tokens(AuthConfig())
+metadata = TOKENS.metadata
+
+
+def client(
+    address: str, user: int, grants: Iterable[str] = GRANTS, tls: TlsConfig | None = None, crowd: str = ""
+) -> Client:
+    """A Client for `user` (all grants unless told) calling admission and notifier at `address`."""
+    return Client(Endpoints(address, address, tls or TlsConfig(), crowd), user, TOKENS.mint(user, grants))
 
 
 def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:

@@ -7,11 +7,10 @@ import random
 
 import pytest
 
-from tests.integration.helpers import config_for, serving
-from tests.integration.test_relay import SECRET, TIMEOUT, frame_ids, read_until
+from tests.integration.helpers import client, config_for, serving
+from tests.integration.test_relay import TICKET_KEYS, TIMEOUT, frame_ids, read_until
 from tests.integration.test_relay_tree import tree
 from townhall.admission.app import AdmissionApp
-from townhall.client import Client, Endpoints
 from townhall.core.config import KafkaConfig
 from townhall.v1.common_pb2 import Role
 
@@ -27,13 +26,12 @@ async def test_a_hot_rooms_listeners_are_spread_over_edges_and_all_hear_the_host
             kafka,
             admission={"relays": tuple(t.addresses)},
             relay={"edge_target": 2, "tree_degree": 2, "load_report_ms": 0},
-            tickets={"secret": SECRET},
+            tickets={"keys": (TICKET_KEYS,)},
         )
         base = random.randrange(1, 2**40) * 100
         async with serving(AdmissionApp(config), config) as address:
-            endpoints = Endpoints(address, address)
-            host = Client(endpoints, base)
-            audience = [Client(endpoints, base + 1 + i) for i in range(6)]
+            host = client(address, base)
+            audience = [client(address, base + 1 + i) for i in range(6)]
             try:
                 room = await host.create_room("Hot room")
                 await host.start_room(room.room_id)
@@ -56,8 +54,8 @@ async def test_a_hot_rooms_listeners_are_spread_over_edges_and_all_hear_the_host
                 )
                 assert await asyncio.wait_for(speaking, TIMEOUT) == FRAMES
             finally:
-                for client in [host, *audience]:
-                    await client.close()
+                for c in [host, *audience]:
+                    await c.close()
     for got in heard:
         assert frame_ids([chunk for _, chunk in got]) == [(base, seq) for seq in range(FRAMES)]
     sequences = [[chunk.sequence for _, chunk in got] for got in heard]

@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
+from tests.integration.helpers import client, metadata
 from tests.integration.test_relay import TIMEOUT, frame_ids, gaps, read_until
-from townhall.client import Client, Endpoints
-from townhall.core.identity import metadata
+from townhall.client import Client
 from townhall.devtools.topology import Process, Topology
 from townhall.v1 import admission_pb2, admission_pb2_grpc, relay_pb2, relay_pb2_grpc
 from townhall.v1.admission_pb2 import Grant
@@ -59,10 +59,7 @@ async def clients(cluster: Topology, count: int) -> AsyncIterator[list[Client]]:
     """`count` fresh users, alternating between the admission owners (the crowd lane known to each)."""
     base = random.randrange(1, 2**40) * 1000
     procs = owners(cluster)
-    made = [
-        Client(Endpoints(procs[i % 2].grpc, procs[i % 2].grpc, crowd_lane(cluster).grpc), base + i)
-        for i in range(count)
-    ]
+    made = [client(procs[i % 2].grpc, base + i, crowd=crowd_lane(cluster).grpc) for i in range(count)]
     try:
         yield made
     finally:

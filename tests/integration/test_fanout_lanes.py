@@ -17,9 +17,8 @@ from tests.integration.fanout_helpers import (
     start_room,
     until,
 )
-from tests.integration.helpers import config_for, serving
+from tests.integration.helpers import config_for, metadata, serving
 from townhall.core.config import KafkaConfig
-from townhall.core.identity import metadata
 from townhall.notifier.app import build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
 from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
-from townhall.core.config import KafkaConfig
+from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
 
 pytestmark = pytest.mark.kafka
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.kafka
 async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: KafkaConfig) -> None:
     config = config_for(kafka)
     async with serving(AdmissionApp(config), config) as address:
-        hot, colds = await make_rooms(address, 3)
-        await wait_live([address], [hot, *colds])
+        hot, colds = await make_rooms(address, 3, AuthConfig(), TlsConfig())
+        await wait_live([address], [hot, *colds], AuthConfig(), TlsConfig())
         load = Load((address,), hot, 200.0, tuple(colds), 30.0, seconds=2.0, warmup_s=0.5, generators=1)
         figures = await offer(load, [os.getpid()], "test", Console(quiet=True))
     for kind, rate in (("hot", 200.0), ("cold", 30.0)):

@@ -16,6 +16,7 @@ import pytest
 
 from tests.chart import promql
 from tests.chart.helpers import REPO
+from tests.integration.helpers import TOKENS
 from townhall.cli.demo import demo
 from townhall.cli.endpoints import resolve
 from townhall.devtools.kafka_broker import free_port
@@ -36,7 +37,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
 
 async def test_demo_room_end_to_end(topology: Topology) -> None:
     """Follow, start, notified, join, speak real Opus audio, every listener hears every frame in order."""
-    checks = await demo(resolve(topology.manifest), followers=8, listeners=8, audio_file=None)
+    checks = await demo(resolve(topology.manifest), followers=8, listeners=8, audio_file=None, tokens=TOKENS)
     assert [c for c in checks if not c.ok] == []
 
 
@@ -128,7 +129,9 @@ async def test_every_dashboard_panel_and_alert_has_data_on_the_live_topology(
     try:
         prometheus = promql.Prometheus(f"http://{web}")
         await asyncio.to_thread(promql.wait_until_scraped, prometheus, 60, 2)
-        checks = await demo(resolve(topology.manifest), followers=3, listeners=3, audio_file=None)
+        checks = await demo(
+            resolve(topology.manifest), followers=3, listeners=3, audio_file=None, tokens=TOKENS
+        )
         assert [c for c in checks if not c.ok] == []
         # Streams are counted when they end, at the demo's end: wait for three scrapes after that.
         after = await asyncio.to_thread(_scrapes, prometheus) + 3

@@ -17,9 +17,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import REGISTRY
 
+from tests.integration.helpers import metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig, load
-from townhall.core.identity import metadata
 from townhall.core.kafka import Topics, producer
 from townhall.devtools.events import publish_room_started
 from townhall.notifier.app import NotifierApp, build_app
@@ -307,9 +307,9 @@ async def test_a_room_started_while_the_notifier_is_down_is_fanned_out_when_it_i
         (2**63, "self", grpc.StatusCode.INVALID_ARGUMENT, "followee_id"),
         (2**64 - 1, "self", grpc.StatusCode.INVALID_ARGUMENT, "followee_id"),
         ("self", "self", grpc.StatusCode.INVALID_ARGUMENT, "themselves"),
-        (5, None, grpc.StatusCode.UNAUTHENTICATED, "townhall-user"),
-        (5, "abc", grpc.StatusCode.UNAUTHENTICATED, "townhall-user"),
-        (5, str(2**63), grpc.StatusCode.UNAUTHENTICATED, "townhall-user"),
+        (5, None, grpc.StatusCode.UNAUTHENTICATED, "authorization is required"),
+        (5, "Bearer abc", grpc.StatusCode.UNAUTHENTICATED, "not a JWT"),
+        (5, "user 7", grpc.StatusCode.UNAUTHENTICATED, "must be 'Bearer <JWT>'"),
     ],
 )
 async def test_bad_follow_requests_are_refused_with_a_clear_status(
@@ -321,7 +321,7 @@ async def test_bad_follow_requests_are_refused_with_a_clear_status(
     if caller_meta == "self":
         meta = metadata(me)
     elif caller_meta is not None:
-        meta = (("townhall-user", caller_meta),)
+        meta = (("authorization", caller_meta),)
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await notifier.graph.Follow(

@@ -17,10 +17,9 @@ from tests.integration.fanout_helpers import (
     start_room,
     until,
 )
-from tests.integration.helpers import config_for
+from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
-from townhall.core.identity import metadata
 from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import build_app
 from townhall.notifier.placement import Placement

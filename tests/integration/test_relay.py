@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 from prometheus_client import REGISTRY
 
@@ -25,6 +26,9 @@ from townhall.v1.relay_pb2 import AudioFrame, Chunk, SubscribeRequest
 ADVERTISE = "relay-under-test:7000"
 ROOM = "room-1"
 SECRET = "integration-test-secret-0123456789abcdef"
+# The ticket keys of the test relays (KID=SECRET, as in tickets.keys).
+KEYS = (("test", SECRET),)
+TICKET_KEYS = f"test={SECRET}"
 TIMEOUT = 5.0
 
 
@@ -49,19 +53,19 @@ class Relay:
 
 
 @contextlib.asynccontextmanager
-async def relay(**overrides: str) -> AsyncIterator[Relay]:
-    """A relay server on a free loopback port, stopped (drained) on exit."""
+async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterator[Relay]:
+    """A relay server on a free loopback port (verifying tickets with `ticket_keys`), drained on exit."""
     env = {
         "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_METRICS_PORT": "0",
-        "TOWNHALL_TICKETS_SECRET": SECRET,
+        "TOWNHALL_TICKETS_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }
     config = config_module.load(env=env)
     app = RelayApp(config)
     running = await server.start(app, config, "127.0.0.1:0")
-    handle = Relay(app, running.port, TicketSigner(SECRET, 600), [])
+    handle = Relay(app, running.port, TicketSigner(KEYS, 600), [])
     try:
         yield handle
     finally:
@@ -257,14 +261,72 @@ async def test_draining_ends_streams_promptly_with_unavailable() -> None:
         assert time.monotonic() - started < 2.0  # generous: both end within a frame or two
 
 
-def _forged(r: Relay) -> tuple[tuple[str, str], ...]:
-    other = TicketSigner("some-other-secret-0123456789abcdefghij", 600)
-    return ((TICKET_KEY, other.sign(other.issue(ROOM, 1, Role.ROLE_SPEAKER, ADVERTISE))),)
+def _signed_by(kid: str, secret: str, role: int = Role.ROLE_SPEAKER) -> Callable[[Relay], Any]:
+    """A ticket for this relay and room, signed with a key the relay may not have."""
+
+    def metadata(r: Relay) -> tuple[tuple[str, str], ...]:
+        other = TicketSigner([(kid, secret)], 600)
+        return ((TICKET_KEY, other.sign(other.issue(ROOM, 1, role, ADVERTISE))),)
+
+    return metadata
+
+
+_forged = _signed_by("test", "some-other-secret-0123456789abcdefghij")
+
+
+def _swap_claims(claims_from: str, signature_from: str) -> str:
+    """A ticket with one ticket's header and claims and another's signature (claims edited by hand)."""
+    return claims_from.rpartition(".")[0] + "." + signature_from.rpartition(".")[2]
+
+
+def _without_kid(r: Relay) -> tuple[tuple[str, str], ...]:
+    claims = {
+        "sub": "1",
+        "room": ROOM,
+        "role": Role.ROLE_LISTENER,
+        "aud": ADVERTISE,
+        "exp": int(time.time()) + 60,
+    }
+    return ((TICKET_KEY, jwt.encode(claims, SECRET, algorithm="HS256")),)
 
 
 SUBSCRIBE_ERRORS = [
     ("missing ticket", lambda r: (), ROOM, grpc.StatusCode.UNAUTHENTICATED, "townhall-ticket"),
-    ("forged ticket", _forged, ROOM, grpc.StatusCode.UNAUTHENTICATED, "not valid"),
+    (
+        "garbled ticket",
+        lambda r: ((TICKET_KEY, "not.a-jwt"),),
+        ROOM,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "not a JWT",
+    ),
+    ("forged ticket", _forged, ROOM, grpc.StatusCode.UNAUTHENTICATED, "does not verify with key 'test'"),
+    (
+        "unknown key id",
+        _signed_by("gone", SECRET),
+        ROOM,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "key id 'gone' is not known",
+    ),
+    ("no key id", _without_kid, ROOM, grpc.StatusCode.UNAUTHENTICATED, "no kid"),
+    (
+        "tampered claims",
+        lambda r: (
+            (
+                TICKET_KEY,
+                _swap_claims(r.ticket(100, Role.ROLE_LISTENER)[0][1], r.ticket(100, Role.ROLE_SPEAKER)[0][1]),
+            ),
+        ),
+        ROOM,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "does not verify",
+    ),
+    (
+        "a pull credential",
+        lambda r: ((TICKET_KEY, r.signer.pull_token(ROOM, (ADVERTISE,))),),
+        ROOM,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "for Relay.Pull",
+    ),
     (
         "expired ticket",
         lambda r: r.ticket(100, Role.ROLE_LISTENER, now=time.time() - 3600),
@@ -308,7 +370,14 @@ def _one(**fields: Any) -> Callable[[], AsyncIterator[AudioFrame]]:
 
 PUBLISH_ERRORS = [
     ("missing ticket", lambda r: (), _one(), grpc.StatusCode.UNAUTHENTICATED, ["townhall-ticket"]),
-    ("forged ticket", _forged, _one(), grpc.StatusCode.UNAUTHENTICATED, ["not valid"]),
+    ("forged ticket", _forged, _one(), grpc.StatusCode.UNAUTHENTICATED, ["does not verify"]),
+    (
+        "unknown key id",
+        _signed_by("gone", SECRET),
+        _one(),
+        grpc.StatusCode.UNAUTHENTICATED,
+        ["'gone'", "rotated out"],
+    ),
     (
         "expired ticket",
         lambda r: r.ticket(1, Role.ROLE_SPEAKER, now=time.time() - 3600),
@@ -372,3 +441,33 @@ async def test_a_ticket_for_another_relay_is_refused() -> None:
             await asyncio.wait_for(call.read(), TIMEOUT)
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "another relay" in (error.value.details() or "")
+
+
+async def test_ticket_keys_rotate_two_live_keys_and_a_removed_key_is_refused() -> None:
+    old, new = (
+        ("old", "old-ticket-secret-0123456789abcdefghij"),
+        ("new", "new-ticket-secret-0123456789abcdefghij"),
+    )
+    by_old, by_new = TicketSigner([old], 600), TicketSigner([new], 600)
+
+    def ticket(signer: TicketSigner, user: int, role: int) -> tuple[tuple[str, str], ...]:
+        return ((TICKET_KEY, signer.sign(signer.issue(ROOM, user, role, ADVERTISE))),)
+
+    # During a rotation relays know both keys: admission may sign with either and both tickets work.
+    async with relay(ticket_keys=f"new={new[1]},old={old[1]}") as r:
+        listener = r.stub().Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=ticket(by_old, 100, Role.ROLE_LISTENER)
+        )
+        speaker = r.stub().Publish(frames(20), metadata=ticket(by_new, 1, Role.ROLE_SPEAKER))
+        heard = await read_until(listener, lambda chunks: len(frame_ids(chunks)) >= 20)
+        assert frame_ids([c for _, c in heard])[:20] == [(1, seq) for seq in range(20)]
+        assert (await asyncio.wait_for(speaker, TIMEOUT)).frames_accepted == 20
+    # Once the old key is removed, its tickets are refused and say why.
+    async with relay(ticket_keys=f"new={new[1]}") as r:
+        call = r.stub().Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=ticket(by_old, 100, Role.ROLE_LISTENER)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(call.read(), TIMEOUT)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "key id 'old' is not known" in (error.value.details() or "")

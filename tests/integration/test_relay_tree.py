@@ -11,12 +11,23 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.test_relay import SECRET, TIMEOUT, frame_ids, frames, gaps, read_until, wait_for
+from tests.integration.helpers import metadata
+from tests.integration.test_relay import (
+    KEYS,
+    TICKET_KEYS,
+    TIMEOUT,
+    frame_ids,
+    frames,
+    gaps,
+    read_until,
+    wait_for,
+)
 from townhall.admission.placement import Placement, Placer
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
-from townhall.core.config import KafkaConfig
+from townhall.core.auth import Authenticator
+from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
 from townhall.relay.app import RelayApp
@@ -33,7 +44,7 @@ class Tree:
     def __init__(self, apps: list[RelayApp], addresses: list[str]) -> None:
         self.apps = apps
         self.addresses = addresses
-        self.signer = TicketSigner(SECRET, 600)
+        self.signer = TicketSigner(KEYS, 600)
         self.channels: list[grpc.aio.Channel] = []
 
     def stub(self, relay: int, **options: Any) -> relay_pb2_grpc.RelayStub:
@@ -83,7 +94,7 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
                 "TOWNHALL_RELAY_LISTEN": address,
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
-                "TOWNHALL_TICKETS_SECRET": SECRET,
+                "TOWNHALL_TICKETS_KEYS": TICKET_KEYS,
                 **{
                     f"TOWNHALL_{key.upper()}": value
                     for key, value in overrides.items()
@@ -224,14 +235,62 @@ async def test_the_stage_hears_each_frame_as_it_arrives() -> None:
     assert len(heard) < 25  # the audience gets the same frames grouped into chunks
 
 
-async def test_pull_needs_a_relay_credential_and_subscribe_refuses_one() -> None:
+async def test_pull_is_for_relays_only_and_subscribe_refuses_a_pull_credential() -> None:
+    service = Authenticator(AuthConfig()).credential.metadata()  # what the relays under test accept
+    stranger = Authenticator(AuthConfig(service_keys=("dev=some-other-service-key-0123456789abcdef",)))
     async with tree(1) as t:
         user_ticket = t.ticket(0, 100, Role.ROLE_LISTENER)
-        pull = t.stub(0).Pull(PullRequest(room_id=ROOM), metadata=user_ticket)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await asyncio.wait_for(pull.read(), TIMEOUT)
-        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         credential = ((TICKET_KEY, t.signer.pull_token(ROOM, (t.addresses[0],))),)
+        cases = [
+            (
+                "a user's ticket alone",
+                user_ticket,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "townhall-service is required",
+            ),
+            (
+                "a pull ticket without the service credential",
+                credential,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "internal",
+            ),
+            (
+                "a user token",
+                (*credential, *metadata(100)),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "not a user token",
+            ),
+            (
+                "a forged service credential",
+                (*credential, *stranger.credential.metadata()),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "reserved for Townhall services",
+            ),
+            (
+                "a service with a user's ticket",
+                (*user_ticket, *service),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "pull credential",
+            ),
+            (
+                "a pull credential for another room",
+                ((TICKET_KEY, t.signer.pull_token("other-room", (t.addresses[0],))), *service),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "credential is for room 'other-room'",
+            ),
+            (
+                "a pull credential for another relay",
+                ((TICKET_KEY, t.signer.pull_token(ROOM, ("elsewhere:1",))), *service),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "another relay",
+            ),
+        ]
+        for name, md, code, needle in cases:
+            pull = t.stub(0).Pull(PullRequest(room_id=ROOM), metadata=md)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await asyncio.wait_for(pull.read(), TIMEOUT)
+            assert error.value.code() == code, name
+            assert needle in (error.value.details() or ""), (name, error.value.details())
         sub = t.stub(0).Subscribe(SubscribeRequest(room_id=ROOM), metadata=credential)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(sub.read(), TIMEOUT)

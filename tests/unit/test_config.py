@@ -34,7 +34,27 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_RELAY_CHUNK_MS": "5"}, "relay.chunk_ms must be within 20..1000"),
         ({"TOWNHALL_RELAY_COLOUR": "red"}, "unknown config key relay.colour"),
         ({"TOWNHALL_NOPE_X": "1"}, "unknown config variable TOWNHALL_NOPE_X"),
-        ({"TOWNHALL_TICKETS_SECRET": "short"}, "tickets.secret must be at least 32"),
+        ({"TOWNHALL_TICKETS_KEYS": "k1=short"}, "tickets.keys: the secret of key 'k1' must be at least 32"),
+        (
+            {"TOWNHALL_TICKETS_KEYS": "no-key-id-here-0123456789abcdefghijkl"},
+            "tickets.keys entries must be KID=SECRET",
+        ),
+        ({"TOWNHALL_TICKETS_KEYS": ""}, "tickets.keys must hold at least one"),
+        ({"TOWNHALL_AUTH_KEYS": f"a={'x' * 32},a={'y' * 32}"}, "auth.keys names key id 'a' twice"),
+        ({"TOWNHALL_AUTH_KEYS": "", "TOWNHALL_AUTH_JWKS": ""}, "auth.keys or auth.jwks must provide"),
+        ({"TOWNHALL_AUTH_JWKS": "/nonexistent/jwks.json"}, "auth.jwks names '/nonexistent/jwks.json'"),
+        (
+            {"TOWNHALL_AUTH_SERVICE_KEYS": f"s={'x' * 32}", "TOWNHALL_AUTH_KEYS": f"u={'x' * 32}"},
+            "must not reuse a secret",
+        ),
+        ({"TOWNHALL_AUTH_CACHE_SIZE": "-1"}, "auth.cache_size must be 0"),
+        ({"TOWNHALL_TLS_ENABLED": "true"}, "tls.cert is required when tls.enabled"),
+        (
+            {"TOWNHALL_TLS_ENABLED": "true", "TOWNHALL_TLS_CERT": "/nonexistent.pem"},
+            "tls.cert: cannot read /nonexistent.pem",
+        ),
+        ({"TOWNHALL_TLS_REQUIRE_CLIENT_CERT": "true"}, "tls.require_client_cert needs tls.enabled"),
+        ({"TOWNHALL_SERVER_HEALTH_PORT": "70000"}, "server.health_port must be a port number"),
         ({"TOWNHALL_ADMISSION_LISTEN": "nowhere"}, "admission.listen must be host:port"),
         ({"TOWNHALL_LOG_JSON": "maybe"}, "log.json must be true or false"),
         ({"TOWNHALL_ADMISSION_MEMBERS": "a:1,nowhere"}, "admission.members must be host:port"),
@@ -53,3 +73,13 @@ def test_unknown_section_in_file(tmp_path: Path) -> None:
     path.write_text("[relays]\nchunk_ms = 1\n")
     with pytest.raises(ConfigError, match=r"unknown config section \[relays\]"):
         load(path, env={})
+
+
+def test_development_keys_are_named() -> None:
+    assert load(env={}).development_keys() == ["auth.keys", "auth.service_keys", "tickets.keys"]
+    own = {
+        "TOWNHALL_AUTH_KEYS": "u=" + "u" * 40,
+        "TOWNHALL_AUTH_SERVICE_KEYS": "s=" + "s" * 40,
+        "TOWNHALL_TICKETS_KEYS": "t=" + "t" * 40,
+    }
+    assert load(env=own).development_keys() == []

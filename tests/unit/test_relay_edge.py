@@ -56,7 +56,7 @@ def test_the_stage_gets_each_frame_at_once_and_the_audience_gets_chunks() -> Non
 
 
 def test_a_listener_ticket_carries_its_path_and_a_pull_credential_names_the_rest() -> None:
-    signer = TicketSigner(SECRET, 60)
+    signer = TicketSigner([("unit", SECRET)], 60)
     ticket = signer.issue("r", 5, Role.ROLE_LISTENER, "edge:1", upstream=("origin:1", "mid:1"))
     assert signer.verify(signer.sign(ticket), "edge:1").upstream == ("origin:1", "mid:1")
     pull = signer.verify(signer.pull_token("r", ("origin:1", "mid:1")), "mid:1")

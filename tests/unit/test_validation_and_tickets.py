@@ -1,5 +1,6 @@
 """Field checks and tickets: every failure says what was wrong."""
 
+import jwt
 import pytest
 
 from townhall.core import validation
@@ -8,6 +9,7 @@ from townhall.core.tickets import TicketSigner
 from townhall.v1.common_pb2 import Role
 
 SECRET = "s" * 40
+KEYS = [("k1", SECRET)]
 
 
 @pytest.mark.parametrize(
@@ -36,28 +38,46 @@ def test_user_ids_and_titles() -> None:
 
 
 def test_ticket_round_trip_and_refusals() -> None:
-    signer = TicketSigner(SECRET, ttl_s=60)
+    signer = TicketSigner(KEYS, ttl_s=60)
     token = signer.sign(signer.issue("room1", 42, Role.ROLE_SPEAKER, "relay-a:1"))
     ticket = signer.verify(token, "relay-a:1")
     assert (ticket.room_id, ticket.user_id, ticket.on_stage) == ("room1", 42, True)
     with pytest.raises(PermissionDenied, match="another relay"):
         signer.verify(token, "relay-b:1")
-    with pytest.raises(Unauthenticated, match="not valid"):
-        TicketSigner("x" * 40, 60).verify(token, "relay-a:1")
+    with pytest.raises(Unauthenticated, match="does not verify with key 'k1'"):
+        TicketSigner([("k1", "x" * 40)], 60).verify(token, "relay-a:1")
+    with pytest.raises(Unauthenticated, match="key id 'k1' is not known here"):
+        TicketSigner([("k2", SECRET)], 60).verify(token, "relay-a:1")
     expired = signer.sign(signer.issue("room1", 42, Role.ROLE_LISTENER, "relay-a:1", now=0))
-    with pytest.raises(Unauthenticated, match="expired"):
+    with pytest.raises(Unauthenticated, match=r"expired at 1970-01-01 00:01:00 UTC .*join the room again"):
         signer.verify(expired, "relay-a:1")
     with pytest.raises(Unauthenticated, match="required"):
         signer.verify("", "relay-a:1")
-    with pytest.raises(Unauthenticated, match="not valid"):
+    with pytest.raises(Unauthenticated, match="does not verify"):
         signer.verify(token[:-3] + "abc", "relay-a:1")
+    with pytest.raises(Unauthenticated, match="not a JWT"):
+        signer.verify("garbage", "relay-a:1")
+
+
+def test_tickets_rotate_sign_with_the_first_key_verify_with_any() -> None:
+    """Admission signs with the current key; relays that also know the previous one accept both."""
+    old, new = ("old", "o" * 40), ("new", "n" * 40)
+    during = TicketSigner([new, old], 60)
+    by_old = TicketSigner([old], 60).sign(
+        TicketSigner([old], 60).issue("r", 1, Role.ROLE_LISTENER, "relay:1")
+    )
+    by_new = during.sign(during.issue("r", 1, Role.ROLE_LISTENER, "relay:1"))
+    assert jwt.get_unverified_header(by_new)["kid"] == "new"
+    assert during.verify(by_old, "relay:1").user_id == during.verify(by_new, "relay:1").user_id == 1
+    after = TicketSigner([new], 60)
+    assert after.verify(by_new, "relay:1").room_id == "r"
+    with pytest.raises(Unauthenticated, match="'old' is not known"):
+        after.verify(by_old, "relay:1")
 
 
 def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
     """The join path signs tickets itself; the bytes must be what PyJWT makes (and verifies)."""
-    import jwt
-
-    signer = TicketSigner("s" * 40, 60)
+    signer = TicketSigner([("k1", "s" * 40)], 60)
     for room, upstream in (("Room_1-x", ()), ('odd"room\\', ("10.0.0.1:50052", "10.0.0.2:50052"))):
         ticket = signer.issue(room, 42, Role.ROLE_LISTENER, "10.0.0.3:50052", upstream=upstream)
         claims: dict[str, object] = {
@@ -66,5 +86,5 @@ def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
         }  # fmt: skip
         if upstream:
             claims["up"] = list(upstream)
-        assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256")
+        assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256", headers={"kid": "k1"})
         assert signer.verify(signer.sign(ticket), "10.0.0.3:50052") == ticket

@@ -1,7 +1,8 @@
 """helm test: each target answers grpc.health.v1 Check with SERVING, overall and per service.
 
-Usage: python health_check.py [--timeout SECONDS] HOST:PORT=SERVICE[,SERVICE...] ...
-Only grpcio and grpcio-health-checking are needed (both are in the Townhall image).
+Usage: python health_check.py [--timeout SECONDS] [--tls CA CERT KEY NAME] HOST:PORT=SERVICE[,SERVICE...] ...
+With --tls the targets are dialled with TLS: trust CA, present CERT/KEY (mutual TLS), expect NAME in the
+servers' certificates. Only grpcio and grpcio-health-checking are needed (both are in the Townhall image).
 """
 
 import sys
@@ -11,10 +12,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+TLS: list = []  # [credentials, server name] when --tls is given
+
+
+def _channel(target: str) -> grpc.Channel:
+    if not TLS:
+        return grpc.insecure_channel(target)
+    credentials, name = TLS
+    return grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", name)])
+
+
 def status(target: str, service: str) -> str:
     """The health status name of one service at target, or the gRPC error code name."""
     try:
-        with grpc.insecure_channel(target) as channel:
+        with _channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -27,6 +38,10 @@ def main(argv: list[str]) -> int:
     timeout = 60.0
     if argv[:1] == ["--timeout"]:
         timeout, argv = float(argv[1]), argv[2:]
+    if argv[:1] == ["--tls"]:
+        ca, cert, key = (open(path, "rb").read() for path in argv[1:4])
+        TLS[:] = [grpc.ssl_channel_credentials(ca, key, cert), argv[4]]
+        argv = argv[5:]
     checks = []
     for arg in argv:
         target, _, services = arg.partition("=")

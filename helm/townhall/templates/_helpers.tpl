@@ -77,10 +77,24 @@ The ServiceAccount of admission and relay pods.
 {{- end }}
 
 {{/*
-The Secret holding the ticket signing secret (key tickets-secret).
+The Secret holding the signing keys (keys auth-keys, service-keys, tickets-keys).
 */}}
 {{- define "townhall.secretName" -}}
-{{- default (include "townhall.fullname" .) .Values.tickets.existingSecret }}
+{{- default (include "townhall.fullname" .) .Values.keys.existingSecret }}
+{{- end }}
+
+{{/*
+The name in the pods' TLS certificate that every channel expects: tls.serverName, else <fullname>.<ns>.svc.
+*/}}
+{{- define "townhall.tlsServerName" -}}
+{{- default (printf "%s.%s.svc" (include "townhall.fullname" .) .Release.Namespace) .Values.tls.serverName }}
+{{- end }}
+
+{{/*
+The gRPC health probe of a Townhall container: the plaintext health port under TLS, else the gRPC port.
+*/}}
+{{- define "townhall.probePort" -}}
+{{- if .ctx.Values.tls.enabled }}{{ .ctx.Values.tls.healthPort }}{{ else }}{{ .values.port }}{{ end }}
 {{- end }}
 
 {{/*
@@ -159,6 +173,8 @@ Call with (dict "ctx" $ "values" .Values.relay).
 */}}
 {{- define "townhall.podAnnotations" -}}
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+{{- /* Keys reach the containers as environment variables, read at start: a new key list rolls the pods. */}}
+checksum/keys: {{ toJson .ctx.Values.keys | sha256sum }}
 {{- if .ctx.Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .values.metricsPort | quote }}
@@ -207,6 +223,11 @@ is not the component (the crowd lane runs townhall.admission).
     - name: metrics
       containerPort: {{ .values.metricsPort }}
       protocol: TCP
+    {{- if $ctx.Values.tls.enabled }}
+    - name: health
+      containerPort: {{ $ctx.Values.tls.healthPort }}
+      protocol: TCP
+    {{- end }}
   envFrom:
     - configMapRef:
         name: {{ include "townhall.fullname" $ctx }}
@@ -215,27 +236,29 @@ is not the component (the crowd lane runs townhall.admission).
       valueFrom:
         fieldRef:
           fieldPath: metadata.name
-    - name: TOWNHALL_TICKETS_SECRET
+    {{- range $env, $key := dict "TOWNHALL_AUTH_KEYS" "auth-keys" "TOWNHALL_AUTH_SERVICE_KEYS" "service-keys" "TOWNHALL_TICKETS_KEYS" "tickets-keys" }}
+    - name: {{ $env }}
       valueFrom:
         secretKeyRef:
           name: {{ include "townhall.secretName" $ctx }}
-          key: tickets-secret
+          key: {{ $key }}
+    {{- end }}
     {{- with .extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   startupProbe:
     grpc:
-      port: {{ .values.port }}
+      port: {{ include "townhall.probePort" . }}
     periodSeconds: {{ $ctx.Values.probes.startup.periodSeconds }}
     failureThreshold: {{ $ctx.Values.probes.startup.failureThreshold }}
   readinessProbe:
     grpc:
-      port: {{ .values.port }}
+      port: {{ include "townhall.probePort" . }}
     periodSeconds: {{ $ctx.Values.probes.readiness.periodSeconds }}
     failureThreshold: {{ $ctx.Values.probes.readiness.failureThreshold }}
   livenessProbe:
     grpc:
-      port: {{ .values.port }}
+      port: {{ include "townhall.probePort" . }}
     periodSeconds: {{ $ctx.Values.probes.liveness.periodSeconds }}
     timeoutSeconds: {{ $ctx.Values.probes.liveness.timeoutSeconds }}
     failureThreshold: {{ $ctx.Values.probes.liveness.failureThreshold }}
@@ -250,7 +273,38 @@ is not the component (the crowd lane runs townhall.admission).
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    {{- if $ctx.Values.tls.enabled }}
+    - name: tls
+      mountPath: /etc/townhall/tls
+      readOnly: true
+    {{- end }}
+    {{- if $ctx.Values.keys.jwksSecret }}
+    - name: jwks
+      mountPath: /etc/townhall/jwks
+      readOnly: true
+    {{- end }}
     {{- with .extraMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+{{- end }}
+
+{{/*
+The volumes every Townhall pod has: /tmp, and the TLS and JWKS Secrets when configured.
+*/}}
+{{- define "townhall.volumes" -}}
+- name: tmp
+  emptyDir: {}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ required "tls.secretName is required when tls.enabled is true" .Values.tls.secretName }}
+{{- end }}
+{{- if .Values.keys.jwksSecret }}
+- name: jwks
+  secret:
+    secretName: {{ .Values.keys.jwksSecret }}
+    items:
+      - key: jwks.json
+        path: jwks.json
+{{- end }}
 {{- end }}

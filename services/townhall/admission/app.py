@@ -20,6 +20,7 @@ from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
 from townhall.core import logging
+from townhall.core.auth import Authenticator
 from townhall.core.config import AdmissionConfig, Config
 from townhall.core.errors import TownhallError
 from townhall.core.forwarding import Forwarding
@@ -76,7 +77,8 @@ class AdmissionApp:
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
         self.membership = membership_for(own)
-        self.peers = Peers(self.membership, Forwarding(config.tickets.secret))
+        self.auth = Authenticator(config.auth, "admission")
+        self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
             self.store.book,
             self.peers,
@@ -95,7 +97,7 @@ class AdmissionApp:
         )
         self.admitter = Admitter(
             self.store.book,
-            TicketSigner(config.tickets.secret, config.tickets.ttl_s),
+            TicketSigner.from_config(config.tickets),
             own.relays,
             self.presence,
             self.capacity,

@@ -136,7 +136,10 @@ class Capacity:
         request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
         try:
             reply = await self._peers.leases(owner).Acquire(
-                request, timeout=LEASE_TIMEOUT_S, wait_for_ready=True
+                request,
+                metadata=self._peers.forwarding.internal(),
+                timeout=LEASE_TIMEOUT_S,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             LEASE_CALLS.labels("failed").inc()

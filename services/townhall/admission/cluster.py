@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.core.membership import Membership
 from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
@@ -15,9 +16,10 @@ FORWARD_TIMEOUT_S = 12.0
 class Peers:
     """Membership plus one channel per other member, opened on first use."""
 
-    def __init__(self, membership: Membership, forwarding: Forwarding) -> None:
+    def __init__(self, membership: Membership, forwarding: Forwarding, tls: TlsConfig) -> None:
         self.membership = membership
         self.forwarding = forwarding
+        self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     @property
@@ -36,7 +38,7 @@ class Peers:
     def _channel(self, member: str) -> grpc.aio.Channel:
         channel = self._channels.get(member)
         if channel is None:
-            channel = self._channels[member] = peer_channel(member)
+            channel = self._channels[member] = peer_channel(member, self._tls)
         return channel
 
     def rooms(self, member: str) -> rooms_pb2_grpc.RoomsStub:

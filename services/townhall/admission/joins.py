@@ -13,13 +13,16 @@ from townhall.admission.placement import Placement, Placer
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook, role_of
 from townhall.admission.waiting import WaitingLine
-from townhall.core.errors import FailedPrecondition, NotFound, ResourceExhausted
+from townhall.core.auth import PUBLISH, SUBSCRIBE, Principal
+from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
+from townhall.core.identity import missing
 from townhall.core.sharding import owner
 from townhall.core.tickets import TicketSigner
 from townhall.v1.admission_pb2 import JoinResponse, Waiting
-from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Room, RoomState
+from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Role, Room, RoomState
 from townhall.v1.events_pb2 import PresenceEvent
 
+_STAGE_NAMES = {Role.ROLE_HOST: "host", Role.ROLE_COHOST: "co-host", Role.ROLE_SPEAKER: "speaker"}
 # Plain ints: an enum wrapper's attribute lookup is a Python call, four of them per join.
 KIND_JOIN = PresenceEvent.KIND_JOIN
 
@@ -53,14 +56,24 @@ class Admitter:
         self._waiting_room = waiting_room
         self._lines: dict[str, WaitingLine] = {}
 
-    def join(self, room_id: str, user: int) -> JoinResponse:
-        """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after."""
+    def join(self, room_id: str, who: Principal) -> JoinResponse:
+        """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after.
+
+        A listener ticket needs the token's "subscribe" grant; a stage ticket (host, co-host, speaker:
+        publishing) needs "publish".
+        """
+        user = who.user_id
         room = self._book.get(room_id)
         if room.state != ROOM_STATE_LIVE:
             JOINS_REJECTED.inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
         role = role_of(room, user)
         listener = role == ROLE_LISTENER
+        needed = SUBSCRIBE if listener else PUBLISH
+        if needed not in who.grants:
+            JOINS_REJECTED.inc()
+            as_role = "a listener" if listener else f"the {_STAGE_NAMES.get(role, 'speaker')}"
+            raise PermissionDenied(missing(needed, who, f"joining room {room_id} as {as_role}"))
         if listener:
             waiting = self._admit_listener(room, user)
             if waiting is not None:

@@ -14,8 +14,9 @@ from townhall.admission.metrics import JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id
 from townhall.admission.store import RoomStore
 from townhall.core import validation
+from townhall.core.auth import HOST
 from townhall.core.errors import InvalidArgument, from_rpc
-from townhall.core.identity import caller
+from townhall.core.identity import caller, principal, require
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
@@ -39,7 +40,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     async def CreateRoom(
         self, request: rooms_pb2.CreateRoomRequest, context: grpc.aio.ServicerContext
     ) -> Room:
-        host = caller(context)
+        host = require(context, HOST)
         title = validation.title(request.title)
         speakers = validation.user_ids(request.speaker_ids, "speaker_ids", MAX_SPEAKERS)
         if host in speakers:
@@ -53,12 +54,14 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
         return self._learn(
             await _forward(
-                self._peers.owner_api(owner).CreateRoom(forward, timeout=TIMEOUT, wait_for_ready=True)
+                self._peers.owner_api(owner).CreateRoom(
+                    forward, metadata=self._peers.forwarding.internal(), timeout=TIMEOUT, wait_for_ready=True
+                )
             )
         )
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
-        user = caller(context)
+        user = require(context, HOST)
         room_id = validation.room_id(request.room_id)
         if self._serve_here(room_id, context):
             return await self._store.start(room_id, user)
@@ -66,7 +69,10 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         return self._learn(
             await _forward(
                 stub.StartRoom(
-                    request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT, wait_for_ready=True
+                    request,
+                    metadata=self._peers.forwarding.forward(context),
+                    timeout=TIMEOUT,
+                    wait_for_ready=True,
                 )
             )
         )
@@ -74,7 +80,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     async def ScheduleRoom(
         self, request: rooms_pb2.ScheduleRoomRequest, context: grpc.aio.ServicerContext
     ) -> Room:
-        user = caller(context)
+        user = require(context, HOST)
         room_id = validation.room_id(request.room_id)
         now = int(time.time() * 1000)
         validation.bounded(request.start_at_ms, "start_at_ms", now + 1, now + MAX_SCHEDULE_AHEAD_MS)
@@ -84,13 +90,16 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         return self._learn(
             await _forward(
                 stub.ScheduleRoom(
-                    request, metadata=self._peers.forwarding.sign(user), timeout=TIMEOUT, wait_for_ready=True
+                    request,
+                    metadata=self._peers.forwarding.forward(context),
+                    timeout=TIMEOUT,
+                    wait_for_ready=True,
                 )
             )
         )
 
     async def EndRoom(self, request: rooms_pb2.EndRoomRequest, context: grpc.aio.ServicerContext) -> Room:
-        user = caller(context)
+        user = require(context, HOST)
         room_id = validation.room_id(request.room_id)
         if self._serve_here(room_id, context):
             room = await self._store.end(room_id, user)
@@ -100,7 +109,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
                 await _forward(
                     stub.EndRoom(
                         request,
-                        metadata=self._peers.forwarding.sign(user),
+                        metadata=self._peers.forwarding.forward(context),
                         timeout=TIMEOUT,
                         wait_for_ready=True,
                     )
@@ -139,13 +148,13 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
     ) -> admission_pb2.JoinResponse:
         start = time.perf_counter()
         try:
-            user = caller(context)
+            who = principal(context)
             room_id = validation.room_id(request.room_id)
         except Exception:
             JOINS_REJECTED.inc()
             raise
         try:
-            return self._admitter.join(room_id, user)
+            return self._admitter.join(room_id, who)
         finally:
             JOIN_DURATION.observe(time.perf_counter() - start)
 

@@ -38,16 +38,18 @@ from townhall.bench.loadgen import cpu_s
 from townhall.bench.relay import (
     FRAME_MS,
     PAYLOAD_BYTES,
-    SECRET,
     Server,
     _interrupt_on_sigterm,
     _merge_counts,
     _round,
     _start,
+    bench_signer,
     speak,
 )
 from townhall.bench.stats import LatencyHistogram, percentile
-from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.core.channels import channel
+from townhall.core.config import TlsConfig
+from townhall.core.tickets import TICKET_KEY
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
@@ -94,7 +96,6 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
                     "TOWNHALL_RELAY_METRICS_PORT": "0",
                     "TOWNHALL_RELAY_CHUNK_MS": str(chunk_ms),
                     "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
-                    "TOWNHALL_TICKETS_SECRET": SECRET,
                     "TOWNHALL_LOG_LEVEL": "warning",
                 }
                 name = "origin" if index == 0 else f"edge-{index}"
@@ -124,8 +125,8 @@ async def _probe(
     targets: list[Server], upstream: tuple[str, ...], until: float, times_ms: list[float]
 ) -> None:
     """Late joiners at a steady 4/s while the step runs: time from Subscribe to the first chunk."""
-    signer = TicketSigner(SECRET, 3600)
-    channels = [grpc.aio.insecure_channel(t.address) for t in targets]
+    signer = bench_signer()
+    channels = [channel(t.address, TlsConfig()) for t in targets]
     try:
         for index in range(int((until - time.time()) * PROBES_PER_S)):  # bounded by the window
             if time.time() >= until:
@@ -178,7 +179,6 @@ async def _phase(
                         room_id=ROOM,
                         listeners=share,
                         first_user=1_000_000 * (1 + t_index * workers + w),
-                        secret=SECRET,
                         relay_claim=target.address,
                         ready_timeout_s=ready_timeout,
                         result_timeout_s=ready_timeout + seconds + 30,

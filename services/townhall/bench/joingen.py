@@ -18,7 +18,9 @@ from typing import Any
 import grpc
 
 from townhall.bench.stats import LatencyHistogram
-from townhall.core.identity import USER_KEY
+from townhall.core.auth import AUTHORIZATION, SUBSCRIBE, Tokens
+from townhall.core.channels import channel
+from townhall.core.config import AuthConfig, TlsConfig
 from townhall.v1.admission_pb2 import JoinRequest
 
 METHOD = "/townhall.v1.Admission/Join"
@@ -41,6 +43,8 @@ class Spec:
     warmup_s: float
     seconds: float
     first_user: int
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     max_inflight: int = 4000
     # Where the hot room's joins go (admission's crowd lane); empty: `addresses`, like the cold rooms.
     hot_addresses: tuple[str, ...] = ()
@@ -67,6 +71,7 @@ class _Class:
 class _Generator:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
+        self.tokens = Tokens(spec.auth)
         self.channels: list[grpc.aio.Channel] = []
         # Raw bytes in and out, per room class: the hot room may be joined on the crowd lane.
         self.calls = {
@@ -81,7 +86,7 @@ class _Generator:
 
     def _calls(self, addresses: tuple[str, ...]) -> list[Any]:
         channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            channel(address, self.spec.tls, [("grpc.use_local_subchannel_pool", 1)])
             for address in addresses
             for _ in range(CHANNELS_PER_ADDRESS)
         ]
@@ -90,7 +95,9 @@ class _Generator:
 
     async def call(self, kind: str, request: bytes) -> None:
         self.user += 1
-        metadata = ((USER_KEY, str(self.user)),)
+        # Every arrival is a new user with a token of its own, as in a real storm: the server verifies
+        # each one (no cache hit), which is the join's full cost.
+        metadata = ((AUTHORIZATION, f"Bearer {self.tokens.mint(self.user, (SUBSCRIBE,))}"),)
         calls = self.calls[kind]
         call = calls[self.user % len(calls)]
         measured = time.time() >= self.measure_from
@@ -152,8 +159,8 @@ class _Generator:
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        for channel in self.channels:
-            await channel.close()
+        for ch in self.channels:
+            await ch.close()
 
 
 async def _main(spec: Spec, conn: Connection) -> None:

@@ -12,7 +12,7 @@ import multiprocessing
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -26,6 +26,8 @@ from rich.table import Table
 from townhall.bench import ghz, joingen
 from townhall.bench.stats import LatencyHistogram
 from townhall.client import Client, Endpoints
+from townhall.core.auth import HOST, Tokens
+from townhall.core.config import AuthConfig, TlsConfig
 
 START_DELAY_S = 2.0  # generators spawn and connect before the first arrival
 
@@ -47,11 +49,20 @@ class Load:
     # Where the hot room's joins go (admission's crowd lane, as clients that know the room draws a
     # crowd send them); empty: `addresses`, like the cold rooms.
     hot_addresses: tuple[str, ...] = ()
+    # The keys and TLS of the servers under test: joiners' tokens are signed with auth.keys[0].
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
-async def make_rooms(address: str, cold: int, host: int = 7_000_000) -> tuple[str, list[str]]:
+def _client(address: str, user: int, auth: AuthConfig, tls: TlsConfig, *grants: str) -> Client:
+    return Client(Endpoints(address, address, tls), user, Tokens(auth).mint(user, grants))
+
+
+async def make_rooms(
+    address: str, cold: int, auth: AuthConfig, tls: TlsConfig, host: int = 7_000_000
+) -> tuple[str, list[str]]:
     """Creates and starts one hot and `cold` cold rooms; returns their ids."""
-    client = Client(Endpoints(address, address), host)
+    client = _client(address, host, auth, tls, HOST)
     try:
         ids = []
         for i in range(cold + 1):
@@ -63,20 +74,22 @@ async def make_rooms(address: str, cold: int, host: int = 7_000_000) -> tuple[st
         await client.close()
 
 
-async def wait_live(addresses: Sequence[str], room_ids: Sequence[str], timeout_s: float = 30.0) -> None:
+async def wait_live(
+    addresses: Sequence[str],
+    room_ids: Sequence[str],
+    auth: AuthConfig,
+    tls: TlsConfig,
+    timeout_s: float = 30.0,
+) -> None:
     """Waits until every address admits to every room (replicas caught up)."""
-    from townhall.v1 import rooms_pb2
-
     deadline = time.monotonic() + timeout_s
     for address in addresses:
-        client = Client(Endpoints(address, address), 1)
+        client = _client(address, 1, auth, tls)
         try:
             for room_id in room_ids:
                 while True:
                     try:
-                        room = await client.rooms.GetRoom(
-                            rooms_pb2.GetRoomRequest(room_id=room_id), timeout=5
-                        )
+                        room = await client.get_room(room_id)
                         if room.state == 2:
                             break
                     except Exception:
@@ -120,7 +133,17 @@ async def _offer_ghz(
                 addresses = (load.hot_addresses or load.addresses) if kind == "hot" else load.addresses
                 address = addresses[i % len(addresses)]
                 runs[kind] = (
-                    ghz.start(binary, address, rooms, rate, duration, int(rate * load.warmup_s), out),
+                    ghz.start(
+                        binary,
+                        address,
+                        rooms,
+                        rate,
+                        duration,
+                        int(rate * load.warmup_s),
+                        out,
+                        load.auth,
+                        load.tls,
+                    ),
                     out,
                 )
         generators = [psutil.Process(p.pid) for p, _ in runs.values()]
@@ -174,6 +197,8 @@ async def _offer_python(
             seconds=load.seconds,
             first_user=(index + 1) * 10**12 + int(time.time() * 1000) % 10**9 * 1000,
             hot_addresses=load.hot_addresses,
+            auth=load.auth,
+            tls=load.tls,
         )
         parent, child = context.Pipe()
         worker = context.Process(target=joingen.main, args=(spec, child), daemon=True)

@@ -40,7 +40,8 @@ from rich.table import Table
 
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
-from townhall.core.config import KafkaConfig
+from townhall.core.channels import blocking_channel
+from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
 from townhall.devtools.kafka_broker import Broker, free_port
@@ -48,6 +49,9 @@ from townhall.devtools.topology import CROWD_PENDING
 from townhall.v1.common_pb2 import Role
 
 START_TIMEOUT_S = 30.0
+# The servers under test run with the defaults (their TOWNHALL_* variables are cleared):
+# development keys, no TLS.
+AUTH, TLS = AuthConfig(), TlsConfig()
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ def _process(
     with open(log, "ab") as out:
         process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with blocking_channel(address, TlsConfig()) as channel:
             grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
         yield process
     finally:
@@ -71,7 +75,7 @@ def _process(
 
 
 def _admission_env(
-    bootstrap: str, owners: list[str], me: str, admit_rate: float, crowd: bool
+    bootstrap: str, owners: list[str], me: str, admit_rate: float, crowd: bool, extra: dict[str, str]
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")}
     env.update(
@@ -86,11 +90,12 @@ def _admission_env(
         env.update(
             TOWNHALL_ADMISSION_OWNER="false", TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS=str(CROWD_PENDING)
         )
+    env.update(extra)
     return env
 
 
 @dataclass(frozen=True)
-class _Admission:
+class Admission:
     """Admission processes started for a phase: owners' and crowd-lane addresses, every pid."""
 
     addresses: tuple[str, ...]
@@ -99,23 +104,29 @@ class _Admission:
 
 
 @contextlib.contextmanager
-def _admission(
-    bootstrap: str, count: int, admit_rate: float, logs: Path, crowd: int = 0
-) -> Iterator[_Admission]:
+def admission(
+    bootstrap: str,
+    count: int,
+    admit_rate: float,
+    logs: Path,
+    crowd: int = 0,
+    extra: dict[str, str] | None = None,
+) -> Iterator[Admission]:
+    """`count` owners and `crowd` crowd-lane processes on the broker (with `extra` TOWNHALL_* settings)."""
     owners = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     lane = [f"127.0.0.1:{free_port()}" for _ in range(crowd)]
     with contextlib.ExitStack() as stack:
         pids = []
         for i, address in enumerate([*owners, *lane]):
             argv = [sys.executable, "-m", "townhall.admission"]
-            env = _admission_env(bootstrap, owners, address, admit_rate, crowd=i >= count)
+            env = _admission_env(bootstrap, owners, address, admit_rate, i >= count, extra or {})
             pids.append(stack.enter_context(_process(argv, env, address, logs / f"admission-{i}.log")).pid)
-        yield _Admission(tuple(owners), tuple(lane), pids)
+        yield Admission(tuple(owners), tuple(lane), pids)
 
 
 def jwt_cost_us(samples: int = 20_000) -> float:
     """Microseconds to issue and sign one listener ticket, in this process."""
-    signer = TicketSigner("x" * 40, 3600)
+    signer = TicketSigner([("bench", "x" * 40)], 3600)
     start = time.perf_counter()
     for i in range(samples):
         signer.sign(signer.issue("r" * 16, i + 1, Role.ROLE_LISTENER, "127.0.0.1:50052"))
@@ -163,7 +174,7 @@ async def search(
     rate = settings.search_from
     for _ in range(MAX_STEPS):
         load = Load(addresses, room, rate, (), 0.0, settings.step_seconds, generators=settings.generators,
-                    ghz=settings.ghz)  # fmt: skip
+                    ghz=settings.ghz, auth=AUTH, tls=TLS)  # fmt: skip
         figures = await offer(load, pids, f"{name} {rate:,.0f}/s", console)
         clean = _clean(figures, rate)
         steps.append({"offered_per_s": round(rate, 1), "clean": clean, **figures})
@@ -199,29 +210,32 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
             phases["ceiling"] = await search(
                 (address,), "ceiling-room", [ceiling.pid], "ceiling", console, settings
             )
-        with _admission(broker.bootstrap, processes, 0.0, out_dir) as admission:
-            hot, colds = await make_rooms(admission.addresses[0], 50)
-            await wait_live(admission.addresses, [hot, *colds])
+        with admission(broker.bootstrap, processes, 0.0, out_dir) as admitting:
+            hot, colds = await make_rooms(admitting.addresses[0], 50, AUTH, TLS)
+            await wait_live(admitting.addresses, [hot, *colds], AUTH, TLS)
             phases["capacity"] = await search(
-                admission.addresses, hot, admission.pids, "capacity", console, settings
+                admitting.addresses, hot, admitting.pids, "capacity", console, settings
             )
         capacity = phases["capacity"]["admitted_per_s"]
         # The admit budget an operator would set from the capacity phase, split between processes; one
         # crowd-lane process per owner, as the chart runs them.
-        with _admission(broker.bootstrap, processes, capacity / processes, out_dir, processes) as admission:
-            await wait_live(admission.addresses, [hot, *colds])
+        with admission(broker.bootstrap, processes, capacity / processes, out_dir, processes) as admitting:
+            await wait_live(admitting.addresses, [hot, *colds], AUTH, TLS)
+            pids = admitting.pids
 
             def storm(
                 hot_addresses: tuple[str, ...], length: float, rate: float = overload * capacity
             ) -> Load:
-                return Load(admission.addresses, hot if rate else None, rate, tuple(colds), cold_rate, length,
-                            generators=generators, ghz=ghz_binary, hot_addresses=hot_addresses)  # fmt: skip
+                return Load(admitting.addresses, hot if rate else None, rate, tuple(colds), cold_rate, length,
+                            generators=generators, ghz=ghz_binary, hot_addresses=hot_addresses, auth=AUTH,
+                            tls=TLS)  # fmt: skip
 
-            phases["cold"] = await offer(storm((), seconds, 0.0), admission.pids, "cold rooms alone", console)
-            phases["storm"] = await offer(storm(admission.crowd, seconds), admission.pids, "storm", console)
+            phases["cold"] = await offer(storm((), seconds, 0.0), pids, "cold rooms alone", console)
+            phases["storm"] = await offer(storm(admitting.crowd, seconds), pids, "storm", console)
             if settings.one_lane_seconds:
-                one_lane = storm((), settings.one_lane_seconds)
-                phases["storm_one_lane"] = await offer(one_lane, admission.pids, "storm, one lane", console)
+                phases["storm_one_lane"] = await offer(
+                    storm((), settings.one_lane_seconds), pids, "storm, one lane", console
+                )
     finally:
         broker.stop()
     return phases

@@ -20,6 +20,8 @@ import psutil
 from rich.progress import Progress
 
 from townhall.bench.stats import LatencyHistogram, gap
+from townhall.core.channels import channel
+from townhall.core.config import TicketConfig, TlsConfig
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.relay.fanout import chunk_sequence
@@ -40,7 +42,6 @@ class Spec:
     room_id: str
     listeners: int
     first_user: int
-    secret: str
     relay_claim: str
     ready_timeout_s: float
     result_timeout_s: float
@@ -166,11 +167,11 @@ def _identity(data: bytes) -> bytes:
 
 
 async def _run(spec: Spec, conn: Connection) -> None:
-    signer = TicketSigner(spec.secret, 3600)
+    signer = TicketSigner.from_config(TicketConfig())  # the relays under test run with the default key
     counters = _Counters()
     channels = [
         # A local subchannel pool gives each channel its own TCP connection (else they share one).
-        grpc.aio.insecure_channel(spec.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        channel(spec.address, TlsConfig(), [("grpc.use_local_subchannel_pool", 1)])
         for _ in range(max(1, -(-spec.listeners // STREAMS_PER_CHANNEL)))
     ]
     request = SubscribeRequest(room_id=spec.room_id)

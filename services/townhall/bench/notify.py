@@ -43,8 +43,9 @@ from rich.table import Table
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import percentile
 from townhall.cli.graph import import_with_progress
-from townhall.core.config import KafkaConfig
-from townhall.core.identity import metadata
+from townhall.core.auth import Tokens, bearer
+from townhall.core.channels import blocking_channel, channel
+from townhall.core.config import KafkaConfig, TlsConfig, load
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.devtools.events import publish_room_started
 from townhall.devtools.kafka_broker import Broker, free_port
@@ -75,6 +76,13 @@ METHOD = {
     ),
 }
 CELEBRITY = 1
+
+
+def _tokens() -> Tokens:
+    """User tokens the notifiers accept: they inherit this process's TOWNHALL_* settings."""
+    return Tokens(load().auth)
+
+
 INBOX_PER_HOST = 2
 
 
@@ -94,7 +102,7 @@ class Notifier:
 
 def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with blocking_channel(address, TlsConfig()) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -243,7 +251,8 @@ async def _small_hosts(
 ) -> list[float]:
     """Connects Inbox streams for followers of each small host, starts the rooms at random moments
     within `window_s`, and returns each stream's latency (room start to notification), seconds."""
-    channels = [grpc.aio.insecure_channel(n.address) for n in notifiers]
+    channels = [channel(n.address, TlsConfig()) for n in notifiers]
+    tokens = _tokens()
     latencies: list[float] = []
     rooms: dict[str, int] = {}
     calls = []
@@ -264,7 +273,7 @@ async def _small_hosts(
     for host, followers in hosts:
         for user in followers[:INBOX_PER_HOST].tolist():
             stub = inbox_pb2_grpc.InboxStub(channels[host % len(channels)])
-            call = stub.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=metadata(user))
+            call = stub.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=bearer(tokens.mint(user, ())))
             await asyncio.wait_for(call.initial_metadata(), 20)
             calls.append(call)
             tasks.append((host, user, call))
@@ -330,7 +339,7 @@ def run(
         small_followers = sum(len(f) for _, f in hosts)
         with _cluster(work, notifiers, bulk_threshold) as (broker, procs):
             kafka = KafkaConfig(bootstrap=broker.bootstrap)
-            imported = import_with_progress(procs[0].address, graph, edges, console)
+            imported = import_with_progress(procs[0].address, graph, edges, console, load().auth)
             store_bytes = sum(_store_bytes(n.data_dir) for n in procs)
             report_run = _measure(console, kafka, procs, broker, hosts, followers, spec.users, window_s)
     figures = {

@@ -35,13 +35,14 @@ from rich.table import Table
 from townhall.bench import loadgen
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import LatencyHistogram, percentile
+from townhall.core.channels import blocking_channel, channel
+from townhall.core.config import TicketConfig, TlsConfig
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame
 
-SECRET = "bench-only-secret-0123456789abcdefghijkl"
 CHUNK_MS = 100
 FRAME_MS = 20
 PAYLOAD_BYTES = 60  # a 20 ms Opus voice packet at ~24 kbit/s
@@ -66,14 +67,14 @@ class Server:
 def _start(name: str, argv: list[str], env: dict[str, str], port: int, log: TextIO) -> Server:
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(name, f"127.0.0.1:{port}", process)
-    channel = grpc.insecure_channel(server.address)
+    ready = blocking_channel(server.address, TlsConfig())
     try:
-        grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
+        grpc.channel_ready_future(ready).result(timeout=START_TIMEOUT_S)
     except grpc.FutureTimeoutError as exc:
         process.kill()
         raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S} s; see {log.name}") from exc
     finally:
-        channel.close()
+        ready.close()
     return server
 
 
@@ -91,7 +92,6 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_CHUNK_MS": str(CHUNK_MS),
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka in the bench
-                "TOWNHALL_TICKETS_SECRET": SECRET,
                 "TOWNHALL_LOG_LEVEL": "warning",
             }
             relay_argv = [sys.executable, "-m", "townhall.relay"]
@@ -126,10 +126,15 @@ async def _frames(stop: asyncio.Event) -> AsyncIterator[AudioFrame]:
 
 async def speak(address: str, room_id: str, stop: asyncio.Event, user: int = 1) -> None:
     """One speaker at 50 frames/s until `stop` (also used by the audience benchmark)."""
-    signer = TicketSigner(SECRET, 3600)
+    signer = bench_signer()
     token = signer.sign(signer.issue(room_id, user, Role.ROLE_SPEAKER, address))
-    async with grpc.aio.insecure_channel(address) as channel:
-        await relay_pb2_grpc.RelayStub(channel).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
+    async with channel(address, TlsConfig()) as ch:
+        await relay_pb2_grpc.RelayStub(ch).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
+
+
+def bench_signer() -> TicketSigner:
+    """Tickets for the relays a benchmark starts (they run with the default, development ticket key)."""
+    return TicketSigner.from_config(TicketConfig())
 
 
 async def _phase(
@@ -151,7 +156,6 @@ async def _phase(
                     room_id=room_id,
                     listeners=share,
                     first_user=1_000 + index * 1_000_000,
-                    secret=SECRET,
                     relay_claim=server.address,
                     ready_timeout_s=ready_timeout,
                     result_timeout_s=ready_timeout + seconds + 30,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from townhall.bench import audience, ghz, joinstorm_bench, notify, relay
+from townhall.bench import audience, auth_cost, ghz, joinstorm_bench, notify, relay
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -14,6 +14,9 @@ def run_bench(args: argparse.Namespace) -> int:
     # Steps of at most 5 s: the audience bench has a dozen of them (3 chunk intervals).
     audience.run(args.out, seconds=min(args.seconds, 5.0))
     print(f"JSON written to {args.out}/audience.json")
+    # What token verification costs per join, with and without the cache.
+    auth_cost.run(args.out)
+    print(f"JSON written to {args.out}/auth.json")
     # Join storm: ghz generates the load if it is built (.cache/bin), else Python processes.
     joinstorm_bench.run(args.out, joinstorm_bench.Settings(args.storm_seconds, ghz=ghz.find()))
     print(f"JSON written to {args.out}/joinstorm.json")

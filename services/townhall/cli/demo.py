@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall import audio
-from townhall.cli.endpoints import resolve
+from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints, now_us
+from townhall.core.auth import HOST, PUBLISH, SUBSCRIBE, Tokens
 from townhall.v1 import relay_pb2
 
 console = Console()
@@ -80,12 +81,19 @@ class Check:
     ok: bool
 
 
-async def demo(endpoints: Endpoints, followers: int, listeners: int, audio_file: Path | None) -> list[Check]:
+async def demo(
+    endpoints: Endpoints, followers: int, listeners: int, audio_file: Path | None, tokens: Tokens
+) -> list[Check]:
     """Runs the scripted room against the given services; returns every check."""
     base = random.randrange(1, 2**40) * 1_000_000  # fresh user ids for each run
-    host = Client(endpoints, base)
-    fans = [Client(endpoints, base + 1 + i) for i in range(followers)]
-    audience = [Client(endpoints, base + 100_000 + i) for i in range(listeners)]
+
+    def client(user: int, *grants: str) -> Client:
+        return Client(endpoints, user, tokens.mint(user, grants))
+
+    # Each user gets the grants its part needs: the host hosts and speaks, followers only follow.
+    host = client(base, HOST, PUBLISH)
+    fans = [client(base + 1 + i) for i in range(followers)]
+    audience = [client(base + 100_000 + i, SUBSCRIBE) for i in range(listeners)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             source = audio_file or audio.synth_speechlike(Path(tmp) / "voice.wav", seconds=4.0)
@@ -181,11 +189,12 @@ def run_demo(
     admission: str | None = None,
     notifier: str | None = None,
     crowd: str | None = None,
+    config: str | None = None,
 ) -> int:
     """Runs the demo (addresses from flags, else the manifest); 0 if every check passed, 1 otherwise."""
     try:
-        endpoints = resolve(manifest, admission, notifier, crowd)
-        checks = asyncio.run(demo(endpoints, followers, listeners, audio))
+        endpoints = resolve(manifest, admission, notifier, config, crowd)
+        checks = asyncio.run(demo(endpoints, followers, listeners, audio, tokens(config)))
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2

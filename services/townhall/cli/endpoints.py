@@ -1,24 +1,57 @@
-"""Where the CLI finds the services: flags first, then the local topology.json."""
+"""What the CLI connects with: its config (keys and TLS, as the services read theirs), then where the
+services are (flags first, then the local topology.json)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from townhall.client import Endpoints
+from townhall.core.auth import Tokens
+from townhall.core.config import Config, ConfigError, load
 from townhall.devtools.topology import load_manifest
+
+_loaded: dict[str, Config] = {}
+
+
+def config(path: str | Path | None = None) -> Config:
+    """The config (--config, else $TOWNHALL_CONFIG, defaults and TOWNHALL_* variables); exits 2 if bad."""
+    key = str(path or "")
+    if key not in _loaded:
+        try:
+            _loaded[key] = load(path)
+        except ConfigError as exc:
+            print(f"townhall: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+    return _loaded[key]
+
+
+def tokens(path: str | Path | None = None, ttl_s: float = 3600) -> Tokens:
+    """Mints development tokens with the configured key (auth.keys, first entry)."""
+    try:
+        return Tokens(config(path).auth, ttl_s)
+    except ConfigError as exc:
+        print(f"townhall: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 def resolve(
-    manifest: Path, admission: str | None = None, notifier: str | None = None, crowd: str | None = None
+    manifest: Path,
+    admission: str | None = None,
+    notifier: str | None = None,
+    path: str | Path | None = None,
+    crowd: str | None = None,
 ) -> Endpoints:
     """Endpoints from explicit addresses, else the first process of each service in the manifest."""
+    tls = config(path).tls
     if admission and notifier:
-        return Endpoints(admission, notifier, crowd or "")
+        return Endpoints(admission, notifier, tls, crowd or "")
     services = load_manifest(manifest)["services"]
     owners = [e["grpc"] for e in services["admission"] if not e.get("lane")]
     crowd_lane = [e["grpc"] for e in services["admission"] if e.get("lane") == "crowd"]
     return Endpoints(
         admission or owners[0],
         notifier or services["notifier"][0]["grpc"],
+        tls,
         crowd or (crowd_lane[0] if crowd_lane else ""),
     )

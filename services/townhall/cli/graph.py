@@ -9,7 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from townhall.cli.endpoints import resolve
+from townhall.cli.endpoints import config, resolve
+from townhall.core.auth import Authenticator
+from townhall.core.config import AuthConfig, TlsConfig
 from townhall.notifier.graphfile import GraphSpec, ImportResult, import_file, read_pairs, write
 
 console = Console()
@@ -49,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
             edges = write(spec, args.file)
         console.print(f"{edges:,} edges written to {args.file} (celebrity: user {spec.celebrity})")
         return 0
-    address = resolve(args.root / "topology.json", "-", args.notifier).notifier
-    result = import_with_progress(address, args.file, len(read_pairs(args.file)), console)
+    address = resolve(args.root / "topology.json", "-", args.notifier, args.config).notifier
+    # Import is an operator's call: it takes the service credential (auth.service_keys), not a user token.
+    settings = config(args.config)
+    total = len(read_pairs(args.file))
+    result = import_with_progress(address, args.file, total, console, settings.auth, settings.tls)
     console.print(
         f"{result.received:,} pairs sent, {result.created:,} new edges, {result.invalid:,} invalid, "
         f"{result.seconds:.1f} s, {result.edges_per_s:,.0f} edges/s"
@@ -58,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_with_progress(address: str, path: Path, total: int, console: Console) -> ImportResult:
+def import_with_progress(
+    address: str, path: Path, total: int, console: Console, auth: AuthConfig, tls: TlsConfig | None = None
+) -> ImportResult:
     """Streams a graph file to a notifier with Graph.Import, with a progress bar of pairs sent."""
+    credential = Authenticator(auth, "graph-import").credential.metadata()
     with Progress(
         TextColumn("import"),
         BarColumn(),
@@ -68,4 +76,5 @@ def import_with_progress(address: str, path: Path, total: int, console: Console)
         console=console,
     ) as bar:
         task = bar.add_task("import", total=total)
-        return asyncio.run(import_file(address, path, progress=lambda n: bar.update(task, completed=n)))
+        progress = lambda n: bar.update(task, completed=n)  # noqa: E731
+        return asyncio.run(import_file(address, path, credential, tls, progress))

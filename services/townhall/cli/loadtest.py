@@ -12,6 +12,7 @@ from rich.console import Console
 
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
+from townhall.cli.endpoints import config
 from townhall.devtools.topology import load_manifest
 
 console = Console() if Console().is_terminal else Console(width=160)
@@ -52,12 +53,16 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]ghz not found: build it with `make ghz` (into .cache/bin)[/red]")
         return 2
 
+    settings = config(args.config)
+    auth, tls = settings.auth, settings.tls
+
     async def main() -> dict[str, Any]:
-        hot, colds = await make_rooms(addresses[0], args.cold_rooms)
-        await wait_live(addresses, [hot, *colds])
+        hot, colds = await make_rooms(addresses[0], args.cold_rooms, auth, tls)
+        await wait_live(addresses, [hot, *colds], auth, tls)
         load = Load(
             tuple(addresses), hot if args.hot_rate > 0 else None, args.hot_rate, tuple(colds),
             args.cold_rate, args.seconds, generators=args.generators, ghz=binary, hot_addresses=hot_addresses,
+            auth=auth, tls=tls,
         )  # fmt: skip
         return await offer(load, pids, "loadtest", console)
 

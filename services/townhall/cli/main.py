@@ -21,7 +21,26 @@ def _parser() -> argparse.ArgumentParser:
         "--crowd",
         help="admission's crowd lane host:port, for rooms that draw a crowd (default: topology.json)",
     )
+    parser.add_argument("--config", help="TOML config with keys and TLS (else $TOWNHALL_CONFIG, TOWNHALL_*)")
+    parser.add_argument(
+        "--token", help="a user token to call with (default: one minted with the development key)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("token", help="print a user token signed with the development key (auth.keys)")
+    token.add_argument("--user", type=int, required=True, help="the user id (sub)")
+    token.add_argument(
+        "--grants", default="host,moderate,publish,subscribe", help="comma-separated grants (default: all)"
+    )
+    token.add_argument("--ttl-s", type=float, default=3600.0, help="lifetime in seconds")
+
+    certs = sub.add_parser(
+        "certs", help="write a throwaway CA and a certificate for local TLS; print the env"
+    )
+    certs.add_argument("folder", type=Path, help="where to write ca.pem, townhall.pem, townhall-key.pem")
+    certs.add_argument(
+        "--name", default="townhall.local", help="the name in the certificate (tls.server_name)"
+    )
 
     dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
     dev.add_argument("--admission", type=int, default=1, help="admission processes")
@@ -86,6 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `townhall` command."""
     args = _parser().parse_args(argv)
     logging.configure(LogConfig(level="warning", json=False), "cli")
+    if args.command == "token":
+        from townhall.cli.manual import print_token
+
+        sys.exit(print_token(args))
+    if args.command == "certs":
+        from townhall.devtools.certs import Authority
+
+        ca = Authority(args.folder)
+        pem = ca.issue("townhall", dns=(args.name, "localhost"), ips=("127.0.0.1",))
+        for key, value in (
+            ("ENABLED", "true"), ("CERT", pem.cert.resolve()), ("KEY", pem.key.resolve()),
+            ("CA", ca.ca.resolve()), ("SERVER_NAME", args.name),
+        ):  # fmt: skip
+            print(f"export TOWNHALL_TLS_{key}={value}")
+        print("# and TOWNHALL_TLS_REQUIRE_CLIENT_CERT=true for mutual TLS")
+        sys.exit(0)
     if args.command == "dev":
         from townhall.cli.dev import run_dev
 
@@ -103,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.admission,
                 args.notifier,
                 args.crowd,
+                args.config,
             )
         )
     if args.command == "kafka":

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall import audio
-from townhall.cli.endpoints import resolve
+from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints
-from townhall.v1 import relay_pb2, rooms_pb2
+from townhall.core.auth import GRANTS
+from townhall.v1 import relay_pb2
 from townhall.v1.common_pb2 import Room
 
 console = Console()
@@ -24,7 +25,7 @@ console = Console()
 
 def run(args: argparse.Namespace) -> int:
     """Runs one manual command; gRPC errors are printed with their status, exit code 1."""
-    endpoints = resolve(args.root / "topology.json", args.admission, args.notifier, args.crowd)
+    endpoints = resolve(args.root / "topology.json", args.admission, args.notifier, args.config, args.crowd)
     handler = {
         "room": _room,
         "follow": _follow,
@@ -45,11 +46,25 @@ async def _closing(
     handler: Callable[[Client, argparse.Namespace], Awaitable[int]],
 ) -> int:
     # The client's channels are made inside the event loop that uses them (grpc.aio binds them to it).
-    client = Client(endpoints, args.user)
+    client = Client(endpoints, args.user, args.token or tokens(args.config).mint(args.user))
     try:
         return await handler(client, args)
     finally:
         await client.close()
+
+
+def print_token(args: argparse.Namespace) -> int:
+    """`townhall token`: a development token for --user with --grants, signed with auth.keys[0]."""
+    grants = {g.strip() for g in args.grants.split(",") if g.strip()}
+    unknown = grants - GRANTS
+    if unknown:
+        console.print(f"[red]unknown grants {sorted(unknown)}; grants are {', '.join(sorted(GRANTS))}[/red]")
+        return 2
+    if not 0 < args.user < 2**63:
+        console.print("[red]--user must be within 1..2^63-1[/red]")
+        return 2
+    print(tokens(args.config, args.ttl_s).mint(args.user, grants))
+    return 0
 
 
 def _show(room: Room) -> None:
@@ -58,9 +73,8 @@ def _show(room: Room) -> None:
 
 async def _room(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
-        reply = await client.rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(limit=100), timeout=10)
         table = Table("room", "title", "host", "started")
-        for room in reply.rooms:
+        for room in await client.live_rooms(100):
             started = time.strftime("%H:%M:%S", time.localtime(room.started_at_ms / 1000))
             table.add_row(room.room_id, room.title, str(room.host_id), started)
         console.print(table)
@@ -77,7 +91,7 @@ async def _room(client: Client, args: argparse.Namespace) -> int:
     elif args.action == "end":
         _show(await client.end_room(args.arg))
     else:
-        _show(await client.rooms.GetRoom(rooms_pb2.GetRoomRequest(room_id=args.arg), timeout=10))
+        _show(await client.get_room(args.arg))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -46,17 +47,120 @@ class KafkaConfig:
         _positive("kafka.partitions", self.partitions)
 
 
+# Development keys, for `townhall dev`, the tests and the benchmarks only. A process that runs with one
+# of them logs a warning; the Helm chart always sets its own.
+DEV_TICKET_KEY = "dev=dev-only-ticket-key-change-me-0123456789"
+DEV_USER_KEY = "dev=dev-only-user-token-key-change-me-0123456789"
+DEV_SERVICE_KEY = "dev=dev-only-service-key-change-me-0123456789"
+_KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MIN_SECRET = 32
+
+
+def parse_keys(key: str, entries: tuple[str, ...]) -> list[tuple[str, str]]:
+    """`KID=SECRET` entries as (kid, secret) pairs, the current (signing) key first."""
+    pairs: list[tuple[str, str]] = []
+    for entry in entries:
+        kid, sep, secret = entry.partition("=")
+        if not sep or not _KID.fullmatch(kid):
+            raise ConfigError(
+                f"{key} entries must be KID=SECRET with a key id of 1..64 characters of [A-Za-z0-9._-], "
+                f"not {entry[:12]!r}..."
+            )
+        if len(secret) < MIN_SECRET:
+            raise ConfigError(f"{key}: the secret of key {kid!r} must be at least {MIN_SECRET} characters")
+        if any(kid == k for k, _ in pairs):
+            raise ConfigError(f"{key} names key id {kid!r} twice")
+        pairs.append((kid, secret))
+    return pairs
+
+
 @dataclass(frozen=True)
 class TicketConfig:
-    """Signing of the tickets that admission issues and relays verify."""
+    """Signing of the tickets that admission issues and relays verify (and relay pull credentials)."""
 
-    secret: str = "dev-only-secret-change-me-0123456789"
+    # KID=SECRET entries (HS256, at least 32 characters): the first signs, all verify, so a new key
+    # can be added everywhere before admission signs with it, and the old one removed after ttl_s.
+    keys: tuple[str, ...] = (DEV_TICKET_KEY,)
     ttl_s: int = 3600
 
     def validate(self) -> None:
-        if len(self.secret) < 32:
-            raise ConfigError("tickets.secret must be at least 32 characters")
+        if not parse_keys("tickets.keys", self.keys):
+            raise ConfigError("tickets.keys must hold at least one KID=SECRET entry")
         _positive("tickets.ttl_s", self.ttl_s)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call: user tokens (JWT in `authorization: Bearer`) and the service credential."""
+
+    # User token keys, KID=SECRET (HS256, at least 32 characters); the token's `kid` header picks one.
+    # Two entries live at once while an issuer rotates; dev tools (`townhall token`) sign with the first.
+    keys: tuple[str, ...] = (DEV_USER_KEY,)
+    # A JSON Web Key Set file with more verification keys (oct/HS256, OKP/Ed25519, EC/P-256), e.g. an
+    # identity provider's public keys; re-read when it changes. Empty: none.
+    jwks: str = ""
+    # Checked against the token's `iss` / `aud` when set; tokens must then carry them.
+    issuer: str = ""
+    audience: str = ""
+    # Clock skew allowed on `exp` and `iat`, in seconds.
+    leeway_s: int = 30
+    # Verified tokens remembered per process (0 disables the cache).
+    cache_size: int = 100_000
+    # Keys of the service credential that Townhall processes send each other (internal RPCs,
+    # forwarded calls), KID=SECRET; the first signs. Never give these to a token issuer.
+    service_keys: tuple[str, ...] = (DEV_SERVICE_KEY,)
+
+    def validate(self) -> None:
+        users = parse_keys("auth.keys", self.keys)
+        if not users and not self.jwks:
+            raise ConfigError("auth.keys or auth.jwks must provide at least one user token key")
+        if self.jwks and not Path(self.jwks).is_file():
+            raise ConfigError(f"auth.jwks names {self.jwks!r}, which is not a readable file")
+        services = parse_keys("auth.service_keys", self.service_keys)
+        if not services:
+            raise ConfigError("auth.service_keys must hold at least one KID=SECRET entry")
+        shared = {s for _, s in users} & {s for _, s in services}
+        if shared:
+            raise ConfigError(
+                "auth.service_keys must not reuse a secret of auth.keys (users could act as services)"
+            )
+        if self.leeway_s < 0:
+            raise ConfigError(f"auth.leeway_s must be 0 or positive, not {self.leeway_s}")
+        if self.cache_size < 0:
+            raise ConfigError(f"auth.cache_size must be 0 (off) or positive, not {self.cache_size}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for every server and every channel a Townhall process or tool opens (off by default)."""
+
+    enabled: bool = False
+    # PEM files: this process's certificate chain and key (served by servers, presented as the client
+    # certificate under mutual TLS), and the CA bundle that peers' certificates must chain to.
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    # Mutual TLS: servers refuse clients without a certificate signed by `ca`.
+    require_client_cert: bool = False
+    # The name channels expect in the servers' certificates when it is not the host dialled
+    # (members reach each other by pod IP); empty: the host of the address.
+    server_name: str = ""
+
+    def validate(self) -> None:
+        if not self.enabled:
+            if self.require_client_cert:
+                raise ConfigError("tls.require_client_cert needs tls.enabled (mutual TLS is TLS)")
+            return
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if not path:
+                raise ConfigError(f"tls.{name} is required when tls.enabled is true (a PEM file path)")
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"tls.{name}: cannot read {path}: {exc.strerror}") from exc
+            if b"-----BEGIN " not in text:
+                raise ConfigError(f"tls.{name}: {path} is not a PEM file")
 
 
 @dataclass(frozen=True)
@@ -66,8 +170,12 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     grace_s: float = 10.0
     max_concurrent_streams: int = 10_000
+    # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
+    # on the host of the service's listen address. 0: none.
+    health_port: int = 0
 
     def validate(self) -> None:
+        _port("server.health_port", self.health_port)
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
         _positive("server.max_concurrent_streams", self.max_concurrent_streams)
@@ -286,6 +394,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     tickets: TicketConfig = field(default_factory=TicketConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -294,6 +404,15 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+
+    def development_keys(self) -> list[str]:
+        """The key lists that hold a built-in development key (anyone can read it in the source)."""
+        lists = {
+            "auth.keys": (self.auth.keys, DEV_USER_KEY),
+            "auth.service_keys": (self.auth.service_keys, DEV_SERVICE_KEY),
+            "tickets.keys": (self.tickets.keys, DEV_TICKET_KEY),
+        }
+        return [name for name, (keys, dev) in lists.items() if dev in keys]
 
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

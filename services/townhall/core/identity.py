@@ -1,31 +1,51 @@
-"""Who is calling: the user id every client RPC carries in the `townhall-user` metadata key.
+"""Who is calling: the contract every servicer codes against.
 
-This is the development identity; token authentication replaces it behind this one function.
+Every client RPC carries a user token (`authorization: Bearer <JWT>`, see core/auth.py). The token is
+verified once per call where the handlers are wrapped (core/interceptor.py), before the servicer
+runs; these functions return what was verified, or refuse.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import grpc
 
-from townhall.core.errors import Unauthenticated
-from townhall.core.validation import USER_ID_MAX
+from townhall.core.auth import AUTHORIZATION, Authenticator, Principal, bearer
+from townhall.core.errors import PermissionDenied
 
-USER_KEY = "townhall-user"
+# Set for each call by the handler wrapper; grpc.aio runs every RPC in a task of its own.
+AUTHENTICATOR: ContextVar[Authenticator | None] = ContextVar("townhall_authenticator", default=None)
+PRINCIPAL: ContextVar[Principal | None] = ContextVar("townhall_principal", default=None)
+
+__all__ = ["AUTHORIZATION", "Principal", "bearer", "caller", "principal", "require"]
+
+
+def principal(context: grpc.aio.ServicerContext) -> Principal:
+    """The caller's verified identity (user id and grants), or UNAUTHENTICATED saying what is wrong."""
+    found = PRINCIPAL.get()
+    if found is not None:
+        return found
+    authenticator = AUTHENTICATOR.get()
+    if authenticator is None:
+        raise RuntimeError("no Authenticator for this call: servicers must be registered through core.server")
+    return authenticator.principal(context.invocation_metadata())
 
 
 def caller(context: grpc.aio.ServicerContext) -> int:
-    """The caller's user id, or UNAUTHENTICATED naming what is wrong with it."""
-    for key, value in context.invocation_metadata() or ():
-        if key == USER_KEY:
-            text = value if isinstance(value, str) else value.decode("ascii", "replace")
-            if not text.isdigit() or not 0 < int(text) <= USER_ID_MAX:
-                raise Unauthenticated(
-                    f"metadata {USER_KEY} must be a user id within 1..{USER_ID_MAX}, not {text[:40]!r}"
-                )
-            return int(text)
-    raise Unauthenticated(f"metadata {USER_KEY} (the caller's user id) is required")
+    """The caller's user id (1..2^63-1), or UNAUTHENTICATED."""
+    return principal(context).user_id
 
 
-def metadata(user: int) -> tuple[tuple[str, str], ...]:
-    """Client-side metadata that identifies `user`."""
-    return ((USER_KEY, str(user)),)
+def require(context: grpc.aio.ServicerContext, grant: str) -> int:
+    """The caller's user id if its token grants `grant`; else PERMISSION_DENIED naming the grant."""
+    found = principal(context)
+    if grant not in found.grants:
+        raise PermissionDenied(missing(grant, found))
+    return found.user_id
+
+
+def missing(grant: str, who: Principal, doing: str = "this call") -> str:
+    """The message for a token that lacks `grant`."""
+    held = ", ".join(sorted(who.grants)) or "none"
+    return f"{doing} needs the {grant!r} grant; the token of user {who.user_id} grants: {held}"

@@ -1,4 +1,4 @@
-"""Every RPC's cross-cutting work: domain errors mapped to statuses, counts and timings by method.
+"""Every RPC's cross-cutting work: authentication, domain errors mapped to statuses, counts and timings.
 
 The method handlers are wrapped once, when a servicer is registered (`Instrumented`), not per call:
 a grpc.aio ServerInterceptor runs a coroutine and builds a new handler for every call, which on
@@ -17,7 +17,9 @@ import grpc
 from grpc._utilities import DictionaryGenericHandler
 
 from townhall.core import logging
+from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, rule
 from townhall.core.errors import TownhallError
+from townhall.core.identity import AUTHENTICATOR, PRINCIPAL
 from townhall.core.metrics import RPC_DURATION, RPC_REQUESTS
 
 log = logging.get(__name__)
@@ -33,8 +35,9 @@ _FACTORIES = {
 class Instrumented:
     """Stands in for a grpc.aio.Server while servicers register: wraps each method handler once."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, authenticator: Authenticator) -> None:
         self._server = server
+        self._auth = authenticator
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -71,7 +74,7 @@ class Instrumented:
             service, _, method = path.lstrip("/").rpartition("/")
             kind, behavior = _behavior(handler)
             wrapped = self._wrapped[path] = _FACTORIES[kind](
-                _wrap(behavior, _Observer(service, method, kind)),
+                _wrap(behavior, _Observer(service, method, kind), _checker(self._auth, service, method)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -130,13 +133,38 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
 
 
-def _wrap(behavior: Callable[..., Any], observer: _Observer) -> Callable[..., Any]:
+def _checker(auth: Authenticator, service: str, method: str) -> Callable[[grpc.aio.ServicerContext], None]:
+    """What runs before the method: its authentication rule (core/auth.py), setting the call's identity."""
+    how = rule(service, method)
+    name = f"{service.rpartition('.')[2]}/{method}"
+
+    def user(context: grpc.aio.ServicerContext) -> None:
+        AUTHENTICATOR.set(auth)
+        PRINCIPAL.set(auth.principal(context.invocation_metadata()))
+
+    def internal(context: grpc.aio.ServicerContext) -> None:
+        AUTHENTICATOR.set(auth)
+        PRINCIPAL.set(None)
+        auth.require_service(context.invocation_metadata(), name)
+
+    def other(context: grpc.aio.ServicerContext) -> None:
+        AUTHENTICATOR.set(auth)
+        PRINCIPAL.set(None)
+
+    checks = {USER: user, SERVICE: internal, TICKET: other, OPEN: other}
+    return checks[how]
+
+
+def _wrap(
+    behavior: Callable[..., Any], observer: _Observer, check: Callable[[grpc.aio.ServicerContext], None]
+) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             error: BaseException | None = None
             try:
+                check(context)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError as exc:
@@ -157,6 +185,7 @@ def _wrap(behavior: Callable[..., Any], observer: _Observer) -> Callable[..., An
         start = time.perf_counter()
         error: BaseException | None = None
         try:
+            check(context)
             return await behavior(request, context)
         except grpc.aio.AbortError as exc:
             error = exc

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from townhall.core import logging
+from townhall.core.auth import Authenticator
+from townhall.core.channels import add_port
 from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
 from townhall.core.interceptor import Instrumented
@@ -29,6 +32,8 @@ class App(Protocol):
     """One service's servicers and background work, driven by `serve`."""
 
     service_names: Sequence[str]
+    # Checks callers (user tokens, service credentials) and holds this process's own credential.
+    auth: Authenticator
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the service's servicers to the server."""
@@ -50,6 +55,9 @@ class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
+    # The plaintext health-only server (server.health_port), if any.
+    health_server: grpc.aio.Server | None = None
+    watcher: asyncio.Task[None] | None = None
 
 
 def server_options(config: Config) -> list[tuple[str, int]]:
@@ -78,21 +86,33 @@ async def start(app: App, config: Config, listen: str) -> Running:
     server = grpc.aio.server(
         options=options, maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None)
     )
-    # Servicers register through Instrumented: every method is counted, timed and error-mapped.
-    instrumented = Instrumented(server)
+    # Servicers register through Instrumented: every method is authenticated, counted, timed and error-mapped.
+    instrumented = Instrumented(server, app.auth)
     app.register(instrumented)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    if config.development_keys():
+        log.warning("built-in development keys in use: not for production", keys=config.development_keys())
     await app.start()
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, config.tls)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    health_server = None
+    if config.server.health_port:
+        # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        host = listen.rpartition(":")[0]
+        if not health_server.add_insecure_port(f"{host}:{config.server.health_port}"):
+            raise OSError(f"cannot listen on {host}:{config.server.health_port} (server.health_port)")
+        await health_server.start()
     await server.start()
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, health_servicer, port)
+    watcher = asyncio.create_task(app.auth.watch(), name="jwks-watch")
+    return Running(server, health_servicer, port, health_server, watcher)
 
 
 async def stop(app: App, running: Running, grace_s: float) -> None:
@@ -102,6 +122,10 @@ async def stop(app: App, running: Running, grace_s: float) -> None:
         await app.drain()
         await running.server.stop(grace_s)
     finally:
+        if running.watcher is not None:
+            running.watcher.cancel()
+        if running.health_server is not None:
+            await running.health_server.stop(None)
         await app.close()
 
 
@@ -133,8 +157,7 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"townhall {name}: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        _config_error(name, exc)
     logging.configure(config.log, name)
     tune_gc()
     own = getattr(config, section)
@@ -143,4 +166,12 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
         # Built inside the event loop: Kafka clients bind to the running loop when created.
         await serve(build(config), config, name, own.listen, own.metrics_port)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:  # keys are read when the app is built (a JWKS that does not parse)
+        _config_error(name, exc)
+
+
+def _config_error(name: str, exc: ConfigError) -> typing.NoReturn:
+    print(f"townhall {name}: configuration error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from exc

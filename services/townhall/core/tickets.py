@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import jwt
-
+from townhall.core.config import TicketConfig, parse_keys
 from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.core.tokens import KeyRing, Verifier
 from townhall.v1.common_pb2 import Role
 
 TICKET_KEY = "townhall-ticket"
 MAX_TICKET_BYTES = 1024
-_ALGORITHM = "HS256"
-# The JOSE header of every ticket, encoded once: tickets are signed on the join path.
-_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=") + b"."
 # Room ids as admission makes them: written into a ticket's JSON without escaping.
 _SAFE = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_PATHS = 10_000
 # The role of a relay-to-relay pull credential; outside the Role enum so no user can hold it.
 ROLE_RELAY = 1000
+_REQUIRED = ("exp", "sub", "aud", "room", "role")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +43,25 @@ class Ticket:
 
 
 class TicketSigner:
-    """Issues and verifies HMAC-signed tickets (JWT, HS256) with a shared secret."""
+    """Issues and verifies tickets (JWT, HS256, `kid` header) with the ticket keys.
 
-    def __init__(self, secret: str, ttl_s: int) -> None:
-        self._secret = secret.encode()
+    The first key signs; every key verifies, so a new key is rolled out to every relay and admission
+    process first, admission then signs with it, and the old key goes once its tickets have expired.
+    """
+
+    def __init__(self, keys: Sequence[tuple[str, str]], ttl_s: int) -> None:
+        self._ring = KeyRing(keys)
+        if self._ring.signer is None:
+            raise ValueError("tickets need at least one key")
+        self._key = self._ring.signer
         self._ttl_s = ttl_s
         self._relay_json: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
+        self._verifiers: dict[str, Verifier[Ticket]] = {}
+
+    @classmethod
+    def from_config(cls, config: TicketConfig) -> TicketSigner:
+        """The signer for [tickets] (keys and ttl_s)."""
+        return cls(parse_keys("tickets.keys", config.keys), config.ttl_s)
 
     def issue(
         self,
@@ -86,45 +96,42 @@ class TicketSigner:
             relay = self._relay_json[key] = (json.dumps(ticket.relay), up)
         room = ticket.room_id
         room_json = f'"{room}"' if _SAFE.fullmatch(room) else json.dumps(room)
-        claims = (
+        return self._key.sign(
             f'{{"sub":"{int(ticket.user_id)}","room":{room_json},"role":{int(ticket.role)},'
             f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}}}'
         )
-        body = _HEADER + _b64(claims.encode())
-        return (body + b"." + _b64(hmac.digest(self._secret, body, hashlib.sha256))).decode()
 
     def verify(self, token: str, relay: str) -> Ticket:
-        """The ticket if it is signed by us, unexpired and for this relay; else a clear error."""
+        """The ticket if a live ticket key signed it, unexpired and for this relay; else a clear error."""
         if not token:
             raise Unauthenticated(f"metadata {TICKET_KEY} (a ticket from Admission.Join) is required")
         if len(token) > MAX_TICKET_BYTES:
             raise Unauthenticated(f"ticket is {len(token)} bytes; at most {MAX_TICKET_BYTES} allowed")
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[_ALGORITHM],
+        verifier = self._verifiers.get(relay)
+        if verifier is None:
+            if len(self._verifiers) >= 16:  # a relay verifies for its own address only
+                self._verifiers.clear()
+            verifier = self._verifiers[relay] = Verifier(
+                "ticket",
+                self._ring,
+                lambda claims: _ticket(claims, relay),
+                require=_REQUIRED,
                 audience=relay,
-                options={"require": ["exp", "sub", "aud", "room", "role"]},
+                wrong_audience=lambda _: PermissionDenied(f"ticket is for another relay, not {relay}"),
+                renew="join the room again",
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise Unauthenticated("ticket has expired: join the room again") from exc
-        except jwt.InvalidAudienceError as exc:
-            raise PermissionDenied(f"ticket is for another relay, not {relay}") from exc
-        except jwt.InvalidTokenError as exc:
-            raise Unauthenticated(f"ticket is not valid: {exc}") from exc
-        try:
-            return Ticket(
-                room_id=str(claims["room"]),
-                user_id=int(claims["sub"]),
-                role=int(claims["role"]),
-                relay=relay,
-                expires_at=int(claims["exp"]),
-                upstream=tuple(str(address) for address in claims.get("up", ())),
-            )
-        except (TypeError, ValueError) as exc:
-            raise Unauthenticated("ticket claims are malformed") from exc
+        return verifier.verify(token)
 
 
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+def _ticket(claims: dict[str, Any], relay: str) -> Ticket:
+    try:
+        return Ticket(
+            room_id=str(claims["room"]),
+            user_id=int(claims["sub"]),
+            role=int(claims["role"]),
+            relay=relay,
+            expires_at=int(claims["exp"]),
+            upstream=tuple(str(address) for address in claims.get("up", ())),
+        )
+    except (TypeError, ValueError) as exc:
+        raise Unauthenticated("ticket claims are malformed") from exc

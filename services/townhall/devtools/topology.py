@@ -21,7 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from townhall.core import logging
-from townhall.core.config import KafkaConfig
+from townhall.core.channels import blocking_channel
+from townhall.core.config import KafkaConfig, TlsConfig
+from townhall.core.config import load as load_config
 from townhall.core.kafka import ensure_topics
 from townhall.devtools.kafka_broker import Broker, free_port
 
@@ -106,13 +108,15 @@ class Topology:
             self.processes.append(
                 Process("admission", index, f"127.0.0.1:{grpc_port}", metrics_port, lane="crowd")
             )
+        # The children read the same TOWNHALL_* settings: health checks dial them as they serve.
+        tls = load_config(env={**os.environ, **self.env}).tls
         try:
             for service in SERVICES:
                 group = [p for p in self.processes if p.service == service]
                 for proc in group:
                     self._spawn(proc)
                 for proc in group:
-                    _wait_serving(proc, timeout_s)
+                    _wait_serving(proc, timeout_s, tls)
         except BaseException:
             self.stop()
             raise
@@ -172,7 +176,7 @@ class Topology:
     def restart(self, proc: Process, timeout_s: float = 60.0) -> None:
         """Starts a stopped or killed process again on the same ports."""
         self._spawn(proc)
-        _wait_serving(proc, timeout_s)
+        _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to every process (admission first), then the broker; kills stragglers."""
@@ -192,9 +196,9 @@ class Topology:
             self.broker.stop()
 
 
-def _wait_serving(proc: Process, timeout_s: float) -> None:
+def _wait_serving(proc: Process, timeout_s: float, tls: TlsConfig | None = None) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(proc.grpc) as ch:
+    with blocking_channel(proc.grpc, tls or TlsConfig()) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             assert proc.popen is not None

@@ -10,6 +10,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from townhall.core import logging
+from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import Topics, report_lag
@@ -50,7 +51,8 @@ class NotifierApp:
         self.store = SqliteFollowerStore(config.notifier.data_dir)
         self.hub = Hub(config.notifier.inbox_queue)
         self.placement = Placement(config.notifier.address, config.notifier.members)
-        self.peers = Peers(Forwarding(config.tickets.secret))
+        self.auth = Authenticator(config.auth, "notifier")
+        self.peers = Peers(Forwarding(self.auth), config.tls)
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
         self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}

@@ -4,14 +4,14 @@ the Import client that streams a file to a notifier."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from townhall.core.identity import metadata
+from townhall.core.channels import channel
+from townhall.core.config import TlsConfig
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 
 PAIR_BYTES = 16
@@ -111,9 +111,14 @@ class ImportResult:
 
 
 async def import_file(
-    address: str, path: Path, user: int = 1, progress: Callable[[int], None] | None = None
+    address: str,
+    path: Path,
+    credential: Sequence[tuple[str, str]],
+    tls: TlsConfig | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
-    """Streams the file at `path` to the notifier at `address` with Graph.Import."""
+    """Streams the file at `path` to the notifier at `address` with Graph.Import (an internal call:
+    `credential` is the service credential's metadata)."""
     pairs = read_pairs(path)
 
     async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
@@ -123,7 +128,7 @@ async def import_file(
                 progress(min(len(pairs), start + CHUNK_PAIRS))
 
     started = time.perf_counter()
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = graph_pb2_grpc.GraphStub(channel)
-        summary = await stub.Import(chunks(), metadata=metadata(user), timeout=3600)
+    async with channel(address, tls or TlsConfig()) as ch:
+        stub = graph_pb2_grpc.GraphStub(ch)
+        summary = await stub.Import(chunks(), metadata=tuple(credential), timeout=3600)
     return ImportResult(summary.received, summary.created, summary.invalid, time.perf_counter() - started)

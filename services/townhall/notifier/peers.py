@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.v1 import graph_pb2_grpc
 
@@ -11,15 +12,16 @@ from townhall.v1 import graph_pb2_grpc
 class Peers:
     """Lazily opened channels to peer notifiers, by address."""
 
-    def __init__(self, forwarding: Forwarding) -> None:
+    def __init__(self, forwarding: Forwarding, tls: TlsConfig) -> None:
         self.forwarding = forwarding
+        self._tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def graph(self, address: str) -> graph_pb2_grpc.GraphStub:
         """A Graph stub for the notifier at `address`."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = peer_channel(address)
+            channel = self._channels[address] = peer_channel(address, self._tls)
         return graph_pb2_grpc.GraphStub(channel)
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from townhall.core import validation
-from townhall.core.errors import InvalidArgument, Unavailable
+from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.inbox import Hub
@@ -50,7 +50,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Follow").inc()
             return await _forward(
                 self._peers.graph(owner).Follow(
-                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
                 )
             )
         created = await self._store.follow(followee, user)
@@ -70,7 +70,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Unfollow").inc()
             return await _forward(
                 self._peers.graph(owner).Unfollow(
-                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
                 )
             )
         removed = await self._store.unfollow(followee, user)
@@ -83,14 +83,13 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         self, request: graph_pb2.CountFollowersRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.CountFollowersResponse:
         """How many users follow user_id."""
-        me = caller(context)
         user = validation.user_id(request.user_id, "user_id")
         owner = self._placement.followee_owner(user)
         if self._remote(owner, context):
             FORWARDED.labels("CountFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).CountFollowers(
-                    request, metadata=self._peers.forwarding.sign(me), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
                 )
             )
         return graph_pb2.CountFollowersResponse(count=await self._store.count(user))
@@ -99,7 +98,6 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         self, request: graph_pb2.ListFollowersRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.ListFollowersResponse:
         """One ascending page of user_id's followers after after_id."""
-        me = caller(context)
         user = validation.user_id(request.user_id, "user_id")
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
         owner = self._placement.followee_owner(user)
@@ -107,7 +105,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("ListFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).ListFollowers(
-                    request, metadata=self._peers.forwarding.sign(me), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
                 )
             )
         ids = await self._store.page(user, request.after_id, limit)
@@ -117,7 +115,6 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         self, request_iterator: AsyncIterator[graph_pb2.ImportChunk], context: grpc.aio.ServicerContext
     ) -> graph_pb2.ImportSummary:
         """Adds streamed (followee, follower) pairs; pairs owned elsewhere are forwarded to their owner."""
-        me = caller(context)
         forwarded = self._peers.forwarding.check(context)
         received = created = invalid = 0
         buffered: list[np.ndarray] = []
@@ -139,7 +136,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                     created += added
                 else:
                     FORWARDED.labels("Import").inc()
-                    created += await self._forward_import(owner, part, me)
+                    created += await self._forward_import(owner, part, context)
 
         async for chunk in request_iterator:
             if len(chunk.pairs) % 16:
@@ -161,7 +158,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         await flush()
         return graph_pb2.ImportSummary(received=received, created=created, invalid=invalid)
 
-    async def _forward_import(self, owner: str, pairs: np.ndarray, user: int) -> int:
+    async def _forward_import(self, owner: str, pairs: np.ndarray, context: grpc.aio.ServicerContext) -> int:
         async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
             for i in range(0, len(pairs), 3000):
                 yield graph_pb2.ImportChunk(
@@ -170,7 +167,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
 
         summary = await _forward(
             self._peers.graph(owner).Import(
-                chunks(), metadata=self._peers.forwarding.sign(user), timeout=600, wait_for_ready=True
+                chunks(), metadata=self._peers.forwarding.forward(context), timeout=600, wait_for_ready=True
             )
         )
         return int(summary.created)
@@ -186,7 +183,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("RemindMe").inc()
             return await _forward(
                 self._peers.graph(owner).RemindMe(
-                    request, metadata=self._peers.forwarding.sign(user), timeout=FORWARD_TIMEOUT_S
+                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
                 )
             )
         return graph_pb2.RemindMeResponse(created=await self._store.remind(room, user))
@@ -197,8 +194,10 @@ async def _forward(call):  # type: ignore[no-untyped-def]
     try:
         return await call
     except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             raise InvalidArgument(exc.details() or "refused by the owner") from exc
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise from_rpc(exc) from exc
         raise Unavailable(
             f"the notifier that owns this graph shard did not answer: {exc.code().name}"
         ) from exc

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from townhall.core.auth import Authenticator
 from townhall.core.config import Config
 from townhall.core.tickets import TicketSigner
 from townhall.relay.fanout import FanoutSettings
@@ -28,8 +29,9 @@ class RelayApp:
             ring_chunks=relay.ring_chunks,
             late_join_s=relay.late_join_ms / 1000,
         )
-        signer = TicketSigner(config.tickets.secret, config.tickets.ttl_s)
-        self.upstreams = Upstreams(signer, config.server.max_message_bytes)
+        signer = TicketSigner.from_config(config.tickets)
+        self.auth = Authenticator(config.auth, "relay")
+        self.upstreams = Upstreams(signer, config.server.max_message_bytes, config.tls, self.auth.credential)
         self.hub = Hub(
             settings,
             chunk_s=relay.chunk_ms / 1000,

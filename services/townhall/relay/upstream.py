@@ -6,6 +6,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from townhall.core.auth import ServiceCredential
+from townhall.core.channels import channel as open_channel
+from townhall.core.config import TlsConfig
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1.relay_pb2 import PullRequest
 
@@ -19,8 +22,12 @@ def _identity(data: bytes) -> bytes:
 class Upstreams:
     """Pull streams to upstream relays, sharing one HTTP/2 connection per upstream relay."""
 
-    def __init__(self, signer: TicketSigner, max_message_bytes: int) -> None:
+    def __init__(
+        self, signer: TicketSigner, max_message_bytes: int, tls: TlsConfig, credential: ServiceCredential
+    ) -> None:
         self._signer = signer
+        self._tls = tls
+        self._credential = credential
         self._options = [
             ("grpc.max_receive_message_length", 4 * max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
@@ -33,13 +40,14 @@ class Upstreams:
         address = path[-1]
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            channel = self._channels[address] = open_channel(address, self._tls, self._options)
         call = channel.unary_stream(
             PULL_METHOD, request_serializer=PullRequest.SerializeToString, response_deserializer=_identity
         )
-        token = self._signer.pull_token(room_id, path)
+        # The service credential says a relay is calling; the pull ticket says for which room and path.
+        metadata = ((TICKET_KEY, self._signer.pull_token(room_id, path)), *self._credential.metadata())
         stream: AsyncIterator[bytes] = call(
-            PullRequest(room_id=room_id, resume_after=resume_after), metadata=((TICKET_KEY, token),)
+            PullRequest(room_id=room_id, resume_after=resume_after), metadata=metadata
         )
         return stream
 

@@ -1,0 +1,291 @@
+"""Who may call what: user tokens, the service credential between Townhall processes, and each method's rule.
+
+A client RPC carries `authorization: Bearer <JWT>`: `sub` is the user id, `grants` what the user may
+do. Calls between Townhall processes (leases, forwarded room and graph calls, relay pulls) carry
+`townhall-service: <JWT>` signed with a service key that token issuers never hold, so no user can
+make one. Every method's rule is declared here (`rule`) and enforced once, where handlers are wrapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from townhall.core import logging
+from townhall.core.config import AuthConfig, ConfigError, parse_keys
+from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.core.tokens import KeyRing, SigningKey, Verifier, claims_json, load_jwks
+from townhall.core.validation import USER_ID_MAX
+
+log = logging.get(__name__)
+
+HOST, MODERATE, PUBLISH, SUBSCRIBE = "host", "moderate", "publish", "subscribe"
+GRANTS = frozenset({HOST, MODERATE, PUBLISH, SUBSCRIBE})
+AUTHORIZATION = "authorization"
+SERVICE_KEY = "townhall-service"
+SERVICE_AUDIENCE = "townhall-internal"
+SERVICE_TTL_S = 300
+# Metadata is a sequence of (key, value) pairs; values of text keys arrive as str.
+Metadata = Iterable[tuple[str, Any]] | None
+
+# How each method is authenticated: USER (a user token; the default for every client API), SERVICE
+# (only the service credential), TICKET (the relay's ticket, checked by its servicer), OPEN (health).
+USER, SERVICE, TICKET, OPEN = "user", "service", "ticket", "open"
+_RULES = {
+    "townhall.v1.Leases": SERVICE,
+    "townhall.v1.Owner": SERVICE,
+    "townhall.v1.Relay": TICKET,
+    "townhall.v1.Relay/Pull": SERVICE,  # and a pull ticket for the room, checked by the servicer
+    # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.
+    "townhall.v1.Graph/Import": SERVICE,
+    "grpc.health.v1.Health": OPEN,
+}
+
+
+def rule(service: str, method: str) -> str:
+    """How calls of `service`/`method` are authenticated."""
+    return _RULES.get(f"{service}/{method}") or _RULES.get(service) or USER
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller: the user id from the token's `sub` and the grants it carries."""
+
+    user_id: int
+    grants: frozenset[str]
+
+
+def principal_from(claims: dict[str, Any]) -> Principal:
+    """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim."""
+    sub = claims.get("sub")
+    # Canonical ASCII decimal only: "007" or a non-ASCII digit would name the same user two ways.
+    text = sub if isinstance(sub, str) else ""
+    canonical = text.isascii() and text.isdigit() and str(int(text)) == text
+    if not (canonical and 0 < int(text) <= USER_ID_MAX):
+        raise Unauthenticated(f"token sub must be a user id, a decimal string 1..{USER_ID_MAX}, not {sub!r}")
+    grants = claims.get("grants", [])
+    if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
+        raise Unauthenticated(f"token grants must be a list of strings ({', '.join(sorted(GRANTS))})")
+    # Grants this version does not know are left out, so an issuer can add new ones first.
+    return Principal(int(text), frozenset(grants) & GRANTS)
+
+
+def _service_from(claims: dict[str, Any]) -> str:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise Unauthenticated("service credential must name its service in sub")
+    return sub
+
+
+def value(metadata: Metadata, key: str) -> str | None:
+    """The first value of `key` in invocation metadata, as text."""
+    for k, v in metadata or ():
+        if k == key:
+            return v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
+    return None
+
+
+def mint(
+    key: SigningKey,
+    user: int,
+    grants: Iterable[str],
+    ttl_s: float = 3600,
+    issuer: str = "",
+    audience: str = "",
+    now: float | None = None,
+) -> str:
+    """A signed user token (what an identity provider would issue), for dev tools, tests and benches."""
+    issued = int(time.time() if now is None else now)
+    # Written out rather than json.dumps'd: load generators mint one token per join.
+    text = f'{{"sub":"{int(user)}","iat":{issued},"exp":{int(issued + ttl_s)},"grants":{_grants_json(grants)}'
+    if issuer:
+        text += f',"iss":{json.dumps(issuer)}'
+    if audience:
+        text += f',"aud":{json.dumps(audience)}'
+    return key.sign(text + "}")
+
+
+@functools.lru_cache(maxsize=64)
+def _grants_json_of(grants: frozenset[str]) -> str:
+    return json.dumps(sorted(grants), separators=(",", ":"))
+
+
+def _grants_json(grants: Iterable[str]) -> str:
+    return _grants_json_of(grants if isinstance(grants, frozenset) else frozenset(grants))
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Client metadata carrying a user token."""
+    return ((AUTHORIZATION, f"Bearer {token}"),)
+
+
+def signing_key(entries: Sequence[str], key: str = "auth.keys") -> SigningKey:
+    """The current (first) KID=SECRET key of a config list, for signing."""
+    pairs = parse_keys(key, tuple(entries))
+    if not pairs:
+        raise ConfigError(f"{key} has no HS256 key to sign with")
+    return SigningKey(*pairs[0])
+
+
+class Tokens:
+    """Mints user tokens with the configured development key (auth.keys[0]): CLI, demo, load, benches."""
+
+    def __init__(self, config: AuthConfig, ttl_s: float = 3600) -> None:
+        self._key = signing_key(config.keys)
+        self._issuer, self._audience = config.issuer, config.audience
+        self._ttl_s = ttl_s
+
+    def mint(self, user: int, grants: Iterable[str] = GRANTS) -> str:
+        """A token for `user` with `grants` (all of them by default)."""
+        return mint(self._key, user, grants, self._ttl_s, self._issuer, self._audience)
+
+    def metadata(self, user: int, grants: Iterable[str] = GRANTS) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying a fresh token for `user`."""
+        return bearer(self.mint(user, grants))
+
+
+class ServiceCredential:
+    """What a Townhall process presents to another: a short-lived service JWT, minted again when due."""
+
+    def __init__(self, key: SigningKey, name: str) -> None:
+        self._key = key
+        self._name = name
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._renew_at = 0.0
+
+    def metadata(self, now: float | None = None) -> tuple[tuple[str, str], ...]:
+        """Metadata carrying a valid credential (renewed a minute before it expires)."""
+        current = time.time() if now is None else now
+        if current >= self._renew_at:
+            issued = int(current)
+            claims = {
+                "aud": SERVICE_AUDIENCE,
+                "exp": issued + SERVICE_TTL_S,
+                "iat": issued,
+                "sub": self._name,
+            }
+            self._metadata = ((SERVICE_KEY, self._key.sign(claims_json(claims))),)
+            self._renew_at = current + SERVICE_TTL_S - 60
+        return self._metadata
+
+
+class Authenticator:
+    """A server's checks: user tokens (cached), the service credential; and this process's own credential."""
+
+    def __init__(self, config: AuthConfig, name: str = "townhall") -> None:
+        self._config = config
+        self._jwks_stamp = self._stamp()
+        self.users: Verifier[Principal] = Verifier(
+            "token",
+            self._user_ring(),
+            principal_from,
+            require=("exp", "sub"),
+            audience=config.audience or None,
+            issuer=config.issuer or None,
+            leeway_s=config.leeway_s,
+            cache_size=config.cache_size,
+        )
+        service_ring = KeyRing(parse_keys("auth.service_keys", config.service_keys))
+        self.services: Verifier[str] = Verifier(
+            "service credential",
+            service_ring,
+            _service_from,
+            require=("exp", "sub", "aud"),
+            audience=SERVICE_AUDIENCE,
+            leeway_s=config.leeway_s,
+            cache_size=1024,
+        )
+        assert service_ring.signer is not None
+        self.credential = ServiceCredential(service_ring.signer, name)
+
+    def _user_ring(self) -> KeyRing:
+        try:
+            jwks = load_jwks(self._config.jwks) if self._config.jwks else []
+            return KeyRing(parse_keys("auth.keys", self._config.keys), jwks)
+        except ValueError as exc:
+            raise ConfigError(f"auth.jwks: {exc}") from exc
+
+    def principal(self, metadata: Metadata) -> Principal:
+        """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token.
+
+        A service credential riding along (a forwarded call) must verify too: a client cannot pass a
+        call off as forwarded by a member.
+        """
+        header = service = None
+        for k, v in metadata or ():
+            if k == AUTHORIZATION:
+                header = v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
+            elif k == SERVICE_KEY:
+                service = v
+        if service is not None:
+            self.service(((SERVICE_KEY, service),))
+        if header is None:
+            old = " (townhall-user is no longer accepted)" if value(metadata, "townhall-user") else ""
+            raise Unauthenticated(
+                f"metadata {AUTHORIZATION} is required: 'Bearer <JWT>', a user token{old} "
+                "(`townhall token --user N` mints one with the development key)"
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated(f"metadata {AUTHORIZATION} must be 'Bearer <JWT>', not {header[:16]!r}...")
+        return self.users.verify(token.strip())
+
+    def service(self, metadata: Metadata) -> str | None:
+        """The calling service if the call carries a service credential (None if it carries none)."""
+        token = value(metadata, SERVICE_KEY)
+        if token is None:
+            return None
+        try:
+            return self.services.verify(token)
+        except Unauthenticated as exc:
+            raise PermissionDenied(
+                f"metadata {SERVICE_KEY} is reserved for Townhall services: {exc}"
+            ) from exc
+
+    def require_service(self, metadata: Metadata, method: str) -> str:
+        """The calling service, or a refusal: internal methods are not for users."""
+        service = self.service(metadata)
+        if service is not None:
+            return service
+        if value(metadata, AUTHORIZATION) is not None:
+            raise PermissionDenied(
+                f"{method} is internal to Townhall: it takes the service credential "
+                f"(metadata {SERVICE_KEY}), not a user token"
+            )
+        raise Unauthenticated(f"{method} is internal to Townhall: metadata {SERVICE_KEY} is required")
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._config.jwks) if self._config.jwks else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size) if st else None
+
+    def reload(self) -> bool:
+        """Reads the JWKS again if the file changed; tokens of keys it no longer has stop working."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._jwks_stamp:
+            return False
+        self._jwks_stamp = stamp
+        try:
+            ring = self._user_ring()
+        except ConfigError as exc:
+            log.error("jwks not reloaded; keeping the keys in use", error=str(exc))
+            return False
+        dropped = self.users.replace(ring)
+        log.info("user token keys reloaded", keys=ring.names(), dropped_tokens=dropped)
+        return True
+
+    async def watch(self, every_s: float = 10.0) -> None:
+        """Reloads the JWKS whenever it changes (a mounted Secret is updated in place)."""
+        if not self._config.jwks:
+            return
+        while True:
+            await asyncio.sleep(every_s)
+            self.reload()
