@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from collections.abc import Iterable
 
@@ -15,6 +17,16 @@ MAX_LISTENER_LIMIT = 10_000_000
 def new_room_id() -> str:
     """A fresh room id: 16 URL-safe characters (96 random bits)."""
     return secrets.token_urlsafe(12)
+
+
+def room_id_for(host: int, request_id: str) -> str:
+    """The room id a host's create with this idempotency key gets: the same on every attempt.
+
+    16 URL-safe characters like a fresh id; the host is part of the hash, so two hosts using the
+    same key get different rooms.
+    """
+    digest = hashlib.blake2b(f"{host}\x00{request_id}".encode(), digest_size=12).digest()
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 class RoomBook:
@@ -37,6 +49,10 @@ class RoomBook:
         if room is None:
             raise NotFound(f"room {room_id} does not exist")
         return room
+
+    def find(self, room_id: str) -> Room | None:
+        """The room, or None."""
+        return self._rooms.get(room_id)
 
     def apply(self, room: Room) -> bool:
         """Stores a room version if it is newer than the one held; True if it was."""

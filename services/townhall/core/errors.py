@@ -65,6 +65,10 @@ class Unavailable(TownhallError):
 
     code = grpc.StatusCode.UNAVAILABLE
 
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.trailers = trailers
+
 
 def from_rpc(error: grpc.aio.AioRpcError) -> TownhallError:
     """A TownhallError carrying another process's status, so a forwarded call fails as it would there."""

@@ -169,6 +169,9 @@ class NotifierApp:
             inbox_partitions=len(partitions),
         )
 
+    async def leave(self) -> None:
+        """Nothing to hand over: the graph stays with its shard, consumer groups rebalance on close."""
+
     async def drain(self) -> None:
         """Ends every Inbox stream so clients reconnect elsewhere."""
         self.hub.close()

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from townhall.core.forwarding import PEER_CHANNEL_OPTIONS
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1.relay_pb2 import PullRequest
 
@@ -21,15 +22,21 @@ class Upstreams:
 
     def __init__(self, signer: TicketSigner, max_message_bytes: int) -> None:
         self._signer = signer
+        # Quick reconnects (as between admission members): a restarted upstream is usable at once.
         self._options = [
+            *((k, v) for k, v in PEER_CHANNEL_OPTIONS if k != "grpc.keepalive_time_ms"),
             ("grpc.max_receive_message_length", 4 * max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def pull(self, room_id: str, path: tuple[str, ...], resume_after: int) -> AsyncIterator[bytes]:
-        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it."""
+    def pull(
+        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it.
+
+        The call also has initial_metadata(): the upstream sends it as soon as the pull is open.
+        """
         address = path[-1]
         channel = self._channels.get(address)
         if channel is None:
@@ -39,7 +46,8 @@ class Upstreams:
         )
         token = self._signer.pull_token(room_id, path)
         stream: AsyncIterator[bytes] = call(
-            PullRequest(room_id=room_id, resume_after=resume_after), metadata=((TICKET_KEY, token),)
+            PullRequest(room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch),
+            metadata=((TICKET_KEY, token),),
         )
         return stream
 
