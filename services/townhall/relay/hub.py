@@ -13,6 +13,7 @@ import grpc
 
 from townhall.core import logging
 from townhall.core.errors import Unavailable
+from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_position
@@ -23,9 +24,6 @@ log = logging.get(__name__)
 STUCK = "stuck"
 DRAINING = "draining"
 UPSTREAM_LOST = "upstream-lost"
-# Trailing metadata naming why a relay ended a stream (DRAINING or UPSTREAM_LOST): a downstream
-# relay that reads it gives up on that upstream at once instead of retrying it.
-REASON_KEY = "townhall-reason"
 
 
 class PullSource(Protocol):
@@ -276,7 +274,9 @@ class Hub:
                     opened = getattr(stream, "initial_metadata", None)
                     if opened is not None:
                         await opened()
-                        self._pull_opened(room)
+                        # A call that failed to connect also "returns" its (empty) metadata.
+                        if not stream.done():  # type: ignore[attr-defined]
+                            self._pull_opened(room)
                     async for data in stream:
                         if not room.pull_ok:
                             self._pull_opened(room)
@@ -286,7 +286,7 @@ class Hub:
                         backoff = 0.05
                     log.info("pull ended by upstream", room=room.room_id, upstream=path[-1])
                 except grpc.aio.AioRpcError as exc:
-                    reason = _reason(exc)
+                    reason = error_reason(exc)
                     log.warning(
                         "pull from upstream failed",
                         room=room.room_id,
@@ -407,11 +407,3 @@ class Hub:
         if idle:
             metrics.ROOMS.set(len(self._rooms))
         return len(idle)
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    """Why an upstream relay ended a pull, from its trailing metadata ("" if it did not say)."""
-    for key, value in error.trailing_metadata() or ():
-        if key == REASON_KEY:
-            return value if isinstance(value, str) else value.decode("ascii", "replace")
-    return ""

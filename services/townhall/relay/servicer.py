@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 
 from townhall.core import logging, validation
-from townhall.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
 from townhall.relay.fanout import Room, Subscriber
-from townhall.relay.hub import DRAINING, REASON_KEY, STUCK, UPSTREAM_LOST, Hub, wall_us
+from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, Hub, wall_us
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
 
@@ -49,6 +49,8 @@ class RelayServicer:
         log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
         accepted = 0
         try:
+            # Headers at once: the speaker knows its frames are taken from now on.
+            await context.send_initial_metadata(())
             async for frame in requests:
                 if self._hub.draining:
                     raise Unavailable(
