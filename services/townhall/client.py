@@ -37,9 +37,11 @@ _CHANNEL_OPTIONS = [
 ]
 # Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
 _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+_REPEAT = (*_BUSY, grpc.StatusCode.DEADLINE_EXCEEDED)
 BUSY_RETRY_S = (1.0, 3.0)
 # How long a room change or a read is tried again, on other admission processes too, while
-# admission answers UNAVAILABLE or CANCELLED (a process died or is stopping, Kafka is restarting).
+# admission answers UNAVAILABLE, CANCELLED or runs out of time (a process died or is stopping,
+# Kafka is restarting).
 RETRY_UNAVAILABLE_S = 30.0
 
 
@@ -70,8 +72,9 @@ class Client:
     an idempotency key, so a repeated one returns the room the first one made).
     """
 
-    def __init__(self, endpoints: Endpoints, user: int) -> None:
+    def __init__(self, endpoints: Endpoints, user: int, retry_s: float = RETRY_UNAVAILABLE_S) -> None:
         self.user = user
+        self.retry_s = retry_s
         self._metadata = user_metadata(user)
         addresses = [a.strip() for a in endpoints.admission.split(",") if a.strip()]
         self._admissions = [channel(a) for a in addresses]
@@ -106,14 +109,15 @@ class Client:
 
     async def _rooms_call(self, call: Callable[[rooms_pb2_grpc.RoomsStub], Awaitable[Room]]) -> Room:
         """A Rooms call, tried again (on the next admission process) while admission is UNAVAILABLE."""
-        deadline = time.monotonic() + RETRY_UNAVAILABLE_S
+        deadline = time.monotonic() + self.retry_s
         delay = 0.1
         while True:
             try:
                 return await call(self.rooms)
             except grpc.aio.AioRpcError as exc:
-                # CANCELLED: the server stopped (SIGTERM) before it took the call up.
-                if exc.code() not in _BUSY or time.monotonic() + delay > deadline:
+                # CANCELLED: the server stopped (SIGTERM) before it took the call up. Every Rooms
+                # call is safe to repeat, so one that ran out of time is tried again too.
+                if exc.code() not in _REPEAT or time.monotonic() + delay > deadline:
                     raise
             self._next_admission()
             await asyncio.sleep(random.uniform(0.5, 1.0) * delay)

@@ -17,7 +17,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -88,7 +88,7 @@ class Listener:
         self.duplicates = 0  # chunks or frames received twice (after a resume or a speaker move)
         self._heard = _Heard()
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The room's chunks in order, each once, without frames already heard; ends only by error."""
         move: Move | None = None
         delay = 0.05

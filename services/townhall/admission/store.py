@@ -26,15 +26,14 @@ from townhall.core.errors import AlreadyExists, Unavailable
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
 from townhall.core.tasks import cancel
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Room, RoomState
 from townhall.v1.events_pb2 import RoomStarted
 
 log = logging.get(__name__)
 
-# How long a change may wait for Kafka before the caller is told to retry (UNAVAILABLE).
+# How long a change may wait for Kafka (catching up, then writing) before the caller is told to
+# retry (UNAVAILABLE); the client's own deadline is longer.
 COMMIT_TIMEOUT_S = 10.0
-# How long a change may wait for this replica to read what other owners wrote before it.
-CATCH_UP_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -120,16 +119,17 @@ class RoomStore:
         if offset > self._applied.get(tp, 0):
             self._applied[tp] = offset
 
-    async def caught_up(self) -> None:
+    async def caught_up(self, deadline: float) -> None:
         """Returns once the replica holds every room change written before this call (or UNAVAILABLE)."""
         consumer = self._consumer
         if consumer is None:
             raise Unavailable("this process is not following the room-state topic yet: retry")
         try:
-            ends = await asyncio.wait_for(consumer.end_offsets(list(self._applied)), CATCH_UP_TIMEOUT_S)
+            ends = await asyncio.wait_for(
+                consumer.end_offsets(list(self._applied)), max(0.0, deadline - time.monotonic())
+            )
         except (KafkaError, TimeoutError) as exc:
             raise Unavailable("Kafka did not say how far the room-state topic goes: retry") from exc
-        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
                 raise Unavailable("this replica is behind the room-state topic: retry")
@@ -161,46 +161,77 @@ class RoomStore:
         With `replay` (the id was derived from the host's request id) a room that already exists
         with this id and host is the answer of an earlier attempt, and is returned as it is.
         """
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
-            await self.caught_up()
+            await self.caught_up(deadline)
             existing = self.book.find(room_id)
             if existing is not None:
                 if replay and existing.host_id == host:
                     return existing
                 raise AlreadyExists(f"room {room_id} already exists")
             room = self.book.created(host, title, speakers, listener_limit, now_ms(), room_id)
-            await self._commit(room, "created")
+            await self._commit(room, "created", deadline)
         return room
 
     async def start(self, room_id: str, caller: int) -> Room:
-        """Starts the caller's room and announces it; repeating it announces it again."""
+        """Starts the caller's room and announces it; repeating it announces it again.
+
+        Three writes: the room live, its room-started event, the room announced. An owner that
+        fails between them leaves a live room not yet announced, which the next owner announces
+        (`announce_pending`): a start the caller was not answered for is completed, never half made.
+        """
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
-            await self.caught_up()
+            await self.caught_up(deadline)
             room = self.book.started(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
-                await self._commit(room, "started")
-            await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room))
-        return room
+                await self._commit(room, "started", deadline)
+            return await self._announce(room, deadline)
+
+    async def announce_pending(self, owns: Callable[[str], bool]) -> int:
+        """Announces the live rooms owned here whose room-started event may be missing."""
+        done = 0
+        for room in self.book.unannounced():
+            if not owns(room.room_id) or self._locks[room.room_id].locked():
+                continue
+            async with self._locks[room.room_id]:
+                deadline = time.monotonic() + COMMIT_TIMEOUT_S
+                await self.caught_up(deadline)
+                current = self.book.get(room.room_id)
+                if current.state == RoomState.ROOM_STATE_LIVE and not current.announced:
+                    log.info("announcing a room started by an earlier owner", room=room.room_id)
+                    await self._announce(current, deadline)
+                    done += 1
+        return done
+
+    async def _announce(self, room: Room, deadline: float) -> Room:
+        await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room), deadline)
+        announced = self.book.announced(room.room_id)
+        if announced is not self.book.get(room.room_id):
+            await self._commit(announced, "announced", deadline)
+        return announced
 
     async def schedule(self, room_id: str, caller: int, start_at_ms: int) -> Room:
         """Durably schedules the caller's room to start at `start_at_ms`."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
-            await self.caught_up()
+            await self.caught_up(deadline)
             room = self.book.scheduled(room_id, caller, start_at_ms)
-            await self._commit(room, "scheduled")
+            await self._commit(room, "scheduled", deadline)
         return room
 
     async def end(self, room_id: str, caller: int) -> Room:
         """Ends the caller's room."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
-            await self.caught_up()
+            await self.caught_up(deadline)
             room = self.book.ended(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
-                await self._commit(room, "ended")
+                await self._commit(room, "ended", deadline)
         return room
 
-    async def _commit(self, room: Room, change: str) -> None:
-        written = await self._send(self._topics.room_state, room.room_id, room)
+    async def _commit(self, room: Room, change: str, deadline: float) -> None:
+        written = await self._send(self._topics.room_state, room.room_id, room, deadline)
         self.book.apply(room)
         tp = TopicPartition(written.topic, written.partition)
         if self._applied.get(tp, 0) == written.offset:
@@ -210,11 +241,13 @@ class RoomStore:
         self._update_gauge()
         log.info("room changed", room=room.room_id, change=change, version=room.version)
 
-    async def _send(self, topic: str, key: str, message: Room | RoomStarted) -> RecordMetadata:
+    async def _send(
+        self, topic: str, key: str, message: Room | RoomStarted, deadline: float
+    ) -> RecordMetadata:
         try:
             return await asyncio.wait_for(
                 self._producer.send_and_wait(topic, message.SerializeToString(), key=key.encode()),
-                COMMIT_TIMEOUT_S,
+                max(0.0, deadline - time.monotonic()),
             )
         except (KafkaError, TimeoutError) as exc:
             KAFKA_PRODUCE_ERRORS.labels(topic).inc()

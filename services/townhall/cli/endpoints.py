@@ -9,10 +9,12 @@ from townhall.devtools.topology import load_manifest
 
 
 def resolve(manifest: Path, admission: str | None = None, notifier: str | None = None) -> Endpoints:
-    """Endpoints from explicit addresses, else the first process of each service in the manifest."""
+    """Endpoints from explicit addresses, else the manifest: every admission process (the client
+    moves to another when one stops) and the first notifier."""
     if admission and notifier:
         return Endpoints(admission, notifier)
     services = load_manifest(manifest)["services"]
     return Endpoints(
-        admission or services["admission"][0]["grpc"], notifier or services["notifier"][0]["grpc"]
+        admission or ",".join(p["grpc"] for p in services["admission"]),
+        notifier or services["notifier"][0]["grpc"],
     )

@@ -10,7 +10,6 @@ may exist twice with different contents (a fork). No client may see an error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import defaultdict
@@ -24,11 +23,13 @@ from townhall.core.config import KafkaConfig
 from townhall.core.identity import metadata as user_metadata
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.sharding import owner
+from townhall.core.tasks import cancel
 from townhall.devtools.topology import Process, Topology
 from townhall.faults.cluster import endpoints, exited, fault, fresh_user, restore
 from townhall.faults.measure import Outcome
 from townhall.v1.admission_pb2 import JoinRequest
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Room, RoomState
+from townhall.v1.events_pb2 import RoomStarted
 
 SLOTS_ON_VICTIM = 4
 SLOTS_ELSEWHERE = 2
@@ -48,6 +49,7 @@ class Ledger:
     acked: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     # (started, answered, room) of each change made in a room the victim owned.
     timed: list[tuple[float, float, str]] = field(default_factory=list)
+    answered: list[float] = field(default_factory=list)  # when each change was answered
     errors: list[str] = field(default_factory=list)
     granted: set[int] = field(default_factory=set)
     granted_after: int = 0  # admits after the fault: joins went on
@@ -56,6 +58,7 @@ class Ledger:
 
     def record(self, room: Room) -> None:
         self.acked[room.room_id].append((room.version, room.state))
+        self.answered.append(time.monotonic())
 
 
 def request_for(host: int, target: str, members: list[str]) -> str:
@@ -66,7 +69,9 @@ def request_for(host: int, target: str, members: list[str]) -> str:
             return key
 
 
-async def _slot(client: Client, target: str, members: list[str], ledger: Ledger, stop: asyncio.Event) -> None:
+async def change_rooms(
+    client: Client, target: str, members: list[str], ledger: Ledger, stop: asyncio.Event
+) -> None:
     """One host: create, start and end rooms owned by `target`, one change at a time."""
     victim = target == members[-1]
     while not stop.is_set():
@@ -136,7 +141,7 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
             for _ in range(count):
                 client = Client(endpoints(topology), fresh_user())
                 clients.append(client)
-                tasks.append(asyncio.create_task(_slot(client, target, members, ledger, stop)))
+                tasks.append(asyncio.create_task(change_rooms(client, target, members, ledger, stop)))
         for _ in range(JOINERS):
             joiner = Client(survivors, fresh_user())
             clients.append(joiner)
@@ -154,8 +159,9 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         tasks = []
 
-        lost, forks = await _check_topic(topology, ledger)
-        stale = await _check_replicas([m for m in members if m != victim], ledger)
+        lost, forks = await check_topic(topology, ledger)
+        stale = await check_replicas([m for m in members if m != victim], ledger)
+        unannounced = await check_announced(topology, ledger)
         after = [(s, e) for s, e, _ in ledger.timed if s >= faulted]
         across = [e - s for s, e, _ in ledger.timed if s <= faulted <= e or s >= faulted]
         outcome.figures.update(
@@ -166,6 +172,7 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
             lost=lost,
             forks=forks,
             stale_replicas=stale,
+            half_made=unannounced,
             joins=ledger.joins,
             admitted=len(ledger.granted),
             admitted_after_fault=ledger.granted_after,
@@ -175,16 +182,13 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
         outcome.expect(lost == 0, f"{lost} acknowledged room changes are not in the room-state topic")
         outcome.expect(forks == 0, f"{forks} room versions were written twice with different contents")
         outcome.expect(stale == 0, f"{stale} replicas miss an acknowledged change")
+        outcome.expect(unannounced == 0, f"{unannounced} started rooms were never announced")
         outcome.expect(not ledger.errors, f"clients saw errors: {ledger.errors[:3]}")
         outcome.expect(len(ledger.granted) <= LIMIT, f"{len(ledger.granted)} admitted to a room of {LIMIT}")
         outcome.expect(bool(after), "no room change of the victim's rooms was answered after the fault")
     finally:
         stop.set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         for client in clients:
             await client.close()
         if faulted_proc:
@@ -192,7 +196,7 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
     return outcome
 
 
-async def _check_topic(topology: Topology, ledger: Ledger) -> tuple[int, int]:
+async def check_topic(topology: Topology, ledger: Ledger) -> tuple[int, int]:
     """(acknowledged changes missing from the topic, versions written with different contents)."""
     kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
     written: dict[tuple[str, int], set[int]] = defaultdict(set)
@@ -213,7 +217,25 @@ async def _check_topic(topology: Topology, ledger: Ledger) -> tuple[int, int]:
     return lost, forks
 
 
-async def _check_replicas(addresses: list[str], ledger: Ledger) -> int:
+async def check_announced(topology: Topology, ledger: Ledger) -> int:
+    """Rooms answered as live (or later ended) that have no room-started event: half-made starts."""
+    kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
+    announced: set[str] = set()
+
+    def apply(key: bytes | None, value: bytes | None) -> None:
+        if value:
+            announced.add(RoomStarted.FromString(value).room.room_id)
+
+    await read_to_end(kafka, Topics(kafka.topic_prefix).room_started, apply)
+    started = {
+        room_id
+        for room_id, changes in ledger.acked.items()
+        if any(state in (RoomState.ROOM_STATE_LIVE, RoomState.ROOM_STATE_ENDED) for _, state in changes)
+    }
+    return len(started - announced)
+
+
+async def check_replicas(addresses: list[str], ledger: Ledger) -> int:
     """Replicas (room, process) that hold an older version than the last one acknowledged."""
     stale = 0
     for address in addresses:

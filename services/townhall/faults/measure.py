@@ -122,3 +122,38 @@ def spread(values: Iterable[float]) -> tuple[float, float]:
     if not ordered:
         return 0.0, 0.0
     return ordered[(len(ordered) - 1) // 2], ordered[-1]
+
+
+class Progress:
+    """Samples a growing count (notifications delivered) to find the longest time it stood still."""
+
+    def __init__(self, count: Callable[[], int], every_s: float = 0.1) -> None:
+        self._count = count
+        self._every_s = every_s
+        self.samples: list[tuple[float, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> Progress:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), self._count()))
+            await asyncio.sleep(self._every_s)
+
+    def longest_stall(self, since: float, until: float) -> float:
+        """The longest time within [since, until] during which the count did not grow."""
+        longest, start, last = 0.0, since, None
+        for at, count in self.samples:
+            if at < since or at > until:
+                continue
+            if last is not None and count > last:
+                longest = max(longest, at - start)
+                start = at
+            last = count
+        return round(max(longest, (until - start) if last is not None else 0.0), 3)

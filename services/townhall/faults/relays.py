@@ -10,11 +10,11 @@ audio again. Bounds (issue 6): an edge kill costs at most 2 s of audio, an origi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 
 from townhall.client import Client
+from townhall.core.tasks import cancel
 from townhall.devtools.topology import Process, Topology
 from townhall.faults.cluster import endpoints, exited, fault, fresh_user, restore
 from townhall.faults.measure import FRAME_MS, Outcome, Tape, audio_gap_ms, spread, until
@@ -127,11 +127,7 @@ async def relay_fault(topology: Topology, victim: str, kill: bool) -> Outcome:
         outcome.expect(not errors, f"clients saw errors: {errors[:3]}")
         outcome.expect(outcome.figures["out_of_order"] == 0, "frames arrived out of order")
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         for client in (host, *audience):
             await client.close()
         if proc is not None:

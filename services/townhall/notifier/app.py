@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from townhall.core import logging
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import Topics, report_lag
+from townhall.core.kafka import IDEMPOTENT, Topics, report_lag
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.inbox import Hub
@@ -208,7 +208,7 @@ def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
         bootstrap_servers=kafka.bootstrap,
         client_id=f"notifier-{lane}",
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=IDEMPOTENT,
         linger_ms=1 if lane == "fast" else 5,
         max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
         max_request_size=2 * 1024 * 1024,
