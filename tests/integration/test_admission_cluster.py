@@ -175,8 +175,11 @@ async def test_cold_rooms_are_admitted_while_a_hot_room_is_shed(cluster: Cluster
             kind = "granted" if reply.HasField("grant") else "waiting"
         except grpc.aio.AioRpcError as exc:
             kind = exc.code().name
-            assert kind == "RESOURCE_EXHAUSTED"
-            assert 1000 <= int(dict(exc.trailing_metadata() or ())["retry-after-ms"]) <= 3000
+            # Beyond admission.max_pending_requests gRPC itself cancels calls (config.py): shedding
+            # too, seen when the machine is busy enough that the queue fills.
+            assert kind in ("RESOURCE_EXHAUSTED", "CANCELLED")
+            if kind == "RESOURCE_EXHAUSTED":
+                assert 1000 <= int(dict(exc.trailing_metadata() or ())["retry-after-ms"]) <= 3000
         outcomes[kind] = outcomes.get(kind, 0) + 1
 
     async def storm() -> None:
@@ -205,7 +208,7 @@ async def test_cold_rooms_are_admitted_while_a_hot_room_is_shed(cluster: Cluster
     cold = await asyncio.gather(*(cold_join(i) for i in range(20)))
     await storming
     assert cold == ["granted"] * 20, "every cold-room join is admitted during the storm"
-    assert outcomes.get("RESOURCE_EXHAUSTED", 0) > ADMIT_RATE, outcomes
+    assert outcomes.get("RESOURCE_EXHAUSTED", 0) + outcomes.get("CANCELLED", 0) > ADMIT_RATE, outcomes
     assert outcomes.get("granted", 0) >= ADMIT_RATE, outcomes
 
 

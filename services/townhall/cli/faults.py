@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall.faults.measure import Outcome
-from townhall.faults.runner import SCENARIOS, run_faults, write
+from townhall.faults.runner import SCENARIOS, Report, run_faults, write
 
 console = Console()
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--json", type=Path, help="write every figure here (default .townhall/faults/faults.json)"
     )
     faults.add_argument("--markdown", action="store_true", help="print the summary as docs/faults.md's table")
+    faults.add_argument("--report", type=Path, help="run nothing: print the tables of a JSON written before")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
         mark = "[green]ok[/green]" if outcome.ok else f"[red]FAILED[/red] {'; '.join(outcome.problems)}"
         console.print(f"{outcome.scenario}: {mark} {json.dumps(outcome.figures)}")
 
-    report = run_faults(args.root / "faults", args.runs, args.only, show)
+    if args.report:
+        report = Report.load(args.report)
+    else:
+        report = run_faults(args.root / "faults", args.runs, args.only, show)
     table = Table(title="Faults")
     for column in (
         "scenario",
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     if args.markdown:
         print(report.markdown())
-    path = args.json or args.root / "faults" / "faults.json"
-    write(report, path)
-    console.print(f"figures written to {path}")
+    if not args.report:
+        path = args.json or args.root / "faults" / "faults.json"
+        write(report, path)
+        console.print(f"figures written to {path}")
     return 0 if all(row["passed"] == row["runs"] for row in report.summary()) else 1

@@ -37,9 +37,8 @@ def relay_env() -> dict[str, str]:
 
 async def relay_fault(topology: Topology, victim: str, kill: bool) -> Outcome:
     """One run: a room on three relays; `victim` ("edge" or "origin") is killed (or SIGTERMed)."""
-    outcome = Outcome(
-        f"{victim}-{'kill' if kill else 'sigterm'}", f"{'kill -9' if kill else 'SIGTERM'} of {victim} relay"
-    )
+    how = "kill -9" if kill else "SIGTERM"
+    outcome = Outcome(f"{victim}-{'kill' if kill else 'sigterm'}", f"{how} of a room's {victim} relay")
     ends = endpoints(topology)
     host = Client(ends, fresh_user())
     audience = [Client(ends, fresh_user() + i + 1) for i in range(LISTENERS)]

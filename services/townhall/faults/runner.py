@@ -74,13 +74,18 @@ GROUPS: dict[str, Group] = {
 }
 SCENARIOS = [name for group in GROUPS.values() for name in group.scenarios]
 
-# What "recovery" means in each scenario's table row (the figure, in seconds).
+# What "recovery" means in each scenario's table row (the figure, in seconds); by default the
+# fault to the first change of the victim's rooms answered (admission), or to every listener
+# hearing audio captured after it (relay kills).
 RECOVERY = {
-    "admission": "recovery_s",  # the fault to the first change of the victim's rooms answered
-    "edge": "recovery_s",  # the fault to every listener hearing audio captured after it
-    "origin": "recovery_s",
-    "notifier": "stall_s",  # the longest the fan-out stood still
-    "kafka": "changes_answered_after_s",  # the broker back to the first room change answered
+    # A stopped relay keeps streaming during its drain notice: until its last listener hears
+    # audio through another relay.
+    "edge-sigterm": "moved_s",
+    "origin-sigterm": "moved_s",
+    "notifier-sigterm": "stall_s",  # the longest the fan-out stood still
+    "notifier-kill": "stall_s",
+    "kafka-restart": "changes_answered_after_s",  # the broker back to the first room change answered
+    "kafka-kill": "changes_answered_after_s",
 }
 LOST = ("lost", "forks", "stale_replicas", "half_made", "notifications_lost")
 
@@ -96,7 +101,7 @@ class Report:
         rows = []
         for name, outcomes in self.outcomes.items():
             figures = [o.figures for o in outcomes]
-            recovery = spread(f.get(RECOVERY[name.split("-")[0]], 0.0) for f in figures)
+            recovery = spread(f.get(RECOVERY.get(name, "recovery_s"), 0.0) for f in figures)
             gap = spread(f.get("gap_ms_max", 0.0) for f in figures)
             rows.append(
                 {
@@ -134,6 +139,17 @@ class Report:
                 f"{row['errors']:g} |"
             )
         return "\n".join(lines)
+
+    @classmethod
+    def load(cls, path: Path) -> Report:
+        """A report written by `write` (to print its table again)."""
+        data = json.loads(path.read_text())
+        return cls(
+            {
+                name: [Outcome(o["scenario"], o["fault"], o["figures"], o["problems"]) for o in runs]
+                for name, runs in data["runs"].items()
+            }
+        )
 
     def as_json(self) -> dict[str, Any]:
         """Everything, for --json."""
