@@ -122,7 +122,7 @@ class Broker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self._properties()
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster = _cluster_id()
             done = subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "-t", cluster, "-c", str(props)),
                 capture_output=True,
@@ -167,6 +167,17 @@ class Broker:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, 9)
             self.process.wait(10)
+
+
+def _cluster_id() -> str:
+    """A random KRaft cluster id (URL-safe base64 of 16 bytes) that does not start with '-'.
+
+    kafka-storage takes `-t ID`: an id starting with '-' (1 in 64) is read as an option.
+    """
+    while True:
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster.startswith("-"):
+            return cluster
 
 
 def _accepts(port: int) -> bool:
