@@ -8,7 +8,7 @@ GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run dev demo test unit integration lint ghz bench kafka kafka-stop clean
+.PHONY: help setup proto run dev demo test unit integration lint ghz bench faults kafka kafka-stop clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,6 +59,10 @@ ghz: ## Build ghz (the join-storm load generator) from source into .cache/bin, o
 
 bench: setup ghz ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
 	$(BIN)/townhall bench --out .townhall/bench
+
+RUNS ?= 3
+faults: setup ## Kill -9 / SIGTERM each kind of process, restart Kafka, RUNS times each (docs/faults.md)
+	$(BIN)/townhall faults --runs $(RUNS) --markdown
 
 kafka: setup ## Start the local Kafka broker alone (foreground)
 	$(BIN)/townhall kafka

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -30,10 +31,22 @@ from townhall.v1 import (
 from townhall.v1.common_pb2 import Room
 
 _Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # A process that was down is usable again as soon as it is back (gRPC's default backoff
+    # grows to minutes); calls fail at once meanwhile and the client moves on to another.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 # Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
 _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+_REPEAT = (*_BUSY, grpc.StatusCode.DEADLINE_EXCEEDED)
 BUSY_RETRY_S = (1.0, 3.0)
+# How long a room change or a read is tried again, on other admission processes too, while
+# admission answers UNAVAILABLE, CANCELLED or runs out of time (a process died or is stopping,
+# Kafka is restarting).
+RETRY_UNAVAILABLE_S = 30.0
 
 
 def channel(address: str, tls: TlsConfig) -> grpc.aio.Channel:
@@ -48,7 +61,7 @@ def now_us() -> int:
 
 @dataclass
 class Endpoints:
-    """Where the services are."""
+    """Where the services are: host:port, or several comma-separated (any of them will do)."""
 
     admission: str
     notifier: str
@@ -59,42 +72,117 @@ class Endpoints:
 
 
 class Client:
-    """One user's view of Townhall; every call carries the user's token."""
+    """One user's view of Townhall; every call carries the user's token.
 
-    def __init__(self, endpoints: Endpoints, user: int, token: str) -> None:
+    With several admission addresses the client uses one and moves to the next when a call
+    finds it UNAVAILABLE (stopped, draining, restarting). Calls that are safe to repeat are
+    tried again: reads, joins, and room changes (start and end are idempotent; a create carries
+    an idempotency key, so a repeated one returns the room the first one made).
+    """
+
+    def __init__(
+        self, endpoints: Endpoints, user: int, token: str, retry_s: float = RETRY_UNAVAILABLE_S
+    ) -> None:
         self.user = user
+        self.retry_s = retry_s
         self._tls = endpoints.tls
         self._metadata = bearer(token)
-        self._admission = channel(endpoints.admission, self._tls)
-        self._notifier = channel(endpoints.notifier, self._tls)
+        addresses = [a.strip() for a in endpoints.admission.split(",") if a.strip()]
+        self._admissions = [channel(a, self._tls) for a in addresses]
+        # Clients spread over the processes; each one sticks to its choice while it answers.
+        self._current = random.randrange(len(self._admissions))
+        self._notifier = channel(endpoints.notifier.split(",")[0].strip(), self._tls)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self.rooms = rooms_pb2_grpc.RoomsStub(self._admission)
-        self.admission = admission_pb2_grpc.AdmissionStub(self._admission)
-        self.crowd_admission = self.admission
-        if endpoints.crowd:
-            self._channels[endpoints.crowd] = channel(endpoints.crowd, self._tls)
-            self.crowd_admission = admission_pb2_grpc.AdmissionStub(self._channels[endpoints.crowd])
+        self._crowd = endpoints.crowd
         # Rooms this client has seen marked crowd (in a Room or a notification): joined on the crowd lane.
         self.crowd_rooms: set[str] = set()
         self.graph = graph_pb2_grpc.GraphStub(self._notifier)
         self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
 
     @property
+    def _admission(self) -> grpc.aio.Channel:
+        return self._admissions[self._current]
+
+    @property
+    def rooms(self) -> rooms_pb2_grpc.RoomsStub:
+        """The Rooms API on the admission process in use."""
+        return rooms_pb2_grpc.RoomsStub(self._admission)
+
+    @property
+    def admission(self) -> admission_pb2_grpc.AdmissionStub:
+        """The Admission API on the admission process in use."""
+        return admission_pb2_grpc.AdmissionStub(self._admission)
+
+    @property
+    def crowd_admission(self) -> admission_pb2_grpc.AdmissionStub:
+        """The Admission API on the crowd lane (the process in use when there is no lane)."""
+        if not self._crowd:
+            return self.admission
+        return admission_pb2_grpc.AdmissionStub(self._channel_to(self._crowd))
+
+    @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call of this user carries (its token), for calls made on the stubs."""
         return self._metadata
 
+    def _next_admission(self) -> None:
+        self._current = (self._current + 1) % len(self._admissions)
+
     async def close(self) -> None:
         """Closes every channel."""
-        for ch in (self._admission, self._notifier, *self._channels.values()):
+        for ch in (*self._admissions, self._notifier, *self._channels.values()):
             await ch.close()
 
-    async def create_room(self, title: str, speakers: Iterable[int] = (), listener_limit: int = 0) -> Room:
-        """Creates a room hosted by this user."""
+    async def _rooms_call(self, call: Callable[[rooms_pb2_grpc.RoomsStub], Awaitable[Room]]) -> Room:
+        """A Rooms call, tried again (on the next admission process) while admission is UNAVAILABLE."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await call(self.rooms)
+            except grpc.aio.AioRpcError as exc:
+                # CANCELLED: the server stopped (SIGTERM) before it took the call up. Every Rooms
+                # call is safe to repeat, so one that ran out of time is tried again too.
+                if exc.code() not in _REPEAT or time.monotonic() + delay > deadline:
+                    raise
+            self._next_admission()
+            await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
+            delay = min(1.0, delay * 2)
+
+    async def create_room(
+        self,
+        title: str,
+        speakers: Iterable[int] = (),
+        listener_limit: int = 0,
+        request_id: str | None = None,
+    ) -> Room:
+        """Creates a room hosted by this user (once, even if the call has to be repeated)."""
         request = rooms_pb2.CreateRoomRequest(
-            title=title, speaker_ids=list(speakers), listener_limit=listener_limit
+            title=title,
+            speaker_ids=list(speakers),
+            listener_limit=listener_limit,
+            request_id=request_id or uuid.uuid4().hex,
         )
-        return await self.rooms.CreateRoom(request, metadata=self._metadata, timeout=15)
+        return await self._rooms_call(lambda s: s.CreateRoom(request, metadata=self._metadata, timeout=15))
+
+    async def start_room(self, room_id: str) -> Room:
+        """Starts this user's room."""
+        request = rooms_pb2.StartRoomRequest(room_id=room_id)
+        return self.learn(
+            await self._rooms_call(lambda s: s.StartRoom(request, metadata=self._metadata, timeout=15))
+        )
+
+    async def end_room(self, room_id: str) -> Room:
+        """Ends this user's room."""
+        request = rooms_pb2.EndRoomRequest(room_id=room_id)
+        return await self._rooms_call(lambda s: s.EndRoom(request, metadata=self._metadata, timeout=15))
+
+    async def get_room(self, room_id: str) -> Room:
+        """A room, as the admission process in use knows it."""
+        request = rooms_pb2.GetRoomRequest(room_id=room_id)
+        return self.learn(
+            await self._rooms_call(lambda s: s.GetRoom(request, metadata=self._metadata, timeout=10))
+        )
 
     async def live_rooms(self, limit: int = 100) -> list[Room]:
         """Live rooms, newest first."""
@@ -102,26 +190,11 @@ class Client:
         reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
         return [self.learn(room) for room in reply.rooms]
 
-    async def start_room(self, room_id: str) -> Room:
-        """Starts this user's room."""
-        request = rooms_pb2.StartRoomRequest(room_id=room_id)
-        return self.learn(await self.rooms.StartRoom(request, metadata=self._metadata, timeout=15))
-
-    async def get_room(self, room_id: str) -> Room:
-        """A room as this process knows it."""
-        request = rooms_pb2.GetRoomRequest(room_id=room_id)
-        return self.learn(await self.rooms.GetRoom(request, metadata=self._metadata, timeout=10))
-
     def learn(self, room: _Seen) -> _Seen:
         """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""
         if room.crowd:
             self.crowd_rooms.add(room.room_id)
         return room
-
-    async def end_room(self, room_id: str) -> Room:
-        """Ends this user's room."""
-        request = rooms_pb2.EndRoomRequest(room_id=room_id)
-        return await self.rooms.EndRoom(request, metadata=self._metadata, timeout=15)
 
     async def follow(self, followee: int) -> bool:
         """Follows a user; True if the follow is new."""
@@ -135,15 +208,20 @@ class Client:
         A room known to draw a crowd is joined on admission's crowd lane, where its storm is shed.
         """
         deadline = time.monotonic() + give_up_after_s
-        stub = self.crowd_admission if room_id in self.crowd_rooms else self.admission
+        crowd = room_id in self.crowd_rooms and bool(self._crowd)
         while True:
             try:
+                stub = self.crowd_admission if crowd else self.admission
                 reply = await stub.Join(
                     admission_pb2.JoinRequest(room_id=room_id), metadata=self._metadata, timeout=10
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     delay_s = retry_after_s(exc)
+                elif exc.code() in _BUSY and not crowd and self._unreachable(exc):
+                    # The process is gone or draining: any other admission process admits as well.
+                    self._next_admission()
+                    delay_s = random.uniform(0.05, 0.2)
                 elif exc.code() in _BUSY:
                     # Cancelled by an overloaded server's transport before it could answer: back off
                     # with jitter, as a shed client would, so retries do not arrive in step.
@@ -158,6 +236,16 @@ class Client:
                 raise TimeoutError(f"not admitted to room {room_id} within {give_up_after_s:.0f} s")
             await asyncio.sleep(delay_s)
 
+    def _unreachable(self, error: grpc.aio.AioRpcError) -> bool:
+        """Whether a failed call says the process could not be reached (not merely busy)."""
+        if len(self._admissions) < 2:
+            return False
+        state = self._admission.get_state()
+        return error.code() == grpc.StatusCode.UNAVAILABLE or state in (
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.SHUTDOWN,
+        )
+
     async def leave(self, room_id: str) -> None:
         """Leaves a room."""
         await self.admission.Leave(
@@ -168,10 +256,17 @@ class Client:
         self, grant: admission_pb2.Grant
     ) -> tuple[relay_pb2_grpc.RelayStub, tuple[tuple[str, str], ...]]:
         """The relay stub for a grant and the metadata that carries its ticket."""
-        ch = self._channels.get(grant.relay_address)
+        return self.relay_at(grant.relay_address), ((TICKET_KEY, grant.ticket),)
+
+    def relay_at(self, address: str) -> relay_pb2_grpc.RelayStub:
+        """A stub for the relay at `address` (one channel per relay, kept)."""
+        return relay_pb2_grpc.RelayStub(self._channel_to(address))
+
+    def _channel_to(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[grant.relay_address] = channel(grant.relay_address, self._tls)
-        return relay_pb2_grpc.RelayStub(ch), ((TICKET_KEY, grant.ticket),)
+            ch = self._channels[address] = channel(address, self._tls)
+        return ch
 
     async def publish(self, grant: admission_pb2.Grant, payloads: Iterable[bytes], frame_ms: int = 20) -> int:
         """Streams payloads as frames at real-time pace; returns how many the relay accepted."""
@@ -190,13 +285,15 @@ class Client:
         return int(summary.frames_accepted)
 
     def subscribe(
-        self, grant: admission_pb2.Grant, room_id: str, resume_after: int = 0
+        self, grant: admission_pb2.Grant, room_id: str, resume_after: int = 0, resume_epoch: int = 0
     ) -> grpc.aio.UnaryStreamCall:
-        """The room's chunk stream on the granted relay."""
+        """The room's chunk stream on the granted relay (one stream: see townhall.live for one
+        that moves to another relay and resumes when this one ends)."""
         stub, md = self.relay(grant)
-        return stub.Subscribe(
-            relay_pb2.SubscribeRequest(room_id=room_id, resume_after=resume_after), metadata=md
+        request = relay_pb2.SubscribeRequest(
+            room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch
         )
+        return stub.Subscribe(request, metadata=md)
 
     def notifications(self) -> grpc.aio.UnaryStreamCall:
         """This user's Inbox stream."""

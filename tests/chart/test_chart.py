@@ -147,12 +147,15 @@ def test_shutdown_is_consistent_with_the_servers_grace_period(render: Render, sc
     """preStop sleep, then SIGTERM and a drain of server.grace_s: all within terminationGracePeriodSeconds."""
     manifests = render(scenario)
     grace_s = float(configmap(manifests)["TOWNHALL_SERVER_GRACE_S"])
+    notice_s = float(configmap(manifests)["TOWNHALL_SERVER_DRAIN_NOTICE_MS"]) / 1000
     for name in SERVICES:
         spec = workload(manifests, name)["spec"]["template"]["spec"]
         (c,) = spec["containers"]
         pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
         assert pre_stop > 0
-        assert spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(grace_s) + 1
+        assert (
+            spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(notice_s) + math.ceil(grace_s) + 1
+        )
         # Liveness must not kill a draining server (it reports NOT_SERVING) before the grace period ends.
         live = c["livenessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] > spec["terminationGracePeriodSeconds"]
@@ -162,7 +165,8 @@ def test_grace_period_follows_the_configured_drain_time(render: Render) -> None:
     manifests = render("kind-default", "--set", "config.server.grace_s=30")
     assert configmap(manifests)["TOWNHALL_SERVER_GRACE_S"] == "30"
     for name in SERVICES:
-        assert workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40
+        # preStop 5 + drain notice 1 + grace 30 + close 5
+        assert workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 41
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from townhall.client import Client, Endpoints
 from townhall.core import server
 from townhall.core.auth import GRANTS, Tokens
 from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig, load
+from townhall.devtools.topology import Topology
+from townhall.faults.measure import Outcome
+from townhall.faults.runner import topology_for
 
 # Test servers run with the default (development) user key: tokens minted with it are accepted.
 TOKENS = Tokens(AuthConfig())
@@ -73,3 +79,25 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded but should have failed")
+
+
+def fault_topology(
+    group: str, tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig | None
+) -> Iterator[Topology]:
+    """The processes a group of fault scenarios runs on (townhall.faults.runner.GROUPS), started as
+    `townhall dev` starts them, on the session broker (or a broker of their own); stopped after."""
+    topology = topology_for(
+        group, tmp_path_factory.mktemp(f"faults-{group}"), kafka.bootstrap if kafka else None
+    )
+    topology.start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+def recorded(outcome: Outcome, folder: Path) -> Outcome:
+    """Writes a fault run's figures to `folder` (and the test log), returns it."""
+    print(json.dumps(outcome.as_dict()))
+    (folder / f"{outcome.scenario}.json").write_text(json.dumps(outcome.as_dict(), indent=2))
+    return outcome

@@ -39,7 +39,8 @@ async def test_room_lifecycle_is_durable_and_announced(config: Config, kafka: Ka
         room = await host.create_room("Ask me anything", speakers=[other_id])
         assert room.state == RoomState.ROOM_STATE_CREATED
         live = await host.start_room(room.room_id)
-        assert (live.state, live.version) == (RoomState.ROOM_STATE_LIVE, 2)
+        # Live (version 2), then announced once its room-started event was acknowledged (3).
+        assert (live.state, live.version, live.announced) == (RoomState.ROOM_STATE_LIVE, 3, True)
         assert room.room_id in [r.room_id for r in await host.live_rooms()]
         # The start was acknowledged by Kafka before StartRoom returned.
         _, value = await wait_for_record(
@@ -52,7 +53,7 @@ async def test_room_lifecycle_is_durable_and_announced(config: Config, kafka: Ka
     async with serving(AdmissionApp(config), config) as address:
         host = client(address, host_id)
         again = await host.get_room(room.room_id)
-        assert (again.state, again.version, again.title) == (RoomState.ROOM_STATE_LIVE, 2, "Ask me anything")
+        assert (again.state, again.version, again.title) == (RoomState.ROOM_STATE_LIVE, 3, "Ask me anything")
         ended = await host.end_room(room.room_id)
         assert ended.state == RoomState.ROOM_STATE_ENDED
         await host.close()

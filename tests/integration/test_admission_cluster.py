@@ -133,7 +133,10 @@ async def test_owner_only_changes_are_forwarded_from_a_non_owner(cluster: Cluste
         denied = await rpc_error(client(other, host + 1).end_room(room.room_id))
         assert denied.code() == grpc.StatusCode.PERMISSION_DENIED, "the owner's answer comes back as is"
         ended = await c.end_room(room.room_id)
-        assert (ended.state, ended.version) == (RoomState.ROOM_STATE_ENDED, 3)
+        assert (ended.state, ended.version) == (
+            RoomState.ROOM_STATE_ENDED,
+            4,
+        )  # created, live, announced, ended
         for x in (a, c):
             await x.close()
 

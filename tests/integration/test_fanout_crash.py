@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.fanout_helpers import (
-    counting_inbox,
     fresh_users,
-    import_followers,
     notifier_env,
     own_topics,
     spawn_notifier,
@@ -19,6 +17,7 @@ from tests.integration.fanout_helpers import (
     wait_serving,
 )
 from townhall.core.config import KafkaConfig
+from townhall.devtools.fanout import counting_inbox, import_followers
 from townhall.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka

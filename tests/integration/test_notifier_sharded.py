@@ -9,17 +9,11 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.integration.fanout_helpers import (
-    counting_inbox,
-    fresh_users,
-    import_followers,
-    own_topics,
-    start_room,
-    until,
-)
+from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
 from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
+from townhall.devtools.fanout import counting_inbox, import_followers
 from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import build_app
 from townhall.notifier.placement import Placement

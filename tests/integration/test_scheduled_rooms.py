@@ -9,10 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.fanout_helpers import counting_inbox, fresh_users, own_topics, until
+from tests.integration.fanout_helpers import fresh_users, own_topics, until
 from tests.integration.helpers import config_for, metadata, serving
 from townhall.admission.app import AdmissionApp
 from townhall.core.config import KafkaConfig
+from townhall.devtools.fanout import counting_inbox
 from townhall.notifier.app import build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import RoomState

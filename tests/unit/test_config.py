@@ -61,6 +61,10 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "dns"}, "admission.membership must be static or kubernetes"),
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "kubernetes"}, "admission.kube_service must name"),
         ({"TOWNHALL_ADMISSION_LEASE_MIN": "0"}, "admission.lease_min must be within"),
+        ({"TOWNHALL_ADMISSION_PROBE_INTERVAL_MS": "10"}, "admission.probe_interval_ms must be within"),
+        ({"TOWNHALL_ADMISSION_PROBE_FAILURES": "0"}, "admission.probe_failures must be within"),
+        ({"TOWNHALL_SERVER_DRAIN_NOTICE_MS": "-1"}, "server.drain_notice_ms must be within"),
+        ({"TOWNHALL_RELAY_UPSTREAM_LOST_MS": "50"}, "relay.upstream_lost_ms must be within"),
     ],
 )
 def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from townhall.admission.leases import HOLDING_TTL_S, Allowance, LeaseBook
+from townhall.admission.leases import HANDOVER_S, HOLDING_TTL_S, Allowance, LeaseBook
 
 
 class Clock:
@@ -89,3 +89,34 @@ def test_the_owner_sees_a_rooms_join_demand_from_the_leases_members_ask_for() ->
     clock.now += 20  # nobody asks any more: the demand fades
     assert book.demand("hot") < 10
     assert book.demand("unknown") == 0
+
+
+def test_a_new_owner_grants_nothing_until_every_member_reported_its_holding() -> None:
+    clock = Clock()
+    book = LeaseBook(clock)
+    book.takeover("r", ["me", "a", "b"], me="me")
+    assert book.rebuilding("r")
+    # "a" reports 60 held and asks for more: nothing yet, "b" may hold admits too.
+    assert book.acquire("r", "a", 10, 60, 100) == (0, 40)
+    assert book.acquire("r", "b", 10, 30, 100) == (10, 0), "everyone heard from: grants resume"
+    assert not book.rebuilding("r")
+    assert book.leased("r") == 100
+
+
+def test_a_take_over_stops_waiting_for_silent_members_after_the_handover_time() -> None:
+    clock = Clock()
+    book = LeaseBook(clock)
+    book.takeover("r", ["me", "a", "gone"], me="me")
+    assert book.acquire("r", "a", 10, 0, 100) == (0, 100)
+    clock.now += HANDOVER_S + 0.1
+    assert book.acquire("r", "a", 10, 0, 100) == (10, 90)
+
+
+def test_reports_that_came_before_the_take_over_count() -> None:
+    clock = Clock()
+    book = LeaseBook(clock)
+    # "a" saw the old owner go first and reported here before this member noticed.
+    book.acquire("r", "a", 0, 40, 100)
+    book.takeover("r", ["me", "a"], me="me")
+    assert not book.rebuilding("r")
+    assert book.acquire("r", "me", 80, 0, 100) == (60, 0)

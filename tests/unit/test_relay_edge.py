@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
 from townhall.bench.loadgen import first_capture_us
 from townhall.core.tickets import ROLE_RELAY, TicketSigner
-from townhall.relay.fanout import FanoutSettings, Room, chunk_sequence
+from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, chunk_sequence, encode_chunk
+from townhall.relay.hub import UPSTREAM_LOST, Hub
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 
@@ -62,3 +68,121 @@ def test_a_listener_ticket_carries_its_path_and_a_pull_credential_names_the_rest
     pull = signer.verify(signer.pull_token("r", ("origin:1", "mid:1")), "mid:1")
     assert (pull.role, pull.upstream, pull.on_stage) == (ROLE_RELAY, ("origin:1",), False)
     assert signer.verify(signer.pull_token("r", ("origin:1",)), "origin:1").upstream == ()
+
+
+def test_an_origins_chunk_carries_its_epoch_where_an_edge_reads_it() -> None:
+    data = encode_chunk(300, 1_700_000_000_123, 5, [AudioFrame(speaker_id=1, sequence=2, payload=b"a")])
+    parsed = Chunk.FromString(data)
+    assert (parsed.sequence, parsed.epoch, parsed.emitted_ts_us, len(parsed.frames)) == (
+        300,
+        1_700_000_000_123,
+        5,
+        1,
+    )
+    assert chunk_position(data) == (1_700_000_000_123, 300)
+    assert chunk_sequence(data) == 300
+    # A chunk serialised the plain way (epoch last) is parsed.
+    plain = Chunk(sequence=4, epoch=9, frames=[AudioFrame(payload=b"b")]).SerializeToString()
+    assert chunk_position(plain) == (9, 4)
+
+
+def test_a_listener_resuming_from_the_old_origin_gets_everything_of_the_new_epoch() -> None:
+    ring = Ring(20)
+    for seq in range(1, 6):
+        ring.add(seq, float(seq), b"old-%d" % seq, epoch=100)
+    for seq in range(1, 4):
+        ring.add(seq, 10.0 + seq, b"new-%d" % seq, epoch=200)
+    assert ring.replay(3, now=14.0, late_join_s=0.3, resume_epoch=100) == [
+        b"old-4",
+        b"old-5",
+        b"new-1",
+        b"new-2",
+        b"new-3",
+    ]
+    assert ring.replay(1, now=14.0, late_join_s=0.3, resume_epoch=200) == [b"new-2", b"new-3"]
+    # Epoch 0 is "this relay's": sequence numbers of the newest epoch.
+    assert ring.replay(2, now=14.0, late_join_s=0.3) == [b"new-3"]
+    # Ahead of everything here (the listener came from an edge that was further on): a fresh join.
+    assert ring.replay(9, now=14.0, late_join_s=1.5, resume_epoch=200) == [b"new-3"]
+
+
+def test_a_room_taken_over_by_a_new_origin_starts_a_later_epoch_at_sequence_one() -> None:
+    room = Room("r", FanoutSettings())
+    listener = room.subscribe(0, now=0.0)
+    room.forward(41, encode_chunk(41, 500, 1, []), now=1.0, epoch=500)
+    assert room.position == (500, 41)
+    room.begin_epoch(now_ms=400)  # the clock says earlier: the epoch still grows
+    room.add_frame(AudioFrame(speaker_id=1, sequence=0, payload=b"a"))
+    room.emit(2.0, 2)
+    assert room.position == (501, 1)
+    assert [chunk_position(d) for d in iter(listener.take, None)] == [(500, 41), (501, 1)]
+
+
+class Upstreams:
+    """A fake PullSource: each relay address either serves a fixed list of chunks or refuses."""
+
+    def __init__(self, serving: dict[str, list[bytes]]) -> None:
+        self.serving = serving
+        self.pulls: list[tuple[str, int, int]] = []
+
+    def pull(
+        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+    ) -> AsyncIterator[bytes]:
+        self.pulls.append((path[-1], resume_epoch, resume_after))
+        return self._stream(path[-1])
+
+    async def _stream(self, address: str) -> AsyncIterator[bytes]:
+        if address not in self.serving:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        for data in self.serving[address]:
+            yield data
+        await asyncio.Event().wait()  # then open and silent
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+async def test_an_edge_whose_upstream_is_gone_sends_its_listeners_to_join_again() -> None:
+    upstreams = Upstreams({})
+    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=0.1)
+    _, listener = hub.subscribe("r", 0, upstream=("dead:1",))
+    await until(lambda: listener.reason is not None)
+    assert listener.reason == UPSTREAM_LOST
+    await hub.close()
+
+
+async def test_a_new_path_replaces_a_failing_upstream_and_resumes_from_the_rooms_place() -> None:
+    upstreams = Upstreams({"live:1": [encode_chunk(1, 900, 1, [])]})
+    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
+    room, first = hub.subscribe("r", 7, upstream=("dead:1",), resume_epoch=800)
+    await until(lambda: len(upstreams.pulls) >= 2)  # failing, retrying
+    hub.subscribe("r", 7, upstream=("live:1",), resume_epoch=800)
+    await until(lambda: room.position == (900, 1))
+    assert ("live:1", 800, 7) in upstreams.pulls
+    assert chunk_position(first.take() or b"") == (900, 1)
+    # A working pull is kept whatever a later ticket says.
+    hub.subscribe("r", 0, upstream=("other:1",))
+    await asyncio.sleep(0.05)
+    assert room.upstream == ("live:1",) and all(p[0] != "other:1" for p in upstreams.pulls)
+    await hub.close()
+
+
+async def test_a_ticket_naming_no_upstream_makes_a_failing_edge_the_origin_in_a_new_epoch() -> None:
+    upstreams = Upstreams({})
+    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
+    room, _ = hub.subscribe("r", 0, upstream=("dead:1",))
+    room.forward(12, encode_chunk(12, 1000, 1, []), now=0.0, epoch=1000)
+    await until(lambda: len(upstreams.pulls) >= 2)
+    _, listener = hub.subscribe("r", 12, resume_epoch=1000)
+    assert room.upstream == () and room.epoch > 1000
+    publisher = hub.join_publisher("r")
+    publisher.add_frame(AudioFrame(speaker_id=1, sequence=0, payload=b"a"))
+    await until(lambda: listener.queued > 0)
+    assert chunk_position(listener.take() or b"") == (room.epoch, 1)
+    assert hub.origins() == ["r"]
+    await hub.close()

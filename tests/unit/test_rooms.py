@@ -80,3 +80,21 @@ def test_only_a_live_room_is_marked_crowd_and_marking_it_again_changes_nothing()
     assert crowded.crowd and crowded.version == book.get(room.room_id).version + 1
     book.apply(crowded)
     assert book.crowded(room.room_id) is book.get(room.room_id)
+
+
+def test_a_live_room_is_pending_announcement_until_its_announced_version_is_applied() -> None:
+    book = RoomBook()
+    room = book.created(1, "t", [], 0, now_ms=1)
+    book.apply(room)
+    live = book.started(room.room_id, 1, now_ms=2)
+    assert (live.state, live.announced) == (RoomState.ROOM_STATE_LIVE, False)
+    book.apply(live)
+    # The owner failed here: the next owner finds the room and announces it.
+    assert [r.room_id for r in book.unannounced()] == [room.room_id]
+    announced = book.announced(room.room_id)
+    assert (announced.version, announced.announced) == (3, True)
+    book.apply(announced)
+    assert book.unannounced() == []
+    assert book.announced(room.room_id) is book.get(room.room_id), "announcing twice changes nothing"
+    book.apply(book.ended(room.room_id, 1, now_ms=3))
+    assert book.unannounced() == []

@@ -42,6 +42,9 @@ class FakeStore:
         self.book = book
         self.started: list[tuple[str, int]] = []
 
+    async def announce_pending(self, owns: object) -> int:
+        return 0
+
     async def start(self, room_id: str, caller: int) -> Room:
         self.started.append((room_id, caller))
         room = self.book.started(room_id, caller, 10**13)

@@ -161,10 +161,12 @@ reach templates as float64, and 1000000 would otherwise print as 1e+06).
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: preStop sleep + the server's drain (config.server.grace_s) + time to close.
+terminationGracePeriodSeconds: preStop sleep + the drain notice (config.server.drain_notice_ms, rounded up
+to seconds) + the server's drain (config.server.grace_s) + time to close.
 */}}
 {{- define "townhall.terminationGracePeriod" -}}
-{{- add (int .Values.termination.preStopSleepSeconds) (ceil .Values.config.server.grace_s | int) (int .Values.termination.closeSeconds) }}
+{{- $notice := div (add (int (default 0 .Values.config.server.drain_notice_ms)) 999) 1000 }}
+{{- add (int .Values.termination.preStopSleepSeconds) $notice (ceil .Values.config.server.grace_s | int) (int .Values.termination.closeSeconds) }}
 {{- end }}
 
 {{/*

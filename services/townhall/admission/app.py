@@ -13,6 +13,7 @@ from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import Peers
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
+from townhall.admission.metrics import PEERS_DOWN
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
@@ -25,7 +26,8 @@ from townhall.core.config import AdmissionConfig, Config
 from townhall.core.errors import TownhallError
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import EventQueue, Topics, producer
-from townhall.core.membership import KubernetesMembership, Membership, StaticMembership
+from townhall.core.liveness import Prober
+from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TicketSigner
 from townhall.v1 import (
@@ -76,7 +78,17 @@ class AdmissionApp:
         member = f"{socket.gethostname()}/{own.listen}"
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         self.store = RoomStore(config.kafka, self._producer)
-        self.membership = membership_for(own)
+        self._listed = membership_for(own)
+        # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
+        self.prober = Prober(
+            lambda: [*self._listed.members(), *own.relays],
+            own.probe_interval_ms / 1000,
+            own.probe_timeout_ms / 1000,
+            own.probe_failures,
+            skip=(own.address,),
+            tls=config.tls,
+        )
+        self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
         self.auth = Authenticator(config.auth, "admission")
         self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
@@ -107,6 +119,22 @@ class AdmissionApp:
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
+        self._members: list[str] = []
+        self.prober.on_round(self._probed)
+
+    def _probed(self) -> None:
+        """After each probe round: hand lease books over if the owners changed, skip down relays."""
+        members = self.membership.members()
+        if members != self._members:
+            before, self._members = self._members, members
+            log.info("admission members changed", members=members, before=before)
+            if before:
+                self.capacity.members_changed(before, members)
+        down = self.prober.liveness.down()
+        self.placer.set_down(down)
+        relays = set(self._config.admission.relays)
+        PEERS_DOWN.labels("relay").set(len(down & relays))
+        PEERS_DOWN.labels("admission").set(len(down - relays))
 
     def _changed(self, room: Room) -> None:
         if room.state == RoomState.ROOM_STATE_ENDED:
@@ -138,14 +166,17 @@ class AdmissionApp:
         rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
         admission_pb2_grpc.add_AdmissionServicer_to_server(AdmissionServicer(self.admitter), server)
         internal_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(self.capacity), server)
-        internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store), server)
+        internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store, self.peers), server)
 
     async def start(self) -> None:
-        if isinstance(self.membership, KubernetesMembership):
-            self.membership.start()
+        if isinstance(self._listed, KubernetesMembership):
+            self._listed.start()
+        # One round before serving, so this process owns no room of a member that is down.
+        await self.prober.round()
+        self.prober.start()
         await self._producer.start()
         await self.store.load()
-        self.store.follow()
+        await self.store.follow()
         for room in self.store.book.live():
             self.capacity.allowance(room.room_id)
         self._events.start()
@@ -154,13 +185,25 @@ class AdmissionApp:
         self._relay_loads.start()
         self.scheduler.start()
 
+    async def leave(self) -> None:
+        """Stops owning rooms (changes go to the next owner), then lets the changes in flight finish.
+
+        Only then does the server report NOT_SERVING, so the next owner never takes a room while a
+        change of it is still being written here. Joins are served until the server stops.
+        """
+        self.membership.leave()
+        self._probed()
+        await self.store.quiesce()
+        log.info("rooms handed over", members=self.membership.members())
+
     async def drain(self) -> None:
         """Unary RPCs only: the server's grace period covers in-flight calls."""
 
     async def close(self) -> None:
-        if isinstance(self.membership, KubernetesMembership):
-            self.membership.stop()
+        if isinstance(self._listed, KubernetesMembership):
+            self._listed.stop()
         await cancel(*self._tasks)
+        await self.prober.close()
         await self.scheduler.close()
         await self._relay_loads.close()
         await self.capacity.close()

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 
 from townhall.admission.cluster import Peers
 from townhall.admission.leases import Allowance, LeaseBook
-from townhall.admission.metrics import LEASE_CALLS
+from townhall.admission.metrics import LEASE_CALLS, ROOMS_TAKEN_OVER
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.errors import NotFound
+from townhall.core.sharding import owner
 from townhall.core.tasks import cancel
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
@@ -28,6 +30,8 @@ LEASE_TIMEOUT_S = 2.0
 # After a failed call, or when the owner said the room is full, ask again after this long.
 RETRY_S = 0.5
 FULL_RETRY_S = 1.0
+# A new owner rebuilding its book after a take-over: ask again this soon.
+REBUILD_RETRY_S = 0.2
 # Holdings are reported this often even without need, so a new owner learns them quickly.
 REPORT_EVERY_S = 5.0
 
@@ -68,10 +72,13 @@ class Capacity:
                 self._take_local(room_id, allowance, allowance.lease_size())
                 return allowance
             allowance.refilling = True
-            task = asyncio.get_running_loop().create_task(self._refill(room_id, allowance))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._refill(room_id, allowance, allowance.lease_size()))
         return allowance
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def rooms(self) -> set[str]:
         """Rooms with an allowance here."""
@@ -99,14 +106,46 @@ class Capacity:
         granted, available = self.book.acquire(
             request.room_id, request.member, request.count, request.held, limit, members
         )
-        LEASE_CALLS.labels("granted" if granted else "empty").inc()
+        rebuilding = not granted and self.book.rebuilding(request.room_id)
+        LEASE_CALLS.labels("granted" if granted else "rebuilding" if rebuilding else "empty").inc()
         if (
             self._on_crowd is not None
             and not room.crowd
             and 0 < self._crowd_joins_per_s < self.book.demand(request.room_id)
         ):
             self._on_crowd(request.room_id)
-        return AcquireResponse(granted=granted, available=available, limit=limit)
+        return AcquireResponse(granted=granted, available=available, limit=limit, rebuilding=rebuilding)
+
+    def members_changed(self, before: list[str], after: list[str]) -> int:
+        """Moves the lease books of rooms whose owner changed; returns the rooms taken over here.
+
+        A room this member now owns starts a fresh book that waits for the others' reports; for a
+        room whose owner is now another member, this member reports its holding there at once.
+        """
+        me = self._peers.me
+        taken = 0
+        for room in self._rooms.live():
+            room_id = room.room_id
+            old, new = owner(room_id, before or [me]), owner(room_id, after or [me])
+            if old == new:
+                continue
+            allowance = self._allowances.get(room_id)
+            if new == me:
+                self.book.takeover(room_id, after, me)
+                taken += 1
+                if allowance is not None:
+                    self._take_local(room_id, allowance, 0)
+                continue
+            if old == me:
+                self.book.forget(room_id)
+            if allowance is not None and not allowance.refilling:
+                allowance.refilling = True
+                allowance.exhausted_until = 0.0
+                self._spawn(self._refill(room_id, allowance, 0))
+        if taken:
+            ROOMS_TAKEN_OVER.inc(taken)
+            log.info("rooms taken over", rooms=taken, members=after)
+        return taken
 
     def start(self) -> None:
         """Starts the periodic holding reports."""
@@ -116,9 +155,9 @@ class Capacity:
         """Stops background work."""
         await cancel(*self._tasks, self._reporter)
 
-    async def _refill(self, room_id: str, allowance: Allowance) -> None:
+    async def _refill(self, room_id: str, allowance: Allowance, count: int) -> None:
         try:
-            await self._ask(room_id, allowance, allowance.lease_size())
+            await self._ask(room_id, allowance, count)
         finally:
             allowance.refilling = False
 
@@ -144,16 +183,19 @@ class Capacity:
         except grpc.aio.AioRpcError as exc:
             LEASE_CALLS.labels("failed").inc()
             log.warning("lease call failed", room=room_id, owner=owner, code=exc.code().name)
-            allowance.exhausted_until = time.monotonic() + RETRY_S
+            allowance.exhausted_until = allowance.owner_busy_until = time.monotonic() + RETRY_S
             return
         self._took(allowance, count, reply)
 
     @staticmethod
     def _took(allowance: Allowance, count: int, reply: AcquireResponse) -> None:
-        allowance.last_report = time.monotonic()
+        now = time.monotonic()
+        allowance.last_report = now
         allowance.held += reply.granted
-        if reply.granted < count and reply.available == 0:
-            allowance.exhausted_until = time.monotonic() + FULL_RETRY_S
+        if reply.rebuilding:
+            allowance.exhausted_until = allowance.owner_busy_until = now + REBUILD_RETRY_S
+        elif reply.granted < count and reply.available == 0:
+            allowance.exhausted_until = now + FULL_RETRY_S
 
     async def _report_forever(self) -> None:
         while True:

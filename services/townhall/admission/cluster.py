@@ -6,10 +6,11 @@ import grpc
 
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
-from townhall.core.membership import Membership
+from townhall.core.membership import Membership, ProbedMembership
 from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
 
-# Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin.
+# Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin, and
+# are tried again at the next owner while the current one is unreachable or handing over.
 FORWARD_TIMEOUT_S = 12.0
 
 
@@ -26,6 +27,11 @@ class Peers:
     def me(self) -> str:
         """This process's member address."""
         return self.membership.me
+
+    @property
+    def leaving(self) -> bool:
+        """Whether this process is handing its rooms over (SIGTERM)."""
+        return isinstance(self.membership, ProbedMembership) and self.membership.leaving
 
     def is_owner(self, room_id: str) -> bool:
         """Whether this process owns the room (room changes, leases and schedules run there)."""

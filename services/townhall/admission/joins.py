@@ -144,8 +144,9 @@ class Admitter:
             LISTENERS.inc()
             return None
         limit = room.listener_limit or self._capacity.default_limit
-        if allowance.refilling or time.monotonic() >= allowance.exhausted_until:
-            # Capacity is on its way from the owner: hold a place in line.
+        now = time.monotonic()
+        if allowance.refilling or now >= allowance.exhausted_until or now < allowance.owner_busy_until:
+            # Capacity is on its way from the owner (or the owner is changing): hold a place in line.
             if line is None:
                 line = self._lines[room.room_id] = WaitingLine(self._waiting_room)
             ahead = line.ahead(user)

@@ -2,10 +2,11 @@
 
 A room's listener limit is split into admits that members lease from the room's owner in
 batches. A member admits from its allowance with no call; the sum of all allowances never
-exceeds the limit, so the limit holds across processes. After an owner change the new owner
-learns each member's holding from its next call, so the limit holds to within what members
-hold but have not yet reported (at most one lease each, since members report every refill
-and every few seconds).
+exceeds the limit, so the limit holds across processes. After an owner change (the owner died or
+left) the new owner rebuilds the book from the members' reports: every member reports its
+holding as soon as it sees the change, and the new owner grants nothing more until every live
+member has reported or HANDOVER_S has passed. Members keep admitting from what they hold
+meanwhile, so joins go on; only new leases wait.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ HOLDING_TTL_S = 20.0
 # Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S calls/s per room.
 REFILL_HORIZON_S = 0.5
 DEMAND_TAU_S = 2.0
+# After taking a room over, the longest a new owner waits for members' reports before granting.
+HANDOVER_S = 2.0
 
 
 @dataclass
@@ -37,6 +40,9 @@ class RoomLeases:
     # over every member, since each member asks for REFILL_HORIZON_S of its own join rate at a time.
     demand: float = 0.0
     demand_at: float = 0.0
+    # Taken over from another owner: members yet to report, and until when to wait for them.
+    awaiting: set[str] = field(default_factory=set)
+    rebuild_until: float = 0.0
 
     def leased(self) -> int:
         """Admits held by all members."""
@@ -64,6 +70,11 @@ class LeaseBook:
         holding.admits, holding.seen = held, now
         room.demand = room.demand * math.exp((room.demand_at - now) / DEMAND_TAU_S) + count / DEMAND_TAU_S
         room.demand_at = now
+        room.awaiting.discard(member)
+        if room.awaiting and now < room.rebuild_until:
+            # Still rebuilding after a take-over: a member not yet heard from may hold admits.
+            return 0, max(0, limit - room.leased())
+        room.awaiting.clear()
         granted = max(0, min(count, limit - room.leased()))
         holding.admits += granted
         return granted, max(0, limit - room.leased())
@@ -75,8 +86,26 @@ class LeaseBook:
             return 0.0
         return room.demand * math.exp((room.demand_at - self._clock()) / DEMAND_TAU_S)
 
+    def takeover(self, room_id: str, members: Collection[str], me: str) -> None:
+        """Rebuilds the book of a room this member now owns: waits for the others' reports.
+
+        Reports that came in before this member saw the change (members notice it at slightly
+        different times) are kept and count as heard from.
+        """
+        now = self._clock()
+        room = self._rooms.setdefault(room_id, RoomLeases())
+        heard = {name for name, h in room.holdings.items() if now - h.seen <= HANDOVER_S}
+        room.holdings = {name: h for name, h in room.holdings.items() if name in heard}
+        room.awaiting = set(members) - {me} - heard
+        room.rebuild_until = now + HANDOVER_S
+
+    def rebuilding(self, room_id: str) -> bool:
+        """Whether the room's book still waits for members' reports after a take-over."""
+        room = self._rooms.get(room_id)
+        return room is not None and bool(room.awaiting) and self._clock() < room.rebuild_until
+
     def forget(self, room_id: str) -> None:
-        """Drops a room (ended)."""
+        """Drops a room (ended, or now owned by another member)."""
         self._rooms.pop(room_id, None)
 
     def leased(self, room_id: str) -> int:
@@ -94,6 +123,9 @@ class Allowance:
         self.refilling = False
         # The owner said the room had nothing left: do not ask again before this time.
         self.exhausted_until = 0.0
+        # Until then the owner could not grant for another reason (unreachable, just took the room
+        # over): joins without a spare admit are told to wait, not that the room is full.
+        self.owner_busy_until = 0.0
         self.last_report = 0.0
         self._min = lease_min
         self._max = lease_max

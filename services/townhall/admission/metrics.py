@@ -28,3 +28,16 @@ LEASE_CALLS = Counter(
     "Capacity lease calls by outcome: granted, empty (room full), failed (owner unreachable).",
     ["result"],
 )
+FORWARD_RETRIES = Counter(
+    "townhall_admission_forward_retries_total",
+    "Owner-only room changes tried again because the owner did not answer or was handing over.",
+)
+ROOMS_TAKEN_OVER = Counter(
+    "townhall_admission_rooms_taken_over_total",
+    "Live rooms this process became the owner of because the member set changed.",
+)
+PEERS_DOWN = Gauge(
+    "townhall_admission_peers_down",
+    "Members this process's health probes find down, by kind (admission, relay).",
+    ["kind"],
+)

@@ -1,17 +1,20 @@
 """Edge placement: which relay a user of a room is sent to, and the relay path above it (pure logic).
 
 A room's relays are the live relays in rendezvous order for the room: the first is its origin
-(speakers publish there), the next ones are its edges. Every admission process computes the same
-order, so they all pack a room's listeners onto the same edges without talking to each other:
-a listener goes to the first relay in that order that carries fewer than `edge_target` of the
-room's listeners and is below its capacity, so a room adds edges only as its audience grows.
+(speakers publish there), the next ones are its edges. A relay is live while it answers health
+probes and reports its load; once a room's origin has moved (its relay failed), the relay that
+reports being its origin stays first, so the room does not move back when the old one returns.
+Every admission process computes the same order, so they all pack a room's listeners onto the
+same edges without talking to each other: a listener goes to the first relay in that order that
+carries fewer than `edge_target` of the room's listeners and is below its capacity, so a room adds
+edges only as its audience grows.
 The relays form a `degree`-ary tree in that order (relay i pulls from relay (i - 1) // degree):
 the origin feeds at most `degree` relays, and larger rooms get mid-tier levels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from townhall.core.sharding import ranked
@@ -37,6 +40,7 @@ class Load:
     capacity: int
     at: float  # when it was made, seconds on the placer's clock
     rooms: Mapping[str, int] = field(default_factory=dict)
+    origins: frozenset[str] = frozenset()  # rooms the relay is the origin of (speakers publish there)
 
 
 def parent(index: int, degree: int) -> int:
@@ -79,11 +83,22 @@ class Placer:
         self._orders: dict[str, tuple[list[str], list[str]]] = {}
         # The live relays, recomputed at most every LIVE_EVERY_S or when a report or member changes it.
         self._live: tuple[float, list[str]] | None = None
+        # Relays the health probes find down (or draining): never placed on, whatever they reported.
+        self._down: frozenset[str] = frozenset()
+        # Live rooms' origins as their relays report them: a room stays where its speakers are.
+        self._origins: dict[str, str] = {}
 
     def set_relays(self, relays: Sequence[str]) -> None:
         """The relay members changed (configuration or membership)."""
         self._relays = list(relays)
         self._live = None
+
+    def set_down(self, down: Collection[str]) -> None:
+        """The relays that health probes find down; placements skip them from now on."""
+        down = frozenset(down)
+        if down != self._down:
+            self._down = down
+            self._live = None
 
     def observe(self, load: Load) -> None:
         """Takes a relay's load report; it supersedes this process's count of placements on it."""
@@ -94,12 +109,24 @@ class Placer:
         self._live = None
         self._placed.pop(load.relay, None)
         self._placed_total.pop(load.relay, None)
+        before = previous.origins if previous is not None else frozenset()
+        for room_id in before - load.origins:
+            if self._origins.get(room_id) == load.relay:
+                del self._origins[room_id]
+                self._orders.pop(room_id, None)
+        for room_id in load.origins - before:
+            self._origins[room_id] = load.relay
+            self._orders.pop(room_id, None)
 
     def live(self, now: float) -> list[str]:
-        """Relays that are members and have not gone quiet (a relay yet to report counts as live)."""
-        loads = self._loads
-        relays = [r for r in self._relays if (load := loads.get(r)) is None or now - load.at < self._stale_s]
-        return relays or list(self._relays)
+        """Relays that are members, answer probes and have not gone quiet (one yet to report is live)."""
+        loads, down = self._loads, self._down
+        relays = [
+            r
+            for r in self._relays
+            if r not in down and ((load := loads.get(r)) is None or now - load.at < self._stale_s)
+        ]
+        return relays or [r for r in self._relays if r not in down] or list(self._relays)
 
     def carried(self, relay: str, room_id: str) -> int:
         """The room's listeners on the relay: last reported plus placed here since."""
@@ -133,6 +160,12 @@ class Placer:
         if len(self._orders) >= MAX_CACHED_ROOMS:
             self._orders.clear()
         order = ranked(room_id, live)
+        origin = self._origins.get(room_id)
+        if origin is not None and origin != order[0] and origin in live:
+            # The room's origin moved (its relay failed, or left, and came back): keep it where its
+            # speakers publish now instead of sending new listeners to a relay without its audio.
+            order.remove(origin)
+            order.insert(0, origin)
         self._orders[room_id] = (live, order)
         return order
 

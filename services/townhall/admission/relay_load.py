@@ -21,7 +21,14 @@ log = logging.get(__name__)
 def to_load(value: bytes) -> Load:
     """A RelayLoad record as the placer's Load (times in Unix seconds)."""
     report = RelayLoad.FromString(value)
-    return Load(report.relay, report.listeners, report.capacity, report.at_ms / 1000, dict(report.rooms))
+    return Load(
+        report.relay,
+        report.listeners,
+        report.capacity,
+        report.at_ms / 1000,
+        dict(report.rooms),
+        frozenset(report.origins),
+    )
 
 
 class RelayLoadFollower:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from collections.abc import Iterable
 
@@ -17,6 +19,16 @@ def new_room_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+def room_id_for(host: int, request_id: str) -> str:
+    """The room id a host's create with this idempotency key gets: the same on every attempt.
+
+    16 URL-safe characters like a fresh id; the host is part of the hash, so two hosts using the
+    same key get different rooms.
+    """
+    digest = hashlib.blake2b(f"{host}\x00{request_id}".encode(), digest_size=12).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
 class RoomBook:
     """The rooms this process knows, keyed by id; every change yields a new Room version.
 
@@ -27,6 +39,8 @@ class RoomBook:
 
     def __init__(self) -> None:
         self._rooms: dict[str, Room] = {}
+        # Live rooms whose room-started event is not known to be acknowledged (usually none).
+        self._unannounced: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -38,12 +52,20 @@ class RoomBook:
             raise NotFound(f"room {room_id} does not exist")
         return room
 
+    def find(self, room_id: str) -> Room | None:
+        """The room, or None."""
+        return self._rooms.get(room_id)
+
     def apply(self, room: Room) -> bool:
         """Stores a room version if it is newer than the one held; True if it was."""
         held = self._rooms.get(room.room_id)
         if held is not None and held.version >= room.version:
             return False
         self._rooms[room.room_id] = room
+        if room.state == RoomState.ROOM_STATE_LIVE and not room.announced:
+            self._unannounced.add(room.room_id)
+        else:
+            self._unannounced.discard(room.room_id)
         return True
 
     def live(self) -> list[Room]:
@@ -87,7 +109,18 @@ class RoomBook:
             return room
         if room.state == RoomState.ROOM_STATE_ENDED:
             raise FailedPrecondition(f"room {room_id} has ended and cannot start again")
-        return _next(room, state=RoomState.ROOM_STATE_LIVE, started_at_ms=now_ms)
+        return _next(room, state=RoomState.ROOM_STATE_LIVE, started_at_ms=now_ms, announced=False)
+
+    def announced(self, room_id: str) -> Room:
+        """The live room once its room-started event is acknowledged (unchanged if it was already)."""
+        room = self.get(room_id)
+        if room.announced or room.state != RoomState.ROOM_STATE_LIVE:
+            return room
+        return _next(room, announced=True)
+
+    def unannounced(self) -> list[Room]:
+        """Live rooms whose room-started event is not known to be acknowledged."""
+        return [self._rooms[room_id] for room_id in sorted(self._unannounced)]
 
     def ended(self, room_id: str, caller: int, now_ms: int) -> Room:
         """The room after its host ends it; ending an ended room returns it unchanged."""
@@ -137,7 +170,7 @@ def role_of(room: Room, user: int) -> Role.ValueType:
     return ROLE_LISTENER
 
 
-def _next(room: Room, **changes: int) -> Room:
+def _next(room: Room, **changes: int | bool) -> Room:
     changed = Room()
     changed.CopyFrom(room)
     for name, value in changes.items():

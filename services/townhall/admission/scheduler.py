@@ -29,7 +29,15 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> int:
-        """Starts every due room owned here; returns how many started."""
+        """Starts every due room owned here; returns how many started.
+
+        Also announces the live rooms owned here whose announcement an earlier owner did not
+        finish (it failed between writing the room live and its room-started event).
+        """
+        try:
+            await self._store.announce_pending(self._owns)
+        except TownhallError as exc:
+            log.warning("pending announcements not made, will retry", error=str(exc))
         started = 0
         for room in self._store.book.due(now_ms()):
             if not self._owns(room.room_id):

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
 from townhall.admission.joins import Admitter
-from townhall.admission.metrics import JOIN_DURATION, JOINS_REJECTED
-from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id
+from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
+from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
-from townhall.core.errors import InvalidArgument, from_rpc
+from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
 from townhall.core.identity import caller, principal, require
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
 
 LIST_DEFAULT, LIST_MAX = 50, 500
-TIMEOUT = FORWARD_TIMEOUT_S
 
 
 # How far ahead a room may be scheduled: 30 days.
@@ -46,35 +46,29 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         if host in speakers:
             raise InvalidArgument("speaker_ids must not include the host (the caller)")
         limit = validation.bounded(request.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
-        # The id decides the owner, so it is picked here, before the room exists anywhere.
-        room_id = new_room_id()
-        owner = self._peers.owner(room_id)
-        if owner == self._peers.me:
-            return await self._store.create(host, title, speakers, limit, room_id)
+        key = validation.request_id(request.request_id)
+        # The id decides the owner, so it is picked here, before the room exists anywhere; with an
+        # idempotency key it is the same on every attempt, so a repeated create finds the first room.
+        room_id = room_id_for(host, key) if key else new_room_id()
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
-        return self._learn(
-            await _forward(
-                self._peers.owner_api(owner).CreateRoom(
-                    forward, metadata=self._peers.forwarding.internal(), timeout=TIMEOUT, wait_for_ready=True
-                )
-            )
+        return await self._on_owner(
+            room_id,
+            lambda: self._store.create(host, title, speakers, limit, room_id, replay=bool(key)),
+            lambda owner, timeout: self._peers.owner_api(owner).CreateRoom(
+                forward, metadata=self._peers.forwarding.internal(), timeout=timeout
+            ),
         )
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = require(context, HOST)
         room_id = validation.room_id(request.room_id)
-        if self._serve_here(room_id, context):
-            return await self._store.start(room_id, user)
-        stub = self._peers.rooms(self._peers.owner(room_id))
-        return self._learn(
-            await _forward(
-                stub.StartRoom(
-                    request,
-                    metadata=self._peers.forwarding.forward(context),
-                    timeout=TIMEOUT,
-                    wait_for_ready=True,
-                )
-            )
+        return await self._owner_only(
+            room_id,
+            context,
+            lambda: self._store.start(room_id, user),
+            lambda owner, timeout: self._peers.rooms(owner).StartRoom(
+                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+            ),
         )
 
     async def ScheduleRoom(
@@ -84,48 +78,70 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         room_id = validation.room_id(request.room_id)
         now = int(time.time() * 1000)
         validation.bounded(request.start_at_ms, "start_at_ms", now + 1, now + MAX_SCHEDULE_AHEAD_MS)
-        if self._serve_here(room_id, context):
-            return await self._store.schedule(room_id, user, request.start_at_ms)
-        stub = self._peers.rooms(self._peers.owner(room_id))
-        return self._learn(
-            await _forward(
-                stub.ScheduleRoom(
-                    request,
-                    metadata=self._peers.forwarding.forward(context),
-                    timeout=TIMEOUT,
-                    wait_for_ready=True,
-                )
-            )
+        return await self._owner_only(
+            room_id,
+            context,
+            lambda: self._store.schedule(room_id, user, request.start_at_ms),
+            lambda owner, timeout: self._peers.rooms(owner).ScheduleRoom(
+                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+            ),
         )
 
     async def EndRoom(self, request: rooms_pb2.EndRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = require(context, HOST)
         room_id = validation.room_id(request.room_id)
-        if self._serve_here(room_id, context):
-            room = await self._store.end(room_id, user)
-        else:
-            stub = self._peers.rooms(self._peers.owner(room_id))
-            room = self._learn(
-                await _forward(
-                    stub.EndRoom(
-                        request,
-                        metadata=self._peers.forwarding.forward(context),
-                        timeout=TIMEOUT,
-                        wait_for_ready=True,
-                    )
-                )
-            )
+        room = await self._owner_only(
+            room_id,
+            context,
+            lambda: self._store.end(room_id, user),
+            lambda owner, timeout: self._peers.rooms(owner).EndRoom(
+                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+            ),
+        )
         self._admitter.forget_ended()
         return room
 
-    def _serve_here(self, room_id: str, context: grpc.aio.ServicerContext) -> bool:
-        """Owner-only work runs here if this process owns the room or the call was forwarded to it."""
-        return self._peers.is_owner(room_id) or self._peers.forwarding.check(context)
+    async def _owner_only(
+        self,
+        room_id: str,
+        context: grpc.aio.ServicerContext,
+        here: Callable[[], Awaitable[Room]],
+        there: Callable[[str, float], Awaitable[Room]],
+    ) -> Room:
+        """A change of an existing room: served here if forwarded here, else on the room's owner."""
+        if self._peers.forwarding.check(context):
+            # A member that takes this process for the owner sent it: serve it, unless handing over.
+            return await serve_as_owner(self._peers, here)
+        return await self._on_owner(room_id, here, there)
 
-    def _learn(self, room: Room) -> Room:
-        # The owner's answer is applied here at once, so the caller reads its own change from this process.
-        self._store.book.apply(room)
-        return room
+    async def _on_owner(
+        self,
+        room_id: str,
+        here: Callable[[], Awaitable[Room]],
+        there: Callable[[str, float], Awaitable[Room]],
+    ) -> Room:
+        """Runs the change on the room's owner: here, or forwarded; tried again at the next owner
+        while the owner does not answer (dead but not yet seen down) or is handing over."""
+        deadline = time.monotonic() + FORWARD_TIMEOUT_S
+        delay = 0.05
+        while True:
+            owner = self._peers.owner(room_id)
+            if owner == self._peers.me:
+                return await here()
+            try:
+                # Not wait_for_ready: an owner that cannot be reached fails at once, and the next
+                # attempt asks the membership again (which drops a dead owner within a few probes).
+                room = await there(owner, max(0.1, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay >= deadline:
+                    raise from_rpc(exc) from exc
+                FORWARD_RETRIES.inc()
+                await asyncio.sleep(delay)
+                delay = min(0.5, delay * 2)
+                continue
+            # The owner's answer is applied here at once, so the caller reads its own change here.
+            self._store.book.apply(room)
+            return room
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         return self._store.book.get(validation.room_id(request.room_id))
@@ -169,8 +185,9 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
 class OwnerServicer(internal_pb2_grpc.OwnerServicer):
     """Room creations forwarded by other members to this one, the owner of the new room's id."""
 
-    def __init__(self, store: RoomStore) -> None:
+    def __init__(self, store: RoomStore, peers: Peers) -> None:
         self._store = store
+        self._peers = peers
 
     async def CreateRoom(self, request: ForwardedCreate, context: grpc.aio.ServicerContext) -> Room:
         create = request.request
@@ -178,7 +195,11 @@ class OwnerServicer(internal_pb2_grpc.OwnerServicer):
         speakers = validation.user_ids(create.speaker_ids, "speaker_ids", MAX_SPEAKERS)
         title = validation.title(create.title)
         limit = validation.bounded(create.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
-        return await self._store.create(request.host_id, title, speakers, limit, room_id)
+        replay = bool(validation.request_id(create.request_id))
+        return await serve_as_owner(
+            self._peers,
+            lambda: self._store.create(request.host_id, title, speakers, limit, room_id, replay=replay),
+        )
 
 
 class LeasesServicer(internal_pb2_grpc.LeasesServicer):
@@ -192,9 +213,9 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
         return self._capacity.grant(request)
 
 
-async def _forward(call: Awaitable[Room]) -> Room:
-    """Awaits a call to the owner; its failure becomes this call's failure, with the same status."""
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc(exc) from exc
+async def serve_as_owner(peers: Peers, change: Callable[[], Awaitable[Room]]) -> Room:
+    """Makes a change sent here by another member, unless this process is handing its rooms over."""
+    if peers.leaving:
+        # The sender tries again and, once it sees this process go, sends it to the next owner.
+        raise Unavailable("this admission process is handing its rooms over to the next owner; retry")
+    return await change()

@@ -1,29 +1,38 @@
-"""Durable rooms: every change is acknowledged by Kafka (acks=all) before it is applied or answered."""
+"""Durable rooms: every change is acknowledged by Kafka (acks=all) before it is applied or answered.
+
+Every process keeps a replica of every room by following the compacted room-state topic. Before
+the owner makes a change it makes sure its replica holds every record written so far (the
+topic's end offsets, one ListOffsets request), so a process that has just taken a room over
+from a dead or departing owner never builds a change on a stale version of it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 
 from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
-from townhall.core.errors import Unavailable
+from townhall.core.errors import AlreadyExists, Unavailable
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
 from townhall.core.tasks import cancel
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Room, RoomState
 from townhall.v1.events_pb2 import RoomStarted
 
 log = logging.get(__name__)
 
-# How long a change may wait for Kafka before the caller is told to retry (UNAVAILABLE).
+# How long a change may wait for Kafka (catching up, then writing) before the caller is told to
+# retry (UNAVAILABLE); the client's own deadline is longer.
 COMMIT_TIMEOUT_S = 10.0
 
 
@@ -43,6 +52,9 @@ class RoomStore:
         # One change at a time per room, so versions never fork.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._ends: dict[TopicPartition, int] = {}
+        # Per partition, the offset up to which every record is applied to the book.
+        self._applied: dict[TopicPartition, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
         # Called with each room version read from the topic while following (after `load`).
         self.on_change: Callable[[Room], None] | None = None
@@ -58,100 +70,200 @@ class RoomStore:
                 self.book.apply(Room.FromString(value))
 
         self._ends = await read_to_end(self._kafka, self._topics.room_state, apply)
+        self._applied = dict(self._ends)
         self._update_gauge()
         log.info("rooms rebuilt from kafka", records=count, rooms=len(self.book))
         return count
 
-    def follow(self) -> None:
+    async def follow(self) -> None:
         """Keeps applying the topic from where `load` stopped: every process holds a replica of every room."""
-        self._follower = asyncio.create_task(self._follow(), name="room-state-follower")
-
-    async def stop(self) -> None:
-        """Stops following the topic."""
-        await cancel(self._follower)
-
-    async def _follow(self) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._kafka.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
         )
         await consumer.start()
-        try:
-            consumer.assign(list(self._ends))
-            for tp, offset in self._ends.items():
-                consumer.seek(tp, offset)
-            while True:
-                batch = await consumer.getmany(timeout_ms=1_000)
-                for records in batch.values():
-                    for record in records:
-                        if not record.value:
-                            continue
-                        room = Room.FromString(record.value)
-                        if self.book.apply(room):
-                            self._update_gauge()
-                        # Also for versions already applied (this process's own or forwarded changes).
-                        if self.on_change is not None:
-                            self.on_change(room)
-        finally:
+        consumer.assign(list(self._ends))
+        for tp, offset in self._ends.items():
+            consumer.seek(tp, offset)
+        self._consumer = consumer
+        self._follower = asyncio.create_task(self._follow(consumer), name="room-state-follower")
+
+    async def stop(self) -> None:
+        """Stops following the topic."""
+        await cancel(self._follower)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
             await consumer.stop()
 
+    async def _follow(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=1_000)
+            except KafkaError as exc:  # the consumer reconnects by itself; keep following
+                log.warning("room-state topic unavailable", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for tp, records in batch.items():
+                for record in records:
+                    if not record.value:
+                        continue
+                    room = Room.FromString(record.value)
+                    if self.book.apply(room):
+                        self._update_gauge()
+                    # Also for versions already applied (this process's own or forwarded changes).
+                    if self.on_change is not None:
+                        self.on_change(room)
+                if records:
+                    self._advance(tp, records[-1].offset + 1)
+
+    def _advance(self, tp: TopicPartition, offset: int) -> None:
+        if offset > self._applied.get(tp, 0):
+            self._applied[tp] = offset
+
+    async def caught_up(self, deadline: float) -> None:
+        """Returns once the replica holds every room change written before this call (or UNAVAILABLE)."""
+        consumer = self._consumer
+        if consumer is None:
+            raise Unavailable("this process is not following the room-state topic yet: retry")
+        try:
+            ends = await asyncio.wait_for(
+                consumer.end_offsets(list(self._applied)), max(0.0, deadline - time.monotonic())
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise Unavailable("Kafka did not say how far the room-state topic goes: retry") from exc
+        while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise Unavailable("this replica is behind the room-state topic: retry")
+            await asyncio.sleep(0.01)
+
+    async def quiesce(self, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+        """Waits until no change is being written here (hand-over on SIGTERM)."""
+
+        async def written() -> None:
+            for lock in list(self._locks.values()):
+                if lock.locked():
+                    async with lock:
+                        pass
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written(), timeout_s)
+
     async def create(
-        self, host: int, title: str, speakers: list[int], listener_limit: int, room_id: str | None = None
+        self,
+        host: int,
+        title: str,
+        speakers: list[int],
+        listener_limit: int,
+        room_id: str,
+        replay: bool = False,
     ) -> Room:
-        """Creates and durably records a room (with `room_id` when a forwarding member picked it)."""
-        room = self.book.created(host, title, speakers, listener_limit, now_ms(), room_id)
-        async with self._locks[room.room_id]:
-            await self._commit(room, "created")
+        """Creates and durably records a room with the id the servicer picked.
+
+        With `replay` (the id was derived from the host's request id) a room that already exists
+        with this id and host is the answer of an earlier attempt, and is returned as it is.
+        """
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        async with self._locks[room_id]:
+            await self.caught_up(deadline)
+            existing = self.book.find(room_id)
+            if existing is not None:
+                if replay and existing.host_id == host:
+                    return existing
+                raise AlreadyExists(f"room {room_id} already exists")
+            room = self.book.created(host, title, speakers, listener_limit, now_ms(), room_id)
+            await self._commit(room, "created", deadline)
         return room
 
     async def start(self, room_id: str, caller: int) -> Room:
-        """Starts the caller's room and announces it; repeating it announces it again."""
+        """Starts the caller's room and announces it; repeating it announces it again.
+
+        Three writes: the room live, its room-started event, the room announced. An owner that
+        fails between them leaves a live room not yet announced, which the next owner announces
+        (`announce_pending`): a start the caller was not answered for is completed, never half made.
+        """
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
+            await self.caught_up(deadline)
             room = self.book.started(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
-                await self._commit(room, "started")
-            await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room))
-        return room
+                await self._commit(room, "started", deadline)
+            return await self._announce(room, deadline)
+
+    async def announce_pending(self, owns: Callable[[str], bool]) -> int:
+        """Announces the live rooms owned here whose room-started event may be missing."""
+        done = 0
+        for room in self.book.unannounced():
+            if not owns(room.room_id) or self._locks[room.room_id].locked():
+                continue
+            async with self._locks[room.room_id]:
+                deadline = time.monotonic() + COMMIT_TIMEOUT_S
+                await self.caught_up(deadline)
+                current = self.book.get(room.room_id)
+                if current.state == RoomState.ROOM_STATE_LIVE and not current.announced:
+                    log.info("announcing a room started by an earlier owner", room=room.room_id)
+                    await self._announce(current, deadline)
+                    done += 1
+        return done
+
+    async def _announce(self, room: Room, deadline: float) -> Room:
+        await self._send(self._topics.room_started, str(room.host_id), RoomStarted(room=room), deadline)
+        announced = self.book.announced(room.room_id)
+        if announced is not self.book.get(room.room_id):
+            await self._commit(announced, "announced", deadline)
+        return announced
 
     async def schedule(self, room_id: str, caller: int, start_at_ms: int) -> Room:
         """Durably schedules the caller's room to start at `start_at_ms`."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
+            await self.caught_up(deadline)
             room = self.book.scheduled(room_id, caller, start_at_ms)
-            await self._commit(room, "scheduled")
+            await self._commit(room, "scheduled", deadline)
         return room
 
     async def end(self, room_id: str, caller: int) -> Room:
         """Ends the caller's room."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
+            await self.caught_up(deadline)
             room = self.book.ended(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
-                await self._commit(room, "ended")
+                await self._commit(room, "ended", deadline)
         return room
 
     async def mark_crowd(self, room_id: str) -> Room:
         """Durably marks a live room as drawing a crowd (its clients then join on the crowd lane)."""
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self._locks[room_id]:
+            await self.caught_up(deadline)
             room = self.book.crowded(room_id)
             if room is not self.book.get(room_id):
-                await self._commit(room, "crowd")
+                await self._commit(room, "crowd", deadline)
         return room
 
-    async def _commit(self, room: Room, change: str) -> None:
-        await self._send(self._topics.room_state, room.room_id, room)
+    async def _commit(self, room: Room, change: str, deadline: float) -> None:
+        written = await self._send(self._topics.room_state, room.room_id, room, deadline)
         self.book.apply(room)
+        tp = TopicPartition(written.topic, written.partition)
+        if self._applied.get(tp, 0) == written.offset:
+            # Nothing unread before this record: the replica is caught up with it already.
+            self._advance(tp, written.offset + 1)
         ROOM_CHANGES.labels(change).inc()
         self._update_gauge()
         log.info("room changed", room=room.room_id, change=change, version=room.version)
 
-    async def _send(self, topic: str, key: str, message: Room | RoomStarted) -> None:
+    async def _send(
+        self, topic: str, key: str, message: Room | RoomStarted, deadline: float
+    ) -> RecordMetadata:
         try:
-            await asyncio.wait_for(
+            return await asyncio.wait_for(
                 self._producer.send_and_wait(topic, message.SerializeToString(), key=key.encode()),
-                COMMIT_TIMEOUT_S,
+                max(0.0, deadline - time.monotonic()),
             )
         except (KafkaError, TimeoutError) as exc:
             KAFKA_PRODUCE_ERRORS.labels(topic).inc()
             log.warning("kafka write failed", topic=topic, key=key, error=repr(exc))
-            raise Unavailable("the change could not be recorded in Kafka; it was not made: retry") from exc
+            # The record may still reach Kafka later; every room change is safe to repeat.
+            raise Unavailable("Kafka did not acknowledge the change in time; retrying it is safe") from exc
 
     def _update_gauge(self) -> None:
         ROOMS_LIVE.set(self.book.live_count())

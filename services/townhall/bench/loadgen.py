@@ -24,6 +24,7 @@ from townhall.core.channels import channel
 from townhall.core.config import TicketConfig, TlsConfig
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.core.wire import read_varint
 from townhall.relay.fanout import chunk_sequence
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
@@ -102,27 +103,16 @@ async def _listen(
         c.error_kinds[key] = c.error_kinds.get(key, 0) + 1
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
 def first_capture_us(data: bytes) -> int:
     """capture_ts_us of a serialised Chunk's first (oldest) frame, 0 if none, without parsing the rest."""
     pos, end = 0, len(data)
     while pos < end:
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            _, pos = _varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire == 2:
-            length, pos = _varint(data, pos)
+            length, pos = read_varint(data, pos)
             if field == 3:
                 return AudioFrame.FromString(data[pos : pos + length]).capture_ts_us
             pos += length

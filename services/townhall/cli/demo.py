@@ -8,6 +8,7 @@ must receive every frame, byte for byte, in order. Prints a summary; exit 0 only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -22,7 +23,7 @@ from townhall import audio
 from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints, now_us
 from townhall.core.auth import HOST, PUBLISH, SUBSCRIBE, Tokens
-from townhall.v1 import relay_pb2
+from townhall.live import Listener, Speaker
 
 console = Console()
 NOTIFY_TIMEOUT_S = 20.0
@@ -39,22 +40,18 @@ class Heard:
 
 
 async def _listen(client: Client, room_id: str, expected: int, done: asyncio.Event, heard: Heard) -> None:
-    grant = await client.join(room_id)
-    call = client.subscribe(grant, room_id)
-    last = 0
-    try:
-        async for chunk in call:
-            assert isinstance(chunk, relay_pb2.Chunk)
+    # The client library's listener: it would move to another relay and resume if this one failed.
+    last = (0, 0)
+    async with contextlib.aclosing(Listener(client, room_id).chunks()) as chunks:
+        async for chunk in chunks:
             received = now_us()
-            heard.gaps += int(last != 0 and chunk.sequence != last + 1)
-            last = chunk.sequence
+            heard.gaps += int(last[1] != 0 and chunk.epoch == last[0] and chunk.sequence != last[1] + 1)
+            last = (chunk.epoch, chunk.sequence)
             for frame in chunk.frames:
                 heard.payloads.append(frame.payload)
                 heard.latencies_ms.append((received - frame.capture_ts_us) / 1000)
             if len(heard.payloads) >= expected:
                 break
-    finally:
-        call.cancel()
     done.set()
 
 
@@ -124,8 +121,9 @@ async def demo(
             for c, e, h in zip(audience, finished, heard, strict=True)
         ]
         await asyncio.sleep(0.5)  # listeners subscribe before the first word
-        grant = await host.join(room.room_id)
-        accepted = await host.publish(grant, packets)
+        speaker = Speaker(host, room.room_id)
+        await speaker.speak(packets)
+        accepted = speaker.accepted
         await asyncio.wait(listening, timeout=AUDIO_GRACE_S)
         for task in listening:
             task.cancel()

@@ -42,7 +42,8 @@ def resolve(
     path: str | Path | None = None,
     crowd: str | None = None,
 ) -> Endpoints:
-    """Endpoints from explicit addresses, else the first process of each service in the manifest."""
+    """Endpoints from explicit addresses, else the manifest: every admission owner (the client moves to
+    another when one stops), the first crowd-lane process and the first notifier."""
     tls = config(path).tls
     if admission and notifier:
         return Endpoints(admission, notifier, tls, crowd or "")
@@ -50,7 +51,7 @@ def resolve(
     owners = [e["grpc"] for e in services["admission"] if not e.get("lane")]
     crowd_lane = [e["grpc"] for e in services["admission"] if e.get("lane") == "crowd"]
     return Endpoints(
-        admission or owners[0],
+        admission or ",".join(owners),
         notifier or services["notifier"][0]["grpc"],
         tls,
         crowd or (crowd_lane[0] if crowd_lane else ""),

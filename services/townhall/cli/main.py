@@ -15,7 +15,9 @@ DEFAULT_ROOT = Path(".townhall")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="townhall", description=__doc__)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local state folder (.townhall)")
-    parser.add_argument("--admission", help="admission host:port (default: from topology.json)")
+    parser.add_argument(
+        "--admission", help="admission host:port[,host:port...] (default: every one in topology.json)"
+    )
     parser.add_argument("--notifier", help="notifier host:port (default: from topology.json)")
     parser.add_argument(
         "--crowd",
@@ -92,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
     loadtest.add_parser(sub)
 
+    from townhall.cli import faults
+
+    faults.add_parser(sub)
+
     bench = sub.add_parser("bench", help="run the benchmarks; figures on screen, JSON in --out")
     bench.add_argument("--out", type=Path, default=DEFAULT_ROOT / "bench")
     bench.add_argument("--listeners", type=int, nargs="+", default=[100, 500, 1000, 2000])
@@ -153,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli import loadtest as loadtest_cli
 
         sys.exit(loadtest_cli.run(args))
+    if args.command == "faults":
+        from townhall.cli import faults as faults_cli
+
+        sys.exit(faults_cli.run(args))
     if args.command == "bench":
         from townhall.cli.bench import run_bench
 

@@ -17,7 +17,7 @@ from townhall import audio
 from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS
-from townhall.v1 import relay_pb2
+from townhall.live import Listener, Speaker
 from townhall.v1.common_pb2 import Room
 
 console = Console()
@@ -113,33 +113,32 @@ async def _inbox(client: Client, args: argparse.Namespace) -> int:
 
 async def _speak(client: Client, args: argparse.Namespace) -> int:
     packets = audio.encode_opus(audio.read_wav(args.file))
-    grant = await client.join(args.room)
     seconds = len(packets) * audio.FRAME_MS / 1000
-    console.print(f"speaking {len(packets)} frames ({seconds:.1f} s) to {grant.relay_address}")
-    accepted = await client.publish(grant, packets)
-    console.print(f"relay accepted {accepted} frames")
-    return 0 if accepted == len(packets) else 1
+    speaker = Speaker(client, args.room)
+    console.print(f"speaking {len(packets)} frames ({seconds:.1f} s) into room {args.room}")
+    await speaker.speak(packets)
+    moves = f", moved relay {len(speaker.moves)} times" if speaker.moves else ""
+    console.print(f"relays accepted {speaker.accepted} frames (last: {speaker.relay}){moves}")
+    return 0 if speaker.lost == 0 else 1
 
 
 async def _listen(client: Client, args: argparse.Namespace) -> int:
-    grant = await client.join(args.room)
-    call = client.subscribe(grant, args.room)
+    listener = Listener(client, args.room)
     by_speaker: dict[int, list[bytes]] = {}
     chunks = gaps = 0
-    last = 0
+    last = (0, 0)
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(args.seconds):
-            async for chunk in call:
-                assert isinstance(chunk, relay_pb2.Chunk)
+        async with asyncio.timeout(args.seconds), contextlib.aclosing(listener.chunks()) as stream:
+            async for chunk in stream:
                 chunks += 1
-                gaps += int(last and chunk.sequence != last + 1)
-                last = chunk.sequence
+                gaps += int(last[1] != 0 and chunk.epoch == last[0] and chunk.sequence != last[1] + 1)
+                last = (chunk.epoch, chunk.sequence)
                 for frame in chunk.frames:
                     by_speaker.setdefault(frame.speaker_id, []).append(frame.payload)
-    call.cancel()
     pcm = audio.mix([audio.OpusDecoder().decode(p) for p in by_speaker.values()])
     audio.write_wav(args.out, pcm)
     frames = sum(len(p) for p in by_speaker.values())
     seconds = len(pcm) / audio.SAMPLE_RATE
-    console.print(f"{chunks} chunks, {frames} frames, {gaps} gaps -> {args.out} ({seconds:.1f} s)")
+    moves = f", {len(listener.moves)} relay moves" if listener.moves else ""
+    console.print(f"{chunks} chunks, {frames} frames, {gaps} gaps{moves} -> {args.out} ({seconds:.1f} s)")
     return 0

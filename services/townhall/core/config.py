@@ -173,11 +173,17 @@ class ServerConfig:
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
     health_port: int = 0
+    # On SIGTERM a process reports NOT_SERVING and keeps working this long before it ends its
+    # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
+    # listeners first and clients reconnect to a process that is already in charge.
+    drain_notice_ms: int = 1_000
 
     def validate(self) -> None:
         _port("server.health_port", self.health_port)
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
+        if not 0 <= self.drain_notice_ms <= 60_000:
+            raise ConfigError(f"server.drain_notice_ms must be within 0..60000, not {self.drain_notice_ms}")
         _positive("server.max_concurrent_streams", self.max_concurrent_streams)
 
 
@@ -223,9 +229,25 @@ class AdmissionConfig:
     # Join attempts/s (all processes, as seen by the owner's leases) above which a room is marked
     # crowd; 0 never marks one.
     crowd_joins_per_s: float = 500.0
+    # Liveness: every admission process probes the other members and the relays with gRPC health
+    # this often; a member that misses probe_failures probes in a row (or answers NOT_SERVING)
+    # owns no rooms and gets no listeners until it answers again.
+    probe_interval_ms: int = 300
+    probe_timeout_ms: int = 1_000
+    probe_failures: int = 2
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
+        if not 50 <= self.probe_interval_ms <= 60_000:
+            raise ConfigError(
+                f"admission.probe_interval_ms must be within 50..60000, not {self.probe_interval_ms}"
+            )
+        if not 50 <= self.probe_timeout_ms <= 60_000:
+            raise ConfigError(
+                f"admission.probe_timeout_ms must be within 50..60000, not {self.probe_timeout_ms}"
+            )
+        if not 1 <= self.probe_failures <= 10:
+            raise ConfigError(f"admission.probe_failures must be within 1..10, not {self.probe_failures}")
         if self.advertise:
             _address("admission.advertise", self.advertise)
         if self.membership not in {"static", "kubernetes"}:
@@ -292,9 +314,17 @@ class RelayConfig:
     # every large_room_chunk_ms instead (more listeners per core, more latency); 0 keeps chunk_ms.
     large_room_chunk_ms: int = 0
     large_room_relays: int = 4
+    # An edge whose pull from upstream has failed for this long ends its listeners' streams of
+    # the room (UNAVAILABLE): they join again, admission gives them a path over live relays, and
+    # they resume from their last chunk. At once when the upstream says it is draining.
+    upstream_lost_ms: int = 1_000
 
     def validate(self) -> None:
         _address("relay.listen", self.listen)
+        if not 100 <= self.upstream_lost_ms <= 60_000:
+            raise ConfigError(
+                f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
+            )
         _positive("relay.listener_capacity", self.listener_capacity)
         if self.load_report_ms < 0:
             raise ConfigError(f"relay.load_report_ms must be 0 (off) or positive, not {self.load_report_ms}")

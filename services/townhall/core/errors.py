@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata a relay sets on UNAVAILABLE to say why it ended a stream on purpose:
+# "draining" (SIGTERM) or "upstream-lost". Clients and downstream relays move on at once.
+REASON_KEY = "townhall-reason"
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    """The reason a server gave in REASON_KEY ("" if none)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == REASON_KEY:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return ""
+
 
 class TownhallError(Exception):
     """An error whose message is safe and useful to show the caller."""
@@ -64,6 +76,10 @@ class Unavailable(TownhallError):
     """A dependency (Kafka, the owner) could not be reached; safe to retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.trailers = trailers
 
 
 def from_rpc(error: grpc.aio.AioRpcError) -> TownhallError:

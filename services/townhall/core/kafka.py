@@ -107,13 +107,21 @@ async def ensure_topics(config: KafkaConfig) -> None:
         await admin.close()
 
 
+# Not idempotent, on purpose: aiokafka's idempotent producer stops for good when a broker
+# restart leaves it with OutOfOrderSequenceNumber (sequence numbers of batches that never made
+# it), and every later send fails. Every reader here tolerates a record written twice (room
+# versions, notification and task ids), and aiokafka keeps one batch in flight per partition,
+# so a retry never reorders a partition either.
+IDEMPOTENT = False
+
+
 def producer(config: KafkaConfig, client_id: str) -> AIOKafkaProducer:
     """A producer whose send_and_wait means the record is on every in-sync replica."""
     return AIOKafkaProducer(
         bootstrap_servers=config.bootstrap,
         client_id=client_id,
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=IDEMPOTENT,
         linger_ms=2,
         request_timeout_ms=15_000,
         retry_backoff_ms=200,

@@ -1,4 +1,8 @@
-"""Membership: the live members of a sharded service, from config or from Kubernetes EndpointSlices."""
+"""Membership: the live members of a sharded service, from config or from Kubernetes EndpointSlices.
+
+Either source can be narrowed to the members that answer health probes (`ProbedMembership`), so a
+killed process stops owning rooms within a couple of probe intervals, and a draining one at once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from townhall.core import logging
+from townhall.core.liveness import Liveness
 from townhall.core.sharding import owner
 
 log = logging.get(__name__)
@@ -59,7 +64,44 @@ class StaticMembership(_Base):
         self._members = sorted({*members, me} if owns else set(members))
 
     def members(self) -> list[str]:
-        return list(self._members)
+        return self._members  # never mutated: ProbedMembership caches on its identity
+
+
+class ProbedMembership(_Base):
+    """Another membership narrowed to the members a Liveness says are up; `me` always counts,
+    unless this process `owns` nothing (admission's crowd lane), which is never a member.
+
+    `leave()` (on SIGTERM) takes this process out of its own view: it then owns nothing, and
+    forwards every owner-only change to the member that owns it next.
+    """
+
+    def __init__(self, inner: Membership, liveness: Liveness, owns: bool = True) -> None:
+        self.me = inner.me
+        self._inner = inner
+        self._liveness = liveness
+        # A process that owns nothing behaves as one always leaving: never counted, never an owner.
+        self.leaving = not owns
+        self._cache: tuple[list[str], int, bool, list[str]] | None = None
+
+    def members(self) -> list[str]:
+        # Called for every owner look-up: recomputed only when the list, a probe or leaving changed.
+        listed = self._inner.members()
+        version = self._liveness.version
+        cache = self._cache
+        if cache is not None and cache[0] is listed and cache[1] == version and cache[2] == self.leaving:
+            return cache[3]
+        up = self._liveness.is_up
+        live = [m for m in listed if up(m) and (m != self.me or not self.leaving)]
+        if not self.leaving and self.me not in live:
+            live = sorted([*live, self.me])
+        # Leaving with no one else up: keep owning, there is no one to hand over to.
+        members = live or [self.me]
+        self._cache = (listed, version, self.leaving, members)
+        return members
+
+    def leave(self) -> None:
+        """Stops owning anything here (the process is shutting down)."""
+        self.leaving = True
 
 
 def slice_members(endpoint_slice: Any, port_name: str | None) -> set[str]:

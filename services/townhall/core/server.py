@@ -41,8 +41,11 @@ class App(Protocol):
     async def start(self) -> None:
         """Connects to dependencies (Kafka) and starts background tasks, before serving."""
 
+    async def leave(self) -> None:
+        """Hands over what this process owns (SIGTERM), before it reports NOT_SERVING."""
+
     async def drain(self) -> None:
-        """Asks long-lived streams to finish; called once SIGTERM arrives."""
+        """Asks long-lived streams to finish; called after the drain notice, before the server stops."""
 
     async def close(self) -> None:
         """Stops background tasks and closes clients; always called."""
@@ -115,10 +118,17 @@ async def start(app: App, config: Config, listen: str) -> Running:
     return Running(server, health_servicer, port, health_server, watcher)
 
 
-async def stop(app: App, running: Running, grace_s: float) -> None:
-    """Reports NOT_SERVING, drains streams, stops within the grace period, closes the app."""
+async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0) -> None:
+    """Hands over, reports NOT_SERVING, keeps serving `notice_s`, drains, stops within grace_s, closes.
+
+    The notice lets peers that probe health (admission) take this process's rooms and send its
+    listeners elsewhere while it still answers, so clients that reconnect find the new owner.
+    """
     try:
+        await app.leave()
         await running.health.enter_graceful_shutdown()
+        if notice_s > 0:
+            await asyncio.sleep(notice_s)
         await app.drain()
         await running.server.stop(grace_s)
     finally:
@@ -144,8 +154,9 @@ async def serve(app: App, config: Config, name: str, listen: str, metrics_port: 
         loop.add_signal_handler(sig, stopping.set)
     with contextlib.suppress(asyncio.CancelledError):
         await stopping.wait()
-    log.info("draining", name=name, grace_s=config.server.grace_s)
-    await stop(app, running, config.server.grace_s)
+    notice_s = config.server.drain_notice_ms / 1000
+    log.info("draining", name=name, notice_s=notice_s, grace_s=config.server.grace_s)
+    await stop(app, running, config.server.grace_s, notice_s)
     log.info("stopped", name=name)
 
 

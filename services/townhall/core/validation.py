@@ -10,7 +10,9 @@ from townhall.core.errors import InvalidArgument
 ROOM_ID_MAX = 32
 TITLE_MAX = 200
 USER_ID_MAX = 2**63 - 1
+REQUEST_ID_MAX = 64
 _ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -21,6 +23,15 @@ def room_id(value: str, field: str = "room_id") -> str:
     if len(value) > ROOM_ID_MAX:
         raise InvalidArgument(f"{field} is {len(value)} characters; at most {ROOM_ID_MAX} allowed")
     if not _ROOM_ID.fullmatch(value):
+        raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'")
+    return value
+
+
+def request_id(value: str, field: str = "request_id") -> str:
+    """An optional idempotency key: empty, or 1..64 characters of [A-Za-z0-9_-]."""
+    if len(value) > REQUEST_ID_MAX:
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {REQUEST_ID_MAX} allowed")
+    if value and not _REQUEST_ID.fullmatch(value):
         raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'")
     return value
 

@@ -79,6 +79,22 @@ class Topology:
     env: dict[str, str] = field(default_factory=dict)
     broker: Broker | None = None
     processes: list[Process] = field(default_factory=list)
+    # An existing broker (bootstrap address) to use instead of starting one, and the topic prefix
+    # (several topologies can share one broker with prefixes of their own).
+    kafka: str | None = None
+    topic_prefix: str = "townhall"
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap address the processes use."""
+        if self.kafka is not None:
+            return self.kafka
+        assert self.broker is not None
+        return self.broker.bootstrap
+
+    def of(self, service: str) -> list[Process]:
+        """The processes of one service, by index."""
+        return [p for p in self.processes if p.service == service]
 
     @property
     def manifest(self) -> Path:
@@ -95,10 +111,11 @@ class Topology:
         """Starts Kafka and every process, waits until all report SERVING, writes topology.json."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
-        kafka_port = FIXED_KAFKA_PORT if self.fixed_ports else free_port()
-        self.broker = Broker(self.root / "kafka", port=kafka_port)
-        self.broker.start()
-        asyncio.run(ensure_topics(KafkaConfig(bootstrap=self.broker.bootstrap)))
+        if self.kafka is None:
+            kafka_port = FIXED_KAFKA_PORT if self.fixed_ports else free_port()
+            self.broker = Broker(self.root / "kafka", port=kafka_port)
+            self.broker.start()
+        asyncio.run(ensure_topics(KafkaConfig(bootstrap=self.bootstrap, topic_prefix=self.topic_prefix)))
         for service in SERVICES:
             for index in range(self.counts.get(service, 0)):
                 grpc_port, metrics_port = self._ports(service, index)
@@ -125,23 +142,23 @@ class Topology:
 
     def describe(self) -> dict[str, Any]:
         """The topology.json content."""
-        assert self.broker is not None
         return {
-            "kafka": self.broker.bootstrap,
+            "kafka": self.bootstrap,
             "services": {s: [p.describe() for p in self.processes if p.service == s] for s in SERVICES},
         }
 
     def _child_env(self, proc: Process) -> dict[str, str]:
-        assert self.broker is not None
         prefix = f"TOWNHALL_{proc.service.upper()}_"
         relays = ",".join(p.grpc for p in self.processes if p.service == "relay")
         env = {
             **os.environ,
-            "TOWNHALL_KAFKA_BOOTSTRAP": self.broker.bootstrap,
+            "TOWNHALL_KAFKA_BOOTSTRAP": self.bootstrap,
+            "TOWNHALL_KAFKA_TOPIC_PREFIX": self.topic_prefix,
             "TOWNHALL_ADMISSION_RELAYS": relays,
             f"{prefix}LISTEN": proc.grpc,
             f"{prefix}METRICS_PORT": str(proc.metrics_port),
             "TOWNHALL_NOTIFIER_DATA_DIR": str(self.root / f"notifier-{proc.index}"),
+            "TOWNHALL_NOTIFIER_GROUP_ID": f"{self.topic_prefix}-notifier",
             **self.env,
         }
         if proc.service == "relay":
@@ -177,6 +194,17 @@ class Topology:
         """Starts a stopped or killed process again on the same ports."""
         self._spawn(proc)
         _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
+
+    def kill(self, proc: Process) -> None:
+        """kill -9 of one process (no drain, no goodbye), for fault tests."""
+        if proc.popen is not None and proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait(10)
+
+    def terminate(self, proc: Process) -> None:
+        """SIGTERM to one process; returns at once (it drains, then exits)."""
+        if proc.popen is not None and proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to every process (admission first), then the broker; kills stragglers."""

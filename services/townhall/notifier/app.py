@@ -13,7 +13,7 @@ from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import Topics, report_lag
+from townhall.core.kafka import IDEMPOTENT, Topics, report_lag
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.inbox import Hub
@@ -171,6 +171,9 @@ class NotifierApp:
             inbox_partitions=len(partitions),
         )
 
+    async def leave(self) -> None:
+        """Nothing to hand over: the graph stays with its shard, consumer groups rebalance on close."""
+
     async def drain(self) -> None:
         """Ends every Inbox stream so clients reconnect elsewhere."""
         self.hub.close()
@@ -207,7 +210,7 @@ def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
         bootstrap_servers=kafka.bootstrap,
         client_id=f"notifier-{lane}",
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=IDEMPOTENT,
         linger_ms=1 if lane == "fast" else 5,
         max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
         max_request_size=2 * 1024 * 1024,

@@ -9,6 +9,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from townhall.core import validation
+from townhall.core.wire import read_varint, varint
 from townhall.v1 import events_pb2, inbox_pb2
 
 SHARDS = 64
@@ -50,10 +51,10 @@ def encode_batch(notification: bytes, user_ids: np.ndarray) -> bytes:
     Packed fixed64 is exactly the ids' little-endian bytes, so the array is copied in one go
     instead of becoming a Python int per follower; protobuf parses the result as usual.
     """
-    out = [_TAG_NOTIFICATION, _varint(len(notification)), notification]
+    out = [_TAG_NOTIFICATION, varint(len(notification)), notification]
     if len(user_ids):
         payload = np.ascontiguousarray(user_ids, dtype="<u8").tobytes()
-        out += [_TAG_USER_IDS, _varint(len(payload)), payload]
+        out += [_TAG_USER_IDS, varint(len(payload)), payload]
     return b"".join(out)
 
 
@@ -69,12 +70,12 @@ def encode_task(
 ) -> bytes:
     """A serialised FanoutTask (assembled by hand for the same reason as encode_batch)."""
     tid = task_id.encode()
-    out = [b"\x0a", _varint(len(tid)), tid, b"\x12", _varint(len(notification)), notification]
-    out += [b"\x18", _varint(index), b"\x20", _varint(part_users)]
+    out = [b"\x0a", varint(len(tid)), tid, b"\x12", varint(len(notification)), notification]
+    out += [b"\x18", varint(index), b"\x20", varint(part_users)]
     if len(ids):
         payload = np.ascontiguousarray(ids, dtype="<u8").tobytes()
-        out += [b"\x2a", _varint(len(payload)), payload]
-    out += [b"\x30", _varint(at_ms)]
+        out += [b"\x2a", varint(len(payload)), payload]
+    out += [b"\x30", varint(at_ms)]
     return b"".join(out)
 
 
@@ -112,12 +113,12 @@ def _parse(value: bytes, packed: int) -> dict[int, Any]:
     view = memoryview(value)
     try:
         while pos < end:
-            tag, pos = _read_varint(value, pos)
+            tag, pos = read_varint(value, pos)
             field, wire = tag >> 3, tag & 7
             if wire == 0:
-                out[field], pos = _read_varint(value, pos)
+                out[field], pos = read_varint(value, pos)
             elif wire == 2:
-                size, pos = _read_varint(value, pos)
+                size, pos = read_varint(value, pos)
                 if pos + size > end:
                     raise DecodeError("truncated field")
                 if field == packed:
@@ -144,25 +145,3 @@ def _parse(value: bytes, packed: int) -> dict[int, Any]:
     if ids:
         out[packed] = ids[0] if len(ids) == 1 else np.concatenate(ids)
     return out
-
-
-def _read_varint(value: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = value[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise DecodeError("varint too long")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -39,7 +40,9 @@ class RelayApp:
             upstreams=self.upstreams,
             large_chunk_s=relay.large_room_chunk_ms / 1000,
             large_downstream=relay.large_room_relays,
+            upstream_lost_s=relay.upstream_lost_ms / 1000,
         )
+        self._flush_s = 2 * max(relay.chunk_ms, relay.large_room_chunk_ms) / 1000
         self.reporter = LoadReporter(config, self.hub)
         self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes)
 
@@ -52,8 +55,18 @@ class RelayApp:
         await self.hub.start()
         self.reporter.start()
 
+    async def leave(self) -> None:
+        """Nothing to hand over before NOT_SERVING: admission stops placing here once it sees it."""
+
     async def drain(self) -> None:
-        """Ends every Subscribe stream at once; listeners reconnect elsewhere with resume_after."""
+        """Moves speakers first, then ends every stream; listeners reconnect elsewhere and resume.
+
+        Runs after the drain notice, so admission already sends joins to other relays. Publish
+        streams end at their next frame; the frames already here still go out in the next chunks
+        (two chunk intervals), then Subscribe and Pull streams end with UNAVAILABLE.
+        """
+        self.hub.stop_publishing()
+        await asyncio.sleep(self._flush_s)
         self.hub.drain()
 
     async def close(self) -> None:

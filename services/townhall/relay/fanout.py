@@ -7,10 +7,14 @@ logic is tested with an injected clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
+
+from townhall.core.wire import read_varint, varint
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 
 # What Subscriber.push reports; ints so the hot loop compares cheaply.
@@ -131,44 +135,65 @@ class Ring:
     """A room's most recent chunks, for late joiners and listeners that resume."""
 
     def __init__(self, size: int) -> None:
-        # (sequence, emitted at in monotonic seconds, serialised chunk); sequences are contiguous.
-        self._items: deque[tuple[int, float, bytes]] = deque(maxlen=size)
+        # (epoch, sequence, emitted at in monotonic seconds, serialised chunk), in arrival order.
+        self._items: deque[tuple[int, int, float, bytes]] = deque(maxlen=size)
 
-    def add(self, sequence: int, at: float, data: bytes) -> None:
+    def add(self, sequence: int, at: float, data: bytes, epoch: int = 0) -> None:
         """Remembers a chunk, forgetting the oldest when full."""
-        self._items.append((sequence, at, data))
+        self._items.append((epoch, sequence, at, data))
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def replay(self, resume_after: int, now: float, late_join_s: float) -> list[bytes]:
+    def replay(self, resume_after: int, now: float, late_join_s: float, resume_epoch: int = 0) -> list[bytes]:
         """The chunks a new subscriber gets first.
 
-        resume_after=0: those emitted in the last `late_join_s`. N>0: those after N; if N is no
-        longer buffered, all of them (the sequence jump shows the gap). N beyond the newest chunk
-        (a client resuming from before a relay restart) is treated as a fresh join.
+        resume_after=0: those emitted in the last `late_join_s`. N>0: those after (epoch, N), where
+        epoch 0 means the newest chunk's; if it is no longer buffered, all of them (the sequence
+        jump shows the gap). After an origin change the ring holds a newer epoch: every chunk of it
+        is after the listener's place, so a listener resuming from the old origin misses nothing
+        still buffered. A place beyond the newest chunk (a client resuming from before a relay
+        restart, or from an edge that was ahead) is treated as a fresh join.
         """
         items = self._items
         if not items:
             return []
-        last = items[-1][0]
-        if resume_after == 0 or resume_after > last:
+        newest = (items[-1][0], items[-1][1])
+        after = (resume_epoch or newest[0], resume_after)
+        if resume_after == 0 or after > newest:
             since = now - late_join_s
-            return [data for _, at, data in items if at >= since]
-        # By sequence, not position: an edge's ring has gaps where its pull from upstream had them.
-        return [data for sequence, _, data in items if sequence > resume_after]
+            return [data for _, _, at, data in items if at >= since]
+        # By place, not position: an edge's ring has gaps where its pull from upstream had them.
+        return [data for epoch, sequence, _, data in items if (epoch, sequence) > after]
+
+
+def encode_chunk(sequence: int, epoch: int, emitted_ts_us: int, frames: list[AudioFrame]) -> bytes:
+    """A serialised Chunk with `sequence` then `epoch` first, so relays read both from the front.
+
+    Protobuf parsers accept fields in any order; the concatenation is one valid Chunk.
+    """
+    head = b"\x08" + varint(sequence) + b"\x20" + varint(epoch)
+    return head + Chunk(emitted_ts_us=emitted_ts_us, frames=frames).SerializeToString()
+
+
+def chunk_position(data: bytes) -> tuple[int, int]:
+    """A serialised Chunk's (epoch, sequence), read from its first two fields without the frames."""
+    # The origin writes field 1 (sequence) then field 4 (epoch) first; an edge reads them from
+    # every chunk it forwards. Anything else (an older origin) is parsed.
+    if data[:1] == b"\x08":
+        with contextlib.suppress(DecodeError):
+            sequence, pos = read_varint(data, 1)
+            if data[pos : pos + 1] == b"\x20":
+                return read_varint(data, pos + 1)[0], sequence
+    chunk = Chunk.FromString(data)
+    return chunk.epoch, chunk.sequence
 
 
 def chunk_sequence(data: bytes) -> int:
     """A serialised Chunk's sequence, read from its first field without parsing the frames."""
-    # Field 1 (varint) is written first; an edge reads it from every chunk it forwards.
     if data[:1] == b"\x08":
-        result = shift = 0
-        for byte in data[1:11]:
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return result
-            shift += 7
+        with contextlib.suppress(DecodeError):
+            return read_varint(data, 1)[0]
     return Chunk.FromString(data).sequence
 
 
@@ -190,6 +215,8 @@ class Room:
     def __init__(self, room_id: str, settings: FanoutSettings) -> None:
         self.room_id = room_id
         self.settings = settings
+        # The room's place: (epoch, sequence) of the newest chunk (see relay.proto, Chunk).
+        self.epoch = 0
         self.sequence = 0
         self.ring = Ring(settings.ring_chunks)
         self.subscribers: set[Subscriber] = set()
@@ -200,6 +227,9 @@ class Room:
         self.upstream: tuple[str, ...] = ()
         # How many of the subscribers are other relays pulling the room (not listeners).
         self.downstream = 0
+        # The pull from upstream (edges): open now, or failing since when (monotonic seconds).
+        self.pull_ok = False
+        self.pull_failing_since: float | None = None
         self.publishers = 0
         self._pending: list[AudioFrame] = []
         # Monotonic time since which the room has had no publishers and no subscribers.
@@ -209,6 +239,16 @@ class Room:
     def active(self) -> bool:
         """Whether anyone publishes to or listens in this room."""
         return self.publishers > 0 or bool(self.subscribers) or bool(self.stage)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, sequence) of the newest chunk: where a pull from upstream resumes."""
+        return self.epoch, self.sequence
+
+    def begin_epoch(self, now_ms: int) -> None:
+        """This relay becomes the room's origin: a new epoch, later than any seen, from sequence 1."""
+        self.epoch = max(now_ms, self.epoch + 1)
+        self.sequence = 0
 
     @property
     def pending(self) -> int:
@@ -237,16 +277,17 @@ class Room:
             return None
         frames, self._pending = self._pending, []
         self.sequence += 1
-        data = Chunk(sequence=self.sequence, emitted_ts_us=now_us, frames=frames).SerializeToString()
+        data = encode_chunk(self.sequence, self.epoch, now_us, frames)
         return self._fan(self.sequence, data, frames, now)
 
-    def forward(self, sequence: int, data: bytes, now: float) -> Emitted:
+    def forward(self, sequence: int, data: bytes, now: float, epoch: int = 0) -> Emitted:
         """Queues a chunk pulled from upstream to everyone, as is (an edge never re-serialises)."""
         self.sequence = sequence
+        self.epoch = epoch
         return self._fan(sequence, data, [], now)
 
     def _fan(self, sequence: int, data: bytes, frames: list[AudioFrame], now: float) -> Emitted:
-        self.ring.add(sequence, now, data)
+        self.ring.add(sequence, now, data, self.epoch)
         dropped = 0
         cut: list[Subscriber] = []
         for subscriber in self.subscribers:
@@ -260,10 +301,10 @@ class Room:
             subscriber.close("stuck")
         return Emitted(sequence, data, frames, len(self.subscribers) + len(cut), dropped, cut)
 
-    def subscribe(self, resume_after: int, now: float, limit: int = 0) -> Subscriber:
+    def subscribe(self, resume_after: int, now: float, limit: int = 0, resume_epoch: int = 0) -> Subscriber:
         """A new subscriber, primed with the late-join or resume chunks from the ring."""
         settings = self.settings
-        replay = self.ring.replay(resume_after, now, settings.late_join_s)
+        replay = self.ring.replay(resume_after, now, settings.late_join_s, resume_epoch)
         subscriber = Subscriber(limit or settings.subscriber_queue, settings.stuck_cutoff_s, replay)
         self.subscribers.add(subscriber)
         self.idle_since = None

@@ -13,22 +13,26 @@ import grpc
 
 from townhall.core import logging
 from townhall.core.errors import Unavailable
+from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel
 from townhall.relay import metrics
-from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_sequence
+from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_position
 
 log = logging.get(__name__)
 
 # Reasons a subscriber is closed by the relay (Subscriber.reason).
 STUCK = "stuck"
 DRAINING = "draining"
+UPSTREAM_LOST = "upstream-lost"
 
 
 class PullSource(Protocol):
     """Where an edge pulls a room's chunks from (Upstreams; a fake in unit tests)."""
 
-    def pull(self, room_id: str, path: tuple[str, ...], resume_after: int) -> AsyncIterator[bytes]:
-        """The room's serialised chunks from path[-1], after `resume_after`."""
+    def pull(
+        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The room's serialised chunks from path[-1], after (resume_epoch, resume_after)."""
         ...
 
 
@@ -51,8 +55,11 @@ class Hub:
         pull_linger_s: float = 5.0,
         large_chunk_s: float = 0.0,
         large_downstream: int = 0,
+        upstream_lost_s: float = 1.0,
     ) -> None:
         self.settings = settings
+        # A pull failing this long means the upstream is gone: listeners are sent to join again.
+        self.upstream_lost_s = upstream_lost_s
         self._upstreams = upstreams
         # An edge keeps pulling this long after its last listener left, so one who reconnects resumes.
         self.pull_linger_s = pull_linger_s
@@ -89,11 +96,7 @@ class Hub:
         room = self._room(room_id)
         if room.upstream:
             # Speakers publish to the origin: if they come here, this relay has become the origin.
-            log.info("edge room became origin", room=room_id, upstream=room.upstream[-1])
-            room.upstream = ()
-            pull = self._pulls.pop(room_id, None)
-            if pull is not None:
-                pull.cancel()
+            self._become_origin(room)
         room.publishers += 1
         room.idle_since = None
         metrics.PUBLISHERS.inc()
@@ -106,30 +109,64 @@ class Hub:
         metrics.PUBLISHERS.dec()
 
     def subscribe(
-        self, room_id: str, resume_after: int, upstream: tuple[str, ...] = (), downstream: bool = False
+        self,
+        room_id: str,
+        resume_after: int,
+        upstream: tuple[str, ...] = (),
+        downstream: bool = False,
+        resume_epoch: int = 0,
     ) -> tuple[Room, Subscriber]:
         """A new subscriber of the room, primed from the ring buffer.
 
         With `upstream` (origin first) this relay is an edge for the room: its chunks come from one
         pull to upstream[-1] instead of a local chunk timer. `downstream` marks another relay's pull.
+        A ticket is admission's latest word on the room's tree: while the room's pull is failing, a
+        new path in it replaces the old one, and a ticket naming no upstream makes this relay the
+        room's origin. A pull that works is kept, whatever a ticket says.
         """
         self._refuse_if_draining()
         room = self._room(room_id)
-        if upstream and not room.publishers and room_id not in self._timers:
-            room.upstream = upstream
+        if not room.publishers and room_id not in self._timers:
+            if upstream and not room.upstream:
+                room.upstream = upstream
+            elif upstream and upstream != room.upstream and not room.pull_ok:
+                log.info("upstream replaced", room=room_id, was=room.upstream[-1], now=upstream[-1])
+                self._stop_pull(room)
+                room.upstream = upstream
+            elif not upstream and room.upstream and not room.pull_ok:
+                self._become_origin(room)
         # A downstream relay serves many listeners: it gets the whole ring's worth of queue.
         limit = self.settings.ring_chunks if downstream else 0
-        subscriber = room.subscribe(resume_after, self._clock(), limit)
+        subscriber = room.subscribe(resume_after, self._clock(), limit, resume_epoch)
         if downstream:
             room.downstream += 1
             metrics.PULLS_SERVED.inc()
         else:
             metrics.LISTENERS.inc()
         if room.upstream:
-            self._start_pull(room, resume_after)
+            self._start_pull(room, resume_after, resume_epoch)
         else:
             self._activate(room)
         return room, subscriber
+
+    def origins(self) -> list[str]:
+        """Rooms this relay is the origin of now: it emits their chunks (for the load report)."""
+        return [room_id for room_id, room in self._rooms.items() if not room.upstream and room.active]
+
+    def _become_origin(self, room: Room) -> None:
+        """This relay was pulling the room and takes it over as its origin, in a new epoch."""
+        log.info("edge room became origin", room=room.room_id, upstream=room.upstream[-1])
+        self._stop_pull(room)
+        room.upstream = ()
+        room.begin_epoch(self._wall_us() // 1000)
+        metrics.ORIGIN_TAKEOVERS.inc()
+
+    def _stop_pull(self, room: Room) -> None:
+        pull = self._pulls.pop(room.room_id, None)
+        if pull is not None:
+            pull.cancel()
+        room.pull_ok = False
+        room.pull_failing_since = None
 
     def subscribe_stage(self, room_id: str) -> tuple[Room, Subscriber]:
         """A stage subscriber (host, co-host, speaker): every frame as it arrives, at the origin."""
@@ -164,6 +201,10 @@ class Hub:
         """Starts the idle-room sweep."""
         self._sweeper = asyncio.create_task(self._sweep(), name="relay-sweep")
 
+    def stop_publishing(self) -> None:
+        """Refuses new streams and ends every Publish stream at its next frame (speakers move)."""
+        self._draining = True
+
     def drain(self) -> None:
         """Ends every subscriber stream (their writers stop at once) and refuses new streams."""
         self._draining = True
@@ -195,20 +236,24 @@ class Hub:
         return room
 
     def _activate(self, room: Room) -> None:
+        if room.epoch == 0:
+            # A room new to this relay, which is its origin: its first epoch.
+            room.begin_epoch(self._wall_us() // 1000)
         if room.room_id not in self._timers:
             task = asyncio.create_task(self._tick(room), name=f"relay-chunks-{room.room_id}")
             self._timers[room.room_id] = task
 
-    def _start_pull(self, room: Room, resume_after: int) -> None:
+    def _start_pull(self, room: Room, resume_after: int, resume_epoch: int = 0) -> None:
         if room.room_id in self._pulls:
             return
         if self._upstreams is None:
             raise Unavailable("this relay cannot pull from upstream relays")
-        resume = room.sequence or resume_after
-        task = asyncio.create_task(self._pull(room, resume), name=f"relay-pull-{room.room_id}")
+        task = asyncio.create_task(
+            self._pull(room, resume_after, resume_epoch), name=f"relay-pull-{room.room_id}"
+        )
         self._pulls[room.room_id] = task
 
-    async def _pull(self, room: Room, resume_after: int) -> None:
+    async def _pull(self, room: Room, resume_after: int, resume_epoch: int) -> None:
         """Forwards the room's chunks from upstream as they come, reconnecting (with resume) on errors."""
         assert self._upstreams is not None
         backoff = 0.05
@@ -217,26 +262,66 @@ class Hub:
                 if attempt:
                     metrics.PULL_RECONNECTS.inc()
                     await asyncio.sleep(backoff)
-                    backoff = min(2.0, backoff * 2)
+                    # Short enough that a dead upstream is given up soon after upstream_lost_s.
+                    backoff = min(1.0, self.upstream_lost_s / 4, backoff * 2)
                 # After the first chunk, resume from the last one forwarded: no gap if still buffered.
-                resume = room.sequence or resume_after
+                epoch, sequence = room.position if room.sequence else (resume_epoch, resume_after)
+                path = room.upstream
+                reason = ""
                 try:
-                    async for data in self._upstreams.pull(room.room_id, room.upstream, resume):
-                        emitted = room.forward(chunk_sequence(data), data, self._clock())
+                    stream = self._upstreams.pull(room.room_id, path, sequence, epoch)
+                    # A real pull says it is open before any chunk (an idle room may send none).
+                    opened = getattr(stream, "initial_metadata", None)
+                    if opened is not None:
+                        await opened()
+                        # A call that failed to connect also "returns" its (empty) metadata.
+                        if not stream.done():  # type: ignore[attr-defined]
+                            self._pull_opened(room)
+                    async for data in stream:
+                        if not room.pull_ok:
+                            self._pull_opened(room)
+                        epoch, sequence = chunk_position(data)
+                        emitted = room.forward(sequence, data, self._clock(), epoch)
                         self._observe(room, emitted, 0)
                         backoff = 0.05
-                    log.info("pull ended by upstream", room=room.room_id, upstream=room.upstream[-1])
+                    log.info("pull ended by upstream", room=room.room_id, upstream=path[-1])
                 except grpc.aio.AioRpcError as exc:
+                    reason = error_reason(exc)
                     log.warning(
                         "pull from upstream failed",
                         room=room.room_id,
-                        upstream=room.upstream[-1],
+                        upstream=path[-1],
                         code=exc.code().name,
                         details=exc.details(),
+                        reason=reason,
                     )
+                self._pull_failed(room, reason)
         finally:
             if self._pulls.get(room.room_id) is asyncio.current_task():
                 del self._pulls[room.room_id]
+
+    def _pull_opened(self, room: Room) -> None:
+        room.pull_ok = True
+        room.pull_failing_since = None
+
+    def _pull_failed(self, room: Room, reason: str) -> None:
+        """The pull ended; after upstream_lost_s of failures (or a draining upstream) listeners move."""
+        now = self._clock()
+        room.pull_ok = False
+        if room.pull_failing_since is None:
+            room.pull_failing_since = now
+        if reason in (DRAINING, UPSTREAM_LOST) or now - room.pull_failing_since >= self.upstream_lost_s:
+            room.pull_failing_since = now
+            self._lose_upstream(room)
+
+    def _lose_upstream(self, room: Room) -> None:
+        """Ends the room's streams here so its listeners (and relays below) join again on a live path."""
+        closed = 0
+        for subscriber in list(room.subscribers):
+            subscriber.close(UPSTREAM_LOST)
+            closed += 1
+        metrics.UPSTREAM_LOST.inc()
+        log.warning("upstream lost", room=room.room_id, upstream=room.upstream[-1], streams=closed)
 
     async def _tick(self, room: Room) -> None:
         """Emits the room's chunk every chunk_s while it has publishers or subscribers."""

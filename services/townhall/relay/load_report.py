@@ -40,6 +40,7 @@ class LoadReporter:
             capacity=self._capacity,
             at_ms=time.time_ns() // 1_000_000,
             rooms=rooms,
+            origins=self._hub.origins(),
         )
 
     def start(self) -> None:

@@ -44,3 +44,12 @@ FRAME_DELAY = Histogram(
     "Time from a frame's capture (speaker clock) to the emission of the chunk that carries it.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5),
 )
+UPSTREAM_LOST = Counter(
+    "townhall_relay_upstream_lost_total",
+    "Rooms whose pull from upstream failed for relay.upstream_lost_ms (or whose upstream drained):"
+    " their streams here were ended so listeners join again on a live path.",
+)
+ORIGIN_TAKEOVERS = Counter(
+    "townhall_relay_origin_takeovers_total",
+    "Rooms this relay became the origin of while it had been pulling them (a new epoch began).",
+)

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 
 from townhall.core import logging, validation
-from townhall.core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
 from townhall.relay.fanout import Room, Subscriber
-from townhall.relay.hub import DRAINING, STUCK, Hub, wall_us
+from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, Hub, wall_us
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
 
@@ -49,9 +49,14 @@ class RelayServicer:
         log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
         accepted = 0
         try:
+            # Headers at once: the speaker knows its frames are taken from now on.
+            await context.send_initial_metadata(())
             async for frame in requests:
                 if self._hub.draining:
-                    raise Unavailable("relay is shutting down; publish again to continue")
+                    raise Unavailable(
+                        "relay is shutting down; join again and publish to the new relay",
+                        trailers=((REASON_KEY, DRAINING),),
+                    )
                 self._check(frame, ticket.user_id)
                 frame.speaker_id = ticket.user_id
                 room.add_frame(frame, time.monotonic(), wall_us())
@@ -77,7 +82,9 @@ class RelayServicer:
         if ticket.on_stage and not ticket.upstream:
             room, subscriber = self._hub.subscribe_stage(room_id)
         else:
-            room, subscriber = self._hub.subscribe(room_id, request.resume_after, ticket.upstream)
+            room, subscriber = self._hub.subscribe(
+                room_id, request.resume_after, ticket.upstream, resume_epoch=request.resume_epoch
+            )
         await self._stream(room, subscriber, context, downstream=False)
 
     async def pull(self, request: PullRequest, context: grpc.aio.ServicerContext) -> None:
@@ -90,9 +97,14 @@ class RelayServicer:
             raise PermissionDenied(f"credential is for room {ticket.room_id!r}, not {room_id!r}")
         # A credential with its own upstream makes this relay a mid-tier: it pulls in turn.
         room, subscriber = self._hub.subscribe(
-            room_id, request.resume_after, ticket.upstream, downstream=True
+            room_id, request.resume_after, ticket.upstream, downstream=True, resume_epoch=request.resume_epoch
         )
-        log.info("downstream relay pulling", room=room_id, resume_after=request.resume_after)
+        log.info(
+            "downstream relay pulling",
+            room=room_id,
+            resume_after=request.resume_after,
+            resume_epoch=request.resume_epoch,
+        )
         await self._stream(room, subscriber, context, downstream=True)
 
     async def _stream(
@@ -103,6 +115,9 @@ class RelayServicer:
         # reading holds that one write (its flow-control window is full) until it reads again or
         # disconnects; cancelling the task instead would leave the call open with no status.
         try:
+            # Headers at once: the caller (a downstream relay) knows the stream is open even
+            # while the room is silent.
+            await context.send_initial_metadata(())
             while subscriber.reason is None:
                 data = take()
                 if data is None:
@@ -121,7 +136,15 @@ class RelayServicer:
             )
         if subscriber.reason == DRAINING:
             raise Unavailable(
-                "relay is shutting down; reconnect with resume_after set to the last sequence received"
+                "relay is shutting down; join again and reconnect with resume_after set to the last "
+                "sequence received",
+                trailers=((REASON_KEY, DRAINING),),
+            )
+        if subscriber.reason == UPSTREAM_LOST:
+            raise Unavailable(
+                "this relay lost the room's upstream relay; join again (for a new path) and reconnect "
+                "with resume_after set to the last sequence received",
+                trailers=((REASON_KEY, UPSTREAM_LOST),),
             )
 
     def _ticket(self, context: grpc.aio.ServicerContext) -> Ticket:

@@ -9,6 +9,7 @@ import grpc
 from townhall.core.auth import ServiceCredential
 from townhall.core.channels import channel as open_channel
 from townhall.core.config import TlsConfig
+from townhall.core.forwarding import PEER_CHANNEL_OPTIONS
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1.relay_pb2 import PullRequest
 
@@ -28,15 +29,21 @@ class Upstreams:
         self._signer = signer
         self._tls = tls
         self._credential = credential
+        # Quick reconnects (as between admission members): a restarted upstream is usable at once.
         self._options = [
+            *((k, v) for k, v in PEER_CHANNEL_OPTIONS if k != "grpc.keepalive_time_ms"),
             ("grpc.max_receive_message_length", 4 * max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def pull(self, room_id: str, path: tuple[str, ...], resume_after: int) -> AsyncIterator[bytes]:
-        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it."""
+    def pull(
+        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it.
+
+        The call also has initial_metadata(): the upstream sends it as soon as the pull is open.
+        """
         address = path[-1]
         channel = self._channels.get(address)
         if channel is None:
@@ -47,7 +54,8 @@ class Upstreams:
         # The service credential says a relay is calling; the pull ticket says for which room and path.
         metadata = ((TICKET_KEY, self._signer.pull_token(room_id, path)), *self._credential.metadata())
         stream: AsyncIterator[bytes] = call(
-            PullRequest(room_id=room_id, resume_after=resume_after), metadata=metadata
+            PullRequest(room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch),
+            metadata=metadata,
         )
         return stream
 

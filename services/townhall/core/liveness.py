@@ -1,0 +1,160 @@
+"""Liveness of peer processes: gRPC health probes and the pure rules that turn them into up or down.
+
+Static membership names every process, dead or alive; rooms must only be owned (and listeners
+only placed) where a process answers. A member is down after `failures` probes in a row that got
+no answer (a refused connection fails at once, so a killed process is out within about two probe
+intervals), and at once when it answers NOT_SERVING (a process draining on SIGTERM says so
+first). Any other answer, even RESOURCE_EXHAUSTED from a saturated server, means it is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from townhall.core import logging
+from townhall.core.config import TlsConfig
+from townhall.core.forwarding import peer_channel
+from townhall.core.tasks import cancel
+
+log = logging.get(__name__)
+
+
+class Probe(enum.Enum):
+    """What one health probe found."""
+
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"  # answered, and said it is shutting down
+    NO_ANSWER = "no_answer"  # refused, reset or timed out
+
+
+class Liveness:
+    """Which members are up, from a stream of probe results (pure: no I/O, no clock)."""
+
+    def __init__(self, failures: int = 2) -> None:
+        if failures < 1:
+            raise ValueError("failures must be at least 1")
+        self._failures = failures
+        self._missed: dict[str, int] = {}
+        self._up: dict[str, bool] = {}
+        # Bumped whenever a member goes up or down, so readers can cache what they derive.
+        self.version = 0
+
+    def record(self, member: str, probe: Probe) -> bool:
+        """Takes one probe result; True if the member went up or down because of it."""
+        was = self._up.get(member)
+        if probe is Probe.SERVING:
+            self._missed[member] = 0
+            up = True
+        elif probe is Probe.NOT_SERVING:
+            up = False
+        else:
+            missed = self._missed[member] = self._missed.get(member, 0) + 1
+            # A member never seen up is down at its first miss: nothing says it ever started.
+            up = bool(was) and missed < self._failures
+        self._up[member] = up
+        if was is not up:
+            self.version += 1
+            return True
+        return False
+
+    def is_up(self, member: str) -> bool:
+        """Whether the member is up; a member not probed yet counts as up."""
+        return self._up.get(member, True)
+
+    def up(self, members: Iterable[str]) -> list[str]:
+        """The members that are up, in the given order."""
+        return [m for m in members if self.is_up(m)]
+
+    def down(self) -> set[str]:
+        """Every member known to be down."""
+        return {m for m, up in self._up.items() if not up}
+
+
+class Prober:
+    """Probes addresses every `interval_s` with gRPC health and keeps a Liveness of them.
+
+    `targets` is asked before every round (Kubernetes members come and go); `on_round` callbacks
+    run on the event loop after every round, so readers can compare what they derive from it.
+    """
+
+    def __init__(
+        self,
+        targets: Callable[[], Iterable[str]],
+        interval_s: float,
+        timeout_s: float,
+        failures: int,
+        skip: Iterable[str] = (),
+        tls: TlsConfig | None = None,
+    ) -> None:
+        self.liveness = Liveness(failures)
+        self._targets = targets
+        self._skip = set(skip)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._on_round: list[Callable[[], None]] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls or TlsConfig()
+        self._task: asyncio.Task[None] | None = None
+
+    def on_round(self, callback: Callable[[], None]) -> None:
+        """Adds a callback run after every probe round."""
+        self._on_round.append(callback)
+
+    async def probe(self, target: str) -> Probe:
+        """One health check of `target`."""
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = peer_channel(target, self._tls)
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return Probe.NO_ANSWER
+            return Probe.SERVING  # it answered: busy (RESOURCE_EXHAUSTED, CANCELLED) is not dead
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return Probe.SERVING
+        return Probe.NOT_SERVING
+
+    async def round(self) -> bool:
+        """Probes every target once, concurrently; True if any went up or down."""
+        targets = sorted(set(self._targets()) - self._skip)
+        results = await asyncio.gather(*(self.probe(t) for t in targets))
+        changed = False
+        for target, result in zip(targets, results, strict=True):
+            if self.liveness.record(target, result):
+                changed = True
+                log.info("peer " + ("up" if self.liveness.is_up(target) else "down"), peer=target)
+        for callback in self._on_round:
+            callback()
+        return changed
+
+    def start(self) -> None:
+        """Probes in the background until close()."""
+        self._task = asyncio.create_task(self._run(), name="liveness-prober")
+
+    async def close(self) -> None:
+        """Stops probing and closes the channels."""
+        await cancel(self._task)
+        self._task = None
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.round()
+            except Exception as exc:  # a probe round must never end the loop
+                log.warning("probe round failed", error=repr(exc))
+            await asyncio.sleep(max(0.0, self._interval_s - (loop.time() - started)))

@@ -1,0 +1,70 @@
+"""Liveness: probe results become up/down, and the membership that owns rooms follows it (no network)."""
+
+from __future__ import annotations
+
+from townhall.core.liveness import Liveness, Probe
+from townhall.core.membership import ProbedMembership, StaticMembership
+
+ROOMS = [f"room-{i}" for i in range(3000)]
+MEMBERS = ["a:1", "b:1", "c:1"]
+
+
+def test_a_member_is_down_after_missed_probes_in_a_row_and_up_at_its_first_answer() -> None:
+    live = Liveness(failures=2)
+    assert live.record("a:1", Probe.SERVING)
+    assert not live.record("a:1", Probe.NO_ANSWER), "one miss is not enough (a slow answer)"
+    assert live.is_up("a:1")
+    assert not live.record("a:1", Probe.SERVING), "an answer resets the count"
+    live.record("a:1", Probe.NO_ANSWER)
+    assert live.record("a:1", Probe.NO_ANSWER) and not live.is_up("a:1")
+    assert live.record("a:1", Probe.SERVING) and live.is_up("a:1")
+
+
+def test_a_draining_member_is_down_at_once_and_one_never_seen_up_at_its_first_miss() -> None:
+    live = Liveness(failures=3)
+    live.record("a:1", Probe.SERVING)
+    assert live.record("a:1", Probe.NOT_SERVING) and not live.is_up("a:1")
+    assert live.is_up("b:1"), "not probed yet: counts as up"
+    assert live.record("b:1", Probe.NO_ANSWER) and live.down() == {"a:1", "b:1"}
+    assert live.up(MEMBERS) == ["c:1"]
+
+
+def test_the_version_moves_only_when_someone_goes_up_or_down() -> None:
+    live = Liveness(failures=1)
+    live.record("a:1", Probe.SERVING)
+    version = live.version
+    live.record("a:1", Probe.SERVING)
+    assert live.version == version
+    live.record("a:1", Probe.NO_ANSWER)
+    assert live.version == version + 1
+
+
+def test_a_dead_members_rooms_go_to_the_next_member_in_rendezvous_order_and_only_those() -> None:
+    live = Liveness(failures=1)
+    members = ProbedMembership(StaticMembership("a:1", MEMBERS), live)
+    before = {room: members.owner(room) for room in ROOMS}
+    live.record("c:1", Probe.NO_ANSWER)
+    assert members.members() == ["a:1", "b:1"]
+    moved = [room for room in ROOMS if members.owner(room) != before[room]]
+    assert moved and all(before[room] == "c:1" for room in moved)
+    assert all(members.owner(room) != "c:1" for room in ROOMS)
+    live.record("c:1", Probe.SERVING)
+    assert {room: members.owner(room) for room in ROOMS} == before, "it takes its rooms back"
+
+
+def test_a_leaving_member_owns_nothing_unless_it_is_alone() -> None:
+    live = Liveness(failures=1)
+    members = ProbedMembership(StaticMembership("a:1", MEMBERS), live)
+    members.leave()
+    assert members.members() == ["b:1", "c:1"]
+    assert not any(members.is_owner(room) for room in ROOMS)
+    live.record("b:1", Probe.NO_ANSWER)
+    live.record("c:1", Probe.NO_ANSWER)
+    assert members.members() == ["a:1"], "no one to hand over to: it keeps its rooms"
+
+
+def test_this_process_is_a_member_even_if_its_own_address_probes_down() -> None:
+    live = Liveness(failures=1)
+    live.record("a:1", Probe.NO_ANSWER)
+    members = ProbedMembership(StaticMembership("a:1", ["b:1"]), live)
+    assert members.members() == ["a:1", "b:1"]
