@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
 
 import pytest
 from rich.console import Console
 
+from tests.chart.helpers import REPO
 from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
 from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
@@ -27,3 +30,35 @@ async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: Kafk
         assert figures[kind]["granted_per_s"] > 0
         assert figures[kind]["p99_ms"] is not None
     assert figures["admitted_per_s"] > 0 and figures["generator_cpu_cores"] >= 0
+
+
+async def test_the_compiled_generator_joins_as_a_new_user_with_a_valid_token_on_every_call(
+    kafka: KafkaConfig,
+) -> None:
+    """deploy/tools/joinload (ghz's runner) signs a token per call: every join is a first admit, none refused."""
+    built = await asyncio.to_thread(
+        subprocess.run,
+        [str(REPO / "deploy" / "tools" / "install-joinload.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert built.returncode == 0, built.stderr
+    config = config_for(kafka)
+    app = AdmissionApp(config)
+    async with serving(app, config) as address:
+        hot, colds = await make_rooms(address, 1, AuthConfig(), TlsConfig())
+        await wait_live([address], [hot, *colds], AuthConfig(), TlsConfig())
+        load = Load((address,), hot, 100.0, tuple(colds), 20.0, seconds=2.0, warmup_s=0.5,
+                    ghz=str(REPO / ".cache" / "bin" / "joinload"))  # fmt: skip
+        figures = await offer(load, [os.getpid()], "test", Console(quiet=True))
+        admitted = app.admitter.listeners(hot)
+    for kind in ("hot", "cold"):
+        errors = {
+            k: v
+            for k, v in figures[kind].items()
+            if k.endswith("_per_s") and k[:-6] not in ("sent", "granted", "waiting")
+        }
+        assert figures[kind]["granted_per_s"] > 0 and not any(errors.values()), figures[kind]
+    # Distinct users: the hot room holds one listener per call, none a rejoin of an earlier one.
+    assert admitted >= 0.9 * figures["hot"]["sent_per_s"] * 2.0

@@ -26,7 +26,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cold-rooms", type=int, default=50, help="cold rooms")
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds (after 1 s of warm-up)")
     p.add_argument("--generators", type=int, default=2, help="generator processes (Python generator)")
-    p.add_argument("--ghz", action="store_true", help="generate with ghz (.cache/bin/ghz) instead of Python")
+    p.add_argument(
+        "--ghz",
+        action="store_true",
+        help="generate with ghz's runner (.cache/bin/joinload) instead of Python",
+    )
     p.add_argument(
         "--hot-lane",
         choices=("crowd", "main"),
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     hot_addresses = tuple(crowd) if args.hot_lane == "crowd" else ()
     binary = ghz.find() if args.ghz else None
     if args.ghz and binary is None:
-        console.print("[red]ghz not found: build it with `make ghz` (into .cache/bin)[/red]")
+        console.print("[red]joinload not found: build it with `make joinload` (into .cache/bin)[/red]")
         return 2
 
     settings = config(args.config)

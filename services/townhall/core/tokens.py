@@ -2,8 +2,12 @@
 
 User tokens, tickets and service credentials are all JWTs whose `kid` header names the key. Signing
 is done here (the bytes PyJWT would make, at a fraction of its cost: tickets are signed on the join
-path); verification is PyJWT's. A verified token is remembered until it expires, so a client that
-calls again with the same token costs a dictionary lookup, not a signature check.
+path). Verification is PyJWT's, with one shortcut: an HS256 token that is plainly valid (good
+signature, plain claims of the expected types, nothing PyJWT would have to judge) is accepted here at
+a tenth of PyJWT's cost, since every first join of a storm carries a token never seen before;
+anything else goes to PyJWT, which decides and words the error (`accept_hs256`, checked against
+PyJWT by a property test). A verified token is remembered until it expires, so a client that calls
+again with the same token costs a dictionary lookup, not a signature check.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +38,68 @@ _MAX_HEADERS = 256
 _JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {"EdDSA"}, "EC": {"ES256"}}
 
 T = TypeVar("T")
+
+
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
+# Header members the shortcut understands; a header with any other (crit, jku, ...) goes to PyJWT.
+_PLAIN_HEADER = frozenset({"alg", "kid", "typ"})
+
+
+def _b64decode(segment: bytes) -> bytes | None:
+    """A strict base64url segment's bytes, or None (PyJWT then decides)."""
+    if len(segment) % 4 == 1 or not _B64URL.fullmatch(segment):
+        return None
+    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+
+
+def accept_hs256(
+    token: str,
+    secret: bytes,
+    require: Iterable[str],
+    audience: str | None,
+    issuer: str | None,
+    leeway_s: float,
+    now: float | None = None,
+) -> dict[str, Any] | None:
+    """The claims of an HS256 token that PyJWT would accept with these options, or None: not plainly
+    valid, so PyJWT must look (it may still accept it, e.g. an exp given as a float). Never accepts what
+    PyJWT would refuse. The header (alg, kid) is checked by the caller."""
+    header, _, rest = token.encode("ascii", "replace").partition(b".")
+    payload, _, signature = rest.partition(b".")
+    raw_signature, raw_payload = _b64decode(signature), _b64decode(payload)
+    if raw_signature is None or raw_payload is None:
+        return None
+    expected = hmac.digest(secret, header + b"." + payload, hashlib.sha256)
+    if not hmac.compare_digest(expected, raw_signature):
+        return None
+    try:
+        claims = json.loads(raw_payload)
+    except ValueError:
+        return None
+    if not isinstance(claims, dict) or any(claims.get(name) is None for name in require):
+        return None
+    current = time.time() if now is None else now
+    exp = claims.get("exp")
+    if type(exp) is not int or exp <= current - leeway_s:
+        return None
+    for stamp in ("iat", "nbf"):  # present means checked, even as null
+        if stamp in claims and (type(claims[stamp]) is not int or claims[stamp] > current + leeway_s):
+            return None
+    for text in ("sub", "jti"):
+        if text in claims and not isinstance(claims[text], str):
+            return None
+    aud = claims.get("aud")
+    if audience is None:
+        if "aud" in claims:
+            return None
+    elif not (
+        aud == audience
+        or (isinstance(aud, list) and audience in aud and all(isinstance(a, str) for a in aud))
+    ):
+        return None
+    if issuer is not None and claims.get("iss") != issuer:
+        return None
+    return claims
 
 
 def b64(data: bytes) -> bytes:
@@ -147,6 +214,8 @@ class Verifier(Generic[T]):
         self._cache: dict[str, _Entry[T]] = {}
         self._cache_size = cache_size
         self._headers: dict[str, tuple[str, str]] = {}
+        # Header segments whose members the HS256 shortcut understands (alg, kid, typ only).
+        self._plain: set[str] = set()
         self._wrong_audience = wrong_audience
         self._renew = renew
 
@@ -202,7 +271,10 @@ class Verifier(Generic[T]):
         if kid in self.ring.keys:
             if len(self._headers) >= _MAX_HEADERS:
                 self._headers.clear()
+                self._plain.clear()
             self._headers[segment] = (kid, alg)
+            if header.keys() <= _PLAIN_HEADER and all(isinstance(v, str) for v in header.values()):
+                self._plain.add(segment)
         return kid, alg
 
     def _verify(self, token: str) -> tuple[T, float, str]:
@@ -218,6 +290,12 @@ class Verifier(Generic[T]):
         key, key_alg = entry
         if alg != key_alg:
             raise Unauthenticated(f"{self.what} says alg {alg!r}, but key {kid!r} is for {key_alg}")
+        if isinstance(key, bytes) and key_alg == HS256 and token.partition(".")[0] in self._plain:
+            fast = accept_hs256(
+                token, key, self._options["require"], self._audience, self._issuer, self._leeway
+            )
+            if fast is not None:
+                return self._build(fast), float(fast["exp"]) + self._leeway, kid
         try:
             claims = jwt.decode(
                 token,
