@@ -248,6 +248,8 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception
     """Aborts the RPC with the error's status; an unexpected error becomes INTERNAL, logged."""
     if isinstance(error, TownhallError):
         await context.abort(error.code, str(error), trailing_metadata=error.trailers)
+    if isinstance(error, NotImplementedError):  # what a generated base servicer raises
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     log.error("rpc failed", method=method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
 

@@ -22,6 +22,7 @@ from townhall.core.auth import Authenticator
 from townhall.core.channels import add_port
 from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
+from townhall.core.health import HealthServicer
 from townhall.core.interceptor import Instrumented
 from townhall.core.limits import Limits
 from townhall.core.metrics import serve_metrics
@@ -98,7 +99,7 @@ async def start(app: App, config: Config, listen: str) -> Running:
     timeout_s = config.server.request_timeout_ms / 1000
     instrumented = Instrumented(server, app.auth, Limits(config.limits), timeout_s)
     app.register(instrumented)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
