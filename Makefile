@@ -8,7 +8,7 @@ GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run dev demo test unit integration lint joinload bench faults kafka kafka-stop clean
+.PHONY: help setup proto run dev demo test unit integration fuzz lint joinload bench faults kafka kafka-stop clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,10 @@ unit: setup ## Run the unit tests only (no network)
 
 integration: setup ## Run the integration tests only (real Kafka broker, real servers)
 	$(BIN)/pytest -q -ra tests/integration
+
+FUZZ_EXAMPLES ?= 200
+fuzz: setup ## Fuzz every RPC with hostile input, FUZZ_EXAMPLES per class (200; 4-12 min); counts in .townhall/fuzz/
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py
 
 lint: setup ## ruff and mypy on the package
 	$(BIN)/ruff check services tests deploy

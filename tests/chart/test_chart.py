@@ -644,3 +644,15 @@ def topics_job(manifests: list[Manifest]) -> Manifest:
 def job_script(job: Manifest) -> str:
     """The shell script a single-container Job runs."""
     return job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+
+
+def test_rate_limits_render_into_config_every_service_loads(render: Render) -> None:
+    manifests = render(
+        None, "--set", "config.limits.exempt={10.0.0.0/8,fd00::/8}", "--set", "config.limits.joins_user=3"
+    )
+    env = configmap(manifests)
+    assert env["TOWNHALL_LIMITS_EXEMPT"] == "10.0.0.0/8,fd00::/8"
+    limits = load_config(
+        env={k: v for k, v in env.items() if k.startswith(("TOWNHALL_LIMITS_", "TOWNHALL_SERVER_"))}
+    ).limits
+    assert limits.exempt == ("10.0.0.0/8", "fd00::/8") and limits.joins_user == 3.0 and limits.enabled

@@ -87,3 +87,31 @@ def test_development_keys_are_named() -> None:
         "TOWNHALL_TICKETS_KEYS": "t=" + "t" * 40,
     }
     assert load(env=own).development_keys() == []
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOWNHALL_LIMITS_JOINS_USER": "-1"}, r"limits.joins_user must be 0 \(no limit\) or positive"),
+        ({"TOWNHALL_LIMITS_BURST_S": "0"}, "limits.burst_s must be within 0.05..3600"),
+        ({"TOWNHALL_LIMITS_MAX_KEYS": "3"}, "limits.max_keys must be within 16..10000000"),
+        ({"TOWNHALL_LIMITS_EXEMPT": "127.0.0.0/8,loopback"}, "limits.exempt entries must be CIDRs"),
+        ({"TOWNHALL_LIMITS_IPV6_PREFIX": "129"}, "limits.ipv6_prefix must be within 1..128"),
+        (
+            {"TOWNHALL_SERVER_REQUEST_TIMEOUT_MS": "10"},
+            "server.request_timeout_ms must be within 100..600000",
+        ),
+    ],
+)
+def test_bad_limits_name_their_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(env=env)
+
+
+def test_limits_from_the_environment() -> None:
+    config = load(
+        env={"TOWNHALL_LIMITS_EXEMPT": "127.0.0.0/8, ::1/128", "TOWNHALL_LIMITS_READS_ADDRESS": "0"}
+    )
+    assert config.limits.enabled and config.limits.exempt == ("127.0.0.0/8", "::1/128")
+    assert config.limits.reads_address == 0.0
+    assert config.server.request_timeout_ms == 5_000

@@ -88,3 +88,31 @@ def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
             claims["up"] = list(upstream)
         assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256", headers={"kid": "k1"})
         assert signer.verify(signer.sign(ticket), "10.0.0.3:50052") == ticket
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1:50051", "admission-0.admission:50051", "[fd00::1]:50051"])
+def test_member_addresses(value: str) -> None:
+    assert validation.address(value, "member") == value
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "member is required"),
+        ("no-port", "member must be host:port"),
+        ("h:99999", "member must be host:port"),
+        ("bad host:1", "member must be host:port"),
+        ("h" * 300 + ":1", "302 characters; at most 255"),
+    ],
+)
+def test_bad_member_addresses(value: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        validation.address(value, "member")
+
+
+def test_bounded_names_the_field() -> None:
+    assert validation.bounded(5, "limit", 0, 10) == 5
+    with pytest.raises(
+        InvalidArgument, match=r"after_id must be within 0\.\.9223372036854775807, not 9223372036854775808"
+    ):
+        validation.bounded(2**63, "after_id", 0, validation.USER_ID_MAX)

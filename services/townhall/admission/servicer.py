@@ -25,6 +25,8 @@ from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedC
 LIST_DEFAULT, LIST_MAX = 50, 500
 
 
+# Admits one member may say it holds of one room (a sanity bound, not a limit anyone reaches).
+MAX_HELD = 2**40
 # How far ahead a room may be scheduled: 30 days.
 MAX_SCHEDULE_AHEAD_MS = 30 * 24 * 3600 * 1000
 
@@ -192,13 +194,16 @@ class OwnerServicer(internal_pb2_grpc.OwnerServicer):
     async def CreateRoom(self, request: ForwardedCreate, context: grpc.aio.ServicerContext) -> Room:
         create = request.request
         room_id = validation.room_id(request.room_id)
-        speakers = validation.user_ids(create.speaker_ids, "speaker_ids", MAX_SPEAKERS)
-        title = validation.title(create.title)
-        limit = validation.bounded(create.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
+        host = validation.user_id(request.host_id, "host_id")
+        speakers = validation.user_ids(create.speaker_ids, "request.speaker_ids", MAX_SPEAKERS)
+        if host in speakers:
+            raise InvalidArgument("request.speaker_ids must not include the host (host_id)")
+        title = validation.title(create.title, "request.title")
+        limit = validation.bounded(create.listener_limit, "request.listener_limit", 0, MAX_LISTENER_LIMIT)
         replay = bool(validation.request_id(create.request_id))
         return await serve_as_owner(
             self._peers,
-            lambda: self._store.create(request.host_id, title, speakers, limit, room_id, replay=replay),
+            lambda: self._store.create(host, title, speakers, limit, room_id, replay=replay),
         )
 
 
@@ -210,6 +215,9 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
 
     async def Acquire(self, request: AcquireRequest, context: grpc.aio.ServicerContext) -> AcquireResponse:
         validation.room_id(request.room_id)
+        validation.address(request.member, "member")
+        # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
+        validation.bounded(request.held, "held", 0, MAX_HELD)
         return self._capacity.grant(request)
 
 

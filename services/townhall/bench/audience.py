@@ -34,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench import loadgen
+from townhall.bench.env import LIMITS
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.relay import (
     FRAME_MS,
@@ -97,6 +98,7 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
                     "TOWNHALL_RELAY_CHUNK_MS": str(chunk_ms),
                     "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
                     "TOWNHALL_LOG_LEVEL": "warning",
+                    **LIMITS,
                 }
                 name = "origin" if index == 0 else f"edge-{index}"
                 argv = [sys.executable, "-m", "townhall.relay"]

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall.bench import ghz
+from townhall.bench.env import LIMITS
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
 from townhall.core.channels import blocking_channel
 from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
@@ -50,7 +51,7 @@ from townhall.v1.common_pb2 import Role
 
 START_TIMEOUT_S = 30.0
 # The servers under test run with the defaults (their TOWNHALL_* variables are cleared):
-# development keys, no TLS.
+# development keys, no TLS; rate limits that never refuse (bench/env.py).
 AUTH, TLS = AuthConfig(), TlsConfig()
 
 
@@ -85,6 +86,7 @@ def _admission_env(
         TOWNHALL_ADMISSION_MEMBERS=",".join(owners),
         TOWNHALL_ADMISSION_ADMIT_RATE=str(admit_rate),
         TOWNHALL_LOG_LEVEL="warning",
+        **LIMITS,
     )
     if crowd:  # the crowd lane as `townhall dev` and the chart run it
         env.update(

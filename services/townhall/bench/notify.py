@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from townhall.bench.env import LIMITS
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import percentile
 from townhall.cli.graph import import_with_progress
@@ -135,6 +136,7 @@ def _cluster(work: Path, count: int, bulk_threshold: int) -> Iterator[tuple[Brok
                 "TOWNHALL_NOTIFIER_BULK_THRESHOLD": str(bulk_threshold),
                 "TOWNHALL_NOTIFIER_INBOX_QUEUE": "4096",
                 "TOWNHALL_LOG_LEVEL": "warning",
+                **LIMITS,
             }
             log = (work / f"notifier-{i}.log").open("ab")
             process = subprocess.Popen(

@@ -33,6 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench import loadgen
+from townhall.bench.env import LIMITS
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import LatencyHistogram, percentile
 from townhall.core.channels import blocking_channel, channel
@@ -93,6 +94,7 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
                 "TOWNHALL_RELAY_CHUNK_MS": str(CHUNK_MS),
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka in the bench
                 "TOWNHALL_LOG_LEVEL": "warning",
+                **LIMITS,
             }
             relay_argv = [sys.executable, "-m", "townhall.relay"]
             started.append(_start("relay", relay_argv, relay_env, relay_port, log))

@@ -45,6 +45,7 @@ _RULES = {
     # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.
     "townhall.v1.Graph/Import": SERVICE,
     "grpc.health.v1.Health": OPEN,
+    "grpc.reflection.v1alpha.ServerReflection": OPEN,
 }
 
 
@@ -212,7 +213,11 @@ class Authenticator:
             raise ConfigError(f"auth.jwks: {exc}") from exc
 
     def principal(self, metadata: Metadata) -> Principal:
-        """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token.
+        """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token."""
+        return self.caller(metadata)[0]
+
+    def caller(self, metadata: Metadata) -> tuple[Principal, bool]:
+        """The verified caller, and whether a (verified) service credential came with the call.
 
         A service credential riding along (a forwarded call) must verify too: a client cannot pass a
         call off as forwarded by a member.
@@ -234,7 +239,7 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(f"metadata {AUTHORIZATION} must be 'Bearer <JWT>', not {header[:16]!r}...")
-        return self.users.verify(token.strip())
+        return self.users.verify(token.strip()), service is not None
 
     def service(self, metadata: Metadata) -> str | None:
         """The calling service if the call carries a service credential (None if it carries none)."""

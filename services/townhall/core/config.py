@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -170,6 +171,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     grace_s: float = 10.0
     max_concurrent_streams: int = 10_000
+    # A unary call (or a stream's first request) whose request message has not arrived this long after
+    # the call began is ended with DEADLINE_EXCEEDED: a client that stalls must not hold a slot of
+    # the server's concurrent-RPC limit for ever.
+    request_timeout_ms: int = 5_000
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
     health_port: int = 0
@@ -185,6 +190,60 @@ class ServerConfig:
         if not 0 <= self.drain_notice_ms <= 60_000:
             raise ConfigError(f"server.drain_notice_ms must be within 0..60000, not {self.drain_notice_ms}")
         _positive("server.max_concurrent_streams", self.max_concurrent_streams)
+        if not 100 <= self.request_timeout_ms <= 600_000:
+            raise ConfigError(
+                f"server.request_timeout_ms must be within 100..600000, not {self.request_timeout_ms}"
+            )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-user and per-client-address rate limits on client RPCs, by class of method (core/limits.py).
+
+    Classes: changes (room lifecycle and moderation), joins (Join, Leave), follows (Follow, Unfollow,
+    RemindMe), reads (GetRoom, ListLiveRooms, CountFollowers, ListFollowers), streams (opening a
+    Subscribe, Publish or Inbox stream). Internal calls and health are never limited.
+    """
+
+    enabled: bool = True
+    # Calls per second each user may make, and each client address, in each class; 0: no such limit.
+    changes_user: float = 5.0
+    changes_address: float = 100.0
+    joins_user: float = 10.0
+    joins_address: float = 2_000.0
+    follows_user: float = 20.0
+    follows_address: float = 1_000.0
+    reads_user: float = 50.0
+    reads_address: float = 2_000.0
+    streams_user: float = 10.0
+    streams_address: float = 500.0
+    # A bucket holds this many seconds of its rate (at least one call): the burst a client may send.
+    burst_s: float = 2.0
+    # Keys (users, addresses) each limiter remembers; past it the least recently seen start afresh.
+    max_keys: int = 65_536
+    # Client networks never limited per address (CIDRs): a load balancer or NAT gateway that every
+    # client's calls come from, or loopback for local load tests and benchmarks.
+    exempt: tuple[str, ...] = ()
+    # IPv6 clients are counted per /ipv6_prefix network (a host usually holds a whole /64).
+    ipv6_prefix: int = 64
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith(("_user", "_address")):
+                value = getattr(self, f.name)
+                if value < 0:
+                    raise ConfigError(f"limits.{f.name} must be 0 (no limit) or positive, not {value}")
+        if not 0.05 <= self.burst_s <= 3600:
+            raise ConfigError(f"limits.burst_s must be within 0.05..3600, not {self.burst_s}")
+        if not 16 <= self.max_keys <= 10_000_000:
+            raise ConfigError(f"limits.max_keys must be within 16..10000000, not {self.max_keys}")
+        if not 1 <= self.ipv6_prefix <= 128:
+            raise ConfigError(f"limits.ipv6_prefix must be within 1..128, not {self.ipv6_prefix}")
+        for net in self.exempt:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"limits.exempt entries must be CIDRs (10.0.0.0/8), not {net!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -427,6 +486,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     notifier: NotifierConfig = field(default_factory=NotifierConfig)

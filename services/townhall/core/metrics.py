@@ -25,6 +25,12 @@ KAFKA_PRODUCE_ERRORS = Counter(
     ["topic"],
 )
 
+RATE_LIMITED = Counter(
+    "townhall_rate_limited_total",
+    "Client RPCs refused by a rate limit (core/limits.py), by class of method and key (user or address).",
+    ["limit_class", "key"],
+)
+
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
     """Serves /metrics on a background thread; port 0 disables it."""

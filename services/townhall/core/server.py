@@ -9,19 +9,22 @@ import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.channels import add_port
 from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
+from townhall.core.health import HealthServicer
 from townhall.core.interceptor import Instrumented
+from townhall.core.limits import Limits
 from townhall.core.metrics import serve_metrics
 from townhall.core.process import tune_gc
 
@@ -61,14 +64,19 @@ class Running:
     # The plaintext health-only server (server.health_port), if any.
     health_server: grpc.aio.Server | None = None
     watcher: asyncio.Task[None] | None = None
+    instrumented: list[Instrumented] = field(default_factory=list)
+
+
+def size_options(config: Config) -> list[tuple[str, int]]:
+    """Message size limits: a larger request is RESOURCE_EXHAUSTED, refused by gRPC before any parsing."""
+    size = config.server.max_message_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", 4 * size)]
 
 
 def server_options(config: Config) -> list[tuple[str, int]]:
     """Channel options every server sets: message size limits and keepalive."""
-    size = config.server.max_message_bytes
     return [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", 4 * size),
+        *size_options(config),
         ("grpc.max_concurrent_streams", config.server.max_concurrent_streams),
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -89,13 +97,18 @@ async def start(app: App, config: Config, listen: str) -> Running:
     server = grpc.aio.server(
         options=options, maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None)
     )
-    # Servicers register through Instrumented: every method is authenticated, counted, timed and error-mapped.
-    instrumented = Instrumented(server, app.auth)
+    # Servicers register through Instrumented: every method is authenticated, rate-limited, counted,
+    # timed and error-mapped, and its request bytes checked (core/interceptor.py).
+    timeout_s = config.server.request_timeout_ms / 1000
+    instrumented = Instrumented(server, app.auth, Limits(config.limits), timeout_s)
     app.register(instrumented)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        ReflectionServicer([*names, reflection.SERVICE_NAME]), instrumented
+    )
+    wrapped = [instrumented]
     if config.development_keys():
         log.warning("built-in development keys in use: not for production", keys=config.development_keys())
     await app.start()
@@ -105,17 +118,21 @@ async def start(app: App, config: Config, listen: str) -> Running:
     health_server = None
     if config.server.health_port:
         # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
-        health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server = grpc.aio.server(options=size_options(config))
+        probes = Instrumented(health_server, app.auth, request_timeout_s=timeout_s)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        wrapped.append(probes)
         host = listen.rpartition(":")[0]
         if not health_server.add_insecure_port(f"{host}:{config.server.health_port}"):
             raise OSError(f"cannot listen on {host}:{config.server.health_port} (server.health_port)")
         await health_server.start()
     await server.start()
+    for each in wrapped:
+        each.start()
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.create_task(app.auth.watch(), name="jwks-watch")
-    return Running(server, health_servicer, port, health_server, watcher)
+    return Running(server, health_servicer, port, health_server, watcher, wrapped)
 
 
 async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0) -> None:
@@ -136,6 +153,8 @@ async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0
             running.watcher.cancel()
         if running.health_server is not None:
             await running.health_server.stop(None)
+        for each in running.instrumented:
+            await each.close()
         await app.close()
 
 

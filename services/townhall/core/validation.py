@@ -14,6 +14,8 @@ REQUEST_ID_MAX = 64
 _ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ADDRESS_MAX = 255
+_ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}")
 
 
 def room_id(value: str, field: str = "room_id") -> str:
@@ -72,4 +74,15 @@ def bounded(value: int, field: str, low: int, high: int) -> int:
     """An integer within low..high."""
     if not low <= value <= high:
         raise InvalidArgument(f"{field} must be within {low}..{high}, not {value}")
+    return value
+
+
+def address(value: str, field: str) -> str:
+    """A member's host:port (1..255 characters; host a name, an IPv4 or a bracketed IPv6 address)."""
+    if not value:
+        raise InvalidArgument(f"{field} is required (host:port)")
+    if len(value) > ADDRESS_MAX:
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {ADDRESS_MAX} allowed")
+    if not _ADDRESS.fullmatch(value) or int(value.rpartition(":")[2]) > 65535:
+        raise InvalidArgument(f"{field} must be host:port, not {value[:40]!r}")
     return value

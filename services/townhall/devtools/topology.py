@@ -151,6 +151,9 @@ class Topology:
         prefix = f"TOWNHALL_{proc.service.upper()}_"
         relays = ",".join(p.grpc for p in self.processes if p.service == "relay")
         env = {
+            # Load tests against the local topology come from loopback: not limited per address
+            # unless the caller's environment says otherwise.
+            "TOWNHALL_LIMITS_EXEMPT": "127.0.0.0/8,::1/128",
             **os.environ,
             "TOWNHALL_KAFKA_BOOTSTRAP": self.bootstrap,
             "TOWNHALL_KAFKA_TOPIC_PREFIX": self.topic_prefix,

@@ -99,6 +99,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     ) -> graph_pb2.ListFollowersResponse:
         """One ascending page of user_id's followers after after_id."""
         user = validation.user_id(request.user_id, "user_id")
+        validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
         owner = self._placement.followee_owner(user)
         if self._remote(owner, context):

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from townhall.core import logging, validation
+from townhall.core import limits, logging, validation
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
@@ -40,6 +40,7 @@ class RelayServicer:
     async def publish(self, requests: AsyncIterator[AudioFrame], context: grpc.aio.ServicerContext) -> Any:
         """A speaker's frames go into the room's next chunks; returns how many were accepted."""
         ticket = self._ticket(context)
+        limits.charge(ticket.user_id)
         if not ticket.on_stage:
             raise PermissionDenied(
                 f"a {_role(ticket.role)} ticket may not publish audio; only the host, co-hosts and "
@@ -74,6 +75,7 @@ class RelayServicer:
         listener ticket naming upstream relays makes this relay an edge for the room.
         """
         ticket = self._ticket(context)
+        limits.charge(ticket.user_id)
         room_id = validation.room_id(request.room_id)
         if room_id != ticket.room_id:
             raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
