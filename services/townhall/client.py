@@ -22,12 +22,14 @@ from townhall.v1 import (
     graph_pb2_grpc,
     inbox_pb2,
     inbox_pb2_grpc,
+    moderation_pb2,
+    moderation_pb2_grpc,
     relay_pb2,
     relay_pb2_grpc,
     rooms_pb2,
     rooms_pb2_grpc,
 )
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Role, Room
 
 _Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024)]
@@ -69,6 +71,7 @@ class Client:
         self._notifier = channel(endpoints.notifier, self._tls)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.rooms = rooms_pb2_grpc.RoomsStub(self._admission)
+        self.moderation = moderation_pb2_grpc.ModerationStub(self._admission)
         self.admission = admission_pb2_grpc.AdmissionStub(self._admission)
         self.crowd_admission = self.admission
         if endpoints.crowd:
@@ -122,6 +125,51 @@ class Client:
         """Ends this user's room."""
         request = rooms_pb2.EndRoomRequest(room_id=room_id)
         return await self.rooms.EndRoom(request, metadata=self._metadata, timeout=15)
+
+    # The stage and moderation (moderation.proto): each returns the room's new version.
+
+    async def raise_hand(self, room_id: str) -> Room:
+        """Asks to speak."""
+        return await self._moderate("RaiseHand", moderation_pb2.RaiseHandRequest(room_id=room_id))
+
+    async def lower_hand(self, room_id: str) -> Room:
+        """Withdraws a raised hand, or declines an invitation to speak."""
+        return await self._moderate("LowerHand", moderation_pb2.LowerHandRequest(room_id=room_id))
+
+    async def invite(self, room_id: str, user: int) -> Room:
+        """Invites a user to speak (a raised hand is approved at once). Host and co-hosts."""
+        return await self._moderate("Invite", moderation_pb2.InviteRequest(room_id=room_id, user_id=user))
+
+    async def accept_invite(self, room_id: str) -> Room:
+        """Accepts an invitation to speak (then join again for a stage ticket)."""
+        return await self._moderate("AcceptInvite", moderation_pb2.AcceptInviteRequest(room_id=room_id))
+
+    async def set_role(self, room_id: str, user: int, role: Role.ValueType) -> Room:
+        """Makes a user a co-host, a speaker or a listener. Host and co-hosts."""
+        request = moderation_pb2.SetRoleRequest(room_id=room_id, user_id=user, role=role)
+        return await self._moderate("SetRole", request)
+
+    async def mute(self, room_id: str, user: int, muted: bool = True) -> Room:
+        """Mutes (or unmutes) a stage member. Host and co-hosts."""
+        request = moderation_pb2.MuteRequest(room_id=room_id, user_id=user, muted=muted)
+        return await self._moderate("Mute", request)
+
+    async def remove(self, room_id: str, user: int, ban: bool = False) -> Room:
+        """Removes a user from the room, and bans them with `ban`. Host and co-hosts."""
+        request = moderation_pb2.RemoveRequest(room_id=room_id, user_id=user, ban=ban)
+        return await self._moderate("Remove", request)
+
+    async def unban(self, room_id: str, user: int) -> Room:
+        """Lifts a ban. Host and co-hosts."""
+        return await self._moderate("Unban", moderation_pb2.UnbanRequest(room_id=room_id, user_id=user))
+
+    async def leave_stage(self, room_id: str) -> Room:
+        """Steps off the stage (co-hosts and speakers) to listen."""
+        return await self._moderate("LeaveStage", moderation_pb2.LeaveStageRequest(room_id=room_id))
+
+    async def _moderate(self, method: str, request: object) -> Room:
+        room: Room = await getattr(self.moderation, method)(request, metadata=self._metadata, timeout=15)
+        return self.learn(room)
 
     async def follow(self, followee: int) -> bool:
         """Follows a user; True if the follow is new."""

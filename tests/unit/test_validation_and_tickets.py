@@ -88,3 +88,18 @@ def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
             claims["up"] = list(upstream)
         assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256", headers={"kid": "k1"})
         assert signer.verify(signer.sign(ticket), "10.0.0.3:50052") == ticket
+
+
+def test_a_ticket_carries_the_room_version_it_was_issued_at() -> None:
+    """Relays compare it with the room's removals (`v`); tickets without it are version 0."""
+    signer = TicketSigner([("k1", "s" * 40)], 60)
+    ticket = signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1", room_version=17)
+    token = signer.sign(ticket)
+    assert jwt.decode(token, b"s" * 40, algorithms=["HS256"], audience="relay:1")["v"] == 17
+    assert signer.verify(token, "relay:1").room_version == 17
+    assert (
+        signer.verify(
+            signer.sign(signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1")), "relay:1"
+        ).room_version
+        == 0
+    )

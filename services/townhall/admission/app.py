@@ -13,6 +13,7 @@ from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import Peers
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
+from townhall.admission.moderation import ModerationServicer
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
@@ -33,6 +34,8 @@ from townhall.v1 import (
     admission_pb2_grpc,
     internal_pb2,
     internal_pb2_grpc,
+    moderation_pb2,
+    moderation_pb2_grpc,
     rooms_pb2,
     rooms_pb2_grpc,
 )
@@ -59,6 +62,7 @@ class AdmissionApp:
     service_names: Sequence[str] = (
         rooms_pb2.DESCRIPTOR.services_by_name["Rooms"].full_name,
         admission_pb2.DESCRIPTOR.services_by_name["Admission"].full_name,
+        moderation_pb2.DESCRIPTOR.services_by_name["Moderation"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["Owner"].full_name,
     )
@@ -137,6 +141,8 @@ class AdmissionApp:
         rooms = RoomsServicer(self.store, self.admitter, self.peers)
         rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
         admission_pb2_grpc.add_AdmissionServicer_to_server(AdmissionServicer(self.admitter), server)
+        moderation = ModerationServicer(self.store, self.peers, self._config.tickets.ttl_s)
+        moderation_pb2_grpc.add_ModerationServicer_to_server(moderation, server)
         internal_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(self.capacity), server)
         internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store), server)
 

@@ -135,6 +135,18 @@ class RoomStore:
                 await self._commit(room, "crowd")
         return room
 
+    async def change(self, room_id: str, change: str, make: Callable[[Room], Room]) -> Room:
+        """Applies a pure rule (admission/stage.py) to the room and durably records what it returns.
+
+        A rule that returns the room it was given changed nothing: nothing is written.
+        """
+        async with self._locks[room_id]:
+            held = self.book.get(room_id)
+            room = make(held)
+            if room is not held:
+                await self._commit(room, change)
+        return room
+
     async def _commit(self, room: Room, change: str) -> None:
         await self._send(self._topics.room_state, room.room_id, room)
         self.book.apply(room)
