@@ -11,6 +11,7 @@ def test_defaults_are_valid() -> None:
     config = load(env={})
     assert config.relay.chunk_ms == 100
     assert config.admission.relays == ("127.0.0.1:50052",)
+    assert config.relay.follow_room_state is True
 
 
 def test_file_then_environment_override(tmp_path: Path) -> None:
@@ -61,6 +62,7 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "dns"}, "admission.membership must be static or kubernetes"),
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "kubernetes"}, "admission.kube_service must name"),
         ({"TOWNHALL_ADMISSION_LEASE_MIN": "0"}, "admission.lease_min must be within"),
+        ({"TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "sometimes"}, "relay.follow_room_state must be true or false"),
     ],
 )
 def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:

@@ -292,6 +292,10 @@ class RelayConfig:
     # every large_room_chunk_ms instead (more listeners per core, more latency); 0 keeps chunk_ms.
     large_room_chunk_ms: int = 0
     large_room_relays: int = 4
+    # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
+    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped.
+    # Off only for a relay without Kafka (tests); tickets alone decide then.
+    follow_room_state: bool = True
 
     def validate(self) -> None:
         _address("relay.listen", self.listen)

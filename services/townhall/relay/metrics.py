@@ -44,3 +44,20 @@ FRAME_DELAY = Histogram(
     "Time from a frame's capture (speaker clock) to the emission of the chunk that carries it.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5),
 )
+STREAMS_REVOKED = Counter(
+    "townhall_relay_streams_revoked_total",
+    "Publish and Subscribe streams ended because a room change revoked them, by reason: removed, "
+    "banned, demoted (moved off the stage), ended (the room ended).",
+    ["reason"],
+)
+FRAMES_MUTED = Counter(
+    "townhall_relay_frames_muted_total", "Frames of muted speakers dropped at the origin relay."
+)
+REVOCATION_DELAY = Histogram(
+    "townhall_relay_revocation_delay_seconds",
+    "From a room change's write to Kafka (its record timestamp) to this relay ending the streams it revokes.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+# Every reason has a series from the start (at 0), so dashboards show "none" rather than "no data".
+for _reason in ("removed", "banned", "demoted", "ended"):
+    STREAMS_REVOKED.labels(_reason)
