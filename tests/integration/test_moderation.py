@@ -30,7 +30,7 @@ from townhall.core.auth import PUBLISH, SUBSCRIBE
 from townhall.core.config import KafkaConfig
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1.admission_pb2 import Grant
-from townhall.v1.common_pb2 import Role, Room
+from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 
 pytestmark = pytest.mark.kafka
@@ -61,7 +61,7 @@ class Site:
 
 
 @asynccontextmanager
-async def site(kafka: KafkaConfig, relays: int = 3) -> AsyncIterator[Site]:
+async def site(kafka: KafkaConfig, host_grace_s: float = 0.0, relays: int = 3) -> AsyncIterator[Site]:
     """`relays` relays following the room-state topic and one admission process in front of them."""
     async with tree(
         relays,
@@ -72,7 +72,7 @@ async def site(kafka: KafkaConfig, relays: int = 3) -> AsyncIterator[Site]:
     ) as t:
         config = config_for(
             kafka,
-            admission={"relays": tuple(t.addresses)},
+            admission={"relays": tuple(t.addresses), "host_grace_s": host_grace_s},
             # One listener of a room per relay before the next relay takes the room: edges at once.
             relay={"edge_target": 1, "tree_degree": 2, "load_report_ms": REPORT_MS},
             tickets={"keys": (TICKET_KEYS,)},
@@ -468,3 +468,62 @@ async def test_moderation_on_a_non_owner_is_forwarded_to_the_rooms_owner(kafka: 
     assert list(removed.banned_ids) == [base + 50]
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "only the host and co-hosts" in (denied.details() or "")
+
+
+async def test_the_hosts_dropped_connection_hands_the_room_to_the_co_host(kafka: KafkaConfig) -> None:
+    grace_s = 2.0
+    async with site(kafka, host_grace_s=grace_s) as s:
+        host, cohost, listener = s.user(), s.user(), s.user()
+        room = await live_room(host)
+        await host.set_role(room.room_id, cohost.user, Role.ROLE_COHOST)
+        host_feed = host.subscribe(await host.join(room.room_id), room.room_id)
+        cohost_feed = cohost.subscribe(await cohost.join(room.room_id), room.room_id)
+        hearing = listener.subscribe(await listener.join(room.room_id), room.room_id)
+        talking = speaking(cohost, await cohost.join(room.room_id))
+        await read_until(hearing, lambda ch: len(ch) >= 3)
+        await asyncio.sleep(2 * grace_s)  # both connected: nothing happens, however long
+        assert (await host.get_room(room.room_id)).host_id == host.user
+
+        host_feed.cancel()  # the host's connection drops
+        dropped_at = time.monotonic()
+
+        async def handed_over() -> Room | None:
+            got = await listener.get_room(room.room_id)
+            return got if got.host_id == cohost.user else None
+
+        handed = await eventually(handed_over)
+        failover_s = time.monotonic() - dropped_at
+        # The room goes on: the listener still hears the new host, who may now end the room.
+        await read_until(hearing, lambda ch: len(ch) >= 10)
+        ended = await cohost.end_room(room.room_id)
+        talking.cancel()
+        for call in (cohost_feed, hearing):
+            call.cancel()
+    assert list(handed.cohost_ids) == [host.user], "the old host keeps a co-host place"
+    assert handed.state == RoomState.ROOM_STATE_LIVE and ended.state == RoomState.ROOM_STATE_ENDED
+    figures(
+        "host-failover",
+        {"host_grace_s": grace_s, "report_ms": REPORT_MS, "drop_to_handover_s": round(failover_s, 2)},
+    )
+
+
+async def test_a_room_without_host_or_co_host_ends_after_the_grace_period(kafka: KafkaConfig) -> None:
+    grace_s = 2.0
+    async with site(kafka, host_grace_s=grace_s) as s:
+        host, listener, late = s.user(), s.user(), s.user()
+        room = await live_room(host)
+        host_grant = await host.join(room.room_id)
+        talking = speaking(host, host_grant)
+        hearing = listener.subscribe(await listener.join(room.room_id), room.room_id)
+        await read_until(hearing, lambda ch: len(ch) >= 3)
+        talking.cancel()  # the host's only stream: their connection drops
+        dropped_at = time.monotonic()
+        error, ended_at = await ended_with(hearing, within_s=30)
+        refused = await rpc_error(late.join(room.room_id))
+        final = await listener.get_room(room.room_id)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in (error.details() or "")
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert final.state == RoomState.ROOM_STATE_ENDED
+    figures(
+        "abandoned-room", {"host_grace_s": grace_s, "drop_to_listener_cut_s": round(ended_at - dropped_at, 2)}
+    )

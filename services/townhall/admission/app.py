@@ -11,6 +11,7 @@ import grpc
 
 from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import Peers
+from townhall.admission.failover import Failover, StagePresence
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
 from townhall.admission.moderation import ModerationServicer
@@ -95,7 +96,10 @@ class AdmissionApp:
         self._events = EventQueue(self._producer, config.admission.event_queue)
         relay = config.relay
         self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
-        self._relay_loads = RelayLoadFollower(config.kafka, self.placer)
+        # Host failover reads who of each room's hosts is connected from the same relay reports.
+        report_s = relay.load_report_ms / 1000
+        self.stage_presence = StagePresence(fresh_s=max(3 * report_s, 1.0))
+        self._relay_loads = RelayLoadFollower(config.kafka, self.placer, self.stage_presence.observe_report)
         self.presence = Presence(
             self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
         )
@@ -111,6 +115,13 @@ class AdmissionApp:
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
+        self.failover = (
+            Failover(self.store, self.stage_presence, self.peers.is_owner, own.host_grace_s)
+            if own.host_grace_s
+            else None
+        )
+        if own.host_grace_s and not relay.load_report_ms:
+            log.warning("host failover cannot see who is connected: relay.load_report_ms is 0")
 
     def _changed(self, room: Room) -> None:
         if room.state == RoomState.ROOM_STATE_ENDED:
@@ -159,6 +170,8 @@ class AdmissionApp:
         self.capacity.start()
         self._relay_loads.start()
         self.scheduler.start()
+        if self.failover is not None:
+            self.failover.start()
 
     async def drain(self) -> None:
         """Unary RPCs only: the server's grace period covers in-flight calls."""
@@ -168,6 +181,8 @@ class AdmissionApp:
             self.membership.stop()
         await cancel(*self._tasks)
         await self.scheduler.close()
+        if self.failover is not None:
+            await self.failover.close()
         await self._relay_loads.close()
         await self.capacity.close()
         await self.store.stop()

@@ -223,9 +223,18 @@ class AdmissionConfig:
     # Join attempts/s (all processes, as seen by the owner's leases) above which a room is marked
     # crowd; 0 never marks one.
     crowd_joins_per_s: float = 500.0
+    # Host failover, on each room's owner: once a live room's host has had no relay stream open for
+    # this many seconds, its first connected co-host becomes host; a room whose host and co-hosts have
+    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_ms
+    # must be on). 0 turns it off.
+    host_grace_s: float = 60.0
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
+        if self.host_grace_s and not 1 <= self.host_grace_s <= 3600:
+            raise ConfigError(
+                f"admission.host_grace_s must be 0 (off) or within 1..3600 seconds, not {self.host_grace_s}"
+            )
         if self.advertise:
             _address("admission.advertise", self.advertise)
         if self.membership not in {"static", "kubernetes"}:
@@ -408,6 +417,12 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
+        if grace_ms and report_ms and grace_ms < 2 * report_ms:
+            raise ConfigError(
+                f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "
+                f"load reports (relay.load_report_ms is {report_ms}): they say who is connected"
+            )
 
     def development_keys(self) -> list[str]:
         """The key lists that hold a built-in development key (anyone can read it in the source)."""

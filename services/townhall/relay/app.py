@@ -45,7 +45,7 @@ class RelayApp:
         # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
         self.guard = Guard()
         self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
-        self.reporter = LoadReporter(config, self.hub)
+        self.reporter = LoadReporter(config, self.hub, self.guard.leads)
         self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes, self.guard)
 
     def register(self, server: grpc.aio.Server) -> None:
