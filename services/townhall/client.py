@@ -234,7 +234,10 @@ class Client:
                     await asyncio.sleep(delay)
                 yield relay_pb2.AudioFrame(sequence=seq, capture_ts_us=now_us(), payload=payload)
 
-        summary = await stub.Publish(frames(), metadata=md)
+        try:
+            summary = await stub.Publish(frames(), metadata=md)
+        except grpc.aio.AioRpcError as exc:
+            raise await publish_status(stub, md, exc) from None
         return int(summary.frames_accepted)
 
     def subscribe(
@@ -249,6 +252,29 @@ class Client:
     def notifications(self) -> grpc.aio.UnaryStreamCall:
         """This user's Inbox stream."""
         return self.inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=self._metadata)
+
+
+async def publish_status(
+    stub: relay_pb2_grpc.RelayStub, metadata: tuple[tuple[str, str], ...], error: grpc.aio.AioRpcError
+) -> grpc.aio.AioRpcError:
+    """The relay's own status for a Publish that failed, when grpc.aio lost it.
+
+    A frame written as the relay ends the stream (a speaker moved off the stage, removed) fails, and
+    grpc.aio then reports INTERNAL "Internal error from Core" instead of the status the relay sent
+    (grpc/grpc#36066). An empty Publish with the same ticket is answered with the reason at once.
+    """
+    if error.code() != grpc.StatusCode.INTERNAL or "execute_batch" not in (error.debug_error_string() or ""):
+        return error
+    try:
+        await stub.Publish(_nothing(), metadata=metadata, timeout=10)
+    except grpc.aio.AioRpcError as refused:
+        return refused
+    return error
+
+
+async def _nothing() -> AsyncIterator[relay_pb2.AudioFrame]:
+    return
+    yield  # an async generator that yields nothing
 
 
 def retry_after_s(error: grpc.aio.AioRpcError, default_s: float = 1.0) -> float:
