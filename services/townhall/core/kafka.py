@@ -160,8 +160,9 @@ async def follow(
 ) -> None:
     """Hands every record after `positions` (e.g. read_to_end's ends) to `handle` as it arrives.
 
-    Runs until cancelled. `positions` is kept up to date, so after a Kafka error the consumer is made
-    again and resumes where it stopped.
+    Runs until cancelled. `positions` is kept up to date, so after an error the consumer is made again
+    and resumes where it stopped (after the record `handle` failed on, if it did: one bad record must
+    not stop the follower).
     """
     while True:
         consumer = AIOKafkaConsumer(
@@ -176,10 +177,10 @@ async def follow(
                 batch = await consumer.getmany(timeout_ms=1_000)
                 for tp, records in batch.items():
                     for record in records:
-                        handle(record)
                         positions[tp] = record.offset + 1
-        except KafkaError as exc:
-            log.warning("following a topic failed; resuming", error=str(exc))
+                        handle(record)
+        except Exception as exc:  # Kafka errors, or a record `handle` could not take: go on after it
+            log.warning("following a topic failed; resuming", error=repr(exc))
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
