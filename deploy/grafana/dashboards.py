@@ -235,7 +235,16 @@ ADMISSION = Dashboard(
             "Room changes/s by kind",
             [(rate("townhall_room_changes_total", "change"), "{{change}}")],
             "ops",
-            "Authoritative changes, acknowledged by Kafka (acks=all) before the RPC returns.",
+            "Authoritative changes, acknowledged by Kafka (acks=all) before the RPC returns: lifecycle "
+            "(created, started, ended), moderation (hand_raised, invited, role_changed, muted, removed, "
+            "banned, ...) and host failover (handed_over, abandoned).",
+        ),
+        Panel(
+            "Host failovers/s by outcome",
+            [(rate("townhall_host_failovers_total", "outcome"), "{{outcome}}")],
+            "ops",
+            "Rooms whose host had no relay stream for admission.host_grace_s: handed_over to a co-host, "
+            "or ended (no host or co-host connected).",
         ),
         *rpc_panels(ADMISSION_JOBS, "townhall.v1.(Rooms|Admission)"),
         *kafka_panels(ADMISSION_JOBS),
@@ -276,6 +285,22 @@ RELAY = Dashboard(
             "ops",
         ),
         Panel("Chunk size", latency("townhall_relay_chunk_bytes"), "bytes"),
+        Panel(
+            "Streams cut by moderation/s by reason, muted frames dropped/s",
+            [
+                (rate("townhall_relay_streams_revoked_total", "reason"), "cut: {{reason}}"),
+                (rate("townhall_relay_frames_muted_total"), "muted frames dropped"),
+            ],
+            "ops",
+            "Streams a room change revoked on this relay (removed, banned, demoted, ended room); frames of "
+            "muted speakers dropped at the origin.",
+        ),
+        Panel(
+            "Revocation delay (room change written to stream cut)",
+            latency("townhall_relay_revocation_delay_seconds"),
+            "s",
+            "From the room-state record's timestamp to the relay ending the streams it revokes.",
+        ),
         *rpc_panels("relay", "townhall.v1.Relay", streams_only=True),
     ],
 )

@@ -23,12 +23,14 @@ from townhall.v1 import (
     graph_pb2_grpc,
     inbox_pb2,
     inbox_pb2_grpc,
+    moderation_pb2,
+    moderation_pb2_grpc,
     relay_pb2,
     relay_pb2_grpc,
     rooms_pb2,
     rooms_pb2_grpc,
 )
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Role, Room
 
 _Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
 _CHANNEL_OPTIONS = [
@@ -107,6 +109,11 @@ class Client:
     def rooms(self) -> rooms_pb2_grpc.RoomsStub:
         """The Rooms API on the admission process in use."""
         return rooms_pb2_grpc.RoomsStub(self._admission)
+
+    @property
+    def moderation(self) -> moderation_pb2_grpc.ModerationStub:
+        """The Moderation API on the admission process in use."""
+        return moderation_pb2_grpc.ModerationStub(self._admission)
 
     @property
     def admission(self) -> admission_pb2_grpc.AdmissionStub:
@@ -196,6 +203,57 @@ class Client:
             self.crowd_rooms.add(room.room_id)
         return room
 
+    # The stage and moderation (moderation.proto): each returns the room's new version.
+
+    async def raise_hand(self, room_id: str) -> Room:
+        """Asks to speak."""
+        return await self._moderate("RaiseHand", moderation_pb2.RaiseHandRequest(room_id=room_id))
+
+    async def lower_hand(self, room_id: str) -> Room:
+        """Withdraws a raised hand, or declines an invitation to speak."""
+        return await self._moderate("LowerHand", moderation_pb2.LowerHandRequest(room_id=room_id))
+
+    async def invite(self, room_id: str, user: int) -> Room:
+        """Invites a user to speak (a raised hand is approved at once). Host and co-hosts."""
+        return await self._moderate("Invite", moderation_pb2.InviteRequest(room_id=room_id, user_id=user))
+
+    async def accept_invite(self, room_id: str) -> Room:
+        """Accepts an invitation to speak (then join again for a stage ticket)."""
+        return await self._moderate("AcceptInvite", moderation_pb2.AcceptInviteRequest(room_id=room_id))
+
+    async def set_role(self, room_id: str, user: int, role: Role.ValueType) -> Room:
+        """Makes a user a co-host, a speaker or a listener. Host and co-hosts."""
+        request = moderation_pb2.SetRoleRequest(room_id=room_id, user_id=user, role=role)
+        return await self._moderate("SetRole", request)
+
+    async def mute(self, room_id: str, user: int, muted: bool = True) -> Room:
+        """Mutes (or unmutes) a stage member. Host and co-hosts."""
+        request = moderation_pb2.MuteRequest(room_id=room_id, user_id=user, muted=muted)
+        return await self._moderate("Mute", request)
+
+    async def remove(self, room_id: str, user: int, ban: bool = False) -> Room:
+        """Removes a user from the room, and bans them with `ban`. Host and co-hosts."""
+        request = moderation_pb2.RemoveRequest(room_id=room_id, user_id=user, ban=ban)
+        return await self._moderate("Remove", request)
+
+    async def unban(self, room_id: str, user: int) -> Room:
+        """Lifts a ban. Host and co-hosts."""
+        return await self._moderate("Unban", moderation_pb2.UnbanRequest(room_id=room_id, user_id=user))
+
+    async def leave_stage(self, room_id: str) -> Room:
+        """Steps off the stage (co-hosts and speakers) to listen."""
+        return await self._moderate("LeaveStage", moderation_pb2.LeaveStageRequest(room_id=room_id))
+
+    async def _moderate(self, method: str, request: object) -> Room:
+        # Every moderation call is safe to repeat: a change that already holds is answered unchanged.
+        def call(_: rooms_pb2_grpc.RoomsStub) -> Awaitable[Room]:
+            made: Awaitable[Room] = getattr(self.moderation, method)(
+                request, metadata=self._metadata, timeout=15
+            )
+            return made
+
+        return self.learn(await self._rooms_call(call))
+
     async def follow(self, followee: int) -> bool:
         """Follows a user; True if the follow is new."""
         request = graph_pb2.FollowRequest(followee_id=followee)
@@ -281,7 +339,10 @@ class Client:
                     await asyncio.sleep(delay)
                 yield relay_pb2.AudioFrame(sequence=seq, capture_ts_us=now_us(), payload=payload)
 
-        summary = await stub.Publish(frames(), metadata=md)
+        try:
+            summary = await stub.Publish(frames(), metadata=md)
+        except grpc.aio.AioRpcError as exc:
+            raise await publish_status(stub, md, exc) from None
         return int(summary.frames_accepted)
 
     def subscribe(
@@ -298,6 +359,29 @@ class Client:
     def notifications(self) -> grpc.aio.UnaryStreamCall:
         """This user's Inbox stream."""
         return self.inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=self._metadata)
+
+
+async def publish_status(
+    stub: relay_pb2_grpc.RelayStub, metadata: tuple[tuple[str, str], ...], error: grpc.aio.AioRpcError
+) -> grpc.aio.AioRpcError:
+    """The relay's own status for a Publish that failed, when grpc.aio lost it.
+
+    A frame written as the relay ends the stream (a speaker moved off the stage, removed) fails, and
+    grpc.aio then reports INTERNAL "Internal error from Core" instead of the status the relay sent
+    (grpc/grpc#36066). An empty Publish with the same ticket is answered with the reason at once.
+    """
+    if error.code() != grpc.StatusCode.INTERNAL or "execute_batch" not in (error.debug_error_string() or ""):
+        return error
+    try:
+        await stub.Publish(_nothing(), metadata=metadata, timeout=10)
+    except grpc.aio.AioRpcError as refused:
+        return refused
+    return error
+
+
+async def _nothing() -> AsyncIterator[relay_pb2.AudioFrame]:
+    return
+    yield  # an async generator that yields nothing
 
 
 def retry_after_s(error: grpc.aio.AioRpcError, default_s: float = 1.0) -> float:

@@ -274,6 +274,20 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
             assert config.notifier.data_dir in mounts
 
 
+def test_the_host_failover_grace_reaches_admission_through_the_config_loader(render: Render) -> None:
+    for flags, expected in (
+        ((), 60.0),
+        (("--set", "admission.config.host_grace_s=30"), 30.0),
+        (("--set", "admission.config.host_grace_s=0"), 0.0),
+    ):
+        manifests = render(None, *flags)
+        (c,) = workload(manifests, "admission")["spec"]["template"]["spec"]["containers"]
+        config = load_config(env=container_env(manifests, c, "admission-0"))
+        assert config.admission.host_grace_s == expected, flags
+        # Presence comes from the relays' load reports: they are on, and often enough for the grace.
+        assert config.relay.load_report_ms > 0
+
+
 def test_whole_numbers_reach_the_services_unmangled(render: Render) -> None:
     config = configmap(render(None, "--set", "admission.config.default_listener_limit=100000000"))
     assert config["TOWNHALL_ADMISSION_DEFAULT_LISTENER_LIMIT"] == "100000000"
@@ -545,6 +559,7 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "config.auth.keys=a"], "invalid propertyName 'keys'"),
         (["--set", "admision.replicas=3"], "admision"),
         (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
+        (["--set", "admission.config.host_grace_s=0.5"], "/admission/config/host_grace_s"),
         (["--set", "admission.config.relays=a:1"], "relays"),
         (["--set", "service.type=Ingress"], "/service/type"),
         (["--set", "admission.resources=null"], "resources"),

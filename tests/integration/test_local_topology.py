@@ -58,6 +58,35 @@ def test_sigterm_drains_and_exits_cleanly(topology: Topology) -> None:
     topology.restart(relay)
 
 
+def test_the_cli_moderates_a_room(topology: Topology) -> None:
+    """`townhall room` and `townhall mod`, as README's "Using it by hand" shows them."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "townhall.cli.main", "--root", str(topology.root), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    created = cli("room", "create", "CLI room", "--user", "501")
+    room_id = json.loads(created.stdout)["roomId"]
+    assert cli("room", "start", room_id, "--user", "501").returncode == 0
+    cohost = cli("mod", "role", room_id, "502", "--role", "cohost", "--user", "501")
+    assert cohost.returncode == 0 and "502" in next(
+        line for line in cohost.stdout.splitlines() if "co-hosts" in line
+    )
+    banned = cli("mod", "ban", room_id, "503", "--user", "502")
+    assert banned.returncode == 0 and "503" in next(
+        line for line in banned.stdout.splitlines() if "banned" in line
+    )
+    refused = cli("mod", "raise-hand", room_id, "--user", "503")
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout and "banned" in refused.stdout
+    missing = cli("mod", "mute", room_id, "--user", "501")
+    assert missing.returncode == 2 and "needs the user to act on" in missing.stdout
+
+
 @pytest.mark.parametrize("service", ["admission", "relay", "notifier"])
 def test_bad_config_stops_the_process_naming_the_key(service: str) -> None:
     env = {**os.environ, f"TOWNHALL_{service.upper()}_METRICS_PORT": "lots"}

@@ -59,6 +59,7 @@ async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterat
         "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_METRICS_PORT": "0",
+        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka: tickets alone decide
         "TOWNHALL_TICKETS_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }

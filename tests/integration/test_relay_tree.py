@@ -94,6 +94,8 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
                 "TOWNHALL_RELAY_LISTEN": address,
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                # No Kafka unless a test gives one (kafka_bootstrap=..., follow_room_state="true").
+                "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
                 "TOWNHALL_TICKETS_KEYS": TICKET_KEYS,
                 **{
                     f"TOWNHALL_{key.upper()}": value

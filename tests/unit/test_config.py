@@ -11,6 +11,8 @@ def test_defaults_are_valid() -> None:
     config = load(env={})
     assert config.relay.chunk_ms == 100
     assert config.admission.relays == ("127.0.0.1:50052",)
+    assert config.admission.host_grace_s == 60.0 and config.relay.follow_room_state is True
+    assert load(env={"TOWNHALL_ADMISSION_HOST_GRACE_S": "0"}).admission.host_grace_s == 0, "0 turns it off"
 
 
 def test_file_then_environment_override(tmp_path: Path) -> None:
@@ -65,6 +67,16 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_PROBE_FAILURES": "0"}, "admission.probe_failures must be within"),
         ({"TOWNHALL_SERVER_DRAIN_NOTICE_MS": "-1"}, "server.drain_notice_ms must be within"),
         ({"TOWNHALL_RELAY_UPSTREAM_LOST_MS": "50"}, "relay.upstream_lost_ms must be within"),
+        (
+            {"TOWNHALL_ADMISSION_HOST_GRACE_S": "0.5"},
+            r"admission.host_grace_s must be 0 \(off\) or within 1..3600",
+        ),
+        ({"TOWNHALL_ADMISSION_HOST_GRACE_S": "soon"}, "admission.host_grace_s must be a number"),
+        (
+            {"TOWNHALL_ADMISSION_HOST_GRACE_S": "3", "TOWNHALL_RELAY_LOAD_REPORT_MS": "2000"},
+            "must last at least two relay load reports",
+        ),
+        ({"TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "sometimes"}, "relay.follow_room_state must be true or false"),
     ],
 )
 def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:

@@ -116,3 +116,18 @@ def test_bounded_names_the_field() -> None:
         InvalidArgument, match=r"after_id must be within 0\.\.9223372036854775807, not 9223372036854775808"
     ):
         validation.bounded(2**63, "after_id", 0, validation.USER_ID_MAX)
+
+
+def test_a_ticket_carries_the_room_version_it_was_issued_at() -> None:
+    """Relays compare it with the room's removals (`v`); tickets without it are version 0."""
+    signer = TicketSigner([("k1", "s" * 40)], 60)
+    ticket = signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1", room_version=17)
+    token = signer.sign(ticket)
+    assert jwt.decode(token, b"s" * 40, algorithms=["HS256"], audience="relay:1")["v"] == 17
+    assert signer.verify(token, "relay:1").room_version == 17
+    assert (
+        signer.verify(
+            signer.sign(signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1")), "relay:1"
+        ).room_version
+        == 0
+    )

@@ -11,9 +11,11 @@ import grpc
 
 from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import Peers
+from townhall.admission.failover import Failover, StagePresence
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import PEERS_DOWN
+from townhall.admission.moderation import ModerationServicer
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
@@ -35,6 +37,8 @@ from townhall.v1 import (
     admission_pb2_grpc,
     internal_pb2,
     internal_pb2_grpc,
+    moderation_pb2,
+    moderation_pb2_grpc,
     rooms_pb2,
     rooms_pb2_grpc,
 )
@@ -61,6 +65,7 @@ class AdmissionApp:
     service_names: Sequence[str] = (
         rooms_pb2.DESCRIPTOR.services_by_name["Rooms"].full_name,
         admission_pb2.DESCRIPTOR.services_by_name["Admission"].full_name,
+        moderation_pb2.DESCRIPTOR.services_by_name["Moderation"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
         internal_pb2.DESCRIPTOR.services_by_name["Owner"].full_name,
     )
@@ -103,7 +108,10 @@ class AdmissionApp:
         self._events = EventQueue(self._producer, config.admission.event_queue)
         relay = config.relay
         self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
-        self._relay_loads = RelayLoadFollower(config.kafka, self.placer)
+        # Host failover reads who of each room's hosts is connected from the same relay reports.
+        report_s = relay.load_report_ms / 1000
+        self.stage_presence = StagePresence(fresh_s=max(3 * report_s, 1.0))
+        self._relay_loads = RelayLoadFollower(config.kafka, self.placer, self.stage_presence.observe_report)
         self.presence = Presence(
             self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
         )
@@ -119,6 +127,13 @@ class AdmissionApp:
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
+        self.failover = (
+            Failover(self.store, self.stage_presence, self.peers.is_owner, own.host_grace_s)
+            if own.host_grace_s
+            else None
+        )
+        if own.host_grace_s and not relay.load_report_ms:
+            log.warning("host failover cannot see who is connected: relay.load_report_ms is 0")
         self._members: list[str] = []
         self.prober.on_round(self._probed)
 
@@ -165,6 +180,8 @@ class AdmissionApp:
         rooms = RoomsServicer(self.store, self.admitter, self.peers)
         rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
         admission_pb2_grpc.add_AdmissionServicer_to_server(AdmissionServicer(self.admitter), server)
+        moderation = ModerationServicer(self.store, self.peers, self._config.tickets.ttl_s)
+        moderation_pb2_grpc.add_ModerationServicer_to_server(moderation, server)
         internal_pb2_grpc.add_LeasesServicer_to_server(LeasesServicer(self.capacity), server)
         internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store, self.peers), server)
 
@@ -184,6 +201,8 @@ class AdmissionApp:
         self.capacity.start()
         self._relay_loads.start()
         self.scheduler.start()
+        if self.failover is not None:
+            self.failover.start()
 
     async def leave(self) -> None:
         """Stops owning rooms (changes go to the next owner), then lets the changes in flight finish.
@@ -205,6 +224,8 @@ class AdmissionApp:
         await cancel(*self._tasks)
         await self.prober.close()
         await self.scheduler.close()
+        if self.failover is not None:
+            await self.failover.close()
         await self._relay_loads.close()
         await self.capacity.close()
         await self.store.stop()

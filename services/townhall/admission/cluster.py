@@ -7,7 +7,7 @@ import grpc
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.core.membership import Membership, ProbedMembership
-from townhall.v1 import internal_pb2_grpc, rooms_pb2_grpc
+from townhall.v1 import internal_pb2_grpc, moderation_pb2_grpc, rooms_pb2_grpc
 
 # Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin, and
 # are tried again at the next owner while the current one is unreachable or handing over.
@@ -50,6 +50,10 @@ class Peers:
     def rooms(self, member: str) -> rooms_pb2_grpc.RoomsStub:
         """The Rooms API of a member."""
         return rooms_pb2_grpc.RoomsStub(self._channel(member))
+
+    def moderation(self, member: str) -> moderation_pb2_grpc.ModerationStub:
+        """The Moderation API of a member."""
+        return moderation_pb2_grpc.ModerationStub(self._channel(member))
 
     def owner_api(self, member: str) -> internal_pb2_grpc.OwnerStub:
         """The internal Owner API of a member."""

@@ -67,6 +67,9 @@ class Admitter:
         if room.state != ROOM_STATE_LIVE:
             JOINS_REJECTED.inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
+        if self._book.banned(room_id, user):
+            JOINS_REJECTED.inc()
+            raise PermissionDenied(f"user {user} is banned from room {room_id}")
         role = role_of(room, user)
         listener = role == ROLE_LISTENER
         needed = SUBSCRIBE if listener else PUBLISH
@@ -79,7 +82,9 @@ class Admitter:
             if waiting is not None:
                 return waiting
         relay = self._relay_for(room_id, user, on_stage=not listener)
-        ticket = self._signer.issue(room_id, user, role, relay.relay, upstream=relay.upstream)
+        ticket = self._signer.issue(
+            room_id, user, role, relay.relay, upstream=relay.upstream, room_version=room.version
+        )
         self._presence.record(KIND_JOIN, room_id, user, role)
         JOINS_ADMITTED.inc()
         response = JoinResponse()

@@ -41,3 +41,11 @@ PEERS_DOWN = Gauge(
     "Members this process's health probes find down, by kind (admission, relay).",
     ["kind"],
 )
+HOST_FAILOVERS = Counter(
+    "townhall_host_failovers_total",
+    "Rooms whose host had gone for admission.host_grace_s, by outcome: handed_over (a co-host hosts it "
+    "now) or ended (no host or co-host left).",
+    ["outcome"],
+)
+for _outcome in ("handed_over", "ended"):
+    HOST_FAILOVERS.labels(_outcome)  # a series at 0 from the start: dashboards show none, not no data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -18,9 +19,9 @@ from townhall.v1.events_pb2 import RelayLoad
 log = logging.get(__name__)
 
 
-def to_load(value: bytes) -> Load:
+def to_load(value: bytes | RelayLoad) -> Load:
     """A RelayLoad record as the placer's Load (times in Unix seconds)."""
-    report = RelayLoad.FromString(value)
+    report = value if isinstance(value, RelayLoad) else RelayLoad.FromString(value)
     return Load(
         report.relay,
         report.listeners,
@@ -34,10 +35,14 @@ def to_load(value: bytes) -> Load:
 class RelayLoadFollower:
     """Reads every relay's latest report (from the beginning, no consumer group) and keeps following."""
 
-    def __init__(self, kafka: KafkaConfig, placer: Placer) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, placer: Placer, on_report: Callable[[RelayLoad], None] | None = None
+    ) -> None:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).relay_load
         self._placer = placer
+        # Also given every report (host failover reads who of each room's hosts is connected).
+        self._on_report = on_report
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -63,7 +68,10 @@ class RelayLoadFollower:
                     if record.value is None:
                         continue
                     try:
-                        self._placer.observe(to_load(record.value))
+                        report = RelayLoad.FromString(record.value)
+                        self._placer.observe(to_load(report))
+                        if self._on_report is not None:
+                            self._on_report(report)
                     except ValueError as exc:  # DecodeError is a ValueError: skip a bad record
                         log.warning("bad relay load report", topic=self._topic, error=str(exc))
             except KafkaError as exc:

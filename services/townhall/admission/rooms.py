@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterable
 
 from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from townhall.v1.common_pb2 import ROLE_HOST, ROLE_LISTENER, ROLE_SPEAKER, Role, Room, RoomState
+from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, ROLE_SPEAKER, Role, Room, RoomState
 
 MAX_SPEAKERS = 12
 MAX_LISTENER_LIMIT = 10_000_000
@@ -41,6 +41,8 @@ class RoomBook:
         self._rooms: dict[str, Room] = {}
         # Live rooms whose room-started event is not known to be acknowledged (usually none).
         self._unannounced: set[str] = set()
+        # Each room's bans as a set: the join path checks one with a lookup, not a scan of the list.
+        self._banned: dict[str, frozenset[int]] = {}
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -66,7 +68,16 @@ class RoomBook:
             self._unannounced.add(room.room_id)
         else:
             self._unannounced.discard(room.room_id)
+        if room.banned_ids:
+            self._banned[room.room_id] = frozenset(room.banned_ids)
+        else:
+            self._banned.pop(room.room_id, None)
         return True
+
+    def banned(self, room_id: str, user: int) -> bool:
+        """Whether the user is banned from the room (a set lookup: this is on the join path)."""
+        banned = self._banned.get(room_id)
+        return banned is not None and user in banned
 
     def live(self) -> list[Room]:
         """Live rooms, most recently started first."""
@@ -165,6 +176,8 @@ def role_of(room: Room, user: int) -> Role.ValueType:
     """The role a user joins a room in."""
     if user == room.host_id:
         return ROLE_HOST
+    if user in room.cohost_ids:
+        return ROLE_COHOST
     if user in room.speaker_ids:
         return ROLE_SPEAKER
     return ROLE_LISTENER

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import logging
 from townhall.core.errors import TownhallError
-from townhall.core.tasks import cancel
+from townhall.core.tasks import Ticker
 
 log = logging.get(__name__)
 
 TICK_S = 0.25
 
 
-class Scheduler:
+class Scheduler(Ticker):
     """Every tick, starts the due scheduled rooms this process owns, as their host would.
 
     Starting goes through RoomStore.start, so the room-started event (and with it the
@@ -24,9 +23,9 @@ class Scheduler:
     """
 
     def __init__(self, store: RoomStore, owns: Callable[[str], bool] = lambda _room: True) -> None:
+        super().__init__("room-scheduler", TICK_S)
         self._store = store
         self._owns = owns
-        self._task: asyncio.Task[None] | None = None
 
     async def tick(self) -> int:
         """Starts every due room owned here; returns how many started.
@@ -50,20 +49,3 @@ class Scheduler:
             started += 1
             log.info("scheduled room started", room=room.room_id, host=room.host_id)
         return started
-
-    def start(self) -> None:
-        """Starts ticking in the background."""
-        self._task = asyncio.create_task(self._run(), name="room-scheduler")
-
-    async def close(self) -> None:
-        """Stops ticking."""
-        await cancel(self._task)
-        self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception as exc:  # a tick must never end the loop
-                log.warning("scheduler tick failed", error=str(exc))
-            await asyncio.sleep(TICK_S)

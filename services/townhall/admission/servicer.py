@@ -13,6 +13,7 @@ from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
+from townhall.admission.stage import listed
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
@@ -152,7 +153,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         self, request: rooms_pb2.ListLiveRoomsRequest, context: grpc.aio.ServicerContext
     ) -> rooms_pb2.ListLiveRoomsResponse:
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
-        return rooms_pb2.ListLiveRoomsResponse(rooms=self._store.book.live()[:limit])
+        return rooms_pb2.ListLiveRoomsResponse(rooms=[listed(r) for r in self._store.book.live()[:limit]])
 
 
 class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):

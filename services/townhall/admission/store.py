@@ -240,6 +240,20 @@ class RoomStore:
                 await self._commit(room, "crowd", deadline)
         return room
 
+    async def change(self, room_id: str, change: str, make: Callable[[Room], Room]) -> Room:
+        """Applies a pure rule (admission/stage.py) to the room and durably records what it returns.
+
+        A rule that returns the room it was given changed nothing: nothing is written.
+        """
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        async with self._locks[room_id]:
+            await self.caught_up(deadline)
+            held = self.book.get(room_id)
+            room = make(held)
+            if room is not held:
+                await self._commit(room, change, deadline)
+        return room
+
     async def _commit(self, room: Room, change: str, deadline: float) -> None:
         written = await self._send(self._topics.room_state, room.room_id, room, deadline)
         self.book.apply(room)

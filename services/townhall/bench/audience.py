@@ -97,6 +97,7 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
                     "TOWNHALL_RELAY_METRICS_PORT": "0",
                     "TOWNHALL_RELAY_CHUNK_MS": str(chunk_ms),
                     "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                    "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka in the bench
                     "TOWNHALL_LOG_LEVEL": "warning",
                     **LIMITS,
                 }

@@ -93,6 +93,7 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_CHUNK_MS": str(CHUNK_MS),
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka in the bench
+                "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
                 "TOWNHALL_LOG_LEVEL": "warning",
                 **LIMITS,
             }

@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", type=Path, required=True, help="WAV file to write")
     listen.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
 
-    from townhall.cli import graph
+    from townhall.cli import graph, moderation
 
+    moderation.add_parser(sub)
     graph.add_parser(sub)
 
     from townhall.cli import loadtest

@@ -1,4 +1,4 @@
-"""Manual use: `townhall room|follow|inbox|speak|listen`."""
+"""Manual use: `townhall room|mod|follow|inbox|speak|listen`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall import audio
+from townhall.cli import moderation
 from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     endpoints = resolve(args.root / "topology.json", args.admission, args.notifier, args.config, args.crowd)
     handler = {
         "room": _room,
+        "mod": moderation.run,
         "follow": _follow,
         "inbox": _inbox,
         "speak": _speak,

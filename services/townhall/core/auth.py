@@ -38,6 +38,9 @@ Metadata = Iterable[tuple[str, Any]] | None
 # (only the service credential), TICKET (the relay's ticket, checked by its servicer), OPEN (health).
 USER, SERVICE, TICKET, OPEN = "user", "service", "ticket", "open"
 _RULES = {
+    # Rooms, Admission, Graph, Inbox: USER (the default). Moderation too; each call also needs a
+    # grant (core/identity.require) and a role in the room (admission/stage.py).
+    "townhall.v1.Moderation": USER,
     "townhall.v1.Leases": SERVICE,
     "townhall.v1.Owner": SERVICE,
     "townhall.v1.Relay": TICKET,

@@ -294,6 +294,11 @@ class AdmissionConfig:
     probe_interval_ms: int = 300
     probe_timeout_ms: int = 1_000
     probe_failures: int = 2
+    # Host failover, on each room's owner: once a live room's host has had no relay stream open for
+    # this many seconds, its first connected co-host becomes host; a room whose host and co-hosts have
+    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_ms
+    # must be on). 0 turns it off.
+    host_grace_s: float = 60.0
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
@@ -307,6 +312,10 @@ class AdmissionConfig:
             )
         if not 1 <= self.probe_failures <= 10:
             raise ConfigError(f"admission.probe_failures must be within 1..10, not {self.probe_failures}")
+        if self.host_grace_s and not 1 <= self.host_grace_s <= 3600:
+            raise ConfigError(
+                f"admission.host_grace_s must be 0 (off) or within 1..3600 seconds, not {self.host_grace_s}"
+            )
         if self.advertise:
             _address("admission.advertise", self.advertise)
         if self.membership not in {"static", "kubernetes"}:
@@ -377,6 +386,10 @@ class RelayConfig:
     # the room (UNAVAILABLE): they join again, admission gives them a path over live relays, and
     # they resume from their last chunk. At once when the upstream says it is draining.
     upstream_lost_ms: int = 1_000
+    # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
+    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped.
+    # Off only for a relay without Kafka (tests); tickets alone decide then.
+    follow_room_state: bool = True
 
     def validate(self) -> None:
         _address("relay.listen", self.listen)
@@ -494,6 +507,12 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
+        if grace_ms and report_ms and grace_ms < 2 * report_ms:
+            raise ConfigError(
+                f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "
+                f"load reports (relay.load_report_ms is {report_ms}): they say who is connected"
+            )
 
     def development_keys(self) -> list[str]:
         """The key lists that hold a built-in development key (anyone can read it in the source)."""

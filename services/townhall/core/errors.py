@@ -90,3 +90,9 @@ def from_rpc(error: grpc.aio.AioRpcError) -> TownhallError:
         (k, v) for k, v in (error.trailing_metadata() or ()) if k == "retry-after-ms" and isinstance(v, str)
     )
     return relayed
+
+
+class LimitReached(TownhallError):
+    """A bounded list of a room is full (co-hosts, speakers, bans...): RESOURCE_EXHAUSTED, not a retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from prometheus_client import Counter, Gauge
@@ -158,6 +158,41 @@ async def read_to_end(
         return ends
     finally:
         await consumer.stop()
+
+
+async def follow(
+    config: KafkaConfig,
+    positions: dict[TopicPartition, int],
+    handle: Callable[[ConsumerRecord[bytes, bytes]], None],
+    retry_s: float = 1.0,
+) -> None:
+    """Hands every record after `positions` (e.g. read_to_end's ends) to `handle` as it arrives.
+
+    Runs until cancelled. `positions` is kept up to date, so after an error the consumer is made again
+    and resumes where it stopped (after the record `handle` failed on, if it did: one bad record must
+    not stop the follower).
+    """
+    while True:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=config.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+        )
+        try:
+            await consumer.start()
+            consumer.assign(list(positions))
+            for tp, offset in positions.items():
+                consumer.seek(tp, offset)
+            while True:
+                batch = await consumer.getmany(timeout_ms=1_000)
+                for tp, records in batch.items():
+                    for record in records:
+                        positions[tp] = record.offset + 1
+                        handle(record)
+        except Exception as exc:  # Kafka errors, or a record `handle` could not take: go on after it
+            log.warning("following a topic failed; resuming", error=repr(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+        await asyncio.sleep(retry_s)
 
 
 async def report_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.0) -> None:

@@ -35,6 +35,9 @@ class Ticket:
     expires_at: int  # Unix seconds
     # Relays above this one in the room's tree, origin first, nearest last; empty on the origin.
     upstream: tuple[str, ...] = ()
+    # The room's version when admission issued the ticket (claim `v`): a relay refuses the ticket of a
+    # user removed at a later version, and trusts a ticket newer than its own copy of the room.
+    room_version: int = 0
 
     @property
     def on_stage(self) -> bool:
@@ -71,10 +74,11 @@ class TicketSigner:
         relay: str,
         now: float | None = None,
         upstream: tuple[str, ...] = (),
+        room_version: int = 0,
     ) -> Ticket:
         """A ticket for the given grant, expiring ttl_s from now."""
         expires = int((time.time() if now is None else now) + self._ttl_s)
-        return Ticket(room_id, user_id, role, relay, expires, tuple(upstream))
+        return Ticket(room_id, user_id, role, relay, expires, tuple(upstream), room_version)
 
     def pull_token(self, room_id: str, upstream: tuple[str, ...]) -> str:
         """A signed credential for a relay to pull the room from upstream[-1] (the rest is its path)."""
@@ -96,9 +100,10 @@ class TicketSigner:
             relay = self._relay_json[key] = (json.dumps(ticket.relay), up)
         room = ticket.room_id
         room_json = f'"{room}"' if _SAFE.fullmatch(room) else json.dumps(room)
+        version = f',"v":{int(ticket.room_version)}' if ticket.room_version else ""
         return self._key.sign(
             f'{{"sub":"{int(ticket.user_id)}","room":{room_json},"role":{int(ticket.role)},'
-            f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}}}'
+            f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}{version}}}'
         )
 
     def verify(self, token: str, relay: str) -> Ticket:
@@ -132,6 +137,7 @@ def _ticket(claims: dict[str, Any], relay: str) -> Ticket:
             relay=relay,
             expires_at=int(claims["exp"]),
             upstream=tuple(str(address) for address in claims.get("up", ())),
+            room_version=int(claims.get("v", 0)),
         )
     except (TypeError, ValueError) as exc:
         raise Unauthenticated("ticket claims are malformed") from exc

@@ -11,8 +11,10 @@ from townhall.core.auth import Authenticator
 from townhall.core.config import Config
 from townhall.core.tickets import TicketSigner
 from townhall.relay.fanout import FanoutSettings
+from townhall.relay.guard import Guard
 from townhall.relay.hub import Hub
 from townhall.relay.load_report import LoadReporter
+from townhall.relay.room_state import RoomStateFollower
 from townhall.relay.servicer import SERVICE, RelayServicer, generic_handler
 from townhall.relay.upstream import Upstreams
 
@@ -43,15 +45,21 @@ class RelayApp:
             upstream_lost_s=relay.upstream_lost_ms / 1000,
         )
         self._flush_s = 2 * max(relay.chunk_ms, relay.large_room_chunk_ms) / 1000
-        self.reporter = LoadReporter(config, self.hub)
-        self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes)
+        # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
+        self.guard = Guard()
+        self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
+        self.reporter = LoadReporter(config, self.hub, self.guard.leads)
+        self.servicer = RelayServicer(self.hub, signer, relay.address, relay.max_payload_bytes, self.guard)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the Relay service (Subscribe writes pre-serialised chunks)."""
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
 
     async def start(self) -> None:
-        """Starts the idle-room sweep and the load report (chunk timers and pulls start with each room)."""
+        """Reads the rooms' rules, then starts the sweep and the load report (timers, pulls: per room)."""
+        if self.rooms is not None:
+            await self.rooms.load()
+            self.rooms.follow()
         await self.hub.start()
         self.reporter.start()
 
@@ -72,6 +80,8 @@ class RelayApp:
     async def close(self) -> None:
         """Stops the load report, the chunk timers, the pulls and the sweep."""
         await self.reporter.close()
+        if self.rooms is not None:
+            await self.rooms.close()
         await self.hub.close()
         await self.upstreams.close()
 

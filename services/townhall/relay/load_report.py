@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -14,7 +15,7 @@ from townhall.core.config import Config
 from townhall.core.kafka import Topics
 from townhall.core.tasks import cancel
 from townhall.relay.hub import Hub
-from townhall.v1.events_pb2 import RelayLoad
+from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
 
@@ -22,8 +23,12 @@ log = logging.get(__name__)
 class LoadReporter:
     """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
 
-    def __init__(self, config: Config, hub: Hub) -> None:
+    def __init__(
+        self, config: Config, hub: Hub, leads: Callable[[], Mapping[str, Sequence[int]]] | None = None
+    ) -> None:
         self._hub = hub
+        # Per room, the host and co-hosts connected here (the owner's host failover reads them).
+        self._leads = leads
         self._relay = config.relay.address
         self._capacity = config.relay.listener_capacity
         self._every_s = config.relay.load_report_ms / 1000
@@ -34,6 +39,7 @@ class LoadReporter:
     def report(self) -> RelayLoad:
         """What the relay carries now."""
         rooms = self._hub.load()
+        leads = self._leads() if self._leads is not None else {}
         return RelayLoad(
             relay=self._relay,
             listeners=sum(rooms.values()),
@@ -41,6 +47,7 @@ class LoadReporter:
             at_ms=time.time_ns() // 1_000_000,
             rooms=rooms,
             origins=self._hub.origins(),
+            leads={room: Leads(user_ids=users) for room, users in leads.items()},
         )
 
     def start(self) -> None:

@@ -53,3 +53,20 @@ ORIGIN_TAKEOVERS = Counter(
     "townhall_relay_origin_takeovers_total",
     "Rooms this relay became the origin of while it had been pulling them (a new epoch began).",
 )
+STREAMS_REVOKED = Counter(
+    "townhall_relay_streams_revoked_total",
+    "Publish and Subscribe streams ended because a room change revoked them, by reason: removed, "
+    "banned, demoted (moved off the stage), ended (the room ended).",
+    ["reason"],
+)
+FRAMES_MUTED = Counter(
+    "townhall_relay_frames_muted_total", "Frames of muted speakers dropped at the origin relay."
+)
+REVOCATION_DELAY = Histogram(
+    "townhall_relay_revocation_delay_seconds",
+    "From a room change's write to Kafka (its record timestamp) to this relay ending the streams it revokes.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+# Every reason has a series from the start (at 0), so dashboards show "none" rather than "no data".
+for _reason in ("removed", "banned", "demoted", "ended"):
+    STREAMS_REVOKED.labels(_reason)

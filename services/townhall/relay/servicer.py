@@ -6,6 +6,7 @@ serialised once per room, never per listener.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, 
 from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
 from townhall.relay.fanout import Room, Subscriber
+from townhall.relay.guard import LISTEN, PUBLISH, STAGE, Guard
 from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, Hub, wall_us
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
@@ -24,6 +26,8 @@ from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, Subsc
 log = logging.get(__name__)
 
 SERVICE = "townhall.v1.Relay"
+# Subscriber.reason of a stream ended by moderation (the Guard holds the status it ends with).
+REVOKED = "revoked"
 # How far a frame's capture time may be from the relay's clock.
 MAX_CLOCK_SKEW_US = 60_000_000
 
@@ -31,8 +35,12 @@ MAX_CLOCK_SKEW_US = 60_000_000
 class RelayServicer:
     """Publish and Subscribe: ticket and frame checks around the hub."""
 
-    def __init__(self, hub: Hub, signer: TicketSigner, address: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self, hub: Hub, signer: TicketSigner, address: str, max_payload_bytes: int, guard: Guard | None = None
+    ) -> None:
         self._hub = hub
+        # What the room says since the ticket was issued (relay/guard.py); empty without room-state.
+        self._guard = guard or Guard()
         self._signer = signer
         self._address = address
         self._max_payload = max_payload_bytes
@@ -46,6 +54,11 @@ class RelayServicer:
                 f"a {_role(ticket.role)} ticket may not publish audio; only the host, co-hosts and "
                 "speakers may (ask to be invited on stage)"
             )
+        watch = self._guard.admit(ticket, PUBLISH)
+        # Cut by moderation while waiting for the next frame: the reader is cancelled, and the stream
+        # ends with the Guard's status instead of as cancelled.
+        task = asyncio.current_task()
+        watch.on_cut = task.cancel if task is not None else None
         room = self._hub.join_publisher(ticket.room_id)
         log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
         accepted = 0
@@ -53,19 +66,33 @@ class RelayServicer:
             # Headers at once: the speaker knows its frames are taken from now on.
             await context.send_initial_metadata(())
             async for frame in requests:
+                if watch.error is not None:
+                    raise watch.error
                 if self._hub.draining:
                     raise Unavailable(
                         "relay is shutting down; join again and publish to the new relay",
                         trailers=((REASON_KEY, DRAINING),),
                     )
                 self._check(frame, ticket.user_id)
+                if watch.muted:
+                    metrics.FRAMES_MUTED.inc()
+                    continue
                 frame.speaker_id = ticket.user_id
                 room.add_frame(frame, time.monotonic(), wall_us())
                 accepted += 1
                 metrics.FRAMES_IN.inc()
+        except asyncio.CancelledError:
+            if watch.error is None or task is None:
+                raise
+            task.uncancel()
+            raise watch.error from None
         finally:
+            watch.on_cut = None
+            self._guard.release(watch)
             self._hub.leave_publisher(room)
             log.info("publisher left", room=ticket.room_id, user=ticket.user_id, frames=accepted)
+        if watch.error is not None:
+            raise watch.error
         return PublishSummary(frames_accepted=accepted)
 
     async def subscribe(self, request: SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
@@ -81,13 +108,22 @@ class RelayServicer:
             raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
         if ticket.role == ROLE_RELAY:
             raise PermissionDenied("a relay pull credential is for Relay.Pull, not Subscribe")
-        if ticket.on_stage and not ticket.upstream:
-            room, subscriber = self._hub.subscribe_stage(room_id)
-        else:
-            room, subscriber = self._hub.subscribe(
-                room_id, request.resume_after, ticket.upstream, resume_epoch=request.resume_epoch
-            )
-        await self._stream(room, subscriber, context, downstream=False)
+        stage = ticket.on_stage and not ticket.upstream
+        watch = self._guard.admit(ticket, STAGE if stage else LISTEN)
+        try:
+            if stage:
+                room, subscriber = self._hub.subscribe_stage(room_id)
+            else:
+                room, subscriber = self._hub.subscribe(
+                    room_id, request.resume_after, ticket.upstream, resume_epoch=request.resume_epoch
+                )
+            watch.on_cut = lambda: subscriber.close(REVOKED)
+            await self._stream(room, subscriber, context, downstream=False)
+        finally:
+            watch.on_cut = None
+            self._guard.release(watch)
+        if watch.error is not None:
+            raise watch.error
 
     async def pull(self, request: PullRequest, context: grpc.aio.ServicerContext) -> None:
         """Another relay's one stream of the room: the same bytes as listeners get, from the ring first."""

@@ -1,0 +1,186 @@
+"""Moderation on a relay: each room's rules from the room-state topic, and the streams they end (pure).
+
+The relay checks a ticket's signature alone (core/tickets.py); the Guard adds what the room says since
+the ticket was issued: a banned user, a user removed after the ticket's room version, a speaker moved off
+the stage, an ended room. It is asked when a stream opens (`admit`) and, for every new room version read
+from Kafka, re-checks the streams open on this relay (`apply`), ending those that lost their right at
+once. A room this relay has not read yet, or a ticket newer than its copy of the room, is let through:
+the ticket was signed by an admission process that had the newer version, and the relay re-checks
+when the version arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from townhall.core.errors import FailedPrecondition, PermissionDenied, TownhallError
+from townhall.core.tickets import Ticket
+from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, Room, RoomState
+
+# What a stream does: publish audio, listen as the stage (each frame, at the origin), listen as audience.
+PUBLISH, STAGE, LISTEN = "publish", "stage", "listen"
+# Why a stream was refused or ended (the metric label).
+ENDED, BANNED, REMOVED, DEMOTED = "ended", "banned", "removed", "demoted"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What one room version says about who may hold a stream."""
+
+    room_id: str
+    version: int
+    ended: bool = False
+    stage: frozenset[int] = frozenset()
+    leads: frozenset[int] = frozenset()  # the host and co-hosts
+    muted: frozenset[int] = frozenset()
+    banned: frozenset[int] = frozenset()
+    removed: Mapping[int, int] = field(default_factory=dict)  # user -> the room version that removed them
+
+    @classmethod
+    def of(cls, room: Room) -> Rules:
+        """The rules of a room version."""
+        if room.state == RoomState.ROOM_STATE_ENDED:
+            return cls(room.room_id, room.version, ended=True)
+        leads = frozenset((room.host_id, *room.cohost_ids))
+        return cls(
+            room.room_id,
+            room.version,
+            stage=leads | frozenset(room.speaker_ids),
+            leads=leads,
+            muted=frozenset(room.muted_ids),
+            banned=frozenset(room.banned_ids),
+            removed={r.user_id: r.version for r in room.removals},
+        )
+
+    def refusal(self, user: int, ticket_version: int, kind: str) -> tuple[str, TownhallError] | None:
+        """Why a stream of `user` on a ticket of `ticket_version` may not go on (None: it may)."""
+        room = self.room_id
+        if self.ended:
+            return ENDED, FailedPrecondition(f"room {room} has ended")
+        if ticket_version > self.version:
+            return None  # issued from a newer version than this relay has read: checked when it arrives
+        if user in self.banned:
+            return BANNED, PermissionDenied(f"user {user} is banned from room {room}")
+        removed_at = self.removed.get(user)
+        if removed_at is not None and ticket_version < removed_at:
+            return REMOVED, PermissionDenied(
+                f"user {user} was removed from room {room}; tickets issued before that are void "
+                "(join the room again)"
+            )
+        if kind != LISTEN and user not in self.stage:
+            return DEMOTED, PermissionDenied(
+                f"user {user} is no longer on the stage of room {room}; join the room again to listen"
+            )
+        return None
+
+
+class Watch:
+    """One open Publish or Subscribe stream as the Guard sees it; `error` is set when it is cut."""
+
+    __slots__ = ("error", "kind", "muted", "on_cut", "role", "room_id", "ticket_version", "user_id")
+
+    def __init__(self, ticket: Ticket, kind: str) -> None:
+        self.room_id = ticket.room_id
+        self.user_id = ticket.user_id
+        self.role = ticket.role
+        self.ticket_version = ticket.room_version
+        self.kind = kind
+        # Publish only: frames of a muted speaker are dropped (read per frame, so kept as a flag).
+        self.muted = False
+        self.error: TownhallError | None = None
+        # How the stream is ended from outside its handler (close the subscriber, cancel the reader).
+        self.on_cut: Callable[[], object] | None = None
+
+    def cut(self, error: TownhallError) -> None:
+        """Ends the stream with `error`."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self.on_cut is not None:
+            self.on_cut()
+
+
+class Guard:
+    """The rules of every room this relay has read, and the streams open on it by room and user."""
+
+    def __init__(self) -> None:
+        self._rules: dict[str, Rules] = {}
+        self._streams: dict[str, dict[int, set[Watch]]] = {}
+
+    @property
+    def rooms(self) -> int:
+        """Rooms whose rules this relay has read."""
+        return len(self._rules)
+
+    def rules(self, room_id: str) -> Rules | None:
+        """The newest rules read for the room."""
+        return self._rules.get(room_id)
+
+    def apply(self, room: Room) -> list[tuple[Watch, str]]:
+        """Takes a room version (older ones are ignored); cuts the streams it revokes, with why."""
+        held = self._rules.get(room.room_id)
+        if held is not None and held.version >= room.version:
+            return []
+        rules = self._rules[room.room_id] = Rules.of(room)
+        cut: list[tuple[Watch, str]] = []
+        for user, watches in self._streams.get(room.room_id, {}).items():
+            for watch in list(watches):
+                refusal = rules.refusal(user, watch.ticket_version, watch.kind)
+                if refusal is not None:
+                    watch.cut(refusal[1])
+                    cut.append((watch, refusal[0]))
+                else:
+                    watch.muted = user in rules.muted
+        return cut
+
+    def admit(self, ticket: Ticket, kind: str) -> Watch:
+        """A watch for a new stream, or PERMISSION_DENIED / FAILED_PRECONDITION saying why not."""
+        watch = Watch(ticket, kind)
+        rules = self._rules.get(ticket.room_id)
+        if rules is not None:
+            refusal = rules.refusal(ticket.user_id, ticket.room_version, kind)
+            if refusal is not None:
+                raise refusal[1]
+            watch.muted = ticket.user_id in rules.muted
+        self._streams.setdefault(ticket.room_id, {}).setdefault(ticket.user_id, set()).add(watch)
+        return watch
+
+    def release(self, watch: Watch) -> None:
+        """Forgets a stream that ended."""
+        users = self._streams.get(watch.room_id)
+        if users is None:
+            return
+        watches = users.get(watch.user_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del users[watch.user_id]
+        if not users:
+            del self._streams[watch.room_id]
+
+    def streams(self, room_id: str) -> int:
+        """Streams open on this relay in the room (publish and subscribe)."""
+        return sum(len(w) for w in self._streams.get(room_id, {}).values())
+
+    def leads(self) -> dict[str, list[int]]:
+        """Per room, the host and co-hosts with a stream open here (for the load report: host failover).
+
+        From the room's rules when read, else from the tickets' roles.
+        """
+        present: dict[str, list[int]] = {}
+        for room_id, users in self._streams.items():
+            rules = self._rules.get(room_id)
+            found = [
+                user
+                for user, watches in users.items()
+                if watches
+                and (
+                    user in rules.leads
+                    if rules is not None
+                    else any(w.role in (ROLE_HOST, ROLE_COHOST) for w in watches)
+                )
+            ]
+            if found:
+                present[room_id] = sorted(found)
+        return present
