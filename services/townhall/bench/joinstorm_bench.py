@@ -10,7 +10,10 @@ Phases, all in one run on one machine (so ratios compare like with like):
 4. storm    - the same cold load plus one hot room offered `overload` x capacity on the crowd lane
               (the hot room draws a crowd: its clients know it from the notification or the Room);
 5. storm, one lane - the same storm with the hot room's joins on the owner's port, as without the
-              crowd lane: what the lane buys.
+              crowd lane: what the lane buys;
+6. cold, busy cores - the cold load alone while one plain busy loop per CPU (no Townhall, no
+              network) holds the cores: what sharing this machine's cores alone does to cold p99,
+              since the storm's generator and crowd lane must run on the same cores as the owner.
 Figures are per core of the measured processes. The machine is shared and noisy: compare
 figures within one run.
 
@@ -126,6 +129,19 @@ def admission(
         yield Admission(tuple(owners), tuple(lane), pids)
 
 
+@contextlib.contextmanager
+def busy_cores(count: int, seconds: float) -> Iterator[None]:
+    """`count` processes spinning in a loop for at most `seconds` (killed on exit)."""
+    spin = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait(5)
+
+
 def jwt_cost_us(samples: int = 20_000) -> float:
     """Microseconds to issue and sign one listener ticket, in this process."""
     signer = TicketSigner([("bench", "x" * 40)], 3600)
@@ -156,6 +172,8 @@ class Settings:
     ghz: str | None = None
     # The storm with the hot room on the main port as well (what the crowd lane buys); 0 skips it.
     one_lane_seconds: float = 20.0
+    # Cold rooms while busy loops hold every core (the cost of sharing the cores); 0 skips it.
+    busy_seconds: float = 20.0
 
 
 def _clean(figures: dict[str, Any], rate: float) -> bool:
@@ -238,6 +256,10 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
                 phases["storm_one_lane"] = await offer(
                     storm((), settings.one_lane_seconds), pids, "storm, one lane", console
                 )
+            if settings.busy_seconds:
+                load = storm((), settings.busy_seconds, 0.0)
+                with busy_cores(os.cpu_count() or 1, load.warmup_s + load.seconds + 5.0):
+                    phases["cold_busy_cores"] = await offer(load, pids, "cold rooms, busy cores", console)
     finally:
         broker.stop()
     return phases
@@ -284,6 +306,10 @@ def targets(phases: dict[str, dict[str, Any]], processes: int) -> dict[str, Any]
         result["one_lane_admitted_vs_capacity"] = ratio(
             one_lane["admitted_per_s"], capacity["admitted_per_s"]
         )
+    busy = phases.get("cold_busy_cores")
+    if busy:
+        result["cold_p99_ms_busy_cores"] = busy["cold"]["p99_ms"]
+        result["cold_p99_busy_cores_vs_alone"] = ratio(busy["cold"]["p99_ms"], cold["cold"]["p99_ms"], 2)
     return result
 
 
@@ -332,6 +358,7 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=6.0, help="each step of the rate searches")
     parser.add_argument("--search-from", type=float, default=400.0, help="first offered rate of a search")
     parser.add_argument("--one-lane-seconds", type=float, default=20.0, help="storm without the crowd lane")
+    parser.add_argument("--busy-seconds", type=float, default=20.0, help="cold rooms with busy cores")
     parser.add_argument("--generators", type=int, default=2, help="Python generator processes (without ghz)")
     parser.add_argument("--processes", type=int, default=1, help="admission processes")
     parser.add_argument(
@@ -342,6 +369,7 @@ def main() -> None:
     settings = Settings(
         args.seconds, args.step_seconds, args.search_from, generators=args.generators,
         processes=args.processes, ghz=binary, one_lane_seconds=args.one_lane_seconds,
+        busy_seconds=args.busy_seconds,
     )  # fmt: skip
     run(args.out, settings)
 
