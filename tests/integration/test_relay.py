@@ -434,6 +434,43 @@ async def test_bad_publish_requests_get_a_clear_status() -> None:
                 assert needle in (error.value.details() or ""), (name, error.value.details())
 
 
+async def test_a_speaker_flooding_frames_is_cut_and_the_other_speakers_go_on() -> None:
+    # 50 frames/s in bursts of 25: a speaker at real-time pace never comes near it.
+    async with relay(max_frames_per_s="50", frame_burst_s="0.5") as r:
+        listener = r.stub().Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
+        )
+        await wait_for(lambda: r.app.hub.room(ROOM) is not None)
+        stop = asyncio.Event()
+        steady = r.stub().Publish(frames(500, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER))
+
+        async def flooding() -> AsyncIterator[AudioFrame]:
+            async for frame in frames(26, interval_s=0.0):  # the burst and one more
+                yield frame
+            # Then no write in flight when the status comes (grpc.aio would report one as INTERNAL,
+            # grpc/grpc#36066, as `townhall.client.publish_status` explains).
+            await asyncio.sleep(TIMEOUT)
+
+        flood = r.stub().Publish(flooding(), metadata=r.ticket(2, Role.ROLE_SPEAKER))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(flood, TIMEOUT)
+        cut_at = now_us()
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 50 frames/s in bursts of 25" in (error.value.details() or "")
+        # The steady speaker is heard after the flood was cut, every frame in order.
+        heard = await read_until(
+            listener,
+            lambda c: any(f.speaker_id == 1 and f.capture_ts_us > cut_at for x in c for f in x.frames),
+        )
+        stop.set()
+        summary = await asyncio.wait_for(steady, TIMEOUT)
+    steady_ids = [seq for speaker, seq in frame_ids([c for _, c in heard]) if speaker == 1]
+    assert steady_ids == list(range(len(steady_ids)))
+    flooded = [seq for speaker, seq in frame_ids([c for _, c in heard]) if speaker == 2]
+    assert flooded == list(range(25)), "the burst got through, the frame past it did not"
+    assert summary.frames_accepted >= len(steady_ids)
+
+
 async def test_a_ticket_for_another_relay_is_refused() -> None:
     async with relay() as r:
         token = r.signer.sign(r.signer.issue(ROOM, 100, Role.ROLE_LISTENER, "elsewhere:7000"))

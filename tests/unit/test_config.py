@@ -67,6 +67,8 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_PROBE_FAILURES": "0"}, "admission.probe_failures must be within"),
         ({"TOWNHALL_SERVER_DRAIN_NOTICE_MS": "-1"}, "server.drain_notice_ms must be within"),
         ({"TOWNHALL_RELAY_UPSTREAM_LOST_MS": "50"}, "relay.upstream_lost_ms must be within"),
+        ({"TOWNHALL_RELAY_MAX_FRAMES_PER_S": "0"}, "relay.max_frames_per_s must be within 1..10000"),
+        ({"TOWNHALL_RELAY_FRAME_BURST_S": "600"}, "relay.frame_burst_s must be within 0.1..60"),
         (
             {"TOWNHALL_ADMISSION_HOST_GRACE_S": "0.5"},
             r"admission.host_grace_s must be 0 \(off\) or within 1..3600",

@@ -370,6 +370,11 @@ class RelayConfig:
     ring_chunks: int = 100
     late_join_ms: int = 300
     max_payload_bytes: int = 1500
+    # Frames one Publish stream may send per second (a speaker sends 50: one per 20 ms), and the
+    # seconds of that rate it may send at once (frames held back by a network stall, a re-sent
+    # buffer after a move). Past it the stream ends with RESOURCE_EXHAUSTED.
+    max_frames_per_s: float = 100.0
+    frame_burst_s: float = 5.0
     # Listener streams one relay process is sized for; admission places no more on it.
     listener_capacity: int = 2_500
     # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
@@ -398,6 +403,12 @@ class RelayConfig:
                 f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
             )
         _positive("relay.listener_capacity", self.listener_capacity)
+        if not 1 <= self.max_frames_per_s <= 10_000:
+            raise ConfigError(
+                f"relay.max_frames_per_s must be within 1..10000, not {self.max_frames_per_s:g}"
+            )
+        if not 0.1 <= self.frame_burst_s <= 60:
+            raise ConfigError(f"relay.frame_burst_s must be within 0.1..60, not {self.frame_burst_s:g}")
         if self.load_report_ms < 0:
             raise ConfigError(f"relay.load_report_ms must be 0 (off) or positive, not {self.load_report_ms}")
         _positive("relay.edge_target", self.edge_target)

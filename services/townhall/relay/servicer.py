@@ -36,7 +36,14 @@ class RelayServicer:
     """Publish and Subscribe: ticket and frame checks around the hub."""
 
     def __init__(
-        self, hub: Hub, signer: TicketSigner, address: str, max_payload_bytes: int, guard: Guard | None = None
+        self,
+        hub: Hub,
+        signer: TicketSigner,
+        address: str,
+        max_payload_bytes: int,
+        guard: Guard | None = None,
+        max_frames_per_s: float = 100.0,
+        frame_burst_s: float = 5.0,
     ) -> None:
         self._hub = hub
         # What the room says since the ticket was issued (relay/guard.py); empty without room-state.
@@ -44,6 +51,8 @@ class RelayServicer:
         self._signer = signer
         self._address = address
         self._max_payload = max_payload_bytes
+        self._frames_per_s = max_frames_per_s
+        self._frame_burst = max(1.0, max_frames_per_s * frame_burst_s)
 
     async def publish(self, requests: AsyncIterator[AudioFrame], context: grpc.aio.ServicerContext) -> Any:
         """A speaker's frames go into the room's next chunks; returns how many were accepted."""
@@ -62,6 +71,11 @@ class RelayServicer:
         room = self._hub.join_publisher(ticket.room_id)
         log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
         accepted = 0
+        # The stream's frame budget, a GCRA: each frame moves `due` on by one interval; a frame
+        # that finds `due` more than the burst ahead of now is over it.
+        interval = 1.0 / self._frames_per_s
+        tolerance = self._frame_burst * interval
+        due = 0.0
         try:
             # Headers at once: the speaker knows its frames are taken from now on.
             await context.send_initial_metadata(())
@@ -73,12 +87,22 @@ class RelayServicer:
                         "relay is shutting down; join again and publish to the new relay",
                         trailers=((REASON_KEY, DRAINING),),
                     )
+                now = time.monotonic()
+                due = max(due, now) + interval
+                if due - now > tolerance:
+                    metrics.FRAMES_REJECTED.inc()
+                    raise ResourceExhausted(
+                        f"frames arrive faster than this relay takes from one stream: at most "
+                        f"{self._frames_per_s:g} frames/s in bursts of {self._frame_burst:g} "
+                        "(a speaker sends one 20 ms frame at a time)",
+                        retry_after_ms=round(1000 * (due - now - tolerance)),
+                    )
                 self._check(frame, ticket.user_id)
                 if watch.muted:
                     metrics.FRAMES_MUTED.inc()
                     continue
                 frame.speaker_id = ticket.user_id
-                room.add_frame(frame, time.monotonic(), wall_us())
+                room.add_frame(frame, now, wall_us())
                 accepted += 1
                 metrics.FRAMES_IN.inc()
         except asyncio.CancelledError:
