@@ -50,7 +50,7 @@ integration: setup ## Run the integration tests only (real Kafka broker, real se
 	$(BIN)/pytest -q -ra tests/integration
 
 FUZZ_EXAMPLES ?= 200
-fuzz: setup ## Fuzz every RPC with hostile input, FUZZ_EXAMPLES per class (200; 4-12 min); counts in .townhall/fuzz/
+fuzz: setup ## Fuzz every RPC with hostile input, FUZZ_EXAMPLES per class (200; 3-12 min); counts in .townhall/fuzz/
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py
 
 lint: setup ## ruff and mypy on the package

@@ -149,8 +149,8 @@ async def _probe(
             call.cancel()
             await asyncio.sleep(max(0.0, opened + 1 / PROBES_PER_S - time.monotonic()))
     finally:
-        for channel in channels:
-            await channel.close()
+        for open_channel in channels:
+            await open_channel.close()
 
 
 def _rss(servers: list[Server]) -> int:

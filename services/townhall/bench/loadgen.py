@@ -177,16 +177,16 @@ async def _run(spec: Spec, conn: Connection) -> None:
                     spec.room_id, user, Role.ROLE_LISTENER, spec.relay_claim, upstream=spec.upstream
                 )
                 metadata = ((TICKET_KEY, signer.sign(ticket)),)
-                channel = channels[i % len(channels)]
+                on = channels[i % len(channels)]
                 if spec.light:
-                    subscribe = channel.unary_stream(
+                    subscribe = on.unary_stream(
                         SUBSCRIBE,
                         request_serializer=SubscribeRequest.SerializeToString,
                         response_deserializer=_identity,
                     )
                     listen = _listen_light(subscribe(request, metadata=metadata), counters)
                 else:
-                    listen = _listen(relay_pb2_grpc.RelayStub(channel), request, metadata, counters)
+                    listen = _listen(relay_pb2_grpc.RelayStub(on), request, metadata, counters)
                 tasks.append(asyncio.create_task(listen))
             while counters.ready + counters.errors < len(tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
@@ -213,8 +213,8 @@ async def _run(spec: Spec, conn: Connection) -> None:
         )
     finally:
         await cancel(*tasks)
-        for channel in channels:
-            await channel.close()
+        for open_channel in channels:
+            await open_channel.close()
 
 
 def main(spec: Spec, conn: Connection) -> None:
