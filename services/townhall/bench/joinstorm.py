@@ -111,6 +111,23 @@ def _cpu_s(processes: Sequence[psutil.Process]) -> float:
     return total
 
 
+class _LastSeenCpu:
+    """CPU seconds of processes that may exit: each one's last reading counts once it is gone."""
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        self._processes = list(processes)
+        self._seen: dict[int, float] = {}
+
+    def total(self) -> float:
+        for p in self._processes:
+            try:
+                times = p.cpu_times()
+                self._seen[p.pid] = times.user + times.system
+            except psutil.Error:
+                pass
+        return sum(self._seen.values())
+
+
 async def offer(load: Load, server_pids: Sequence[int], name: str, console: Console) -> dict[str, Any]:
     """Runs the load; returns rates by outcome, latencies and CPU figures (server and generator)."""
     if load.ghz:
@@ -146,7 +163,8 @@ async def _offer_ghz(
                     ),
                     out,
                 )
-        generators = [psutil.Process(p.pid) for p, _ in runs.values()]
+        # Read every loop turn: a generator that ends before the window's end still counts.
+        generators = _LastSeenCpu([psutil.Process(p.pid) for p, _ in runs.values()])
         cpu: dict[str, float] = {}
         started = time.time()
         columns = (TextColumn("{task.description}"), TimeElapsedColumn())
@@ -155,10 +173,11 @@ async def _offer_ghz(
             last_cpu, last_at = _cpu_s(servers), started
             while any(p.poll() is None for p, _ in runs.values()):
                 now = time.time()
+                generated = generators.total()
                 if "start" not in cpu and now >= started + load.warmup_s:
-                    cpu["start"], cpu["gen_start"] = _cpu_s(servers), _cpu_s(generators)
+                    cpu["start"], cpu["gen_start"] = _cpu_s(servers), generated
                 if "end" not in cpu and now >= started + duration:
-                    cpu["end"], cpu["gen_end"] = _cpu_s(servers), _cpu_s(generators)
+                    cpu["end"], cpu["gen_end"] = _cpu_s(servers), generated
                 if now - last_at >= 1.0:
                     used = _cpu_s(servers)
                     progress.update(
@@ -170,6 +189,7 @@ async def _offer_ghz(
                     last_cpu, last_at = used, now
                 await asyncio.sleep(0.1)
         cpu.setdefault("end", _cpu_s(servers))
+        cpu.setdefault("gen_end", generators.total())
         figures = _base_figures(load, cpu, generators="ghz")
         empty = {"sent_per_s": 0.0, "unsent": 0, "p50_ms": None, "p99_ms": None}
         for kind in ("hot", "cold"):
