@@ -49,15 +49,7 @@ class RelayApp:
         self.guard = Guard()
         self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
-        self.servicer = RelayServicer(
-            self.hub,
-            signer,
-            relay.address,
-            relay.max_payload_bytes,
-            self.guard,
-            relay.max_frames_per_s,
-            relay.frame_burst_s,
-        )
+        self.servicer = RelayServicer(self.hub, signer, relay, self.guard)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the Relay service (Subscribe writes pre-serialised chunks)."""

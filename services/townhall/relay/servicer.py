@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from townhall.core import limits, logging, validation
+from townhall.core.config import RelayConfig
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
 from townhall.relay import metrics
@@ -36,23 +37,16 @@ class RelayServicer:
     """Publish and Subscribe: ticket and frame checks around the hub."""
 
     def __init__(
-        self,
-        hub: Hub,
-        signer: TicketSigner,
-        address: str,
-        max_payload_bytes: int,
-        guard: Guard | None = None,
-        max_frames_per_s: float = 100.0,
-        frame_burst_s: float = 5.0,
+        self, hub: Hub, signer: TicketSigner, config: RelayConfig, guard: Guard | None = None
     ) -> None:
         self._hub = hub
         # What the room says since the ticket was issued (relay/guard.py); empty without room-state.
         self._guard = guard or Guard()
         self._signer = signer
-        self._address = address
-        self._max_payload = max_payload_bytes
-        self._frames_per_s = max_frames_per_s
-        self._frame_burst = max(1.0, max_frames_per_s * frame_burst_s)
+        self._address = config.address
+        self._max_payload = config.max_payload_bytes
+        self._frames_per_s = config.max_frames_per_s
+        self._frame_burst = max(1.0, config.max_frames_per_s * config.frame_burst_s)
 
     async def publish(self, requests: AsyncIterator[AudioFrame], context: grpc.aio.ServicerContext) -> Any:
         """A speaker's frames go into the room's next chunks; returns how many were accepted."""
