@@ -12,6 +12,7 @@ from rich.console import Console
 from tests.chart.helpers import REPO
 from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
+from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
 from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
 
@@ -59,7 +60,9 @@ async def test_the_compiled_generator_joins_as_a_new_user_with_a_valid_token_on_
         c = figures[kind]
         refused = {k: v for k, v in c.items() if k.endswith("_per_s") and k[:-6] not in _ANSWERS}
         assert c["granted_per_s"] > 0 and not any(refused.values()), c  # no token refused, none shed
-        # Calls still in flight when the generator stops end as cancelled or unavailable: a few at most.
-        assert c.get("cancelled_per_s", 0) + c.get("unavailable_per_s", 0) <= 0.03 * c["sent_per_s"], c
+        # Calls still in flight when the generator stops end as cancelled or unavailable: at most one
+        # per worker (more would be the server's doing).
+        cut = (c.get("cancelled_per_s", 0) + c.get("unavailable_per_s", 0)) * load.seconds
+        assert cut <= ghz.WORKERS, c
     # Distinct users: the hot room holds one listener per call, none a rejoin of an earlier one.
     assert admitted >= 0.9 * figures["hot"]["sent_per_s"] * 2.0

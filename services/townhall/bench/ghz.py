@@ -25,6 +25,10 @@ LOCAL = Path(".cache/bin/joinload")
 _CODES = {"OK": "ok", "ResourceExhausted": "shed", "Canceled": "cancelled", "Unavailable": "unavailable"}
 
 
+# Concurrent calls the generator keeps at most (ghz's workers): what its end can leave in flight.
+WORKERS = 50
+
+
 def find() -> str | None:
     """The joinload binary (.cache/bin first, then PATH), if built."""
     if LOCAL.exists():
@@ -58,7 +62,7 @@ def start(
         "-import-paths", str(PROTO_ROOT), "-d", json.dumps(data if len(data) > 1 else data[0]),
         "-first-user", str(first), "-ttl", f"{int(seconds) + 600}s",
         *(["-iss", auth.issuer] if auth.issuer else []), *(["-aud", auth.audience] if auth.audience else []),
-        "-rps", str(int(rate)), "-c", "50", "-connections", "4", "-z", f"{seconds}s",
+        "-rps", str(int(rate)), "-c", str(WORKERS), "-connections", "4", "-z", f"{seconds}s",
         "-skip-first", str(skip), "-t", "10s", "-o", str(out), address,
     ]  # fmt: skip
     # The key in the environment, not on a command line that `ps` shows.
