@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from tests.chart import promql
 from tests.chart.helpers import REPO
+from townhall.devtools.kafka_broker import free_port
 
 EXPORTER = r"""
 import importlib, sys, time
@@ -63,12 +63,6 @@ while True:
             c.inc()
     time.sleep(0.2)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

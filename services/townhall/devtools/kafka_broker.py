@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -49,11 +50,33 @@ def fetch_jars(libs: Path = LIBS) -> Path:
     return libs
 
 
+# Ports handed out for servers come from below the kernel's ephemeral range: a port the kernel picked
+# (bind to 0) is one it may give the next outgoing connection as its source port before the server
+# that was meant to have it binds (seen in CI: a metrics port taken between pick and bind).
+_SERVER_PORTS = range(20_000, 32_768)
+
+
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
+    """A TCP port on loopback that is free right now, outside the ephemeral range where possible."""
+    low = _ephemeral_low()
+    ports = [p for p in _SERVER_PORTS if p < low]
+    for port in random.sample(ports, min(len(ports), 200)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 @dataclass
