@@ -22,6 +22,7 @@ from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig, loa
 from townhall.devtools.topology import Topology
 from townhall.faults.measure import Outcome
 from townhall.faults.runner import topology_for
+from townhall.v1 import admission_pb2
 
 # Test servers run with the default (development) user key: tokens minted with it are accepted.
 TOKENS = Tokens(AuthConfig())
@@ -79,6 +80,15 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded but should have failed")
+
+
+async def join_outcome(stub: Any, room_id: str, metadata: Any) -> tuple[str, grpc.aio.AioRpcError | None]:
+    """One Join on `stub`: "granted", "waiting" or the refusal's status name, with the refusal."""
+    try:
+        reply = await stub.Join(admission_pb2.JoinRequest(room_id=room_id), metadata=metadata, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, exc
+    return ("granted" if reply.HasField("grant") else "waiting"), None
 
 
 def fault_topology(

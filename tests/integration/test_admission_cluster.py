@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.helpers import client, metadata, rpc_error
+from tests.integration.helpers import client, join_outcome, metadata, rpc_error
 from townhall.core.config import KafkaConfig
 from townhall.core.sharding import owner
 from townhall.devtools.kafka_broker import free_port
@@ -216,13 +216,8 @@ async def test_cold_rooms_are_admitted_while_a_hot_room_is_shed(cluster: Cluster
     base = user()
 
     async def hot_join(i: int) -> None:
-        try:
-            reply = await stub.Join(
-                admission_pb2.JoinRequest(room_id=hot), metadata=metadata(base + i), timeout=10
-            )
-            kind = "granted" if reply.HasField("grant") else "waiting"
-        except grpc.aio.AioRpcError as exc:
-            kind = exc.code().name
+        kind, exc = await join_outcome(stub, hot, metadata(base + i))
+        if exc is not None:
             if kind == "RESOURCE_EXHAUSTED":  # shed by the fair budget, with a jittered retry-after
                 assert 1000 <= int(dict(exc.trailing_metadata() or ())["retry-after-ms"]) <= 3000
             else:  # or refused by gRPC itself when the crowd lane's short queue is full

@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from tests.integration.helpers import client, metadata
+from tests.integration.helpers import client, join_outcome, metadata
 from tests.integration.test_relay import TIMEOUT, frame_ids, gaps, read_until
 from townhall.client import Client
 from townhall.devtools.topology import Process, Topology
-from townhall.v1 import admission_pb2, admission_pb2_grpc, relay_pb2, relay_pb2_grpc
+from townhall.v1 import admission_pb2_grpc, relay_pb2, relay_pb2_grpc
 from townhall.v1.admission_pb2 import Grant
 from townhall.v1.relay_pb2 import Chunk
 
@@ -127,13 +127,7 @@ async def test_cold_rooms_are_admitted_while_a_hot_room_is_shed_on_the_crowd_lan
         outcomes: dict[str, int] = {}
 
         async def hot_join(i: int) -> None:
-            try:
-                reply = await stub.Join(
-                    admission_pb2.JoinRequest(room_id=hot), metadata=metadata(base + i), timeout=10
-                )
-                kind = "granted" if reply.HasField("grant") else "waiting"
-            except grpc.aio.AioRpcError as exc:
-                kind = exc.code().name
+            kind, _ = await join_outcome(stub, hot, metadata(base + i))
             outcomes[kind] = outcomes.get(kind, 0) + 1
 
         async def storm() -> None:
