@@ -86,10 +86,7 @@ def invite(room: Room, actor: int, user: int) -> Room:
     if on_stage(room, user) or user in room.invited_ids:
         return room
     if user in room.hand_ids:
-        _speaker_slot(room)
-        changed = _without(room, user, ("hand_ids",))
-        changed.speaker_ids.append(user)
-        return changed
+        return _to_speakers(room, user, ("hand_ids",))
     _room_in(
         room, "invited_ids", MAX_INVITES, "pending invitations", "wait for answers or ask for raised hands"
     )
@@ -105,10 +102,7 @@ def accept_invite(room: Room, user: int) -> Room:
         raise FailedPrecondition(
             f"user {user} has not been invited to speak in room {room.room_id} (RaiseHand asks to)"
         )
-    _speaker_slot(room)
-    changed = _without(room, user, ("hand_ids", "invited_ids"))
-    changed.speaker_ids.append(user)
-    return changed
+    return _to_speakers(room, user, ("hand_ids", "invited_ids"))
 
 
 def set_role(room: Room, actor: int, user: int, role: Role.ValueType) -> Room:
@@ -268,6 +262,14 @@ def _speaker_slot(room: Room) -> None:
             f"the stage of room {room.room_id} is full ({MAX_SPEAKERS} speakers); "
             "move a speaker off the stage first"
         )
+
+
+def _to_speakers(room: Room, user: int, leaving: Iterable[str]) -> Room:
+    """`user` off the `leaving` lists and onto the stage as a speaker, if a speaker's place is free."""
+    _speaker_slot(room)
+    changed = _without(room, user, leaving)
+    changed.speaker_ids.append(user)
+    return changed
 
 
 def _next(room: Room) -> Room:

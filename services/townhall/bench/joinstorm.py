@@ -100,19 +100,8 @@ async def wait_live(
             await client.close()
 
 
-def _cpu_s(processes: Sequence[psutil.Process]) -> float:
-    total = 0.0
-    for p in processes:
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
 class _LastSeenCpu:
-    """CPU seconds of processes that may exit: each one's last reading counts once it is gone."""
+    """CPU seconds used by processes (servers, generators): one that exits keeps its last reading."""
 
     def __init__(self, processes: Sequence[psutil.Process]) -> None:
         self._processes = list(processes)
@@ -138,7 +127,7 @@ async def offer(load: Load, server_pids: Sequence[int], name: str, console: Cons
 async def _offer_ghz(
     load: Load, server_pids: Sequence[int], name: str, console: Console, binary: str
 ) -> dict[str, Any]:
-    servers = [psutil.Process(pid) for pid in server_pids]
+    servers = _LastSeenCpu([psutil.Process(pid) for pid in server_pids])
     duration = load.warmup_s + load.seconds
     classes = {"hot": (load.hot_room and [load.hot_room], load.hot_rate)}
     classes["cold"] = (list(load.cold_rooms), load.cold_rate)
@@ -170,16 +159,16 @@ async def _offer_ghz(
         columns = (TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(f"{name}: ghz", total=None)
-            last_cpu, last_at = _cpu_s(servers), started
+            last_cpu, last_at = servers.total(), started
             while any(p.poll() is None for p, _ in runs.values()):
                 now = time.time()
                 generated = generators.total()
                 if "start" not in cpu and now >= started + load.warmup_s:
-                    cpu["start"], cpu["gen_start"] = _cpu_s(servers), generated
+                    cpu["start"], cpu["gen_start"] = servers.total(), generated
                 if "end" not in cpu and now >= started + duration:
-                    cpu["end"], cpu["gen_end"] = _cpu_s(servers), generated
+                    cpu["end"], cpu["gen_end"] = servers.total(), generated
                 if now - last_at >= 1.0:
-                    used = _cpu_s(servers)
+                    used = servers.total()
                     progress.update(
                         task,
                         description=f"{name}: hot {load.hot_rate:,.0f}/s cold {load.cold_rate:,.0f}/s  "
@@ -188,7 +177,7 @@ async def _offer_ghz(
                     )
                     last_cpu, last_at = used, now
                 await asyncio.sleep(0.1)
-        cpu.setdefault("end", _cpu_s(servers))
+        cpu.setdefault("end", servers.total())
         cpu.setdefault("gen_end", generators.total())
         figures = _base_figures(load, cpu, generators="ghz")
         empty = {"sent_per_s": 0.0, "unsent": 0, "p50_ms": None, "p99_ms": None}
@@ -225,8 +214,8 @@ async def _offer_python(
         worker.start()
         workers.append(worker)
         pipes.append(parent)
-    servers = [psutil.Process(pid) for pid in server_pids]
-    generators = [psutil.Process(w.pid) for w in workers if w.pid is not None]
+    servers = _LastSeenCpu([psutil.Process(pid) for pid in server_pids])
+    generators = _LastSeenCpu([psutil.Process(w.pid) for w in workers if w.pid is not None])
     results: list[dict[str, Any] | None] = [None] * n
     latest: list[dict[str, Any]] = [{} for _ in range(n)]
     measure_from, end = start_at + load.warmup_s, start_at + load.warmup_s + load.seconds
@@ -246,9 +235,9 @@ async def _offer_python(
                             latest[i] = body
                 now = time.time()
                 if "start" not in cpu and now >= measure_from:
-                    cpu["start"], cpu["gen_start"] = _cpu_s(servers), _cpu_s(generators)
+                    cpu["start"], cpu["gen_start"] = servers.total(), generators.total()
                 if "end" not in cpu and now >= end:
-                    cpu["end"], cpu["gen_end"] = _cpu_s(servers), _cpu_s(generators)
+                    cpu["end"], cpu["gen_end"] = servers.total(), generators.total()
                 if now - last[0] >= 1.0:
                     last = _describe(progress, task, name, latest, last, now, end)
                 if now > end + joingen.CALL_TIMEOUT_S + 15:

@@ -91,12 +91,13 @@ class RelayServicer:
                         "(a speaker sends one 20 ms frame at a time)",
                         retry_after_ms=round(1000 * (due - now - tolerance)),
                     )
-                self._check(frame, ticket.user_id)
+                wall = wall_us()
+                self._check(frame, ticket.user_id, wall)
                 if watch.muted:
                     metrics.FRAMES_MUTED.inc()
                     continue
                 frame.speaker_id = ticket.user_id
-                room.add_frame(frame, now, wall_us())
+                room.add_frame(frame, now, wall)
                 accepted += 1
                 metrics.FRAMES_IN.inc()
         except asyncio.CancelledError:
@@ -210,14 +211,14 @@ class RelayServicer:
                 token = value if isinstance(value, str) else value.decode("ascii", "replace")
         return self._signer.verify(token, self._address)
 
-    def _check(self, frame: AudioFrame, user_id: int) -> None:
+    def _check(self, frame: AudioFrame, user_id: int, wall: int) -> None:
         size = len(frame.payload)
         problem = ""
         if size == 0:
             problem = f"frame payload is empty; it must hold 1..{self._max_payload} bytes of encoded audio"
         elif size > self._max_payload:
             problem = f"frame payload is {size} bytes; at most {self._max_payload} bytes allowed"
-        elif abs(skew := frame.capture_ts_us - wall_us()) > MAX_CLOCK_SKEW_US:
+        elif abs(skew := frame.capture_ts_us - wall) > MAX_CLOCK_SKEW_US:
             problem = (
                 f"frame capture_ts_us is {skew / 1e6:+.1f} s from the relay clock; "
                 f"it must be within {MAX_CLOCK_SKEW_US // 1_000_000} s"
