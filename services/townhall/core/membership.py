@@ -68,8 +68,12 @@ class StaticMembership(_Base):
 
 
 class ProbedMembership(_Base):
-    """Another membership narrowed to the members a Liveness says are up; `me` always counts,
-    unless this process `owns` nothing (admission's crowd lane), which is never a member.
+    """Another membership narrowed to the members a Liveness says are up (a member not probed yet is
+    not); `me` always counts, unless this process `owns` nothing (admission's crowd lane), which is
+    never a member. A process never probes itself: it counts itself from its start, and the others
+    count it once their probes find it serving (admission probes once before serving, so it knows
+    who else is up before it owns anything). A member that just appeared in the inner list owns
+    nothing until a probe finds it serving.
 
     `leave()` (on SIGTERM) takes this process out of its own view: it then owns nothing, and
     forwards every owner-only change to the member that owns it next.
