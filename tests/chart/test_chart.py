@@ -214,6 +214,30 @@ def test_admission_members_find_each_other_through_their_headless_service(
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
+def test_membership_counts_only_ready_pods_while_relay_names_resolve_from_pod_start(
+    render: Render, scenario: str
+) -> None:
+    """A pod that is not serving must own no rooms: the Service admission watches publishes only ready
+    pods, so its EndpointSlices' `ready` means ready. Relays are known by pod DNS names, which must
+    resolve while a relay starts or comes back; their Service publishes every pod, and readiness is
+    read from `serving` there (townhall.core.membership.slice_members)."""
+    manifests = render(scenario)
+    services = by_kind(manifests, "Service")
+    admission = workload(manifests, "admission")
+    (container,) = admission["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    watched = services[env["TOWNHALL_ADMISSION_KUBE_SERVICE"]]
+    assert not watched["spec"].get("publishNotReadyAddresses", False)
+    relay = workload(manifests, "relay")
+    governing = services[relay["spec"]["serviceName"]]
+    assert governing["spec"]["publishNotReadyAddresses"] is True
+    (relay_container,) = relay["spec"]["template"]["spec"]["containers"]
+    advertise = next(e["value"] for e in relay_container["env"] if e["name"] == "TOWNHALL_RELAY_ADVERTISE")
+    if "$(POD_NAME)" in advertise:  # kind advertises the relay NodePort instead
+        assert advertise.startswith(f"$(POD_NAME).{governing['metadata']['name']}.")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_images_are_pinned(render: Render, scenario: str) -> None:
     for owner, spec in pod_specs(render(scenario)):
         for c in spec.get("initContainers", []) + spec["containers"]:
