@@ -237,6 +237,32 @@ def test_membership_counts_only_ready_pods_while_relay_names_resolve_from_pod_st
         assert advertise.startswith(f"$(POD_NAME).{governing['metadata']['name']}.")
 
 
+def test_the_chart_works_as_a_subchart_of_a_parent_with_global_values(helm: Path, tmp_path: Path) -> None:
+    """Helm hands a parent's `global` to every subchart: the strict schema must take it."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "townhall")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
+        "dependencies:\n  - name: townhall\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        "global:\n  imageRegistry: registry.example.com\n  storageClass: fast\n"
+        "townhall:\n  admission:\n    replicas: 3\n"
+    )
+    result = run_helm(
+        helm, "template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION
+    )
+    assert result.returncode == 0, result.stderr
+    manifests = [m for m in yaml.safe_load_all(result.stdout) if m]
+    assert workload(manifests, "admission")["spec"]["replicas"] == 3, "the parent's values reach the chart"
+    lint = run_helm(helm, "lint", "--strict", "--with-subcharts", str(parent))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # The schema still refuses what it should under a parent.
+    bad = run_helm(helm, "template", "platform", str(parent), "--set", "townhall.admision.replicas=3")
+    assert bad.returncode != 0 and "admision" in bad.stderr
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_images_are_pinned(render: Render, scenario: str) -> None:
     for owner, spec in pod_specs(render(scenario)):
@@ -588,6 +614,7 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "service.type=Ingress"], "/service/type"),
         (["--set", "admission.resources=null"], "resources"),
         (["--set", "relay.replicas=2", "--set", "relay.advertise=127.0.0.1:30052"], "POD_NAME"),
+        (["--set", "global=1"], "/global"),
     ],
 )
 def test_bad_values_fail_at_install(helm: Path, flags: list[str], message: str) -> None:
