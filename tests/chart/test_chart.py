@@ -440,6 +440,68 @@ def test_monitoring_objects_only_with_the_operator_api(render: Render, scenario:
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component"
 
 
+def test_service_monitor_has_a_scrape_timeout_and_labels_targets_by_namespace_pod_and_component(
+    render: Render,
+) -> None:
+    manifests = render("kind-default", "--api-versions", MONITORING_API)
+    (monitor,) = by_kind(manifests, "ServiceMonitor").values()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "10s")
+    relabeled = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabeled["namespace"] == ["__meta_kubernetes_namespace"]
+    assert relabeled["pod"] == ["__meta_kubernetes_pod_name"]
+    # component comes from a label every scraped Service carries (Prometheus's name for it).
+    (source,) = relabeled["component"]
+    scraped = [
+        s
+        for s in by_kind(manifests, "Service").values()
+        if s["metadata"]["labels"].get("townhall.io/metrics")
+    ]
+    for service in scraped:
+        labels = {
+            "__meta_kubernetes_service_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+            for k, v in service["metadata"]["labels"].items()
+        }
+        assert labels[source] == component(service) != ""
+    custom = render(
+        None,
+        "--api-versions",
+        MONITORING_API,
+        "--set",
+        "metrics.serviceMonitor.interval=30s",
+        "--set",
+        "metrics.serviceMonitor.scrapeTimeout=25s",
+        "--set",
+        "metrics.serviceMonitor.relabelings=null",
+    )
+    (endpoint,) = next(iter(by_kind(custom, "ServiceMonitor").values()))["spec"]["endpoints"]
+    assert endpoint["scrapeTimeout"] == "25s" and "relabelings" not in endpoint
+
+
+def test_client_services_take_the_external_traffic_policy(render: Render) -> None:
+    """Local keeps client source addresses (per-address rate limits); only NodePort/LoadBalancer have it."""
+
+    def client_services(manifests: list[Manifest]) -> list[Manifest]:
+        return [
+            s
+            for s in by_kind(manifests, "Service").values()
+            if s["spec"].get("clusterIP") != "None" and component(s) in SERVICES
+        ]
+
+    kind = client_services(render("kind-default"))
+    assert sorted(component(s) for s in kind) == sorted(SERVICES)
+    assert {s["spec"]["externalTrafficPolicy"] for s in kind} == {"Cluster"}
+    cloud = client_services(
+        render(None, "--set", "service.type=LoadBalancer", "--set", "service.externalTrafficPolicy=Local")
+    )
+    assert sorted(component(s) for s in cloud) == sorted(SERVICES)
+    for service in cloud:
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+        kubernetes_validate.validate(service, KUBE_VERSION, strict=True)
+    internal = render(None, "--set", "service.type=ClusterIP", "--set", "service.externalTrafficPolicy=Local")
+    assert not [s for s in client_services(internal) if "externalTrafficPolicy" in s["spec"]]
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_dashboards_ship_as_grafana_configmaps(render: Render, scenario: str) -> None:
     maps = [
@@ -614,6 +676,16 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "service.type=Ingress"], "/service/type"),
         (["--set", "admission.resources=null"], "resources"),
         (["--set", "relay.replicas=2", "--set", "relay.advertise=127.0.0.1:30052"], "POD_NAME"),
+        (["--set", "service.externalTrafficPolicy=local"], "/service/externalTrafficPolicy"),
+        (["--set", "metrics.serviceMonitor.scrapeTimeout=10"], "/metrics/serviceMonitor/scrapeTimeout"),
+        (
+            ["--api-versions", MONITORING_API, "--set", "metrics.serviceMonitor.scrapeTimeout=1m"],
+            "scrapeTimeout must not be longer than metrics.serviceMonitor.interval",
+        ),
+        (
+            ["--set", "metrics.serviceMonitor.relabelings[0].action=rename"],
+            "/metrics/serviceMonitor/relabelings/0",
+        ),
         (["--set", "global=1"], "/global"),
     ],
 )
