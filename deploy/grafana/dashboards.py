@@ -5,7 +5,9 @@ Run: python deploy/grafana/dashboards.py   (or: make dashboards-json)
 
 Queries use `job` = the service name (admission, relay, notifier; admission-crowd for admission's crowd
 lane), as the chart's ServiceMonitor and deploy/prometheus/render.py label them, and Grafana's
-$__rate_interval.
+$__rate_interval. Every dashboard has a `namespace` and a `job` variable (All by default; namespace All
+also matches series without the label, as a local Prometheus has them), and every selector of every
+query carries both, so one Grafana shows one release, or one component, among several.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
 # Admission's processes: the owners and the crowd lane.
 ADMISSION_JOBS = "admission|admission-crowd"
+ALL_JOBS = f"{ADMISSION_JOBS}|relay|notifier"
+# Every selector of every query is scoped to the dashboard's variables.
+SCOPE = 'namespace=~"$namespace", job=~"$job"'
 
 
 @dataclass
@@ -42,43 +47,53 @@ class Dashboard:
     uid: str
     title: str
     description: str
+    jobs: str  # the regex of the jobs the `job` variable offers
     panels: list[Panel] = field(default_factory=list)
 
 
-def rate(metric: str, by: str = "", selector: str = "") -> str:
-    """sum [by (...)] (rate(metric{selector}[$__rate_interval]))."""
+def sel(*matchers: str) -> str:
+    """A label selector: the dashboard's namespace and job variables, then `matchers`."""
+    return "{" + ", ".join([SCOPE, *matchers]) + "}"
+
+
+def rate(metric: str, by: str = "", matchers: str = "") -> str:
+    """sum [by (...)] (rate(metric{scope, matchers}[$__rate_interval]))."""
     grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (rate({metric}{selector}[{RATE}]))"
+    return f"sum{grouping} (rate({metric}{sel(*filter(None, [matchers]))}[{RATE}]))"
 
 
-def quantile(q: float, histogram: str, by: str = "", selector: str = "") -> str:
-    """histogram_quantile(q, sum by (le[, ...]) (rate(<histogram>_bucket{selector}[$__rate_interval])))."""
+def gauge(aggregation: str, metric: str, by: str = "") -> str:
+    """aggregation [by (...)] (metric{scope})."""
+    grouping = f" by ({by})" if by else ""
+    return f"{aggregation}{grouping} ({metric}{sel()})"
+
+
+def quantile(q: float, histogram: str, by: str = "", matchers: str = "") -> str:
+    """histogram_quantile(q, sum by (le[, ...]) (rate(<histogram>_bucket{scope, ...}[$__rate_interval])))."""
     labels = ", ".join(["le", *([by] if by else [])])
-    return f"histogram_quantile({q}, sum by ({labels}) (rate({histogram}_bucket{selector}[{RATE}])))"
+    bucket = f"{histogram}_bucket{sel(*filter(None, [matchers]))}"
+    return f"histogram_quantile({q}, sum by ({labels}) (rate({bucket}[{RATE}])))"
 
 
-def latency(histogram: str, selector: str = "") -> list[tuple[str, str]]:
+def latency(histogram: str) -> list[tuple[str, str]]:
     """p50 and p99 of a histogram."""
-    return [
-        (quantile(0.5, histogram, selector=selector), "p50"),
-        (quantile(0.99, histogram, selector=selector), "p99"),
-    ]
+    return [(quantile(0.5, histogram), "p50"), (quantile(0.99, histogram), "p99")]
 
 
-def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Panel]:
+def rpc_panels(services: str, streams_only: bool = False) -> list[Panel]:
     """RPC rate, error ratio and latency (unary calls, or stream lifetimes) of a service's gRPC services."""
-    sel = f'{{grpc_service=~"{services}"}}'
-    ok = f'{{grpc_service=~"{services}", grpc_code="OK"}}'
+    calls = f'grpc_service=~"{services}"'
+    ok = f'grpc_service=~"{services}", grpc_code="OK"'
     # A service with only streaming methods (Relay) has no unary latency to show: show stream lifetimes.
     kind = 'grpc_type=~".*_stream"' if streams_only else 'grpc_type="unary"'
-    unary = f'{{grpc_service=~"{services}", {kind}}}'
+    unary = f'grpc_service=~"{services}", {kind}'
     latency_title = "Stream lifetime p99 by method" if streams_only else "Unary RPC latency p99 by method"
     return [
         Panel(
             "RPCs/s by method and code",
             [
                 (
-                    rate("townhall_rpc_requests_total", "grpc_method, grpc_code", sel),
+                    rate("townhall_rpc_requests_total", "grpc_method, grpc_code", calls),
                     "{{grpc_method}} {{grpc_code}}",
                 )
             ],
@@ -89,7 +104,7 @@ def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Pane
             [
                 (
                     f"1 - {rate('townhall_rpc_requests_total', 'grpc_method', ok)}"
-                    f" / {rate('townhall_rpc_requests_total', 'grpc_method', sel)}",
+                    f" / {rate('townhall_rpc_requests_total', 'grpc_method', calls)}",
                     "{{grpc_method}}",
                 )
             ],
@@ -103,32 +118,31 @@ def rpc_panels(job: str, services: str, streams_only: bool = False) -> list[Pane
         ),
         Panel(
             "CPU per process (cores)",
-            [(rate("process_cpu_seconds_total", "instance", f'{{job=~"{job}"}}'), "{{instance}}")],
+            [(rate("process_cpu_seconds_total", "instance"), "{{instance}}")],
             "short",
             "One Python process uses at most one core.",
         ),
         Panel(
             "Resident memory per process",
-            [(f'sum by (instance) (process_resident_memory_bytes{{job=~"{job}"}})', "{{instance}}")],
+            [(gauge("sum", "process_resident_memory_bytes", "instance"), "{{instance}}")],
             "bytes",
         ),
     ]
 
 
-def kafka_panels(job: str) -> list[Panel]:
+def kafka_panels() -> list[Panel]:
     """Kafka produce errors and best-effort events queued or dropped by one service."""
-    sel = f'{{job=~"{job}"}}'
     return [
         Panel(
             "Kafka produce errors/s by topic",
-            [(rate("townhall_kafka_produce_errors_total", "topic", sel), "{{topic}}")],
+            [(rate("townhall_kafka_produce_errors_total", "topic"), "{{topic}}")],
             "ops",
         ),
         Panel(
             "Events queued for Kafka, dropped/s",
             [
-                (f"sum(townhall_events_queued{sel})", "queued"),
-                (rate("townhall_events_dropped_total", "topic", sel), "dropped {{topic}}"),
+                (gauge("sum", "townhall_events_queued"), "queued"),
+                (rate("townhall_events_dropped_total", "topic"), "dropped {{topic}}"),
             ],
             "short",
             "Best-effort events (presence) wait in a bounded queue; a full queue drops and counts them.",
@@ -140,10 +154,11 @@ OVERVIEW = Dashboard(
     "townhall-overview",
     "Townhall / Overview",
     "The whole system at a glance: rooms, joins, audio, notifications and Kafka.",
+    ALL_JOBS,
     [
         Panel(
             "Live rooms",
-            [("max(townhall_rooms_live)", "rooms")],
+            [(gauge("max", "townhall_rooms_live"), "rooms")],
             kind="stat",
             width=6,
             height=4,
@@ -151,7 +166,7 @@ OVERVIEW = Dashboard(
         ),
         Panel(
             "Listeners",
-            [("sum(townhall_relay_listeners)", "listeners")],
+            [(gauge("sum", "townhall_relay_listeners"), "listeners")],
             kind="stat",
             width=6,
             height=4,
@@ -159,14 +174,14 @@ OVERVIEW = Dashboard(
         ),
         Panel(
             "Speakers publishing",
-            [("sum(townhall_relay_publishers)", "publishers")],
+            [(gauge("sum", "townhall_relay_publishers"), "publishers")],
             kind="stat",
             width=6,
             height=4,
         ),
         Panel(
             "Inbox connections",
-            [("sum(townhall_notifier_inbox_connections)", "inbox")],
+            [(gauge("sum", "townhall_notifier_inbox_connections"), "inbox")],
             kind="stat",
             width=6,
             height=4,
@@ -207,7 +222,7 @@ OVERVIEW = Dashboard(
         ),
         Panel(
             "Kafka consumer lag by group and topic",
-            [("sum by (group, topic) (townhall_kafka_consumer_lag_records)", "{{group}} {{topic}}")],
+            [(gauge("sum", "townhall_kafka_consumer_lag_records", "group, topic"), "{{group}} {{topic}}")],
             "short",
             "Records between each consumer group's position and the end of each topic.",
         ),
@@ -218,6 +233,7 @@ ADMISSION = Dashboard(
     "townhall-admission",
     "Townhall / Admission",
     "Rooms, roles and joins.",
+    ADMISSION_JOBS,
     [
         Panel("Joins/s by result", [(rate("townhall_joins_total", "result"), "{{result}}")], "ops"),
         Panel(
@@ -226,10 +242,10 @@ ADMISSION = Dashboard(
             "s",
             "Validation, admission and ticket signing inside one admission process.",
         ),
-        Panel("Live rooms per process", [("max by (instance) (townhall_rooms_live)", "{{instance}}")]),
+        Panel("Live rooms per process", [(gauge("max", "townhall_rooms_live", "instance"), "{{instance}}")]),
         Panel(
             "Admitted listeners per process",
-            [("sum by (instance) (townhall_admission_listeners)", "{{instance}}")],
+            [(gauge("sum", "townhall_admission_listeners", "instance"), "{{instance}}")],
         ),
         Panel(
             "Room changes/s by kind",
@@ -246,8 +262,8 @@ ADMISSION = Dashboard(
             "Rooms whose host had no relay stream for admission.host_grace_s: handed_over to a co-host, "
             "or ended (no host or co-host connected).",
         ),
-        *rpc_panels(ADMISSION_JOBS, "townhall.v1.(Rooms|Admission)"),
-        *kafka_panels(ADMISSION_JOBS),
+        *rpc_panels("townhall.v1.(Rooms|Admission)"),
+        *kafka_panels(),
     ],
 )
 
@@ -255,13 +271,16 @@ RELAY = Dashboard(
     "townhall-relay",
     "Townhall / Relay",
     "The audio path: publishers, listeners, chunks.",
+    "relay",
     [
-        Panel("Listeners per relay", [("sum by (instance) (townhall_relay_listeners)", "{{instance}}")]),
+        Panel(
+            "Listeners per relay", [(gauge("sum", "townhall_relay_listeners", "instance"), "{{instance}}")]
+        ),
         Panel(
             "Publishers and rooms per relay",
             [
-                ("sum by (instance) (townhall_relay_publishers)", "publishers {{instance}}"),
-                ("sum by (instance) (townhall_relay_rooms)", "rooms {{instance}}"),
+                (gauge("sum", "townhall_relay_publishers", "instance"), "publishers {{instance}}"),
+                (gauge("sum", "townhall_relay_rooms", "instance"), "rooms {{instance}}"),
             ],
         ),
         Panel(
@@ -301,7 +320,7 @@ RELAY = Dashboard(
             "s",
             "From the room-state record's timestamp to the relay ending the streams it revokes.",
         ),
-        *rpc_panels("relay", "townhall.v1.Relay", streams_only=True),
+        *rpc_panels("townhall.v1.Relay", streams_only=True),
     ],
 )
 
@@ -309,6 +328,7 @@ NOTIFIER = Dashboard(
     "townhall-notifier",
     "Townhall / Notifier",
     "Follower graph, fan-out and Inbox.",
+    "notifier",
     [
         Panel(
             "Notifications/s by path",
@@ -325,14 +345,14 @@ NOTIFIER = Dashboard(
         Panel(
             "Inbox: connections, duplicates dropped/s, overflow dropped/s",
             [
-                ("sum(townhall_notifier_inbox_connections)", "connections"),
+                (gauge("sum", "townhall_notifier_inbox_connections"), "connections"),
                 (rate("townhall_notifier_duplicates_dropped_total"), "duplicates dropped"),
                 (rate("townhall_notifier_inbox_dropped_total"), "overflow dropped"),
             ],
         ),
         Panel(
             "Follow edges stored",
-            [("sum by (instance) (townhall_notifier_followers_stored)", "{{instance}}")],
+            [(gauge("sum", "townhall_notifier_followers_stored", "instance"), "{{instance}}")],
         ),
         Panel(
             "Follows/s and unfollows/s",
@@ -344,10 +364,10 @@ NOTIFIER = Dashboard(
         ),
         Panel(
             "Kafka consumer lag by group and topic",
-            [("sum by (group, topic) (townhall_kafka_consumer_lag_records)", "{{group}} {{topic}}")],
+            [(gauge("sum", "townhall_kafka_consumer_lag_records", "group, topic"), "{{group}} {{topic}}")],
         ),
-        *rpc_panels("notifier", "townhall.v1.(Graph|Inbox)"),
-        *kafka_panels("notifier"),
+        *rpc_panels("townhall.v1.(Graph|Inbox)"),
+        *kafka_panels(),
     ],
 )
 
@@ -391,6 +411,28 @@ def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
     return body
 
 
+def variable(name: str, label: str, query: str, all_value: str | None = None) -> dict:
+    """A multi-value query variable, All by default. Grafana's All is `all_value` when given, else the
+    values the query found, as one regex."""
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": query,
+        "definition": query,
+        "regex": "",
+        "sort": 1,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        **({"allValue": all_value} if all_value is not None else {}),
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "hide": 0,
+        "options": [],
+    }
+
+
 def dashboard_json(dashboard: Dashboard) -> dict:
     """The Grafana JSON model of one dashboard, panels placed on the 24-column grid."""
     panels, x, y, row_height = [], 0, 0, 0
@@ -422,7 +464,12 @@ def dashboard_json(dashboard: Dashboard) -> dict:
                     "hide": 0,
                     "refresh": 1,
                     "options": [],
-                }
+                },
+                # No namespace (a local Prometheus) leaves only All, which matches series without it.
+                variable("namespace", "Namespace", f'label_values(up{{job=~"{ALL_JOBS}"}}, namespace)', ".*"),
+                variable(
+                    "job", "Job", f'label_values(up{{namespace=~"$namespace", job=~"{dashboard.jobs}"}}, job)'
+                ),
             ]
         },
         "annotations": {"list": []},

@@ -5,7 +5,9 @@
     assert not report.unexpected_empty(), report.summary()
 
 Queries come from helm/townhall/dashboards/*.json and helm/townhall/files/rules.yml (the files the chart
-ships). Grafana's interval variables are replaced by fixed windows before evaluation. An alert expression
+ships). Grafana's interval variables are replaced by fixed windows before evaluation, and a dashboard's
+query variables (namespace, job) by what Grafana sends for their default, All: the variable's allValue, or
+else every value its label_values() query finds in this Prometheus, as one regex. An alert expression
 is normally empty (nothing firing), so for rules "no data" means a metric it reads is absent from
 Prometheus; for panels it means the query itself returned no series.
 """
@@ -18,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ RULES = REPO / "helm" / "townhall" / "files" / "rules.yml"
 # Grafana's built-in interval variables, as fixed windows. 1m covers four scrapes at the local 15 s.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 METRIC = re.compile(r"\b((?:townhall|process|python)_[a-zA-Z0-9_]*)\b")
+LABEL_VALUES = re.compile(r"label_values\((.+),\s*(\w+)\s*\)", re.DOTALL)
+# Characters Grafana escapes in each value of a multi-value variable it puts into a PromQL regex.
+REGEX_SPECIAL = re.compile(r"[\\^$*+?.()|{}\[\]']")
 # Series that exist only once something went wrong (labelled error counters have no series before
 # their first increment). A healthy run may leave them empty.
 EXPECTED_EMPTY_WHEN_HEALTHY = frozenset(
@@ -42,12 +47,29 @@ EXPECTED_EMPTY_WHEN_HEALTHY = frozenset(
 
 
 @dataclass(frozen=True)
+class Variable:
+    """A dashboard's query variable: label_values(<selector>, <label>), and its custom All value if any."""
+
+    name: str
+    query: str
+    all_value: str | None = None
+
+    def parse(self) -> tuple[str, str]:
+        """(selector, label) of its label_values() query."""
+        found = LABEL_VALUES.fullmatch(self.query.strip())
+        if not found:
+            raise ValueError(f"${self.name}: not a label_values(<selector>, <label>) query: {self.query}")
+        return found.group(1).strip(), found.group(2)
+
+
+@dataclass(frozen=True)
 class Query:
-    """One PromQL expression and where it comes from."""
+    """One PromQL expression and where it comes from (with its dashboard's variables)."""
 
     source: str  # "dashboard" or "rule"
     where: str  # "<dashboard title> / <panel title> / <refId>" or "<group> / <alert>"
     expr: str
+    variables: tuple[Variable, ...] = ()
 
     @property
     def metrics(self) -> set[str]:
@@ -117,11 +139,22 @@ def dashboard_queries(directory: Path = DASHBOARDS) -> list[Query]:
     queries = []
     for path in sorted(directory.glob("*.json")):
         dashboard = json.loads(path.read_text())
+        variables = dashboard_variables(dashboard)
         for panel in _panels(dashboard.get("panels", [])):
             for target in panel.get("targets", []):
                 where = f"{dashboard['title']} / {panel.get('title', '?')} / {target.get('refId', '?')}"
-                queries.append(Query("dashboard", where, target.get("expr", "")))
+                queries.append(Query("dashboard", where, target.get("expr", ""), variables))
     return queries
+
+
+def dashboard_variables(dashboard: dict[str, Any]) -> tuple[Variable, ...]:
+    """The query variables of a dashboard, in the order Grafana resolves them."""
+    found = []
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            found.append(Variable(v["name"], query, v.get("allValue") if v.get("includeAll") else None))
+    return tuple(found)
 
 
 def _panels(panels: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
@@ -140,14 +173,40 @@ def rule_queries(path: Path = RULES) -> list[Query]:
     ]
 
 
-def substitute(expr: str) -> str:
-    """Replaces Grafana's interval variables; any other $variable is an error (it cannot be evaluated)."""
+def substitute(expr: str, variables: Mapping[str, str] | None = None) -> str:
+    """Replaces Grafana's interval variables and the given ones ($name or ${name}); any other $variable is
+    an error (it cannot be evaluated)."""
     for name, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(name, value)
-    leftover = re.findall(r"\$\{?\w+\}?", expr)
+    given = variables or {}
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        return given.get(name, match.group(0))
+
+    expr = re.sub(r"\$\{(\w+)\}|\$(\w+)", fill, expr)
+    leftover = [f"${m.group(1) or m.group(2)}" for m in re.finditer(r"\$\{(\w+)\}|\$(\w+)", expr)]
     if leftover:
         raise ValueError(f"unknown Grafana variables {leftover}")
     return expr
+
+
+def all_values(prometheus: Prometheus, variables: Iterable[Variable]) -> dict[str, str]:
+    """What Grafana puts in place of each variable set to All, resolving them in order (a variable's
+    query may use the ones before it). A variable without allValue whose query finds nothing is an
+    error: every panel filtered by it would be empty."""
+    values: dict[str, str] = {}
+    for variable in variables:
+        selector, label = variable.parse()
+        found = prometheus.get(f"label/{label}/values", **{"match[]": substitute(selector, values)})
+        if variable.all_value is not None:
+            values[variable.name] = variable.all_value
+        elif found:
+            escaped = [REGEX_SPECIAL.sub(lambda m: "\\\\" + m.group(0), v) for v in sorted(found)]
+            values[variable.name] = "(" + "|".join(escaped) + ")"
+        else:
+            raise ValueError(f"${variable.name}: {variable.query} finds no values")
+    return values
 
 
 class Prometheus:
@@ -219,11 +278,20 @@ def wait_until_scraped(prometheus: Prometheus, timeout: float = 60.0, scrapes: i
 def evaluate(prometheus: Prometheus, queries: Iterable[Query], at: float | None = None) -> Report:
     """Runs every query; records errors, series counts and (for all) the metrics Prometheus lacks."""
     known = prometheus.metric_names()
+    resolved: dict[tuple[Variable, ...], dict[str, str] | Exception] = {}
     results = []
     for query in queries:
         result = Result(query, missing_metrics=query.metrics - known)
         try:
-            result.series = len(prometheus.query(substitute(query.expr), at))
+            if query.variables not in resolved:
+                try:
+                    resolved[query.variables] = all_values(prometheus, query.variables)
+                except (RuntimeError, ValueError, OSError) as exc:
+                    resolved[query.variables] = exc
+            values = resolved[query.variables]
+            if isinstance(values, Exception):
+                raise values
+            result.series = len(prometheus.query(substitute(query.expr, values), at))
         except (RuntimeError, ValueError, OSError) as exc:
             result.error = str(exc)
         results.append(result)

@@ -214,6 +214,56 @@ def test_admission_members_find_each_other_through_their_headless_service(
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
+def test_membership_counts_only_ready_pods_while_relay_names_resolve_from_pod_start(
+    render: Render, scenario: str
+) -> None:
+    """A pod that is not serving must own no rooms: the Service admission watches publishes only ready
+    pods, so its EndpointSlices' `ready` means ready. Relays are known by pod DNS names, which must
+    resolve while a relay starts or comes back; their Service publishes every pod, and readiness is
+    read from `serving` there (townhall.core.membership.slice_members)."""
+    manifests = render(scenario)
+    services = by_kind(manifests, "Service")
+    admission = workload(manifests, "admission")
+    (container,) = admission["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    watched = services[env["TOWNHALL_ADMISSION_KUBE_SERVICE"]]
+    assert not watched["spec"].get("publishNotReadyAddresses", False)
+    relay = workload(manifests, "relay")
+    governing = services[relay["spec"]["serviceName"]]
+    assert governing["spec"]["publishNotReadyAddresses"] is True
+    (relay_container,) = relay["spec"]["template"]["spec"]["containers"]
+    advertise = next(e["value"] for e in relay_container["env"] if e["name"] == "TOWNHALL_RELAY_ADVERTISE")
+    if "$(POD_NAME)" in advertise:  # kind advertises the relay NodePort instead
+        assert advertise.startswith(f"$(POD_NAME).{governing['metadata']['name']}.")
+
+
+def test_the_chart_works_as_a_subchart_of_a_parent_with_global_values(helm: Path, tmp_path: Path) -> None:
+    """Helm hands a parent's `global` to every subchart: the strict schema must take it."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "townhall")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
+        "dependencies:\n  - name: townhall\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        "global:\n  imageRegistry: registry.example.com\n  storageClass: fast\n"
+        "townhall:\n  admission:\n    replicas: 3\n"
+    )
+    result = run_helm(
+        helm, "template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION
+    )
+    assert result.returncode == 0, result.stderr
+    manifests = [m for m in yaml.safe_load_all(result.stdout) if m]
+    assert workload(manifests, "admission")["spec"]["replicas"] == 3, "the parent's values reach the chart"
+    lint = run_helm(helm, "lint", "--strict", "--with-subcharts", str(parent))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # The schema still refuses what it should under a parent.
+    bad = run_helm(helm, "template", "platform", str(parent), "--set", "townhall.admision.replicas=3")
+    assert bad.returncode != 0 and "admision" in bad.stderr
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_images_are_pinned(render: Render, scenario: str) -> None:
     for owner, spec in pod_specs(render(scenario)):
         for c in spec.get("initContainers", []) + spec["containers"]:
@@ -390,6 +440,68 @@ def test_monitoring_objects_only_with_the_operator_api(render: Render, scenario:
     assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/component"
 
 
+def test_service_monitor_has_a_scrape_timeout_and_labels_targets_by_namespace_pod_and_component(
+    render: Render,
+) -> None:
+    manifests = render("kind-default", "--api-versions", MONITORING_API)
+    (monitor,) = by_kind(manifests, "ServiceMonitor").values()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "10s")
+    relabeled = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabeled["namespace"] == ["__meta_kubernetes_namespace"]
+    assert relabeled["pod"] == ["__meta_kubernetes_pod_name"]
+    # component comes from a label every scraped Service carries (Prometheus's name for it).
+    (source,) = relabeled["component"]
+    scraped = [
+        s
+        for s in by_kind(manifests, "Service").values()
+        if s["metadata"]["labels"].get("townhall.io/metrics")
+    ]
+    for service in scraped:
+        labels = {
+            "__meta_kubernetes_service_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+            for k, v in service["metadata"]["labels"].items()
+        }
+        assert labels[source] == component(service) != ""
+    custom = render(
+        None,
+        "--api-versions",
+        MONITORING_API,
+        "--set",
+        "metrics.serviceMonitor.interval=30s",
+        "--set",
+        "metrics.serviceMonitor.scrapeTimeout=25s",
+        "--set",
+        "metrics.serviceMonitor.relabelings=null",
+    )
+    (endpoint,) = next(iter(by_kind(custom, "ServiceMonitor").values()))["spec"]["endpoints"]
+    assert endpoint["scrapeTimeout"] == "25s" and "relabelings" not in endpoint
+
+
+def test_client_services_take_the_external_traffic_policy(render: Render) -> None:
+    """Local keeps client source addresses (per-address rate limits); only NodePort/LoadBalancer have it."""
+
+    def client_services(manifests: list[Manifest]) -> list[Manifest]:
+        return [
+            s
+            for s in by_kind(manifests, "Service").values()
+            if s["spec"].get("clusterIP") != "None" and component(s) in SERVICES
+        ]
+
+    kind = client_services(render("kind-default"))
+    assert sorted(component(s) for s in kind) == sorted(SERVICES)
+    assert {s["spec"]["externalTrafficPolicy"] for s in kind} == {"Cluster"}
+    cloud = client_services(
+        render(None, "--set", "service.type=LoadBalancer", "--set", "service.externalTrafficPolicy=Local")
+    )
+    assert sorted(component(s) for s in cloud) == sorted(SERVICES)
+    for service in cloud:
+        assert service["spec"]["externalTrafficPolicy"] == "Local"
+        kubernetes_validate.validate(service, KUBE_VERSION, strict=True)
+    internal = render(None, "--set", "service.type=ClusterIP", "--set", "service.externalTrafficPolicy=Local")
+    assert not [s for s in client_services(internal) if "externalTrafficPolicy" in s["spec"]]
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_dashboards_ship_as_grafana_configmaps(render: Render, scenario: str) -> None:
     maps = [
@@ -564,6 +676,17 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "service.type=Ingress"], "/service/type"),
         (["--set", "admission.resources=null"], "resources"),
         (["--set", "relay.replicas=2", "--set", "relay.advertise=127.0.0.1:30052"], "POD_NAME"),
+        (["--set", "service.externalTrafficPolicy=local"], "/service/externalTrafficPolicy"),
+        (["--set", "metrics.serviceMonitor.scrapeTimeout=10"], "/metrics/serviceMonitor/scrapeTimeout"),
+        (
+            ["--api-versions", MONITORING_API, "--set", "metrics.serviceMonitor.scrapeTimeout=1m"],
+            "scrapeTimeout must not be longer than metrics.serviceMonitor.interval",
+        ),
+        (
+            ["--set", "metrics.serviceMonitor.relabelings[0].action=rename"],
+            "/metrics/serviceMonitor/relabelings/0",
+        ),
+        (["--set", "global=1"], "/global"),
     ],
 )
 def test_bad_values_fail_at_install(helm: Path, flags: list[str], message: str) -> None:

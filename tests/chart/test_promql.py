@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,7 +136,51 @@ def test_check_reports_bad_and_empty_queries(prometheus_url: str, tmp_path: Path
     assert sorted(r.query.where for r in report.empty) == ["T / p / A", "g / A"]
 
 
+def test_check_fills_in_dashboard_variables_as_grafana_does_for_all(
+    prometheus_url: str, tmp_path: Path
+) -> None:
+    """Each variable becomes what Grafana's All sends: its allValue, or the values its query finds."""
+
+    def dashboard(title: str, jobs: str, expr: str) -> dict[str, Any]:
+        variables = [
+            {
+                "name": "namespace",
+                "type": "query",
+                "includeAll": True,
+                "allValue": ".*",
+                "query": "label_values(up, namespace)",
+            },
+            {
+                "name": "job",
+                "type": "query",
+                "includeAll": True,
+                "query": {"query": f'label_values(up{{namespace=~"$namespace", job=~"{jobs}"}}, job)'},
+            },
+        ]
+        panel = {"title": "p", "targets": [{"refId": "A", "expr": expr}]}
+        return {"title": title, "templating": {"list": variables}, "panels": [panel]}
+
+    up = 'up{namespace=~"$namespace", job=~"$job"}'
+    for name, d in {
+        "a": dashboard("Admission", "admission|admission-crowd", up),  # no crowd lane here
+        "b": dashboard("Relay and notifier", "relay|notifier", up),
+        "c": dashboard("Nobody", "nope", up),  # the job variable finds no job
+    }.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups: []\n")
+    report = promql.check(prometheus_url, dashboards=tmp_path, rules=rules)
+    by_title = {r.query.where.split(" / ")[0]: r for r in report.results}
+    assert (by_title["Admission"].series, by_title["Admission"].error) == (1, "")
+    assert (by_title["Relay and notifier"].series, by_title["Relay and notifier"].error) == (2, "")
+    assert "finds no values" in by_title["Nobody"].error
+
+
 def test_grafana_variables_are_substituted() -> None:
     assert promql.substitute("rate(x[$__rate_interval])") == "rate(x[1m])"
+    filled = promql.substitute('x{job=~"$job", ns=~"${namespace}"}', {"job": "(a|b)", "namespace": ".*"})
+    assert filled == 'x{job=~"(a|b)", ns=~".*"}'
     with pytest.raises(ValueError):
         promql.substitute('x{job="$job"}')
+    with pytest.raises(ValueError):
+        promql.substitute('x{job="$jobs"}', {"job": "a"})

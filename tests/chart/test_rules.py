@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def test_dashboard_parses_and_every_panel_has_a_query(path: Path) -> None:
     assert dashboard["uid"].startswith("townhall-") and dashboard["title"].startswith("Townhall / ")
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
+    scope = {v.name for v in promql.dashboard_variables(dashboard)}
+    assert scope == {"namespace", "job"}
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and ids
     for panel in dashboard["panels"]:
@@ -103,9 +106,29 @@ def test_dashboard_parses_and_every_panel_has_a_query(path: Path) -> None:
         assert panel["datasource"]["uid"] == "${datasource}"
         for target in panel["targets"]:
             assert target["expr"].strip(), f"{panel['title']} {target['refId']}"
-            promql.substitute(target["expr"])  # only variables the live check can fill in
+            promql.substitute(target["expr"], dict.fromkeys(scope, ".*"))  # variables the live check fills in
+            assert unscoped(target["expr"]) == [], f"{panel['title']} {target['refId']}: {target['expr']}"
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
+
+
+def unscoped(expr: str) -> list[str]:
+    """The metric selectors of a query that do not filter on both dashboard variables."""
+    return [
+        found.group(0)
+        for found in re.finditer(r"\b(?:townhall|process|python)_\w+(\{[^}]*\})?", expr)
+        if not found.group(1)
+        or 'namespace=~"$namespace"' not in found.group(1)
+        or 'job=~"$job"' not in found.group(1)
+    ]
+
+
+def test_a_query_without_the_dashboard_variables_is_found() -> None:
+    assert unscoped('sum(rate(townhall_joins_total{job=~"$job"}[1m])) / sum(townhall_rooms_live)') == [
+        'townhall_joins_total{job=~"$job"}',
+        "townhall_rooms_live",
+    ]
+    assert unscoped('max(townhall_rooms_live{namespace=~"$namespace", job=~"$job", x="y"})') == []
 
 
 def test_dashboards_are_generated_from_their_source() -> None:

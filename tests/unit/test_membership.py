@@ -42,6 +42,15 @@ def test_only_ready_addresses_on_the_named_port_are_members() -> None:
     assert slice_members(endpoint_slice("a", {"10.0.0.1": True}), "nope") == set()
 
 
+def test_a_pod_that_is_not_serving_is_no_member_even_where_not_ready_addresses_are_published() -> None:
+    """With publishNotReadyAddresses every endpoint says ready; serving and terminating still tell."""
+    published = endpoint_slice("a", {"10.0.0.1": True, "10.0.0.2": True, "10.0.0.3": True})
+    conditions = [e.conditions for e in published.endpoints]
+    conditions[1].serving = False  # starting, or draining (NOT_SERVING fails its readiness probe)
+    conditions[2].serving, conditions[2].terminating = True, True  # deleted, still in its preStop sleep
+    assert slice_members(published, "grpc") == {"10.0.0.1:50051"}
+
+
 def test_watch_events_add_modify_and_delete_slices() -> None:
     table = SliceTable("grpc")
     assert table.apply("ADDED", endpoint_slice("s1", {"10.0.0.1": True, "10.0.0.2": False}))
@@ -72,7 +81,11 @@ def test_kubernetes_membership_lists_the_services_slices_and_reports_changes() -
     members = KubernetesMembership("10.0.0.1:50051", "townhall-admission", "ns", "grpc", changes.append, api)
     members._list()
     assert api.calls == [
-        {"namespace": "ns", "label_selector": "kubernetes.io/service-name=townhall-admission"}
+        {
+            "namespace": "ns",
+            "label_selector": "kubernetes.io/service-name=townhall-admission",
+            "_request_timeout": 10.0,
+        }
     ]
     assert members.members() == ["10.0.0.1:50051", "10.0.0.2:50051"] == changes[-1]
     assert sum(members.is_owner(r) for r in ROOMS) in range(1200, 1800)

@@ -118,22 +118,22 @@ def test_bad_shape_is_refused() -> None:
 def test_a_relay_probed_down_gets_no_listeners_and_the_next_one_is_the_origin() -> None:
     p = placer(target=2)
     order = ranked(ROOM, RELAYS)
-    p.set_down({order[0]})
+    p.set_up(set(RELAYS) - {order[0]})
     assert p.origin(ROOM, 0.0) == order[1]
     placed = [p.place(ROOM, on_stage=False, now=0.0) for _ in range(3)]
     assert [x.relay for x in placed] == [order[1], order[1], order[2]]
     assert placed[2].upstream == (order[1],)
-    p.set_down(set())
+    p.set_up(RELAYS)
     assert p.origin(ROOM, 0.0) == order[0]
 
 
 def test_a_rooms_origin_stays_where_its_speakers_moved_when_the_old_origin_returns() -> None:
     p = placer(target=2)
     order = ranked(ROOM, RELAYS)
-    p.set_down({order[0]})
+    p.set_up(set(RELAYS) - {order[0]})
     # The speakers moved to order[1], which now reports itself as the room's origin.
     p.observe(Load(order[1], 1, 1000, at=1.0, rooms={ROOM: 1}, origins=frozenset({ROOM})))
-    p.set_down(set())  # the old origin is back (restarted)
+    p.set_up(RELAYS)  # the old origin is back (restarted)
     assert p.origin(ROOM, 2.0) == order[1]
     assert p.place(ROOM, on_stage=False, now=2.0).relay == order[1]
     # Its next report no longer names the room (the room ended there): rendezvous order again.
@@ -146,5 +146,14 @@ def test_a_claimed_origin_that_is_down_is_skipped() -> None:
     order = ranked(ROOM, RELAYS)
     p.observe(Load(order[3], 1, 1000, at=1.0, origins=frozenset({ROOM})))
     assert p.origin(ROOM, 1.0) == order[3]
-    p.set_down({order[3]})
+    p.set_up(set(RELAYS) - {order[3]})
     assert p.origin(ROOM, 1.0) == order[0]
+
+
+def test_a_relay_not_probed_yet_gets_no_listeners_until_a_probe_finds_it_serving() -> None:
+    p = placer(RELAYS[:2], target=1)
+    p.set_up(RELAYS[:2])
+    p.set_relays(RELAYS[:3])  # a relay was discovered: not probed yet
+    assert {p.place(ROOM, on_stage=False, now=0.0).relay for _ in range(6)} <= set(RELAYS[:2])
+    p.set_up(RELAYS[:3])
+    assert RELAYS[2] in {p.place(ROOM, on_stage=False, now=1.0).relay for _ in range(12)}

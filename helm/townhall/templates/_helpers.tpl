@@ -98,6 +98,14 @@ The gRPC health probe of a Townhall container: the plaintext health port under T
 {{- end }}
 
 {{/*
+A Prometheus duration of one unit (values.schema.json: [0-9]+(ms|s|m|h)) in milliseconds, e.g. "15s" -> 15000.
+*/}}
+{{- define "townhall.durationMs" -}}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 }}
+{{- mul (regexFind "^[0-9]+" .) (get $units (regexFind "[a-z]+$" .)) }}
+{{- end }}
+
+{{/*
 Kafka bootstrap servers: the bundled broker's Service, or kafka.external.bootstrap.
 */}}
 {{- define "townhall.kafkaBootstrap" -}}

@@ -145,11 +145,13 @@ class AdmissionApp:
             log.info("admission members changed", members=members, before=before)
             if before:
                 self.capacity.members_changed(before, members)
-        down = self.prober.liveness.down()
-        self.placer.set_down(down)
-        relays = set(self._config.admission.relays)
-        PEERS_DOWN.labels("relay").set(len(down & relays))
-        PEERS_DOWN.labels("admission").set(len(down - relays))
+        # Only relays a probe found serving get listeners: one not probed yet is not up either.
+        is_up = self.prober.liveness.is_up
+        relays = self._config.admission.relays
+        self.placer.set_up([r for r in relays if is_up(r)])
+        peers = [m for m in self._listed.members() if m != self.membership.me]
+        PEERS_DOWN.labels("relay").set(sum(not is_up(r) for r in relays))
+        PEERS_DOWN.labels("admission").set(sum(not is_up(m) for m in peers))
 
     def _changed(self, room: Room) -> None:
         if room.state == RoomState.ROOM_STATE_ENDED:

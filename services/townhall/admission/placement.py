@@ -83,8 +83,9 @@ class Placer:
         self._orders: dict[str, tuple[list[str], list[str]]] = {}
         # The live relays, recomputed at most every LIVE_EVERY_S or when a report or member changes it.
         self._live: tuple[float, list[str]] | None = None
-        # Relays the health probes find down (or draining): never placed on, whatever they reported.
-        self._down: frozenset[str] = frozenset()
+        # Relays the health probes find serving (None: not probed, every relay counts). Any other relay
+        # (down, draining, or not probed yet) is never placed on, whatever it reported.
+        self._up: frozenset[str] | None = None
         # Live rooms' origins as their relays report them: a room stays where its speakers are.
         self._origins: dict[str, str] = {}
 
@@ -93,11 +94,12 @@ class Placer:
         self._relays = list(relays)
         self._live = None
 
-    def set_down(self, down: Collection[str]) -> None:
-        """The relays that health probes find down; placements skip them from now on."""
-        down = frozenset(down)
-        if down != self._down:
-            self._down = down
+    def set_up(self, up: Collection[str]) -> None:
+        """The relays that health probes find serving; placements use only them from now on (a relay
+        added by set_relays since is not placed on until a probe finds it serving)."""
+        up = frozenset(up)
+        if up != self._up:
+            self._up = up
             self._live = None
 
     def observe(self, load: Load) -> None:
@@ -120,13 +122,10 @@ class Placer:
 
     def live(self, now: float) -> list[str]:
         """Relays that are members, answer probes and have not gone quiet (one yet to report is live)."""
-        loads, down = self._loads, self._down
-        relays = [
-            r
-            for r in self._relays
-            if r not in down and ((load := loads.get(r)) is None or now - load.at < self._stale_s)
-        ]
-        return relays or [r for r in self._relays if r not in down] or list(self._relays)
+        loads, up = self._loads, self._up
+        serving = self._relays if up is None else [r for r in self._relays if r in up]
+        relays = [r for r in serving if (load := loads.get(r)) is None or now - load.at < self._stale_s]
+        return relays or serving or list(self._relays)
 
     def carried(self, relay: str, room_id: str) -> int:
         """The room's listeners on the relay: last reported plus placed here since."""

@@ -5,6 +5,9 @@ only placed) where a process answers. A member is down after `failures` probes i
 no answer (a refused connection fails at once, so a killed process is out within about two probe
 intervals), and at once when it answers NOT_SERVING (a process draining on SIGTERM says so
 first). Any other answer, even RESOURCE_EXHAUSTED from a saturated server, means it is alive.
+A member is up only once it has answered: one not probed yet (a pod that just appeared in its
+Service's EndpointSlices, a relay just discovered) owns no rooms and gets no listeners until a probe
+finds it serving. A process never probes itself, so memberships count their own process apart.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Liveness:
 
     def record(self, member: str, probe: Probe) -> bool:
         """Takes one probe result; True if the member went up or down because of it."""
-        was = self._up.get(member)
+        was = self._up.get(member, False)
         if probe is Probe.SERVING:
             self._missed[member] = 0
             up = True
@@ -55,24 +58,25 @@ class Liveness:
             up = False
         else:
             missed = self._missed[member] = self._missed.get(member, 0) + 1
-            # A member never seen up is down at its first miss: nothing says it ever started.
-            up = bool(was) and missed < self._failures
+            # A member never seen up stays down: nothing says it ever started.
+            up = was and missed < self._failures
         self._up[member] = up
-        if was is not up:
+        if was != up:
             self.version += 1
             return True
         return False
 
     def is_up(self, member: str) -> bool:
-        """Whether the member is up; a member not probed yet counts as up."""
-        return self._up.get(member, True)
+        """Whether the member answered SERVING to its last probe (or missed fewer than `failures` since);
+        a member not probed yet is not up."""
+        return self._up.get(member, False)
 
     def up(self, members: Iterable[str]) -> list[str]:
         """The members that are up, in the given order."""
         return [m for m in members if self.is_up(m)]
 
     def down(self) -> set[str]:
-        """Every member known to be down."""
+        """Every probed member that is not up (members never probed are not up either, but not listed)."""
         return {m for m, up in self._up.items() if not up}
 
 

@@ -18,6 +18,10 @@ log = logging.get(__name__)
 
 SERVICE_LABEL = "kubernetes.io/service-name"
 RESTART_DELAY_S = 2.0
+# The API server ends a watch after WATCH_TIMEOUT_S; a LIST, and any read of a watch, that takes
+# longer than REQUEST_TIMEOUT_S past that is a dead (half-open) connection: list again, watch again.
+WATCH_TIMEOUT_S = 60
+REQUEST_TIMEOUT_S = 10.0
 
 
 class Membership(Protocol):
@@ -68,8 +72,12 @@ class StaticMembership(_Base):
 
 
 class ProbedMembership(_Base):
-    """Another membership narrowed to the members a Liveness says are up; `me` always counts,
-    unless this process `owns` nothing (admission's crowd lane), which is never a member.
+    """Another membership narrowed to the members a Liveness says are up (a member not probed yet is
+    not); `me` always counts, unless this process `owns` nothing (admission's crowd lane), which is
+    never a member. A process never probes itself: it counts itself from its start, and the others
+    count it once their probes find it serving (admission probes once before serving, so it knows
+    who else is up before it owns anything). A member that just appeared in the inner list owns
+    nothing until a probe finds it serving.
 
     `leave()` (on SIGTERM) takes this process out of its own view: it then owns nothing, and
     forwards every owner-only change to the member that owns it next.
@@ -105,7 +113,12 @@ class ProbedMembership(_Base):
 
 
 def slice_members(endpoint_slice: Any, port_name: str | None) -> set[str]:
-    """The ready host:port addresses of one V1EndpointSlice (the named port, else its first)."""
+    """The ready host:port addresses of one V1EndpointSlice (the named port, else its first).
+
+    Ready means all three conditions agree: a Service with publishNotReadyAddresses marks every
+    endpoint `ready`, whatever its pod's readiness, which `serving` still carries; and a terminating
+    pod is on its way out even while it serves.
+    """
     ports = endpoint_slice.ports or []
     port = next((p.port for p in ports if port_name is None or p.name == port_name), None)
     if port is None:
@@ -113,8 +126,10 @@ def slice_members(endpoint_slice: Any, port_name: str | None) -> set[str]:
     found = set()
     for endpoint in endpoint_slice.endpoints or []:
         conditions = endpoint.conditions
-        # Kubernetes says an unset `ready` means ready; terminating pods are never ready.
-        if conditions is not None and conditions.ready is False:
+        # Kubernetes says an unset condition means ready (serving, not terminating).
+        if conditions is not None and (
+            conditions.ready is False or conditions.serving is False or conditions.terminating
+        ):
             continue
         for address in endpoint.addresses or []:
             found.add(f"{address}:{port}")
@@ -163,6 +178,8 @@ class KubernetesMembership(_Base):
         port_name: str | None = None,
         on_change: Callable[[list[str]], None] | None = None,
         api: Any = None,
+        watch_timeout_s: int = WATCH_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.me = me
         self._service = service
@@ -171,6 +188,8 @@ class KubernetesMembership(_Base):
         self._members: list[str] = [me]
         self._on_change = on_change
         self._api = api
+        self._watch_timeout_s = watch_timeout_s
+        self._request_timeout_s = request_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -189,14 +208,16 @@ class KubernetesMembership(_Base):
         self._thread.start()
 
     def stop(self) -> None:
-        """Asks the watch thread to end (it ends at its next event or timeout)."""
+        """Asks the watch thread to end (at its next event, or within the watch's read timeout)."""
         self._stop.set()
 
     def _selector(self) -> Mapping[str, Any]:
         return {"namespace": self._namespace, "label_selector": f"{SERVICE_LABEL}={self._service}"}
 
     def _list(self) -> str:
-        listed = self._api.list_namespaced_endpoint_slice(**self._selector())
+        listed = self._api.list_namespaced_endpoint_slice(
+            **self._selector(), _request_timeout=self._request_timeout_s
+        )
         self._table.replace(listed.items)
         self._publish()
         return str(listed.metadata.resource_version)
@@ -206,10 +227,14 @@ class KubernetesMembership(_Base):
 
         while not self._stop.is_set():
             try:
+                # The read timeout bounds every wait for a byte: without it a connection whose peer
+                # vanished (no FIN, no RST) would hold this thread, and the members, forever.
+                read_timeout_s = self._watch_timeout_s + self._request_timeout_s
                 stream = watch.Watch().stream(
                     self._api.list_namespaced_endpoint_slice,
                     resource_version=version,
-                    timeout_seconds=60,
+                    timeout_seconds=self._watch_timeout_s,
+                    _request_timeout=(self._request_timeout_s, read_timeout_s),
                     **self._selector(),
                 )
                 for event in stream:
@@ -218,9 +243,10 @@ class KubernetesMembership(_Base):
                         self._publish()
                     if self._stop.is_set():
                         return
-            except Exception as exc:  # expired version, API restart: list again, then watch
+            except Exception as exc:  # expired version, API restart, dead connection: list, then watch
                 log.warning("membership watch failed; listing again", error=repr(exc))
-                self._stop.wait(RESTART_DELAY_S)
+                if self._stop.wait(RESTART_DELAY_S):
+                    return
                 try:
                     version = self._list()
                 except Exception as again:
