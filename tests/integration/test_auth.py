@@ -239,6 +239,6 @@ async def test_concurrent_callers_are_never_mixed_up(kafka: KafkaConfig, tmp_pat
         users = list(range(host + 1, host + 201))
         assert all(await asyncio.gather(*(follow(u) for u in users)))
         listed = await graph.ListFollowers(
-            graph_pb2.ListFollowersRequest(user_id=host, limit=1000), metadata=signed(NEW, 1, ())
+            graph_pb2.ListFollowersRequest(user_id=host, limit=1000), metadata=signed(NEW, host, ())
         )
         assert list(listed.follower_ids) == users

@@ -19,6 +19,7 @@ from townhall.core.auth import (
     Tokens,
     bearer,
     mint,
+    principal_from,
     rule,
     signing_key,
 )
@@ -252,3 +253,15 @@ def test_dev_tokens_use_the_first_configured_key() -> None:
     assert signing_key(config.keys).kid == "k2"
     who = Authenticator(config).principal(Tokens(config).metadata(5, ("publish",)))
     assert who == Principal(5, frozenset({"publish"}))
+
+
+def test_a_token_issued_for_longer_than_the_maximum_lifetime_is_refused() -> None:
+    now = 1_700_000_000.0
+    day = {"sub": "42", "iat": int(now), "exp": int(now) + 86_400}
+    assert principal_from(day, 86_400, now=now).user_id == 42
+    with pytest.raises(Unauthenticated, match=r"valid for 86401 s .* at most 86400 s"):
+        principal_from({**day, "exp": day["exp"] + 1}, 86_400, now=now)
+    # Without iat the lifetime counts from now.
+    with pytest.raises(Unauthenticated, match=r"auth\.max_token_lifetime_s"):
+        principal_from({"sub": "42", "exp": int(now) + 90_000}, 86_400, now=now)
+    assert principal_from({"sub": "42", "exp": int(now) + 90_000}, 0, now=now).user_id == 42

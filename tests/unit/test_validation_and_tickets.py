@@ -37,6 +37,29 @@ def test_user_ids_and_titles() -> None:
         validation.title("   ")
 
 
+@pytest.mark.parametrize(
+    ("title", "refused"),
+    [
+        ("\u202eevil", "U+202E RIGHT-TO-LEFT OVERRIDE at position 0"),
+        ("a\u2066b", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+        ("x\u200by", "U+200B ZERO WIDTH SPACE"),
+        ("word\u200d\U0001f600", "U+200D ZERO WIDTH JOINER"),  # a joiner after a letter
+        ("\U0001f600\u200d", "U+200D ZERO WIDTH JOINER"),  # at the end
+        ("next\u2028line", "U+2028 LINE SEPARATOR"),
+        ("c1\x9bcontrol", "control characters"),
+        ("Arabic mark\u061c", "U+061C ARABIC LETTER MARK"),
+    ],
+)
+def test_titles_refuse_invisible_and_direction_characters(title: str, refused: str) -> None:
+    with pytest.raises(InvalidArgument, match=refused.replace("+", r"\+")):
+        validation.title(title)
+
+
+def test_titles_keep_emoji_sequences_and_right_to_left_scripts() -> None:
+    for title in ("\U0001f469\u200d\U0001f4bb coding", "\u2764\ufe0f\u200d\U0001f525", "שלום", "سلام"):
+        assert validation.title(title) == title
+
+
 def test_ticket_round_trip_and_refusals() -> None:
     signer = TicketSigner(KEYS, ttl_s=60)
     token = signer.sign(signer.issue("room1", 42, Role.ROLE_SPEAKER, "relay-a:1"))

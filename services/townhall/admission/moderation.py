@@ -13,6 +13,7 @@ import grpc
 
 from townhall.admission import stage
 from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
+from townhall.admission.servicer import shown
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import validation
 from townhall.core.auth import MODERATE, PUBLISH, SUBSCRIBE
@@ -95,8 +96,11 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
     ) -> Room:
         """Runs `rule` on the owner: here if this process owns the room (or the call was forwarded here)."""
         room_id = validation.room_id(request.room_id)
-        if self._peers.is_owner(room_id) or self._peers.forwarding.check(context):
+        if self._peers.forwarding.check(context):
+            # The whole room: the member that forwarded the call applies it to its replica.
             return await self._store.change(room_id, change, rule)
+        if self._peers.is_owner(room_id):
+            return shown(context, await self._store.change(room_id, change, rule))
         method = type(request).__name__.removesuffix("Request")
         stub = self._peers.moderation(self._peers.owner(room_id))
         try:
@@ -110,7 +114,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
             raise from_rpc(exc) from exc
         # Applied here at once, so the caller reads its own change from this process.
         self._store.book.apply(room)
-        return room
+        return shown(context, room)
 
 
 def _role_name(role: int) -> str:

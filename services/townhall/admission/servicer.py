@@ -13,7 +13,7 @@ from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
-from townhall.admission.stage import listed
+from townhall.admission.stage import listed, shown_to
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
@@ -54,13 +54,14 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         # idempotency key it is the same on every attempt, so a repeated create finds the first room.
         room_id = room_id_for(host, key) if key else new_room_id()
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
-        return await self._on_owner(
+        room = await self._on_owner(
             room_id,
             lambda: self._store.create(host, title, speakers, limit, room_id, replay=bool(key)),
             lambda owner, timeout: self._peers.owner_api(owner).CreateRoom(
                 forward, metadata=self._peers.forwarding.internal(), timeout=timeout
             ),
         )
+        return shown(context, room)
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = require(context, HOST)
@@ -114,8 +115,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         """A change of an existing room: served here if forwarded here, else on the room's owner."""
         if self._peers.forwarding.check(context):
             # A member that takes this process for the owner sent it: serve it, unless handing over.
+            # The whole room: the member applies it to its replica, and shows the caller its part.
             return await serve_as_owner(self._peers, here)
-        return await self._on_owner(room_id, here, there)
+        return shown(context, await self._on_owner(room_id, here, there))
 
     async def _on_owner(
         self,
@@ -147,7 +149,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             return room
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
-        return self._store.book.get(validation.room_id(request.room_id))
+        return shown(context, self._store.book.get(validation.room_id(request.room_id)))
 
     async def ListLiveRooms(
         self, request: rooms_pb2.ListLiveRoomsRequest, context: grpc.aio.ServicerContext
@@ -220,6 +222,12 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
         # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
         validation.bounded(request.held, "held", 0, MAX_HELD)
         return self._capacity.grant(request)
+
+
+def shown(context: grpc.aio.ServicerContext, room: Room) -> Room:
+    """The room as the caller may see it: bans, raised hands and invitations only to its moderators."""
+    who = principal(context)
+    return shown_to(room, who.user_id, who.grants)
 
 
 async def serve_as_owner(peers: Peers, change: Callable[[], Awaitable[Room]]) -> Room:

@@ -65,8 +65,12 @@ class Principal:
     grants: frozenset[str]
 
 
-def principal_from(claims: dict[str, Any]) -> Principal:
-    """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim."""
+def principal_from(claims: dict[str, Any], max_lifetime_s: float = 0, now: float | None = None) -> Principal:
+    """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim.
+
+    With `max_lifetime_s`, a token valid for longer than that (from `iat`, or from now without one) is
+    refused: a stolen long-lived token would otherwise work for as long as its issuer wrote.
+    """
     sub = claims.get("sub")
     # Canonical ASCII decimal only: "007" or a non-ASCII digit would name the same user two ways.
     text = sub if isinstance(sub, str) else ""
@@ -76,8 +80,21 @@ def principal_from(claims: dict[str, Any]) -> Principal:
     grants = claims.get("grants", [])
     if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
         raise Unauthenticated(f"token grants must be a list of strings ({', '.join(sorted(GRANTS))})")
+    if max_lifetime_s:
+        _lifetime(claims, max_lifetime_s, time.time() if now is None else now)
     # Grants this version does not know are left out, so an issuer can add new ones first.
     return Principal(int(text), frozenset(grants) & GRANTS)
+
+
+def _lifetime(claims: dict[str, Any], max_lifetime_s: float, now: float) -> None:
+    exp, iat = claims.get("exp"), claims.get("iat")
+    start = iat if isinstance(iat, int | float) and not isinstance(iat, bool) else now
+    lifetime = float(exp) - min(float(start), now) if isinstance(exp, int | float) else 0.0
+    if lifetime > max_lifetime_s:
+        raise Unauthenticated(
+            f"token is valid for {lifetime:.0f} s (exp - iat); this server accepts at most "
+            f"{max_lifetime_s:.0f} s (auth.max_token_lifetime_s): ask the issuer for shorter-lived tokens"
+        )
 
 
 def _service_from(claims: dict[str, Any]) -> str:
@@ -185,10 +202,11 @@ class Authenticator:
     def __init__(self, config: AuthConfig, name: str = "townhall") -> None:
         self._config = config
         self._jwks_stamp = self._stamp()
+        max_lifetime_s = config.max_token_lifetime_s
         self.users: Verifier[Principal] = Verifier(
             "token",
             self._user_ring(),
-            principal_from,
+            lambda claims: principal_from(claims, max_lifetime_s),
             require=("exp", "sub"),
             audience=config.audience or None,
             issuer=config.issuer or None,

@@ -53,6 +53,13 @@ class KafkaConfig:
 DEV_TICKET_KEY = "dev=dev-only-ticket-key-change-me-0123456789"
 DEV_USER_KEY = "dev=dev-only-user-token-key-change-me-0123456789"
 DEV_SERVICE_KEY = "dev=dev-only-service-key-change-me-0123456789"
+# What `townhall dev` and the tests' own processes are given (and nothing else is): every key list set
+# to its development key.
+DEV_ENV = {
+    "TOWNHALL_AUTH_KEYS": DEV_USER_KEY,
+    "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
+    "TOWNHALL_TICKETS_KEYS": DEV_TICKET_KEY,
+}
 _KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_SECRET = 32
 
@@ -105,6 +112,9 @@ class AuthConfig:
     audience: str = ""
     # Clock skew allowed on `exp` and `iat`, in seconds.
     leeway_s: int = 30
+    # The longest a user token may be valid (exp - iat, or exp - now without iat), in seconds: a
+    # token issued for longer is refused, so a stolen one is useless within this time. 0: no limit.
+    max_token_lifetime_s: int = 86_400
     # Verified tokens remembered per process (0 disables the cache).
     cache_size: int = 100_000
     # Keys of the service credential that Townhall processes send each other (internal RPCs,
@@ -129,6 +139,11 @@ class AuthConfig:
             raise ConfigError(f"auth.leeway_s must be 0 or positive, not {self.leeway_s}")
         if self.cache_size < 0:
             raise ConfigError(f"auth.cache_size must be 0 (off) or positive, not {self.cache_size}")
+        if not 0 <= self.max_token_lifetime_s <= 366 * 86_400:
+            raise ConfigError(
+                f"auth.max_token_lifetime_s must be 0 (no limit) or within 1..31622400 seconds, not "
+                f"{self.max_token_lifetime_s}"
+            )
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,10 @@ class ServerConfig:
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
     health_port: int = 0
+    # The IP address the Prometheus /metrics listener binds (the service's <section>.metrics_port):
+    # empty binds the host of the service's listen address; 127.0.0.1 keeps metrics on the machine,
+    # a pod IP or 0.0.0.0 lets Prometheus scrape it from elsewhere.
+    metrics_host: str = ""
     # On SIGTERM a process reports NOT_SERVING and keeps working this long before it ends its
     # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
@@ -185,6 +204,14 @@ class ServerConfig:
 
     def validate(self) -> None:
         _port("server.health_port", self.health_port)
+        if self.metrics_host:
+            try:
+                ipaddress.ip_address(self.metrics_host)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"server.metrics_host must be an IP address (127.0.0.1, 0.0.0.0, ::), not "
+                    f"{self.metrics_host!r}"
+                ) from exc
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
         if not 0 <= self.drain_notice_ms <= 60_000:

@@ -158,9 +158,14 @@ async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0
         await app.close()
 
 
+def metrics_host(config: Config, listen: str) -> str:
+    """Where /metrics listens: server.metrics_host, else the host of the gRPC listen address."""
+    return config.server.metrics_host or listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+
 async def serve(app: App, config: Config, name: str, listen: str, metrics_port: int) -> None:
     """Runs a service until SIGTERM or SIGINT, then drains it within server.grace_s."""
-    serve_metrics(metrics_port)
+    serve_metrics(metrics_port, metrics_host(config, listen))
     try:
         running = await start(app, config, listen)
     except BaseException:

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from townhall.core import validation
-from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
+from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.inbox import Hub
@@ -97,8 +97,15 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     async def ListFollowers(
         self, request: graph_pb2.ListFollowersRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.ListFollowersResponse:
-        """One ascending page of user_id's followers after after_id."""
+        """One ascending page of user_id's followers after after_id: only user_id may list them."""
         user = validation.user_id(request.user_id, "user_id")
+        me = caller(context)
+        if user != me:
+            # Who follows whom is the followee's to see; how many is public (CountFollowers).
+            raise PermissionDenied(
+                f"user {me} may not list the followers of user {user}: a follower list is shown only to "
+                "its owner (CountFollowers gives anyone the count)"
+            )
         validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
         owner = self._placement.followee_owner(user)
