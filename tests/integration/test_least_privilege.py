@@ -24,7 +24,7 @@ from tests.integration.helpers import TOKENS, client, config_for, rpc_error, ser
 from townhall.admission.app import AdmissionApp
 from townhall.client import Client
 from townhall.core.auth import GRANTS, HOST, MODERATE, PUBLISH, SUBSCRIBE, bearer, mint, signing_key
-from townhall.core.config import DEV_ENV, AuthConfig, KafkaConfig
+from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig
 from townhall.devtools.kafka_broker import free_port
 from townhall.devtools.topology import Process, _wait_serving
 from townhall.notifier.app import NotifierApp
@@ -148,7 +148,7 @@ async def test_titles_with_bidirectional_or_zero_width_characters_are_refused_na
 
 async def test_a_token_valid_for_longer_than_the_maximum_lifetime_is_refused(kafka: KafkaConfig) -> None:
     (user,) = users(1)
-    key = signing_key(AuthConfig().keys)
+    key = signing_key(DEV_AUTH.keys)
     async with admission(kafka) as address, grpc.aio.insecure_channel(address) as ch:
         rooms = rooms_pb2_grpc.RoomsStub(ch)
         request = rooms_pb2.ListLiveRoomsRequest()

@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from townhall.core.auth import (
     GRANTS,
-    SERVICE_KEY,
     Authenticator,
     Principal,
     Tokens,
@@ -24,7 +23,7 @@ from townhall.core.auth import (
     signing_key,
 )
 from townhall.core.config import AuthConfig
-from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.core.errors import Unauthenticated
 from townhall.core.tokens import SigningKey, Verifier
 
 K1 = "k1=" + "a" * 40
@@ -235,17 +234,6 @@ def test_methods_are_user_authenticated_unless_declared_otherwise() -> None:
     assert rule("townhall.v1.Relay", "Pull") == "service"
     assert rule("townhall.v1.Relay", "Subscribe") == "ticket"
     assert rule("grpc.health.v1.Health", "Check") == "open"
-
-
-def test_internal_methods_refuse_users_and_accept_the_service_credential() -> None:
-    a = auth()
-    with pytest.raises(PermissionDenied, match=r"Leases/Acquire is internal .* not a user token"):
-        a.require_service(bearer(token()), "Leases/Acquire")
-    with pytest.raises(Unauthenticated, match="townhall-service is required"):
-        a.require_service((), "Leases/Acquire")
-    with pytest.raises(PermissionDenied, match="reserved for Townhall services"):
-        a.require_service(((SERVICE_KEY, token()),), "Leases/Acquire")  # a user token in the service key
-    assert a.require_service(a.credential.metadata(), "Leases/Acquire") == "townhall"
 
 
 def test_dev_tokens_use_the_first_configured_key() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from townhall.admission import stage
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, MODERATION, Peers
 from townhall.admission.servicer import shown
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import validation
@@ -102,11 +102,12 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
         if self._peers.is_owner(room_id):
             return shown(context, await self._store.change(room_id, change, rule))
         method = type(request).__name__.removesuffix("Request")
-        stub = self._peers.moderation(self._peers.owner(room_id))
+        owner = self._peers.owner(room_id)
+        stub = self._peers.moderation(owner)
         try:
             room: Room = await getattr(stub, method)(
                 request,
-                metadata=self._peers.forwarding.forward(context),
+                metadata=self._peers.forwarding.forward(context, owner, MODERATION + method),
                 timeout=FORWARD_TIMEOUT_S,
                 wait_for_ready=True,
             )

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, Peers
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
@@ -17,8 +17,8 @@ from townhall.admission.stage import listed, shown_to
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
-from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
-from townhall.core.identity import caller, principal, require
+from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
+from townhall.core.identity import caller, principal, require, service_caller
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
@@ -58,7 +58,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             room_id,
             lambda: self._store.create(host, title, speakers, limit, room_id, replay=bool(key)),
             lambda owner, timeout: self._peers.owner_api(owner).CreateRoom(
-                forward, metadata=self._peers.forwarding.internal(), timeout=timeout
+                forward, metadata=self._peers.forwarding.internal(owner, OWNER_CREATE), timeout=timeout
             ),
         )
         return shown(context, room)
@@ -71,7 +71,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.start(room_id, user),
             lambda owner, timeout: self._peers.rooms(owner).StartRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "StartRoom"),
+                timeout=timeout,
             ),
         )
 
@@ -87,7 +89,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.schedule(room_id, user, request.start_at_ms),
             lambda owner, timeout: self._peers.rooms(owner).ScheduleRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "ScheduleRoom"),
+                timeout=timeout,
             ),
         )
 
@@ -99,7 +103,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.end(room_id, user),
             lambda owner, timeout: self._peers.rooms(owner).EndRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "EndRoom"),
+                timeout=timeout,
             ),
         )
         self._admitter.forget_ended()
@@ -219,6 +225,13 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
     async def Acquire(self, request: AcquireRequest, context: grpc.aio.ServicerContext) -> AcquireResponse:
         validation.room_id(request.room_id)
         validation.address(request.member, "member")
+        calling = service_caller()
+        if request.member != calling.member:
+            # The book counts admits per member: a member reports its own, never another's.
+            raise PermissionDenied(
+                f"member is {request.member!r}, but the service credential is "
+                f"{calling.kind}@{calling.member}'s"
+            )
         # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
         validation.bounded(request.held, "held", 0, MAX_HELD)
         return self._capacity.grant(request)

@@ -26,16 +26,19 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from townhall.core.errors import TownhallError, Unauthenticated
 
 HS256 = "HS256"
+EDDSA = "EdDSA"
 # Tokens longer than this are refused before any parsing.
 MAX_TOKEN_BYTES = 4096
 # Distinct header segments remembered (there is one per key id and algorithm).
 _MAX_HEADERS = 256
 # Algorithms a JWKS key may be used with, by key type.
-_JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {"EdDSA"}, "EC": {"ES256"}}
+_JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {EDDSA}, "EC": {"ES256"}}
 
 T = TypeVar("T")
 
@@ -121,6 +124,43 @@ class SigningKey:
         """The signed JWT of `claims_json` (compact JSON, as json.dumps(..., separators=(",", ":")))."""
         body = self._header + b64(claims_json.encode())
         return (body + b"." + b64(hmac.digest(self.secret, body, hashlib.sha256))).decode()
+
+
+class Ed25519Signer:
+    """An Ed25519 private key with its key id, built once; signs claims given as compact JSON text (EdDSA).
+
+    Tickets are signed with it on the join path: the key is parsed and the header encoded here, once,
+    so a signature costs the Ed25519 operation and two base64 encodings.
+    """
+
+    def __init__(self, kid: str, seed: bytes) -> None:
+        self.kid = kid
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        header = json.dumps({"alg": EDDSA, "kid": kid, "typ": "JWT"}, separators=(",", ":"), sort_keys=True)
+        self._header = b64(header.encode()) + b"."
+
+    def sign(self, claims_json: str) -> str:
+        """The signed JWT of `claims_json` (compact JSON)."""
+        body = self._header + b64(claims_json.encode())
+        return (body + b"." + b64(self._key.sign(body))).decode()
+
+    def public(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def ed25519_public(kid: str, raw: bytes) -> jwt.PyJWK:
+    """A verification key for EdDSA tokens from a raw 32-byte Ed25519 public key."""
+    return jwt.PyJWK.from_dict(
+        {"kty": "OKP", "crv": "Ed25519", "x": b64(raw).decode(), "kid": kid, "alg": EDDSA}
+    )
+
+
+def new_ed25519() -> tuple[str, str]:
+    """A fresh Ed25519 key pair as base64url text: (private seed, public key)."""
+    key = Ed25519PrivateKey.generate()
+    seed = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return b64(seed).decode(), b64(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
 
 def claims_json(claims: Mapping[str, Any]) -> str:
