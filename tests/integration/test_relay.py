@@ -32,7 +32,7 @@ TIMEOUT = 5.0
 
 
 def ticket_keys(kid: str, name: str) -> tuple[TicketSigner, str]:
-    """A ticket signer with an Ed25519 key `kid` (seeded from `name`), and its tickets.public_keys entry."""
+    """A ticket signer with a P-256 key `kid` (made from `name`), and its tickets.public_keys entry."""
     signer = TicketSigner(kid, hashlib.sha256(name.encode()).digest(), 600)
     return signer, signer.public_key()
 
@@ -343,7 +343,7 @@ SUBSCRIBE_ERRORS = [
         _hs256_with_the_public_key,
         ROOM,
         grpc.StatusCode.UNAUTHENTICATED,
-        "says alg 'HS256', but key 'test' is for EdDSA",
+        "says alg 'HS256', but key 'test' is for ES256",
     ),
     (
         "expired ticket",

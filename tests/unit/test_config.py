@@ -49,7 +49,7 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_NOPE_X": "1"}, "unknown config variable TOWNHALL_NOPE_X"),
         (
             {"TOWNHALL_TICKETS_KEYS": "k1=" + "x" * 40},
-            "tickets.keys is gone: tickets are signed with Ed25519",
+            "tickets.keys is gone: tickets are signed with ES256",
         ),
         ({"TOWNHALL_TICKETS_PUBLIC_KEYS": "k1=short"}, "tickets.public_keys entries must be KID=KEY"),
         ({"TOWNHALL_TICKETS_PRIVATE_KEY": "no-key-id"}, "tickets.private_key entries must be KID=KEY"),

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from townhall.bench.loadgen import first_capture_us
-from townhall.core.config import parse_ed25519
+from townhall.core.config import parse_ticket_keys
 from townhall.core.tickets import TicketSigner, TicketVerifier
 from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, chunk_sequence, encode_chunk
 from townhall.relay.hub import UPSTREAM_LOST, Hub
@@ -62,7 +62,7 @@ def test_the_stage_gets_each_frame_at_once_and_the_audience_gets_chunks() -> Non
 
 def test_a_listener_ticket_carries_its_path() -> None:
     signer = TicketSigner("unit", b"\x05" * 32, 60)
-    relay = TicketVerifier(parse_ed25519("tickets.public_keys", (signer.public_key(),)))
+    relay = TicketVerifier(parse_ticket_keys("tickets.public_keys", (signer.public_key(),), False))
     ticket = signer.issue("r", 5, Role.ROLE_LISTENER, "edge:1", upstream=("origin:1", "mid:1"))
     assert relay.verify(signer.sign(ticket), "edge:1").upstream == ("origin:1", "mid:1")
 

@@ -4,10 +4,10 @@ import jwt
 import pytest
 
 from townhall.core import validation
-from townhall.core.config import parse_ed25519
+from townhall.core.config import parse_ticket_keys
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from townhall.core.tickets import TicketSigner, TicketVerifier
-from townhall.core.tokens import ed25519_public
+from townhall.core.tokens import es256_public
 from townhall.v1.common_pb2 import Role
 
 
@@ -60,20 +60,20 @@ def test_titles_keep_emoji_sequences_and_right_to_left_scripts() -> None:
 
 
 def keys(kid: str, byte: int) -> tuple[TicketSigner, str]:
-    """An Ed25519 ticket signer (admission's side) and its public key entry (what relays hold)."""
+    """An ES256 ticket signer (admission's side) and its public key entry (what relays hold)."""
     signer = TicketSigner(kid, bytes([byte]) * 32, 60)
     return signer, signer.public_key()
 
 
 def verifier(*public: str) -> TicketVerifier:
-    return TicketVerifier(parse_ed25519("tickets.public_keys", public))
+    return TicketVerifier(parse_ticket_keys("tickets.public_keys", public, False))
 
 
 def test_ticket_round_trip_and_refusals() -> None:
     signer, public = keys("k1", 1)
     relay = verifier(public)
     token = signer.sign(signer.issue("room1", 42, Role.ROLE_SPEAKER, "relay-a:1"))
-    assert jwt.get_unverified_header(token) == {"alg": "EdDSA", "kid": "k1", "typ": "JWT"}
+    assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": "k1", "typ": "JWT"}
     ticket = relay.verify(token, "relay-a:1")
     assert (ticket.room_id, ticket.user_id, ticket.on_stage) == ("room1", 42, True)
     with pytest.raises(PermissionDenied, match="another relay"):
@@ -100,7 +100,7 @@ def test_ticket_round_trip_and_refusals() -> None:
         algorithm="HS256",
         headers={"kid": "k1"},
     )
-    with pytest.raises(Unauthenticated, match="says alg 'HS256', but key 'k1' is for EdDSA"):
+    with pytest.raises(Unauthenticated, match="says alg 'HS256', but key 'k1' is for ES256"):
         relay.verify(forged, "relay-a:1")
 
 
@@ -121,14 +121,14 @@ def test_tickets_rotate_sign_with_one_key_verify_with_any_listed() -> None:
 def test_tickets_are_the_jwt_pyjwt_verifies_with_the_public_key() -> None:
     """The join path signs tickets itself; PyJWT must read them with the public key alone."""
     signer, public = keys("k1", 3)
-    key = TicketVerifier(parse_ed25519("tickets.public_keys", (public,)))
+    key = TicketVerifier(parse_ticket_keys("tickets.public_keys", (public,), False))
     for room, upstream in (("Room_1-x", ()), ('odd"room\\', ("10.0.0.1:50072", "10.0.0.2:50072"))):
         ticket = signer.issue(room, 42, Role.ROLE_LISTENER, "10.0.0.3:50052", upstream=upstream)
         token = signer.sign(ticket)
         claims = jwt.decode(
             token,
-            ed25519_public("k1", parse_ed25519("k", (public,))[0][1]),
-            algorithms=["EdDSA"],
+            es256_public("k1", parse_ticket_keys("k", (public,), False)[0][1]),
+            algorithms=["ES256"],
             audience="10.0.0.3:50052",
         )
         assert claims == {

@@ -6,7 +6,7 @@ import argparse
 import json
 import secrets
 
-from townhall.core.tokens import new_ed25519
+from townhall.core.tokens import new_es256
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def fresh(kid: str, user_keys: bool = True) -> dict[str, str]:
-    """New KID=KEY entries: HS256 secrets (user tokens, service credentials), an Ed25519 ticket pair."""
-    seed, public = new_ed25519()
+    """New KID=KEY entries: HS256 secrets (user tokens, service credentials), an ES256 ticket key pair."""
+    seed, public = new_es256()
     made = {
         "auth.service_keys": f"{kid}={secrets.token_urlsafe(36)}",
         "tickets.private_key": f"{kid}={seed}",

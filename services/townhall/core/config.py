@@ -51,10 +51,10 @@ class KafkaConfig:
 
 
 # Development keys, for `townhall dev` and the tests' own topology only: no process has a key unless it
-# is configured, and a process that runs with one of these logs a warning. (Ed25519 ticket keys: the
-# private seed and its public key, base64url.)
+# is configured, and a process that runs with one of these logs a warning. (ES256 ticket keys: the P-256
+# private key and its compressed public point, base64url.)
 DEV_TICKET_PRIVATE_KEY = "dev=mWHlYlWgYDfhPXLRTwYL686mo994xrGcK4hpo7P23T0"
-DEV_TICKET_PUBLIC_KEY = "dev=2oH2gfmH7CVXNIheFz_58wKUthk5sBkLApp5fMpj8SI"
+DEV_TICKET_PUBLIC_KEY = "dev=A_6yOPSFLvxfep7c8aiJ8TD8YUtj95Q_G-5rxziFAfr5"
 DEV_USER_KEY = "dev=dev-only-user-token-key-change-me-0123456789"
 DEV_SERVICE_KEY = "dev=dev-only-service-key-change-me-0123456789"
 # What `townhall dev` and the tests' own processes are given (and nothing else is): every key list set
@@ -93,8 +93,11 @@ def parse_keys(key: str, entries: tuple[str, ...]) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_ed25519(key: str, entries: tuple[str, ...]) -> list[tuple[str, bytes]]:
-    """`KID=<base64url of 32 bytes>` entries (Ed25519 private seeds or public keys) as (kid, bytes)."""
+def parse_ticket_keys(key: str, entries: tuple[str, ...], private: bool) -> list[tuple[str, bytes]]:
+    """`KID=<base64url>` ticket key entries as (kid, bytes): P-256 private scalars (32 bytes), or public
+    points (33 bytes compressed, 65 uncompressed)."""
+    sizes = (32,) if private else (33, 65)
+    what = "32-byte P-256 private key" if private else "P-256 public key (a 33-byte compressed point)"
     pairs: list[tuple[str, bytes]] = []
     for entry in entries:
         kid, sep, text = entry.partition("=")
@@ -102,10 +105,10 @@ def parse_ed25519(key: str, entries: tuple[str, ...]) -> list[tuple[str, bytes]]
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) if sep else b""
         except (ValueError, binascii.Error):
             raw = b""
-        if not _KID.fullmatch(kid) or len(raw) != 32:
+        if not _KID.fullmatch(kid) or len(raw) not in sizes:
             raise ConfigError(
                 f"{key} entries must be KID=KEY, a key id of 1..64 characters of [A-Za-z0-9._-] and a "
-                f"32-byte Ed25519 key in base64url (`townhall keys` makes a set), not {entry[:12]!r}..."
+                f"{what} in base64url (`townhall keys` makes a pair), not {entry[:12]!r}..."
             )
         if any(kid == k for k, _ in pairs):
             raise ConfigError(f"{key} names key id {kid!r} twice")
@@ -115,34 +118,41 @@ def parse_ed25519(key: str, entries: tuple[str, ...]) -> list[tuple[str, bytes]]
 
 @dataclass(frozen=True)
 class TicketConfig:
-    """The tickets that admission issues and relays verify: Ed25519 (EdDSA JWTs), so a relay, which
+    """The tickets that admission issues and relays verify: ES256 (ECDSA P-256) JWTs, so a relay, which
     holds only public keys, can check a ticket but never make one."""
 
-    # Admission's signing key, KID=<base64url 32-byte Ed25519 seed>. Only admission needs it; give it
-    # to no other process.
+    # Admission's signing key, KID=<base64url 32-byte P-256 private key>. Only admission needs it; give
+    # it to no other process.
     private_key: str = ""
-    # The public keys relays verify tickets with, KID=<base64url 32 bytes>; two live while rotating:
-    # add the new one here everywhere, then sign with it, then drop the old one after ttl_s.
+    # The public keys relays verify tickets with, KID=<base64url 33-byte compressed point>; two live while
+    # rotating: add the new one here everywhere, then sign with it, then drop the old one after ttl_s.
     public_keys: tuple[str, ...] = ()
     ttl_s: int = 3600
 
     def validate(self) -> None:
-        private = parse_ed25519("tickets.private_key", (self.private_key,) if self.private_key else ())
-        public = dict(parse_ed25519("tickets.public_keys", self.public_keys))
-        _positive("tickets.ttl_s", self.ttl_s)
-        if private and public:
-            from townhall.core.tokens import Ed25519Signer
+        from townhall.core.tokens import ES256Signer, es256_public
 
-            kid, seed = private[0]
-            if kid in public and public[kid] != Ed25519Signer(kid, seed).public():
-                raise ConfigError(
-                    f"tickets.public_keys has a key {kid!r} that is not the public half of "
-                    f"tickets.private_key {kid!r}: relays would refuse every ticket"
-                )
-            if kid not in public:
+        private = parse_ticket_keys(
+            "tickets.private_key", (self.private_key,) if self.private_key else (), True
+        )
+        public = dict(parse_ticket_keys("tickets.public_keys", self.public_keys, False))
+        _positive("tickets.ttl_s", self.ttl_s)
+        try:
+            signer = ES256Signer(*private[0]) if private else None
+            points = {kid: es256_public(kid, point) for kid, point in public.items()}
+        except ValueError as exc:
+            raise ConfigError(f"tickets: a key is not a valid P-256 key: {exc}") from exc
+        if signer is not None and points:
+            kid = signer.kid
+            if kid not in points:
                 raise ConfigError(
                     f"tickets.private_key signs with key id {kid!r}, which tickets.public_keys does not "
                     "list: add its public key there first (relays verify with those)"
+                )
+            if es256_public(kid, signer.public()).key.public_numbers() != points[kid].key.public_numbers():
+                raise ConfigError(
+                    f"tickets.public_keys has a key {kid!r} that is not the public half of "
+                    f"tickets.private_key {kid!r}: relays would refuse every ticket"
                 )
 
 
@@ -710,8 +720,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 # Keys that are gone, and what replaced them.
 _RENAMED = {
     "tickets.keys": (
-        "config key tickets.keys is gone: tickets are signed with Ed25519 now, so relays cannot make them; "
-        "set tickets.private_key (admission only) and tickets.public_keys (`townhall keys` makes a pair)"
+        "config key tickets.keys is gone: tickets are signed with ES256 (P-256) now, so relays cannot make "
+        "them; set tickets.private_key (admission only) and tickets.public_keys (`townhall keys`)"
     ),
 }
 

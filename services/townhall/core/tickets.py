@@ -1,6 +1,6 @@
 """Tickets: what admission grants and relays verify locally, without calling admission.
 
-Tickets are EdDSA (Ed25519) JWTs: admission signs with the private key (`TicketSigner`), relays hold
+Tickets are ES256 (ECDSA P-256) JWTs: admission signs with the private key (`TicketSigner`), relays hold
 only the public keys (`TicketVerifier`), so a relay, or anyone who reads a relay's keys, can check a
 ticket but never make one. The `kid` header names the key, so two can be live while keys rotate.
 """
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from townhall.core.config import ConfigError, TicketConfig, parse_ed25519
+from townhall.core.config import ConfigError, TicketConfig, parse_ticket_keys
 from townhall.core.errors import PermissionDenied, Unauthenticated
-from townhall.core.tokens import Ed25519Signer, KeyRing, Verifier, ed25519_public
+from townhall.core.tokens import ES256Signer, KeyRing, Verifier, es256_public
 from townhall.v1.common_pb2 import Role
 
 TICKET_KEY = "townhall-ticket"
@@ -51,17 +51,19 @@ class Ticket:
 
 
 class TicketSigner:
-    """Issues tickets (EdDSA JWTs, `kid` header) with admission's private ticket key, parsed once."""
+    """Issues tickets (ES256 JWTs, `kid` header) with admission's private ticket key, parsed once."""
 
-    def __init__(self, kid: str, seed: bytes, ttl_s: int) -> None:
-        self._key = Ed25519Signer(kid, seed)
+    def __init__(self, kid: str, scalar: bytes, ttl_s: int) -> None:
+        self._key = ES256Signer(kid, scalar)
         self._ttl_s = ttl_s
         self._relay_json: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
 
     @classmethod
     def from_config(cls, config: TicketConfig) -> TicketSigner:
         """The signer of [tickets] (private_key and ttl_s)."""
-        keys = parse_ed25519("tickets.private_key", (config.private_key,) if config.private_key else ())
+        keys = parse_ticket_keys(
+            "tickets.private_key", (config.private_key,) if config.private_key else (), True
+        )
         if not keys:
             raise ConfigError("tickets.private_key is required to issue tickets (admission)")
         return cls(*keys[0], config.ttl_s)
@@ -110,7 +112,7 @@ class TicketVerifier:
     """Verifies tickets with the ticket public keys (every listed key verifies; none can sign)."""
 
     def __init__(self, public_keys: Sequence[tuple[str, bytes]]) -> None:
-        self._ring = KeyRing(jwks=[ed25519_public(kid, raw) for kid, raw in public_keys])
+        self._ring = KeyRing(jwks=[es256_public(kid, point) for kid, point in public_keys])
         if not self._ring.keys:
             raise ValueError("tickets need at least one public key")
         self._verifiers: dict[str, Verifier[Ticket]] = {}
@@ -118,7 +120,7 @@ class TicketVerifier:
     @classmethod
     def from_config(cls, config: TicketConfig) -> TicketVerifier:
         """The verifier of [tickets] (public_keys)."""
-        keys = parse_ed25519("tickets.public_keys", config.public_keys)
+        keys = parse_ticket_keys("tickets.public_keys", config.public_keys, False)
         if not keys:
             raise ConfigError("tickets.public_keys is required to verify tickets (relays)")
         return cls(keys)
