@@ -28,11 +28,18 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-def template_args(scenario: str | None, *extra: str, chart: Path = CHART) -> list[str]:
-    """Arguments of `helm template` for a scenario (None: chart defaults) plus extra flags."""
+# Keys for rendering the chart's defaults, which hold none (a render without keys fails, by design).
+TEST_KEYS = Path(__file__).resolve().parent / "keys-values.yaml"
+
+
+def template_args(scenario: str | None, *extra: str, chart: Path = CHART, keys: bool = True) -> list[str]:
+    """Arguments of `helm template` for a scenario (None: chart defaults, with TEST_KEYS unless `keys` is
+    false) plus extra flags."""
     args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
     if scenario:
         args += ["-f", str(values_file(scenario))]
+    elif keys:
+        args += ["-f", str(TEST_KEYS)]
     return [*args, *extra]
 
 

@@ -23,6 +23,7 @@ from tests.chart.helpers import (
     RELEASE,
     REPO,
     SCENARIOS,
+    TEST_KEYS,
     Manifest,
     by_kind,
     component,
@@ -207,10 +208,12 @@ def test_admission_members_find_each_other_through_their_headless_service(
     assert headless in by_kind(manifests, "Service")
     assert env["TOWNHALL_ADMISSION_MEMBERSHIP"]["value"] == "kubernetes"
     assert env["TOWNHALL_ADMISSION_KUBE_SERVICE"]["value"] == headless
-    # A member is known by what its EndpointSlice lists: the pod IP and the gRPC port.
+    # A member is known by what its EndpointSlice lists: the pod IP and the internal port.
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    port = port_of(container, "internal")
     assert env["TOWNHALL_ADMISSION_ADVERTISE"]["value"] == f"$(POD_IP):{port}"
+    listed = by_kind(manifests, "Service")[headless]["spec"]["ports"]
+    assert {"name": "internal", "port": port} in [{"name": p["name"], "port": p["port"]} for p in listed]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -312,13 +315,22 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
                 assert any(value.startswith(m + "/") for m in mounts), (name, key, value)
                 env[key] = str(mounted[value])
         config = load_config(env=env)
-        assert config.auth.keys and config.auth.service_keys and config.tickets.keys
-        section = getattr(config, name.removesuffix("-crowd"))  # the crowd lane runs admission
+        service = name.removesuffix("-crowd")  # the crowd lane runs admission
+        assert config.missing_keys(service) == [], (scenario, name)
+        section = getattr(config, service)
         assert section.listen == f"0.0.0.0:{port_of(c, 'grpc')}"
         assert section.metrics_port == port_of(c, "metrics")
+        if name == "admission-crowd":
+            assert not config.admission.internal_listen, "nobody calls the crowd lane: no internal port"
+        else:
+            assert section.internal_listen == f"0.0.0.0:{port_of(c, 'internal')}"
         if name == "relay":
-            # Tickets are bound to the advertised address, so admission must hand out the same one.
-            assert config.relay.address in config.admission.relays
+            # Tickets are bound to the advertised address, so admission must hand out the same one, and
+            # name the relay's internal address (where edges pull from) at the same place.
+            index = config.admission.relays.index(config.relay.address)
+            assert config.admission.relays_internal[index] == config.relay.internal_address
+            # A relay verifies tickets and cannot make one; it checks no user tokens either.
+            assert not config.tickets.private_key and not config.auth.keys
         if name == "notifier":
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert config.notifier.data_dir in mounts
@@ -372,6 +384,9 @@ def test_a_new_key_list_rolls_every_service(render: Render) -> None:
     base = keys()
     assert len(base) == 1
     assert keys("--set", "keys.auth[0]=k2=" + "n" * 40) != base
+    assert keys("--set", "keys.existingSecret=townhall-keys-2") != keys(
+        "--set", "keys.existingSecret=townhall-keys-3"
+    )
 
 
 def test_external_kafka_has_no_bundled_broker(render: Render) -> None:
@@ -573,7 +588,13 @@ def test_the_crowd_lane_runs_admission_pods_that_own_no_rooms(render: Render, en
     if not enabled:
         assert crowd == []
         return
-    assert sorted(m["kind"] for m in crowd) == ["Deployment", "PodDisruptionBudget", "Service", "Service"]
+    assert sorted(m["kind"] for m in crowd) == [
+        "Deployment",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+    ]
     container = workload(manifests, "admission-crowd")["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "townhall.admission"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -607,35 +628,104 @@ def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> Non
     )
 
 
-KEY_ENV = {
-    "TOWNHALL_AUTH_KEYS": "auth-keys",
-    "TOWNHALL_AUTH_SERVICE_KEYS": "service-keys",
-    "TOWNHALL_TICKETS_KEYS": "tickets-keys",
+# The keys each service's container gets (and no other): relays verify tickets and make none.
+KEYS_OF = {
+    "admission": {"auth-keys", "service-keys", "tickets-private-key", "tickets-public-keys"},
+    "admission-crowd": {"auth-keys", "service-keys", "tickets-private-key", "tickets-public-keys"},
+    "relay": {"service-keys", "tickets-public-keys"},
+    "notifier": {"auth-keys", "service-keys"},
 }
 
 
-def test_keys_are_generated_or_taken_as_given_with_two_live_for_rotation(render: Render) -> None:
-    generated = {
+def _secret_refs(manifests: list[Manifest], name: str) -> dict[str, dict[str, str]]:
+    container = workload(manifests, name)["spec"]["template"]["spec"]["containers"][0]
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_keys_are_never_generated_a_render_without_them_fails_and_one_with_them_is_stable(helm: Path) -> None:
+    """No key is made up at render time: `helm template` (GitOps) gives the same Secret every time."""
+    result = run_helm(helm, *template_args(None, keys=False))
+    assert result.returncode != 0
+    for missing in ("keys.service", "keys.tickets.privateKey", "keys.tickets.publicKeys", "keys.auth"):
+        assert missing in result.stderr, result.stderr
+    assert "townhall keys --helm" in result.stderr
+    renders = [run_helm(helm, *template_args(None)) for _ in range(2)]
+    assert all(r.returncode == 0 for r in renders)
+    assert renders[0].stdout == renders[1].stdout
+    # A JWKS alone can stand in for the HS256 user keys.
+    jwks_only = run_helm(
+        helm, *template_args(None, "--set-json", "keys.auth=[]", "--set", "keys.jwksSecret=idp")
+    )
+    assert jwks_only.returncode == 0, jwks_only.stderr
+
+
+def test_keys_are_taken_as_given_and_each_service_gets_only_its_own(render: Render) -> None:
+    given = yaml.safe_load(TEST_KEYS.read_text())["keys"]
+    data = {
         k: base64.b64decode(v).decode() for k, v in by_kind(render(None), "Secret")[RELEASE]["data"].items()
     }
-    assert set(generated) == set(KEY_ENV.values())
-    assert len(set(generated.values())) == 3, "user, service and ticket keys are distinct"
-    for value in generated.values():
-        kid, _, secret = value.partition("=")
-        assert kid == "k1" and len(secret) >= 32
-    rotating = render("tls")  # two user keys and two ticket keys live at once
-    data = by_kind(rotating, "Secret")[RELEASE]["data"]
+    assert data == {
+        "auth-keys": ",".join(given["auth"]),
+        "service-keys": ",".join(given["service"]),
+        "tickets-private-key": given["tickets"]["privateKey"],
+        "tickets-public-keys": ",".join(given["tickets"]["publicKeys"]),
+    }
+    rotating = by_kind(render("tls"), "Secret")[RELEASE]["data"]  # two user keys, two ticket public keys
     values = yaml.safe_load(values_file("tls").read_text())["keys"]
-    assert base64.b64decode(data["auth-keys"]).decode() == ",".join(values["auth"])
-    assert base64.b64decode(data["tickets-keys"]).decode() == ",".join(values["tickets"])
-    external = render("external-kafka")
-    assert not by_kind(external, "Secret")
-    for name in SERVICES:
-        env = {
-            e["name"]: e for e in workload(external, name)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert base64.b64decode(rotating["auth-keys"]).decode() == ",".join(values["auth"])
+    assert base64.b64decode(rotating["tickets-public-keys"]).decode() == ",".join(
+        values["tickets"]["publicKeys"]
+    )
+    for scenario in (None, "external-kafka"):
+        manifests = render(scenario)
+        secret = "townhall-keys" if scenario else RELEASE
+        assert bool(by_kind(manifests, "Secret")) is not bool(scenario), (
+            "no Secret rendered with existingSecret"
+        )
+        for name in SERVICES:
+            refs = _secret_refs(manifests, name)
+            assert {r["key"] for r in refs.values()} == KEYS_OF[name], (scenario, name)
+            assert {r["name"] for r in refs.values()} == {secret}
+
+
+def test_internal_ports_are_only_on_headless_services_and_only_townhall_pods_reach_them(
+    render: Render,
+) -> None:
+    manifests = render("multi-shard")
+    services = by_kind(manifests, "Service")
+    for name, service in services.items():
+        ports = {p["name"] for p in service["spec"]["ports"]}
+        if (
+            service["spec"].get("clusterIP") == "None"
+            and not name.endswith("-crowd-headless")
+            and "kafka" not in name
+        ):
+            assert "internal" in ports, name
+        else:
+            assert "internal" not in ports, f"{name} exposes an internal port"
+    policies = by_kind(manifests, "NetworkPolicy")
+    assert set(policies) == {f"{RELEASE}-{n}" for n in SERVICES}
+    pods_of_release = {"app.kubernetes.io/name": "townhall", "app.kubernetes.io/instance": RELEASE}
+    for name, policy in policies.items():
+        rules = {
+            tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policy["spec"]["ingress"]
         }
-        for variable, key in KEY_ENV.items():
-            assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "townhall-keys", "key": key}
+        assert rules[("grpc",)] is None, "clients reach the client port from anywhere"
+        assert rules[("metrics",)] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ]
+        if name.endswith("-crowd"):
+            assert ("internal",) not in rules
+        else:
+            assert rules[("internal",)] == [{"podSelector": {"matchLabels": pods_of_release}}]
+    # Under TLS the kubelet's plaintext health port is open too; with networkPolicy off there is none.
+    tls_rules = by_kind(render("tls"), "NetworkPolicy")[f"{RELEASE}-relay"]["spec"]["ingress"]
+    assert [p["port"] for p in tls_rules[0]["ports"]] == ["grpc", "health"]
+    assert not by_kind(render(None, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
@@ -664,7 +754,9 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "image.tag=latest"], "/image/tag"),
         (["--set", "kafka.bundled=false"], "/kafka/external/bootstrap"),
         (["--set", "notifier.replicas=2"], "/notifier/replicas"),
-        (["--set", "keys.tickets[0]=k1=short"], "/keys/tickets/0"),
+        (["--set", "keys.tickets.publicKeys[0]=k1=short"], "/keys/tickets/publicKeys/0"),
+        (["--set", "keys.tickets.privateKey=k1=" + "x" * 40], "/keys/tickets/privateKey"),
+        (["--set", "admission.internalPort=0"], "/admission/internalPort"),
         (["--set", "keys.auth[0]=no-key-id-0123456789abcdefghijklmnopqrstuv"], "/keys/auth/0"),
         (["--set", "tls.enabled=true"], "secretName"),
         (["--set", "tls.requireClientCert=true"], "/tls/requireClientCert"),
@@ -741,9 +833,22 @@ def container_env(manifests: list[Manifest], container: dict[str, Any], pod_name
         elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = pod_name
         elif "secretKeyRef" in item["valueFrom"]:
-            # What the chart's Secret holds for this key: KID=SECRET entries, a distinct secret each.
-            env[item["name"]] = f"k1={item['valueFrom']['secretKeyRef']['key']}-" + "s" * 40
+            # What the Secret holds: the chart's own, or (an existing Secret) the tests' keys.
+            ref = item["valueFrom"]["secretKeyRef"]
+            secret = by_kind(manifests, "Secret").get(ref["name"])
+            env[item["name"]] = (
+                base64.b64decode(secret["data"][ref["key"]]).decode() if secret else _TEST_SECRET[ref["key"]]
+            )
     return env
+
+
+_GIVEN = yaml.safe_load(TEST_KEYS.read_text())["keys"]
+_TEST_SECRET = {
+    "auth-keys": ",".join(_GIVEN["auth"]),
+    "service-keys": ",".join(_GIVEN["service"]),
+    "tickets-private-key": _GIVEN["tickets"]["privateKey"],
+    "tickets-public-keys": ",".join(_GIVEN["tickets"]["publicKeys"]),
+}
 
 
 def mounted_files(folder: Path) -> dict[str, Path]:

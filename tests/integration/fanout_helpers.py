@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from aiokafka import AIOKafkaProducer
 
-from townhall.core.config import KafkaConfig
+from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall.devtools.events import publish_room_started
 
@@ -55,13 +55,17 @@ async def start_room(kafka: KafkaConfig, room: str, host: int, title: str = "fan
         await p.stop()
 
 
-def notifier_env(kafka: KafkaConfig, data_dir: Path, listen: str, group: str, **extra: str) -> dict[str, str]:
-    """Environment for a notifier process on the test broker."""
+def notifier_env(
+    kafka: KafkaConfig, data_dir: Path, listen: str, group: str, internal: str, **extra: str
+) -> dict[str, str]:
+    """Environment for a notifier process on the test broker (with the development keys)."""
     return {
         **os.environ,
+        **DEV_ENV,
         "TOWNHALL_KAFKA_BOOTSTRAP": kafka.bootstrap,
         "TOWNHALL_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
         "TOWNHALL_NOTIFIER_LISTEN": listen,
+        "TOWNHALL_NOTIFIER_INTERNAL_LISTEN": internal,
         "TOWNHALL_NOTIFIER_METRICS_PORT": "0",
         "TOWNHALL_NOTIFIER_DATA_DIR": str(data_dir),
         "TOWNHALL_NOTIFIER_GROUP_ID": group,

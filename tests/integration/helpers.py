@@ -18,14 +18,15 @@ from aiokafka import AIOKafkaConsumer
 from townhall.client import Client, Endpoints
 from townhall.core import server
 from townhall.core.auth import GRANTS, Tokens
-from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig, load
+from townhall.core.config import DEV_AUTH, DEV_ENV, Config, KafkaConfig, TlsConfig, load
+from townhall.devtools.kafka_broker import free_port
 from townhall.devtools.topology import Topology
 from townhall.faults.measure import Outcome
 from townhall.faults.runner import topology_for
 from townhall.v1 import admission_pb2
 
-# Test servers run with the default (development) user key: tokens minted with it are accepted.
-TOKENS = Tokens(AuthConfig())
+# Test servers run with the development keys (the tests' own topology): tokens minted with them are accepted.
+TOKENS = Tokens(DEV_AUTH)
 metadata = TOKENS.metadata
 
 
@@ -37,8 +38,14 @@ def client(
 
 
 def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
-    """Default config on the test broker, with section overrides."""
-    config = dataclasses.replace(load(env={}), kafka=kafka)
+    """Default config with the development keys on the test broker, each service's internal port on a
+    free loopback port, with section overrides."""
+    internal = {
+        name: {"internal_listen": f"127.0.0.1:{free_port()}"} for name in ("admission", "relay", "notifier")
+    }
+    config = dataclasses.replace(load(env=DEV_ENV), kafka=kafka)
+    for name, changes in internal.items():
+        config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)})
     for name, changes in sections.items():
         config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)})
     return config
@@ -46,8 +53,10 @@ def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
 
 @asynccontextmanager
 async def serving(app: server.App, config: Config) -> AsyncIterator[str]:
-    """Serves `app` on a free loopback port; yields its address; drains it afterwards."""
-    running = await server.start(app, config, "127.0.0.1:0")
+    """Serves `app` on a free loopback port, and its internal port as configured; yields the client
+    address; drains it afterwards."""
+    internal = getattr(config, app.auth.kind).internal_listen
+    running = await server.start(app, config, "127.0.0.1:0", internal)
     try:
         yield f"127.0.0.1:{running.port}"
     finally:

@@ -12,7 +12,7 @@ from tests.integration.helpers import client, config_for, metadata, rpc_error, s
 from townhall.admission.app import AdmissionApp
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.kafka import Topics
-from townhall.core.tickets import TicketSigner
+from townhall.core.tickets import TicketVerifier
 from townhall.v1 import admission_pb2, rooms_pb2
 from townhall.v1.common_pb2 import Role, RoomState
 from townhall.v1.events_pb2 import PresenceEvent, RoomStarted
@@ -90,7 +90,7 @@ async def test_join_grants_a_ticket_the_relay_can_verify(config: Config, kafka: 
 
         grant = await listener.join(room.room_id)
         assert (grant.role, grant.relay_address) == (Role.ROLE_LISTENER, RELAY)
-        ticket = TicketSigner.from_config(config.tickets).verify(grant.ticket, RELAY)
+        ticket = TicketVerifier.from_config(config.tickets).verify(grant.ticket, RELAY)
         assert (ticket.room_id, ticket.user_id, ticket.on_stage) == (room.room_id, listener_id, False)
         assert (await speaker.join(room.room_id)).role == Role.ROLE_SPEAKER
         assert (await host.join(room.room_id)).role == Role.ROLE_HOST

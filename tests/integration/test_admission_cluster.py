@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tests.integration.helpers import client, join_outcome, metadata, rpc_error
-from townhall.core.config import KafkaConfig
+from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.sharding import owner
 from townhall.devtools.kafka_broker import free_port
 from townhall.devtools.topology import CROWD_PENDING, Process, _wait_serving
@@ -32,21 +32,38 @@ class Cluster:
     def __init__(self, kafka: KafkaConfig, root: Path, count: int) -> None:
         self.kafka = kafka
         self.root = root
-        self.processes = [Process("admission", i, f"127.0.0.1:{free_port()}", 0) for i in range(count)]
+        self.processes = [
+            Process("admission", i, f"127.0.0.1:{free_port()}", 0, internal=f"127.0.0.1:{free_port()}")
+            for i in range(count)
+        ]
         # One crowd-lane process beside the owners, as `townhall dev` and the chart run it.
-        self.crowd = Process("admission", 0, f"127.0.0.1:{free_port()}", 0, lane="crowd")
+        self.crowd = Process(
+            "admission", 0, f"127.0.0.1:{free_port()}", 0, lane="crowd", internal=f"127.0.0.1:{free_port()}"
+        )
 
     @property
     def addresses(self) -> list[str]:
+        """The client ports."""
         return [p.grpc for p in self.processes]
+
+    @property
+    def members(self) -> list[str]:
+        """The internal ports: what the members know each other by, and rooms are owned over."""
+        return [p.internal for p in self.processes]
+
+    def home(self, room_id: str) -> str:
+        """The client port of the room's owner."""
+        return self.addresses[self.members.index(owner(room_id, self.members))]
 
     def start(self, proc: Process) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")}
         env.update(
+            DEV_ENV,
             TOWNHALL_KAFKA_BOOTSTRAP=self.kafka.bootstrap,
             TOWNHALL_ADMISSION_LISTEN=proc.grpc,
+            TOWNHALL_ADMISSION_INTERNAL_LISTEN=proc.internal,
             TOWNHALL_ADMISSION_METRICS_PORT="0",
-            TOWNHALL_ADMISSION_MEMBERS=",".join(self.addresses),
+            TOWNHALL_ADMISSION_MEMBERS=",".join(self.members),
             TOWNHALL_ADMISSION_ADMIT_RATE=str(ADMIT_RATE),
             TOWNHALL_ADMISSION_LEASE_MIN="4",
             TOWNHALL_ADMISSION_CROWD_JOINS_PER_S=str(CROWD_JOINS_PER_S),
@@ -124,7 +141,7 @@ async def test_owner_only_changes_are_forwarded_from_a_non_owner(cluster: Cluste
     for _ in range(6):  # room ids are random: some are owned by each process
         a = client(cluster.addresses[0], host)
         room = await a.create_room("Forwarded")
-        home = owner(room.room_id, cluster.addresses)
+        home = cluster.home(room.room_id)
         other = next(x for x in cluster.addresses if x != home)
         c = client(other, host)
         started = await c.start_room(room.room_id)
@@ -198,7 +215,7 @@ async def test_a_room_that_draws_a_crowd_is_joined_on_the_crowd_lane(cluster: Cl
     # The crowd-lane process owns no room: a room created through it belongs to an owner, and works.
     via_crowd = client(cluster.crowd.grpc, user())
     created = await via_crowd.create_room("Made through the crowd lane")
-    assert owner(created.room_id, cluster.addresses) in cluster.addresses
+    assert cluster.home(created.room_id) in cluster.addresses
     assert (await via_crowd.start_room(created.room_id)).state == RoomState.ROOM_STATE_LIVE
     await wait_live(cluster.crowd.grpc, created.room_id)
     assert (await client(cluster.crowd.grpc, user()).join(created.room_id)).ticket

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tests.integration.helpers import client, config_for, serving
-from tests.integration.test_relay import TICKET_KEYS, TIMEOUT, frame_ids, read_until
+from tests.integration.test_relay import TICKET_KEYS, TICKET_PRIVATE_KEY, TIMEOUT, frame_ids, read_until
 from tests.integration.test_relay_tree import tree
 from townhall.admission.app import AdmissionApp
 from townhall.core.config import KafkaConfig
@@ -24,9 +24,9 @@ async def test_a_hot_rooms_listeners_are_spread_over_edges_and_all_hear_the_host
     async with tree(3) as t:
         config = config_for(
             kafka,
-            admission={"relays": tuple(t.addresses)},
+            admission={"relays": tuple(t.addresses), "relays_internal": tuple(t.internals)},
             relay={"edge_target": 2, "tree_degree": 2, "load_report_ms": 0},
-            tickets={"keys": (TICKET_KEYS,)},
+            tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
         )
         base = random.randrange(1, 2**40) * 100
         async with serving(AdmissionApp(config), config) as address:

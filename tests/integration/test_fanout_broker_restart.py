@@ -46,8 +46,8 @@ async def test_a_broker_restart_mid_fanout_loses_no_notification(broker: Broker,
         },
     )
     app = build_app(config)
-    async with serving(app, config) as address:
-        assert await import_followers(address, host, followers) == FOLLOWERS
+    async with serving(app, config):
+        assert await import_followers(config.notifier.address, host, followers) == FOLLOWERS
         room = f"restart-{uuid.uuid4().hex[:8]}"
         async with counting_inbox(topics, followers) as inbox:
             await start_room(topics, room, host)

@@ -30,13 +30,14 @@ async def test_a_worker_killed_mid_fanout_and_restarted_notifies_every_follower_
 ) -> None:
     topics = await own_topics(kafka)
     host, *followers = fresh_users(FOLLOWERS + 1)
-    address = f"127.0.0.1:{free_port()}"
+    address, internal = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     # Slow, small tasks (10 users, 60 tasks/s) so the kill lands in the middle of the fan-out.
     env = notifier_env(
         topics,
         tmp_path / "store",
         address,
         f"g-{uuid.uuid4().hex[:8]}",
+        internal,
         task_users="10",
         worker_rate="60",
         bulk_threshold="100",
@@ -44,7 +45,7 @@ async def test_a_worker_killed_mid_fanout_and_restarted_notifies_every_follower_
     worker = spawn_notifier(env, tmp_path / "notifier.log")
     try:
         await wait_serving(address, worker)
-        assert await import_followers(address, host, followers) == FOLLOWERS
+        assert await import_followers(internal, host, followers) == FOLLOWERS
         room = f"crash-{uuid.uuid4().hex[:8]}"
         async with counting_inbox(topics, followers) as inbox:
             await start_room(topics, room, host)

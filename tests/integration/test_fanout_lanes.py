@@ -24,6 +24,7 @@ class Running:
     kafka: KafkaConfig
     address: str
     graph: graph_pb2_grpc.GraphStub
+    internal: str  # where Graph.Import is served
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +45,14 @@ async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory)
     )
     app = build_app(config)
     async with serving(app, config) as address, grpc.aio.insecure_channel(address) as channel:
-        yield Running(topics, address, graph_pb2_grpc.GraphStub(channel))
+        yield Running(topics, address, graph_pb2_grpc.GraphStub(channel), config.notifier.address)
 
 
 async def test_a_small_host_is_notified_while_a_big_fanout_is_still_running(notifier: Running) -> None:
     big, *crowd = fresh_users(2001)
     small, *few = fresh_users(4)
-    await import_followers(notifier.address, big, crowd)
-    await import_followers(notifier.address, small, few)
+    await import_followers(notifier.internal, big, crowd)
+    await import_followers(notifier.internal, small, few)
     big_room, small_room = f"big-{uuid.uuid4().hex[:6]}", f"small-{uuid.uuid4().hex[:6]}"
     async with counting_inbox(notifier.kafka, crowd + few) as inbox:
         await start_room(notifier.kafka, big_room, big)
@@ -72,7 +73,7 @@ async def test_follow_and_unfollow_during_a_fanout_apply_from_the_next_room(noti
     host, *followers = fresh_users(1001)
     [newcomer] = fresh_users(1)
     leaver = followers[-1]  # the last block: still waiting to be fanned out when it unfollows
-    await import_followers(notifier.address, host, followers)
+    await import_followers(notifier.internal, host, followers)
     first, second = f"one-{uuid.uuid4().hex[:6]}", f"two-{uuid.uuid4().hex[:6]}"
     async with counting_inbox(notifier.kafka, [*followers, newcomer]) as inbox:
         await start_room(notifier.kafka, first, host)

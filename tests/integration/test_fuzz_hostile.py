@@ -35,6 +35,8 @@ from tests.integration.hostile import BAD_UTF8, CAUSED, LEGITIMATE, Method, Outc
 from townhall.admission.app import AdmissionApp
 from townhall.core.auth import GRANTS, OPEN, SERVICE, TICKET, USER, Authenticator, bearer, mint
 from townhall.core.config import DEV_USER_KEY, Config, KafkaConfig
+from townhall.core.credentials import callers
+from townhall.core.server import App
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.core.tokens import SigningKey
 from townhall.notifier.app import NotifierApp
@@ -89,11 +91,20 @@ class Fuzzed:
     health: list[grpc.Channel]
     seeds: Seeds
     live_room: str
-    auth: Authenticator
     signer: TicketSigner
+    # Each service's internal port (its internal methods are served there only) and member address.
+    internal: dict[str, tuple[grpc.Channel, str]]
 
     def channel(self, method: Method) -> grpc.Channel:
+        if method.rule == SERVICE:
+            return self.internal[method.service][0]
         return self.channels[method.service]
+
+    def service_credential(self, method: Method) -> Md:
+        """A credential for `method` on its server, from a kind of process that may call it."""
+        kind = sorted(callers(method.service, method.name))[0]
+        credential = Authenticator(self.config.auth, kind, "127.0.0.1:1").credential
+        return credential.metadata(self.internal[method.service][1], method.path)
 
     def __repr__(self) -> str:
         return f"Fuzzed(live_room={self.live_room!r})"
@@ -108,7 +119,7 @@ def _serve_in_thread(config: Config) -> Iterator[dict[str, str]]:
     stop = asyncio.Event()
 
     async def main() -> None:
-        apps = [AdmissionApp(config), RelayApp(config), NotifierApp(config)]
+        apps: list[App] = [AdmissionApp(config), RelayApp(config), NotifierApp(config)]
         try:
             async with (
                 serving(apps[0], config) as admission,
@@ -119,6 +130,7 @@ def _serve_in_thread(config: Config) -> Iterator[dict[str, str]]:
                 for app, address in zip(apps, (admission, relay, notifier), strict=True):
                     for name in app.service_names:
                         addresses[name] = address
+                        addresses[f"internal:{name}"] = getattr(config, app.auth.kind).internal_listen
                 for name in ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):
                     addresses[name] = admission
                 addresses["*"] = ",".join((admission, relay, notifier))
@@ -156,7 +168,16 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
     for addresses in _serve_in_thread(config):
         options = [("grpc.max_receive_message_length", 8 * MAX_MESSAGE)]
         by_address = {a: grpc.insecure_channel(a, options=options) for a in addresses["*"].split(",")}
-        channels = {name: by_address[a] for name, a in addresses.items() if name != "*"}
+        channels = {
+            name: by_address[a]
+            for name, a in addresses.items()
+            if name != "*" and not name.startswith("internal:")
+        }
+        internal = {
+            name.partition(":")[2]: (grpc.insecure_channel(a, options=options), a)
+            for name, a in addresses.items()
+            if name.startswith("internal:")
+        }
         host = 9_000_001
         rooms = rooms_pb2_grpc.RoomsStub(channels["townhall.v1.Rooms"])
         md = TOKENS.metadata(host)
@@ -183,10 +204,10 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
             list(by_address.values()),
             seeds,
             live.room_id,
-            Authenticator(config.auth),
             signer,
+            internal,
         )
-        for channel in by_address.values():
+        for channel in [*by_address.values(), *(c for c, _ in internal.values())]:
             channel.close()
         _write_report()
 
@@ -256,9 +277,7 @@ def valid_credentials(fuzzed: Fuzzed, method: Method) -> st.SearchStrategy[Md]:
     if how == USER:
         return st.integers(10**9, 10**15).map(lambda user: bearer(TOKENS.mint(user, GRANTS)))
     if how == SERVICE:
-        # A pull credential too: Relay.Pull needs one; the other internal methods ignore it.
-        pull = fuzzed.signer.pull_token(fuzzed.live_room, (RELAY,))
-        return st.just((*fuzzed.auth.credential.metadata(), (TICKET_KEY, pull)))
+        return st.just(fuzzed.service_credential(method))
     if how == TICKET:
         roles = st.sampled_from([Role.ROLE_HOST, Role.ROLE_SPEAKER, Role.ROLE_LISTENER])
 

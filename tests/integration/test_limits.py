@@ -24,6 +24,7 @@ from townhall.admission.app import AdmissionApp
 from townhall.client import retry_after_s
 from townhall.core.auth import SERVICE, TICKET, Authenticator
 from townhall.core.config import Config, KafkaConfig
+from townhall.core.credentials import callers
 from townhall.core.server import App
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
@@ -52,10 +53,12 @@ def _oversize() -> bytes:
     return b"\xc2\x3e" + b"\x80\x80\x05" + b"\0" * (MAX + 16_000)
 
 
-def _credentials(config: Config, method: Method) -> tuple[tuple[str, str], ...]:
-    """What a legitimate caller of `method` sends, so the call gets as far as reading its request."""
+def _credentials(config: Config, method: Method, member: str) -> tuple[tuple[str, str], ...]:
+    """What a legitimate caller of `method` sends, so the call gets as far as reading its request
+    (internal methods: a credential for `member`'s internal port from a process that may call them)."""
     if method.rule == SERVICE:
-        return Authenticator(config.auth).credential.metadata()
+        kind = sorted(callers(method.service, method.path.rpartition("/")[2]))[0]
+        return Authenticator(config.auth, kind, "127.0.0.1:1").credential.metadata(member, method.path)
     if method.rule == TICKET:
         signer = TicketSigner.from_config(config.tickets)
         return ((TICKET_KEY, signer.sign(signer.issue("room", 42, Role.ROLE_HOST, RELAY))),)
@@ -101,12 +104,16 @@ async def test_every_server_refuses_oversize_messages_of_every_kind_of_call(
         for app in apps:
             address = await stack.enter_async_context(serving(app, config))
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-            # Every method of the app's services (and health): unary, server, client and bidi streams.
+            internal = getattr(config, app.auth.kind).internal_listen
+            inner = await stack.enter_async_context(grpc.aio.insecure_channel(internal))
+            # Every method of the app's services (and health): unary, server, client and bidi streams;
+            # internal methods on the internal port.
             methods = [m for m in all_methods() if m.service in (*app.service_names, "grpc.health.v1.Health")]
             assert methods
             for m in methods:
-                md = _credentials(config, m)
-                error = await _answer(channel, m.path, m.client_streaming, m.server_streaming, md)
+                md = _credentials(config, m, app.auth.services.me)
+                on = inner if m.rule == SERVICE else channel
+                error = await _answer(on, m.path, m.client_streaming, m.server_streaming, md)
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (
                     m.path,
                     error.code(),

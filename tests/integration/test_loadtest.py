@@ -14,7 +14,7 @@ from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
-from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, KafkaConfig, TlsConfig
 
 pytestmark = pytest.mark.kafka
 # Rates in a generator's figures that are answers or the generator's own end of run, not refusals.
@@ -24,8 +24,8 @@ _ANSWERS = ("sent", "granted", "waiting", "cancelled", "unavailable")
 async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: KafkaConfig) -> None:
     config = config_for(kafka)
     async with serving(AdmissionApp(config), config) as address:
-        hot, colds = await make_rooms(address, 3, AuthConfig(), TlsConfig())
-        await wait_live([address], [hot, *colds], AuthConfig(), TlsConfig())
+        hot, colds = await make_rooms(address, 3, DEV_AUTH, TlsConfig())
+        await wait_live([address], [hot, *colds], DEV_AUTH, TlsConfig())
         load = Load((address,), hot, 200.0, tuple(colds), 30.0, seconds=2.0, warmup_s=0.5, generators=1)
         figures = await offer(load, [os.getpid()], "test", Console(quiet=True))
     for kind, rate in (("hot", 200.0), ("cold", 30.0)):
@@ -50,8 +50,8 @@ async def test_the_compiled_generator_joins_as_a_new_user_with_a_valid_token_on_
     config = config_for(kafka)
     app = AdmissionApp(config)
     async with serving(app, config) as address:
-        hot, colds = await make_rooms(address, 1, AuthConfig(), TlsConfig())
-        await wait_live([address], [hot, *colds], AuthConfig(), TlsConfig())
+        hot, colds = await make_rooms(address, 1, DEV_AUTH, TlsConfig())
+        await wait_live([address], [hot, *colds], DEV_AUTH, TlsConfig())
         load = Load((address,), hot, 100.0, tuple(colds), 20.0, seconds=2.0, warmup_s=0.5,
                     ghz=str(REPO / ".cache" / "bin" / "joinload"))  # fmt: skip
         figures = await offer(load, [os.getpid()], "test", Console(quiet=True))

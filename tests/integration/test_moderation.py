@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from tests.integration.helpers import client, config_for, rpc_error, serving
-from tests.integration.test_relay import TICKET_KEYS, TIMEOUT, frame_ids, read_until
+from tests.integration.test_relay import TICKET_KEYS, TICKET_PRIVATE_KEY, TIMEOUT, frame_ids, read_until
 from tests.integration.test_relay_tree import Tree, tree
 from townhall.admission.app import AdmissionApp
 from townhall.client import Client, publish_status
@@ -72,10 +72,14 @@ async def site(kafka: KafkaConfig, host_grace_s: float = 0.0, relays: int = 3) -
     ) as t:
         config = config_for(
             kafka,
-            admission={"relays": tuple(t.addresses), "host_grace_s": host_grace_s},
+            admission={
+                "relays": tuple(t.addresses),
+                "relays_internal": tuple(t.internals),
+                "host_grace_s": host_grace_s,
+            },
             # One listener of a room per relay before the next relay takes the room: edges at once.
             relay={"edge_target": 1, "tree_degree": 2, "load_report_ms": REPORT_MS},
-            tickets={"keys": (TICKET_KEYS,)},
+            tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
         )
         app = AdmissionApp(config)
         async with serving(app, config) as address:
@@ -433,25 +437,32 @@ async def test_moderation_needs_the_grant_and_the_role_and_says_what_is_wrong(ka
 async def test_moderation_on_a_non_owner_is_forwarded_to_the_rooms_owner(kafka: KafkaConfig) -> None:
     async with tree(1, kafka_bootstrap=kafka.bootstrap, follow_room_state="true") as t:
         addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        members = [f"127.0.0.1:{free_port()}" for _ in range(2)]  # their internal ports
         apps: list[AdmissionApp] = []
         running: list[server.Running] = []
         users: list[Client] = []
         try:
-            for address in addresses:
+            for address, member in zip(addresses, members, strict=True):
                 config = config_for(
                     kafka,
-                    admission={"listen": address, "members": tuple(addresses), "relays": tuple(t.addresses)},
-                    tickets={"keys": (TICKET_KEYS,)},
+                    admission={
+                        "listen": address,
+                        "internal_listen": member,
+                        "members": tuple(members),
+                        "relays": tuple(t.addresses),
+                        "relays_internal": tuple(t.internals),
+                    },
+                    tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
                 )
                 app = AdmissionApp(config)
-                running.append(await server.start(app, config, address))
+                running.append(await server.start(app, config, address, member))
                 apps.append(app)
             base = random.randrange(1, 2**40) * 1000
             host = client(addresses[0], base)
             users.append(host)
             room = await live_room(host)
             owner = apps[0].peers.owner(room.room_id)
-            other = addresses[1 - addresses.index(owner)]
+            other = addresses[1 - members.index(owner)]
             # The host's own token, sent to the process that does not own the room.
             host_elsewhere, stranger = client(other, base), client(other, base + 1)
             banned = [client(a, base + 50) for a in addresses]

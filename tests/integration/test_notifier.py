@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from tests.integration.helpers import metadata
 from townhall.core import server
-from townhall.core.config import KafkaConfig, load
+from townhall.core.config import DEV_ENV, KafkaConfig, load
 from townhall.core.kafka import Topics, producer
 from townhall.devtools.events import publish_room_started
 from townhall.notifier.app import NotifierApp, build_app
@@ -58,6 +58,7 @@ async def start_notifier(kafka: KafkaConfig, data_dir: Path, group: str = "") ->
     """A notifier with its own store folder and (unless given) its own consumer group, on a free port."""
     config = load(
         env={
+            **DEV_ENV,
             "TOWNHALL_KAFKA_BOOTSTRAP": kafka.bootstrap,
             "TOWNHALL_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
             "TOWNHALL_NOTIFIER_DATA_DIR": str(data_dir),

@@ -26,15 +26,18 @@ async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
     kafka: KafkaConfig, tmp_path: Path
 ) -> None:
     topics = await own_topics(kafka)
+    # Notifiers know each other by their internal ports; clients call the client ports.
+    clients = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     members = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     group = f"g-{uuid.uuid4().hex[:8]}"
     apps, running = [], []
     try:
-        for i, address in enumerate(members):
+        for i, (address, internal) in enumerate(zip(clients, members, strict=True)):
             config = config_for(
                 topics,
                 notifier={
                     "listen": address,
+                    "internal_listen": internal,
                     "members": tuple(members),
                     "data_dir": str(tmp_path / f"n{i}"),
                     "group_id": group,
@@ -43,12 +46,12 @@ async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
             )
             app = build_app(config)
             apps.append(app)
-            running.append(await server.start(app, config, address))
+            running.append(await server.start(app, config, address, internal))
         placement = Placement(members[0], members)
         # A host owned by the second notifier, followed through the first one.
         host = next(u for u in fresh_users(200) if placement.followee_owner(u) == members[1])
         follower, *crowd = fresh_users(301)
-        async with grpc.aio.insecure_channel(members[0]) as channel:
+        async with grpc.aio.insecure_channel(clients[0]) as channel:
             graph = graph_pb2_grpc.GraphStub(channel)
             reply = await graph.Follow(
                 graph_pb2.FollowRequest(followee_id=host), metadata=metadata(follower), timeout=10

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from townhall.core import config as config_module
 from townhall.core import server
+from townhall.core.config import DEV_SERVICE_KEY
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.relay.app import RelayApp
 from townhall.v1 import relay_pb2_grpc
@@ -25,11 +28,19 @@ from townhall.v1.relay_pb2 import AudioFrame, Chunk, SubscribeRequest
 
 ADVERTISE = "relay-under-test:7000"
 ROOM = "room-1"
-SECRET = "integration-test-secret-0123456789abcdef"
-# The ticket keys of the test relays (KID=SECRET, as in tickets.keys).
-KEYS = (("test", SECRET),)
-TICKET_KEYS = f"test={SECRET}"
 TIMEOUT = 5.0
+
+
+def ticket_keys(kid: str, name: str) -> tuple[TicketSigner, str]:
+    """A ticket signer with a P-256 key `kid` (made from `name`), and its tickets.public_keys entry."""
+    signer = TicketSigner(kid, hashlib.sha256(name.encode()).digest(), 600)
+    return signer, signer.public_key()
+
+
+# What admission would sign the test relays' tickets with (as tickets.private_key, and as a signer),
+# and the public key the relays verify with.
+TICKET_PRIVATE_KEY = "test=" + base64.urlsafe_b64encode(hashlib.sha256(b"integration-test").digest()).decode()
+SIGNER, TICKET_KEYS = ticket_keys("test", "integration-test")
 
 
 @dataclasses.dataclass
@@ -54,19 +65,21 @@ class Relay:
 
 @contextlib.asynccontextmanager
 async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterator[Relay]:
-    """A relay server on a free loopback port (verifying tickets with `ticket_keys`), drained on exit."""
+    """A relay server on a free loopback port (verifying tickets with the public keys `ticket_keys`),
+    drained on exit."""
     env = {
+        "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
         "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_METRICS_PORT": "0",
         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka: tickets alone decide
-        "TOWNHALL_TICKETS_KEYS": ticket_keys,
+        "TOWNHALL_TICKETS_PUBLIC_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }
     config = config_module.load(env=env)
     app = RelayApp(config)
     running = await server.start(app, config, "127.0.0.1:0")
-    handle = Relay(app, running.port, TicketSigner(KEYS, 600), [])
+    handle = Relay(app, running.port, SIGNER, [])
     try:
         yield handle
     finally:
@@ -262,17 +275,28 @@ async def test_draining_ends_streams_promptly_with_unavailable() -> None:
         assert time.monotonic() - started < 2.0  # generous: both end within a frame or two
 
 
-def _signed_by(kid: str, secret: str, role: int = Role.ROLE_SPEAKER) -> Callable[[Relay], Any]:
+def _signed_by(kid: str, name: str, role: int = Role.ROLE_SPEAKER) -> Callable[[Relay], Any]:
     """A ticket for this relay and room, signed with a key the relay may not have."""
 
     def metadata(r: Relay) -> tuple[tuple[str, str], ...]:
-        other = TicketSigner([(kid, secret)], 600)
+        other, _ = ticket_keys(kid, name)
         return ((TICKET_KEY, other.sign(other.issue(ROOM, 1, role, ADVERTISE))),)
 
     return metadata
 
 
-_forged = _signed_by("test", "some-other-secret-0123456789abcdefghij")
+_forged = _signed_by("test", "some-other-key")
+
+
+def _hs256(secret: str | bytes, role: int, **headers: str) -> tuple[tuple[str, str], ...]:
+    """An HS256 ticket for this relay and room, signed with `secret`."""
+    claims = {"sub": "1", "room": ROOM, "role": role, "aud": ADVERTISE, "exp": int(time.time()) + 60}
+    return ((TICKET_KEY, jwt.encode(claims, secret, algorithm="HS256", headers=headers or None)),)
+
+
+def _hs256_with_the_public_key(r: Relay) -> tuple[tuple[str, str], ...]:
+    """The old trick on asymmetric keys: an HS256 ticket whose HMAC secret is the relay's public key."""
+    return _hs256(TICKET_KEYS.partition("=")[2].encode(), Role.ROLE_HOST, kid="test")
 
 
 def _swap_claims(claims_from: str, signature_from: str) -> str:
@@ -281,14 +305,7 @@ def _swap_claims(claims_from: str, signature_from: str) -> str:
 
 
 def _without_kid(r: Relay) -> tuple[tuple[str, str], ...]:
-    claims = {
-        "sub": "1",
-        "room": ROOM,
-        "role": Role.ROLE_LISTENER,
-        "aud": ADVERTISE,
-        "exp": int(time.time()) + 60,
-    }
-    return ((TICKET_KEY, jwt.encode(claims, SECRET, algorithm="HS256")),)
+    return _hs256("a-secret-the-relay-never-had-0123456789", Role.ROLE_LISTENER)
 
 
 SUBSCRIBE_ERRORS = [
@@ -303,7 +320,7 @@ SUBSCRIBE_ERRORS = [
     ("forged ticket", _forged, ROOM, grpc.StatusCode.UNAUTHENTICATED, "does not verify with key 'test'"),
     (
         "unknown key id",
-        _signed_by("gone", SECRET),
+        _signed_by("gone", "integration-test"),
         ROOM,
         grpc.StatusCode.UNAUTHENTICATED,
         "key id 'gone' is not known",
@@ -322,11 +339,11 @@ SUBSCRIBE_ERRORS = [
         "does not verify",
     ),
     (
-        "a pull credential",
-        lambda r: ((TICKET_KEY, r.signer.pull_token(ROOM, (ADVERTISE,))),),
+        "HS256 keyed with the public key",
+        _hs256_with_the_public_key,
         ROOM,
-        grpc.StatusCode.PERMISSION_DENIED,
-        "for Relay.Pull",
+        grpc.StatusCode.UNAUTHENTICATED,
+        "says alg 'HS256', but key 'test' is for ES256",
     ),
     (
         "expired ticket",
@@ -374,7 +391,7 @@ PUBLISH_ERRORS = [
     ("forged ticket", _forged, _one(), grpc.StatusCode.UNAUTHENTICATED, ["does not verify"]),
     (
         "unknown key id",
-        _signed_by("gone", SECRET),
+        _signed_by("gone", "integration-test"),
         _one(),
         grpc.StatusCode.UNAUTHENTICATED,
         ["'gone'", "rotated out"],
@@ -482,17 +499,13 @@ async def test_a_ticket_for_another_relay_is_refused() -> None:
 
 
 async def test_ticket_keys_rotate_two_live_keys_and_a_removed_key_is_refused() -> None:
-    old, new = (
-        ("old", "old-ticket-secret-0123456789abcdefghij"),
-        ("new", "new-ticket-secret-0123456789abcdefghij"),
-    )
-    by_old, by_new = TicketSigner([old], 600), TicketSigner([new], 600)
+    (by_old, old), (by_new, new) = ticket_keys("old", "old-ticket-key"), ticket_keys("new", "new-ticket-key")
 
     def ticket(signer: TicketSigner, user: int, role: int) -> tuple[tuple[str, str], ...]:
         return ((TICKET_KEY, signer.sign(signer.issue(ROOM, user, role, ADVERTISE))),)
 
     # During a rotation relays know both keys: admission may sign with either and both tickets work.
-    async with relay(ticket_keys=f"new={new[1]},old={old[1]}") as r:
+    async with relay(ticket_keys=f"{new},{old}") as r:
         listener = r.stub().Subscribe(
             SubscribeRequest(room_id=ROOM), metadata=ticket(by_old, 100, Role.ROLE_LISTENER)
         )
@@ -501,7 +514,7 @@ async def test_ticket_keys_rotate_two_live_keys_and_a_removed_key_is_refused() -
         assert frame_ids([c for _, c in heard])[:20] == [(1, seq) for seq in range(20)]
         assert (await asyncio.wait_for(speaker, TIMEOUT)).frames_accepted == 20
     # Once the old key is removed, its tickets are refused and say why.
-    async with relay(ticket_keys=f"new={new[1]}") as r:
+    async with relay(ticket_keys=new) as r:
         call = r.stub().Subscribe(
             SubscribeRequest(room_id=ROOM), metadata=ticket(by_old, 100, Role.ROLE_LISTENER)
         )

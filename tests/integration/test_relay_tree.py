@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.helpers import metadata
 from tests.integration.test_relay import (
-    KEYS,
+    SIGNER,
     TICKET_KEYS,
     TIMEOUT,
     frame_ids,
@@ -26,9 +26,10 @@ from townhall.admission.placement import Placement, Placer
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
-from townhall.core.auth import Authenticator
-from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.core.config import DEV_SERVICE_KEY, KafkaConfig
+from townhall.core.credentials import ServiceCredential
+from townhall.core.tickets import TICKET_KEY
+from townhall.core.tokens import SigningKey
 from townhall.devtools.kafka_broker import free_port
 from townhall.relay.app import RelayApp
 from townhall.v1 import relay_pb2_grpc
@@ -36,20 +37,24 @@ from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import Chunk, PullRequest, SubscribeRequest
 
 ROOM = "hot-room"
+PULL = "/townhall.v1.Relay/Pull"
 
 
 class Tree:
     """Running relays (index 0 is the origin) and clients for them."""
 
-    def __init__(self, apps: list[RelayApp], addresses: list[str]) -> None:
+    def __init__(self, apps: list[RelayApp], addresses: list[str], internals: list[str]) -> None:
         self.apps = apps
         self.addresses = addresses
-        self.signer = TicketSigner(KEYS, 600)
+        # Their internal ports: where relays pull from each other, what tickets name upstream relays by.
+        self.internals = internals
+        self.signer = SIGNER
         self.channels: list[grpc.aio.Channel] = []
 
-    def stub(self, relay: int, **options: Any) -> relay_pb2_grpc.RelayStub:
-        """A stub for relay `relay` on its own connection."""
-        channel = grpc.aio.insecure_channel(self.addresses[relay], options=list(options.items()))
+    def stub(self, relay: int, internal: bool = False, **options: Any) -> relay_pb2_grpc.RelayStub:
+        """A stub for relay `relay` (its client port, or its internal one) on its own connection."""
+        address = (self.internals if internal else self.addresses)[relay]
+        channel = grpc.aio.insecure_channel(address, options=list(options.items()))
         self.channels.append(channel)
         return relay_pb2_grpc.RelayStub(channel)
 
@@ -57,7 +62,7 @@ class Tree:
         self, relay: int, user: int, role: int, via: tuple[int, ...] = ()
     ) -> tuple[tuple[str, str], ...]:
         """A ticket for relay `relay`, whose upstream relays are `via` (origin first)."""
-        upstream = tuple(self.addresses[i] for i in via)
+        upstream = tuple(self.internals[i] for i in via)
         ticket = self.signer.issue(ROOM, user, role, self.addresses[relay], upstream=upstream)
         return ((TICKET_KEY, self.signer.sign(ticket)),)
 
@@ -87,16 +92,19 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
     apps: list[RelayApp] = []
     running: list[server.Running] = []
     addresses: list[str] = []
+    internals: list[str] = []
     try:
         for _ in range(relays):
-            address = f"127.0.0.1:{free_port()}"
+            address, internal = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
             env = {
+                "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
                 "TOWNHALL_RELAY_LISTEN": address,
+                "TOWNHALL_RELAY_INTERNAL_LISTEN": internal,
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
                 # No Kafka unless a test gives one (kafka_bootstrap=..., follow_room_state="true").
                 "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
-                "TOWNHALL_TICKETS_KEYS": TICKET_KEYS,
+                "TOWNHALL_TICKETS_PUBLIC_KEYS": TICKET_KEYS,
                 **{
                     f"TOWNHALL_{key.upper()}": value
                     for key, value in overrides.items()
@@ -110,10 +118,11 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
             }
             config = config_module.load(env=env)
             app = RelayApp(config)
-            running.append(await server.start(app, config, address))
+            running.append(await server.start(app, config, address, internal))
             apps.append(app)
             addresses.append(address)
-        handle = Tree(apps, addresses)
+            internals.append(internal)
+        handle = Tree(apps, addresses, internals)
         try:
             yield handle
         finally:
@@ -164,7 +173,7 @@ async def test_a_mid_tier_relays_the_room_to_an_edge_below_it() -> None:
         assert gaps(got) == 0
         # The edge pulled from the mid-tier, which pulled from the origin: one pull each.
         mid = t.apps[1].hub.room(ROOM)
-        assert mid is not None and mid.downstream == 1 and mid.upstream == (t.addresses[0],)
+        assert mid is not None and mid.downstream == 1 and mid.upstream == (t.internals[0],)
         assert t.apps[0].hub.room(ROOM).downstream == 1  # type: ignore[union-attr]
 
 
@@ -237,66 +246,62 @@ async def test_the_stage_hears_each_frame_as_it_arrives() -> None:
     assert len(heard) < 25  # the audience gets the same frames grouped into chunks
 
 
-async def test_pull_is_for_relays_only_and_subscribe_refuses_a_pull_credential() -> None:
-    service = Authenticator(AuthConfig()).credential.metadata()  # what the relays under test accept
-    stranger = Authenticator(AuthConfig(service_keys=("dev=some-other-service-key-0123456789abcdef",)))
+async def test_pull_is_served_on_the_internal_port_to_relays_only() -> None:
     async with tree(1) as t:
-        user_ticket = t.ticket(0, 100, Role.ROLE_LISTENER)
-        credential = ((TICKET_KEY, t.signer.pull_token(ROOM, (t.addresses[0],))),)
+        me = t.internals[0]
+        relay = ServiceCredential(SigningKey(*DEV_SERVICE_KEY.split("=", 1)), "relay", "127.0.0.1:1")
+        admission = ServiceCredential(SigningKey(*DEV_SERVICE_KEY.split("=", 1)), "admission", "127.0.0.1:2")
+        stranger = ServiceCredential(
+            SigningKey("dev", "some-other-service-key-0123456789abcdef"), "relay", "x:1"
+        )
+        request = PullRequest(room_id=ROOM)
         cases = [
+            # (port, metadata, status, what the message says)
             (
-                "a user's ticket alone",
-                user_ticket,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "townhall-service is required",
-            ),
-            (
-                "a pull ticket without the service credential",
-                credential,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "internal",
-            ),
-            (
-                "a user token",
-                (*credential, *metadata(100)),
+                False,
+                relay.metadata(me, PULL),
                 grpc.StatusCode.PERMISSION_DENIED,
-                "not a user token",
+                "served only on the internal port",
             ),
+            (True, (), grpc.StatusCode.UNAUTHENTICATED, "townhall-service"),
+            (True, metadata(100), grpc.StatusCode.UNAUTHENTICATED, "townhall-service"),
+            (True, stranger.metadata(me, PULL), grpc.StatusCode.UNAUTHENTICATED, "does not verify"),
             (
-                "a forged service credential",
-                (*credential, *stranger.credential.metadata()),
+                True,
+                relay.metadata("127.0.0.1:9", PULL),
                 grpc.StatusCode.PERMISSION_DENIED,
-                "reserved for Townhall services",
+                "not for this call",
             ),
+            (True, admission.metadata(me, PULL), grpc.StatusCode.PERMISSION_DENIED, "takes calls from relay"),
             (
-                "a service with a user's ticket",
-                (*user_ticket, *service),
-                grpc.StatusCode.PERMISSION_DENIED,
-                "pull credential",
-            ),
-            (
-                "a pull credential for another room",
-                ((TICKET_KEY, t.signer.pull_token("other-room", (t.addresses[0],))), *service),
-                grpc.StatusCode.PERMISSION_DENIED,
-                "credential is for room 'other-room'",
-            ),
-            (
-                "a pull credential for another relay",
-                ((TICKET_KEY, t.signer.pull_token(ROOM, ("elsewhere:1",))), *service),
-                grpc.StatusCode.PERMISSION_DENIED,
-                "another relay",
+                True,
+                relay.metadata(me, PULL),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "upstream[0]",
+                PullRequest(room_id=ROOM, upstream=["not an address"]),
             ),
         ]
-        for name, md, code, needle in cases:
-            pull = t.stub(0).Pull(PullRequest(room_id=ROOM), metadata=md)
+        for internal, md, code, needle, *given in cases:
+            asked = given[0] if given else request
+            assert isinstance(internal, bool) and isinstance(asked, PullRequest)
+            pull = t.stub(0, internal=internal).Pull(asked, metadata=md)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await asyncio.wait_for(pull.read(), TIMEOUT)
-            assert error.value.code() == code, name
-            assert needle in (error.value.details() or ""), (name, error.value.details())
-        sub = t.stub(0).Subscribe(SubscribeRequest(room_id=ROOM), metadata=credential)
+            assert error.value.code() == code, (internal, needle, error.value.details())
+            assert needle in (error.value.details() or ""), (needle, error.value.details())
+        # A listener's ticket opens nothing on the internal port: it serves no client calls.
+        sub = t.stub(0, internal=True).Subscribe(
+            SubscribeRequest(room_id=ROOM), metadata=t.ticket(0, 100, Role.ROLE_LISTENER)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(sub.read(), TIMEOUT)
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "served on the client port" in (error.value.details() or "")
+        # A relay's credential for this relay's Pull opens the room's stream.
+        pull = t.stub(0, internal=True).Pull(request, metadata=relay.metadata(me, PULL))
+        await asyncio.wait_for(pull.initial_metadata(), TIMEOUT)
+        await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and room.downstream == 1)
+        pull.cancel()
 
 
 async def test_an_edge_stops_pulling_once_its_last_listener_has_gone() -> None:

@@ -17,7 +17,7 @@ from tests.integration.test_relay import TIMEOUT, frame_ids, frames, read_until
 from townhall.admission.app import AdmissionApp
 from townhall.core import server
 from townhall.core.channels import channel
-from townhall.core.config import Config, KafkaConfig, TicketConfig, TlsConfig
+from townhall.core.config import DEV_ENV, Config, KafkaConfig, TlsConfig
 from townhall.core.config import load as load_config
 from townhall.core.sharding import owner
 from townhall.core.tickets import TICKET_KEY, TicketSigner
@@ -31,6 +31,8 @@ from townhall.v1.relay_pb2 import SubscribeRequest
 # Certificates name this host only (no IP): members dial each other by IP and expect this name.
 NAME = "townhall.test"
 ROOM = "tls-room"
+# The internal port of each relay `relays` started, by client address.
+INTERNAL: dict[str, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +64,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @contextlib.asynccontextmanager
 async def relays(count: int, tls: TlsConfig, **env: str) -> AsyncIterator[list[str]]:
-    """`count` relays serving with `tls` on free ports; their addresses (index 0 is the origin)."""
+    """`count` relays serving with `tls` on free ports; their client addresses (index 0 is the origin).
+    Each one's internal port is in INTERNAL."""
     started: list[tuple[RelayApp, server.Running]] = []
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     try:
         for address in addresses:
+            INTERNAL[address] = f"127.0.0.1:{free_port()}"
             config = dataclasses.replace(
                 load_config(
                     env={
+                        **DEV_ENV,
                         "TOWNHALL_RELAY_LISTEN": address,
+                        "TOWNHALL_RELAY_INTERNAL_LISTEN": INTERNAL[address],
                         "TOWNHALL_RELAY_METRICS_PORT": "0",
                         "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
                         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
@@ -80,7 +86,7 @@ async def relays(count: int, tls: TlsConfig, **env: str) -> AsyncIterator[list[s
                 tls=tls,
             )
             app = RelayApp(config)
-            started.append((app, await server.start(app, config, address)))
+            started.append((app, await server.start(app, config, address, INTERNAL[address])))
         yield addresses
     finally:
         for app, running in started:
@@ -88,7 +94,7 @@ async def relays(count: int, tls: TlsConfig, **env: str) -> AsyncIterator[list[s
 
 
 def ticket(relay: str, user: int, role: int, upstream: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
-    signer = TicketSigner.from_config(TicketConfig())
+    signer = TicketSigner.from_config(load_config(env=DEV_ENV).tickets)
     return ((TICKET_KEY, signer.sign(signer.issue(ROOM, user, role, relay, upstream=upstream))),)
 
 
@@ -142,7 +148,8 @@ async def test_an_edge_pulls_from_the_origin_over_mutual_tls(pki: Pki) -> None:
         channel(edge, pki.tls) as e,
     ):
         listener = relay_pb2_grpc.RelayStub(e).Subscribe(
-            SubscribeRequest(room_id=ROOM), metadata=ticket(edge, 100, Role.ROLE_LISTENER, (origin,))
+            SubscribeRequest(room_id=ROOM),
+            metadata=ticket(edge, 100, Role.ROLE_LISTENER, (INTERNAL[origin],)),
         )
         await asyncio.sleep(0.3)  # the edge opens its pull
         speaker = relay_pb2_grpc.RelayStub(o).Publish(
@@ -166,32 +173,47 @@ async def test_admission_members_forward_and_lease_over_mutual_tls(
     pki: Pki, kafka: KafkaConfig, tmp_path: Path
 ) -> None:
     """Two admission processes, mutual TLS everywhere: clients, forwarded room changes and leases."""
-    members = tuple(f"127.0.0.1:{free_port()}" for _ in range(2))
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    members = tuple(f"127.0.0.1:{free_port()}" for _ in range(2))  # their internal ports
+    client_of = dict(zip(members, addresses, strict=True))
 
-    def config(me: str) -> Config:
-        base = config_for(kafka, admission={"listen": me, "members": members, "relays": ("127.0.0.1:1",)})
+    def config(me: str, internal: str) -> Config:
+        base = config_for(
+            kafka,
+            admission={
+                "listen": me,
+                "internal_listen": internal,
+                "members": members,
+                "relays": ("127.0.0.1:1",),
+                "relays_internal": ("127.0.0.1:2",),
+            },
+        )
         return dataclasses.replace(base, tls=pki.mutual())
 
     host = 9_000_001
-    apps = [AdmissionApp(config(m)) for m in members]
-    running = [await server.start(app, config(m), m) for app, m in zip(apps, members, strict=True)]
-    first = members[0]
+    configs = [config(a, m) for a, m in zip(addresses, members, strict=True)]
+    apps = [AdmissionApp(c) for c in configs]
+    running = [
+        await server.start(app, c, c.admission.listen, c.admission.internal_listen)
+        for app, c in zip(apps, configs, strict=True)
+    ]
+    first = addresses[0]
     try:
         started = {}
-        for address in members:
+        for address in addresses:
             c = client(address, host, tls=pki.tls)
             room = await c.create_room("Over mTLS")
             started[owner(room.room_id, members)] = room.room_id
             await c.close()
         # Whichever process owns a room, the other one forwards StartRoom to it over mutual TLS.
         for room_owner, room_id in started.items():
-            other = next(m for m in members if m != room_owner)
+            other = next(client_of[m] for m in members if m != room_owner)
             c = client(other, host, tls=pki.tls)
             assert (await c.start_room(room_id)).state == 2
             await c.close()
         # A listener joining on a non-owner takes capacity leased from the owner (Leases.Acquire, mTLS).
         for room_owner, room_id in started.items():
-            other = next(m for m in members if m != room_owner)
+            other = next(client_of[m] for m in members if m != room_owner)
             fan = client(other, 9_100_000, tls=pki.tls)
             assert (await fan.join(room_id, give_up_after_s=10)).role == Role.ROLE_LISTENER
             await fan.close()

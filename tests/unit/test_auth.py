@@ -13,17 +13,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from townhall.core.auth import (
     GRANTS,
-    SERVICE_KEY,
     Authenticator,
     Principal,
     Tokens,
     bearer,
     mint,
+    principal_from,
     rule,
     signing_key,
 )
 from townhall.core.config import AuthConfig
-from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.core.errors import Unauthenticated
 from townhall.core.tokens import SigningKey, Verifier
 
 K1 = "k1=" + "a" * 40
@@ -236,19 +236,20 @@ def test_methods_are_user_authenticated_unless_declared_otherwise() -> None:
     assert rule("grpc.health.v1.Health", "Check") == "open"
 
 
-def test_internal_methods_refuse_users_and_accept_the_service_credential() -> None:
-    a = auth()
-    with pytest.raises(PermissionDenied, match=r"Leases/Acquire is internal .* not a user token"):
-        a.require_service(bearer(token()), "Leases/Acquire")
-    with pytest.raises(Unauthenticated, match="townhall-service is required"):
-        a.require_service((), "Leases/Acquire")
-    with pytest.raises(PermissionDenied, match="reserved for Townhall services"):
-        a.require_service(((SERVICE_KEY, token()),), "Leases/Acquire")  # a user token in the service key
-    assert a.require_service(a.credential.metadata(), "Leases/Acquire") == "townhall"
-
-
 def test_dev_tokens_use_the_first_configured_key() -> None:
     config = AuthConfig(keys=(K2, K1))
     assert signing_key(config.keys).kid == "k2"
     who = Authenticator(config).principal(Tokens(config).metadata(5, ("publish",)))
     assert who == Principal(5, frozenset({"publish"}))
+
+
+def test_a_token_issued_for_longer_than_the_maximum_lifetime_is_refused() -> None:
+    now = 1_700_000_000.0
+    day = {"sub": "42", "iat": int(now), "exp": int(now) + 86_400}
+    assert principal_from(day, 86_400, now=now).user_id == 42
+    with pytest.raises(Unauthenticated, match=r"valid for 86401 s .* at most 86400 s"):
+        principal_from({**day, "exp": day["exp"] + 1}, 86_400, now=now)
+    # Without iat the lifetime counts from now.
+    with pytest.raises(Unauthenticated, match=r"auth\.max_token_lifetime_s"):
+        principal_from({"sub": "42", "exp": int(now) + 90_000}, 86_400, now=now)
+    assert principal_from({"sub": "42", "exp": int(now) + 90_000}, 0, now=now).user_id == 42

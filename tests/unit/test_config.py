@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from townhall.core.config import ConfigError, load
+from townhall.core.config import DEV_ENV, DEV_TICKET_PRIVATE_KEY, DEV_USER_KEY, ConfigError, load
+from townhall.core.tickets import TicketSigner
+
+# A ticket public key that is not the development key's.
+OTHER_PUBLIC = TicketSigner("other", b"\x07" * 32, 60).public_key()
 
 
 def test_defaults_are_valid() -> None:
@@ -17,7 +21,9 @@ def test_defaults_are_valid() -> None:
 
 def test_file_then_environment_override(tmp_path: Path) -> None:
     path = tmp_path / "townhall.toml"
-    path.write_text('[relay]\nchunk_ms = 200\n[admission]\nrelays = ["a:1", "b:2"]\n')
+    path.write_text(
+        '[relay]\nchunk_ms = 200\n[admission]\nrelays = ["a:1", "b:2"]\nrelays_internal = ["a:3", "b:4"]\n'
+    )
     config = load(path, env={"TOWNHALL_RELAY_CHUNK_MS": "300", "TOWNHALL_LOG_JSON": "false"})
     assert config.relay.chunk_ms == 300
     assert config.admission.relays == ("a:1", "b:2")
@@ -25,7 +31,12 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
 
 
 def test_environment_list_is_comma_separated() -> None:
-    config = load(env={"TOWNHALL_ADMISSION_RELAYS": "h1:50052, h2:50052"})
+    config = load(
+        env={
+            "TOWNHALL_ADMISSION_RELAYS": "h1:50052, h2:50052",
+            "TOWNHALL_ADMISSION_RELAYS_INTERNAL": "h1:1,h2:1",
+        }
+    )
     assert config.admission.relays == ("h1:50052", "h2:50052")
 
 
@@ -36,14 +47,35 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_RELAY_CHUNK_MS": "5"}, "relay.chunk_ms must be within 20..1000"),
         ({"TOWNHALL_RELAY_COLOUR": "red"}, "unknown config key relay.colour"),
         ({"TOWNHALL_NOPE_X": "1"}, "unknown config variable TOWNHALL_NOPE_X"),
-        ({"TOWNHALL_TICKETS_KEYS": "k1=short"}, "tickets.keys: the secret of key 'k1' must be at least 32"),
         (
-            {"TOWNHALL_TICKETS_KEYS": "no-key-id-here-0123456789abcdefghijkl"},
-            "tickets.keys entries must be KID=SECRET",
+            {"TOWNHALL_TICKETS_KEYS": "k1=" + "x" * 40},
+            "tickets.keys is gone: tickets are signed with ES256",
         ),
-        ({"TOWNHALL_TICKETS_KEYS": ""}, "tickets.keys must hold at least one"),
+        ({"TOWNHALL_TICKETS_PUBLIC_KEYS": "k1=short"}, "tickets.public_keys entries must be KID=KEY"),
+        ({"TOWNHALL_TICKETS_PRIVATE_KEY": "no-key-id"}, "tickets.private_key entries must be KID=KEY"),
+        (
+            {
+                "TOWNHALL_TICKETS_PRIVATE_KEY": DEV_TICKET_PRIVATE_KEY,
+                "TOWNHALL_TICKETS_PUBLIC_KEYS": OTHER_PUBLIC,
+            },
+            "tickets.private_key signs with key id 'dev', which tickets.public_keys does not list",
+        ),
+        (
+            {
+                "TOWNHALL_TICKETS_PRIVATE_KEY": DEV_TICKET_PRIVATE_KEY,
+                "TOWNHALL_TICKETS_PUBLIC_KEYS": "dev=" + OTHER_PUBLIC.partition("=")[2],
+            },
+            "is not the public half of tickets.private_key 'dev'",
+        ),
         ({"TOWNHALL_AUTH_KEYS": f"a={'x' * 32},a={'y' * 32}"}, "auth.keys names key id 'a' twice"),
-        ({"TOWNHALL_AUTH_KEYS": "", "TOWNHALL_AUTH_JWKS": ""}, "auth.keys or auth.jwks must provide"),
+        (
+            {"TOWNHALL_AUTH_KEYS": DEV_USER_KEY, "TOWNHALL_AUTH_JWKS": __file__},
+            "auth.keys holds the built-in development key next to auth.jwks",
+        ),
+        (
+            {"TOWNHALL_ADMISSION_RELAYS": "a:1,b:1"},
+            "admission.relays_internal must name the internal address",
+        ),
         ({"TOWNHALL_AUTH_JWKS": "/nonexistent/jwks.json"}, "auth.jwks names '/nonexistent/jwks.json'"),
         (
             {"TOWNHALL_AUTH_SERVICE_KEYS": f"s={'x' * 32}", "TOWNHALL_AUTH_KEYS": f"u={'x' * 32}"},
@@ -93,14 +125,28 @@ def test_unknown_section_in_file(tmp_path: Path) -> None:
         load(path, env={})
 
 
-def test_development_keys_are_named() -> None:
-    assert load(env={}).development_keys() == ["auth.keys", "auth.service_keys", "tickets.keys"]
+def test_no_key_is_a_default_and_development_keys_are_named() -> None:
+    nothing = load(env={})
+    assert (nothing.auth.keys, nothing.auth.service_keys, nothing.tickets.public_keys) == ((), (), ())
+    assert nothing.development_keys() == []
+    assert nothing.missing_keys("relay") == ["auth.service_keys", "tickets.public_keys"]
+    with pytest.raises(
+        ConfigError, match=r"admission needs keys that are not configured: auth.keys \(TOWNHALL_AUTH_KEYS\)"
+    ):
+        nothing.require_keys("admission")
+    assert load(env=DEV_ENV).development_keys() == [
+        "auth.keys",
+        "auth.service_keys",
+        "tickets.private_key",
+        "tickets.public_keys",
+    ]
     own = {
         "TOWNHALL_AUTH_KEYS": "u=" + "u" * 40,
         "TOWNHALL_AUTH_SERVICE_KEYS": "s=" + "s" * 40,
-        "TOWNHALL_TICKETS_KEYS": "t=" + "t" * 40,
+        "TOWNHALL_TICKETS_PUBLIC_KEYS": OTHER_PUBLIC,
     }
     assert load(env=own).development_keys() == []
+    assert load(env=own).missing_keys("relay") == []
 
 
 @pytest.mark.parametrize(

@@ -270,4 +270,4 @@ def test_bad_notifier_fanout_settings_stop_the_process_with_a_clear_message(
 
     with pytest.raises(ConfigError, match=words):
         load(env=env)
-    assert load(env={"TOWNHALL_NOTIFIER_MEMBERS": "127.0.0.1:50053,127.0.0.1:50153"}).notifier.members
+    assert load(env={"TOWNHALL_NOTIFIER_MEMBERS": "127.0.0.1:50073,127.0.0.1:50173"}).notifier.members

@@ -4,12 +4,11 @@ import jwt
 import pytest
 
 from townhall.core import validation
+from townhall.core.config import parse_ticket_keys
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from townhall.core.tickets import TicketSigner
+from townhall.core.tickets import TicketSigner, TicketVerifier
+from townhall.core.tokens import es256_public
 from townhall.v1.common_pb2 import Role
-
-SECRET = "s" * 40
-KEYS = [("k1", SECRET)]
 
 
 @pytest.mark.parametrize(
@@ -37,57 +36,110 @@ def test_user_ids_and_titles() -> None:
         validation.title("   ")
 
 
+@pytest.mark.parametrize(
+    ("title", "refused"),
+    [
+        ("\u202eevil", "U+202E RIGHT-TO-LEFT OVERRIDE at position 0"),
+        ("a\u2066b", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+        ("x\u200by", "U+200B ZERO WIDTH SPACE"),
+        ("word\u200d\U0001f600", "U+200D ZERO WIDTH JOINER"),  # a joiner after a letter
+        ("\U0001f600\u200d", "U+200D ZERO WIDTH JOINER"),  # at the end
+        ("next\u2028line", "U+2028 LINE SEPARATOR"),
+        ("c1\x9bcontrol", "control characters"),
+        ("Arabic mark\u061c", "U+061C ARABIC LETTER MARK"),
+    ],
+)
+def test_titles_refuse_invisible_and_direction_characters(title: str, refused: str) -> None:
+    with pytest.raises(InvalidArgument, match=refused.replace("+", r"\+")):
+        validation.title(title)
+
+
+def test_titles_keep_emoji_sequences_and_right_to_left_scripts() -> None:
+    for title in ("\U0001f469\u200d\U0001f4bb coding", "\u2764\ufe0f\u200d\U0001f525", "שלום", "سلام"):
+        assert validation.title(title) == title
+
+
+def keys(kid: str, byte: int) -> tuple[TicketSigner, str]:
+    """An ES256 ticket signer (admission's side) and its public key entry (what relays hold)."""
+    signer = TicketSigner(kid, bytes([byte]) * 32, 60)
+    return signer, signer.public_key()
+
+
+def verifier(*public: str) -> TicketVerifier:
+    return TicketVerifier(parse_ticket_keys("tickets.public_keys", public, False))
+
+
 def test_ticket_round_trip_and_refusals() -> None:
-    signer = TicketSigner(KEYS, ttl_s=60)
+    signer, public = keys("k1", 1)
+    relay = verifier(public)
     token = signer.sign(signer.issue("room1", 42, Role.ROLE_SPEAKER, "relay-a:1"))
-    ticket = signer.verify(token, "relay-a:1")
+    assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": "k1", "typ": "JWT"}
+    ticket = relay.verify(token, "relay-a:1")
     assert (ticket.room_id, ticket.user_id, ticket.on_stage) == ("room1", 42, True)
     with pytest.raises(PermissionDenied, match="another relay"):
-        signer.verify(token, "relay-b:1")
+        relay.verify(token, "relay-b:1")
     with pytest.raises(Unauthenticated, match="does not verify with key 'k1'"):
-        TicketSigner([("k1", "x" * 40)], 60).verify(token, "relay-a:1")
+        verifier(keys("k1", 2)[1]).verify(token, "relay-a:1")
     with pytest.raises(Unauthenticated, match="key id 'k1' is not known here"):
-        TicketSigner([("k2", SECRET)], 60).verify(token, "relay-a:1")
+        verifier(keys("k2", 1)[1]).verify(token, "relay-a:1")
     expired = signer.sign(signer.issue("room1", 42, Role.ROLE_LISTENER, "relay-a:1", now=0))
     with pytest.raises(Unauthenticated, match=r"expired at 1970-01-01 00:01:00 UTC .*join the room again"):
-        signer.verify(expired, "relay-a:1")
+        relay.verify(expired, "relay-a:1")
     with pytest.raises(Unauthenticated, match="required"):
-        signer.verify("", "relay-a:1")
+        relay.verify("", "relay-a:1")
+    body, _, signature = token.rpartition(".")
+    tampered = body + "." + signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
     with pytest.raises(Unauthenticated, match="does not verify"):
-        signer.verify(token[:-3] + "abc", "relay-a:1")
+        relay.verify(tampered, "relay-a:1")
     with pytest.raises(Unauthenticated, match="not a JWT"):
-        signer.verify("garbage", "relay-a:1")
-
-
-def test_tickets_rotate_sign_with_the_first_key_verify_with_any() -> None:
-    """Admission signs with the current key; relays that also know the previous one accept both."""
-    old, new = ("old", "o" * 40), ("new", "n" * 40)
-    during = TicketSigner([new, old], 60)
-    by_old = TicketSigner([old], 60).sign(
-        TicketSigner([old], 60).issue("r", 1, Role.ROLE_LISTENER, "relay:1")
+        relay.verify("garbage", "relay-a:1")
+    # What a relay holds cannot sign: an HS256 ticket keyed with the public key is refused by its alg.
+    forged = jwt.encode(
+        {"sub": "42", "room": "room1", "role": 1, "aud": "relay-a:1", "exp": 2**40},
+        public.partition("=")[2].encode(),
+        algorithm="HS256",
+        headers={"kid": "k1"},
     )
-    by_new = during.sign(during.issue("r", 1, Role.ROLE_LISTENER, "relay:1"))
+    with pytest.raises(Unauthenticated, match="says alg 'HS256', but key 'k1' is for ES256"):
+        relay.verify(forged, "relay-a:1")
+
+
+def test_tickets_rotate_sign_with_one_key_verify_with_any_listed() -> None:
+    """Relays list the new public key next to the old; admission then signs with the new one."""
+    (old, old_public), (new, new_public) = keys("old", 1), keys("new", 2)
+    by_old = old.sign(old.issue("r", 1, Role.ROLE_LISTENER, "relay:1"))
+    by_new = new.sign(new.issue("r", 1, Role.ROLE_LISTENER, "relay:1"))
     assert jwt.get_unverified_header(by_new)["kid"] == "new"
+    during = verifier(new_public, old_public)
     assert during.verify(by_old, "relay:1").user_id == during.verify(by_new, "relay:1").user_id == 1
-    after = TicketSigner([new], 60)
+    after = verifier(new_public)
     assert after.verify(by_new, "relay:1").room_id == "r"
     with pytest.raises(Unauthenticated, match="'old' is not known"):
         after.verify(by_old, "relay:1")
 
 
-def test_tickets_are_the_jwt_pyjwt_would_make() -> None:
-    """The join path signs tickets itself; the bytes must be what PyJWT makes (and verifies)."""
-    signer = TicketSigner([("k1", "s" * 40)], 60)
-    for room, upstream in (("Room_1-x", ()), ('odd"room\\', ("10.0.0.1:50052", "10.0.0.2:50052"))):
+def test_tickets_are_the_jwt_pyjwt_verifies_with_the_public_key() -> None:
+    """The join path signs tickets itself; PyJWT must read them with the public key alone."""
+    signer, public = keys("k1", 3)
+    key = TicketVerifier(parse_ticket_keys("tickets.public_keys", (public,), False))
+    for room, upstream in (("Room_1-x", ()), ('odd"room\\', ("10.0.0.1:50072", "10.0.0.2:50072"))):
         ticket = signer.issue(room, 42, Role.ROLE_LISTENER, "10.0.0.3:50052", upstream=upstream)
-        claims: dict[str, object] = {
-            "sub": "42", "room": room, "role": Role.ROLE_LISTENER, "aud": "10.0.0.3:50052",
+        token = signer.sign(ticket)
+        claims = jwt.decode(
+            token,
+            es256_public("k1", parse_ticket_keys("k", (public,), False)[0][1]),
+            algorithms=["ES256"],
+            audience="10.0.0.3:50052",
+        )
+        assert claims == {
+            "sub": "42",
+            "room": room,
+            "role": Role.ROLE_LISTENER,
+            "aud": "10.0.0.3:50052",
             "exp": ticket.expires_at,
-        }  # fmt: skip
-        if upstream:
-            claims["up"] = list(upstream)
-        assert signer.sign(ticket) == jwt.encode(claims, b"s" * 40, algorithm="HS256", headers={"kid": "k1"})
-        assert signer.verify(signer.sign(ticket), "10.0.0.3:50052") == ticket
+            **({"up": list(upstream)} if upstream else {}),
+        }
+        assert key.verify(token, "10.0.0.3:50052") == ticket
 
 
 @pytest.mark.parametrize("value", ["10.0.0.1:50051", "admission-0.admission:50051", "[fd00::1]:50051"])
@@ -120,14 +172,10 @@ def test_bounded_names_the_field() -> None:
 
 def test_a_ticket_carries_the_room_version_it_was_issued_at() -> None:
     """Relays compare it with the room's removals (`v`); tickets without it are version 0."""
-    signer = TicketSigner([("k1", "s" * 40)], 60)
-    ticket = signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1", room_version=17)
-    token = signer.sign(ticket)
-    assert jwt.decode(token, b"s" * 40, algorithms=["HS256"], audience="relay:1")["v"] == 17
-    assert signer.verify(token, "relay:1").room_version == 17
-    assert (
-        signer.verify(
-            signer.sign(signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1")), "relay:1"
-        ).room_version
-        == 0
-    )
+    signer, public = keys("k1", 4)
+    relay = verifier(public)
+    token = signer.sign(signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1", room_version=17))
+    assert jwt.decode(token, options={"verify_signature": False})["v"] == 17
+    assert relay.verify(token, "relay:1").room_version == 17
+    unversioned = signer.sign(signer.issue("r", 42, Role.ROLE_SPEAKER, "relay:1"))
+    assert relay.verify(unversioned, "relay:1").room_version == 0

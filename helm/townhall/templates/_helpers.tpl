@@ -77,10 +77,52 @@ The ServiceAccount of admission and relay pods.
 {{- end }}
 
 {{/*
-The Secret holding the signing keys (keys auth-keys, service-keys, tickets-keys).
+The Secret holding the keys (auth-keys, service-keys, tickets-private-key, tickets-public-keys).
 */}}
 {{- define "townhall.secretName" -}}
 {{- default (include "townhall.fullname" .) .Values.keys.existingSecret }}
+{{- end }}
+
+{{/*
+Stops the render when a key is missing: no key is generated or defaulted (see keys in values.yaml).
+*/}}
+{{- define "townhall.checkKeys" -}}
+{{- if not .Values.keys.existingSecret }}
+{{- $missing := list }}
+{{- if not .Values.keys.service }}{{ $missing = append $missing "keys.service" }}{{ end }}
+{{- if not .Values.keys.tickets.privateKey }}{{ $missing = append $missing "keys.tickets.privateKey" }}{{ end }}
+{{- if not .Values.keys.tickets.publicKeys }}{{ $missing = append $missing "keys.tickets.publicKeys" }}{{ end }}
+{{- if not (or .Values.keys.auth .Values.keys.jwksSecret) }}{{ $missing = append $missing "keys.auth (or keys.jwksSecret)" }}{{ end }}
+{{- if $missing }}
+{{- fail (printf "keys are required and never generated: set %s (`townhall keys --helm` prints a fresh set), or keys.existingSecret" (join ", " $missing)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The keys each component's container gets, as (environment variable, Secret key): admission signs tickets
+and checks users; relays verify tickets with the public keys only; the notifier checks users.
+*/}}
+{{- define "townhall.componentKeys" -}}
+{{- $auth := dict "TOWNHALL_AUTH_KEYS" "auth-keys" }}
+{{- $service := dict "TOWNHALL_AUTH_SERVICE_KEYS" "service-keys" }}
+{{- $public := dict "TOWNHALL_TICKETS_PUBLIC_KEYS" "tickets-public-keys" }}
+{{- $private := dict "TOWNHALL_TICKETS_PRIVATE_KEY" "tickets-private-key" }}
+{{- if eq . "relay" }}
+{{- toJson (merge $service $public) }}
+{{- else if eq . "notifier" }}
+{{- toJson (merge $auth $service) }}
+{{- else }}
+{{- toJson (merge $auth $service $public $private) }}
+{{- end }}
+{{- end }}
+
+{{/*
+An address of each relay's internal port, the relays' pull source: $(POD_NAME) under the relay headless
+Service. The relays list (TOWNHALL_ADMISSION_RELAYS_INTERNAL) expands it for relay-0..N-1.
+*/}}
+{{- define "townhall.relayInternal" -}}
+{{- printf "$(POD_NAME).%s-headless.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "relay")) .Release.Namespace .Values.clusterDomain (int .Values.relay.internalPort) }}
 {{- end }}
 
 {{/*
@@ -155,6 +197,19 @@ relay-0..N-1. An advertise address without $(POD_NAME) names one relay, so it ne
 {{- end }}
 
 {{/*
+The relays' internal addresses, in the order of townhall.relayAddresses (TOWNHALL_ADMISSION_RELAYS_INTERNAL).
+*/}}
+{{- define "townhall.relayInternalAddresses" -}}
+{{- $template := include "townhall.relayInternal" . }}
+{{- $relay := include "townhall.componentName" (dict "ctx" . "component" "relay") }}
+{{- $addresses := list }}
+{{- range $i := until (int (include "townhall.shards" .Values.relay)) }}
+{{- $addresses = append $addresses (replace "$(POD_NAME)" (printf "%s-%d" $relay $i) $template) }}
+{{- end }}
+{{- join "," $addresses }}
+{{- end }}
+
+{{/*
 One config value as environment text: lists comma-joined, whole numbers without an exponent (YAML numbers
 reach templates as float64, and 1000000 would otherwise print as 1e+06).
 */}}
@@ -183,7 +238,8 @@ Call with (dict "ctx" $ "values" .Values.relay).
 */}}
 {{- define "townhall.podAnnotations" -}}
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
-{{- /* Keys reach the containers as environment variables, read at start: a new key list rolls the pods. */}}
+{{- /* Keys reach the containers as environment variables, read at start: new keys (or a new
+     existingSecret name) roll the pods. */}}
 checksum/keys: {{ toJson .ctx.Values.keys | sha256sum }}
 {{- if .ctx.Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
@@ -230,6 +286,11 @@ is not the component (the crowd lane runs townhall.admission).
     - name: grpc
       containerPort: {{ .values.port }}
       protocol: TCP
+    {{- if .values.internalPort }}
+    - name: internal
+      containerPort: {{ .values.internalPort }}
+      protocol: TCP
+    {{- end }}
     - name: metrics
       containerPort: {{ .values.metricsPort }}
       protocol: TCP
@@ -246,7 +307,7 @@ is not the component (the crowd lane runs townhall.admission).
       valueFrom:
         fieldRef:
           fieldPath: metadata.name
-    {{- range $env, $key := dict "TOWNHALL_AUTH_KEYS" "auth-keys" "TOWNHALL_AUTH_SERVICE_KEYS" "service-keys" "TOWNHALL_TICKETS_KEYS" "tickets-keys" }}
+    {{- range $env, $key := include "townhall.componentKeys" (.module | default .component) | fromJson }}
     - name: {{ $env }}
       valueFrom:
         secretKeyRef:

@@ -94,7 +94,7 @@ class AdmissionApp:
             tls=config.tls,
         )
         self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
-        self.auth = Authenticator(config.auth, "admission")
+        self.auth = Authenticator(config.auth, "admission", own.address)
         self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
             self.store.book,
@@ -124,6 +124,7 @@ class AdmissionApp:
             FairBudget(own.admit_rate),
             own.waiting_room,
             self.placer,
+            own.relays_internal,
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)

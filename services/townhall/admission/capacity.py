@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from townhall.admission.cluster import Peers
+from townhall.admission.cluster import ACQUIRE, Peers
 from townhall.admission.leases import Allowance, LeaseBook
 from townhall.admission.metrics import LEASE_CALLS, ROOMS_TAKEN_OVER
 from townhall.admission.rooms import RoomBook
@@ -176,7 +176,7 @@ class Capacity:
         try:
             reply = await self._peers.leases(owner).Acquire(
                 request,
-                metadata=self._peers.forwarding.internal(),
+                metadata=self._peers.forwarding.internal(owner, ACQUIRE),
                 timeout=LEASE_TIMEOUT_S,
                 wait_for_ready=True,
             )

@@ -30,6 +30,8 @@ RETRY_AFTER_MS = (1_000, 3_000)  # jittered, so shed clients do not come back in
 # A waiting user comes back after about this long per place ahead of them, within these bounds.
 WAIT_MS_PER_PLACE = 2.0
 WAIT_MS = (200, 3_000)
+# Relay paths whose internal addresses are remembered.
+MAX_PATHS = 10_000
 
 
 class Admitter:
@@ -45,9 +47,13 @@ class Admitter:
         budget: FairBudget,
         waiting_room: int,
         placer: Placer | None = None,
+        relays_internal: Sequence[str] = (),
     ) -> None:
         self._book = book
         self._placer = placer
+        # A ticket names the relays above its relay by their internal address: the edge pulls there.
+        self._internal = dict(zip(relays, relays_internal, strict=False))
+        self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
         self._signer = signer
         self._relays = list(relays)
         self._presence = presence
@@ -82,8 +88,11 @@ class Admitter:
             if waiting is not None:
                 return waiting
         relay = self._relay_for(room_id, user, on_stage=not listener)
+        upstream = self._paths.get(relay.upstream)
+        if upstream is None:
+            upstream = self._internal_path(relay.upstream)
         ticket = self._signer.issue(
-            room_id, user, role, relay.relay, upstream=relay.upstream, room_version=room.version
+            room_id, user, role, relay.relay, upstream=upstream, room_version=room.version
         )
         self._presence.record(KIND_JOIN, room_id, user, role)
         JOINS_ADMITTED.inc()
@@ -94,6 +103,13 @@ class Admitter:
         grant.role = role
         grant.expires_at_ms = ticket.expires_at * 1000
         return response
+
+    def _internal_path(self, path: tuple[str, ...]) -> tuple[str, ...]:
+        """The internal addresses of a path of relays (remembered: a room has a handful of paths)."""
+        if len(self._paths) >= MAX_PATHS:
+            self._paths = {(): ()}
+        internal = self._paths[path] = tuple(self._internal.get(relay, relay) for relay in path)
+        return internal
 
     def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:
         """The relay a user of the room is sent to, and the relays above it in the room's tree."""

@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 
 from townhall.admission import stage
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, MODERATION, Peers
+from townhall.admission.servicer import shown
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import validation
 from townhall.core.auth import MODERATE, PUBLISH, SUBSCRIBE
@@ -95,14 +96,18 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
     ) -> Room:
         """Runs `rule` on the owner: here if this process owns the room (or the call was forwarded here)."""
         room_id = validation.room_id(request.room_id)
-        if self._peers.is_owner(room_id) or self._peers.forwarding.check(context):
+        if self._peers.forwarding.check(context):
+            # The whole room: the member that forwarded the call applies it to its replica.
             return await self._store.change(room_id, change, rule)
+        if self._peers.is_owner(room_id):
+            return shown(context, await self._store.change(room_id, change, rule))
         method = type(request).__name__.removesuffix("Request")
-        stub = self._peers.moderation(self._peers.owner(room_id))
+        owner = self._peers.owner(room_id)
+        stub = self._peers.moderation(owner)
         try:
             room: Room = await getattr(stub, method)(
                 request,
-                metadata=self._peers.forwarding.forward(context),
+                metadata=self._peers.forwarding.forward(context, owner, MODERATION + method),
                 timeout=FORWARD_TIMEOUT_S,
                 wait_for_ready=True,
             )
@@ -110,7 +115,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
             raise from_rpc(exc) from exc
         # Applied here at once, so the caller reads its own change from this process.
         self._store.book.apply(room)
-        return room
+        return shown(context, room)
 
 
 def _role_name(role: int) -> str:

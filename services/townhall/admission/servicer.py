@@ -9,16 +9,16 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, Peers
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, Peers
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
-from townhall.admission.stage import listed
+from townhall.admission.stage import listed, shown_to
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
-from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
-from townhall.core.identity import caller, principal, require
+from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
+from townhall.core.identity import caller, principal, require, service_caller
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
@@ -54,13 +54,14 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         # idempotency key it is the same on every attempt, so a repeated create finds the first room.
         room_id = room_id_for(host, key) if key else new_room_id()
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
-        return await self._on_owner(
+        room = await self._on_owner(
             room_id,
             lambda: self._store.create(host, title, speakers, limit, room_id, replay=bool(key)),
             lambda owner, timeout: self._peers.owner_api(owner).CreateRoom(
-                forward, metadata=self._peers.forwarding.internal(), timeout=timeout
+                forward, metadata=self._peers.forwarding.internal(owner, OWNER_CREATE), timeout=timeout
             ),
         )
+        return shown(context, room)
 
     async def StartRoom(self, request: rooms_pb2.StartRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         user = require(context, HOST)
@@ -70,7 +71,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.start(room_id, user),
             lambda owner, timeout: self._peers.rooms(owner).StartRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "StartRoom"),
+                timeout=timeout,
             ),
         )
 
@@ -86,7 +89,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.schedule(room_id, user, request.start_at_ms),
             lambda owner, timeout: self._peers.rooms(owner).ScheduleRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "ScheduleRoom"),
+                timeout=timeout,
             ),
         )
 
@@ -98,7 +103,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             context,
             lambda: self._store.end(room_id, user),
             lambda owner, timeout: self._peers.rooms(owner).EndRoom(
-                request, metadata=self._peers.forwarding.forward(context), timeout=timeout
+                request,
+                metadata=self._peers.forwarding.forward(context, owner, ROOMS + "EndRoom"),
+                timeout=timeout,
             ),
         )
         self._admitter.forget_ended()
@@ -114,8 +121,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         """A change of an existing room: served here if forwarded here, else on the room's owner."""
         if self._peers.forwarding.check(context):
             # A member that takes this process for the owner sent it: serve it, unless handing over.
+            # The whole room: the member applies it to its replica, and shows the caller its part.
             return await serve_as_owner(self._peers, here)
-        return await self._on_owner(room_id, here, there)
+        return shown(context, await self._on_owner(room_id, here, there))
 
     async def _on_owner(
         self,
@@ -147,7 +155,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             return room
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
-        return self._store.book.get(validation.room_id(request.room_id))
+        return shown(context, self._store.book.get(validation.room_id(request.room_id)))
 
     async def ListLiveRooms(
         self, request: rooms_pb2.ListLiveRoomsRequest, context: grpc.aio.ServicerContext
@@ -217,9 +225,22 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
     async def Acquire(self, request: AcquireRequest, context: grpc.aio.ServicerContext) -> AcquireResponse:
         validation.room_id(request.room_id)
         validation.address(request.member, "member")
+        calling = service_caller()
+        if request.member != calling.member:
+            # The book counts admits per member: a member reports its own, never another's.
+            raise PermissionDenied(
+                f"member is {request.member!r}, but the service credential is "
+                f"{calling.kind}@{calling.member}'s"
+            )
         # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
         validation.bounded(request.held, "held", 0, MAX_HELD)
         return self._capacity.grant(request)
+
+
+def shown(context: grpc.aio.ServicerContext, room: Room) -> Room:
+    """The room as the caller may see it: bans, raised hands and invitations only to its moderators."""
+    who = principal(context)
+    return shown_to(room, who.user_id, who.grants)
 
 
 async def serve_as_owner(peers: Peers, change: Callable[[], Awaitable[Room]]) -> Room:

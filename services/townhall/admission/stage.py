@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableSequence
 
 from townhall.admission.rooms import MAX_SPEAKERS, role_of
+from townhall.core.auth import MODERATE
 from townhall.core.errors import FailedPrecondition, LimitReached, PermissionDenied
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_LISTENER, ROLE_SPEAKER, Removal, Role, Room, RoomState
 
@@ -38,14 +39,37 @@ def on_stage(room: Room, user: int) -> bool:
     return user == room.host_id or user in room.cohost_ids or user in room.speaker_ids
 
 
+def moderates(room: Room, user: int, grants: Iterable[str]) -> bool:
+    """Whether the user may moderate the room: its host or a co-host, with the `moderate` grant."""
+    return MODERATE in grants and (user == room.host_id or user in room.cohost_ids)
+
+
+def shown_to(room: Room, user: int, grants: Iterable[str]) -> Room:
+    """The room as `user` may see it: moderators see everything; anyone else sees no bans or removals,
+    and of the raised hands and invitations only their own."""
+    if moderates(room, user, grants):
+        return room
+    return _public(room, user)
+
+
 def listed(room: Room) -> Room:
-    """The room as ListLiveRooms shows it: without its bans and removals (up to ~14 KB; GetRoom has them)."""
-    if not room.banned_ids and not room.removals:
+    """The room as ListLiveRooms shows it to anyone: no bans, removals, raised hands or invitations."""
+    return _public(room, 0)
+
+
+def _public(room: Room, user: int) -> Room:
+    hidden = ("banned_ids", "removals", "hand_ids", "invited_ids")
+    if not any(getattr(room, name) for name in hidden):
         return room
     shown = Room()
     shown.CopyFrom(room)
     del shown.banned_ids[:]
     del shown.removals[:]
+    for name in ("hand_ids", "invited_ids"):
+        own = user in getattr(room, name)
+        del getattr(shown, name)[:]
+        if own:
+            getattr(shown, name).append(user)
     return shown
 
 

@@ -49,7 +49,7 @@ from townhall.bench.relay import (
 )
 from townhall.bench.stats import LatencyHistogram, percentile
 from townhall.core.channels import channel
-from townhall.core.config import TlsConfig
+from townhall.core.config import DEV_ENV, TlsConfig
 from townhall.core.tickets import TICKET_KEY
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1 import relay_pb2_grpc
@@ -90,10 +90,12 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
     with open(out_dir / f"audience-relays-{chunk_ms}ms.log", "w") as log:
         try:
             for index in range(edges + 1):
-                port = free_port()
+                port, internal = free_port(), f"127.0.0.1:{free_port()}"
                 relay_env = {
                     **env,
+                    **DEV_ENV,
                     "TOWNHALL_RELAY_LISTEN": f"127.0.0.1:{port}",
+                    "TOWNHALL_RELAY_INTERNAL_LISTEN": internal,
                     "TOWNHALL_RELAY_METRICS_PORT": "0",
                     "TOWNHALL_RELAY_CHUNK_MS": str(chunk_ms),
                     "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
@@ -104,6 +106,7 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
                 name = "origin" if index == 0 else f"edge-{index}"
                 argv = [sys.executable, "-m", "townhall.relay"]
                 started.append(_start(name, argv, relay_env, port, log))
+                started[-1].internal = internal
             yield started
         finally:
             _stop_all(started)
@@ -270,7 +273,14 @@ async def _interval(
                 for attempt in range(1 + STEP_RETRIES):
                     task = progress.add_task(f"{chunk_ms} ms, {per_edge}x{edges} on edges", total=seconds)
                     step = await _phase(
-                        edge_servers, (origin.address,), per_edge, seconds, [origin], baseline, progress, task
+                        edge_servers,
+                        (origin.internal,),
+                        per_edge,
+                        seconds,
+                        [origin],
+                        baseline,
+                        progress,
+                        task,
                     )
                     step["origin_cores"] = step.pop("other_cores")[0]
                     step["passed"] = _passed(step, chunk_ms)

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,26 @@ from townhall.bench.joinstorm import make_rooms, wait_live
 from townhall.bench.joinstorm_bench import admission
 from townhall.core.auth import SUBSCRIBE, Authenticator, Tokens, bearer
 from townhall.core.channels import channel
-from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig, load
 from townhall.core.kafka import ensure_topics
+from townhall.core.tickets import REQUIRED_CLAIMS as TICKET_CLAIMS
+from townhall.core.tickets import TicketSigner, TicketVerifier
+from townhall.core.tokens import KeyRing, SigningKey, Verifier
 from townhall.devtools.kafka_broker import Broker, free_port
 from townhall.v1.admission_pb2 import JoinRequest
+from townhall.v1.common_pb2 import Role
 
 JOIN = "/townhall.v1.Admission/Join"
+HS_SECRET = "a-ticket-secret-of-the-old-hs256-kind-0123"
 CONCURRENCY = 32
 POOL = 2000  # users whose tokens repeat in the seen-token phases
 
 
 def micro(samples: int = 20_000) -> dict[str, float]:
     """Microseconds per operation in this process: verify (miss), verify (hit), mint."""
-    tokens = Tokens(AuthConfig())
-    cold = Authenticator(AuthConfig(cache_size=0))
-    warm = Authenticator(AuthConfig())
+    tokens = Tokens(DEV_AUTH)
+    cold = Authenticator(dataclasses.replace(DEV_AUTH, cache_size=0))
+    warm = Authenticator(DEV_AUTH)
     metadata = [bearer(tokens.mint(i + 1, (SUBSCRIBE,))) for i in range(samples)]
     for md in metadata:
         warm.principal(md)
@@ -63,6 +70,42 @@ def micro(samples: int = 20_000) -> dict[str, float]:
         "verify_hit_us": round(hit * 1e6, 2),
         "mint_us": round(minted / samples * 1e6, 2),
     }
+
+
+def tickets(samples: int = 5_000) -> dict[str, float]:
+    """Microseconds to issue and sign one listener ticket (the join path) and to verify one (a relay,
+    per stream open): ES256 as now, against HS256 as tickets were signed before, with the same
+    claims and the same code around the signature."""
+    config = load(env=DEV_ENV).tickets
+    es = TicketSigner.from_config(config)
+    hs = TicketSigner.from_config(config)
+    hs._key = SigningKey("hs", HS_SECRET)  # type: ignore[assignment]  # the HS256 signer tickets had
+    relay = "10.0.0.3:50052"
+    path = ("10.0.0.1:50072",)
+    es_verifier = TicketVerifier.from_config(config)
+    hs_verifier = Verifier(
+        "ticket", KeyRing([("hs", HS_SECRET)]), lambda claims: claims, require=TICKET_CLAIMS, audience=relay
+    )
+    figures: dict[str, float] = {}
+    verifiers: dict[str, Callable[[str], object]] = {
+        "es256": lambda token: es_verifier.verify(token, relay),
+        "hs256": hs_verifier.verify,
+    }
+    for name, signer in (("es256", es), ("hs256", hs)):
+        start = time.perf_counter()
+        made = [
+            signer.sign(signer.issue("r" * 16, i + 1, Role.ROLE_LISTENER, relay, upstream=path))
+            for i in range(samples)
+        ]
+        signed = time.perf_counter() - start
+        verify = verifiers[name]
+        start = time.perf_counter()
+        for token in made:
+            verify(token)
+        verified = time.perf_counter() - start
+        figures[f"ticket_sign_{name}_us"] = round(signed / samples * 1e6, 2)
+        figures[f"ticket_verify_{name}_us"] = round(verified / samples * 1e6, 2)
+    return figures
 
 
 async def _drive(address: str, room: str, metadata: list[Any], joins: int) -> int:
@@ -104,7 +147,7 @@ async def _phase(address: str, pid: int, room: str, metadata: list[Any], joins: 
 async def _server_phases(out_dir: Path, joins: int) -> dict[str, Any]:
     broker = Broker(out_dir / "auth-kafka", port=free_port())
     broker.start()
-    auth, tls = AuthConfig(), TlsConfig()
+    auth, tls = DEV_AUTH, TlsConfig()
     tokens = Tokens(auth)
     seen = [bearer(tokens.mint(10**12 + i, (SUBSCRIBE,))) for i in range(POOL)]
     phases: dict[str, Any] = {}
@@ -130,7 +173,7 @@ def run(out_dir: Path, joins: int = 20_000) -> dict[str, Any]:
     """Runs both parts, prints a table, writes out_dir/auth.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     console = Console() if Console().is_terminal else Console(width=160)
-    figures = micro()
+    figures = {**micro(), **tickets()}
     phases = asyncio.run(_server_phases(out_dir, joins))
     on, off = phases["seen_tokens_cache_on"], phases["seen_tokens_cache_off"]
     report = {

@@ -20,7 +20,7 @@ import grpc
 from townhall.bench.stats import LatencyHistogram
 from townhall.core.auth import AUTHORIZATION, SUBSCRIBE, Tokens
 from townhall.core.channels import channel
-from townhall.core.config import AuthConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, AuthConfig, TlsConfig
 from townhall.v1.admission_pb2 import JoinRequest
 
 METHOD = "/townhall.v1.Admission/Join"
@@ -43,7 +43,7 @@ class Spec:
     warmup_s: float
     seconds: float
     first_user: int
-    auth: AuthConfig = field(default_factory=AuthConfig)
+    auth: AuthConfig = DEV_AUTH
     tls: TlsConfig = field(default_factory=TlsConfig)
     max_inflight: int = 4000
     # Where the hot room's joins go (admission's crowd lane); empty: `addresses`, like the cold rooms.

@@ -27,7 +27,7 @@ from townhall.bench import ghz, joingen
 from townhall.bench.stats import LatencyHistogram
 from townhall.client import Client, Endpoints
 from townhall.core.auth import HOST, Tokens
-from townhall.core.config import AuthConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, AuthConfig, TlsConfig
 
 START_DELAY_S = 2.0  # generators spawn and connect before the first arrival
 
@@ -50,7 +50,7 @@ class Load:
     # crowd send them); empty: `addresses`, like the cold rooms.
     hot_addresses: tuple[str, ...] = ()
     # The keys and TLS of the servers under test: joiners' tokens are signed with auth.keys[0].
-    auth: AuthConfig = field(default_factory=AuthConfig)
+    auth: AuthConfig = DEV_AUTH
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 

@@ -45,7 +45,7 @@ from townhall.bench import ghz
 from townhall.bench.env import LIMITS
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
 from townhall.core.channels import blocking_channel
-from townhall.core.config import AuthConfig, KafkaConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig, load
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
 from townhall.devtools.kafka_broker import Broker, free_port
@@ -55,7 +55,7 @@ from townhall.v1.common_pb2 import Role
 START_TIMEOUT_S = 30.0
 # The servers under test run with the defaults (their TOWNHALL_* variables are cleared):
 # development keys, no TLS; rate limits that never refuse (bench/env.py).
-AUTH, TLS = AuthConfig(), TlsConfig()
+AUTH, TLS = DEV_AUTH, TlsConfig()
 
 
 @contextlib.contextmanager
@@ -79,14 +79,22 @@ def _process(
 
 
 def _admission_env(
-    bootstrap: str, owners: list[str], me: str, admit_rate: float, crowd: bool, extra: dict[str, str]
+    bootstrap: str,
+    members: list[str],
+    me: str,
+    internal: str,
+    admit_rate: float,
+    crowd: bool,
+    extra: dict[str, str],
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")}
     env.update(
+        DEV_ENV,
         TOWNHALL_KAFKA_BOOTSTRAP=bootstrap,
         TOWNHALL_ADMISSION_LISTEN=me,
+        TOWNHALL_ADMISSION_INTERNAL_LISTEN=internal,
         TOWNHALL_ADMISSION_METRICS_PORT="0",
-        TOWNHALL_ADMISSION_MEMBERS=",".join(owners),
+        TOWNHALL_ADMISSION_MEMBERS=",".join(members),
         TOWNHALL_ADMISSION_ADMIT_RATE=str(admit_rate),
         TOWNHALL_LOG_LEVEL="warning",
         **LIMITS,
@@ -120,11 +128,15 @@ def admission(
     """`count` owners and `crowd` crowd-lane processes on the broker (with `extra` TOWNHALL_* settings)."""
     owners = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     lane = [f"127.0.0.1:{free_port()}" for _ in range(crowd)]
+    # Members know each other by their internal ports.
+    internal = [f"127.0.0.1:{free_port()}" for _ in range(count + crowd)]
     with contextlib.ExitStack() as stack:
         pids = []
         for i, address in enumerate([*owners, *lane]):
             argv = [sys.executable, "-m", "townhall.admission"]
-            env = _admission_env(bootstrap, owners, address, admit_rate, i >= count, extra or {})
+            env = _admission_env(
+                bootstrap, internal[:count], address, internal[i], admit_rate, i >= count, extra or {}
+            )
             pids.append(stack.enter_context(_process(argv, env, address, logs / f"admission-{i}.log")).pid)
         yield Admission(tuple(owners), tuple(lane), pids)
 
@@ -144,7 +156,7 @@ def busy_cores(count: int, seconds: float) -> Iterator[None]:
 
 def jwt_cost_us(samples: int = 20_000) -> float:
     """Microseconds to issue and sign one listener ticket, in this process."""
-    signer = TicketSigner([("bench", "x" * 40)], 3600)
+    signer = TicketSigner.from_config(load(env=DEV_ENV).tickets)
     start = time.perf_counter()
     for i in range(samples):
         signer.sign(signer.issue("r" * 16, i + 1, Role.ROLE_LISTENER, "127.0.0.1:50052"))

@@ -17,7 +17,7 @@ import timeit
 from typing import Any
 
 from townhall.core.auth import SUBSCRIBE, Authenticator, Tokens
-from townhall.core.config import AuthConfig, LimitsConfig
+from townhall.core.config import DEV_AUTH, LimitsConfig
 from townhall.core.interceptor import _checker, _parser
 from townhall.core.limits import Limits
 from townhall.v1.admission_pb2 import JoinRequest
@@ -39,8 +39,8 @@ class _Context:
 
 def measure(calls: int = 200_000, users: int = 10_000, repeat: int = 5) -> dict[str, float]:
     """Microseconds per call (best of `repeat`) for each variant, and the differences."""
-    auth = Authenticator(AuthConfig())
-    tokens = Tokens(AuthConfig())
+    auth = Authenticator(DEV_AUTH)
+    tokens = Tokens(DEV_AUTH)
     contexts = [
         _Context(
             f"ipv4:10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:{40000 + i % 1000}",

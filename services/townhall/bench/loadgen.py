@@ -21,7 +21,7 @@ from rich.progress import Progress
 
 from townhall.bench.stats import LatencyHistogram, gap
 from townhall.core.channels import channel
-from townhall.core.config import TicketConfig, TlsConfig
+from townhall.core.config import DEV_ENV, TlsConfig, load
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.core.wire import read_varint
@@ -157,7 +157,7 @@ def _identity(data: bytes) -> bytes:
 
 
 async def _run(spec: Spec, conn: Connection) -> None:
-    signer = TicketSigner.from_config(TicketConfig())  # the relays under test run with the default key
+    signer = TicketSigner.from_config(load(env=DEV_ENV).tickets)  # the relays under test run with it
     counters = _Counters()
     channels = [
         # A local subchannel pool gives each channel its own TCP connection (else they share one).

@@ -46,7 +46,7 @@ from townhall.bench.stats import percentile
 from townhall.cli.graph import import_with_progress
 from townhall.core.auth import Tokens, bearer
 from townhall.core.channels import blocking_channel, channel
-from townhall.core.config import KafkaConfig, TlsConfig, load
+from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.devtools.events import publish_room_started
 from townhall.devtools.kafka_broker import Broker, free_port
@@ -81,7 +81,7 @@ CELEBRITY = 1
 
 def _tokens() -> Tokens:
     """User tokens the notifiers accept: they inherit this process's TOWNHALL_* settings."""
-    return Tokens(load().auth)
+    return Tokens(DEV_AUTH)
 
 
 INBOX_PER_HOST = 2
@@ -94,6 +94,7 @@ class Notifier:
     address: str
     data_dir: Path
     process: subprocess.Popen[bytes]
+    internal: str  # its internal port: Graph.Import, and the member address the graph is sharded over
 
     @property
     def ps(self) -> psutil.Process:
@@ -123,15 +124,18 @@ def _cluster(work: Path, count: int, bulk_threshold: int) -> Iterator[tuple[Brok
     try:
         asyncio.run(ensure_topics(KafkaConfig(bootstrap=broker.bootstrap)))
         addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+        members = [f"127.0.0.1:{free_port()}" for _ in range(count)]
         group = f"bench-{uuid.uuid4().hex[:8]}"
-        for i, address in enumerate(addresses):
+        for i, (address, member) in enumerate(zip(addresses, members, strict=True)):
             env = {
                 **os.environ,
+                **DEV_ENV,
                 "TOWNHALL_KAFKA_BOOTSTRAP": broker.bootstrap,
                 "TOWNHALL_NOTIFIER_LISTEN": address,
+                "TOWNHALL_NOTIFIER_INTERNAL_LISTEN": member,
                 "TOWNHALL_NOTIFIER_METRICS_PORT": "0",
                 "TOWNHALL_NOTIFIER_DATA_DIR": str(work / f"notifier-{i}"),
-                "TOWNHALL_NOTIFIER_MEMBERS": ",".join(addresses),
+                "TOWNHALL_NOTIFIER_MEMBERS": ",".join(members),
                 "TOWNHALL_NOTIFIER_GROUP_ID": group,
                 "TOWNHALL_NOTIFIER_BULK_THRESHOLD": str(bulk_threshold),
                 "TOWNHALL_NOTIFIER_INBOX_QUEUE": "4096",
@@ -142,7 +146,7 @@ def _cluster(work: Path, count: int, bulk_threshold: int) -> Iterator[tuple[Brok
             process = subprocess.Popen(
                 [sys.executable, "-m", "townhall.notifier"], env=env, stdout=log, stderr=subprocess.STDOUT
             )
-            notifiers.append(Notifier(address, work / f"notifier-{i}", process))
+            notifiers.append(Notifier(address, work / f"notifier-{i}", process, member))
         for n in notifiers:
             _wait_serving(n.address, n.process, START_TIMEOUT_S)
         yield broker, notifiers
@@ -341,7 +345,7 @@ def run(
         small_followers = sum(len(f) for _, f in hosts)
         with _cluster(work, notifiers, bulk_threshold) as (broker, procs):
             kafka = KafkaConfig(bootstrap=broker.bootstrap)
-            imported = import_with_progress(procs[0].address, graph, edges, console, load().auth)
+            imported = import_with_progress(procs[0].internal, graph, edges, console, DEV_AUTH)
             store_bytes = sum(_store_bytes(n.data_dir) for n in procs)
             report_run = _measure(console, kafka, procs, broker, hosts, followers, spec.users, window_s)
     figures = {

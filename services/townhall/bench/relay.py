@@ -37,7 +37,7 @@ from townhall.bench.env import LIMITS
 from townhall.bench.loadgen import cpu_s
 from townhall.bench.stats import LatencyHistogram, percentile
 from townhall.core.channels import blocking_channel, channel
-from townhall.core.config import TicketConfig, TlsConfig
+from townhall.core.config import DEV_ENV, TlsConfig, load
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
 from townhall.v1 import relay_pb2_grpc
@@ -58,6 +58,8 @@ class Server:
     name: str
     address: str
     process: subprocess.Popen[bytes]
+    # A relay's internal port (where other relays pull from), if it has one.
+    internal: str = ""
 
     @property
     def ps(self) -> psutil.Process:
@@ -89,7 +91,9 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
             relay_port, ceiling_port = free_port(), free_port()
             relay_env = {
                 **env,
+                **DEV_ENV,
                 "TOWNHALL_RELAY_LISTEN": f"127.0.0.1:{relay_port}",
+                "TOWNHALL_RELAY_INTERNAL_LISTEN": f"127.0.0.1:{free_port()}",
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_CHUNK_MS": str(CHUNK_MS),
                 "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka in the bench
@@ -136,8 +140,8 @@ async def speak(address: str, room_id: str, stop: asyncio.Event, user: int = 1) 
 
 
 def bench_signer() -> TicketSigner:
-    """Tickets for the relays a benchmark starts (they run with the default, development ticket key)."""
-    return TicketSigner.from_config(TicketConfig())
+    """Tickets for the relays a benchmark starts (they run with the development ticket keys)."""
+    return TicketSigner.from_config(load(env=DEV_ENV).tickets)
 
 
 async def _phase(

@@ -15,7 +15,7 @@ import signal
 
 import grpc
 
-from townhall.core.config import Config
+from townhall.core.config import DEV_ENV, Config, load
 from townhall.core.process import tune_gc
 from townhall.core.server import server_options
 from townhall.core.tickets import TicketSigner
@@ -27,7 +27,7 @@ SERVICE = "townhall.v1.Admission"
 
 def sample_reply() -> bytes:
     """A JoinResponse the size of a real grant (a listener ticket for a 16-character room id)."""
-    signer = TicketSigner([("bench", "x" * 40)], 3600)
+    signer = TicketSigner.from_config(load(env=DEV_ENV).tickets)
     ticket = signer.issue("r" * 16, 2**40, Role.ROLE_LISTENER, "127.0.0.1:50052")
     grant = Grant(ticket=signer.sign(ticket), relay_address="127.0.0.1:50052", role=Role.ROLE_LISTENER)
     grant.expires_at_ms = ticket.expires_at * 1000

@@ -3,12 +3,13 @@ services are (flags first, then the local topology.json)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from townhall.client import Endpoints
 from townhall.core.auth import Tokens
-from townhall.core.config import Config, ConfigError, load
+from townhall.core.config import DEV_AUTH, AuthConfig, Config, ConfigError, load
 from townhall.devtools.topology import load_manifest
 
 _loaded: dict[str, Config] = {}
@@ -26,10 +27,20 @@ def config(path: str | Path | None = None) -> Config:
     return _loaded[key]
 
 
+def minting(path: str | Path | None = None) -> AuthConfig:
+    """[auth] as the CLI signs with it (user tokens, an operator's import): the configured keys (the
+    first entry of auth.keys, auth.service_keys), else the development keys, which `townhall dev`'s
+    processes accept and no other process does unless it is given them."""
+    auth = config(path).auth
+    return dataclasses.replace(
+        auth, keys=auth.keys or DEV_AUTH.keys, service_keys=auth.service_keys or DEV_AUTH.service_keys
+    )
+
+
 def tokens(path: str | Path | None = None, ttl_s: float = 3600) -> Tokens:
-    """Mints development tokens with the configured key (auth.keys, first entry)."""
+    """Mints user tokens (see `minting`)."""
     try:
-        return Tokens(config(path).auth, ttl_s)
+        return Tokens(minting(path), ttl_s)
     except ConfigError as exc:
         print(f"townhall: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -56,3 +67,8 @@ def resolve(
         tls,
         crowd or (crowd_lane[0] if crowd_lane else ""),
     )
+
+
+def internal_address(manifest: Path, service: str) -> str:
+    """The internal host:port of the first process of `service` in the local topology."""
+    return str(load_manifest(manifest)["services"][service][0]["internal"])

@@ -9,12 +9,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from townhall.cli.endpoints import config, resolve
-from townhall.core.auth import Authenticator
+from townhall.cli.endpoints import config, internal_address, minting
 from townhall.core.config import AuthConfig, TlsConfig
+from townhall.core.credentials import operator_credential
 from townhall.notifier.graphfile import GraphSpec, ImportResult, import_file, read_pairs, write
 
 console = Console()
+IMPORT = "/townhall.v1.Graph/Import"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +31,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     gen.add_argument("--seed", type=int, default=GraphSpec.seed)
     imp = actions.add_parser("import", help="stream FILE of (followee, follower) pairs to a notifier")
     imp.add_argument("file", type=Path)
+    imp.add_argument(
+        "--internal",
+        help="the notifier's internal host:port, where Import is served (default: topology.json)",
+    )
+    imp.add_argument(
+        "--member",
+        help="the notifier's notifier.advertise, if --internal is another way to reach it (a port-forward)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
             edges = write(spec, args.file)
         console.print(f"{edges:,} edges written to {args.file} (celebrity: user {spec.celebrity})")
         return 0
-    address = resolve(args.root / "topology.json", "-", args.notifier, args.config).notifier
-    # Import is an operator's call: it takes the service credential (auth.service_keys), not a user token.
+    # Import is an operator's call, served on the notifier's internal port: it takes a service
+    # credential (auth.service_keys) for that notifier, not a user token.
+    address = args.internal or internal_address(args.root / "topology.json", "notifier")
     settings = config(args.config)
     total = len(read_pairs(args.file))
-    result = import_with_progress(address, args.file, total, console, settings.auth, settings.tls)
+    result = import_with_progress(
+        address, args.file, total, console, minting(args.config), settings.tls, args.member or address
+    )
     console.print(
         f"{result.received:,} pairs sent, {result.created:,} new edges, {result.invalid:,} invalid, "
         f"{result.seconds:.1f} s, {result.edges_per_s:,.0f} edges/s"
@@ -64,10 +76,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def import_with_progress(
-    address: str, path: Path, total: int, console: Console, auth: AuthConfig, tls: TlsConfig | None = None
+    address: str,
+    path: Path,
+    total: int,
+    console: Console,
+    auth: AuthConfig,
+    tls: TlsConfig | None = None,
+    member: str = "",
 ) -> ImportResult:
-    """Streams a graph file to a notifier with Graph.Import, with a progress bar of pairs sent."""
-    credential = Authenticator(auth, "graph-import").credential.metadata()
+    """Streams a graph file to a notifier's internal port with Graph.Import, with a progress bar."""
+    credential = operator_credential(auth).metadata(member or address, IMPORT)
     with Progress(
         TextColumn("import"),
         BarColumn(),

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from townhall.bench import ghz
 from townhall.bench.joinstorm import Load, make_rooms, offer, table, wait_live
-from townhall.cli.endpoints import config
+from townhall.cli.endpoints import config, minting
 from townhall.devtools.topology import load_manifest
 
 console = Console() if Console().is_terminal else Console(width=160)
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]joinload not found: build it with `make joinload` (into .cache/bin)[/red]")
         return 2
 
-    settings = config(args.config)
-    auth, tls = settings.auth, settings.tls
+    auth, tls = minting(args.config), config(args.config).tls
 
     async def main() -> dict[str, Any]:
         hot, colds = await make_rooms(addresses[0], args.cold_rooms, auth, tls)

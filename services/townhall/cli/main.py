@@ -86,10 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", type=Path, required=True, help="WAV file to write")
     listen.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
 
-    from townhall.cli import graph, moderation
+    from townhall.cli import graph, keys, moderation
 
     moderation.add_parser(sub)
     graph.add_parser(sub)
+    keys.add_parser(sub)
 
     from townhall.cli import loadtest
 
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli.dev import run_kafka
 
         sys.exit(run_kafka(args.root))
+    if args.command == "keys":
+        from townhall.cli import keys as keys_cli
+
+        sys.exit(keys_cli.run(args))
     if args.command == "graph":
         from townhall.cli import graph as graph_cli
 

@@ -1,9 +1,10 @@
 """Who may call what: user tokens, the service credential between Townhall processes, and each method's rule.
 
 A client RPC carries `authorization: Bearer <JWT>`: `sub` is the user id, `grants` what the user may
-do. Calls between Townhall processes (leases, forwarded room and graph calls, relay pulls) carry
-`townhall-service: <JWT>` signed with a service key that token issuers never hold, so no user can
-make one. Every method's rule is declared here (`rule`) and enforced once, where handlers are wrapped.
+do. Calls between Townhall processes (leases, forwarded room and graph calls, relay pulls) go to the
+internal port and carry `townhall-service: <JWT>`, a credential bound to the caller and the call
+(core/credentials.py); client ports refuse it. Every method's rule is declared here (`rule`) and
+enforced once, where handlers are wrapped (core/interceptor.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 from townhall.core import logging
 from townhall.core.config import AuthConfig, ConfigError, parse_keys
+from townhall.core.credentials import SERVICE_KEY, ServiceChecks, ServiceCredential
 from townhall.core.errors import PermissionDenied, Unauthenticated
-from townhall.core.tokens import KeyRing, SigningKey, Verifier, claims_json, load_jwks
+from townhall.core.tokens import KeyRing, SigningKey, Verifier, load_jwks
 from townhall.core.validation import USER_ID_MAX
 
 log = logging.get(__name__)
@@ -28,14 +30,12 @@ log = logging.get(__name__)
 HOST, MODERATE, PUBLISH, SUBSCRIBE = "host", "moderate", "publish", "subscribe"
 GRANTS = frozenset({HOST, MODERATE, PUBLISH, SUBSCRIBE})
 AUTHORIZATION = "authorization"
-SERVICE_KEY = "townhall-service"
-SERVICE_AUDIENCE = "townhall-internal"
-SERVICE_TTL_S = 300
 # Metadata is a sequence of (key, value) pairs; values of text keys arrive as str.
 Metadata = Iterable[tuple[str, Any]] | None
 
 # How each method is authenticated: USER (a user token; the default for every client API), SERVICE
-# (only the service credential), TICKET (the relay's ticket, checked by its servicer), OPEN (health).
+# (only the service credential, on the internal port), TICKET (the relay's ticket, checked by its
+# servicer), OPEN (health).
 USER, SERVICE, TICKET, OPEN = "user", "service", "ticket", "open"
 _RULES = {
     # Rooms, Admission, Graph, Inbox: USER (the default). Moderation too; each call also needs a
@@ -44,7 +44,7 @@ _RULES = {
     "townhall.v1.Leases": SERVICE,
     "townhall.v1.Owner": SERVICE,
     "townhall.v1.Relay": TICKET,
-    "townhall.v1.Relay/Pull": SERVICE,  # and a pull ticket for the room, checked by the servicer
+    "townhall.v1.Relay/Pull": SERVICE,
     # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.
     "townhall.v1.Graph/Import": SERVICE,
     "grpc.health.v1.Health": OPEN,
@@ -65,8 +65,12 @@ class Principal:
     grants: frozenset[str]
 
 
-def principal_from(claims: dict[str, Any]) -> Principal:
-    """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim."""
+def principal_from(claims: dict[str, Any], max_lifetime_s: float = 0, now: float | None = None) -> Principal:
+    """The Principal of verified user-token claims, or UNAUTHENTICATED naming the bad claim.
+
+    With `max_lifetime_s`, a token valid for longer than that (from `iat`, or from now without one) is
+    refused: a stolen long-lived token would otherwise work for as long as its issuer wrote.
+    """
     sub = claims.get("sub")
     # Canonical ASCII decimal only: "007" or a non-ASCII digit would name the same user two ways.
     text = sub if isinstance(sub, str) else ""
@@ -76,15 +80,29 @@ def principal_from(claims: dict[str, Any]) -> Principal:
     grants = claims.get("grants", [])
     if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
         raise Unauthenticated(f"token grants must be a list of strings ({', '.join(sorted(GRANTS))})")
+    if max_lifetime_s:
+        _lifetime(claims, max_lifetime_s, time.time() if now is None else now)
     # Grants this version does not know are left out, so an issuer can add new ones first.
     return Principal(int(text), frozenset(grants) & GRANTS)
 
 
-def _service_from(claims: dict[str, Any]) -> str:
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise Unauthenticated("service credential must name its service in sub")
-    return sub
+def _lifetime(claims: dict[str, Any], max_lifetime_s: float, now: float) -> None:
+    exp, iat = claims.get("exp"), claims.get("iat")
+    start = iat if isinstance(iat, int | float) and not isinstance(iat, bool) else now
+    lifetime = float(exp) - min(float(start), now) if isinstance(exp, int | float) else 0.0
+    if lifetime > max_lifetime_s:
+        raise Unauthenticated(
+            f"token is valid for {lifetime:.0f} s (exp - iat); this server accepts at most "
+            f"{max_lifetime_s:.0f} s (auth.max_token_lifetime_s): ask the issuer for shorter-lived tokens"
+        )
+
+
+def refuse_service_credential() -> None:
+    """PERMISSION_DENIED for a service credential on a client port."""
+    raise PermissionDenied(
+        f"metadata {SERVICE_KEY} is accepted only on the internal port of Townhall processes, never on a "
+        "client port"
+    )
 
 
 def value(metadata: Metadata, key: str) -> str | None:
@@ -154,41 +172,21 @@ class Tokens:
         return bearer(self.mint(user, grants))
 
 
-class ServiceCredential:
-    """What a Townhall process presents to another: a short-lived service JWT, minted again when due."""
-
-    def __init__(self, key: SigningKey, name: str) -> None:
-        self._key = key
-        self._name = name
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        self._renew_at = 0.0
-
-    def metadata(self, now: float | None = None) -> tuple[tuple[str, str], ...]:
-        """Metadata carrying a valid credential (renewed a minute before it expires)."""
-        current = time.time() if now is None else now
-        if current >= self._renew_at:
-            issued = int(current)
-            claims = {
-                "aud": SERVICE_AUDIENCE,
-                "exp": issued + SERVICE_TTL_S,
-                "iat": issued,
-                "sub": self._name,
-            }
-            self._metadata = ((SERVICE_KEY, self._key.sign(claims_json(claims))),)
-            self._renew_at = current + SERVICE_TTL_S - 60
-        return self._metadata
-
-
 class Authenticator:
-    """A server's checks: user tokens (cached), the service credential; and this process's own credential."""
+    """A server's checks: user tokens (cached), service credentials; and this process's own credential.
 
-    def __init__(self, config: AuthConfig, name: str = "townhall") -> None:
+    `kind` (admission, relay, notifier) and `me` (the member address it is called at on its internal
+    port) name this process in the credentials it sends and are what credentials sent to it must name.
+    """
+
+    def __init__(self, config: AuthConfig, kind: str = "townhall", me: str = "") -> None:
         self._config = config
         self._jwks_stamp = self._stamp()
+        max_lifetime_s = config.max_token_lifetime_s
         self.users: Verifier[Principal] = Verifier(
             "token",
             self._user_ring(),
-            principal_from,
+            lambda claims: principal_from(claims, max_lifetime_s),
             require=("exp", "sub"),
             audience=config.audience or None,
             issuer=config.issuer or None,
@@ -196,17 +194,21 @@ class Authenticator:
             cache_size=config.cache_size,
         )
         service_ring = KeyRing(parse_keys("auth.service_keys", config.service_keys))
-        self.services: Verifier[str] = Verifier(
-            "service credential",
-            service_ring,
-            _service_from,
-            require=("exp", "sub", "aud"),
-            audience=SERVICE_AUDIENCE,
-            leeway_s=config.leeway_s,
-            cache_size=1024,
+        # Credentials of calls to this member (its internal address, `me`), checked per method.
+        self.services = ServiceChecks(service_ring, me, config.leeway_s)
+        self.kind = kind
+        self._credential = (
+            ServiceCredential(service_ring.signer, kind, me) if service_ring.signer is not None else None
         )
-        assert service_ring.signer is not None
-        self.credential = ServiceCredential(service_ring.signer, name)
+
+    @property
+    def credential(self) -> ServiceCredential:
+        """This process's own credentials for its calls to other members."""
+        if self._credential is None:
+            raise ConfigError(
+                "auth.service_keys is empty: calls between Townhall processes are signed with them"
+            )
+        return self._credential
 
     def _user_ring(self) -> KeyRing:
         try:
@@ -216,23 +218,24 @@ class Authenticator:
             raise ConfigError(f"auth.jwks: {exc}") from exc
 
     def principal(self, metadata: Metadata) -> Principal:
-        """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token."""
-        return self.caller(metadata)[0]
+        """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token.
 
-    def caller(self, metadata: Metadata) -> tuple[Principal, bool]:
-        """The verified caller, and whether a (verified) service credential came with the call.
-
-        A service credential riding along (a forwarded call) must verify too: a client cannot pass a
-        call off as forwarded by a member.
+        A service credential is refused here (PERMISSION_DENIED): client ports never take one, so a
+        credential seen in one internal call cannot lift a client's rate limits or act for a member.
         """
-        header = service = None
+        header = None
         for k, v in metadata or ():
             if k == AUTHORIZATION:
                 header = v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
             elif k == SERVICE_KEY:
-                service = v
-        if service is not None:
-            self.service(((SERVICE_KEY, service),))
+                refuse_service_credential()
+        return self._user(header, metadata)
+
+    def forwarded(self, metadata: Metadata) -> Principal:
+        """The user on whose behalf a member forwarded a call (its credential is checked by the caller)."""
+        return self._user(value(metadata, AUTHORIZATION), metadata)
+
+    def _user(self, header: str | None, metadata: Metadata) -> Principal:
         if header is None:
             old = " (townhall-user is no longer accepted)" if value(metadata, "townhall-user") else ""
             raise Unauthenticated(
@@ -242,31 +245,7 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(f"metadata {AUTHORIZATION} must be 'Bearer <JWT>', not {header[:16]!r}...")
-        return self.users.verify(token.strip()), service is not None
-
-    def service(self, metadata: Metadata) -> str | None:
-        """The calling service if the call carries a service credential (None if it carries none)."""
-        token = value(metadata, SERVICE_KEY)
-        if token is None:
-            return None
-        try:
-            return self.services.verify(token)
-        except Unauthenticated as exc:
-            raise PermissionDenied(
-                f"metadata {SERVICE_KEY} is reserved for Townhall services: {exc}"
-            ) from exc
-
-    def require_service(self, metadata: Metadata, method: str) -> str:
-        """The calling service, or a refusal: internal methods are not for users."""
-        service = self.service(metadata)
-        if service is not None:
-            return service
-        if value(metadata, AUTHORIZATION) is not None:
-            raise PermissionDenied(
-                f"{method} is internal to Townhall: it takes the service credential "
-                f"(metadata {SERVICE_KEY}), not a user token"
-            )
-        raise Unauthenticated(f"{method} is internal to Townhall: metadata {SERVICE_KEY} is required")
+        return self.users.verify(token.strip())
 
     def _stamp(self) -> tuple[int, int] | None:
         try:

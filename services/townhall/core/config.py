@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import ipaddress
 import os
@@ -48,11 +50,27 @@ class KafkaConfig:
         _positive("kafka.partitions", self.partitions)
 
 
-# Development keys, for `townhall dev`, the tests and the benchmarks only. A process that runs with one
-# of them logs a warning; the Helm chart always sets its own.
-DEV_TICKET_KEY = "dev=dev-only-ticket-key-change-me-0123456789"
+# Development keys, for `townhall dev` and the tests' own topology only: no process has a key unless it
+# is configured, and a process that runs with one of these logs a warning. (ES256 ticket keys: the P-256
+# private key and its compressed public point, base64url.)
+DEV_TICKET_PRIVATE_KEY = "dev=mWHlYlWgYDfhPXLRTwYL686mo994xrGcK4hpo7P23T0"
+DEV_TICKET_PUBLIC_KEY = "dev=A_6yOPSFLvxfep7c8aiJ8TD8YUtj95Q_G-5rxziFAfr5"
 DEV_USER_KEY = "dev=dev-only-user-token-key-change-me-0123456789"
 DEV_SERVICE_KEY = "dev=dev-only-service-key-change-me-0123456789"
+# What `townhall dev` and the tests' own processes are given (and nothing else is): every key list set
+# to its development key.
+DEV_ENV = {
+    "TOWNHALL_AUTH_KEYS": DEV_USER_KEY,
+    "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
+    "TOWNHALL_TICKETS_PRIVATE_KEY": DEV_TICKET_PRIVATE_KEY,
+    "TOWNHALL_TICKETS_PUBLIC_KEYS": DEV_TICKET_PUBLIC_KEY,
+}
+# The keys each service cannot run without ("auth.keys" is also met by auth.jwks).
+_NEEDED = {
+    "admission": ("auth.keys", "auth.service_keys", "tickets.private_key"),
+    "relay": ("auth.service_keys", "tickets.public_keys"),
+    "notifier": ("auth.keys", "auth.service_keys"),
+}
 _KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_SECRET = 32
 
@@ -75,19 +93,67 @@ def parse_keys(key: str, entries: tuple[str, ...]) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_ticket_keys(key: str, entries: tuple[str, ...], private: bool) -> list[tuple[str, bytes]]:
+    """`KID=<base64url>` ticket key entries as (kid, bytes): P-256 private scalars (32 bytes), or public
+    points (33 bytes compressed, 65 uncompressed)."""
+    sizes = (32,) if private else (33, 65)
+    what = "32-byte P-256 private key" if private else "P-256 public key (a 33-byte compressed point)"
+    pairs: list[tuple[str, bytes]] = []
+    for entry in entries:
+        kid, sep, text = entry.partition("=")
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) if sep else b""
+        except (ValueError, binascii.Error):
+            raw = b""
+        if not _KID.fullmatch(kid) or len(raw) not in sizes:
+            raise ConfigError(
+                f"{key} entries must be KID=KEY, a key id of 1..64 characters of [A-Za-z0-9._-] and a "
+                f"{what} in base64url (`townhall keys` makes a pair), not {entry[:12]!r}..."
+            )
+        if any(kid == k for k, _ in pairs):
+            raise ConfigError(f"{key} names key id {kid!r} twice")
+        pairs.append((kid, raw))
+    return pairs
+
+
 @dataclass(frozen=True)
 class TicketConfig:
-    """Signing of the tickets that admission issues and relays verify (and relay pull credentials)."""
+    """The tickets that admission issues and relays verify: ES256 (ECDSA P-256) JWTs, so a relay, which
+    holds only public keys, can check a ticket but never make one."""
 
-    # KID=SECRET entries (HS256, at least 32 characters): the first signs, all verify, so a new key
-    # can be added everywhere before admission signs with it, and the old one removed after ttl_s.
-    keys: tuple[str, ...] = (DEV_TICKET_KEY,)
+    # Admission's signing key, KID=<base64url 32-byte P-256 private key>. Only admission needs it; give
+    # it to no other process.
+    private_key: str = ""
+    # The public keys relays verify tickets with, KID=<base64url 33-byte compressed point>; two live while
+    # rotating: add the new one here everywhere, then sign with it, then drop the old one after ttl_s.
+    public_keys: tuple[str, ...] = ()
     ttl_s: int = 3600
 
     def validate(self) -> None:
-        if not parse_keys("tickets.keys", self.keys):
-            raise ConfigError("tickets.keys must hold at least one KID=SECRET entry")
+        from townhall.core.tokens import ES256Signer, es256_public
+
+        private = parse_ticket_keys(
+            "tickets.private_key", (self.private_key,) if self.private_key else (), True
+        )
+        public = dict(parse_ticket_keys("tickets.public_keys", self.public_keys, False))
         _positive("tickets.ttl_s", self.ttl_s)
+        try:
+            signer = ES256Signer(*private[0]) if private else None
+            points = {kid: es256_public(kid, point) for kid, point in public.items()}
+        except ValueError as exc:
+            raise ConfigError(f"tickets: a key is not a valid P-256 key: {exc}") from exc
+        if signer is not None and points:
+            kid = signer.kid
+            if kid not in points:
+                raise ConfigError(
+                    f"tickets.private_key signs with key id {kid!r}, which tickets.public_keys does not "
+                    "list: add its public key there first (relays verify with those)"
+                )
+            if es256_public(kid, signer.public()).key.public_numbers() != points[kid].key.public_numbers():
+                raise ConfigError(
+                    f"tickets.public_keys has a key {kid!r} that is not the public half of "
+                    f"tickets.private_key {kid!r}: relays would refuse every ticket"
+                )
 
 
 @dataclass(frozen=True)
@@ -96,7 +162,8 @@ class AuthConfig:
 
     # User token keys, KID=SECRET (HS256, at least 32 characters); the token's `kid` header picks one.
     # Two entries live at once while an issuer rotates; dev tools (`townhall token`) sign with the first.
-    keys: tuple[str, ...] = (DEV_USER_KEY,)
+    # None by default: admission and notifier refuse to start without these or a JWKS.
+    keys: tuple[str, ...] = ()
     # A JSON Web Key Set file with more verification keys (oct/HS256, OKP/Ed25519, EC/P-256), e.g. an
     # identity provider's public keys; re-read when it changes. Empty: none.
     jwks: str = ""
@@ -105,21 +172,25 @@ class AuthConfig:
     audience: str = ""
     # Clock skew allowed on `exp` and `iat`, in seconds.
     leeway_s: int = 30
+    # The longest a user token may be valid (exp - iat, or exp - now without iat), in seconds: a
+    # token issued for longer is refused, so a stolen one is useless within this time. 0: no limit.
+    max_token_lifetime_s: int = 86_400
     # Verified tokens remembered per process (0 disables the cache).
     cache_size: int = 100_000
-    # Keys of the service credential that Townhall processes send each other (internal RPCs,
-    # forwarded calls), KID=SECRET; the first signs. Never give these to a token issuer.
-    service_keys: tuple[str, ...] = (DEV_SERVICE_KEY,)
+    # Keys of the service credentials Townhall processes send each other on their internal ports
+    # (core/credentials.py), KID=SECRET; the first signs. Never give these to a token issuer.
+    service_keys: tuple[str, ...] = ()
 
     def validate(self) -> None:
         users = parse_keys("auth.keys", self.keys)
-        if not users and not self.jwks:
-            raise ConfigError("auth.keys or auth.jwks must provide at least one user token key")
         if self.jwks and not Path(self.jwks).is_file():
             raise ConfigError(f"auth.jwks names {self.jwks!r}, which is not a readable file")
+        if self.jwks and DEV_USER_KEY in self.keys:
+            raise ConfigError(
+                "auth.keys holds the built-in development key next to auth.jwks: a deployment with an "
+                "identity provider's keys must not also accept development tokens; remove it"
+            )
         services = parse_keys("auth.service_keys", self.service_keys)
-        if not services:
-            raise ConfigError("auth.service_keys must hold at least one KID=SECRET entry")
         shared = {s for _, s in users} & {s for _, s in services}
         if shared:
             raise ConfigError(
@@ -129,6 +200,16 @@ class AuthConfig:
             raise ConfigError(f"auth.leeway_s must be 0 or positive, not {self.leeway_s}")
         if self.cache_size < 0:
             raise ConfigError(f"auth.cache_size must be 0 (off) or positive, not {self.cache_size}")
+        if not 0 <= self.max_token_lifetime_s <= 366 * 86_400:
+            raise ConfigError(
+                f"auth.max_token_lifetime_s must be 0 (no limit) or within 1..31622400 seconds, not "
+                f"{self.max_token_lifetime_s}"
+            )
+
+
+# What development tools mint user tokens and service credentials with (`townhall dev`'s processes, the
+# tests' and the benchmarks' own servers accept them).
+DEV_AUTH = AuthConfig(keys=(DEV_USER_KEY,), service_keys=(DEV_SERVICE_KEY,))
 
 
 @dataclass(frozen=True)
@@ -178,6 +259,10 @@ class ServerConfig:
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
     health_port: int = 0
+    # The IP address the Prometheus /metrics listener binds (the service's <section>.metrics_port):
+    # empty binds the host of the service's listen address; 127.0.0.1 keeps metrics on the machine,
+    # a pod IP or 0.0.0.0 lets Prometheus scrape it from elsewhere.
+    metrics_host: str = ""
     # On SIGTERM a process reports NOT_SERVING and keeps working this long before it ends its
     # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
@@ -185,6 +270,14 @@ class ServerConfig:
 
     def validate(self) -> None:
         _port("server.health_port", self.health_port)
+        if self.metrics_host:
+            try:
+                ipaddress.ip_address(self.metrics_host)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"server.metrics_host must be an IP address (127.0.0.1, 0.0.0.0, ::), not "
+                    f"{self.metrics_host!r}"
+                ) from exc
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
         if not 0 <= self.drain_notice_ms <= 60_000:
@@ -251,23 +344,32 @@ class AdmissionConfig:
     """The admission service (rooms and joins)."""
 
     listen: str = "127.0.0.1:50051"
+    # The internal port: leases, forwarded room changes and peers' health probes, from the other
+    # admission processes only (core/interceptor.py). Never expose it outside the cluster. Empty: none
+    # (a process nobody calls: the crowd lane, or a single process).
+    internal_listen: str = "127.0.0.1:50071"
     metrics_port: int = 9101
     # Relays handed out in grants (host:port); the room's relay is chosen by rendezvous hashing.
     relays: tuple[str, ...] = ("127.0.0.1:50052",)
+    # The internal address of each relay in `relays`, in the same order (its relay.internal_advertise):
+    # tickets name these as the relays an edge pulls the room from.
+    relays_internal: tuple[str, ...] = ("127.0.0.1:50072",)
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
-    # The address the other admission processes reach this one at; defaults to listen.
+    # The address the other admission processes reach this one at (its internal port); defaults to
+    # internal_listen (to listen without one).
     advertise: str = ""
     # How members are found: "static" (the `members` list) or "kubernetes" (EndpointSlices).
     membership: str = "static"
-    # Static members (host:port of every admission process that owns rooms); this process is one
-    # unless `owner` is false.
+    # Static members (the internal host:port of every admission process that owns rooms); this
+    # process is one unless `owner` is false.
     members: tuple[str, ...] = ()
-    # Kubernetes membership: the headless Service, its namespace (default: the pod's) and port name.
+    # Kubernetes membership: the headless Service, its namespace (default: the pod's) and the name of
+    # its internal port.
     kube_service: str = ""
     kube_namespace: str = ""
-    kube_port: str = "grpc"
+    kube_port: str = "internal"
     # Admits per lease taken from a room's owner: the size follows the join rate within these bounds.
     lease_min: int = 8
     lease_max: int = 5_000
@@ -302,6 +404,8 @@ class AdmissionConfig:
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
+        if self.internal_listen:
+            _address("admission.internal_listen", self.internal_listen)
         if not 50 <= self.probe_interval_ms <= 60_000:
             raise ConfigError(
                 f"admission.probe_interval_ms must be within 50..60000, not {self.probe_interval_ms}"
@@ -344,13 +448,20 @@ class AdmissionConfig:
             raise ConfigError("admission.relays must name at least one relay host:port")
         for relay in self.relays:
             _address("admission.relays", relay)
+        if len(self.relays_internal) != len(self.relays):
+            raise ConfigError(
+                f"admission.relays_internal must name the internal address of each of the "
+                f"{len(self.relays)} admission.relays, in the same order, not {len(self.relays_internal)}"
+            )
+        for relay in self.relays_internal:
+            _address("admission.relays_internal", relay)
         _positive("admission.default_listener_limit", self.default_listener_limit)
         _positive("admission.event_queue", self.event_queue)
 
     @property
     def address(self) -> str:
-        """The address other admission processes reach this one at."""
-        return self.advertise or self.listen
+        """The address other admission processes reach this one at (its internal port)."""
+        return self.advertise or self.internal_listen or self.listen
 
 
 @dataclass(frozen=True)
@@ -358,9 +469,15 @@ class RelayConfig:
     """The relay service (audio fan-out)."""
 
     listen: str = "127.0.0.1:50052"
+    # The internal port: the relay tree's pulls from other relays, and peers' health probes. Never
+    # expose it outside the cluster.
+    internal_listen: str = "127.0.0.1:50072"
     metrics_port: int = 9102
     # The address listeners are told to use; tickets are bound to it. Defaults to listen.
     advertise: str = ""
+    # The address other relays pull from (admission.relays_internal lists it); defaults to
+    # internal_listen.
+    internal_advertise: str = ""
     chunk_ms: int = 100
     # Chunks buffered per subscriber before its oldest are dropped.
     subscriber_queue: int = 50
@@ -398,6 +515,9 @@ class RelayConfig:
 
     def validate(self) -> None:
         _address("relay.listen", self.listen)
+        _address("relay.internal_listen", self.internal_listen)
+        if self.internal_advertise:
+            _address("relay.internal_advertise", self.internal_advertise)
         if not 100 <= self.upstream_lost_ms <= 60_000:
             raise ConfigError(
                 f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
@@ -437,12 +557,20 @@ class RelayConfig:
         """The address clients reach this relay at."""
         return self.advertise or self.listen
 
+    @property
+    def internal_address(self) -> str:
+        """The address other relays pull from."""
+        return self.internal_advertise or self.internal_listen
+
 
 @dataclass(frozen=True)
 class NotifierConfig:
     """The notifier service (follower graph, fan-out, inbox)."""
 
     listen: str = "127.0.0.1:50053"
+    # The internal port: graph calls forwarded by the other notifiers, and operators' bulk Import
+    # (`townhall graph import`). Never expose it outside the cluster.
+    internal_listen: str = "127.0.0.1:50073"
     metrics_port: int = 9103
     data_dir: str = ".townhall/notifier"
     group_id: str = "townhall-notifier"
@@ -450,10 +578,11 @@ class NotifierConfig:
     batch_users: int = 1000
     # Notifications buffered per Inbox stream before its oldest are dropped.
     inbox_queue: int = 256
-    # The address the other notifiers reach this one at (Follow forwarding); defaults to listen.
+    # The address the other notifiers reach this one at (its internal port); defaults to
+    # internal_listen.
     advertise: str = ""
-    # Every notifier (host:port), this one included; each followee's graph lives on one of them
-    # (rendezvous hashing). Empty: this process holds the whole graph.
+    # Every notifier (its internal host:port), this one included; each followee's graph lives on one
+    # of them (rendezvous hashing). Empty: this process holds the whole graph.
     members: tuple[str, ...] = ()
     # Hosts with more followers than this fan out on the bulk lane; the rest on the fast lane.
     bulk_threshold: int = 10_000
@@ -470,6 +599,7 @@ class NotifierConfig:
 
     def validate(self) -> None:
         _address("notifier.listen", self.listen)
+        _address("notifier.internal_listen", self.internal_listen)
         if self.advertise:
             _address("notifier.advertise", self.advertise)
         for member in self.members:
@@ -496,8 +626,8 @@ class NotifierConfig:
 
     @property
     def address(self) -> str:
-        """The address other notifiers reach this one at."""
-        return self.advertise or self.listen
+        """The address other notifiers reach this one at (its internal port)."""
+        return self.advertise or self.internal_listen
 
 
 @dataclass(frozen=True)
@@ -530,9 +660,31 @@ class Config:
         lists = {
             "auth.keys": (self.auth.keys, DEV_USER_KEY),
             "auth.service_keys": (self.auth.service_keys, DEV_SERVICE_KEY),
-            "tickets.keys": (self.tickets.keys, DEV_TICKET_KEY),
+            "tickets.private_key": ((self.tickets.private_key,), DEV_TICKET_PRIVATE_KEY),
+            "tickets.public_keys": (self.tickets.public_keys, DEV_TICKET_PUBLIC_KEY),
         }
         return [name for name, (keys, dev) in lists.items() if dev in keys]
+
+    def missing_keys(self, service: str) -> list[str]:
+        """The keys `service` needs that are not configured (none is ever a default)."""
+        present = {
+            "auth.keys": bool(self.auth.keys or self.auth.jwks),
+            "auth.service_keys": bool(self.auth.service_keys),
+            "tickets.private_key": bool(self.tickets.private_key),
+            "tickets.public_keys": bool(self.tickets.public_keys),
+        }
+        return [key for key in _NEEDED.get(service, ()) if not present[key]]
+
+    def require_keys(self, service: str) -> None:
+        """Refuses (ConfigError) to run `service` without the keys it needs, saying how to get them."""
+        missing = self.missing_keys(service)
+        if missing:
+            names = ", ".join(f"{k} (TOWNHALL_{k.replace('.', '_').upper()})" for k in missing)
+            raise ConfigError(
+                f"{service} needs keys that are not configured: {names}. Development keys are never a "
+                "default: configure your own (`townhall keys` makes a set; deploy/README.md, Keys), or run "
+                "the local topology with `townhall dev`, which uses the development keys"
+            )
 
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -565,6 +717,15 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     return config
 
 
+# Keys that are gone, and what replaced them.
+_RENAMED = {
+    "tickets.keys": (
+        "config key tickets.keys is gone: tickets are signed with ES256 (P-256) now, so relays cannot make "
+        "them; set tickets.private_key (admission only) and tickets.public_keys (`townhall keys`)"
+    ),
+}
+
+
 class _EnvText(str):
     """A value that came from an environment variable, to be parsed into the field's type."""
 
@@ -576,7 +737,7 @@ def _section(name: str, factory: Any, values: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {name}.{key}")
+            raise ConfigError(_RENAMED.get(f"{name}.{key}", f"unknown config key {name}.{key}"))
         kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
     return cls(**kwargs)
 

@@ -1,10 +1,11 @@
-"""Calls one member forwards to another on a user's behalf: the user's own token, the service
-credential and the forwarded mark.
+"""Calls one member makes to another, on its internal port: its own internal calls, and client calls
+it forwards on a user's behalf (the user's own token plus a service credential for that member and
+method).
 
-The receiver checks the user's token as for any call, and serves a marked call itself, even if its
-view of the members differs for a moment, so a call is forwarded at most once. The mark counts only
-next to a valid service credential, which only Townhall processes can make: a client cannot mark a
-call as forwarded.
+The receiver checks the user's token as for any call, and serves a forwarded call itself, even if its
+view of the members differs for a moment, so a call is forwarded at most once. Only the internal port
+takes forwarded calls, and only with a credential that a member of the same service minted for this
+member and method (core/credentials.py): a client cannot pass a call off as forwarded.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Iterable
 
 import grpc
 
-from townhall.core.auth import AUTHORIZATION, SERVICE_KEY, Authenticator, value
+from townhall.core.auth import AUTHORIZATION, Authenticator, value
 from townhall.core.channels import channel
 from townhall.core.config import TlsConfig
-from townhall.core.errors import PermissionDenied
+from townhall.core.credentials import ServiceCredential
+from townhall.core.identity import forwarded
 
-FORWARDED_KEY = "townhall-forwarded"
 # A peer that was down when first dialled must be usable as soon as it is back: gRPC's default
 # reconnect backoff (1 s, growing to minutes) fails every call at once meanwhile.
 PEER_CHANNEL_OPTIONS = [
@@ -39,35 +40,26 @@ class Forwarding:
     """Builds the metadata of forwarded and internal calls, and recognises forwarded ones."""
 
     def __init__(self, auth: Authenticator) -> None:
-        self._auth = auth
+        self._credential: ServiceCredential = auth.credential
 
-    def internal(self) -> tuple[tuple[str, str], ...]:
-        """Metadata of a call between members made on no user's behalf (leases, forwarded creations)."""
-        return self._auth.credential.metadata()
+    def internal(self, member: str, method: str) -> tuple[tuple[str, str], ...]:
+        """Metadata of an internal call (`method`: its path) to `member`, on no user's behalf."""
+        return self._credential.metadata(member, method)
 
-    def forward(self, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
-        """Metadata for forwarding the current call: the caller's token and the service credential."""
-        return self.forward_metadata(context.invocation_metadata())
+    def forward(
+        self, context: grpc.aio.ServicerContext, member: str, method: str
+    ) -> tuple[tuple[str, str], ...]:
+        """Metadata for forwarding the current call to `member`: the caller's token and a credential."""
+        return self.forward_metadata(context.invocation_metadata(), member, method)
 
     def forward_metadata(
-        self, metadata: Iterable[tuple[str, str | bytes]] | None
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, member: str, method: str
     ) -> tuple[tuple[str, str], ...]:
         """`forward` on raw invocation metadata."""
         token = value(metadata, AUTHORIZATION)
         user = ((AUTHORIZATION, token),) if token is not None else ()
-        return (*user, *self._auth.credential.metadata(), (FORWARDED_KEY, "1"))
+        return (*user, *self._credential.metadata(member, method))
 
     def check(self, context: grpc.aio.ServicerContext) -> bool:
-        """Whether a member forwarded the call; a mark without a valid credential is PERMISSION_DENIED."""
-        return self.check_metadata(context.invocation_metadata())
-
-    def check_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        """`check` on raw invocation metadata."""
-        if value(metadata, FORWARDED_KEY) is None:
-            return False
-        if self._auth.service(metadata) is None:
-            raise PermissionDenied(
-                f"metadata {FORWARDED_KEY} is reserved for calls between Townhall members "
-                f"(with the service credential, metadata {SERVICE_KEY})"
-            )
-        return True
+        """Whether another member of this service passed the current call on (only on the internal port)."""
+        return forwarded()

@@ -12,13 +12,27 @@ from contextvars import ContextVar
 import grpc
 
 from townhall.core.auth import AUTHORIZATION, Authenticator, Principal, bearer
+from townhall.core.credentials import ServiceCaller
 from townhall.core.errors import PermissionDenied
 
 # Set for each call by the handler wrapper; grpc.aio runs every RPC in a task of its own.
 AUTHENTICATOR: ContextVar[Authenticator | None] = ContextVar("townhall_authenticator", default=None)
 PRINCIPAL: ContextVar[Principal | None] = ContextVar("townhall_principal", default=None)
+# On the internal port: the process that called (verified service credential), and whether it is a
+# member of this service passing a call on (a forwarded room or graph call, a part of an import).
+SERVICE_CALLER: ContextVar[ServiceCaller | None] = ContextVar("townhall_service_caller", default=None)
+FORWARDED: ContextVar[bool] = ContextVar("townhall_forwarded", default=False)
 
-__all__ = ["AUTHORIZATION", "Principal", "bearer", "caller", "principal", "require"]
+__all__ = [
+    "AUTHORIZATION",
+    "Principal",
+    "bearer",
+    "caller",
+    "forwarded",
+    "principal",
+    "require",
+    "service_caller",
+]
 
 
 def principal(context: grpc.aio.ServicerContext) -> Principal:
@@ -49,3 +63,16 @@ def missing(grant: str, who: Principal, doing: str = "this call") -> str:
     """The message for a token that lacks `grant`."""
     held = ", ".join(sorted(who.grants)) or "none"
     return f"{doing} needs the {grant!r} grant; the token of user {who.user_id} grants: {held}"
+
+
+def forwarded() -> bool:
+    """Whether another member of this service passed the current call on (only on the internal port)."""
+    return FORWARDED.get()
+
+
+def service_caller() -> ServiceCaller:
+    """The verified process calling an internal method; a servicer of a client method has none."""
+    found = SERVICE_CALLER.get()
+    if found is None:
+        raise PermissionDenied("this call is internal to Townhall: it needs a service credential")
+    return found

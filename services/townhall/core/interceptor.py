@@ -13,6 +13,12 @@ Hostile input never reaches gRPC's own error paths, which answer UNKNOWN or hang
   leave it open, holding a slot of the server's concurrent-RPC limit until the client gives up),
   and one whose message does not arrive within server.request_timeout_ms is DEADLINE_EXCEEDED.
 - Per-user and per-address rate limits (core/limits.py) run before the servicer.
+
+Each server is one of two planes. A client port serves the client APIs and refuses internal methods
+and service credentials; the internal port (core/server.py) serves only calls between Townhall
+processes: internal methods and calls forwarded to a member, each with a service credential for that
+member and method (core/credentials.py), never rate-limited (a forwarded call was counted where it
+arrived).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import grpc
 from grpc._utilities import DictionaryGenericHandler
 
 from townhall.core import decoding, logging
-from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, rule
+from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, refuse_service_credential, rule
 from townhall.core.config import LimitsConfig
-from townhall.core.errors import InvalidArgument, TownhallError
-from townhall.core.identity import AUTHENTICATOR, PRINCIPAL
+from townhall.core.credentials import SERVICE_KEY, callers
+from townhall.core.errors import InvalidArgument, PermissionDenied, TownhallError
+from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
 from townhall.core.metrics import RPC_DURATION, RPC_REQUESTS
 from townhall.core.tasks import cancel
@@ -62,9 +69,12 @@ class Instrumented:
         authenticator: Authenticator,
         limits: Limits | None = None,
         request_timeout_s: float = 5.0,
+        internal: bool = False,
     ) -> None:
         self._server = server
         self._auth = authenticator
+        # The internal port: calls between Townhall processes only (see the module docstring).
+        self._internal = internal
         self._limits = limits or Limits(LimitsConfig(enabled=False))
         self._reads = _FirstReads(request_timeout_s)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -111,7 +121,8 @@ class Instrumented:
             service, _, method = path.lstrip("/").rpartition("/")
             kind, behavior = _behavior(handler)
             how = rule(service, method)
-            check = _checker(self._auth, self._limits, service, method, how, kind)
+            checker = _internal_checker if self._internal else _checker
+            check = checker(self._auth, self._limits, service, method, how, kind)
             observer = _Observer(service, method, kind)
             reads = None if kind in ("client_stream", "bidi_stream") else self._reads
             wrapped = self._wrapped[path] = _FACTORIES[kind](
@@ -257,33 +268,34 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception
 def _checker(
     auth: Authenticator, limits: Limits, service: str, method: str, how: str, kind: str
 ) -> Callable[[grpc.aio.ServicerContext], None]:
-    """What runs before the method: rate limits and its authentication rule (core/auth.py), setting the
-    call's identity."""
+    """What runs before a method on a client port: rate limits and its authentication rule
+    (core/auth.py), setting the call's identity. Internal methods and service credentials are refused."""
     name = f"{service.rpartition('.')[2]}/{method}"
     cls = limit_class(service, method, how, kind != "unary")
     by_address, by_user = limits.for_method(cls)
-    refund = limits.refund
 
     def user(context: grpc.aio.ServicerContext) -> None:
         AUTHENTICATOR.set(auth)
         # The address first: a flood of forged tokens costs a dictionary lookup each, not a verify.
-        key = by_address(context.peer()) if by_address is not None else None
-        who, forwarded = auth.caller(context.invocation_metadata())
+        if by_address is not None:
+            by_address(context.peer())
+        who = auth.principal(context.invocation_metadata())
         PRINCIPAL.set(who)
-        if forwarded:  # counted by the member it arrived at
-            if key is not None and cls is not None:
-                refund(cls, key)
-        elif by_user is not None:
+        if by_user is not None:
             by_user(who.user_id)
 
     def internal(context: grpc.aio.ServicerContext) -> None:
-        AUTHENTICATOR.set(auth)
-        PRINCIPAL.set(None)
-        auth.require_service(context.invocation_metadata(), name)
+        raise PermissionDenied(
+            f"{name} is internal to Townhall: it is served only on the internal port of Townhall "
+            "processes, never on a client port"
+        )
 
     def ticket(context: grpc.aio.ServicerContext) -> None:
         AUTHENTICATOR.set(auth)
         PRINCIPAL.set(None)
+        for key, _ in context.invocation_metadata() or ():
+            if key == SERVICE_KEY:
+                refuse_service_credential()
         if by_address is not None:
             by_address(context.peer())
         if by_user is not None:
@@ -295,6 +307,43 @@ def _checker(
 
     checks = {USER: user, SERVICE: internal, TICKET: ticket, OPEN: other}
     return checks[how]
+
+
+def _internal_checker(
+    auth: Authenticator, limits: Limits, service: str, method: str, how: str, kind: str
+) -> Callable[[grpc.aio.ServicerContext], None]:
+    """What runs before a method on the internal port: a service credential for this member and method,
+    from a kind of process that may make the call; for a forwarded client call, the user's token too."""
+    name = f"{service.rpartition('.')[2]}/{method}"
+    if how == OPEN:
+
+        def other(context: grpc.aio.ServicerContext) -> None:
+            AUTHENTICATOR.set(auth)
+            PRINCIPAL.set(None)
+
+        return other
+    if not callers(service, method):
+
+        def client_only(context: grpc.aio.ServicerContext) -> None:
+            raise PermissionDenied(
+                f"{name} is a client call: it is served on the client port, not on the internal port"
+            )
+
+        return client_only
+    verify = auth.services.for_method(service, method)
+    own_kind = auth.kind
+
+    def internal(context: grpc.aio.ServicerContext) -> None:
+        AUTHENTICATOR.set(auth)
+        metadata = context.invocation_metadata()
+        caller = verify(metadata)
+        SERVICE_CALLER.set(caller)
+        # A member of this service passing a call on: a forwarded call (with its user's token), or a
+        # part of an import. Anything else on this port is an internal call of another kind.
+        FORWARDED.set(caller.kind == own_kind)
+        PRINCIPAL.set(auth.forwarded(metadata) if how == USER else None)
+
+    return internal
 
 
 def _wrap(

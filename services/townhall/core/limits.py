@@ -2,9 +2,9 @@
 
 Each client method belongs to a class (`limit_class`): room changes, joins, graph writes, reads and
 stream opens. A call is counted against its client address before its token is verified (so a flood
-of forged tokens is cheap to refuse), then against its user. Internal calls (the service credential)
-and health are never limited; a call another member forwarded was counted where it arrived, so it is
-given back. Excess calls get RESOURCE_EXHAUSTED with a jittered `retry-after-ms` trailer.
+of forged tokens is cheap to refuse), then against its user. Health is never limited, and nothing on
+the internal port is (internal calls, and calls another member forwarded: counted where they
+arrived). Excess calls get RESOURCE_EXHAUSTED with a jittered `retry-after-ms` trailer.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Limits:
         return self._address_check(cls), self._user_check(cls)
 
     def refund(self, cls: str, key: str) -> None:
-        """Gives back an address's call (a call forwarded by another member was counted where it arrived)."""
+        """Gives back an address's call."""
         buckets = self._addresses.get(cls)
         if buckets is not None:
             buckets.refund(key)

@@ -32,7 +32,7 @@ RATE_LIMITED = Counter(
 )
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Serves /metrics on a background thread; port 0 disables it."""
+def serve_metrics(port: int, host: str) -> None:
+    """Serves /metrics on `host`:`port` on a background thread; port 0 disables it."""
     if port:
         start_http_server(port, addr=host)

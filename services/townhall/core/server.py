@@ -1,4 +1,9 @@
-"""The lifecycle every service shares: serve gRPC with health and reflection, drain on SIGTERM."""
+"""The lifecycle every service shares: serve gRPC with health and reflection, drain on SIGTERM.
+
+A process serves two gRPC ports: the client port (the client APIs, health and reflection) and the
+internal port (calls between Townhall processes, and health for peers' probes), each a server of its
+own, so peers' calls never queue behind clients and no Service needs to expose the internal one.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +68,9 @@ class Running:
     port: int
     # The plaintext health-only server (server.health_port), if any.
     health_server: grpc.aio.Server | None = None
+    # The internal port's server and bound port, if the process has one.
+    internal_server: grpc.aio.Server | None = None
+    internal_port: int = 0
     watcher: asyncio.Task[None] | None = None
     instrumented: list[Instrumented] = field(default_factory=list)
 
@@ -89,8 +97,27 @@ def server_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
-async def start(app: App, config: Config, listen: str) -> Running:
-    """Starts the app and a gRPC server for it on `listen` (port 0 picks a free port)."""
+class _Planes:
+    """Registers every servicer on each plane (client port, internal port) at once."""
+
+    def __init__(self, planes: Sequence[Instrumented]) -> None:
+        self._planes = planes
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        for plane in self._planes:
+            plane.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        for plane in self._planes:
+            plane.add_registered_method_handlers(service, handlers)
+
+
+async def start(app: App, config: Config, listen: str, internal: str = "") -> Running:
+    """Starts the app and a gRPC server for it on `listen` (port 0 picks a free port), and the internal
+    port's server on `internal` (empty: none)."""
+    config.require_keys(app.auth.kind)  # as run_service does, for servers started in-process
     # An app may bound its own concurrency and pending queue (admission sheds overload this way).
     extra = dict(getattr(app, "server_options", {}))
     options = [(k, v) for k, v in server_options(config) if k not in extra] + list(extra.items())
@@ -101,20 +128,32 @@ async def start(app: App, config: Config, listen: str) -> Running:
     # timed and error-mapped, and its request bytes checked (core/interceptor.py).
     timeout_s = config.server.request_timeout_ms / 1000
     instrumented = Instrumented(server, app.auth, Limits(config.limits), timeout_s)
-    app.register(instrumented)
+    planes = [instrumented]
+    internal_server = None
+    if internal:
+        # Not the client port's overload guard: a join storm must not queue a lease or a forwarded change.
+        internal_server = grpc.aio.server(options=server_options(config))
+        planes.append(Instrumented(internal_server, app.auth, request_timeout_s=timeout_s, internal=True))
+    app.register(_Planes(planes))
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, instrumented)
+    for plane in planes:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, plane)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         ReflectionServicer([*names, reflection.SERVICE_NAME]), instrumented
     )
-    wrapped = [instrumented]
+    wrapped = list(planes)
     if config.development_keys():
         log.warning("built-in development keys in use: not for production", keys=config.development_keys())
     await app.start()
     port = add_port(server, listen, config.tls)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    internal_port = 0
+    if internal_server is not None:
+        internal_port = add_port(internal_server, internal, config.tls)
+        if internal_port == 0:
+            raise OSError(f"cannot listen on {internal} (the internal port)")
     health_server = None
     if config.server.health_port:
         # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
@@ -126,13 +165,24 @@ async def start(app: App, config: Config, listen: str) -> Running:
         if not health_server.add_insecure_port(f"{host}:{config.server.health_port}"):
             raise OSError(f"cannot listen on {host}:{config.server.health_port} (server.health_port)")
         await health_server.start()
+    if internal_server is not None:
+        await internal_server.start()
     await server.start()
     for each in wrapped:
         each.start()
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.create_task(app.auth.watch(), name="jwks-watch")
-    return Running(server, health_servicer, port, health_server, watcher, wrapped)
+    return Running(
+        server,
+        health_servicer,
+        port,
+        health_server,
+        internal_server=internal_server,
+        internal_port=internal_port,
+        watcher=watcher,
+        instrumented=wrapped,
+    )
 
 
 async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0) -> None:
@@ -147,7 +197,10 @@ async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0
         if notice_s > 0:
             await asyncio.sleep(notice_s)
         await app.drain()
-        await running.server.stop(grace_s)
+        stopping = [running.server.stop(grace_s)]
+        if running.internal_server is not None:
+            stopping.append(running.internal_server.stop(grace_s))
+        await asyncio.gather(*stopping)
     finally:
         if running.watcher is not None:
             running.watcher.cancel()
@@ -158,15 +211,29 @@ async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0
         await app.close()
 
 
-async def serve(app: App, config: Config, name: str, listen: str, metrics_port: int) -> None:
+def metrics_host(config: Config, listen: str) -> str:
+    """Where /metrics listens: server.metrics_host, else the host of the gRPC listen address."""
+    return config.server.metrics_host or listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+
+async def serve(
+    app: App, config: Config, name: str, listen: str, metrics_port: int, internal: str = ""
+) -> None:
     """Runs a service until SIGTERM or SIGINT, then drains it within server.grace_s."""
-    serve_metrics(metrics_port)
+    serve_metrics(metrics_port, metrics_host(config, listen))
     try:
-        running = await start(app, config, listen)
+        running = await start(app, config, listen, internal)
     except BaseException:
         await app.close()
         raise
-    log.info("serving", name=name, listen=listen, port=running.port, metrics_port=metrics_port)
+    log.info(
+        "serving",
+        name=name,
+        listen=listen,
+        port=running.port,
+        internal_port=running.internal_port,
+        metrics_port=metrics_port,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -186,6 +253,8 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
     args = parser.parse_args()
     try:
         config = load_config(args.config)
+        # No key is ever a default: without the keys it needs, the service stops here, saying which.
+        config.require_keys(name)
     except ConfigError as exc:
         _config_error(name, exc)
     logging.configure(config.log, name)
@@ -194,7 +263,7 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
 
     async def main() -> None:
         # Built inside the event loop: Kafka clients bind to the running loop when created.
-        await serve(build(config), config, name, own.listen, own.metrics_port)
+        await serve(build(config), config, name, own.listen, own.metrics_port, own.internal_listen)
 
     try:
         asyncio.run(main())

@@ -1,7 +1,13 @@
-"""Tickets: what admission grants and relays verify locally, without calling admission."""
+"""Tickets: what admission grants and relays verify locally, without calling admission.
+
+Tickets are ES256 (ECDSA P-256) JWTs: admission signs with the private key (`TicketSigner`), relays hold
+only the public keys (`TicketVerifier`), so a relay, or anyone who reads a relay's keys, can check a
+ticket but never make one. The `kid` header names the key, so two can be live while keys rotate.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -9,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from townhall.core.config import TicketConfig, parse_keys
+from townhall.core.config import ConfigError, TicketConfig, parse_ticket_keys
 from townhall.core.errors import PermissionDenied, Unauthenticated
-from townhall.core.tokens import KeyRing, Verifier
+from townhall.core.tokens import ES256Signer, KeyRing, Verifier, es256_public
 from townhall.v1.common_pb2 import Role
 
 TICKET_KEY = "townhall-ticket"
@@ -19,9 +25,7 @@ MAX_TICKET_BYTES = 1024
 # Room ids as admission makes them: written into a ticket's JSON without escaping.
 _SAFE = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_PATHS = 10_000
-# The role of a relay-to-relay pull credential; outside the Role enum so no user can hold it.
-ROLE_RELAY = 1000
-_REQUIRED = ("exp", "sub", "aud", "room", "role")
+REQUIRED_CLAIMS = ("exp", "sub", "aud", "room", "role")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +37,8 @@ class Ticket:
     role: int
     relay: str
     expires_at: int  # Unix seconds
-    # Relays above this one in the room's tree, origin first, nearest last; empty on the origin.
+    # Relays above this one in the room's tree (their internal addresses), origin first, nearest last;
+    # empty on the origin.
     upstream: tuple[str, ...] = ()
     # The room's version when admission issued the ticket (claim `v`): a relay refuses the ticket of a
     # user removed at a later version, and trusts a ticket newer than its own copy of the room.
@@ -46,25 +51,26 @@ class Ticket:
 
 
 class TicketSigner:
-    """Issues and verifies tickets (JWT, HS256, `kid` header) with the ticket keys.
+    """Issues tickets (ES256 JWTs, `kid` header) with admission's private ticket key, parsed once."""
 
-    The first key signs; every key verifies, so a new key is rolled out to every relay and admission
-    process first, admission then signs with it, and the old key goes once its tickets have expired.
-    """
-
-    def __init__(self, keys: Sequence[tuple[str, str]], ttl_s: int) -> None:
-        self._ring = KeyRing(keys)
-        if self._ring.signer is None:
-            raise ValueError("tickets need at least one key")
-        self._key = self._ring.signer
+    def __init__(self, kid: str, scalar: bytes, ttl_s: int) -> None:
+        self._key = ES256Signer(kid, scalar)
         self._ttl_s = ttl_s
         self._relay_json: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
-        self._verifiers: dict[str, Verifier[Ticket]] = {}
 
     @classmethod
     def from_config(cls, config: TicketConfig) -> TicketSigner:
-        """The signer for [tickets] (keys and ttl_s)."""
-        return cls(parse_keys("tickets.keys", config.keys), config.ttl_s)
+        """The signer of [tickets] (private_key and ttl_s)."""
+        keys = parse_ticket_keys(
+            "tickets.private_key", (config.private_key,) if config.private_key else (), True
+        )
+        if not keys:
+            raise ConfigError("tickets.private_key is required to issue tickets (admission)")
+        return cls(*keys[0], config.ttl_s)
+
+    def public_key(self) -> str:
+        """KID=<base64url public key>: the entry of tickets.public_keys that verifies these tickets."""
+        return f"{self._key.kid}={base64.urlsafe_b64encode(self._key.public()).rstrip(b'=').decode()}"
 
     def issue(
         self,
@@ -80,15 +86,10 @@ class TicketSigner:
         expires = int((time.time() if now is None else now) + self._ttl_s)
         return Ticket(room_id, user_id, role, relay, expires, tuple(upstream), room_version)
 
-    def pull_token(self, room_id: str, upstream: tuple[str, ...]) -> str:
-        """A signed credential for a relay to pull the room from upstream[-1] (the rest is its path)."""
-        return self.sign(self.issue(room_id, 0, ROLE_RELAY, upstream[-1], upstream=upstream[:-1]))
-
     def sign(self, ticket: Ticket) -> str:
         """The ticket's signed text."""
-        # A plain HS256 JWT, the same bytes PyJWT makes for these claims at a quarter of its cost:
-        # tickets are signed on the join path. The relay part (audience and path) is encoded once
-        # per relay path; verification stays with PyJWT.
+        # The claims written out, not json.dumps'd: tickets are signed on the join path. The relay part
+        # (audience and path) is encoded once per relay path; verification stays with PyJWT.
         key = (ticket.relay, ticket.upstream)
         relay = self._relay_json.get(key)
         if relay is None:
@@ -106,6 +107,24 @@ class TicketSigner:
             f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}{version}}}'
         )
 
+
+class TicketVerifier:
+    """Verifies tickets with the ticket public keys (every listed key verifies; none can sign)."""
+
+    def __init__(self, public_keys: Sequence[tuple[str, bytes]]) -> None:
+        self._ring = KeyRing(jwks=[es256_public(kid, point) for kid, point in public_keys])
+        if not self._ring.keys:
+            raise ValueError("tickets need at least one public key")
+        self._verifiers: dict[str, Verifier[Ticket]] = {}
+
+    @classmethod
+    def from_config(cls, config: TicketConfig) -> TicketVerifier:
+        """The verifier of [tickets] (public_keys)."""
+        keys = parse_ticket_keys("tickets.public_keys", config.public_keys, False)
+        if not keys:
+            raise ConfigError("tickets.public_keys is required to verify tickets (relays)")
+        return cls(keys)
+
     def verify(self, token: str, relay: str) -> Ticket:
         """The ticket if a live ticket key signed it, unexpired and for this relay; else a clear error."""
         if not token:
@@ -120,7 +139,7 @@ class TicketSigner:
                 "ticket",
                 self._ring,
                 lambda claims: _ticket(claims, relay),
-                require=_REQUIRED,
+                require=REQUIRED_CLAIMS,
                 audience=relay,
                 wrong_audience=lambda _: PermissionDenied(f"ticket is for another relay, not {relay}"),
                 renew="join the room again",

@@ -26,16 +26,22 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import jwt
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from townhall.core.errors import TownhallError, Unauthenticated
 
 HS256 = "HS256"
+ES256 = "ES256"
+_ECDSA = ec.ECDSA(hashes.SHA256())
 # Tokens longer than this are refused before any parsing.
 MAX_TOKEN_BYTES = 4096
 # Distinct header segments remembered (there is one per key id and algorithm).
 _MAX_HEADERS = 256
 # Algorithms a JWKS key may be used with, by key type.
-_JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {"EdDSA"}, "EC": {"ES256"}}
+_JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {"EdDSA"}, "EC": {ES256}}
 
 T = TypeVar("T")
 
@@ -121,6 +127,54 @@ class SigningKey:
         """The signed JWT of `claims_json` (compact JSON, as json.dumps(..., separators=(",", ":")))."""
         body = self._header + b64(claims_json.encode())
         return (body + b"." + b64(hmac.digest(self.secret, body, hashlib.sha256))).decode()
+
+
+class ES256Signer:
+    """A P-256 private key with its key id, built once; signs claims given as compact JSON text (ES256).
+
+    Tickets are signed with it on the join path: the key is parsed and the header encoded here, once,
+    so a signature costs the ECDSA operation, the DER-to-JOSE conversion and two base64 encodings.
+    (ES256 over Ed25519: OpenSSL signs P-256 about twice as fast, and verifies it 1.7x as fast.)
+    """
+
+    def __init__(self, kid: str, scalar: bytes) -> None:
+        self.kid = kid
+        self._key = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
+        header = json.dumps({"alg": ES256, "kid": kid, "typ": "JWT"}, separators=(",", ":"), sort_keys=True)
+        self._header = b64(header.encode()) + b"."
+
+    def sign(self, claims_json: str) -> str:
+        """The signed JWT of `claims_json` (compact JSON)."""
+        body = self._header + b64(claims_json.encode())
+        r, s = decode_dss_signature(self._key.sign(body, _ECDSA))
+        return (body + b"." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))).decode()
+
+    def public(self) -> bytes:
+        """The public key as a compressed P-256 point (33 bytes)."""
+        return self._key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+
+
+def es256_public(kid: str, point: bytes) -> jwt.PyJWK:
+    """A verification key for ES256 tokens from a P-256 point (compressed or not)."""
+    numbers = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point).public_numbers()
+    return jwt.PyJWK.from_dict(
+        {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64(numbers.x.to_bytes(32, "big")).decode(),
+            "y": b64(numbers.y.to_bytes(32, "big")).decode(),
+            "kid": kid,
+            "alg": ES256,
+        }
+    )
+
+
+def new_es256() -> tuple[str, str]:
+    """A fresh P-256 key pair as base64url text: (private scalar, compressed public point)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    return b64(scalar).decode(), b64(point).decode()
 
 
 def claims_json(claims: Mapping[str, Any]) -> str:

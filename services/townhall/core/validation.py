@@ -13,7 +13,38 @@ USER_ID_MAX = 2**63 - 1
 REQUEST_ID_MAX = 64
 _ROOM_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters that make a title show something else than it says: bidirectional controls (a "Trojan
+# Source" title reads backwards), zero-width characters (two titles that look the same differ, words
+# hide inside others), line and paragraph separators. Each is named in the refusal.
+_INVISIBLE = {
+    "\u061c": "ARABIC LETTER MARK",
+    "\u180e": "MONGOLIAN VOWEL SEPARATOR",
+    "\u200b": "ZERO WIDTH SPACE",
+    "\u200c": "ZERO WIDTH NON-JOINER",
+    "\u200d": "ZERO WIDTH JOINER",
+    "\u200e": "LEFT-TO-RIGHT MARK",
+    "\u200f": "RIGHT-TO-LEFT MARK",
+    "\u2028": "LINE SEPARATOR",
+    "\u2029": "PARAGRAPH SEPARATOR",
+    "\u202a": "LEFT-TO-RIGHT EMBEDDING",
+    "\u202b": "RIGHT-TO-LEFT EMBEDDING",
+    "\u202c": "POP DIRECTIONAL FORMATTING",
+    "\u202d": "LEFT-TO-RIGHT OVERRIDE",
+    "\u202e": "RIGHT-TO-LEFT OVERRIDE",
+    "\u2060": "WORD JOINER",
+    "\u2061": "FUNCTION APPLICATION",
+    "\u2062": "INVISIBLE TIMES",
+    "\u2063": "INVISIBLE SEPARATOR",
+    "\u2064": "INVISIBLE PLUS",
+    "\u2066": "LEFT-TO-RIGHT ISOLATE",
+    "\u2067": "RIGHT-TO-LEFT ISOLATE",
+    "\u2068": "FIRST STRONG ISOLATE",
+    "\u2069": "POP DIRECTIONAL ISOLATE",
+    "\ufeff": "ZERO WIDTH NO-BREAK SPACE",
+}
+_INVISIBLE_RE = re.compile("[" + "".join(_INVISIBLE) + "]")
+_ZWJ = "\u200d"
 ADDRESS_MAX = 255
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}")
 
@@ -60,14 +91,34 @@ def user_ids(values: Iterable[int], field: str, limit: int) -> list[int]:
 
 
 def title(value: str, field: str = "title") -> str:
-    """Free text shown to users: 1..200 characters, no control characters."""
+    """Free text shown to users: 1..200 characters, no control, bidirectional or zero-width characters
+    (a zero width joiner only inside an emoji sequence, as in 👩‍💻)."""
     if not value.strip():
         raise InvalidArgument(f"{field} is required")
     if len(value) > TITLE_MAX:
         raise InvalidArgument(f"{field} is {len(value)} characters; at most {TITLE_MAX} allowed")
     if _CONTROL.search(value):
         raise InvalidArgument(f"{field} must not contain control characters")
+    for found in _INVISIBLE_RE.finditer(value):
+        at = found.start()
+        if found.group() == _ZWJ and _emoji_joined(value, at):
+            continue
+        raise InvalidArgument(
+            f"{field} must not contain bidirectional or invisible characters: "
+            f"U+{ord(found.group()):04X} {_INVISIBLE[found.group()]} at position {at}"
+        )
     return value
+
+
+def _emoji(char: str) -> bool:
+    """Whether `char` can be part of an emoji ZWJ sequence (pictographs, symbols, VS16, skin tones)."""
+    code = ord(char)
+    return code >= 0x1F000 or 0x2600 <= code <= 0x27BF or code in (0xFE0F, 0x2640, 0x2642, 0x2695)
+
+
+def _emoji_joined(value: str, at: int) -> bool:
+    """Whether the zero width joiner at `at` joins two emoji (👨‍👩‍👧), its one legitimate use in a title."""
+    return 0 < at < len(value) - 1 and _emoji(value[at - 1]) and _emoji(value[at + 1])
 
 
 def bounded(value: int, field: str, low: int, high: int) -> int:

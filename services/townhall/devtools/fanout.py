@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 from aiokafka import AIOKafkaConsumer
 
-from townhall.core.auth import Authenticator
-from townhall.core.config import AuthConfig, KafkaConfig
+from townhall.core.config import DEV_SERVICE_KEY, AuthConfig, KafkaConfig
+from townhall.core.credentials import operator_credential
 from townhall.core.kafka import Topics
 from townhall.notifier.inbox import Hub, Subscriber
 from townhall.notifier.inbox_reader import InboxReader, from_end
@@ -67,16 +67,17 @@ async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[
 
 
 async def import_followers(address: str, host: int, followers: list[int]) -> int:
-    """Makes `followers` follow `host` through Graph.Import; returns the edges created."""
+    """Makes `followers` follow `host` through Graph.Import on a notifier's internal port (`address`, with
+    the development service key); returns the edges created."""
     pairs = np.array([[host, f] for f in followers], dtype="<u8")
 
     async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
         for i in range(0, len(pairs), 3000):
             yield graph_pb2.ImportChunk(pairs=pairs[i : i + 3000].tobytes())
 
-    # Graph.Import is for operators: it takes the service credential (the development key here).
+    credential = operator_credential(AuthConfig(service_keys=(DEV_SERVICE_KEY,)))
     async with grpc.aio.insecure_channel(address) as channel:
         summary = await graph_pb2_grpc.GraphStub(channel).Import(
-            chunks(), metadata=Authenticator(AuthConfig()).credential.metadata(), timeout=WAIT_S
+            chunks(), metadata=credential.metadata(address, "/townhall.v1.Graph/Import"), timeout=WAIT_S
         )
     return int(summary.created)

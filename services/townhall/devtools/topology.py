@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from townhall.core import logging
 from townhall.core.channels import blocking_channel
-from townhall.core.config import KafkaConfig, TlsConfig
+from townhall.core.config import DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.config import load as load_config
 from townhall.core.kafka import ensure_topics
 from townhall.devtools.kafka_broker import Broker, free_port
@@ -30,9 +30,14 @@ from townhall.devtools.kafka_broker import Broker, free_port
 log = logging.get(__name__)
 
 SERVICES = ("relay", "notifier", "admission")  # start order: admission hands out relays
-FIXED_PORTS = {"admission": (50051, 9101), "relay": (50052, 9102), "notifier": (50053, 9103)}
+# (client port, metrics port, internal port) of the first process of each service.
+FIXED_PORTS = {
+    "admission": (50051, 9101, 50071),
+    "relay": (50052, 9102, 50072),
+    "notifier": (50053, 9103, 50073),
+}
 # Admission's crowd lane: admission processes that own no rooms and take the joins of crowd rooms.
-FIXED_CROWD_PORTS = (50061, 9161)
+FIXED_CROWD_PORTS = (50061, 9161, 50081)
 CROWD_PENDING = 16
 FIXED_KAFKA_PORT = 19092
 # A fixed-port topology gives process i of a service these ports plus 100 * i.
@@ -50,6 +55,8 @@ class Process:
     popen: subprocess.Popen[bytes] | None = None
     # "crowd" for an admission process of the crowd lane (owns no rooms, takes crowd rooms' joins).
     lane: str = ""
+    # Its internal port (host:port): calls between Townhall processes only, never clients'.
+    internal: str = ""
 
     @property
     def name(self) -> str:
@@ -60,6 +67,7 @@ class Process:
         """Its entry in topology.json."""
         entry: dict[str, Any] = {
             "grpc": self.grpc,
+            "internal": self.internal,
             "metrics": f"http://127.0.0.1:{self.metrics_port}/metrics",
             "pid": self.popen.pid if self.popen else None,
         }
@@ -83,6 +91,8 @@ class Topology:
     # (several topologies can share one broker with prefixes of their own).
     kafka: str | None = None
     topic_prefix: str = "townhall"
+    # The development keys the processes get (those the environment leaves unset), set by start().
+    _keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
@@ -101,11 +111,20 @@ class Topology:
         """Where the topology is recorded."""
         return self.root / "topology.json"
 
-    def _ports(self, service: str, index: int, lane: str = "") -> tuple[int, int]:
-        if not self.fixed_ports:
-            return free_port(), free_port()
-        grpc_port, metrics_port = FIXED_CROWD_PORTS if lane else FIXED_PORTS[service]
-        return grpc_port + FIXED_STRIDE * index, metrics_port + FIXED_STRIDE * index
+    def _process(self, service: str, index: int, lane: str = "") -> Process:
+        if self.fixed_ports:
+            ports = FIXED_CROWD_PORTS if lane else FIXED_PORTS[service]
+            grpc_port, metrics_port, internal_port = (port + FIXED_STRIDE * index for port in ports)
+        else:
+            grpc_port, metrics_port, internal_port = free_port(), free_port(), free_port()
+        return Process(
+            service,
+            index,
+            f"127.0.0.1:{grpc_port}",
+            metrics_port,
+            lane=lane,
+            internal=f"127.0.0.1:{internal_port}",
+        )
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Starts Kafka and every process, waits until all report SERVING, writes topology.json."""
@@ -118,15 +137,12 @@ class Topology:
         asyncio.run(ensure_topics(KafkaConfig(bootstrap=self.bootstrap, topic_prefix=self.topic_prefix)))
         for service in SERVICES:
             for index in range(self.counts.get(service, 0)):
-                grpc_port, metrics_port = self._ports(service, index)
-                self.processes.append(Process(service, index, f"127.0.0.1:{grpc_port}", metrics_port))
+                self.processes.append(self._process(service, index))
         for index in range(self.counts.get("crowd", 0)):
-            grpc_port, metrics_port = self._ports("admission", index, "crowd")
-            self.processes.append(
-                Process("admission", index, f"127.0.0.1:{grpc_port}", metrics_port, lane="crowd")
-            )
+            self.processes.append(self._process("admission", index, "crowd"))
         # The children read the same TOWNHALL_* settings: health checks dial them as they serve.
         tls = load_config(env={**os.environ, **self.env}).tls
+        self._keys = self.development_keys()
         try:
             for service in SERVICES:
                 group = [p for p in self.processes if p.service == service]
@@ -147,18 +163,33 @@ class Topology:
             "services": {s: [p.describe() for p in self.processes if p.service == s] for s in SERVICES},
         }
 
+    def development_keys(self) -> dict[str, str]:
+        """The development keys of every key the environment and config file leave unset: the local
+        topology (and only it) runs with them when it is given none."""
+        config = load_config(env={**os.environ, **self.env})
+        unset = {
+            "TOWNHALL_AUTH_KEYS": not (config.auth.keys or config.auth.jwks),
+            "TOWNHALL_AUTH_SERVICE_KEYS": not config.auth.service_keys,
+            "TOWNHALL_TICKETS_PRIVATE_KEY": not config.tickets.private_key,
+            "TOWNHALL_TICKETS_PUBLIC_KEYS": not config.tickets.public_keys,
+        }
+        return {key: DEV_ENV[key] for key, missing in unset.items() if missing}
+
     def _child_env(self, proc: Process) -> dict[str, str]:
         prefix = f"TOWNHALL_{proc.service.upper()}_"
-        relays = ",".join(p.grpc for p in self.processes if p.service == "relay")
+        relays = [p for p in self.processes if p.service == "relay"]
         env = {
             # Load tests against the local topology come from loopback: not limited per address
             # unless the caller's environment says otherwise.
             "TOWNHALL_LIMITS_EXEMPT": "127.0.0.0/8,::1/128",
+            **self._keys,
             **os.environ,
             "TOWNHALL_KAFKA_BOOTSTRAP": self.bootstrap,
             "TOWNHALL_KAFKA_TOPIC_PREFIX": self.topic_prefix,
-            "TOWNHALL_ADMISSION_RELAYS": relays,
+            "TOWNHALL_ADMISSION_RELAYS": ",".join(p.grpc for p in relays),
+            "TOWNHALL_ADMISSION_RELAYS_INTERNAL": ",".join(p.internal for p in relays),
             f"{prefix}LISTEN": proc.grpc,
+            f"{prefix}INTERNAL_LISTEN": proc.internal,
             f"{prefix}METRICS_PORT": str(proc.metrics_port),
             "TOWNHALL_NOTIFIER_DATA_DIR": str(self.root / f"notifier-{proc.index}"),
             "TOWNHALL_NOTIFIER_GROUP_ID": f"{self.topic_prefix}-notifier",
@@ -167,19 +198,20 @@ class Topology:
         if proc.service == "relay":
             env["TOWNHALL_RELAY_ADVERTISE"] = proc.grpc
         if proc.service == "admission":
-            # Every admission process knows the owners: rooms are owned by rendezvous over this list.
-            env["TOWNHALL_ADMISSION_ADVERTISE"] = proc.grpc
+            # Every admission process knows the owners (their internal ports): rooms are owned by
+            # rendezvous over this list.
+            env["TOWNHALL_ADMISSION_ADVERTISE"] = proc.internal
             env["TOWNHALL_ADMISSION_MEMBERS"] = ",".join(
-                p.grpc for p in self.processes if p.service == "admission" and not p.lane
+                p.internal for p in self.processes if p.service == "admission" and not p.lane
             )
             if proc.lane == "crowd":
                 env["TOWNHALL_ADMISSION_OWNER"] = "false"
                 env["TOWNHALL_ADMISSION_MAX_PENDING_REQUESTS"] = str(CROWD_PENDING)
         if proc.service == "notifier":
             # Each followee's graph shard lives on one notifier, by rendezvous over this list.
-            env["TOWNHALL_NOTIFIER_ADVERTISE"] = proc.grpc
+            env["TOWNHALL_NOTIFIER_ADVERTISE"] = proc.internal
             env["TOWNHALL_NOTIFIER_MEMBERS"] = ",".join(
-                p.grpc for p in self.processes if p.service == "notifier"
+                p.internal for p in self.processes if p.service == "notifier"
             )
         return env
 

@@ -120,11 +120,13 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
     """One run: the owner of rooms under change (the last admission process) is killed or stopped."""
     how = "kill -9" if kill else "SIGTERM"
     outcome = Outcome(f"admission-{'kill' if kill else 'sigterm'}", f"{how} of a rooms' admission owner")
-    procs = topology.of("admission")
-    members = sorted(p.grpc for p in procs)
+    # Rooms are owned by rendezvous over the members' internal addresses; clients call the client ports.
+    procs = sorted(topology.of("admission"), key=lambda p: p.internal)
+    members = [p.internal for p in procs]
     victim = members[-1]
-    proc: Process = next(p for p in procs if p.grpc == victim)
-    survivors = Endpoints(",".join(m for m in members if m != victim), members[0])
+    proc: Process = procs[-1]
+    others = [p.grpc for p in procs[:-1]]
+    survivors = Endpoints(",".join(others), others[0])
     ledger = Ledger()
     stop = asyncio.Event()
     clients: list[Client] = []
@@ -159,7 +161,7 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
         tasks = []
 
         lost, forks = await check_topic(topology, ledger)
-        stale = await check_replicas([m for m in members if m != victim], ledger)
+        stale = await check_replicas(others, ledger)
         unannounced = await check_announced(topology, ledger)
         after = [(s, e) for s, e, _ in ledger.timed if s >= faulted]
         across = [e - s for s, e, _ in ledger.timed if s <= faulted <= e or s >= faulted]

@@ -11,12 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS, Tokens
-from townhall.core.config import AuthConfig
+from townhall.core.config import DEV_AUTH
 from townhall.devtools.topology import Process, Topology
 from townhall.faults.measure import until
 
 # The local topology runs with the built-in development keys: users' tokens are minted with them.
-TOKENS = Tokens(AuthConfig())
+TOKENS = Tokens(DEV_AUTH)
 user_metadata = TOKENS.metadata
 
 

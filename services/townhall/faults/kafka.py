@@ -90,7 +90,7 @@ async def broker_restart(topology: Topology, kill: bool) -> Outcome:
     tasks: list[asyncio.Task[None]] = []
     dropped_before = sum(metric(p, "townhall_events_dropped_total") for p in topology.of("admission"))
     try:
-        await import_followers(notifier.grpc, celebrity, followers)
+        await import_followers(notifier.internal, celebrity, followers)
         host = user(ends, celebrity, retry_s=PATIENCE_S)
         hot_host = user(ends, fresh_user())
         storm = user(ends, fresh_user())

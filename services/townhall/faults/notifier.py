@@ -54,10 +54,11 @@ async def notifier_fault(topology: Topology, kill: bool) -> Outcome:
     outcome = Outcome(f"notifier-{'kill' if kill else 'sigterm'}", f"{how} of a notifier mid-fan-out")
     kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
     notifiers = topology.of("notifier")
-    members = sorted(p.grpc for p in notifiers)
+    # Notifiers know each other by their internal addresses: the graph is sharded over those.
+    members = sorted(p.internal for p in notifiers)
     celebrity = fresh_user()
     owner = sharding.owner(f"user:{celebrity}", members)
-    proc: Process = next(p for p in notifiers if p.grpc != owner)
+    proc: Process = next(p for p in notifiers if p.internal != owner)
     followers = list(range(celebrity + 1, celebrity + 1 + FOLLOWERS))
     host = user(endpoints(topology), celebrity)
     reader = user(Endpoints(endpoints(topology).admission, proc.grpc), followers[0])

@@ -51,7 +51,7 @@ class NotifierApp:
         self.store = SqliteFollowerStore(config.notifier.data_dir)
         self.hub = Hub(config.notifier.inbox_queue)
         self.placement = Placement(config.notifier.address, config.notifier.members)
-        self.auth = Authenticator(config.auth, "notifier")
+        self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = Peers(Forwarding(self.auth), config.tls)
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from townhall.core import validation
-from townhall.core.errors import InvalidArgument, Unavailable, from_rpc
+from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.inbox import Hub
@@ -19,6 +19,7 @@ from townhall.notifier.store import SqliteFollowerStore
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 FORWARD_TIMEOUT_S = 10.0
+GRAPH = "/townhall.v1.Graph/"
 LIST_DEFAULT, LIST_MAX = 1000, 10_000
 # Pairs an Import holds in memory before writing them to the store (16 bytes each).
 IMPORT_FLUSH_PAIRS = 1 << 20
@@ -50,7 +51,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Follow").inc()
             return await _forward(
                 self._peers.graph(owner).Follow(
-                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
+                    request,
+                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Follow"),
+                    timeout=FORWARD_TIMEOUT_S,
                 )
             )
         created = await self._store.follow(followee, user)
@@ -70,7 +73,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("Unfollow").inc()
             return await _forward(
                 self._peers.graph(owner).Unfollow(
-                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
+                    request,
+                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Unfollow"),
+                    timeout=FORWARD_TIMEOUT_S,
                 )
             )
         removed = await self._store.unfollow(followee, user)
@@ -89,7 +94,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("CountFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).CountFollowers(
-                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
+                    request,
+                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "CountFollowers"),
+                    timeout=FORWARD_TIMEOUT_S,
                 )
             )
         return graph_pb2.CountFollowersResponse(count=await self._store.count(user))
@@ -97,8 +104,15 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     async def ListFollowers(
         self, request: graph_pb2.ListFollowersRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.ListFollowersResponse:
-        """One ascending page of user_id's followers after after_id."""
+        """One ascending page of user_id's followers after after_id: only user_id may list them."""
         user = validation.user_id(request.user_id, "user_id")
+        me = caller(context)
+        if user != me:
+            # Who follows whom is the followee's to see; how many is public (CountFollowers).
+            raise PermissionDenied(
+                f"user {me} may not list the followers of user {user}: a follower list is shown only to "
+                "its owner (CountFollowers gives anyone the count)"
+            )
         validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
         owner = self._placement.followee_owner(user)
@@ -106,7 +120,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("ListFollowers").inc()
             return await _forward(
                 self._peers.graph(owner).ListFollowers(
-                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
+                    request,
+                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "ListFollowers"),
+                    timeout=FORWARD_TIMEOUT_S,
                 )
             )
         ids = await self._store.page(user, request.after_id, limit)
@@ -168,7 +184,10 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
 
         summary = await _forward(
             self._peers.graph(owner).Import(
-                chunks(), metadata=self._peers.forwarding.forward(context), timeout=600, wait_for_ready=True
+                chunks(),
+                metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Import"),
+                timeout=600,
+                wait_for_ready=True,
             )
         )
         return int(summary.created)
@@ -184,7 +203,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             FORWARDED.labels("RemindMe").inc()
             return await _forward(
                 self._peers.graph(owner).RemindMe(
-                    request, metadata=self._peers.forwarding.forward(context), timeout=FORWARD_TIMEOUT_S
+                    request,
+                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "RemindMe"),
+                    timeout=FORWARD_TIMEOUT_S,
                 )
             )
         return graph_pb2.RemindMeResponse(created=await self._store.remind(room, user))

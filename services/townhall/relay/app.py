@@ -9,7 +9,7 @@ import grpc
 
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config
-from townhall.core.tickets import TicketSigner
+from townhall.core.tickets import TicketVerifier
 from townhall.relay.fanout import FanoutSettings
 from townhall.relay.guard import Guard
 from townhall.relay.hub import Hub
@@ -32,9 +32,10 @@ class RelayApp:
             ring_chunks=relay.ring_chunks,
             late_join_s=relay.late_join_ms / 1000,
         )
-        signer = TicketSigner.from_config(config.tickets)
-        self.auth = Authenticator(config.auth, "relay")
-        self.upstreams = Upstreams(signer, config.server.max_message_bytes, config.tls, self.auth.credential)
+        # Public keys only: a relay verifies tickets and cannot make one.
+        tickets = TicketVerifier.from_config(config.tickets)
+        self.auth = Authenticator(config.auth, "relay", relay.internal_address)
+        self.upstreams = Upstreams(config.server.max_message_bytes, config.tls, self.auth.credential)
         self.hub = Hub(
             settings,
             chunk_s=relay.chunk_ms / 1000,
@@ -49,7 +50,7 @@ class RelayApp:
         self.guard = Guard()
         self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
-        self.servicer = RelayServicer(self.hub, signer, relay, self.guard)
+        self.servicer = RelayServicer(self.hub, tickets, relay, self.guard)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the Relay service (Subscribe writes pre-serialised chunks)."""

@@ -16,7 +16,8 @@ import grpc
 from townhall.core import limits, logging, validation
 from townhall.core.config import RelayConfig
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
-from townhall.core.tickets import ROLE_RELAY, TICKET_KEY, Ticket, TicketSigner
+from townhall.core.identity import service_caller
+from townhall.core.tickets import TICKET_KEY, Ticket, TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import Room, Subscriber
 from townhall.relay.guard import LISTEN, PUBLISH, STAGE, Guard
@@ -29,6 +30,8 @@ log = logging.get(__name__)
 SERVICE = "townhall.v1.Relay"
 # Subscriber.reason of a stream ended by moderation (the Guard holds the status it ends with).
 REVOKED = "revoked"
+# Relays above the one a Pull reaches (a tree of depth 16 would hold degree^16 relays).
+MAX_PATH = 16
 # How far a frame's capture time may be from the relay's clock.
 MAX_CLOCK_SKEW_US = 60_000_000
 
@@ -37,12 +40,12 @@ class RelayServicer:
     """Publish and Subscribe: ticket and frame checks around the hub."""
 
     def __init__(
-        self, hub: Hub, signer: TicketSigner, config: RelayConfig, guard: Guard | None = None
+        self, hub: Hub, tickets: TicketVerifier, config: RelayConfig, guard: Guard | None = None
     ) -> None:
         self._hub = hub
         # What the room says since the ticket was issued (relay/guard.py); empty without room-state.
         self._guard = guard or Guard()
-        self._signer = signer
+        self._tickets = tickets
         self._address = config.address
         self._max_payload = config.max_payload_bytes
         self._frames_per_s = config.max_frames_per_s
@@ -125,8 +128,6 @@ class RelayServicer:
         room_id = validation.room_id(request.room_id)
         if room_id != ticket.room_id:
             raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
-        if ticket.role == ROLE_RELAY:
-            raise PermissionDenied("a relay pull credential is for Relay.Pull, not Subscribe")
         stage = ticket.on_stage and not ticket.upstream
         watch = self._guard.admit(ticket, STAGE if stage else LISTEN)
         try:
@@ -145,20 +146,22 @@ class RelayServicer:
             raise watch.error
 
     async def pull(self, request: PullRequest, context: grpc.aio.ServicerContext) -> None:
-        """Another relay's one stream of the room: the same bytes as listeners get, from the ring first."""
-        ticket = self._ticket(context)
+        """Another relay's one stream of the room: the same bytes as listeners get, from the ring first.
+
+        Only on the internal port, from a relay (its service credential was checked before this runs).
+        """
         room_id = validation.room_id(request.room_id)
-        if ticket.role != ROLE_RELAY:
-            raise PermissionDenied("Relay.Pull needs a relay pull credential, not a user's ticket")
-        if room_id != ticket.room_id:
-            raise PermissionDenied(f"credential is for room {ticket.room_id!r}, not {room_id!r}")
-        # A credential with its own upstream makes this relay a mid-tier: it pulls in turn.
+        if len(request.upstream) > MAX_PATH:
+            raise InvalidArgument(f"upstream has {len(request.upstream)} relays; at most {MAX_PATH} allowed")
+        # A path of its own makes this relay a mid-tier: it pulls the room in turn.
+        upstream = tuple(validation.address(a, f"upstream[{i}]") for i, a in enumerate(request.upstream))
         room, subscriber = self._hub.subscribe(
-            room_id, request.resume_after, ticket.upstream, downstream=True, resume_epoch=request.resume_epoch
+            room_id, request.resume_after, upstream, downstream=True, resume_epoch=request.resume_epoch
         )
         log.info(
             "downstream relay pulling",
             room=room_id,
+            relay=service_caller().member,
             resume_after=request.resume_after,
             resume_epoch=request.resume_epoch,
         )
@@ -209,7 +212,7 @@ class RelayServicer:
         for key, value in context.invocation_metadata() or ():
             if key == TICKET_KEY:
                 token = value if isinstance(value, str) else value.decode("ascii", "replace")
-        return self._signer.verify(token, self._address)
+        return self._tickets.verify(token, self._address)
 
     def _check(self, frame: AudioFrame, user_id: int, wall: int) -> None:
         size = len(frame.payload)

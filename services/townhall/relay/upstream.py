@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from townhall.core.auth import ServiceCredential
 from townhall.core.channels import channel as open_channel
 from townhall.core.config import TlsConfig
+from townhall.core.credentials import ServiceCredential
 from townhall.core.forwarding import PEER_CHANNEL_OPTIONS
-from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1.relay_pb2 import PullRequest
 
 PULL_METHOD = "/townhall.v1.Relay/Pull"
@@ -23,10 +22,7 @@ def _identity(data: bytes) -> bytes:
 class Upstreams:
     """Pull streams to upstream relays, sharing one HTTP/2 connection per upstream relay."""
 
-    def __init__(
-        self, signer: TicketSigner, max_message_bytes: int, tls: TlsConfig, credential: ServiceCredential
-    ) -> None:
-        self._signer = signer
+    def __init__(self, max_message_bytes: int, tls: TlsConfig, credential: ServiceCredential) -> None:
         self._tls = tls
         self._credential = credential
         # Quick reconnects (as between admission members): a restarted upstream is usable at once.
@@ -40,7 +36,8 @@ class Upstreams:
     def pull(
         self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
     ) -> AsyncIterator[bytes]:
-        """The room's chunks from path[-1] (origin first), each exactly as the origin serialised it.
+        """The room's chunks from path[-1] (internal addresses, origin first), each exactly as the origin
+        serialised it.
 
         The call also has initial_metadata(): the upstream sends it as soon as the pull is open.
         """
@@ -51,11 +48,12 @@ class Upstreams:
         call = channel.unary_stream(
             PULL_METHOD, request_serializer=PullRequest.SerializeToString, response_deserializer=_identity
         )
-        # The service credential says a relay is calling; the pull ticket says for which room and path.
-        metadata = ((TICKET_KEY, self._signer.pull_token(room_id, path)), *self._credential.metadata())
+        # A service credential for this relay's Pull: only relays make one; the request says the path above.
         stream: AsyncIterator[bytes] = call(
-            PullRequest(room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch),
-            metadata=metadata,
+            PullRequest(
+                room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch, upstream=path[:-1]
+            ),
+            metadata=self._credential.metadata(address, PULL_METHOD),
         )
         return stream
 

@@ -1,0 +1,62 @@
+"""`townhall keys`: a fresh set of keys for a deployment (no key is ever a default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+
+from townhall.core.tokens import new_es256
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers `keys`."""
+    keys = sub.add_parser(
+        "keys", help="print a fresh set of keys (service credentials, tickets, user tokens) for a deployment"
+    )
+    keys.add_argument("--kid", default="k1", help="the key id of every key (rotate with a new one: k2, ...)")
+    keys.add_argument(
+        "--helm", action="store_true", help="as Helm values (keys:) instead of TOWNHALL_* lines"
+    )
+    keys.add_argument(
+        "--no-user-keys",
+        action="store_true",
+        help="leave out the HS256 user token key (tokens come from a JWKS)",
+    )
+
+
+def fresh(kid: str, user_keys: bool = True) -> dict[str, str]:
+    """New KID=KEY entries: HS256 secrets (user tokens, service credentials), an ES256 ticket key pair."""
+    seed, public = new_es256()
+    made = {
+        "auth.service_keys": f"{kid}={secrets.token_urlsafe(36)}",
+        "tickets.private_key": f"{kid}={seed}",
+        "tickets.public_keys": f"{kid}={public}",
+    }
+    if user_keys:
+        made["auth.keys"] = f"{kid}={secrets.token_urlsafe(36)}"
+    return made
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prints the keys: `TOWNHALL_*=...` lines, or the chart's `keys:` values."""
+    made = fresh(args.kid, not args.no_user_keys)
+    if args.helm:
+        values = {
+            "auth": [made["auth.keys"]] if "auth.keys" in made else [],
+            "service": [made["auth.service_keys"]],
+            "tickets": {
+                "privateKey": made["tickets.private_key"],
+                "publicKeys": [made["tickets.public_keys"]],
+            },
+        }
+        print("# Townhall keys: keep this file secret (a sealed or encrypted Secret, not plain Git).")
+        print("keys:")
+        for name, value in values.items():
+            print(f"  {name}: {json.dumps(value)}")
+        return 0
+    print("# Townhall keys: keep them secret. Admission needs every one; relays only the service and")
+    print("# ticket public keys; notifiers the user and service keys (deploy/README.md, Keys).")
+    for key, value in made.items():
+        print(f"TOWNHALL_{key.replace('.', '_').upper()}={value}")
+    return 0

@@ -1,0 +1,105 @@
+"""Service credentials: bound to the caller, the member called and the method; short-lived; reused."""
+
+import pytest
+
+from townhall.core.auth import AUTHORIZATION, SERVICE_KEY, Authenticator, bearer
+from townhall.core.config import AuthConfig
+from townhall.core.credentials import SERVICE_TTL_S, ServiceCredential, callers
+from townhall.core.errors import PermissionDenied, Unauthenticated
+from townhall.core.forwarding import Forwarding
+from townhall.core.tokens import SigningKey
+
+SERVICE = "svc=" + "s" * 40
+ME = "10.0.0.2:50071"
+ACQUIRE = "/townhall.v1.Leases/Acquire"
+
+
+def member(
+    kind: str = "admission", me: str = "10.0.0.1:50071", keys: tuple[str, ...] = (SERVICE,)
+) -> Authenticator:
+    return Authenticator(AuthConfig(service_keys=keys), kind, me)
+
+
+def check(service: str = "townhall.v1.Leases", method: str = "Acquire") -> object:
+    return member(me=ME).services.for_method(service, method)
+
+
+def test_a_credential_names_its_caller_and_is_accepted_for_its_member_and_method() -> None:
+    caller = member().credential
+    assert caller is not None
+    verified = check()(caller.metadata(ME, ACQUIRE))  # type: ignore[operator]
+    assert (verified.kind, verified.member) == ("admission", "10.0.0.1:50071")
+
+
+@pytest.mark.parametrize(
+    ("metadata", "error", "message"),
+    [
+        ((), Unauthenticated, "townhall-service .* is required"),
+        (bearer("a-user-token"), Unauthenticated, "townhall-service .* is required"),
+        (((SERVICE_KEY, "garbage"),), Unauthenticated, "not a JWT"),
+        (
+            member(keys=("svc=" + "x" * 40,)).credential.metadata(ME, ACQUIRE),
+            Unauthenticated,
+            "does not verify",
+        ),
+        (
+            member(keys=("other=" + "s" * 40,)).credential.metadata(ME, ACQUIRE),
+            Unauthenticated,
+            "'other' is not known",
+        ),
+        (member().credential.metadata("10.0.0.9:50071", ACQUIRE), PermissionDenied, "not for this call"),
+        (
+            member().credential.metadata(ME, "/townhall.v1.Owner/CreateRoom"),
+            PermissionDenied,
+            "not for this call",
+        ),
+        (
+            member("relay").credential.metadata(ME, ACQUIRE),
+            PermissionDenied,
+            "takes calls from admission, not from relay@",
+        ),
+    ],
+    ids=[
+        "none",
+        "user token",
+        "garbage",
+        "another key",
+        "unknown key id",
+        "another member",
+        "another method",
+        "another kind",
+    ],
+)
+def test_a_credential_for_anything_else_is_refused_saying_why(
+    metadata: object, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        check()(metadata)  # type: ignore[operator]
+
+
+def test_the_credential_is_short_lived_and_reused_until_half_its_life_is_gone() -> None:
+    credential = ServiceCredential(SigningKey(*SERVICE.split("=", 1)), "admission", "a:1")
+    first = credential.metadata(ME, ACQUIRE, now=1000)
+    assert credential.metadata(ME, ACQUIRE, now=1000 + SERVICE_TTL_S / 2 - 1) == first
+    assert credential.metadata(ME, ACQUIRE, now=1000 + SERVICE_TTL_S / 2) != first
+    assert credential.metadata("b:1", ACQUIRE, now=1000) != first  # one per member and method
+    assert SERVICE_TTL_S <= 60
+
+
+def test_client_ports_refuse_a_service_credential_and_a_forwarded_call_keeps_the_users_token() -> None:
+    caller = member()
+    with pytest.raises(PermissionDenied, match="only on the internal port"):
+        caller.principal((*bearer("t"), *caller.credential.metadata(ME, ACQUIRE)))
+    forwarded = Forwarding(caller).forward_metadata(
+        bearer("the-users-token"), ME, "/townhall.v1.Rooms/EndRoom"
+    )
+    assert dict(forwarded)[AUTHORIZATION] == "Bearer the-users-token"  # the owner checks the user itself
+    assert SERVICE_KEY in dict(forwarded)
+
+
+def test_each_internal_method_names_who_may_call_it_and_client_methods_none() -> None:
+    assert callers("townhall.v1.Leases", "Acquire") == {"admission"}
+    assert callers("townhall.v1.Relay", "Pull") == {"relay"}
+    assert callers("townhall.v1.Graph", "Import") == {"notifier", "operator"}
+    assert callers("townhall.v1.Graph", "Follow") == {"notifier"}
+    assert not callers("townhall.v1.Relay", "Subscribe") and not callers("townhall.v1.Admission", "Join")
