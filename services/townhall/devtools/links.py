@@ -39,10 +39,13 @@ async def slow_handshake(target: str, delay_s: float) -> AsyncIterator[str]:
         task.add_done_callback(handlers.discard)
         try:
             from_server, to_server = await asyncio.open_connection(host, int(port))
+            await asyncio.gather(pipe(from_client, to_server, 0.0), pipe(from_server, to_client, delay_s))
         except OSError:
             to_client.close()
-            return
-        await asyncio.gather(pipe(from_client, to_server, 0.0), pipe(from_server, to_client, delay_s))
+        except asyncio.CancelledError:
+            # The proxy is closing and its connections with it. Ending quietly: asyncio logs a
+            # connection handler's cancellation as an error.
+            to_client.close()
 
     proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
