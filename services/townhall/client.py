@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from townhall.core.auth import bearer
+from townhall.core.channels import RECONNECT_OPTIONS
 from townhall.core.channels import channel as open_channel
 from townhall.core.config import TlsConfig
 from townhall.core.tickets import TICKET_KEY
@@ -33,14 +34,9 @@ from townhall.v1 import (
 from townhall.v1.common_pb2 import Role, Room
 
 _Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    # A process that was down is usable again as soon as it is back (gRPC's default backoff
-    # grows to minutes); calls fail at once meanwhile and the client moves on to another.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
+# A process that was down is usable again as soon as it is back; calls to one that refuses connections
+# fail at once meanwhile and the client moves on to another (core/channels.RECONNECT_OPTIONS).
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024), *RECONNECT_OPTIONS]
 # Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
 _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
 _REPEAT = (*_BUSY, grpc.StatusCode.DEADLINE_EXCEEDED)

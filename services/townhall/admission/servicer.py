@@ -140,7 +140,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             if owner == self._peers.me:
                 return await here()
             try:
-                # Not wait_for_ready: an owner that cannot be reached fails at once, and the next
+                # Not wait_for_ready: an owner that refuses the connection fails at once, and the next
                 # attempt asks the membership again (which drops a dead owner within a few probes).
                 room = await there(owner, max(0.1, deadline - time.monotonic()))
             except grpc.aio.AioRpcError as exc:

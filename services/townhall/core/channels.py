@@ -17,6 +17,21 @@ from townhall.core.config import TlsConfig
 
 Options = Sequence[tuple[str, Any]]
 
+# How long one connection attempt may take (TCP, TLS, the server's HTTP/2 SETTINGS): gRPC's own default.
+# gRPC reads it from "grpc.min_reconnect_backoff_ms", which despite its name is no backoff. Set to 100 ms
+# it failed every call waiting for a connection that took longer to set up with UNAVAILABLE ("connection
+# attempt timed out before receiving SETTINGS frame"): joins to a busy admission process, TLS over a
+# slow network, probes that then found a busy peer down. A call's own deadline bounds the wait instead.
+CONNECT_TIMEOUT_MS = 20_000
+# A process that went away is dialled again 100 ms later, backing off to at most 2 s between attempts, so
+# it is used again as soon as it is back (gRPC's defaults, 1 s growing to 2 minutes, leave it unused for
+# minutes). A refused connection fails at once, whatever CONNECT_TIMEOUT_MS says.
+RECONNECT_OPTIONS: Options = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+)
+
 
 @functools.lru_cache(maxsize=16)
 def _read(path: str) -> bytes:

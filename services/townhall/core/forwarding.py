@@ -15,19 +15,17 @@ from collections.abc import Iterable
 import grpc
 
 from townhall.core.auth import AUTHORIZATION, Authenticator, value
-from townhall.core.channels import channel
+from townhall.core.channels import RECONNECT_OPTIONS, channel
 from townhall.core.config import TlsConfig
 from townhall.core.credentials import ServiceCredential
 from townhall.core.identity import forwarded
 
-# A peer that was down when first dialled must be usable as soon as it is back: gRPC's default
-# reconnect backoff (1 s, growing to minutes) fails every call at once meanwhile.
+# A peer that was down when first dialled must be usable as soon as it is back (RECONNECT_OPTIONS), and
+# dead peers are found by keepalive as well as by the health probes.
 PEER_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    *RECONNECT_OPTIONS,
 ]
 
 

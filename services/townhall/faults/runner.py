@@ -68,6 +68,7 @@ GROUPS: dict[str, Group] = {
         {
             "kafka-restart": lambda t: kafka.run(t, kill=False),
             "kafka-kill": lambda t: kafka.run(t, kill=True),
+            "kafka-outage": lambda t: kafka.run(t, kill=True, outage_s=kafka.LONG_OUTAGE_S),
         },
         own_broker=True,
     ),
@@ -86,6 +87,7 @@ RECOVERY = {
     "notifier-kill": "stall_s",
     "kafka-restart": "changes_answered_after_s",  # the broker back to the first room change answered
     "kafka-kill": "changes_answered_after_s",
+    "kafka-outage": "changes_answered_after_s",
 }
 LOST = ("lost", "forks", "stale_replicas", "half_made", "notifications_lost")
 
