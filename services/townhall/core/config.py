@@ -492,8 +492,12 @@ class RelayConfig:
     # buffer after a move). Past it the stream ends with RESOURCE_EXHAUSTED.
     max_frames_per_s: float = 100.0
     frame_burst_s: float = 5.0
-    # Listener streams one relay process is sized for; admission places no more on it.
+    # Listener streams one relay process is sized for; admission places no more on it, and the relay
+    # refuses more audience Subscribe streams (UNAVAILABLE: the listener joins again for another relay).
     listener_capacity: int = 2_500
+    # Publish streams, and Subscribe streams, one user may hold in one room on this relay (devices,
+    # plus a reconnect whose old stream is not yet seen dead); one more ends the user's oldest.
+    streams_per_user: int = 2
     # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
     load_report_ms: int = 2_000
     # The relay tree (read by admission's placement): listeners of one room per relay before the
@@ -523,6 +527,8 @@ class RelayConfig:
                 f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
             )
         _positive("relay.listener_capacity", self.listener_capacity)
+        if not 1 <= self.streams_per_user <= 100:
+            raise ConfigError(f"relay.streams_per_user must be within 1..100, not {self.streams_per_user}")
         if not 1 <= self.max_frames_per_s <= 10_000:
             raise ConfigError(
                 f"relay.max_frames_per_s must be within 1..10000, not {self.max_frames_per_s:g}"

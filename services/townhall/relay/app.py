@@ -7,16 +7,20 @@ from collections.abc import Sequence
 
 import grpc
 
+from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config
 from townhall.core.tickets import TicketVerifier
+from townhall.relay import metrics
 from townhall.relay.fanout import FanoutSettings
-from townhall.relay.guard import Guard
+from townhall.relay.guard import REPLACED, Guard, Watch
 from townhall.relay.hub import Hub
 from townhall.relay.load_report import LoadReporter
 from townhall.relay.room_state import RoomStateFollower
 from townhall.relay.servicer import SERVICE, RelayServicer, generic_handler
 from townhall.relay.upstream import Upstreams
+
+log = logging.get(__name__)
 
 
 class RelayApp:
@@ -47,7 +51,7 @@ class RelayApp:
         )
         self._flush_s = 2 * max(relay.chunk_ms, relay.large_room_chunk_ms) / 1000
         # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
-        self.guard = Guard()
+        self.guard = Guard(relay.streams_per_user, config.tickets.ttl_s, on_replaced=_replaced)
         self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
         self.servicer = RelayServicer(self.hub, tickets, relay, self.guard)
@@ -85,6 +89,11 @@ class RelayApp:
             await self.rooms.close()
         await self.hub.close()
         await self.upstreams.close()
+
+
+def _replaced(watch: Watch) -> None:
+    metrics.STREAMS_REVOKED.labels(REPLACED).inc()
+    log.info("stream replaced by a newer one", room=watch.room_id, user=watch.user_id, stream=watch.kind)
 
 
 def build_app(config: Config) -> RelayApp:
