@@ -7,15 +7,18 @@ streams per room on a relay, a relay's listeners, and the listener seats a Leave
 from __future__ import annotations
 
 import asyncio
-import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from tests.integration.helpers import join_outcome, metadata
 from tests.integration.test_moderation import ended_with, site
+from tests.integration.test_notifier import start_notifier
 from tests.integration.test_relay import ROOM, frames, relay, wait_for
 from townhall.core.config import KafkaConfig
+from townhall.v1 import inbox_pb2
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import SubscribeRequest
 
@@ -96,3 +99,59 @@ async def test_a_full_relay_refuses_listeners_with_unavailable_but_not_the_stage
     for error, _ in refused:
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "relay is full (3 listeners)" in (error.details() or "")
+
+
+@pytest.mark.kafka
+async def test_join_leave_and_join_again_with_other_users_cannot_stream_past_the_listener_limit(
+    kafka: KafkaConfig,
+) -> None:
+    async with site(kafka, relays=1) as s:
+        host = s.user()
+        room = await host.start_room((await host.create_room("One seat", listener_limit=1)).room_id)
+        relay_app = s.relays.apps[0]
+        held = []
+        for user in [s.user() for _ in range(5)]:  # one seat, five users taking turns
+            grant = await user.join(room.room_id, give_up_after_s=WITHIN_S)
+            held.append((user, grant, await opened(user.subscribe(grant, room.room_id))))
+            await user.leave(room.room_id)
+        cut = [await ended_with(call, WITHIN_S) for _, _, call in held]
+        await wait_for(lambda: relay_app.hub.listeners == 0, WITHIN_S)
+        # Their tickets stay void, also to resume with.
+        again = [
+            await ended_with(user.subscribe(grant, room.room_id, resume_after=1), WITHIN_S)
+            for user, grant, _ in held
+        ]
+        # The seat is there for whoever joins now, and it holds: the one before waits or is shed.
+        last = s.user()
+        grant = await last.join(room.room_id, give_up_after_s=WITHIN_S)
+        listening = await opened(last.subscribe(grant, room.room_id))
+        earlier = held[0][0]
+        outcome, _ = await join_outcome(earlier.admission, room.room_id, earlier.metadata)
+        # A listener whose stream broke (a relay or network failure) resumes on the same ticket.
+        listening.cancel()
+        back = await opened(last.subscribe(grant, room.room_id, resume_after=1))
+        await asyncio.sleep(0.5)
+        assert not back.done() and relay_app.hub.listeners == 1
+    for error, _ in cut + again:
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "left room" in (error.details() or "")
+    assert outcome in ("waiting", "RESOURCE_EXHAUSTED")
+
+
+@pytest.mark.kafka
+async def test_one_user_holds_at_most_four_inbox_streams_each_new_one_ends_the_oldest(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    notifier = await start_notifier(kafka, tmp_path)
+    try:
+        request = inbox_pb2.InboxSubscribeRequest()
+        calls = [await opened(notifier.inbox.Subscribe(request, metadata=metadata(7))) for _ in range(10)]
+        ended = [await ended_with(call, WITHIN_S) for call in calls[:6]]
+        other = await opened(notifier.inbox.Subscribe(request, metadata=metadata(8)))
+        assert notifier.app.hub.streams == 5
+        assert not any(call.done() for call in [*calls[6:], other])
+    finally:
+        await notifier.stop()
+    for error, _ in ended:
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "newer Inbox stream" in (error.details() or "")

@@ -513,7 +513,8 @@ class RelayConfig:
     # they resume from their last chunk. At once when the upstream says it is draining.
     upstream_lost_ms: int = 1_000
     # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
-    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped.
+    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped;
+    # and the presence topic's leaves: a listener's Leave voids its older tickets here.
     # Off only for a relay without Kafka (tests); tickets alone decide then.
     follow_room_state: bool = True
 
@@ -584,6 +585,8 @@ class NotifierConfig:
     batch_users: int = 1000
     # Notifications buffered per Inbox stream before its oldest are dropped.
     inbox_queue: int = 256
+    # Inbox streams one user may hold on one notifier (their devices); one more ends the oldest.
+    inbox_streams_per_user: int = 4
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
@@ -629,6 +632,10 @@ class NotifierConfig:
         if not 1 <= self.batch_users <= 100_000:
             raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
         _positive("notifier.inbox_queue", self.inbox_queue)
+        if not 1 <= self.inbox_streams_per_user <= 100:
+            raise ConfigError(
+                f"notifier.inbox_streams_per_user must be within 1..100, not {self.inbox_streams_per_user}"
+            )
 
     @property
     def address(self) -> str:

@@ -49,7 +49,7 @@ class NotifierApp:
         self.config = config
         self.topics = Topics(config.kafka.topic_prefix)
         self.store = SqliteFollowerStore(config.notifier.data_dir)
-        self.hub = Hub(config.notifier.inbox_queue)
+        self.hub = Hub(config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user)
         self.placement = Placement(config.notifier.address, config.notifier.members)
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = Peers(Forwarding(self.auth), config.tls)

@@ -246,3 +246,5 @@ class InboxServicer(inbox_pb2_grpc.InboxServicer):
                 yield notification
         finally:
             self._hub.disconnect(sub)
+        if sub.error is not None:
+            raise sub.error

@@ -228,7 +228,9 @@ class Guard:
             self._left.popitem(last=False)
         return cut
 
-    def _left_refusal(self, room_id: str, user: int, role: int, issued_ms: int, kind: str) -> TownhallError | None:
+    def _left_refusal(
+        self, room_id: str, user: int, role: int, issued_ms: int, kind: str
+    ) -> TownhallError | None:
         if kind != LISTEN or role != ROLE_LISTENER or not self._left:
             return None
         at_ms = self._left.get((room_id, user))
