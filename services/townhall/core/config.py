@@ -357,6 +357,13 @@ class AdmissionConfig:
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
+    # Rooms one host may create per hour (counted on each new room's owner from its replica, so across
+    # processes); past it CreateRoom is RESOURCE_EXHAUSTED with a retry-after. 0: no limit.
+    rooms_per_host_per_hour: int = 30
+    # A room neither started nor scheduled this long after its creation is ended by its owner. Ended
+    # rooms are deleted from the room-state topic (and forgotten by every process) once every ticket
+    # issued for them has expired (tickets.ttl_s plus a minute).
+    unstarted_room_ttl_s: int = 86_400
     # The address the other admission processes reach this one at (its internal port); defaults to
     # internal_listen (to listen without one).
     advertise: str = ""
@@ -457,6 +464,15 @@ class AdmissionConfig:
             _address("admission.relays_internal", relay)
         _positive("admission.default_listener_limit", self.default_listener_limit)
         _positive("admission.event_queue", self.event_queue)
+        if not 0 <= self.rooms_per_host_per_hour <= 100_000:
+            raise ConfigError(
+                "admission.rooms_per_host_per_hour must be 0 (no limit) or within 1..100000, "
+                f"not {self.rooms_per_host_per_hour}"
+            )
+        if not 1 <= self.unstarted_room_ttl_s <= 90 * 86_400:
+            raise ConfigError(
+                f"admission.unstarted_room_ttl_s must be within 1..7776000, not {self.unstarted_room_ttl_s}"
+            )
 
     @property
     def address(self) -> str:

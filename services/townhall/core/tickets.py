@@ -26,6 +26,16 @@ MAX_TICKET_BYTES = 1024
 _SAFE = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_PATHS = 10_000
 REQUIRED_CLAIMS = ("exp", "sub", "aud", "room", "role")
+# Clock skew between the admission process that issues a ticket and the relay that checks it.
+MAX_SKEW_S = 60.0
+
+
+def void_after_s(ttl_s: float) -> float:
+    """Seconds after issue by which every relay refuses a ticket: its lifetime plus a margin for skew.
+
+    What a ticket could still be used for (an ended room, a listener who left) may be forgotten then.
+    """
+    return ttl_s + min(MAX_SKEW_S, ttl_s)
 
 
 @dataclass(frozen=True, slots=True)

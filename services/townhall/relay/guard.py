@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from townhall.core.errors import FailedPrecondition, PermissionDenied, TownhallError
-from townhall.core.tickets import Ticket
+from townhall.core.tickets import Ticket, void_after_s
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, Room, RoomState
 
 # What a stream does: publish audio, listen as the stage (each frame, at the origin), listen as audience.
@@ -33,8 +33,6 @@ ENDED, BANNED, REMOVED, DEMOTED = "ended", "banned", "removed", "demoted"
 REPLACED, LEFT = "replaced", "left"
 # Leaves remembered (each voids older listener tickets until they expire); past it the oldest go.
 MAX_LEAVES = 200_000
-# An ended room's rules are kept until every ticket issued before the end has expired, plus this.
-EXPIRY_MARGIN_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +137,8 @@ class Guard:
         # Per room and user, the open streams, oldest first.
         self._streams: dict[str, dict[int, list[Watch]]] = {}
         self._per_user = streams_per_user
-        self._ticket_ttl_ms = int(ticket_ttl_s * 1000)
+        # Leaves and an ended room's rules are kept until every ticket they judge has expired.
+        self._keep_ms = int(void_after_s(ticket_ttl_s) * 1000)
         self._on_replaced = on_replaced
         # (room, user) -> when the user left (Unix ms), oldest first: listener tickets issued before are void.
         self._left: OrderedDict[tuple[str, int], int] = OrderedDict()
@@ -243,7 +242,7 @@ class Guard:
 
     def _expire_leaves(self, now_ms: int) -> None:
         """Forgets leaves older than a ticket's lifetime: every ticket they void has expired."""
-        oldest = now_ms - self._ticket_ttl_ms - EXPIRY_MARGIN_S * 1000
+        oldest = now_ms - self._keep_ms
         while self._left:
             key, at_ms = next(iter(self._left.items()))
             if at_ms >= oldest:
@@ -256,7 +255,7 @@ class Guard:
         Every ticket of such a room has expired, so its signature check refuses it without the rules.
         """
         self._expire_leaves(now_ms)
-        oldest = now_ms - self._ticket_ttl_ms - EXPIRY_MARGIN_S * 1000
+        oldest = now_ms - self._keep_ms
         gone = [
             room_id
             for room_id, rules in self._rules.items()
