@@ -11,18 +11,20 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.integration.helpers import client, config_for, serving
+from tests.integration.helpers import client, config_for, metadata, serving
 from tests.integration.test_relay_tree import tree
 from townhall.admission.app import AdmissionApp
 from townhall.client import Client
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
-from townhall.v1 import moderation_pb2, rooms_pb2
+from townhall.notifier.app import NotifierApp
+from townhall.v1 import graph_pb2, graph_pb2_grpc, moderation_pb2, rooms_pb2
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.events_pb2 import RoomStarted
 
@@ -183,3 +185,68 @@ async def _code(call: Awaitable[Any]) -> grpc.StatusCode | None:
     except grpc.aio.AioRpcError as exc:
         return exc.code()
     return None
+
+
+@asynccontextmanager
+async def notifier_at(
+    kafka: KafkaConfig, data_dir: Path, **own: Any
+) -> AsyncIterator[tuple[NotifierApp, graph_pb2_grpc.GraphStub]]:
+    config = config_for(
+        kafka,
+        notifier={"data_dir": str(data_dir), "group_id": f"g-{secrets.token_hex(4)}", **own},
+        limits={"enabled": False},
+    )
+    app = NotifierApp(config)
+    async with serving(app, config) as address, grpc.aio.insecure_channel(address) as channel:
+        yield app, graph_pb2_grpc.GraphStub(channel)
+
+
+async def _remind(graph: graph_pb2_grpc.GraphStub, user: int, room_id: str) -> grpc.StatusCode:
+    try:
+        await graph.RemindMe(graph_pb2.RemindMeRequest(room_id=room_id), metadata=metadata(user))
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_reminders_are_taken_only_for_rooms_that_exist_and_have_not_started(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    async with admission(kafka) as (_, address), notifier_at(kafka, tmp_path) as (notifier, graph):
+        host, asker = host_at(address), secrets.randbelow(2**40) + 1
+        try:
+            made_up = [await _remind(graph, asker, secrets.token_urlsafe(12)) for _ in range(20)]
+            later = (await host.create_room("later")).room_id
+            live = await host.start_room((await host.create_room("now")).room_id)
+            asked = await _remind(graph, asker, later)
+            on_live = await _remind(graph, asker, live.room_id)
+            kept = await notifier.store.reminded(later).__anext__()
+        finally:
+            await host.close()
+    assert made_up == [grpc.StatusCode.NOT_FOUND] * 20
+    assert asked == grpc.StatusCode.OK and kept.tolist() == [asker]
+    assert on_live == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_reminders_are_bounded_per_user_and_released_when_their_room_ends(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    async with (
+        admission(kafka) as (_, address),
+        notifier_at(kafka, tmp_path, reminders_per_user=3) as (notifier, graph),
+    ):
+        host, asker = host_at(address), secrets.randbelow(2**40) + 1
+        try:
+            rooms = [(await host.create_room(f"later {i}")).room_id for i in range(4)]
+            asked = [await _remind(graph, asker, room_id) for room_id in rooms]
+            kept = set(await notifier.store.reminder_rooms())
+            await host.end_room(rooms[0])
+            await until(lambda: _true(notifier.rooms.state(rooms[0]) == RoomState.ROOM_STATE_ENDED))
+            await notifier.reminders.tick()  # the minutely release, now
+            after_end = set(await notifier.store.reminder_rooms())
+            again = await _remind(graph, asker, rooms[3])  # the ended room's reminder went: one more fits
+        finally:
+            await host.close()
+    assert asked == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert kept == set(rooms[:3]) and after_end == set(rooms[1:3])
+    assert again == grpc.StatusCode.OK

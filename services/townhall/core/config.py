@@ -603,6 +603,9 @@ class NotifierConfig:
     inbox_queue: int = 256
     # Inbox streams one user may hold on one notifier (their devices); one more ends the oldest.
     inbox_streams_per_user: int = 4
+    # Reminders (RemindMe) one user may hold on one notifier for rooms not yet ended; 0: no limit.
+    # A reminder is taken only for a room that exists and has not started, and goes when it ends.
+    reminders_per_user: int = 100
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
@@ -648,6 +651,11 @@ class NotifierConfig:
         if not 1 <= self.batch_users <= 100_000:
             raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
         _positive("notifier.inbox_queue", self.inbox_queue)
+        if not 0 <= self.reminders_per_user <= 1_000_000:
+            raise ConfigError(
+                "notifier.reminders_per_user must be 0 (no limit) or within 1..1000000, "
+                f"not {self.reminders_per_user}"
+            )
         if not 1 <= self.inbox_streams_per_user <= 100:
             raise ConfigError(
                 f"notifier.inbox_streams_per_user must be within 1..100, not {self.inbox_streams_per_user}"
