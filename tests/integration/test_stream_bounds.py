@@ -7,6 +7,7 @@ streams per room on a relay, a relay's listeners, and the listener seats a Leave
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from tests.integration.helpers import join_outcome, metadata
-from tests.integration.test_moderation import ended_with, site
+from tests.integration.test_moderation import ended_with, figures, site
 from tests.integration.test_notifier import start_notifier
 from tests.integration.test_relay import ROOM, frames, relay, wait_for
 from townhall.core.config import KafkaConfig
@@ -109,12 +110,15 @@ async def test_join_leave_and_join_again_with_other_users_cannot_stream_past_the
         host = s.user()
         room = await host.start_room((await host.create_room("One seat", listener_limit=1)).room_id)
         relay_app = s.relays.apps[0]
-        held = []
+        held, watching, left_at = [], [], []
         for user in [s.user() for _ in range(5)]:  # one seat, five users taking turns
             grant = await user.join(room.room_id, give_up_after_s=WITHIN_S)
-            held.append((user, grant, await opened(user.subscribe(grant, room.room_id))))
+            call = await opened(user.subscribe(grant, room.room_id))
+            held.append((user, grant, call))
+            watching.append(asyncio.create_task(ended_with(call, WITHIN_S)))
             await user.leave(room.room_id)
-        cut = [await ended_with(call, WITHIN_S) for _, _, call in held]
+            left_at.append(time.monotonic())
+        cut = [await task for task in watching]
         await wait_for(lambda: relay_app.hub.listeners == 0, WITHIN_S)
         # Their tickets stay void, also to resume with.
         again = [
@@ -136,6 +140,8 @@ async def test_join_leave_and_join_again_with_other_users_cannot_stream_past_the
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "left room" in (error.details() or "")
     assert outcome in ("waiting", "RESOURCE_EXHAUSTED")
+    delays = sorted(round(1000 * (at - left), 1) for (_, at), left in zip(cut, left_at, strict=True))
+    figures("leave-revocation", {"leave_returned_to_stream_cut_ms": delays})
 
 
 @pytest.mark.kafka

@@ -25,7 +25,7 @@ log = logging.get(__name__)
 
 # A room id this process has not read yet is looked for again this long (the replica is a fetch behind
 # the admission process that created it) before it is NOT_FOUND.
-MISS_WAIT_S = 1.0
+MISS_WAIT_S = 0.5
 MISS_POLL_S = 0.05
 PENDING = (RoomState.ROOM_STATE_CREATED, RoomState.ROOM_STATE_SCHEDULED)
 

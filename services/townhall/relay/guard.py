@@ -186,7 +186,8 @@ class Guard:
         if left is not None:
             raise left
         watches = self._streams.setdefault(ticket.room_id, {}).setdefault(ticket.user_id, [])
-        same = [w for w in watches if _publishes(w.kind) == _publishes(kind)]
+        # Streams already cut (ending, not yet released) do not count.
+        same = [w for w in watches if _publishes(w.kind) == _publishes(kind) and w.error is None]
         for old in same[: max(0, len(same) - (per_user or self._per_user) + 1)]:
             watches.remove(old)
             what = "Publish" if _publishes(kind) else "Subscribe"
@@ -204,7 +205,7 @@ class Guard:
     def holds(self, ticket: Ticket, kind: str) -> int:
         """How many streams of this kind (publish, or subscribe) the ticket's user holds in its room here."""
         watches = self._streams.get(ticket.room_id, {}).get(ticket.user_id, ())
-        return sum(_publishes(w.kind) == _publishes(kind) for w in watches)
+        return sum(_publishes(w.kind) == _publishes(kind) and w.error is None for w in watches)
 
     def left(self, room_id: str, leaves: Iterable[tuple[int, int]], now_ms: int) -> list[tuple[Watch, str]]:
         """Records that users left the room at the given times (user, Unix ms); cuts their listener
