@@ -33,9 +33,14 @@ WITHIN_S = 20.0
 
 
 @asynccontextmanager
-async def admission(kafka: KafkaConfig, **own: Any) -> AsyncIterator[tuple[AdmissionApp, str]]:
-    """One admission process (rate limits off: the tests count what each call leaves behind)."""
-    config = config_for(kafka, admission=own, limits={"enabled": False}, tickets={"ttl_s": 2})
+async def admission(
+    kafka: KafkaConfig, ticket_ttl_s: int = 2, **own: Any
+) -> AsyncIterator[tuple[AdmissionApp, str]]:
+    """One admission process (rate limits off: the tests count what each call leaves behind).
+
+    Tickets live `ticket_ttl_s`, so rooms that ended are released that soon (plus as long again).
+    """
+    config = config_for(kafka, admission=own, limits={"enabled": False}, tickets={"ttl_s": ticket_ttl_s})
     app = AdmissionApp(config)
     async with serving(app, config) as address:
         yield app, address
@@ -53,7 +58,8 @@ async def until(check: Callable[[], Awaitable[bool]], within_s: float = WITHIN_S
 
 
 async def test_room_changes_to_made_up_room_ids_leave_no_lock_behind(kafka: KafkaConfig) -> None:
-    async with admission(kafka) as (app, address):
+    # Tickets of an hour: no room of earlier tests is released (with a lock held) while this one counts.
+    async with admission(kafka, ticket_ttl_s=3600) as (app, address):
         host = host_at(address)
         try:
             store: Any = app.store
