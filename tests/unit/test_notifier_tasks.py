@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from townhall.core.errors import LimitReached
 from townhall.core.kafka import Topics
 from townhall.notifier import blocks as blk
 from townhall.notifier.lanes import LaneChooser
@@ -271,3 +272,15 @@ def test_bad_notifier_fanout_settings_stop_the_process_with_a_clear_message(
     with pytest.raises(ConfigError, match=words):
         load(env=env)
     assert load(env={"TOWNHALL_NOTIFIER_MEMBERS": "127.0.0.1:50073,127.0.0.1:50173"}).notifier.members
+
+
+async def test_reminders_are_bounded_per_user_and_released_by_room(store: SqliteFollowerStore) -> None:
+    assert [await store.remind(f"r{i}", 5, limit=2) for i in range(2)] == [True, True]
+    assert await store.remind("r0", 5, limit=2) is False, "asking again is not a new reminder"
+    with pytest.raises(LimitReached, match="at most 2"):
+        await store.remind("r2", 5, limit=2)
+    await store.remind("r2", 6, limit=2)
+    assert await store.reminder_rooms() == ["r0", "r1", "r2"]
+    assert await store.forget_reminders(["r0", "r2"]) == 2
+    assert await store.reminder_rooms() == ["r1"]
+    assert await store.remind("r3", 5, limit=2) is True

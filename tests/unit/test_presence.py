@@ -50,3 +50,20 @@ def test_a_large_batch_is_split_and_a_full_buffer_drops_and_counts() -> None:
     assert sizes == [MAX_BATCH, 10]
     users = [u for _, _, e in queue.records for u in e.user_ids]
     assert users == list(range(1, MAX_BATCH + 11))  # the first ones kept, in order
+
+
+def test_a_listeners_leave_is_one_record_per_relay_with_when_each_user_left() -> None:
+    queue = Recorder()
+    presence = Presence(queue, "t.presence", "pod-0", capacity=4)  # type: ignore[arg-type]
+    presence.left("hot", 12, ["relay-a:1", "relay-b:1"], 1_000)
+    presence.left("hot", 13, ["relay-a:1"], 1_007)
+    presence.record(LEAVE, "hot", 14, Role.ROLE_UNSPECIFIED)  # not a listener here: no seat, no relay
+    assert not presence.room_for(1), "a leave that gives a seat back is refused, never dropped"
+    assert presence.flush() == 3
+    by_relay = {e.relay: (list(e.user_ids), list(e.left_at_ms), e.role) for _, _, e in queue.records}
+    assert by_relay == {
+        "relay-a:1": ([12, 13], [1_000, 1_007], Role.ROLE_LISTENER),
+        "relay-b:1": ([12], [1_000], Role.ROLE_LISTENER),
+        "": ([14], [], Role.ROLE_UNSPECIFIED),
+    }
+    assert presence.room_for(4)

@@ -167,3 +167,55 @@ def test_leads_are_reported_per_room_from_the_rules_or_else_from_the_tickets() -
     handed = stage.hand_over(room, COHOST)
     guard.apply(stage.set_role(handed, COHOST, LISTENER, ROLE_COHOST))
     assert guard.leads()[room.room_id] == [HOST, LISTENER]
+
+
+def test_a_users_third_stream_of_a_kind_ends_their_oldest_and_other_kinds_and_users_are_untouched() -> None:
+    replaced: list[Watch] = []
+    guard, room = Guard(streams_per_user=2, on_replaced=replaced.append), live_room()
+    t = ticket(room, SPEAKER, ROLE_SPEAKER)
+    first, first_cuts = opened(guard, t, LISTEN)
+    second, _ = opened(guard, t, STAGE)  # subscribe streams: listen and stage count together
+    publishing, _ = opened(guard, t, PUBLISH)
+    other, _ = opened(guard, ticket(room, LISTENER, ROLE_LISTENER), LISTEN)
+    assert guard.holds(t, LISTEN) == 2 and guard.holds(t, PUBLISH) == 1
+    third, _ = opened(guard, t, LISTEN)
+    assert first_cuts == [True] and replaced == [first]
+    assert first.error is not None and first.error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "newer Subscribe stream" in str(first.error) and "at most 2 per user" in str(first.error)
+    assert [w.error for w in (second, third, publishing, other)] == [None] * 4
+    assert guard.streams(room.room_id) == 4
+    guard.release(first)  # the cut stream's handler releases it later: harmless
+    assert guard.streams(room.room_id) == 4
+
+
+def test_a_leave_voids_the_listeners_older_tickets_and_not_a_ticket_from_a_later_join() -> None:
+    guard, room = Guard(ticket_ttl_s=600), live_room()
+    before = Ticket(room.room_id, LISTENER, ROLE_LISTENER, "relay:1", 0, (), room.version, NOW)
+    after = Ticket(room.room_id, LISTENER, ROLE_LISTENER, "relay:1", 0, (), room.version, NOW + 500)
+    speaker = Ticket(room.room_id, SPEAKER, ROLE_SPEAKER, "relay:1", 0, (), room.version, NOW)
+    listening, cuts = opened(guard, before, LISTEN)
+    on_edge, _ = opened(guard, speaker, LISTEN)
+    assert guard.left(room.room_id, [(LISTENER, NOW + 100), (SPEAKER, NOW + 100)], NOW + 200) == [
+        (listening, "left")
+    ]
+    assert cuts == [True] and listening.error is not None
+    assert listening.error.code == grpc.StatusCode.PERMISSION_DENIED and "left room" in str(listening.error)
+    assert on_edge.error is None, "a Leave frees listener seats only: stage tickets are the room's to revoke"
+    with pytest.raises(TownhallError, match="left room"):
+        guard.admit(before, LISTEN)
+    assert guard.admit(after, LISTEN).error is None
+    # Once every ticket issued before the leave has expired, the leave is forgotten.
+    assert guard.leaves == 2
+    guard.expire(NOW + 100 + 600_000 + 61_000)
+    assert guard.leaves == 0
+
+
+def test_an_ended_rooms_rules_are_kept_until_its_tickets_expired() -> None:
+    guard, room = Guard(ticket_ttl_s=600), live_room()
+    ended = stage.abandoned(room, NOW)
+    guard.apply(ended)
+    assert guard.expire(NOW + 600_000) == 0 and guard.rules(room.room_id) is not None
+    assert guard.expire(NOW + 600_000 + 61_000) == 1 and guard.rules(room.room_id) is None
+    guard.apply(room)
+    guard.forget(room.room_id)  # a deleted record of a live room (never written) is not trusted
+    assert guard.rules(room.room_id) is not None

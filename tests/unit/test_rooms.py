@@ -98,3 +98,29 @@ def test_a_live_room_is_pending_announcement_until_its_announced_version_is_appl
     assert book.announced(room.room_id) is book.get(room.room_id), "announcing twice changes nothing"
     book.apply(book.ended(room.room_id, 1, now_ms=3))
     assert book.unannounced() == []
+
+
+def test_the_book_counts_a_hosts_recent_creations_and_forgets_rooms() -> None:
+    book = RoomBook()
+    for at in (1_000, 2_000, 3_000):
+        book.apply(book.created(HOST, "r", [], 0, now_ms=at))
+    other = book.created(OTHER, "r", [], 0, now_ms=2_500)
+    book.apply(other)
+    assert book.created_since(HOST, 1_500) == [2_000, 3_000]
+    assert book.created_since(OTHER, 0) == [2_500]
+    ended = book.ended(other.room_id, OTHER, now_ms=4_000)
+    book.apply(ended)
+    assert book.ended_before(4_001) == [other.room_id] and book.ended_before(4_000) == []
+    assert len(book.unstarted_before(2_500)) == 2  # the host's rooms of 1_000 and 2_000
+    assert book.forget(other.room_id) and not book.forget(other.room_id)
+    assert book.find(other.room_id) is None
+    book.prune_created(10_000)
+    assert book.created_since(HOST, 0) == []
+
+
+def test_a_never_started_room_expires_into_ended_and_a_started_one_does_not() -> None:
+    book, room_id = _book_with_room()
+    expired = book.expired(room_id, now_ms=9_000)
+    assert (expired.state, expired.ended_at_ms, expired.version) == (RoomState.ROOM_STATE_ENDED, 9_000, 2)
+    book.apply(book.started(room_id, HOST, now_ms=2_000))
+    assert book.expired(room_id, now_ms=9_000) is book.get(room_id)

@@ -138,6 +138,7 @@ def test_tickets_are_the_jwt_pyjwt_verifies_with_the_public_key() -> None:
             "aud": "10.0.0.3:50052",
             "exp": ticket.expires_at,
             **({"up": list(upstream)} if upstream else {}),
+            "at": ticket.issued_ms,
         }
         assert key.verify(token, "10.0.0.3:50052") == ticket
 

@@ -19,6 +19,7 @@ from townhall.admission.moderation import ModerationServicer
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
+from townhall.admission.retention import Retention
 from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
 from townhall.admission.store import RoomStore
@@ -82,7 +83,7 @@ class AdmissionApp:
         self._tasks: set[asyncio.Task[None]] = set()
         member = f"{socket.gethostname()}/{own.listen}"
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
-        self.store = RoomStore(config.kafka, self._producer)
+        self.store = RoomStore(config.kafka, self._producer, own.rooms_per_host_per_hour)
         self._listed = membership_for(own)
         # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
         self.prober = Prober(
@@ -128,6 +129,9 @@ class AdmissionApp:
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
+        self.retention = Retention(
+            self.store, self.peers.is_owner, config.tickets.ttl_s, own.unstarted_room_ttl_s
+        )
         self.failover = (
             Failover(self.store, self.stage_presence, self.peers.is_owner, own.host_grace_s)
             if own.host_grace_s
@@ -204,6 +208,7 @@ class AdmissionApp:
         self.capacity.start()
         self._relay_loads.start()
         self.scheduler.start()
+        self.retention.start()
         if self.failover is not None:
             self.failover.start()
 
@@ -227,6 +232,7 @@ class AdmissionApp:
         await cancel(*self._tasks)
         await self.prober.close()
         await self.scheduler.close()
+        await self.retention.close()
         if self.failover is not None:
             await self.failover.close()
         await self._relay_loads.close()

@@ -32,6 +32,10 @@ WAIT_MS_PER_PLACE = 2.0
 WAIT_MS = (200, 3_000)
 # Relay paths whose internal addresses are remembered.
 MAX_PATHS = 10_000
+# The relays a listener's tickets were for are bits of one int per listener, a bit per relay known here;
+# past this many relays (or for a listener whose placement failed) a Leave goes to every relay.
+MAX_RELAY_BITS = 4096
+ANY_RELAY = -1
 
 
 class Admitter:
@@ -61,6 +65,8 @@ class Admitter:
         self._budget = budget
         self._waiting_room = waiting_room
         self._lines: dict[str, WaitingLine] = {}
+        self._relay_bits: dict[str, int] = {}
+        self._relay_names: list[str] = []
 
     def join(self, room_id: str, who: Principal) -> JoinResponse:
         """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after.
@@ -91,6 +97,11 @@ class Admitter:
         upstream = self._paths.get(relay.upstream)
         if upstream is None:
             upstream = self._internal_path(relay.upstream)
+        if listener:
+            # The relays a listener holds tickets for: its Leave voids them there (relay/leaves.py).
+            allowance = self._capacity.get(room_id)
+            if allowance is not None and (held := allowance.listeners.get(user)) is not None:
+                allowance.listeners[user] = held | self._relay_bit(relay.relay)
         ticket = self._signer.issue(
             room_id, user, role, relay.relay, upstream=upstream, room_version=room.version
         )
@@ -117,12 +128,38 @@ class Admitter:
             return Placement(owner(room_id, self._relays), ())
         return self._placer.place(room_id, on_stage, time.time())
 
+    def _relay_bit(self, relay: str) -> int:
+        bit = self._relay_bits.get(relay)
+        if bit is None:
+            if len(self._relay_names) >= MAX_RELAY_BITS:
+                return ANY_RELAY
+            bit = self._relay_bits[relay] = 1 << len(self._relay_names)
+            self._relay_names.append(relay)
+        return bit
+
     def leave(self, room_id: str, user: int) -> None:
-        """Forgets a listener; leaving twice or without joining is accepted."""
+        """Gives a listener's seat back and voids its tickets; leaving twice or without joining is accepted.
+
+        The seat is given back only once the leave is recorded for the relays the listener's tickets
+        were for (they cut its streams and refuse those tickets from then on): a seat given back while
+        its ticket kept streaming would let any number of users through a full room.
+        """
         allowance = self._capacity.get(room_id)
-        if allowance is not None and allowance.leave(user):
-            LISTENERS.dec()
-        self._presence.record(PresenceEvent.KIND_LEAVE, room_id, user, ROLE_UNSPECIFIED)
+        relays = allowance.listeners.get(user) if allowance is not None else None
+        if allowance is None or relays is None:
+            self._presence.record(PresenceEvent.KIND_LEAVE, room_id, user, ROLE_UNSPECIFIED)
+            return
+        names = [""] if relays <= 0 else [name for i, name in enumerate(self._relay_names) if relays >> i & 1]
+        if not self._presence.room_for(len(names)):
+            retry = random.randint(*RETRY_AFTER_MS)
+            raise ResourceExhausted(
+                f"admission is too busy to record leaves; your seat in room {room_id} is kept: retry "
+                f"after {retry} ms",
+                retry,
+            )
+        self._presence.left(room_id, user, names, time.time_ns() // 1_000_000)
+        allowance.leave(user)
+        LISTENERS.dec()
 
     def forget(self, room_id: str) -> None:
         """Drops what this process holds for a room that is no longer live."""

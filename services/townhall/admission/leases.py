@@ -119,7 +119,8 @@ class Allowance:
 
     def __init__(self, lease_min: int, lease_max: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.held = 0
-        self.listeners: set[int] = set()
+        # Admitted listeners -> the relays their tickets were for (bits, see Admitter; -1: any relay).
+        self.listeners: dict[int, int] = {}
         self.refilling = False
         # The owner said the room had nothing left: do not ask again before this time.
         self.exhausted_until = 0.0
@@ -146,7 +147,7 @@ class Allowance:
             return True
         if self.spare <= 0:
             return False
-        self.listeners.add(user)
+        self.listeners[user] = 0
         return True
 
     def demand(self) -> None:
@@ -155,10 +156,7 @@ class Allowance:
 
     def leave(self, user: int) -> bool:
         """Frees the user's admit for reuse here; True if the user was admitted here."""
-        if user in self.listeners:
-            self.listeners.discard(user)
-            return True
-        return False
+        return self.listeners.pop(user, None) is not None
 
     def lease_size(self) -> int:
         """How many admits to ask for: about REFILL_HORIZON_S of joins at the recent rate."""

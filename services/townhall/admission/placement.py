@@ -189,6 +189,6 @@ class Placer:
         if with_room:
             # Every relay with room holds its target of this room: spread the excess evenly.
             return min(with_room, key=lambda i: (self.carried(order[i], room_id), i))
-        # Every relay is full: overload the least loaded one rather than refuse (admission's
-        # listener limits and leases are what bound a room; this only chooses where).
+        # Every relay is full, as far as their last reports say: the least loaded one. It refuses the
+        # listener if it really is full (relay.listener_capacity), and the listener joins again later.
         return min(range(len(order)), key=lambda i: (self.total(order[i]) / self.capacity(order[i]), i))

@@ -3,6 +3,9 @@
 A join only appends a user id to a list (no protobuf, no Kafka call). A background task closes
 the batches every `flush_s` and offers them to the bounded EventQueue. Users beyond `capacity`
 waiting for a flush are dropped and counted, so a storm never grows memory or blocks a join.
+
+A listener's Leave that gives a seat back is batched per relay with the time it happened: that relay
+voids the listener's older tickets (relay/leaves.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ FLUSH_S = 0.1
 # Users per record: a record stays well under Kafka's and gRPC's message limits (8 bytes a user).
 MAX_BATCH = 8192
 
-_Key = tuple["PresenceEvent.Kind.ValueType", str, "Role.ValueType"]
+_Key = tuple["PresenceEvent.Kind.ValueType", str, "Role.ValueType", str]
 
 
 class Presence:
@@ -34,29 +37,48 @@ class Presence:
         self._capacity = capacity
         self._flush_s = flush_s
         self._pending: dict[_Key, list[int]] = {}
+        # Per batch of leaves that give seats back, when each user left (Unix ms, in user order).
+        self._times: dict[_Key, list[int]] = {}
         self._count = 0
         self._task: asyncio.Task[None] | None = None
 
     def record(
         self, kind: PresenceEvent.Kind.ValueType, room_id: str, user: int, role: Role.ValueType
-    ) -> None:
-        """Adds one event to its batch; dropped and counted if `capacity` users are already waiting."""
+    ) -> bool:
+        """Adds one event to its batch; False (dropped, counted) if `capacity` users are already waiting."""
         if self._count >= self._capacity:
             EVENTS_DROPPED.labels(self._topic).inc()
-            return
-        key = (kind, room_id, role)
+            return False
+        key = (kind, room_id, role, "")
         users = self._pending.get(key)
         if users is None:
             users = self._pending[key] = []
         users.append(user)
         self._count += 1
+        return True
+
+    def room_for(self, events: int) -> bool:
+        """Whether `events` more fit before the next flush."""
+        return self._count + events <= self._capacity
+
+    def left(self, room_id: str, user: int, relays: list[str], at_ms: int) -> None:
+        """A listener gave its seat back at `at_ms`: one leave per relay its tickets were for ("": every
+        relay). Call `room_for` first: these are never dropped here."""
+        for relay in relays:
+            key = (PresenceEvent.KIND_LEAVE, room_id, Role.ROLE_LISTENER, relay)
+            self._pending.setdefault(key, []).append(user)
+            self._times.setdefault(key, []).append(at_ms)
+            self._count += 1
 
     def flush(self) -> int:
         """Offers every batch to the event queue now; returns the records offered."""
         pending, self._pending, self._count = self._pending, {}, 0
+        times, self._times = self._times, {}
         at_ms = time.time_ns() // 1_000_000
         records = 0
-        for (kind, room_id, role), users in pending.items():
+        for key, users in pending.items():
+            kind, room_id, role, relay = key
+            left = times.get(key, ())
             for start in range(0, len(users), MAX_BATCH):
                 event = PresenceEvent(
                     kind=kind,
@@ -65,6 +87,8 @@ class Presence:
                     at_ms=at_ms,
                     member=self._member,
                     user_ids=users[start : start + MAX_BATCH],
+                    relay=relay,
+                    left_at_ms=left[start : start + MAX_BATCH],
                 )
                 self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
                 records += 1

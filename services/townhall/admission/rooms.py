@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections import deque
 from collections.abc import Iterable
 
 from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
@@ -43,6 +44,8 @@ class RoomBook:
         self._unannounced: set[str] = set()
         # Each room's bans as a set: the join path checks one with a lookup, not a scan of the list.
         self._banned: dict[str, frozenset[int]] = {}
+        # Per host, when their rooms known here were created (Unix ms, oldest first; pruned past an hour).
+        self._created: dict[int, deque[int]] = {}
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -63,6 +66,8 @@ class RoomBook:
         held = self._rooms.get(room.room_id)
         if held is not None and held.version >= room.version:
             return False
+        if held is None and room.created_at_ms:
+            self._created.setdefault(room.host_id, deque()).append(room.created_at_ms)
         self._rooms[room.room_id] = room
         if room.state == RoomState.ROOM_STATE_LIVE and not room.announced:
             self._unannounced.add(room.room_id)
@@ -73,6 +78,47 @@ class RoomBook:
         else:
             self._banned.pop(room.room_id, None)
         return True
+
+    def forget(self, room_id: str) -> bool:
+        """Drops a room (its record was deleted from the room-state topic, or it ended long ago)."""
+        if self._rooms.pop(room_id, None) is None:
+            return False
+        self._unannounced.discard(room_id)
+        self._banned.pop(room_id, None)
+        return True
+
+    def ended_before(self, cutoff_ms: int) -> list[str]:
+        """Rooms that ended before `cutoff_ms` (Unix ms)."""
+        return [
+            r.room_id
+            for r in self._rooms.values()
+            if r.state == RoomState.ROOM_STATE_ENDED and r.ended_at_ms < cutoff_ms
+        ]
+
+    def unstarted_before(self, cutoff_ms: int) -> list[str]:
+        """Rooms created before `cutoff_ms` (Unix ms) that were never started or scheduled."""
+        return [
+            r.room_id
+            for r in self._rooms.values()
+            if r.state == RoomState.ROOM_STATE_CREATED and r.created_at_ms < cutoff_ms
+        ]
+
+    def created_since(self, host: int, since_ms: int) -> list[int]:
+        """When the host's rooms created at or after `since_ms` were created (Unix ms, oldest first)."""
+        times = self._created.get(host)
+        if times is None:
+            return []
+        while times and times[0] < since_ms:
+            times.popleft()
+        if not times:
+            del self._created[host]
+            return []
+        return sorted(t for t in times if t >= since_ms)
+
+    def prune_created(self, since_ms: int) -> None:
+        """Forgets creation times before `since_ms` of every host."""
+        for host in list(self._created):
+            self.created_since(host, since_ms)
 
     def banned(self, room_id: str, user: int) -> bool:
         """Whether the user is banned from the room (a set lookup: this is on the join path)."""
@@ -137,6 +183,13 @@ class RoomBook:
         """The room after its host ends it; ending an ended room returns it unchanged."""
         room = self._owned(room_id, caller, "end")
         if room.state == RoomState.ROOM_STATE_ENDED:
+            return room
+        return _next(room, state=RoomState.ROOM_STATE_ENDED, ended_at_ms=now_ms)
+
+    def expired(self, room_id: str, now_ms: int) -> Room:
+        """A room never started, ended by the owner (unchanged if it has started or been scheduled since)."""
+        room = self.get(room_id)
+        if room.state != RoomState.ROOM_STATE_CREATED:
             return room
         return _next(room, state=RoomState.ROOM_STATE_ENDED, ended_at_ms=now_ms)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -22,8 +21,9 @@ from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
-from townhall.core.errors import AlreadyExists, Unavailable
+from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
 from townhall.core.kafka import Topics, read_to_end
+from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
 from townhall.core.tasks import cancel
 from townhall.v1.common_pb2 import Room, RoomState
@@ -34,6 +34,7 @@ log = logging.get(__name__)
 # How long a change may wait for Kafka (catching up, then writing) before the caller is told to
 # retry (UNAVAILABLE); the client's own deadline is longer.
 COMMIT_TIMEOUT_S = 10.0
+HOUR_MS = 3_600_000
 
 
 def now_ms() -> int:
@@ -44,13 +45,17 @@ def now_ms() -> int:
 class RoomStore:
     """Rooms held in memory, written through to the compacted room-state topic."""
 
-    def __init__(self, kafka: KafkaConfig, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, producer: AIOKafkaProducer, rooms_per_host_per_hour: int = 0
+    ) -> None:
         self.book = RoomBook()
+        # Rooms one host may create per hour (0: no limit), counted from the replica on the new room's owner.
+        self._per_host = rooms_per_host_per_hour
         self._kafka = kafka
         self._topics = Topics(kafka.topic_prefix)
         self._producer = producer
-        # One change at a time per room, so versions never fork.
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One change at a time per room, so versions never fork (a lock exists only while in use).
+        self.locks = KeyedLocks()
         self._ends: dict[TopicPartition, int] = {}
         # Per partition, the offset up to which every record is applied to the book.
         self._applied: dict[TopicPartition, int] = {}
@@ -63,11 +68,13 @@ class RoomStore:
         """Rebuilds every room from the room-state topic; returns how many records were read."""
         count = 0
 
-        def apply(_key: bytes | None, value: bytes | None) -> None:
+        def apply(key: bytes | None, value: bytes | None) -> None:
             nonlocal count
             count += 1
             if value:
                 self.book.apply(Room.FromString(value))
+            elif key:
+                self.book.forget(key.decode("utf-8", "replace"))
 
         self._ends = await read_to_end(self._kafka, self._topics.room_state, apply)
         self._applied = dict(self._ends)
@@ -105,6 +112,9 @@ class RoomStore:
             for tp, records in batch.items():
                 for record in records:
                     if not record.value:
+                        # A deleted room (an ended room's retention is over): every process forgets it.
+                        if record.key and self.book.forget(record.key.decode("utf-8", "replace")):
+                            self._update_gauge()
                         continue
                     room = Room.FromString(record.value)
                     if self.book.apply(room):
@@ -138,14 +148,8 @@ class RoomStore:
     async def quiesce(self, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
         """Waits until no change is being written here (hand-over on SIGTERM)."""
 
-        async def written() -> None:
-            for lock in list(self._locks.values()):
-                if lock.locked():
-                    async with lock:
-                        pass
-
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(written(), timeout_s)
+            await asyncio.wait_for(self.locks.quiet(), timeout_s)
 
     async def create(
         self,
@@ -162,39 +166,53 @@ class RoomStore:
         with this id and host is the answer of an earlier attempt, and is returned as it is.
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             existing = self.book.find(room_id)
             if existing is not None:
                 if replay and existing.host_id == host:
                     return existing
                 raise AlreadyExists(f"room {room_id} already exists")
-            room = self.book.created(host, title, speakers, listener_limit, now_ms(), room_id)
+            now = now_ms()
+            if self._per_host:
+                recent = self.book.created_since(host, now - HOUR_MS)
+                if len(recent) >= self._per_host:
+                    retry_ms = max(1_000, recent[-self._per_host] + HOUR_MS - now)
+                    raise ResourceExhausted(
+                        f"host {host} created {len(recent)} rooms in the last hour; at most "
+                        f"{self._per_host} per hour: retry after {retry_ms // 1000} s",
+                        retry_ms,
+                    )
+            room = self.book.created(host, title, speakers, listener_limit, now, room_id)
             await self._commit(room, "created", deadline)
         return room
 
     async def start(self, room_id: str, caller: int) -> Room:
-        """Starts the caller's room and announces it; repeating it announces it again.
+        """Starts the caller's room and announces it (followers are notified) once.
 
         Three writes: the room live, its room-started event, the room announced. An owner that
         fails between them leaves a live room not yet announced, which the next owner announces
         (`announce_pending`): a start the caller was not answered for is completed, never half made.
+        Starting a room that is live and announced returns it with no write: repeating StartRoom
+        is safe and never notifies the followers again.
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             room = self.book.started(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
                 await self._commit(room, "started", deadline)
+            elif room.announced:
+                return room
             return await self._announce(room, deadline)
 
     async def announce_pending(self, owns: Callable[[str], bool]) -> int:
         """Announces the live rooms owned here whose room-started event may be missing."""
         done = 0
         for room in self.book.unannounced():
-            if not owns(room.room_id) or self._locks[room.room_id].locked():
+            if not owns(room.room_id) or self.locks.locked(room.room_id):
                 continue
-            async with self._locks[room.room_id]:
+            async with self.locks.hold(room.room_id):
                 deadline = time.monotonic() + COMMIT_TIMEOUT_S
                 await self.caught_up(deadline)
                 current = self.book.get(room.room_id)
@@ -214,7 +232,7 @@ class RoomStore:
     async def schedule(self, room_id: str, caller: int, start_at_ms: int) -> Room:
         """Durably schedules the caller's room to start at `start_at_ms`."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             room = self.book.scheduled(room_id, caller, start_at_ms)
             await self._commit(room, "scheduled", deadline)
@@ -223,17 +241,43 @@ class RoomStore:
     async def end(self, room_id: str, caller: int) -> Room:
         """Ends the caller's room."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             room = self.book.ended(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
                 await self._commit(room, "ended", deadline)
         return room
 
+    async def expire(self, owns: Callable[[str], bool], retention_ms: int, unstarted_ms: int) -> int:
+        """Releases what rooms nobody uses any more hold; returns the rooms forgotten here.
+
+        A room never started `unstarted_ms` after its creation is ended by its owner. A room ended
+        `retention_ms` ago (every ticket issued for it has expired by then) is deleted from the
+        room-state topic by its owner (a tombstone, so compaction removes it and no process reads it
+        at start again) and forgotten by every process.
+        """
+        now = now_ms()
+        for room_id in self.book.unstarted_before(now - unstarted_ms):
+            if owns(room_id):
+                await self.change(room_id, "expired", lambda room: self.book.expired(room.room_id, now))
+        forgotten = 0
+        for room_id in self.book.ended_before(now - retention_ms):
+            if owns(room_id):
+                deadline = time.monotonic() + COMMIT_TIMEOUT_S
+                async with self.locks.hold(room_id):
+                    await self._send(self._topics.room_state, room_id, None, deadline)
+                    ROOM_CHANGES.labels("deleted").inc()
+            forgotten += self.book.forget(room_id)
+        self.book.prune_created(now - HOUR_MS)
+        if forgotten:
+            self._update_gauge()
+            log.info("ended rooms forgotten", rooms=forgotten)
+        return forgotten
+
     async def mark_crowd(self, room_id: str) -> Room:
         """Durably marks a live room as drawing a crowd (its clients then join on the crowd lane)."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             room = self.book.crowded(room_id)
             if room is not self.book.get(room_id):
@@ -246,7 +290,7 @@ class RoomStore:
         A rule that returns the room it was given changed nothing: nothing is written.
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
-        async with self._locks[room_id]:
+        async with self.locks.hold(room_id):
             await self.caught_up(deadline)
             held = self.book.get(room_id)
             room = make(held)
@@ -266,11 +310,12 @@ class RoomStore:
         log.info("room changed", room=room.room_id, change=change, version=room.version)
 
     async def _send(
-        self, topic: str, key: str, message: Room | RoomStarted, deadline: float
+        self, topic: str, key: str, message: Room | RoomStarted | None, deadline: float
     ) -> RecordMetadata:
+        value = message.SerializeToString() if message is not None else None
         try:
             return await asyncio.wait_for(
-                self._producer.send_and_wait(topic, message.SerializeToString(), key=key.encode()),
+                self._producer.send_and_wait(topic, value, key=key.encode()),
                 max(0.0, deadline - time.monotonic()),
             )
         except (KafkaError, TimeoutError) as exc:

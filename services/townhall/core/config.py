@@ -357,6 +357,13 @@ class AdmissionConfig:
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
+    # Rooms one host may create per hour (counted on each new room's owner from its replica, so across
+    # processes); past it CreateRoom is RESOURCE_EXHAUSTED with a retry-after. 0: no limit.
+    rooms_per_host_per_hour: int = 30
+    # A room neither started nor scheduled this long after its creation is ended by its owner. Ended
+    # rooms are deleted from the room-state topic (and forgotten by every process) once every ticket
+    # issued for them has expired (tickets.ttl_s plus a minute).
+    unstarted_room_ttl_s: int = 86_400
     # The address the other admission processes reach this one at (its internal port); defaults to
     # internal_listen (to listen without one).
     advertise: str = ""
@@ -457,6 +464,15 @@ class AdmissionConfig:
             _address("admission.relays_internal", relay)
         _positive("admission.default_listener_limit", self.default_listener_limit)
         _positive("admission.event_queue", self.event_queue)
+        if not 0 <= self.rooms_per_host_per_hour <= 100_000:
+            raise ConfigError(
+                "admission.rooms_per_host_per_hour must be 0 (no limit) or within 1..100000, "
+                f"not {self.rooms_per_host_per_hour}"
+            )
+        if not 1 <= self.unstarted_room_ttl_s <= 90 * 86_400:
+            raise ConfigError(
+                f"admission.unstarted_room_ttl_s must be within 1..7776000, not {self.unstarted_room_ttl_s}"
+            )
 
     @property
     def address(self) -> str:
@@ -492,8 +508,12 @@ class RelayConfig:
     # buffer after a move). Past it the stream ends with RESOURCE_EXHAUSTED.
     max_frames_per_s: float = 100.0
     frame_burst_s: float = 5.0
-    # Listener streams one relay process is sized for; admission places no more on it.
+    # Listener streams one relay process is sized for; admission places no more on it, and the relay
+    # refuses more audience Subscribe streams (UNAVAILABLE: the listener joins again for another relay).
     listener_capacity: int = 2_500
+    # Publish streams, and Subscribe streams, one user may hold in one room on this relay (devices,
+    # plus a reconnect whose old stream is not yet seen dead); one more ends the user's oldest.
+    streams_per_user: int = 2
     # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
     load_report_ms: int = 2_000
     # The relay tree (read by admission's placement): listeners of one room per relay before the
@@ -509,7 +529,8 @@ class RelayConfig:
     # they resume from their last chunk. At once when the upstream says it is draining.
     upstream_lost_ms: int = 1_000
     # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
-    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped.
+    # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped;
+    # and the presence topic's leaves: a listener's Leave voids its older tickets here.
     # Off only for a relay without Kafka (tests); tickets alone decide then.
     follow_room_state: bool = True
 
@@ -523,6 +544,8 @@ class RelayConfig:
                 f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
             )
         _positive("relay.listener_capacity", self.listener_capacity)
+        if not 1 <= self.streams_per_user <= 100:
+            raise ConfigError(f"relay.streams_per_user must be within 1..100, not {self.streams_per_user}")
         if not 1 <= self.max_frames_per_s <= 10_000:
             raise ConfigError(
                 f"relay.max_frames_per_s must be within 1..10000, not {self.max_frames_per_s:g}"
@@ -578,6 +601,11 @@ class NotifierConfig:
     batch_users: int = 1000
     # Notifications buffered per Inbox stream before its oldest are dropped.
     inbox_queue: int = 256
+    # Inbox streams one user may hold on one notifier (their devices); one more ends the oldest.
+    inbox_streams_per_user: int = 4
+    # Reminders (RemindMe) one user may hold on one notifier for rooms not yet ended; 0: no limit.
+    # A reminder is taken only for a room that exists and has not started, and goes when it ends.
+    reminders_per_user: int = 100
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
@@ -623,6 +651,15 @@ class NotifierConfig:
         if not 1 <= self.batch_users <= 100_000:
             raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
         _positive("notifier.inbox_queue", self.inbox_queue)
+        if not 0 <= self.reminders_per_user <= 1_000_000:
+            raise ConfigError(
+                "notifier.reminders_per_user must be 0 (no limit) or within 1..1000000, "
+                f"not {self.reminders_per_user}"
+            )
+        if not 1 <= self.inbox_streams_per_user <= 100:
+            raise ConfigError(
+                f"notifier.inbox_streams_per_user must be within 1..100, not {self.inbox_streams_per_user}"
+            )
 
     @property
     def address(self) -> str:

@@ -160,6 +160,21 @@ async def read_to_end(
         await consumer.stop()
 
 
+async def end_offsets(config: KafkaConfig, topic: str) -> dict[TopicPartition, int]:
+    """The current end offset of every partition of `topic`: where to follow it from, reading nothing."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=config.bootstrap, enable_auto_commit=False, metadata_max_age_ms=5_000
+    )
+    await consumer.start()
+    try:
+        partitions = list(consumer.assignment())
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist or has no partitions")
+        return dict(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
+
+
 async def follow(
     config: KafkaConfig,
     positions: dict[TopicPartition, int],

@@ -26,6 +26,16 @@ MAX_TICKET_BYTES = 1024
 _SAFE = re.compile(r"[A-Za-z0-9_-]*")
 _MAX_PATHS = 10_000
 REQUIRED_CLAIMS = ("exp", "sub", "aud", "room", "role")
+# Clock skew between the admission process that issues a ticket and the relay that checks it.
+MAX_SKEW_S = 60.0
+
+
+def void_after_s(ttl_s: float) -> float:
+    """Seconds after issue by which every relay refuses a ticket: its lifetime plus a margin for skew.
+
+    What a ticket could still be used for (an ended room, a listener who left) may be forgotten then.
+    """
+    return ttl_s + min(MAX_SKEW_S, ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,9 @@ class Ticket:
     # The room's version when admission issued the ticket (claim `v`): a relay refuses the ticket of a
     # user removed at a later version, and trusts a ticket newer than its own copy of the room.
     room_version: int = 0
+    # When admission issued it, Unix milliseconds (claim `at`): a relay voids a listener's tickets issued
+    # before the listener's Leave (0: unknown, so voided by any Leave).
+    issued_ms: int = 0
 
     @property
     def on_stage(self) -> bool:
@@ -83,8 +96,9 @@ class TicketSigner:
         room_version: int = 0,
     ) -> Ticket:
         """A ticket for the given grant, expiring ttl_s from now."""
-        expires = int((time.time() if now is None else now) + self._ttl_s)
-        return Ticket(room_id, user_id, role, relay, expires, tuple(upstream), room_version)
+        now = time.time() if now is None else now
+        expires = int(now + self._ttl_s)
+        return Ticket(room_id, user_id, role, relay, expires, tuple(upstream), room_version, int(now * 1000))
 
     def sign(self, ticket: Ticket) -> str:
         """The ticket's signed text."""
@@ -102,9 +116,10 @@ class TicketSigner:
         room = ticket.room_id
         room_json = f'"{room}"' if _SAFE.fullmatch(room) else json.dumps(room)
         version = f',"v":{int(ticket.room_version)}' if ticket.room_version else ""
+        issued = f',"at":{int(ticket.issued_ms)}' if ticket.issued_ms else ""
         return self._key.sign(
             f'{{"sub":"{int(ticket.user_id)}","room":{room_json},"role":{int(ticket.role)},'
-            f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}{version}}}'
+            f'"aud":{relay[0]},"exp":{int(ticket.expires_at)}{relay[1]}{version}{issued}}}'
         )
 
 
@@ -157,6 +172,7 @@ def _ticket(claims: dict[str, Any], relay: str) -> Ticket:
             expires_at=int(claims["exp"]),
             upstream=tuple(str(address) for address in claims.get("up", ())),
             room_version=int(claims.get("v", 0)),
+            issued_ms=int(claims.get("at", 0)),
         )
     except (TypeError, ValueError) as exc:
         raise Unauthenticated("ticket claims are malformed") from exc

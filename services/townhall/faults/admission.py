@@ -256,8 +256,13 @@ async def check_replicas(addresses: list[str], ledger: Ledger) -> int:
 
 
 def admission_env() -> dict[str, str]:
-    """Settings for the admission topology: small leases, so capacity moves between processes."""
-    return {"TOWNHALL_ADMISSION_LEASE_MIN": "4", "TOWNHALL_ADMISSION_LEASE_MAX": "16"}
+    """Settings for the admission topology: small leases, so capacity moves between processes; one host
+    creates a room every few hundred milliseconds, so no rooms-per-host limit."""
+    return {
+        "TOWNHALL_ADMISSION_LEASE_MIN": "4",
+        "TOWNHALL_ADMISSION_LEASE_MAX": "16",
+        "TOWNHALL_ADMISSION_ROOMS_PER_HOST_PER_HOUR": "0",
+    }
 
 
 async def run(topology: Topology, kill: bool) -> Outcome:

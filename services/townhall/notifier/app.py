@@ -22,6 +22,7 @@ from townhall.notifier.metrics import FOLLOWERS_STORED
 from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
 from townhall.notifier.planner import Planner, PlannerCommitOnRevoke
+from townhall.notifier.rooms import Reminders, RoomStates
 from townhall.notifier.servicers import GraphServicer, InboxServicer
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.notifier.worker import CommitOnRevoke, Worker
@@ -49,10 +50,13 @@ class NotifierApp:
         self.config = config
         self.topics = Topics(config.kafka.topic_prefix)
         self.store = SqliteFollowerStore(config.notifier.data_dir)
-        self.hub = Hub(config.notifier.inbox_queue)
+        self.hub = Hub(config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user)
         self.placement = Placement(config.notifier.address, config.notifier.members)
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = Peers(Forwarding(self.auth), config.tls)
+        # Which rooms exist: RemindMe is for rooms not yet started; reminders of ended rooms are released.
+        self.rooms = RoomStates(config.kafka)
+        self.reminders = Reminders(self.store, self.rooms)
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
         self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}
@@ -61,9 +65,10 @@ class NotifierApp:
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds Graph and Inbox to the server."""
-        graph_pb2_grpc.add_GraphServicer_to_server(
-            GraphServicer(self.store, self.placement, self.peers), server
+        graph = GraphServicer(
+            self.store, self.placement, self.peers, self.rooms, self.config.notifier.reminders_per_user
         )
+        graph_pb2_grpc.add_GraphServicer_to_server(graph, server)
         inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub), server)
 
     async def start(self) -> None:
@@ -72,6 +77,8 @@ class NotifierApp:
         own = self.config.notifier
         await self.store.open()
         FOLLOWERS_STORED.set(await self.store.total())
+        await self.rooms.start()
+        self.reminders.start()
         if own.fanout:
             for lane in ("fast", "bulk"):
                 self._producers[lane] = await started(
@@ -182,6 +189,8 @@ class NotifierApp:
         """Stops the loops, then the Kafka clients, then the store; safe after a failed start."""
         await cancel(*self._tasks)
         self._tasks.clear()
+        await self.reminders.close()
+        await self.rooms.close()
         try:
             # The consumer leaves its group now, so another member takes over its partitions at once.
             await stopped(self._planner_consumer, "planner consumer")

@@ -1,4 +1,9 @@
-"""Inbox delivery: who is connected here, their bounded queues, and de-duplication."""
+"""Inbox delivery: who is connected here, their bounded queues, and de-duplication.
+
+A user holds at most `streams_per_user` Inbox streams on a process (their devices); one more ends the
+oldest with FAILED_PRECONDITION, so an app that reconnects before its old stream is seen dead gets in,
+and one token cannot hold unlimited streams.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,19 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from townhall.notifier.metrics import DUPLICATES_DROPPED, INBOX_CONNECTIONS, INBOX_DROPPED, NOTIFICATIONS
+from townhall.core.errors import FailedPrecondition, TownhallError
+from townhall.notifier.metrics import (
+    DUPLICATES_DROPPED,
+    INBOX_CONNECTIONS,
+    INBOX_DROPPED,
+    INBOX_REPLACED,
+    NOTIFICATIONS,
+)
 from townhall.v1 import inbox_pb2
 
 SUBSCRIBER_QUEUE = 256
 DEDUP_KEYS = 10_000
+STREAMS_PER_USER = 4
 
 
 class Subscriber:
@@ -25,6 +38,8 @@ class Subscriber:
         self._queue: deque[inbox_pb2.Notification] = deque()
         self._wake = asyncio.Event()
         self._closed = False
+        # Why the stream ends with an error rather than OK (set by `close`).
+        self.error: TownhallError | None = None
 
     def put(self, notification: inbox_pb2.Notification) -> None:
         """Queues a notification, dropping (and counting) the oldest if the queue is full."""
@@ -35,9 +50,10 @@ class Subscriber:
         self._queue.append(notification)
         self._wake.set()
 
-    def close(self) -> None:
-        """Ends the stream once what is queued has been taken."""
+    def close(self, error: TownhallError | None = None) -> None:
+        """Ends the stream once what is queued has been taken (with `error`, if given)."""
         self._closed = True
+        self.error = error
         self._wake.set()
 
     async def get(self) -> inbox_pb2.Notification | None:
@@ -75,16 +91,34 @@ class Deduper:
 class Hub:
     """The Inbox streams connected to this process, by user, and delivery to them."""
 
-    def __init__(self, queue: int = SUBSCRIBER_QUEUE, dedup_keys: int = DEDUP_KEYS) -> None:
+    def __init__(
+        self,
+        queue: int = SUBSCRIBER_QUEUE,
+        dedup_keys: int = DEDUP_KEYS,
+        streams_per_user: int = STREAMS_PER_USER,
+    ) -> None:
         self._queue = queue
-        self._subs: dict[int, set[Subscriber]] = {}
+        # Per user, the open streams, oldest first.
+        self._subs: dict[int, list[Subscriber]] = {}
         self._dedup = Deduper(dedup_keys)
+        self._per_user = streams_per_user
         self.closed = False
 
     def connect(self, user: int) -> Subscriber:
-        """A new stream for `user`."""
+        """A new stream for `user`; ends the user's oldest if they hold `streams_per_user` already."""
         sub = Subscriber(user, self._queue)
-        self._subs.setdefault(user, set()).add(sub)
+        subs = self._subs.setdefault(user, [])
+        while len(subs) >= self._per_user:
+            old = subs.pop(0)
+            old.close(
+                FailedPrecondition(
+                    f"user {user} opened a newer Inbox stream (at most {self._per_user} per user): "
+                    "this one is closed"
+                )
+            )
+            INBOX_REPLACED.inc()
+            INBOX_CONNECTIONS.dec()
+        subs.append(sub)
         INBOX_CONNECTIONS.inc()
         return sub
 
@@ -93,10 +127,15 @@ class Hub:
         subs = self._subs.get(sub.user)
         if subs is None or sub not in subs:
             return
-        subs.discard(sub)
+        subs.remove(sub)
         if not subs:
             del self._subs[sub.user]
         INBOX_CONNECTIONS.dec()
+
+    @property
+    def streams(self) -> int:
+        """Inbox streams open here."""
+        return sum(len(subs) for subs in self._subs.values())
 
     @property
     def empty(self) -> bool:

@@ -29,6 +29,10 @@ INBOX_DROPPED = Counter(
     "Notifications dropped from the front of a slow Inbox subscriber's full queue.",
 )
 INBOX_CONNECTIONS = Gauge("townhall_notifier_inbox_connections", "Inbox streams open on this process.")
+INBOX_REPLACED = Counter(
+    "townhall_notifier_inbox_replaced_total",
+    "Inbox streams ended because their user opened a newer one past notifier.inbox_streams_per_user.",
+)
 FANOUT_LAG = Histogram(
     "townhall_notifier_fanout_lag_seconds",
     "From a room's start to the acknowledgement of the last fan-out task planned for it.",

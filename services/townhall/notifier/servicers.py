@@ -15,6 +15,7 @@ from townhall.notifier.inbox import Hub
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
 from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
+from townhall.notifier.rooms import RoomStates
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
@@ -30,10 +31,19 @@ MAX_IMPORT_CHUNK_PAIRS = 4000
 class GraphServicer(graph_pb2_grpc.GraphServicer):
     """The graph API; a call about a followee whose shard lives on another notifier is forwarded there."""
 
-    def __init__(self, store: SqliteFollowerStore, placement: Placement, peers: Peers) -> None:
+    def __init__(
+        self,
+        store: SqliteFollowerStore,
+        placement: Placement,
+        peers: Peers,
+        rooms: RoomStates,
+        reminders_per_user: int = 0,
+    ) -> None:
         self._store = store
         self._placement = placement
         self._peers = peers
+        self._rooms = rooms
+        self._reminders_per_user = reminders_per_user
 
     def _remote(self, owner: str, context: grpc.aio.ServicerContext) -> bool:
         return owner != self._placement.me and not self._peers.forwarding.check(context)
@@ -195,9 +205,10 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     async def RemindMe(
         self, request: graph_pb2.RemindMeRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.RemindMeResponse:
-        """The caller will be notified when room_id starts."""
+        """The caller will be notified when room_id starts (a room that exists and has not started)."""
         user = caller(context)
         room = validation.room_id(request.room_id)
+        await self._rooms.before_start(room)
         owner = self._placement.room_owner(room)
         if self._remote(owner, context):
             FORWARDED.labels("RemindMe").inc()
@@ -208,7 +219,9 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                     timeout=FORWARD_TIMEOUT_S,
                 )
             )
-        return graph_pb2.RemindMeResponse(created=await self._store.remind(room, user))
+        return graph_pb2.RemindMeResponse(
+            created=await self._store.remind(room, user, self._reminders_per_user)
+        )
 
 
 async def _forward(call):  # type: ignore[no-untyped-def]
@@ -246,3 +259,5 @@ class InboxServicer(inbox_pb2_grpc.InboxServicer):
                 yield notification
         finally:
             self._hub.disconnect(sub)
+        if sub.error is not None:
+            raise sub.error

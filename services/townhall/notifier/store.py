@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from townhall.core.errors import LimitReached
 from townhall.notifier import blocks as blk
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS reminders (
     user INTEGER NOT NULL,
     PRIMARY KEY (room_id, user)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reminders_by_user ON reminders (user);
 """
 
 
@@ -219,16 +221,61 @@ class SqliteFollowerStore:
 
         return await self._run(read)
 
-    async def remind(self, room_id: str, user: int) -> bool:
-        """Remembers that `user` wants a reminder when `room_id` starts; False if already asked."""
+    async def remind(self, room_id: str, user: int, limit: int = 0) -> bool:
+        """Remembers that `user` wants a reminder when `room_id` starts; False if already asked.
+
+        With `limit`, a user who holds that many reminders here already is refused (RESOURCE_EXHAUSTED).
+        """
 
         def write() -> bool:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO reminders (room_id, user) VALUES (?, ?)", (room_id, user)
-            )
-            return bool(cur.rowcount)
+            with self._transaction():
+                if limit:
+                    asked = self._db.execute(
+                        "SELECT 1 FROM reminders WHERE room_id = ? AND user = ?", (room_id, user)
+                    ).fetchone()
+                    if asked:
+                        return False
+                    (held,) = self._db.execute(
+                        "SELECT COUNT(*) FROM reminders WHERE user = ?", (user,)
+                    ).fetchone()
+                    if held >= limit:
+                        raise LimitReached(
+                            f"user {user} has asked for {held} reminders of rooms not yet ended; at most "
+                            f"{limit} (they go once their rooms end)"
+                        )
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO reminders (room_id, user) VALUES (?, ?)", (room_id, user)
+                )
+                return bool(cur.rowcount)
 
         return await self._run(write)
+
+    async def reminder_rooms(self) -> list[str]:
+        """The rooms that have reminders here (one index step per room, not a scan of the reminders)."""
+
+        def read() -> list[str]:
+            rooms: list[str] = []
+            row = self._db.execute("SELECT MIN(room_id) FROM reminders").fetchone()
+            while row is not None and row[0] is not None:
+                rooms.append(row[0])
+                row = self._db.execute(
+                    "SELECT room_id FROM reminders WHERE room_id > ? ORDER BY room_id LIMIT 1", (row[0],)
+                ).fetchone()
+            return rooms
+
+        return await self._run(read)
+
+    async def forget_reminders(self, room_ids: list[str]) -> int:
+        """Deletes every reminder of these rooms; returns how many."""
+
+        def delete() -> int:
+            with self._transaction():
+                return sum(
+                    self._db.execute("DELETE FROM reminders WHERE room_id = ?", (room,)).rowcount
+                    for room in room_ids
+                )
+
+        return await self._run(delete)
 
     async def reminded(self, room_id: str, block: int = blk.BLOCK_IDS) -> AsyncIterator[np.ndarray]:
         """The users who asked for a reminder for `room_id`, ascending, in arrays of at most `block`."""

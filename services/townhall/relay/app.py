@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import grpc
 
+from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config
+from townhall.core.tasks import cancel
 from townhall.core.tickets import TicketVerifier
+from townhall.relay import metrics
 from townhall.relay.fanout import FanoutSettings
-from townhall.relay.guard import Guard
+from townhall.relay.guard import REPLACED, Guard, Watch
 from townhall.relay.hub import Hub
+from townhall.relay.leaves import LeaveFollower
 from townhall.relay.load_report import LoadReporter
 from townhall.relay.room_state import RoomStateFollower
 from townhall.relay.servicer import SERVICE, RelayServicer, generic_handler
 from townhall.relay.upstream import Upstreams
+
+log = logging.get(__name__)
+
+EXPIRE_EVERY_S = 60.0
 
 
 class RelayApp:
@@ -47,10 +56,15 @@ class RelayApp:
         )
         self._flush_s = 2 * max(relay.chunk_ms, relay.large_room_chunk_ms) / 1000
         # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
-        self.guard = Guard()
-        self.rooms = RoomStateFollower(config.kafka, self.guard) if relay.follow_room_state else None
+        self.guard = Guard(relay.streams_per_user, config.tickets.ttl_s, on_replaced=_replaced)
+        self.rooms: RoomStateFollower | None = None
+        self.leaves: LeaveFollower | None = None
+        if relay.follow_room_state:
+            self.rooms = RoomStateFollower(config.kafka, self.guard)
+            self.leaves = LeaveFollower(config.kafka, self.guard, relay.address)
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
         self.servicer = RelayServicer(self.hub, tickets, relay, self.guard)
+        self._expiry: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the Relay service (Subscribe writes pre-serialised chunks)."""
@@ -61,6 +75,9 @@ class RelayApp:
         if self.rooms is not None:
             await self.rooms.load()
             self.rooms.follow()
+        if self.leaves is not None:
+            await self.leaves.start()
+        self._expiry = asyncio.create_task(self._expire_forever(), name="relay-expiry")
         await self.hub.start()
         self.reporter.start()
 
@@ -80,11 +97,28 @@ class RelayApp:
 
     async def close(self) -> None:
         """Stops the load report, the chunk timers, the pulls and the sweep."""
+        await cancel(self._expiry)
         await self.reporter.close()
         if self.rooms is not None:
             await self.rooms.close()
+        if self.leaves is not None:
+            await self.leaves.close()
         await self.hub.close()
         await self.upstreams.close()
+
+    async def _expire_forever(self) -> None:
+        """Forgets leaves and ended rooms' rules once every ticket they judge has expired."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            dropped = self.guard.expire(time.time_ns() // 1_000_000)
+            metrics.LEAVES.set(self.guard.leaves)
+            if dropped:
+                log.info("ended rooms forgotten", rooms=dropped)
+
+
+def _replaced(watch: Watch) -> None:
+    metrics.STREAMS_REVOKED.labels(REPLACED).inc()
+    log.info("stream replaced by a newer one", room=watch.room_id, user=watch.user_id, stream=watch.kind)
 
 
 def build_app(config: Config) -> RelayApp:

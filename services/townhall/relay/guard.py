@@ -7,21 +7,32 @@ from Kafka, re-checks the streams open on this relay (`apply`), ending those tha
 once. A room this relay has not read yet, or a ticket newer than its copy of the room, is let through:
 the ticket was signed by an admission process that had the newer version, and the relay re-checks
 when the version arrives.
+
+Every stream also has an owner and a bound: a user holds at most `streams_per_user` Publish streams and
+as many Subscribe streams of a room on this relay; one more ends the oldest (`replaced`), so a client
+that reconnects after a network failure (its old stream not yet noticed dead) always gets back in, and
+one ticket cannot open unlimited streams. A Leave recorded by admission (`left`, from the presence
+topic) voids the user's listener tickets issued before it: the seat it freed cannot keep streaming.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from townhall.core.errors import FailedPrecondition, PermissionDenied, TownhallError
-from townhall.core.tickets import Ticket
-from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, Room, RoomState
+from townhall.core.tickets import Ticket, void_after_s
+from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, Room, RoomState
 
 # What a stream does: publish audio, listen as the stage (each frame, at the origin), listen as audience.
 PUBLISH, STAGE, LISTEN = "publish", "stage", "listen"
 # Why a stream was refused or ended (the metric label).
 ENDED, BANNED, REMOVED, DEMOTED = "ended", "banned", "removed", "demoted"
+# Ended by a newer stream of the same user and room, or by the user's Leave.
+REPLACED, LEFT = "replaced", "left"
+# Leaves remembered (each voids older listener tickets until they expire); past it the oldest go.
+MAX_LEAVES = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +47,13 @@ class Rules:
     muted: frozenset[int] = frozenset()
     banned: frozenset[int] = frozenset()
     removed: Mapping[int, int] = field(default_factory=dict)  # user -> the room version that removed them
+    ended_at_ms: int = 0
 
     @classmethod
     def of(cls, room: Room) -> Rules:
         """The rules of a room version."""
         if room.state == RoomState.ROOM_STATE_ENDED:
-            return cls(room.room_id, room.version, ended=True)
+            return cls(room.room_id, room.version, ended=True, ended_at_ms=room.ended_at_ms)
         leads = frozenset((room.host_id, *room.cohost_ids))
         return cls(
             room.room_id,
@@ -78,13 +90,24 @@ class Rules:
 class Watch:
     """One open Publish or Subscribe stream as the Guard sees it; `error` is set when it is cut."""
 
-    __slots__ = ("error", "kind", "muted", "on_cut", "role", "room_id", "ticket_version", "user_id")
+    __slots__ = (
+        "error",
+        "issued_ms",
+        "kind",
+        "muted",
+        "on_cut",
+        "role",
+        "room_id",
+        "ticket_version",
+        "user_id",
+    )
 
     def __init__(self, ticket: Ticket, kind: str) -> None:
         self.room_id = ticket.room_id
         self.user_id = ticket.user_id
         self.role = ticket.role
         self.ticket_version = ticket.room_version
+        self.issued_ms = ticket.issued_ms
         self.kind = kind
         # Publish only: frames of a muted speaker are dropped (read per frame, so kept as a flag).
         self.muted = False
@@ -104,9 +127,21 @@ class Watch:
 class Guard:
     """The rules of every room this relay has read, and the streams open on it by room and user."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        streams_per_user: int = 2,
+        ticket_ttl_s: float = 3600.0,
+        on_replaced: Callable[[Watch], object] | None = None,
+    ) -> None:
         self._rules: dict[str, Rules] = {}
-        self._streams: dict[str, dict[int, set[Watch]]] = {}
+        # Per room and user, the open streams, oldest first.
+        self._streams: dict[str, dict[int, list[Watch]]] = {}
+        self._per_user = streams_per_user
+        # Leaves and an ended room's rules are kept until every ticket they judge has expired.
+        self._keep_ms = int(void_after_s(ticket_ttl_s) * 1000)
+        self._on_replaced = on_replaced
+        # (room, user) -> when the user left (Unix ms), oldest first: listener tickets issued before are void.
+        self._left: OrderedDict[tuple[str, int], int] = OrderedDict()
 
     @property
     def rooms(self) -> int:
@@ -134,8 +169,12 @@ class Guard:
                     watch.muted = user in rules.muted
         return cut
 
-    def admit(self, ticket: Ticket, kind: str) -> Watch:
-        """A watch for a new stream, or PERMISSION_DENIED / FAILED_PRECONDITION saying why not."""
+    def admit(self, ticket: Ticket, kind: str, per_user: int = 0) -> Watch:
+        """A watch for a new stream, or PERMISSION_DENIED / FAILED_PRECONDITION saying why not.
+
+        The user's oldest stream of the same kind (publish, or subscribe) in the room ends if the
+        user already holds `per_user` (by default `streams_per_user`) of them here.
+        """
         watch = Watch(ticket, kind)
         rules = self._rules.get(ticket.room_id)
         if rules is not None:
@@ -143,8 +182,100 @@ class Guard:
             if refusal is not None:
                 raise refusal[1]
             watch.muted = ticket.user_id in rules.muted
-        self._streams.setdefault(ticket.room_id, {}).setdefault(ticket.user_id, set()).add(watch)
+        left = self._left_refusal(ticket.room_id, ticket.user_id, ticket.role, ticket.issued_ms, kind)
+        if left is not None:
+            raise left
+        watches = self._streams.setdefault(ticket.room_id, {}).setdefault(ticket.user_id, [])
+        # Streams already cut (ending, not yet released) do not count.
+        same = [w for w in watches if _publishes(w.kind) == _publishes(kind) and w.error is None]
+        for old in same[: max(0, len(same) - (per_user or self._per_user) + 1)]:
+            watches.remove(old)
+            what = "Publish" if _publishes(kind) else "Subscribe"
+            old.cut(
+                FailedPrecondition(
+                    f"user {ticket.user_id} opened a newer {what} stream of room {ticket.room_id} on this "
+                    f"relay (at most {self._per_user} per user): this one is closed"
+                )
+            )
+            if self._on_replaced is not None:
+                self._on_replaced(old)
+        watches.append(watch)
         return watch
+
+    def holds(self, ticket: Ticket, kind: str) -> int:
+        """How many streams of this kind (publish, or subscribe) the ticket's user holds in its room here."""
+        watches = self._streams.get(ticket.room_id, {}).get(ticket.user_id, ())
+        return sum(_publishes(w.kind) == _publishes(kind) and w.error is None for w in watches)
+
+    def left(self, room_id: str, leaves: Iterable[tuple[int, int]], now_ms: int) -> list[tuple[Watch, str]]:
+        """Records that users left the room at the given times (user, Unix ms); cuts their listener
+        streams opened with a ticket issued before that, with why."""
+        self._expire_leaves(now_ms)
+        users = self._streams.get(room_id, {})
+        cut: list[tuple[Watch, str]] = []
+        for user, at_ms in leaves:
+            key = (room_id, user)
+            if self._left.get(key, -1) >= at_ms:
+                continue
+            self._left[key] = at_ms
+            self._left.move_to_end(key)
+            for watch in list(users.get(user, ())):
+                refusal = self._left_refusal(room_id, user, watch.role, watch.issued_ms, watch.kind)
+                if refusal is not None:
+                    watch.cut(refusal)
+                    cut.append((watch, LEFT))
+        while len(self._left) > MAX_LEAVES:
+            self._left.popitem(last=False)
+        return cut
+
+    def _left_refusal(
+        self, room_id: str, user: int, role: int, issued_ms: int, kind: str
+    ) -> TownhallError | None:
+        if kind != LISTEN or role != ROLE_LISTENER or not self._left:
+            return None
+        at_ms = self._left.get((room_id, user))
+        if at_ms is None or issued_ms > at_ms:
+            return None
+        return PermissionDenied(
+            f"user {user} left room {room_id}; listener tickets issued before that are void "
+            "(join the room again)"
+        )
+
+    def _expire_leaves(self, now_ms: int) -> None:
+        """Forgets leaves older than a ticket's lifetime: every ticket they void has expired."""
+        oldest = now_ms - self._keep_ms
+        while self._left:
+            key, at_ms = next(iter(self._left.items()))
+            if at_ms >= oldest:
+                break
+            del self._left[key]
+
+    def expire(self, now_ms: int) -> int:
+        """Forgets the rules of rooms that ended a ticket lifetime ago, and old leaves; returns rooms dropped.
+
+        Every ticket of such a room has expired, so its signature check refuses it without the rules.
+        """
+        self._expire_leaves(now_ms)
+        oldest = now_ms - self._keep_ms
+        gone = [
+            room_id
+            for room_id, rules in self._rules.items()
+            if rules.ended and rules.ended_at_ms < oldest and room_id not in self._streams
+        ]
+        for room_id in gone:
+            del self._rules[room_id]
+        return len(gone)
+
+    def forget(self, room_id: str) -> None:
+        """Drops a room's rules (its record was deleted from the room-state topic)."""
+        rules = self._rules.get(room_id)
+        if rules is not None and rules.ended:
+            del self._rules[room_id]
+
+    @property
+    def leaves(self) -> int:
+        """Leaves remembered."""
+        return len(self._left)
 
     def release(self, watch: Watch) -> None:
         """Forgets a stream that ended."""
@@ -153,7 +284,8 @@ class Guard:
             return
         watches = users.get(watch.user_id)
         if watches is not None:
-            watches.discard(watch)
+            if watch in watches:
+                watches.remove(watch)
             if not watches:
                 del users[watch.user_id]
         if not users:
@@ -184,3 +316,7 @@ class Guard:
             if found:
                 present[room_id] = sorted(found)
         return present
+
+
+def _publishes(kind: str) -> bool:
+    return kind == PUBLISH

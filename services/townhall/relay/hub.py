@@ -75,6 +75,8 @@ class Hub:
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
+        # Subscribe streams open here (audience and stage; relay pulls are not listeners).
+        self.listeners = 0
 
     def room(self, room_id: str) -> Room | None:
         """The room if this relay holds it."""
@@ -142,6 +144,7 @@ class Hub:
             room.downstream += 1
             metrics.PULLS_SERVED.inc()
         else:
+            self.listeners += 1
             metrics.LISTENERS.inc()
         if room.upstream:
             self._start_pull(room, resume_after, resume_epoch)
@@ -173,6 +176,7 @@ class Hub:
         self._refuse_if_draining()
         room = self._room(room_id)
         subscriber = room.subscribe_stage()
+        self.listeners += 1
         metrics.LISTENERS.inc()
         self._activate(room)
         return room, subscriber
@@ -184,6 +188,7 @@ class Hub:
             room.downstream -= 1
             metrics.PULLS_SERVED.dec()
         else:
+            self.listeners -= 1
             metrics.LISTENERS.dec()
         if not room.active and room.room_id not in self._timers:
             room.idle_since = self._clock()

@@ -56,8 +56,17 @@ ORIGIN_TAKEOVERS = Counter(
 STREAMS_REVOKED = Counter(
     "townhall_relay_streams_revoked_total",
     "Publish and Subscribe streams ended because a room change revoked them, by reason: removed, "
-    "banned, demoted (moved off the stage), ended (the room ended).",
+    "banned, demoted (moved off the stage), ended (the room ended); left (the listener's Leave voided "
+    "its ticket), replaced (a newer stream of the same user and room: relay.streams_per_user).",
     ["reason"],
+)
+LISTENERS_REFUSED = Counter(
+    "townhall_relay_listeners_refused_total",
+    "Subscribe streams refused because the relay held relay.listener_capacity listeners.",
+)
+LEAVES = Gauge(
+    "townhall_relay_leaves",
+    "Leaves this relay remembers: listener tickets issued before them are void until they expire.",
 )
 FRAMES_MUTED = Counter(
     "townhall_relay_frames_muted_total", "Frames of muted speakers dropped at the origin relay."
@@ -68,5 +77,5 @@ REVOCATION_DELAY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 # Every reason has a series from the start (at 0), so dashboards show "none" rather than "no data".
-for _reason in ("removed", "banned", "demoted", "ended"):
+for _reason in ("removed", "banned", "demoted", "ended", "left", "replaced"):
     STREAMS_REVOKED.labels(_reason)

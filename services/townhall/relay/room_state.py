@@ -35,9 +35,11 @@ class RoomStateFollower:
     async def load(self) -> None:
         """Reads the topic to its end, so a ban recorded before this relay started holds from its start."""
 
-        def apply(_key: bytes | None, value: bytes | None) -> None:
+        def apply(key: bytes | None, value: bytes | None) -> None:
             if value:
                 self._apply(value)  # nothing to cut yet: the relay is not serving
+            elif key:
+                self._guard.forget(key.decode("utf-8", "replace"))
 
         self._ends = await read_to_end(self._kafka, self._topic, apply)
         log.info("room rules read from kafka", rooms=self._guard.rooms)
@@ -59,7 +61,12 @@ class RoomStateFollower:
         return self._guard.apply(room)
 
     def _record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        cut = self._apply(record.value) if record.value else []
+        if not record.value:
+            # An ended room deleted once its tickets expired (admission's retention): forget its rules.
+            if record.key:
+                self._guard.forget(record.key.decode("utf-8", "replace"))
+            return
+        cut = self._apply(record.value)
         if not cut:
             return
         delay_s = max(0.0, time.time() - record.timestamp / 1000)

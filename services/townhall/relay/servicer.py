@@ -34,6 +34,9 @@ REVOKED = "revoked"
 MAX_PATH = 16
 # How far a frame's capture time may be from the relay's clock.
 MAX_CLOCK_SKEW_US = 60_000_000
+# How soon a listener refused by a full relay should join again (admission's view of the relay's load
+# is at most one load report old, so by then it places the listener elsewhere).
+FULL_RETRY_MS = 1_000
 
 
 class RelayServicer:
@@ -48,6 +51,7 @@ class RelayServicer:
         self._tickets = tickets
         self._address = config.address
         self._max_payload = config.max_payload_bytes
+        self._capacity = config.listener_capacity
         self._frames_per_s = config.max_frames_per_s
         self._frame_burst = max(1.0, config.max_frames_per_s * config.frame_burst_s)
 
@@ -129,7 +133,21 @@ class RelayServicer:
         if room_id != ticket.room_id:
             raise PermissionDenied(f"ticket is for room {ticket.room_id!r}, not {room_id!r}")
         stage = ticket.on_stage and not ticket.upstream
-        watch = self._guard.admit(ticket, STAGE if stage else LISTEN)
+        per_user = 0
+        if not stage and self._hub.listeners >= self._capacity:
+            if not self._guard.holds(ticket, LISTEN):
+                # The ticket binds the listener to this relay, so waiting here would not help: it joins
+                # again and admission (whose view of this relay's load is one report old at most) places
+                # it on a relay with room. The stage is exempt: at most 15 users a room, at the origin.
+                metrics.LISTENERS_REFUSED.inc()
+                raise Unavailable(
+                    f"relay is full ({self._capacity} listeners); join the room again in "
+                    f"{FULL_RETRY_MS} ms for another relay, and reconnect there with resume_after set to "
+                    "the last sequence received"
+                )
+            # A listener reconnecting while its old stream is not yet seen gone: it takes that one's place.
+            per_user = 1
+        watch = self._guard.admit(ticket, STAGE if stage else LISTEN, per_user)
         try:
             if stage:
                 room, subscriber = self._hub.subscribe_stage(room_id)
