@@ -21,7 +21,7 @@ KPS_VERSION ?= 81.6.2
 
 .PHONY: helm kind kind-up image kind-load deploy helm-test monitoring dashboards dashboards-json chart-check kind-down
 
-helm: ## Build helm (v3.22.0) from source into .cache/bin with the Go toolchain, once
+helm: ## Build helm (v3.21.4) from source into .cache/bin with the Go toolchain, once
 	deploy/tools/install-helm.sh
 
 kind: ## Build kind (v0.33.0) from source into .cache/bin with the Go toolchain, once
