@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "townhall"
 SCENARIOS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))
@@ -21,6 +23,15 @@ Manifest = dict[str, Any]
 def values_file(scenario: str) -> Path:
     """The values file of a ci/ scenario."""
     return CHART / "ci" / f"{scenario}-values.yaml"
+
+
+def build_tool(script: str, binary: str) -> Path:
+    """.cache/bin/<binary>, built by deploy/tools/<script> (from source with the Go toolchain, once)."""
+    path = REPO / "deploy" / "tools" / script
+    result = subprocess.run([str(path)], capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        pytest.fail(f"cannot build {binary} ({path}):\n{result.stdout}\n{result.stderr}")
+    return REPO / ".cache" / "bin" / binary
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
