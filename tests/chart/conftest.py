@@ -14,7 +14,7 @@ from tests.chart.helpers import Manifest, build_tool, run_helm, template_args
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The helm binary in .cache/bin, built from source with the Go toolchain if it is not there yet."""
-    return build_tool("install-helm.sh", "helm")
+    return build_tool("helm")
 
 
 @pytest.fixture(scope="session")
