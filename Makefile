@@ -40,13 +40,13 @@ dev: setup ## Start the local topology (Kafka + services) and keep it up until C
 demo: setup ## Run the demo against a topology started by `make dev`
 	$(BIN)/townhall demo
 
-test: setup lint ## Install everything, lint, run all tests (unit + integration on a real broker)
+test: setup lint helm prometheus ## Install everything, lint, run all tests (unit, integration on a real broker, chart)
 	$(BIN)/pytest -q -ra tests
 
 unit: setup ## Run the unit tests only (no network)
 	$(BIN)/pytest -q tests/unit
 
-integration: setup ## Run the integration tests only (real Kafka broker, real servers)
+integration: setup prometheus ## Run the integration tests only (real Kafka broker, real servers, Prometheus)
 	$(BIN)/pytest -q -ra tests/integration
 
 FUZZ_EXAMPLES ?= 200

@@ -1,6 +1,7 @@
 # Kubernetes on a laptop: kind cluster, image, chart, dashboards. Included from the Makefile
-# (`include deploy/k8s.mk`). helm and kind are built from source with the Go toolchain into .cache/bin;
-# docker (for image, kind-up, kind-load) and kubectl (for deploy and dashboards) come from your machine.
+# (`include deploy/k8s.mk`). helm, kind, prometheus and promtool are built from source with the Go toolchain
+# into .cache/bin; docker (for image, kind-up, kind-load) and kubectl (for deploy and dashboards) come from
+# your machine.
 
 K8S_BIN := $(abspath .cache/bin)
 HELM := $(K8S_BIN)/helm
@@ -19,10 +20,13 @@ KIND_VALUES ?= $(CHART)/ci/kind-default-values.yaml
 # kube-prometheus-stack, for `make monitoring` (Prometheus Operator, Prometheus, Grafana with its sidecar).
 KPS_VERSION ?= 81.6.2
 
-.PHONY: helm kind kind-up image kind-load deploy helm-test monitoring dashboards dashboards-json chart-check kind-down
+.PHONY: helm prometheus kind kind-up image kind-load deploy helm-test monitoring dashboards dashboards-json chart-check kind-down
 
-helm: ## Build helm (v3.22.0) from source into .cache/bin with the Go toolchain, once
+helm: ## Build helm (v3.21.4) from source into .cache/bin with the Go toolchain, once
 	deploy/tools/install-helm.sh
+
+prometheus: ## Build prometheus and promtool (3.16.0) from source into .cache/bin with Go, once (the tests use them)
+	deploy/tools/install-prometheus.sh
 
 kind: ## Build kind (v0.33.0) from source into .cache/bin with the Go toolchain, once
 	@test -x $(KIND) && $(KIND) version | grep -q '$(KIND_VERSION) ' || GOBIN=$(K8S_BIN) go install sigs.k8s.io/kind@$(KIND_VERSION)
@@ -64,7 +68,7 @@ dashboards: ## Port-forward Grafana (localhost:3000, admin/townhall) and Prometh
 dashboards-json: ## Regenerate helm/townhall/dashboards/*.json from deploy/grafana/dashboards.py
 	$(BIN)/python deploy/grafana/dashboards.py
 
-chart-check: setup helm ## Lint, render and validate the chart (every ci/*-values.yaml), rules and dashboards
+chart-check: setup helm prometheus ## Lint, render and validate the chart (every ci/*-values.yaml), rules and dashboards
 	for values in $(CHART)/ci/*-values.yaml; do $(HELM) lint --strict $(CHART) -f $$values || exit 1; done
 	$(BIN)/pytest -q tests/chart
 

@@ -1,15 +1,35 @@
-"""Shared fixtures: the real local Kafka broker (one per test session) on loopback."""
+"""Shared fixtures: the real local Kafka broker (one per test session) on loopback; Prometheus and promtool."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.chart.helpers import REPO, TOOLS, build_tool, install
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall.devtools.kafka_broker import Broker, free_port
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Builds the tools the collected tests use before the first test runs: a cold build takes minutes, more
+    than the per-test timeout, and is no test's time. A build that fails is reported by its fixture."""
+    if session.config.option.collectonly:
+        return
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for script in sorted({script for fixture, (script, _) in TOOLS.items() if fixture in used}):
+        built = all(
+            (REPO / ".cache" / "bin" / binary).exists() for s, binary in TOOLS.values() if s == script
+        )
+        if reporter is not None and not built:
+            reporter.write_line(
+                f"deploy/tools/{script}: building from source into .cache/bin (minutes, once)"
+            )
+        install(script)
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +49,15 @@ def kafka(kafka_broker: Broker) -> KafkaConfig:
     config = KafkaConfig(bootstrap=kafka_broker.bootstrap)
     asyncio.run(ensure_topics(config))
     return config
+
+
+@pytest.fixture(scope="session")
+def prometheus_server() -> Path:
+    """The prometheus server in .cache/bin, built from source with the Go toolchain if it is not there yet."""
+    return build_tool("prometheus_server")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """promtool in .cache/bin, built with the prometheus server (deploy/tools/install-prometheus.sh)."""
+    return build_tool("promtool")

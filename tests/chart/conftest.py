@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.chart.helpers import REPO, Manifest, run_helm, template_args
+from tests.chart.helpers import Manifest, build_tool, run_helm, template_args
 
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The helm binary in .cache/bin, built from source with the Go toolchain if it is not there yet."""
-    script = REPO / "deploy" / "tools" / "install-helm.sh"
-    result = subprocess.run([str(script)], capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        pytest.fail(f"cannot build helm ({script}):\n{result.stdout}\n{result.stderr}")
-    return REPO / ".cache" / "bin" / "helm"
+    return build_tool("helm")
 
 
 @pytest.fixture(scope="session")

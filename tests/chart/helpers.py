@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "townhall"
@@ -21,6 +24,32 @@ Manifest = dict[str, Any]
 def values_file(scenario: str) -> Path:
     """The values file of a ci/ scenario."""
     return CHART / "ci" / f"{scenario}-values.yaml"
+
+
+# The fixtures that are a tool built from source with the Go toolchain into .cache/bin, once:
+# fixture -> (the deploy/tools script that builds it, the binary).
+TOOLS = {
+    "helm": ("install-helm.sh", "helm"),
+    "prometheus_server": ("install-prometheus.sh", "prometheus"),
+    "promtool": ("install-prometheus.sh", "promtool"),
+}
+
+
+@functools.cache
+def install(script: str) -> subprocess.CompletedProcess[str]:
+    """Runs deploy/tools/<script> once per session (it returns at once when the binaries are built)."""
+    return subprocess.run(
+        [str(REPO / "deploy" / "tools" / script)], capture_output=True, text=True, timeout=1800
+    )
+
+
+def build_tool(fixture: str) -> Path:
+    """The binary of a TOOLS fixture in .cache/bin, built if missing; fails the test if it cannot be built."""
+    script, binary = TOOLS[fixture]
+    result = install(script)
+    if result.returncode != 0:
+        pytest.fail(f"cannot build {binary} (deploy/tools/{script}):\n{result.stdout}\n{result.stderr}")
+    return REPO / ".cache" / "bin" / binary
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:

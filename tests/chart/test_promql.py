@@ -3,14 +3,13 @@
 A child process imports the services' metric modules (the real names, labels and types), gives every
 labelled metric a child and moves them all, and serves them on three ports as admission, relay and
 notifier would. deploy/prometheus/render.py writes the scrape config for that topology; a real
-Prometheus (the `prometheus` package that also brings promtool) scrapes it, loads the alert rules, and
+Prometheus (built from source into .cache/bin, deploy/tools/install-prometheus.sh) scrapes it, loads the alert rules, and
 tests/chart/promql.py evaluates everything. The live check on the real topology uses the same module.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -67,11 +66,8 @@ while True:
 
 
 @pytest.fixture(scope="module")
-def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus_url(prometheus_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus scraping the exporter as the local topology, with the alert rules loaded."""
-    binary = shutil.which("prometheus")
-    if not binary:
-        pytest.fail("the prometheus server is needed (Debian package `prometheus`, which also has promtool)")
     tmp = tmp_path_factory.mktemp("prometheus")
     ports = {name: free_port() for name in ("admission", "relay", "notifier")}
     topology = {
@@ -91,7 +87,7 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     server = subprocess.Popen(
         [
-            binary,
+            prometheus_server,
             f"--config.file={tmp / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address={web}",

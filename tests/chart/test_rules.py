@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,25 +19,16 @@ PROMETHEUS = REPO / "deploy" / "prometheus"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    """promtool from the Debian package `prometheus` (installed by .ci/run, never by the tests)."""
-    path = shutil.which("promtool")
-    if not path:
-        pytest.fail("promtool is needed: apt-get install prometheus")
-    return path
-
-
-def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def run(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def test_promtool_checks_the_rules(promtool: str) -> None:
+def test_promtool_checks_the_rules(promtool: Path) -> None:
     result = run(promtool, "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alerts_fire_when_they_should_and_only_then(promtool: str) -> None:
+def test_alerts_fire_when_they_should_and_only_then(promtool: Path) -> None:
     """promtool unit tests: synthetic series for each alert (tests/chart/promtool/rules_test.yml)."""
     result = run(promtool, "test", "rules", "rules_test.yml", cwd=Path(__file__).parent / "promtool")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,7 +40,7 @@ def test_alerts_fire_when_they_should_and_only_then(promtool: str) -> None:
     assert tested == {q.where.split(" / ")[1] for q in promql.rule_queries(RULES)}
 
 
-def test_promtool_checks_the_local_prometheus_config(promtool: str) -> None:
+def test_promtool_checks_the_local_prometheus_config(promtool: Path) -> None:
     result = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -69,7 +59,7 @@ def test_committed_prometheus_config_is_rendered_from_the_default_topology() -> 
     assert (PROMETHEUS / "prometheus.yml").read_text() == expected
 
 
-def test_render_makes_one_job_per_service_from_a_topology(promtool: str, tmp_path: Path) -> None:
+def test_render_makes_one_job_per_service_from_a_topology(promtool: Path, tmp_path: Path) -> None:
     topology = {
         "kafka": "127.0.0.1:19092",
         "services": {

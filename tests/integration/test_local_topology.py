@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -120,12 +119,9 @@ def test_townhall_dev_run_demo_exits_zero(tmp_path: Path) -> None:
 
 
 async def test_every_dashboard_panel_and_alert_has_data_on_the_live_topology(
-    topology: Topology, tmp_path: Path
+    topology: Topology, prometheus_server: Path, tmp_path: Path
 ) -> None:
     """A real Prometheus scrapes the running processes through a demo; every query runs and shows data."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus server is needed (Debian package `prometheus`; .ci/run installs it)")
     config = tmp_path / "prometheus.yml"
     render = REPO / "deploy" / "prometheus" / "render.py"
     await asyncio.to_thread(
@@ -147,7 +143,7 @@ async def test_every_dashboard_panel_and_alert_has_data_on_the_live_topology(
     log = (tmp_path / "prometheus.log").open("w")
     server = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; it is waited for below
         [
-            binary,
+            prometheus_server,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address={web}",
