@@ -84,6 +84,8 @@ def test_a_busy_key_keeps_its_state_across_generations() -> None:
         ("ipv6:[2001:db8:1:2:ffff::1]:1", "2001:db8:1:2::/64"),  # same /64, same key
         ("ipv6:[::ffff:198.51.100.1]:5000", "198.51.100.1"),
         ("ipv6:[::1]:5000", "::1"),
+        ("ipv6:%5B::1%5D:5000", "::1"),  # as gRPC writes it
+        ("ipv6:%5B2001:db8:1:2::9%5D:443", "2001:db8:1:2::/64"),
         ("ipv6:[fe80::1%eth0]:5000", "fe80::/64"),
         ("unix:/run/townhall.sock", "unix"),
     ],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
 from contextvars import ContextVar
 
@@ -77,9 +78,10 @@ def limit_class(service: str, method: str, how: str, streaming: bool) -> str | N
 def client_address(peer: str) -> IPAddress | None:
     """The client IP of a gRPC peer string ("ipv4:10.1.2.3:5000", "ipv6:[::1]:5000"); None if it has none.
 
-    An IPv4-mapped IPv6 address is its IPv4 address.
+    An IPv4-mapped IPv6 address is its IPv4 address. gRPC percent-encodes the brackets of an IPv6
+    peer ("ipv6:%5B::1%5D:5000").
     """
-    kind, _, rest = peer.partition(":")
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "ipv4":
         host = rest.rpartition(":")[0] or rest
     elif kind == "ipv6":
