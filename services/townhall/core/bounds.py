@@ -52,17 +52,23 @@ class Bounds:
         self._connections: dict[str, int] = {}
         self._addresses: dict[str, int] = {}
         self._open_addresses: dict[str, int] = {}
-        self.in_pool = {CLIENT: 0, OPEN_STREAM: 0}
+        self._clients_in = self._open_in = 0
+
+    @property
+    def in_pool(self) -> dict[int, int]:
+        """Calls in flight in each pool."""
+        return {CLIENT: self._clients_in, OPEN_STREAM: self._open_in}
 
     def enter(self, peer: str, key: str | None, pool: int) -> None:
         """Counts a call of `peer` (address key `key`, None if exempt) in `pool`, or refuses it."""
-        if pool == CLIENT and self.clients is not None and self.in_pool[CLIENT] >= self.clients:
-            _refuse(
-                "server",
-                f"this server is serving its limit of {self.clients} client calls at once "
-                "(admission.max_concurrent_rpcs)",
-            )
-        if pool == OPEN_STREAM and self.in_pool[OPEN_STREAM] >= self.open_streams:
+        if pool == CLIENT:
+            if self.clients is not None and self._clients_in >= self.clients:
+                _refuse(
+                    "server",
+                    f"this server is serving its limit of {self.clients} client calls at once "
+                    "(admission.max_concurrent_rpcs)",
+                )
+        elif pool == OPEN_STREAM and self._open_in >= self.open_streams:
             _refuse(
                 "open_streams",
                 f"this server has its limit of {self.open_streams} health Watch and reflection streams "
@@ -95,30 +101,39 @@ class Bounds:
                 self._open_addresses[key] = open_from + 1
             connections[peer] = on_connection + 1
             addresses[key] = from_address + 1
-        if pool:
-            self.in_pool[pool] += 1
+        if pool == CLIENT:
+            self._clients_in += 1
+        elif pool == OPEN_STREAM:
+            self._open_in += 1
 
     def leave(self, peer: str, key: str | None, pool: int) -> None:
         """Releases what `enter` counted for the call."""
-        if pool:
-            self.in_pool[pool] -= 1
+        if pool == CLIENT:
+            self._clients_in -= 1
+        elif pool == OPEN_STREAM:
+            self._open_in -= 1
         if key is not None:
-            _down(self._connections, peer)
-            _down(self._addresses, key)
+            connections, addresses = self._connections, self._addresses
+            left = connections[peer] - 1
+            if left:
+                connections[peer] = left
+            else:
+                del connections[peer]
+            left = addresses[key] - 1
+            if left:
+                addresses[key] = left
+            else:
+                del addresses[key]
             if pool == OPEN_STREAM:
-                _down(self._open_addresses, key)
+                left = self._open_addresses[key] - 1
+                if left:
+                    self._open_addresses[key] = left
+                else:
+                    del self._open_addresses[key]
 
     def held(self) -> int:
         """Connections and addresses with calls in flight (what the counters hold)."""
         return len(self._connections) + len(self._addresses) + len(self._open_addresses)
-
-
-def _down(counts: dict[str, int], key: str) -> None:
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
 
 
 def _refuse(bound: str, message: str) -> None:
