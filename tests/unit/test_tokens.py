@@ -6,17 +6,28 @@ import base64
 import hmac
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from townhall.core.auth import Authenticator
-from townhall.core.config import AuthConfig, TicketConfig
+from townhall.core.config import (
+    DEV_AUTH,
+    DEV_TICKET_PRIVATE_KEY,
+    DEV_TICKET_PUBLIC_KEY,
+    DEV_USER_KEY,
+    TicketConfig,
+    parse_ticket_keys,
+)
 from townhall.core.errors import PermissionDenied, Unauthenticated
-from townhall.core.tickets import TicketSigner
+from townhall.core.tickets import TicketVerifier
 from townhall.core.tokens import accept_hs256
 
 SECRET = b"k" * 40
@@ -165,10 +176,12 @@ def _b64(data: bytes) -> str:
 
 
 @st.composite
-def malformed_tokens(draw: st.DrawFn, kid: str, secret: bytes, good_payload: bytes) -> str:
+def malformed_tokens(
+    draw: st.DrawFn, alg: str, kid: str, sign: Callable[[bytes], bytes], good_payload: bytes
+) -> str:
     """A token built to break a parser; signed with the right key most of the time, so it gets past
     the signature to the claims."""
-    good_header = json.dumps({"alg": "HS256", "kid": kid, "typ": "JWT"}).encode()
+    good_header = json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}).encode()
     header = good_header if draw(st.booleans()) else draw(json_texts(good_header))
     payload = draw(json_texts(good_payload))
     if draw(st.integers(0, 9)) == 0:  # segments that are not base64url at all
@@ -176,14 +189,21 @@ def malformed_tokens(draw: st.DrawFn, kid: str, secret: bytes, good_payload: byt
             st.text(max_size=20)
         )
     body = f"{_b64(header)}.{_b64(payload)}"
-    signature = hmac.digest(secret, body.encode(), "sha256") if draw(st.integers(0, 4)) else b"forged"
+    signature = sign(body.encode()) if draw(st.integers(0, 4)) else b"forged"
     return f"{body}.{_b64(signature)}"
 
 
-_AUTH = Authenticator(AuthConfig())
-_USER_KID, _USER_SECRET = AuthConfig().keys[0].split("=", 1)
-_TICKETS = TicketSigner.from_config(TicketConfig())
-_TICKET_KID, _TICKET_SECRET = TicketConfig().keys[0].split("=", 1)
+def _es256(body: bytes) -> bytes:
+    """A JOSE ES256 signature of `body` with the development ticket key."""
+    r, s_ = decode_dss_signature(_TICKET_KEY.sign(body, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s_.to_bytes(32, "big")
+
+
+_AUTH = Authenticator(DEV_AUTH)
+_USER_KID, _USER_SECRET = DEV_USER_KEY.split("=", 1)
+((_TICKET_KID, _SCALAR),) = parse_ticket_keys("tickets.private_key", (DEV_TICKET_PRIVATE_KEY,), True)
+_TICKET_KEY = ec.derive_private_key(int.from_bytes(_SCALAR, "big"), ec.SECP256R1())
+_TICKETS = TicketVerifier.from_config(TicketConfig(public_keys=(DEV_TICKET_PUBLIC_KEY,)))
 _RELAY = "relay:1"
 
 
@@ -194,15 +214,24 @@ def test_a_malformed_token_or_ticket_is_unauthenticated_with_a_message_on_both_p
 ) -> None:
     """Bad base64, bad JSON, JSON nested past the parser's depth (header or payload), huge numbers and
     wrong types: a refusal saying what is wrong, never another exception (which a server answers INTERNAL).
-    The HS256 shortcut and PyJWT both see each token: a plain header takes the shortcut first."""
+    User tokens go through the HS256 shortcut and PyJWT (a plain header takes the shortcut first),
+    tickets (ES256) through PyJWT."""
     user_payload = json.dumps({"sub": "42", "exp": NOW + 3600, "grants": ["subscribe"]}).encode()
     ticket_payload = json.dumps(
         {"sub": "42", "room": "r1", "role": 3, "aud": _RELAY, "exp": NOW + 3600}
     ).encode()
+    user_secret = _USER_SECRET.encode()
     cases = [
-        (data.draw(malformed_tokens(_USER_KID, _USER_SECRET.encode(), user_payload)), _AUTH.users.verify),
         (
-            data.draw(malformed_tokens(_TICKET_KID, _TICKET_SECRET.encode(), ticket_payload)),
+            data.draw(
+                malformed_tokens(
+                    "HS256", _USER_KID, lambda b: hmac.digest(user_secret, b, "sha256"), user_payload
+                )
+            ),
+            _AUTH.users.verify,
+        ),
+        (
+            data.draw(malformed_tokens("ES256", _TICKET_KID, _es256, ticket_payload)),
             lambda token: _TICKETS.verify(token, _RELAY),
         ),
     ]

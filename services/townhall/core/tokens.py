@@ -364,7 +364,8 @@ class Verifier(Generic[T]):
                 token, key, self._options["require"], self._audience, self._issuer, self._leeway
             )
             if fast is not None:
-                return self._build(fast), self._expires(fast["exp"]), kid
+                expires = self._expires(fast["exp"])  # first: a build may reckon with exp
+                return self._build(fast), expires, kid
         if not thorough:
             raise Unverified(self.what)
         try:
