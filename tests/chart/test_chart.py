@@ -137,8 +137,8 @@ def test_every_container_has_resources_and_every_server_has_probes(render: Rende
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert probe in c, f"{where}: {probe}"
             if component(owner) in SERVICES:
-                # Under TLS the kubelet (which cannot do TLS) checks the plaintext health-only port.
-                port = port_of(c, "health" if scenario == "tls" else "grpc")
+                # The kubelet checks the plaintext health-only port (no TLS; a server of its own).
+                port = port_of(c, "health")
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert c[probe]["grpc"] == {"port": port}, f"{where}: {probe} must be gRPC health"
 
@@ -714,7 +714,7 @@ def test_internal_ports_are_only_on_headless_services_and_only_townhall_pods_rea
         rules = {
             tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policy["spec"]["ingress"]
         }
-        assert rules[("grpc",)] is None, "clients reach the client port from anywhere"
+        assert rules[("grpc", "health")] is None, "clients reach the client port, the kubelet health"
         assert rules[("metrics",)] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         ]
@@ -722,9 +722,7 @@ def test_internal_ports_are_only_on_headless_services_and_only_townhall_pods_rea
             assert ("internal",) not in rules
         else:
             assert rules[("internal",)] == [{"podSelector": {"matchLabels": pods_of_release}}]
-    # Under TLS the kubelet's plaintext health port is open too; with networkPolicy off there is none.
-    tls_rules = by_kind(render("tls"), "NetworkPolicy")[f"{RELEASE}-relay"]["spec"]["ingress"]
-    assert [p["port"] for p in tls_rules[0]["ports"]] == ["grpc", "health"]
+    # With networkPolicy off there is none.
     assert not by_kind(render(None, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 

@@ -52,13 +52,16 @@ def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
 
 
 @asynccontextmanager
-async def serving(app: server.App, config: Config) -> AsyncIterator[str]:
-    """Serves `app` on a free loopback port, and its internal port as configured; yields the client
-    address; drains it afterwards."""
+async def serving(app: server.App, config: Config, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serves `app` on a free port of `host` (loopback), and its internal port as configured; yields
+    the client address; drains it afterwards.
+
+    With host "[::]" the server takes both 127.0.0.1 and ::1: two client addresses on one machine.
+    """
     internal = getattr(config, app.auth.kind).internal_listen
-    running = await server.start(app, config, "127.0.0.1:0", internal)
+    running = await server.start(app, config, f"{host}:0", internal)
     try:
-        yield f"127.0.0.1:{running.port}"
+        yield f"{host}:{running.port}"
     finally:
         await server.stop(app, running, grace_s=1.0)
 

@@ -9,6 +9,7 @@ What cannot be derived is small and named: the values some field names should of
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pkgutil
 import threading
@@ -51,6 +52,10 @@ CAUSED = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED
 NEVER = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 # A server stream that is still open (no status yet) when the test cancels it.
 OPEN_STREAM = "OPEN"
+# A client write raced the server's end of a request stream: grpc.aio reports INTERNAL "Internal error
+# from Core" in place of the status the server sent (grpc/grpc#36066, a client-side bug). The server's
+# own count of INTERNAL answers is checked separately and stays 0.
+WRITE_RACE = "WRITE_RACE"
 BAD_UTF8 = (b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xc0\xaf", b"ok\x80", b"\xf4\x90\x80\x80")
 
 
@@ -402,6 +407,75 @@ def _server_stream(responses: Any, open_wait_s: float) -> Outcome:
         reader.join(5)
         return Outcome(OPEN_STREAM, "open until the test cancelled it")
     return Outcome(responses.code(), responses.details() or "")
+
+
+async def hold(
+    target: str,
+    method: Method,
+    messages: Sequence[bytes],
+    metadata: Sequence[Sequence[tuple[str, str]]],
+    *,
+    connections: int,
+    wait_s: float,
+    while_held: Callable[[], None] | None = None,
+) -> list[Outcome]:
+    """Opens one call of `method` per entry of `metadata`, spread over `connections` connections of
+    their own, and never ends them: request streams send `messages` and never half-close, responses
+    are read as they come. After `wait_s` (or once every call has ended) runs `while_held`, then
+    cancels what is still open: OPEN_STREAM. Calls are opened in waves of 25 (a burst of hundreds at
+    once would be shed by gRPC's queue of calls not yet taken, which says nothing of the server)."""
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 1 << 22)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+
+    async def one(channel: grpc.aio.Channel, md: Sequence[tuple[str, str]]) -> Outcome:
+        md = tuple(md)
+        call: Any
+        try:
+            if method.client_streaming:
+                # The write API, not a request iterator: with an iterator still waiting when the server
+                # ends the call, grpc.aio reports "Internal error from Core" instead of the server's status.
+                factory = channel.stream_stream if method.server_streaming else channel.stream_unary
+                call = factory(method.path)(metadata=md)
+                for message in messages:
+                    await call.write(message)
+            else:
+                factory = channel.unary_stream if method.server_streaming else channel.unary_unary
+                call = factory(method.path)(messages[0], metadata=md)
+            if method.server_streaming:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+                code = await call.code()
+                if code != OK:
+                    return Outcome(code, await call.details() or "")
+            else:
+                await call
+        except grpc.aio.AioRpcError as exc:
+            if method.client_streaming and messages and exc.details() == "Internal error from Core":
+                return Outcome(WRITE_RACE, "the client wrote as the server ended the call (grpc#36066)")
+            return Outcome(exc.code(), exc.details() or "")
+        except asyncio.InvalidStateError:  # a write after the server ended the call: its status
+            return Outcome(await call.code(), await call.details() or "")
+        except asyncio.CancelledError:
+            call.cancel()
+            return Outcome(OPEN_STREAM, "open until the test cancelled it")
+        return Outcome(OK, "")
+
+    tasks = []
+    try:
+        for index, md in enumerate(metadata):
+            tasks.append(asyncio.create_task(one(channels[index % connections], md)))
+            if index % 25 == 24:
+                await asyncio.sleep(0.05)
+        await asyncio.wait(tasks, timeout=wait_s)
+        if while_held is not None:
+            while_held()
+    finally:
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks)
+        for channel in channels:
+            await channel.close()
+    return outcomes
 
 
 def expect_enum_refusal(message: Message) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,6 +58,14 @@ REPORT = Path(os.environ.get("FUZZ_REPORT", ".townhall/fuzz/summary.json"))
 RELAY = "fuzz-relay:7000"
 MAX_MESSAGE = 64 * 1024
 REQUEST_TIMEOUT_MS = 1000
+# Small bounds on calls in flight, so the flood classes reach them with few calls (core/bounds.py).
+BOUNDS = {
+    "max_calls_per_connection": 32,
+    "max_calls_per_address": 64,
+    "max_open_streams": 16,
+    "max_open_streams_per_address": 4,
+    "open_stream_max_s": 2.0,
+}
 AUTH_REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -78,6 +87,8 @@ EXACT = {
     "stalled request": "DEADLINE_EXCEEDED (server's request timeout)",
     "bad credentials": "UNAUTHENTICATED or PERMISSION_DENIED",
     "out-of-range enum": "INVALID_ARGUMENT naming the field",
+    "many streams at once": "open within the bounds, the rest RESOURCE_EXHAUSTED; users served meanwhile",
+    "streams that never end": "open ones (health Watch, reflection) ended by the server",
 }
 Md = tuple[tuple[str, str], ...]
 
@@ -89,6 +100,8 @@ class Fuzzed:
     config: Config
     channels: dict[str, grpc.Channel]
     health: list[grpc.Channel]
+    # Each service's server as dialled from ::1: an address not exempt from the per-address bounds.
+    flood: dict[str, str]
     seeds: Seeds
     live_room: str
     signer: TicketSigner
@@ -106,6 +119,12 @@ class Fuzzed:
         credential = Authenticator(self.config.auth, kind, "127.0.0.1:1").credential
         return credential.metadata(self.internal[method.service][1], method.path)
 
+    def flood_target(self, method: Method) -> str:
+        """Where a flood of `method` goes: the internal port for internal methods, else ::1."""
+        if method.rule == SERVICE:
+            return self.internal[method.service][1]
+        return self.flood[method.service]
+
     def __repr__(self) -> str:
         return f"Fuzzed(live_room={self.live_room!r})"
 
@@ -121,10 +140,11 @@ def _serve_in_thread(config: Config) -> Iterator[dict[str, str]]:
     async def main() -> None:
         apps: list[App] = [AdmissionApp(config), RelayApp(config), NotifierApp(config)]
         try:
+            # On [::]: the fuzz calls come from 127.0.0.1 (exempt), the flood classes' from ::1.
             async with (
-                serving(apps[0], config) as admission,
-                serving(apps[1], config) as relay,
-                serving(apps[2], config) as notifier,
+                serving(apps[0], config, "[::]") as admission,
+                serving(apps[1], config, "[::]") as relay,
+                serving(apps[2], config, "[::]") as notifier,
             ):
                 addresses = {}
                 for app, address in zip(apps, (admission, relay, notifier), strict=True):
@@ -157,8 +177,9 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
         kafka,
         # Every fuzz call comes from 127.0.0.1: per-address limits would refuse most of them unread
         # (they have their own test). Per-user limits stay on; fuzz users are many.
-        limits={"exempt": ("127.0.0.0/8", "::1/128")},
-        server={"request_timeout_ms": REQUEST_TIMEOUT_MS},
+        # The flood classes call from ::1, which is not exempt.
+        limits={"exempt": ("127.0.0.0/8",)},
+        server={"request_timeout_ms": REQUEST_TIMEOUT_MS, **BOUNDS},
         relay={"advertise": RELAY, "load_report_ms": 0},
         notifier={
             "data_dir": str(tmp_path_factory.mktemp("fuzz") / "notifier"),
@@ -167,12 +188,13 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     for addresses in _serve_in_thread(config):
         options = [("grpc.max_receive_message_length", 8 * MAX_MESSAGE)]
-        by_address = {a: grpc.insecure_channel(a, options=options) for a in addresses["*"].split(",")}
-        channels = {
-            name: by_address[a]
-            for name, a in addresses.items()
-            if name != "*" and not name.startswith("internal:")
+        v4 = {a: "127.0.0.1:" + a.rpartition(":")[2] for a in addresses["*"].split(",")}
+        by_address = {a: grpc.insecure_channel(v4[a], options=options) for a in v4}
+        clients = {
+            name: a for name, a in addresses.items() if name != "*" and not name.startswith("internal:")
         }
+        channels = {name: by_address[a] for name, a in clients.items()}
+        flood = {name: "[::1]:" + a.rpartition(":")[2] for name, a in clients.items()}
         internal = {
             name.partition(":")[2]: (grpc.insecure_channel(a, options=options), a)
             for name, a in addresses.items()
@@ -202,6 +224,7 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
             config,
             channels,
             list(by_address.values()),
+            flood,
             seeds,
             live.room_id,
             signer,
@@ -641,3 +664,120 @@ def test_oversize_metadata(fuzzed: Fuzzed, data: st.DataObject) -> None:
         return outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     _run("oversize metadata", fuzzed, method, [raw], big, expected=exhausted, open_wait_s=5)
+
+
+# ---------------------------------------------------------------- floods: many streams, streams that never end
+
+STREAMING = [m for m in METHODS if m.server_streaming or m.client_streaming]
+
+
+def fresh_credentials(fuzzed: Fuzzed, method: Method, count: int, first_user: int) -> list[Md]:
+    """Valid credentials for `count` calls of `method`, each of its own user (so per-user rate limits,
+    which have their own tests, do not decide)."""
+    if method.rule == USER:
+        return [bearer(TOKENS.mint(first_user + i, GRANTS)) for i in range(count)]
+    if method.rule == TICKET:
+        tickets = (
+            fuzzed.signer.issue(fuzzed.live_room, first_user + i, Role.ROLE_SPEAKER, RELAY)
+            for i in range(count)
+        )
+        return [((TICKET_KEY, fuzzed.signer.sign(t)),) for t in tickets]
+    if method.rule == SERVICE:
+        return [fuzzed.service_credential(method)] * count
+    return [()] * count
+
+
+def _requests(data: st.DataObject, fuzzed: Fuzzed, method: Method) -> list[bytes]:
+    """What a flood's streams send: half the time what a well-behaved client would (nothing yet on a
+    request stream; the live room where a room is named), so most streams stay open; else hostile."""
+    if not data.draw(st.booleans(), label="plain request"):
+        return [_message(data, fuzzed, method).SerializeToString()]
+    if method.client_streaming:
+        return []
+    message = message_factory.GetMessageClass(method.request)()
+    if "room_id" in method.request.fields_by_name:
+        message.room_id = fuzzed.live_room
+    return [message.SerializeToString()]
+
+
+def _a_user_is_served(fuzzed: Fuzzed) -> None:
+    """Health SERVING everywhere, and a user's call answered, from another address (127.0.0.1)."""
+    _assert_serving(fuzzed)
+    rooms = rooms_pb2_grpc.RoomsStub(fuzzed.channels["townhall.v1.Rooms"])
+    room = rooms.GetRoom(
+        rooms_pb2.GetRoomRequest(room_id=fuzzed.live_room), metadata=TOKENS.metadata(9_000_002), timeout=10
+    )
+    assert room.room_id == fuzzed.live_room
+
+
+def _held(
+    cls: str, method: Method, outcomes: list[Outcome], allowed: frozenset[grpc.StatusCode] = LEGITIMATE
+) -> int:
+    """Tallies and checks each call; how many were still open when the test ended them."""
+    # CANCELLED too: gRPC's own queue of calls not yet taken may shed some of a flood.
+    allowed = allowed | {grpc.StatusCode.CANCELLED}
+    for outcome in outcomes:
+        TALLY.add(cls, method, outcome)
+        if os.environ.get("FUZZ_TRACE"):
+            print("TRACE", cls, method.path, outcome.name, outcome.details[:120])
+        if outcome.code not in (hostile.OPEN_STREAM, hostile.WRITE_RACE):
+            hostile.check(outcome, method, allowed, cls)
+    return sum(outcome.code == hostile.OPEN_STREAM for outcome in outcomes)
+
+
+@SLOW
+@given(data=st.data())
+def test_many_streams_at_once(fuzzed: Fuzzed, data: st.DataObject) -> None:
+    """Dozens to hundreds of streams of one method from one address (::1), on one to four connections,
+    each with valid credentials of its own user, held open: what stays open is within the bounds, the
+    rest is refused, and users on another address are served all the while."""
+    method = data.draw(st.sampled_from(STREAMING), label="method")
+    count = data.draw(st.integers(40, 200), label="streams")
+    connections = data.draw(st.integers(1, 4), label="connections")
+    requests = _requests(data, fuzzed, method)
+    credentials = fresh_credentials(
+        fuzzed, method, count, data.draw(st.integers(10**9, 10**15), label="user")
+    )
+    outcomes = asyncio.run(
+        hostile.hold(
+            fuzzed.flood_target(method),
+            method,
+            requests,
+            credentials,
+            connections=connections,
+            wait_s=1.5,
+            while_held=lambda: _a_user_is_served(fuzzed),
+        )
+    )
+    # DEADLINE_EXCEEDED: a held reflection stream idles past request_timeout_ms (the test's doing).
+    held = _held("many streams at once", method, outcomes, LEGITIMATE | CAUSED)
+    if method.rule == OPEN:
+        assert held <= BOUNDS["max_open_streams_per_address"], (method, held)
+    elif method.rule != SERVICE:  # the service credential's calls are the pods', bounded by them
+        most = min(BOUNDS["max_calls_per_connection"] * connections, BOUNDS["max_calls_per_address"])
+        assert held <= most, (method, held, connections)
+
+
+@SLOW
+@given(data=st.data())
+def test_streams_that_never_end(fuzzed: Fuzzed, data: st.DataObject) -> None:
+    """A few streams opened and never ended by the client (request streams never half-close). Those
+    anyone may open (health Watch, reflection) are ended by the server: reflection when its next request
+    is late (request_timeout_ms), Watch at server.open_stream_max_s. The others have an owner (a token or
+    a ticket) and are bounded by the many-streams class; here they must not break anything."""
+    method = data.draw(st.sampled_from(STREAMING), label="method")
+    count = data.draw(st.integers(1, 3), label="streams")
+    requests = _requests(data, fuzzed, method)
+    credentials = fresh_credentials(
+        fuzzed, method, count, data.draw(st.integers(10**9, 10**15), label="user")
+    )
+    lifetime = BOUNDS["open_stream_max_s"]
+    wait = lifetime + 3 if method.rule == OPEN else 1.0
+    started = time.monotonic()
+    outcomes = asyncio.run(
+        hostile.hold(fuzzed.flood_target(method), method, requests, credentials, connections=1, wait_s=wait)
+    )
+    # DEADLINE_EXCEEDED: the server ended a stream whose next request did not come (the test's doing).
+    held = _held("streams that never end", method, outcomes, LEGITIMATE | CAUSED)
+    if method.rule == OPEN:
+        assert held == 0, f"{method} still open {time.monotonic() - started:.1f} s later"

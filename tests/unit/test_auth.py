@@ -163,7 +163,9 @@ def test_the_cache_answers_without_verifying_but_never_past_expiry(monkeypatch: 
     assert a.principal(bearer(soon)).user_id == 42
     calls = []
     real = Verifier._verify  # the signature check (PyJWT, or the HS256 shortcut), behind the cache
-    monkeypatch.setattr(Verifier, "_verify", lambda self, token: calls.append(1) or real(self, token))
+    monkeypatch.setattr(
+        Verifier, "_verify", lambda self, token, *rest: calls.append(1) or real(self, token, *rest)
+    )
     assert a.principal(bearer(soon)).user_id == 42
     assert calls == []  # answered from the cache
     time.sleep(max(0.0, expires + 0.05 - time.time()))
@@ -181,7 +183,9 @@ def test_a_zero_cache_size_verifies_every_time(monkeypatch: pytest.MonkeyPatch) 
     a.principal(bearer(t))
     calls = []
     real = Verifier._verify  # the signature check (PyJWT, or the HS256 shortcut), behind the cache
-    monkeypatch.setattr(Verifier, "_verify", lambda self, token: calls.append(1) or real(self, token))
+    monkeypatch.setattr(
+        Verifier, "_verify", lambda self, token, *rest: calls.append(1) or real(self, token, *rest)
+    )
     a.principal(bearer(t))
     assert calls == [1]
 

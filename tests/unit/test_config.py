@@ -161,6 +161,18 @@ def test_no_key_is_a_default_and_development_keys_are_named() -> None:
             {"TOWNHALL_SERVER_REQUEST_TIMEOUT_MS": "10"},
             "server.request_timeout_ms must be within 100..600000",
         ),
+        ({"TOWNHALL_LIMITS_FAILURES_ADDRESS": "-1"}, r"limits.failures_address must be 0 \(no limit\)"),
+        ({"TOWNHALL_SERVER_MAX_CALLS_PER_ADDRESS": "0"}, "server.max_calls_per_address must be positive"),
+        ({"TOWNHALL_SERVER_MAX_OPEN_STREAMS": "0"}, "server.max_open_streams must be positive"),
+        ({"TOWNHALL_SERVER_OPEN_STREAM_MAX_S": "0.5"}, "server.open_stream_max_s must be within 1..86400"),
+        (
+            {"TOWNHALL_ADMISSION_MAX_CALLS_PER_ADDRESS": "0"},
+            "admission.max_calls_per_address must be positive",
+        ),
+        (
+            {"TOWNHALL_ADMISSION_PROBE_BUSY_FAILURES": "1"},
+            "admission.probe_busy_failures must be within admission.probe_failures..1000",
+        ),
     ],
 )
 def test_bad_limits_name_their_key(env: dict[str, str], message: str) -> None:

@@ -111,3 +111,28 @@ def test_this_process_is_a_member_even_if_its_own_address_probes_down() -> None:
     live.record("a:1", Probe.NO_ANSWER)
     members = ProbedMembership(StaticMembership("a:1", ["b:1"]), live)
     assert members.members() == ["a:1", "b:1"]
+
+
+def test_a_busy_member_is_alive_for_a_while_then_down_and_up_again_when_it_serves() -> None:
+    live = Liveness(failures=2, busy_failures=4)
+    live.record("a:1", Probe.SERVING)
+    for _ in range(3):
+        assert not live.record("a:1", Probe.BUSY), "busy for a moment: rooms do not move"
+    assert live.is_up("a:1")
+    assert not live.record("a:1", Probe.SERVING)  # serving again: the count starts over
+    for _ in range(3):
+        live.record("a:1", Probe.BUSY)
+    assert live.record("a:1", Probe.BUSY) and not live.is_up("a:1"), "refusing even its probes: down"
+    assert not live.record("a:1", Probe.BUSY), "a busy answer does not bring it back"
+    assert live.record("a:1", Probe.SERVING) and live.is_up("a:1")
+
+
+def test_busy_answers_and_misses_add_up_but_an_answer_resets_the_misses() -> None:
+    live = Liveness(failures=2, busy_failures=4)
+    live.record("a:1", Probe.SERVING)
+    for probe in (Probe.NO_ANSWER, Probe.BUSY, Probe.NO_ANSWER):
+        live.record("a:1", probe)
+    assert live.is_up("a:1"), "no two misses in a row: it answered in between"
+    assert live.record("a:1", Probe.BUSY) and not live.is_up("a:1"), "four probes in a row not serving"
+    live.record("b:1", Probe.BUSY)
+    assert not live.is_up("b:1"), "never seen serving: busy does not make it up"

@@ -8,7 +8,17 @@ from tests.unit.test_fairness import Clock
 from townhall.core.auth import OPEN, SERVICE, TICKET, USER
 from townhall.core.config import LimitsConfig
 from townhall.core.errors import ResourceExhausted
-from townhall.core.limits import CHANGES, FOLLOWS, JOINS, READS, STREAMS, Limits, address_key, limit_class
+from townhall.core.limits import (
+    CHANGES,
+    FOLLOWS,
+    JOINS,
+    OPEN_CALLS,
+    READS,
+    STREAMS,
+    Limits,
+    address_key,
+    limit_class,
+)
 from townhall.core.ratelimit import Buckets
 
 
@@ -74,6 +84,8 @@ def test_a_busy_key_keeps_its_state_across_generations() -> None:
         ("ipv6:[2001:db8:1:2:ffff::1]:1", "2001:db8:1:2::/64"),  # same /64, same key
         ("ipv6:[::ffff:198.51.100.1]:5000", "198.51.100.1"),
         ("ipv6:[::1]:5000", "::1"),
+        ("ipv6:%5B::1%5D:5000", "::1"),  # as gRPC writes it
+        ("ipv6:%5B2001:db8:1:2::9%5D:443", "2001:db8:1:2::/64"),
         ("ipv6:[fe80::1%eth0]:5000", "fe80::/64"),
         ("unix:/run/townhall.sock", "unix"),
     ],
@@ -92,7 +104,11 @@ def test_method_classes() -> None:
     assert limit_class("townhall.v1.Relay", "Subscribe", TICKET, True) == STREAMS
     assert limit_class("townhall.v1.Newer", "Watch", USER, True) == STREAMS
     assert limit_class("townhall.v1.Relay", "Pull", SERVICE, True) is None
-    assert limit_class("grpc.health.v1.Health", "Check", OPEN, False) is None
+    assert limit_class("grpc.health.v1.Health", "Check", OPEN, False) == OPEN_CALLS
+    assert (
+        limit_class("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", OPEN, True)
+        == OPEN_CALLS
+    )
 
 
 def test_refusals_name_the_limit_and_carry_a_jittered_retry_after() -> None:
@@ -107,14 +123,48 @@ def test_refusals_name_the_limit_and_carry_a_jittered_retry_after() -> None:
         by_user(7)
     assert 450 <= refused.value.retry_after_ms <= 760  # 0.5 s to the next token, jittered by 1..1.5
     assert dict(refused.value.trailers)["retry-after-ms"] == str(refused.value.retry_after_ms)
-    for port in (1, 2, 3):
-        assert by_address(f"ipv4:192.0.2.1:{port}") == "192.0.2.1"  # one address, any connection
+    keys = {limits.key(f"ipv4:192.0.2.1:{port}") for port in (1, 2, 3, 4)}
+    assert keys == {"192.0.2.1"}  # one address, any connection
+    for _ in range(3):
+        by_address("192.0.2.1")
     with pytest.raises(ResourceExhausted, match=r"from address 192\.0\.2\.1"):
-        by_address("ipv4:192.0.2.1:4")
-    for _ in range(10):
-        assert by_address("ipv4:10.9.3.4:1") is None  # exempt
-    limits.refund(JOINS, "192.0.2.1")
-    by_address("ipv4:192.0.2.1:5")
+        by_address("192.0.2.1")
+    assert limits.key("ipv4:10.9.3.4:1") is None  # exempt
+
+
+def test_failed_credentials_have_a_budget_of_their_own_per_address() -> None:
+    clock = Clock()
+    limits = Limits(LimitsConfig(joins_address=3, failures_address=2, burst_s=1), clock)
+    by_address, _ = limits.for_method(JOINS)
+    assert by_address is not None
+    limits.failed("192.0.2.1")
+    assert limits.failing("192.0.2.1") == 0.0  # within its burst of 2
+    for _ in range(4):
+        limits.failed("192.0.2.1")  # garbage tokens: never the joins budget
+    for _ in range(3):
+        by_address("192.0.2.1")  # the users behind the address keep theirs
+    wait = limits.failing("192.0.2.1")
+    assert wait == pytest.approx(0.5)  # failures past the burst are not counted: one refill away
+    with pytest.raises(
+        ResourceExhausted, match=r"invalid credentials from address 192\.0\.2\.1: at most 2/s"
+    ):
+        limits.refuse_unread("192.0.2.1", wait)
+    assert limits.failing("192.0.2.2") == 0.0  # other addresses are not affected
+    clock.now += 0.5
+    assert limits.failing("192.0.2.1") == 0.0  # the budget refills at its rate
+
+
+def test_wait_tells_what_take_would_without_taking() -> None:
+    clock = Clock()
+    buckets = Buckets(rate=10, burst=2, max_keys=100, clock=clock)
+    assert buckets.wait("u") == 0.0
+    buckets.take("u")
+    buckets.take("u")
+    assert buckets.wait("u") == pytest.approx(0.1)
+    assert buckets.wait("u") == pytest.approx(0.1)
+    assert buckets.take("u") == pytest.approx(0.1)
+    clock.now += 0.1
+    assert buckets.wait("u") == 0.0
 
 
 def test_a_rate_of_zero_or_limits_off_means_no_limiter() -> None:

@@ -133,10 +133,10 @@ The name in the pods' TLS certificate that every channel expects: tls.serverName
 {{- end }}
 
 {{/*
-The gRPC health probe of a Townhall container: the plaintext health port under TLS, else the gRPC port.
+The gRPC health probe of a Townhall container: its plaintext health-only port, which no Service exposes.
 */}}
 {{- define "townhall.probePort" -}}
-{{- if .ctx.Values.tls.enabled }}{{ .ctx.Values.tls.healthPort }}{{ else }}{{ .values.port }}{{ end }}
+{{ .ctx.Values.probes.healthPort }}
 {{- end }}
 
 {{/*
@@ -294,11 +294,9 @@ is not the component (the crowd lane runs townhall.admission).
     - name: metrics
       containerPort: {{ .values.metricsPort }}
       protocol: TCP
-    {{- if $ctx.Values.tls.enabled }}
     - name: health
-      containerPort: {{ $ctx.Values.tls.healthPort }}
+      containerPort: {{ $ctx.Values.probes.healthPort }}
       protocol: TCP
-    {{- end }}
   envFrom:
     - configMapRef:
         name: {{ include "townhall.fullname" $ctx }}

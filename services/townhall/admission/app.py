@@ -75,6 +75,7 @@ class AdmissionApp:
         self._config = config
         own = config.admission
         self.max_concurrent_rpcs = own.max_concurrent_rpcs
+        self.max_calls_per_address = own.max_calls_per_address
         self.server_options = {
             "grpc.server.max_pending_requests": own.max_pending_requests,
             "grpc.server.max_pending_requests_hard_limit": 2 * own.max_pending_requests,
@@ -93,6 +94,7 @@ class AdmissionApp:
             own.probe_failures,
             skip=(own.address,),
             tls=config.tls,
+            busy_failures=own.probe_busy_failures,
         )
         self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
         self.auth = Authenticator(config.auth, "admission", own.address)

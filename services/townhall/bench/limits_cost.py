@@ -1,8 +1,10 @@
 """What the hostile-input defences add to a join, in this process (no network): microseconds per call.
 
-The join's own pre-servicer work, as the handler wrapper does it (core/interceptor.py): the checker
-(authentication, a token the cache has seen) with rate limits off and on (per address and per user,
-never refusing), and the request deserializer raw and wrapped. The first read of the request and
+The join's own pre-servicer work, as the handler wrapper does it (core/interceptor.py): the gate
+(authentication, a token the cache has seen, and the call's hold on the bounds taken and released)
+with rate limits off and on (per address and per user, never refusing), with the address exempt (no
+per-connection or per-address bounds, the server's pool only) and counted, and the request
+deserializer raw and wrapped. The first read of the request and
 the stall sweep are grpc.aio coroutine work, measured with a real server by `townhall bench`
 (joins per CPU-second): they replace grpc's own read of the request, which is not extra.
 
@@ -17,8 +19,9 @@ import timeit
 from typing import Any
 
 from townhall.core.auth import SUBSCRIBE, Authenticator, Tokens
-from townhall.core.config import DEV_AUTH, LimitsConfig
-from townhall.core.interceptor import _checker, _parser
+from townhall.core.bounds import Bounds
+from townhall.core.config import DEV_AUTH, LimitsConfig, ServerConfig
+from townhall.core.interceptor import _Gate, _parser
 from townhall.core.limits import Limits
 from townhall.v1.admission_pb2 import JoinRequest
 
@@ -50,19 +53,27 @@ def measure(calls: int = 200_000, users: int = 10_000, repeat: int = 5) -> dict[
     ]
     for context in contexts:
         auth.principal(context.invocation_metadata())  # warm the token cache: a re-join
-    huge = LimitsConfig(joins_user=1e9, joins_address=1e9)
+    huge = LimitsConfig(joins_user=1e9, joins_address=1e9, failures_address=1e9)
+    off = LimitsConfig(enabled=False)
+    everyone = ("0.0.0.0/0",)
+    bounds = Bounds(ServerConfig(max_calls_per_connection=10**9, max_calls_per_address=10**9), clients=10**9)
+
+    def gate(limits: LimitsConfig) -> _Gate:
+        return _Gate(auth, Limits(limits), bounds, "townhall.v1.Admission", "Join", "user", "unary")
+
     variants = {
-        "checker, limits off": _checker(
-            auth, Limits(LimitsConfig(enabled=False)), "townhall.v1.Admission", "Join", "user", "unary"
-        ),
-        "checker, limits on": _checker(auth, Limits(huge), "townhall.v1.Admission", "Join", "user", "unary"),
+        "gate, limits off, address exempt": gate(LimitsConfig(enabled=False, exempt=everyone)),
+        "gate, limits off": gate(off),
+        "gate, limits on": gate(huge),
     }
     out: dict[str, float] = {}
-    for name, check in variants.items():
+    for name, each in variants.items():
 
-        def run(check: Any = check) -> None:
+        def run(check: Any = each.check, leave: Any = each.leave) -> None:
             for i in range(calls):
-                check(contexts[i % users])
+                held = check(contexts[i % users])
+                if held is not None:
+                    leave(held)
 
         out[name] = min(timeit.repeat(run, number=1, repeat=repeat)) / calls * 1e6
     data = JoinRequest(room_id="room-0123456789").SerializeToString()
@@ -75,7 +86,10 @@ def measure(calls: int = 200_000, users: int = 10_000, repeat: int = 5) -> dict[
     out["deserializer, wrapped"] = (
         min(timeit.repeat(lambda: [parse(data) for _ in range(calls)], number=1, repeat=repeat)) / calls * 1e6
     )
-    out["added by rate limits"] = out["checker, limits on"] - out["checker, limits off"]
+    out["added by per-connection and per-address bounds"] = (
+        out["gate, limits off"] - out["gate, limits off, address exempt"]
+    )
+    out["added by rate limits"] = out["gate, limits on"] - out["gate, limits off"]
     out["added by the deserializer wrapper"] = out["deserializer, wrapped"] - out["deserializer, raw"]
     return out
 

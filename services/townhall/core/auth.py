@@ -217,11 +217,12 @@ class Authenticator:
         except ValueError as exc:
             raise ConfigError(f"auth.jwks: {exc}") from exc
 
-    def principal(self, metadata: Metadata) -> Principal:
+    def principal(self, metadata: Metadata, thorough: bool = True) -> Principal:
         """The verified caller of a client RPC, or UNAUTHENTICATED saying what is wrong with its token.
 
         A service credential is refused here (PERMISSION_DENIED): client ports never take one, so a
         credential seen in one internal call cannot lift a client's rate limits or act for a member.
+        Not `thorough`: a token that only a costly verification could judge raises tokens.Unverified.
         """
         header = None
         for k, v in metadata or ():
@@ -229,13 +230,13 @@ class Authenticator:
                 header = v if isinstance(v, str) else bytes(v).decode("ascii", "replace")
             elif k == SERVICE_KEY:
                 refuse_service_credential()
-        return self._user(header, metadata)
+        return self._user(header, metadata, thorough)
 
     def forwarded(self, metadata: Metadata) -> Principal:
         """The user on whose behalf a member forwarded a call (its credential is checked by the caller)."""
         return self._user(value(metadata, AUTHORIZATION), metadata)
 
-    def _user(self, header: str | None, metadata: Metadata) -> Principal:
+    def _user(self, header: str | None, metadata: Metadata, thorough: bool = True) -> Principal:
         if header is None:
             old = " (townhall-user is no longer accepted)" if value(metadata, "townhall-user") else ""
             raise Unauthenticated(
@@ -245,7 +246,7 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated(f"metadata {AUTHORIZATION} must be 'Bearer <JWT>', not {header[:16]!r}...")
-        return self.users.verify(token.strip())
+        return self.users.verify(token.strip(), thorough)
 
     def _stamp(self) -> tuple[int, int] | None:
         try:

@@ -267,6 +267,17 @@ class ServerConfig:
     # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
     drain_notice_ms: int = 1_000
+    # Calls in flight at once (unary calls and open streams) per client connection and per client
+    # address (IPv4, or IPv6 /limits.ipv6_prefix); past either a call is RESOURCE_EXHAUSTED at once.
+    # limits.exempt networks and calls with the service credential are not counted (core/bounds.py).
+    max_calls_per_connection: int = 100
+    max_calls_per_address: int = 1_000
+    # gRPC health Watch and reflection streams (open to anyone, no token): at most this many at once per
+    # server and per client address, each ended after open_stream_max_s; a reflection stream also ends
+    # when its next request has not come within request_timeout_ms.
+    max_open_streams: int = 64
+    max_open_streams_per_address: int = 4
+    open_stream_max_s: float = 300.0
 
     def validate(self) -> None:
         _port("server.health_port", self.health_port)
@@ -278,6 +289,17 @@ class ServerConfig:
                     f"server.metrics_host must be an IP address (127.0.0.1, 0.0.0.0, ::), not "
                     f"{self.metrics_host!r}"
                 ) from exc
+        for name in (
+            "max_calls_per_connection",
+            "max_calls_per_address",
+            "max_open_streams",
+            "max_open_streams_per_address",
+        ):
+            _positive(f"server.{name}", getattr(self, name))
+        if not 1 <= self.open_stream_max_s <= 86_400:
+            raise ConfigError(
+                f"server.open_stream_max_s must be within 1..86400 seconds, not {self.open_stream_max_s}"
+            )
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
         if not 0 <= self.drain_notice_ms <= 60_000:
@@ -295,7 +317,8 @@ class LimitsConfig:
 
     Classes: changes (room lifecycle and moderation), joins (Join, Leave), follows (Follow, Unfollow,
     RemindMe), reads (GetRoom, ListLiveRooms, CountFollowers, ListFollowers), streams (opening a
-    Subscribe, Publish or Inbox stream). Internal calls and health are never limited.
+    Subscribe, Publish or Inbox stream), open (gRPC health and reflection, per address only). Internal
+    calls (the service credential) are never limited.
     """
 
     enabled: bool = True
@@ -310,6 +333,13 @@ class LimitsConfig:
     reads_address: float = 2_000.0
     streams_user: float = 10.0
     streams_address: float = 500.0
+    # Health and reflection calls (no token) per second per address: the kubelet probes about once a
+    # second, each admission process probes every peer every admission.probe_interval_ms.
+    open_address: float = 50.0
+    # Calls per second per address whose credentials fail (missing, forged, expired, garbled): a budget
+    # of their own, so garbage tokens never use up the budget of the users behind the same address.
+    # Past it an address's calls are refused before their credentials are looked at.
+    failures_address: float = 20.0
     # A bucket holds this many seconds of its rate (at least one call): the burst a client may send.
     burst_s: float = 2.0
     # Keys (users, addresses) each limiter remembers; past it the least recently seen start afresh.
@@ -387,8 +417,14 @@ class AdmissionConfig:
     # Overload guard below the fair budget: RPCs handled at once, and calls gRPC queues before
     # handing them over; beyond the queue gRPC itself cancels calls, at almost no CPU, so a
     # process offered far more than it can look at keeps admitting at capacity instead of collapsing.
+    # max_concurrent_rpcs counts client calls (a user token or a ticket); health probes, open streams
+    # (server.max_open_streams) and calls with the service credential (peers) have room of their own,
+    # so a full process still answers its probes and its peers' leases and forwarded room changes.
     max_concurrent_rpcs: int = 256
     max_pending_requests: int = 256
+    # Client calls in flight from one client address (within max_concurrent_rpcs; server.
+    # max_calls_per_address is the bound for the other services): one address cannot fill the process.
+    max_calls_per_address: int = 64
     # Whether this process owns rooms (is one of the rendezvous members). False for the crowd lane:
     # processes that take the joins of rooms that draw a crowd (Room.crowd), with a short
     # max_pending_requests, so a celebrity's join storm is shed there, on CPU of their own, and
@@ -403,6 +439,10 @@ class AdmissionConfig:
     probe_interval_ms: int = 300
     probe_timeout_ms: int = 1_000
     probe_failures: int = 2
+    # A member that answers probes with RESOURCE_EXHAUSTED or CANCELLED is alive but busy (its probes
+    # have room of their own, so it is refusing even those): after this many such answers in a row it
+    # owns no rooms and gets no listeners, like one that does not answer.
+    probe_busy_failures: int = 10
     # Host failover, on each room's owner: once a live room's host has had no relay stream open for
     # this many seconds, its first connected co-host becomes host; a room whose host and co-hosts have
     # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_ms
@@ -423,6 +463,11 @@ class AdmissionConfig:
             )
         if not 1 <= self.probe_failures <= 10:
             raise ConfigError(f"admission.probe_failures must be within 1..10, not {self.probe_failures}")
+        if not self.probe_failures <= self.probe_busy_failures <= 1000:
+            raise ConfigError(
+                "admission.probe_busy_failures must be within admission.probe_failures..1000, "
+                f"not {self.probe_busy_failures}"
+            )
         if self.host_grace_s and not 1 <= self.host_grace_s <= 3600:
             raise ConfigError(
                 f"admission.host_grace_s must be 0 (off) or within 1..3600 seconds, not {self.host_grace_s}"
@@ -444,6 +489,7 @@ class AdmissionConfig:
         _positive("admission.waiting_room", self.waiting_room)
         _positive("admission.max_concurrent_rpcs", self.max_concurrent_rpcs)
         _positive("admission.max_pending_requests", self.max_pending_requests)
+        _positive("admission.max_calls_per_address", self.max_calls_per_address)
         if not self.owner and self.membership == "static" and not self.members:
             raise ConfigError("admission.members must list the owners when admission.owner is false")
         if self.crowd_joins_per_s < 0:

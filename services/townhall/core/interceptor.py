@@ -12,13 +12,17 @@ Hostile input never reaches gRPC's own error paths, which answer UNKNOWN or hang
 - A unary call whose client half-closes without a message is INVALID_ARGUMENT (grpc.aio would
   leave it open, holding a slot of the server's concurrent-RPC limit until the client gives up),
   and one whose message does not arrive within server.request_timeout_ms is DEADLINE_EXCEEDED.
-- Per-user and per-address rate limits (core/limits.py) run before the servicer.
+- Per-user and per-address rate limits (core/limits.py) run before the servicer, and calls in flight are
+  bounded per connection, per address and per server (core/bounds.py).
+- The open methods (health, reflection: no token) cannot hold a server: their streams (health Watch,
+  reflection) end after server.open_stream_max_s, and a reflection stream whose next request does not
+  come within server.request_timeout_ms ends too.
 
 Each server is one of two planes. A client port serves the client APIs and refuses internal methods
 and service credentials; the internal port (core/server.py) serves only calls between Townhall
 processes: internal methods and calls forwarded to a member, each with a service credential for that
-member and method (core/credentials.py), never rate-limited (a forwarded call was counted where it
-arrived).
+member and method (core/credentials.py), never rate-limited nor bounded (a forwarded call was counted
+where it arrived).
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ from grpc._utilities import DictionaryGenericHandler
 
 from townhall.core import decoding, logging
 from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, refuse_service_credential, rule
-from townhall.core.config import LimitsConfig
+from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, Bounds
+from townhall.core.config import LimitsConfig, ServerConfig
 from townhall.core.credentials import SERVICE_KEY, callers
-from townhall.core.errors import InvalidArgument, PermissionDenied, TownhallError
+from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, TownhallError, Unauthenticated
 from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
 from townhall.core.metrics import RPC_DURATION, RPC_REQUESTS
 from townhall.core.tasks import cancel
+from townhall.core.tokens import Unverified
 
 log = logging.get(__name__)
 
@@ -52,6 +58,9 @@ _FACTORIES = {
     "bidi_stream": grpc.stream_stream_rpc_method_handler,
 }
 _STALLED = "townhall-request-stalled"
+# REASON_KEY of an open stream (health Watch, reflection) that the server ended at its lifetime.
+LIFETIME = "lifetime"
+Held = tuple[str, str | None]
 
 
 class Stalled(TownhallError):
@@ -70,6 +79,8 @@ class Instrumented:
         limits: Limits | None = None,
         request_timeout_s: float = 5.0,
         internal: bool = False,
+        bounds: Bounds | None = None,
+        open_stream_s: float = 300.0,
     ) -> None:
         self._server = server
         self._auth = authenticator
@@ -77,6 +88,9 @@ class Instrumented:
         self._internal = internal
         self._limits = limits or Limits(LimitsConfig(enabled=False))
         self._reads = _FirstReads(request_timeout_s)
+        # Every server's calls are bounded: a server built without its own bounds gets the defaults.
+        self.bounds = bounds or Bounds(ServerConfig())
+        self._open_stream_s = open_stream_s
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def start(self) -> None:
@@ -121,12 +135,13 @@ class Instrumented:
             service, _, method = path.lstrip("/").rpartition("/")
             kind, behavior = _behavior(handler)
             how = rule(service, method)
-            checker = _internal_checker if self._internal else _checker
-            check = checker(self._auth, self._limits, service, method, how, kind)
+            gate = _Gate(self._auth, self._limits, self.bounds, service, method, how, kind, self._internal)
             observer = _Observer(service, method, kind)
             reads = None if kind in ("client_stream", "bidi_stream") else self._reads
+            # An open stream (no token) ends at its lifetime, and a request stream when it idles.
+            open_stream = _OpenStream(self._open_stream_s, self._reads.timeout_s) if gate.open else None
             wrapped = self._wrapped[path] = _FACTORIES[kind](
-                _wrap(behavior, observer, check, reads),
+                _wrap(behavior, observer, gate, reads, open_stream),
                 request_deserializer=_parser(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -265,104 +280,189 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
 
 
-def _checker(
-    auth: Authenticator, limits: Limits, service: str, method: str, how: str, kind: str
-) -> Callable[[grpc.aio.ServicerContext], None]:
-    """What runs before a method on a client port: rate limits and its authentication rule
-    (core/auth.py), setting the call's identity. Internal methods and service credentials are refused."""
-    name = f"{service.rpartition('.')[2]}/{method}"
-    cls = limit_class(service, method, how, kind != "unary")
-    by_address, by_user = limits.for_method(cls)
+class _Gate:
+    """What runs around one method: rate limits and its authentication rule (core/auth.py), setting the
+    call's identity, and the bounds on calls in flight (core/bounds.py).
 
-    def user(context: grpc.aio.ServicerContext) -> None:
-        AUTHENTICATOR.set(auth)
-        # The address first: a flood of forged tokens costs a dictionary lookup each, not a verify.
-        if by_address is not None:
-            by_address(context.peer())
-        who = auth.principal(context.invocation_metadata())
+    On a client port internal methods and service credentials are refused. On the internal port a
+    method needs a service credential for this member and method, from a kind of process that may make
+    the call (and for a forwarded client call, the user's token too); those calls are neither limited
+    nor bounded here: their callers are Townhall processes, and a forwarded call was counted where it
+    arrived. Health on either port is bounded like any open method.
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        limits: Limits,
+        bounds: Bounds,
+        service: str,
+        method: str,
+        how: str,
+        kind: str,
+        internal: bool = False,
+    ) -> None:
+        self.name = f"{service.rpartition('.')[2]}/{method}"
+        self.open = how == OPEN and kind != "unary"
+        cls = limit_class(service, method, how, kind != "unary")
+        self._by_address, self._by_user = limits.for_method(cls)
+        self._auth = auth
+        self._limits = limits
+        self._bounds = bounds
+        self._pool = OPEN_STREAM if self.open else NONE if how == OPEN else CLIENT
+        self._how = how
+        check: Callable[[grpc.aio.ServicerContext], Held | None]
+        if not internal:
+            check = {USER: self._user, SERVICE: self._internal_only, TICKET: self._ticket, OPEN: self._other}[
+                how
+            ]
+        elif how == OPEN:
+            check = self._other
+        elif not callers(service, method):
+            check = self._client_only
+        else:
+            self._verify = auth.services.for_method(service, method)
+            check = self._service
+        # check(context): the call's hold on the bounds (release it with `leave`), None if none is held.
+        self.check = check
+
+    def leave(self, held: Held) -> None:
+        """Releases the call's hold on the bounds."""
+        self._bounds.leave(held[0], held[1], self._pool)
+
+    def _user(self, context: grpc.aio.ServicerContext) -> Held | None:
+        AUTHENTICATOR.set(self._auth)
+        peer = context.peer()
+        limits = self._limits
+        key = limits.key(peer)
+        # Past its failures, an address's tokens are taken only if they cost little to check.
+        wait = limits.failing(key) if key is not None else 0.0
+        try:
+            who = self._auth.principal(context.invocation_metadata(), not wait)
+        except Unverified:
+            assert key is not None
+            limits.refuse_unread(key, wait)
+            raise
+        except (Unauthenticated, PermissionDenied):
+            if key is not None:
+                limits.failed(key)
+            raise
         PRINCIPAL.set(who)
-        if by_user is not None:
-            by_user(who.user_id)
+        if key is not None and self._by_address is not None:
+            self._by_address(key)
+        if self._by_user is not None:
+            self._by_user(who.user_id)
+        self._bounds.enter(peer, key, self._pool)
+        return peer, key
 
-    def internal(context: grpc.aio.ServicerContext) -> None:
+    def _internal_only(self, context: grpc.aio.ServicerContext) -> Held | None:
         raise PermissionDenied(
-            f"{name} is internal to Townhall: it is served only on the internal port of Townhall "
+            f"{self.name} is internal to Townhall: it is served only on the internal port of Townhall "
             "processes, never on a client port"
         )
 
-    def ticket(context: grpc.aio.ServicerContext) -> None:
-        AUTHENTICATOR.set(auth)
+    def _ticket(self, context: grpc.aio.ServicerContext) -> Held | None:
+        AUTHENTICATOR.set(self._auth)
         PRINCIPAL.set(None)
-        for key, _ in context.invocation_metadata() or ():
-            if key == SERVICE_KEY:
+        for name, _ in context.invocation_metadata() or ():
+            if name == SERVICE_KEY:
                 refuse_service_credential()
-        if by_address is not None:
-            by_address(context.peer())
-        if by_user is not None:
-            CHARGE.set(by_user)  # the servicer names the user once it has verified the ticket
+        peer = context.peer()
+        key = self._limits.key(peer)
+        self._bounds.enter(peer, key, self._pool)
+        by_address, by_user = self._by_address, self._by_user
 
-    def other(context: grpc.aio.ServicerContext) -> None:
-        AUTHENTICATOR.set(auth)
+        def charge(user: int) -> None:  # the servicer names the user once it has verified the ticket
+            if key is not None and by_address is not None:
+                by_address(key)
+            if by_user is not None:
+                by_user(user)
+
+        CHARGE.set(charge)
+        return peer, key
+
+    def _other(self, context: grpc.aio.ServicerContext) -> Held | None:
+        AUTHENTICATOR.set(self._auth)
         PRINCIPAL.set(None)
+        peer = context.peer()
+        key = self._limits.key(peer)
+        if key is not None and self._by_address is not None:
+            self._by_address(key)
+        self._bounds.enter(peer, key, self._pool)
+        return peer, key
 
-    checks = {USER: user, SERVICE: internal, TICKET: ticket, OPEN: other}
-    return checks[how]
+    def _client_only(self, context: grpc.aio.ServicerContext) -> Held | None:
+        raise PermissionDenied(
+            f"{self.name} is a client call: it is served on the client port, not on the internal port"
+        )
 
-
-def _internal_checker(
-    auth: Authenticator, limits: Limits, service: str, method: str, how: str, kind: str
-) -> Callable[[grpc.aio.ServicerContext], None]:
-    """What runs before a method on the internal port: a service credential for this member and method,
-    from a kind of process that may make the call; for a forwarded client call, the user's token too."""
-    name = f"{service.rpartition('.')[2]}/{method}"
-    if how == OPEN:
-
-        def other(context: grpc.aio.ServicerContext) -> None:
-            AUTHENTICATOR.set(auth)
-            PRINCIPAL.set(None)
-
-        return other
-    if not callers(service, method):
-
-        def client_only(context: grpc.aio.ServicerContext) -> None:
-            raise PermissionDenied(
-                f"{name} is a client call: it is served on the client port, not on the internal port"
-            )
-
-        return client_only
-    verify = auth.services.for_method(service, method)
-    own_kind = auth.kind
-
-    def internal(context: grpc.aio.ServicerContext) -> None:
+    def _service(self, context: grpc.aio.ServicerContext) -> Held | None:
+        auth = self._auth
         AUTHENTICATOR.set(auth)
         metadata = context.invocation_metadata()
-        caller = verify(metadata)
+        caller = self._verify(metadata)
         SERVICE_CALLER.set(caller)
         # A member of this service passing a call on: a forwarded call (with its user's token), or a
         # part of an import. Anything else on this port is an internal call of another kind.
-        FORWARDED.set(caller.kind == own_kind)
-        PRINCIPAL.set(auth.forwarded(metadata) if how == USER else None)
+        FORWARDED.set(caller.kind == auth.kind)
+        PRINCIPAL.set(auth.forwarded(metadata) if self._how == USER else None)
+        return None  # Townhall processes' calls, bounded by their callers
 
-    return internal
+
+class _OpenStream:
+    """The bounds of a stream anyone may open: a lifetime, and a longest wait for the next request."""
+
+    def __init__(self, lifetime_s: float, idle_s: float) -> None:
+        self.lifetime_s = lifetime_s
+        self.idle_s = idle_s
+
+    def requests(self, requests: Any, deadline: float) -> AsyncIterator[Any]:
+        """The request stream, ended at the deadline; DEADLINE_EXCEEDED if a request is idle_s late."""
+
+        async def paced() -> AsyncIterator[Any]:
+            loop = asyncio.get_running_loop()
+            iterator = requests.__aiter__()
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(min(self.idle_s, left)):
+                        item = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        return
+                    raise Stalled(
+                        f"no request on this stream within {self.idle_s:g} s; idle streams are ended"
+                    ) from None
+                yield item
+
+        return paced()
 
 
 def _wrap(
     behavior: Callable[..., Any],
     observer: _Observer,
-    check: Callable[[grpc.aio.ServicerContext], None],
+    gate: _Gate,
     reads: _FirstReads | None,
+    open_stream: _OpenStream | None,
 ) -> Callable[..., Any]:
     """The handler gRPC calls: `reads` reads the one request of a unary-request method (None: a stream)."""
+    check, leave = gate.check, gate.leave
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             error: BaseException | None = None
+            held: Held | None = None
             try:
-                check(context)
+                held = check(context)
                 request = requests if reads is None else await reads.read(context, start)
-                async for item in behavior(request, context):
-                    yield item
+                if open_stream is None:
+                    async for item in behavior(request, context):
+                        yield item
+                else:
+                    async for item in _until_lifetime(behavior, request, context, open_stream, reads is None):
+                        yield item
             except grpc.aio.AbortError as exc:
                 error = exc
                 raise
@@ -373,6 +473,8 @@ def _wrap(
                 error = exc
                 raise
             finally:
+                if held is not None:
+                    leave(held)
                 observer.done(context, start, error)
 
         return stream
@@ -380,10 +482,21 @@ def _wrap(
     async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
         error: BaseException | None = None
+        held: Held | None = None
         try:
-            check(context)
+            held = check(context)
             request = requests if reads is None else await reads.read(context, start)
-            return await behavior(request, context)
+            if open_stream is None:
+                return await behavior(request, context)
+            deadline = asyncio.get_running_loop().time() + open_stream.lifetime_s
+            if reads is None:
+                request = open_stream.requests(request, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await behavior(request, context)
+            except TimeoutError:
+                context.set_trailing_metadata(((REASON_KEY, LIFETIME),))
+                return None
         except grpc.aio.AbortError as exc:
             error = exc
             raise
@@ -394,6 +507,34 @@ def _wrap(
             error = exc
             raise
         finally:
+            if held is not None:
+                leave(held)
             observer.done(context, start, error)
 
     return call
+
+
+async def _until_lifetime(
+    behavior: Callable[..., Any],
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    open_stream: _OpenStream,
+    streamed: bool,
+) -> AsyncIterator[Any]:
+    """An open stream's responses until its lifetime ends (its request stream paced, if it has one)."""
+    deadline = asyncio.get_running_loop().time() + open_stream.lifetime_s
+    responses = behavior(open_stream.requests(request, deadline) if streamed else request, context)
+    try:
+        while True:
+            try:
+                # Only the wait for the next response is timed, never the write of one.
+                async with asyncio.timeout_at(deadline):
+                    item = await responses.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                context.set_trailing_metadata(((REASON_KEY, LIFETIME),))
+                return
+            yield item
+    finally:
+        await responses.aclose()

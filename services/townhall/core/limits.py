@@ -1,16 +1,23 @@
 """Per-user and per-address rate limits on client RPCs by class of method, applied where handlers are wrapped.
 
-Each client method belongs to a class (`limit_class`): room changes, joins, graph writes, reads and
-stream opens. A call is counted against its client address before its token is verified (so a flood
-of forged tokens is cheap to refuse), then against its user. Health is never limited, and nothing on
-the internal port is (internal calls, and calls another member forwarded: counted where they
-arrived). Excess calls get RESOURCE_EXHAUSTED with a jittered `retry-after-ms` trailer.
+Each client method belongs to a class (`limit_class`): room changes, joins, graph writes, reads, stream
+opens, and the open methods (health, reflection: per address only). A call whose credentials verify is
+counted against its client address and then its user; a call whose credentials fail is counted in a
+budget of its own per address (`failures_address`), so garbage tokens never use up the budget of the
+users behind the same address. Past that budget an address's calls are taken only with tokens that
+cost little to check (remembered from an earlier verify, or plainly valid HS256); the rest are refused
+unread, so a flood of forged tokens costs a lookup or an HMAC each, never a full verify, and the users
+behind the address who are signed in already are not affected.
+Nothing on the internal port is limited (internal calls, and calls another member forwarded: counted
+where they arrived). Excess calls get RESOURCE_EXHAUSTED with a jittered `retry-after-ms` trailer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import time
+import urllib.parse
 from collections.abc import Callable
 from contextvars import ContextVar
 
@@ -23,7 +30,10 @@ from townhall.core.ratelimit import Buckets
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 CHANGES, JOINS, FOLLOWS, READS, STREAMS = "changes", "joins", "follows", "reads", "streams"
-CLASSES = (CHANGES, JOINS, FOLLOWS, READS, STREAMS)
+OPEN_CALLS = "open"
+CLASSES = (CHANGES, JOINS, FOLLOWS, READS, STREAMS, OPEN_CALLS)
+# The budget of calls whose credentials failed (per address only).
+FAILURES = "failures"
 # A method's class: its own entry, else its service's, else streams for streaming methods and room
 # changes (the strictest) for the rest, so a method added later is limited before anyone lists it.
 _CLASSES = {
@@ -45,6 +55,7 @@ _DESCRIPTION = {
     FOLLOWS: "graph changes",
     READS: "reads",
     STREAMS: "stream opens",
+    OPEN_CALLS: "health and reflection calls",
 }
 # Peer strings seen (one per client connection) and the key each maps to; cleared when full.
 _MAX_PEERS = 65_536
@@ -56,8 +67,10 @@ CHARGE: ContextVar[Callable[[int], None] | None] = ContextVar("townhall_charge_u
 
 
 def limit_class(service: str, method: str, how: str, streaming: bool) -> str | None:
-    """The class `service`/`method` is limited in, or None (internal calls and health are not)."""
-    if how in (SERVICE, OPEN) or not service.startswith("townhall."):
+    """The class `service`/`method` is limited in, or None (internal calls are not)."""
+    if how == OPEN:
+        return OPEN_CALLS
+    if how == SERVICE or not service.startswith("townhall."):
         return None
     return _CLASSES.get(f"{service}/{method}") or _CLASSES.get(service) or (STREAMS if streaming else CHANGES)
 
@@ -65,9 +78,10 @@ def limit_class(service: str, method: str, how: str, streaming: bool) -> str | N
 def client_address(peer: str) -> IPAddress | None:
     """The client IP of a gRPC peer string ("ipv4:10.1.2.3:5000", "ipv6:[::1]:5000"); None if it has none.
 
-    An IPv4-mapped IPv6 address is its IPv4 address.
+    An IPv4-mapped IPv6 address is its IPv4 address. gRPC percent-encodes the brackets of an IPv6
+    peer ("ipv6:%5B::1%5D:5000").
     """
-    kind, _, rest = peer.partition(":")
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "ipv4":
         host = rest.rpartition(":")[0] or rest
     elif kind == "ipv6":
@@ -100,46 +114,52 @@ def address_key(peer: str, ipv6_prefix: int = 64) -> str:
 class Limits:
     """The limiters of one server, from [limits]: per class, one for users and one for addresses."""
 
-    def __init__(self, config: LimitsConfig) -> None:
+    def __init__(self, config: LimitsConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._users: dict[str, Buckets] = {}
         self._addresses: dict[str, Buckets] = {}
         if config.enabled:
-            for cls in CLASSES:
+            for cls in (*CLASSES, FAILURES):
                 for kind, into in (("user", self._users), ("address", self._addresses)):
-                    rate = getattr(config, f"{cls}_{kind}")
+                    rate = getattr(config, f"{cls}_{kind}", 0.0)
                     if rate > 0:
-                        into[cls] = Buckets(rate, max(1.0, rate * config.burst_s), config.max_keys)
+                        into[cls] = Buckets(rate, max(1.0, rate * config.burst_s), config.max_keys, clock)
+        self._failures = self._addresses.get(FAILURES)
         self._exempt = [ipaddress.ip_network(net, strict=False) for net in config.exempt]
         self._peers: dict[str, str | None] = {}
 
     def for_method(
         self, cls: str | None
-    ) -> tuple[Callable[[str], str | None] | None, Callable[[int], None] | None]:
-        """(charge the peer, returning its key; charge the user) for a method of class `cls`."""
+    ) -> tuple[Callable[[str], None] | None, Callable[[int], None] | None]:
+        """(charge an address key; charge a user) for a method of class `cls`."""
         if cls is None:
             return None, None
         return self._address_check(cls), self._user_check(cls)
 
-    def refund(self, cls: str, key: str) -> None:
-        """Gives back an address's call."""
-        buckets = self._addresses.get(cls)
-        if buckets is not None:
-            buckets.refund(key)
+    def failing(self, key: str) -> float:
+        """Seconds until the address is within its budget of calls with failed credentials (0.0: it is)."""
+        return self._failures.wait(key) if self._failures is not None else 0.0
 
-    def _address_check(self, cls: str) -> Callable[[str], str | None] | None:
+    def refuse_unread(self, key: str, wait_s: float) -> None:
+        """RESOURCE_EXHAUSTED for a call of an address past its failures, whose token would cost a verify."""
+        assert self._failures is not None
+        _refuse(FAILURES, "address", f"from address {key}", "", self._failures, wait_s)
+
+    def failed(self, key: str) -> None:
+        """Counts a call from the address whose credentials failed (against its own budget)."""
+        if self._failures is not None:
+            self._failures.take(key)
+
+    def _address_check(self, cls: str) -> Callable[[str], None] | None:
         buckets = self._addresses.get(cls)
         if buckets is None:
             return None
-        take, key_of, what = buckets.take, self._key, _DESCRIPTION[cls]
+        take, what = buckets.take, _DESCRIPTION[cls]
 
-        def charge(peer: str) -> str | None:
-            key = key_of(peer)
-            if key is not None:
-                wait = take(key)
-                if wait:
-                    _refuse(cls, "address", f"from address {key}", what, buckets, wait)
-            return key
+        def charge(key: str) -> None:
+            wait = take(key)
+            if wait:
+                _refuse(cls, "address", f"from address {key}", what, buckets, wait)
 
         return charge
 
@@ -156,7 +176,7 @@ class Limits:
 
         return charge
 
-    def _key(self, peer: str) -> str | None:
+    def key(self, peer: str) -> str | None:
         """The peer's address key, None if exempt (remembered per peer string: one per connection)."""
         try:
             return self._peers[peer]
@@ -182,6 +202,13 @@ def charge(user: int) -> None:
 def _refuse(cls: str, kind: str, who: str, what: str, buckets: Buckets, wait_s: float) -> None:
     RATE_LIMITED.labels(cls, kind).inc()
     retry_ms = max(_MIN_RETRY_MS, int(wait_s * 1000 * random.uniform(*_JITTER)))
+    if cls == FAILURES:
+        raise ResourceExhausted(
+            f"too many calls with missing or invalid credentials {who}: at most {buckets.rate:g}/s "
+            f"(bursts of {buckets.burst:g}); until then only tokens this server has verified before "
+            f"are taken from it; retry after {retry_ms} ms",
+            retry_ms,
+        )
     raise ResourceExhausted(
         f"too many {what} {who}: at most {buckets.rate:g}/s (bursts of {buckets.burst:g}); "
         f"retry after {retry_ms} ms",

@@ -4,8 +4,11 @@ Static membership names every process, dead or alive; rooms must only be owned (
 only placed) where a process answers. A member is down after `failures` probes in a row that got
 no answer (a refused connection fails at once, so a killed process is out within about two probe
 intervals), and at once when it answers NOT_SERVING (a process draining on SIGTERM says so
-first). Any other answer, even RESOURCE_EXHAUSTED from a saturated server, means it is alive.
-A member is up only once it has answered: one not probed yet (a pod that just appeared in its
+first). A member that answers but refuses the probe (RESOURCE_EXHAUSTED, or CANCELLED by a full
+gRPC queue) is busy: alive, so a moment of overload moves nothing, but not serving, since probes
+have room of their own on every server (core/bounds.py) and it is refusing even those; after
+`busy_failures` such answers (or misses) in a row it is down too. Any other answer means it is alive.
+A member is up only once it has answered SERVING: one not probed yet (a pod that just appeared in its
 Service's EndpointSlices, a relay just discovered) owns no rooms and gets no listeners until a probe
 finds it serving. A process never probes itself, so memberships count their own process apart.
 """
@@ -23,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from townhall.core import logging
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import peer_channel
+from townhall.core.metrics import PEER_PROBES
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -33,17 +37,29 @@ class Probe(enum.Enum):
 
     SERVING = "serving"
     NOT_SERVING = "not_serving"  # answered, and said it is shutting down
+    BUSY = "busy"  # answered, but refused the probe (RESOURCE_EXHAUSTED, CANCELLED)
     NO_ANSWER = "no_answer"  # refused, reset or timed out
+
+
+_PROBE_ERRORS = {
+    grpc.StatusCode.UNAVAILABLE: Probe.NO_ANSWER,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Probe.NO_ANSWER,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Probe.BUSY,
+    grpc.StatusCode.CANCELLED: Probe.BUSY,
+}
 
 
 class Liveness:
     """Which members are up, from a stream of probe results (pure: no I/O, no clock)."""
 
-    def __init__(self, failures: int = 2) -> None:
+    def __init__(self, failures: int = 2, busy_failures: int | None = None) -> None:
         if failures < 1:
             raise ValueError("failures must be at least 1")
         self._failures = failures
+        self._busy_failures = max(failures, busy_failures or 5 * failures)
         self._missed: dict[str, int] = {}
+        # Probes in a row that were not SERVING (busy or missed).
+        self._unwell: dict[str, int] = {}
         self._up: dict[str, bool] = {}
         # Bumped whenever a member goes up or down, so readers can cache what they derive.
         self.version = 0
@@ -52,14 +68,20 @@ class Liveness:
         """Takes one probe result; True if the member went up or down because of it."""
         was = self._up.get(member, False)
         if probe is Probe.SERVING:
-            self._missed[member] = 0
+            self._missed[member] = self._unwell[member] = 0
             up = True
         elif probe is Probe.NOT_SERVING:
             up = False
+        elif probe is Probe.BUSY:
+            self._missed[member] = 0  # it answered
+            unwell = self._unwell[member] = self._unwell.get(member, 0) + 1
+            # Alive: up until busy for too long; a member that is down (or never served) stays down.
+            up = was and unwell < self._busy_failures
         else:
             missed = self._missed[member] = self._missed.get(member, 0) + 1
+            unwell = self._unwell[member] = self._unwell.get(member, 0) + 1
             # A member never seen up stays down: nothing says it ever started.
-            up = was and missed < self._failures
+            up = was and missed < self._failures and unwell < self._busy_failures
         self._up[member] = up
         if was != up:
             self.version += 1
@@ -95,14 +117,16 @@ class Prober:
         failures: int,
         skip: Iterable[str] = (),
         tls: TlsConfig | None = None,
+        busy_failures: int | None = None,
     ) -> None:
-        self.liveness = Liveness(failures)
+        self.liveness = Liveness(failures, busy_failures)
         self._targets = targets
         self._skip = set(skip)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._on_round: list[Callable[[], None]] = []
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._last: dict[str, Probe] = {}
         self._tls = tls or TlsConfig()
         self._task: asyncio.Task[None] | None = None
 
@@ -120,9 +144,7 @@ class Prober:
                 health_pb2.HealthCheckRequest(), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return Probe.NO_ANSWER
-            return Probe.SERVING  # it answered: busy (RESOURCE_EXHAUSTED, CANCELLED) is not dead
+            return _PROBE_ERRORS.get(exc.code(), Probe.SERVING)  # any other answer: alive
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return Probe.SERVING
         return Probe.NOT_SERVING
@@ -133,6 +155,10 @@ class Prober:
         results = await asyncio.gather(*(self.probe(t) for t in targets))
         changed = False
         for target, result in zip(targets, results, strict=True):
+            PEER_PROBES.labels(result.value).inc()
+            if result is Probe.BUSY and self._last.get(target) is not Probe.BUSY:
+                log.info("peer busy", peer=target)
+            self._last[target] = result
             if self.liveness.record(target, result):
                 changed = True
                 log.info("peer " + ("up" if self.liveness.is_up(target) else "down"), peer=target)

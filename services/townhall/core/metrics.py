@@ -30,6 +30,17 @@ RATE_LIMITED = Counter(
     "Client RPCs refused by a rate limit (core/limits.py), by class of method and key (user or address).",
     ["limit_class", "key"],
 )
+CALLS_REFUSED = Counter(
+    "townhall_calls_refused_total",
+    "Calls refused at once because a bound on calls in flight was reached (core/bounds.py), by bound.",
+    ["bound"],
+)
+PEER_PROBES = Counter(
+    "townhall_peer_probes_total",
+    "Health probes of peer processes (admission probing members and relays), by result "
+    "(serving, not_serving, busy, no_answer).",
+    ["result"],
+)
 
 
 def serve_metrics(port: int, host: str) -> None:

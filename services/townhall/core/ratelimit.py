@@ -55,6 +55,17 @@ class Buckets:
         self._new[key] = tat
         return 0.0
 
+    def wait(self, key: Hashable) -> float:
+        """What `take` would answer for `key` now, without counting a call."""
+        tat = self._new.get(key)
+        if tat is None:
+            tat = self._old.get(key)
+            if tat is None:
+                return 0.0  # not seen for a period: a full bucket
+        now = self._clock()
+        wait = max(tat, now) + self._interval - now - self._tolerance
+        return wait if wait > 1e-9 else 0.0
+
     def refund(self, key: Hashable) -> None:
         """Gives back the call `take` just counted for `key` (it turned out not to count)."""
         tat = self._new.get(key)

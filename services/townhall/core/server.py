@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import typing
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from townhall.core import logging
 from townhall.core.auth import Authenticator
+from townhall.core.bounds import Bounds
 from townhall.core.channels import add_port
 from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
@@ -114,26 +116,49 @@ class _Planes:
             plane.add_registered_method_handlers(service, handlers)
 
 
+def guarded(
+    app: App,
+    config: Config,
+    options: Sequence[tuple[str, int]],
+    clients: int | None = None,
+    internal: bool = False,
+) -> tuple[grpc.aio.Server, Instrumented]:
+    """A gRPC server and what its servicers register through; every server a process starts is made here.
+
+    Every method is authenticated, rate-limited (not on the internal port), counted, timed and
+    error-mapped, its request bytes checked (core/interceptor.py), and its calls in flight bounded per
+    connection, per address and per server, this server on its own (core/bounds.py); `clients` bounds
+    its client calls at once.
+    """
+    server = grpc.aio.server(options=options)
+    bounds = Bounds(config.server, getattr(app, "max_calls_per_address", None), clients)
+    limits = Limits(dataclasses.replace(config.limits, enabled=False) if internal else config.limits)
+    instrumented = Instrumented(
+        server,
+        app.auth,
+        limits,
+        config.server.request_timeout_ms / 1000,
+        internal=internal,
+        bounds=bounds,
+        open_stream_s=config.server.open_stream_max_s,
+    )
+    return server, instrumented
+
+
 async def start(app: App, config: Config, listen: str, internal: str = "") -> Running:
     """Starts the app and a gRPC server for it on `listen` (port 0 picks a free port), and the internal
     port's server on `internal` (empty: none)."""
     config.require_keys(app.auth.kind)  # as run_service does, for servers started in-process
-    # An app may bound its own concurrency and pending queue (admission sheds overload this way).
+    # An app may bound its own client calls and pending queue (admission sheds overload this way).
     extra = dict(getattr(app, "server_options", {}))
     options = [(k, v) for k, v in server_options(config) if k not in extra] + list(extra.items())
-    server = grpc.aio.server(
-        options=options, maximum_concurrent_rpcs=getattr(app, "max_concurrent_rpcs", None)
-    )
-    # Servicers register through Instrumented: every method is authenticated, rate-limited, counted,
-    # timed and error-mapped, and its request bytes checked (core/interceptor.py).
-    timeout_s = config.server.request_timeout_ms / 1000
-    instrumented = Instrumented(server, app.auth, Limits(config.limits), timeout_s)
+    server, instrumented = guarded(app, config, options, getattr(app, "max_concurrent_rpcs", None))
     planes = [instrumented]
     internal_server = None
     if internal:
         # Not the client port's overload guard: a join storm must not queue a lease or a forwarded change.
-        internal_server = grpc.aio.server(options=server_options(config))
-        planes.append(Instrumented(internal_server, app.auth, request_timeout_s=timeout_s, internal=True))
+        internal_server, plane = guarded(app, config, server_options(config), internal=True)
+        planes.append(plane)
     app.register(_Planes(planes))
     health_servicer = HealthServicer()
     for plane in planes:
@@ -157,8 +182,7 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
     health_server = None
     if config.server.health_port:
         # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
-        health_server = grpc.aio.server(options=size_options(config))
-        probes = Instrumented(health_server, app.auth, request_timeout_s=timeout_s)
+        health_server, probes = guarded(app, config, size_options(config))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
         wrapped.append(probes)
         host = listen.rpartition(":")[0]

@@ -174,5 +174,5 @@ def _ticket(claims: dict[str, Any], relay: str) -> Ticket:
             room_version=int(claims.get("v", 0)),
             issued_ms=int(claims.get("at", 0)),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise Unauthenticated("ticket claims are malformed") from exc

@@ -40,10 +40,19 @@ _ECDSA = ec.ECDSA(hashes.SHA256())
 MAX_TOKEN_BYTES = 4096
 # Distinct header segments remembered (there is one per key id and algorithm).
 _MAX_HEADERS = 256
+# The latest exp a token may carry (9999-12-31 23:59:59 UTC): past it a number is no time at all.
+MAX_EXP = 253_402_300_799
+# What a token whose JSON nests too deeply for the parser, or holds a number no time can be, is told.
+_UNREADABLE = "JSON nests too deeply or holds a number out of range"
 # Algorithms a JWKS key may be used with, by key type.
 _JWKS_ALGORITHMS = {"oct": {HS256}, "OKP": {"EdDSA"}, "EC": {ES256}}
 
 T = TypeVar("T")
+
+
+class Unverified(Exception):
+    """Raised instead of a verification that would be costly (`thorough=False`): the token is neither
+    remembered nor plainly valid, so only PyJWT could tell."""
 
 
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
@@ -80,7 +89,7 @@ def accept_hs256(
         return None
     try:
         claims = json.loads(raw_payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(claims, dict) or any(claims.get(name) is None for name in require):
         return None
@@ -276,14 +285,18 @@ class Verifier(Generic[T]):
     def __len__(self) -> int:
         return len(self._cache)
 
-    def verify(self, token: str) -> T:
-        """The token's value, or UNAUTHENTICATED / PERMISSION_DENIED saying exactly what is wrong."""
+    def verify(self, token: str, thorough: bool = True) -> T:
+        """The token's value, or UNAUTHENTICATED / PERMISSION_DENIED saying exactly what is wrong.
+
+        Not `thorough`: only what costs little (the cache, the header, the HS256 shortcut); a token
+        only PyJWT could judge raises Unverified.
+        """
         entry = self._cache.get(token)
         if entry is not None:
             if time.time() < entry.expires:
                 return entry.value
             del self._cache[token]  # expired: verify again, for the precise message
-        value, expires, kid = self._verify(token)
+        value, expires, kid = self._verify(token, thorough)
         if self._cache_size:
             if len(self._cache) >= self._cache_size:
                 del self._cache[next(iter(self._cache))]  # the oldest entry
@@ -314,6 +327,8 @@ class Verifier(Generic[T]):
             header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
         except (ValueError, binascii.Error) as exc:
             raise Unauthenticated(f"{self.what} is not a JWT: its header is not base64url JSON") from exc
+        except RecursionError:
+            raise Unauthenticated(f"{self.what} is not a JWT: its header {_UNREADABLE}") from None
         if not isinstance(header, dict):
             raise Unauthenticated(f"{self.what} is not a JWT: its header is not a JSON object")
         kid = header.get("kid")
@@ -331,7 +346,7 @@ class Verifier(Generic[T]):
                 self._plain.add(segment)
         return kid, alg
 
-    def _verify(self, token: str) -> tuple[T, float, str]:
+    def _verify(self, token: str, thorough: bool = True) -> tuple[T, float, str]:
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated(f"{self.what} is {len(token)} bytes; at most {MAX_TOKEN_BYTES} allowed")
         kid, alg = self._header(token)
@@ -349,7 +364,10 @@ class Verifier(Generic[T]):
                 token, key, self._options["require"], self._audience, self._issuer, self._leeway
             )
             if fast is not None:
-                return self._build(fast), float(fast["exp"]) + self._leeway, kid
+                expires = self._expires(fast["exp"])  # first: a build may reckon with exp
+                return self._build(fast), expires, kid
+        if not thorough:
+            raise Unverified(self.what)
         try:
             claims = jwt.decode(
                 token,
@@ -370,7 +388,11 @@ class Verifier(Generic[T]):
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthenticated(f"{self.what} lacks the required claim {exc.claim!r}") from exc
         except jwt.InvalidAudienceError as exc:
-            message = f"{self.what} is for another audience, not {self._audience!r}"
+            message = (
+                f"{self.what} is for another audience, not {self._audience!r}"
+                if self._audience
+                else f"{self.what} carries an aud claim, but this server takes tokens without one"
+            )
             raise (self._wrong_audience or Unauthenticated)(message) from exc
         except jwt.InvalidIssuerError as exc:
             raise Unauthenticated(f"{self.what} issuer is not {self._issuer!r}") from exc
@@ -378,15 +400,23 @@ class Verifier(Generic[T]):
             raise Unauthenticated(f"{self.what} is not valid yet (iat or nbf is in the future)") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"{self.what} is not valid: {exc}") from exc
-        value = self._build(claims)
-        return value, float(claims["exp"]) + self._leeway, kid
+        except (RecursionError, OverflowError):
+            raise Unauthenticated(f"{self.what} is not valid: its {_UNREADABLE}") from None
+        expires = self._expires(claims["exp"])
+        return self._build(claims), expires, kid
+
+    def _expires(self, exp: float) -> float:
+        """When a verified token stops being valid (its exp plus the leeway), as a float."""
+        if exp > MAX_EXP:
+            raise Unauthenticated(f"{self.what} exp is out of range: after the year 9999")
+        return float(exp) + self._leeway
 
 
 def _when(token: str) -> str:
     """' at <time> UTC (N s ago)' from the token's exp, for expiry messages."""
     try:
         exp = int(jwt.decode(token, options={"verify_signature": False})["exp"])
-    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
+    except (jwt.InvalidTokenError, KeyError, TypeError, ValueError, RecursionError, OverflowError):
         return ""
     stamp = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%d %H:%M:%S")
     return f" at {stamp} UTC ({max(0, int(time.time()) - exp)} s ago)"
