@@ -1,15 +1,24 @@
-"""Throwaway certificates for local TLS: a CA and certificates it signs (tests, `townhall certs`)."""
+"""Throwaway certificates for local TLS: a CA and certificates it signs (tests, `townhall certs`), and the
+PEM keystore a Kafka broker reads.
+
+`python -m townhall.devtools.certs keystore KEY CERT OUT` writes OUT as Kafka's PEM keystore wants it
+(ssl.keystore.type=PEM): the key as unencrypted PKCS#8, then the certificate chain. Helm's genSignedCert
+and cert-manager write PKCS#1 RSA keys, which Kafka does not read; the chart's bundled broker runs this in
+an init container.
+"""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALID = datetime.timedelta(days=30)
@@ -81,3 +90,27 @@ class Authority:
         )
         pem.key.chmod(0o600)
         return pem
+
+
+def pem_keystore(key: Path, cert: Path, out: Path) -> Path:
+    """Kafka's PEM keystore at `out`: `key` (any PEM private key) as PKCS#8, then `cert` (the chain)."""
+    private = load_pem_private_key(key.read_bytes(), password=None)
+    pkcs8 = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    out.write_bytes(pkcs8 + cert.read_bytes())
+    out.chmod(0o600)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """`keystore KEY CERT OUT`: see the module docstring."""
+    if len(argv) != 4 or argv[0] != "keystore":
+        print("usage: python -m townhall.devtools.certs keystore KEY CERT OUT", file=sys.stderr)
+        return 2
+    pem_keystore(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

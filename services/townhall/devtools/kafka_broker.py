@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import random
 import secrets
@@ -30,7 +31,7 @@ from aiokafka.protocol.admin import CreateAclsRequest
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, client_options, ensure_topics
-from townhall.devtools.certs import Authority
+from townhall.devtools.certs import Authority, pem_keystore
 
 log = logging.get(__name__)
 
@@ -45,8 +46,11 @@ class BrokerError(RuntimeError):
 
 
 def fetch_jars(libs: Path = LIBS) -> Path:
-    """Downloads the broker jars with Maven unless they are already cached."""
-    if (libs / ".complete").exists():
+    """Downloads the broker jars with Maven unless the jars of this pom.xml are already cached."""
+    # The marker names the pom the jars were fetched for: a changed pom fetches again (from ~/.m2 mostly).
+    marker = libs / ".complete"
+    wanted = hashlib.sha256(POM.read_bytes()).hexdigest()
+    if marker.exists() and marker.read_text().strip() == wanted:
         return libs
     if shutil.which("mvn") is None or shutil.which("java") is None:
         raise BrokerError("the local Kafka broker needs java (17+) and mvn on PATH")
@@ -59,7 +63,7 @@ def fetch_jars(libs: Path = LIBS) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BrokerError(f"mvn could not fetch the Kafka jars:\n{done.stdout}\n{done.stderr}")
-    (libs / ".complete").touch()
+    marker.write_text(wanted)
     return libs
 
 
@@ -97,6 +101,26 @@ ADMIN = "admin"
 SERVICES = ("admission", "relay", "notifier")
 SCRAM = "SCRAM-SHA-512"
 AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+# What makes a broker secure, the same here and in the chart's bundled broker (tests/chart checks it);
+# the JAAS lines (passwords) and file locations are added where they are known.
+SECURE_SETTINGS = {
+    "inter.broker.listener.name": "CLIENT",
+    "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_SSL",
+    # Clients: SCRAM users over TLS; the broker talks to itself as admin.
+    "listener.name.client.sasl.enabled.mechanisms": SCRAM,
+    "sasl.mechanism.inter.broker.protocol": SCRAM,
+    "ssl.keystore.type": "PEM",
+    # The broker's own connections (inter-broker) check its certificate against the CA.
+    "ssl.truststore.type": "PEM",
+    # The controller listener (loopback only): PLAIN, since KRaft keeps SCRAM users in the metadata the
+    # controller serves; the broker signs in as admin.
+    "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+    "sasl.mechanism.controller.protocol": "PLAIN",
+    # ACLs on: nothing is allowed without one, except to admin.
+    "authorizer.class.name": AUTHORIZER,
+    "super.users": f"User:{ADMIN}",
+    "allow.everyone.if.no.acl.found": "false",
+}
 
 
 @dataclass
@@ -129,8 +153,7 @@ class Security:
         pem = Authority(self.folder, "Townhall local Kafka CA").issue(
             "kafka-broker", dns=("localhost",), ips=("127.0.0.1",)
         )
-        self.keystore.write_bytes(pem.key.read_bytes() + pem.cert.read_bytes())
-        self.keystore.chmod(0o600)
+        pem_keystore(pem.key, pem.cert, self.keystore)
 
     def client(self, user: str, bootstrap: str, prefix: str = "townhall", **settings: object) -> KafkaConfig:
         """The [kafka] config of a process that connects as `user`."""
@@ -237,26 +260,12 @@ class Broker:
         return [
             f"listeners=CLIENT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{cport}",
             f"advertised.listeners=CLIENT://127.0.0.1:{self.port}",
-            "inter.broker.listener.name=CLIENT",
-            "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_SSL",
-            # Clients: SCRAM users over TLS. The broker talks to itself as admin.
-            f"listener.name.client.sasl.enabled.mechanisms={SCRAM}",
-            f"sasl.mechanism.inter.broker.protocol={SCRAM}",
+            *(f"{key}={value}" for key, value in SECURE_SETTINGS.items()),
             f"listener.name.client.scram-sha-512.sasl.jaas.config={_jaas('scram', ADMIN, admin)}",
-            "ssl.keystore.type=PEM",
             f"ssl.keystore.location={self.security.keystore}",
-            # The broker's own connections (inter-broker) check its certificate against the CA.
-            "ssl.truststore.type=PEM",
             f"ssl.truststore.location={self.security.ca}",
-            # The controller listener (loopback only): PLAIN, since KRaft keeps SCRAM users in the
-            # metadata the controller serves; the broker signs in as admin.
-            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
-            "sasl.mechanism.controller.protocol=PLAIN",
             "listener.name.controller.plain.sasl.jaas.config="
             + _jaas("plain", ADMIN, admin, **{f"user_{ADMIN}": admin}),
-            f"authorizer.class.name={AUTHORIZER}",
-            f"super.users=User:{ADMIN}",
-            "allow.everyone.if.no.acl.found=false",
         ]
 
     def _properties(self) -> Path:
