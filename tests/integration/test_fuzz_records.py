@@ -62,7 +62,7 @@ FORGER = AuthConfig(service_keys=("stolen=" + "f" * 40,))
 UNSIGNED_KIND, STOLEN_KEY, WRONG_ROLE = (
     "unsigned",
     "signed with a key nobody holds",
-    "from a role that may not",
+    "signed by a role that may not write the topic",
 )
 PARSE_KINDS = ("garbage bytes", "a message of another type", "any field values", "truncated")
 KINDS = (*PARSE_KINDS, UNSIGNED_KIND, STOLEN_KEY, WRONG_ROLE)
