@@ -226,7 +226,7 @@ async def test_notifier_consumers_survive_bad_records_and_act_only_on_signed_one
                 names.notifications: [
                     (shard, batch, None),
                     (shard, b"\x08\x01", NOTIFIER),  # the notification is a number
-                    (shard_key((fan + 1) % 64), batch, NOTIFIER),  # users of another shard
+                    (shard, encode_batch(b"\x08\x07", ids), NOTIFIER),  # a kind of notification there is not
                 ],
             }
             for topic, items in records.items():

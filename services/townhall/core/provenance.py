@@ -2,7 +2,7 @@
 
 Every record a Townhall process writes carries `townhall-writer: <role>@<member>` (the role is what the
 process may write: `admission` for room owners, `crowd` for admission's crowd lane, `relay`, `notifier`)
-and `townhall-signature: <kid>:<mac>`, an HMAC-SHA256 over the topic, key, value and writer with a key
+and `townhall-signature: <kid>:<mac>`, an HMAC-SHA256 (hex) over the topic, key, value and writer with a key
 derived from the first of `auth.service_keys` (every key verifies, so keys rotate as service credentials
 do). A reader (core/records.py) refuses a record without a valid signature, or from a role that may not
 write its topic (core/kafka.py, Topics.writers), before it looks at the value.
@@ -16,7 +16,6 @@ narrow what it can reach, and fenced ownership (issue 13) will decide between tw
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -65,13 +64,23 @@ def _derive(secret: str) -> bytes:
     return hmac.new(secret.encode(), _DOMAIN, hashlib.sha256).digest()
 
 
-def _mac(key: bytes, topic: str, record_key: bytes | None, value: bytes, writer: str) -> bytes:
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    # Length-prefixed fields: no two (topic, key, value, writer) tuples feed the MAC the same bytes.
-    for part in (topic.encode(), record_key if record_key is not None else b"\xff", value, writer.encode()):
-        mac.update(len(part).to_bytes(8, "big"))
-        mac.update(part)
-    return mac.digest()
+def _part(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "big") + data
+
+
+def _mac(key: bytes, topic: bytes, record_key: bytes | None, writer: bytes, value: bytes) -> bytes:
+    # Length-prefixed fields, so no two (topic, key, writer, value) tuples feed the MAC the same bytes;
+    # one message and the one-shot digest, since this runs for every record a process writes.
+    message = b"".join(
+        (
+            _part(topic),
+            _part(record_key) if record_key is not None else b"\xff" * 8,
+            _part(writer),
+            len(value).to_bytes(8, "big"),
+            value,
+        )
+    )
+    return hmac.digest(key, message, "sha256")
 
 
 def _keys(auth: AuthConfig) -> dict[str, bytes]:
@@ -89,14 +98,14 @@ class RecordSigner:
             )
         kid, key = next(iter(keys.items()))
         self.writer = writer
-        self._kid = kid.encode()
         self._key = key
-        self._writer = str(writer)
+        self._writer = str(writer).encode()
+        self._kid = kid.encode() + b":"
 
     def headers(self, topic: str, key: bytes | None, value: bytes) -> list[tuple[str, bytes]]:
         """The headers that go with a record."""
-        mac = base64.urlsafe_b64encode(_mac(self._key, topic, key, value, self._writer)).rstrip(b"=")
-        return [(WRITER_HEADER, self._writer.encode()), (SIGNATURE_HEADER, self._kid + b":" + mac)]
+        mac = _mac(self._key, topic.encode(), key, self._writer, value).hex().encode()
+        return [(WRITER_HEADER, self._writer), (SIGNATURE_HEADER, self._kid + mac)]
 
 
 class RecordVerifier:
@@ -110,15 +119,16 @@ class RecordVerifier:
         found = {name: data for name, data in headers if name in (WRITER_HEADER, SIGNATURE_HEADER)}
         if len(found) < 2:
             raise Unsigned("the record carries no writer signature")
+        writer = found[WRITER_HEADER]
+        kid, sep, mac = found[SIGNATURE_HEADER].partition(b":")
         try:
-            text = found[WRITER_HEADER].decode()
-            kid, sep, mac = found[SIGNATURE_HEADER].decode().partition(":")
-            signature = base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))
+            text, name = writer.decode(), kid.decode()
+            signature = bytes.fromhex(mac.decode())
         except (UnicodeDecodeError, ValueError) as exc:
             raise Forged("the writer or signature header is not readable") from exc
-        secret = self._keys.get(kid)
+        secret = self._keys.get(name)
         if not sep or secret is None:
-            raise Forged(f"the record is signed with an unknown key id {kid[:64]!r}")
-        if not hmac.compare_digest(signature, _mac(secret, topic, key, value, text)):
+            raise Forged(f"the record is signed with an unknown key id {name[:64]!r}")
+        if not hmac.compare_digest(signature, _mac(secret, topic.encode(), key, writer, value)):
             raise Forged(f"the signature of writer {text[:64]!r} does not verify")
         return Writer.parse(text)

@@ -101,22 +101,19 @@ def skipped(record: Record, reason: str, error: str) -> None:
 class Reader:
     """Reads the records of one topic under the policy above.
 
-    `roles` are the writer roles that may write the topic; `verifier` None reads without checking
-    signatures (tools that only measure). With `refuse_unsigned` false, a record without a signature is
-    read with writer None (a topic written before records were signed); a bad signature never is.
+    `roles` are the writer roles that may write the topic. With `refuse_unsigned` false, a record
+    without a signature is read with writer None (a topic written before records were signed); a bad
+    signature never is.
     """
 
-    def __init__(
-        self, roles: frozenset[str], verifier: RecordVerifier | None, refuse_unsigned: bool = True
-    ) -> None:
+    def __init__(self, roles: frozenset[str], verifier: RecordVerifier, refuse_unsigned: bool = True) -> None:
         self._roles = roles
         self._verifier = verifier
         self._refuse_unsigned = refuse_unsigned
 
     def writer(self, record: Record) -> Writer | None:
-        """Who wrote the record (None when not checked); BadRecord if it may not take effect."""
-        if self._verifier is None:
-            return None
+        """Who wrote the record (None: unsigned, read during a migration); BadRecord if it may not take
+        effect."""
         try:
             writer = self._verifier.writer(record.topic, record.key, record.value or b"", record.headers)
         except Unsigned as exc:

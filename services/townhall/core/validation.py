@@ -100,8 +100,9 @@ def user_ids(values: Iterable[int], field: str, limit: int) -> list[int]:
     ids = list(values)
     if len(ids) > limit:
         raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed")
-    for index, value in enumerate(ids):
-        user_id(value, f"{field}[{index}]")
+    if ids and not (min(ids) > 0 and max(ids) <= USER_ID_MAX):  # else name the first one out of range
+        for index, value in enumerate(ids):
+            user_id(value, f"{field}[{index}]")
     if len(set(ids)) != len(ids):
         raise InvalidArgument(f"{field} has duplicate user ids")
     return ids

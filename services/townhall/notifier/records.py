@@ -135,15 +135,13 @@ def task_record(record: Record, _writer: Writer | None) -> Task:
 
 
 def batch_record(record: Record, _writer: Writer | None) -> tuple[inbox_pb2.Notification, np.ndarray]:
-    """A notifications record, checked: a valid notification for users of the shard in its key."""
-    note, ids = decode_batch(record.value or b"")
-    notification(note)
-    user_ids(ids, "user_ids", MAX_BATCH_USERS)
-    if len(ids) and (
-        record.key != shard_key(int(ids[0]) % SHARDS) or (ids % SHARDS != ids[0] % SHARDS).any()
-    ):
-        raise BadRecord(INVALID, "the record's users are not all of the user shard in its key")
-    return note, ids
+    """A notifications record, checked (checked_batch)."""
+    return checked_batch(*decode_batch(record.value or b""))
+
+
+def checked_batch(note: inbox_pb2.Notification, ids: np.ndarray) -> tuple[inbox_pb2.Notification, np.ndarray]:
+    """A decoded notifications record that may be delivered: a valid notification, valid user ids."""
+    return notification(note), user_ids(ids, "user_ids", MAX_BATCH_USERS)
 
 
 def notification(note: inbox_pb2.Notification) -> inbox_pb2.Notification:
