@@ -296,11 +296,11 @@ def test_pods_are_locked_down(render: Render, scenario: str) -> None:
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         # Service links would put TOWNHALL_*_PORT (and KAFKA_PORT) variables in the environment.
         assert spec["enableServiceLinks"] is False, where
-        for c in spec["containers"]:
+        for c in spec.get("initContainers", []) + spec["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
-            if component(owner) != "kafka":  # the Kafka image writes its config at start
-                assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            # The broker too: it writes only to /tmp, its keystore volume and its data volume.
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
