@@ -737,7 +737,8 @@ def test_internal_ports_are_only_on_headless_services_and_only_townhall_pods_rea
             assert "internal" in ports, name
         else:
             assert "internal" not in ports, f"{name} exposes an internal port"
-    policies = by_kind(manifests, "NetworkPolicy")
+    # The bundled broker's policy is test_only_townhall_pods_may_reach_the_bundled_broker's.
+    policies = {n: p for n, p in by_kind(manifests, "NetworkPolicy").items() if n != f"{RELEASE}-kafka"}
     assert set(policies) == {f"{RELEASE}-{n}" for n in SERVICES}
     pods_of_release = {"app.kubernetes.io/name": "townhall", "app.kubernetes.io/instance": RELEASE}
     for name, policy in policies.items():
@@ -811,9 +812,17 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "global=1"], "/global"),
         (["--set", "kafka.external.securityProtocol=TLS"], "/kafka/external/securityProtocol"),
         (
-            ["--set", "kafka.bundled=false", "--set", "kafka.external.bootstrap=kafka:9093"],
-            "kafka.users.existingSecret is required",
+            [
+                "--set",
+                "kafka.bundled=false",
+                "--set",
+                "kafka.external.bootstrap=kafka:9093",
+                "--set",
+                "kafka.users.passwords.admin=",
+            ],
+            "kafka.users.passwords (admin) or kafka.users.existingSecret are required",
         ),
+        (["--set", "kafka.users.passwords.relay=short"], "/kafka/users/passwords/relay"),
         (["--set", "kafka.users.relay=two words"], "/kafka/users/relay"),
         (["--set", "config.kafka.max_clock_skew_ms=-1"], "/config/kafka/max_clock_skew_ms"),
         (["--set", "config.kafka.password=x"], "/config/kafka"),
@@ -985,22 +994,37 @@ def test_the_topics_job_signs_in_as_admin_and_grants_each_service_only_its_own_t
         )
 
 
-def test_kafka_users_and_certificate_are_generated_or_taken_as_given(render: Render) -> None:
+def test_kafka_users_and_certificate_are_given_never_generated(render: Render, helm: Path) -> None:
     manifests = render(None)
+    given = yaml.safe_load(TEST_KEYS.read_text())["kafka"]
     secrets = by_kind(manifests, "Secret")
     users = {k: base64.b64decode(v).decode() for k, v in secrets[f"{RELEASE}-kafka-users"]["data"].items()}
-    assert sorted(users) == ["admin", "admission", "notifier", "relay"]
-    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", p) for p in users.values()) and len(set(users.values())) == 4
-    tls = {k: base64.b64decode(v) for k, v in secrets[f"{RELEASE}-kafka-tls"]["data"].items()}
-    ca = x509.load_pem_x509_certificate(tls["ca.crt"])
-    cert = x509.load_pem_x509_certificate(tls["tls.crt"])
-    assert cert.issuer == ca.subject
+    assert users == given["users"]["passwords"]
+    tls = {k: base64.b64decode(v).decode() for k, v in secrets[f"{RELEASE}-kafka-tls"]["data"].items()}
+    assert (tls["ca.crt"], tls["tls.crt"], tls["tls.key"]) == (
+        given["tls"]["ca"],
+        given["tls"]["cert"],
+        given["tls"]["key"],
+    )
+    # The certificate `townhall keys --helm --kafka-host` makes names the broker's Service.
+    cert = x509.load_pem_x509_certificate(tls["tls.crt"].encode())
+    assert cert.issuer == x509.load_pem_x509_certificate(tls["ca.crt"].encode()).subject
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     host = configmap(manifests)["TOWNHALL_KAFKA_BOOTSTRAP"].rpartition(":")[0]
     assert host in names.get_values_for_type(x509.DNSName)
-    given = render(None, "--set", "kafka.users.existingSecret=my-users", "--set", "kafka.tlsSecret=my-tls")
-    assert not [n for n in by_kind(given, "Secret") if n.startswith(f"{RELEASE}-kafka")]
-    spec = workload(given, "kafka")["spec"]["template"]["spec"]
+    for flags, words in (
+        (
+            ("--set", "kafka.users.passwords.relay="),
+            "kafka.users.passwords (relay) or kafka.users.existingSecret",
+        ),
+        (("--set", "kafka.tls.key="), "kafka.tls (ca, cert, key) or kafka.tlsSecret"),
+    ):
+        result = run_helm(helm, *template_args(None, *flags))
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+        assert f"townhall keys --helm --kafka-host {host}" in result.stderr
+    named = render(None, "--set", "kafka.users.existingSecret=my-users", "--set", "kafka.tlsSecret=my-tls")
+    assert not [n for n in by_kind(named, "Secret") if n.startswith(f"{RELEASE}-kafka")]
+    spec = workload(named, "kafka")["spec"]["template"]["spec"]
     mounted = {v["name"]: v.get("secret", {}).get("secretName") for v in spec["volumes"]}
     assert (mounted["users"], mounted["tls"]) == ("my-users", "my-tls")
 
@@ -1022,9 +1046,7 @@ def test_only_townhall_pods_may_reach_the_bundled_broker(render: Render, scenari
     assert source["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
     (expression,) = source["podSelector"]["matchExpressions"]
     assert set(expression["values"]) == {*SERVICES, "topics"}
-    assert not by_kind(render(scenario, "--set", "kafka.networkPolicy.enabled=false"), "NetworkPolicy").get(
-        f"{RELEASE}-kafka"
-    )
+    assert not by_kind(render(scenario, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def kafka_files(manifests: list[Manifest]) -> dict[str, str]:

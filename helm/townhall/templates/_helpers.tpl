@@ -408,17 +408,23 @@ The SASL mechanism of the Kafka clients: SCRAM-SHA-512 with the bundled broker.
 {{- end }}
 
 {{/*
-The Secret holding the Kafka users' passwords (keys admin, admission, relay, notifier).
+The Secret holding the Kafka users' passwords (keys admin, admission, relay, notifier): the given one, or
+the chart's, made from kafka.users.passwords.
 */}}
 {{- define "townhall.kafkaUsersSecret" -}}
-{{- if .Values.kafka.users.existingSecret }}{{ .Values.kafka.users.existingSecret }}
-{{- else if and (not .Values.kafka.bundled) (hasPrefix "SASL_" .Values.kafka.external.securityProtocol) }}
-{{- fail "kafka.users.existingSecret is required for an external Kafka cluster with SASL (its users' passwords)" }}
-{{- else }}{{ include "townhall.componentName" (dict "ctx" . "component" "kafka-users") }}{{ end }}
+{{- default (include "townhall.componentName" (dict "ctx" . "component" "kafka-users")) .Values.kafka.users.existingSecret }}
 {{- end }}
 
 {{/*
-The bundled broker's certificate Secret (tls.crt, tls.key, ca.crt): kafka.tlsSecret, or the generated one.
+The bundled broker's host name, the name its certificate must carry (the bootstrap address's host).
+*/}}
+{{- define "townhall.kafkaHost" -}}
+{{- printf "%s.%s.svc.%s" (include "townhall.componentName" (dict "ctx" . "component" "kafka")) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The bundled broker's certificate Secret (tls.crt, tls.key, ca.crt): kafka.tlsSecret, or the chart's, made
+from kafka.tls.
 */}}
 {{- define "townhall.kafkaTlsSecret" -}}
 {{- default (include "townhall.componentName" (dict "ctx" . "component" "kafka-tls")) .Values.kafka.tlsSecret }}

@@ -35,7 +35,10 @@ class Pem:
 class Authority:
     """A self-signed CA (P-256) that issues server and client certificates into `folder`."""
 
-    def __init__(self, folder: Path, name: str = "Townhall dev CA") -> None:
+    def __init__(
+        self, folder: Path, name: str = "Townhall dev CA", valid: datetime.timedelta = _VALID
+    ) -> None:
+        self._valid = valid
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -48,7 +51,7 @@ class Authority:
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALID)
+            .not_valid_after(now + self._valid)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
@@ -71,7 +74,7 @@ class Authority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALID)
+            .not_valid_after(now + self._valid)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import os
 import random
@@ -20,10 +21,12 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.admin import CreateAclsRequest
@@ -176,6 +179,21 @@ def _jaas(module: str, user: str, password: str, **extra: str) -> str:
     }[module]
     more = "".join(f' {k}="{v}"' for k, v in extra.items())
     return f'{login} required username="{user}" password="{password}"{more};'
+
+
+def chart_values(host: str, valid_days: int = 3650) -> dict[str, dict[str, Any]]:
+    """The chart's `kafka:` secrets for a bundled broker reached at `host` (its Service name): a password
+    per user (letters and digits) and a CA with the broker's certificate (PEM; the key PKCS#8)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca = Authority(Path(folder), "Townhall Kafka CA", datetime.timedelta(days=valid_days))
+        short = host.split(".")
+        names = tuple(
+            dict.fromkeys([host, *(".".join(short[:n]) for n in range(1, len(short))), "localhost"])
+        )
+        pem = ca.issue("kafka-broker", dns=names, ips=("127.0.0.1",))
+        tls = {"ca": ca.ca.read_text(), "cert": pem.cert.read_text(), "key": pem.key.read_text()}
+    passwords = {user: secrets.token_hex(24) for user in (ADMIN, *SERVICES)}
+    return {"users": {"passwords": passwords}, "tls": tls}
 
 
 @dataclass(frozen=True)
