@@ -2,7 +2,7 @@
 
 Admission, a relay and a notifier run in-process on topics of their own on the real broker, with an
 Inbox stream open (so the Inbox reader parses what arrives). Hypothesis draws records for every topic a
-Townhall process reads: garbage bytes, a message of another type, any field values of the right type,
+Townhall process reads (presence included: relays read leaves from it): garbage bytes, a message of another type, any field values of the right type,
 truncated messages, and records that are unsigned, signed with a key nobody holds, or signed by a role
 that may not write the topic. Afterwards every server answers SERVING, every record that no Townhall
 process could have written was skipped by every reader, and every consumer still acts on genuine
@@ -154,7 +154,8 @@ def site(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         addresses,
         writer,
         {
-            t.room_state: (ADMISSION, Room.DESCRIPTOR, 2),  # admission's replica and the relay
+            t.room_state: (ADMISSION, Room.DESCRIPTOR, 3),  # admission's replica, the relay, the notifier
+            t.presence: (ADMISSION, events_pb2.PresenceEvent.DESCRIPTOR, 1),  # the relay's leaves
             t.room_started: (ADMISSION, events_pb2.RoomStarted.DESCRIPTOR, 1),  # the planner
             t.relay_load: (RELAY, events_pb2.RelayLoad.DESCRIPTOR, 1),  # admission's placement
             t.fanout_fast: (NOTIFIER, events_pb2.FanoutTask.DESCRIPTOR, 1),  # the workers

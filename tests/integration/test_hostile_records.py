@@ -80,7 +80,7 @@ async def raw_writer(kafka: KafkaConfig) -> AsyncIterator[Callable[..., Awaitabl
     await producer.start()
 
     async def write(
-        topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
+        topic: str, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
     ) -> None:
         await producer.send_and_wait(topic, value, key=key, headers=headers)
 
@@ -129,7 +129,7 @@ async def test_bad_room_state_records_stop_neither_the_replica_nor_the_next_star
 
 async def test_a_room_change_from_a_writer_that_may_not_write_it_takes_no_effect(kafka: KafkaConfig) -> None:
     """A banned user stays banned at admission and on every relay when someone without the service key,
-    or a process that may not own rooms, writes the room again without the ban."""
+    or a process that may not own rooms, writes the room again without the ban, or deletes it."""
     topic = Topics(kafka.topic_prefix).room_state
     async with site(kafka, relays=2) as s:
         host, banned = s.user(), s.user()
@@ -147,15 +147,17 @@ async def test_a_room_change_from_a_writer_that_may_not_write_it_takes_no_effect
             await write(topic, key, value)  # no signature at all
             await write(topic, key, value, signed(topic, key, value, ADMISSION, s.admission, FORGER))
             await write(topic, key, value, signed(topic, key, value, CROWD, "crowd-lane:50061"))
-        # Three records, each skipped by three readers: admission and the two relays.
-        await settled(lambda: skipped(topic, UNSIGNED, FORGED) - before >= 9)
+            await write(topic, key, None)  # a tombstone: "the room is deleted"
+        # Four records, each skipped by three readers: admission and the two relays.
+        await settled(lambda: skipped(topic, UNSIGNED, FORGED) - before >= 12)
+        assert (await host.get_room(room.room_id)).version == held.version, "the room was deleted"
         error = await rpc_error(banned.join(room.room_id))
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "banned" in (error.details() or "")
         stream = banned.subscribe(grant, room.room_id)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(stream.read(), WAIT_S)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert skipped(topic, UNSIGNED, FORGED) - before >= 9
+        assert skipped(topic, UNSIGNED, FORGED) - before >= 12
         # The owner's own change after them takes effect as usual.
         await host.unban(room.room_id, banned.user)
         assert (await banned.join(room.room_id)).relay_address

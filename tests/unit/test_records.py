@@ -34,8 +34,9 @@ from townhall.core.records import (
     guarded,
 )
 from townhall.core.room_records import AnyOwner, ListedOwners, RoomRecords
+from townhall.relay.leaves import leave_record
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Removal, Room
-from townhall.v1.events_pb2 import Leads, RelayLoad
+from townhall.v1.events_pb2 import Leads, PresenceEvent, RelayLoad
 
 KAFKA = KafkaConfig(topic_prefix="unit")
 TOPICS = Topics("unit")
@@ -232,3 +233,36 @@ def test_relay_reports_take_effect_only_within_the_readers_clock() -> None:
     leads = report()
     leads.leads["a"].CopyFrom(Leads(user_ids=[1, 2, 3, 4]))
     assert verdict(leads) == INVALID, "more leads than a host and its co-hosts"
+
+
+def test_a_deletion_takes_effect_only_signed_by_an_owner_and_keyed_by_a_room() -> None:
+    records = RoomRecords(KAFKA, DEV_AUTH, ListedOwners(["a:1"]))
+    topic = records.topic
+    signer = RecordSigner(DEV_AUTH, Writer(ADMISSION, "a:1"))
+    assert records.deleted(Rec(topic, b"r1", None, signer.headers(topic, b"r1", b""))) == "r1"
+    before = {r: count(topic, r) for r in (UNSIGNED, FORGED, INVALID)}
+    assert records.deleted(Rec(topic, b"r1", None)) is None
+    moved = Rec(topic, b"r2", None, signer.headers(topic, b"r1", b""))  # a signed deletion moved to r2
+    assert records.deleted(moved) is None
+    stranger = RecordSigner(DEV_AUTH, Writer(ADMISSION, "stranger:1"))
+    assert records.deleted(Rec(topic, b"r1", None, stranger.headers(topic, b"r1", b""))) is None
+    assert records.deleted(Rec(topic, b"no room!", None, signer.headers(topic, b"no room!", b""))) is None
+    after = {r: count(topic, r) for r in (UNSIGNED, FORGED, INVALID)}
+    assert (after[UNSIGNED], after[FORGED], after[INVALID]) == (
+        before[UNSIGNED] + 1,
+        before[FORGED] + 2,
+        before[INVALID] + 1,
+    )
+
+
+def test_a_leave_must_name_a_room_valid_users_and_a_time_each() -> None:
+    ok = PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[5, 6], left_at_ms=[1, 2])
+    assert leave_record(Rec("p", b"r1", ok.SerializeToString()), None) == ok
+    for bad in (
+        PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r 1", user_ids=[5], left_at_ms=[1]),
+        PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[0], left_at_ms=[1]),
+        PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[5, 6], left_at_ms=[1]),
+        PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[5], left_at_ms=[1], relay="x"),
+    ):
+        with pytest.raises((BadRecord, InvalidArgument)):
+            leave_record(Rec("p", b"r1", bad.SerializeToString()), None)
