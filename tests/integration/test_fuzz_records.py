@@ -42,7 +42,7 @@ from townhall.core.auth import GRANTS
 from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.core.provenance import ADMISSION, NOTIFIER, RELAY, RecordSigner, Writer
-from townhall.core.records import FORGED, REASONS, UNSIGNED
+from townhall.core.records import FAILED, FORGED, REASONS, UNSIGNED
 from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
@@ -257,6 +257,10 @@ def test_every_consumer_went_past_the_records_and_still_acts_on_genuine_ones(sit
     site.bg.run(genuine(site))
     after = skips(prefix)
     site.skipped = {k: after.get(k, 0) - site.before.get(k, 0) for k in after}
+    failed = {t: n for (t, reason), n in site.skipped.items() if reason == FAILED and n}
+    assert not failed, (
+        f"a consumer raised on a record that passed its checks (see 'kafka record skipped'): {failed}"
+    )
     site.survived = True
 
 

@@ -34,7 +34,7 @@ from townhall.core.records import (
     guarded,
 )
 from townhall.core.room_records import AnyOwner, ListedOwners, RoomRecords
-from townhall.relay.leaves import leave_record
+from townhall.relay.leaves import is_leave, leave_record
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Removal, Room
 from townhall.v1.events_pb2 import Leads, PresenceEvent, RelayLoad
 
@@ -266,3 +266,9 @@ def test_a_leave_must_name_a_room_valid_users_and_a_time_each() -> None:
     ):
         with pytest.raises((BadRecord, InvalidArgument)):
             leave_record(Rec("p", b"r1", bad.SerializeToString()), None)
+
+
+def test_only_a_leave_with_times_is_a_leave() -> None:
+    join = PresenceEvent(kind=PresenceEvent.KIND_JOIN, room_id="r1", user_ids=[5, 6], left_at_ms=[1])
+    assert not is_leave(leave_record(Rec("p", b"r1", join.SerializeToString()), None))
+    assert not is_leave(PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[5]))

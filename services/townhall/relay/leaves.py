@@ -11,6 +11,7 @@ one would cut any listener off.
 from __future__ import annotations
 
 import time
+from typing import TypeGuard
 
 from townhall.core import logging, validation
 from townhall.core.config import AuthConfig, KafkaConfig
@@ -54,7 +55,7 @@ class LeaveFollower:
 
     def _record(self, record: Record) -> None:
         event = self._reader.read(record, leave_record)
-        if event is None or not event.left_at_ms or event.relay not in ("", self._relay):
+        if not is_leave(event) or event.relay not in ("", self._relay):
             return
         now_ms = time.time_ns() // 1_000_000
         latest = now_ms + MAX_AHEAD_MS
@@ -70,11 +71,16 @@ class LeaveFollower:
             )
 
 
+def is_leave(event: PresenceEvent | None) -> TypeGuard[PresenceEvent]:
+    """Whether a presence record is a leave that voids tickets (joins and plain leaves are not)."""
+    return event is not None and event.kind == PresenceEvent.KIND_LEAVE and bool(event.left_at_ms)
+
+
 def leave_record(record: Record, _writer: Writer | None) -> PresenceEvent:
     """A presence record, checked when it is a leave that voids tickets: a room, valid users, a time each."""
     event = PresenceEvent.FromString(record.value or b"")
-    if event.kind != PresenceEvent.KIND_LEAVE or not event.left_at_ms:
-        return event  # joins and plain leaves: nothing on a relay acts on them
+    if not is_leave(event):
+        return event  # nothing on a relay acts on it
     validation.room_id(event.room_id, "room_id")
     validation.user_ids(event.user_ids, "user_ids", MAX_USERS)
     if event.relay:
