@@ -50,8 +50,8 @@ integration: setup prometheus ## Run the integration tests only (real Kafka brok
 	$(BIN)/pytest -q -ra tests/integration
 
 FUZZ_EXAMPLES ?= 200
-fuzz: setup ## Fuzz every RPC with hostile input, FUZZ_EXAMPLES per class (200; 3-12 min); counts in .townhall/fuzz/
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py
+fuzz: setup ## Fuzz every RPC and every Kafka consumer with hostile input, FUZZ_EXAMPLES per class (200); counts in .townhall/fuzz/
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py tests/integration/test_fuzz_records.py
 
 lint: setup ## ruff and mypy on the package
 	$(BIN)/ruff check services tests deploy

@@ -147,7 +147,19 @@ def kafka_panels() -> list[Panel]:
             "short",
             "Best-effort events (presence) wait in a bounded queue; a full queue drops and counts them.",
         ),
+        skipped_panel(),
     ]
+
+
+def skipped_panel() -> Panel:
+    """Kafka records consumers skipped (core/records.py), by topic and reason."""
+    return Panel(
+        "Kafka records skipped/s by topic and reason",
+        [(rate("townhall_kafka_records_skipped_total", "topic, reason"), "{{topic}} {{reason}}")],
+        "ops",
+        "Records a consumer did not act on: malformed, invalid, unsigned, forged, stale or failed "
+        "(docs/hostile-input.md). Normally none.",
+    )
 
 
 OVERVIEW = Dashboard(
@@ -226,6 +238,7 @@ OVERVIEW = Dashboard(
             "short",
             "Records between each consumer group's position and the end of each topic.",
         ),
+        skipped_panel(),
     ],
 )
 

@@ -42,6 +42,7 @@ EXPECTED_EMPTY_WHEN_HEALTHY = frozenset(
     {
         "townhall_kafka_produce_errors_total",
         "townhall_events_dropped_total",
+        "townhall_kafka_records_skipped_total",
     }
 )
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.chart.helpers import (
     CHART,
@@ -33,9 +36,11 @@ from tests.chart.helpers import (
     values_file,
     workload,
 )
+from townhall.core.config import Config
 from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics
 from townhall.devtools.certs import Authority
+from townhall.devtools.kafka_broker import SECURE_SETTINGS, Acl, acls
 
 Render = Callable[..., list[Manifest]]
 SERVICES = ("admission", "admission-crowd", "relay", "notifier")
@@ -132,7 +137,7 @@ def test_every_container_has_resources_and_every_server_has_probes(render: Rende
             resources = c.get("resources", {})
             assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{where}: requests"
             assert "memory" in resources.get("limits", {}), f"{where}: memory limit"
-            if owner["kind"] in {"Job", "Pod"}:
+            if owner["kind"] in {"Job", "Pod"} or c in spec.get("initContainers", []):
                 continue  # run to completion
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert probe in c, f"{where}: {probe}"
@@ -291,11 +296,11 @@ def test_pods_are_locked_down(render: Render, scenario: str) -> None:
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         # Service links would put TOWNHALL_*_PORT (and KAFKA_PORT) variables in the environment.
         assert spec["enableServiceLinks"] is False, where
-        for c in spec["containers"]:
+        for c in spec.get("initContainers", []) + spec["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
-            if component(owner) != "kafka":  # the Kafka image writes its config at start
-                assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            # The broker too: it writes only to /tmp, its keystore volume and its data volume.
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -344,7 +349,7 @@ def test_the_host_failover_grace_reaches_admission_through_the_config_loader(ren
     ):
         manifests = render(None, *flags)
         (c,) = workload(manifests, "admission")["spec"]["template"]["spec"]["containers"]
-        config = load_config(env=container_env(manifests, c, "admission-0"))
+        config = service_config(manifests, c, "admission-0")
         assert config.admission.host_grace_s == expected, flags
         # Presence comes from the relays' load reports: they are on, and often enough for the grace.
         assert config.relay.load_report_ms > 0
@@ -402,18 +407,43 @@ def test_external_kafka_has_no_bundled_broker(render: Render) -> None:
 
 
 @pytest.mark.parametrize("scenario", ["kind-default", "multi-shard"])
-def test_bundled_broker_is_kraft_without_topic_auto_creation(render: Render, scenario: str) -> None:
+def test_bundled_broker_is_kraft_on_sasl_ssl_with_acls_and_no_topic_auto_creation(
+    render: Render, scenario: str
+) -> None:
     manifests = render(scenario)
     broker = workload(manifests, "kafka")
-    (c,) = broker["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    spec = broker["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
     assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", c["image"])
+    # The chart's own start script, with the image's /opt/kafka/bin scripts (not its entrypoint).
+    assert c["command"] == ["/bin/bash", "/etc/kafka/config/start.sh"]
+    script = kafka_files(manifests)["start.sh"]
+    assert (
+        '$home/bin/kafka-storage.sh" format --ignore-formatted' in script
+        and "kafka-server-start.sh" in script
+    )
+    props = broker_properties(manifests)
     bootstrap = configmap(manifests)["TOWNHALL_KAFKA_BOOTSTRAP"]
-    assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{bootstrap}"
     assert bootstrap.startswith(f"{RELEASE}-kafka.{NAMESPACE}.svc")
+    assert props["process.roles"] == "broker,controller"
+    assert props["auto.create.topics.enable"] == "false"
+    assert props["advertised.listeners"] == f"CLIENT://{bootstrap}"
+    assert props["listeners"].endswith("CONTROLLER://127.0.0.1:9093"), "the controller is loopback only"
+    assert props["listener.security.protocol.map"] == "CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_SSL"
+    assert props["allow.everyone.if.no.acl.found"] == "false" and props["super.users"] == "User:admin"
+    assert not any("password" in key or "jaas" in key for key in props), "secrets stay out of the ConfigMap"
+    # The same security settings as the local broker's secure mode (devtools/kafka_broker.py).
+    assert {k: props.get(k) for k in SECURE_SETTINGS} == SECURE_SETTINGS
+    # The key Kafka reads is made PKCS#8 by the Townhall image before the broker starts.
+    (init,) = spec["initContainers"]
+    assert init["command"][:4] == ["python", "-m", "townhall.devtools.certs", "keystore"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert topics_job(manifests)["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # Every service connects over SASL_SSL as its own user, and checks the broker against the CA.
+    config = configmap(manifests)
+    assert config["TOWNHALL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert config["TOWNHALL_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert config["TOWNHALL_KAFKA_CA"] == "/etc/townhall/kafka/ca.crt"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -612,7 +642,7 @@ def test_the_crowd_lane_runs_admission_pods_that_own_no_rooms(render: Render, en
         m for m in crowd if m["kind"] == "Service" and not m["metadata"]["name"].endswith("-headless")
     )
     assert [p["port"] for p in service["spec"]["ports"]] == [50061]
-    env_of_pods = load_config(env=container_env(manifests, container, "crowd-pod"))
+    env_of_pods = service_config(manifests, container, "crowd-pod")
     assert not env_of_pods.admission.owner and env_of_pods.admission.max_pending_requests == 16
 
 
@@ -707,7 +737,8 @@ def test_internal_ports_are_only_on_headless_services_and_only_townhall_pods_rea
             assert "internal" in ports, name
         else:
             assert "internal" not in ports, f"{name} exposes an internal port"
-    policies = by_kind(manifests, "NetworkPolicy")
+    # The bundled broker's policy is test_only_townhall_pods_may_reach_the_bundled_broker's.
+    policies = {n: p for n, p in by_kind(manifests, "NetworkPolicy").items() if n != f"{RELEASE}-kafka"}
     assert set(policies) == {f"{RELEASE}-{n}" for n in SERVICES}
     pods_of_release = {"app.kubernetes.io/name": "townhall", "app.kubernetes.io/instance": RELEASE}
     for name, policy in policies.items():
@@ -777,6 +808,22 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
             "/metrics/serviceMonitor/relabelings/0",
         ),
         (["--set", "global=1"], "/global"),
+        (["--set", "kafka.external.securityProtocol=TLS"], "/kafka/external/securityProtocol"),
+        (
+            [
+                "--set",
+                "kafka.bundled=false",
+                "--set",
+                "kafka.external.bootstrap=kafka:9093",
+                "--set",
+                "kafka.users.passwords.admin=",
+            ],
+            "kafka.users.passwords (admin) or kafka.users.existingSecret are required",
+        ),
+        (["--set", "kafka.users.passwords.relay=short"], "/kafka/users/passwords/relay"),
+        (["--set", "kafka.users.relay=two words"], "/kafka/users/relay"),
+        (["--set", "config.kafka.max_clock_skew_ms=-1"], "/config/kafka/max_clock_skew_ms"),
+        (["--set", "config.kafka.password=x"], "/config/kafka"),
     ],
 )
 def test_bad_values_fail_at_install(helm: Path, flags: list[str], message: str) -> None:
@@ -868,12 +915,147 @@ def mounted_files(folder: Path) -> dict[str, Path]:
             }
         )
     )
+    password = folder / "kafka-password"
+    password.write_text("kafka-user-password\n")
     return {
         "/etc/townhall/tls/tls.crt": pem.cert,
         "/etc/townhall/tls/tls.key": pem.key,
         "/etc/townhall/tls/ca.crt": ca.ca,
         "/etc/townhall/jwks/jwks.json": jwks,
+        "/etc/townhall/kafka/ca.crt": ca.ca,
+        "/etc/townhall/kafka/password": password,
     }
+
+
+@functools.cache
+def _mounted() -> dict[str, Path]:
+    return mounted_files(Path(tempfile.mkdtemp(prefix="townhall-chart-")))
+
+
+def service_config(manifests: list[Manifest], container: dict[str, Any], pod_name: str) -> Config:
+    """What townhall.core.config makes of a container's env, with real files where it reads Secret volumes."""
+    env = container_env(manifests, container, pod_name)
+    return load_config(env={k: str(_mounted().get(v, v)) for k, v in env.items()})
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_each_service_connects_as_its_own_kafka_user_and_holds_only_its_password(
+    render: Render, scenario: str
+) -> None:
+    manifests = render(scenario)
+    users = yaml.safe_load(values_file(scenario).read_text()).get("kafka", {}).get("users", {})
+    for name in SERVICES:
+        service = name.removesuffix("-crowd")  # the crowd lane is admission
+        spec = workload(manifests, name)["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["TOWNHALL_KAFKA_USERNAME"] == users.get(service, service)
+        assert env["TOWNHALL_KAFKA_PASSWORD_FILE"] == "/etc/townhall/kafka/password"
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "kafka"]
+        items = {s["secret"]["name"]: s["secret"]["items"] for s in volume["projected"]["sources"]}
+        assert [{"key": service, "path": "password"}] in items.values(), "its own password and no other"
+        assert [{"key": "ca.crt", "path": "ca.crt"}] in items.values(), "the CA, never the broker's key"
+        assert {"name": "kafka", "mountPath": "/etc/townhall/kafka", "readOnly": True} in c["volumeMounts"]
+        assert service_config(manifests, c, f"{name}-0").kafka.username == users.get(service, service)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_topics_job_signs_in_as_admin_and_grants_each_service_only_its_own_topics(
+    render: Render, scenario: str
+) -> None:
+    manifests = render(scenario)
+    config = configmap(manifests)
+    job = topics_job(manifests)
+    script = job_script(job)
+    commands = [line.strip() for line in script.splitlines() if line.strip().startswith('"$')]
+    assert commands and all('--command-config "$client"' in line for line in commands)
+    assert 'username="admin"' in script and "/etc/kafka/users/admin" in script
+    bundled = scenario != "external-kafka"
+    granted = set()
+    for line in commands:
+        if "kafka-acls.sh" not in line:
+            continue
+        principal = re.search(r"--allow-principal (\S+)", line).group(1)  # type: ignore[union-attr]
+        operation = re.search(r"--operation (\S+)", line).group(1)  # type: ignore[union-attr]
+        prefixed = "--resource-pattern-type prefixed" in line
+        for resource, name in re.findall(r"--(topic|group) (\S+)", line):
+            granted.add(Acl(principal, operation, resource, name, prefixed))
+    if not bundled:
+        assert not granted, "an external cluster's ACLs are its operators'"
+        return
+    prefix, group = config["TOWNHALL_KAFKA_TOPIC_PREFIX"], config["TOWNHALL_NOTIFIER_GROUP_ID"]
+    assert granted == set(acls(Topics(prefix), group))
+    for user in ("admission", "relay", "notifier"):
+        assert (
+            f'--entity-name {user} --add-config "SCRAM-SHA-512=[password=$(cat /etc/kafka/users/{user})]"'
+            in script
+        )
+
+
+def test_kafka_users_and_certificate_are_given_never_generated(render: Render, helm: Path) -> None:
+    manifests = render(None)
+    given = yaml.safe_load(TEST_KEYS.read_text())["kafka"]
+    secrets = by_kind(manifests, "Secret")
+    users = {k: base64.b64decode(v).decode() for k, v in secrets[f"{RELEASE}-kafka-users"]["data"].items()}
+    assert users == given["users"]["passwords"]
+    tls = {k: base64.b64decode(v).decode() for k, v in secrets[f"{RELEASE}-kafka-tls"]["data"].items()}
+    assert (tls["ca.crt"], tls["tls.crt"], tls["tls.key"]) == (
+        given["tls"]["ca"],
+        given["tls"]["cert"],
+        given["tls"]["key"],
+    )
+    # The certificate `townhall keys --helm --kafka-host` makes names the broker's Service.
+    cert = x509.load_pem_x509_certificate(tls["tls.crt"].encode())
+    assert cert.issuer == x509.load_pem_x509_certificate(tls["ca.crt"].encode()).subject
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    host = configmap(manifests)["TOWNHALL_KAFKA_BOOTSTRAP"].rpartition(":")[0]
+    assert host in names.get_values_for_type(x509.DNSName)
+    for flags, words in (
+        (
+            ("--set", "kafka.users.passwords.relay="),
+            "kafka.users.passwords (relay) or kafka.users.existingSecret",
+        ),
+        (("--set", "kafka.tls.key="), "kafka.tls (ca, cert, key) or kafka.tlsSecret"),
+    ):
+        result = run_helm(helm, *template_args(None, *flags))
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+        assert f"townhall keys --helm --kafka-host {host}" in result.stderr
+    named = render(None, "--set", "kafka.users.existingSecret=my-users", "--set", "kafka.tlsSecret=my-tls")
+    assert not [n for n in by_kind(named, "Secret") if n.startswith(f"{RELEASE}-kafka")]
+    spec = workload(named, "kafka")["spec"]["template"]["spec"]
+    mounted = {v["name"]: v.get("secret", {}).get("secretName") for v in spec["volumes"]}
+    assert (mounted["users"], mounted["tls"]) == ("my-users", "my-tls")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_only_townhall_pods_may_reach_the_bundled_broker(render: Render, scenario: str) -> None:
+    policies = by_kind(render(scenario), "NetworkPolicy")
+    kafka = policies.get(f"{RELEASE}-kafka")
+    if scenario == "external-kafka":
+        assert kafka is None
+        return
+    assert kafka is not None
+    spec = kafka["spec"]
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "kafka"
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "kafka", "protocol": "TCP"}]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    (expression,) = source["podSelector"]["matchExpressions"]
+    assert set(expression["values"]) == {*SERVICES, "topics"}
+    assert not by_kind(render(scenario, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def kafka_files(manifests: list[Manifest]) -> dict[str, str]:
+    """The bundled broker's ConfigMap data (server.properties, start.sh)."""
+    return by_kind(manifests, "ConfigMap")[f"{RELEASE}-kafka"]["data"]
+
+
+def broker_properties(manifests: list[Manifest]) -> dict[str, str]:
+    """The bundled broker's server.properties as a dict."""
+    lines = kafka_files(manifests)["server.properties"].splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def topics_job(manifests: list[Manifest]) -> Manifest:

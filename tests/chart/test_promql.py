@@ -28,7 +28,7 @@ import importlib, sys, time
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-modules = ["townhall.core.metrics", "townhall.core.kafka", "townhall.admission.metrics",
+modules = ["townhall.core.metrics", "townhall.core.kafka", "townhall.core.records", "townhall.admission.metrics",
            "townhall.relay.metrics", "townhall.notifier.metrics"]
 # Module-level children (a metric with its labels already set) are covered by their parent.
 metrics = [m for name in modules for m in vars(importlib.import_module(name)).values()

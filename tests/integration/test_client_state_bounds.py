@@ -23,6 +23,7 @@ from townhall.admission.app import AdmissionApp
 from townhall.client import Client
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
+from townhall.core.records import Record
 from townhall.notifier.app import NotifierApp
 from townhall.v1 import graph_pb2, graph_pb2_grpc, moderation_pb2, rooms_pb2
 from townhall.v1.common_pb2 import RoomState
@@ -102,8 +103,8 @@ async def test_starting_a_live_room_again_answers_the_room_and_notifies_no_follo
     assert all(r.state == RoomState.ROOM_STATE_LIVE and r.version == first.version for r in again)
     started: list[str] = []
 
-    def count(_key: bytes | None, value: bytes | None) -> None:
-        if value and RoomStarted.FromString(value).room.room_id == room.room_id:
+    def count(record: Record) -> None:
+        if record.value and RoomStarted.FromString(record.value).room.room_id == room.room_id:
             started.append(room.room_id)
 
     # Each StartRoom answered after its room-started record (if any) was acknowledged.
@@ -170,9 +171,9 @@ async def test_ended_and_never_started_rooms_are_released_by_every_process_once_
             await host.close()
     last: dict[str, bytes | None] = {}
 
-    def keep(key: bytes | None, value: bytes | None) -> None:
-        if key:
-            last[key.decode()] = value
+    def keep(record: Record) -> None:
+        if record.key:
+            last[record.key.decode()] = record.value
 
     await read_to_end(kafka, Topics(kafka.topic_prefix).room_state, keep)
     assert missing == [grpc.StatusCode.NOT_FOUND] * 11

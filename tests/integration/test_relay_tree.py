@@ -26,7 +26,7 @@ from townhall.admission.placement import Placement, Placer
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
-from townhall.core.config import DEV_SERVICE_KEY, KafkaConfig
+from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, KafkaConfig
 from townhall.core.credentials import ServiceCredential
 from townhall.core.tickets import TICKET_KEY
 from townhall.core.tokens import SigningKey
@@ -327,7 +327,7 @@ async def test_relays_report_their_load_and_admission_places_on_the_reports(kafk
         listeners = [t.listen(0, 100 + i) for i in range(3)]
         await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and len(room.subscribers) == 3)
         placer = Placer(t.addresses, edge_target=3, degree=2, default_capacity=100)
-        follower = RelayLoadFollower(kafka, placer)
+        follower = RelayLoadFollower(kafka, DEV_AUTH, placer)
         follower.start()
         try:
             await wait_for(lambda: placer.carried(t.addresses[0], ROOM) == 3, within_s=20)

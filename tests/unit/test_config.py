@@ -187,3 +187,58 @@ def test_limits_from_the_environment() -> None:
     assert config.limits.enabled and config.limits.exempt == ("127.0.0.0/8", "::1/128")
     assert config.limits.reads_address == 0.0
     assert config.server.request_timeout_ms == 5_000
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "TLS"}, "kafka.security_protocol must be one of"),
+        ({"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "kafka.username is required"),
+        (
+            {"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "TOWNHALL_KAFKA_USERNAME": "relay"},
+            "kafka.password_file or kafka.password (TOWNHALL_KAFKA_PASSWORD) is required",
+        ),
+        (
+            {
+                "TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "TOWNHALL_KAFKA_USERNAME": "relay",
+                "TOWNHALL_KAFKA_PASSWORD_FILE": "/nonexistent/password",
+            },
+            "kafka.password_file: cannot read /nonexistent/password",
+        ),
+        (
+            {
+                "TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "TOWNHALL_KAFKA_USERNAME": "relay",
+                "TOWNHALL_KAFKA_PASSWORD": "p",
+                "TOWNHALL_KAFKA_SASL_MECHANISM": "GSSAPI",
+            },
+            "kafka.sasl_mechanism must be one of",
+        ),
+        ({"TOWNHALL_KAFKA_USERNAME": "relay"}, "need a SASL kafka.security_protocol"),
+        ({"TOWNHALL_KAFKA_CA": "/etc/ca.pem"}, "kafka.ca needs kafka.security_protocol SSL or SASL_SSL"),
+        ({"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SSL", "TOWNHALL_KAFKA_CERT": "/c.pem"}, "go together"),
+        (
+            {"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SSL", "TOWNHALL_KAFKA_CA": "/nonexistent/ca.pem"},
+            "kafka.ca: cannot read /nonexistent/ca.pem",
+        ),
+        ({"TOWNHALL_KAFKA_MAX_CLOCK_SKEW_MS": "-1"}, "kafka.max_clock_skew_ms must be within"),
+    ],
+)
+def test_bad_kafka_security_settings_name_their_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env=env)
+    assert message in str(info.value)
+
+
+def test_the_kafka_password_comes_from_its_file_when_set_and_is_never_shown(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-the-file\n")
+    base = {"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "TOWNHALL_KAFKA_USERNAME": "admission"}
+    kafka = load(env={**base, "TOWNHALL_KAFKA_PASSWORD_FILE": str(secret)}).kafka
+    assert kafka.secret() == "from-the-file"
+    kafka = load(env={**base, "TOWNHALL_KAFKA_PASSWORD": "from-the-env"}).kafka
+    assert kafka.secret() == "from-the-env"
+    assert "from-the-env" not in repr(kafka)
+    secret.write_text("rotated\n")  # read when a client is made, so a rotated Secret is picked up
+    assert load(env={**base, "TOWNHALL_KAFKA_PASSWORD_FILE": str(secret)}).kafka.secret() == "rotated"

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from townhall.core.config import DEV_AUTH, KafkaConfig
 from townhall.core.errors import LimitReached
-from townhall.core.kafka import Topics
+from townhall.core.kafka import Topics, reader
+from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.notifier import blocks as blk
 from townhall.notifier.lanes import LaneChooser
 from townhall.notifier.offsets import OffsetBook
@@ -151,7 +153,7 @@ class FakeProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
 
-    async def send(self, topic: str, value: bytes, key: bytes) -> object:
+    async def send(self, topic: str, value: bytes, key: bytes, headers: object = None) -> object:
         import asyncio
 
         self.sent.append((topic, key, value))
@@ -194,6 +196,8 @@ async def test_planning_the_same_start_twice_gives_the_same_tasks_on_the_right_l
         Placement("me:1", []),
         bulk_threshold=100,
         task_users=4096,
+        signer=RecordSigner(DEV_AUTH, Writer(NOTIFIER, "me:1")),
+        records=reader(KafkaConfig(topic_prefix="x"), DEV_AUTH, topics.room_started),
     )  # type: ignore[arg-type]
 
     first = await planner.plan(_event(7))

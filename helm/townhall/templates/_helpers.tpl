@@ -312,6 +312,13 @@ is not the component (the crowd lane runs townhall.admission).
           name: {{ include "townhall.secretName" $ctx }}
           key: {{ $key }}
     {{- end }}
+    {{- if hasPrefix "SASL_" (include "townhall.kafkaProtocol" $ctx) }}
+    {{- /* This service's own Kafka user: ACLs let it write only its own topics. */}}
+    - name: TOWNHALL_KAFKA_USERNAME
+      value: {{ index $ctx.Values.kafka.users (.module | default .component) | quote }}
+    - name: TOWNHALL_KAFKA_PASSWORD_FILE
+      value: /etc/townhall/kafka/password
+    {{- end }}
     {{- with .extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -352,6 +359,11 @@ is not the component (the crowd lane runs townhall.admission).
       mountPath: /etc/townhall/jwks
       readOnly: true
     {{- end }}
+    {{- if include "townhall.kafkaVolume" (dict "ctx" $ctx "service" "admission") }}
+    - name: kafka
+      mountPath: /etc/townhall/kafka
+      readOnly: true
+    {{- end }}
     {{- with .extraMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -375,5 +387,80 @@ The volumes every Townhall pod has: /tmp, and the TLS and JWKS Secrets when conf
     items:
       - key: jwks.json
         path: jwks.json
+{{- end }}
+{{- end }}
+
+{{/*
+The security protocol every Townhall Kafka client uses: SASL_SSL with the bundled broker, else
+kafka.external.securityProtocol.
+*/}}
+{{- define "townhall.kafkaProtocol" -}}
+{{- if .Values.kafka.bundled }}SASL_SSL{{ else }}{{ .Values.kafka.external.securityProtocol }}{{ end }}
+{{- end }}
+
+{{/*
+The SASL mechanism of the Kafka clients: SCRAM-SHA-512 with the bundled broker.
+*/}}
+{{- define "townhall.kafkaMechanism" -}}
+{{- if .Values.kafka.bundled }}SCRAM-SHA-512{{ else }}{{ .Values.kafka.external.saslMechanism }}{{ end }}
+{{- end }}
+
+{{/*
+The Secret holding the Kafka users' passwords (keys admin, admission, relay, notifier): the given one, or
+the chart's, made from kafka.users.passwords.
+*/}}
+{{- define "townhall.kafkaUsersSecret" -}}
+{{- default (include "townhall.componentName" (dict "ctx" . "component" "kafka-users")) .Values.kafka.users.existingSecret }}
+{{- end }}
+
+{{/*
+The bundled broker's host name, the name its certificate must carry (the bootstrap address's host).
+*/}}
+{{- define "townhall.kafkaHost" -}}
+{{- printf "%s.%s.svc.%s" (include "townhall.componentName" (dict "ctx" . "component" "kafka")) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The bundled broker's certificate Secret (tls.crt, tls.key, ca.crt): kafka.tlsSecret, or the chart's, made
+from kafka.tls.
+*/}}
+{{- define "townhall.kafkaTlsSecret" -}}
+{{- default (include "townhall.componentName" (dict "ctx" . "component" "kafka-tls")) .Values.kafka.tlsSecret }}
+{{- end }}
+
+{{/*
+The Secret whose ca.crt the Kafka clients check the brokers against; empty when there is none.
+*/}}
+{{- define "townhall.kafkaCaSecret" -}}
+{{- if .Values.kafka.bundled }}{{ include "townhall.kafkaTlsSecret" . }}{{ else if has .Values.kafka.external.securityProtocol (list "SSL" "SASL_SSL") }}{{ .Values.kafka.external.caSecret }}{{ end }}
+{{- end }}
+
+{{/*
+A Kafka client pod's credentials volume: only its own user's password, and the CA. Call with
+(dict "ctx" $ "service" "relay"); renders nothing when the connection needs neither.
+*/}}
+{{- define "townhall.kafkaVolume" -}}
+{{- $ctx := .ctx }}
+{{- $sasl := hasPrefix "SASL_" (include "townhall.kafkaProtocol" $ctx) }}
+{{- $ca := include "townhall.kafkaCaSecret" $ctx }}
+{{- if or $sasl $ca }}
+- name: kafka
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- if $sasl }}
+      - secret:
+          name: {{ include "townhall.kafkaUsersSecret" $ctx }}
+          items:
+            - key: {{ .service }}
+              path: password
+      {{- end }}
+      {{- if $ca }}
+      - secret:
+          name: {{ $ca }}
+          items:
+            - key: ca.crt
+              path: ca.crt
+      {{- end }}
 {{- end }}
 {{- end }}

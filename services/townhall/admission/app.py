@@ -31,6 +31,8 @@ from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import EventQueue, Topics, producer
 from townhall.core.liveness import Prober
 from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
+from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
+from townhall.core.room_records import AnyOwner, ListedOwners, Ownership, RoomRecords
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TicketSigner
 from townhall.v1 import (
@@ -48,6 +50,14 @@ from townhall.v1.common_pb2 import Room, RoomState
 log = logging.get(__name__)
 
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def ownership_for(config: AdmissionConfig) -> Ownership:
+    """Who this process takes for a room's owner when it reads room-state (core/room_records.py): one of
+    the configured members, or (Kubernetes membership, a single process) any admission process."""
+    if config.membership == "static" and config.members:
+        return ListedOwners(config.members)
+    return AnyOwner()
 
 
 def membership_for(config: AdmissionConfig) -> Membership:
@@ -84,7 +94,9 @@ class AdmissionApp:
         self._tasks: set[asyncio.Task[None]] = set()
         member = f"{socket.gethostname()}/{own.listen}"
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
-        self.store = RoomStore(config.kafka, self._producer, own.rooms_per_host_per_hour)
+        signer = RecordSigner(config.auth, Writer(ADMISSION if own.owner else CROWD, own.address))
+        records = RoomRecords(config.kafka, config.auth, ownership_for(own))
+        self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
         self._listed = membership_for(own)
         # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
         self.prober = Prober(
@@ -108,13 +120,15 @@ class AdmissionApp:
             own.crowd_joins_per_s,
             self._mark_crowd,
         )
-        self._events = EventQueue(self._producer, config.admission.event_queue)
+        self._events = EventQueue(self._producer, config.admission.event_queue, signer)
         relay = config.relay
         self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
         # Host failover reads who of each room's hosts is connected from the same relay reports.
         report_s = relay.load_report_ms / 1000
         self.stage_presence = StagePresence(fresh_s=max(3 * report_s, 1.0))
-        self._relay_loads = RelayLoadFollower(config.kafka, self.placer, self.stage_presence.observe_report)
+        self._relay_loads = RelayLoadFollower(
+            config.kafka, config.auth, self.placer, self.stage_presence.observe_report
+        )
         self.presence = Presence(
             self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
         )

@@ -89,6 +89,11 @@ class Placer:
         # Live rooms' origins as their relays report them: a room stays where its speakers are.
         self._origins: dict[str, str] = {}
 
+    @property
+    def stale_s(self) -> float:
+        """How long a relay's report counts: a relay silent for longer has gone quiet."""
+        return self._stale_s
+
     def set_relays(self, relays: Sequence[str]) -> None:
         """The relay members changed (configuration or membership)."""
         self._relays = list(relays)

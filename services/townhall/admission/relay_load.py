@@ -1,22 +1,31 @@
-"""Follows the compacted relay-load topic into the placer, so joins are placed on fresh relay loads."""
+"""Follows the compacted relay-load topic into the placer, so joins are placed on fresh relay loads.
+
+A report steers every admission process (where listeners go, which relay is a room's origin, who of a
+room's hosts is connected), so it takes effect only if a relay signed it for its own address and it is
+stamped within the reader's clock: a report from the future would outrank every genuine one for good, and
+one older than the placer's staleness describes a relay that has gone quiet.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
-
 from townhall.admission.placement import Load, Placer
-from townhall.core import logging
-from townhall.core.config import KafkaConfig
-from townhall.core.kafka import Topics
+from townhall.core import logging, validation
+from townhall.core.config import AuthConfig, KafkaConfig
+from townhall.core.kafka import Follower, Topics, read_to_end, reader
+from townhall.core.provenance import Writer
+from townhall.core.records import FORGED, INVALID, STALE, BadRecord, Record
 from townhall.core.tasks import cancel
 from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
+
+# Rooms one report may list (a relay carries at most its listener capacity, a few thousand).
+MAX_ROOMS = 100_000
+MAX_LEADS = 1 + validation.MAX_COHOSTS
 
 
 def to_load(value: bytes | RelayLoad) -> Load:
@@ -32,18 +41,57 @@ def to_load(value: bytes | RelayLoad) -> Load:
     )
 
 
+class ReportCheck:
+    """Parses and checks one relay-load record (pure, with a clock): BadRecord if it must not steer."""
+
+    def __init__(self, max_age_s: float, skew_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._max_age_s = max_age_s
+        self._skew_s = skew_s
+        self._clock = clock
+
+    def __call__(self, record: Record, writer: Writer | None) -> RelayLoad:
+        report = RelayLoad.FromString(record.value or b"")
+        validation.address(report.relay, "relay")
+        if record.key != report.relay.encode():
+            raise BadRecord(INVALID, f"the record's key is not the reporting relay ({report.relay})")
+        if writer is not None and writer.member != report.relay:
+            raise BadRecord(FORGED, f"relay {writer.member} may not report for relay {report.relay}")
+        age_s = self._clock() - report.at_ms / 1000
+        if age_s > self._max_age_s or -age_s > self._skew_s:
+            raise BadRecord(
+                STALE,
+                f"relay {report.relay}'s report is stamped {age_s:+.1f} s from now "
+                f"(within {-self._skew_s:g}..{self._max_age_s:g} s takes effect)",
+            )
+        for name, rooms in (("rooms", report.rooms), ("origins", report.origins), ("leads", report.leads)):
+            if len(rooms) > MAX_ROOMS:
+                raise BadRecord(INVALID, f"{name} lists {len(rooms)} rooms; at most {MAX_ROOMS}")
+            for room_id in rooms:
+                validation.room_id(room_id, name)
+        for room_id, leads in report.leads.items():
+            validation.user_ids(leads.user_ids, f"leads[{room_id}]", MAX_LEADS)
+        return report
+
+
 class RelayLoadFollower:
     """Reads every relay's latest report (from the beginning, no consumer group) and keeps following."""
 
     def __init__(
-        self, kafka: KafkaConfig, placer: Placer, on_report: Callable[[RelayLoad], None] | None = None
+        self,
+        kafka: KafkaConfig,
+        auth: AuthConfig,
+        placer: Placer,
+        on_report: Callable[[RelayLoad], None] | None = None,
     ) -> None:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).relay_load
+        self._reader = reader(kafka, auth, self._topic)
+        self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_ms / 1000)
         self._placer = placer
         # Also given every report (host failover reads who of each room's hosts is connected).
         self._on_report = on_report
         self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
 
     def start(self) -> None:
         """Starts following in the background; until reports arrive, placement is by rendezvous alone."""
@@ -52,31 +100,25 @@ class RelayLoadFollower:
     async def close(self) -> None:
         """Stops following."""
         await cancel(self._task)
+        if self._follower is not None:
+            await self._follower.close()
+
+    def _record(self, record: Record) -> None:
+        report = self._reader.read(record, self._check)
+        if report is None:
+            return
+        self._placer.observe(to_load(report))
+        if self._on_report is not None:
+            self._on_report(report)
 
     async def _run(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(
-                self._topic,
-                bootstrap_servers=self._kafka.bootstrap,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                metadata_max_age_ms=5_000,
-            )
             try:
-                await consumer.start()
-                async for record in consumer:
-                    if record.value is None:
-                        continue
-                    try:
-                        report = RelayLoad.FromString(record.value)
-                        self._placer.observe(to_load(report))
-                        if self._on_report is not None:
-                            self._on_report(report)
-                    except ValueError as exc:  # DecodeError is a ValueError: skip a bad record
-                        log.warning("bad relay load report", topic=self._topic, error=str(exc))
-            except KafkaError as exc:
-                log.warning("relay load reports unavailable", topic=self._topic, error=str(exc))
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                ends = await read_to_end(self._kafka, self._topic, self._record)
+                follower = Follower(self._kafka, ends, self._record, "relay-load-follower")
+                await follower.start()
+                self._follower = follower
+                return
+            except Exception as exc:  # Kafka not there yet: placement goes on by rendezvous alone
+                log.warning("relay load reports unavailable", topic=self._topic, error=repr(exc))
             await asyncio.sleep(2.0)

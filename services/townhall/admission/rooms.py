@@ -9,10 +9,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from townhall.core.validation import MAX_LISTENER_LIMIT as MAX_LISTENER_LIMIT
+from townhall.core.validation import MAX_SPEAKERS as MAX_SPEAKERS
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, ROLE_SPEAKER, Role, Room, RoomState
-
-MAX_SPEAKERS = 12
-MAX_LISTENER_LIMIT = 10_000_000
 
 
 def new_room_id() -> str:

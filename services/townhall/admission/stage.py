@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable, MutableSequence
 from townhall.admission.rooms import MAX_SPEAKERS, role_of
 from townhall.core.auth import MODERATE
 from townhall.core.errors import FailedPrecondition, LimitReached, PermissionDenied
+from townhall.core.validation import MAX_BANS as MAX_BANS
+from townhall.core.validation import MAX_COHOSTS as MAX_COHOSTS
+from townhall.core.validation import MAX_HANDS as MAX_HANDS
+from townhall.core.validation import MAX_INVITES as MAX_INVITES
+from townhall.core.validation import MAX_REMOVALS as MAX_REMOVALS
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_LISTENER, ROLE_SPEAKER, Removal, Role, Room, RoomState
 
-MAX_COHOSTS = 2
-MAX_HANDS = 100
-MAX_INVITES = 20
-MAX_BANS = 1_000
-MAX_REMOVALS = 256
 # The lists a user is taken off when they leave the stage or are removed.
 _PLACES = ("cohost_ids", "speaker_ids", "muted_ids", "hand_ids", "invited_ids")
 

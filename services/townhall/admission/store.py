@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
@@ -22,10 +22,12 @@ from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
-from townhall.core.kafka import Topics, read_to_end
+from townhall.core.kafka import Follower, Topics, read_to_end
 from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
-from townhall.core.tasks import cancel
+from townhall.core.provenance import RecordSigner
+from townhall.core.records import INVALID, STALE, Record, skipped
+from townhall.core.room_records import RoomRecords
 from townhall.v1.common_pb2 import Room, RoomState
 from townhall.v1.events_pb2 import RoomStarted
 
@@ -46,9 +48,16 @@ class RoomStore:
     """Rooms held in memory, written through to the compacted room-state topic."""
 
     def __init__(
-        self, kafka: KafkaConfig, producer: AIOKafkaProducer, rooms_per_host_per_hour: int = 0
+        self,
+        kafka: KafkaConfig,
+        producer: AIOKafkaProducer,
+        signer: RecordSigner,
+        records: RoomRecords,
+        rooms_per_host_per_hour: int = 0,
     ) -> None:
         self.book = RoomBook()
+        self._signer = signer
+        self._records = records
         # Rooms one host may create per hour (0: no limit), counted from the replica on the new room's owner.
         self._per_host = rooms_per_host_per_hour
         self._kafka = kafka
@@ -59,8 +68,7 @@ class RoomStore:
         self._ends: dict[TopicPartition, int] = {}
         # Per partition, the offset up to which every record is applied to the book.
         self._applied: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
         # Called with each room version read from the topic while following (after `load`).
         self.on_change: Callable[[Room], None] | None = None
 
@@ -68,13 +76,10 @@ class RoomStore:
         """Rebuilds every room from the room-state topic; returns how many records were read."""
         count = 0
 
-        def apply(key: bytes | None, value: bytes | None) -> None:
+        def apply(record: Record) -> None:
             nonlocal count
             count += 1
-            if value:
-                self.book.apply(Room.FromString(value))
-            elif key:
-                self.book.forget(key.decode("utf-8", "replace"))
+            self._read(record)
 
         self._ends = await read_to_end(self._kafka, self._topics.room_state, apply)
         self._applied = dict(self._ends)
@@ -84,46 +89,47 @@ class RoomStore:
 
     async def follow(self) -> None:
         """Keeps applying the topic from where `load` stopped: every process holds a replica of every room."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
-        )
-        await consumer.start()
-        consumer.assign(list(self._ends))
-        for tp, offset in self._ends.items():
-            consumer.seek(tp, offset)
-        self._consumer = consumer
-        self._follower = asyncio.create_task(self._follow(consumer), name="room-state-follower")
+        follower = Follower(self._kafka, self._ends, self._followed, "room-state-follower")
+        await follower.start()
+        self._follower = follower
 
     async def stop(self) -> None:
         """Stops following the topic."""
-        await cancel(self._follower)
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            await follower.close()
 
-    async def _follow(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batch = await consumer.getmany(timeout_ms=1_000)
-            except KafkaError as exc:  # the consumer reconnects by itself; keep following
-                log.warning("room-state topic unavailable", error=repr(exc))
-                await asyncio.sleep(0.5)
-                continue
-            for tp, records in batch.items():
-                for record in records:
-                    if not record.value:
-                        # A deleted room (an ended room's retention is over): every process forgets it.
-                        if record.key and self.book.forget(record.key.decode("utf-8", "replace")):
-                            self._update_gauge()
-                        continue
-                    room = Room.FromString(record.value)
-                    if self.book.apply(room):
-                        self._update_gauge()
-                    # Also for versions already applied (this process's own or forwarded changes).
-                    if self.on_change is not None:
-                        self.on_change(room)
-                if records:
-                    self._advance(tp, records[-1].offset + 1)
+    def _followed(self, record: Record) -> None:
+        try:
+            room = self._read(record)
+            if room is not None and self.on_change is not None:
+                # Also for versions already applied (this process's own or forwarded changes).
+                self.on_change(room)
+        finally:
+            # Skipped or applied, the record is behind this replica now (caught_up counts on it).
+            self._advance(TopicPartition(record.topic, record.partition), record.offset + 1)
+
+    def _read(self, record: Record) -> Room | None:
+        """Applies one record: a room version, or a deleted room; None if it changed nothing here."""
+        if record.value is None:
+            # A deleted room (an ended room's retention is over): every process forgets it.
+            room_id = self._records.deleted(record)
+            held = self.book.find(room_id) if room_id else None
+            if held is not None and held.state != RoomState.ROOM_STATE_ENDED:
+                skipped(record, INVALID, f"room {room_id} is not ended: it is not deleted")
+            elif room_id and self.book.forget(room_id):
+                self._update_gauge()
+            return None
+        room = self._records.read(record)
+        if room is None:
+            return None
+        held = self.book.find(room.room_id)
+        if held is not None and held.version > room.version:
+            skipped(record, STALE, f"room {room.room_id} version {room.version} is older than {held.version}")
+            return None
+        if self.book.apply(room):
+            self._update_gauge()
+        return room
 
     def _advance(self, tp: TopicPartition, offset: int) -> None:
         if offset > self._applied.get(tp, 0):
@@ -131,7 +137,7 @@ class RoomStore:
 
     async def caught_up(self, deadline: float) -> None:
         """Returns once the replica holds every room change written before this call (or UNAVAILABLE)."""
-        consumer = self._consumer
+        consumer = self._follower.consumer if self._follower is not None else None
         if consumer is None:
             raise Unavailable("this process is not following the room-state topic yet: retry")
         try:
@@ -313,9 +319,12 @@ class RoomStore:
         self, topic: str, key: str, message: Room | RoomStarted | None, deadline: float
     ) -> RecordMetadata:
         value = message.SerializeToString() if message is not None else None
+        record_key = key.encode()
+        # A tombstone (None: a deleted room) is signed too: readers act on no unsigned deletion.
+        headers = self._signer.headers(topic, record_key, value or b"")
         try:
             return await asyncio.wait_for(
-                self._producer.send_and_wait(topic, value, key=key.encode()),
+                self._producer.send_and_wait(topic, value, key=record_key, headers=headers),
                 max(0.0, deadline - time.monotonic()),
             )
         except (KafkaError, TimeoutError) as exc:

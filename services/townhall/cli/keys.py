@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import sys
 
 from townhall.core.tokens import new_es256
 
@@ -17,6 +18,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     keys.add_argument("--kid", default="k1", help="the key id of every key (rotate with a new one: k2, ...)")
     keys.add_argument(
         "--helm", action="store_true", help="as Helm values (keys:) instead of TOWNHALL_* lines"
+    )
+    keys.add_argument(
+        "--kafka-host",
+        metavar="HOST",
+        help="with --helm, also the bundled Kafka broker's users and certificate (kafka:) for its Service "
+        "name HOST, e.g. <release>-kafka.<namespace>.svc.cluster.local",
     )
     keys.add_argument(
         "--no-user-keys",
@@ -54,7 +61,17 @@ def run(args: argparse.Namespace) -> int:
         print("keys:")
         for name, value in values.items():
             print(f"  {name}: {json.dumps(value)}")
+        if args.kafka_host:
+            from townhall.devtools.kafka_broker import chart_values
+
+            kafka = chart_values(args.kafka_host)
+            print("kafka:")
+            print(f"  users:\n    passwords: {json.dumps(kafka['users']['passwords'])}")
+            print(f"  tls: {json.dumps(kafka['tls'])}")
         return 0
+    if args.kafka_host:
+        print("townhall keys: --kafka-host goes with --helm (the chart's kafka: values)", file=sys.stderr)
+        return 2
     print("# Townhall keys: keep them secret. Admission needs every one; relays only the service and")
     print("# ticket public keys; notifiers the user and service keys (deploy/README.md, Keys).")
     for key, value in made.items():

@@ -35,19 +35,95 @@ class LogConfig:
             raise ConfigError(f"log.level must be debug, info, warning or error, not {self.level!r}")
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Where Kafka is and what the topics are called."""
+    """Where Kafka is, what the topics are called, and how every Kafka client of a process connects."""
 
     bootstrap: str = "127.0.0.1:19092"
     topic_prefix: str = "townhall"
     # Partitions per topic when the project creates its topics (local broker, tests).
     partitions: int = 12
+    # How every producer, consumer and admin client connects: PLAINTEXT (the local broker), SSL,
+    # SASL_PLAINTEXT or SASL_SSL (TLS and a user; what the chart's bundled broker requires).
+    security_protocol: str = "PLAINTEXT"
+    # TLS (SSL, SASL_SSL): the CA bundle (PEM) the brokers' certificates must chain to (empty: the system's
+    # CAs); the brokers' names are checked against their certificates.
+    ca: str = ""
+    # A client certificate and its key (PEM), for brokers that require mutual TLS; both or neither.
+    cert: str = ""
+    key: str = ""
+    # SASL (SASL_PLAINTEXT, SASL_SSL): the mechanism and this service's user (its Kafka principal).
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    username: str = ""
+    # The user's password: read from password_file (a mounted Secret) when set, else this value (set it
+    # with TOWNHALL_KAFKA_PASSWORD, never in a file others can read).
+    password_file: str = ""
+    password: str = field(default="", repr=False)
+    # Readers refuse records without a writer signature (core/provenance.py). Set false only while the
+    # topics still hold records written by a version that did not sign them; a bad signature is
+    # refused either way.
+    refuse_unsigned: bool = True
+    # How far ahead of this process's clock a record may be stamped (relay load reports) and still take
+    # effect; reports older than a relay's staleness never do.
+    max_clock_skew_ms: int = 5_000
 
     def validate(self) -> None:
         if not self.bootstrap or any(":" not in a for a in self.bootstrap.split(",")):
             raise ConfigError(f"kafka.bootstrap must be host:port[,host:port], not {self.bootstrap!r}")
         _positive("kafka.partitions", self.partitions)
+        if self.security_protocol not in KAFKA_PROTOCOLS:
+            raise ConfigError(
+                f"kafka.security_protocol must be one of {', '.join(KAFKA_PROTOCOLS)}, "
+                f"not {self.security_protocol!r}"
+            )
+        if not 0 <= self.max_clock_skew_ms <= 600_000:
+            raise ConfigError(
+                f"kafka.max_clock_skew_ms must be within 0..600000, not {self.max_clock_skew_ms}"
+            )
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("kafka.cert and kafka.key go together (a client certificate and its key)")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path and not tls:
+                raise ConfigError(f"kafka.{name} needs kafka.security_protocol SSL or SASL_SSL")
+            if path:
+                _pem(f"kafka.{name}", path)
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(
+                    f"kafka.sasl_mechanism must be one of {', '.join(SASL_MECHANISMS)}, "
+                    f"not {self.sasl_mechanism!r}"
+                )
+            if not self.username:
+                raise ConfigError(
+                    f"kafka.username is required with kafka.security_protocol {self.security_protocol}"
+                )
+            if self.password_file:
+                try:
+                    Path(self.password_file).read_bytes()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"kafka.password_file: cannot read {self.password_file}: {exc.strerror}"
+                    ) from exc
+            elif not self.password:
+                raise ConfigError(
+                    "kafka.password_file or kafka.password (TOWNHALL_KAFKA_PASSWORD) is required with "
+                    f"kafka.security_protocol {self.security_protocol}"
+                )
+        elif self.username or self.password or self.password_file:
+            raise ConfigError("kafka.username and kafka.password need a SASL kafka.security_protocol")
+
+    def secret(self) -> str:
+        """The SASL password: password_file's first line when it is set (read now), else password."""
+        if self.password_file:
+            lines = Path(self.password_file).read_text().splitlines()
+            return lines[0] if lines else ""
+        return self.password
 
 
 # Development keys, for `townhall dev` and the tests' own topology only: no process has a key unless it
@@ -237,12 +313,7 @@ class TlsConfig:
             path = getattr(self, name)
             if not path:
                 raise ConfigError(f"tls.{name} is required when tls.enabled is true (a PEM file path)")
-            try:
-                text = Path(path).read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"tls.{name}: cannot read {path}: {exc.strerror}") from exc
-            if b"-----BEGIN " not in text:
-                raise ConfigError(f"tls.{name}: {path} is not a PEM file")
+            _pem(f"tls.{name}", path)
 
 
 @dataclass(frozen=True)
@@ -881,3 +952,12 @@ def _address(key: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key} must be host:port, not {value!r}")
+
+
+def _pem(key: str, path: str) -> None:
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN " not in text:
+        raise ConfigError(f"{key}: {path} is not a PEM file")

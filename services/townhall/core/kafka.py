@@ -1,4 +1,4 @@
-"""Kafka helpers shared by every service: topic names, producers, topic creation, event queue."""
+"""Kafka helpers shared by every service: topic names and who writes them, clients, followers, event queue."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 from prometheus_client import Counter, Gauge
 
 from townhall.core import logging
-from townhall.core.config import KafkaConfig
+from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, RecordVerifier
+from townhall.core.records import Reader, Record, guarded
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -73,6 +77,35 @@ class Topics:
         """Key task id; value FanoutTask: hosts above notifier.bulk_threshold followers."""
         return f"{self.prefix}.fanout-bulk"
 
+    def writers(self) -> dict[str, frozenset[str]]:
+        """Per topic, the writer roles (core/provenance.py) whose records its readers act on."""
+        return {
+            self.room_state: frozenset({ADMISSION}),
+            self.room_started: frozenset({ADMISSION}),
+            self.presence: frozenset({ADMISSION, CROWD}),
+            self.relay_load: frozenset({RELAY}),
+            self.fanout_fast: frozenset({NOTIFIER}),
+            self.fanout_bulk: frozenset({NOTIFIER}),
+            self.notifications: frozenset({NOTIFIER}),
+        }
+
+    def access(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Per service principal (its Kafka user): (topics it writes, topics it reads). The broker's ACLs
+        grant exactly this (devtools/kafka_broker.py, the chart's topics Job); the notifier also reads its
+        consumer groups (kafka.acl_groups)."""
+        return {
+            ADMISSION: (
+                (self.room_state, self.room_started, self.presence),
+                (self.room_state, self.relay_load),
+            ),
+            # Relays read leaves (Admission.Leave voids a listener's older tickets) from presence.
+            RELAY: ((self.relay_load,), (self.room_state, self.presence)),
+            NOTIFIER: (
+                (self.fanout_fast, self.fanout_bulk, self.notifications),
+                (self.room_state, self.room_started, self.fanout_fast, self.fanout_bulk, self.notifications),
+            ),
+        }
+
     def all(self) -> dict[str, dict[str, str]]:
         """Every topic with its configuration."""
         compacted = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
@@ -88,9 +121,35 @@ class Topics:
         }
 
 
+def reader(kafka: KafkaConfig, auth: AuthConfig, topic: str) -> Reader:
+    """How a process reads `topic`: signed by a writer whose role may write it (core/records.py)."""
+    return Reader(Topics(kafka.topic_prefix).writers()[topic], RecordVerifier(auth), kafka.refuse_unsigned)
+
+
+def client_options(config: KafkaConfig) -> dict[str, Any]:
+    """The connection settings (kafka.security_protocol, TLS, SASL) every Kafka client here is made with."""
+    options: dict[str, Any] = {"security_protocol": config.security_protocol}
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=config.ca or None, certfile=config.cert or None, keyfile=config.key or None
+        )
+    if config.security_protocol.startswith("SASL_"):
+        options.update(
+            sasl_mechanism=config.sasl_mechanism,
+            sasl_plain_username=config.username,
+            sasl_plain_password=config.secret(),
+        )
+    return options
+
+
+def consumer(config: KafkaConfig, *topics: str, **settings: Any) -> AIOKafkaConsumer:
+    """A consumer of `topics` (none: assigned later) with the connection settings of `config`."""
+    return AIOKafkaConsumer(*topics, bootstrap_servers=config.bootstrap, **client_options(config), **settings)
+
+
 async def ensure_topics(config: KafkaConfig) -> None:
     """Creates the project's topics if they do not exist (local broker, tests)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap, **client_options(config))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -115,99 +174,140 @@ async def ensure_topics(config: KafkaConfig) -> None:
 IDEMPOTENT = False
 
 
-def producer(config: KafkaConfig, client_id: str) -> AIOKafkaProducer:
-    """A producer whose send_and_wait means the record is on every in-sync replica."""
+def producer(config: KafkaConfig, client_id: str, **settings: Any) -> AIOKafkaProducer:
+    """A producer whose send_and_wait means the record is on every in-sync replica (acks=all unless
+    `settings` say otherwise), with the connection settings of `config`."""
+    options: dict[str, Any] = {
+        "acks": "all",
+        "enable_idempotence": IDEMPOTENT,
+        "linger_ms": 2,
+        "request_timeout_ms": 15_000,
+        "retry_backoff_ms": 200,
+    }
+    options.update(settings)
     return AIOKafkaProducer(
-        bootstrap_servers=config.bootstrap,
-        client_id=client_id,
-        acks="all",
-        enable_idempotence=IDEMPOTENT,
-        linger_ms=2,
-        request_timeout_ms=15_000,
-        retry_backoff_ms=200,
+        bootstrap_servers=config.bootstrap, client_id=client_id, **client_options(config), **options
     )
 
 
 async def read_to_end(
-    config: KafkaConfig, topic: str, apply: Callable[[bytes | None, bytes | None], None]
+    config: KafkaConfig, topic: str, apply: Callable[[Record], object]
 ) -> dict[TopicPartition, int]:
-    """Applies every record of `topic` up to its current end; returns the end offsets."""
+    """Applies every record of `topic` up to its current end; returns the end offsets.
+
+    A record `apply` raises on is counted (core/records.py, failed) and skipped: a bad record kept by
+    a compacted topic must not stop every later start.
+    """
+    apply = guarded(apply)
     # Without a group, a subscription is assigned every partition of the topic.
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=config.bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        metadata_max_age_ms=5_000,
+    reader = consumer(
+        config, topic, enable_auto_commit=False, auto_offset_reset="earliest", metadata_max_age_ms=5_000
     )
-    await consumer.start()
+    await reader.start()
     try:
-        partitions = list(consumer.assignment())
+        partitions = list(reader.assignment())
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist or has no partitions")
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        await reader.seek_to_beginning(*partitions)
+        ends = await reader.end_offsets(partitions)
         pending = {tp for tp, end in ends.items() if end > 0}
         while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=500)
+            batch = await reader.getmany(*pending, timeout_ms=500)
             for tp, records in batch.items():
                 for record in records:
-                    apply(record.key, record.value)
+                    apply(record)
                 if records and records[-1].offset + 1 >= ends[tp]:
                     pending.discard(tp)
         return ends
     finally:
-        await consumer.stop()
+        await reader.stop()
 
 
 async def end_offsets(config: KafkaConfig, topic: str) -> dict[TopicPartition, int]:
     """The current end offset of every partition of `topic`: where to follow it from, reading nothing."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=config.bootstrap, enable_auto_commit=False, metadata_max_age_ms=5_000
-    )
-    await consumer.start()
+    reader = consumer(config, topic, enable_auto_commit=False, metadata_max_age_ms=5_000)
+    await reader.start()
     try:
-        partitions = list(consumer.assignment())
+        partitions = list(reader.assignment())
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist or has no partitions")
-        return dict(await consumer.end_offsets(partitions))
+        return dict(await reader.end_offsets(partitions))
     finally:
-        await consumer.stop()
+        await reader.stop()
 
 
-async def follow(
-    config: KafkaConfig,
-    positions: dict[TopicPartition, int],
-    handle: Callable[[ConsumerRecord[bytes, bytes]], None],
-    retry_s: float = 1.0,
-) -> None:
+class Follower:
     """Hands every record after `positions` (e.g. read_to_end's ends) to `handle` as it arrives.
 
-    Runs until cancelled. `positions` is kept up to date, so after an error the consumer is made again
-    and resumes where it stopped (after the record `handle` failed on, if it did: one bad record must
-    not stop the follower).
+    `positions` is kept up to date, so after a Kafka error the consumer is made again and resumes where it
+    stopped; a record `handle` raises on is counted (failed) and skipped, so no record stops a follower.
     """
-    while True:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=config.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
-        )
-        try:
-            await consumer.start()
-            consumer.assign(list(positions))
-            for tp, offset in positions.items():
-                consumer.seek(tp, offset)
-            while True:
-                batch = await consumer.getmany(timeout_ms=1_000)
-                for tp, records in batch.items():
-                    for record in records:
-                        positions[tp] = record.offset + 1
-                        handle(record)
-        except Exception as exc:  # Kafka errors, or a record `handle` could not take: go on after it
-            log.warning("following a topic failed; resuming", error=repr(exc))
-        finally:
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        positions: dict[TopicPartition, int],
+        handle: Callable[[Record], object],
+        name: str,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.positions = dict(positions)
+        self._config = config
+        self._handle = guarded(handle)
+        self._name = name
+        self._retry_s = retry_s
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The consumer in use (None while it is being made again after an error)."""
+        return self._consumer
+
+    async def start(self) -> None:
+        """Connects (raising if Kafka cannot be reached), then follows in the background."""
+        self._consumer = await self._connect()
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def close(self) -> None:
+        """Stops following."""
+        await cancel(self._task)
+        current, self._consumer = self._consumer, None
+        if current is not None:
             with contextlib.suppress(Exception):
-                await consumer.stop()
-        await asyncio.sleep(retry_s)
+                await current.stop()
+
+    async def _connect(self) -> AIOKafkaConsumer:
+        made = consumer(self._config, enable_auto_commit=False, fetch_max_wait_ms=100)
+        try:
+            await made.start()
+            made.assign(list(self.positions))
+            for tp, offset in self.positions.items():
+                made.seek(tp, offset)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await made.stop()
+            raise
+        return made
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._consumer is None:
+                    self._consumer = await self._connect()
+                while True:
+                    batch = await self._consumer.getmany(timeout_ms=1_000)
+                    for tp, records in batch.items():
+                        for record in records:
+                            self._handle(record)
+                            self.positions[tp] = record.offset + 1
+            except Exception as exc:  # Kafka errors: make the consumer again, resume at the positions
+                log.warning("following a topic failed; resuming", follower=self._name, error=repr(exc))
+                current, self._consumer = self._consumer, None
+                if current is not None:
+                    with contextlib.suppress(Exception):
+                        await current.stop()
+            await asyncio.sleep(self._retry_s)
 
 
 async def report_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.0) -> None:
@@ -235,8 +335,9 @@ class EventQueue:
     `offer` returns at once; a full queue or a failed send drops the record and counts it.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, capacity: int) -> None:
+    def __init__(self, producer: AIOKafkaProducer, capacity: int, signer: RecordSigner | None = None) -> None:
         self._producer = producer
+        self._signer = signer
         self._queue: asyncio.Queue[tuple[str, bytes, bytes]] = asyncio.Queue(capacity)
         self._task: asyncio.Task[None] | None = None
 
@@ -266,7 +367,8 @@ class EventQueue:
         while True:
             topic, key, value = await self._queue.get()
             try:
-                future = await self._producer.send(topic, value, key=key)
+                headers = self._signer.headers(topic, key, value) if self._signer is not None else None
+                future = await self._producer.send(topic, value, key=key, headers=headers)
                 future.add_done_callback(lambda f, t=topic: _count_failure(f, t))
             except Exception as exc:
                 EVENTS_DROPPED.labels(topic).inc()

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 
 from townhall.core.errors import InvalidArgument
+from townhall.v1.common_pb2 import Room, RoomState
 
 ROOM_ID_MAX = 32
 TITLE_MAX = 200
@@ -46,6 +47,22 @@ _INVISIBLE = {
 _INVISIBLE_RE = re.compile("[" + "".join(_INVISIBLE) + "]")
 _ZWJ = "\u200d"
 ADDRESS_MAX = 255
+# What a room may hold (common.proto): every list is bounded, so a room-state record stays small.
+MAX_SPEAKERS = 12
+MAX_COHOSTS = 2
+MAX_HANDS = 100
+MAX_INVITES = 20
+MAX_BANS = 1_000
+MAX_REMOVALS = 256
+MAX_LISTENER_LIMIT = 10_000_000
+_ROOM_LISTS = (
+    ("speaker_ids", MAX_SPEAKERS),
+    ("cohost_ids", MAX_COHOSTS),
+    ("muted_ids", 1 + MAX_COHOSTS + MAX_SPEAKERS),
+    ("hand_ids", MAX_HANDS),
+    ("invited_ids", MAX_INVITES),
+    ("banned_ids", MAX_BANS),
+)
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}")
 
 
@@ -83,8 +100,9 @@ def user_ids(values: Iterable[int], field: str, limit: int) -> list[int]:
     ids = list(values)
     if len(ids) > limit:
         raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed")
-    for index, value in enumerate(ids):
-        user_id(value, f"{field}[{index}]")
+    if ids and not (min(ids) > 0 and max(ids) <= USER_ID_MAX):  # else name the first one out of range
+        for index, value in enumerate(ids):
+            user_id(value, f"{field}[{index}]")
     if len(set(ids)) != len(ids):
         raise InvalidArgument(f"{field} has duplicate user ids")
     return ids
@@ -137,3 +155,31 @@ def address(value: str, field: str) -> str:
     if not _ADDRESS.fullmatch(value) or int(value.rpartition(":")[2]) > 65535:
         raise InvalidArgument(f"{field} must be host:port, not {value[:40]!r}")
     return value
+
+
+def stored_room(room: Room) -> Room:
+    """A room version read from the room-state topic, checked against what the rules can produce.
+
+    Sizes and ranges only (the title's length, not the rules a new title must meet today), so a room
+    written by an earlier version that passed its own checks is never refused.
+    """
+    room_id(room.room_id, "room_id")
+    user_id(room.host_id, "host_id")
+    if room.state not in RoomState.values() or room.state == RoomState.ROOM_STATE_UNSPECIFIED:
+        raise InvalidArgument(f"state {room.state} is not a room state")
+    if room.version < 1:
+        raise InvalidArgument("version must be at least 1")
+    if len(room.title) > TITLE_MAX:
+        raise InvalidArgument(f"title is {len(room.title)} characters; at most {TITLE_MAX} allowed")
+    bounded(room.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
+    for name in ("created_at_ms", "started_at_ms", "ended_at_ms", "scheduled_start_ms"):
+        if getattr(room, name) < 0:
+            raise InvalidArgument(f"{name} must not be negative")
+    for name, limit in _ROOM_LISTS:
+        user_ids(getattr(room, name), name, limit)
+    if len(room.removals) > MAX_REMOVALS:
+        raise InvalidArgument(f"removals has {len(room.removals)} entries; at most {MAX_REMOVALS} allowed")
+    for index, removal in enumerate(room.removals):
+        user_id(removal.user_id, f"removals[{index}].user_id")
+        bounded(removal.version, f"removals[{index}].version", 1, room.version)
+    return room

@@ -7,15 +7,23 @@ import time
 
 from aiokafka import AIOKafkaProducer
 
-from townhall.core.config import KafkaConfig
+from townhall.core.config import DEV_AUTH, AuthConfig, KafkaConfig
 from townhall.core.kafka import Topics
+from townhall.core.provenance import ADMISSION, RecordSigner, Writer
 from townhall.v1 import common_pb2, events_pb2
 
 
 async def publish_room_started(
-    producer: AIOKafkaProducer, kafka: KafkaConfig, room: str, host: int, title: str, timeout_s: float = 20.0
+    producer: AIOKafkaProducer,
+    kafka: KafkaConfig,
+    room: str,
+    host: int,
+    title: str,
+    timeout_s: float = 20.0,
+    auth: AuthConfig | None = None,
 ) -> None:
-    """Writes what admission writes when a host starts a room (key: host id), and waits for the ack."""
+    """Writes what admission writes when a host starts a room (key: host id), signed as admission with
+    `auth`'s service key (default: the development key), and waits for the ack."""
     event = events_pb2.RoomStarted(
         room=common_pb2.Room(
             room_id=room,
@@ -26,6 +34,6 @@ async def publish_room_started(
         )
     )
     topic = Topics(kafka.topic_prefix).room_started
-    await asyncio.wait_for(
-        producer.send_and_wait(topic, event.SerializeToString(), key=str(host).encode()), timeout_s
-    )
+    value, key = event.SerializeToString(), str(host).encode()
+    headers = RecordSigner(auth or DEV_AUTH, Writer(ADMISSION, "devtools")).headers(topic, key, value)
+    await asyncio.wait_for(producer.send_and_wait(topic, value, key=key, headers=headers), timeout_s)

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from aiokafka import AIOKafkaConsumer
 
-from townhall.core.config import DEV_SERVICE_KEY, AuthConfig, KafkaConfig
+from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, AuthConfig, KafkaConfig
 from townhall.core.credentials import operator_credential
-from townhall.core.kafka import Topics
+from townhall.core.kafka import Topics, consumer, reader
 from townhall.notifier.inbox import Hub, Subscriber
 from townhall.notifier.inbox_reader import InboxReader, from_end
 from townhall.v1 import graph_pb2, graph_pb2_grpc
@@ -46,16 +45,13 @@ async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[
     """An Inbox of our own reading the notifications topic from its current end."""
     hub = Hub(queue=64)
     subs = {u: hub.connect(u) for u in users}
-    consumer = AIOKafkaConsumer(
-        Topics(kafka.topic_prefix).notifications,
-        bootstrap_servers=kafka.bootstrap,
-        enable_auto_commit=False,
-        metadata_max_age_ms=2_000,
-    )
-    await consumer.start()
+    topic = Topics(kafka.topic_prefix).notifications
+    notifications = consumer(kafka, topic, enable_auto_commit=False, metadata_max_age_ms=2_000)
+    await notifications.start()
     try:
-        await asyncio.wait_for(from_end(consumer), WAIT_S)
-        task = asyncio.create_task(InboxReader(consumer, hub).run())
+        await asyncio.wait_for(from_end(notifications), WAIT_S)
+        # Notifiers here run with the development keys (DEV_AUTH).
+        task = asyncio.create_task(InboxReader(notifications, hub, reader(kafka, DEV_AUTH, topic)).run())
         try:
             yield CountingInbox(hub, subs)
         finally:
@@ -63,7 +59,7 @@ async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     finally:
-        await consumer.stop()
+        await notifications.stop()
 
 
 async def import_followers(address: str, host: int, followers: list[int]) -> int:

@@ -21,6 +21,7 @@ from townhall.admission.rooms import room_id_for
 from townhall.client import Client, Endpoints
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
+from townhall.core.records import Record
 from townhall.core.sharding import owner
 from townhall.core.tasks import cancel
 from townhall.devtools.topology import Process, Topology
@@ -202,9 +203,10 @@ async def check_topic(topology: Topology, ledger: Ledger) -> tuple[int, int]:
     kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
     written: dict[tuple[str, int], set[int]] = defaultdict(set)
 
-    def apply(key: bytes | None, value: bytes | None) -> None:
-        if value:
-            room = Room.FromString(value)
+    def apply(record: Record) -> None:
+        # What was written, signed or not: the measure counts the log as it is.
+        if record.value:
+            room = Room.FromString(record.value)
             written[(room.room_id, room.version)].add(room.state)
 
     await read_to_end(kafka, Topics(kafka.topic_prefix).room_state, apply)
@@ -223,9 +225,9 @@ async def check_announced(topology: Topology, ledger: Ledger) -> int:
     kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
     announced: set[str] = set()
 
-    def apply(key: bytes | None, value: bytes | None) -> None:
-        if value:
-            announced.add(RoomStarted.FromString(value).room.room_id)
+    def apply(record: Record) -> None:
+        if record.value:
+            announced.add(RoomStarted.FromString(record.value).room.room_id)
 
     await read_to_end(kafka, Topics(kafka.topic_prefix).room_started, apply)
     started = {

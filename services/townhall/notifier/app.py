@@ -13,7 +13,8 @@ from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import IDEMPOTENT, Topics, report_lag
+from townhall.core.kafka import Topics, consumer, producer, reader, report_lag
+from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
 from townhall.notifier.inbox import Hub
@@ -55,7 +56,7 @@ class NotifierApp:
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = Peers(Forwarding(self.auth), config.tls)
         # Which rooms exist: RemindMe is for rooms not yet started; reminders of ended rooms are released.
-        self.rooms = RoomStates(config.kafka)
+        self.rooms = RoomStates(config.kafka, config.auth)
         self.reminders = Reminders(self.store, self.rooms)
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
@@ -89,8 +90,8 @@ class NotifierApp:
             # Every notifier reads every room start (its own group) and plans only what it owns.
             planner_group = own.group_id + "-planner" + ("" if self.placement.alone else f"-{own.address}")
             self._planner_consumer = await started(
-                lambda: AIOKafkaConsumer(
-                    bootstrap_servers=kafka.bootstrap,
+                lambda: consumer(
+                    kafka,
                     client_id="notifier-planner",
                     group_id=planner_group,
                     enable_auto_commit=False,
@@ -103,8 +104,8 @@ class NotifierApp:
             for lane in ("fast", "bulk"):
                 # Subscribed once the worker exists, with its listener (commit on revoke).
                 self._fanout_consumers[lane] = await started(
-                    lambda lane=lane: AIOKafkaConsumer(  # type: ignore[misc]
-                        bootstrap_servers=kafka.bootstrap,
+                    lambda lane=lane: consumer(  # type: ignore[misc]
+                        kafka,
                         client_id=f"notifier-worker-{lane}",
                         group_id=f"{own.group_id}-{lane}",
                         enable_auto_commit=False,
@@ -117,9 +118,9 @@ class NotifierApp:
                     kafka.bootstrap,
                 )
         self._inbox_consumer = await started(
-            lambda: AIOKafkaConsumer(
+            lambda: consumer(
+                kafka,
                 self.topics.notifications,
-                bootstrap_servers=kafka.bootstrap,
                 client_id="notifier-inbox",
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
@@ -135,6 +136,7 @@ class NotifierApp:
                 f"no partitions of {self.topics.notifications} within {ASSIGN_TIMEOUT_S:.0f} s; "
                 "does the topic exist?"
             ) from exc
+        signer = RecordSigner(self.config.auth, Writer(NOTIFIER, own.address))
         if self._producers and self._planner_consumer and self._fanout_consumers:
             planner = Planner(
                 self._planner_consumer,
@@ -144,6 +146,8 @@ class NotifierApp:
                 self.placement,
                 own.bulk_threshold,
                 own.task_users,
+                signer=signer,
+                records=reader(kafka, self.config.auth, self.topics.room_started),
             )
             worker = Worker(
                 self._fanout_consumers,
@@ -153,18 +157,24 @@ class NotifierApp:
                 own.bulk_share,
                 own.worker_tasks,
                 own.worker_rate,
+                signer=signer,
+                # Both lanes' topics have the same writers: one reader checks either.
+                records=reader(kafka, self.config.auth, self.topics.fanout_fast),
             )
             lanes = {"fast": self.topics.fanout_fast, "bulk": self.topics.fanout_bulk}
-            for lane, consumer in self._fanout_consumers.items():
-                consumer.subscribe([lanes[lane]], listener=CommitOnRevoke(worker, lane))
+            for lane, lane_consumer in self._fanout_consumers.items():
+                lane_consumer.subscribe([lanes[lane]], listener=CommitOnRevoke(worker, lane))
             self._planner_consumer.subscribe(
                 [self.topics.room_started], listener=PlannerCommitOnRevoke(planner)
             )
             self._spawn(planner.run(), "notifier-planner")
             self._spawn(worker.run(), "notifier-worker")
-            for lane, consumer in self._fanout_consumers.items():
-                self._spawn(report_lag(consumer, f"{own.group_id}-{lane}"), f"{lane}-lag")
-        self._spawn(InboxReader(self._inbox_consumer, self.hub).run(), "notifier-inbox")
+            for lane, lane_consumer in self._fanout_consumers.items():
+                self._spawn(report_lag(lane_consumer, f"{own.group_id}-{lane}"), f"{lane}-lag")
+        inbox = InboxReader(
+            self._inbox_consumer, self.hub, reader(kafka, self.config.auth, self.topics.notifications)
+        )
+        self._spawn(inbox.run(), "notifier-inbox")
         self._spawn(report_lag(self._inbox_consumer, "inbox"), "inbox-lag")
         log.info(
             "notifier started",
@@ -194,8 +204,8 @@ class NotifierApp:
         try:
             # The consumer leaves its group now, so another member takes over its partitions at once.
             await stopped(self._planner_consumer, "planner consumer")
-            for lane, consumer in self._fanout_consumers.items():
-                await stopped(consumer, f"{lane}-lane consumer")
+            for lane, lane_consumer in self._fanout_consumers.items():
+                await stopped(lane_consumer, f"{lane}-lane consumer")
             await stopped(self._inbox_consumer, "inbox reader")
             for lane, client in self._producers.items():
                 await stopped(client, f"{lane}-lane producer")
@@ -215,16 +225,12 @@ class NotifierApp:
 def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
     """The planner's and workers' producer: acks=all like every producer, with larger batches,
     because fan-out writes many records back to back and throughput is the point."""
-    return AIOKafkaProducer(
-        bootstrap_servers=kafka.bootstrap,
-        client_id=f"notifier-{lane}",
-        acks="all",
-        enable_idempotence=IDEMPOTENT,
+    return producer(
+        kafka,
+        f"notifier-{lane}",
         linger_ms=1 if lane == "fast" else 5,
         max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
         max_request_size=2 * 1024 * 1024,
-        request_timeout_ms=15_000,
-        retry_backoff_ms=200,
     )
 
 

@@ -17,12 +17,14 @@ from townhall.core import logging
 from townhall.core.errors import TownhallError
 from townhall.core.kafka import Topics
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.provenance import RecordSigner
+from townhall.core.records import Reader
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import describe
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
 from townhall.notifier.offsets import OffsetBook
 from townhall.notifier.placement import Placement
-from townhall.notifier.records import encode_task, room_started
+from townhall.notifier.records import encode_task, room_started, room_started_record
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.v1 import events_pb2
 
@@ -66,8 +68,14 @@ class Planner:
         placement: Placement,
         bulk_threshold: int,
         task_users: int,
+        *,
+        signer: RecordSigner,
+        records: Reader,
     ) -> None:
         self._consumer = consumer
+        self._signer = signer
+        # Room-started events are acted on only if admission signed them and they make a notification.
+        self._records = records
         # One producer per lane: a fast task never queues behind bulk bytes in a client buffer.
         self._producers = producers
         self._store = store
@@ -93,6 +101,9 @@ class Planner:
                 for tp, records in batch.items():
                     for record in records:
                         self._book.begin(tp, record.offset)
+                        if self._records.read(record, room_started_record) is None:
+                            self._book.finish(tp, record.offset)  # skipped and counted
+                            continue
                         if await self._is_big(record.value or b""):
                             self._big.put_nowait((tp, record))
                         else:
@@ -183,8 +194,10 @@ class Planner:
                 ids = block[start : start + self._task_users]
                 tid = task_id(room, started, part, index)
                 value = encode_task(tid, encoded, index, part_users, ids, now)
+                key = tid.encode()
+                headers = self._signer.headers(topic, key, value)
                 try:
-                    in_flight.append(await self._producers[lane].send(topic, value, key=tid.encode()))
+                    in_flight.append(await self._producers[lane].send(topic, value, key=key, headers=headers))
                 except Exception:
                     KAFKA_PRODUCE_ERRORS.labels(topic).inc()
                     raise

@@ -1,4 +1,5 @@
-"""The notifications topic record format: user-shard keys and NotificationBatch values."""
+"""The notifier's record formats: room-started events in, FanoutTask and NotificationBatch records out,
+and the checks each record passes before it is acted on (core/records.py's policy)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from townhall.core import validation
+from townhall.core.errors import InvalidArgument
+from townhall.core.provenance import Writer
+from townhall.core.records import INVALID, BadRecord, Record
 from townhall.core.wire import read_varint, varint
+from townhall.notifier.blocks import BLOCK_IDS
 from townhall.v1 import events_pb2, inbox_pb2
 
 SHARDS = 64
+# Users one notification record may name (notifier.batch_users is at most this), and a task id's length.
+MAX_BATCH_USERS = 100_000
+MAX_TASK_ID = 128
 
 # Wire tags of NotificationBatch: field 1 (notification) and field 2 (packed user_ids), both
 # length-delimited. See encode_batch for why the value is assembled by hand.
@@ -35,6 +43,10 @@ def room_started(event: events_pb2.RoomStarted) -> inbox_pb2.Notification:
     room = event.room
     validation.room_id(room.room_id, "room.room_id")
     validation.user_id(room.host_id, "room.host_id")
+    if len(room.title) > validation.TITLE_MAX:
+        raise InvalidArgument(f"room.title is longer than {validation.TITLE_MAX} characters")
+    if room.started_at_ms < 0:
+        raise InvalidArgument("room.started_at_ms must not be negative")
     return inbox_pb2.Notification(
         kind=inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED,
         room_id=room.room_id,
@@ -101,6 +113,55 @@ def decode_task(value: bytes) -> Task:
 
 
 _NO_IDS = np.empty(0, dtype=np.uint64)
+
+
+def room_started_record(record: Record, _writer: Writer | None) -> events_pb2.RoomStarted:
+    """A room-started record's event, checked: keyed by its host, a room a notification can be made of."""
+    event = events_pb2.RoomStarted.FromString(record.value or b"")
+    room_started(event)
+    if record.key != str(event.room.host_id).encode():
+        raise BadRecord(INVALID, f"the record's key is not the room's host ({event.room.host_id})")
+    return event
+
+
+def task_record(record: Record, _writer: Writer | None) -> Task:
+    """A fan-out task record, checked: keyed by its id, a valid notification, at most a block of users."""
+    task = decode_task(record.value or b"")
+    if not 0 < len(task.task_id) <= MAX_TASK_ID or record.key != task.task_id.encode():
+        raise BadRecord(INVALID, "the task id is empty, too long, or not the record's key")
+    notification(inbox_pb2.Notification.FromString(task.notification))
+    user_ids(task.user_ids, "user_ids", BLOCK_IDS)
+    return task
+
+
+def batch_record(record: Record, _writer: Writer | None) -> tuple[inbox_pb2.Notification, np.ndarray]:
+    """A notifications record, checked (checked_batch)."""
+    return checked_batch(*decode_batch(record.value or b""))
+
+
+def checked_batch(note: inbox_pb2.Notification, ids: np.ndarray) -> tuple[inbox_pb2.Notification, np.ndarray]:
+    """A decoded notifications record that may be delivered: a valid notification, valid user ids."""
+    return notification(note), user_ids(ids, "user_ids", MAX_BATCH_USERS)
+
+
+def notification(note: inbox_pb2.Notification) -> inbox_pb2.Notification:
+    """A notification as a record carries it: a known kind, a room id, a host, a title of bounded length."""
+    if note.kind not in inbox_pb2.NotificationKind.values() or not note.kind:
+        raise InvalidArgument(f"notification.kind {note.kind} is not a notification kind")
+    validation.room_id(note.room_id, "notification.room_id")
+    validation.user_id(note.host_id, "notification.host_id")
+    if len(note.title) > validation.TITLE_MAX:
+        raise InvalidArgument(f"notification.title is longer than {validation.TITLE_MAX} characters")
+    return note
+
+
+def user_ids(ids: np.ndarray, field: str, limit: int) -> np.ndarray:
+    """uint64 user ids, each within 1..2^63-1 and at most `limit` of them (checked without a loop)."""
+    if len(ids) > limit:
+        raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed")
+    if len(ids) and (int(ids.min()) == 0 or int(ids.max()) > validation.USER_ID_MAX):
+        raise InvalidArgument(f"{field} holds an id outside 1..{validation.USER_ID_MAX}")
+    return ids
 
 
 def _parse(value: bytes, packed: int) -> dict[int, Any]:

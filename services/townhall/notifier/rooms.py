@@ -1,8 +1,9 @@
 """The notifier's view of the rooms: which exist and whether they have started or ended.
 
 Read from the room-state topic to its end before serving, then followed, like every admission process
-and relay. RemindMe takes reminders only for rooms that exist and have not started, and reminders of
-rooms that ended (or were deleted) are released (`Reminders`).
+and relay, under the same checks (core/room_records.py). RemindMe takes reminders only for rooms that
+exist and have not started, and reminders of rooms that ended (or were deleted) are released
+(`Reminders`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiokafka import ConsumerRecord
-from google.protobuf.message import DecodeError
-
 from townhall.core import logging
-from townhall.core.config import KafkaConfig
+from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.errors import FailedPrecondition, NotFound
-from townhall.core.kafka import Topics, follow, read_to_end
-from townhall.core.tasks import Ticker, cancel
+from townhall.core.kafka import Follower, read_to_end
+from townhall.core.records import Record
+from townhall.core.room_records import AnyOwner, RoomRecords
+from townhall.core.tasks import Ticker
 from townhall.notifier.store import SqliteFollowerStore
-from townhall.v1.common_pb2 import Room, RoomState
+from townhall.v1.common_pb2 import RoomState
 
 log = logging.get(__name__)
 
@@ -33,11 +33,13 @@ PENDING = (RoomState.ROOM_STATE_CREATED, RoomState.ROOM_STATE_SCHEDULED)
 class RoomStates:
     """Room id -> its state, for every room on the room-state topic."""
 
-    def __init__(self, kafka: KafkaConfig) -> None:
+    def __init__(self, kafka: KafkaConfig, auth: AuthConfig) -> None:
         self._kafka = kafka
-        self._topic = Topics(kafka.topic_prefix).room_state
+        # The notifier does not know the admission members: any admission process may own a room.
+        self._records = RoomRecords(kafka, auth, AnyOwner())
+        self._topic = self._records.topic
         self._states: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
 
     def __len__(self) -> int:
         return len(self._states)
@@ -46,11 +48,13 @@ class RoomStates:
         """Reads the topic to its end, then follows it."""
         ends = await read_to_end(self._kafka, self._topic, self._apply)
         log.info("rooms read from kafka", rooms=len(self._states))
-        self._task = asyncio.create_task(follow(self._kafka, ends, self._record), name="notifier-rooms")
+        self._follower = Follower(self._kafka, ends, self._apply, "notifier-rooms")
+        await self._follower.start()
 
     async def close(self) -> None:
         """Stops following."""
-        await cancel(self._task)
+        if self._follower is not None:
+            await self._follower.close()
 
     def state(self, room_id: str) -> int | None:
         """The room's state, or None if this process knows no such room."""
@@ -75,20 +79,15 @@ class RoomStates:
         live = (*PENDING, RoomState.ROOM_STATE_LIVE)
         return [room_id for room_id in room_ids if self._states.get(room_id) not in live]
 
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        if not value:
-            if key:
-                self._states.pop(key.decode("utf-8", "replace"), None)
+    def _apply(self, record: Record) -> None:
+        if record.value is None:
+            room_id = self._records.deleted(record)
+            if room_id:
+                self._states.pop(room_id, None)
             return
-        try:
-            room = Room.FromString(value)
-        except DecodeError as exc:
-            log.warning("bad room-state record", topic=self._topic, error=str(exc))
-            return
-        self._states[room.room_id] = room.state
-
-    def _record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        self._apply(record.key, record.value)
+        room = self._records.read(record)
+        if room is not None:
+            self._states[room.room_id] = room.state
 
 
 class Reminders(Ticker):

@@ -11,17 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from google.protobuf.message import DecodeError
 
 from townhall.core import logging
 from townhall.core.kafka import Topics
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.provenance import RecordSigner
+from townhall.core.records import Reader
 from townhall.notifier.blocks import shard_sorted
 from townhall.notifier.clients import describe
 from townhall.notifier.lanes import LaneChooser
 from townhall.notifier.metrics import FANOUT_TASKS, NOTIFICATIONS, TASK_LAG
 from townhall.notifier.offsets import OffsetBook
-from townhall.notifier.records import SHARDS, Task, decode_task, encode_batch, shard_key
+from townhall.notifier.records import SHARDS, Task, encode_batch, shard_key, task_record
 from townhall.v1 import inbox_pb2
 
 log = logging.get(__name__)
@@ -83,7 +84,13 @@ class Worker:
         bulk_share: float,
         max_tasks: int,
         rate: float = 0.0,
+        *,
+        signer: RecordSigner,
+        records: Reader,
     ) -> None:
+        self._signer = signer
+        # Tasks are run only if a notifier signed them and they pass task_record's checks.
+        self._records = records
         # One consumer per lane (each its own group): a fetch of bulk tasks never delays a fast one.
         self._consumers = consumers
         # One producer per lane, and in-flight steps bounded per lane, so fast records never wait
@@ -168,24 +175,20 @@ class Worker:
             tp = TopicPartition(record.topic, record.partition)
             self._book.begin(tp, record.offset)
             step.offsets.append((tp, record.offset))
-            try:
-                task = decode_task(record.value or b"")
-                note = inbox_pb2.Notification.FromString(task.notification)
-            except (DecodeError, UnicodeDecodeError) as exc:
-                # A poison task is skipped (and finished with the step) rather than blocking its lane.
-                FANOUT_TASKS.labels(lane, "invalid").inc()
-                log.warning("fan-out task skipped", topic=record.topic, offset=record.offset, error=str(exc))
+            task = self._records.read(record, task_record)
+            if task is None:
+                # Skipped and counted (core/records.py): finished with the step, never blocking its lane.
                 continue
             tasks.append(task)
-            step.started_ms.append(note.started_at_ms)
+            step.started_ms.append(inbox_pb2.Notification.FromString(task.notification).started_at_ms)
             step.users += len(task.user_ids)
         step.tasks = len(tasks)
         await self._slots[lane].acquire()
         try:
+            topic = self._topics.notifications
             for key, value in expand(tasks, self._batch_users):
-                step.futures.append(
-                    await self._producers[lane].send(self._topics.notifications, value, key=key)
-                )
+                headers = self._signer.headers(topic, key, value)
+                step.futures.append(await self._producers[lane].send(topic, value, key=key, headers=headers))
         except Exception:
             KAFKA_PRODUCE_ERRORS.labels(self._topics.notifications).inc()
             self._slots[lane].release()

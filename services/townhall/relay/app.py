@@ -60,8 +60,8 @@ class RelayApp:
         self.rooms: RoomStateFollower | None = None
         self.leaves: LeaveFollower | None = None
         if relay.follow_room_state:
-            self.rooms = RoomStateFollower(config.kafka, self.guard)
-            self.leaves = LeaveFollower(config.kafka, self.guard, relay.address)
+            self.rooms = RoomStateFollower(config.kafka, config.auth, self.guard)
+            self.leaves = LeaveFollower(config.kafka, config.auth, self.guard, relay.address)
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
         self.servicer = RelayServicer(self.hub, tickets, relay, self.guard)
         self._expiry: asyncio.Task[None] | None = None
@@ -74,7 +74,7 @@ class RelayApp:
         """Reads the rooms' rules, then starts the sweep and the load report (timers, pulls: per room)."""
         if self.rooms is not None:
             await self.rooms.load()
-            self.rooms.follow()
+            await self.rooms.follow()
         if self.leaves is not None:
             await self.leaves.start()
         self._expiry = asyncio.create_task(self._expire_forever(), name="relay-expiry")

@@ -3,21 +3,21 @@
 Admission records a listener's Leave on the presence topic, addressed to the relays its tickets were for,
 with the time it left; this relay follows the topic from its end (from when it starts serving) and hands
 each leave addressed to it to the Guard, which ends the listener's streams opened with older tickets and
-refuses those tickets from then on. No call per join or per chunk: only leaves are looked at.
+refuses those tickets from then on. No call per join or per chunk: only leaves are looked at. A leave
+takes effect only if an admission process signed it and it is well formed (core/records.py): a forged
+one would cut any listener off.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
+from typing import TypeGuard
 
-from aiokafka import ConsumerRecord
-from google.protobuf.message import DecodeError
-
-from townhall.core import logging
-from townhall.core.config import KafkaConfig
-from townhall.core.kafka import Topics, end_offsets, follow
-from townhall.core.tasks import cancel
+from townhall.core import logging, validation
+from townhall.core.config import AuthConfig, KafkaConfig
+from townhall.core.kafka import Follower, Topics, end_offsets, reader
+from townhall.core.provenance import Writer
+from townhall.core.records import INVALID, BadRecord, Record
 from townhall.relay import metrics
 from townhall.relay.guard import Guard
 from townhall.v1.events_pb2 import PresenceEvent
@@ -27,43 +27,35 @@ log = logging.get(__name__)
 # A leave stamped further ahead of this relay's clock counts as made now (a clock that is wrong, or a
 # record that is, must not void a user's tickets for the future).
 MAX_AHEAD_MS = 60_000
+# Users one presence record holds at most (admission/presence.py's MAX_BATCH).
+MAX_USERS = 8192
 
 
 class LeaveFollower:
     """Feeds the Guard the leaves addressed to this relay (or to every relay)."""
 
-    def __init__(self, kafka: KafkaConfig, guard: Guard, relay: str) -> None:
+    def __init__(self, kafka: KafkaConfig, auth: AuthConfig, guard: Guard, relay: str) -> None:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).presence
+        self._reader = reader(kafka, auth, self._topic)
         self._guard = guard
         self._relay = relay
-        self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
 
     async def start(self) -> None:
         """Follows the presence topic from its current end."""
         positions = await end_offsets(self._kafka, self._topic)
-        self._task = asyncio.create_task(follow(self._kafka, positions, self._record), name="leaves")
+        self._follower = Follower(self._kafka, positions, self._record, "leaves")
+        await self._follower.start()
 
     async def close(self) -> None:
         """Stops following."""
-        await cancel(self._task)
+        if self._follower is not None:
+            await self._follower.close()
 
-    def _record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        if not record.value:
-            return
-        try:
-            event = PresenceEvent.FromString(record.value)
-        except DecodeError as exc:
-            log.warning("bad presence record", topic=self._topic, error=str(exc))
-            return
-        if (
-            event.kind != PresenceEvent.KIND_LEAVE
-            or not event.left_at_ms
-            or event.relay not in ("", self._relay)
-        ):
-            return
-        if len(event.left_at_ms) != len(event.user_ids):
-            log.warning("bad presence record", topic=self._topic, error="left_at_ms does not match user_ids")
+    def _record(self, record: Record) -> None:
+        event = self._reader.read(record, leave_record)
+        if not is_leave(event) or event.relay not in ("", self._relay):
             return
         now_ms = time.time_ns() // 1_000_000
         latest = now_ms + MAX_AHEAD_MS
@@ -77,3 +69,22 @@ class LeaveFollower:
             log.info(
                 "stream revoked", room=watch.room_id, user=watch.user_id, stream=watch.kind, reason=reason
             )
+
+
+def is_leave(event: PresenceEvent | None) -> TypeGuard[PresenceEvent]:
+    """Whether a presence record is a leave that voids tickets (joins and plain leaves are not)."""
+    return event is not None and event.kind == PresenceEvent.KIND_LEAVE and bool(event.left_at_ms)
+
+
+def leave_record(record: Record, _writer: Writer | None) -> PresenceEvent:
+    """A presence record, checked when it is a leave that voids tickets: a room, valid users, a time each."""
+    event = PresenceEvent.FromString(record.value or b"")
+    if not is_leave(event):
+        return event  # nothing on a relay acts on it
+    validation.room_id(event.room_id, "room_id")
+    validation.user_ids(event.user_ids, "user_ids", MAX_USERS)
+    if event.relay:
+        validation.address(event.relay, "relay")
+    if len(event.left_at_ms) != len(event.user_ids):
+        raise BadRecord(INVALID, "left_at_ms does not match user_ids")
+    return event

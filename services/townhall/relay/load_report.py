@@ -7,12 +7,12 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from townhall.core import logging
 from townhall.core.config import Config
-from townhall.core.kafka import Topics
+from townhall.core.kafka import Topics, producer
+from townhall.core.provenance import RELAY, RecordSigner, Writer
 from townhall.core.tasks import cancel
 from townhall.relay.hub import Hub
 from townhall.v1.events_pb2 import Leads, RelayLoad
@@ -33,7 +33,8 @@ class LoadReporter:
         self._capacity = config.relay.listener_capacity
         self._every_s = config.relay.load_report_ms / 1000
         self._topic = Topics(config.kafka.topic_prefix).relay_load
-        self._bootstrap = config.kafka.bootstrap
+        self._kafka = config.kafka
+        self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
         self._task: asyncio.Task[None] | None = None
 
     def report(self) -> RelayLoad:
@@ -63,15 +64,17 @@ class LoadReporter:
         key = self._relay.encode()
         while True:
             # Not acks=all: a lost report is replaced by the next one a few seconds later.
-            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, client_id=f"relay-{self._relay}")
+            reports = producer(self._kafka, f"relay-{self._relay}", acks=1, linger_ms=0)
             try:
-                await producer.start()
+                await reports.start()
                 while True:
-                    await producer.send_and_wait(self._topic, self.report().SerializeToString(), key=key)
+                    value = self.report().SerializeToString()
+                    headers = self._signer.headers(self._topic, key, value)
+                    await reports.send_and_wait(self._topic, value, key=key, headers=headers)
                     await asyncio.sleep(self._every_s)
             except KafkaError as exc:
                 log.warning("relay load report failed", topic=self._topic, error=str(exc))
             finally:
                 with contextlib.suppress(Exception):
-                    await producer.stop()
+                    await reports.stop()
             await asyncio.sleep(max(self._every_s, 1.0))

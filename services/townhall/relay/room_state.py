@@ -1,23 +1,24 @@
 """The relay's copy of the rooms: the room-state topic read to its end before serving, then followed.
 
 Every version goes to the Guard, which ends the streams it revokes (a removed, banned or demoted user's,
-or all of an ended room's) on this relay, whether it is the room's origin or an edge.
+or all of an ended room's) on this relay, whether it is the room's origin or an edge. A record that does
+not parse, is out of range, or was not written by an admission process is skipped and counted
+(core/records.py, core/room_records.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import TopicPartition
 
 from townhall.core import logging
-from townhall.core.config import KafkaConfig
-from townhall.core.kafka import Topics, follow, read_to_end
-from townhall.core.tasks import cancel
+from townhall.core.config import AuthConfig, KafkaConfig
+from townhall.core.kafka import Follower, read_to_end
+from townhall.core.records import STALE, Record, skipped
+from townhall.core.room_records import AnyOwner, RoomRecords
 from townhall.relay import metrics
 from townhall.relay.guard import Guard, Watch
-from townhall.v1.common_pb2 import Room
 
 log = logging.get(__name__)
 
@@ -25,48 +26,48 @@ log = logging.get(__name__)
 class RoomStateFollower:
     """Feeds the Guard every room version from Kafka."""
 
-    def __init__(self, kafka: KafkaConfig, guard: Guard) -> None:
+    def __init__(self, kafka: KafkaConfig, auth: AuthConfig, guard: Guard) -> None:
         self._kafka = kafka
-        self._topic = Topics(kafka.topic_prefix).room_state
+        # A relay does not know the admission members: any admission process may own a room.
+        self._records = RoomRecords(kafka, auth, AnyOwner())
+        self._topic = self._records.topic
         self._guard = guard
         self._ends: dict[TopicPartition, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._follower: Follower | None = None
 
     async def load(self) -> None:
         """Reads the topic to its end, so a ban recorded before this relay started holds from its start."""
-
-        def apply(key: bytes | None, value: bytes | None) -> None:
-            if value:
-                self._apply(value)  # nothing to cut yet: the relay is not serving
-            elif key:
-                self._guard.forget(key.decode("utf-8", "replace"))
-
-        self._ends = await read_to_end(self._kafka, self._topic, apply)
+        self._ends = await read_to_end(self._kafka, self._topic, self._apply)  # nothing to cut yet
         log.info("room rules read from kafka", rooms=self._guard.rooms)
 
-    def follow(self) -> None:
+    async def follow(self) -> None:
         """Keeps applying new versions from where `load` stopped."""
-        self._task = asyncio.create_task(follow(self._kafka, self._ends, self._record), name="room-rules")
+        self._follower = Follower(self._kafka, self._ends, self._record, "room-rules")
+        await self._follower.start()
 
     async def close(self) -> None:
         """Stops following."""
-        await cancel(self._task)
+        if self._follower is not None:
+            await self._follower.close()
 
-    def _apply(self, value: bytes) -> list[tuple[Watch, str]]:
-        try:
-            room = Room.FromString(value)
-        except ValueError as exc:  # DecodeError: skip a record this version cannot read
-            log.warning("bad room-state record", topic=self._topic, error=str(exc))
+    def _apply(self, record: Record) -> list[tuple[Watch, str]]:
+        if record.value is None:
+            # An ended room deleted once its tickets expired (admission's retention): forget its rules.
+            room_id = self._records.deleted(record)
+            if room_id:
+                self._guard.forget(room_id)
+            return []
+        room = self._records.read(record)
+        if room is None:
+            return []
+        held = self._guard.rules(room.room_id)
+        if held is not None and held.version > room.version:
+            skipped(record, STALE, f"room {room.room_id} version {room.version} is older than {held.version}")
             return []
         return self._guard.apply(room)
 
-    def _record(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        if not record.value:
-            # An ended room deleted once its tickets expired (admission's retention): forget its rules.
-            if record.key:
-                self._guard.forget(record.key.decode("utf-8", "replace"))
-            return
-        cut = self._apply(record.value)
+    def _record(self, record: Record) -> None:
+        cut = self._apply(record)
         if not cut:
             return
         delay_s = max(0.0, time.time() - record.timestamp / 1000)
