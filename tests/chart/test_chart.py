@@ -103,14 +103,8 @@ def test_shard_counts_match_the_scenario(render: Render, scenario: str) -> None:
             }
         else:
             assert sts["spec"]["replicas"] == shards
-    # Admission hands out exactly the relays that exist: relay-0..N-1 (or the one advertised address).
-    relays = config["TOWNHALL_ADMISSION_RELAYS"].split(",")
-    assert len(relays) == SHARDS[scenario]["relay"]
-    if scenario != "kind-default":
-        assert relays == [
-            f"{RELEASE}-relay-{i}.{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
-            for i in range(SHARDS[scenario]["relay"])
-        ]
+    # Admission is given no relay list: it finds the relays that exist from their load reports.
+    assert config["TOWNHALL_ADMISSION_RELAYS"] == ""
     # The helm test pod checks every admission and relay pod by its stable name.
     test_pod = next(iter(by_kind(manifests, "Pod").values()))
     targets = " ".join(test_pod["spec"]["containers"][0]["command"][4:])
@@ -330,10 +324,10 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
         else:
             assert section.internal_listen == f"0.0.0.0:{port_of(c, 'internal')}"
         if name == "relay":
-            # Tickets are bound to the advertised address, so admission must hand out the same one, and
-            # name the relay's internal address (where edges pull from) at the same place.
-            index = config.admission.relays.index(config.relay.address)
-            assert config.admission.relays_internal[index] == config.relay.internal_address
+            # Admission knows relays only by the advertised address in their load reports (tickets are
+            # bound to it, and name its internal address, where edges pull from), so the reports are on.
+            assert config.admission.relays == () and config.admission.relays_internal == ()
+            assert config.relay.load_report_ms > 0
             # A relay verifies tickets and cannot make one; it checks no user tokens either.
             assert not config.tickets.private_key and not config.auth.keys
         if name == "notifier":
@@ -646,16 +640,30 @@ def test_the_crowd_lane_runs_admission_pods_that_own_no_rooms(render: Render, en
     assert not env_of_pods.admission.owner and env_of_pods.admission.max_pending_requests == 16
 
 
-def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> None:
-    manifests = render("kind-default")
+def relay_advertise(manifests: list[Manifest]) -> str:
     relay = workload(manifests, "relay")
     env = {e["name"]: e.get("value") for e in relay["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["TOWNHALL_RELAY_ADVERTISE"] == "127.0.0.1:30052"
-    assert configmap(manifests)["TOWNHALL_ADMISSION_RELAYS"] == "127.0.0.1:30052"
+    return str(env["TOWNHALL_RELAY_ADVERTISE"])
+
+
+def test_relay_advertise_reaches_the_relays(render: Render) -> None:
+    assert relay_advertise(render("kind-default")) == "127.0.0.1:30052"
     per_pod = render(None, "--set", "relay.advertise=$(POD_NAME).relays.example.com:443")
-    assert configmap(per_pod)["TOWNHALL_ADMISSION_RELAYS"] == (
-        f"{RELEASE}-relay-0.relays.example.com:443,{RELEASE}-relay-1.relays.example.com:443"
+    assert relay_advertise(per_pod) == "$(POD_NAME).relays.example.com:443"
+    assert relay_advertise(render(None)) == (
+        f"$(POD_NAME).{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
     )
+
+
+def test_admission_config_does_not_depend_on_how_many_relays_run(render: Render) -> None:
+    """Relays the HPA adds beyond minReplicas get listeners: nothing in admission's config names relays."""
+    two = configmap(render(None, "--set", "relay.replicas=2"))
+    scaled = render(
+        None, "--set", "relay.autoscaling.enabled=true", "--set", "relay.autoscaling.minReplicas=5"
+    )
+    assert configmap(scaled) == two
+    assert two["TOWNHALL_ADMISSION_RELAYS"] == two["TOWNHALL_ADMISSION_RELAYS_INTERNAL"] == ""
+    assert int(two["TOWNHALL_RELAY_LOAD_REPORT_MS"]) > 0
 
 
 # The keys each service's container gets (and no other): relays verify tickets and make none.
@@ -792,6 +800,7 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "config.auth.keys=a"], "invalid propertyName 'keys'"),
         (["--set", "admision.replicas=3"], "admision"),
         (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
+        (["--set", "relay.config.load_report_ms=0"], "/relay/config/load_report_ms"),
         (["--set", "admission.config.host_grace_s=0.5"], "/admission/config/host_grace_s"),
         (["--set", "admission.config.relays=a:1"], "relays"),
         (["--set", "service.type=Ingress"], "/service/type"),

@@ -450,11 +450,17 @@ class AdmissionConfig:
     # (a process nobody calls: the crowd lane, or a single process).
     internal_listen: str = "127.0.0.1:50071"
     metrics_port: int = 9101
-    # Relays handed out in grants (host:port); the room's relay is chosen by rendezvous hashing.
+    # Seed relays (host:port, as they advertise themselves); the room's relays are chosen by rendezvous
+    # hashing over the live ones. More relays are found as they come from their load reports
+    # (relay.load_report_ms; see admission/relays.py) and placed on once a health probe finds them
+    # serving. May be empty (the chart names none); a relay listed here is never forgotten.
     relays: tuple[str, ...] = ("127.0.0.1:50052",)
     # The internal address of each relay in `relays`, in the same order (its relay.internal_advertise):
-    # tickets name these as the relays an edge pulls the room from.
+    # tickets name these as the relays an edge pulls the room from. A discovered relay's comes with its
+    # load reports.
     relays_internal: tuple[str, ...] = ("127.0.0.1:50072",)
+    # At most this many relays known at once (seeds plus discovered); reports of more are ignored.
+    max_relays: int = 1024
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
@@ -568,8 +574,11 @@ class AdmissionConfig:
                 f"admission.crowd_joins_per_s must be 0 (never) or positive, not {self.crowd_joins_per_s}"
             )
         _port("admission.metrics_port", self.metrics_port)
-        if not self.relays:
-            raise ConfigError("admission.relays must name at least one relay host:port")
+        if not len(self.relays) <= self.max_relays <= 100_000:
+            raise ConfigError(
+                f"admission.max_relays must be within {len(self.relays)} (the seed relays)..100000, "
+                f"not {self.max_relays}"
+            )
         for relay in self.relays:
             _address("admission.relays", relay)
         if len(self.relays_internal) != len(self.relays):
@@ -803,6 +812,11 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
+        if not self.admission.relays and not report_ms:
+            raise ConfigError(
+                "admission.relays is empty and relay.load_report_ms is 0: admission finds relays from "
+                "their load reports, so it would know none; turn the reports on or list the relays"
+            )
         if grace_ms and report_ms and grace_ms < 2 * report_ms:
             raise ConfigError(
                 f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "

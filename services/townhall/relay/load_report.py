@@ -19,6 +19,9 @@ from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
 
+# A clean shutdown's goodbye (a tombstone for this relay's key) is best effort, and never holds it up longer.
+GOODBYE_S = 3.0
+
 
 class LoadReporter:
     """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
@@ -30,6 +33,7 @@ class LoadReporter:
         # Per room, the host and co-hosts connected here (the owner's host failover reads them).
         self._leads = leads
         self._relay = config.relay.address
+        self._internal = config.relay.internal_address
         self._capacity = config.relay.listener_capacity
         self._every_s = config.relay.load_report_ms / 1000
         self._topic = Topics(config.kafka.topic_prefix).relay_load
@@ -43,6 +47,7 @@ class LoadReporter:
         leads = self._leads() if self._leads is not None else {}
         return RelayLoad(
             relay=self._relay,
+            internal=self._internal,
             listeners=sum(rooms.values()),
             capacity=self._capacity,
             at_ms=time.time_ns() // 1_000_000,
@@ -57,8 +62,27 @@ class LoadReporter:
             self._task = asyncio.create_task(self._run(), name="relay-load-report")
 
     async def close(self) -> None:
-        """Stops reporting."""
+        """Stops reporting, then says goodbye: a tombstone for this relay, so admission forgets it at once
+        (and compaction drops the relay from the topic) instead of after it has gone quiet."""
+        if self._task is None:
+            return
         await cancel(self._task)
+        self._task = None
+        key = self._relay.encode()
+        goodbye = producer(self._kafka, f"relay-{self._relay}", acks=1)
+        try:
+            async with asyncio.timeout(GOODBYE_S):
+                await goodbye.start()
+                # Signed like a report: only this relay can make admission forget it.
+                headers = self._signer.headers(self._topic, key, b"")
+                await goodbye.send_and_wait(self._topic, None, key=key, headers=headers)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "relay goodbye not written: admission forgets the relay once it is quiet", error=str(exc)
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await goodbye.stop()
 
     async def _run(self) -> None:
         key = self._relay.encode()
