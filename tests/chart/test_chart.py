@@ -46,10 +46,10 @@ Render = Callable[..., list[Manifest]]
 SERVICES = ("admission", "admission-crowd", "relay", "notifier")
 # Shards per scenario: what the StatefulSet (or its HPA's minReplicas) runs and admission is told about.
 SHARDS = {
-    "kind-default": {"admission": 1, "relay": 1},
-    "multi-shard": {"admission": 3, "relay": 4},
-    "external-kafka": {"admission": 2, "relay": 2},
-    "tls": {"admission": 2, "relay": 2},
+    "kind-default": {"admission": 1, "relay": 1, "notifier": 1},
+    "multi-shard": {"admission": 3, "relay": 4, "notifier": 2},
+    "external-kafka": {"admission": 2, "relay": 2, "notifier": 1},
+    "tls": {"admission": 2, "relay": 2, "notifier": 1},
 }
 HEALTH_SERVICES = {
     "admission": {"townhall.v1.Rooms", "townhall.v1.Admission"},
@@ -105,7 +105,7 @@ def test_shard_counts_match_the_scenario(render: Render, scenario: str) -> None:
             assert sts["spec"]["replicas"] == shards
     # Admission is given no relay list: it finds the relays that exist from their load reports.
     assert config["TOWNHALL_ADMISSION_RELAYS"] == ""
-    # The helm test pod checks every admission and relay pod by its stable name.
+    # The helm test pod checks every admission, relay and notifier pod by its stable name.
     test_pod = next(iter(by_kind(manifests, "Pod").values()))
     targets = " ".join(test_pod["spec"]["containers"][0]["command"][4:])
     for name, shards in SHARDS[scenario].items():
@@ -157,20 +157,32 @@ def test_shutdown_is_consistent_with_the_servers_grace_period(render: Render, sc
             spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(notice_s) + math.ceil(grace_s) + 1
         )
         # Liveness must not kill a draining server (it reports NOT_SERVING) before the grace period ends.
+        # (A notifier scaled away hands its graph keys over first, while it still reports SERVING.)
+        handover_s = (
+            float(configmap(manifests)["TOWNHALL_NOTIFIER_HANDOVER_GRACE_S"]) if name == "notifier" else 0
+        )
         live = c["livenessProbe"]
-        assert live["periodSeconds"] * live["failureThreshold"] > spec["terminationGracePeriodSeconds"]
+        assert (
+            live["periodSeconds"] * live["failureThreshold"]
+            > spec["terminationGracePeriodSeconds"] - handover_s
+        )
+        if name == "notifier":
+            assert spec["terminationGracePeriodSeconds"] >= pre_stop + notice_s + grace_s + handover_s
 
 
 def test_grace_period_follows_the_configured_drain_time(render: Render) -> None:
     manifests = render("kind-default", "--set", "config.server.grace_s=30")
     assert configmap(manifests)["TOWNHALL_SERVER_GRACE_S"] == "30"
     for name in SERVICES:
-        # preStop 5 + drain notice 1 + grace 30 + close 5
-        assert workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 41
+        # preStop 5 + drain notice 1 + grace 30 + close 5 (+ the notifier's handover_grace_s, 120)
+        expected = 41 + (120 if name == "notifier" else 0)
+        assert (
+            workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == expected
+        )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> None:
+def test_rbac_reads_endpointslices_and_the_notifier_statefulset_only(render: Render, scenario: str) -> None:
     manifests = render(scenario)
     assert not by_kind(manifests, "ClusterRole") and not by_kind(manifests, "ClusterRoleBinding")
     (role,) = by_kind(manifests, "Role").values()
@@ -179,7 +191,13 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {
+            "apiGroups": ["apps"],
+            "resources": ["statefulsets"],
+            "resourceNames": [workload(manifests, "notifier")["metadata"]["name"]],
+            "verbs": ["get"],
+        },
     ]
     (binding,) = by_kind(manifests, "RoleBinding").values()
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -188,7 +206,7 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
     for owner, spec in pod_specs(manifests):
-        if component(owner) in {"admission", "admission-crowd", "relay"}:
+        if component(owner) in {"admission", "admission-crowd", "relay", "notifier"}:
             assert spec["serviceAccountName"] == account["metadata"]["name"]
         else:
             assert spec.get("automountServiceAccountToken") is False, owner["metadata"]["name"]
@@ -579,13 +597,47 @@ def test_disruption_budgets_cover_every_service(render: Render, scenario: str) -
 def test_notifier_keeps_its_store_on_a_volume(render: Render) -> None:
     manifests = render("kind-default")
     notifier = workload(manifests, "notifier")
-    assert notifier["kind"] == "Deployment"
-    assert notifier["spec"]["strategy"] == {"type": "Recreate"}  # never two pods on one sqlite store
-    volumes = {v["name"]: v for v in notifier["spec"]["template"]["spec"]["volumes"]}
-    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
-    pvc = by_kind(manifests, "PersistentVolumeClaim")[claim]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert notifier["kind"] == "StatefulSet"
+    # A volume per pod, kept when pods are scaled away or the release is deleted.
+    (claim,) = notifier["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert notifier["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    (container,) = notifier["spec"]["template"]["spec"]["containers"]
+    assert {"name": "data", "mountPath": "/var/lib/townhall/notifier"} in container["volumeMounts"]
+    assert "data" not in {v["name"] for v in notifier["spec"]["template"]["spec"]["volumes"]}
+    assert not by_kind(manifests, "PersistentVolumeClaim")
+    ephemeral = workload(render(None, "--set", "notifier.persistence.enabled=false"), "notifier")
+    assert "volumeClaimTemplates" not in ephemeral["spec"]
+    volumes = {v["name"]: v for v in ephemeral["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_notifier_members_are_the_statefulsets_pods_by_their_stable_names(
+    render: Render, scenario: str
+) -> None:
+    """Graph shards follow the StatefulSet's identities: every pod knows the others by the same names."""
+    manifests = render(scenario)
+    notifier = workload(manifests, "notifier")
+    headless = by_kind(manifests, "Service")[notifier["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    (container,) = notifier["spec"]["template"]["spec"]["containers"]
+    addresses = set()
+    for i in range(SHARDS[scenario]["notifier"]):
+        pod = f"{notifier['metadata']['name']}-{i}"
+        env = container_env(manifests, container, pod)
+        config = load_config(
+            env={k: v for k, v in env.items() if k.startswith("TOWNHALL_NOTIFIER_")}
+        ).notifier
+        assert (config.membership, config.kube_statefulset) == ("kubernetes", notifier["metadata"]["name"])
+        # What a pod advertises is what the others compute for it from the StatefulSet's replicas.
+        assert config.address == config.kube_member.format(pod=pod)
+        assert config.address == f"{pod}.{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local:50073"
+        addresses.add(config.address)
+    assert len(addresses) == SHARDS[scenario]["notifier"]
 
 
 def test_client_services_use_fixed_node_ports_mapped_by_kind(render: Render) -> None:
@@ -790,7 +842,8 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
     [
         (["--set", "image.tag=latest"], "/image/tag"),
         (["--set", "kafka.bundled=false"], "/kafka/external/bootstrap"),
-        (["--set", "notifier.replicas=2"], "/notifier/replicas"),
+        (["--set", "notifier.replicas=0"], "/notifier/replicas"),
+        (["--set", "notifier.config.members=a:1"], "members"),
         (["--set", "keys.tickets.publicKeys[0]=k1=short"], "/keys/tickets/publicKeys/0"),
         (["--set", "keys.tickets.privateKey=k1=" + "x" * 40], "/keys/tickets/privateKey"),
         (["--set", "admission.internalPort=0"], "/admission/internalPort"),

@@ -735,9 +735,21 @@ class NotifierConfig:
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
+    # How the notifiers are found: "static" (the `members` list) or "kubernetes" (the pods of the
+    # notifier StatefulSet, kube_statefulset, read from the API; see notifier/membership.py).
+    membership: str = "static"
     # Every notifier (its internal host:port), this one included; each followee's graph lives on one
     # of them (rendezvous hashing). Empty: this process holds the whole graph.
     members: tuple[str, ...] = ()
+    # Kubernetes membership: the StatefulSet, its namespace (default: the pod's), and each pod's
+    # address with "{pod}" where the pod's name goes ("{pod}.<headless Service>.<ns>.svc:<port>").
+    kube_statefulset: str = ""
+    kube_namespace: str = ""
+    kube_member: str = ""
+    # On SIGTERM, a notifier the membership no longer lists (scaled away) hands every graph key it
+    # holds to its owner before it stops, for at most this many seconds (terminationGracePeriod
+    # must cover it; the chart adds it).
+    handover_grace_s: float = 120.0
     # Hosts with more followers than this fan out on the bulk lane; the rest on the fast lane.
     bulk_threshold: int = 10_000
     # Most of the worker's tasks that go to the bulk lane while fast-lane tasks wait (0..0.9).
@@ -758,8 +770,25 @@ class NotifierConfig:
             _address("notifier.advertise", self.advertise)
         for member in self.members:
             _address("notifier.members", member)
-        if self.members and self.address not in self.members:
+        if self.membership not in {"static", "kubernetes"}:
+            raise ConfigError(f"notifier.membership must be static or kubernetes, not {self.membership!r}")
+        if self.membership == "static" and self.members and self.address not in self.members:
             raise ConfigError(f"notifier.members must include this notifier ({self.address})")
+        if self.membership == "kubernetes":
+            if not self.kube_statefulset:
+                raise ConfigError(
+                    "notifier.kube_statefulset must name the notifier StatefulSet (membership kubernetes)"
+                )
+            if "{pod}" not in self.kube_member:
+                raise ConfigError(
+                    "notifier.kube_member must be the pods' address with {pod} for the pod name, "
+                    f"not {self.kube_member!r}"
+                )
+            _address("notifier.kube_member", self.kube_member.replace("{pod}", "pod"))
+        if not 0 <= self.handover_grace_s <= 3600:
+            raise ConfigError(
+                f"notifier.handover_grace_s must be within 0..3600, not {self.handover_grace_s:g}"
+            )
         _positive("notifier.bulk_threshold", self.bulk_threshold)
         if not 0 <= self.bulk_share <= 0.9:
             raise ConfigError(f"notifier.bulk_share must be within 0..0.9, not {self.bulk_share}")
