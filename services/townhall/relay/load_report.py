@@ -40,6 +40,7 @@ class LoadReporter:
         self._kafka = config.kafka
         self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
         self._task: asyncio.Task[None] | None = None
+        self._reported = False  # a report reached Kafka: admission may know this relay
 
     def report(self) -> RelayLoad:
         """What the relay carries now."""
@@ -68,6 +69,8 @@ class LoadReporter:
             return
         await cancel(self._task)
         self._task = None
+        if not self._reported:
+            return  # never reported: no one knows this relay, and Kafka is likely away
         key = self._relay.encode()
         goodbye = producer(self._kafka, f"relay-{self._relay}", acks=1)
         try:
@@ -95,6 +98,7 @@ class LoadReporter:
                     value = self.report().SerializeToString()
                     headers = self._signer.headers(self._topic, key, value)
                     await reports.send_and_wait(self._topic, value, key=key, headers=headers)
+                    self._reported = True
                     await asyncio.sleep(self._every_s)
             except KafkaError as exc:
                 log.warning("relay load report failed", topic=self._topic, error=str(exc))
