@@ -207,3 +207,25 @@ def test_a_call_forwarded_again_while_views_differ_counts_its_hops() -> None:
     assert hops(((HOPS_KEY, "2"),), forwarded=False) == 0, "a client's count means nothing"
     assert hops((), forwarded=True) == 1
     assert hops(((HOPS_KEY, "lots"),), forwarded=True) == MAX_HOPS, "a count that is not one ends it"
+
+
+async def test_hearing_another_is_drained_during_a_sweep_does_not_undo_this_ones(
+    store: SqliteFollowerStore,
+) -> None:
+    placement = Placement("a:1", ["a:1", "b:1"], epoch=2)
+    handover = Handover(store, placement, peers=None, static=False)  # type: ignore[arg-type]
+    await handover.set_view(["a:1", "b:1"], 3)
+    markers = store.markers
+
+    async def heard_meanwhile() -> list[tuple[str, str, int]]:
+        await handover.mark_drained("b:1", 3)  # b's announcement arrives while a sweeps
+        return await markers()
+
+    async def told_everyone(view: View) -> bool:
+        return True
+
+    store.markers = heard_meanwhile  # type: ignore[method-assign]
+    handover._announce = told_everyone  # type: ignore[method-assign]
+    assert await handover.sweep() == 0
+    assert handover.drained and handover.known_drained(3) == ["a:1", "b:1"]
+    assert await handover.wait_drained(0.1)

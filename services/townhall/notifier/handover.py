@@ -23,6 +23,7 @@ partial key, no write lands where it would be lost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -261,7 +262,7 @@ class Handover:
         view = self._view
         if epoch != view.epoch or holder in view.drained or holder == self.me:
             return
-        self._view = View(view.epoch, view.members, view.previous, view.drained | {holder}, view.me_drained)
+        self._view = dataclasses.replace(view, drained=view.drained | {holder})
         await self._store.set_meta(VIEW_META, self._view.dumps())
 
     def known_drained(self, epoch: int) -> list[str]:
@@ -374,7 +375,7 @@ class Handover:
             foreign = [k for k in keys if not self._placement.owns(k)]
             HANDOVER_PENDING.set(left + len(foreign))
             for key in foreign:
-                if self._view is not view:
+                if not self._still(view):
                     return -1  # the view changed: sweep again in the new one
                 if not await self._ask(key, view.epoch):
                     left += 1
@@ -383,8 +384,11 @@ class Handover:
             if not self._placement.owns(key) and not await self._store.holds(key):
                 await self._store.unmark(key)
         HANDOVER_PENDING.set(left)
-        if left == 0 and self._view is view:
-            self._view = View(view.epoch, view.members, view.previous, view.drained, True)
+        if left == 0:
+            if not self._still(view):
+                return -1
+            # The view object itself may have been replaced meanwhile (others heard drained): keep that.
+            self._view = dataclasses.replace(self._view, me_drained=True)
             await self._store.set_meta(VIEW_META, self._view.dumps())
             log.info("notifier drained: it holds nothing another notifier owns", epoch=view.epoch)
             # Told to every notifier, so none asks again (a notifier scaled away must be heard before
@@ -393,6 +397,10 @@ class Handover:
                 return -1
             self._swept.set()
         return left
+
+    def _still(self, view: View) -> bool:
+        """Whether this process's view is still `view`'s epoch and members (who is drained may differ)."""
+        return (self._view.epoch, self._view.members) == (view.epoch, view.members)
 
     async def _announce(self, view: View) -> bool:
         """Tells every other notifier this one is drained in `view`; True once all members have heard it."""
