@@ -17,12 +17,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
 from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
 from townhall.core.sharding import owner
+from townhall.devtools.events import publish_room_created
 from townhall.devtools.fanout import counting_inbox, import_followers
 from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp, build_app
@@ -121,10 +123,17 @@ class Graph:
         self.follows.setdefault(followee, set()).add(follower)
 
     async def remind(self, address: str, room: str, user: int) -> None:
+        """Asks for a reminder of `room` (created a moment ago: the notifier may not have read it yet)."""
         async with grpc.aio.insecure_channel(address) as channel:
-            reply = await graph_pb2_grpc.GraphStub(channel).RemindMe(
-                graph_pb2.RemindMeRequest(room_id=room), metadata=metadata(user), timeout=30
-            )
+            for _ in range(100):
+                try:
+                    reply = await graph_pb2_grpc.GraphStub(channel).RemindMe(
+                        graph_pb2.RemindMeRequest(room_id=room), metadata=metadata(user), timeout=30
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
         assert reply.created
         self.reminders.setdefault(room, set()).add(user)
 
@@ -198,6 +207,13 @@ async def make_graph(
         for follower in fresh_users(3):
             await graph.follow(notifiers.clients[members[i % len(members)]], host, follower)
     rooms = [f"remind-{uuid.uuid4().hex[:8]}" for _ in range(12)]
+    producer = AIOKafkaProducer(bootstrap_servers=notifiers.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for room in rooms:  # scheduled rooms, as admission has them: reminders are for rooms not started
+            await publish_room_created(producer, notifiers.kafka, room, hosts[0], "a scheduled room")
+    finally:
+        await producer.stop()
     for i, room in enumerate(rooms):
         await graph.remind(notifiers.clients[members[i % len(members)]], room, fresh_users(1)[0])
     moved_rooms = [r for r in rooms if owner(room_key(r), [*members, new]) == new]

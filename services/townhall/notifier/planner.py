@@ -112,13 +112,13 @@ class Planner:
         self._replay_asked = (gained, int((time.time() - seconds) * 1000))
 
     async def _start_replay(self) -> None:
-        asked, self._replay_asked = self._replay_asked, None
+        asked = self._replay_asked
         if asked is None:
             return
         gained, since_ms = asked
         partitions = self._consumer.assignment()
         if not partitions:
-            return
+            return  # not assigned yet: asked again at the next fetch
         starts = await self._consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
         for tp in partitions:
             start = starts.get(tp)
@@ -127,6 +127,8 @@ class Planner:
                 self._replay_until[tp] = max(position, self._replay_until.get(tp, 0))
                 self._consumer.seek(tp, start.offset)
         self._gained = gained
+        if self._replay_asked is asked:
+            self._replay_asked = None
         log.info("planning recent room starts again for keys gained", since_ms=since_ms)
 
     def _only(self, tp: TopicPartition, offset: int) -> Callable[[str], bool] | None:
@@ -288,16 +290,19 @@ class Planner:
 
     async def start_at(self, partitions: Iterable[TopicPartition], at_ms: int) -> None:
         """Moves partitions this group never committed to the first event at or after `at_ms`."""
-        fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
-        if not fresh:
-            return
-        starts = await self._consumer.offsets_for_times(dict.fromkeys(fresh, at_ms))
-        for tp in fresh:
-            found = starts.get(tp)
-            if found is None:
-                await self._consumer.seek_to_end(tp)
-            else:
-                self._consumer.seek(tp, found.offset)
+        try:
+            fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
+            if not fresh:
+                return
+            starts = await self._consumer.offsets_for_times(dict.fromkeys(fresh, at_ms))
+            for tp in fresh:
+                found = starts.get(tp)
+                if found is None:
+                    await self._consumer.seek_to_end(tp)
+                else:
+                    self._consumer.seek(tp, found.offset)
+        except Exception as exc:  # planning from the oldest event again beats skipping any
+            log.warning("a new planner group starts at the oldest event", error=describe(exc))
 
     async def commit_now(self, partitions: set[TopicPartition]) -> None:
         """Commits the finished events of `partitions` at once, then forgets them (a rebalance)."""
