@@ -27,6 +27,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -220,12 +221,11 @@ class Handover:
                 "reached; retry"
             )
         stub = self._peers.shards(holder)
-        forwarding = self._peers.forwarding
         request = internal_pb2.HandoverRequest(key=key, owner=self.me, epoch=epoch)
         last = None
         taken = 0
         try:
-            metadata = forwarding.internal(holder, SHARDS + "Handover")
+            metadata = self._peers.forwarding.internal(holder, SHARDS + "Handover")
             async for chunk in stub.Handover(request, metadata=metadata, timeout=HANDOVER_TIMEOUT_S):
                 if chunk.ids:
                     ids = np.frombuffer(chunk.ids, dtype="<u8").astype(np.uint64)
@@ -244,16 +244,11 @@ class Handover:
         if taken:
             HANDOVER_KEYS.labels("taken").inc()
             log.info("key taken over", key=key, holder=holder, ids=taken)
-        try:
-            await stub.Release(
-                internal_pb2.ReleaseRequest(key=key, owner=self.me),
-                metadata=forwarding.internal(holder, SHARDS + "Release"),
-                timeout=RPC_TIMEOUT_S,
-            )
-        except grpc.aio.AioRpcError as exc:
-            # Stored here already; the holder keeps a copy it will not serve, and drops it when its sweep
-            # has this process settle the key again.
-            log.warning("release after a handover failed", key=key, holder=holder, error=exc.code().name)
+        # Stored here already: if the holder does not hear this, it keeps a copy it will not serve, and
+        # drops it when its sweep has this process settle the key again.
+        await self._call(
+            holder, "Release", internal_pb2.ReleaseRequest(key=key, owner=self.me), RPC_TIMEOUT_S
+        )
         if last.drained and last.epoch == epoch:
             await self.mark_drained(holder, epoch)
 
@@ -276,20 +271,24 @@ class Handover:
         """Whether another member heard `holder` say it is drained in view `epoch`."""
         request = internal_pb2.DrainedRequest(epoch=epoch)
         for member in self._view.members:
-            if member == self.me or not await self._peers.ready(member, CONNECT_S):
-                continue
-            try:
-                reply = await self._peers.shards(member).Drained(
-                    request,
-                    metadata=self._peers.forwarding.internal(member, SHARDS + "Drained"),
-                    timeout=RPC_TIMEOUT_S,
-                )
-            except grpc.aio.AioRpcError:
-                continue
-            if reply.epoch == epoch and holder in reply.drained:
+            reply = None if member == self.me else await self._call(member, "Drained", request, RPC_TIMEOUT_S)
+            if reply is not None and reply.epoch == epoch and holder in reply.drained:
                 await self.mark_drained(holder, epoch)
                 return True
         return False
+
+    async def _call(self, member: str, method: str, request: Any, timeout_s: float) -> Any:
+        """One unary GraphShards call to `member`; None if it cannot be reached or refuses (logged)."""
+        if not await self._peers.ready(member, CONNECT_S):
+            return None
+        metadata = self._peers.forwarding.internal(member, SHARDS + method)
+        try:
+            return await getattr(self._peers.shards(member), method)(
+                request, metadata=metadata, timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info("notifier did not answer", member=member, method=method, error=exc.code().name)
+            return None
 
     # --- the holder's side -------------------------------------------------------------------
 
@@ -407,35 +406,15 @@ class Handover:
         request = internal_pb2.DrainedRequest(holder=self.me, epoch=view.epoch)
         heard = True
         for member in sorted((set(view.members) | set(view.previous)) - {self.me}):
-            if not await self._peers.ready(member, CONNECT_S):
-                heard = heard and member not in view.members
-                continue
-            try:
-                await self._peers.shards(member).Drained(
-                    request,
-                    metadata=self._peers.forwarding.internal(member, SHARDS + "Drained"),
-                    timeout=RPC_TIMEOUT_S,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if member in view.members:
-                    heard = False  # a departed one may be gone for good: nothing to tell it
-                    log.info("drained not heard yet", member=member, error=exc.code().name)
+            reply = await self._call(member, "Drained", request, RPC_TIMEOUT_S)
+            # A departed one may be gone for good: nothing to tell it.
+            heard = heard and (reply is not None or member not in view.members)
         return heard
 
     async def _ask(self, key: str, epoch: int) -> bool:
-        owner = self._placement.owner(key)
-        if not await self._peers.ready(owner, CONNECT_S):
-            return False
         request = internal_pb2.SettleRequest(key=key, holder=self.me, epoch=epoch)
-        try:
-            await self._peers.shards(owner).Settle(
-                request,
-                metadata=self._peers.forwarding.internal(owner, SHARDS + "Settle"),
-                timeout=HANDOVER_TIMEOUT_S,
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.info("owner did not take a key over yet", key=key, owner=owner, error=exc.code().name)
-            return False
+        if await self._call(self._placement.owner(key), "Settle", request, HANDOVER_TIMEOUT_S) is None:
+            return False  # the owner did not take it over yet: the next sweep asks again
         return not await self._store.holds(key)
 
 
