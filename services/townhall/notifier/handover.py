@@ -43,7 +43,7 @@ from townhall.v1 import internal_pb2
 
 log = logging.get(__name__)
 
-HANDOVER_TIMEOUT_S = 600.0  # streaming one key: a celebrity's 100M followers take about a minute
+HANDOVER_TIMEOUT_S = 600.0  # streaming one key: a celebrity's 100M followers take about 110 s
 RPC_TIMEOUT_S = 10.0
 CONNECT_S = 5.0  # how long a call waits for a peer it cannot reach before it counts as not answering
 SWEEP_RETRY_S = 2.0
@@ -98,7 +98,7 @@ class Handover:
         self._static = static
         self._view = View(placement.epoch, placement.members, placement.members, frozenset(), False)
         self._settled: dict[str, None] = {}
-        self._running: dict[str, asyncio.Future[None]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
         self._swept = asyncio.Event()  # set when this process is drained in the current view
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -190,10 +190,17 @@ class Handover:
         if running is None or holder is not None:
             if running is not None:
                 await asyncio.shield(running)
-            running = asyncio.ensure_future(self._settle(key, holders))
+            running = asyncio.create_task(self._settle(key, holders), name="notifier-settle")
             self._running[key] = running
-            running.add_done_callback(lambda _: self._running.pop(key, None))
+            running.add_done_callback(lambda done: self._settled_one(key, done))
         await asyncio.shield(running)
+
+    def _settled_one(self, key: str, done: asyncio.Task[None]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        # Its callers see its failure; one whose caller went away (a cancelled call) is not an error here.
+        if not done.cancelled():
+            done.exception()
 
     async def _settle(self, key: str, holders: list[str]) -> None:
         epoch = self._placement.epoch
@@ -338,8 +345,8 @@ class Handover:
         self._task = asyncio.create_task(self._run(), name="notifier-sweep")
 
     async def close(self) -> None:
-        """Stops sweeping."""
-        await cancel(self._task)
+        """Stops sweeping, and the settles under way."""
+        await cancel(self._task, *self._running.values())
         self._task = None
 
     async def wait_drained(self, timeout_s: float) -> bool:
