@@ -46,10 +46,10 @@ Render = Callable[..., list[Manifest]]
 SERVICES = ("admission", "admission-crowd", "relay", "notifier")
 # Shards per scenario: what the StatefulSet (or its HPA's minReplicas) runs and admission is told about.
 SHARDS = {
-    "kind-default": {"admission": 1, "relay": 1},
-    "multi-shard": {"admission": 3, "relay": 4},
-    "external-kafka": {"admission": 2, "relay": 2},
-    "tls": {"admission": 2, "relay": 2},
+    "kind-default": {"admission": 1, "relay": 1, "notifier": 1},
+    "multi-shard": {"admission": 3, "relay": 4, "notifier": 2},
+    "external-kafka": {"admission": 2, "relay": 2, "notifier": 1},
+    "tls": {"admission": 2, "relay": 2, "notifier": 1},
 }
 HEALTH_SERVICES = {
     "admission": {"townhall.v1.Rooms", "townhall.v1.Admission"},
@@ -103,15 +103,9 @@ def test_shard_counts_match_the_scenario(render: Render, scenario: str) -> None:
             }
         else:
             assert sts["spec"]["replicas"] == shards
-    # Admission hands out exactly the relays that exist: relay-0..N-1 (or the one advertised address).
-    relays = config["TOWNHALL_ADMISSION_RELAYS"].split(",")
-    assert len(relays) == SHARDS[scenario]["relay"]
-    if scenario != "kind-default":
-        assert relays == [
-            f"{RELEASE}-relay-{i}.{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
-            for i in range(SHARDS[scenario]["relay"])
-        ]
-    # The helm test pod checks every admission and relay pod by its stable name.
+    # Admission is given no relay list: it finds the relays that exist from their load reports.
+    assert config["TOWNHALL_ADMISSION_RELAYS"] == ""
+    # The helm test pod checks every admission, relay and notifier pod by its stable name.
     test_pod = next(iter(by_kind(manifests, "Pod").values()))
     targets = " ".join(test_pod["spec"]["containers"][0]["command"][4:])
     for name, shards in SHARDS[scenario].items():
@@ -163,20 +157,32 @@ def test_shutdown_is_consistent_with_the_servers_grace_period(render: Render, sc
             spec["terminationGracePeriodSeconds"] >= pre_stop + math.ceil(notice_s) + math.ceil(grace_s) + 1
         )
         # Liveness must not kill a draining server (it reports NOT_SERVING) before the grace period ends.
+        # (A notifier scaled away hands its graph keys over first, while it still reports SERVING.)
+        handover_s = (
+            float(configmap(manifests)["TOWNHALL_NOTIFIER_HANDOVER_GRACE_S"]) if name == "notifier" else 0
+        )
         live = c["livenessProbe"]
-        assert live["periodSeconds"] * live["failureThreshold"] > spec["terminationGracePeriodSeconds"]
+        assert (
+            live["periodSeconds"] * live["failureThreshold"]
+            > spec["terminationGracePeriodSeconds"] - handover_s
+        )
+        if name == "notifier":
+            assert spec["terminationGracePeriodSeconds"] >= pre_stop + notice_s + grace_s + handover_s
 
 
 def test_grace_period_follows_the_configured_drain_time(render: Render) -> None:
     manifests = render("kind-default", "--set", "config.server.grace_s=30")
     assert configmap(manifests)["TOWNHALL_SERVER_GRACE_S"] == "30"
     for name in SERVICES:
-        # preStop 5 + drain notice 1 + grace 30 + close 5
-        assert workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 41
+        # preStop 5 + drain notice 1 + grace 30 + close 5 (+ the notifier's handover_grace_s, 120)
+        expected = 41 + (120 if name == "notifier" else 0)
+        assert (
+            workload(manifests, name)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == expected
+        )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> None:
+def test_rbac_reads_endpointslices_and_the_notifier_statefulset_only(render: Render, scenario: str) -> None:
     manifests = render(scenario)
     assert not by_kind(manifests, "ClusterRole") and not by_kind(manifests, "ClusterRoleBinding")
     (role,) = by_kind(manifests, "Role").values()
@@ -185,7 +191,13 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {
+            "apiGroups": ["apps"],
+            "resources": ["statefulsets"],
+            "resourceNames": [workload(manifests, "notifier")["metadata"]["name"]],
+            "verbs": ["get"],
+        },
     ]
     (binding,) = by_kind(manifests, "RoleBinding").values()
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -194,7 +206,7 @@ def test_rbac_is_read_only_on_endpointslices(render: Render, scenario: str) -> N
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
     for owner, spec in pod_specs(manifests):
-        if component(owner) in {"admission", "admission-crowd", "relay"}:
+        if component(owner) in {"admission", "admission-crowd", "relay", "notifier"}:
             assert spec["serviceAccountName"] == account["metadata"]["name"]
         else:
             assert spec.get("automountServiceAccountToken") is False, owner["metadata"]["name"]
@@ -330,10 +342,10 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
         else:
             assert section.internal_listen == f"0.0.0.0:{port_of(c, 'internal')}"
         if name == "relay":
-            # Tickets are bound to the advertised address, so admission must hand out the same one, and
-            # name the relay's internal address (where edges pull from) at the same place.
-            index = config.admission.relays.index(config.relay.address)
-            assert config.admission.relays_internal[index] == config.relay.internal_address
+            # Admission knows relays only by the advertised address in their load reports (tickets are
+            # bound to it, and name its internal address, where edges pull from), so the reports are on.
+            assert config.admission.relays == () and config.admission.relays_internal == ()
+            assert config.relay.load_report_ms > 0
             # A relay verifies tickets and cannot make one; it checks no user tokens either.
             assert not config.tickets.private_key and not config.auth.keys
         if name == "notifier":
@@ -585,13 +597,47 @@ def test_disruption_budgets_cover_every_service(render: Render, scenario: str) -
 def test_notifier_keeps_its_store_on_a_volume(render: Render) -> None:
     manifests = render("kind-default")
     notifier = workload(manifests, "notifier")
-    assert notifier["kind"] == "Deployment"
-    assert notifier["spec"]["strategy"] == {"type": "Recreate"}  # never two pods on one sqlite store
-    volumes = {v["name"]: v for v in notifier["spec"]["template"]["spec"]["volumes"]}
-    claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
-    pvc = by_kind(manifests, "PersistentVolumeClaim")[claim]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert notifier["kind"] == "StatefulSet"
+    # A volume per pod, kept when pods are scaled away or the release is deleted.
+    (claim,) = notifier["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert notifier["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    (container,) = notifier["spec"]["template"]["spec"]["containers"]
+    assert {"name": "data", "mountPath": "/var/lib/townhall/notifier"} in container["volumeMounts"]
+    assert "data" not in {v["name"] for v in notifier["spec"]["template"]["spec"]["volumes"]}
+    assert not by_kind(manifests, "PersistentVolumeClaim")
+    ephemeral = workload(render(None, "--set", "notifier.persistence.enabled=false"), "notifier")
+    assert "volumeClaimTemplates" not in ephemeral["spec"]
+    volumes = {v["name"]: v for v in ephemeral["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_notifier_members_are_the_statefulsets_pods_by_their_stable_names(
+    render: Render, scenario: str
+) -> None:
+    """Graph shards follow the StatefulSet's identities: every pod knows the others by the same names."""
+    manifests = render(scenario)
+    notifier = workload(manifests, "notifier")
+    headless = by_kind(manifests, "Service")[notifier["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    (container,) = notifier["spec"]["template"]["spec"]["containers"]
+    addresses = set()
+    for i in range(SHARDS[scenario]["notifier"]):
+        pod = f"{notifier['metadata']['name']}-{i}"
+        env = container_env(manifests, container, pod)
+        config = load_config(
+            env={k: v for k, v in env.items() if k.startswith("TOWNHALL_NOTIFIER_")}
+        ).notifier
+        assert (config.membership, config.kube_statefulset) == ("kubernetes", notifier["metadata"]["name"])
+        # What a pod advertises is what the others compute for it from the StatefulSet's replicas.
+        assert config.address == config.kube_member.format(pod=pod)
+        assert config.address == f"{pod}.{headless['metadata']['name']}.{NAMESPACE}.svc.cluster.local:50073"
+        addresses.add(config.address)
+    assert len(addresses) == SHARDS[scenario]["notifier"]
 
 
 def test_client_services_use_fixed_node_ports_mapped_by_kind(render: Render) -> None:
@@ -646,16 +692,30 @@ def test_the_crowd_lane_runs_admission_pods_that_own_no_rooms(render: Render, en
     assert not env_of_pods.admission.owner and env_of_pods.admission.max_pending_requests == 16
 
 
-def test_relay_advertise_reaches_admission_and_the_relays(render: Render) -> None:
-    manifests = render("kind-default")
+def relay_advertise(manifests: list[Manifest]) -> str:
     relay = workload(manifests, "relay")
     env = {e["name"]: e.get("value") for e in relay["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["TOWNHALL_RELAY_ADVERTISE"] == "127.0.0.1:30052"
-    assert configmap(manifests)["TOWNHALL_ADMISSION_RELAYS"] == "127.0.0.1:30052"
+    return str(env["TOWNHALL_RELAY_ADVERTISE"])
+
+
+def test_relay_advertise_reaches_the_relays(render: Render) -> None:
+    assert relay_advertise(render("kind-default")) == "127.0.0.1:30052"
     per_pod = render(None, "--set", "relay.advertise=$(POD_NAME).relays.example.com:443")
-    assert configmap(per_pod)["TOWNHALL_ADMISSION_RELAYS"] == (
-        f"{RELEASE}-relay-0.relays.example.com:443,{RELEASE}-relay-1.relays.example.com:443"
+    assert relay_advertise(per_pod) == "$(POD_NAME).relays.example.com:443"
+    assert relay_advertise(render(None)) == (
+        f"$(POD_NAME).{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
     )
+
+
+def test_admission_config_does_not_depend_on_how_many_relays_run(render: Render) -> None:
+    """Relays the HPA adds beyond minReplicas get listeners: nothing in admission's config names relays."""
+    two = configmap(render(None, "--set", "relay.replicas=2"))
+    scaled = render(
+        None, "--set", "relay.autoscaling.enabled=true", "--set", "relay.autoscaling.minReplicas=5"
+    )
+    assert configmap(scaled) == two
+    assert two["TOWNHALL_ADMISSION_RELAYS"] == two["TOWNHALL_ADMISSION_RELAYS_INTERNAL"] == ""
+    assert int(two["TOWNHALL_RELAY_LOAD_REPORT_MS"]) > 0
 
 
 # The keys each service's container gets (and no other): relays verify tickets and make none.
@@ -782,7 +842,8 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
     [
         (["--set", "image.tag=latest"], "/image/tag"),
         (["--set", "kafka.bundled=false"], "/kafka/external/bootstrap"),
-        (["--set", "notifier.replicas=2"], "/notifier/replicas"),
+        (["--set", "notifier.replicas=0"], "/notifier/replicas"),
+        (["--set", "notifier.config.members=a:1"], "members"),
         (["--set", "keys.tickets.publicKeys[0]=k1=short"], "/keys/tickets/publicKeys/0"),
         (["--set", "keys.tickets.privateKey=k1=" + "x" * 40], "/keys/tickets/privateKey"),
         (["--set", "admission.internalPort=0"], "/admission/internalPort"),
@@ -792,6 +853,7 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "config.auth.keys=a"], "invalid propertyName 'keys'"),
         (["--set", "admision.replicas=3"], "admision"),
         (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
+        (["--set", "relay.config.load_report_ms=0"], "/relay/config/load_report_ms"),
         (["--set", "admission.config.host_grace_s=0.5"], "/admission/config/host_grace_s"),
         (["--set", "admission.config.relays=a:1"], "relays"),
         (["--set", "service.type=Ingress"], "/service/type"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,6 @@ import pytest
 from townhall.notifier.store import FollowerStore, SqliteFollowerStore
 
 MAX_ID = 2**63 - 1
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteFollowerStore]:
-    s = SqliteFollowerStore(tmp_path)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def _all(store: FollowerStore, followee: int, block: int) -> list[np.ndarray]:

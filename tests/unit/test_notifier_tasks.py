@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -160,16 +159,6 @@ class FakeProducer:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteFollowerStore]:
-    s = SqliteFollowerStore(tmp_path)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def _event(host: int, room: str = "room-1") -> bytes:

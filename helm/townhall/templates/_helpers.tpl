@@ -119,7 +119,7 @@ and checks users; relays verify tickets with the public keys only; the notifier 
 
 {{/*
 An address of each relay's internal port, the relays' pull source: $(POD_NAME) under the relay headless
-Service. The relays list (TOWNHALL_ADMISSION_RELAYS_INTERNAL) expands it for relay-0..N-1.
+Service. Each relay reports it with its load; admission names it in tickets as an edge's pull source.
 */}}
 {{- define "townhall.relayInternal" -}}
 {{- printf "$(POD_NAME).%s-headless.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "relay")) .Release.Namespace .Values.clusterDomain (int .Values.relay.internalPort) }}
@@ -168,45 +168,19 @@ Call with the service's values (e.g. .Values.relay).
 
 {{/*
 The relay advertise template: relay.advertise, or the pod's stable name behind the headless Service.
-"$(POD_NAME)" in it is expanded by the kubelet from the POD_NAME variable (downward API).
+"$(POD_NAME)" in it is expanded by the kubelet from the POD_NAME variable (downward API). An address without
+$(POD_NAME) names one relay, so it needs exactly one. Admission finds the relays by these addresses in their
+load reports (admission/relays.py): the chart lists none, so relays the HPA adds get listeners too.
 */}}
 {{- define "townhall.relayAdvertise" -}}
+{{- if and .Values.relay.advertise (not (contains "$(POD_NAME)" .Values.relay.advertise)) (or (ne (int .Values.relay.replicas) 1) .Values.relay.autoscaling.enabled) }}
+{{- fail "relay.advertise without $(POD_NAME) gives every relay the same address: use relay.replicas=1 without autoscaling, or put $(POD_NAME) in it" }}
+{{- end }}
 {{- if .Values.relay.advertise }}
 {{- .Values.relay.advertise }}
 {{- else }}
 {{- printf "$(POD_NAME).%s-headless.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "relay")) .Release.Namespace .Values.clusterDomain (int .Values.relay.port) }}
 {{- end }}
-{{- end }}
-
-{{/*
-The relays admission hands out (TOWNHALL_ADMISSION_RELAYS): the advertise template expanded for
-relay-0..N-1. An advertise address without $(POD_NAME) names one relay, so it needs exactly one.
-*/}}
-{{- define "townhall.relayAddresses" -}}
-{{- $template := include "townhall.relayAdvertise" . }}
-{{- $relay := include "townhall.componentName" (dict "ctx" . "component" "relay") }}
-{{- $count := int (include "townhall.shards" .Values.relay) }}
-{{- if and (not (contains "$(POD_NAME)" $template)) (or (ne $count 1) .Values.relay.autoscaling.enabled) }}
-{{- fail "relay.advertise without $(POD_NAME) gives every relay the same address: use relay.replicas=1 without autoscaling, or put $(POD_NAME) in it" }}
-{{- end }}
-{{- $addresses := list }}
-{{- range $i := until $count }}
-{{- $addresses = append $addresses (replace "$(POD_NAME)" (printf "%s-%d" $relay $i) $template) }}
-{{- end }}
-{{- join "," $addresses }}
-{{- end }}
-
-{{/*
-The relays' internal addresses, in the order of townhall.relayAddresses (TOWNHALL_ADMISSION_RELAYS_INTERNAL).
-*/}}
-{{- define "townhall.relayInternalAddresses" -}}
-{{- $template := include "townhall.relayInternal" . }}
-{{- $relay := include "townhall.componentName" (dict "ctx" . "component" "relay") }}
-{{- $addresses := list }}
-{{- range $i := until (int (include "townhall.shards" .Values.relay)) }}
-{{- $addresses = append $addresses (replace "$(POD_NAME)" (printf "%s-%d" $relay $i) $template) }}
-{{- end }}
-{{- join "," $addresses }}
 {{- end }}
 
 {{/*

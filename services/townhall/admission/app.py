@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from townhall.admission.cluster import Peers
 from townhall.admission.failover import Failover, StagePresence
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
-from townhall.admission.metrics import PEERS_DOWN
+from townhall.admission.metrics import PEERS_DOWN, RELAYS_KNOWN
 from townhall.admission.moderation import ModerationServicer
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.relay_load import RelayLoadFollower
+from townhall.admission.relays import RelayDirectory
 from townhall.admission.retention import Retention
 from townhall.admission.scheduler import Scheduler
 from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
@@ -46,10 +48,16 @@ from townhall.v1 import (
     rooms_pb2_grpc,
 )
 from townhall.v1.common_pb2 import Room, RoomState
+from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
 
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# A relay whose last load report is older than this is quiet: placed on only when every relay is, and
+# forgotten (if it was discovered, not configured) once its probes fail too.
+RELAY_QUIET_S = 15.0
+# How long a starting process waits for the relay-load topic to be read before its first probe round.
+RELAY_READ_S = 10.0
 
 
 def ownership_for(config: AdmissionConfig) -> Ownership:
@@ -98,9 +106,13 @@ class AdmissionApp:
         records = RoomRecords(config.kafka, config.auth, ownership_for(own))
         self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
         self._listed = membership_for(own)
+        relay = config.relay
+        report_s = relay.load_report_ms / 1000
+        # The relays: the configured seeds plus those found in the load reports, probed before use.
+        self.relays = RelayDirectory(own.relays, own.max_relays, quiet_s=max(RELAY_QUIET_S, 3 * report_s))
         # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
         self.prober = Prober(
-            lambda: [*self._listed.members(), *own.relays],
+            lambda: [*self._listed.members(), *self.relays.targets()],
             own.probe_interval_ms / 1000,
             own.probe_timeout_ms / 1000,
             own.probe_failures,
@@ -121,13 +133,14 @@ class AdmissionApp:
             self._mark_crowd,
         )
         self._events = EventQueue(self._producer, config.admission.event_queue, signer)
-        relay = config.relay
-        self.placer = Placer(own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity)
+        self.placer = Placer(
+            own.relays, relay.edge_target, relay.tree_degree, relay.listener_capacity, stale_s=RELAY_QUIET_S
+        )
+        self._placeable: list[str] = list(own.relays)
         # Host failover reads who of each room's hosts is connected from the same relay reports.
-        report_s = relay.load_report_ms / 1000
         self.stage_presence = StagePresence(fresh_s=max(3 * report_s, 1.0))
         self._relay_loads = RelayLoadFollower(
-            config.kafka, config.auth, self.placer, self.stage_presence.observe_report
+            config.kafka, config.auth, self.placer, self._relay_reported, self._relay_gone
         )
         self.presence = Presence(
             self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
@@ -158,8 +171,31 @@ class AdmissionApp:
         self._members: list[str] = []
         self.prober.on_round(self._probed)
 
+    def _relay_reported(self, report: RelayLoad) -> None:
+        self.stage_presence.observe_report(report)
+        # A new relay is probed in the next round; it gets listeners once a probe finds it serving.
+        self.relays.report(report.relay, report.at_ms / 1000, time.time())
+        self.admitter.learn_internal(report.relay, report.internal)
+
+    def _relay_gone(self, relay: str) -> None:
+        if self.relays.gone(relay):
+            self.placer.forget(relay)
+            self._place_relays()
+
+    def _place_relays(self) -> None:
+        """Gives the placer the relays it may place on: seeds, and discovered relays probed serving."""
+        serving = self.prober.liveness.is_up
+        for relay in self.relays.prune(serving, time.time()):
+            self.placer.forget(relay)
+        placeable = self.relays.placeable(serving)
+        if placeable != self._placeable:
+            log.info("relays changed", relays=placeable, before=self._placeable)
+            self._placeable = placeable
+            self.placer.set_relays(placeable)
+        RELAYS_KNOWN.set(len(self.relays))
+
     def _probed(self) -> None:
-        """After each probe round: hand lease books over if the owners changed, skip down relays."""
+        """After each probe round: hand lease books over if the owners changed, place on serving relays."""
         members = self.membership.members()
         if members != self._members:
             before, self._members = self._members, members
@@ -167,8 +203,9 @@ class AdmissionApp:
             if before:
                 self.capacity.members_changed(before, members)
         # Only relays a probe found serving get listeners: one not probed yet is not up either.
+        self._place_relays()
         is_up = self.prober.liveness.is_up
-        relays = self._config.admission.relays
+        relays = self.relays.targets()
         self.placer.set_up([r for r in relays if is_up(r)])
         peers = [m for m in self._listed.members() if m != self.membership.me]
         PEERS_DOWN.labels("relay").set(sum(not is_up(r) for r in relays))
@@ -211,7 +248,12 @@ class AdmissionApp:
     async def start(self) -> None:
         if isinstance(self._listed, KubernetesMembership):
             self._listed.start()
-        # One round before serving, so this process owns no room of a member that is down.
+        # Every relay that reports is known before the first probe round (and so before serving).
+        self._relay_loads.start()
+        if not await self._relay_loads.wait_read(RELAY_READ_S):
+            log.warning("relay load reports not read yet: relays are found as their reports arrive")
+        # One round before serving, so this process owns no room of a member that is down, and
+        # places listeners only on relays found serving.
         await self.prober.round()
         self.prober.start()
         await self._producer.start()
@@ -222,7 +264,6 @@ class AdmissionApp:
         self._events.start()
         self.presence.start()
         self.capacity.start()
-        self._relay_loads.start()
         self.scheduler.start()
         self.retention.start()
         if self.failover is not None:

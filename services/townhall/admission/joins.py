@@ -9,12 +9,18 @@ from collections.abc import Sequence
 from townhall.admission.capacity import Capacity
 from townhall.admission.fairness import FairBudget
 from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING, LISTENERS
-from townhall.admission.placement import Placement, Placer
+from townhall.admission.placement import NO_RELAY, Placement, Placer
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook, role_of
 from townhall.admission.waiting import WaitingLine
 from townhall.core.auth import PUBLISH, SUBSCRIBE, Principal
-from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
+from townhall.core.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from townhall.core.identity import missing
 from townhall.core.sharding import owner
 from townhall.core.tickets import TicketSigner
@@ -57,6 +63,8 @@ class Admitter:
         self._placer = placer
         # A ticket names the relays above its relay by their internal address: the edge pulls there.
         self._internal = dict(zip(relays, relays_internal, strict=False))
+        # Those of relays found in their load reports.
+        self._learned: dict[str, str] = {}
         self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
         self._signer = signer
         self._relays = list(relays)
@@ -89,6 +97,9 @@ class Admitter:
             JOINS_REJECTED.inc()
             as_role = "a listener" if listener else f"the {_STAGE_NAMES.get(role, 'speaker')}"
             raise PermissionDenied(missing(needed, who, f"joining room {room_id} as {as_role}"))
+        if self._placer is not None and not self._placer.available:
+            # Checked before a listener takes an admit: no admit is spent on a join with nowhere to go.
+            raise Unavailable(NO_RELAY)
         if listener:
             waiting = self._admit_listener(room, user)
             if waiting is not None:
@@ -115,11 +126,21 @@ class Admitter:
         grant.expires_at_ms = ticket.expires_at * 1000
         return response
 
+    def learn_internal(self, relay: str, internal: str) -> None:
+        """A relay's internal address, from its load report (relays found there are in no list)."""
+        if internal and relay not in self._internal and self._learned.get(relay) != internal:
+            if len(self._learned) >= MAX_PATHS:
+                self._learned.clear()  # bounded: relays known at once are far fewer (admission.max_relays)
+            self._learned[relay] = internal
+            self._paths = {(): ()}
+
     def _internal_path(self, path: tuple[str, ...]) -> tuple[str, ...]:
         """The internal addresses of a path of relays (remembered: a room has a handful of paths)."""
         if len(self._paths) >= MAX_PATHS:
             self._paths = {(): ()}
-        internal = self._paths[path] = tuple(self._internal.get(relay, relay) for relay in path)
+        internal = self._paths[path] = tuple(
+            self._internal.get(relay) or self._learned.get(relay, relay) for relay in path
+        )
         return internal
 
     def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:

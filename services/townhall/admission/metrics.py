@@ -41,6 +41,15 @@ PEERS_DOWN = Gauge(
     "Members this process's health probes find down, by kind (admission, relay).",
     ["kind"],
 )
+RELAYS_KNOWN = Gauge(
+    "townhall_admission_relays_known",
+    "Relays this process knows: configured seeds plus relays found in the load reports (admission.max_relays "
+    'at most); townhall_admission_peers_down{kind="relay"} of them are down.',
+)
+RELAY_REPORTS_IGNORED = Counter(
+    "townhall_admission_relay_reports_ignored_total",
+    "Load reports of relays not known yet, ignored because admission.max_relays relays are known.",
+)
 HOST_FAILOVERS = Counter(
     "townhall_host_failovers_total",
     "Rooms whose host had gone for admission.host_grace_s, by outcome: handed_over (a co-host hosts it "

@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from townhall.core.errors import Unavailable
 from townhall.core.sharding import ranked
 
 MAX_CACHED_ROOMS = 100_000
+NO_RELAY = "no relay is serving: none is configured and none has been found serving yet; retry"
 LIVE_EVERY_S = 0.25
 
 
@@ -99,6 +101,22 @@ class Placer:
         self._relays = list(relays)
         self._live = None
 
+    def forget(self, relay: str) -> None:
+        """Drops what is known of a relay that is gone for good (its load, the rooms it was origin of)."""
+        load = self._loads.pop(relay, None)
+        self._placed.pop(relay, None)
+        self._placed_total.pop(relay, None)
+        for room_id in load.origins if load is not None else ():
+            if self._origins.get(room_id) == relay:
+                del self._origins[room_id]
+                self._orders.pop(room_id, None)
+        self._live = None
+
+    @property
+    def available(self) -> bool:
+        """Whether there is any relay to place on (none: no relay configured or found serving)."""
+        return bool(self._relays)
+
     def set_up(self, up: Collection[str]) -> None:
         """The relays that health probes find serving; placements use only them from now on (a relay
         added by set_relays since is not placed on until a probe finds it serving)."""
@@ -158,6 +176,8 @@ class Placer:
         if cached_live is None or not 0 <= now - cached_live[0] < LIVE_EVERY_S:
             cached_live = self._live = (now, self.live(now))
         live = cached_live[1]
+        if not live:
+            raise Unavailable(NO_RELAY)
         cached = self._orders.get(room_id)
         if cached is not None and cached[0] == live:
             return cached[1]

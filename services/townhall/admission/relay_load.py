@@ -1,9 +1,10 @@
 """Follows the compacted relay-load topic into the placer, so joins are placed on fresh relay loads.
 
 A report steers every admission process (where listeners go, which relay is a room's origin, who of a
-room's hosts is connected), so it takes effect only if a relay signed it for its own address and it is
-stamped within the reader's clock: a report from the future would outrank every genuine one for good, and
-one older than the placer's staleness describes a relay that has gone quiet.
+room's hosts is connected, which relays there are: admission/relays.py), so it takes effect only if a relay
+signed it for its own address and it is stamped within the reader's clock: a report from the future would
+outrank every genuine one for good, and one older than the placer's staleness describes a relay that has
+gone quiet. A tombstone (a relay's goodbye on a clean shutdown) counts only if that relay signed it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ReportCheck:
     def __call__(self, record: Record, writer: Writer | None) -> RelayLoad:
         report = RelayLoad.FromString(record.value or b"")
         validation.address(report.relay, "relay")
+        if report.internal:
+            validation.address(report.internal, "internal")
         if record.key != report.relay.encode():
             raise BadRecord(INVALID, f"the record's key is not the reporting relay ({report.relay})")
         if writer is not None and writer.member != report.relay:
@@ -73,8 +76,19 @@ class ReportCheck:
         return report
 
 
+def goodbye(record: Record, writer: Writer | None) -> str:
+    """The relay a tombstone says goodbye for: its key, signed by that relay."""
+    relay = validation.address((record.key or b"").decode("utf-8", "replace"), "key")
+    if writer is not None and writer.member != relay:
+        raise BadRecord(FORGED, f"relay {writer.member} may not say goodbye for relay {relay}")
+    return relay
+
+
 class RelayLoadFollower:
-    """Reads every relay's latest report (from the beginning, no consumer group) and keeps following."""
+    """Reads every relay's latest report (from the beginning, no consumer group) and keeps following.
+
+    A relay's goodbye (a tombstone for its key) is handed to `on_gone`.
+    """
 
     def __init__(
         self,
@@ -82,20 +96,31 @@ class RelayLoadFollower:
         auth: AuthConfig,
         placer: Placer,
         on_report: Callable[[RelayLoad], None] | None = None,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).relay_load
         self._reader = reader(kafka, auth, self._topic)
         self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_ms / 1000)
         self._placer = placer
-        # Also given every report (host failover reads who of each room's hosts is connected).
+        # Also given every report: relay discovery, and host failover (who of each room's hosts is connected).
         self._on_report = on_report
+        self._on_gone = on_gone
         self._task: asyncio.Task[None] | None = None
         self._follower: Follower | None = None
+        self._read = asyncio.Event()  # set once the topic was read to its end
 
     def start(self) -> None:
         """Starts following in the background; until reports arrive, placement is by rendezvous alone."""
         self._task = asyncio.create_task(self._run(), name="relay-load-follower")
+
+    async def wait_read(self, timeout_s: float) -> bool:
+        """Waits until every relay that reported is known (the topic read to its end); False on timeout."""
+        try:
+            await asyncio.wait_for(self._read.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Stops following."""
@@ -104,6 +129,11 @@ class RelayLoadFollower:
             await self._follower.close()
 
     def _record(self, record: Record) -> None:
+        if record.value is None:
+            relay = self._reader.deleted(record, goodbye)
+            if relay is not None and self._on_gone is not None:
+                self._on_gone(relay)
+            return
         report = self._reader.read(record, self._check)
         if report is None:
             return
@@ -115,6 +145,7 @@ class RelayLoadFollower:
         while True:
             try:
                 ends = await read_to_end(self._kafka, self._topic, self._record)
+                self._read.set()
                 follower = Follower(self._kafka, ends, self._record, "relay-load-follower")
                 await follower.start()
                 self._follower = follower

@@ -43,6 +43,7 @@ _RULES = {
     "townhall.v1.Moderation": USER,
     "townhall.v1.Leases": SERVICE,
     "townhall.v1.Owner": SERVICE,
+    "townhall.v1.GraphShards": SERVICE,
     "townhall.v1.Relay": TICKET,
     "townhall.v1.Relay/Pull": SERVICE,
     # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.

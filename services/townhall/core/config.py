@@ -450,11 +450,17 @@ class AdmissionConfig:
     # (a process nobody calls: the crowd lane, or a single process).
     internal_listen: str = "127.0.0.1:50071"
     metrics_port: int = 9101
-    # Relays handed out in grants (host:port); the room's relay is chosen by rendezvous hashing.
+    # Seed relays (host:port, as they advertise themselves); the room's relays are chosen by rendezvous
+    # hashing over the live ones. More relays are found as they come from their load reports
+    # (relay.load_report_ms; see admission/relays.py) and placed on once a health probe finds them
+    # serving. May be empty (the chart names none); a relay listed here is never forgotten.
     relays: tuple[str, ...] = ("127.0.0.1:50052",)
     # The internal address of each relay in `relays`, in the same order (its relay.internal_advertise):
-    # tickets name these as the relays an edge pulls the room from.
+    # tickets name these as the relays an edge pulls the room from. A discovered relay's comes with its
+    # load reports.
     relays_internal: tuple[str, ...] = ("127.0.0.1:50072",)
+    # At most this many relays known at once (seeds plus discovered); reports of more are ignored.
+    max_relays: int = 1024
     default_listener_limit: int = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: int = 100_000
@@ -568,8 +574,11 @@ class AdmissionConfig:
                 f"admission.crowd_joins_per_s must be 0 (never) or positive, not {self.crowd_joins_per_s}"
             )
         _port("admission.metrics_port", self.metrics_port)
-        if not self.relays:
-            raise ConfigError("admission.relays must name at least one relay host:port")
+        if not len(self.relays) <= self.max_relays <= 100_000:
+            raise ConfigError(
+                f"admission.max_relays must be within {len(self.relays)} (the seed relays)..100000, "
+                f"not {self.max_relays}"
+            )
         for relay in self.relays:
             _address("admission.relays", relay)
         if len(self.relays_internal) != len(self.relays):
@@ -726,9 +735,21 @@ class NotifierConfig:
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
+    # How the notifiers are found: "static" (the `members` list) or "kubernetes" (the pods of the
+    # notifier StatefulSet, kube_statefulset, read from the API; see notifier/membership.py).
+    membership: str = "static"
     # Every notifier (its internal host:port), this one included; each followee's graph lives on one
     # of them (rendezvous hashing). Empty: this process holds the whole graph.
     members: tuple[str, ...] = ()
+    # Kubernetes membership: the StatefulSet, its namespace (default: the pod's), and each pod's
+    # address with "{pod}" where the pod's name goes ("{pod}.<headless Service>.<ns>.svc:<port>").
+    kube_statefulset: str = ""
+    kube_namespace: str = ""
+    kube_member: str = ""
+    # On SIGTERM, a notifier the membership no longer lists (scaled away) hands every graph key it
+    # holds to its owner before it stops, for at most this many seconds (terminationGracePeriod
+    # must cover it; the chart adds it).
+    handover_grace_s: float = 120.0
     # Hosts with more followers than this fan out on the bulk lane; the rest on the fast lane.
     bulk_threshold: int = 10_000
     # Most of the worker's tasks that go to the bulk lane while fast-lane tasks wait (0..0.9).
@@ -749,8 +770,25 @@ class NotifierConfig:
             _address("notifier.advertise", self.advertise)
         for member in self.members:
             _address("notifier.members", member)
-        if self.members and self.address not in self.members:
+        if self.membership not in {"static", "kubernetes"}:
+            raise ConfigError(f"notifier.membership must be static or kubernetes, not {self.membership!r}")
+        if self.membership == "static" and self.members and self.address not in self.members:
             raise ConfigError(f"notifier.members must include this notifier ({self.address})")
+        if self.membership == "kubernetes":
+            if not self.kube_statefulset:
+                raise ConfigError(
+                    "notifier.kube_statefulset must name the notifier StatefulSet (membership kubernetes)"
+                )
+            if "{pod}" not in self.kube_member:
+                raise ConfigError(
+                    "notifier.kube_member must be the pods' address with {pod} for the pod name, "
+                    f"not {self.kube_member!r}"
+                )
+            _address("notifier.kube_member", self.kube_member.replace("{pod}", "pod"))
+        if not 0 <= self.handover_grace_s <= 3600:
+            raise ConfigError(
+                f"notifier.handover_grace_s must be within 0..3600, not {self.handover_grace_s:g}"
+            )
         _positive("notifier.bulk_threshold", self.bulk_threshold)
         if not 0 <= self.bulk_share <= 0.9:
             raise ConfigError(f"notifier.bulk_share must be within 0..0.9, not {self.bulk_share}")
@@ -803,6 +841,11 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
+        if not self.admission.relays and not report_ms:
+            raise ConfigError(
+                "admission.relays is empty and relay.load_report_ms is 0: admission finds relays from "
+                "their load reports, so it would know none; turn the reports on or list the relays"
+            )
         if grace_ms and report_ms and grace_ms < 2 * report_ms:
             raise ConfigError(
                 f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "

@@ -40,6 +40,8 @@ _CALLERS: dict[str, frozenset[str]] = {
     "townhall.v1.Graph": frozenset({NOTIFIER}),
     # Bulk import: an operator's tool (`townhall graph import`), or a notifier passing a part on.
     "townhall.v1.Graph/Import": frozenset({NOTIFIER, OPERATOR}),
+    # Graph keys moved between notifiers when their membership changes (notifier/handover.py).
+    "townhall.v1.GraphShards": frozenset({NOTIFIER}),
     "townhall.v1.Relay/Pull": frozenset({RELAY}),
 }
 Metadata = Iterable[tuple[str, Any]] | None

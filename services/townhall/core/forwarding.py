@@ -3,9 +3,11 @@ it forwards on a user's behalf (the user's own token plus a service credential f
 method).
 
 The receiver checks the user's token as for any call, and serves a forwarded call itself, even if its
-view of the members differs for a moment, so a call is forwarded at most once. Only the internal port
-takes forwarded calls, and only with a credential that a member of the same service minted for this
-member and method (core/credentials.py): a client cannot pass a call off as forwarded.
+view of the members differs for a moment, so a call is forwarded at most once. (The notifier, whose
+members hold data that moves with the membership, forwards a call again while views differ, at most
+MAX_HOPS times in all, counted in the HOPS_KEY metadata.) Only the internal port takes forwarded calls,
+and only with a credential that a member of the same service minted for this member and method
+(core/credentials.py): a client cannot pass a call off as forwarded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from townhall.core.config import TlsConfig
 from townhall.core.credentials import ServiceCredential
 from townhall.core.identity import forwarded
 
+HOPS_KEY = "townhall-hops"
+MAX_HOPS = 3
 # A peer that was down when first dialled must be usable as soon as it is back (RECONNECT_OPTIONS), and
 # dead peers are found by keepalive as well as by the health probes.
 PEER_CHANNEL_OPTIONS = [
@@ -45,18 +49,28 @@ class Forwarding:
         return self._credential.metadata(member, method)
 
     def forward(
-        self, context: grpc.aio.ServicerContext, member: str, method: str
+        self, context: grpc.aio.ServicerContext, member: str, method: str, hops: int = 1
     ) -> tuple[tuple[str, str], ...]:
-        """Metadata for forwarding the current call to `member`: the caller's token and a credential."""
-        return self.forward_metadata(context.invocation_metadata(), member, method)
+        """Metadata for forwarding the current call to `member`: the caller's token and a credential
+        (`hops`: how many times the call will have been forwarded, this time included)."""
+        return self.forward_metadata(context.invocation_metadata(), member, method, hops)
 
     def forward_metadata(
-        self, metadata: Iterable[tuple[str, str | bytes]] | None, member: str, method: str
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, member: str, method: str, hops: int = 1
     ) -> tuple[tuple[str, str], ...]:
         """`forward` on raw invocation metadata."""
         token = value(metadata, AUTHORIZATION)
         user = ((AUTHORIZATION, token),) if token is not None else ()
-        return (*user, *self._credential.metadata(member, method))
+        count = ((HOPS_KEY, str(hops)),) if hops > 1 else ()
+        return (*user, *self._credential.metadata(member, method), *count)
+
+    def hops(self, context: grpc.aio.ServicerContext) -> int:
+        """How many times the current call was forwarded: 0 from a client, else the count its forwarder
+        wrote (a count that is not one counts as the most)."""
+        if not self.check(context):
+            return 0
+        mark = value(context.invocation_metadata(), HOPS_KEY) or "1"
+        return int(mark) if mark.isdigit() and 0 < int(mark) <= MAX_HOPS else MAX_HOPS
 
     def check(self, context: grpc.aio.ServicerContext) -> bool:
         """Whether another member of this service passed the current call on (only on the internal port)."""

@@ -316,10 +316,12 @@ async def report_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.
         lag: dict[str, int] = {}
         for tp in consumer.assignment():
             lag.setdefault(tp.topic, 0)
-            high = consumer.highwater(tp)
-            if high is None:  # nothing fetched yet from this partition
-                continue
             try:
+                # A rebalance during the awaits below can take a partition of this (copied) assignment
+                # away: aiokafka then asserts it is not assigned.
+                high = consumer.highwater(tp)
+                if high is None:  # nothing fetched yet from this partition
+                    continue
                 position = await asyncio.wait_for(consumer.position(tp), 1.0)
             except (TimeoutError, KafkaError, AssertionError):
                 continue

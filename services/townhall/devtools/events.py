@@ -37,3 +37,23 @@ async def publish_room_started(
     value, key = event.SerializeToString(), str(host).encode()
     headers = RecordSigner(auth or DEV_AUTH, Writer(ADMISSION, "devtools")).headers(topic, key, value)
     await asyncio.wait_for(producer.send_and_wait(topic, value, key=key, headers=headers), timeout_s)
+
+
+async def publish_room_created(
+    producer: AIOKafkaProducer,
+    kafka: KafkaConfig,
+    room: str,
+    host: int,
+    title: str,
+    timeout_s: float = 20.0,
+    auth: AuthConfig | None = None,
+) -> None:
+    """Writes what admission writes when a host creates a room (the room-state topic, key: room id), signed
+    as admission with `auth`'s service key (default: the development key), and waits for the ack."""
+    state = common_pb2.Room(
+        room_id=room, host_id=host, title=title, state=common_pb2.ROOM_STATE_CREATED, version=1
+    )
+    topic = Topics(kafka.topic_prefix).room_state
+    value, key = state.SerializeToString(), room.encode()
+    headers = RecordSigner(auth or DEV_AUTH, Writer(ADMISSION, "devtools")).headers(topic, key, value)
+    await asyncio.wait_for(producer.send_and_wait(topic, value, key=key, headers=headers), timeout_s)

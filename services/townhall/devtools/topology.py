@@ -156,6 +156,17 @@ class Topology:
         self.manifest.write_text(json.dumps(self.describe(), indent=2))
         log.info("topology ready", manifest=str(self.manifest))
 
+    def add(self, service: str, timeout_s: float = 60.0) -> Process:
+        """Starts one more process of `service` in a running topology (a relay added as an autoscaler
+        would add one: the processes already running are not told), waits until it serves."""
+        index = max((p.index for p in self.of(service)), default=-1) + 1
+        proc = self._process(service, index)
+        self.processes.append(proc)
+        self._spawn(proc)
+        _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
+        self.manifest.write_text(json.dumps(self.describe(), indent=2))
+        return proc
+
     def describe(self) -> dict[str, Any]:
         """The topology.json content."""
         return {

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from townhall.core import logging
+from townhall.core import logging, sharding
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
@@ -17,26 +17,28 @@ from townhall.core.kafka import Topics, consumer, producer, reader, report_lag
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import KafkaUnreachable, started, stopped
+from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import Hub
 from townhall.notifier.inbox_reader import InboxReader, from_end
+from townhall.notifier.membership import Membership, membership_for
 from townhall.notifier.metrics import FOLLOWERS_STORED
 from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
-from townhall.notifier.planner import Planner, PlannerCommitOnRevoke
+from townhall.notifier.planner import Planner, PlannerCommitOnRevoke, start_position
 from townhall.notifier.rooms import Reminders, RoomStates
-from townhall.notifier.servicers import GraphServicer, InboxServicer
+from townhall.notifier.servicers import GraphServicer, InboxServicer, ShardsServicer
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.notifier.worker import CommitOnRevoke, Worker
-from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
 
 log = logging.get(__name__)
 
 ASSIGN_TIMEOUT_S = 30.0
 
 
-def build_app(config: Config) -> NotifierApp:
-    """The notifier for `config`; nothing is opened until start()."""
-    return NotifierApp(config)
+def build_app(config: Config, membership: Membership | None = None) -> NotifierApp:
+    """The notifier for `config` (members from `membership`, else config); nothing opens until start()."""
+    return NotifierApp(config, membership)
 
 
 class NotifierApp:
@@ -45,9 +47,10 @@ class NotifierApp:
     service_names: Sequence[str] = (
         graph_pb2.DESCRIPTOR.services_by_name["Graph"].full_name,
         inbox_pb2.DESCRIPTOR.services_by_name["Inbox"].full_name,
+        internal_pb2.DESCRIPTOR.services_by_name["GraphShards"].full_name,
     )
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, membership: Membership | None = None) -> None:
         self.config = config
         self.topics = Topics(config.kafka.topic_prefix)
         self.store = SqliteFollowerStore(config.notifier.data_dir)
@@ -58,6 +61,11 @@ class NotifierApp:
         # Which rooms exist: RemindMe is for rooms not yet started; reminders of ended rooms are released.
         self.rooms = RoomStates(config.kafka, config.auth)
         self.reminders = Reminders(self.store, self.rooms)
+        self.membership = membership or membership_for(config.notifier)
+        # Graph keys move to their owner when the membership changes (notifier/handover.py).
+        self.handover = Handover(self.store, self.placement, self.peers, static=not self.membership.changes)
+        self.handover.on_view.append(self._view_changed)
+        self._planner: Planner | None = None
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
         self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}
@@ -67,10 +75,16 @@ class NotifierApp:
     def register(self, server: grpc.aio.Server) -> None:
         """Adds Graph and Inbox to the server."""
         graph = GraphServicer(
-            self.store, self.placement, self.peers, self.rooms, self.config.notifier.reminders_per_user
+            self.store,
+            self.placement,
+            self.peers,
+            self.handover,
+            self.rooms,
+            self.config.notifier.reminders_per_user,
         )
         graph_pb2_grpc.add_GraphServicer_to_server(graph, server)
         inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub), server)
+        internal_pb2_grpc.add_GraphShardsServicer_to_server(ShardsServicer(self.handover), server)
 
     async def start(self) -> None:
         """Opens the store, connects to Kafka (bounded retries) and starts the two background loops."""
@@ -80,6 +94,11 @@ class NotifierApp:
         FOLLOWERS_STORED.set(await self.store.total())
         await self.rooms.start()
         self.reminders.start()
+        # Who the notifiers are, before serving: every call is routed by it.
+        await self.handover.load()
+        await self.handover.set_view(*await self.membership.read())
+        self.handover.start()
+        self.membership.start(self.handover.set_view)
         if own.fanout:
             for lane in ("fast", "bulk"):
                 self._producers[lane] = await started(
@@ -87,8 +106,12 @@ class NotifierApp:
                     f"{lane}-lane producer",
                     kafka.bootstrap,
                 )
-            # Every notifier reads every room start (its own group) and plans only what it owns.
-            planner_group = own.group_id + "-planner" + ("" if self.placement.alone else f"-{own.address}")
+            # Every notifier reads every room start (its own group, named by its stable address) and
+            # plans only what it owns. A group new to Kafka starts from the oldest event, unless other
+            # notifiers' groups planned what came before (a notifier added by a scale-up).
+            planner_group = f"{own.group_id}-planner-{own.address}"
+            others = [f"{own.group_id}-planner-{m}" for m in self.placement.members if m != own.address]
+            start_at_ms = await start_position(kafka, planner_group, [*others, f"{own.group_id}-planner"])
             self._planner_consumer = await started(
                 lambda: consumer(
                     kafka,
@@ -146,9 +169,11 @@ class NotifierApp:
                 self.placement,
                 own.bulk_threshold,
                 own.task_users,
+                self.handover,
                 signer=signer,
                 records=reader(kafka, self.config.auth, self.topics.room_started),
             )
+            self._planner = planner
             worker = Worker(
                 self._fanout_consumers,
                 self._producers,
@@ -165,7 +190,7 @@ class NotifierApp:
             for lane, lane_consumer in self._fanout_consumers.items():
                 lane_consumer.subscribe([lanes[lane]], listener=CommitOnRevoke(worker, lane))
             self._planner_consumer.subscribe(
-                [self.topics.room_started], listener=PlannerCommitOnRevoke(planner)
+                [self.topics.room_started], listener=PlannerCommitOnRevoke(planner, start_at_ms)
             )
             self._spawn(planner.run(), "notifier-planner")
             self._spawn(worker.run(), "notifier-worker")
@@ -183,13 +208,42 @@ class NotifierApp:
             fanout=own.fanout,
             member=own.address,
             members=len(self.placement.members),
+            epoch=self.placement.epoch,
             room_started=self.topics.room_started,
             notifications=self.topics.notifications,
             inbox_partitions=len(partitions),
         )
 
+    def _view_changed(self, before: tuple[str, ...], after: tuple[str, ...]) -> None:
+        """The members changed: plan recent room starts again for the keys this notifier gained."""
+        if self._planner is None:
+            return
+        me = self.placement.me
+
+        def owner(members: tuple[str, ...], key: str) -> str:
+            return sharding.owner(key, members) if members else me
+
+        self._planner.replay(lambda key: owner(after, key) == me and owner(before, key) != me)
+
     async def leave(self) -> None:
-        """Nothing to hand over: the graph stays with its shard, consumer groups rebalance on close."""
+        """A notifier scaled away hands every key it holds to its owner first; one restarting keeps them
+        (its volume stays with its identity). Consumer groups rebalance on close."""
+        if self.membership.changes:
+            try:
+                await self.handover.set_view(*await self.membership.read())
+            except Exception as exc:
+                log.warning(
+                    "notifier membership not read at shutdown; keeping the keys here", error=repr(exc)
+                )
+        if self.placement.members and self.placement.me not in self.placement.members:
+            grace = self.config.notifier.handover_grace_s
+            log.info("scaled away: handing every key over before stopping", within_s=grace)
+            if not await self.handover.wait_drained(grace):
+                log.error(
+                    "keys still held after handover_grace_s: they stay on this volume until this notifier "
+                    "is back, and their calls answer UNAVAILABLE meanwhile",
+                    within_s=grace,
+                )
 
     async def drain(self) -> None:
         """Ends every Inbox stream so clients reconnect elsewhere."""
@@ -201,6 +255,8 @@ class NotifierApp:
         self._tasks.clear()
         await self.reminders.close()
         await self.rooms.close()
+        await self.membership.close()
+        await self.handover.close()
         try:
             # The consumer leaves its group now, so another member takes over its partitions at once.
             await stopped(self._planner_consumer, "planner consumer")

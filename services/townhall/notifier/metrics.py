@@ -55,3 +55,16 @@ FORWARDED = Counter(
     "Graph calls forwarded to the notifier that owns the followee, by method.",
     ["method"],
 )
+HANDOVER_KEYS = Counter(
+    "townhall_notifier_handover_keys_total",
+    "Graph keys (a followee's followers, a room's reminders) moved between notifiers when their membership "
+    "changed: given (handed to their new owner) or taken (taken over from their previous holder).",
+    ["direction"],
+)
+for _direction in ("given", "taken"):
+    HANDOVER_KEYS.labels(_direction)
+HANDOVER_PENDING = Gauge(
+    "townhall_notifier_handover_pending_keys",
+    "Graph keys this notifier holds that another owns in its view, as its last sweep found them; 0 once the "
+    "notifier is drained (start the next resize only when it is 0 on every notifier).",
+)

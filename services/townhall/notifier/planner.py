@@ -5,27 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError
 
 from townhall.core import logging
+from townhall.core.config import KafkaConfig
 from townhall.core.errors import TownhallError
-from townhall.core.kafka import Topics
+from townhall.core.kafka import Topics, client_options
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
 from townhall.core.tasks import cancel
 from townhall.notifier.clients import describe
+from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
 from townhall.notifier.offsets import OffsetBook
 from townhall.notifier.placement import Placement
 from townhall.notifier.records import encode_task, room_started, room_started_record
-from townhall.notifier.store import SqliteFollowerStore
+from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
 from townhall.v1 import events_pb2
 
 log = logging.get(__name__)
@@ -34,6 +38,10 @@ log = logging.get(__name__)
 MAX_IN_FLIGHT = 16
 RETRY_BACKOFF_S = 1.0
 COMMIT_EVERY_S = 0.2
+# How far back a notifier plans again the keys it gains in a membership change: longer than any two
+# planners' lag behind each other plus the time the notifiers take to see the change.
+REPLAY_S = 60.0
+START_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,13 @@ class Planner:
 
     Every notifier reads every room-started event (its own consumer group) and plans only what
     it owns: the followers of hosts whose graph shard is here, and the reminders of rooms
-    placed here. An event is committed once all its tasks are acknowledged; big hosts are
-    planned in the background so a small host's event behind them is not held up.
+    placed here (each settled first: notifier/handover.py). An event is committed once all its
+    tasks are acknowledged; big hosts are planned in the background so a small host's event behind
+    them is not held up.
+
+    When the membership changes, a notifier that gains keys plans the events of the last REPLAY_S
+    seconds again for those keys only (`replay`): a room start read by its old owner after that one
+    had let the key go, and by its new owner before that one took it, is planned once after all.
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class Planner:
         placement: Placement,
         bulk_threshold: int,
         task_users: int,
+        handover: Handover | None = None,
         *,
         signer: RecordSigner,
         records: Reader,
@@ -86,6 +100,46 @@ class Planner:
         self._book = OffsetBook()
         self._big: asyncio.Queue[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = asyncio.Queue()
         self._last_commit = 0.0
+        self._handover = handover
+        # A replay asked for (keys gained, since when), done by the run loop, which owns the consumer.
+        self._replay_asked: tuple[Callable[[str], bool], int] | None = None
+        # While replaying: per partition, the position before the replay, and the keys to plan below it.
+        self._replay_until: dict[TopicPartition, int] = {}
+        self._gained: Callable[[str], bool] | None = None
+
+    def replay(self, gained: Callable[[str], bool], seconds: float = REPLAY_S) -> None:
+        """Plans the events of the last `seconds` again, for the keys `gained` says are new here."""
+        self._replay_asked = (gained, int((time.time() - seconds) * 1000))
+
+    async def _start_replay(self) -> None:
+        asked = self._replay_asked
+        if asked is None:
+            return
+        gained, since_ms = asked
+        partitions = self._consumer.assignment()
+        if not partitions:
+            return  # not assigned yet: asked again at the next fetch
+        starts = await self._consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+        for tp in partitions:
+            start = starts.get(tp)
+            position = await self._consumer.position(tp)
+            if start is not None and start.offset < position:
+                self._replay_until[tp] = max(position, self._replay_until.get(tp, 0))
+                self._consumer.seek(tp, start.offset)
+        self._gained = gained
+        if self._replay_asked is asked:
+            self._replay_asked = None
+        log.info("planning recent room starts again for keys gained", since_ms=since_ms)
+
+    def _only(self, tp: TopicPartition, offset: int) -> Callable[[str], bool] | None:
+        """During a replay, the keys an event below the pre-replay position is planned for."""
+        until = self._replay_until.get(tp)
+        if until is None:
+            return None
+        if offset >= until:
+            del self._replay_until[tp]
+            return None
+        return self._gained or (lambda _key: False)
 
     async def run(self) -> None:
         """Plans events until cancelled."""
@@ -93,6 +147,7 @@ class Planner:
         try:
             while True:
                 try:
+                    await self._start_replay()
                     batch = await self._consumer.getmany(timeout_ms=200, max_records=100)
                 except Exception as exc:
                     log.warning("room-started fetch failed, will retry", error=describe(exc))
@@ -124,11 +179,14 @@ class Planner:
             return False
         if not host or not self._placement.owns_followee(host):
             return False
-        return await self._store.count(host) > self._threshold
+        try:
+            return await self._store.count(host) > self._threshold
+        except Moved:
+            return False
 
     async def _plan_record(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
-            await self.plan(record.value or b"")
+            await self.plan(record.value or b"", self._only(tp, record.offset))
         except Exception as exc:
             # Not finished, so not committed: rewind the partition to it and try again.
             log.warning(
@@ -143,8 +201,9 @@ class Planner:
             return
         self._book.finish(tp, record.offset)
 
-    async def plan(self, value: bytes) -> Plan:
-        """Writes the tasks of one serialised RoomStarted and waits for their acks."""
+    async def plan(self, value: bytes, only: Callable[[str], bool] | None = None) -> Plan:
+        """Writes the tasks of one serialised RoomStarted and waits for their acks (for the keys `only`
+        allows, if given)."""
         try:
             notification = room_started(events_pb2.RoomStarted.FromString(value))
         except (DecodeError, TownhallError) as exc:
@@ -153,20 +212,24 @@ class Planner:
             log.warning("room-started event skipped", error=str(exc))
             return Plan("", 0, 0)
         room, host, started = notification.room_id, notification.host_id, notification.started_at_ms
-        owns_host = self._placement.owns_followee(host)
-        count = await self._store.count(host) if owns_host else 0
+        owns_host = await self._plans(followee_key(host), only)
+        owns_room = await self._plans(room_key(room), only)
+        try:
+            count = await self._store.count(host) if owns_host else 0
+        except Moved:
+            owns_host, count = False, 0  # a newer view gave it away: its new owner plans it
         lane = "bulk" if count > self._threshold else "fast"
         # A host big enough for the bulk lane draws a crowd: followers join on admission's crowd lane.
         notification.crowd = notification.crowd or lane == "bulk"
         encoded = notification.SerializeToString()
         tasks = users = 0
         if owns_host:
-            n, u = await self._write(
+            n, u = await self._write_owned(
                 self._store.stored_blocks(host), encoded, room, started, "f", lane, count
             )
             tasks, users = tasks + n, users + u
-        if self._placement.owns_room(room):
-            n, u = await self._write(self._store.reminded(room), encoded, room, started, "r", "fast", 0)
+        if owns_room:
+            n, u = await self._write_owned(self._store.reminded(room), encoded, room, started, "r", "fast", 0)
             tasks, users = tasks + n, users + u
         FANOUT_EVENTS.labels("done").inc()
         if started > 0:
@@ -174,6 +237,22 @@ class Planner:
         if tasks:
             log.info("room fan-out planned", room=room, host=host, tasks=tasks, users=users)
         return Plan(room, tasks, users)
+
+    async def _plans(self, key: str, only: Callable[[str], bool] | None) -> bool:
+        """Whether this notifier plans `key` (it owns it, and a replay asks for it): settled first."""
+        if not self._placement.owns(key) or (only is not None and not only(key)):
+            return False
+        if self._handover is not None:
+            await self._handover.settle(key)
+        return True
+
+    async def _write_owned(self, blocks: AsyncIterator[np.ndarray], *args: Any) -> tuple[int, int]:
+        try:
+            return await self._write(blocks, *args)
+        except Moved as moved:
+            # Handed to a notifier with a newer view before the first block was read: it plans it.
+            log.info("room fan-out left to the key's new owner", key=moved.key, owner=moved.owner)
+            return 0, 0
 
     async def _write(
         self,
@@ -209,6 +288,22 @@ class Planner:
         FANOUT_TASKS.labels(lane, "planned").inc(index)
         return index, users
 
+    async def start_at(self, partitions: Iterable[TopicPartition], at_ms: int) -> None:
+        """Moves partitions this group never committed to the first event at or after `at_ms`."""
+        try:
+            fresh = [tp for tp in partitions if await self._consumer.committed(tp) is None]
+            if not fresh:
+                return
+            starts = await self._consumer.offsets_for_times(dict.fromkeys(fresh, at_ms))
+            for tp in fresh:
+                found = starts.get(tp)
+                if found is None:
+                    await self._consumer.seek_to_end(tp)
+                else:
+                    self._consumer.seek(tp, found.offset)
+        except Exception as exc:  # planning from the oldest event again beats skipping any
+            log.warning("a new planner group starts at the oldest event", error=describe(exc))
+
     async def commit_now(self, partitions: set[TopicPartition]) -> None:
         """Commits the finished events of `partitions` at once, then forgets them (a rebalance)."""
         offsets = {tp: o for tp, o in self._book.committable().items() if tp in partitions}
@@ -236,18 +331,51 @@ class Planner:
             self._book.forget(set(offsets) - self._consumer.assignment())
 
 
-class PlannerCommitOnRevoke(ConsumerRebalanceListener):
-    """Commits the events a planner finished before a rebalance moves their partitions."""
+async def start_position(kafka: KafkaConfig, group: str, others: Iterable[str]) -> int | None:
+    """Where a planner group that never committed starts: None for the oldest event (no notifier has
+    planned anything yet, so nothing acknowledged is skipped), or REPLAY_S before now (Unix ms) when
+    other planner groups have committed: this notifier joins others, which planned what came before."""
+    for attempt in range(START_ATTEMPTS):
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, **client_options(kafka))
+        try:
+            await admin.start()
+            if await admin.list_consumer_group_offsets(group):
+                return None
+            for other in others:
+                if await admin.list_consumer_group_offsets(other):
+                    log.info("a new planner group joins the others", group=group, seconds_back=REPLAY_S)
+                    return int((time.time() - REPLAY_S) * 1000)
+            return None
+        except Exception as exc:  # a group coordinator not there yet, Kafka away: try again, a few times
+            if attempt + 1 == START_ATTEMPTS:
+                # Planning everything again beats skipping anything.
+                log.warning(
+                    "planner groups not read; a new group starts at the oldest event", error=describe(exc)
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        await asyncio.sleep(RETRY_BACKOFF_S)
+    return None
 
-    def __init__(self, planner: Planner) -> None:
+
+class PlannerCommitOnRevoke(ConsumerRebalanceListener):
+    """Commits the events a planner finished before a rebalance moves their partitions; on the first
+    assignment, starts partitions the group never committed at `start_at_ms` (Unix ms; None: the oldest)."""
+
+    def __init__(self, planner: Planner, start_at_ms: int | None = None) -> None:
         self._planner = planner
+        self._start_at_ms = start_at_ms
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Commits what is finished on the revoked partitions."""
         await self._planner.commit_now(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Nothing to do: a new partition resumes from its committed offset."""
+        """A partition resumes from its committed offset; one never committed, from `start_at_ms`."""
+        start_at, self._start_at_ms = self._start_at_ms, None
+        if start_at is not None:
+            await self._planner.start_at(assigned, start_at)
 
 
 async def _settle(in_flight: list[asyncio.Future[object]], topic: str) -> None:

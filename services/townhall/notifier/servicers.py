@@ -1,23 +1,30 @@
-"""Thin gRPC servicers: identity and validation, then the follower store (or its owner) or the Inbox hub."""
+"""Thin gRPC servicers: identity and validation, then the follower store (or its owner), the handover or the
+Inbox hub."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from townhall.core import validation
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
+from townhall.core.forwarding import MAX_HOPS
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
+from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import Hub
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
 from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
 from townhall.notifier.rooms import RoomStates
-from townhall.notifier.store import SqliteFollowerStore
-from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
+from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
 
 FORWARD_TIMEOUT_S = 10.0
 GRAPH = "/townhall.v1.Graph/"
@@ -29,24 +36,54 @@ MAX_IMPORT_CHUNK_PAIRS = 4000
 
 
 class GraphServicer(graph_pb2_grpc.GraphServicer):
-    """The graph API; a call about a followee whose shard lives on another notifier is forwarded there."""
+    """The graph API; a call about a key (a followee, a room's reminders) owned by another notifier is
+    forwarded there, and the owner settles the key (notifier/handover.py) before serving it."""
 
     def __init__(
         self,
         store: SqliteFollowerStore,
         placement: Placement,
         peers: Peers,
+        handover: Handover,
         rooms: RoomStates,
         reminders_per_user: int = 0,
     ) -> None:
         self._store = store
         self._placement = placement
         self._peers = peers
+        self._handover = handover
         self._rooms = rooms
         self._reminders_per_user = reminders_per_user
 
-    def _remote(self, owner: str, context: grpc.aio.ServicerContext) -> bool:
-        return owner != self._placement.me and not self._peers.forwarding.check(context)
+    async def _at_owner(
+        self,
+        method: str,
+        key: str,
+        context: grpc.aio.ServicerContext,
+        local: Callable[[], Awaitable[T]],
+        remote: Callable[[graph_pb2_grpc.GraphStub, Metadata], Awaitable[T]],
+    ) -> T:
+        """`local()` here if this notifier owns `key` (once settled), else the call forwarded to the owner.
+
+        A forwarded call is forwarded again if the notifiers' views differ for a moment (a resize), at
+        most MAX_HOPS times in all.
+        """
+        hops = self._peers.forwarding.hops(context)
+        owner = self._placement.owner(key)
+        if owner == self._placement.me:
+            try:
+                await self._handover.settle(key)
+                return await local()
+            except Moved as moved:
+                if moved.epoch <= self._placement.epoch:
+                    self._handover.forget(key)
+                    raise Unavailable(f"{key} is being taken over here; retry") from None
+                owner = moved.owner  # a newer view gave it to another notifier: this one is behind
+        if hops >= MAX_HOPS:
+            raise Unavailable(f"{key} was forwarded {hops} times while the notifiers change; retry")
+        FORWARDED.labels(method).inc()
+        metadata = self._peers.forwarding.forward(context, owner, GRAPH + method, hops + 1)
+        return await _forward(remote(self._peers.graph(owner), metadata))
 
     async def Follow(
         self, request: graph_pb2.FollowRequest, context: grpc.aio.ServicerContext
@@ -56,21 +93,23 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         followee = validation.user_id(request.followee_id, "followee_id")
         if followee == user:
             raise InvalidArgument("followee_id is the caller: users cannot follow themselves")
-        owner = self._placement.followee_owner(followee)
-        if self._remote(owner, context):
-            FORWARDED.labels("Follow").inc()
-            return await _forward(
-                self._peers.graph(owner).Follow(
-                    request,
-                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Follow"),
-                    timeout=FORWARD_TIMEOUT_S,
-                )
-            )
-        created = await self._store.follow(followee, user)
-        if created:
-            FOLLOWS.inc()
-            FOLLOWERS_STORED.inc()
-        return graph_pb2.FollowResponse(created=created)
+
+        async def local() -> graph_pb2.FollowResponse:
+            created = await self._store.follow(followee, user)
+            if created:
+                FOLLOWS.inc()
+                FOLLOWERS_STORED.inc()
+            return graph_pb2.FollowResponse(created=created)
+
+        return await self._at_owner(
+            "Follow",
+            followee_key(followee),
+            context,
+            local,
+            lambda stub, md: stub.Follow(
+                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
+            ),
+        )
 
     async def Unfollow(
         self, request: graph_pb2.UnfollowRequest, context: grpc.aio.ServicerContext
@@ -78,38 +117,42 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         """The caller stops following followee_id; unfollowing twice is accepted."""
         user = caller(context)
         followee = validation.user_id(request.followee_id, "followee_id")
-        owner = self._placement.followee_owner(followee)
-        if self._remote(owner, context):
-            FORWARDED.labels("Unfollow").inc()
-            return await _forward(
-                self._peers.graph(owner).Unfollow(
-                    request,
-                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Unfollow"),
-                    timeout=FORWARD_TIMEOUT_S,
-                )
-            )
-        removed = await self._store.unfollow(followee, user)
-        if removed:
-            UNFOLLOWS.inc()
-            FOLLOWERS_STORED.dec()
-        return graph_pb2.UnfollowResponse(removed=removed)
+
+        async def local() -> graph_pb2.UnfollowResponse:
+            removed = await self._store.unfollow(followee, user)
+            if removed:
+                UNFOLLOWS.inc()
+                FOLLOWERS_STORED.dec()
+            return graph_pb2.UnfollowResponse(removed=removed)
+
+        return await self._at_owner(
+            "Unfollow",
+            followee_key(followee),
+            context,
+            local,
+            lambda stub, md: stub.Unfollow(
+                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
+            ),
+        )
 
     async def CountFollowers(
         self, request: graph_pb2.CountFollowersRequest, context: grpc.aio.ServicerContext
     ) -> graph_pb2.CountFollowersResponse:
         """How many users follow user_id."""
         user = validation.user_id(request.user_id, "user_id")
-        owner = self._placement.followee_owner(user)
-        if self._remote(owner, context):
-            FORWARDED.labels("CountFollowers").inc()
-            return await _forward(
-                self._peers.graph(owner).CountFollowers(
-                    request,
-                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "CountFollowers"),
-                    timeout=FORWARD_TIMEOUT_S,
-                )
-            )
-        return graph_pb2.CountFollowersResponse(count=await self._store.count(user))
+
+        async def local() -> graph_pb2.CountFollowersResponse:
+            return graph_pb2.CountFollowersResponse(count=await self._store.count(user))
+
+        return await self._at_owner(
+            "CountFollowers",
+            followee_key(user),
+            context,
+            local,
+            lambda stub, md: stub.CountFollowers(
+                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
+            ),
+        )
 
     async def ListFollowers(
         self, request: graph_pb2.ListFollowersRequest, context: grpc.aio.ServicerContext
@@ -125,24 +168,26 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             )
         validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
         limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
-        owner = self._placement.followee_owner(user)
-        if self._remote(owner, context):
-            FORWARDED.labels("ListFollowers").inc()
-            return await _forward(
-                self._peers.graph(owner).ListFollowers(
-                    request,
-                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "ListFollowers"),
-                    timeout=FORWARD_TIMEOUT_S,
-                )
-            )
-        ids = await self._store.page(user, request.after_id, limit)
-        return graph_pb2.ListFollowersResponse(follower_ids=ids.tolist())
+
+        async def local() -> graph_pb2.ListFollowersResponse:
+            ids = await self._store.page(user, request.after_id, limit)
+            return graph_pb2.ListFollowersResponse(follower_ids=ids.tolist())
+
+        return await self._at_owner(
+            "ListFollowers",
+            followee_key(user),
+            context,
+            local,
+            lambda stub, md: stub.ListFollowers(
+                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
+            ),
+        )
 
     async def Import(
         self, request_iterator: AsyncIterator[graph_pb2.ImportChunk], context: grpc.aio.ServicerContext
     ) -> graph_pb2.ImportSummary:
         """Adds streamed (followee, follower) pairs; pairs owned elsewhere are forwarded to their owner."""
-        forwarded = self._peers.forwarding.check(context)
+        hops = self._peers.forwarding.hops(context)
         received = created = invalid = 0
         buffered: list[np.ndarray] = []
         waiting = 0
@@ -154,16 +199,14 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             pairs = np.concatenate(buffered)
             buffered.clear()
             waiting = 0
-            parts = {self._placement.me: pairs} if forwarded else self._placement.split_pairs(pairs)
-            for owner, part in parts.items():
+            for owner, part in self._placement.split_pairs(pairs).items():
                 if owner == self._placement.me:
-                    added = await self._store.import_edges(part)
-                    FOLLOWERS_STORED.inc(added)
-                    FOLLOWS.inc(added)
-                    created += added
+                    created += await self._import_here(part)
+                elif hops >= MAX_HOPS:
+                    raise Unavailable(f"pairs were forwarded {hops} times while the notifiers change; retry")
                 else:
                     FORWARDED.labels("Import").inc()
-                    created += await self._forward_import(owner, part, context)
+                    created += await self._forward_import(owner, part, context, hops + 1)
 
         async for chunk in request_iterator:
             if len(chunk.pairs) % 16:
@@ -185,7 +228,24 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         await flush()
         return graph_pb2.ImportSummary(received=received, created=created, invalid=invalid)
 
-    async def _forward_import(self, owner: str, pairs: np.ndarray, context: grpc.aio.ServicerContext) -> int:
+    async def _import_here(self, pairs: np.ndarray) -> int:
+        if not self._handover.steady:
+            for followee in np.unique(pairs[:, 0]).tolist():
+                await self._handover.settle(followee_key(int(followee)))
+        try:
+            added = await self._store.import_edges(pairs)
+        except Moved as moved:
+            self._handover.forget(moved.key)
+            raise Unavailable(
+                f"{moved.key} moved while importing (the notifiers are changing); retry"
+            ) from None
+        FOLLOWERS_STORED.inc(added)
+        FOLLOWS.inc(added)
+        return added
+
+    async def _forward_import(
+        self, owner: str, pairs: np.ndarray, context: grpc.aio.ServicerContext, hops: int
+    ) -> int:
         async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
             for i in range(0, len(pairs), 3000):
                 yield graph_pb2.ImportChunk(
@@ -195,7 +255,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         summary = await _forward(
             self._peers.graph(owner).Import(
                 chunks(),
-                metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Import"),
+                metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Import", hops),
                 timeout=600,
                 wait_for_ready=True,
             )
@@ -209,18 +269,59 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         user = caller(context)
         room = validation.room_id(request.room_id)
         await self._rooms.before_start(room)
-        owner = self._placement.room_owner(room)
-        if self._remote(owner, context):
-            FORWARDED.labels("RemindMe").inc()
-            return await _forward(
-                self._peers.graph(owner).RemindMe(
-                    request,
-                    metadata=self._peers.forwarding.forward(context, owner, GRAPH + "RemindMe"),
-                    timeout=FORWARD_TIMEOUT_S,
-                )
-            )
-        return graph_pb2.RemindMeResponse(
-            created=await self._store.remind(room, user, self._reminders_per_user)
+
+        async def local() -> graph_pb2.RemindMeResponse:
+            created = await self._store.remind(room, user, self._reminders_per_user)
+            return graph_pb2.RemindMeResponse(created=created)
+
+        return await self._at_owner(
+            "RemindMe",
+            room_key(room),
+            context,
+            local,
+            lambda stub, md: stub.RemindMe(
+                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
+            ),
+        )
+
+
+class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
+    """Between notifiers: keys handed to their new owner (notifier/handover.py)."""
+
+    def __init__(self, handover: Handover) -> None:
+        self._handover = handover
+
+    async def Handover(
+        self, request: internal_pb2.HandoverRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[internal_pb2.HandoverChunk]:
+        """Marks the key moved to the caller and streams what is held of it here."""
+        owner = validation.address(request.owner, "owner")
+        async for chunk in self._handover.give(request.key, owner, request.epoch):
+            yield chunk
+
+    async def Release(
+        self, request: internal_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.ReleaseResponse:
+        """The caller stored the key: drops the copy here."""
+        owner = validation.address(request.owner, "owner")
+        return internal_pb2.ReleaseResponse(dropped=await self._handover.release(request.key, owner))
+
+    async def Settle(
+        self, request: internal_pb2.SettleRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SettleResponse:
+        """Takes the key over now, from the calling holder too."""
+        holder = validation.address(request.holder, "holder")
+        await self._handover.settle_for(request.key, holder, request.epoch)
+        return internal_pb2.SettleResponse()
+
+    async def Drained(
+        self, request: internal_pb2.DrainedRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.DrainedResponse:
+        """Takes note that the holder is drained; answers who is known to be."""
+        if request.holder:
+            await self._handover.mark_drained(validation.address(request.holder, "holder"), request.epoch)
+        return internal_pb2.DrainedResponse(
+            epoch=self._handover.epoch, drained=self._handover.known_drained(request.epoch)
         )
 
 
@@ -234,7 +335,7 @@ async def _forward(call):  # type: ignore[no-untyped-def]
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise from_rpc(exc) from exc
         raise Unavailable(
-            f"the notifier that owns this graph shard did not answer: {exc.code().name}"
+            f"the notifier that owns this graph shard did not answer: {exc.code().name} ({exc.details()})"
         ) from exc
 
 

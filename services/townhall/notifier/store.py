@@ -1,4 +1,11 @@
-"""The follower graph: a store boundary and its embedded sqlite implementation in sorted id blocks."""
+"""The follower graph: a store boundary and its embedded sqlite implementation in sorted id blocks.
+
+The store also keeps what moving the graph between notifiers needs (notifier/handover.py): each
+followee's followers and each room's reminder list is a *key* ("user:<id>", "room:<id>", the keys of
+the rendezvous hashing), which can be exported, released and taken in; and a *moved* marker per key
+handed to another notifier, after which every read or write of the key here raises Moved, checked in
+the same store call as the read or write itself (so none slips in between).
+"""
 
 from __future__ import annotations
 
@@ -67,7 +74,37 @@ CREATE TABLE IF NOT EXISTS reminders (
     PRIMARY KEY (room_id, user)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reminders_by_user ON reminders (user);
+CREATE TABLE IF NOT EXISTS moved (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    epoch INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+USER_PREFIX, ROOM_PREFIX = "user:", "room:"
+# Keys scanned per store call while looking for keys another notifier owns.
+SCAN_KEYS = 5_000
+
+
+def followee_key(followee: int) -> str:
+    """The key of a followee's followers (also its rendezvous key)."""
+    return f"{USER_PREFIX}{followee}"
+
+
+def room_key(room_id: str) -> str:
+    """The key of a room's reminder list (also its rendezvous key)."""
+    return f"{ROOM_PREFIX}{room_id}"
+
+
+class Moved(Exception):
+    """The key was handed to another notifier (`owner`, whose view of the members was `epoch`)."""
+
+    def __init__(self, key: str, owner: str, epoch: int) -> None:
+        super().__init__(f"{key} was handed to {owner} (membership epoch {epoch})")
+        self.key, self.owner, self.epoch = key, owner, epoch
 
 
 class SqliteFollowerStore:
@@ -85,6 +122,8 @@ class SqliteFollowerStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follower-store")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        # Keys marked moved: while none is, no read or write looks for a marker.
+        self._moved = 0
 
     async def open(self) -> None:
         """Opens (creating if needed) the database file; call once before any other method."""
@@ -97,6 +136,7 @@ class SqliteFollowerStore:
             db.executescript(_SCHEMA)
             self._conn = db
             self._migrate_rows()
+            self._moved = int(db.execute("SELECT COUNT(*) FROM moved").fetchone()[0])
 
         await self._run(connect)
 
@@ -113,6 +153,7 @@ class SqliteFollowerStore:
         """Adds the edge; False if it was already there."""
 
         def write() -> bool:
+            self._check(followee_key(followee))
             with self._transaction():
                 return self._merge(followee, np.array([follower], dtype=np.uint64)) == 1
 
@@ -122,6 +163,7 @@ class SqliteFollowerStore:
         """Removes the edge; False if it was not there."""
 
         def write() -> bool:
+            self._check(followee_key(followee))
             with self._transaction():
                 row = self._block_of(followee, follower)
                 if row is None:
@@ -144,6 +186,9 @@ class SqliteFollowerStore:
         """Adds (followee, follower) rows of a uint64 array of shape (n, 2); returns edges created."""
 
         def write() -> int:
+            if self._moved:
+                for followee in np.unique(pairs[:, 0]).tolist():
+                    self._check(followee_key(int(followee)))
             with self._transaction():
                 return self._import(pairs)
 
@@ -153,6 +198,7 @@ class SqliteFollowerStore:
         """How many users follow `followee`, in O(1)."""
 
         def read() -> int:
+            self._check(followee_key(followee))
             row = self._db.execute("SELECT n FROM follower_counts WHERE followee = ?", (followee,)).fetchone()
             return int(row[0]) if row else 0
 
@@ -166,11 +212,16 @@ class SqliteFollowerStore:
 
         return await self._run(read)
 
-    async def stored_blocks(self, followee: int) -> AsyncIterator[np.ndarray]:
-        """The followee's stored blocks in ascending order (each at most 4096 ids): the planner's unit."""
+    async def stored_blocks(self, followee: int, checked: bool = True) -> AsyncIterator[np.ndarray]:
+        """The followee's stored blocks in ascending order (each at most 4096 ids): the planner's unit.
+
+        Raises Moved (before the first block) if the followee was handed over, unless not `checked`.
+        """
         after = -1
+        key = followee_key(followee) if checked else None
         while True:
-            rows = await self._run(lambda a=after: self._blocks_after(followee, a))  # type: ignore[misc]
+            rows = await self._run(lambda a=after, k=key: self._blocks_after(followee, a, k))  # type: ignore[misc]
+            key = None
             for _start, blob in rows:
                 yield blk.unpack(blob)
             if len(rows) < READ_BLOCKS:
@@ -201,6 +252,7 @@ class SqliteFollowerStore:
         """At most `limit` followers of `followee` above `after`, ascending."""
 
         def read() -> np.ndarray:
+            self._check(followee_key(followee))
             out: list[np.ndarray] = []
             got = 0
             first = self._block_of(followee, after)
@@ -228,6 +280,7 @@ class SqliteFollowerStore:
         """
 
         def write() -> bool:
+            self._check(room_key(room_id))
             with self._transaction():
                 if limit:
                     asked = self._db.execute(
@@ -277,21 +330,165 @@ class SqliteFollowerStore:
 
         return await self._run(delete)
 
-    async def reminded(self, room_id: str, block: int = blk.BLOCK_IDS) -> AsyncIterator[np.ndarray]:
-        """The users who asked for a reminder for `room_id`, ascending, in arrays of at most `block`."""
+    async def reminded(
+        self, room_id: str, block: int = blk.BLOCK_IDS, checked: bool = True
+    ) -> AsyncIterator[np.ndarray]:
+        """The users who asked for a reminder for `room_id`, ascending, in arrays of at most `block`.
+
+        Raises Moved (before the first array) if the list was handed over, unless not `checked`.
+        """
         after = 0
+        key = room_key(room_id) if checked else None
         while True:
-            rows = await self._run(
-                lambda a=after: self._db.execute(  # type: ignore[misc]
-                    "SELECT user FROM reminders WHERE room_id = ? AND user > ? ORDER BY user LIMIT ?",
-                    (room_id, a, block),
-                ).fetchall()
-            )
+            rows = await self._run(lambda a=after, k=key: self._reminders_after(room_id, a, block, k))  # type: ignore[misc]
+            key = None
             if rows:
                 yield np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows))
             if len(rows) < block:
                 return
             after = int(rows[-1][0])
+
+    # --- moving keys between notifiers (notifier/handover.py) ------------------------------
+
+    async def mark_moved(self, key: str, owner: str, epoch: int) -> None:
+        """Hands `key` to `owner`: from now on every read or write of it here raises Moved."""
+
+        def write() -> None:
+            new = self._moved_row(key) is None
+            self._db.execute(
+                "INSERT INTO moved (key, owner, epoch) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch",
+                (key, owner, epoch),
+            )
+            self._moved += new
+
+        await self._run(write)
+
+    @property
+    def has_markers(self) -> bool:
+        """Whether any key was handed over from here (and is still marked)."""
+        return self._moved > 0
+
+    async def holds(self, key: str) -> bool:
+        """Whether anything of `key` is stored here."""
+        kind, name = split_key(key)
+
+        def read() -> bool:
+            if kind == USER_PREFIX:
+                sql, arg = "SELECT 1 FROM follower_counts WHERE followee = ?", int(name)
+            else:
+                sql, arg = "SELECT 1 FROM reminders WHERE room_id = ? LIMIT 1", name  # type: ignore[assignment]
+            return self._db.execute(sql, (arg,)).fetchone() is not None
+
+        return await self._run(read)
+
+    async def moved_to(self, key: str) -> tuple[str, int] | None:
+        """Who `key` was handed to, and in which membership epoch; None if it is here."""
+        return await self._run(lambda: self._moved_row(key))
+
+    async def unmark(self, key: str) -> None:
+        """Takes `key` back: its data is (again) here."""
+
+        def write() -> None:
+            if self._db.execute("DELETE FROM moved WHERE key = ?", (key,)).rowcount:
+                self._moved -= 1
+
+        await self._run(write)
+
+    async def markers(self) -> list[tuple[str, str, int]]:
+        """Every (key, owner, epoch) handed over from here."""
+        rows = await self._run(lambda: self._db.execute("SELECT key, owner, epoch FROM moved").fetchall())
+        return [(str(k), str(o), int(e)) for k, o, e in rows]
+
+    async def export(self, key: str) -> AsyncIterator[np.ndarray]:
+        """What is stored here of `key` (follower ids, or the users a room's reminders go to), ascending
+        in arrays of at most 4096 ids, whether or not it was handed over."""
+        kind, name = split_key(key)
+        if kind == USER_PREFIX:
+            async for ids in self.stored_blocks(int(name), checked=False):
+                yield ids
+        else:
+            async for ids in self.reminded(name, checked=False):
+                yield ids
+
+    async def take_in(self, key: str, ids: np.ndarray) -> int:
+        """Adds ascending `ids` to `key` (what its previous holder exported); returns how many were new."""
+        kind, name = split_key(key)
+
+        def write() -> int:
+            with self._transaction():
+                if kind == USER_PREFIX:
+                    return self._merge(int(name), ids.astype(np.uint64))
+                cur = self._db.executemany(
+                    "INSERT OR IGNORE INTO reminders (room_id, user) VALUES (?, ?)",
+                    [(name, int(u)) for u in ids.tolist()],
+                )
+                return int(cur.rowcount)
+
+        return await self._run(write) if len(ids) else 0
+
+    async def release(self, key: str, owner: str) -> int:
+        """Drops what is stored of `key` if it was handed to `owner` (it has taken it in); returns how many
+        ids were dropped."""
+        kind, name = split_key(key)
+
+        def write() -> int:
+            row = self._moved_row(key)
+            if row is None or row[0] != owner:
+                return 0
+            with self._transaction():
+                if kind == USER_PREFIX:
+                    followee = int(name)
+                    row = self._db.execute(
+                        "SELECT n FROM follower_counts WHERE followee = ?", (followee,)
+                    ).fetchone()
+                    self._db.execute("DELETE FROM blocks WHERE followee = ?", (followee,))
+                    self._db.execute("DELETE FROM follower_counts WHERE followee = ?", (followee,))
+                    return int(row[0]) if row else 0
+                return int(self._db.execute("DELETE FROM reminders WHERE room_id = ?", (name,)).rowcount)
+
+        return await self._run(write)
+
+    async def keys_after(self, after: str, limit: int = SCAN_KEYS) -> list[str]:
+        """Up to `limit` keys with data here, in scan order (followees ascending, then rooms) after
+        `after` ("" to start), whether or not handed over."""
+
+        def read() -> list[str]:
+            kind, name = split_key(after) if after else (USER_PREFIX, "-1")
+            keys: list[str] = []
+            if kind == USER_PREFIX:
+                rows = self._db.execute(
+                    "SELECT followee FROM follower_counts WHERE followee > ? ORDER BY followee LIMIT ?",
+                    (int(name), limit),
+                ).fetchall()
+                keys = [followee_key(int(r[0])) for r in rows]
+                name = ""
+            if len(keys) < limit:
+                rows = self._db.execute(
+                    "SELECT DISTINCT room_id FROM reminders WHERE room_id > ? ORDER BY room_id LIMIT ?",
+                    (name, limit - len(keys)),
+                ).fetchall()
+                keys += [room_key(str(r[0])) for r in rows]
+            return keys
+
+        return await self._run(read)
+
+    async def meta(self, name: str) -> str | None:
+        """A value this notifier keeps about itself (what it knows of the other notifiers)."""
+        row = await self._run(
+            lambda: self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, name: str, value: str) -> None:
+        """Keeps `value` under `name`."""
+        await self._run(
+            lambda: self._db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+        )
 
     async def disk_bytes(self) -> int:
         """Bytes the database takes on disk (main file and WAL), after a checkpoint."""
@@ -324,7 +521,26 @@ class SqliteFollowerStore:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
-    def _blocks_after(self, followee: int, after: int) -> list[tuple[int, bytes]]:
+    def _moved_row(self, key: str) -> tuple[str, int] | None:
+        row = self._db.execute("SELECT owner, epoch FROM moved WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def _check(self, key: str | None) -> None:
+        """Raises Moved if `key` was handed to another notifier."""
+        if self._moved and key is not None:
+            row = self._db.execute("SELECT owner, epoch FROM moved WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                raise Moved(key, str(row[0]), int(row[1]))
+
+    def _reminders_after(self, room_id: str, after: int, limit: int, key: str | None) -> list[tuple[int]]:
+        self._check(key)
+        return self._db.execute(
+            "SELECT user FROM reminders WHERE room_id = ? AND user > ? ORDER BY user LIMIT ?",
+            (room_id, after, limit),
+        ).fetchall()
+
+    def _blocks_after(self, followee: int, after: int, key: str | None = None) -> list[tuple[int, bytes]]:
+        self._check(key)
         return self._db.execute(
             "SELECT start, ids FROM blocks WHERE followee = ? AND start > ? ORDER BY start LIMIT ?",
             (followee, after, READ_BLOCKS),
@@ -430,6 +646,17 @@ class SqliteFollowerStore:
             if edges:
                 self._import(np.array(edges, dtype=np.uint64))
             db.execute("DROP TABLE followers")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """("user:", "<id>") or ("room:", "<room id>"); ValueError for anything else."""
+    for prefix in (USER_PREFIX, ROOM_PREFIX):
+        if key.startswith(prefix) and len(key) > len(prefix):
+            name = key[len(prefix) :]
+            if prefix == USER_PREFIX and not (name.isascii() and name.isdigit()):
+                break
+            return prefix, name
+    raise ValueError(f"not a graph key (user:<id> or room:<id>): {key!r}")
 
 
 class _Transaction:

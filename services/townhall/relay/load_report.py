@@ -19,6 +19,9 @@ from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
 
+# A clean shutdown's goodbye (a tombstone for this relay's key) is best effort, and never holds it up longer.
+GOODBYE_S = 3.0
+
 
 class LoadReporter:
     """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
@@ -30,12 +33,14 @@ class LoadReporter:
         # Per room, the host and co-hosts connected here (the owner's host failover reads them).
         self._leads = leads
         self._relay = config.relay.address
+        self._internal = config.relay.internal_address
         self._capacity = config.relay.listener_capacity
         self._every_s = config.relay.load_report_ms / 1000
         self._topic = Topics(config.kafka.topic_prefix).relay_load
         self._kafka = config.kafka
         self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
         self._task: asyncio.Task[None] | None = None
+        self._reported = False  # a report reached Kafka: admission may know this relay
 
     def report(self) -> RelayLoad:
         """What the relay carries now."""
@@ -43,6 +48,7 @@ class LoadReporter:
         leads = self._leads() if self._leads is not None else {}
         return RelayLoad(
             relay=self._relay,
+            internal=self._internal,
             listeners=sum(rooms.values()),
             capacity=self._capacity,
             at_ms=time.time_ns() // 1_000_000,
@@ -57,8 +63,29 @@ class LoadReporter:
             self._task = asyncio.create_task(self._run(), name="relay-load-report")
 
     async def close(self) -> None:
-        """Stops reporting."""
+        """Stops reporting, then says goodbye: a tombstone for this relay, so admission forgets it at once
+        (and compaction drops the relay from the topic) instead of after it has gone quiet."""
+        if self._task is None:
+            return
         await cancel(self._task)
+        self._task = None
+        if not self._reported:
+            return  # never reported: no one knows this relay, and Kafka is likely away
+        key = self._relay.encode()
+        goodbye = producer(self._kafka, f"relay-{self._relay}", acks=1)
+        try:
+            async with asyncio.timeout(GOODBYE_S):
+                await goodbye.start()
+                # Signed like a report: only this relay can make admission forget it.
+                headers = self._signer.headers(self._topic, key, b"")
+                await goodbye.send_and_wait(self._topic, None, key=key, headers=headers)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning(
+                "relay goodbye not written: admission forgets the relay once it is quiet", error=str(exc)
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await goodbye.stop()
 
     async def _run(self) -> None:
         key = self._relay.encode()
@@ -71,6 +98,7 @@ class LoadReporter:
                     value = self.report().SerializeToString()
                     headers = self._signer.headers(self._topic, key, value)
                     await reports.send_and_wait(self._topic, value, key=key, headers=headers)
+                    self._reported = True
                     await asyncio.sleep(self._every_s)
             except KafkaError as exc:
                 log.warning("relay load report failed", topic=self._topic, error=str(exc))
