@@ -267,10 +267,12 @@ def test_the_chart_works_as_a_subchart_of_a_parent_with_global_values(helm: Path
         "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
         "dependencies:\n  - name: townhall\n    version: 0.1.0\n"
     )
-    (parent / "values.yaml").write_text(
-        "global:\n  imageRegistry: registry.example.com\n  storageClass: fast\n"
-        "townhall:\n  admission:\n    replicas: 3\n"
-    )
+    # The chart generates no keys: the parent gives them, like any other value of the subchart.
+    values = {
+        "global": {"imageRegistry": "registry.example.com", "storageClass": "fast"},
+        "townhall": {**yaml.safe_load(TEST_KEYS.read_text()), "admission": {"replicas": 3}},
+    }
+    (parent / "values.yaml").write_text(yaml.safe_dump(values))
     result = run_helm(
         helm, "template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION
     )
