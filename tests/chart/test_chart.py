@@ -43,10 +43,11 @@ from townhall.devtools.certs import Authority
 from townhall.devtools.kafka_broker import SECURE_SETTINGS, Acl, acls
 
 Render = Callable[..., list[Manifest]]
+POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
 SERVICES = ("admission", "admission-crowd", "relay", "notifier")
 # Shards per scenario: what the StatefulSet (or its HPA's minReplicas) runs and admission is told about.
 SHARDS = {
-    "kind-default": {"admission": 1, "relay": 1, "notifier": 1},
+    "kind-default": {"admission": 2, "relay": 2, "notifier": 1},
     "multi-shard": {"admission": 3, "relay": 4, "notifier": 2},
     "external-kafka": {"admission": 2, "relay": 2, "notifier": 1},
     "tls": {"admission": 2, "relay": 2, "notifier": 1},
@@ -266,10 +267,12 @@ def test_the_chart_works_as_a_subchart_of_a_parent_with_global_values(helm: Path
         "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
         "dependencies:\n  - name: townhall\n    version: 0.1.0\n"
     )
-    (parent / "values.yaml").write_text(
-        "global:\n  imageRegistry: registry.example.com\n  storageClass: fast\n"
-        "townhall:\n  admission:\n    replicas: 3\n"
-    )
+    # The chart generates no keys: the parent gives them, like any other value of the subchart.
+    values = {
+        "global": {"imageRegistry": "registry.example.com", "storageClass": "fast"},
+        "townhall": {**yaml.safe_load(TEST_KEYS.read_text()), "admission": {"replicas": 3}},
+    }
+    (parent / "values.yaml").write_text(yaml.safe_dump(values))
     result = run_helm(
         helm, "template", "platform", str(parent), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION
     )
@@ -313,6 +316,78 @@ def test_pods_are_locked_down(render: Render, scenario: str) -> None:
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
             # The broker too: it writes only to /tmp, its keystore volume and its data volume.
             assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+
+
+def secret_files_unreadable(spec: dict[str, Any]) -> list[str]:
+    """The Secret files (secret and projected volumes) a non-root container of the pod mounts but cannot read.
+
+    Secret files belong to root. With the pod's fsGroup the kubelet gives them that group, with read for the
+    group added (0440 at least), and the containers run with it as a supplementary group; without, only the
+    mode's bits for others count (0644 unless defaultMode or an item's mode says less).
+    """
+    pod = spec.get("securityContext", {})
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    unreadable = []
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        uid = c.get("securityContext", {}).get("runAsUser", pod.get("runAsUser"))
+        if uid == 0 or pod.get("fsGroup") is not None:
+            continue
+        for mount in c.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                sources, default = [{"secret": volume["secret"]}], volume["secret"].get("defaultMode", 0o644)
+            elif "projected" in volume:
+                sources, default = (
+                    volume["projected"]["sources"],
+                    volume["projected"].get("defaultMode", 0o644),
+                )
+            else:
+                continue
+            for source in sources:
+                for item in source.get("secret", {}).get("items", [{"path": "*"}]):
+                    if not item.get("mode", default) & 0o004:
+                        unreadable.append(f"{c['name']}: {mount['mountPath']}/{item['path']}")
+    return unreadable
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_non_root_pod_can_read_the_secrets_it_mounts(render: Render, scenario: str) -> None:
+    """The topics Job (the Kafka image's user 1000) once mounted the users Secret 0400 without an fsGroup:
+    root's alone, so it could not read the admin password."""
+    for owner, spec in pod_specs(render(scenario)):
+        assert secret_files_unreadable(spec) == [], (owner["kind"], owner["metadata"]["name"])
+    job = topics_job(render(scenario))["spec"]["template"]["spec"]
+    assert job["securityContext"]["fsGroup"] == job["securityContext"]["runAsUser"] == 1000
+    # The checker itself: the same Job without its fsGroup is caught.
+    del job["securityContext"]["fsGroup"]
+    assert secret_files_unreadable(job) == ["topics: /etc/kafka/users/*"]
+
+
+def test_the_helm_test_pod_is_kept_for_its_logs(render: Render) -> None:
+    """`helm test --logs` reads the pod's log after it ends: a hook-succeeded policy deletes it first."""
+    (pod,) = by_kind(render("kind-default"), "Pod").values()
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"] == "before-hook-creation"
+
+
+def test_kind_network_policies_let_the_host_the_kubelet_and_a_local_prometheus_in(render: Render) -> None:
+    """On kind the host's NodePort traffic reaches the client ports and the kubelet the health ports (from
+    anywhere); Prometheus scrapes from namespace monitoring or from its pods in the release's namespace."""
+    manifests = render("kind-default")
+    policies = {n: p for n, p in by_kind(manifests, "NetworkPolicy").items() if n != f"{RELEASE}-kafka"}
+    assert set(policies) == {f"{RELEASE}-{n}" for n in SERVICES}
+    for policy in policies.values():
+        rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in policy["spec"]["ingress"]}
+        assert rules[("grpc", "health")] is None
+        assert rules[("metrics",)] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+        ]
+    # Each per-relay Service targets the port the relay policy opens to everyone.
+    relay_ports = {
+        p["targetPort"] for s in external_relay_services(manifests).values() for p in s["spec"]["ports"]
+    }
+    assert relay_ports == {"grpc"}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -546,7 +621,8 @@ def test_client_services_take_the_external_traffic_policy(render: Render) -> Non
         ]
 
     kind = client_services(render("kind-default"))
-    assert sorted(component(s) for s in kind) == sorted(SERVICES)
+    # kind: a Service per relay (relay.externalAccess) instead of the shared one.
+    assert {component(s) for s in kind} == set(SERVICES)
     assert {s["spec"]["externalTrafficPolicy"] for s in kind} == {"Cluster"}
     cloud = client_services(
         render(None, "--set", "service.type=LoadBalancer", "--set", "service.externalTrafficPolicy=Local")
@@ -648,11 +724,15 @@ def test_client_services_use_fixed_node_ports_mapped_by_kind(render: Render) -> 
         if s["spec"].get("type") == "NodePort"
         for p in s["spec"]["ports"]
     }
-    assert node_ports == {30051, 30052, 30053, 30061}
+    # admission, notifier, the crowd lane, and relays 0-9 (relay.externalAccess); no shared relay Service.
+    assert node_ports == {30051, 30053, 30061, *range(30100, 30110)}
     cluster = yaml.safe_load((REPO / "deploy" / "kind" / "cluster.yaml").read_text())
-    mapped = {m["hostPort"] for n in cluster["nodes"] for m in n.get("extraPortMappings", [])}
+    mappings = [m for n in cluster["nodes"] for m in n.get("extraPortMappings", [])]
+    mapped = {m["hostPort"] for m in mappings}
     assert node_ports <= mapped
     assert {30300, 30090} <= mapped  # Grafana, Prometheus (deploy/kind/monitoring-values.yaml)
+    # The same port on the node, and on the host's loopback only.
+    assert all(m["containerPort"] == m["hostPort"] and m["listenAddress"] == "127.0.0.1" for m in mappings)
     images = {n["image"] for n in cluster["nodes"]}
     assert all(i.startswith(f"kindest/node:v{KUBE_VERSION}@sha256:") for i in images)
 
@@ -699,12 +779,140 @@ def relay_advertise(manifests: list[Manifest]) -> str:
 
 
 def test_relay_advertise_reaches_the_relays(render: Render) -> None:
-    assert relay_advertise(render("kind-default")) == "127.0.0.1:30052"
+    one = render(None, "--set", "relay.replicas=1", "--set", "relay.advertise=127.0.0.1:30052")
+    assert relay_advertise(one) == "127.0.0.1:30052"
     per_pod = render(None, "--set", "relay.advertise=$(POD_NAME).relays.example.com:443")
     assert relay_advertise(per_pod) == "$(POD_NAME).relays.example.com:443"
     assert relay_advertise(render(None)) == (
         f"$(POD_NAME).{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50052"
     )
+
+
+EXTERNAL = ("--set", "relay.externalAccess.enabled=true", "--set", "relay.externalAccess.host=127.0.0.1")
+
+
+def external_relay_services(manifests: list[Manifest]) -> dict[str, Manifest]:
+    """The per-relay Services of relay.externalAccess: those selecting one relay pod by name."""
+    return {
+        name: s
+        for name, s in by_kind(manifests, "Service").items()
+        if "statefulset.kubernetes.io/pod-name" in s["spec"].get("selector", {})
+    }
+
+
+@pytest.mark.parametrize("flags", [(), ("--set", "admission.replicas=3", "--set", "relay.replicas=4")])
+def test_each_relay_is_reachable_from_the_host_on_a_node_port_of_its_own(
+    render: Render, flags: tuple[str, ...]
+) -> None:
+    """kind: relay i is Service <fullname>-relay-i on nodePort 30100 + i, selecting that pod alone; it
+    advertises 127.0.0.1:30100+i (what tickets are bound to and admission learns from its reports), while
+    edges pull from it, and admission probes it, at its in-cluster name."""
+    manifests = render("kind-default", *flags)
+    relay = workload(manifests, "relay")
+    selector = relay["spec"]["selector"]["matchLabels"]
+    services = external_relay_services(manifests)
+    assert sorted(services) == sorted(f"{RELEASE}-relay-{i}" for i in range(10))
+    for i in range(10):
+        spec = services[f"{RELEASE}-relay-{i}"]["spec"]
+        assert spec["type"] == "NodePort"
+        assert spec["selector"] == {**selector, "statefulset.kubernetes.io/pod-name": f"{RELEASE}-relay-{i}"}
+        assert spec["ports"] == [
+            {
+                "name": "grpc",
+                "port": 50052,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "grpc",
+                "nodePort": 30100 + i,
+            }
+        ]
+    # No shared relay Service: it would send a listener to any relay while its ticket names one.
+    assert f"{RELEASE}-relay" not in by_kind(manifests, "Service")
+    (container,) = relay["spec"]["template"]["spec"]["containers"]
+    refs = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+    assert refs["TOWNHALL_RELAY_ORDINAL"] == POD_INDEX_FIELD
+    for i in range(relay["spec"]["replicas"]):
+        config = service_config(manifests, container, f"{RELEASE}-relay-{i}")
+        assert config.relay.address == f"127.0.0.1:{30100 + i}"
+        assert config.relay.internal_address == (
+            f"{RELEASE}-relay-{i}.{RELEASE}-relay-headless.{NAMESPACE}.svc.cluster.local:50072"
+        )
+    # Admission and the notifier load the same ConfigMap: the per-relay settings are the relays' alone.
+    for name in ("admission", "admission-crowd", "notifier"):
+        c = workload(manifests, name)["spec"]["template"]["spec"]["containers"][0]
+        assert not {e["name"] for e in c["env"]} & {
+            "TOWNHALL_RELAY_ORDINAL",
+            "TOWNHALL_RELAY_ADVERTISE_PORT_BASE",
+        }
+        service_config(manifests, c, f"{name}-0")
+
+
+def test_without_external_access_relays_advertise_as_before(render: Render) -> None:
+    manifests = render(None)
+    assert external_relay_services(manifests) == {}
+    (container,) = workload(manifests, "relay")["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert not names & {"TOWNHALL_RELAY_ORDINAL", "TOWNHALL_RELAY_ADVERTISE_PORT_BASE"}
+    assert by_kind(manifests, "Service")[f"{RELEASE}-relay"]["spec"]["ports"][0]["nodePort"] == 30052
+    # With autoscaling, a Service for every relay the HPA may add, on a base of one's choosing.
+    scaled = render(
+        None,
+        *EXTERNAL,
+        "--set",
+        "relay.autoscaling.enabled=true",
+        "--set",
+        "relay.externalAccess.nodePortBase=31000",
+        "--set",
+        "relay.externalAccess.maxRelays=8",
+    )
+    ports = {s["spec"]["ports"][0]["nodePort"] for s in external_relay_services(scaled).values()}
+    assert ports == set(range(31000, 31008))
+
+
+# What a kind node leaves to workloads: a 2-core node's allocatable CPU less the control plane's requests
+# (kube-apiserver 250m, controller-manager 200m, scheduler 100m, etcd 100m, CoreDNS 2 x 100m, kindnet 100m).
+KIND_FREE_CPU_M = 2000 - 950
+# Left of it for a Prometheus the e2e tests run beside the release.
+PROMETHEUS_CPU_M = 300
+
+
+def cpu_millis(quantity: str | int | float) -> float:
+    """A CPU quantity in millicores."""
+    text = str(quantity)
+    return float(text[:-1]) if text.endswith("m") else float(text) * 1000
+
+
+def test_kind_values_fit_a_two_core_node_scaled_as_the_e2e_tests_scale_them(render: Render) -> None:
+    """Admission at 3, relays at 4, the crowd lane, the notifier, Kafka, the topics Job and the helm test pod
+    (all may run at once) request no more CPU than a 2-core kind node has left, with room for Prometheus."""
+    manifests = render("kind-default", "--set", "admission.replicas=3", "--set", "relay.replicas=4")
+    total = 0.0
+    for owner, spec in pod_specs(manifests):
+        pods = owner["spec"].get("replicas", 1) if owner["kind"] in {"Deployment", "StatefulSet"} else 1
+        containers = sum(cpu_millis(c["resources"]["requests"]["cpu"]) for c in spec["containers"])
+        init = max(
+            (cpu_millis(c["resources"]["requests"]["cpu"]) for c in spec.get("initContainers", [])), default=0
+        )
+        total += pods * max(containers, init)
+    assert total <= KIND_FREE_CPU_M - PROMETHEUS_CPU_M, f"{total:g}m of CPU requested"
+
+
+def test_the_kind_relay_tree_spreads_twenty_listeners_over_the_relays(render: Render) -> None:
+    """edge_target reaches admission's placement: 20 listeners of one room fill 4 relays, not the origin."""
+    from townhall.admission.placement import Placer
+
+    manifests = render("kind-default")
+    c = workload(manifests, "admission")["spec"]["template"]["spec"]["containers"][0]
+    relay = service_config(manifests, c, f"{RELEASE}-admission-0").relay
+    relays = [f"127.0.0.1:{30100 + i}" for i in range(4)]
+    for count in (2, 4):
+        placer = Placer(relays[:count], relay.edge_target, relay.tree_degree, relay.listener_capacity)
+        used = {placer.place("room", on_stage=False, now=0.0).relay for _ in range(20)}
+        assert used == set(relays[:count]), (count, used)
 
 
 def test_admission_config_does_not_depend_on_how_many_relays_run(render: Render) -> None:
@@ -859,6 +1067,33 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "service.type=Ingress"], "/service/type"),
         (["--set", "admission.resources=null"], "resources"),
         (["--set", "relay.replicas=2", "--set", "relay.advertise=127.0.0.1:30052"], "POD_NAME"),
+        (["--set", "relay.externalAccess.enabled=true"], "relay.externalAccess.host is required"),
+        (["--set", "relay.externalAccess.host=127.0.0.1:30100"], "/relay/externalAccess/host"),
+        (
+            [*EXTERNAL, "--set", "relay.advertise=$(POD_NAME).relays.example.com:443"],
+            "relay.advertise and relay.externalAccess both say",
+        ),
+        (
+            [
+                *EXTERNAL,
+                "--set",
+                "relay.autoscaling.enabled=true",
+                "--set",
+                "relay.autoscaling.maxReplicas=11",
+            ],
+            "relay.externalAccess.maxRelays (10) must cover the relays that can run (11, "
+            "relay.autoscaling.maxReplicas)",
+        ),
+        (
+            [*EXTERNAL, "--set", "relay.replicas=4", "--set", "relay.externalAccess.maxRelays=3"],
+            "relay.externalAccess.maxRelays (3) must cover the relays that can run (4, relay.replicas)",
+        ),
+        ([*EXTERNAL, "--set", "relay.externalAccess.nodePortBase=32760"], "past the NodePort range"),
+        (
+            [*EXTERNAL, "--set", "relay.externalAccess.nodePortBase=30045"],
+            "nodePorts 30045-30054 include admission.service.nodePort (30051)",
+        ),
+        (["--set", "relay.config.ordinal=1"], "ordinal"),
         (["--set", "service.externalTrafficPolicy=local"], "/service/externalTrafficPolicy"),
         (["--set", "metrics.serviceMonitor.scrapeTimeout=10"], "/metrics/serviceMonitor/scrapeTimeout"),
         (
@@ -939,6 +1174,9 @@ def container_env(manifests: list[Manifest], container: dict[str, Any], pod_name
             )
         elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
             env[item["name"]] = pod_name
+        elif item["valueFrom"].get("fieldRef", {}).get("fieldPath") == POD_INDEX_FIELD:
+            # A StatefulSet pod's index label: the ordinal its name ends with.
+            env[item["name"]] = pod_name.rpartition("-")[2]
         elif "secretKeyRef" in item["valueFrom"]:
             # What the Secret holds: the chart's own, or (an existing Secret) the tests' keys.
             ref = item["valueFrom"]["secretKeyRef"]

@@ -176,3 +176,37 @@ async def test_relays_added_after_admission_get_listeners_and_relays_that_go_awa
         phantom_reports.cancel()
         await asyncio.gather(phantom_reports, return_exceptions=True)
         await site.close()
+
+
+async def test_a_relay_advertising_an_address_admission_cannot_reach_is_probed_at_its_internal_port(
+    cluster: Topology,
+) -> None:
+    """kind's per-relay NodePorts: a relay advertises the host's 127.0.0.1:<base + ordinal>, which nothing
+    inside the cluster listens on. Admission probes it at its internal address (from its reports), places
+    listeners on it, and their tickets name the advertised address, which the relay accepts."""
+    admission = cluster.of("admission")[0]
+    seed = cluster.of("relay")[0].grpc
+    unreachable = free_port()  # like a NodePort seen from inside a pod: nobody listens there
+    ordinal = 3
+    env = {
+        "TOWNHALL_RELAY_ADVERTISE": "127.0.0.1",
+        "TOWNHALL_RELAY_ADVERTISE_PORT_BASE": str(unreachable - ordinal),
+        "TOWNHALL_RELAY_ORDINAL": str(ordinal),
+    }
+    external = cluster.add("relay", env=env)
+    advertised = f"127.0.0.1:{unreachable}"
+    site = Site(admission.grpc)
+    try:
+        room = await site.room_led_by(advertised, [seed, advertised])
+        user = await site.until(room, advertised, "the relay with an unreachable address gets a listener")
+        listener = client(admission.grpc, user)
+        grant = await listener.join(room)
+        assert grant.relay_address == advertised
+        # The client side reaches the relay (here at its listen port, as kind forwards the NodePort).
+        grant.relay_address = external.grpc
+        stream = listener.subscribe(grant, room)
+        await asyncio.wait_for(stream.initial_metadata(), 10)  # the relay took the ticket for its address
+        stream.cancel()
+        await listener.close()
+    finally:
+        await site.close()

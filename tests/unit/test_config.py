@@ -111,11 +111,63 @@ def test_environment_list_is_comma_separated() -> None:
             "must last at least two relay load reports",
         ),
         ({"TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "sometimes"}, "relay.follow_room_state must be true or false"),
+        (
+            {"TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "30100", "TOWNHALL_RELAY_ADVERTISE": "127.0.0.1"},
+            "relay.advertise_port_base needs relay.ordinal",
+        ),
+        (
+            {
+                "TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "30100",
+                "TOWNHALL_RELAY_ADVERTISE": "127.0.0.1:30100",
+                "TOWNHALL_RELAY_ORDINAL": "0",
+            },
+            "relay.advertise must be a host without a port",
+        ),
+        (
+            {"TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "30100", "TOWNHALL_RELAY_ORDINAL": "0"},
+            "relay.advertise must be a host without a port",
+        ),
+        (
+            {
+                "TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "65535",
+                "TOWNHALL_RELAY_ADVERTISE": "h",
+                "TOWNHALL_RELAY_ORDINAL": "1",
+            },
+            "is past port 65535",
+        ),
+        ({"TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "-1"}, "relay.advertise_port_base must be 0"),
+        # The pod-index label missing (a cluster before Kubernetes 1.28): the variable is empty.
+        ({"TOWNHALL_RELAY_ORDINAL": ""}, "relay.ordinal must be an integer"),
     ],
 )
 def test_bad_values_stop_with_a_message_naming_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(env=env)
+
+
+@pytest.mark.parametrize(
+    ("host", "ordinal", "address"),
+    [
+        ("127.0.0.1", "0", "127.0.0.1:30100"),
+        ("127.0.0.1", "7", "127.0.0.1:30107"),
+        ("[::1]", "2", "[::1]:30102"),
+    ],
+)
+def test_a_relay_advertises_its_own_port_from_the_base_and_its_ordinal(
+    host: str, ordinal: str, address: str
+) -> None:
+    """One host, a port per relay (kind's NodePorts): tickets are bound to base + ordinal."""
+    env = {
+        "TOWNHALL_RELAY_ADVERTISE": host,
+        "TOWNHALL_RELAY_ADVERTISE_PORT_BASE": "30100",
+        "TOWNHALL_RELAY_ORDINAL": ordinal,
+    }
+    relay = load(env=env).relay
+    assert relay.address == address
+    assert relay.internal_address == relay.internal_listen, "the pull source is not the advertised port"
+    # Without a base the ordinal changes nothing: advertise is host:port as before.
+    plain = load(env={"TOWNHALL_RELAY_ADVERTISE": "relay.example.com:443", "TOWNHALL_RELAY_ORDINAL": ordinal})
+    assert plain.relay.address == "relay.example.com:443"
 
 
 def test_unknown_section_in_file(tmp_path: Path) -> None:

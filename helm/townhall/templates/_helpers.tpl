@@ -169,18 +169,35 @@ Call with the service's values (e.g. .Values.relay).
 {{/*
 The relay advertise template: relay.advertise, or the pod's stable name behind the headless Service.
 "$(POD_NAME)" in it is expanded by the kubelet from the POD_NAME variable (downward API). An address without
-$(POD_NAME) names one relay, so it needs exactly one. Admission finds the relays by these addresses in their
-load reports (admission/relays.py): the chart lists none, so relays the HPA adds get listeners too.
+$(POD_NAME) names one relay, so it needs exactly one. With relay.externalAccess it is the host alone, and
+each relay adds its own port (relay.advertise_port_base + its ordinal). Admission finds the relays by these
+addresses in their load reports (admission/relays.py): the chart lists none, so relays the HPA adds get
+listeners too.
 */}}
 {{- define "townhall.relayAdvertise" -}}
+{{- $external := .Values.relay.externalAccess }}
+{{- if $external.enabled }}
+{{- if .Values.relay.advertise }}
+{{- fail "relay.advertise and relay.externalAccess both say what relays advertise: with externalAccess.enabled leave relay.advertise empty (each relay advertises externalAccess.host:<nodePortBase + its ordinal>)" }}
+{{- end }}
+{{- required "relay.externalAccess.host is required when relay.externalAccess.enabled: the address clients reach the nodes at (127.0.0.1 on kind)" $external.host }}
+{{- else }}
 {{- if and .Values.relay.advertise (not (contains "$(POD_NAME)" .Values.relay.advertise)) (or (ne (int .Values.relay.replicas) 1) .Values.relay.autoscaling.enabled) }}
-{{- fail "relay.advertise without $(POD_NAME) gives every relay the same address: use relay.replicas=1 without autoscaling, or put $(POD_NAME) in it" }}
+{{- fail "relay.advertise without $(POD_NAME) gives every relay the same address: use relay.replicas=1 without autoscaling, put $(POD_NAME) in it, or use relay.externalAccess (a NodePort per relay)" }}
 {{- end }}
 {{- if .Values.relay.advertise }}
 {{- .Values.relay.advertise }}
 {{- else }}
 {{- printf "$(POD_NAME).%s-headless.%s.svc.%s:%d" (include "townhall.componentName" (dict "ctx" . "component" "relay")) .Release.Namespace .Values.clusterDomain (int .Values.relay.port) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The most relays that can run at once: autoscaling.maxReplicas with the relay HPA, else relay.replicas.
+*/}}
+{{- define "townhall.relayMaxReplicas" -}}
+{{- if .Values.relay.autoscaling.enabled }}{{ int .Values.relay.autoscaling.maxReplicas }}{{ else }}{{ int .Values.relay.replicas }}{{ end }}
 {{- end }}
 
 {{/*

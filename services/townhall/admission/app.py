@@ -111,8 +111,10 @@ class AdmissionApp:
         # The relays: the configured seeds plus those found in the load reports, probed before use.
         self.relays = RelayDirectory(own.relays, own.max_relays, quiet_s=max(RELAY_QUIET_S, 3 * report_s))
         # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
+        # A relay is probed at its internal address: its advertised one may be reachable from the
+        # clients' side only (kind's per-relay NodePorts on the host's 127.0.0.1).
         self.prober = Prober(
-            lambda: [*self._listed.members(), *self.relays.targets()],
+            lambda: [*self._listed.members(), *map(self.admitter.internal, self.relays.targets())],
             own.probe_interval_ms / 1000,
             own.probe_timeout_ms / 1000,
             own.probe_failures,
@@ -182,9 +184,13 @@ class AdmissionApp:
             self.placer.forget(relay)
             self._place_relays()
 
+    def _relay_up(self, relay: str) -> bool:
+        """Whether the last probes of a relay (at its internal address) found it serving."""
+        return self.prober.liveness.is_up(self.admitter.internal(relay))
+
     def _place_relays(self) -> None:
         """Gives the placer the relays it may place on: seeds, and discovered relays probed serving."""
-        serving = self.prober.liveness.is_up
+        serving = self._relay_up
         for relay in self.relays.prune(serving, time.time()):
             self.placer.forget(relay)
         placeable = self.relays.placeable(serving)
@@ -204,12 +210,11 @@ class AdmissionApp:
                 self.capacity.members_changed(before, members)
         # Only relays a probe found serving get listeners: one not probed yet is not up either.
         self._place_relays()
-        is_up = self.prober.liveness.is_up
         relays = self.relays.targets()
-        self.placer.set_up([r for r in relays if is_up(r)])
+        self.placer.set_up([r for r in relays if self._relay_up(r)])
         peers = [m for m in self._listed.members() if m != self.membership.me]
-        PEERS_DOWN.labels("relay").set(sum(not is_up(r) for r in relays))
-        PEERS_DOWN.labels("admission").set(sum(not is_up(m) for m in peers))
+        PEERS_DOWN.labels("relay").set(sum(not self._relay_up(r) for r in relays))
+        PEERS_DOWN.labels("admission").set(sum(not self.prober.liveness.is_up(m) for m in peers))
 
     def _changed(self, room: Room) -> None:
         if room.state == RoomState.ROOM_STATE_ENDED:

@@ -134,13 +134,15 @@ class Admitter:
             self._learned[relay] = internal
             self._paths = {(): ()}
 
+    def internal(self, relay: str) -> str:
+        """A relay's internal address (configured, else from its reports), else its advertised one."""
+        return self._internal.get(relay) or self._learned.get(relay, relay)
+
     def _internal_path(self, path: tuple[str, ...]) -> tuple[str, ...]:
         """The internal addresses of a path of relays (remembered: a room has a handful of paths)."""
         if len(self._paths) >= MAX_PATHS:
             self._paths = {(): ()}
-        internal = self._paths[path] = tuple(
-            self._internal.get(relay) or self._learned.get(relay, relay) for relay in path
-        )
+        internal = self._paths[path] = tuple(self.internal(relay) for relay in path)
         return internal
 
     def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:

@@ -60,7 +60,7 @@ class RelayDirectory:
         return True
 
     def targets(self) -> list[str]:
-        """Every known relay, seeds first: what the health prober probes."""
+        """Every known relay, seeds first: what the health prober probes (at their internal addresses)."""
         return [*self._seeds, *self._reported]
 
     def placeable(self, serving: Callable[[str], bool]) -> list[str]:

@@ -617,6 +617,12 @@ class RelayConfig:
     metrics_port: int = 9102
     # The address listeners are told to use; tickets are bound to it. Defaults to listen.
     advertise: str = ""
+    # One port per relay behind one host (a NodePort each on kind): when set, `advertise` is a host
+    # alone and the relay advertises host:(advertise_port_base + ordinal). 0: advertise is host:port.
+    advertise_port_base: int = 0
+    # This relay's index among the relays (a StatefulSet pod's apps.kubernetes.io/pod-index label);
+    # -1: none. Only advertise_port_base reads it.
+    ordinal: int = -1
     # The address other relays pull from (admission.relays_internal lists it); defaults to
     # internal_listen.
     internal_advertise: str = ""
@@ -689,7 +695,9 @@ class RelayConfig:
         _positive("relay.large_room_relays", self.large_room_relays)
         if self.tree_degree < 2:
             raise ConfigError(f"relay.tree_degree must be at least 2, not {self.tree_degree}")
-        if self.advertise:
+        if self.advertise_port_base:
+            self._validate_port_per_relay()
+        elif self.advertise:
             _address("relay.advertise", self.advertise)
         _port("relay.metrics_port", self.metrics_port)
         if not 20 <= self.chunk_ms <= 1000:
@@ -701,9 +709,34 @@ class RelayConfig:
         if not 1 <= self.max_payload_bytes <= 16_384:
             raise ConfigError("relay.max_payload_bytes must be within 1..16384")
 
+    def _validate_port_per_relay(self) -> None:
+        if not 1 <= self.advertise_port_base <= 65535:
+            raise ConfigError(
+                "relay.advertise_port_base must be 0 (off) or a port 1..65535, "
+                f"not {self.advertise_port_base}"
+            )
+        host = self.advertise
+        if not host or any(c.isspace() for c in host) or (":" in host and not _bracketed(host)):
+            raise ConfigError(
+                "relay.advertise must be a host without a port (IPv6 in brackets) when "
+                f"relay.advertise_port_base is set, not {host!r}"
+            )
+        if self.ordinal < 0:
+            raise ConfigError(
+                "relay.advertise_port_base needs relay.ordinal, this relay's index (in Kubernetes the pod's "
+                "apps.kubernetes.io/pod-index label)"
+            )
+        if self.advertise_port_base + self.ordinal > 65535:
+            raise ConfigError(
+                f"relay.advertise_port_base {self.advertise_port_base} + relay.ordinal {self.ordinal} "
+                "is past port 65535"
+            )
+
     @property
     def address(self) -> str:
         """The address clients reach this relay at."""
+        if self.advertise_port_base:
+            return f"{self.advertise}:{self.advertise_port_base + self.ordinal}"
         return self.advertise or self.listen
 
     @property
@@ -995,6 +1028,10 @@ def _address(key: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key} must be host:port, not {value!r}")
+
+
+def _bracketed(host: str) -> bool:
+    return host.startswith("[") and host.endswith("]") and ":" in host
 
 
 def _pem(key: str, path: str) -> None:

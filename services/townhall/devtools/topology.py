@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class Process:
     lane: str = ""
     # Its internal port (host:port): calls between Townhall processes only, never clients'.
     internal: str = ""
+    # TOWNHALL_* settings of this process alone, over the topology's.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -156,11 +159,13 @@ class Topology:
         self.manifest.write_text(json.dumps(self.describe(), indent=2))
         log.info("topology ready", manifest=str(self.manifest))
 
-    def add(self, service: str, timeout_s: float = 60.0) -> Process:
+    def add(self, service: str, timeout_s: float = 60.0, env: Mapping[str, str] | None = None) -> Process:
         """Starts one more process of `service` in a running topology (a relay added as an autoscaler
-        would add one: the processes already running are not told), waits until it serves."""
+        would add one: the processes already running are not told), waits until it serves. `env`: settings
+        of this process alone."""
         index = max((p.index for p in self.of(service)), default=-1) + 1
         proc = self._process(service, index)
+        proc.env.update(env or {})
         self.processes.append(proc)
         self._spawn(proc)
         _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
@@ -224,6 +229,7 @@ class Topology:
             env["TOWNHALL_NOTIFIER_MEMBERS"] = ",".join(
                 p.internal for p in self.processes if p.service == "notifier"
             )
+        env.update(proc.env)
         return env
 
     def _spawn(self, proc: Process) -> None:
