@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,13 +14,17 @@ from townhall.admission.decision import ADMIT, FULL, REJOIN, WAIT, WAIT_MS, deci
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import RETRY_AFTER_MS, Admitter
 from townhall.admission.leases import Allowance
+from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook
+from townhall.admission.servicer import AdmissionServicer
 from townhall.core.auth import SUBSCRIBE, Principal
 from townhall.core.config import DEV_ENV, load
-from townhall.core.errors import ResourceExhausted
+from townhall.core.errors import ResourceExhausted, TownhallError
+from townhall.core.identity import PRINCIPAL
 from townhall.core.tickets import TicketSigner
+from townhall.v1.admission_pb2 import JoinRequest
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Room
 from townhall.v1.internal_pb2 import AcquireResponse
 
@@ -177,5 +182,36 @@ async def test_while_capacity_is_on_its_way_listeners_wait_in_line_then_are_admi
             await asyncio.sleep(0)
         assert joins.join("r", listener(12)).HasField("grant"), "admitted once the lease came"
         assert joins.join("r", listener(13)).HasField("grant"), "the line only orders waiting answers"
+    finally:
+        await capacity.close()
+
+
+async def test_every_join_outcome_is_counted_once() -> None:
+    joins, capacity = admitter(SlowOwner(grant=1), line=1)
+    servicer = AdmissionServicer(joins)
+    children = {
+        "admitted": JOINS_ADMITTED,
+        "waiting": JOINS_WAITING,
+        "shed": JOINS_SHED,
+        "rejected": JOINS_REJECTED,
+    }
+
+    async def counted(user: int, room_id: str = "r", grants: frozenset[str] = frozenset({SUBSCRIBE})) -> str:
+        before = {name: child._value.get() for name, child in children.items()}
+        PRINCIPAL.set(Principal(user, grants))
+        with contextlib.suppress(TownhallError):
+            await servicer.Join(JoinRequest(room_id=room_id), None)  # type: ignore[arg-type]
+        changed = {name: child._value.get() - before[name] for name, child in children.items()}
+        assert sorted(changed.values()) == [0, 0, 0, 1], changed
+        return max(changed, key=changed.__getitem__)
+
+    try:
+        assert await counted(11) == "waiting"
+        assert await counted(12) == "shed", "the line is full"
+        assert await counted(13, "nowhere") == "rejected", "no such room"
+        assert await counted(13, "bad id!") == "rejected", "a bad room id"
+        assert await counted(13, grants=frozenset()) == "rejected", "no subscribe grant"
+        capacity.allowance("r").held = 1
+        assert await counted(11) == "admitted"
     finally:
         await capacity.close()

@@ -11,7 +11,7 @@ from townhall.admission.capacity import Capacity
 from townhall.admission.decision import ADMIT, REJOIN, WAIT, decide, wait_ms
 from townhall.admission.fairness import FairBudget
 from townhall.admission.leases import Allowance
-from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING, LISTENERS
+from townhall.admission.metrics import LISTENERS
 from townhall.admission.placement import NO_RELAY, Placer
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook, role_of
@@ -83,16 +83,13 @@ class Admitter:
         user = who.user_id
         room = self._book.get(room_id)
         if room.state != ROOM_STATE_LIVE:
-            JOINS_REJECTED.inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
         if self._book.banned(room_id, user):
-            JOINS_REJECTED.inc()
             raise PermissionDenied(f"user {user} is banned from room {room_id}")
         role = role_of(room, user)
         listener = role == ROLE_LISTENER
         needed = SUBSCRIBE if listener else PUBLISH
         if needed not in who.grants:
-            JOINS_REJECTED.inc()
             as_role = "a listener" if listener else f"the {_STAGE_NAMES.get(role, 'speaker')}"
             raise PermissionDenied(missing(needed, who, f"joining room {room_id} as {as_role}"))
         if not self._placer.available:
@@ -115,7 +112,6 @@ class Admitter:
             room_id, user, role, relay.relay, upstream=upstream, room_version=room.version
         )
         self._presence.record(KIND_JOIN, room_id, user, role)
-        JOINS_ADMITTED.inc()
         response = JoinResponse()
         grant = response.grant  # filled in place: building a Grant and copying it in costs twice as much
         grant.ticket = self._signer.sign(ticket)
@@ -222,7 +218,6 @@ class Admitter:
             retry_ms = wait_ms(line.ahead(user), random.uniform(0.8, 1.2))
             position = line.wait(user, hold_s=retry_ms / 1000 + 1.0)
             if position:
-                JOINS_WAITING.inc()
                 return JoinResponse(waiting=Waiting(position=position, retry_after_ms=retry_ms))
             _shed(f"room {room_id}'s waiting line is full; retry")
         limit = room.listener_limit or self._capacity.default_limit
@@ -230,6 +225,5 @@ class Admitter:
 
 
 def _shed(message: str) -> NoReturn:
-    JOINS_SHED.inc()
     retry = random.randint(*RETRY_AFTER_MS)
     raise ResourceExhausted(f"{message} after {retry} ms", retry)
