@@ -133,7 +133,8 @@ def test_overview_shows_what_an_operator_watches() -> None:
         "townhall_rooms_live",
         "townhall_relay_listeners",
         "townhall_joins_total",
-        "townhall_join_duration_seconds_bucket",
+        'townhall_rpc_duration_seconds_bucket{namespace=~"$namespace", job=~"$job", '
+        'grpc_service="townhall.v1.Admission", grpc_method="Join"}',
         "townhall_relay_frame_delay_seconds_bucket",
         "townhall_relay_chunks_dropped_total",
         "townhall_notifier_fanout_lag_seconds_bucket",

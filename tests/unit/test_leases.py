@@ -40,14 +40,15 @@ def test_holdings_of_departed_or_silent_members_are_dropped() -> None:
     assert book.acquire("r", "c", 80, 10, 100) == (80, 10)
 
 
-def test_allowance_admits_only_what_it_holds_and_reuses_admits_of_leavers() -> None:
+def test_a_leavers_admit_is_spare_again() -> None:
     allowance = Allowance(4, 100)
-    assert not allowance.admit(1)
     allowance.held = 2
-    assert allowance.admit(1) and allowance.admit(1), "a rejoin needs no new admit"
-    assert allowance.admit(2)
-    assert not allowance.admit(3)
-    assert allowance.leave(2) and allowance.admit(3)
+    allowance.admit(1)
+    allowance.admit(2)
+    assert allowance.spare == 0
+    assert allowance.leave(2) and allowance.spare == 1
+    assert not allowance.leave(2), "leaving twice frees one admit"
+    assert allowance.spare == 1
 
 
 def test_lease_size_follows_the_join_rate_so_the_owner_sees_a_few_calls_per_second() -> None:

@@ -46,8 +46,8 @@ class Capacity:
         default_limit: int,
         lease_min: int,
         lease_max: int,
-        crowd_joins_per_s: float = 0.0,
-        on_crowd: Callable[[str], None] | None = None,
+        crowd_joins_per_s: float,
+        on_crowd: Callable[[str], None],
     ) -> None:
         self.book = LeaseBook()
         self._rooms = rooms
@@ -55,7 +55,7 @@ class Capacity:
         self.default_limit = default_limit
         self._lease_min, self._lease_max = lease_min, lease_max
         self._allowances: dict[str, Allowance] = {}
-        # The owner marks a room crowd once its demand passes this (on_crowd makes the change).
+        # The owner marks a room crowd once its demand passes this (on_crowd makes the change; 0: never).
         self._crowd_joins_per_s = crowd_joins_per_s
         self._on_crowd = on_crowd
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,11 +108,7 @@ class Capacity:
         )
         rebuilding = not granted and self.book.rebuilding(request.room_id)
         LEASE_CALLS.labels("granted" if granted else "rebuilding" if rebuilding else "empty").inc()
-        if (
-            self._on_crowd is not None
-            and not room.crowd
-            and 0 < self._crowd_joins_per_s < self.book.demand(request.room_id)
-        ):
+        if not room.crowd and 0 < self._crowd_joins_per_s < self.book.demand(request.room_id):
             self._on_crowd(request.room_id)
         return AcquireResponse(granted=granted, available=available, limit=limit, rebuilding=rebuilding)
 

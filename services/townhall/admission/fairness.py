@@ -30,11 +30,6 @@ class FairBudget:
         self._last = self._pruned = clock()
         self._rooms: dict[str, tuple[float, float]] = {}  # room -> (updated at, decayed admits)
 
-    @property
-    def unlimited(self) -> bool:
-        """True when no budget is configured."""
-        return self._rate <= 0
-
     def take(self, room_id: str) -> bool:
         """Takes one admit for the room, or False when the room is past its fair share."""
         if self._rate <= 0:

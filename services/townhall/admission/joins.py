@@ -5,11 +5,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from townhall.admission.capacity import Capacity
+from townhall.admission.decision import ADMIT, REJOIN, WAIT, decide, wait_ms
 from townhall.admission.fairness import FairBudget
-from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING, LISTENERS
-from townhall.admission.placement import NO_RELAY, Placement, Placer
+from townhall.admission.leases import Allowance
+from townhall.admission.metrics import LISTENERS
+from townhall.admission.placement import NO_RELAY, Placer
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook, role_of
 from townhall.admission.waiting import WaitingLine
@@ -22,7 +25,6 @@ from townhall.core.errors import (
     Unavailable,
 )
 from townhall.core.identity import missing
-from townhall.core.sharding import owner
 from townhall.core.tickets import TicketSigner
 from townhall.v1.admission_pb2 import JoinResponse, Waiting
 from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Role, Room, RoomState
@@ -33,9 +35,6 @@ _STAGE_NAMES = {Role.ROLE_HOST: "host", Role.ROLE_COHOST: "co-host", Role.ROLE_S
 KIND_JOIN = PresenceEvent.KIND_JOIN
 
 RETRY_AFTER_MS = (1_000, 3_000)  # jittered, so shed clients do not come back in step
-# A waiting user comes back after about this long per place ahead of them, within these bounds.
-WAIT_MS_PER_PLACE = 2.0
-WAIT_MS = (200, 3_000)
 # Relay paths whose internal addresses are remembered.
 MAX_PATHS = 10_000
 # The relays a listener's tickets were for are bits of one int per listener, a bit per relay known here;
@@ -56,8 +55,8 @@ class Admitter:
         capacity: Capacity,
         budget: FairBudget,
         waiting_room: int,
-        placer: Placer | None = None,
-        relays_internal: Sequence[str] = (),
+        placer: Placer,
+        relays_internal: Sequence[str],
     ) -> None:
         self._book = book
         self._placer = placer
@@ -67,7 +66,6 @@ class Admitter:
         self._learned: dict[str, str] = {}
         self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
         self._signer = signer
-        self._relays = list(relays)
         self._presence = presence
         self._capacity = capacity
         self._budget = budget
@@ -85,39 +83,35 @@ class Admitter:
         user = who.user_id
         room = self._book.get(room_id)
         if room.state != ROOM_STATE_LIVE:
-            JOINS_REJECTED.inc()
             raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
         if self._book.banned(room_id, user):
-            JOINS_REJECTED.inc()
             raise PermissionDenied(f"user {user} is banned from room {room_id}")
         role = role_of(room, user)
         listener = role == ROLE_LISTENER
         needed = SUBSCRIBE if listener else PUBLISH
         if needed not in who.grants:
-            JOINS_REJECTED.inc()
             as_role = "a listener" if listener else f"the {_STAGE_NAMES.get(role, 'speaker')}"
             raise PermissionDenied(missing(needed, who, f"joining room {room_id} as {as_role}"))
-        if self._placer is not None and not self._placer.available:
+        if not self._placer.available:
             # Checked before a listener takes an admit: no admit is spent on a join with nowhere to go.
             raise Unavailable(NO_RELAY)
+        allowance: Allowance | None = None
         if listener:
-            waiting = self._admit_listener(room, user)
-            if waiting is not None:
-                return waiting
-        relay = self._relay_for(room_id, user, on_stage=not listener)
+            admitted = self._admit_listener(room, user)
+            if type(admitted) is JoinResponse:
+                return admitted
+            allowance = admitted
+        relay = self._placer.place(room_id, not listener, time.time())
         upstream = self._paths.get(relay.upstream)
         if upstream is None:
             upstream = self._internal_path(relay.upstream)
-        if listener:
+        if allowance is not None:
             # The relays a listener holds tickets for: its Leave voids them there (relay/leaves.py).
-            allowance = self._capacity.get(room_id)
-            if allowance is not None and (held := allowance.listeners.get(user)) is not None:
-                allowance.listeners[user] = held | self._relay_bit(relay.relay)
+            allowance.listeners[user] |= self._relay_bit(relay.relay)
         ticket = self._signer.issue(
             room_id, user, role, relay.relay, upstream=upstream, room_version=room.version
         )
         self._presence.record(KIND_JOIN, room_id, user, role)
-        JOINS_ADMITTED.inc()
         response = JoinResponse()
         grant = response.grant  # filled in place: building a Grant and copying it in costs twice as much
         grant.ticket = self._signer.sign(ticket)
@@ -144,12 +138,6 @@ class Admitter:
             self._paths = {(): ()}
         internal = self._paths[path] = tuple(self.internal(relay) for relay in path)
         return internal
-
-    def _relay_for(self, room_id: str, user: int, on_stage: bool = False) -> Placement:
-        """The relay a user of the room is sent to, and the relays above it in the room's tree."""
-        if self._placer is None:
-            return Placement(owner(room_id, self._relays), ())
-        return self._placer.place(room_id, on_stage, time.time())
 
     def _relay_bit(self, relay: str) -> int:
         bit = self._relay_bits.get(relay)
@@ -206,46 +194,36 @@ class Admitter:
         allowance = self._capacity.get(room_id)
         return len(allowance.listeners) if allowance else 0
 
-    def _admit_listener(self, room: Room, user: int) -> JoinResponse | None:
-        """Admits `user` (None), or answers waiting; raises RESOURCE_EXHAUSTED when shedding."""
-        allowance = self._capacity.allowance(room.room_id)
-        if user in allowance.listeners:
-            return None
+    def _admit_listener(self, room: Room, user: int) -> Allowance | JoinResponse:
+        """The room's allowance with `user` seated, or a waiting answer; RESOURCE_EXHAUSTED when shedding."""
+        room_id = room.room_id
+        allowance = self._capacity.allowance(room_id)
+        decision = decide(allowance, user, time.monotonic())
+        if decision is REJOIN:
+            return allowance
         allowance.demand()
-        line = self._lines.get(room.room_id)
-        # Spare admits go to whoever asks first: holding them for waiting users who may never come
-        # back would leave capacity idle during a storm. The line orders the waiting answers.
-        if allowance.spare > 0:
-            if not self._budget.take(room.room_id):
+        line = self._lines.get(room_id)
+        if decision is ADMIT:
+            if not self._budget.take(room_id):
                 # This process is at its admit budget and the room has had its fair share.
-                _shed(f"admission is busy; room {room.room_id} has had its share; retry")
+                _shed(f"admission is busy; room {room_id} has had its share; retry")
             allowance.admit(user)
             if line is not None:
                 line.remove(user)
             LISTENERS.inc()
-            return None
-        limit = room.listener_limit or self._capacity.default_limit
-        now = time.monotonic()
-        if allowance.refilling or now >= allowance.exhausted_until or now < allowance.owner_busy_until:
-            # Capacity is on its way from the owner (or the owner is changing): hold a place in line.
+            return allowance
+        if decision is WAIT:
             if line is None:
-                line = self._lines[room.room_id] = WaitingLine(self._waiting_room)
-            ahead = line.ahead(user)
-            wait_ms = _jitter(min(WAIT_MS[1], max(WAIT_MS[0], (ahead + 1) * WAIT_MS_PER_PLACE)))
-            position = line.wait(user, hold_s=wait_ms / 1000 + 1.0)
+                line = self._lines[room_id] = WaitingLine(self._waiting_room)
+            retry_ms = wait_ms(line.ahead(user), random.uniform(0.8, 1.2))
+            position = line.wait(user, hold_s=retry_ms / 1000 + 1.0)
             if position:
-                JOINS_WAITING.inc()
-                return JoinResponse(waiting=Waiting(position=position, retry_after_ms=wait_ms))
-            _shed(f"room {room.room_id}'s waiting line is full; retry")
-        _shed(f"room {room.room_id} is full ({limit} listeners); retry")
-        return None  # unreachable: _shed raises
+                return JoinResponse(waiting=Waiting(position=position, retry_after_ms=retry_ms))
+            _shed(f"room {room_id}'s waiting line is full; retry")
+        limit = room.listener_limit or self._capacity.default_limit
+        _shed(f"room {room_id} is full ({limit} listeners); retry")
 
 
-def _jitter(ms: float) -> int:
-    return int(ms * random.uniform(0.8, 1.2))
-
-
-def _shed(message: str) -> None:
-    JOINS_SHED.inc()
+def _shed(message: str) -> NoReturn:
     retry = random.randint(*RETRY_AFTER_MS)
     raise ResourceExhausted(f"{message} after {retry} ms", retry)

@@ -141,14 +141,9 @@ class Allowance:
         """Admits held but not in use."""
         return self.held - len(self.listeners)
 
-    def admit(self, user: int) -> bool:
-        """Uses one admit for `user`; False when none is spare (a rejoin needs none)."""
-        if user in self.listeners:
-            return True
-        if self.spare <= 0:
-            return False
+    def admit(self, user: int) -> None:
+        """Seats `user` on a spare admit (decision.decide said ADMIT: one is spare, the user has none)."""
         self.listeners[user] = 0
-        return True
 
     def demand(self) -> None:
         """Counts one join attempt: leases follow the rate users ask at, not the rate they got in."""

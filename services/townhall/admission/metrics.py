@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 JOINS = Counter(
     "townhall_joins_total",
-    "Join attempts by outcome: admitted, waiting, shed (over a limit), rejected (bad request).",
+    "Join calls answered by admission, by outcome: admitted (a grant), waiting (a place in line), shed "
+    "(RESOURCE_EXHAUSTED: the room or its waiting line is full, or the process is at its admit budget), "
+    "rejected (any other refusal: a bad request, a room not live or not found, a ban, a missing grant, no "
+    "relay). Calls refused by a rate limit never reach the join: see townhall_rate_limited_total. Join "
+    'latency is townhall_rpc_duration_seconds{grpc_method="Join"}.',
     ["result"],
 )
 # The join path's children, resolved once (a labels() lookup per join is measurable there).
 JOINS_ADMITTED, JOINS_WAITING, JOINS_SHED, JOINS_REJECTED = (
     JOINS.labels(result) for result in ("admitted", "waiting", "shed", "rejected")
-)
-JOIN_DURATION = Histogram(
-    "townhall_join_duration_seconds",
-    "Time to decide a join inside admission (validation, admission, ticket signing).",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
 )
 ROOMS_LIVE = Gauge("townhall_rooms_live", "Live rooms known to this admission process.")
 LISTENERS = Gauge("townhall_admission_listeners", "Listeners admitted by this process and not yet left.")

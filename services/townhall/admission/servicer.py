@@ -11,13 +11,26 @@ import grpc
 from townhall.admission.capacity import Capacity
 from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, Peers
 from townhall.admission.joins import Admitter
-from townhall.admission.metrics import FORWARD_RETRIES, JOIN_DURATION, JOINS_REJECTED
+from townhall.admission.metrics import (
+    FORWARD_RETRIES,
+    JOINS_ADMITTED,
+    JOINS_REJECTED,
+    JOINS_SHED,
+    JOINS_WAITING,
+)
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
 from townhall.admission.stage import listed, shown_to
 from townhall.admission.store import RoomStore
 from townhall.core import validation
 from townhall.core.auth import HOST
-from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
+from townhall.core.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    TownhallError,
+    Unavailable,
+    from_rpc,
+)
 from townhall.core.identity import caller, principal, require, service_caller
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
@@ -173,17 +186,18 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
     async def Join(
         self, request: admission_pb2.JoinRequest, context: grpc.aio.ServicerContext
     ) -> admission_pb2.JoinResponse:
-        start = time.perf_counter()
+        # Each outcome is counted here, once; the RPC interceptor times the call.
         try:
             who = principal(context)
-            room_id = validation.room_id(request.room_id)
-        except Exception:
+            response = self._admitter.join(validation.room_id(request.room_id), who)
+        except ResourceExhausted:
+            JOINS_SHED.inc()
+            raise
+        except TownhallError:
             JOINS_REJECTED.inc()
             raise
-        try:
-            return self._admitter.join(room_id, who)
-        finally:
-            JOIN_DURATION.observe(time.perf_counter() - start)
+        (JOINS_ADMITTED if response.HasField("grant") else JOINS_WAITING).inc()
+        return response
 
     async def Leave(
         self, request: admission_pb2.LeaveRequest, context: grpc.aio.ServicerContext

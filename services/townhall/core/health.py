@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from townhall.core.errors import InvalidArgument, NotFound
+from townhall.core.grpc_internals import health_statuses
 
 # A service name a caller may ask about, in bytes: Townhall's are under 40. A Watch keeps the name for
 # as long as it is open (bounded by server.max_open_streams), so what a name can cost is bounded too.
@@ -20,9 +21,10 @@ class HealthServicer(health.aio.HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         """The status of one service ("" is the whole server); NOT_FOUND naming the known ones."""
         _check_name(request.service)
-        status = self._server_status.get(request.service)
+        statuses = health_statuses(self)
+        status = statuses.get(request.service)
         if status is None:
-            known = ", ".join(repr(name) for name in sorted(self._server_status))
+            known = ", ".join(repr(name) for name in sorted(statuses))
             raise NotFound(f"this server has no service {request.service[:100]!r}; it knows {known}")
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -36,7 +38,8 @@ class HealthServicer(health.aio.HealthServicer):
         self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthListResponse:
         """The status of every service this server knows."""
-        statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        held = health_statuses(self)
+        statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in held.items()}
         return health_pb2.HealthListResponse(statuses=statuses)
 
 

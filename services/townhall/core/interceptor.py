@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from grpc._utilities import DictionaryGenericHandler
 
 from townhall.core import decoding, logging
 from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, refuse_service_credential, rule
@@ -102,20 +101,8 @@ class Instrumented:
         await self._reads.close()
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        """Registers generic handlers; the generated code's dictionary handlers are instrumented."""
-        out: list[grpc.GenericRpcHandler] = []
-        for handler in handlers:
-            if isinstance(handler, DictionaryGenericHandler):
-                methods = {path: self._wrap(path, h) for path, h in handler._method_handlers.items()}
-                service = handler.service_name()
-                out.append(
-                    grpc.method_handlers_generic_handler(
-                        service, {path.rpartition("/")[2]: h for path, h in methods.items()}
-                    )
-                )
-            else:
-                out.append(handler)
-        self._server.add_generic_rpc_handlers(tuple(out))
+        """Registers generic handlers; every method handler they give is instrumented (see _Generic)."""
+        self._server.add_generic_rpc_handlers(tuple(_Generic(handler, self._wrap) for handler in handlers))
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
@@ -146,6 +133,27 @@ class Instrumented:
                 response_serializer=handler.response_serializer,
             )
         return wrapped
+
+
+class _Generic(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come out wrapped (once per method: `wrap` remembers them).
+
+    grpc.aio serves a method registered both ways (the generated code does) from its registered
+    handler, so this runs only for methods with no registered handler: unknown ones, and those of a
+    handler registered only generically, which are authenticated, limited and counted like the rest.
+    """
+
+    def __init__(
+        self,
+        handler: grpc.GenericRpcHandler,
+        wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> None:
+        self._handler = handler
+        self._wrap = wrap
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._handler.service(details)
+        return None if handler is None else self._wrap(details.method, handler)
 
 
 def _parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

@@ -21,7 +21,6 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from townhall.core import logging
 from townhall.core.auth import Authenticator
@@ -165,7 +164,7 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, plane)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        ReflectionServicer([*names, reflection.SERVICE_NAME]), instrumented
+        reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME]), instrumented
     )
     wrapped = list(planes)
     if config.development_keys():
