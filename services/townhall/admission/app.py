@@ -30,7 +30,7 @@ from townhall.core.auth import Authenticator
 from townhall.core.config import AdmissionConfig, Config
 from townhall.core.errors import TownhallError
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import EventQueue, Topics, producer
+from townhall.core.kafka import EventQueue, Topics, producer, wait_for_topics
 from townhall.core.liveness import Prober
 from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
 from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
@@ -251,6 +251,9 @@ class AdmissionApp:
         internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store, self.peers), server)
 
     async def start(self) -> None:
+        """Waits for Kafka and the topics (server.kafka_wait_s), reads the rooms, then starts the loops."""
+        topics = Topics(self._config.kafka.topic_prefix)
+        await wait_for_topics(self._config.kafka, topics.used_by(ADMISSION), self._config.server.kafka_wait_s)
         if isinstance(self._listed, KubernetesMembership):
             self._listed.start()
         # Every relay that reports is known before the first probe round (and so before serving).
