@@ -17,9 +17,9 @@ from prometheus_client import Counter, Gauge
 
 from townhall.core import logging
 from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, RecordVerifier
-from townhall.core.records import Reader, Record, guarded
+from townhall.core.records import REASONS, RECORDS_SKIPPED, Reader, Record, guarded
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -127,9 +127,14 @@ class Topics:
         }
 
 
-def reader(kafka: KafkaConfig, auth: AuthConfig, topic: str) -> Reader:
-    """How a process reads `topic`: signed by a writer whose role may write it (core/records.py)."""
-    return Reader(Topics(kafka.topic_prefix).writers()[topic], RecordVerifier(auth), kafka.refuse_unsigned)
+def reader(kafka: KafkaConfig, auth: AuthConfig, topic: str, *alike: str) -> Reader:
+    """How a process reads `topic` (and `alike` topics, with the same writers): signed by a writer whose
+    role may write it (core/records.py). Their skipped-record counts start at 0 for every reason."""
+    writers = Topics(kafka.topic_prefix).writers()
+    if any(writers[other] != writers[topic] for other in alike):
+        raise ValueError(f"{alike} are not written by the writers of {topic}")
+    from_zero(RECORDS_SKIPPED, *((name, reason) for name in (topic, *alike) for reason in REASONS))
+    return Reader(writers[topic], RecordVerifier(auth), kafka.refuse_unsigned)
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:

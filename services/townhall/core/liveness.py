@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from townhall.core import logging
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import peer_channel
-from townhall.core.metrics import PEER_PROBES
+from townhall.core.metrics import PEER_PROBES, from_zero
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -41,6 +41,7 @@ class Probe(enum.Enum):
     NO_ANSWER = "no_answer"  # refused, reset or timed out
 
 
+from_zero(PEER_PROBES, *(probe.value for probe in Probe))
 _PROBE_ERRORS = {
     grpc.StatusCode.UNAVAILABLE: Probe.NO_ANSWER,
     grpc.StatusCode.DEADLINE_EXCEEDED: Probe.NO_ANSWER,

@@ -197,7 +197,7 @@ class NotifierApp:
                 own.worker_rate,
                 signer=signer,
                 # Both lanes' topics have the same writers: one reader checks either.
-                records=reader(kafka, self.config.auth, self.topics.fanout_fast),
+                records=reader(kafka, self.config.auth, self.topics.fanout_fast, self.topics.fanout_bulk),
             )
             lanes = {"fast": self.topics.fanout_fast, "bulk": self.topics.fanout_bulk}
             for lane, lane_consumer in self._fanout_consumers.items():
