@@ -139,25 +139,24 @@ def rpc_panels(services: str, streams_only: bool = False) -> list[Panel]:
     ]
 
 
-def kafka_panels() -> list[Panel]:
-    """Kafka produce errors and best-effort events queued or dropped by one service."""
-    return [
-        Panel(
-            "Kafka produce errors/s by topic",
-            [(rate("townhall_kafka_produce_errors_total", "topic"), "{{topic}}")],
-            "ops",
-        ),
-        Panel(
-            "Events queued for Kafka, dropped/s",
-            [
-                (gauge("sum", "townhall_events_queued"), "queued"),
-                (rate("townhall_events_dropped_total", "topic"), "dropped {{topic}}"),
-            ],
-            "short",
-            "Best-effort events (presence) wait in a bounded queue; a full queue drops and counts them.",
-        ),
-        skipped_panel(),
-    ]
+def kafka_panels(best_effort: bool = True) -> list[Panel]:
+    """Kafka produce errors, records skipped and (for a service that sends best-effort events: admission's
+    presence) events queued or dropped by one service."""
+    events = Panel(
+        "Events queued for Kafka, dropped/s",
+        [
+            (gauge("sum", "townhall_events_queued"), "queued"),
+            (rate("townhall_events_dropped_total", "topic"), "dropped {{topic}}"),
+        ],
+        "short",
+        "Best-effort events (presence) wait in a bounded queue; a full queue drops and counts them.",
+    )
+    produce = Panel(
+        "Kafka produce errors/s by topic",
+        [(rate("townhall_kafka_produce_errors_total", "topic"), "{{topic}}")],
+        "ops",
+    )
+    return [produce, *([events] if best_effort else []), skipped_panel()]
 
 
 def skipped_panel() -> Panel:
@@ -396,7 +395,7 @@ NOTIFIER = Dashboard(
             [(gauge("sum", "townhall_kafka_consumer_lag_records", "group, topic"), "{{group}} {{topic}}")],
         ),
         *rpc_panels("townhall.v1.(Graph|Inbox)"),
-        *kafka_panels(),
+        *kafka_panels(best_effort=False),  # the notifier's writes are all acknowledged: no event queue
     ],
 )
 

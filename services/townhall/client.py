@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -45,6 +46,13 @@ BUSY_RETRY_S = (1.0, 3.0)
 # admission answers UNAVAILABLE, CANCELLED or runs out of time (a process died or is stopping,
 # Kafka is restarting).
 RETRY_UNAVAILABLE_S = 30.0
+# A room change or read refused with RESOURCE_EXHAUSTED (a rate limit, a busy server) whose retry-after
+# is at most this is waited out and tried again, at most RETRY_EXHAUSTED_TIMES times in a row; a longer
+# retry-after (rooms per host per hour) or none at all is the caller's to see at once.
+MAX_RETRY_AFTER_S = 5.0
+RETRY_EXHAUSTED_TIMES = 5
+# "retry after 1234 ms" / "retry after 12 s" in a refusal's message, for servers that send no trailer.
+_RETRY_AFTER_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(ms|s)\b")
 
 
 def channel(address: str, tls: TlsConfig) -> grpc.aio.Channel:
@@ -137,13 +145,24 @@ class Client:
             await ch.close()
 
     async def _rooms_call(self, call: Callable[[rooms_pb2_grpc.RoomsStub], Awaitable[Room]]) -> Room:
-        """A Rooms call, tried again (on the next admission process) while admission is UNAVAILABLE."""
+        """A Rooms call, tried again (on the next admission process) while admission is UNAVAILABLE, and
+        after the retry-after of a RESOURCE_EXHAUSTED (up to MAX_RETRY_AFTER_S, RETRY_EXHAUSTED_TIMES
+        times)."""
         deadline = time.monotonic() + self.retry_s
         delay = 0.1
+        exhausted = 0
         while True:
             try:
                 return await call(self.rooms)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # Refused before it ran: safe to repeat, on the same process (its limit, its hint).
+                    wait_s = retry_hint_s(exc)
+                    exhausted += 1
+                    if wait_s is None or wait_s > MAX_RETRY_AFTER_S or exhausted > RETRY_EXHAUSTED_TIMES:
+                        raise
+                    await asyncio.sleep(wait_s)
+                    continue
                 # CANCELLED: the server stopped (SIGTERM) before it took the call up. Every Rooms
                 # call is safe to repeat, so one that ran out of time is tried again too.
                 if exc.code() not in _REPEAT or time.monotonic() + delay > deadline:
@@ -381,11 +400,21 @@ async def _nothing() -> AsyncIterator[relay_pb2.AudioFrame]:
 
 
 def retry_after_s(error: grpc.aio.AioRpcError, default_s: float = 1.0) -> float:
-    """The retry-after a server attached to RESOURCE_EXHAUSTED (trailing `retry-after-ms`)."""
+    """The retry-after a server attached to RESOURCE_EXHAUSTED (retry_hint_s), else `default_s`."""
+    hint = retry_hint_s(error)
+    return default_s if hint is None else hint
+
+
+def retry_hint_s(error: grpc.aio.AioRpcError) -> float | None:
+    """The retry-after a server attached to a refusal, in seconds: its trailing `retry-after-ms`, else a
+    "retry after N ms" (or "N s") in its message; None if it gave none."""
     for key, value in error.trailing_metadata() or ():
         if key == "retry-after-ms":
             try:
                 return max(0.0, int(value) / 1000)
             except (TypeError, ValueError):
                 break
-    return default_s
+    found = _RETRY_AFTER_TEXT.search(error.details() or "")
+    if found is None:
+        return None
+    return float(found.group(1)) / (1000 if found.group(2) == "ms" else 1)

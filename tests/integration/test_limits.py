@@ -9,6 +9,7 @@ network is not limited per address.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,20 +19,21 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.helpers import TOKENS, config_for, rpc_error, serving
+from tests.integration.helpers import TOKENS, client, config_for, rpc_error, serving
 from tests.integration.hostile import Method, all_methods
 from townhall.admission.app import AdmissionApp
-from townhall.client import retry_after_s
+from townhall.client import MAX_RETRY_AFTER_S, retry_after_s, retry_hint_s
 from townhall.core.auth import SERVICE, TICKET, Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.credentials import callers
+from townhall.core.metrics import RATE_LIMITED
 from townhall.core.server import App
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
 from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
-from townhall.v1.common_pb2 import Role
+from townhall.v1.common_pb2 import Role, RoomState
 
 pytestmark = pytest.mark.kafka
 
@@ -201,6 +203,42 @@ async def test_relay_stream_opens_are_limited_per_ticket_user(kafka: KafkaConfig
         assert not other.done() and not first.done()
         first.cancel()
         other.cancel()
+
+
+async def test_the_client_waits_out_a_short_retry_after_and_raises_a_long_one(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    """What the demo meets on a busy admission: room changes refused with a retry-after of a second or so
+    go through once it has passed; one whose retry-after is long (past MAX_RETRY_AFTER_S) is the
+    caller's to see at once."""
+    refused = RATE_LIMITED.labels("changes", "user")
+    # Bursts of 1 change, one more every 0.5 s: each change after the first is refused once or twice.
+    config = _config(kafka, tmp_path, limits={"changes_user": 2.0, "burst_s": 0.5})
+    async with serving(AdmissionApp(config), config) as address:
+        host = client(address, 7_400_001)
+        try:
+            before = refused._value.get()
+            room = await host.create_room("Busy admission")
+            await host.start_room(room.room_id)
+            await host.create_room("Busy admission, again")
+            assert (await host.end_room(room.room_id)).state == RoomState.ROOM_STATE_ENDED
+            assert refused._value.get() - before >= 3, "the server did refuse"
+        finally:
+            await host.close()
+    # One change per 50 s: the second is refused with a retry-after of about a minute.
+    config = _config(kafka, tmp_path, limits={"changes_user": 0.02, "burst_s": 50.0})
+    async with serving(AdmissionApp(config), config) as address:
+        host = client(address, 7_400_002)
+        try:
+            await host.create_room("Once a minute")
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await host.create_room("Too soon")
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert retry_hint_s(error.value) > MAX_RETRY_AFTER_S
+            assert time.monotonic() - began < MAX_RETRY_AFTER_S
+        finally:
+            await host.close()
 
 
 async def _code(call: Any) -> grpc.StatusCode:

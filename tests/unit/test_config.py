@@ -98,6 +98,7 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_PROBE_INTERVAL_MS": "10"}, "admission.probe_interval_ms must be within"),
         ({"TOWNHALL_ADMISSION_PROBE_FAILURES": "0"}, "admission.probe_failures must be within"),
         ({"TOWNHALL_SERVER_DRAIN_NOTICE_MS": "-1"}, "server.drain_notice_ms must be within"),
+        ({"TOWNHALL_SERVER_KAFKA_WAIT_S": "-1"}, "server.kafka_wait_s must be within 0..3600 s"),
         ({"TOWNHALL_RELAY_UPSTREAM_LOST_MS": "50"}, "relay.upstream_lost_ms must be within"),
         ({"TOWNHALL_RELAY_MAX_FRAMES_PER_S": "0"}, "relay.max_frames_per_s must be within 1..10000"),
         ({"TOWNHALL_RELAY_FRAME_BURST_S": "600"}, "relay.frame_burst_s must be within 0.1..60"),

@@ -17,6 +17,7 @@ from townhall.admission.leases import Allowance
 from townhall.admission.metrics import JOINS_ADMITTED, JOINS_REJECTED, JOINS_SHED, JOINS_WAITING
 from townhall.admission.placement import Placer
 from townhall.admission.presence import Presence
+from townhall.admission.relays import RelayDirectory
 from townhall.admission.rooms import RoomBook
 from townhall.admission.servicer import AdmissionServicer
 from townhall.core.auth import SUBSCRIBE, Principal
@@ -130,7 +131,15 @@ def admitter(
     placer = Placer([RELAY], edge_target=10, degree=2, default_capacity=1000)
     placer.set_up([RELAY])
     joins = Admitter(
-        book, signer, [RELAY], presence, capacity, budget or FairBudget(0.0), line, placer, ["relay-0:50072"]
+        book,
+        signer,
+        [RELAY],
+        presence,
+        capacity,
+        budget or FairBudget(0.0),
+        line,
+        placer,
+        RelayDirectory([RELAY], 1, quiet_s=0.0, seeds_internal=["relay-0:50072"]),
     )
     return joins, capacity
 

@@ -27,6 +27,7 @@ from townhall.core.records import (
     FORGED,
     INVALID,
     MALFORMED,
+    REASONS,
     STALE,
     UNSIGNED,
     BadRecord,
@@ -272,3 +273,23 @@ def test_only_a_leave_with_times_is_a_leave() -> None:
     join = PresenceEvent(kind=PresenceEvent.KIND_JOIN, room_id="r1", user_ids=[5, 6], left_at_ms=[1])
     assert not is_leave(leave_record(Rec("p", b"r1", join.SerializeToString()), None))
     assert not is_leave(PresenceEvent(kind=PresenceEvent.KIND_LEAVE, room_id="r1", user_ids=[5]))
+
+
+def test_a_readers_skip_counts_start_at_zero_for_every_reason() -> None:
+    """A dashboard or alert reading the counter has data (zeros) before the first skip (core/metrics.from_zero)."""
+    kafka = KafkaConfig(topic_prefix="zero")
+    topics = Topics("zero")
+
+    def series(topic: str) -> dict[str, float | None]:
+        return {
+            reason: REGISTRY.get_sample_value(
+                "townhall_kafka_records_skipped_total", {"topic": topic, "reason": reason}
+            )
+            for reason in REASONS
+        }
+
+    assert set(series(topics.fanout_bulk).values()) == {None}
+    reader(kafka, DEV_AUTH, topics.fanout_fast, topics.fanout_bulk)
+    assert series(topics.fanout_fast) == series(topics.fanout_bulk) == dict.fromkeys(REASONS, 0.0)
+    with pytest.raises(ValueError, match="not written by the writers"):
+        reader(kafka, DEV_AUTH, topics.fanout_fast, topics.room_state)

@@ -91,12 +91,30 @@ def test_forgetting_a_relay_drops_its_load_and_the_rooms_it_was_origin_of() -> N
     assert placer.origin("room", now=1.0) == SEED
 
 
+def test_the_directory_maps_each_relay_to_its_internal_address() -> None:
+    relays = RelayDirectory((SEED,), 8, QUIET_S, seeds_internal=("seed-internal:50072",))
+    assert relays.internal(SEED) == "seed-internal:50072"
+    assert relays.internal(NEW) == NEW, "unknown: its identity is all there is"
+    relays.report(NEW, at=100.0, now=100.0, internal="10.0.0.5:50072")
+    assert relays.internal(NEW) == "10.0.0.5:50072"
+    version = relays.version
+    relays.report(NEW, at=101.0, now=101.0, internal="10.0.0.9:50072")  # the pod came back on a new IP
+    assert relays.internal(NEW) == "10.0.0.9:50072" and relays.version > version
+    relays.report(SEED, at=101.0, now=101.0, internal="elsewhere:1")
+    assert relays.internal(SEED) == "seed-internal:50072", "a seed's configured address stays"
+    relays.gone(NEW)
+    assert relays.internal(NEW) == NEW, "a forgotten relay's address goes with it"
+    old = "relay-9:50052"
+    relays.report(old, at=100.0, now=100.0 + QUIET_S, internal="10.0.0.7:50072")
+    assert relays.internal(old) == old, "a report too old to probe teaches nothing"
+
+
 def test_tickets_name_a_discovered_relays_internal_address_from_its_reports() -> None:
     from townhall.admission.joins import Admitter
 
-    admitter = Admitter(None, None, [SEED], None, None, None, 1, None, ["seed-internal:50072"])  # type: ignore[arg-type]
+    relays = RelayDirectory((SEED,), 8, QUIET_S, seeds_internal=("seed-internal:50072",))
+    admitter = Admitter(None, None, [SEED], None, None, None, 1, None, relays)  # type: ignore[arg-type]
     path = (SEED, NEW)
     assert admitter._internal_path(path) == ("seed-internal:50072", NEW), "not reported yet"
-    admitter.learn_internal(NEW, "relay-5.relays:50072")
-    admitter.learn_internal(SEED, "elsewhere:1")  # a seed's configured address stays
+    relays.report(NEW, at=100.0, now=100.0, internal="relay-5.relays:50072")
     assert admitter._internal_path(path) == ("seed-internal:50072", "relay-5.relays:50072")

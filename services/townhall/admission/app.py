@@ -30,7 +30,7 @@ from townhall.core.auth import Authenticator
 from townhall.core.config import AdmissionConfig, Config
 from townhall.core.errors import TownhallError
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import EventQueue, Topics, producer
+from townhall.core.kafka import EventQueue, Topics, producer, wait_for_topics
 from townhall.core.liveness import Prober
 from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
 from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
@@ -109,18 +109,24 @@ class AdmissionApp:
         relay = config.relay
         report_s = relay.load_report_ms / 1000
         # The relays: the configured seeds plus those found in the load reports, probed before use.
-        self.relays = RelayDirectory(own.relays, own.max_relays, quiet_s=max(RELAY_QUIET_S, 3 * report_s))
+        self.relays = RelayDirectory(
+            own.relays,
+            own.max_relays,
+            quiet_s=max(RELAY_QUIET_S, 3 * report_s),
+            seeds_internal=own.relays_internal,
+        )
         # Health probes of the other members and of the relays: the dead own no rooms, get no listeners.
-        # A relay is probed at its internal address: its advertised one may be reachable from the
-        # clients' side only (kind's per-relay NodePorts on the host's 127.0.0.1).
+        # A relay is probed at its internal address (the directory's): its advertised one may be reachable
+        # from the clients' side only (kind's per-relay NodePorts on the host's 127.0.0.1).
         self.prober = Prober(
-            lambda: [*self._listed.members(), *map(self.admitter.internal, self.relays.targets())],
+            lambda: [*self._listed.members(), *self.relays.targets()],
             own.probe_interval_ms / 1000,
             own.probe_timeout_ms / 1000,
             own.probe_failures,
             skip=(own.address,),
             tls=config.tls,
             busy_failures=own.probe_busy_failures,
+            address=self.relays.internal,
         )
         self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
         self.auth = Authenticator(config.auth, "admission", own.address)
@@ -156,7 +162,7 @@ class AdmissionApp:
             FairBudget(own.admit_rate),
             own.waiting_room,
             self.placer,
-            own.relays_internal,
+            self.relays,
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
@@ -176,21 +182,16 @@ class AdmissionApp:
     def _relay_reported(self, report: RelayLoad) -> None:
         self.stage_presence.observe_report(report)
         # A new relay is probed in the next round; it gets listeners once a probe finds it serving.
-        self.relays.report(report.relay, report.at_ms / 1000, time.time())
-        self.admitter.learn_internal(report.relay, report.internal)
+        self.relays.report(report.relay, report.at_ms / 1000, time.time(), report.internal)
 
     def _relay_gone(self, relay: str) -> None:
         if self.relays.gone(relay):
             self.placer.forget(relay)
             self._place_relays()
 
-    def _relay_up(self, relay: str) -> bool:
-        """Whether the last probes of a relay (at its internal address) found it serving."""
-        return self.prober.liveness.is_up(self.admitter.internal(relay))
-
     def _place_relays(self) -> None:
         """Gives the placer the relays it may place on: seeds, and discovered relays probed serving."""
-        serving = self._relay_up
+        serving = self.prober.liveness.is_up
         for relay in self.relays.prune(serving, time.time()):
             self.placer.forget(relay)
         placeable = self.relays.placeable(serving)
@@ -210,11 +211,12 @@ class AdmissionApp:
                 self.capacity.members_changed(before, members)
         # Only relays a probe found serving get listeners: one not probed yet is not up either.
         self._place_relays()
+        is_up = self.prober.liveness.is_up
         relays = self.relays.targets()
-        self.placer.set_up([r for r in relays if self._relay_up(r)])
+        self.placer.set_up([r for r in relays if is_up(r)])
         peers = [m for m in self._listed.members() if m != self.membership.me]
-        PEERS_DOWN.labels("relay").set(sum(not self._relay_up(r) for r in relays))
-        PEERS_DOWN.labels("admission").set(sum(not self.prober.liveness.is_up(m) for m in peers))
+        PEERS_DOWN.labels("relay").set(sum(not is_up(r) for r in relays))
+        PEERS_DOWN.labels("admission").set(sum(not is_up(m) for m in peers))
 
     def _changed(self, room: Room) -> None:
         if room.state == RoomState.ROOM_STATE_ENDED:
@@ -251,6 +253,9 @@ class AdmissionApp:
         internal_pb2_grpc.add_OwnerServicer_to_server(OwnerServicer(self.store, self.peers), server)
 
     async def start(self) -> None:
+        """Waits for Kafka and the topics (server.kafka_wait_s), reads the rooms, then starts the loops."""
+        topics = Topics(self._config.kafka.topic_prefix)
+        await wait_for_topics(self._config.kafka, topics.used_by(ADMISSION), self._config.server.kafka_wait_s)
         if isinstance(self._listed, KubernetesMembership):
             self._listed.start()
         # Every relay that reports is known before the first probe round (and so before serving).

@@ -14,6 +14,7 @@ from townhall.admission.leases import Allowance
 from townhall.admission.metrics import LISTENERS
 from townhall.admission.placement import NO_RELAY, Placer
 from townhall.admission.presence import Presence
+from townhall.admission.relays import RelayDirectory
 from townhall.admission.rooms import RoomBook, role_of
 from townhall.admission.waiting import WaitingLine
 from townhall.core.auth import PUBLISH, SUBSCRIBE, Principal
@@ -56,15 +57,15 @@ class Admitter:
         budget: FairBudget,
         waiting_room: int,
         placer: Placer,
-        relays_internal: Sequence[str],
+        directory: RelayDirectory | None = None,
     ) -> None:
         self._book = book
         self._placer = placer
-        # A ticket names the relays above its relay by their internal address: the edge pulls there.
-        self._internal = dict(zip(relays, relays_internal, strict=False))
-        # Those of relays found in their load reports.
-        self._learned: dict[str, str] = {}
+        # A ticket names the relays above its relay by their internal address (the edge pulls there), as
+        # the directory knows them (admission/relays.py).
+        self._directory = directory or RelayDirectory(relays, max(1, len(relays)), quiet_s=0.0)
         self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
+        self._paths_version = self._directory.version
         self._signer = signer
         self._presence = presence
         self._capacity = capacity
@@ -102,6 +103,8 @@ class Admitter:
                 return admitted
             allowance = admitted
         relay = self._placer.place(room_id, not listener, time.time())
+        if self._paths_version != self._directory.version:  # an internal address moved
+            self._paths, self._paths_version = {(): ()}, self._directory.version
         upstream = self._paths.get(relay.upstream)
         if upstream is None:
             upstream = self._internal_path(relay.upstream)
@@ -120,23 +123,11 @@ class Admitter:
         grant.expires_at_ms = ticket.expires_at * 1000
         return response
 
-    def learn_internal(self, relay: str, internal: str) -> None:
-        """A relay's internal address, from its load report (relays found there are in no list)."""
-        if internal and relay not in self._internal and self._learned.get(relay) != internal:
-            if len(self._learned) >= MAX_PATHS:
-                self._learned.clear()  # bounded: relays known at once are far fewer (admission.max_relays)
-            self._learned[relay] = internal
-            self._paths = {(): ()}
-
-    def internal(self, relay: str) -> str:
-        """A relay's internal address (configured, else from its reports), else its advertised one."""
-        return self._internal.get(relay) or self._learned.get(relay, relay)
-
     def _internal_path(self, path: tuple[str, ...]) -> tuple[str, ...]:
         """The internal addresses of a path of relays (remembered: a room has a handful of paths)."""
         if len(self._paths) >= MAX_PATHS:
             self._paths = {(): ()}
-        internal = self._paths[path] = tuple(self.internal(relay) for relay in path)
+        internal = self._paths[path] = tuple(self._directory.internal(relay) for relay in path)
         return internal
 
     def _relay_bit(self, relay: str) -> int:

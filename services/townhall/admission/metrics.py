@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from townhall.core.metrics import from_zero
+
 JOINS = Counter(
     "townhall_joins_total",
     "Join calls answered by admission, by outcome: admitted (a grant), waiting (a place in line), shed "
@@ -24,9 +26,11 @@ ROOM_CHANGES = Counter(
 )
 LEASE_CALLS = Counter(
     "townhall_lease_calls_total",
-    "Capacity lease calls by outcome: granted, empty (room full), failed (owner unreachable).",
+    "Capacity lease calls by outcome: granted, empty (room full), rebuilding (a new owner still rebuilding "
+    "its lease book after a take-over), failed (owner unreachable).",
     ["result"],
 )
+from_zero(LEASE_CALLS, "granted", "empty", "rebuilding", "failed")
 FORWARD_RETRIES = Counter(
     "townhall_admission_forward_retries_total",
     "Owner-only room changes tried again because the owner did not answer or was handing over.",
@@ -55,5 +59,4 @@ HOST_FAILOVERS = Counter(
     "now) or ended (no host or co-host left).",
     ["outcome"],
 )
-for _outcome in ("handed_over", "ended"):
-    HOST_FAILOVERS.labels(_outcome)  # a series at 0 from the start: dashboards show none, not no data
+from_zero(HOST_FAILOVERS, "handed_over", "ended")

@@ -14,6 +14,7 @@ import asyncio
 import time
 
 from townhall.core.kafka import EVENTS_DROPPED, EventQueue
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.tasks import cancel
 from townhall.v1.common_pb2 import Role
 from townhall.v1.events_pb2 import PresenceEvent
@@ -33,6 +34,8 @@ class Presence:
     ) -> None:
         self._events = events
         self._topic = topic
+        from_zero(EVENTS_DROPPED, topic)
+        from_zero(KAFKA_PRODUCE_ERRORS, topic)
         self._member = member
         self._capacity = capacity
         self._flush_s = flush_s

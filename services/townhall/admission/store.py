@@ -24,7 +24,7 @@ from townhall.core.config import KafkaConfig
 from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
 from townhall.core.kafka import Follower, Topics, read_to_end
 from townhall.core.locks import KeyedLocks
-from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import INVALID, STALE, Record, skipped
 from townhall.core.room_records import RoomRecords
@@ -62,6 +62,7 @@ class RoomStore:
         self._per_host = rooms_per_host_per_hour
         self._kafka = kafka
         self._topics = Topics(kafka.topic_prefix)
+        from_zero(KAFKA_PRODUCE_ERRORS, self._topics.room_state, self._topics.room_started)
         self._producer = producer
         # One change at a time per room, so versions never fork (a lock exists only while in use).
         self.locks = KeyedLocks()

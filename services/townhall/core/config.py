@@ -338,6 +338,10 @@ class ServerConfig:
     # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
     drain_notice_ms: int = 1_000
+    # At start a process waits this long for the Kafka broker and the topics it uses (a fresh install
+    # creates them after the pods start), reporting NOT_SERVING on server.health_port meanwhile and
+    # saying every few seconds what is missing; then it stops with an error naming it. 0: no wait.
+    kafka_wait_s: float = 300.0
     # Calls in flight at once (unary calls and open streams) per client connection and per client
     # address (IPv4, or IPv6 /limits.ipv6_prefix); past either a call is RESOURCE_EXHAUSTED at once.
     # limits.exempt networks and calls with the service credential are not counted (core/bounds.py).
@@ -375,6 +379,8 @@ class ServerConfig:
         _positive("server.grace_s", self.grace_s)
         if not 0 <= self.drain_notice_ms <= 60_000:
             raise ConfigError(f"server.drain_notice_ms must be within 0..60000, not {self.drain_notice_ms}")
+        if not 0 <= self.kafka_wait_s <= 3_600:
+            raise ConfigError(f"server.kafka_wait_s must be within 0..3600 s, not {self.kafka_wait_s:g}")
         _positive("server.max_concurrent_streams", self.max_concurrent_streams)
         if not 100 <= self.request_timeout_ms <= 600_000:
             raise ConfigError(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,9 @@ from prometheus_client import Counter, Gauge
 
 from townhall.core import logging
 from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, RecordVerifier
-from townhall.core.records import Reader, Record, guarded
+from townhall.core.records import REASONS, RECORDS_SKIPPED, Reader, Record, guarded
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -106,6 +107,11 @@ class Topics:
             ),
         }
 
+    def used_by(self, service: str) -> tuple[str, ...]:
+        """Every topic a service principal writes or reads (what it waits for at start: wait_for_topics)."""
+        writes, reads = self.access()[service]
+        return tuple(dict.fromkeys((*writes, *reads)))
+
     def all(self) -> dict[str, dict[str, str]]:
         """Every topic with its configuration."""
         compacted = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1"}
@@ -121,9 +127,14 @@ class Topics:
         }
 
 
-def reader(kafka: KafkaConfig, auth: AuthConfig, topic: str) -> Reader:
-    """How a process reads `topic`: signed by a writer whose role may write it (core/records.py)."""
-    return Reader(Topics(kafka.topic_prefix).writers()[topic], RecordVerifier(auth), kafka.refuse_unsigned)
+def reader(kafka: KafkaConfig, auth: AuthConfig, topic: str, *alike: str) -> Reader:
+    """How a process reads `topic` (and `alike` topics, with the same writers): signed by a writer whose
+    role may write it (core/records.py). Their skipped-record counts start at 0 for every reason."""
+    writers = Topics(kafka.topic_prefix).writers()
+    if any(writers[other] != writers[topic] for other in alike):
+        raise ValueError(f"{alike} are not written by the writers of {topic}")
+    from_zero(RECORDS_SKIPPED, *((name, reason) for name in (topic, *alike) for reason in REASONS))
+    return Reader(writers[topic], RecordVerifier(auth), kafka.refuse_unsigned)
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:
@@ -145,6 +156,88 @@ def client_options(config: KafkaConfig) -> dict[str, Any]:
 def consumer(config: KafkaConfig, *topics: str, **settings: Any) -> AIOKafkaConsumer:
     """A consumer of `topics` (none: assigned later) with the connection settings of `config`."""
     return AIOKafkaConsumer(*topics, bootstrap_servers=config.bootstrap, **client_options(config), **settings)
+
+
+class KafkaUnreachable(RuntimeError):
+    """Kafka, or topics a process needs, could not be had within the allowed time; the message says what."""
+
+
+# How often wait_for_topics asks the broker again, and how often it says what it still waits for.
+WAIT_CHECK_S = 1.0
+WAIT_LOG_S = 5.0
+
+
+async def missing_topics(config: KafkaConfig, topics: Iterable[str], timeout_s: float = 10.0) -> list[str]:
+    """The topics of `topics` the broker does not have ready (absent, or a partition without a leader).
+
+    Asks for every topic rather than for these by name: a metadata request that names a topic creates
+    it on a broker with auto.create.topics.enable, with none of the project's settings (compaction).
+    Raises KafkaError or OSError if the broker cannot be reached within `timeout_s`.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_options(config)
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        described = await asyncio.wait_for(admin.describe_topics(), timeout_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    ready = {
+        t["topic"]
+        for t in described
+        if t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+    }
+    return [topic for topic in topics if topic not in ready]
+
+
+async def wait_for_topics(
+    config: KafkaConfig,
+    topics: Iterable[str],
+    within_s: float,
+    check_s: float = WAIT_CHECK_S,
+    log_every_s: float = WAIT_LOG_S,
+) -> None:
+    """Returns once the broker answers and has every topic of `topics` ready; KafkaUnreachable after
+    `within_s` (server.kafka_wait_s) naming what is still missing.
+
+    A process starts before Kafka or its topics exist on a fresh install (the chart creates the topics
+    after the pods start), so it waits, saying every `log_every_s` what it waits for.
+    """
+    wanted = list(dict.fromkeys(topics))
+    if not wanted:
+        return
+    started = time.monotonic()
+    deadline = started + within_s
+    logged = started - log_every_s
+    while True:
+        try:
+            missing = await missing_topics(config, wanted, max(1.0, min(10.0, deadline - time.monotonic())))
+            problem = f"topics missing: {', '.join(missing)}"
+        except (KafkaError, OSError, TimeoutError) as exc:
+            missing = wanted
+            problem = f"broker at {config.bootstrap} not reachable ({type(exc).__name__}: {exc})"
+        if not missing:
+            if time.monotonic() - started >= check_s:
+                log.info("kafka ready", topics=len(wanted), waited_s=round(time.monotonic() - started, 1))
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            raise KafkaUnreachable(
+                f"Kafka not ready within server.kafka_wait_s ({within_s:g} s): {problem}. Create the topics "
+                "(the chart's topics Job, or `townhall dev`) or check kafka.bootstrap and the credentials"
+            )
+        if now - logged >= log_every_s:
+            logged = now
+            log.warning(
+                "waiting for kafka",
+                bootstrap=config.bootstrap,
+                missing=missing,
+                problem=problem,
+                waited_s=round(now - started, 1),
+                within_s=within_s,
+            )
+        await asyncio.sleep(min(check_s, max(0.0, deadline - now)))
 
 
 async def ensure_topics(config: KafkaConfig) -> None:

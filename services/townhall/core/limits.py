@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from townhall.core.auth import OPEN, SERVICE
 from townhall.core.config import LimitsConfig
 from townhall.core.errors import ResourceExhausted
-from townhall.core.metrics import RATE_LIMITED
+from townhall.core.metrics import RATE_LIMITED, from_zero
 from townhall.core.ratelimit import Buckets
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -124,6 +124,7 @@ class Limits:
                     rate = getattr(config, f"{cls}_{kind}", 0.0)
                     if rate > 0:
                         into[cls] = Buckets(rate, max(1.0, rate * config.burst_s), config.max_keys, clock)
+                        from_zero(RATE_LIMITED, (cls, kind))
         self._failures = self._addresses.get(FAILURES)
         self._exempt = [ipaddress.ip_network(net, strict=False) for net in config.exempt]
         self._peers: dict[str, str | None] = {}

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from townhall.core import logging
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import peer_channel
-from townhall.core.metrics import PEER_PROBES
+from townhall.core.metrics import PEER_PROBES, from_zero
 from townhall.core.tasks import cancel
 
 log = logging.get(__name__)
@@ -41,6 +41,7 @@ class Probe(enum.Enum):
     NO_ANSWER = "no_answer"  # refused, reset or timed out
 
 
+from_zero(PEER_PROBES, *(probe.value for probe in Probe))
 _PROBE_ERRORS = {
     grpc.StatusCode.UNAVAILABLE: Probe.NO_ANSWER,
     grpc.StatusCode.DEADLINE_EXCEEDED: Probe.NO_ANSWER,
@@ -107,6 +108,8 @@ class Prober:
 
     `targets` is asked before every round (Kubernetes members come and go); `on_round` callbacks
     run on the event loop after every round, so readers can compare what they derive from it.
+    `address` says where to dial a target (a relay's internal address: admission/relays.py); the
+    Liveness stays keyed by the target.
     """
 
     def __init__(
@@ -118,9 +121,11 @@ class Prober:
         skip: Iterable[str] = (),
         tls: TlsConfig | None = None,
         busy_failures: int | None = None,
+        address: Callable[[str], str] | None = None,
     ) -> None:
         self.liveness = Liveness(failures, busy_failures)
         self._targets = targets
+        self._address = address or (lambda target: target)
         self._skip = set(skip)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
@@ -135,10 +140,11 @@ class Prober:
         self._on_round.append(callback)
 
     async def probe(self, target: str) -> Probe:
-        """One health check of `target`."""
-        channel = self._channels.get(target)
+        """One health check of `target`, at its address."""
+        address = self._address(target)
+        channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[target] = peer_channel(target, self._tls)
+            channel = self._channels[address] = peer_channel(address, self._tls)
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=self._timeout_s
@@ -152,6 +158,7 @@ class Prober:
     async def round(self) -> bool:
         """Probes every target once, concurrently; True if any went up or down."""
         targets = sorted(set(self._targets()) - self._skip)
+        await self._close_unused({self._address(t) for t in targets})
         results = await asyncio.gather(*(self.probe(t) for t in targets))
         changed = False
         for target, result in zip(targets, results, strict=True):
@@ -165,6 +172,12 @@ class Prober:
         for callback in self._on_round:
             callback()
         return changed
+
+    async def _close_unused(self, addresses: set[str]) -> None:
+        """Closes the channels of addresses no target has any more (gone, or moved to a new address)."""
+        for address in [a for a in self._channels if a not in addresses]:
+            with contextlib.suppress(Exception):
+                await self._channels.pop(address).close()
 
     def start(self) -> None:
         """Probes in the background until close()."""

@@ -6,6 +6,8 @@ Domain metrics live beside the code that moves them, in each service's `metrics`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Histogram, start_http_server
 
 RPC_REQUESTS = Counter(
@@ -41,6 +43,18 @@ PEER_PROBES = Counter(
     "(serving, not_serving, busy, no_answer).",
     ["result"],
 )
+
+
+def from_zero(counter: Counter, *label_sets: str | Iterable[str]) -> None:
+    """Gives `counter` a series at 0 for each set of label values (a string for a one-label counter).
+
+    A labelled counter has no series before its first increment, so `rate(..._errors_total[5m])` in a
+    dashboard or alert returns no data on a healthy system, not 0; and an alert's increase() misses the
+    first error. Every counter whose label values are known in advance is given them when the code that
+    moves it starts.
+    """
+    for labels in label_sets:
+        counter.labels(*((labels,) if isinstance(labels, str) else labels))
 
 
 def serve_metrics(port: int, host: str) -> None:

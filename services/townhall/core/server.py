@@ -30,6 +30,7 @@ from townhall.core.config import Config, ConfigError
 from townhall.core.config import load as load_config
 from townhall.core.health import HealthServicer
 from townhall.core.interceptor import Instrumented
+from townhall.core.kafka import KafkaUnreachable
 from townhall.core.limits import Limits
 from townhall.core.metrics import serve_metrics
 from townhall.core.process import tune_gc
@@ -169,29 +170,40 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
     wrapped = list(planes)
     if config.development_keys():
         log.warning("built-in development keys in use: not for production", keys=config.development_keys())
-    await app.start()
-    port = add_port(server, listen, config.tls)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    internal_port = 0
-    if internal_server is not None:
-        internal_port = add_port(internal_server, internal, config.tls)
-        if internal_port == 0:
-            raise OSError(f"cannot listen on {internal} (the internal port)")
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_server = None
     if config.server.health_port:
         # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
+        # Up before the app starts: NOT_SERVING while it waits for Kafka (server.kafka_wait_s).
         health_server, probes = guarded(app, config, size_options(config))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
-        wrapped.append(probes)
         host = listen.rpartition(":")[0]
         if not health_server.add_insecure_port(f"{host}:{config.server.health_port}"):
             raise OSError(f"cannot listen on {host}:{config.server.health_port} (server.health_port)")
         await health_server.start()
+        probes.start()
+    try:
+        await app.start()
+        port = add_port(server, listen, config.tls)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        internal_port = 0
+        if internal_server is not None:
+            internal_port = add_port(internal_server, internal, config.tls)
+            if internal_port == 0:
+                raise OSError(f"cannot listen on {internal} (the internal port)")
+    except BaseException:
+        if health_server is not None:
+            await health_server.stop(None)
+            await probes.close()
+        raise
+    if health_server is not None:
+        wrapped.append(probes)
     if internal_server is not None:
         await internal_server.start()
     await server.start()
-    for each in wrapped:
+    for each in planes:
         each.start()
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -292,6 +304,9 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
         asyncio.run(main())
     except ConfigError as exc:  # keys are read when the app is built (a JWKS that does not parse)
         _config_error(name, exc)
+    except KafkaUnreachable as exc:  # logged as it waited; said once more where a person looks first
+        print(f"townhall {name}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 def _config_error(name: str, exc: ConfigError) -> typing.NoReturn:

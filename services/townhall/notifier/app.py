@@ -13,10 +13,18 @@ from townhall.core import logging, sharding
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
-from townhall.core.kafka import Topics, consumer, producer, reader, report_lag
+from townhall.core.kafka import (
+    KafkaUnreachable,
+    Topics,
+    consumer,
+    producer,
+    reader,
+    report_lag,
+    wait_for_topics,
+)
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.core.tasks import cancel
-from townhall.notifier.clients import KafkaUnreachable, started, stopped
+from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import Hub
 from townhall.notifier.inbox_reader import InboxReader, from_end
@@ -87,9 +95,14 @@ class NotifierApp:
         internal_pb2_grpc.add_GraphShardsServicer_to_server(ShardsServicer(self.handover), server)
 
     async def start(self) -> None:
-        """Opens the store, connects to Kafka (bounded retries) and starts the two background loops."""
+        """Waits for Kafka and its topics (server.kafka_wait_s), opens the store, connects to Kafka (bounded
+        retries) and starts the background loops."""
         kafka = self.config.kafka
         own = self.config.notifier
+        needed = self.topics.used_by(NOTIFIER)
+        if not own.fanout:  # the Inbox reader and the rooms RemindMe checks
+            needed = (self.topics.notifications, self.topics.room_state)
+        await wait_for_topics(kafka, needed, self.config.server.kafka_wait_s)
         await self.store.open()
         FOLLOWERS_STORED.set(await self.store.total())
         await self.rooms.start()
@@ -184,7 +197,7 @@ class NotifierApp:
                 own.worker_rate,
                 signer=signer,
                 # Both lanes' topics have the same writers: one reader checks either.
-                records=reader(kafka, self.config.auth, self.topics.fanout_fast),
+                records=reader(kafka, self.config.auth, self.topics.fanout_fast, self.topics.fanout_bulk),
             )
             lanes = {"fast": self.topics.fanout_fast, "bulk": self.topics.fanout_bulk}
             for lane, lane_consumer in self._fanout_consumers.items():

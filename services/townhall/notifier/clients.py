@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 from aiokafka.errors import KafkaError
 
 from townhall.core import logging
+from townhall.core.kafka import KafkaUnreachable
 
 log = logging.get(__name__)
 
@@ -24,10 +25,6 @@ class KafkaClient(Protocol):
 
 
 C = TypeVar("C", bound=KafkaClient)
-
-
-class KafkaUnreachable(RuntimeError):
-    """Kafka could not be reached within the allowed attempts; the message names the client."""
 
 
 def describe(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from townhall.core.metrics import from_zero
+
 FOLLOWS = Counter(
     "townhall_notifier_follows_total", "Follow edges created (a repeated Follow is not counted)."
 )
@@ -14,6 +16,7 @@ FANOUT_EVENTS = Counter(
     "Room-started events handled by the planner, by outcome (done, invalid).",
     ["outcome"],
 )
+from_zero(FANOUT_EVENTS, "done", "invalid")
 NOTIFICATIONS = Counter(
     "townhall_notifications_total",
     "Users notified: path=topic once the record naming them is acknowledged by Kafka, "
@@ -61,8 +64,7 @@ HANDOVER_KEYS = Counter(
     "changed: given (handed to their new owner) or taken (taken over from their previous holder).",
     ["direction"],
 )
-for _direction in ("given", "taken"):
-    HANDOVER_KEYS.labels(_direction)
+from_zero(HANDOVER_KEYS, "given", "taken")
 HANDOVER_PENDING = Gauge(
     "townhall_notifier_handover_pending_keys",
     "Graph keys this notifier holds that another owns in its view, as its last sweep found them; 0 once the "

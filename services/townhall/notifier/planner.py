@@ -19,7 +19,7 @@ from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.errors import TownhallError
 from townhall.core.kafka import Topics, client_options
-from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
 from townhall.core.tasks import cancel
@@ -94,6 +94,7 @@ class Planner:
         self._producers = producers
         self._store = store
         self._topics = topics
+        from_zero(KAFKA_PRODUCE_ERRORS, topics.fanout_fast, topics.fanout_bulk)
         self._placement = placement
         self._threshold = bulk_threshold
         self._task_users = task_users

@@ -14,7 +14,7 @@ from aiokafka.structs import ConsumerRecord
 
 from townhall.core import logging
 from townhall.core.kafka import Topics
-from townhall.core.metrics import KAFKA_PRODUCE_ERRORS
+from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
 from townhall.notifier.blocks import shard_sorted
@@ -97,6 +97,7 @@ class Worker:
         # behind bulk records in this process.
         self._producers = producers
         self._topics = topics
+        from_zero(KAFKA_PRODUCE_ERRORS, topics.notifications)
         self._batch_users = batch_users
         self._lanes = LaneChooser(bulk_share)
         self._max_tasks = max_tasks

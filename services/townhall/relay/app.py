@@ -11,6 +11,7 @@ import grpc
 from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config
+from townhall.core.kafka import Topics, wait_for_topics
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TicketVerifier
 from townhall.relay import metrics
@@ -63,6 +64,13 @@ class RelayApp:
             self.rooms = RoomStateFollower(config.kafka, config.auth, self.guard)
             self.leaves = LeaveFollower(config.kafka, config.auth, self.guard, relay.address)
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
+        # The topics it writes (load reports) and follows (moderation); none for a relay without Kafka.
+        topics = Topics(config.kafka.topic_prefix)
+        self._topics = [topics.relay_load] if relay.load_report_ms else []
+        if relay.follow_room_state:
+            self._topics += [topics.room_state, topics.presence]
+        self._kafka = config.kafka
+        self._kafka_wait_s = config.server.kafka_wait_s
         self.servicer = RelayServicer(self.hub, tickets, relay, self.guard)
         self._expiry: asyncio.Task[None] | None = None
 
@@ -71,7 +79,9 @@ class RelayApp:
         server.add_generic_rpc_handlers((generic_handler(self.servicer),))
 
     async def start(self) -> None:
-        """Reads the rooms' rules, then starts the sweep and the load report (timers, pulls: per room)."""
+        """Waits for Kafka and its topics (server.kafka_wait_s), reads the rooms' rules, then starts the sweep
+        and the load report (timers, pulls: per room)."""
+        await wait_for_topics(self._kafka, self._topics, self._kafka_wait_s)
         if self.rooms is not None:
             await self.rooms.load()
             await self.rooms.follow()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from townhall.core.metrics import from_zero
+
 LISTENERS = Gauge("townhall_relay_listeners", "Subscribe streams open on this relay.")
 PUBLISHERS = Gauge("townhall_relay_publishers", "Publish streams open on this relay.")
 PULLS_SERVED = Gauge(
@@ -76,6 +78,4 @@ REVOCATION_DELAY = Histogram(
     "From a room change's write to Kafka (its record timestamp) to this relay ending the streams it revokes.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-# Every reason has a series from the start (at 0), so dashboards show "none" rather than "no data".
-for _reason in ("removed", "banned", "demoted", "ended", "left", "replaced"):
-    STREAMS_REVOKED.labels(_reason)
+from_zero(STREAMS_REVOKED, "removed", "banned", "demoted", "ended", "left", "replaced")
