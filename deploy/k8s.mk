@@ -40,6 +40,22 @@ image: ## Build the Townhall image (townhall:<appVersion>) from deploy/Dockerfil
 	@command -v $(DOCKER) >/dev/null || { echo "image needs $(DOCKER)"; exit 1; }
 	$(DOCKER) build -f deploy/Dockerfile -t $(IMAGE) .
 
+# The bundled broker's image, a stand-in for apache/kafka built from the Maven jars (deploy/kafka/Dockerfile); the
+# chart runs it with --set kafka.image.repository=$(KAFKA_IMAGE_REPO) --set kafka.image.tag=$(KAFKA_IMAGE_TAG).
+# JAVA_IMAGE and KAFKA_BUILD_IMAGE replace the Dockerfile's official bases (empty: its defaults).
+KAFKA_IMAGE_REPO ?= townhall-kafka
+KAFKA_IMAGE_TAG ?= $(shell sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' deploy/kafka/pom.xml)
+KAFKA_IMAGE := $(KAFKA_IMAGE_REPO):$(KAFKA_IMAGE_TAG)
+JAVA_IMAGE ?=
+KAFKA_BUILD_IMAGE ?=
+
+.PHONY: kafka-image
+kafka-image: ## Build the Kafka broker image (townhall-kafka:<Kafka version>) from deploy/kafka's Maven jars
+	@command -v $(DOCKER) >/dev/null || { echo "kafka-image needs $(DOCKER)"; exit 1; }
+	$(DOCKER) build -f deploy/kafka/Dockerfile -t $(KAFKA_IMAGE) \
+		$(if $(JAVA_IMAGE),--build-arg JAVA_IMAGE=$(JAVA_IMAGE)) \
+		$(if $(KAFKA_BUILD_IMAGE),--build-arg KAFKA_BUILD_IMAGE=$(KAFKA_BUILD_IMAGE)) deploy/kafka
+
 kind-load: kind ## Load the image into the kind cluster's node(s)
 	$(KIND) load docker-image $(IMAGE) --name $(KIND_CLUSTER)
 

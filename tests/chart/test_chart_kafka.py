@@ -2,9 +2,9 @@
 
 No cluster here: the rendered start script, server.properties, generated users and certificate, the init
 container's keystore step and the topics Job's script run as a kubelet would run them, with the mount
-paths pointed at temporary folders and /opt/kafka/bin at wrappers around the same classes (the jars of
-deploy/kafka/pom.xml). Then each service's rendered Kafka settings connect as its own user, over TLS,
-and may write exactly its own topics.
+paths pointed at temporary folders and KAFKA_HOME at the broker image's layout (deploy/kafka's bin/
+scripts and log4j configs, the jars of deploy/kafka/pom.xml). Then each service's rendered Kafka settings
+connect as its own user, over TLS, and may write exactly its own topics.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import base64
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,39 +25,27 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
-from tests.chart.helpers import RELEASE, Manifest, by_kind, workload
+from tests.chart.helpers import RELEASE, REPO, Manifest, by_kind, workload
 from tests.chart.test_chart import Render, configmap, container_env, job_script, kafka_files, topics_job
 from townhall.core.config import KafkaConfig
 from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics, client_options
-from townhall.devtools.kafka_broker import LOG4J, _accepts, _ready, fetch_jars, free_port
+from townhall.devtools.kafka_broker import _accepts, _ready, fetch_jars, free_port
 
 pytestmark = pytest.mark.kafka
 
-# What each /opt/kafka/bin script runs in Apache Kafka 3.9.
-SCRIPTS = {
-    "kafka-storage.sh": "kafka.tools.StorageTool",
-    "kafka-server-start.sh": "kafka.Kafka",
-    "kafka-topics.sh": "org.apache.kafka.tools.TopicCommand",
-    "kafka-acls.sh": "kafka.admin.AclCommand",
-    "kafka-configs.sh": "kafka.admin.ConfigCommand",
-}
+KAFKA_IMAGE = REPO / "deploy" / "kafka"
 WAIT_S = 30.0
 
 
 def kafka_home(folder: Path) -> Path:
-    """A KAFKA_HOME whose bin/ scripts run Kafka's classes from the Maven jars."""
-    (folder / "bin").mkdir(parents=True)
-    libs = fetch_jars()
-    for name, main in SCRIPTS.items():
-        tool = name != "kafka-server-start.sh"
-        heap = "-Xmx256m -XX:+UseSerialGC" if tool else "${KAFKA_HEAP_OPTS:--Xmx512m}"
-        script = folder / "bin" / name
-        script.write_text(
-            "#!/bin/bash\n"
-            f'exec java {heap} -XX:TieredStopAtLevel=1 -Dlog4j.configuration=file:{LOG4J} -cp "{libs}/*" {main} "$@"\n'
-        )
-        script.chmod(0o755)
+    """A KAFKA_HOME laid out as the broker image's (deploy/kafka/Dockerfile): its bin/ scripts and log4j
+    configs, and the Maven jars as libs/."""
+    shutil.copytree(KAFKA_IMAGE / "bin", folder / "bin")
+    (folder / "config").mkdir()
+    for name in ("log4j.properties", "tools-log4j.properties"):
+        shutil.copy(KAFKA_IMAGE / name, folder / "config" / name)
+    (folder / "libs").symlink_to(fetch_jars(), target_is_directory=True)
     return folder
 
 
@@ -129,6 +118,8 @@ def chart_broker(render: Render, tmp_path: Path) -> Iterator[tuple[list[Manifest
                 "BROKER_USERS": str(users),
                 "BROKER_WORK": str(tmp_path / "work"),
                 "LOG_DIR": str(tmp_path / "logs"),
+                # A quick start on a busy machine (the image's default is Kafka's G1 settings, full JIT).
+                "KAFKA_JVM_PERFORMANCE_OPTS": "-XX:+UseG1GC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true",
             },
             stdout=out,
             stderr=subprocess.STDOUT,
