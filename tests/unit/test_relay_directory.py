@@ -118,3 +118,14 @@ def test_tickets_name_a_discovered_relays_internal_address_from_its_reports() ->
     assert admitter._internal_path(path) == ("seed-internal:50072", NEW), "not reported yet"
     relays.report(NEW, at=100.0, now=100.0, internal="relay-5.relays:50072")
     assert admitter._internal_path(path) == ("seed-internal:50072", "relay-5.relays:50072")
+
+
+def test_an_admitter_given_a_directory_with_no_relay_yet_uses_it_as_relays_report() -> None:
+    """In a cluster admission starts with no seed and learns every relay from its reports: the directory it
+    hands the Admitter is empty (hence falsy) then, and must still be the one tickets are made from."""
+    from townhall.admission.joins import Admitter
+
+    relays = RelayDirectory((), 8, QUIET_S)
+    admitter = Admitter(None, None, [], None, None, None, 1, None, relays)  # type: ignore[arg-type]
+    relays.report(NEW, at=100.0, now=100.0, internal="relay-5.relays:50072")
+    assert admitter._internal_path((NEW,)) == ("relay-5.relays:50072",), "tickets name the internal address"

@@ -63,7 +63,9 @@ class Admitter:
         self._placer = placer
         # A ticket names the relays above its relay by their internal address (the edge pulls there), as
         # the directory knows them (admission/relays.py).
-        self._directory = directory or RelayDirectory(relays, max(1, len(relays)), quiet_s=0.0)
+        self._directory = (
+            directory if directory is not None else RelayDirectory(relays, max(1, len(relays)), quiet_s=0.0)
+        )
         self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
         self._paths_version = self._directory.version
         self._signer = signer
