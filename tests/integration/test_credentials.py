@@ -25,10 +25,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.integration.helpers import TOKENS, config_for, rpc_error, serving
 from townhall.admission.app import AdmissionApp
-from townhall.core.auth import Authenticator, bearer
+from townhall.core.auth import Authenticator, bearer, internal_service
 from townhall.core.config import DEV_ENV, Config, KafkaConfig
 from townhall.core.credentials import SERVICE_KEY, ServiceCredential
 from townhall.core.tickets import TICKET_KEY, TicketSigner
@@ -123,6 +124,20 @@ def internal_calls(s: Site, on: str) -> dict[str, Callable[[Md], Awaitable[Any]]
 
 
 KIND = {ACQUIRE: "admission", CREATE: "admission", IMPORT: "operator", PULL: "relay"}
+
+
+async def listed_services(channel: grpc.aio.Channel) -> list[str]:
+    """The services reflection lists on a port."""
+
+    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(ask(), timeout=10)
+    reply = await stream.read()
+    stream.cancel()
+    return [service.name for service in reply.list_services_response.service]
+
+
 SERVER = {ACQUIRE: "admission", CREATE: "admission", IMPORT: "notifier", PULL: "relay"}
 
 
@@ -154,6 +169,11 @@ async def test_internal_methods_are_served_only_on_the_internal_port(
                 error = await rpc_error(call(md_of_a_client))
                 assert error.code() == grpc.StatusCode.UNAUTHENTICATED, method
                 assert f"{SERVICE_KEY} (a service credential" in (error.details() or "")
+        # Reflection on a client port lists what it serves: no internal service (grpcurl's view).
+        for kind, channel in s.client.items():
+            listed = await listed_services(channel)
+            assert "grpc.health.v1.Health" in listed, listed
+            assert not [name for name in listed if internal_service(name)], f"{kind} lists {listed}"
         # Peers probe health there; its health answers as the client port's does.
         for channel in s.internal.values():
             reply = await health_pb2_grpc.HealthStub(channel).Check(

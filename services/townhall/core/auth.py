@@ -58,6 +58,11 @@ def rule(service: str, method: str) -> str:
     return _RULES.get(f"{service}/{method}") or _RULES.get(service) or USER
 
 
+def internal_service(service: str) -> bool:
+    """Whether every method of `service` is internal (served on the internal port only)."""
+    return _RULES.get(service) == SERVICE
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """A verified caller: the user id from the token's `sub` and the grants it carries."""

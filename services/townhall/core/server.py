@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from townhall.core import logging
-from townhall.core.auth import Authenticator
+from townhall.core.auth import Authenticator, internal_service
 from townhall.core.bounds import Bounds
 from townhall.core.channels import add_port
 from townhall.core.config import Config, ConfigError
@@ -164,8 +164,10 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
     for plane in planes:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, plane)
     names = [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    # Reflection on the client port shows what that port serves: not the internal services it refuses.
+    listed = [name for name in names if not internal_service(name)]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME]), instrumented
+        reflection.aio.ReflectionServicer([*listed, reflection.SERVICE_NAME]), instrumented
     )
     wrapped = list(planes)
     if config.development_keys():
