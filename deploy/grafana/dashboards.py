@@ -85,7 +85,7 @@ def latency(histogram: str, matchers: str = "") -> list[tuple[str, str]]:
 
 # Joins are timed by the RPC interceptor like every call (there is no join histogram of its own).
 JOIN_LATENCY = latency(
-    "townhall_rpc_duration_seconds", 'grpc_service="townhall.v1.Admission", grpc_method="Join"'
+    "grpc_server_handling_seconds", 'grpc_service="townhall.v1.Admission", grpc_method="Join"'
 )
 
 
@@ -102,7 +102,7 @@ def rpc_panels(services: str, streams_only: bool = False) -> list[Panel]:
             "RPCs/s by method and code",
             [
                 (
-                    rate("townhall_rpc_requests_total", "grpc_method, grpc_code", calls),
+                    rate("grpc_server_handled_total", "grpc_method, grpc_code", calls),
                     "{{grpc_method}} {{grpc_code}}",
                 )
             ],
@@ -112,17 +112,17 @@ def rpc_panels(services: str, streams_only: bool = False) -> list[Panel]:
             "RPC error ratio by method",
             [
                 (
-                    f"1 - {rate('townhall_rpc_requests_total', 'grpc_method', ok)}"
-                    f" / {rate('townhall_rpc_requests_total', 'grpc_method', calls)}",
+                    f"1 - {rate('grpc_server_handled_total', 'grpc_method', ok)}"
+                    f" / {rate('grpc_server_handled_total', 'grpc_method', calls)}",
                     "{{grpc_method}}",
                 )
             ],
             "percentunit",
-            "Share of finished RPCs with a status other than OK (shed joins count: RESOURCE_EXHAUSTED).",
+            "Share of finished RPCs with a status other than OK (shed joins count: ResourceExhausted).",
         ),
         Panel(
             latency_title,
-            [(quantile(0.99, "townhall_rpc_duration_seconds", "grpc_method", unary), "{{grpc_method}}")],
+            [(quantile(0.99, "grpc_server_handling_seconds", "grpc_method", unary), "{{grpc_method}}")],
             "s",
         ),
         Panel(
@@ -252,6 +252,19 @@ OVERVIEW = Dashboard(
             "Records between each consumer group's position and the end of each topic.",
         ),
         skipped_panel(),
+        Panel(
+            "Processes by component and version",
+            [
+                (
+                    gauge(
+                        "count", "townhall_build_info", "component, version, python_version, grpcio_version"
+                    ),
+                    "{{component}} {{version}} (Python {{python_version}}, grpcio {{grpcio_version}})",
+                )
+            ],
+            "short",
+            "townhall_build_info: during a rolling upgrade, two versions of a component side by side.",
+        ),
     ],
 )
 

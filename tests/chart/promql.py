@@ -32,7 +32,11 @@ DASHBOARDS = REPO / "helm" / "townhall" / "dashboards"
 RULES = REPO / "helm" / "townhall" / "files" / "rules.yml"
 # Grafana's built-in interval variables, as fixed windows. 1m covers four scrapes at the local 15 s.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
-METRIC = re.compile(r"\b((?:townhall|process|python)_[a-zA-Z0-9_]*)\b")
+# grpc_server_*: the RPC metrics (core/metrics.py RpcMetrics); never grpc_ alone, a label prefix.
+METRIC = re.compile(r"\b((?:townhall|process|python|grpc_server)_[a-zA-Z0-9_]*)\b")
+# Label names may share a metric's prefix (python_version): grouping lists and matchers hold no metric.
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+MATCHERS = re.compile(r"\{[^}]*\}")
 LABEL_VALUES = re.compile(r"label_values\((.+),\s*(\w+)\s*\)", re.DOTALL)
 # Characters Grafana escapes in each value of a multi-value variable it puts into a PromQL regex.
 REGEX_SPECIAL = re.compile(r"[\\^$*+?.()|{}\[\]']")
@@ -70,8 +74,8 @@ class Query:
 
     @property
     def metrics(self) -> set[str]:
-        """The metric names the expression reads (townhall_*, process_*, python_*)."""
-        return set(METRIC.findall(self.expr))
+        """The metric names the expression reads (townhall_*, grpc_server_*, process_*, python_*)."""
+        return set(METRIC.findall(MATCHERS.sub("", GROUPING.sub("", self.expr))))
 
 
 @dataclass

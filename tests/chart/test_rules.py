@@ -106,10 +106,10 @@ def unscoped(expr: str) -> list[str]:
     """The metric selectors of a query that do not filter on both dashboard variables."""
     return [
         found.group(0)
-        for found in re.finditer(r"\b(?:townhall|process|python)_\w+(\{[^}]*\})?", expr)
-        if not found.group(1)
-        or 'namespace=~"$namespace"' not in found.group(1)
-        or 'job=~"$job"' not in found.group(1)
+        for found in re.finditer(promql.METRIC.pattern + r"(\{[^}]*\})?", promql.GROUPING.sub("", expr))
+        if not found.group(2)
+        or 'namespace=~"$namespace"' not in found.group(2)
+        or 'job=~"$job"' not in found.group(2)
     ]
 
 
@@ -119,6 +119,21 @@ def test_a_query_without_the_dashboard_variables_is_found() -> None:
         "townhall_rooms_live",
     ]
     assert unscoped('max(townhall_rooms_live{namespace=~"$namespace", job=~"$job", x="y"})') == []
+    # Label names are not metrics, even with a metric's prefix; the RPC metrics are selectors too.
+    assert (
+        unscoped('count by (python_version) (townhall_build_info{namespace=~"$namespace", job=~"$job"})')
+        == []
+    )
+    assert unscoped("sum by (grpc_code) (rate(grpc_server_handled_total[1m]))") == [
+        "grpc_server_handled_total"
+    ]
+
+
+def test_a_querys_metrics_are_its_metric_names_not_its_labels() -> None:
+    expr = (
+        'count by (python_version) (townhall_build_info{python_version="3.11"}) + grpc_server_started_total'
+    )
+    assert promql.Query("rule", "x", expr).metrics == {"townhall_build_info", "grpc_server_started_total"}
 
 
 def test_dashboards_are_generated_from_their_source() -> None:
@@ -133,7 +148,7 @@ def test_overview_shows_what_an_operator_watches() -> None:
         "townhall_rooms_live",
         "townhall_relay_listeners",
         "townhall_joins_total",
-        'townhall_rpc_duration_seconds_bucket{namespace=~"$namespace", job=~"$job", '
+        'grpc_server_handling_seconds_bucket{namespace=~"$namespace", job=~"$job", '
         'grpc_service="townhall.v1.Admission", grpc_method="Join"}',
         "townhall_relay_frame_delay_seconds_bucket",
         "townhall_relay_chunks_dropped_total",

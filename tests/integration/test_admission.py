@@ -153,26 +153,31 @@ async def test_bad_input_gets_a_clear_status(config: Config) -> None:
 
 
 async def test_every_rpc_is_counted_by_method_and_status(config: Config) -> None:
+    """Under the gRPC ecosystem's names and labels (go-grpc-prometheus), codes spelled as it spells them."""
     host_id, other_id, _ = users()
 
-    def count(method: str, code: str) -> float:
-        labels = {
-            "grpc_service": "townhall.v1.Rooms",
-            "grpc_method": method,
-            "grpc_type": "unary",
-            "grpc_code": code,
-        }
-        return REGISTRY.get_sample_value("townhall_rpc_requests_total", labels) or 0.0
+    def sample(name: str, method: str, **code: str) -> float:
+        labels = {"grpc_type": "unary", "grpc_service": "townhall.v1.Rooms", "grpc_method": method, **code}
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def counts() -> tuple[float, ...]:
+        return (
+            sample("grpc_server_started_total", "CreateRoom"),
+            sample("grpc_server_handled_total", "CreateRoom", grpc_code="OK"),
+            sample("grpc_server_handling_seconds_count", "CreateRoom"),
+            sample("grpc_server_started_total", "StartRoom"),
+            sample("grpc_server_handled_total", "StartRoom", grpc_code="PermissionDenied"),
+            sample("grpc_server_started_total", "GetRoom"),
+            sample("grpc_server_handled_total", "GetRoom", grpc_code="InvalidArgument"),
+            sample("grpc_server_handling_seconds_count", "GetRoom"),
+        )
 
     async with serving(AdmissionApp(config), config) as address:
-        host, other = (
-            client(address, host_id),
-            client(address, other_id),
-        )
-        created, denied = count("CreateRoom", "OK"), count("StartRoom", "PERMISSION_DENIED")
+        host, other = client(address, host_id), client(address, other_id)
+        before = counts()
         room = await host.create_room("Counted")
         await rpc_error(other.start_room(room.room_id))
-        assert count("CreateRoom", "OK") == created + 1
-        assert count("StartRoom", "PERMISSION_DENIED") == denied + 1
+        await rpc_error(host.get_room(""))
+        assert [after - was for after, was in zip(counts(), before, strict=True)] == [1] * 8
         await host.close()
         await other.close()

@@ -161,7 +161,8 @@ async def test_a_token_valid_for_longer_than_the_maximum_lifetime_is_refused(kaf
 
 
 def test_the_metrics_listener_binds_only_the_configured_address(tmp_path: Path) -> None:
-    """server.metrics_host: a relay told 127.0.0.2 serves /metrics there and nowhere else."""
+    """server.metrics_host: a relay told 127.0.0.2 serves /metrics there and nowhere else (its RPC
+    metrics and townhall_build_info among them)."""
     grpc_port, metrics_port = free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TOWNHALL_")},
@@ -177,7 +178,12 @@ def test_the_metrics_listener_binds_only_the_configured_address(tmp_path: Path) 
     try:
         _wait_serving(Process("relay", 0, f"127.0.0.1:{grpc_port}", metrics_port, proc), 60)
         with urllib.request.urlopen(f"http://127.0.0.2:{metrics_port}/metrics", timeout=5) as reply:
-            assert b"townhall_rpc_requests_total" in reply.read()
+            exposed = reply.read().decode()
+        assert "grpc_server_started_total{" in exposed
+        info = next(line for line in exposed.splitlines() if line.startswith("townhall_build_info{"))
+        for label in ('component="relay"', 'version="', "python_version=", "grpcio_version="):
+            assert label in info, info
+        assert info.endswith(" 1.0"), info
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
     finally:

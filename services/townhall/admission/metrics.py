@@ -12,7 +12,7 @@ JOINS = Counter(
     "(RESOURCE_EXHAUSTED: the room or its waiting line is full, or the process is at its admit budget), "
     "rejected (any other refusal: a bad request, a room not live or not found, a ban, a missing grant, no "
     "relay). Calls refused by a rate limit never reach the join: see townhall_rate_limited_total. Join "
-    'latency is townhall_rpc_duration_seconds{grpc_method="Join"}.',
+    'latency is grpc_server_handling_seconds{grpc_method="Join"}.',
     ["result"],
 )
 # The join path's children, resolved once (a labels() lookup per join is measurable there).

@@ -1,4 +1,5 @@
-"""What the hostile-input defences add to a join, in this process (no network): microseconds per call.
+"""What the hostile-input defences and the RPC metrics add to a join, in this process (no network):
+microseconds per call.
 
 The join's own pre-servicer work, as the handler wrapper does it (core/interceptor.py): the gate
 (authentication, a token the cache has seen, and the call's hold on the bounds taken and released)
@@ -7,6 +8,10 @@ per-connection or per-address bounds, the server's pool only) and counted, and t
 deserializer raw and wrapped. The first read of the request and
 the stall sweep are grpc.aio coroutine work, measured with a real server by `townhall bench`
 (joins per CPU-second): they replace grpc's own read of the request, which is not extra.
+
+The RPC metrics (started, handled, handling seconds: core/metrics.py RpcMetrics): one call through the
+handler wrapper gRPC calls (`_wrap`, the exempt gate, a servicer that answers at once), driven by hand
+without an event loop, with the real observer and with one that records nothing.
 
 `python -m townhall.bench.limits_cost --calls 200000`
 """
@@ -21,7 +26,7 @@ from typing import Any
 from townhall.core.auth import SUBSCRIBE, Authenticator, Tokens
 from townhall.core.bounds import Bounds
 from townhall.core.config import DEV_AUTH, LimitsConfig, ServerConfig
-from townhall.core.interceptor import _Gate, _parser
+from townhall.core.interceptor import _Gate, _Observer, _parser, _wrap
 from townhall.core.limits import Limits
 from townhall.v1.admission_pb2 import JoinRequest
 
@@ -38,6 +43,23 @@ class _Context:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    def code(self) -> None:  # no status set by the servicer: OK
+        return None
+
+
+class _Silent(_Observer):
+    """An observer that records nothing: the wrapper's cost without metrics."""
+
+    def start(self) -> float:
+        return 0.0
+
+    def done(self, context: Any, start: float, error: BaseException | None) -> None:
+        pass
+
+
+async def _answer(request: Any, context: Any) -> Any:
+    return request
 
 
 def measure(calls: int = 200_000, users: int = 10_000, repeat: int = 5) -> dict[str, float]:
@@ -86,11 +108,27 @@ def measure(calls: int = 200_000, users: int = 10_000, repeat: int = 5) -> dict[
     out["deserializer, wrapped"] = (
         min(timeit.repeat(lambda: [parse(data) for _ in range(calls)], number=1, repeat=repeat)) / calls * 1e6
     )
+    for name, observer in {
+        "wrapper, metrics": _Observer("townhall.v1.Admission", "Join", "unary"),
+        "wrapper, no metrics": _Silent("townhall.v1.Admission", "Join", "unary"),
+    }.items():
+        call = _wrap(_answer, observer, variants["gate, limits off, address exempt"], None, None)
+
+        def through(call: Any = call) -> None:
+            for i in range(calls):
+                coroutine = call(None, contexts[i % users])
+                try:  # noqa: SIM105 - contextlib.suppress would add its own cost to each call
+                    coroutine.send(None)
+                except StopIteration:
+                    pass
+
+        out[name] = min(timeit.repeat(through, number=1, repeat=repeat)) / calls * 1e6
     out["added by per-connection and per-address bounds"] = (
         out["gate, limits off"] - out["gate, limits off, address exempt"]
     )
     out["added by rate limits"] = out["gate, limits on"] - out["gate, limits off"]
     out["added by the deserializer wrapper"] = out["deserializer, wrapped"] - out["deserializer, raw"]
+    out["added by the RPC metrics"] = out["wrapper, metrics"] - out["wrapper, no metrics"]
     return out
 
 

@@ -43,7 +43,7 @@ from townhall.core.credentials import SERVICE_KEY, callers
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, TownhallError, Unauthenticated
 from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
-from townhall.core.metrics import RPC_DURATION, RPC_REQUESTS
+from townhall.core.metrics import RPCS
 from townhall.core.tasks import cancel
 from townhall.core.tokens import Unverified
 
@@ -245,21 +245,20 @@ def _behavior(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
 
 
 class _Observer:
-    """The metric children of one method, resolved once."""
+    """The metric record of one method (core/metrics.py RpcMetrics), resolved once."""
 
     def __init__(self, service: str, method: str, kind: str) -> None:
         self.method = f"{service}/{method}"
-        self._labels = (service, method, kind)
-        self._counts: dict[grpc.StatusCode, Any] = {}
-        self._duration = RPC_DURATION.labels(*self._labels)
+        self._rpc = RPCS.method(service, method, kind)
+
+    def start(self) -> float:
+        """Counts a call as started; the time it started."""
+        self._rpc.started += 1
+        return time.perf_counter()
 
     def done(self, context: grpc.aio.ServicerContext, start: float, error: BaseException | None) -> None:
-        code = _code(context, error)
-        child = self._counts.get(code)
-        if child is None:
-            child = self._counts[code] = RPC_REQUESTS.labels(*self._labels, code.name)
-        child.inc()
-        self._duration.observe(time.perf_counter() - start)
+        """Counts a call as handled, with its status code and how long it took."""
+        self._rpc.handled_with(_code(context, error), time.perf_counter() - start)
 
 
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
@@ -459,7 +458,7 @@ def _wrap(
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
+            start = observer.start()
             error: BaseException | None = None
             held: Held | None = None
             try:
@@ -488,7 +487,7 @@ def _wrap(
         return stream
 
     async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        start = time.perf_counter()
+        start = observer.start()
         error: BaseException | None = None
         held: Held | None = None
         try:

@@ -32,7 +32,7 @@ from townhall.core.health import HealthServicer
 from townhall.core.interceptor import Instrumented
 from townhall.core.kafka import KafkaUnreachable
 from townhall.core.limits import Limits
-from townhall.core.metrics import serve_metrics
+from townhall.core.metrics import build_info, serve_metrics
 from townhall.core.process import tune_gc
 
 log = logging.get(__name__)
@@ -257,6 +257,7 @@ async def serve(
     app: App, config: Config, name: str, listen: str, metrics_port: int, internal: str = ""
 ) -> None:
     """Runs a service until SIGTERM or SIGINT, then drains it within server.grace_s."""
+    build_info(name)
     serve_metrics(metrics_port, metrics_host(config, listen))
     try:
         running = await start(app, config, listen, internal)
