@@ -64,7 +64,7 @@ diagram: ## Copy the architecture diagram's source (docs/architecture.mmd) into 
 joinload: ## Build the join-storm load generator (ghz's runner, a token per call) into .cache/bin
 	deploy/tools/install-joinload.sh
 
-bench: setup joinload ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
+bench: setup joinload ## Run the benchmarks: figures on screen, JSON and PNG plots in .townhall/bench/
 	$(BIN)/townhall bench --out .townhall/bench
 
 RUNS ?= 3
