@@ -8,7 +8,7 @@ GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run dev demo test unit integration fuzz lint joinload bench faults kafka kafka-stop clean
+.PHONY: help setup proto run dev demo test unit integration fuzz lint diagram joinload bench faults kafka kafka-stop clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,10 +58,13 @@ lint: setup ## ruff and mypy on the package
 	$(BIN)/ruff format --check services tests deploy
 	$(BIN)/mypy
 
+diagram: ## Copy the architecture diagram's source (docs/architecture.mmd) into README.md's mermaid block
+	$(PY) deploy/tools/readme_diagram.py
+
 joinload: ## Build the join-storm load generator (ghz's runner, a token per call) into .cache/bin
 	deploy/tools/install-joinload.sh
 
-bench: setup joinload ## Run the benchmarks: figures on screen, JSON in .townhall/bench/
+bench: setup joinload ## Run the benchmarks: figures on screen, JSON and PNG plots in .townhall/bench/
 	$(BIN)/townhall bench --out .townhall/bench
 
 RUNS ?= 3

@@ -32,6 +32,10 @@ async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: Kafk
         assert figures[kind]["sent_per_s"] == pytest.approx(rate, rel=0.2), "arrivals follow the schedule"
         assert figures[kind]["granted_per_s"] > 0
         assert figures[kind]["p99_ms"] is not None
+        # Every measured call counted in the second it started (what joinstorm.png plots).
+        per_second = figures[kind]["per_second"]
+        assert all(len(series) == 2 for series in per_second.values())
+        assert sum(map(sum, per_second.values())) == pytest.approx(figures[kind]["sent_per_s"] * 2.0, abs=1)
     assert figures["admitted_per_s"] > 0 and figures["generator_cpu_cores"] >= 0
 
 
@@ -64,5 +68,10 @@ async def test_the_compiled_generator_joins_as_a_new_user_with_a_valid_token_on_
         # per worker (more would be the server's doing).
         cut = (c.get("cancelled_per_s", 0) + c.get("unavailable_per_s", 0)) * load.seconds
         assert cut <= ghz.WORKERS, c
+        # Per second from ghz's per-call details; the window starts at either generator's first call,
+        # so the later one may have a few calls past its end.
+        per_second = c["per_second"]
+        assert all(len(series) == 2 for series in per_second.values())
+        assert sum(per_second["granted"]) >= 0.9 * c["granted_per_s"] * load.seconds, c
     # Distinct users: the hot room holds one listener per call, none a rejoin of an earlier one.
     assert admitted >= 0.9 * figures["hot"]["sent_per_s"] * 2.0

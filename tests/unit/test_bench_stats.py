@@ -1,8 +1,15 @@
-"""Benchmark statistics: histogram percentiles, merging, nearest-rank percentiles, gaps."""
+"""Benchmark statistics: histogram percentiles, merging, counts per second, percentiles, gaps; the storm's
+per-second counts from both of its load generators."""
 
 from __future__ import annotations
 
-from townhall.bench.stats import LatencyHistogram, gap, percentile
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from townhall.bench import ghz
+from townhall.bench.joinstorm import Load, _figures
+from townhall.bench.stats import LatencyHistogram, PerSecond, gap, percentile
 
 
 def test_histogram_percentiles_are_exact_to_a_bucket() -> None:
@@ -41,3 +48,68 @@ def test_gap_counts_missing_sequences_only() -> None:
     assert gap(4, 5) == 0
     assert gap(4, 9) == 4
     assert gap(9, 9) == 0
+
+
+def test_per_second_counts_inside_the_window_only() -> None:
+    window = PerSecond(start=1000.0, seconds=2.5)  # three slots: [0, 1), [1, 2), [2, 3)
+    window.add(999.9, "granted")  # before: warm-up, not counted
+    window.add(1000.0, "granted")
+    window.add(1001.99, "shed", 3)
+    window.add(1002.5, "granted")
+    window.add(1003.0, "granted")  # after: left out, so a series never outgrows the window
+    assert window.counts == {"granted": [1, 0, 1], "shed": [0, 3, 0]}
+
+
+def test_per_second_merges_across_processes() -> None:
+    total = PerSecond(0.0, 3)
+    total.merge({"granted": [1, 2, 3], "waiting": [0, 1, 0]})
+    total.merge({"granted": [1, 1, 1, 9]})  # a longer series: its extra slot is left out
+    assert total.counts == {"granted": [2, 3, 4], "waiting": [0, 1, 0]}
+
+
+def test_python_generators_per_second_counts_add_up() -> None:
+    load = Load(("a",), "hot", 300.0, ("c",), 10.0, seconds=2.0)
+    one = {"sent": 3, "unsent": 0, "outcomes": {"granted": 2, "shed": 1}, "latency": {10: 3}}
+    results = [
+        {
+            "hot": {**one, "per_second": {"granted": [1, 1], "shed": [0, 1]}},
+            "cold": {**one, "per_second": {}},
+        },
+        {
+            "hot": {**one, "per_second": {"granted": [2, 0]}},
+            "cold": {**one, "per_second": {"granted": [1, 1]}},
+        },
+    ]
+    figures = _figures(load, results, {"start": 0.0, "end": 1.0})
+    assert figures["hot"]["per_second"] == {"granted": [3, 1], "shed": [0, 1]}
+    assert figures["cold"]["per_second"] == {"granted": [1, 1]}
+
+
+def test_ghz_details_give_outcomes_per_second(tmp_path: Path) -> None:
+    start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
+    # Go writes RFC 3339 with up to nine fractional digits, in the process's zone.
+    calls = [
+        ("2026-01-02T03:04:05Z", "OK"),
+        ("2026-01-02T05:04:05.5+02:00", "OK"),
+        ("2026-01-02T03:04:06.250000123Z", "ResourceExhausted"),
+        ("2026-01-02T03:04:06.5Z", "Unavailable"),
+        ("2026-01-02T03:04:07Z", "OK"),
+    ]
+    report = {
+        "count": 5,
+        "statusCodeDistribution": {"OK": 3, "ResourceExhausted": 1, "Unavailable": 1},
+        "latencyDistribution": [
+            {"percentage": 50, "latency": 2_000_000},
+            {"percentage": 99, "latency": 9_000_000},
+        ],
+        "details": [
+            {"timestamp": at, "latency": 1_000_000, "error": "", "status": code} for at, code in calls
+        ],
+    }
+    (tmp_path / "hot.json").write_text(json.dumps(report))
+    read = ghz.read(tmp_path / "hot.json")
+    assert ghz.first_call(read) == start
+    figures = ghz.figures(read, 3.0, start)
+    assert figures["per_second"] == {"granted": [2, 0, 1], "shed": [0, 1, 0], "unavailable": [0, 1, 0]}
+    assert (figures["granted_per_s"], figures["p50_ms"], figures["p99_ms"]) == (1.0, 2.0, 9.0)
+    assert ghz.first_call({"details": []}) is None

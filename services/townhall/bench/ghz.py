@@ -14,9 +14,11 @@ import os
 import shutil
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from townhall.bench.stats import PerSecond
 from townhall.core.auth import signing_key
 from townhall.core.config import AuthConfig, TlsConfig
 
@@ -70,9 +72,26 @@ def start(
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def figures(out: Path, seconds: float) -> dict[str, Any]:
-    """Rates by outcome and latency percentiles from a ghz JSON report."""
-    report = json.loads(out.read_text())
+def read(out: Path) -> dict[str, Any]:
+    """A ghz JSON report."""
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+def _at(detail: dict[str, Any]) -> float:
+    """A call's start, Unix seconds (ghz writes Go's RFC 3339 with nanoseconds)."""
+    return datetime.fromisoformat(detail["timestamp"]).timestamp()
+
+
+def first_call(report: dict[str, Any]) -> float | None:
+    """When the report's first kept call started, Unix seconds (None without calls)."""
+    details = report.get("details") or []
+    return min(map(_at, details)) if details else None
+
+
+def figures(report: dict[str, Any], seconds: float, start: float) -> dict[str, Any]:
+    """Rates by outcome, latency percentiles and outcomes per second of `seconds` from `start`, from a
+    ghz JSON report."""
     codes: dict[str, int] = report.get("statusCodeDistribution") or {}
     result: dict[str, Any] = {"sent_per_s": round(report.get("count", 0) / seconds, 1), "unsent": 0}
     for code, count in codes.items():
@@ -82,4 +101,9 @@ def figures(out: Path, seconds: float) -> dict[str, Any]:
     latencies = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
     result["p50_ms"] = round(latencies[50], 2) if 50 in latencies else None
     result["p99_ms"] = round(latencies[99], 2) if 99 in latencies else None
+    per_second = PerSecond(start, seconds)
+    for detail in report.get("details") or []:
+        outcome = _CODES.get(detail.get("status", ""), detail.get("status", "unknown"))
+        per_second.add(_at(detail), "granted" if outcome == "ok" else outcome)
+    result["per_second"] = per_second.counts
     return result

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from townhall.bench.stats import LatencyHistogram
+from townhall.bench.stats import LatencyHistogram, PerSecond
 from townhall.core.auth import AUTHORIZATION, SUBSCRIBE, Tokens
 from townhall.core.channels import channel
 from townhall.core.config import DEV_AUTH, AuthConfig, TlsConfig
@@ -54,6 +54,8 @@ class Spec:
 class _Class:
     """Counts for one class of rooms (hot or cold), inside the measured window."""
 
+    # Outcomes by the second their call started in, for the storm's plot over time.
+    per_second: PerSecond
     sent: int = 0
     unsent: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class _Class:
             "unsent": self.unsent,
             "outcomes": self.outcomes,
             "latency": self.latency.counts,
+            "per_second": self.per_second.counts,
         }
 
 
@@ -78,10 +81,10 @@ class _Generator:
             "cold": self._calls(spec.addresses),
             "hot": self._calls(spec.hot_addresses or spec.addresses),
         }
-        self.classes = {"hot": _Class(), "cold": _Class()}
+        self.measure_from = spec.start_at + spec.warmup_s
+        self.classes = {kind: _Class(PerSecond(self.measure_from, spec.seconds)) for kind in ("hot", "cold")}
         self.inflight = 0
         self.user = spec.first_user
-        self.measure_from = spec.start_at + spec.warmup_s
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _calls(self, addresses: tuple[str, ...]) -> list[Any]:
@@ -100,7 +103,8 @@ class _Generator:
         metadata = ((AUTHORIZATION, f"Bearer {self.tokens.mint(self.user, (SUBSCRIBE,))}"),)
         calls = self.calls[kind]
         call = calls[self.user % len(calls)]
-        measured = time.time() >= self.measure_from
+        started_at = time.time()
+        measured = started_at >= self.measure_from
         counts = self.classes[kind]
         if measured:
             counts.sent += 1
@@ -117,6 +121,7 @@ class _Generator:
             elapsed_us = int((time.perf_counter() - start) * 1e6)
             counts.outcomes[outcome] = counts.outcomes.get(outcome, 0) + 1
             counts.latency.add_us(elapsed_us)
+            counts.per_second.add(started_at, outcome)
 
     def launch(self, kind: str, request: bytes) -> None:
         if self.inflight >= self.spec.max_inflight:

@@ -24,7 +24,7 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.bench import ghz, joingen
-from townhall.bench.stats import LatencyHistogram
+from townhall.bench.stats import LatencyHistogram, PerSecond
 from townhall.client import Client, Endpoints
 from townhall.core.auth import HOST, Tokens
 from townhall.core.config import DEV_AUTH, AuthConfig, TlsConfig
@@ -180,9 +180,20 @@ async def _offer_ghz(
         cpu.setdefault("end", servers.total())
         cpu.setdefault("gen_end", generators.total())
         figures = _base_figures(load, cpu, generators="ghz")
-        empty = {"sent_per_s": 0.0, "unsent": 0, "p50_ms": None, "p99_ms": None}
+        reports = {kind: ghz.read(out) for kind, (_, out) in runs.items()}
+        # The measured window starts at the first call either generator kept (each skips its warm-up).
+        firsts = [t for t in map(ghz.first_call, reports.values()) if t is not None]
+        window = min(firsts, default=started + load.warmup_s)
+        empty: dict[str, Any] = {
+            "sent_per_s": 0.0,
+            "unsent": 0,
+            "p50_ms": None,
+            "p99_ms": None,
+            "per_second": {},
+        }
         for kind in ("hot", "cold"):
-            figures[kind] = ghz.figures(runs[kind][1], load.seconds) if kind in runs else dict(empty)
+            report = reports.get(kind)
+            figures[kind] = ghz.figures(report, load.seconds, window) if report else dict(empty)
     return _totals(figures)
 
 
@@ -300,6 +311,7 @@ def _figures(load: Load, results: list[dict[str, Any]], cpu: dict[str, float]) -
     figures = _base_figures(load, cpu, generators=f"{load.generators} python processes")
     for kind in ("hot", "cold"):
         latency = LatencyHistogram()
+        per_second = PerSecond(0.0, load.seconds)
         outcomes: dict[str, int] = {}
         sent = unsent = 0
         for result in results:
@@ -307,6 +319,7 @@ def _figures(load: Load, results: list[dict[str, Any]], cpu: dict[str, float]) -
             sent += one["sent"]
             unsent += one["unsent"]
             latency.merge(one["latency"])
+            per_second.merge(one["per_second"])
             for outcome, count in one["outcomes"].items():
                 outcomes[outcome] = outcomes.get(outcome, 0) + count
         figures[kind] = {
@@ -315,6 +328,7 @@ def _figures(load: Load, results: list[dict[str, Any]], cpu: dict[str, float]) -
             **{f"{o.lower()}_per_s": round(c / load.seconds, 1) for o, c in sorted(outcomes.items())},
             "p50_ms": latency.percentile_ms(0.50),
             "p99_ms": latency.percentile_ms(0.99),
+            "per_second": per_second.counts,
         }
     return _totals(figures)
 

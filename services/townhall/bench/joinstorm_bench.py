@@ -252,7 +252,10 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
         # The admit budget an operator would set from the capacity phase, split between processes; one
         # crowd-lane process per owner, as the chart runs them.
         with admission(broker.bootstrap, processes, capacity / processes, out_dir, processes) as admitting:
-            await wait_live(admitting.addresses, [hot, *colds], AUTH, TLS)
+            # Rooms of their own: these processes rightly refuse room records signed by the capacity
+            # phase's owner, which is not one of their members.
+            hot, colds = await make_rooms(admitting.addresses[0], 50, AUTH, TLS)
+            await wait_live((*admitting.addresses, *admitting.crowd), [hot, *colds], AUTH, TLS)
             pids = admitting.pids
 
             def storm(

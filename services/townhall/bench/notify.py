@@ -77,6 +77,7 @@ METHOD = {
     ),
 }
 CELEBRITY = 1
+SAMPLE_S = 0.5
 
 
 def _tokens() -> Tokens:
@@ -271,6 +272,7 @@ async def _small_hosts(
                 if note.room_id in rooms and pending.get(f"{note.room_id}/{user}", 0):
                     pending[f"{note.room_id}/{user}"] = 0
                     latencies.append(time.time() - note.started_at_ms / 1000)
+                    state["small_arrivals"].append(time.time())
                     state["small_done"] += 1
                     if state["small_done"] >= state["small_total"]:
                         all_done.set()
@@ -348,6 +350,7 @@ def run(
             imported = import_with_progress(procs[0].internal, graph, edges, console, DEV_AUTH)
             store_bytes = sum(_store_bytes(n.data_dir) for n in procs)
             report_run = _measure(console, kafka, procs, broker, hosts, followers, spec.users, window_s)
+    series = report_run.pop("series")
     figures = {
         "edges": edges,
         "import_edges_per_s": round(imported.edges_per_s),
@@ -378,6 +381,8 @@ def run(
             "notifications": total,
         },
         "figures": figures,
+        # Over time, from the celebrity's room start: what notify.png plots.
+        "series": series,
         "method": METHOD,
         "targets": {
             "notifications_per_s_per_core": {"target": 1_000_000, "met": rate_per_core >= 1_000_000},
@@ -419,6 +424,10 @@ def _measure(
     broker_ps = psutil.Process(broker.process.pid) if broker.process else None
     broker0 = cpu_s(broker_ps) if broker_ps else 0.0
     state: dict[str, Any] = {"small_done": 0, "small_total": 0, "got": 0, "dups": 0, "last": 0.0}
+    # For the plot over time: (seconds since the celebrity's start, followers notified) at most every
+    # SAMPLE_S (bounded by the 600 s deadline), and when each small-host stream got its notification.
+    samples: list[tuple[float, int]] = []
+    state["small_arrivals"] = []
 
     async def scenario() -> tuple[float, list[float]]:
         p = producer(kafka, "bench-celebrity")
@@ -448,11 +457,16 @@ def _measure(
                     state.update(got=got, dups=dups, last=last)
                     if kind == "done":
                         state["finished"] = True
+                now = time.time() - started
+                if not samples or (now - samples[-1][0] >= SAMPLE_S and state["got"] != samples[-1][1]):
+                    samples.append((round(now, 2), state["got"]))
                 bar.update(celeb, completed=state["got"])
                 bar.update(smalls, completed=state["small_done"], total=max(1, state["small_total"]))
                 if "small_topic" in state and small.done():
                     break
                 await asyncio.sleep(0.2)
+        if samples[-1][1] != state["got"]:
+            samples.append((round(time.time() - started, 2), state["got"]))
         return started, await small
 
     started, latencies = asyncio.run(scenario())
@@ -478,6 +492,12 @@ def _measure(
         "small_topic_p50_s": _round(percentile(state.get("small_topic", []), 0.5)),
         "small_topic_p99_s": _round(percentile(state.get("small_topic", []), 0.99)),
         "notified_total_seen": notified,
+        "series": {
+            "seconds": [t for t, _ in samples],
+            "celebrity_notified": [n for _, n in samples],
+            "small_notified_at_s": [round(t - started, 3) for t in state["small_arrivals"]],
+            "small_latency_s": [round(x, 4) for x in latencies],
+        },
     }
 
 

@@ -1,4 +1,4 @@
-"""Pure statistics for benchmarks: a mergeable latency histogram, percentiles, sequence gaps."""
+"""Pure statistics for benchmarks: a mergeable latency histogram, counts per second, percentiles, gaps."""
 
 from __future__ import annotations
 
@@ -47,6 +47,34 @@ class LatencyHistogram:
             if seen >= rank:
                 return (bucket + 1) * self.resolution_us / 1000
         raise AssertionError("unreachable: rank <= count")
+
+
+class PerSecond:
+    """Events counted by outcome in one-second slots of a window, so many processes' counts merge exactly.
+
+    The window is `seconds` long from `start` (Unix seconds); an event outside it is not counted,
+    so a series has at most ceil(seconds) slots per outcome whatever the load.
+    """
+
+    def __init__(self, start: float, seconds: float) -> None:
+        self.start = start
+        self.slots = max(1, math.ceil(seconds))
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, at: float, outcome: str, n: int = 1) -> None:
+        """Counts `n` events with `outcome` at Unix time `at`."""
+        slot = math.floor(at - self.start)
+        if 0 <= slot < self.slots:
+            if outcome not in self.counts:
+                self.counts[outcome] = [0] * self.slots
+            self.counts[outcome][slot] += n
+
+    def merge(self, counts: Mapping[str, Sequence[int]]) -> None:
+        """Adds another window's counts (same start and length; extra slots are left out)."""
+        for outcome, series in counts.items():
+            mine = self.counts.setdefault(outcome, [0] * self.slots)
+            for slot, n in enumerate(series[: self.slots]):
+                mine[slot] += n
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

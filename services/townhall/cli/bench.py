@@ -1,26 +1,38 @@
-"""`townhall bench`: the benchmarks, each printing a table and writing JSON to --out."""
+"""`townhall bench`: the benchmarks, each printing a table and writing JSON and a PNG plot to --out."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from townhall.bench import audience, auth_cost, ghz, joinstorm_bench, notify, relay
+
+
+def _written(out: Path, name: str) -> None:
+    """Says where the bench's JSON is, and draws its plot beside it when matplotlib is installed."""
+    print(f"JSON written to {out}/{name}.json")
+    try:
+        from townhall.bench import plots
+    except ImportError:  # the [bench] extra is not installed: the figures are in the JSON all the same
+        print("no plot: matplotlib is missing (pip install 'townhall[bench]')")
+        return
+    print(f"plot written to {plots.write(out, name)}")
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Runs the relay fan-out and audience benchmarks (each with its bare-gRPC ceiling in the same run)."""
     relay.run(args.out, args.listeners, args.seconds)
-    print(f"JSON written to {args.out}/relay.json")
+    _written(args.out, "relay")
     # Steps of at most 5 s: the audience bench has a dozen of them (3 chunk intervals).
     audience.run(args.out, seconds=min(args.seconds, 5.0))
-    print(f"JSON written to {args.out}/audience.json")
+    _written(args.out, "audience")
     # What token verification costs per join, with and without the cache.
     auth_cost.run(args.out)
     print(f"JSON written to {args.out}/auth.json")
     # Join storm: ghz generates the load if it is built (.cache/bin), else Python processes.
     joinstorm_bench.run(args.out, joinstorm_bench.Settings(args.storm_seconds, ghz=ghz.find()))
-    print(f"JSON written to {args.out}/joinstorm.json")
+    _written(args.out, "joinstorm")
     # Celebrity notification: 10M followers (--followers) while 100 small hosts start rooms.
     notify.run(args.out, followers=args.followers)
-    print(f"JSON written to {args.out}/notify.json")
+    _written(args.out, "notify")
     return 0
