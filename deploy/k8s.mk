@@ -81,9 +81,6 @@ kind-images: image $(if $(KAFKA_IMAGE_REPO),kafka-image) ## Build the images kin
 print-kind-images: # The images kind-load loads (kind-e2e checks them)
 	@echo $(KIND_IMAGES)
 
-print-kind-cluster: # The kind cluster's name (hack/kind-offline/e2e.sh)
-	@echo $(KIND_CLUSTER)
-
 kind-load: kind ## Load the images Docker has of KIND_IMAGES (Townhall, Kafka, Prometheus) into the kind node(s)
 	@for image in $(KIND_IMAGES); do \
 		if $(DOCKER) image inspect $$image >/dev/null 2>&1; then \

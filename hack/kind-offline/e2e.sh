@@ -2,15 +2,15 @@
 # FOR MACHINES WITHOUT A CONTAINER REGISTRY ONLY (see README.md here): `make kind-e2e` with every image built
 # locally. Assumes ../../../shared/kind-offline has run (start-docker, build-binaries, prep-rootfs,
 # build-node-image: Docker up, kindest/node:v1.34.4-offline, kindoffline/debian-base:bookworm).
-#   1. base-images.sh: the local Python, JRE, Maven and Prometheus images;
-#   2. `make kind-up` with the offline node image, then storage.sh (the provisioner kind's own images carry);
-#   3. `make kind-e2e` pointed at the local images (kind-up is then a no-op).
+#   1. node-image-storage.sh: the offline node image plus the storage provisioner kind's own images carry;
+#   2. base-images.sh: the local Python, JRE, Maven and Prometheus images;
+#   3. `make kind-e2e` pointed at the local images.
 # Extra arguments go to make (e.g. KIND_CLUSTER=...). `make kind-down` afterwards removes the cluster.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd)
 W=${W:-/tmp/kindoffline}
 export PATH=$W/bin:$PATH
-NODE_IMAGE=${NODE_IMAGE:-kindest/node:v1.34.4-offline}
+NODE_IMAGE=${NODE_IMAGE:-kindest/node:v1.34.4-offline-storage}
 # The release install-prometheus.sh builds (Go module v0.3MM.P is Prometheus 3.MM.P), as base-images.sh tags it.
 module=$(sed -n 's/^PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-\(v[0-9.]*\)}"$/\1/p' "$repo/deploy/tools/install-prometheus.sh")
 minor=${module#v0.}; minor=${minor%%.*}
@@ -24,7 +24,6 @@ vars=(
   PROMETHEUS_IMAGE=townhall-local/prometheus:$prom_version
 )
 cd "$repo"
+NODE_IMAGE=$NODE_IMAGE "$here/node-image-storage.sh"
 "$here/base-images.sh"
-make kind-up "${vars[@]}" "$@"
-KIND_CLUSTER=$(make -s print-kind-cluster "$@") "$here/storage.sh"
 make kind-e2e "${vars[@]}" "$@"
