@@ -124,6 +124,6 @@ chart-check: setup helm prometheus ## Lint, render and validate the chart (every
 	for values in $(CHART)/ci/*-values.yaml; do $(HELM) lint --strict $(CHART) -f $$values || exit 1; done
 	$(BIN)/pytest -q tests/chart
 
-kind-down: kind ## Delete the kind cluster and the images kind-e2e built
+kind-down: kind ## Delete the kind cluster and the images kind-images built
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
-	-$(DOCKER) image rm $(KIND_IMAGES) 2>/dev/null
+	-$(DOCKER) image rm $(IMAGE) $(if $(KAFKA_IMAGE_REPO),$(KAFKA_IMAGE)) 2>/dev/null
