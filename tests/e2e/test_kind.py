@@ -291,7 +291,7 @@ async def test_the_kafka_pod_is_force_deleted_and_joins_go_on(
     await during(steps, audience, endpoints, "fault: Kafka pod force-deleted", act)
     down_s = await asyncio.to_thread(wait_ready, deployed, NAMESPACE, INSTANCE, 600)
     steps.add(
-        "joins while Kafka was down", joined[0], True, newcomers=3, broker_ready_again_s=round(down_s, 1)
+        "joins while Kafka was down", joined[0], True, newcomers=3, then_all_ready_in_s=round(down_s, 1)
     )
 
 
