@@ -72,7 +72,9 @@ async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterat
         "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_METRICS_PORT": "0",
-        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka: tickets alone decide
+        # No Kafka: tickets alone decide, and no load reports (else it waits for their topic at start).
+        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
+        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
         "TOWNHALL_TICKETS_PUBLIC_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }
