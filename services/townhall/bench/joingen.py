@@ -80,7 +80,7 @@ class Schedule:
 class _Class:
     """Counts for one class of rooms (hot or cold), inside the measured window."""
 
-    # Outcomes by the second their call started in, for the storm's plot over time.
+    # Outcomes by the second the schedule had their call for (when it was due), for the storm's plot.
     per_second: PerSecond
     sent: int = 0
     unsent: int = 0
