@@ -225,8 +225,14 @@ class Prometheus:
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as response:
                 body = json.load(response)
-        except urllib.error.HTTPError as exc:  # 400/422: bad query, with a JSON error body
-            body = json.load(exc)
+        except urllib.error.HTTPError as exc:
+            # 400/422: a bad query, with a JSON error body; 503 "Service Unavailable" (text) until the
+            # server is ready, which a busy machine makes last long enough to be asked.
+            text = exc.read().decode(errors="replace")
+            try:
+                body = json.loads(text)
+            except ValueError:
+                raise RuntimeError(f"HTTP {exc.code}: {text.strip()[:200]}") from None
         if body.get("status") != "success":
             raise RuntimeError(f"{body.get('errorType', 'error')}: {body.get('error', body)}")
         return body["data"]

@@ -9,9 +9,11 @@ tests/chart/promql.py evaluates everything. The live check on the real topology 
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +183,33 @@ def test_grafana_variables_are_substituted() -> None:
         promql.substitute('x{job="$job"}')
     with pytest.raises(ValueError):
         promql.substitute('x{job="$jobs"}', {"job": "a"})
+
+
+def test_waiting_for_prometheus_outlasts_its_start() -> None:
+    """Until it is ready, Prometheus answers its API with 503 and the text "Service Unavailable" (a busy
+    machine makes that last long enough to be asked): the wait goes on instead of failing on the text."""
+    answers = iter([None, None])  # two "not ready yet", then a ready server's answers
+
+    class Starting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if next(answers, "ready") is None:
+                self.send_response(503)
+                body = b"Service Unavailable"
+            else:
+                self.send_response(200)
+                data: Any = {"activeTargets": [{"scrapeUrl": "http://a/metrics", "health": "up"}]}
+                if self.path.startswith("/api/v1/query"):
+                    data = {"resultType": "vector", "result": [{"metric": {}, "value": [0, "5"]}]}
+                body = json.dumps({"status": "success", "data": data}).encode()
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Starting) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            promql.wait_until_scraped(promql.Prometheus(f"http://127.0.0.1:{server.server_port}"), 30, 2)
+        finally:
+            server.shutdown()

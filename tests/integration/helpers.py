@@ -51,6 +51,13 @@ def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
     return config
 
 
+def dial(address: str, host: str | None = None) -> grpc.aio.Channel:
+    """A channel with a connection of its own (channels to one target share one by default) to the
+    server at `address`, dialled at `host` instead of the address's host if given."""
+    target = f"{host}:{address.rpartition(':')[2]}" if host else address
+    return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
 @asynccontextmanager
 async def serving(app: server.App, config: Config, host: str = "127.0.0.1") -> AsyncIterator[str]:
     """Serves `app` on a free port of `host` (loopback), and its internal port as configured; yields

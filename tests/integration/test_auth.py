@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.helpers import config_for, rpc_error, serving
+from tests.integration.helpers import config_for, dial, rpc_error, serving
 from townhall.admission.app import AdmissionApp
 from townhall.core.auth import HOST, PUBLISH, SUBSCRIBE, bearer, mint
 from townhall.core.config import Config, KafkaConfig
@@ -50,6 +51,7 @@ class Servers:
     admission: grpc.aio.Channel
     notifier: grpc.aio.Channel
     config: Config
+    notifier_address: str
 
     def calls(self, md: Md, room_id: str = "nosuchroom") -> dict[str, Callable[[], Awaitable[Any]]]:
         """Every client RPC of admission and the notifier, made with `md`."""
@@ -103,7 +105,7 @@ async def servers(
         grpc.aio.insecure_channel(admission) as a,
         grpc.aio.insecure_channel(notifier) as n,
     ):
-        yield Servers(a, n, config)
+        yield Servers(a, n, config, notifier)
 
 
 BAD_TOKENS: list[tuple[str, Callable[[], Md], str]] = [
@@ -177,20 +179,30 @@ async def test_tokens_of_both_live_keys_work_and_a_removed_keys_fail(
 
 
 async def test_concurrent_callers_are_never_mixed_up(kafka: KafkaConfig, tmp_path: Path) -> None:
-    """Each call's identity is its own, however many callers the server handles at once."""
+    """Each call's identity is its own, however many callers the server handles at once: 200 users
+    follow one host all at once, over connections of their own (each within the server's calls per
+    connection), and the host's followers are exactly those 200, each once. A call served as another
+    caller would follow twice (created false) and leave its own user out."""
     async with servers(kafka, tmp_path) as s:
-        graph = graph_pb2_grpc.GraphStub(s.notifier)
         host = 8_000_000
-
-        async def follow(user: int) -> bool:
-            reply = await graph.Follow(
-                graph_pb2.FollowRequest(followee_id=host), metadata=signed(NEW, user, ())
-            )
-            return reply.created
-
         users = list(range(host + 1, host + 201))
-        assert all(await asyncio.gather(*(follow(u) for u in users)))
-        listed = await graph.ListFollowers(
+        per_connection = s.config.server.max_calls_per_connection // 2
+        channels = [dial(s.notifier_address) for _ in range(math.ceil(len(users) / per_connection))]
+        try:
+
+            async def follow(user: int) -> bool:
+                graph = graph_pb2_grpc.GraphStub(channels[(user - host) % len(channels)])
+                reply = await graph.Follow(
+                    graph_pb2.FollowRequest(followee_id=host), metadata=signed(NEW, user, ())
+                )
+                return reply.created
+
+            created = await asyncio.gather(*(follow(u) for u in users))
+        finally:
+            for channel in channels:
+                await channel.close()
+        assert len(channels) > 1 and all(created)
+        listed = await graph_pb2_grpc.GraphStub(s.notifier).ListFollowers(
             graph_pb2.ListFollowersRequest(user_id=host, limit=1000), metadata=signed(NEW, host, ())
         )
         assert list(listed.follower_ids) == users

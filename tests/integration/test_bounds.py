@@ -28,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.integration.helpers import TOKENS, config_for, join_outcome, rpc_error, serving
+from tests.integration.helpers import TOKENS, config_for, dial, join_outcome, rpc_error, serving
 from townhall.admission.app import AdmissionApp
 from townhall.core.auth import GRANTS, bearer, mint
 from townhall.core.config import DEV_USER_KEY, Config, KafkaConfig
@@ -71,13 +71,6 @@ def _config(kafka: KafkaConfig, tmp_path: Path, **sections: dict[str, Any]) -> C
     )
 
 
-def _dial(address: str, host: str) -> grpc.aio.Channel:
-    """A channel with a connection of its own (channels to one target share one by default) to the
-    server at `address`, dialled from the client address `host`."""
-    target = f"{host}:{address.rpartition(':')[2]}"
-    return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
 async def _never() -> AsyncIterator[bytes]:
     """A request stream that sends nothing and never half-closes."""
     await asyncio.Event().wait()
@@ -117,8 +110,8 @@ async def test_open_streams_and_stalled_calls_from_one_address_lock_nobody_out_o
     health_port = free_port()
     config = _config(kafka, tmp_path, server={"health_port": health_port})  # admission's defaults otherwise
     async with serving(AdmissionApp(config), config, host="[::]") as address:
-        attacker = [_dial(address, V4) for _ in range(10)]
-        user = _dial(address, V6)
+        attacker = [dial(address, V4) for _ in range(10)]
+        user = dial(address, V6)
         probes = grpc.aio.insecure_channel(f"{V4}:{health_port}")
         prober = Prober(lambda: [], 1.0, 5.0, 2)
         held: list[Any] = []
@@ -204,8 +197,8 @@ async def test_streams_are_bounded_per_connection_and_per_address(
 ) -> None:
     config = _config(kafka, tmp_path, server={"max_calls_per_connection": 20, "max_calls_per_address": 50})
     async with serving(build(config), config, host="[::]") as address:
-        channels = [_dial(address, V4) for _ in range(4)]
-        other = _dial(address, V6)
+        channels = [dial(address, V4) for _ in range(4)]
+        other = dial(address, V6)
         calls: list[Any] = []
         try:
             # One connection: 30 streams, 20 stay open.
@@ -303,8 +296,8 @@ async def test_garbage_tokens_do_not_use_up_the_budget_of_users_behind_the_same_
     config = _config(kafka, tmp_path, limits=limits)
     async with (
         serving(AdmissionApp(config), config, host="[::]") as address,
-        _dial(address, V4) as shared,
-        _dial(address, V6) as elsewhere,
+        dial(address, V4) as shared,
+        dial(address, V6) as elsewhere,
     ):
         rooms = rooms_pb2_grpc.RoomsStub(elsewhere)
         md = TOKENS.metadata(7_600_000)

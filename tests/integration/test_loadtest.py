@@ -29,13 +29,17 @@ async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: Kafk
         load = Load((address,), hot, 200.0, tuple(colds), 30.0, seconds=2.0, warmup_s=0.5, generators=1)
         figures = await offer(load, [os.getpid()], "test", Console(quiet=True))
     for kind, rate in (("hot", 200.0), ("cold", 30.0)):
-        assert figures[kind]["sent_per_s"] == pytest.approx(rate, rel=0.2), "arrivals follow the schedule"
+        # Every arrival the schedule has in the measured window, however late the generator started or
+        # ran on a busy machine (the schedule decides, not the clock: bench/joingen.py).
+        assert (figures[kind]["sent_per_s"], figures[kind]["unsent"]) == (rate, 0), (
+            "arrivals follow the schedule"
+        )
         assert figures[kind]["granted_per_s"] > 0
         assert figures[kind]["p99_ms"] is not None
-        # Every measured call counted in the second it started (what joinstorm.png plots).
+        # Every measured call counted in the second it was due (what joinstorm.png plots).
         per_second = figures[kind]["per_second"]
         assert all(len(series) == 2 for series in per_second.values())
-        assert sum(map(sum, per_second.values())) == pytest.approx(figures[kind]["sent_per_s"] * 2.0, abs=1)
+        assert sum(map(sum, per_second.values())) == rate * load.seconds
     assert figures["admitted_per_s"] > 0 and figures["generator_cpu_cores"] >= 0
 
 

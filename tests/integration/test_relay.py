@@ -72,7 +72,9 @@ async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterat
         "TOWNHALL_RELAY_LISTEN": "127.0.0.1:0",
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_METRICS_PORT": "0",
-        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka: tickets alone decide
+        # No Kafka: tickets alone decide, and no load reports (else it waits for their topic at start).
+        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
+        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
         "TOWNHALL_TICKETS_PUBLIC_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }
@@ -451,15 +453,42 @@ async def test_bad_publish_requests_get_a_clear_status() -> None:
                 assert needle in (error.value.details() or ""), (name, error.value.details())
 
 
+class HeldClock:
+    """time.monotonic, except while held: then the instant it was held at."""
+
+    def __init__(self) -> None:
+        self.held: float | None = None
+
+    def __call__(self) -> float:
+        return time.monotonic() if self.held is None else self.held
+
+
 async def test_a_speaker_flooding_frames_is_cut_and_the_other_speakers_go_on() -> None:
     # 50 frames/s in bursts of 25: a speaker at real-time pace never comes near it.
     async with relay(max_frames_per_s="50", frame_burst_s="0.5") as r:
+        # The frame budgets' clock is held while the flood arrives, so its frames count as arriving at
+        # once however the machine schedules their reads (a refill every 20 ms would otherwise let a
+        # 26th frame through when the reads spread over more than that).
+        clock = HeldClock()
+        r.app.servicer.clock = clock
         listener = r.stub().Subscribe(
             SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
         )
         await wait_for(lambda: r.app.hub.room(ROOM) is not None)
-        stop = asyncio.Event()
-        steady = r.stub().Publish(frames(500, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER))
+        speaking, stop = asyncio.Event(), asyncio.Event()
+        speaking.set()
+
+        async def real_time() -> AsyncIterator[AudioFrame]:
+            """A speaker's frames, 20 ms apart or more (it pauses while `speaking` is clear)."""
+            for seq in range(500):
+                await speaking.wait()
+                if stop.is_set():
+                    return
+                yield AudioFrame(sequence=seq, capture_ts_us=now_us(), payload=bytes([seq % 256]) * 60)
+                await asyncio.sleep(0.02)
+
+        steady = r.stub().Publish(real_time(), metadata=r.ticket(1, Role.ROLE_SPEAKER))
+        heard = await read_until(listener, lambda c: any(f.speaker_id == 1 for x in c for f in x.frames))
 
         async def flooding() -> AsyncIterator[AudioFrame]:
             async for frame in frames(26, interval_s=0.0):  # the burst and one more
@@ -468,14 +497,18 @@ async def test_a_speaker_flooding_frames_is_cut_and_the_other_speakers_go_on() -
             # grpc/grpc#36066, as `townhall.client.publish_status` explains).
             await asyncio.sleep(TIMEOUT)
 
+        speaking.clear()  # the steady speaker's frames are not read on the held clock
+        clock.held = time.monotonic()
         flood = r.stub().Publish(flooding(), metadata=r.ticket(2, Role.ROLE_SPEAKER))
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(flood, TIMEOUT)
+        clock.held = None
+        speaking.set()
         cut_at = now_us()
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "at most 50 frames/s in bursts of 25" in (error.value.details() or "")
         # The steady speaker is heard after the flood was cut, every frame in order.
-        heard = await read_until(
+        heard += await read_until(
             listener,
             lambda c: any(f.speaker_id == 1 and f.capture_ts_us > cut_at for x in c for f in x.frames),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from townhall.core.auth import (
     GRANTS,
     Authenticator,
+    Metadata,
     Principal,
     Tokens,
     bearer,
@@ -66,29 +68,31 @@ def _unsigned() -> str:
     )
 
 
+# Tokens are minted when each case runs, never at import: a suite that runs long enough before these
+# would find them expired and test the expiry instead.
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        ((), "metadata authorization is required: 'Bearer <JWT>'"),
-        ((("authorization", "Basic dXNlcjpwYXNz"),), "must be 'Bearer <JWT>'"),
-        ((("townhall-user", "42"),), r"user token \(townhall-user is no longer accepted\)"),
-        (bearer("not-a-jwt"), "token is not a JWT"),
-        (bearer("e30.e30.e30"), "token has no kid"),
-        (bearer(_without_kid()), "token has no kid .* keys k1, k2"),
-        (bearer(token("k3=" + "a" * 40)), "key id 'k3' is not known here .* rotated out"),
-        (bearer(token("k1=" + "z" * 40)), "signature does not verify with key 'k1'"),
-        (bearer(token(ttl_s=-120)), r"token has expired at .* UTC \(\d+ s ago\)"),
-        (bearer(_unsigned()), "says alg 'none', but key 'k1' is for HS256"),
-        (bearer(token(user=0)), "token sub must be a user id"),
+        (lambda: (), "metadata authorization is required: 'Bearer <JWT>'"),
+        (lambda: (("authorization", "Basic dXNlcjpwYXNz"),), "must be 'Bearer <JWT>'"),
+        (lambda: (("townhall-user", "42"),), r"user token \(townhall-user is no longer accepted\)"),
+        (lambda: bearer("not-a-jwt"), "token is not a JWT"),
+        (lambda: bearer("e30.e30.e30"), "token has no kid"),
+        (lambda: bearer(_without_kid()), "token has no kid .* keys k1, k2"),
+        (lambda: bearer(token("k3=" + "a" * 40)), "key id 'k3' is not known here .* rotated out"),
+        (lambda: bearer(token("k1=" + "z" * 40)), "signature does not verify with key 'k1'"),
+        (lambda: bearer(token(ttl_s=-120)), r"token has expired at .* UTC \(\d+ s ago\)"),
+        (lambda: bearer(_unsigned()), "says alg 'none', but key 'k1' is for HS256"),
+        (lambda: bearer(token(user=0)), "token sub must be a user id"),
         (
-            bearer(SigningKey("k1", "a" * 40).sign('{"sub":"007","exp":9999999999}')),
+            lambda: bearer(SigningKey("k1", "a" * 40).sign('{"sub":"007","exp":9999999999}')),
             "token sub must be a user id",
         ),
         (
-            bearer(SigningKey("k1", "a" * 40).sign('{"sub":42,"exp":9999999999}')),
+            lambda: bearer(SigningKey("k1", "a" * 40).sign('{"sub":42,"exp":9999999999}')),
             "token is not valid: .*string",
         ),
-        (bearer("x" * 5000), "5000 bytes"),
+        (lambda: bearer("x" * 5000), "5000 bytes"),
     ],
     ids=[
         "missing",
@@ -107,9 +111,11 @@ def _unsigned() -> str:
         "too long",
     ],
 )
-def test_a_bad_token_is_unauthenticated_and_says_what_is_wrong(metadata: Any, message: str) -> None:
+def test_a_bad_token_is_unauthenticated_and_says_what_is_wrong(
+    metadata: Callable[[], Metadata], message: str
+) -> None:
     with pytest.raises(Unauthenticated, match=message):
-        auth().principal(metadata)
+        auth().principal(metadata())
 
 
 def test_a_token_with_claims_edited_after_signing_is_refused() -> None:

@@ -1,8 +1,10 @@
 """Service credentials: bound to the caller, the member called and the method; short-lived; reused."""
 
+from collections.abc import Callable
+
 import pytest
 
-from townhall.core.auth import AUTHORIZATION, SERVICE_KEY, Authenticator, bearer
+from townhall.core.auth import AUTHORIZATION, SERVICE_KEY, Authenticator, Metadata, bearer
 from townhall.core.config import AuthConfig
 from townhall.core.credentials import SERVICE_TTL_S, ServiceCredential, callers
 from townhall.core.errors import PermissionDenied, Unauthenticated
@@ -31,30 +33,36 @@ def test_a_credential_names_its_caller_and_is_accepted_for_its_member_and_method
     assert (verified.kind, verified.member) == ("admission", "10.0.0.1:50071")
 
 
+# Credentials live a minute: each case mints its own when it runs, never at import (a suite that runs
+# other tests first would find them expired and test the expiry instead).
 @pytest.mark.parametrize(
     ("metadata", "error", "message"),
     [
-        ((), Unauthenticated, "townhall-service .* is required"),
-        (bearer("a-user-token"), Unauthenticated, "townhall-service .* is required"),
-        (((SERVICE_KEY, "garbage"),), Unauthenticated, "not a JWT"),
+        (lambda: (), Unauthenticated, "townhall-service .* is required"),
+        (lambda: bearer("a-user-token"), Unauthenticated, "townhall-service .* is required"),
+        (lambda: ((SERVICE_KEY, "garbage"),), Unauthenticated, "not a JWT"),
         (
-            member(keys=("svc=" + "x" * 40,)).credential.metadata(ME, ACQUIRE),
+            lambda: member(keys=("svc=" + "x" * 40,)).credential.metadata(ME, ACQUIRE),
             Unauthenticated,
             "does not verify",
         ),
         (
-            member(keys=("other=" + "s" * 40,)).credential.metadata(ME, ACQUIRE),
+            lambda: member(keys=("other=" + "s" * 40,)).credential.metadata(ME, ACQUIRE),
             Unauthenticated,
             "'other' is not known",
         ),
-        (member().credential.metadata("10.0.0.9:50071", ACQUIRE), PermissionDenied, "not for this call"),
         (
-            member().credential.metadata(ME, "/townhall.v1.Owner/CreateRoom"),
+            lambda: member().credential.metadata("10.0.0.9:50071", ACQUIRE),
             PermissionDenied,
             "not for this call",
         ),
         (
-            member("relay").credential.metadata(ME, ACQUIRE),
+            lambda: member().credential.metadata(ME, "/townhall.v1.Owner/CreateRoom"),
+            PermissionDenied,
+            "not for this call",
+        ),
+        (
+            lambda: member("relay").credential.metadata(ME, ACQUIRE),
             PermissionDenied,
             "takes calls from admission, not from relay@",
         ),
@@ -71,10 +79,10 @@ def test_a_credential_names_its_caller_and_is_accepted_for_its_member_and_method
     ],
 )
 def test_a_credential_for_anything_else_is_refused_saying_why(
-    metadata: object, error: type, message: str
+    metadata: Callable[[], Metadata], error: type, message: str
 ) -> None:
     with pytest.raises(error, match=message):
-        check()(metadata)  # type: ignore[operator]
+        check()(metadata())  # type: ignore[operator]
 
 
 def test_the_credential_is_short_lived_and_reused_until_half_its_life_is_gone() -> None:

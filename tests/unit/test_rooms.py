@@ -2,7 +2,9 @@
 
 import pytest
 
-from townhall.admission.rooms import RoomBook, role_of
+from townhall.admission import rooms
+from townhall.admission.rooms import RoomBook, new_room_id, role_of, room_id_for
+from townhall.core import validation
 from townhall.core.errors import FailedPrecondition, NotFound, PermissionDenied
 from townhall.v1.common_pb2 import Role, RoomState
 
@@ -124,3 +126,17 @@ def test_a_never_started_room_expires_into_ended_and_a_started_one_does_not() ->
     assert (expired.state, expired.ended_at_ms, expired.version) == (RoomState.ROOM_STATE_ENDED, 9_000, 2)
     book.apply(book.started(room_id, HOST, now_ms=2_000))
     assert book.expired(room_id, now_ms=9_000) is book.get(room_id)
+
+
+def test_a_fresh_room_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A room id is typed on command lines (`townhall room start ID`), where "-..." is taken for an option."""
+    draws = iter([b"\xf8" + bytes(11), bytes(12)])  # the first would be "-AAA..."
+    monkeypatch.setattr(rooms.secrets, "token_bytes", lambda n: next(draws))
+    assert new_room_id() == "A" * 16
+
+
+def test_idempotent_room_ids_never_start_with_a_dash_and_stay_the_same() -> None:
+    ids = [room_id_for(HOST, f"key-{i}") for i in range(2_000)]  # 1 in 64 hashes starts with "-"
+    assert not [i for i in ids if i.startswith("-")]
+    assert ids == [room_id_for(HOST, f"key-{i}") for i in range(2_000)], "the same id on every attempt"
+    assert len(set(ids)) == len(ids) and all(validation.room_id(i) for i in ids)

@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -31,16 +32,35 @@ from townhall.core.tickets import TicketVerifier
 from townhall.core.tokens import accept_hs256
 
 SECRET = b"k" * 40
-NOW = int(time.time())  # claims are drawn around the real clock, which PyJWT reads
 HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","kid":"k1","typ":"JWT"}').rstrip(b"=").decode()
+
+
+@dataclass(frozen=True)
+class At:
+    """A time claim drawn as an offset from the clock when the example runs (PyJWT reads the real
+    clock): drawn at import, a suite running long before this would leave every token expired."""
+
+    offset: float
+    text: bool = False
+
+    def at(self, now: int) -> Any:
+        """The claim's value at `now`: a number, or its text."""
+        value = now + self.offset
+        return str(value) if self.text else value
+
+
+def at(claims: dict[str, Any], now: int) -> dict[str, Any]:
+    """`claims` with every At replaced by its value at `now`."""
+    return {name: value.at(now) if isinstance(value, At) else value for name, value in claims.items()}
+
 
 claim_values = st.one_of(
     st.none(),
-    st.integers(min_value=NOW - 100, max_value=NOW + 100),
-    st.floats(min_value=NOW - 100, max_value=NOW + 100),
+    st.integers(min_value=-100, max_value=100).map(At),
+    st.floats(min_value=-100, max_value=100).map(At),
     st.sampled_from(["townhall", "idp", ["townhall"], ["x", "townhall"], [1, "townhall"]]),
     st.text(max_size=8),
-    st.just(str(NOW + 50)),
+    st.just(At(50, text=True)),
     st.booleans(),
     st.lists(st.text(max_size=4), max_size=3),
 )
@@ -50,8 +70,8 @@ _NAMES = ["exp", "iat", "nbf", "sub", "jti", "aud", "iss", "grants"]
 @st.composite
 def claims_strategy(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly good claims (so tampering is tried on tokens that would pass), each member maybe replaced
-    or removed."""
-    claims: dict[str, Any] = {"sub": "42", "exp": NOW + 3600, "iat": NOW - 5, "grants": ["subscribe"]}
+    or removed; times are At offsets."""
+    claims: dict[str, Any] = {"sub": "42", "exp": At(3600), "iat": At(-5), "grants": ["subscribe"]}
     for name in draw(st.lists(st.sampled_from(_NAMES), max_size=3, unique=True)):
         value = draw(claim_values)
         if value is None and draw(st.booleans()):
@@ -89,6 +109,7 @@ def _token(claims: dict[str, Any], secret: bytes = SECRET) -> str:
 def test_the_shortcut_accepts_only_what_pyjwt_accepts_and_with_the_same_claims(
     claims: dict[str, Any], audience: str | None, issuer: str | None, leeway: int, tamper: str
 ) -> None:
+    claims = at(claims, int(time.time()))
     token = _token(claims, secret=b"other" * 8 if tamper == "secret" else SECRET)
     if tamper == "signature":
         token = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
@@ -114,16 +135,18 @@ def test_the_shortcut_accepts_only_what_pyjwt_accepts_and_with_the_same_claims(
 @pytest.mark.parametrize(
     ("claims", "audience", "issuer"),
     [
-        ({"sub": "42", "exp": NOW + 3600, "iat": NOW, "grants": ["subscribe"]}, None, None),
-        ({"sub": "42", "exp": NOW + 3600, "aud": "townhall", "iss": "idp"}, "townhall", "idp"),
-        ({"sub": "42", "exp": NOW + 3600, "aud": ["other", "townhall"]}, "townhall", None),
+        ({"sub": "42", "exp": At(3600), "iat": At(0), "grants": ["subscribe"]}, None, None),
+        ({"sub": "42", "exp": At(3600), "aud": "townhall", "iss": "idp"}, "townhall", "idp"),
+        ({"sub": "42", "exp": At(3600), "aud": ["other", "townhall"]}, "townhall", None),
     ],
 )
 def test_plain_good_tokens_take_the_shortcut(
     claims: dict[str, Any], audience: str | None, issuer: str | None
 ) -> None:
+    now = int(time.time())
+    claims = at(claims, now)
     token = _token(claims)
-    assert accept_hs256(token, SECRET, ["exp", "sub"], audience, issuer, 0, now=NOW) == claims
+    assert accept_hs256(token, SECRET, ["exp", "sub"], audience, issuer, 0, now=now) == claims
     assert _pyjwt(token, ["exp", "sub"], audience, issuer, 0) == claims
 
 
@@ -216,9 +239,10 @@ def test_a_malformed_token_or_ticket_is_unauthenticated_with_a_message_on_both_p
     wrong types: a refusal saying what is wrong, never another exception (which a server answers INTERNAL).
     User tokens go through the HS256 shortcut and PyJWT (a plain header takes the shortcut first),
     tickets (ES256) through PyJWT."""
-    user_payload = json.dumps({"sub": "42", "exp": NOW + 3600, "grants": ["subscribe"]}).encode()
+    expires = int(time.time()) + 3600
+    user_payload = json.dumps({"sub": "42", "exp": expires, "grants": ["subscribe"]}).encode()
     ticket_payload = json.dumps(
-        {"sub": "42", "room": "r1", "role": 3, "aud": _RELAY, "exp": NOW + 3600}
+        {"sub": "42", "room": "r1", "role": 3, "aud": _RELAY, "exp": expires}
     ).encode()
     user_secret = _USER_SECRET.encode()
     cases = [

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import secrets
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from townhall.core.validation import MAX_LISTENER_LIMIT as MAX_LISTENER_LIMIT
@@ -15,8 +15,8 @@ from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, ROLE_S
 
 
 def new_room_id() -> str:
-    """A fresh room id: 16 URL-safe characters (96 random bits)."""
-    return secrets.token_urlsafe(12)
+    """A fresh room id: 16 URL-safe characters (96 random bits), never starting with '-'."""
+    return _room_id(lambda _: secrets.token_bytes(12))
 
 
 def room_id_for(host: int, request_id: str) -> str:
@@ -25,8 +25,21 @@ def room_id_for(host: int, request_id: str) -> str:
     16 URL-safe characters like a fresh id; the host is part of the hash, so two hosts using the
     same key get different rooms.
     """
-    digest = hashlib.blake2b(f"{host}\x00{request_id}".encode(), digest_size=12).digest()
-    return base64.urlsafe_b64encode(digest).decode()
+    key = f"{host}\x00{request_id}"
+    return _room_id(
+        lambda attempt: hashlib.blake2b(
+            f"{key}\x00{attempt}".encode() if attempt else key.encode(), digest_size=12
+        ).digest()
+    )
+
+
+def _room_id(draw: Callable[[int], bytes]) -> str:
+    """The base64url text of the first of `draw(0)`, `draw(1)`, ... whose text does not start with '-':
+    a command line would take such an id for an option (`townhall room start -x...`)."""
+    attempt = 0
+    while (text := base64.urlsafe_b64encode(draw(attempt)).decode()).startswith("-"):
+        attempt += 1
+    return text
 
 
 class RoomBook:

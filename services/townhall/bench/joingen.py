@@ -3,6 +3,9 @@
 Runs in a child process (multiprocessing, spawn) so its CPU is its own. Arrivals are started on
 schedule as tasks; a slow server makes calls pile up in flight, not arrivals slow down. Past
 `max_inflight` an arrival is counted as unsent (the generator, not the server, is then the limit).
+Which arrivals a run sends, and which of them are measured, is the schedule's (`Schedule`), not the
+clock's when the loop gets to them: a generator that starts late or is descheduled on a busy machine
+sends what fell due meanwhile at once, each counted in the part of the run it was due in.
 Protocol on the pipe: child sends ("progress", counts) twice a second, then ("result", dict).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -50,11 +54,33 @@ class Spec:
     hot_addresses: tuple[str, ...] = ()
 
 
+class Schedule:
+    """The arrivals of one class of rooms: arrival k (0, 1, ...) is due k/rate seconds after the start.
+    A run sends those due before warmup_s + seconds, and measures those due from warmup_s on."""
+
+    def __init__(self, rate: float, warmup_s: float, seconds: float) -> None:
+        self.rate = rate
+        self.sent = 0
+        self._measured_from = math.ceil(warmup_s * rate)
+        self._end = math.ceil((warmup_s + seconds) * rate)
+
+    def due(self, elapsed_s: float) -> range:
+        """The arrivals due by `elapsed_s` seconds after the start that were not handed out before."""
+        upto = min(math.floor(elapsed_s * self.rate) + 1, self._end)
+        arrivals = range(self.sent, upto)
+        self.sent = max(self.sent, upto)
+        return arrivals
+
+    def measured_at(self, arrival: int) -> float | None:
+        """Seconds after the start `arrival` is due if that is in the measured window; None in the warmup."""
+        return arrival / self.rate if arrival >= self._measured_from else None
+
+
 @dataclass
 class _Class:
     """Counts for one class of rooms (hot or cold), inside the measured window."""
 
-    # Outcomes by the second their call started in, for the storm's plot over time.
+    # Outcomes by the second the schedule had their call for (when it was due), for the storm's plot.
     per_second: PerSecond
     sent: int = 0
     unsent: int = 0
@@ -96,17 +122,16 @@ class _Generator:
         self.channels += channels
         return [ch.unary_unary(METHOD) for ch in channels]
 
-    async def call(self, kind: str, request: bytes) -> None:
+    async def call(self, kind: str, request: bytes, due: float | None) -> None:
+        """One join; counted if `due` (the Unix time the schedule had it for) is in the measured window."""
         self.user += 1
         # Every arrival is a new user with a token of its own, as in a real storm: the server verifies
         # each one (no cache hit), which is the join's full cost.
         metadata = ((AUTHORIZATION, f"Bearer {self.tokens.mint(self.user, (SUBSCRIBE,))}"),)
         calls = self.calls[kind]
         call = calls[self.user % len(calls)]
-        started_at = time.time()
-        measured = started_at >= self.measure_from
         counts = self.classes[kind]
-        if measured:
+        if due is not None:
             counts.sent += 1
         start = time.perf_counter()
         self.inflight += 1
@@ -117,18 +142,20 @@ class _Generator:
             outcome = "shed" if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else error.code().name
         finally:
             self.inflight -= 1
-        if measured:
+        if due is not None:
             elapsed_us = int((time.perf_counter() - start) * 1e6)
             counts.outcomes[outcome] = counts.outcomes.get(outcome, 0) + 1
             counts.latency.add_us(elapsed_us)
-            counts.per_second.add(started_at, outcome)
+            counts.per_second.add(due, outcome)  # in the second the schedule had it for
 
-    def launch(self, kind: str, request: bytes) -> None:
+    def launch(self, kind: str, request: bytes, at: float | None) -> None:
+        """Starts an arrival's join; `at`: seconds after the start it is due, None in the warmup."""
+        due = None if at is None else self.spec.start_at + at
         if self.inflight >= self.spec.max_inflight:
-            if time.time() >= self.measure_from:
+            if due is not None:
                 self.classes[kind].unsent += 1
             return
-        task = asyncio.get_running_loop().create_task(self.call(kind, request))
+        task = asyncio.get_running_loop().create_task(self.call(kind, request, due))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -138,17 +165,20 @@ class _Generator:
         colds = [JoinRequest(room_id=r).SerializeToString() for r in spec.cold_rooms]
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         end = spec.start_at + spec.warmup_s + spec.seconds
-        launched_hot = launched_cold = 0
+        hot_arrivals = Schedule(spec.hot_rate, spec.warmup_s, spec.seconds)
+        cold_arrivals = Schedule(spec.cold_rate, spec.warmup_s, spec.seconds)
         next_progress = time.time()
-        while (now := time.time()) < end:
+        while True:
+            now = time.time()
             elapsed = now - spec.start_at
-            # Open loop: everything due by now is started now, however the earlier calls went.
-            for _ in range(int(elapsed * spec.hot_rate) - launched_hot):
-                launched_hot += 1
-                self.launch("hot", hot)
-            for _ in range(int(elapsed * spec.cold_rate) - launched_cold):
-                launched_cold += 1
-                self.launch("cold", colds[launched_cold % len(colds)])
+            # Open loop: everything due by now is started now, however the earlier calls went; a last
+            # turn at or past the end starts what fell due before it.
+            for arrival in hot_arrivals.due(elapsed):
+                self.launch("hot", hot, hot_arrivals.measured_at(arrival))
+            for arrival in cold_arrivals.due(elapsed):
+                self.launch("cold", colds[arrival % len(colds)], cold_arrivals.measured_at(arrival))
+            if now >= end:
+                break
             if now >= next_progress:
                 next_progress = now + 0.5
                 conn.send(("progress", self.progress()))

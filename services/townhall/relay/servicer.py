@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from townhall.core import limits, logging, validation
 from townhall.core.config import RelayConfig
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from townhall.core.identity import service_caller
+from townhall.core.ratelimit import Buckets
 from townhall.core.tickets import TICKET_KEY, Ticket, TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import Room, Subscriber
@@ -43,7 +44,12 @@ class RelayServicer:
     """Publish and Subscribe: ticket and frame checks around the hub."""
 
     def __init__(
-        self, hub: Hub, tickets: TicketVerifier, config: RelayConfig, guard: Guard | None = None
+        self,
+        hub: Hub,
+        tickets: TicketVerifier,
+        config: RelayConfig,
+        guard: Guard | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._hub = hub
         # What the room says since the ticket was issued (relay/guard.py); empty without room-state.
@@ -54,6 +60,8 @@ class RelayServicer:
         self._capacity = config.listener_capacity
         self._frames_per_s = config.max_frames_per_s
         self._frame_burst = max(1.0, config.max_frames_per_s * config.frame_burst_s)
+        # The clock the streams' frame budgets read (a test may hold it still).
+        self.clock = clock
 
     async def publish(self, requests: AsyncIterator[AudioFrame], context: grpc.aio.ServicerContext) -> Any:
         """A speaker's frames go into the room's next chunks; returns how many were accepted."""
@@ -72,11 +80,8 @@ class RelayServicer:
         room = self._hub.join_publisher(ticket.room_id)
         log.info("publisher joined", room=ticket.room_id, user=ticket.user_id)
         accepted = 0
-        # The stream's frame budget, a GCRA: each frame moves `due` on by one interval; a frame
-        # that finds `due` more than the burst ahead of now is over it.
-        interval = 1.0 / self._frames_per_s
-        tolerance = self._frame_burst * interval
-        due = 0.0
+        # The stream's frame budget: a token bucket of its own (one key), full when the stream opens.
+        budget = Buckets(self._frames_per_s, self._frame_burst, max_keys=2, clock=self.clock)
         try:
             # Headers at once: the speaker knows its frames are taken from now on.
             await context.send_initial_metadata(())
@@ -88,16 +93,16 @@ class RelayServicer:
                         "relay is shutting down; join again and publish to the new relay",
                         trailers=((REASON_KEY, DRAINING),),
                     )
-                now = time.monotonic()
-                due = max(due, now) + interval
-                if due - now > tolerance:
+                over = budget.take(ticket.user_id)
+                if over:
                     metrics.FRAMES_REJECTED.inc()
                     raise ResourceExhausted(
                         f"frames arrive faster than this relay takes from one stream: at most "
                         f"{self._frames_per_s:g} frames/s in bursts of {self._frame_burst:g} "
                         "(a speaker sends one 20 ms frame at a time)",
-                        retry_after_ms=round(1000 * (due - now - tolerance)),
+                        retry_after_ms=round(1000 * over),
                     )
+                now = time.monotonic()
                 wall = wall_us()
                 self._check(frame, ticket.user_id, wall)
                 if watch.muted:
