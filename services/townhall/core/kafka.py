@@ -20,7 +20,7 @@ from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, RecordVerifier
 from townhall.core.records import REASONS, RECORDS_SKIPPED, Reader, Record, guarded
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
@@ -360,7 +360,7 @@ class Follower:
     async def start(self) -> None:
         """Connects (raising if Kafka cannot be reached), then follows in the background."""
         self._consumer = await self._connect()
-        self._task = asyncio.create_task(self._run(), name=self._name)
+        self._task = supervise(self._run(), self._name)
 
     async def close(self) -> None:
         """Stops following."""
@@ -448,7 +448,7 @@ class EventQueue:
 
     def start(self) -> None:
         """Starts the background sender."""
-        self._task = asyncio.create_task(self._run(), name="event-queue")
+        self._task = supervise(self._run(), "event-queue")
 
     async def close(self, flush_s: float = 5.0) -> None:
         """Sends what is queued (within flush_s), then stops."""

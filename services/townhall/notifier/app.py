@@ -23,7 +23,7 @@ from townhall.core.kafka import (
     wait_for_topics,
 )
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import Hub
@@ -286,9 +286,7 @@ class NotifierApp:
             await self.store.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-        task.add_done_callback(_report_exit)
-        self._tasks.append(task)
+        self._tasks.append(supervise(work, name))
 
 
 def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
@@ -301,8 +299,3 @@ def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
         max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
         max_request_size=2 * 1024 * 1024,
     )
-
-
-def _report_exit(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background loop died", task=task.get_name(), exc_info=task.exception())
