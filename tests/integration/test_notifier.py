@@ -20,10 +20,9 @@ from prometheus_client import REGISTRY
 from tests.integration.helpers import metadata
 from townhall.core import server
 from townhall.core.config import DEV_ENV, KafkaConfig, load
-from townhall.core.kafka import Topics, producer
+from townhall.core.kafka import Topics, end_offsets, producer
 from townhall.devtools.events import publish_room_started
 from townhall.notifier.app import NotifierApp, build_app
-from townhall.notifier.inbox_reader import from_end
 from townhall.notifier.records import decode_batch
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
@@ -145,12 +144,13 @@ async def connected(n: Notifier, *user_ids: int) -> AsyncIterator[list[Inbox]]:
 async def notifications_topic(kafka: KafkaConfig) -> AsyncIterator[AIOKafkaConsumer]:
     """A group-less reader of the notifications topic, positioned at its current end."""
     topic = Topics(kafka.topic_prefix).notifications
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, metadata_max_age_ms=5_000
-    )
+    positions = await end_offsets(kafka, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        await asyncio.wait_for(from_end(consumer), WAIT_S)
+        consumer.assign(list(positions))
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)
         yield consumer
     finally:
         await consumer.stop()

@@ -15,18 +15,21 @@ from typing import Any
 import grpc
 import jwt
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from townhall.core import config as config_module
 from townhall.core import server
 from townhall.core.config import DEV_SERVICE_KEY
 from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.relay import app as relay_app
 from townhall.relay.app import RelayApp
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk, SubscribeRequest
 
 ADVERTISE = "relay-under-test:7000"
+SERVING = health_pb2.HealthCheckResponse.SERVING
 ROOM = "room-1"
 TIMEOUT = 5.0
 
@@ -555,3 +558,51 @@ async def test_ticket_keys_rotate_two_live_keys_and_a_removed_key_is_refused() -
             await asyncio.wait_for(call.read(), TIMEOUT)
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "key id 'old' is not known" in (error.value.details() or "")
+
+
+def _expiry_fails(app: RelayApp) -> None:
+    def fails(_now_ms: int) -> int:
+        raise RuntimeError("expiry broke")
+
+    app.guard.expire = fails  # type: ignore[method-assign]
+
+
+async def test_a_background_loop_that_dies_turns_health_not_serving_and_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_app, "EXPIRE_EVERY_S", 0.05)
+    before = REGISTRY.get_sample_value("townhall_task_failures_total", {"task": "relay-expiry"}) or 0.0
+    async with relay(load_report_ms="0") as handle:  # no Kafka
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
+        handle.channels.append(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+        _expiry_fails(handle.app)
+        deadline = time.monotonic() + 5.0
+        while (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING:
+            assert time.monotonic() < deadline, "health still SERVING after its expiry loop died"
+            await asyncio.sleep(0.05)
+        for service in ("", "townhall.v1.Relay"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    after = REGISTRY.get_sample_value("townhall_task_failures_total", {"task": "relay-expiry"})
+    assert after == before + 1
+
+
+async def test_a_served_process_whose_loop_died_drains_and_stops_with_task_died(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_app, "EXPIRE_EVERY_S", 0.05)
+    env = {
+        "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
+        "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
+        "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
+        "TOWNHALL_TICKETS_PUBLIC_KEYS": TICKET_KEYS,
+        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka
+        "TOWNHALL_SERVER_DRAIN_NOTICE_MS": "0",
+    }
+    config = config_module.load(env=env)
+    app = RelayApp(config)
+    _expiry_fails(app)
+    with pytest.raises(server.TaskDied, match="relay-expiry"):
+        await asyncio.wait_for(server.serve(app, config, "relay", "127.0.0.1:0", 0), 20.0)

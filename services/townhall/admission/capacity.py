@@ -20,7 +20,7 @@ from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.errors import NotFound
 from townhall.core.sharding import owner
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
@@ -145,7 +145,7 @@ class Capacity:
 
     def start(self) -> None:
         """Starts the periodic holding reports."""
-        self._reporter = asyncio.create_task(self._report_forever(), name="lease-reports")
+        self._reporter = supervise(self._report_forever(), "lease-reports")
 
     async def close(self) -> None:
         """Stops background work."""

@@ -6,18 +6,19 @@ answers only once Kafka has acknowledged the new version (RoomStore.change).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from townhall.admission import stage
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, MODERATION, Peers
-from townhall.admission.servicer import shown
+from townhall.admission.cluster import MODERATION, Peers
+from townhall.admission.servicer import change_on_owner, serve_as_owner, shown
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import validation
 from townhall.core.auth import MODERATE, PUBLISH, SUBSCRIBE
-from townhall.core.errors import InvalidArgument, from_rpc
+from townhall.core.errors import InvalidArgument
 from townhall.core.identity import caller, require
 from townhall.v1 import moderation_pb2 as pb
 from townhall.v1 import moderation_pb2_grpc
@@ -96,26 +97,21 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
     ) -> Room:
         """Runs `rule` on the owner: here if this process owns the room (or the call was forwarded here)."""
         room_id = validation.room_id(request.room_id)
+        here = functools.partial(self._store.change, room_id, change, rule)
         if self._peers.forwarding.check(context):
             # The whole room: the member that forwarded the call applies it to its replica.
-            return await self._store.change(room_id, change, rule)
-        if self._peers.is_owner(room_id):
-            return shown(context, await self._store.change(room_id, change, rule))
+            return await serve_as_owner(self._peers, here)
         method = type(request).__name__.removesuffix("Request")
-        owner = self._peers.owner(room_id)
-        stub = self._peers.moderation(owner)
-        try:
-            room: Room = await getattr(stub, method)(
+
+        async def there(owner: str, timeout_s: float) -> Room:
+            room: Room = await getattr(self._peers.moderation(owner), method)(
                 request,
                 metadata=self._peers.forwarding.forward(context, owner, MODERATION + method),
-                timeout=FORWARD_TIMEOUT_S,
-                wait_for_ready=True,
+                timeout=timeout_s,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc(exc) from exc
-        # Applied here at once, so the caller reads its own change from this process.
-        self._store.book.apply(room)
-        return shown(context, room)
+            return room
+
+        return shown(context, await change_on_owner(self._peers, self._store, room_id, here, there))
 
 
 def _role_name(role: int) -> str:

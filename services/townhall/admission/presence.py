@@ -15,7 +15,7 @@ import time
 
 from townhall.core.kafka import EVENTS_DROPPED, EventQueue
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.v1.common_pb2 import Role
 from townhall.v1.events_pb2 import PresenceEvent
 
@@ -99,7 +99,7 @@ class Presence:
 
     def start(self) -> None:
         """Starts the periodic flush."""
-        self._task = asyncio.create_task(self._run(), name="presence-flush")
+        self._task = supervise(self._run(), "presence-flush")
 
     async def close(self) -> None:
         """Stops the periodic flush and offers what is left (the event queue then sends it)."""

@@ -19,7 +19,7 @@ from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.kafka import Follower, Topics, read_to_end, reader
 from townhall.core.provenance import Writer
 from townhall.core.records import FORGED, INVALID, STALE, BadRecord, Record
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
@@ -112,7 +112,7 @@ class RelayLoadFollower:
 
     def start(self) -> None:
         """Starts following in the background; until reports arrive, placement is by rendezvous alone."""
-        self._task = asyncio.create_task(self._run(), name="relay-load-follower")
+        self._task = supervise(self._run(), "relay-load-reader")
 
     async def wait_read(self, timeout_s: float) -> bool:
         """Waits until every relay that reported is known (the topic read to its end); False on timeout."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,8 +28,8 @@ from townhall.core.errors import (
     ResourceExhausted,
     TownhallError,
     Unavailable,
-    from_rpc,
 )
+from townhall.core.forwarding import on_owner
 from townhall.core.identity import caller, principal, require, service_caller
 from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
@@ -67,7 +66,9 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         # idempotency key it is the same on every attempt, so a repeated create finds the first room.
         room_id = room_id_for(host, key) if key else new_room_id()
         forward = ForwardedCreate(room_id=room_id, host_id=host, request=request)
-        room = await self._on_owner(
+        room = await change_on_owner(
+            self._peers,
+            self._store,
             room_id,
             lambda: self._store.create(host, title, speakers, limit, room_id, replay=bool(key)),
             lambda owner, timeout: self._peers.owner_api(owner).CreateRoom(
@@ -136,36 +137,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
             # A member that takes this process for the owner sent it: serve it, unless handing over.
             # The whole room: the member applies it to its replica, and shows the caller its part.
             return await serve_as_owner(self._peers, here)
-        return shown(context, await self._on_owner(room_id, here, there))
-
-    async def _on_owner(
-        self,
-        room_id: str,
-        here: Callable[[], Awaitable[Room]],
-        there: Callable[[str, float], Awaitable[Room]],
-    ) -> Room:
-        """Runs the change on the room's owner: here, or forwarded; tried again at the next owner
-        while the owner does not answer (dead but not yet seen down) or is handing over."""
-        deadline = time.monotonic() + FORWARD_TIMEOUT_S
-        delay = 0.05
-        while True:
-            owner = self._peers.owner(room_id)
-            if owner == self._peers.me:
-                return await here()
-            try:
-                # Not wait_for_ready: an owner that refuses the connection fails at once, and the next
-                # attempt asks the membership again (which drops a dead owner within a few probes).
-                room = await there(owner, max(0.1, deadline - time.monotonic()))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay >= deadline:
-                    raise from_rpc(exc) from exc
-                FORWARD_RETRIES.inc()
-                await asyncio.sleep(delay)
-                delay = min(0.5, delay * 2)
-                continue
-            # The owner's answer is applied here at once, so the caller reads its own change here.
-            self._store.book.apply(room)
-            return room
+        return shown(context, await change_on_owner(self._peers, self._store, room_id, here, there))
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         return shown(context, self._store.book.get(validation.room_id(request.room_id)))
@@ -255,6 +227,30 @@ def shown(context: grpc.aio.ServicerContext, room: Room) -> Room:
     """The room as the caller may see it: bans, raised hands and invitations only to its moderators."""
     who = principal(context)
     return shown_to(room, who.user_id, who.grants)
+
+
+async def change_on_owner(
+    peers: Peers,
+    store: RoomStore,
+    room_id: str,
+    here: Callable[[], Awaitable[Room]],
+    there: Callable[[str, float], Awaitable[Room]],
+) -> Room:
+    """Runs a room change on the room's owner: here, or forwarded under the one forwarding policy
+    (core/forwarding.py: retried at the owner of the moment while it answers UNAVAILABLE, for up to
+    FORWARD_TIMEOUT_S); the owner's answer is applied to this replica at once."""
+
+    def owner() -> str | None:
+        member = peers.owner(room_id)
+        return None if member == peers.me else member
+
+    async def forwarded(member: str, timeout_s: float) -> Room:
+        room = await there(member, timeout_s)
+        # Applied here at once, so the caller reads its own change from this process.
+        store.book.apply(room)
+        return room
+
+    return await on_owner(owner, here, forwarded, FORWARD_TIMEOUT_S, FORWARD_RETRIES.inc)
 
 
 async def serve_as_owner(peers: Peers, change: Callable[[], Awaitable[Room]]) -> Room:

@@ -49,9 +49,9 @@ from townhall.core.channels import blocking_channel, channel
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.devtools.events import publish_room_started
+from townhall.devtools.fanout import from_end
 from townhall.devtools.kafka_broker import Broker, free_port
 from townhall.notifier.graphfile import GraphSpec, generate
-from townhall.notifier.inbox_reader import from_end
 from townhall.notifier.records import decode_batch
 from townhall.v1 import inbox_pb2, inbox_pb2_grpc
 

@@ -8,11 +8,27 @@ members hold data that moves with the membership, forwards a call again while vi
 MAX_HOPS times in all, counted in the HOPS_KEY metadata.) Only the internal port takes forwarded calls,
 and only with a credential that a member of the same service minted for this member and method
 (core/credentials.py): a client cannot pass a call off as forwarded.
+
+Every call that must run on a key's owner (an admission room change, a moderation rule, a notifier
+graph call) goes there through `on_owner`, under one policy:
+- the owner is asked again before every attempt, and a call this process owns runs here (unless it
+  finds there that a newer view gave the key to another member: `Elsewhere`, then it goes there);
+- a forwarded call does not wait for the connection (no `wait_for_ready`): an owner that is down
+  fails at once, and the next attempt asks the membership again, which drops a dead owner within a
+  few probes;
+- UNAVAILABLE (no answer, or an owner handing its keys over) is tried again, after 50 ms doubling to
+  at most 500 ms, until `timeout_s` has passed since the first attempt; then the last UNAVAILABLE is
+  the answer;
+- any other status is the owner's answer, passed to the caller as it is (code, message and
+  retry-after), so a forwarded call fails exactly as it would on the owner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 
@@ -20,9 +36,15 @@ from townhall.core.auth import AUTHORIZATION, Authenticator, value
 from townhall.core.channels import RECONNECT_OPTIONS, channel
 from townhall.core.config import TlsConfig
 from townhall.core.credentials import ServiceCredential
+from townhall.core.errors import from_rpc
 from townhall.core.identity import forwarded
 
+T = TypeVar("T")
+
 HOPS_KEY = "townhall-hops"
+# Waits between forwarding attempts that found the owner UNAVAILABLE: the first, and the most.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 0.5
 MAX_HOPS = 3
 # A peer that was down when first dialled must be usable as soon as it is back (RECONNECT_OPTIONS), and
 # dead peers are found by keepalive as well as by the health probes.
@@ -34,7 +56,7 @@ PEER_CHANNEL_OPTIONS = [
 
 
 def peer_channel(address: str, tls: TlsConfig) -> grpc.aio.Channel:
-    """A channel from one member to another (calls on it should pass wait_for_ready=True)."""
+    """A channel from one member to another."""
     return channel(address, tls, PEER_CHANNEL_OPTIONS)
 
 
@@ -75,3 +97,44 @@ class Forwarding:
     def check(self, context: grpc.aio.ServicerContext) -> bool:
         """Whether another member of this service passed the current call on (only on the internal port)."""
         return forwarded()
+
+
+class Elsewhere(Exception):
+    """Raised by an `on_owner` call's `here` that finds the key owned by another member after all."""
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner)
+        self.owner = owner
+
+
+async def on_owner(
+    owner: Callable[[], str | None],
+    here: Callable[[], Awaitable[T]],
+    there: Callable[[str, float], Awaitable[T]],
+    timeout_s: float,
+    retried: Callable[[], object] | None = None,
+) -> T:
+    """Runs a call on its key's owner under the one forwarding policy (see the module).
+
+    `owner()` names the owner now (None: this process); `here()` runs the call here; `there(member,
+    timeout_s)` forwards it, without wait_for_ready, within the time left. `retried` is called before
+    each new attempt (a metric).
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = RETRY_FIRST_S
+    while True:
+        member = owner()
+        if member is None:
+            try:
+                return await here()
+            except Elsewhere as elsewhere:
+                member = elsewhere.owner
+        try:
+            return await there(member, max(0.1, deadline - time.monotonic()))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay >= deadline:
+                raise from_rpc(exc) from exc
+        if retried is not None:
+            retried()
+        await asyncio.sleep(delay)
+        delay = min(RETRY_MAX_S, delay * 2)

@@ -44,7 +44,7 @@ from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, 
 from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
 from townhall.core.metrics import RPCS
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.core.tokens import Unverified
 
 log = logging.get(__name__)
@@ -199,7 +199,7 @@ class _FirstReads:
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="stalled-requests")
+        self._sweeper = supervise(self._sweep(), "stalled-requests")
 
     async def close(self) -> None:
         await cancel(self._sweeper)

@@ -20,7 +20,7 @@ from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, RecordVerifier
 from townhall.core.records import REASONS, RECORDS_SKIPPED, Reader, Record, guarded
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
@@ -360,7 +360,7 @@ class Follower:
     async def start(self) -> None:
         """Connects (raising if Kafka cannot be reached), then follows in the background."""
         self._consumer = await self._connect()
-        self._task = asyncio.create_task(self._run(), name=self._name)
+        self._task = supervise(self._run(), self._name)
 
     async def close(self) -> None:
         """Stops following."""
@@ -403,25 +403,34 @@ class Follower:
             await asyncio.sleep(self._retry_s)
 
 
-async def report_lag(consumer: AIOKafkaConsumer, group: str, every_s: float = 5.0) -> None:
-    """Publishes the consumer's lag per topic every `every_s` seconds, until cancelled."""
+async def report_lag(
+    consumer: AIOKafkaConsumer | Callable[[], AIOKafkaConsumer | None], group: str, every_s: float = 5.0
+) -> None:
+    """Publishes the consumer's lag per topic every `every_s` seconds, until cancelled (`consumer` may be
+    a function naming the one in use: a Follower's is made again after a Kafka error)."""
     while True:
-        lag: dict[str, int] = {}
-        for tp in consumer.assignment():
-            lag.setdefault(tp.topic, 0)
-            try:
-                # A rebalance during the awaits below can take a partition of this (copied) assignment
-                # away: aiokafka then asserts it is not assigned.
-                high = consumer.highwater(tp)
-                if high is None:  # nothing fetched yet from this partition
-                    continue
-                position = await asyncio.wait_for(consumer.position(tp), 1.0)
-            except (TimeoutError, KafkaError, AssertionError):
-                continue
-            lag[tp.topic] += max(0, high - position)
-        for topic, records in lag.items():
-            CONSUMER_LAG.labels(group, topic).set(records)
+        current = consumer() if callable(consumer) else consumer
+        if current is not None:
+            for topic, records in (await _lag(current)).items():
+                CONSUMER_LAG.labels(group, topic).set(records)
         await asyncio.sleep(every_s)
+
+
+async def _lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
+    lag: dict[str, int] = {}
+    for tp in consumer.assignment():
+        lag.setdefault(tp.topic, 0)
+        try:
+            # A rebalance during the awaits below can take a partition of this (copied) assignment
+            # away: aiokafka then asserts it is not assigned.
+            high = consumer.highwater(tp)
+            if high is None:  # nothing fetched yet from this partition
+                continue
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+        except (TimeoutError, KafkaError, AssertionError):
+            continue
+        lag[tp.topic] += max(0, high - position)
+    return lag
 
 
 class EventQueue:
@@ -448,7 +457,7 @@ class EventQueue:
 
     def start(self) -> None:
         """Starts the background sender."""
-        self._task = asyncio.create_task(self._run(), name="event-queue")
+        self._task = supervise(self._run(), "event-queue")
 
     async def close(self, flush_s: float = 5.0) -> None:
         """Sends what is queued (within flush_s), then stops."""

@@ -27,7 +27,7 @@ from townhall.core import logging
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import peer_channel
 from townhall.core.metrics import PEER_PROBES, from_zero
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
@@ -181,7 +181,7 @@ class Prober:
 
     def start(self) -> None:
         """Probes in the background until close()."""
-        self._task = asyncio.create_task(self._run(), name="liveness-prober")
+        self._task = supervise(self._run(), "liveness-prober")
 
     async def close(self) -> None:
         """Stops probing and closes the channels."""

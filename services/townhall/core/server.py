@@ -34,6 +34,7 @@ from townhall.core.kafka import KafkaUnreachable
 from townhall.core.limits import Limits
 from townhall.core.metrics import build_info, serve_metrics
 from townhall.core.process import tune_gc
+from townhall.core.tasks import Supervisor, supervise
 
 log = logging.get(__name__)
 
@@ -75,6 +76,8 @@ class Running:
     internal_port: int = 0
     watcher: asyncio.Task[None] | None = None
     instrumented: list[Instrumented] = field(default_factory=list)
+    # Watches the app's background loops: one that dies turns health NOT_SERVING (core/tasks.py).
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
 
 def size_options(config: Config) -> list[tuple[str, int]]:
@@ -174,6 +177,14 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
         log.warning("built-in development keys in use: not for production", keys=config.development_keys())
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    supervisor = Supervisor()
+    marking: list[asyncio.Task[None]] = []
+
+    def died(_task: str, _exc: BaseException) -> None:
+        # NOT_SERVING at once: peers' probes take this process out, and Kubernetes stops sending to it.
+        marking.append(asyncio.create_task(_not_serving(health_servicer, app.service_names)))
+
+    supervisor.on_failure(died)
     health_server = None
     if config.server.health_port:
         # Probes that cannot speak TLS (the kubelet's) check this port; it serves health and nothing else.
@@ -184,9 +195,11 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
         if not health_server.add_insecure_port(f"{host}:{config.server.health_port}"):
             raise OSError(f"cannot listen on {host}:{config.server.health_port} (server.health_port)")
         await health_server.start()
-        probes.start()
+        with supervisor.active():
+            probes.start()
     try:
-        await app.start()
+        with supervisor.active():
+            await app.start()
         port = add_port(server, listen, config.tls)
         if port == 0:
             raise OSError(f"cannot listen on {listen}")
@@ -205,11 +218,14 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
     if internal_server is not None:
         await internal_server.start()
     await server.start()
-    for each in planes:
-        each.start()
+    with supervisor.active():
+        for each in planes:
+            each.start()
+        watcher = supervise(app.auth.watch(), "jwks-watch")
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = asyncio.create_task(app.auth.watch(), name="jwks-watch")
+    if supervisor.failed is not None:  # a loop died while the server was starting
+        await _not_serving(health_servicer, app.service_names)
     return Running(
         server,
         health_servicer,
@@ -219,7 +235,13 @@ async def start(app: App, config: Config, listen: str, internal: str = "") -> Ru
         internal_port=internal_port,
         watcher=watcher,
         instrumented=wrapped,
+        supervisor=supervisor,
     )
+
+
+async def _not_serving(health_servicer: health.aio.HealthServicer, service_names: Sequence[str]) -> None:
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def stop(app: App, running: Running, grace_s: float, notice_s: float = 0.0) -> None:
@@ -276,12 +298,30 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    with contextlib.suppress(asyncio.CancelledError):
-        await stopping.wait()
+    # A background loop that died stops the process as SIGTERM would, then it exits non-zero (TaskDied).
+    running.supervisor.on_failure(lambda _task, _exc: stopping.set())
+    if running.supervisor.failed is not None:
+        stopping.set()
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     notice_s = config.server.drain_notice_ms / 1000
     log.info("draining", name=name, notice_s=notice_s, grace_s=config.server.grace_s)
     await stop(app, running, config.server.grace_s, notice_s)
     log.info("stopped", name=name)
+    if running.supervisor.failed is not None:
+        raise TaskDied(running.supervisor.failed)
+
+
+class TaskDied(RuntimeError):
+    """A background loop ended with an exception: the process stopped so that it is restarted."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"background task {task} died (logged with its traceback); stopped to be restarted")
+        self.task = task
 
 
 def run_service(name: str, build: Callable[[Config], App], section: str) -> None:
@@ -307,7 +347,7 @@ def run_service(name: str, build: Callable[[Config], App], section: str) -> None
         asyncio.run(main())
     except ConfigError as exc:  # keys are read when the app is built (a JWKS that does not parse)
         _config_error(name, exc)
-    except KafkaUnreachable as exc:  # logged as it waited; said once more where a person looks first
+    except (KafkaUnreachable, TaskDied) as exc:  # logged already; said once more where a person looks first
         print(f"townhall {name}: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, AuthConfig, KafkaConfig
 from townhall.core.credentials import operator_credential
-from townhall.core.kafka import Topics, consumer, reader
+from townhall.core.kafka import Topics, reader
 from townhall.notifier.inbox import Hub, Subscriber
-from townhall.notifier.inbox_reader import InboxReader, from_end
+from townhall.notifier.inbox_reader import InboxReader
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 
 WAIT_S = 45.0
@@ -46,20 +47,34 @@ async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[
     hub = Hub(queue=64)
     subs = {u: hub.connect(u) for u in users}
     topic = Topics(kafka.topic_prefix).notifications
-    notifications = consumer(kafka, topic, enable_auto_commit=False, metadata_max_age_ms=2_000)
-    await notifications.start()
+    # Notifiers here run with the development keys (DEV_AUTH).
+    inbox = InboxReader(kafka, topic, hub, reader(kafka, DEV_AUTH, topic))
+    await asyncio.wait_for(inbox.start(), WAIT_S)
     try:
-        await asyncio.wait_for(from_end(notifications), WAIT_S)
-        # Notifiers here run with the development keys (DEV_AUTH).
-        task = asyncio.create_task(InboxReader(notifications, hub, reader(kafka, DEV_AUTH, topic)).run())
-        try:
-            yield CountingInbox(hub, subs)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        yield CountingInbox(hub, subs)
     finally:
-        await notifications.stop()
+        await inbox.close()
+
+
+ASSIGN_POLL_S = 0.1
+
+
+async def from_end(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    """Waits until a started group-less consumer holds every partition of its topic, then fixes
+    each position at the current end, so nothing produced after this returns is missed.
+    """
+    # Without a group, aiokafka assigns every partition of the subscribed topic once its metadata
+    # is known; right after the topic is created that can take a few metadata refreshes.
+    # aiokafka has no public event for that, hence the polling.
+    while True:
+        partitions = sorted(consumer.assignment())
+        if partitions:
+            break
+        await asyncio.sleep(ASSIGN_POLL_S)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)  # waits for the end offset to be resolved
+    return partitions
 
 
 async def import_followers(address: str, host: int, followers: list[int]) -> int:

@@ -14,7 +14,6 @@ from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import (
-    KafkaUnreachable,
     Topics,
     consumer,
     producer,
@@ -23,11 +22,11 @@ from townhall.core.kafka import (
     wait_for_topics,
 )
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import Hub
-from townhall.notifier.inbox_reader import InboxReader, from_end
+from townhall.notifier.inbox_reader import InboxReader
 from townhall.notifier.membership import Membership, membership_for
 from townhall.notifier.metrics import FOLLOWERS_STORED
 from townhall.notifier.peers import Peers
@@ -40,8 +39,6 @@ from townhall.notifier.worker import CommitOnRevoke, Worker
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
 
 log = logging.get(__name__)
-
-ASSIGN_TIMEOUT_S = 30.0
 
 
 def build_app(config: Config, membership: Membership | None = None) -> NotifierApp:
@@ -77,7 +74,7 @@ class NotifierApp:
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._planner_consumer: AIOKafkaConsumer | None = None
         self._fanout_consumers: dict[str, AIOKafkaConsumer] = {}
-        self._inbox_consumer: AIOKafkaConsumer | None = None
+        self.inbox: InboxReader | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -153,25 +150,6 @@ class NotifierApp:
                     f"{lane}-lane consumer",
                     kafka.bootstrap,
                 )
-        self._inbox_consumer = await started(
-            lambda: consumer(
-                kafka,
-                self.topics.notifications,
-                client_id="notifier-inbox",
-                enable_auto_commit=False,
-                auto_offset_reset="latest",
-                metadata_max_age_ms=5_000,
-            ),
-            "inbox reader",
-            kafka.bootstrap,
-        )
-        try:
-            partitions = await asyncio.wait_for(from_end(self._inbox_consumer), ASSIGN_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise KafkaUnreachable(
-                f"no partitions of {self.topics.notifications} within {ASSIGN_TIMEOUT_S:.0f} s; "
-                "does the topic exist?"
-            ) from exc
         signer = RecordSigner(self.config.auth, Writer(NOTIFIER, own.address))
         if self._producers and self._planner_consumer and self._fanout_consumers:
             planner = Planner(
@@ -209,11 +187,14 @@ class NotifierApp:
             self._spawn(worker.run(), "notifier-worker")
             for lane, lane_consumer in self._fanout_consumers.items():
                 self._spawn(report_lag(lane_consumer, f"{own.group_id}-{lane}"), f"{lane}-lag")
-        inbox = InboxReader(
-            self._inbox_consumer, self.hub, reader(kafka, self.config.auth, self.topics.notifications)
+        inbox = self.inbox = InboxReader(
+            kafka,
+            self.topics.notifications,
+            self.hub,
+            reader(kafka, self.config.auth, self.topics.notifications),
         )
-        self._spawn(inbox.run(), "notifier-inbox")
-        self._spawn(report_lag(self._inbox_consumer, "inbox"), "inbox-lag")
+        partitions = await inbox.start()
+        self._spawn(report_lag(lambda: inbox.consumer, "inbox"), "inbox-lag")
         log.info(
             "notifier started",
             data_dir=own.data_dir,
@@ -224,7 +205,7 @@ class NotifierApp:
             epoch=self.placement.epoch,
             room_started=self.topics.room_started,
             notifications=self.topics.notifications,
-            inbox_partitions=len(partitions),
+            inbox_partitions=partitions,
         )
 
     def _view_changed(self, before: tuple[str, ...], after: tuple[str, ...]) -> None:
@@ -275,20 +256,20 @@ class NotifierApp:
             await stopped(self._planner_consumer, "planner consumer")
             for lane, lane_consumer in self._fanout_consumers.items():
                 await stopped(lane_consumer, f"{lane}-lane consumer")
-            await stopped(self._inbox_consumer, "inbox reader")
+            if self.inbox is not None:
+                await self.inbox.close()
             for lane, client in self._producers.items():
                 await stopped(client, f"{lane}-lane producer")
         finally:
-            self._planner_consumer = self._inbox_consumer = None
+            self._planner_consumer = None
+            self.inbox = None
             self._fanout_consumers = {}
             self._producers = {}
             await self.peers.close()
             await self.store.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-        task.add_done_callback(_report_exit)
-        self._tasks.append(task)
+        self._tasks.append(supervise(work, name))
 
 
 def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
@@ -301,8 +282,3 @@ def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
         max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
         max_request_size=2 * 1024 * 1024,
     )
-
-
-def _report_exit(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background loop died", task=task.get_name(), exc_info=task.exception())

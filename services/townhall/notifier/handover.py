@@ -34,7 +34,7 @@ import numpy as np
 
 from townhall.core import logging, sharding
 from townhall.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.notifier.metrics import HANDOVER_KEYS, HANDOVER_PENDING
 from townhall.notifier.peers import Peers
 from townhall.notifier.placement import Placement
@@ -342,7 +342,7 @@ class Handover:
         """Sweeps in the background after every view change (and now, unless drained already)."""
         if not self._view.me_drained:
             self._wake.set()
-        self._task = asyncio.create_task(self._run(), name="notifier-sweep")
+        self._task = supervise(self._run(), "notifier-sweep")
 
     async def close(self) -> None:
         """Stops sweeping, and the settles under way."""

@@ -2,62 +2,52 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from townhall.core import logging
-from townhall.core.records import Reader, Record, guarded
-from townhall.notifier.clients import describe
+from townhall.core.config import KafkaConfig
+from townhall.core.kafka import Follower, end_offsets
+from townhall.core.records import Reader, Record
 from townhall.notifier.inbox import Hub
 from townhall.notifier.records import batch_record, checked_batch, decode_batch
 
 log = logging.get(__name__)
 
-RETRY_BACKOFF_S = 1.0
-ASSIGN_POLL_S = 0.1
-
-
-async def from_end(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-    """Waits until a started group-less consumer holds every partition of its topic, then fixes
-    each position at the current end, so nothing produced after this returns is missed.
-    """
-    # Without a group, aiokafka assigns every partition of the subscribed topic once its metadata
-    # is known; right after the topic is created that can take a few metadata refreshes.
-    # aiokafka has no public event for that, hence the polling.
-    while True:
-        partitions = sorted(consumer.assignment())
-        if partitions:
-            break
-        await asyncio.sleep(ASSIGN_POLL_S)
-    await consumer.seek_to_end(*partitions)
-    for tp in partitions:
-        await consumer.position(tp)  # waits for the end offset to be resolved
-    return partitions
-
 
 class InboxReader:
-    """Delivers each NotificationBatch record to the users connected to this process."""
+    """Delivers each NotificationBatch record to the users connected to this process.
 
-    def __init__(self, consumer: AIOKafkaConsumer, hub: Hub, records: Reader) -> None:
-        self._consumer = consumer
+    Reads every partition of the notifications topic from its end at start, with the one Kafka follow
+    loop (core/kafka.py Follower: no consumer group, made again after a Kafka error, resuming where it
+    stopped).
+    """
+
+    def __init__(self, kafka: KafkaConfig, topic: str, hub: Hub, records: Reader) -> None:
+        self._kafka = kafka
+        self._topic = topic
         self._hub = hub
         # Delivered only if a notifier signed them and they pass batch_record's checks.
         self._records = records
+        self._follower: Follower | None = None
 
-    async def run(self) -> None:
-        """Reads until cancelled."""
-        apply = guarded(self.apply)
-        while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=1000)
-            except Exception as exc:
-                log.warning("notifications fetch failed, will retry", error=describe(exc))
-                await asyncio.sleep(RETRY_BACKOFF_S)
-                continue
-            for records in batches.values():
-                for record in records:
-                    apply(record)
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        """The consumer in use (for its lag), if any."""
+        return self._follower.consumer if self._follower is not None else None
+
+    async def start(self) -> int:
+        """Follows the topic from its current end, so nothing produced after this returns is missed;
+        returns how many partitions it reads."""
+        positions = await end_offsets(self._kafka, self._topic)
+        self._follower = Follower(self._kafka, positions, self.apply, "notifier-inbox")
+        await self._follower.start()
+        return len(positions)
+
+    async def close(self) -> None:
+        """Stops following."""
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            await follower.close()
 
     def apply(self, record: Record) -> int:
         """Delivers one record's notification; returns how many users got it here."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from townhall.core import logging
 from townhall.core.config import NotifierConfig
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
@@ -102,7 +102,7 @@ class StatefulSetMembership:
         return view
 
     def start(self, on_change: OnChange) -> None:
-        self._task = asyncio.create_task(self._poll(on_change), name="notifier-membership")
+        self._task = supervise(self._poll(on_change), "notifier-membership")
 
     async def close(self) -> None:
         await cancel(self._task)

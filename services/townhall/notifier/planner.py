@@ -22,7 +22,7 @@ from townhall.core.kafka import Topics, client_options
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.notifier.clients import describe
 from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
@@ -144,7 +144,7 @@ class Planner:
 
     async def run(self) -> None:
         """Plans events until cancelled."""
-        big = asyncio.create_task(self._big_loop(), name="planner-big")
+        big = supervise(self._big_loop(), "planner-big")
         try:
             while True:
                 try:

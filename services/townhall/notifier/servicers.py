@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 
 from townhall.core import validation
-from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable, from_rpc
-from townhall.core.forwarding import MAX_HOPS
+from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable
+from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
@@ -27,6 +27,8 @@ T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
 
 FORWARD_TIMEOUT_S = 10.0
+# A forwarded Import carries up to IMPORT_FLUSH_PAIRS pairs.
+IMPORT_TIMEOUT_S = 600.0
 GRAPH = "/townhall.v1.Graph/"
 LIST_DEFAULT, LIST_MAX = 1000, 10_000
 # Pairs an Import holds in memory before writing them to the store (16 bytes each).
@@ -61,16 +63,22 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         key: str,
         context: grpc.aio.ServicerContext,
         local: Callable[[], Awaitable[T]],
-        remote: Callable[[graph_pb2_grpc.GraphStub, Metadata], Awaitable[T]],
+        remote: Callable[[graph_pb2_grpc.GraphStub, Metadata, float], Awaitable[T]],
     ) -> T:
-        """`local()` here if this notifier owns `key` (once settled), else the call forwarded to the owner.
+        """`local()` here if this notifier owns `key` (once settled), else the call forwarded to the owner
+        (`remote(stub, metadata, timeout_s)`), under the one forwarding policy (core/forwarding.py).
 
         A forwarded call is forwarded again if the notifiers' views differ for a moment (a resize), at
         most MAX_HOPS times in all.
         """
         hops = self._peers.forwarding.hops(context)
-        owner = self._placement.owner(key)
-        if owner == self._placement.me:
+        me = self._placement.me
+
+        def owner() -> str | None:
+            member = self._placement.owner(key)
+            return None if member == me else member
+
+        async def here() -> T:
             try:
                 await self._handover.settle(key)
                 return await local()
@@ -78,12 +86,16 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 if moved.epoch <= self._placement.epoch:
                     self._handover.forget(key)
                     raise Unavailable(f"{key} is being taken over here; retry") from None
-                owner = moved.owner  # a newer view gave it to another notifier: this one is behind
-        if hops >= MAX_HOPS:
-            raise Unavailable(f"{key} was forwarded {hops} times while the notifiers change; retry")
-        FORWARDED.labels(method).inc()
-        metadata = self._peers.forwarding.forward(context, owner, GRAPH + method, hops + 1)
-        return await _forward(remote(self._peers.graph(owner), metadata))
+                raise Elsewhere(moved.owner) from None  # a newer view gave it away: this one is behind
+
+        async def there(member: str, timeout_s: float) -> T:
+            if hops >= MAX_HOPS:
+                raise Unavailable(f"{key} was forwarded {hops} times while the notifiers change; retry")
+            FORWARDED.labels(method).inc()
+            metadata = self._peers.forwarding.forward(context, member, GRAPH + method, hops + 1)
+            return await remote(self._peers.graph(member), metadata, timeout_s)
+
+        return await on_owner(owner, here, there, FORWARD_TIMEOUT_S)
 
     async def Follow(
         self, request: graph_pb2.FollowRequest, context: grpc.aio.ServicerContext
@@ -106,9 +118,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             followee_key(followee),
             context,
             local,
-            lambda stub, md: stub.Follow(
-                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda stub, md, timeout_s: stub.Follow(request, metadata=md, timeout=timeout_s),
         )
 
     async def Unfollow(
@@ -130,9 +140,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             followee_key(followee),
             context,
             local,
-            lambda stub, md: stub.Unfollow(
-                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda stub, md, timeout_s: stub.Unfollow(request, metadata=md, timeout=timeout_s),
         )
 
     async def CountFollowers(
@@ -149,9 +157,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             followee_key(user),
             context,
             local,
-            lambda stub, md: stub.CountFollowers(
-                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda stub, md, timeout_s: stub.CountFollowers(request, metadata=md, timeout=timeout_s),
         )
 
     async def ListFollowers(
@@ -178,9 +184,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             followee_key(user),
             context,
             local,
-            lambda stub, md: stub.ListFollowers(
-                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda stub, md, timeout_s: stub.ListFollowers(request, metadata=md, timeout=timeout_s),
         )
 
     async def Import(
@@ -252,14 +256,18 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                     pairs=np.ascontiguousarray(pairs[i : i + 3000], dtype="<u8").tobytes()
                 )
 
-        summary = await _forward(
-            self._peers.graph(owner).Import(
+        async def there(member: str, timeout_s: float) -> graph_pb2.ImportSummary:
+            summary: graph_pb2.ImportSummary = await self._peers.graph(member).Import(
                 chunks(),
-                metadata=self._peers.forwarding.forward(context, owner, GRAPH + "Import", hops),
-                timeout=600,
-                wait_for_ready=True,
+                metadata=self._peers.forwarding.forward(context, member, GRAPH + "Import", hops),
+                timeout=timeout_s,
             )
-        )
+            return summary
+
+        async def here() -> graph_pb2.ImportSummary:  # only if the owner were this notifier
+            return graph_pb2.ImportSummary(created=await self._import_here(pairs))
+
+        summary = await on_owner(lambda: owner, here, there, IMPORT_TIMEOUT_S)
         return int(summary.created)
 
     async def RemindMe(
@@ -279,9 +287,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             room_key(room),
             context,
             local,
-            lambda stub, md: stub.RemindMe(
-                request, metadata=md, timeout=FORWARD_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda stub, md, timeout_s: stub.RemindMe(request, metadata=md, timeout=timeout_s),
         )
 
 
@@ -323,20 +329,6 @@ class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
         return internal_pb2.DrainedResponse(
             epoch=self._handover.epoch, drained=self._handover.known_drained(request.epoch)
         )
-
-
-async def _forward(call):  # type: ignore[no-untyped-def]
-    """The owner's answer, or UNAVAILABLE naming what failed (the caller may retry)."""
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise InvalidArgument(exc.details() or "refused by the owner") from exc
-        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            raise from_rpc(exc) from exc
-        raise Unavailable(
-            f"the notifier that owns this graph shard did not answer: {exc.code().name} ({exc.details()})"
-        ) from exc
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServicer):

@@ -12,7 +12,7 @@ from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config
 from townhall.core.kafka import Topics, wait_for_topics
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.core.tickets import TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import FanoutSettings
@@ -87,7 +87,7 @@ class RelayApp:
             await self.rooms.follow()
         if self.leaves is not None:
             await self.leaves.start()
-        self._expiry = asyncio.create_task(self._expire_forever(), name="relay-expiry")
+        self._expiry = supervise(self._expire_forever(), "relay-expiry")
         await self.hub.start()
         self.reporter.start()
 

@@ -14,7 +14,7 @@ import grpc
 from townhall.core import logging
 from townhall.core.errors import Unavailable
 from townhall.core.errors import reason as error_reason
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_position
 
@@ -204,7 +204,7 @@ class Hub:
 
     async def start(self) -> None:
         """Starts the idle-room sweep."""
-        self._sweeper = asyncio.create_task(self._sweep(), name="relay-sweep")
+        self._sweeper = supervise(self._sweep(), "relay-sweep")
 
     def stop_publishing(self) -> None:
         """Refuses new streams and ends every Publish stream at its next frame (speakers move)."""

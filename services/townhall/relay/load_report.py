@@ -13,7 +13,7 @@ from townhall.core import logging
 from townhall.core.config import Config
 from townhall.core.kafka import Topics, producer
 from townhall.core.provenance import RELAY, RecordSigner, Writer
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, supervise
 from townhall.relay.hub import Hub
 from townhall.v1.events_pb2 import Leads, RelayLoad
 
@@ -60,7 +60,7 @@ class LoadReporter:
     def start(self) -> None:
         """Starts reporting in the background (no-op when load_report_ms is 0)."""
         if self._every_s > 0:
-            self._task = asyncio.create_task(self._run(), name="relay-load-report")
+            self._task = supervise(self._run(), "relay-load-report")
 
     async def close(self) -> None:
         """Stops reporting, then says goodbye: a tombstone for this relay, so admission forgets it at once
