@@ -133,13 +133,12 @@ def admitter(
     joins = Admitter(
         book,
         signer,
-        [RELAY],
+        RelayDirectory([RELAY], 1, quiet_s=0.0, seeds_internal=["relay-0:50072"]),
         presence,
         capacity,
         budget or FairBudget(0.0),
         line,
         placer,
-        RelayDirectory([RELAY], 1, quiet_s=0.0, seeds_internal=["relay-0:50072"]),
     )
     return joins, capacity
 

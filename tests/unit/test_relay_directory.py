@@ -113,7 +113,7 @@ def test_tickets_name_a_discovered_relays_internal_address_from_its_reports() ->
     from townhall.admission.joins import Admitter
 
     relays = RelayDirectory((SEED,), 8, QUIET_S, seeds_internal=("seed-internal:50072",))
-    admitter = Admitter(None, None, [SEED], None, None, None, 1, None, relays)  # type: ignore[arg-type]
+    admitter = Admitter(None, None, relays, None, None, None, 1, None)  # type: ignore[arg-type]
     path = (SEED, NEW)
     assert admitter._internal_path(path) == ("seed-internal:50072", NEW), "not reported yet"
     relays.report(NEW, at=100.0, now=100.0, internal="relay-5.relays:50072")
@@ -126,6 +126,6 @@ def test_an_admitter_given_a_directory_with_no_relay_yet_uses_it_as_relays_repor
     from townhall.admission.joins import Admitter
 
     relays = RelayDirectory((), 8, QUIET_S)
-    admitter = Admitter(None, None, [], None, None, None, 1, None, relays)  # type: ignore[arg-type]
+    admitter = Admitter(None, None, relays, None, None, None, 1, None)  # type: ignore[arg-type]
     relays.report(NEW, at=100.0, now=100.0, internal="relay-5.relays:50072")
     assert admitter._internal_path((NEW,)) == ("relay-5.relays:50072",), "tickets name the internal address"

@@ -156,13 +156,12 @@ class AdmissionApp:
         self.admitter = Admitter(
             self.store.book,
             TicketSigner.from_config(config.tickets),
-            own.relays,
+            self.relays,
             self.presence,
             self.capacity,
             FairBudget(own.admit_rate),
             own.waiting_room,
             self.placer,
-            self.relays,
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 from typing import NoReturn
 
 from townhall.admission.capacity import Capacity
@@ -51,21 +50,18 @@ class Admitter:
         self,
         book: RoomBook,
         signer: TicketSigner,
-        relays: Sequence[str],
+        directory: RelayDirectory,
         presence: Presence,
         capacity: Capacity,
         budget: FairBudget,
         waiting_room: int,
         placer: Placer,
-        directory: RelayDirectory | None = None,
     ) -> None:
         self._book = book
         self._placer = placer
         # A ticket names the relays above its relay by their internal address (the edge pulls there), as
-        # the directory knows them (admission/relays.py).
-        self._directory = (
-            directory if directory is not None else RelayDirectory(relays, max(1, len(relays)), quiet_s=0.0)
-        )
+        # the directory knows them (admission/relays.py): the process's one directory, seeds and discovered.
+        self._directory = directory
         self._paths: dict[tuple[str, ...], tuple[str, ...]] = {(): ()}
         self._paths_version = self._directory.version
         self._signer = signer
