@@ -9,6 +9,7 @@ inner make calls through MAKEFLAGS.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -53,12 +54,24 @@ class Steps:
 
     def make(self, step: str, *targets: str, timeout_s: float = 3600) -> float:
         """Runs make targets (output streamed), records the time; fails the step on a non-zero exit."""
-        console.rule(f"[bold]{step}[/bold]: make {' '.join(targets)}")
-        started = time.monotonic()
+        started = self._begin(step, targets)
         done = subprocess.run([*MAKE, *targets], cwd=REPO, timeout=timeout_s, check=False)
+        return self._end(step, targets, done.returncode, started)
+
+    async def amake(self, step: str, *targets: str, timeout_s: float = 1200) -> float:
+        """`make` that leaves the event loop running (an audience keeps listening meanwhile)."""
+        started = self._begin(step, targets)
+        proc = await asyncio.create_subprocess_exec(*MAKE, *targets, cwd=REPO)
+        return self._end(step, targets, await asyncio.wait_for(proc.wait(), timeout_s), started)
+
+    def _begin(self, step: str, targets: tuple[str, ...]) -> float:
+        console.rule(f"[bold]{step}[/bold]: make {' '.join(targets)}")
+        return time.monotonic()
+
+    def _end(self, step: str, targets: tuple[str, ...], code: int, started: float) -> float:
         seconds = time.monotonic() - started
-        self.add(step, seconds, done.returncode == 0)
-        assert done.returncode == 0, f"make {' '.join(targets)} exited with {done.returncode}"
+        self.add(step, seconds, code == 0)
+        assert code == 0, f"make {' '.join(targets)} exited with {code}"
         return seconds
 
     def report(self) -> None:

@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -31,7 +31,6 @@ from tests.e2e.conftest import (
     RELAY_PORT_BASE,
     REPO,
     Steps,
-    console,
 )
 from townhall.client import Endpoints
 from townhall.core.sharding import owner
@@ -44,6 +43,8 @@ LISTENERS = 20
 # deploy/kind/prometheus.yaml's scrape_interval.
 SCRAPE_INTERVAL_S = 5
 MAX_GAP_MS = 2000.0
+# What the helm upgrade of the fault test changes (a rolling restart); the upgrades after it keep it.
+UPGRADED = "config.log.level=debug"
 ADMISSION_INTERNAL_PORT = 50071
 GRPCURL = REPO / ".cache" / "bin" / "grpcurl"
 INSTANCE = "app.kubernetes.io/instance=townhall"
@@ -53,21 +54,11 @@ def component(name: str) -> str:
     return f"{INSTANCE},app.kubernetes.io/component={name}"
 
 
-async def make(steps: Steps, step: str, *args: str, **figures: object) -> float:
-    """A make call that leaves the event loop running (the audience keeps listening meanwhile)."""
-    console.rule(f"[bold]{step}[/bold]: make {' '.join(args)}")
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(*MAKE, *args, cwd=REPO)
-    code = await asyncio.wait_for(proc.wait(), 1200)
-    seconds = time.monotonic() - started
-    steps.add(step, seconds, code == 0, **figures)
-    assert code == 0, f"make {' '.join(args)} exited with {code}"
-    return seconds
-
-
-def deploy_args(*sets: str) -> list[str]:
-    """`make deploy` with more --set flags (the kind values are applied again, so state is explicit)."""
-    return ["deploy", "HELM_EXTRA=" + " ".join(f"--set {s}" for s in sets)] if sets else ["deploy"]
+def redeploy(steps: Steps, step: str, *sets: str) -> Callable[[], Awaitable[float]]:
+    """`make deploy` as an action: the kind values applied again with UPGRADED and `sets` (--set flags), so
+    every upgrade states the whole of what it asks for."""
+    extra = "HELM_EXTRA=" + " ".join(f"--set {s}" for s in (UPGRADED, *sets))
+    return lambda: steps.amake(step, "deploy", extra)
 
 
 def relay_pod(address: str) -> str:
@@ -86,15 +77,19 @@ async def audience(endpoints: Endpoints) -> AsyncIterator[Audience]:
 
 
 async def during(
-    steps: Steps, audience: Audience, endpoints: Endpoints, step: str, action: object, **figures: object
+    steps: Steps,
+    audience: Audience,
+    endpoints: Endpoints,
+    step: str,
+    action: Callable[[], Awaitable[object]],
+    **figures: object,
 ) -> Window:
-    """Runs `action` (a coroutine function) while the room plays and hosts change rooms; then checks that
+    """Runs `action` while the room plays and hosts change rooms; then checks that
     each listener missed at most 2 s of audio and every acknowledged change is still there."""
     churn = Churn(endpoints)
     await asyncio.sleep(2)  # changes under way before the fault
     window = audience.begin()
     started = time.monotonic()
-    assert callable(action)
     await action()
     acted_s = time.monotonic() - started
     await audience.settle(window)
@@ -300,10 +295,8 @@ async def test_a_helm_upgrade_that_changes_config_rolls_every_pod_while_they_lis
 ) -> None:
     before = {p.metadata.name: p.metadata.uid for p in deployed.pods(NAMESPACE, INSTANCE)}
 
-    async def act() -> None:
-        await make(steps, "helm upgrade (config change)", *deploy_args("config.log.level=debug"))
-
-    await during(steps, audience, endpoints, "fault: rolling restart by helm upgrade", act)
+    upgrade = redeploy(steps, "helm upgrade (config change)")
+    await during(steps, audience, endpoints, "fault: rolling restart by helm upgrade", upgrade)
     after = {p.metadata.name: p.metadata.uid for p in deployed.pods(NAMESPACE, component("admission"))}
     assert all(before.get(name) != uid for name, uid in after.items()), "admission pods were replaced"
 
@@ -311,9 +304,7 @@ async def test_a_helm_upgrade_that_changes_config_rolls_every_pod_while_they_lis
 async def test_relays_scale_2_4_2_while_listeners_join(
     deployed: Cluster, steps: Steps, audience: Audience, endpoints: Endpoints
 ) -> None:
-    async def up() -> None:
-        await make(steps, "relays 2 -> 4", *deploy_args("config.log.level=debug", "relay.replicas=4"))
-
+    up = redeploy(steps, "relays 2 -> 4", "relay.replicas=4")
     await during(steps, audience, endpoints, "scale: relays 2 -> 4", up)
     # Listeners joining now reach the new relays too.
     newcomers = Audience(endpoints, LISTENERS)
@@ -329,9 +320,7 @@ async def test_relays_scale_2_4_2_while_listeners_join(
         )
         assert on_new, f"no listener on a new relay: {dict(newcomers.relays())}"
 
-        async def down() -> None:
-            await make(steps, "relays 4 -> 2", *deploy_args("config.log.level=debug"))
-
+        down = redeploy(steps, "relays 4 -> 2")
         crowd_window = newcomers.begin()
         await during(steps, audience, endpoints, "scale: relays 4 -> 2", down)
         await newcomers.settle(crowd_window)
@@ -353,9 +342,7 @@ async def test_relays_scale_2_4_2_while_listeners_join(
 async def test_admission_scales_2_3_2_while_rooms_change(
     deployed: Cluster, steps: Steps, audience: Audience, endpoints: Endpoints
 ) -> None:
-    async def up() -> None:
-        await make(steps, "admission 2 -> 3", *deploy_args("config.log.level=debug", "admission.replicas=3"))
-
+    up = redeploy(steps, "admission 2 -> 3", "admission.replicas=3")
     await during(steps, audience, endpoints, "scale: admission 2 -> 3", up)
     prometheus = promql.Prometheus(PROMETHEUS)
     new = "townhall-admission-2"
@@ -379,9 +366,7 @@ async def test_admission_scales_2_3_2_while_rooms_change(
     assert not await churn.lost()
     steps.add("rooms on the new admission pod", 0.0, bool(seen))
 
-    async def down() -> None:
-        await make(steps, "admission 3 -> 2", *deploy_args("config.log.level=debug"))
-
+    down = redeploy(steps, "admission 3 -> 2")
     await during(steps, audience, endpoints, "scale: admission 3 -> 2", down)
 
 
