@@ -11,10 +11,11 @@ here=$(cd "$(dirname "$0")" && pwd); repo=$(cd "$here/../.." && pwd)
 W=${W:-/tmp/kindoffline}
 export PATH=$W/bin:$PATH
 NODE_IMAGE=${NODE_IMAGE:-kindest/node:v1.34.4-offline-storage}
-# The release install-prometheus.sh builds (Go module v0.3MM.P is Prometheus 3.MM.P), as base-images.sh tags it.
-module=$(sed -n 's/^PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-\(v[0-9.]*\)}"$/\1/p' "$repo/deploy/tools/install-prometheus.sh")
-minor=${module#v0.}; minor=${minor%%.*}
-prom_version=${minor:0:1}.$((10#${minor:1})).${module##*.}
+cd "$repo"
+NODE_IMAGE=$NODE_IMAGE "$here/node-image-storage.sh"
+"$here/base-images.sh"
+# The Prometheus image base-images.sh tagged: the version of the binary it holds.
+prom_version=$(.cache/bin/prometheus --version | awk 'NR == 1 { print $3 }')
 vars=(
   KIND_NODE_IMAGE="$NODE_IMAGE"
   PYTHON_IMAGE=townhall-local/python:3.11-bookworm
@@ -23,7 +24,4 @@ vars=(
   KAFKA_IMAGE_REPO=townhall-kafka
   PROMETHEUS_IMAGE=townhall-local/prometheus:$prom_version
 )
-cd "$repo"
-NODE_IMAGE=$NODE_IMAGE "$here/node-image-storage.sh"
-"$here/base-images.sh"
 make kind-e2e "${vars[@]}" "$@"
