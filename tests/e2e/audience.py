@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import time
 from collections import Counter
@@ -32,6 +31,8 @@ WAIT_S = 120.0
 # A host may start rooms_per_host_per_hour rooms (30 by default): the churn moves to a new host after 10.
 ROOMS_PER_HOST = 10
 CHANGE_PAUSE_S = 0.2
+# Hosts one churn worker goes through at most (a bound; a step's churn uses a few).
+MAX_HOSTS = 1000
 
 
 def fresh_user() -> int:
@@ -156,7 +157,7 @@ class Churn:
         self._tasks = [asyncio.create_task(self._work(), name="churn") for _ in range(workers)]
 
     async def _work(self) -> None:
-        for _ in itertools.count():
+        for _ in range(MAX_HOSTS):
             if self._stop.is_set():
                 return
             host = client(self.endpoints, fresh_user())

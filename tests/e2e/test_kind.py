@@ -87,14 +87,16 @@ async def during(
     """Runs `action` while the room plays and hosts change rooms; then checks that
     each listener missed at most 2 s of audio and every acknowledged change is still there."""
     churn = Churn(endpoints)
-    await asyncio.sleep(2)  # changes under way before the fault
-    window = audience.begin()
-    started = time.monotonic()
-    await action()
-    acted_s = time.monotonic() - started
-    await audience.settle(window)
-    await asyncio.sleep(2)
-    await churn.stop()
+    try:
+        await asyncio.sleep(2)  # changes under way before the fault
+        window = audience.begin()
+        started = time.monotonic()
+        await action()
+        acted_s = time.monotonic() - started
+        await audience.settle(window)
+        await asyncio.sleep(2)
+    finally:
+        await churn.stop()  # whatever happened: no host goes on changing rooms into the next test
     lost = await churn.lost()
     steps.add(
         step,
