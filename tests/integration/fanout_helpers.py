@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.kafka import ensure_topics
-from townhall.devtools.events import publish_room_started
+from townhall_tools.devtools.events import publish_room_started
 
 WAIT_S = 45.0
 

@@ -25,11 +25,11 @@ from townhall.admission.app import AdmissionApp
 from townhall.client import Client
 from townhall.core.auth import GRANTS, HOST, MODERATE, PUBLISH, SUBSCRIBE, bearer, mint, signing_key
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig
-from townhall.devtools.kafka_broker import free_port
-from townhall.devtools.topology import Process, _wait_serving
 from townhall.notifier.app import NotifierApp
 from townhall.v1 import graph_pb2, graph_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Role
+from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.topology import Process, _wait_serving
 
 pytestmark = pytest.mark.kafka
 DAY_S = 86_400

@@ -12,9 +12,9 @@ from rich.console import Console
 from tests.chart.helpers import REPO
 from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
-from townhall.bench import ghz
-from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
 from townhall.core.config import DEV_AUTH, KafkaConfig, TlsConfig
+from townhall_tools.bench import ghz
+from townhall_tools.bench.joinstorm import Load, make_rooms, offer, wait_live
 
 pytestmark = pytest.mark.kafka
 # Rates in a generator's figures that are answers or the generator's own end of run, not refusals.

@@ -7,9 +7,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from townhall.bench import ghz
-from townhall.bench.joinstorm import Load, _figures
-from townhall.bench.stats import LatencyHistogram, PerSecond, gap, percentile
+from townhall_tools.bench import ghz
+from townhall_tools.bench.joinstorm import Load, _figures
+from townhall_tools.bench.stats import LatencyHistogram, PerSecond, gap, percentile
 
 
 def test_histogram_percentiles_are_exact_to_a_bucket() -> None:

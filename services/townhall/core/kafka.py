@@ -24,6 +24,11 @@ from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
+# The broker's users: its super user (the broker itself, topics, ACLs) and one principal per service, each
+# allowed what Topics.access() says.
+KAFKA_ADMIN = "admin"
+KAFKA_SERVICES = (ADMISSION, RELAY, NOTIFIER)
+
 EVENTS_DROPPED = Counter(
     "townhall_events_dropped_total",
     "Best-effort events dropped because the in-process queue to Kafka was full or Kafka failed.",
