@@ -13,7 +13,7 @@ from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, ch
 from townhall.relay.hub import UPSTREAM_LOST, Hub
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
-from townhall_tools.bench.loadgen import first_capture_us
+from townhall_tools.bench.listener_generator import first_capture_us
 
 
 def chunk(sequence: int, *captures: int) -> bytes:

@@ -4,7 +4,7 @@ For each chunk interval (100, 200, 300 ms) it starts an origin and E edge relays
 processes), and raises the listeners per edge step by step until a step misses the bar (p99
 end-to-end latency over budget, a chunk lost, or a stream failing): the most listeners per edge
 core that passed, time to first audio, resident memory per listener stream. Then a bare grpc.aio
-streaming writer with chunks of the same size and the same listener count (ceiling.py): the
+streaming writer with chunks of the same size and the same listener count (bare_stream_server.py): the
 relay's listeners per core as a fraction of the ceiling's messages per core / chunks per second.
 
 Latency is the oldest frame of each chunk (capture on the speaker, receipt on the listener, one
@@ -39,9 +39,9 @@ from townhall.core.tickets import TICKET_KEY
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import SubscribeRequest
-from townhall_tools.bench import loadgen
+from townhall_tools.bench import listener_generator
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.loadgen import cpu_s
+from townhall_tools.bench.listener_generator import cpu_s
 from townhall_tools.bench.relay import (
     FRAME_MS,
     PAYLOAD_BYTES,
@@ -120,7 +120,7 @@ def _ceiling(out_dir: Path, chunk_ms: int) -> Iterator[Server]:
     argv = [
         sys.executable,
         "-m",
-        "townhall_tools.bench.ceiling",
+        "townhall_tools.bench.bare_stream_server",
         "--port",
         str(port),
         "--chunk-ms",
@@ -180,7 +180,7 @@ async def _phase(
 ) -> dict[str, Any]:
     """`per_target` listeners on each target; CPU and memory of the targets, CPU of `others`."""
     label = progress.tasks[task].description
-    generators = loadgen.Generators()
+    generators = listener_generator.Generators()
     workers = max(1, -(-per_target // LISTENERS_PER_GENERATOR))
     ready_timeout = 15.0 + per_target * len(targets) / 100
     try:
@@ -188,7 +188,7 @@ async def _phase(
             for w in range(workers):
                 share = per_target // workers + (1 if w < per_target % workers else 0)
                 generators.spawn(
-                    loadgen.Spec(
+                    listener_generator.Spec(
                         address=target.address,
                         room_id=ROOM,
                         listeners=share,
@@ -209,7 +209,7 @@ async def _phase(
         progress.update(task, description=f"{label}: measuring")
         probe_ms: list[float] = []
         probe = asyncio.create_task(_probe(targets, upstream, end_at - 0.5, probe_ms))
-        await loadgen.tick_through(progress, task, seconds, end_at)
+        await listener_generator.tick_through(progress, task, seconds, end_at)
         cpu_end = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
         gen_end = generators.cpu_s()
         rss = _rss(targets)

@@ -44,8 +44,8 @@ from townhall.core.tickets import TicketSigner, TicketVerifier
 from townhall.core.tokens import KeyRing, SigningKey, Verifier
 from townhall.v1.admission_pb2 import JoinRequest
 from townhall.v1.common_pb2 import Role
-from townhall_tools.bench.joinstorm import make_rooms, wait_live
-from townhall_tools.bench.joinstorm_bench import admission
+from townhall_tools.bench.join_load import make_rooms, wait_live
+from townhall_tools.bench.join_storm import admission
 from townhall_tools.devtools.kafka_broker import Broker, free_port
 
 JOIN = "/townhall.v1.Admission/Join"

@@ -49,7 +49,7 @@ from townhall.notifier.graphfile import GraphSpec, generate
 from townhall.notifier.records import decode_batch
 from townhall.v1 import inbox_pb2, inbox_pb2_grpc
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.loadgen import cpu_s
+from townhall_tools.bench.listener_generator import cpu_s
 from townhall_tools.bench.stats import percentile
 from townhall_tools.devtools.events import publish_room_started
 from townhall_tools.devtools.fanout import from_end

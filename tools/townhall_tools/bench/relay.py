@@ -3,7 +3,7 @@
 For each N it measures chunks delivered per second (and per relay CPU core), end-to-end audio
 latency (capture to listener receipt, one machine clock), chunks lost (sequence gaps seen by
 listeners), time to first audio and relay RSS; then the same for a bare grpc.aio writer (the
-ceiling, see ceiling.py), so the relay is reported as a fraction of what gRPC itself allows.
+ceiling, see bare_stream_server.py), so the relay is reported as a fraction of what gRPC itself allows.
 
 `python -m townhall_tools.bench.relay --listeners 100 500 --seconds 5` or `run(...)` from the CLI.
 """
@@ -38,9 +38,9 @@ from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame
-from townhall_tools.bench import loadgen
+from townhall_tools.bench import listener_generator
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.loadgen import cpu_s
+from townhall_tools.bench.listener_generator import cpu_s
 from townhall_tools.bench.stats import LatencyHistogram, percentile
 from townhall_tools.devtools.kafka_broker import free_port
 
@@ -103,7 +103,13 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
             }
             relay_argv = [sys.executable, "-m", "townhall.relay"]
             started.append(_start("relay", relay_argv, relay_env, relay_port, log))
-            ceiling_argv = [sys.executable, "-m", "townhall_tools.bench.ceiling", "--port", str(ceiling_port)]
+            ceiling_argv = [
+                sys.executable,
+                "-m",
+                "townhall_tools.bench.bare_stream_server",
+                "--port",
+                str(ceiling_port),
+            ]
             ceiling_argv += ["--chunk-ms", str(CHUNK_MS), "--frames", str(CHUNK_MS // FRAME_MS)]
             ceiling_argv += ["--payload", str(PAYLOAD_BYTES)]
             started.append(_start("ceiling", ceiling_argv, env, ceiling_port, log))
@@ -152,13 +158,13 @@ async def _phase(
     stop = asyncio.Event()
     speaker = asyncio.create_task(speak(server.address, room_id, stop)) if server.name == "relay" else None
     workers = 1 if listeners <= 250 else 2
-    generators = loadgen.Generators()
+    generators = listener_generator.Generators()
     ready_timeout = 15.0 + listeners / 100
     try:
         for index in range(workers):
             share = listeners // workers + (1 if index < listeners % workers else 0)
             generators.spawn(
-                loadgen.Spec(
+                listener_generator.Spec(
                     address=server.address,
                     room_id=room_id,
                     listeners=share,
@@ -175,7 +181,7 @@ async def _phase(
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu_start = cpu_s(server.ps), generators.cpu_s()
         progress.update(task, description=f"{server.name} {listeners}: measuring")
-        await loadgen.tick_through(progress, task, seconds, end_at)
+        await listener_generator.tick_through(progress, task, seconds, end_at)
         cpu_end = cpu_s(server.ps), generators.cpu_s()
         rss = server.ps.memory_info().rss
         progress.update(task, completed=seconds, description=f"{server.name} {listeners}: collecting")

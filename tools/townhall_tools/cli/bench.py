@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from townhall_tools.bench import audience, auth_cost, ghz, joinstorm_bench, notify, plots, relay
+from townhall_tools.bench import audience, auth_cost, join_load_ghz, join_storm, notify, plots, relay
 
 
 def _written(out: Path, name: str) -> None:
@@ -25,7 +25,7 @@ def run_bench(args: argparse.Namespace) -> int:
     auth_cost.run(args.out)
     print(f"JSON written to {args.out}/auth.json")
     # Join storm: ghz generates the load if it is built (.cache/bin), else Python processes.
-    joinstorm_bench.run(args.out, joinstorm_bench.Settings(args.storm_seconds, ghz=ghz.find()))
+    join_storm.run(args.out, join_storm.Settings(args.storm_seconds, ghz=join_load_ghz.find()))
     _written(args.out, "joinstorm")
     # Celebrity notification: 10M followers (--followers) while 100 small hosts start rooms.
     notify.run(args.out, followers=args.followers)

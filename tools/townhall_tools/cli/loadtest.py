@@ -12,8 +12,8 @@ from rich.console import Console
 
 from townhall.cli.endpoints import config, load_manifest, minting
 from townhall.cli.main import Subparsers
-from townhall_tools.bench import ghz
-from townhall_tools.bench.joinstorm import Load, make_rooms, offer, table, wait_live
+from townhall_tools.bench import join_load_ghz
+from townhall_tools.bench.join_load import Load, make_rooms, offer, table, wait_live
 
 console = Console() if Console().is_terminal else Console(width=160)
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         crowd = [e["grpc"] for e in entries if e.get("lane") == "crowd"]
         pids = [e["pid"] for e in entries if e.get("pid")]
     hot_addresses = tuple(crowd) if args.hot_lane == "crowd" else ()
-    binary = ghz.find() if args.ghz else None
+    binary = join_load_ghz.find() if args.ghz else None
     if args.ghz and binary is None:
         console.print("[red]joinload not found: build it with `make joinload` (into .cache/bin)[/red]")
         return 2

@@ -6,7 +6,7 @@ chunk, capture times spread over the interval), so one load generator measures b
 interceptor, queue, ring, tickets or publish path: the relay's cost over this is what the
 relay itself adds.
 
-`python -m townhall_tools.bench.ceiling --port P` runs it until SIGTERM.
+`python -m townhall_tools.bench.bare_stream_server --port P` runs it until SIGTERM.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ async def serve(port: int, interval_s: float, frames: int, payload: int) -> None
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m townhall_tools.bench.ceiling", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m townhall_tools.bench.bare_stream_server", description=__doc__
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunk-ms", type=int, default=100)
     parser.add_argument("--frames", type=int, default=5, help="frames per chunk")

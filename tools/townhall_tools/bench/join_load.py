@@ -2,7 +2,7 @@
 
 `offer` runs one load (a hot room and/or cold rooms at fixed arrival rates) against admission
 addresses and returns its figures; `townhall loadtest` uses it against a running topology, and
-the benchmark (joinstorm_bench.py) runs it in phases against processes it starts itself.
+the benchmark (join_storm.py) runs it in phases against processes it starts itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rich.table import Table
 from townhall.client import Client, Endpoints
 from townhall.core.auth import HOST, Tokens
 from townhall.core.config import DEV_AUTH, AuthConfig, TlsConfig
-from townhall_tools.bench import ghz, joingen
+from townhall_tools.bench import join_generator, join_load_ghz
 from townhall_tools.bench.stats import LatencyHistogram, PerSecond
 
 START_DELAY_S = 2.0  # generators spawn and connect before the first arrival
@@ -139,7 +139,7 @@ async def _offer_ghz(
                 addresses = (load.hot_addresses or load.addresses) if kind == "hot" else load.addresses
                 address = addresses[i % len(addresses)]
                 runs[kind] = (
-                    ghz.start(
+                    join_load_ghz.start(
                         binary,
                         address,
                         rooms,
@@ -180,9 +180,9 @@ async def _offer_ghz(
         cpu.setdefault("end", servers.total())
         cpu.setdefault("gen_end", generators.total())
         figures = _base_figures(load, cpu, generators="ghz")
-        reports = {kind: ghz.read(out) for kind, (_, out) in runs.items()}
+        reports = {kind: join_load_ghz.read(out) for kind, (_, out) in runs.items()}
         # The measured window starts at the first call either generator kept (each skips its warm-up).
-        firsts = [t for t in map(ghz.first_call, reports.values()) if t is not None]
+        firsts = [t for t in map(join_load_ghz.first_call, reports.values()) if t is not None]
         window = min(firsts, default=started + load.warmup_s)
         empty: dict[str, Any] = {
             "sent_per_s": 0.0,
@@ -193,7 +193,7 @@ async def _offer_ghz(
         }
         for kind in ("hot", "cold"):
             report = reports.get(kind)
-            figures[kind] = ghz.figures(report, load.seconds, window) if report else dict(empty)
+            figures[kind] = join_load_ghz.figures(report, load.seconds, window) if report else dict(empty)
     return _totals(figures)
 
 
@@ -206,7 +206,7 @@ async def _offer_python(
     pipes: list[Connection] = []
     n = load.generators
     for index in range(n):
-        spec = joingen.Spec(
+        spec = join_generator.Spec(
             addresses=load.addresses,
             hot_room=load.hot_room,
             hot_rate=load.hot_rate / n,
@@ -221,7 +221,7 @@ async def _offer_python(
             tls=load.tls,
         )
         parent, child = context.Pipe()
-        worker = context.Process(target=joingen.main, args=(spec, child), daemon=True)
+        worker = context.Process(target=join_generator.main, args=(spec, child), daemon=True)
         worker.start()
         workers.append(worker)
         pipes.append(parent)
@@ -251,7 +251,7 @@ async def _offer_python(
                     cpu["end"], cpu["gen_end"] = servers.total(), generators.total()
                 if now - last[0] >= 1.0:
                     last = _describe(progress, task, name, latest, last, now, end)
-                if now > end + joingen.CALL_TIMEOUT_S + 15:
+                if now > end + join_generator.CALL_TIMEOUT_S + 15:
                     raise TimeoutError(f"{name}: load generators sent no result")
                 await asyncio.sleep(0.1)
     finally:

@@ -1,7 +1,7 @@
 """Join-storm benchmark: ceiling and capacity by rate search, cold rooms alone, a 3x storm (two ways).
 
 Phases, all in one run on one machine (so ratios compare like with like):
-1. ceiling  - a bare grpc.aio unary server (unary_ceiling.py): offered rates rise step by step until
+1. ceiling  - a bare grpc.aio unary server (bare_join_server.py): offered rates rise step by step until
               a step is not clean (errors, offered not served, p99 over STEP_P99_MS); the best clean
               step gives the most calls/s and the calls per CPU-second (per core);
 2. capacity - admission (no admit budget), the same search with joins to one room: its admits/s;
@@ -17,7 +17,7 @@ Phases, all in one run on one machine (so ratios compare like with like):
 Figures are per core of the measured processes. The machine is shared and noisy: compare
 figures within one run.
 
-`python -m townhall_tools.bench.joinstorm_bench --seconds 60` or `run(...)` from `townhall bench`.
+`python -m townhall_tools.bench.join_storm --seconds 60` or `run(...)` from `townhall bench`.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig, load
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
 from townhall.v1.common_pb2 import Role
-from townhall_tools.bench import ghz
+from townhall_tools.bench import join_load_ghz
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.joinstorm import Load, make_rooms, offer, table, wait_live
+from townhall_tools.bench.join_load import Load, make_rooms, offer, table, wait_live
 from townhall_tools.devtools.kafka_broker import Broker, free_port
 from townhall_tools.devtools.topology import CROWD_PENDING
 
@@ -236,7 +236,7 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
     try:
         await ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
         port = free_port()
-        argv = [sys.executable, "-m", "townhall_tools.bench.unary_ceiling", "--port", str(port)]
+        argv = [sys.executable, "-m", "townhall_tools.bench.bare_join_server", "--port", str(port)]
         address = f"127.0.0.1:{port}"
         with _process(argv, dict(os.environ), address, out_dir / "unary-ceiling.log") as ceiling:
             phases["ceiling"] = await search(
@@ -367,9 +367,7 @@ def _steps_table(phases: dict[str, dict[str, Any]]) -> Table:
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m townhall_tools.bench.joinstorm_bench", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m townhall_tools.bench.join_storm", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(".townhall/bench"))
     parser.add_argument("--seconds", type=float, default=60.0, help="cold and storm phases")
     parser.add_argument("--step-seconds", type=float, default=6.0, help="each step of the rate searches")
@@ -382,7 +380,7 @@ def main() -> None:
         "--no-ghz", action="store_true", help="generate with Python processes even if ghz is built"
     )
     args = parser.parse_args()
-    binary = None if args.no_ghz else ghz.find()
+    binary = None if args.no_ghz else join_load_ghz.find()
     settings = Settings(
         args.seconds, args.step_seconds, args.search_from, generators=args.generators,
         processes=args.processes, ghz=binary, one_lane_seconds=args.one_lane_seconds,

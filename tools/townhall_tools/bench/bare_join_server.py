@@ -4,7 +4,7 @@ Same method path, server options and process settings as admission, and a reply 
 real grant has (a signed ticket and a relay address), so one load generator measures both. No
 interceptor, room state, leases, budget or signing: admission's cost over this is its own.
 
-`python -m townhall_tools.bench.unary_ceiling --port P` runs it until SIGTERM.
+`python -m townhall_tools.bench.bare_join_server --port P` runs it until SIGTERM.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m townhall_tools.bench.unary_ceiling", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m townhall_tools.bench.bare_join_server", description=__doc__
+    )
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     tune_gc()  # admission's process settings, so the comparison is of the code, not of the GC
