@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from townhall_tools.bench.relay import (
     _merge_counts,
     _round,
     _start,
+    _stop_all,
     bench_signer,
     speak,
 )
@@ -69,17 +69,6 @@ ROOM = "audience"
 def budget_ms(chunk_ms: int) -> int:
     """The p99 bar: 300 ms, or the interval plus 200 ms where a chunk alone waits longer than that."""
     return max(LATENCY_BUDGET_MS, chunk_ms + 200)
-
-
-def _stop_all(servers: list[Server]) -> None:
-    for server in servers:
-        server.process.terminate()
-    for server in servers:
-        try:
-            server.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=5)
 
 
 @contextlib.contextmanager

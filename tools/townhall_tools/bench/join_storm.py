@@ -41,7 +41,6 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from townhall.core.channels import blocking_channel
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig, load
 from townhall.core.kafka import ensure_topics
 from townhall.core.tickets import TicketSigner
@@ -50,6 +49,7 @@ from townhall_tools.bench import join_load_ghz
 from townhall_tools.bench.env import LIMITS
 from townhall_tools.bench.join_load import Load, make_rooms, offer, table, wait_live
 from townhall_tools.devtools.kafka_broker import Broker, free_port
+from townhall_tools.devtools.processes import start_serving, stop
 from townhall_tools.devtools.topology import CROWD_PENDING
 
 START_TIMEOUT_S = 30.0
@@ -62,20 +62,13 @@ AUTH, TLS = DEV_AUTH, TlsConfig()
 def _process(
     argv: list[str], env: dict[str, str], address: str, log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server child process, ready when its port accepts gRPC; always stopped on exit."""
+    """A server child process, once it serves; always stopped on exit."""
     with open(log, "ab") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = start_serving(log.stem, argv, env, address, out, START_TIMEOUT_S)
     try:
-        with blocking_channel(address, TlsConfig()) as channel:
-            grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop([process])
 
 
 def _admission_env(

@@ -35,14 +35,13 @@ import grpc
 import numpy as np
 import psutil
 from aiokafka import AIOKafkaConsumer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.cli.graph import import_with_progress
 from townhall.core.auth import Tokens, bearer
-from townhall.core.channels import blocking_channel, channel
+from townhall.core.channels import channel
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.notifier.graphfile import GraphSpec, generate
@@ -54,6 +53,7 @@ from townhall_tools.bench.stats import percentile
 from townhall_tools.devtools.events import publish_room_started
 from townhall_tools.devtools.fanout import from_end
 from townhall_tools.devtools.kafka_broker import Broker, free_port
+from townhall_tools.devtools.processes import stop, wait_serving
 
 START_TIMEOUT_S = 60.0
 # What the figures mean, written into the JSON next to them.
@@ -103,20 +103,6 @@ class Notifier:
         return psutil.Process(self.process.pid)
 
 
-def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with blocking_channel(address, TlsConfig()) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"notifier at {address} exited with {process.returncode}")
-            with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            time.sleep(0.2)
-    raise TimeoutError(f"notifier at {address} not serving within {timeout_s:.0f} s")
-
-
 @contextlib.contextmanager
 def _cluster(work: Path, count: int, bulk_threshold: int) -> Iterator[tuple[Broker, list[Notifier]]]:
     broker = Broker(work / "kafka", port=free_port())
@@ -149,18 +135,10 @@ def _cluster(work: Path, count: int, bulk_threshold: int) -> Iterator[tuple[Brok
             )
             notifiers.append(Notifier(address, work / f"notifier-{i}", process, member))
         for n in notifiers:
-            _wait_serving(n.address, n.process, START_TIMEOUT_S)
+            wait_serving(n.process, n.address, f"notifier at {n.address}", START_TIMEOUT_S)
         yield broker, notifiers
     finally:
-        for n in notifiers:
-            if n.process.poll() is None:
-                n.process.terminate()
-        for n in notifiers:
-            try:
-                n.process.wait(15)
-            except subprocess.TimeoutExpired:
-                n.process.kill()
-                n.process.wait(5)
+        stop([n.process for n in notifiers], grace_s=15)
         broker.stop()
 
 

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from townhall.core.channels import blocking_channel, channel
+from townhall.core.channels import channel
 from townhall.core.config import DEV_ENV, TlsConfig, load
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.v1 import relay_pb2_grpc
@@ -43,6 +43,7 @@ from townhall_tools.bench.env import LIMITS
 from townhall_tools.bench.listener_generator import cpu_s
 from townhall_tools.bench.stats import LatencyHistogram, percentile
 from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.processes import start_serving, stop
 
 CHUNK_MS = 100
 FRAME_MS = 20
@@ -68,17 +69,12 @@ class Server:
 
 
 def _start(name: str, argv: list[str], env: dict[str, str], port: int, log: TextIO) -> Server:
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(name, f"127.0.0.1:{port}", process)
-    ready = blocking_channel(server.address, TlsConfig())
-    try:
-        grpc.channel_ready_future(ready).result(timeout=START_TIMEOUT_S)
-    except grpc.FutureTimeoutError as exc:
-        process.kill()
-        raise RuntimeError(f"{name} did not start within {START_TIMEOUT_S} s; see {log.name}") from exc
-    finally:
-        ready.close()
-    return server
+    address = f"127.0.0.1:{port}"
+    return Server(name, address, start_serving(name, argv, env, address, log, START_TIMEOUT_S))
+
+
+def _stop_all(servers: list[Server]) -> None:
+    stop([server.process for server in servers], grace_s=5)
 
 
 @contextlib.contextmanager
@@ -115,14 +111,7 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
             started.append(_start("ceiling", ceiling_argv, env, ceiling_port, log))
             yield started[0], started[1]
         finally:
-            for server in started:
-                server.process.terminate()
-            for server in started:
-                try:
-                    server.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    server.process.kill()
-                    server.process.wait(timeout=5)
+            _stop_all(started)
 
 
 async def _frames(stop: asyncio.Event) -> AsyncIterator[AudioFrame]:

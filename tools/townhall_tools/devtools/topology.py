@@ -12,21 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from townhall.core import logging
-from townhall.core.channels import blocking_channel
 from townhall.core.config import DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.config import load as load_config
 from townhall.core.kafka import ensure_topics
 from townhall_tools.devtools.kafka_broker import Broker, free_port
+from townhall_tools.devtools.processes import stop, wait_serving
 
 log = logging.get(__name__)
 
@@ -152,7 +148,7 @@ class Topology:
                 for proc in group:
                     self._spawn(proc)
                 for proc in group:
-                    _wait_serving(proc, timeout_s, tls)
+                    self._wait(proc, timeout_s, tls)
         except BaseException:
             self.stop()
             raise
@@ -168,7 +164,7 @@ class Topology:
         proc.env.update(env or {})
         self.processes.append(proc)
         self._spawn(proc)
-        _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
+        self._wait(proc, timeout_s)
         self.manifest.write_text(json.dumps(self.describe(), indent=2))
         return proc
 
@@ -242,10 +238,16 @@ class Topology:
             start_new_session=True,
         )
 
+    def _wait(self, proc: Process, timeout_s: float, tls: TlsConfig | None = None) -> None:
+        assert proc.popen is not None
+        # The children read the same TOWNHALL_* settings: health checks dial them as they serve.
+        tls = tls or load_config(env={**os.environ, **self.env}).tls
+        wait_serving(proc.popen, proc.grpc, proc.name, timeout_s, tls)
+
     def restart(self, proc: Process, timeout_s: float = 60.0) -> None:
         """Starts a stopped or killed process again on the same ports."""
         self._spawn(proc)
-        _wait_serving(proc, timeout_s, load_config(env={**os.environ, **self.env}).tls)
+        self._wait(proc, timeout_s)
 
     def kill(self, proc: Process) -> None:
         """kill -9 of one process (no drain, no goodbye), for fault tests."""
@@ -260,35 +262,6 @@ class Topology:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to every process (admission first), then the broker; kills stragglers."""
-        for proc in reversed(self.processes):
-            if proc.popen and proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in reversed(self.processes):
-            if proc.popen is None:
-                continue
-            try:
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(5)
+        stop([proc.popen for proc in reversed(self.processes)], grace_s)
         if self.broker is not None:
             self.broker.stop()
-
-
-def _wait_serving(proc: Process, timeout_s: float, tls: TlsConfig | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    with blocking_channel(proc.grpc, tls or TlsConfig()) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            assert proc.popen is not None
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see its log")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{proc.name} not serving within {timeout_s:.0f} s")
