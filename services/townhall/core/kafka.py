@@ -97,8 +97,8 @@ class Topics:
 
     def access(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """Per service principal (its Kafka user): (topics it writes, topics it reads). The broker's ACLs
-        grant exactly this (devtools/kafka_broker.py, the chart's topics Job); the notifier also reads its
-        consumer groups (kafka.acl_groups)."""
+        grant exactly this (townhall_tools.devtools.kafka_broker, the chart's topics Job); the notifier
+        also reads its consumer groups (kafka.acl_groups)."""
         return {
             ADMISSION: (
                 (self.room_state, self.room_started, self.presence),
