@@ -1,13 +1,13 @@
 """The chart on kind, used from the host as a user would: through the NodePorts kind maps to localhost.
 
 In order: the release is Ready and `helm test` passes; the images run as non-root without compilers, and
-Townhall's carries the runtime only (no tooling, no rich/psutil/av); grpcurl
-sees reflection and health; the demo passes (20 followers notified, 20 listeners hearing byte-identical
-audio); then, while a speaker talks to 20 listeners and hosts change rooms, faults (the admission pod that owns
-the room, the relay pod listeners are on, the Kafka pod: each force-deleted; a `helm upgrade` that changes the
-config and rolls every pod) and scaling (relays 2 -> 4 -> 2, admission 2 -> 3 -> 2). Each listener may miss at
-most 2 s of audio per event, and no acknowledged room change may be lost. Last, the in-cluster Prometheus has
-every dashboard panel and alert query returning data.
+Townhall's carries the runtime only (no tooling, no rich/psutil/av); grpcurl sees reflection and health; the
+demo passes (20 followers notified, 20 listeners hearing byte-identical audio); then, while a speaker talks to
+20 listeners and hosts change rooms, faults (the admission pod that owns the room, the relay pod listeners are
+on, the Kafka pod: each force-deleted; a `helm upgrade` that changes the config and rolls every pod) and
+scaling (relays 2 -> 4 -> 2, admission 2 -> 3 -> 2). Each listener may miss at most 2 s of audio per event,
+and no acknowledged room change may be lost. Last, the in-cluster Prometheus has every dashboard panel and
+alert query returning data.
 """
 
 from __future__ import annotations
