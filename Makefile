@@ -13,14 +13,14 @@ STAMP := $(VENV)/.installed
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e ./tools
 	touch $@
 
-setup: $(STAMP) $(GEN)/__init__.py ## Create .venv, install Townhall and its tools, generate the gRPC code
+setup: $(STAMP) $(GEN)/__init__.py ## Create .venv, install Townhall (dev extra) and townhall-tools, generate the gRPC code
 
 $(GEN)/__init__.py: $(PROTOS) $(STAMP)
 	rm -rf $(GEN) && mkdir -p $(GEN)
@@ -53,9 +53,9 @@ FUZZ_EXAMPLES ?= 200
 fuzz: setup ## Fuzz every RPC and every Kafka consumer with hostile input, FUZZ_EXAMPLES per class (200); counts in .townhall/fuzz/
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py tests/integration/test_fuzz_records.py
 
-lint: setup ## ruff and mypy on the package
-	$(BIN)/ruff check services tests deploy
-	$(BIN)/ruff format --check services tests deploy
+lint: setup ## ruff and mypy on the packages (services/ and tools/)
+	$(BIN)/ruff check services tools tests deploy
+	$(BIN)/ruff format --check services tools tests deploy
 	$(BIN)/mypy
 
 diagram: ## Copy the architecture diagram's source (docs/architecture.mmd) into README.md's mermaid block

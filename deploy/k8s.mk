@@ -81,6 +81,9 @@ kind-images: image $(if $(KAFKA_IMAGE_REPO),kafka-image) ## Build the images kin
 print-kind-images: # The images kind-load loads (kind-e2e checks them)
 	@echo $(KIND_IMAGES)
 
+print-image: # The Townhall image (kind-e2e checks it carries the runtime only)
+	@echo $(IMAGE)
+
 kind-load: kind ## Load the images Docker has of KIND_IMAGES (Townhall, Kafka, Prometheus) into the kind node(s)
 	@for image in $(KIND_IMAGES); do \
 		if $(DOCKER) image inspect $$image >/dev/null 2>&1; then \
@@ -95,14 +98,14 @@ deploy: setup helm ## Install or upgrade the chart on KUBE_CONTEXT with the kind
 		--create-namespace -f $(KIND_VALUES) --set image.repository=$(IMAGE_REPO) --set image.tag=$(IMAGE_TAG) \
 		$(if $(KAFKA_IMAGE_REPO),--set kafka.image.repository=$(KAFKA_IMAGE_REPO) --set kafka.image.tag=$(KAFKA_IMAGE_TAG)) \
 		$(HELM_EXTRA)
-	$(BIN)/python -m townhall.devtools.kind --context $(KUBE_CONTEXT) wait-ready --namespace $(NAMESPACE) \
+	$(BIN)/python -m townhall_tools.devtools.kind --context $(KUBE_CONTEXT) wait-ready --namespace $(NAMESPACE) \
 		--release $(RELEASE) --timeout 600
 
 helm-test: helm ## Run the chart's test pod (gRPC health of every pod and Service)
 	$(HELM) test $(RELEASE) --kube-context $(KUBE_CONTEXT) --namespace $(NAMESPACE) --logs --timeout 5m
 
 kind-prometheus: setup ## A plain Prometheus in the cluster (deploy/kind/prometheus.yaml) with the chart's rules, on :30090
-	$(BIN)/python -m townhall.devtools.kind --context $(KUBE_CONTEXT) prometheus --image $(PROMETHEUS_IMAGE)
+	$(BIN)/python -m townhall_tools.devtools.kind --context $(KUBE_CONTEXT) prometheus --image $(PROMETHEUS_IMAGE)
 
 kind-e2e: setup kind helm grpcurl ## The chart on kind end to end: cluster, images, install, demo, faults, scaling, Prometheus
 	KIND_E2E=1 KIND_E2E_MAKE="$(MAKE) --no-print-directory" $(BIN)/pytest -p no:cacheprovider -s -v tests/e2e

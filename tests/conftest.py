@@ -12,7 +12,7 @@ import pytest
 from tests.chart.helpers import REPO, TOOLS, build_tool, install
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
-from townhall.devtools.kafka_broker import Broker, free_port
+from townhall_tools.devtools.kafka_broker import Broker, free_port
 
 # The kind end-to-end tests need Docker and a cluster: `make kind-e2e` runs them, `make test` does not.
 collect_ignore = [] if os.environ.get("KIND_E2E") else ["e2e"]

@@ -36,11 +36,11 @@ from tests.chart.helpers import (
     values_file,
     workload,
 )
+from townhall.core.certs import Authority
 from townhall.core.config import Config
 from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics
-from townhall.devtools.certs import Authority
-from townhall.devtools.kafka_broker import SECURE_SETTINGS, Acl, acls
+from townhall_tools.devtools.kafka_broker import SECURE_SETTINGS, Acl, acls
 
 Render = Callable[..., list[Manifest]]
 POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
@@ -523,7 +523,7 @@ def test_bundled_broker_is_kraft_on_sasl_ssl_with_acls_and_no_topic_auto_creatio
     assert {k: props.get(k) for k in SECURE_SETTINGS} == SECURE_SETTINGS
     # The key Kafka reads is made PKCS#8 by the Townhall image before the broker starts.
     (init,) = spec["initContainers"]
-    assert init["command"][:4] == ["python", "-m", "townhall.devtools.certs", "keystore"]
+    assert init["command"][:4] == ["python", "-m", "townhall.core.certs", "keystore"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert topics_job(manifests)["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     # Every service connects over SASL_SSL as its own user, and checks the broker against the CA.

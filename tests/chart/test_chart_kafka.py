@@ -30,7 +30,7 @@ from tests.chart.test_chart import Render, configmap, container_env, job_script,
 from townhall.core.config import KafkaConfig
 from townhall.core.config import load as load_config
 from townhall.core.kafka import Topics, client_options
-from townhall.devtools.kafka_broker import _accepts, _ready, fetch_jars, free_port
+from townhall_tools.devtools.kafka_broker import _accepts, _ready, fetch_jars, free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.chart.helpers import CHART
-from townhall.devtools.certs import Authority
+from townhall.core.certs import Authority
 
 SCRIPT = CHART / "files" / "health_check.py"
 

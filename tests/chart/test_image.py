@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 
 from tests.chart.helpers import REPO
 
@@ -49,3 +50,42 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert lines[lines.index("*")] == "*"
     for keep in ("!pyproject.toml", "!README.md", "!proto/", "!services/"):
         assert keep in lines
+
+
+# What only the CLI, the benchmarks and the tools need: never in the runtime, nor in the image.
+NOT_RUNTIME = ("rich", "psutil", "av", "matplotlib", "townhall-tools")
+
+
+def _extra(name: str) -> set[str]:
+    """The distributions pyproject.toml's extra `name` installs (townhall[...] self-references followed)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    found: set[str] = set()
+    for requirement in [*project["dependencies"], *project["optional-dependencies"][name]]:
+        dist = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
+        if dist == "townhall":
+            for extra in re.search(r"\[(.*)\]", requirement).group(1).split(","):  # type: ignore[union-attr]
+                found |= _extra(extra.strip())
+        else:
+            found.add(dist)
+    return found
+
+
+def test_the_server_extra_is_the_runtime_only() -> None:
+    server = _extra("server")
+    assert {"grpcio", "aiokafka", "structlog", "prometheus-client", "pyjwt"} <= server
+    assert not server & set(NOT_RUNTIME)
+    # A client install is smaller still: no Kafka, no Kubernetes, no numpy.
+    assert not _extra("client") & {"aiokafka", "kubernetes", "numpy", *NOT_RUNTIME}
+    # The CLI brings its own packages, not the tools'.
+    assert {"rich", "av"} <= _extra("cli") and not _extra("cli") & {"psutil", "matplotlib"}
+
+
+def test_the_image_installs_the_server_extra_from_services_only() -> None:
+    builder = "\n".join(instructions(STAGES[0]))
+    assert "pip install '/src[server]'" in builder
+    copies = [line for line in instructions(STAGES[0]) if line.startswith("COPY")]
+    assert "COPY services ./services" in copies and not any("tools" in line for line in copies)
+    # The build stops if anything of NOT_RUNTIME got in anyway.
+    check = next(line for line in instructions(STAGES[0]) if "find_spec" in line)
+    assert all(repr(m.replace("-", "_")) in check for m in NOT_RUNTIME)
+    assert not any(line.startswith("!tools") for line in (REPO / ".dockerignore").read_text().splitlines())

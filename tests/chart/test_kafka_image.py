@@ -10,7 +10,7 @@ import pytest
 
 from tests.chart.helpers import CHART, REPO
 from tests.chart.test_image import instructions
-from townhall.devtools.kafka_broker import fetch_jars
+from townhall_tools.devtools.kafka_broker import fetch_jars
 
 KAFKA = REPO / "deploy" / "kafka"
 DOCKERFILE = (KAFKA / "Dockerfile").read_text()

@@ -23,7 +23,7 @@ import pytest
 
 from tests.chart import promql
 from tests.chart.helpers import REPO
-from townhall.devtools.kafka_broker import free_port
+from townhall_tools.devtools.kafka_broker import free_port
 
 EXPORTER = r"""
 import importlib, sys, time

@@ -1,7 +1,7 @@
 """A live room on the cluster while something happens to it: a speaker talking without pause, listeners
 hearing it through the relays (the client library's Listener, which moves and resumes), and hosts making
 room changes whose every acknowledged answer is written down. Measured as a user notices: the audio each
-listener missed (townhall.faults.measure.Tape) and whether an acknowledged change can still be read.
+listener missed (townhall_tools.faults.measure.Tape) and whether an acknowledged change can still be read.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS, Tokens
 from townhall.core.config import DEV_AUTH
 from townhall.core.tasks import cancel
-from townhall.faults.measure import FRAME_MS, Tape, audio_gap_ms, until
 from townhall.live import Listener, Speaker
+from townhall_tools.faults.measure import FRAME_MS, Tape, audio_gap_ms, until
 
 # The kind values give the cluster the development keys (helm/townhall/ci/kind-default-values.yaml).
 TOKENS = Tokens(DEV_AUTH)

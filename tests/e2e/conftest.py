@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall.client import Endpoints
-from townhall.devtools.kind import Cluster
+from townhall_tools.devtools.kind import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / ".townhall" / "e2e" / "kind.json"

@@ -1,12 +1,13 @@
 """The chart on kind, used from the host as a user would: through the NodePorts kind maps to localhost.
 
-In order: the release is Ready and `helm test` passes; the images run as non-root without compilers; grpcurl
-sees reflection and health; the demo passes (20 followers notified, 20 listeners hearing byte-identical
-audio); then, while a speaker talks to 20 listeners and hosts change rooms, faults (the admission pod that owns
-the room, the relay pod listeners are on, the Kafka pod: each force-deleted; a `helm upgrade` that changes the
-config and rolls every pod) and scaling (relays 2 -> 4 -> 2, admission 2 -> 3 -> 2). Each listener may miss at
-most 2 s of audio per event, and no acknowledged room change may be lost. Last, the in-cluster Prometheus has
-every dashboard panel and alert query returning data.
+In order: the release is Ready and `helm test` passes; the images run as non-root without compilers, and
+Townhall's carries the runtime only (no tooling, no rich/psutil/av); grpcurl sees reflection and health; the
+demo passes (20 followers notified, 20 listeners hearing byte-identical audio); then, while a speaker talks to
+20 listeners and hosts change rooms, faults (the admission pod that owns the room, the relay pod listeners are
+on, the Kafka pod: each force-deleted; a `helm upgrade` that changes the config and rolls every pod) and
+scaling (relays 2 -> 4 -> 2, admission 2 -> 3 -> 2). Each listener may miss at most 2 s of audio per event,
+and no acknowledged room change may be lost. Last, the in-cluster Prometheus has every dashboard panel and
+alert query returning data.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from tests.e2e.conftest import (
 )
 from townhall.client import Endpoints
 from townhall.core.sharding import owner
-from townhall.devtools.kind import Cluster, ready, wait_ready
-from townhall.faults.measure import until
+from townhall_tools.devtools.kind import Cluster, ready, wait_ready
+from townhall_tools.faults.measure import until
 
 pytestmark = pytest.mark.timeout(3600)
 
@@ -160,6 +161,38 @@ def test_images_run_as_non_root_without_compilers(deployed: Cluster, steps: Step
             check=True,
         ).stdout.strip()
         steps.add(f"image {image}", 0.0, True, uid=lines[0], size_mb=round(int(size) / 1e6))
+
+
+# What the image must not carry: the tooling (tools/, townhall-tools) and the packages only the CLI, the
+# benchmarks and the tools need. The runtime's own modules must be there.
+NOT_RUNTIME = ("rich", "psutil", "av", "matplotlib", "townhall_tools")
+RUNTIME = ("townhall.admission.app", "townhall.relay.app", "townhall.notifier.app", "townhall.core.certs")
+
+
+def test_the_townhall_image_carries_the_runtime_only(deployed: Cluster, steps: Steps) -> None:
+    listed = subprocess.run([*MAKE, "-s", "print-image"], cwd=REPO, capture_output=True, text=True)
+    image = listed.stdout.strip()
+    inspect = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
+    assert inspect.returncode == 0, f"{image} is not a local image (make image builds it)"
+    probe = (
+        "import importlib, importlib.util as u\n"
+        f"for m in {RUNTIME!r}: importlib.import_module(m)\n"
+        f"print(' '.join(m for m in {NOT_RUNTIME!r} if u.find_spec(m)) or 'none')\n"
+        "import townhall, pathlib\n"
+        "root = pathlib.Path(townhall.__file__).parent\n"
+        "print(' '.join(d for d in ('bench', 'faults', 'devtools') if (root / d).exists()) or 'none')"
+    )
+    run = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "python", image, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    packages, folders = run.stdout.splitlines()
+    assert packages == "none", f"{image} carries what is not the runtime: {packages}"
+    assert folders == "none", f"{image}'s townhall package carries tooling: {folders}"
+    steps.add(f"runtime only {image}", 0.0, True)
 
 
 @pytest.mark.parametrize("address", [ADMISSION, NOTIFIER, f"127.0.0.1:{RELAY_PORT_BASE}"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import subprocess
@@ -13,12 +12,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from aiokafka import AIOKafkaProducer
 
 from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.kafka import ensure_topics
-from townhall.devtools.events import publish_room_started
+from townhall_tools.devtools import processes
+from townhall_tools.devtools.events import publish_room_started
 
 WAIT_S = 45.0
 
@@ -83,17 +82,5 @@ def spawn_notifier(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
-    """Waits until the notifier answers gRPC health."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + WAIT_S
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"notifier exited with {process.returncode}"
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"notifier at {address} not serving")
+    """Waits until the notifier answers gRPC health (in a thread: the test's event loop runs meanwhile)."""
+    await asyncio.to_thread(processes.wait_serving, process, address, f"notifier at {address}", WAIT_S)

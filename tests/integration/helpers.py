@@ -19,11 +19,11 @@ from townhall.client import Client, Endpoints
 from townhall.core import server
 from townhall.core.auth import GRANTS, Tokens
 from townhall.core.config import DEV_AUTH, DEV_ENV, Config, KafkaConfig, TlsConfig, load
-from townhall.devtools.kafka_broker import free_port
-from townhall.devtools.topology import Topology
-from townhall.faults.measure import Outcome
-from townhall.faults.runner import topology_for
 from townhall.v1 import admission_pb2
+from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.topology import Topology
+from townhall_tools.faults.measure import Outcome
+from townhall_tools.faults.runner import topology_for
 
 # Test servers run with the development keys (the tests' own topology): tokens minted with them are accepted.
 TOKENS = Tokens(DEV_AUTH)
@@ -113,7 +113,7 @@ async def join_outcome(stub: Any, room_id: str, metadata: Any) -> tuple[str, grp
 def fault_topology(
     group: str, tmp_path_factory: pytest.TempPathFactory, kafka: KafkaConfig | None
 ) -> Iterator[Topology]:
-    """The processes a group of fault scenarios runs on (townhall.faults.runner.GROUPS), started as
+    """The processes a group of fault scenarios runs on (townhall_tools.faults.runner.GROUPS), started as
     `townhall dev` starts them, on the session broker (or a broker of their own); stopped after."""
     topology = topology_for(
         group, tmp_path_factory.mktemp(f"faults-{group}"), kafka.bootstrap if kafka else None

@@ -16,10 +16,11 @@ import pytest
 from tests.integration.helpers import client, join_outcome, metadata, rpc_error
 from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.sharding import owner
-from townhall.devtools.kafka_broker import free_port
-from townhall.devtools.topology import CROWD_PENDING, Process, _wait_serving
 from townhall.v1 import admission_pb2, admission_pb2_grpc
 from townhall.v1.common_pb2 import RoomState
+from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.processes import wait_serving
+from townhall_tools.devtools.topology import CROWD_PENDING, Process
 
 pytestmark = pytest.mark.kafka
 ADMIT_RATE = 300  # joins/s per process: small, so a test can storm a room past it
@@ -81,7 +82,7 @@ class Cluster:
         proc.popen = subprocess.Popen(
             [sys.executable, "-m", "townhall.admission"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        _wait_serving(proc, 60)
+        wait_serving(proc.popen, proc.grpc, proc.name, 60)
 
     def stop(self, proc: Process) -> None:
         if proc.popen is not None and proc.popen.poll() is None:

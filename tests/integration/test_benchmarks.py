@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from townhall.bench import audience, relay
+from townhall_tools.bench import audience, relay
 
 
 def test_the_relay_benchmark_serves_every_listener_on_the_relay_and_the_ceiling(tmp_path: Path) -> None:

@@ -38,7 +38,6 @@ from townhall.core.liveness import Probe, Prober
 from townhall.core.server import App
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.core.tokens import SigningKey, b64
-from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
 from townhall.v1 import (
@@ -51,6 +50,7 @@ from townhall.v1 import (
     rooms_pb2_grpc,
 )
 from townhall.v1.common_pb2 import Role
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -15,10 +15,10 @@ import pytest
 from tests.integration.helpers import client, join_outcome, metadata
 from tests.integration.test_relay import TIMEOUT, frame_ids, gaps, read_until
 from townhall.client import Client
-from townhall.devtools.topology import Process, Topology
 from townhall.v1 import admission_pb2_grpc, relay_pb2, relay_pb2_grpc
 from townhall.v1.admission_pb2 import Grant
 from townhall.v1.relay_pb2 import Chunk
+from townhall_tools.devtools.topology import Process, Topology
 
 pytestmark = pytest.mark.kafka
 ADMIT_RATE = 200  # joins/s per admission process: small, so the test can storm a room past it

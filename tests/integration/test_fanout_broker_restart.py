@@ -11,9 +11,9 @@ import pytest
 from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
 from tests.integration.helpers import config_for, serving
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox, import_followers
-from townhall.devtools.kafka_broker import Broker, free_port
 from townhall.notifier.app import build_app
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
+from townhall_tools.devtools.kafka_broker import Broker, free_port
 
 pytestmark = pytest.mark.kafka
 

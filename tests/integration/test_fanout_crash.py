@@ -17,8 +17,8 @@ from tests.integration.fanout_helpers import (
     wait_serving,
 )
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox, import_followers
-from townhall.devtools.kafka_broker import free_port
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

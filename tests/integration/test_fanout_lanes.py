@@ -12,9 +12,9 @@ import pytest
 from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
 from tests.integration.helpers import config_for, metadata, serving
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox, import_followers
 from townhall.notifier.app import build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
 
 pytestmark = pytest.mark.kafka
 

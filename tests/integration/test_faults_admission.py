@@ -9,8 +9,8 @@ import pytest
 
 from tests.integration.helpers import fault_topology, recorded
 from townhall.core.config import KafkaConfig
-from townhall.devtools.topology import Topology
-from townhall.faults import admission
+from townhall_tools.devtools.topology import Topology
+from townhall_tools.faults import admission
 
 pytestmark = pytest.mark.kafka
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import fault_topology, recorded
-from townhall.devtools.topology import Topology
-from townhall.faults import kafka
-from townhall.faults.measure import Outcome
+from townhall_tools.devtools.topology import Topology
+from townhall_tools.faults import kafka
+from townhall_tools.faults.measure import Outcome
 
 pytestmark = pytest.mark.kafka
 

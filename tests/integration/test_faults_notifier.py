@@ -9,8 +9,8 @@ import pytest
 
 from tests.integration.helpers import fault_topology, recorded
 from townhall.core.config import KafkaConfig
-from townhall.devtools.topology import Topology
-from townhall.faults import notifier
+from townhall_tools.devtools.topology import Topology
+from townhall_tools.faults import notifier
 
 pytestmark = pytest.mark.kafka
 

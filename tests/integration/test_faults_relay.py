@@ -10,8 +10,8 @@ import pytest
 
 from tests.integration.helpers import fault_topology, recorded
 from townhall.core.config import KafkaConfig
-from townhall.devtools.topology import Topology
-from townhall.faults import relays
+from townhall_tools.devtools.topology import Topology
+from townhall_tools.faults import relays
 
 pytestmark = pytest.mark.kafka
 

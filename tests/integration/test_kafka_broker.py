@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from townhall.devtools.kafka_broker import Broker, free_port
+from townhall_tools.devtools.kafka_broker import Broker, free_port
 
 
 def test_storage_formats_for_a_cluster_id_that_starts_with_a_dash(tmp_path: Path) -> None:

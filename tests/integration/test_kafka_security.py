@@ -31,9 +31,9 @@ from townhall.core import server
 from townhall.core.auth import GRANTS
 from townhall.core.config import Config, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, client_options
-from townhall.devtools.kafka_broker import Broker, Security, free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
+from townhall_tools.devtools.kafka_broker import Broker, Security, free_port
 
 pytestmark = pytest.mark.kafka
 

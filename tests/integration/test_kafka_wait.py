@@ -24,9 +24,9 @@ from townhall.admission.app import AdmissionApp
 from townhall.core import server
 from townhall.core.config import DEV_ENV, Config, KafkaConfig
 from townhall.core.kafka import KafkaUnreachable, Topics, ensure_topics, wait_for_topics
-from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -25,11 +25,11 @@ from townhall.admission.app import AdmissionApp
 from townhall.client import Client
 from townhall.core.auth import GRANTS, HOST, MODERATE, PUBLISH, SUBSCRIBE, bearer, mint, signing_key
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig
-from townhall.devtools.kafka_broker import free_port
-from townhall.devtools.topology import Process, _wait_serving
 from townhall.notifier.app import NotifierApp
 from townhall.v1 import graph_pb2, graph_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Role
+from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.processes import wait_serving
 
 pytestmark = pytest.mark.kafka
 DAY_S = 86_400
@@ -176,7 +176,7 @@ def test_the_metrics_listener_binds_only_the_configured_address(tmp_path: Path) 
     with open(tmp_path / "relay.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "townhall.relay"], env=env, stdout=log, stderr=log)
     try:
-        _wait_serving(Process("relay", 0, f"127.0.0.1:{grpc_port}", metrics_port, proc), 60)
+        wait_serving(proc, f"127.0.0.1:{grpc_port}", "relay", 60)
         with urllib.request.urlopen(f"http://127.0.0.2:{metrics_port}/metrics", timeout=5) as reply:
             exposed = reply.read().decode()
         assert "grpc_server_started_total{" in exposed

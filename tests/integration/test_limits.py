@@ -29,11 +29,11 @@ from townhall.core.credentials import callers
 from townhall.core.metrics import RATE_LIMITED
 from townhall.core.server import App
 from townhall.core.tickets import TICKET_KEY, TicketSigner
-from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
 from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Role, RoomState
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

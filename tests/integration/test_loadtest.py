@@ -12,9 +12,9 @@ from rich.console import Console
 from tests.chart.helpers import REPO
 from tests.integration.helpers import config_for, serving
 from townhall.admission.app import AdmissionApp
-from townhall.bench import ghz
-from townhall.bench.joinstorm import Load, make_rooms, offer, wait_live
 from townhall.core.config import DEV_AUTH, KafkaConfig, TlsConfig
+from townhall_tools.bench import join_load_ghz
+from townhall_tools.bench.join_load import Load, make_rooms, offer, wait_live
 
 pytestmark = pytest.mark.kafka
 # Rates in a generator's figures that are answers or the generator's own end of run, not refusals.
@@ -30,7 +30,7 @@ async def test_open_loop_load_is_offered_and_measured_per_room_class(kafka: Kafk
         figures = await offer(load, [os.getpid()], "test", Console(quiet=True))
     for kind, rate in (("hot", 200.0), ("cold", 30.0)):
         # Every arrival the schedule has in the measured window, however late the generator started or
-        # ran on a busy machine (the schedule decides, not the clock: bench/joingen.py).
+        # ran on a busy machine (the schedule decides, not the clock: bench/join_generator.py).
         assert (figures[kind]["sent_per_s"], figures[kind]["unsent"]) == (rate, 0), (
             "arrivals follow the schedule"
         )
@@ -71,7 +71,7 @@ async def test_the_compiled_generator_joins_as_a_new_user_with_a_valid_token_on_
         # Calls still in flight when the generator stops end as cancelled or unavailable: at most one
         # per worker (more would be the server's doing).
         cut = (c.get("cancelled_per_s", 0) + c.get("unavailable_per_s", 0)) * load.seconds
-        assert cut <= ghz.WORKERS, c
+        assert cut <= join_load_ghz.WORKERS, c
         # Per second from ghz's per-call details; the window starts at either generator's first call,
         # so the later one may have a few calls past its end.
         per_second = c["per_second"]

@@ -16,10 +16,10 @@ import pytest
 from tests.chart import promql
 from tests.chart.helpers import REPO
 from tests.integration.helpers import TOKENS
-from townhall.cli.demo import demo
 from townhall.cli.endpoints import resolve
-from townhall.devtools.kafka_broker import free_port
-from townhall.devtools.topology import Topology
+from townhall_tools.cli.demo import demo
+from townhall_tools.devtools.kafka_broker import free_port
+from townhall_tools.devtools.topology import Topology
 
 pytestmark = pytest.mark.kafka
 

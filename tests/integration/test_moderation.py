@@ -28,10 +28,10 @@ from townhall.client import Client, publish_status
 from townhall.core import server
 from townhall.core.auth import PUBLISH, SUBSCRIBE
 from townhall.core.config import KafkaConfig
-from townhall.devtools.kafka_broker import free_port
 from townhall.v1.admission_pb2 import Grant
 from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 REPORT_MS = 200  # relay load reports: who of each room's hosts is connected (host failover)

@@ -21,10 +21,10 @@ from tests.integration.helpers import metadata
 from townhall.core import server
 from townhall.core.config import DEV_ENV, KafkaConfig, load
 from townhall.core.kafka import Topics, end_offsets, producer
-from townhall.devtools.events import publish_room_started
 from townhall.notifier.app import NotifierApp, build_app
 from townhall.notifier.records import decode_batch
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
+from townhall_tools.devtools.events import publish_room_started
 
 pytestmark = pytest.mark.kafka
 

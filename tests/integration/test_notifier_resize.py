@@ -24,11 +24,11 @@ from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
 from townhall.core.sharding import owner
-from townhall.devtools.events import publish_room_created
-from townhall.devtools.fanout import counting_inbox, import_followers
-from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import NotifierApp, build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc
+from townhall_tools.devtools.events import publish_room_created
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 OnChange = Callable[[list[str], int], Awaitable[object]]

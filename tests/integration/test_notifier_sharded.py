@@ -13,11 +13,11 @@ from tests.integration.fanout_helpers import fresh_users, own_topics, start_room
 from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox, import_followers
-from townhall.devtools.kafka_broker import free_port
 from townhall.notifier.app import build_app
 from townhall.notifier.placement import Placement
 from townhall.v1 import graph_pb2, graph_pb2_grpc
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -30,11 +30,11 @@ from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, KafkaConfig
 from townhall.core.credentials import ServiceCredential
 from townhall.core.tickets import TICKET_KEY
 from townhall.core.tokens import SigningKey
-from townhall.devtools.kafka_broker import free_port
 from townhall.relay.app import RelayApp
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import Chunk, PullRequest, SubscribeRequest
+from townhall_tools.devtools.kafka_broker import free_port
 
 ROOM = "hot-room"
 PULL = "/townhall.v1.Relay/Pull"

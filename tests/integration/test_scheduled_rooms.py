@@ -13,10 +13,10 @@ from tests.integration.fanout_helpers import fresh_users, own_topics, until
 from tests.integration.helpers import config_for, metadata, serving
 from townhall.admission.app import AdmissionApp
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox
 from townhall.notifier.app import build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import RoomState
+from townhall_tools.devtools.fanout import counting_inbox
 
 pytestmark = pytest.mark.kafka
 

@@ -17,7 +17,7 @@ from townhall.admission.app import AdmissionApp
 from townhall.core.config import KafkaConfig
 from townhall.core.health import HealthServicer
 from townhall.core.liveness import Probe, Prober
-from townhall.devtools.links import slow_handshake
+from townhall_tools.devtools.links import slow_handshake
 
 # What setting a connection up takes here: more than the 100 ms the channels used to allow it, far less
 # than any call's deadline (a probe's is 1 s, a join's 10 s).

@@ -16,17 +16,17 @@ from tests.integration.helpers import client, config_for
 from tests.integration.test_relay import TIMEOUT, frame_ids, frames, read_until
 from townhall.admission.app import AdmissionApp
 from townhall.core import server
+from townhall.core.certs import Authority
 from townhall.core.channels import channel
 from townhall.core.config import DEV_ENV, Config, KafkaConfig, TlsConfig
 from townhall.core.config import load as load_config
 from townhall.core.sharding import owner
 from townhall.core.tickets import TICKET_KEY, TicketSigner
-from townhall.devtools.certs import Authority
-from townhall.devtools.kafka_broker import free_port
 from townhall.relay.app import RelayApp
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import SubscribeRequest
+from townhall_tools.devtools.kafka_broker import free_port
 
 # Certificates name this host only (no IP): members dial each other by IP and expect this name.
 NAME = "townhall.test"

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.axes import Axes
 from PIL import Image
 
-from townhall.bench import plots
+from townhall_tools.bench import plots
 
 AUDIENCE: dict[str, Any] = {
     "parameters": {"edges": 2, "latency_budget_ms": {"100": 300, "200": 400}},

@@ -7,9 +7,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from townhall.bench import ghz
-from townhall.bench.joinstorm import Load, _figures
-from townhall.bench.stats import LatencyHistogram, PerSecond, gap, percentile
+from townhall_tools.bench import join_load_ghz
+from townhall_tools.bench.join_load import Load, _figures
+from townhall_tools.bench.stats import LatencyHistogram, PerSecond, gap, percentile
 
 
 def test_histogram_percentiles_are_exact_to_a_bucket() -> None:
@@ -107,9 +107,9 @@ def test_ghz_details_give_outcomes_per_second(tmp_path: Path) -> None:
         ],
     }
     (tmp_path / "hot.json").write_text(json.dumps(report))
-    read = ghz.read(tmp_path / "hot.json")
-    assert ghz.first_call(read) == start
-    figures = ghz.figures(read, 3.0, start)
+    read = join_load_ghz.read(tmp_path / "hot.json")
+    assert join_load_ghz.first_call(read) == start
+    figures = join_load_ghz.figures(read, 3.0, start)
     assert figures["per_second"] == {"granted": [2, 0, 1], "shed": [0, 1, 0], "unavailable": [0, 1, 0]}
     assert (figures["granted_per_s"], figures["p50_ms"], figures["p99_ms"]) == (1.0, 2.0, 9.0)
-    assert ghz.first_call({"details": []}) is None
+    assert join_load_ghz.first_call({"details": []}) is None

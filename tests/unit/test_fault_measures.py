@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from townhall.faults.measure import Outcome, Progress, Tape, audio_gap_ms, spread
-from townhall.faults.runner import Report
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
+from townhall_tools.faults.measure import Outcome, Progress, Tape, audio_gap_ms, spread
+from townhall_tools.faults.runner import Report
 
 
 def chunk(*sequences: int, speaker: int = 7) -> Chunk:

@@ -1,6 +1,6 @@
 """The join load generator's schedule: what a run sends and measures is the schedule's, not the clock's."""
 
-from townhall.bench.joingen import Schedule
+from townhall_tools.bench.join_generator import Schedule
 
 
 def test_a_late_or_descheduled_generator_sends_each_arrival_once_counted_where_it_was_due() -> None:

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from townhall.bench.loadgen import first_capture_us
 from townhall.core.config import parse_ticket_keys
 from townhall.core.tickets import TicketSigner, TicketVerifier
 from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, chunk_sequence, encode_chunk
 from townhall.relay.hub import UPSTREAM_LOST, Hub
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
+from townhall_tools.bench.listener_generator import first_capture_us
 
 
 def chunk(sequence: int, *captures: int) -> bytes:

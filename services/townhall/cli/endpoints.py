@@ -4,13 +4,14 @@ services are (flags first, then the local topology.json)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from townhall.client import Endpoints
 from townhall.core.auth import Tokens
 from townhall.core.config import DEV_AUTH, AuthConfig, Config, ConfigError, load
-from townhall.devtools.topology import load_manifest
 
 _loaded: dict[str, Config] = {}
 
@@ -72,3 +73,11 @@ def resolve(
 def internal_address(manifest: Path, service: str) -> str:
     """The internal host:port of the first process of `service` in the local topology."""
     return str(load_manifest(manifest)["services"][service][0]["internal"])
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    """A topology.json written by `townhall dev`, or a clear error if there is none."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: start the topology with `make dev` (townhall dev)")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import secrets
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
+from townhall.core.certs import Authority
+from townhall.core.kafka import KAFKA_ADMIN, KAFKA_SERVICES
 from townhall.core.tokens import new_es256
 
 
@@ -45,6 +51,21 @@ def fresh(kid: str, user_keys: bool = True) -> dict[str, str]:
     return made
 
 
+def chart_values(host: str, valid_days: int = 3650) -> dict[str, dict[str, Any]]:
+    """The chart's `kafka:` secrets for a bundled broker reached at `host` (its Service name): a password
+    per user (letters and digits) and a CA with the broker's certificate (PEM; the key PKCS#8)."""
+    with tempfile.TemporaryDirectory() as folder:
+        ca = Authority(Path(folder), "Townhall Kafka CA", datetime.timedelta(days=valid_days))
+        short = host.split(".")
+        names = tuple(
+            dict.fromkeys([host, *(".".join(short[:n]) for n in range(1, len(short))), "localhost"])
+        )
+        pem = ca.issue("kafka-broker", dns=names, ips=("127.0.0.1",))
+        tls = {"ca": ca.ca.read_text(), "cert": pem.cert.read_text(), "key": pem.key.read_text()}
+    passwords = {user: secrets.token_hex(24) for user in (KAFKA_ADMIN, *KAFKA_SERVICES)}
+    return {"users": {"passwords": passwords}, "tls": tls}
+
+
 def run(args: argparse.Namespace) -> int:
     """Prints the keys: `TOWNHALL_*=...` lines, or the chart's `keys:` values."""
     made = fresh(args.kid, not args.no_user_keys)
@@ -62,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
         for name, value in values.items():
             print(f"  {name}: {json.dumps(value)}")
         if args.kafka_host:
-            from townhall.devtools.kafka_broker import chart_values
-
             kafka = chart_values(args.kafka_host)
             print("kafka:")
             print(f"  users:\n    passwords: {json.dumps(kafka['users']['passwords'])}")

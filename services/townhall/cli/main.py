@@ -1,15 +1,19 @@
-"""`townhall`: one command for the local topology, the demo, manual use and benchmarks."""
+"""`townhall`: rooms, follows, notifications, audio, moderation, the follow graph and keys from a shell;
+with the tools installed (`make setup`), also the local topology, demo, load tests, faults, benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TypeAlias
 
 from townhall.core import logging
 from townhall.core.config import LogConfig
 
 DEFAULT_ROOT = Path(".townhall")
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,23 +48,6 @@ def _parser() -> argparse.ArgumentParser:
         "--name", default="townhall.local", help="the name in the certificate (tls.server_name)"
     )
 
-    dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
-    dev.add_argument("--admission", type=int, default=1, help="admission processes")
-    dev.add_argument("--relays", type=int, default=1, help="relay processes")
-    dev.add_argument("--notifiers", type=int, default=1, help="notifier processes")
-    dev.add_argument(
-        "--crowd", type=int, default=1, help="admission processes of the crowd lane (own no rooms; 0: none)"
-    )
-    dev.add_argument("--ports", choices=("fixed", "auto"), default="fixed", help="fixed or free ports")
-    dev.add_argument("--run-demo", action="store_true", help="run the demo, stop, exit with its status")
-
-    demo = sub.add_parser("demo", help="run the scripted celebrity-room demo against `townhall dev`")
-    demo.add_argument("--followers", type=int, default=20, help="followers, all connected to Inbox")
-    demo.add_argument("--listeners", type=int, default=20, help="listeners that join and subscribe")
-    demo.add_argument("--audio", type=Path, help="audio file to speak (default: a generated voice)")
-
-    sub.add_parser("kafka", help="run the local Kafka broker in the foreground")
-
     room = sub.add_parser("room", help="create, start, end, get or list rooms")
     room.add_argument("action", choices=("create", "start", "end", "get", "list"))
     room.add_argument("arg", nargs="?", help="title (create) or room id (start, end, get)")
@@ -92,33 +79,40 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_parser(sub)
     keys.add_parser(sub)
 
-    from townhall.cli import loadtest
-
-    loadtest.add_parser(sub)
-
-    from townhall.cli import faults
-
-    faults.add_parser(sub)
-
-    bench = sub.add_parser("bench", help="run the benchmarks; figures on screen, JSON in --out")
-    bench.add_argument("--out", type=Path, default=DEFAULT_ROOT / "bench")
-    bench.add_argument("--listeners", type=int, nargs="+", default=[100, 500, 1000, 2000])
-    bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step")
-    bench.add_argument("--storm-seconds", type=float, default=60.0, help="join storm: seconds per phase")
-    bench.add_argument("--followers", type=int, default=10_000_000, help="notify: the celebrity's followers")
+    tools = _tool_commands(sub)
+    if not tools:
+        parser.epilog = (
+            "dev, demo, kafka, loadtest, faults and bench come with Townhall's tools (townhall-tools, "
+            "installed by `make setup`)"
+        )
     return parser
+
+
+def _tool_commands(sub: Subparsers) -> list[str]:
+    """Adds the commands of every installed `townhall.commands` entry point (townhall-tools: dev, demo,
+    bench, ...); the runtime package itself names no tooling. The names of those found."""
+    found = entry_points(group="townhall.commands")
+    for point in found:
+        point.load()(sub)
+    return [point.name for point in found]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `townhall` command."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except ModuleNotFoundError as exc:  # a server-only install (the image): no rich, no av
+        sys.exit(
+            f"townhall: {exc.name} is missing; the command needs the cli extra: pip install 'townhall[cli]'"
+        )
+    args = parser.parse_args(argv)
     logging.configure(LogConfig(level="warning", json=False), "cli")
     if args.command == "token":
         from townhall.cli.manual import print_token
 
         sys.exit(print_token(args))
     if args.command == "certs":
-        from townhall.devtools.certs import Authority
+        from townhall.core.certs import Authority
 
         ca = Authority(args.folder)
         pem = ca.issue("townhall", dns=(args.name, "localhost"), ips=("127.0.0.1",))
@@ -129,30 +123,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"export TOWNHALL_TLS_{key}={value}")
         print("# and TOWNHALL_TLS_REQUIRE_CLIENT_CERT=true for mutual TLS")
         sys.exit(0)
-    if args.command == "dev":
-        from townhall.cli.dev import run_dev
-
-        sys.exit(run_dev(args))
-    if args.command == "demo":
-        from townhall.cli.demo import run_demo
-
-        manifest = args.root / "topology.json"
-        sys.exit(
-            run_demo(
-                manifest,
-                args.followers,
-                args.listeners,
-                args.audio,
-                args.admission,
-                args.notifier,
-                args.crowd,
-                args.config,
-            )
-        )
-    if args.command == "kafka":
-        from townhall.cli.dev import run_kafka
-
-        sys.exit(run_kafka(args.root))
     if args.command == "keys":
         from townhall.cli import keys as keys_cli
 
@@ -161,18 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli import graph as graph_cli
 
         sys.exit(graph_cli.run(args))
-    if args.command == "loadtest":
-        from townhall.cli import loadtest as loadtest_cli
-
-        sys.exit(loadtest_cli.run(args))
-    if args.command == "faults":
-        from townhall.cli import faults as faults_cli
-
-        sys.exit(faults_cli.run(args))
-    if args.command == "bench":
-        from townhall.cli.bench import run_bench
-
-        sys.exit(run_bench(args))
+    if hasattr(args, "run"):  # a command that says what runs it: the tools' commands
+        sys.exit(args.run(args))
     from townhall.cli import manual
 
     sys.exit(manual.run(args))

@@ -13,8 +13,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from townhall import audio
-from townhall.cli import moderation
+from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS

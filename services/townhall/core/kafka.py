@@ -24,6 +24,11 @@ from townhall.core.tasks import cancel, supervise
 
 log = logging.get(__name__)
 
+# The broker's users: its super user (the broker itself, topics, ACLs) and one principal per service, each
+# allowed what Topics.access() says.
+KAFKA_ADMIN = "admin"
+KAFKA_SERVICES = (ADMISSION, RELAY, NOTIFIER)
+
 EVENTS_DROPPED = Counter(
     "townhall_events_dropped_total",
     "Best-effort events dropped because the in-process queue to Kafka was full or Kafka failed.",
@@ -92,8 +97,8 @@ class Topics:
 
     def access(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         """Per service principal (its Kafka user): (topics it writes, topics it reads). The broker's ACLs
-        grant exactly this (devtools/kafka_broker.py, the chart's topics Job); the notifier also reads its
-        consumer groups (kafka.acl_groups)."""
+        grant exactly this (townhall_tools.devtools.kafka_broker, the chart's topics Job); the notifier
+        also reads its consumer groups (kafka.acl_groups)."""
         return {
             ADMISSION: (
                 (self.room_state, self.room_started, self.presence),

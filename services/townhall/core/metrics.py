@@ -84,7 +84,7 @@ class RpcMethod:
     """One method's calls started and handled, and how long they took: plain numbers, so that counting
     a call costs a few attribute writes. prometheus_client's children take a lock per write: with them
     the metrics added 1.7-2.2 us to a call (two children; a third, for started, 0.3 us more), as this
-    0.8-1.4 us (python -m townhall.bench.limits_cost, "added by the RPC metrics", same runs on the
+    0.8-1.4 us (python -m townhall_tools.bench.limits_cost, "added by the RPC metrics", same runs on the
     shared 2-core machine). Written only by the event loop's thread (core/interceptor.py): `+=` is
     not atomic across threads. Read by the scrape's thread, which copies before it reads."""
 

@@ -1,1 +1,0 @@
-"""Local tooling: the Kafka broker from Apache's jars and the multi-process dev topology."""
