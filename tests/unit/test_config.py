@@ -1,10 +1,12 @@
 """Config: defaults, then file, then environment; a bad value names its key."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from townhall.core.config import DEV_ENV, DEV_TICKET_PRIVATE_KEY, DEV_USER_KEY, ConfigError, load
+from townhall.core.config import DEV_ENV, DEV_TICKET_PRIVATE_KEY, DEV_USER_KEY, Config, ConfigError, load
 from townhall.core.tickets import TicketSigner
 
 # A ticket public key that is not the development key's.
@@ -13,7 +15,7 @@ OTHER_PUBLIC = TicketSigner("other", b"\x07" * 32, 60).public_key()
 
 def test_defaults_are_valid() -> None:
     config = load(env={})
-    assert config.relay.chunk_ms == 100
+    assert config.relay.chunk_s == 0.1
     assert config.admission.relays == ("127.0.0.1:50052",)
     assert config.admission.host_grace_s == 60.0 and config.relay.follow_room_state is True
     assert load(env={"TOWNHALL_ADMISSION_HOST_GRACE_S": "0"}).admission.host_grace_s == 0, "0 turns it off"
@@ -22,12 +24,50 @@ def test_defaults_are_valid() -> None:
 def test_file_then_environment_override(tmp_path: Path) -> None:
     path = tmp_path / "townhall.toml"
     path.write_text(
-        '[relay]\nchunk_ms = 200\n[admission]\nrelays = ["a:1", "b:2"]\nrelays_internal = ["a:3", "b:4"]\n'
+        '[relay]\nchunk_s = 0.2\n[admission]\nrelays = ["a:1", "b:2"]\nrelays_internal = ["a:3", "b:4"]\n'
     )
-    config = load(path, env={"TOWNHALL_RELAY_CHUNK_MS": "300", "TOWNHALL_LOG_JSON": "false"})
-    assert config.relay.chunk_ms == 300
+    config = load(path, env={"TOWNHALL_RELAY_CHUNK_S": "0.3", "TOWNHALL_LOG_JSON": "false"})
+    assert config.relay.chunk_s == 0.3
     assert config.admission.relays == ("a:1", "b:2")
     assert config.log.json is False
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "kafka.max_clock_skew_ms",
+        "server.request_timeout_ms",
+        "server.drain_notice_ms",
+        "admission.probe_interval_ms",
+        "admission.probe_timeout_ms",
+        "relay.chunk_ms",
+        "relay.late_join_ms",
+        "relay.load_report_ms",
+        "relay.large_room_chunk_ms",
+        "relay.upstream_lost_ms",
+    ],
+)
+def test_millisecond_keys_are_refused_by_name(key: str, tmp_path: Path) -> None:
+    """Every duration is in seconds: an old `_ms` key, in a file or the environment, stops the process
+    naming the key to set instead (never read as seconds, never ignored)."""
+    section, name = key.split(".")
+    seconds = key[: -len("_ms")] + "_s"
+    path = tmp_path / "townhall.toml"
+    path.write_text(f"[{section}]\n{name} = 100\n")
+    with pytest.raises(ConfigError, match=f"config key {key} is gone: set {seconds}, in seconds"):
+        load(path, env={})
+    with pytest.raises(ConfigError, match=f"config key {key} is gone: set {seconds}"):
+        load(env={f"TOWNHALL_{section.upper()}_{name.upper()}": "100"})
+
+
+def test_durations_are_seconds() -> None:
+    """Every duration field of the config is a float number of seconds named `_s`."""
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for name, hint in hints.items():
+            assert not name.endswith("_ms"), f"{section.name}.{name}: durations are in seconds"
+            if name.endswith("_s") and not name.endswith("_per_s"):
+                assert hint is float, f"{section.name}.{name} is {hint}, not float seconds"
 
 
 def test_environment_list_is_comma_separated() -> None:
@@ -43,8 +83,8 @@ def test_environment_list_is_comma_separated() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"TOWNHALL_RELAY_CHUNK_MS": "fast"}, "relay.chunk_ms must be an integer"),
-        ({"TOWNHALL_RELAY_CHUNK_MS": "5"}, "relay.chunk_ms must be within 20..1000"),
+        ({"TOWNHALL_RELAY_CHUNK_S": "fast"}, "relay.chunk_s must be a number"),
+        ({"TOWNHALL_RELAY_CHUNK_S": "0.005"}, "relay.chunk_s must be within 0.02..1"),
         ({"TOWNHALL_RELAY_COLOUR": "red"}, "unknown config key relay.colour"),
         ({"TOWNHALL_NOPE_X": "1"}, "unknown config variable TOWNHALL_NOPE_X"),
         (
@@ -95,11 +135,11 @@ def test_environment_list_is_comma_separated() -> None:
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "dns"}, "admission.membership must be static or kubernetes"),
         ({"TOWNHALL_ADMISSION_MEMBERSHIP": "kubernetes"}, "admission.kube_service must name"),
         ({"TOWNHALL_ADMISSION_LEASE_MIN": "0"}, "admission.lease_min must be within"),
-        ({"TOWNHALL_ADMISSION_PROBE_INTERVAL_MS": "10"}, "admission.probe_interval_ms must be within"),
+        ({"TOWNHALL_ADMISSION_PROBE_INTERVAL_S": "0.01"}, "admission.probe_interval_s must be within"),
         ({"TOWNHALL_ADMISSION_PROBE_FAILURES": "0"}, "admission.probe_failures must be within"),
-        ({"TOWNHALL_SERVER_DRAIN_NOTICE_MS": "-1"}, "server.drain_notice_ms must be within"),
+        ({"TOWNHALL_SERVER_DRAIN_NOTICE_S": "-1"}, "server.drain_notice_s must be within"),
         ({"TOWNHALL_SERVER_KAFKA_WAIT_S": "-1"}, "server.kafka_wait_s must be within 0..3600 s"),
-        ({"TOWNHALL_RELAY_UPSTREAM_LOST_MS": "50"}, "relay.upstream_lost_ms must be within"),
+        ({"TOWNHALL_RELAY_UPSTREAM_LOST_S": "0.05"}, "relay.upstream_lost_s must be within"),
         ({"TOWNHALL_RELAY_MAX_FRAMES_PER_S": "0"}, "relay.max_frames_per_s must be within 1..10000"),
         ({"TOWNHALL_RELAY_FRAME_BURST_S": "600"}, "relay.frame_burst_s must be within 0.1..60"),
         (
@@ -108,7 +148,7 @@ def test_environment_list_is_comma_separated() -> None:
         ),
         ({"TOWNHALL_ADMISSION_HOST_GRACE_S": "soon"}, "admission.host_grace_s must be a number"),
         (
-            {"TOWNHALL_ADMISSION_HOST_GRACE_S": "3", "TOWNHALL_RELAY_LOAD_REPORT_MS": "2000"},
+            {"TOWNHALL_ADMISSION_HOST_GRACE_S": "3", "TOWNHALL_RELAY_LOAD_REPORT_S": "2"},
             "must last at least two relay load reports",
         ),
         ({"TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "sometimes"}, "relay.follow_room_state must be true or false"),
@@ -211,8 +251,8 @@ def test_no_key_is_a_default_and_development_keys_are_named() -> None:
         ({"TOWNHALL_LIMITS_EXEMPT": "127.0.0.0/8,loopback"}, "limits.exempt entries must be CIDRs"),
         ({"TOWNHALL_LIMITS_IPV6_PREFIX": "129"}, "limits.ipv6_prefix must be within 1..128"),
         (
-            {"TOWNHALL_SERVER_REQUEST_TIMEOUT_MS": "10"},
-            "server.request_timeout_ms must be within 100..600000",
+            {"TOWNHALL_SERVER_REQUEST_TIMEOUT_S": "0.01"},
+            "server.request_timeout_s must be within 0.1..600",
         ),
         ({"TOWNHALL_LIMITS_FAILURES_ADDRESS": "-1"}, r"limits.failures_address must be 0 \(no limit\)"),
         ({"TOWNHALL_SERVER_MAX_CALLS_PER_ADDRESS": "0"}, "server.max_calls_per_address must be positive"),
@@ -239,7 +279,7 @@ def test_limits_from_the_environment() -> None:
     )
     assert config.limits.enabled and config.limits.exempt == ("127.0.0.0/8", "::1/128")
     assert config.limits.reads_address == 0.0
-    assert config.server.request_timeout_ms == 5_000
+    assert config.server.request_timeout_s == 5.0
 
 
 @pytest.mark.parametrize(
@@ -275,7 +315,7 @@ def test_limits_from_the_environment() -> None:
             {"TOWNHALL_KAFKA_SECURITY_PROTOCOL": "SSL", "TOWNHALL_KAFKA_CA": "/nonexistent/ca.pem"},
             "kafka.ca: cannot read /nonexistent/ca.pem",
         ),
-        ({"TOWNHALL_KAFKA_MAX_CLOCK_SKEW_MS": "-1"}, "kafka.max_clock_skew_ms must be within"),
+        ({"TOWNHALL_KAFKA_MAX_CLOCK_SKEW_S": "-1"}, "kafka.max_clock_skew_s must be within"),
     ],
 )
 def test_bad_kafka_security_settings_name_their_key(env: dict[str, str], message: str) -> None:

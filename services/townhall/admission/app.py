@@ -107,7 +107,7 @@ class AdmissionApp:
         self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
         self._listed = membership_for(own)
         relay = config.relay
-        report_s = relay.load_report_ms / 1000
+        report_s = relay.load_report_s
         # The relays: the configured seeds plus those found in the load reports, probed before use.
         self.relays = RelayDirectory(
             own.relays,
@@ -120,8 +120,8 @@ class AdmissionApp:
         # from the clients' side only (kind's per-relay NodePorts on the host's 127.0.0.1).
         self.prober = Prober(
             lambda: [*self._listed.members(), *self.relays.targets()],
-            own.probe_interval_ms / 1000,
-            own.probe_timeout_ms / 1000,
+            own.probe_interval_s,
+            own.probe_timeout_s,
             own.probe_failures,
             skip=(own.address,),
             tls=config.tls,
@@ -173,8 +173,8 @@ class AdmissionApp:
             if own.host_grace_s
             else None
         )
-        if own.host_grace_s and not relay.load_report_ms:
-            log.warning("host failover cannot see who is connected: relay.load_report_ms is 0")
+        if own.host_grace_s and not relay.load_report_s:
+            log.warning("host failover cannot see who is connected: relay.load_report_s is 0")
         self._members: list[str] = []
         self.prober.on_round(self._probed)
 

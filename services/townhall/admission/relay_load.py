@@ -101,7 +101,7 @@ class RelayLoadFollower:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).relay_load
         self._reader = reader(kafka, auth, self._topic)
-        self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_ms / 1000)
+        self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_s)
         self._placer = placer
         # Also given every report: relay discovery, and host failover (who of each room's hosts is connected).
         self._on_report = on_report

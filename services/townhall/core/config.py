@@ -69,7 +69,7 @@ class KafkaConfig:
     refuse_unsigned: bool = True
     # How far ahead of this process's clock a record may be stamped (relay load reports) and still take
     # effect; reports older than a relay's staleness never do.
-    max_clock_skew_ms: int = 5_000
+    max_clock_skew_s: float = 5.0
 
     def validate(self) -> None:
         if not self.bootstrap or any(":" not in a for a in self.bootstrap.split(",")):
@@ -80,10 +80,8 @@ class KafkaConfig:
                 f"kafka.security_protocol must be one of {', '.join(KAFKA_PROTOCOLS)}, "
                 f"not {self.security_protocol!r}"
             )
-        if not 0 <= self.max_clock_skew_ms <= 600_000:
-            raise ConfigError(
-                f"kafka.max_clock_skew_ms must be within 0..600000, not {self.max_clock_skew_ms}"
-            )
+        if not 0 <= self.max_clock_skew_s <= 600:
+            raise ConfigError(f"kafka.max_clock_skew_s must be within 0..600, not {self.max_clock_skew_s:g}")
         tls = self.security_protocol in ("SSL", "SASL_SSL")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("kafka.cert and kafka.key go together (a client certificate and its key)")
@@ -203,7 +201,7 @@ class TicketConfig:
     # The public keys relays verify tickets with, KID=<base64url 33-byte compressed point>; two live while
     # rotating: add the new one here everywhere, then sign with it, then drop the old one after ttl_s.
     public_keys: tuple[str, ...] = ()
-    ttl_s: int = 3600
+    ttl_s: float = 3600.0
 
     def validate(self) -> None:
         from townhall.core.tokens import ES256Signer, es256_public
@@ -247,10 +245,10 @@ class AuthConfig:
     issuer: str = ""
     audience: str = ""
     # Clock skew allowed on `exp` and `iat`, in seconds.
-    leeway_s: int = 30
+    leeway_s: float = 30.0
     # The longest a user token may be valid (exp - iat, or exp - now without iat), in seconds: a
     # token issued for longer is refused, so a stolen one is useless within this time. 0: no limit.
-    max_token_lifetime_s: int = 86_400
+    max_token_lifetime_s: float = 86_400.0
     # Verified tokens remembered per process (0 disables the cache).
     cache_size: int = 100_000
     # Keys of the service credentials Townhall processes send each other on their internal ports
@@ -326,7 +324,7 @@ class ServerConfig:
     # A unary call (or a stream's first request) whose request message has not arrived this long after
     # the call began is ended with DEADLINE_EXCEEDED: a client that stalls must not hold a slot of
     # the server's concurrent-RPC limit for ever.
-    request_timeout_ms: int = 5_000
+    request_timeout_s: float = 5.0
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
     health_port: int = 0
@@ -335,9 +333,9 @@ class ServerConfig:
     # a pod IP or 0.0.0.0 lets Prometheus scrape it from elsewhere.
     metrics_host: str = ""
     # On SIGTERM a process reports NOT_SERVING and keeps working this long before it ends its
-    # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
+    # streams and stops, so peers' probes (admission.probe_interval_s) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
-    drain_notice_ms: int = 1_000
+    drain_notice_s: float = 1.0
     # At start a process waits this long for the Kafka broker and the topics it uses (a fresh install
     # creates them after the pods start), reporting NOT_SERVING on server.health_port meanwhile and
     # saying every few seconds what is missing; then it stops with an error naming it. 0: no wait.
@@ -349,7 +347,7 @@ class ServerConfig:
     max_calls_per_address: int = 1_000
     # gRPC health Watch and reflection streams (open to anyone, no token): at most this many at once per
     # server and per client address, each ended after open_stream_max_s; a reflection stream also ends
-    # when its next request has not come within request_timeout_ms.
+    # when its next request has not come within request_timeout_s.
     max_open_streams: int = 64
     max_open_streams_per_address: int = 4
     open_stream_max_s: float = 300.0
@@ -377,14 +375,14 @@ class ServerConfig:
             )
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.grace_s", self.grace_s)
-        if not 0 <= self.drain_notice_ms <= 60_000:
-            raise ConfigError(f"server.drain_notice_ms must be within 0..60000, not {self.drain_notice_ms}")
+        if not 0 <= self.drain_notice_s <= 60:
+            raise ConfigError(f"server.drain_notice_s must be within 0..60, not {self.drain_notice_s:g}")
         if not 0 <= self.kafka_wait_s <= 3_600:
             raise ConfigError(f"server.kafka_wait_s must be within 0..3600 s, not {self.kafka_wait_s:g}")
         _positive("server.max_concurrent_streams", self.max_concurrent_streams)
-        if not 100 <= self.request_timeout_ms <= 600_000:
+        if not 0.1 <= self.request_timeout_s <= 600:
             raise ConfigError(
-                f"server.request_timeout_ms must be within 100..600000, not {self.request_timeout_ms}"
+                f"server.request_timeout_s must be within 0.1..600, not {self.request_timeout_s:g}"
             )
 
 
@@ -411,7 +409,7 @@ class LimitsConfig:
     streams_user: float = 10.0
     streams_address: float = 500.0
     # Health and reflection calls (no token) per second per address: the kubelet probes about once a
-    # second, each admission process probes every peer every admission.probe_interval_ms.
+    # second, each admission process probes every peer every admission.probe_interval_s.
     open_address: float = 50.0
     # Calls per second per address whose credentials fail (missing, forged, expired, garbled): a budget
     # of their own, so garbage tokens never use up the budget of the users behind the same address.
@@ -458,7 +456,7 @@ class AdmissionConfig:
     metrics_port: int = 9101
     # Seed relays (host:port, as they advertise themselves); the room's relays are chosen by rendezvous
     # hashing over the live ones. More relays are found as they come from their load reports
-    # (relay.load_report_ms; see admission/relays.py) and placed on once a health probe finds them
+    # (relay.load_report_s; see admission/relays.py) and placed on once a health probe finds them
     # serving. May be empty (the chart names none); a relay listed here is never forgotten.
     relays: tuple[str, ...] = ("127.0.0.1:50052",)
     # The internal address of each relay in `relays`, in the same order (its relay.internal_advertise):
@@ -476,7 +474,7 @@ class AdmissionConfig:
     # A room neither started nor scheduled this long after its creation is ended by its owner. Ended
     # rooms are deleted from the room-state topic (and forgotten by every process) once every ticket
     # issued for them has expired (tickets.ttl_s plus a minute).
-    unstarted_room_ttl_s: int = 86_400
+    unstarted_room_ttl_s: float = 86_400.0
     # The address the other admission processes reach this one at (its internal port); defaults to
     # internal_listen (to listen without one).
     advertise: str = ""
@@ -519,8 +517,8 @@ class AdmissionConfig:
     # Liveness: every admission process probes the other members and the relays with gRPC health
     # this often; a member that misses probe_failures probes in a row (or answers NOT_SERVING)
     # owns no rooms and gets no listeners until it answers again.
-    probe_interval_ms: int = 300
-    probe_timeout_ms: int = 1_000
+    probe_interval_s: float = 0.3
+    probe_timeout_s: float = 1.0
     probe_failures: int = 2
     # A member that answers probes with RESOURCE_EXHAUSTED or CANCELLED is alive but busy (its probes
     # have room of their own, so it is refusing even those): after this many such answers in a row it
@@ -528,7 +526,7 @@ class AdmissionConfig:
     probe_busy_failures: int = 10
     # Host failover, on each room's owner: once a live room's host has had no relay stream open for
     # this many seconds, its first connected co-host becomes host; a room whose host and co-hosts have
-    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_ms
+    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_s
     # must be on). 0 turns it off.
     host_grace_s: float = 60.0
 
@@ -536,13 +534,13 @@ class AdmissionConfig:
         _address("admission.listen", self.listen)
         if self.internal_listen:
             _address("admission.internal_listen", self.internal_listen)
-        if not 50 <= self.probe_interval_ms <= 60_000:
+        if not 0.05 <= self.probe_interval_s <= 60:
             raise ConfigError(
-                f"admission.probe_interval_ms must be within 50..60000, not {self.probe_interval_ms}"
+                f"admission.probe_interval_s must be within 0.05..60, not {self.probe_interval_s:g}"
             )
-        if not 50 <= self.probe_timeout_ms <= 60_000:
+        if not 0.05 <= self.probe_timeout_s <= 60:
             raise ConfigError(
-                f"admission.probe_timeout_ms must be within 50..60000, not {self.probe_timeout_ms}"
+                f"admission.probe_timeout_s must be within 0.05..60, not {self.probe_timeout_s:g}"
             )
         if not 1 <= self.probe_failures <= 10:
             raise ConfigError(f"admission.probe_failures must be within 1..10, not {self.probe_failures}")
@@ -632,14 +630,14 @@ class RelayConfig:
     # The address other relays pull from (admission.relays_internal lists it); defaults to
     # internal_listen.
     internal_advertise: str = ""
-    chunk_ms: int = 100
+    chunk_s: float = 0.1
     # Chunks buffered per subscriber before its oldest are dropped.
     subscriber_queue: int = 50
     # A subscriber that has dropped chunks for this long without catching up is cut off.
     stuck_cutoff_s: float = 10.0
     # Chunks kept per room for late joiners (the last ~300 ms) and resumption.
     ring_chunks: int = 100
-    late_join_ms: int = 300
+    late_join_s: float = 0.3
     max_payload_bytes: int = 1500
     # Frames one Publish stream may send per second (a speaker sends 50: one per 20 ms), and the
     # seconds of that rate it may send at once (frames held back by a network stall, a re-sent
@@ -653,19 +651,19 @@ class RelayConfig:
     # plus a reconnect whose old stream is not yet seen dead); one more ends the user's oldest.
     streams_per_user: int = 2
     # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
-    load_report_ms: int = 2_000
+    load_report_s: float = 2.0
     # The relay tree (read by admission's placement): listeners of one room per relay before the
     # room gets another edge, and downstream relays per relay before a mid-tier level is added.
     edge_target: int = 1_000
     tree_degree: int = 8
     # Very large audiences: a room pulled by at least large_room_relays downstream relays is chunked
-    # every large_room_chunk_ms instead (more listeners per core, more latency); 0 keeps chunk_ms.
-    large_room_chunk_ms: int = 0
+    # every large_room_chunk_s instead (more listeners per core, more latency); 0 keeps chunk_s.
+    large_room_chunk_s: float = 0.0
     large_room_relays: int = 4
     # An edge whose pull from upstream has failed for this long ends its listeners' streams of
     # the room (UNAVAILABLE): they join again, admission gives them a path over live relays, and
     # they resume from their last chunk. At once when the upstream says it is draining.
-    upstream_lost_ms: int = 1_000
+    upstream_lost_s: float = 1.0
     # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
     # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped;
     # and the presence topic's leaves: a listener's Leave voids its older tickets here.
@@ -677,10 +675,8 @@ class RelayConfig:
         _address("relay.internal_listen", self.internal_listen)
         if self.internal_advertise:
             _address("relay.internal_advertise", self.internal_advertise)
-        if not 100 <= self.upstream_lost_ms <= 60_000:
-            raise ConfigError(
-                f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
-            )
+        if not 0.1 <= self.upstream_lost_s <= 60:
+            raise ConfigError(f"relay.upstream_lost_s must be within 0.1..60, not {self.upstream_lost_s:g}")
         _positive("relay.listener_capacity", self.listener_capacity)
         if not 1 <= self.streams_per_user <= 100:
             raise ConfigError(f"relay.streams_per_user must be within 1..100, not {self.streams_per_user}")
@@ -690,13 +686,13 @@ class RelayConfig:
             )
         if not 0.1 <= self.frame_burst_s <= 60:
             raise ConfigError(f"relay.frame_burst_s must be within 0.1..60, not {self.frame_burst_s:g}")
-        if self.load_report_ms < 0:
-            raise ConfigError(f"relay.load_report_ms must be 0 (off) or positive, not {self.load_report_ms}")
+        if self.load_report_s < 0:
+            raise ConfigError(f"relay.load_report_s must be 0 (off) or positive, not {self.load_report_s:g}")
         _positive("relay.edge_target", self.edge_target)
-        if self.large_room_chunk_ms and not self.chunk_ms <= self.large_room_chunk_ms <= 1000:
+        if self.large_room_chunk_s and not self.chunk_s <= self.large_room_chunk_s <= 1:
             raise ConfigError(
-                f"relay.large_room_chunk_ms must be 0 or within relay.chunk_ms..1000, not "
-                f"{self.large_room_chunk_ms}"
+                f"relay.large_room_chunk_s must be 0 or within relay.chunk_s..1, not "
+                f"{self.large_room_chunk_s:g}"
             )
         _positive("relay.large_room_relays", self.large_room_relays)
         if self.tree_degree < 2:
@@ -706,12 +702,12 @@ class RelayConfig:
         elif self.advertise:
             _address("relay.advertise", self.advertise)
         _port("relay.metrics_port", self.metrics_port)
-        if not 20 <= self.chunk_ms <= 1000:
-            raise ConfigError(f"relay.chunk_ms must be within 20..1000, not {self.chunk_ms}")
+        if not 0.02 <= self.chunk_s <= 1:
+            raise ConfigError(f"relay.chunk_s must be within 0.02..1, not {self.chunk_s:g}")
         _positive("relay.subscriber_queue", self.subscriber_queue)
         _positive("relay.stuck_cutoff_s", self.stuck_cutoff_s)
         _positive("relay.ring_chunks", self.ring_chunks)
-        _positive("relay.late_join_ms", self.late_join_ms)
+        _positive("relay.late_join_s", self.late_join_s)
         if not 1 <= self.max_payload_bytes <= 16_384:
             raise ConfigError("relay.max_payload_bytes must be within 1..16384")
 
@@ -879,16 +875,16 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
-        if not self.admission.relays and not report_ms:
+        grace_s, report_s = self.admission.host_grace_s, self.relay.load_report_s
+        if not self.admission.relays and not report_s:
             raise ConfigError(
-                "admission.relays is empty and relay.load_report_ms is 0: admission finds relays from "
+                "admission.relays is empty and relay.load_report_s is 0: admission finds relays from "
                 "their load reports, so it would know none; turn the reports on or list the relays"
             )
-        if grace_ms and report_ms and grace_ms < 2 * report_ms:
+        if grace_s and report_s and grace_s < 2 * report_s:
             raise ConfigError(
-                f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "
-                f"load reports (relay.load_report_ms is {report_ms}): they say who is connected"
+                f"admission.host_grace_s ({grace_s:g} s) must last at least two relay "
+                f"load reports (relay.load_report_s is {report_s:g}): they say who is connected"
             )
 
     def development_keys(self) -> list[str]:
@@ -953,12 +949,29 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     return config
 
 
+# Durations were once given in milliseconds by these keys; every duration is in seconds now (`_s`).
+_MILLISECOND_KEYS = (
+    "kafka.max_clock_skew_ms",
+    "server.request_timeout_ms",
+    "server.drain_notice_ms",
+    "admission.probe_interval_ms",
+    "admission.probe_timeout_ms",
+    "relay.chunk_ms",
+    "relay.late_join_ms",
+    "relay.load_report_ms",
+    "relay.large_room_chunk_ms",
+    "relay.upstream_lost_ms",
+)
 # Keys that are gone, and what replaced them.
 _RENAMED = {
     "tickets.keys": (
         "config key tickets.keys is gone: tickets are signed with ES256 (P-256) now, so relays cannot make "
         "them; set tickets.private_key (admission only) and tickets.public_keys (`townhall keys`)"
     ),
+    **{
+        old: f"config key {old} is gone: set {old[:-3]}_s, in seconds (every duration is in seconds)"
+        for old in _MILLISECOND_KEYS
+    },
 }
 
 

@@ -35,7 +35,7 @@ class LoadReporter:
         self._relay = config.relay.address
         self._internal = config.relay.internal_address
         self._capacity = config.relay.listener_capacity
-        self._every_s = config.relay.load_report_ms / 1000
+        self._every_s = config.relay.load_report_s
         self._topic = Topics(config.kafka.topic_prefix).relay_load
         self._kafka = config.kafka
         self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
@@ -58,7 +58,7 @@ class LoadReporter:
         )
 
     def start(self) -> None:
-        """Starts reporting in the background (no-op when load_report_ms is 0)."""
+        """Starts reporting in the background (no-op when load_report_s is 0)."""
         if self._every_s > 0:
             self._task = supervise(self._run(), "relay-load-report")
 
