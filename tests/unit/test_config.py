@@ -1,12 +1,24 @@
 """Config: defaults, then file, then environment; a bad value names its key."""
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 
 import pytest
 
-from townhall.core.config import DEV_ENV, DEV_TICKET_PRIVATE_KEY, DEV_USER_KEY, Config, ConfigError, load
+from townhall.core.config import (
+    DEV_ENV,
+    DEV_TICKET_PRIVATE_KEY,
+    DEV_USER_KEY,
+    Config,
+    ConfigError,
+    Range,
+    check_ranges,
+    load,
+    positive,
+    within,
+)
 from townhall.core.tickets import TicketSigner
 
 # A ticket public key that is not the development key's.
@@ -128,7 +140,10 @@ def test_environment_list_is_comma_separated() -> None:
             "tls.cert: cannot read /nonexistent.pem",
         ),
         ({"TOWNHALL_TLS_REQUIRE_CLIENT_CERT": "true"}, "tls.require_client_cert needs tls.enabled"),
-        ({"TOWNHALL_SERVER_HEALTH_PORT": "70000"}, "server.health_port must be a port number"),
+        (
+            {"TOWNHALL_SERVER_HEALTH_PORT": "70000"},
+            r"server.health_port must be 0 \(off\) or within 1..65535, not 70000",
+        ),
         ({"TOWNHALL_ADMISSION_LISTEN": "nowhere"}, "admission.listen must be host:port"),
         ({"TOWNHALL_LOG_JSON": "maybe"}, "log.json must be true or false"),
         ({"TOWNHALL_ADMISSION_MEMBERS": "a:1,nowhere"}, "admission.members must be host:port"),
@@ -335,3 +350,114 @@ def test_the_kafka_password_comes_from_its_file_when_set_and_is_never_shown(tmp_
     assert "from-the-env" not in repr(kafka)
     secret.write_text("rotated\n")  # read when a client is made, so a rotated Secret is picked up
     assert load(env={**base, "TOWNHALL_KAFKA_PASSWORD_FILE": str(secret)}).kafka.secret() == "rotated"
+
+
+# Number fields with no range of their own: checked against other fields by their section's validate.
+UNRANGED = {"admission.lease_max", "admission.max_relays", "relay.ordinal"}
+
+
+def _ranged_fields() -> list[tuple[str, str, Range]]:
+    found = []
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory, include_extras=True)
+        for name, hint in hints.items():
+            for declared in getattr(hint, "__metadata__", ()):
+                if isinstance(declared, Range):
+                    found.append((section.name, name, declared))
+    return found
+
+
+def test_every_number_field_declares_its_range() -> None:
+    """A new number key cannot be added without saying which values it takes (or why it has no range)."""
+    ranged = {f"{section}.{name}" for section, name, _ in _ranged_fields()}
+    for section in dataclasses.fields(Config):
+        for name, hint in typing.get_type_hints(section.default_factory).items():
+            key = f"{section.name}.{name}"
+            if hint in (int, float):
+                assert key in ranged or key in UNRANGED, f"{key} declares no Range"
+
+
+def test_defaults_are_within_their_declared_ranges() -> None:
+    for section in dataclasses.fields(Config):
+        check_ranges(section.name, section.default_factory())
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "declared"), _ranged_fields(), ids=[f"{s}.{n}" for s, n, _ in _ranged_fields()]
+)
+def test_each_declared_range_refuses_just_outside_and_takes_its_bounds(
+    section: str, name: str, declared: Range
+) -> None:
+    """Each declared bound is where the check starts: the bound passes, a step past it fails naming the
+    key, the range and the value."""
+    default = getattr(Config(), section)
+    low = getattr(default, declared.low) if isinstance(declared.low, str) else declared.low
+    high = getattr(default, declared.high) if isinstance(declared.high, str) else declared.high
+    step = 0.01 if isinstance(getattr(default, name), float) else 1
+    if declared.open_low:
+        check_ranges(section, dataclasses.replace(default, **{name: low + step}))
+    else:
+        check_ranges(section, dataclasses.replace(default, **{name: low}))
+    below = low if declared.open_low else low - step
+    if declared.zero is None or below != 0:
+        with pytest.raises(ConfigError, match=rf"^{section}\.{name} must be .*, not "):
+            check_ranges(section, dataclasses.replace(default, **{name: below}))
+    if high is not None:
+        check_ranges(section, dataclasses.replace(default, **{name: high}))
+        with pytest.raises(ConfigError, match=rf"^{section}\.{name} must be .*within"):
+            check_ranges(section, dataclasses.replace(default, **{name: high + step}))
+    if declared.zero is not None:
+        check_ranges(section, dataclasses.replace(default, **{name: 0}))
+
+
+@pytest.mark.parametrize(
+    ("declared", "name", "value", "message"),
+    [
+        (positive(), "inbox_queue", 0, "x.inbox_queue must be positive, not 0"),
+        (
+            positive(zero="off"),
+            "load_report_s",
+            -1.5,
+            "x.load_report_s must be 0 (off) or positive, not -1.5",
+        ),
+        (positive(zero=""), "leeway_s", -1, "x.leeway_s must be 0 or positive, not -1"),
+        (
+            within(0.05, 60),
+            "probe_interval_s",
+            0.01,
+            "x.probe_interval_s must be within 0.05..60 seconds, not 0.01",
+        ),
+        (within(16, 10_000_000), "max_keys", 3, "x.max_keys must be within 16..10000000, not 3"),
+        (within(1, 10), "max_frames_per_s", 11, "x.max_frames_per_s must be within 1..10, not 11"),
+        (within(2), "tree_degree", 1, "x.tree_degree must be at least 2, not 1"),
+        (
+            within(1, 3_600, zero="off"),
+            "host_grace_s",
+            0.5,
+            "x.host_grace_s must be 0 (off) or within 1..3600 seconds, not 0.5",
+        ),
+        (
+            within("low", 1_000),
+            "high",
+            1,
+            "x.high must be within x.low..1000, not 1",
+        ),
+    ],
+)
+def test_a_declared_range_says_the_key_the_range_and_the_value(
+    declared: Range, name: str, value: float, message: str
+) -> None:
+    owner = types.SimpleNamespace(**{name: value, "low": 2})
+    with pytest.raises(ConfigError) as info:
+        declared.check("x", name, owner)
+    assert str(info.value) == message
+
+
+def test_a_range_may_name_another_field_of_its_section() -> None:
+    with pytest.raises(
+        ConfigError, match=r"admission.lease_min must be within 1..admission.lease_max, not 9"
+    ):
+        load(env={"TOWNHALL_ADMISSION_LEASE_MIN": "9", "TOWNHALL_ADMISSION_LEASE_MAX": "8"})
+    assert load(env={"TOWNHALL_ADMISSION_LEASE_MIN": "8", "TOWNHALL_ADMISSION_LEASE_MAX": "8"})
+    with pytest.raises(ConfigError, match=r"relay.large_room_chunk_s must be 0 or within relay.chunk_s..1"):
+        load(env={"TOWNHALL_RELAY_CHUNK_S": "0.2", "TOWNHALL_RELAY_LARGE_ROOM_CHUNK_S": "0.1"})
