@@ -14,7 +14,7 @@ from tests.integration.helpers import config_for, metadata
 from townhall.core import server
 from townhall.core.config import KafkaConfig
 from townhall.notifier.app import build_app
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 from townhall_tools.devtools.fanout import counting_inbox, import_followers
 from townhall_tools.devtools.kafka_broker import free_port
@@ -47,7 +47,7 @@ async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
             app = build_app(config)
             apps.append(app)
             running.append(await server.start(app, config, address, internal))
-        placement = Placement(members[0], members)
+        placement = ShardOwners(members[0], members)
         # A host owned by the second notifier, followed through the first one.
         host = next(u for u in fresh_users(200) if placement.followee_owner(u) == members[1])
         follower, *crowd = fresh_users(301)

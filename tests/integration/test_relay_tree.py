@@ -22,7 +22,7 @@ from tests.integration.test_relay import (
     read_until,
     wait_for,
 )
-from townhall.admission.placement import Placement, Placer
+from townhall.admission.placement import Placer, RelayPath
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
@@ -338,7 +338,7 @@ async def test_relays_report_their_load_and_admission_places_on_the_reports(kafk
         assert origin == t.addresses[0] or placer.carried(origin, ROOM) == 0
         if origin == t.addresses[0]:
             nxt = placer.place(ROOM, on_stage=False, now=time.time())
-            assert nxt == Placement(t.addresses[1], (t.addresses[0],))
+            assert nxt == RelayPath(t.addresses[1], (t.addresses[0],))
         for call in listeners:
             call.cancel()
 

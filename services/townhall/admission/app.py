@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import Peers
+from townhall.admission.cluster import AdmissionCluster
 from townhall.admission.failover import Failover, StagePresence
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
@@ -130,7 +130,7 @@ class AdmissionApp:
         )
         self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
         self.auth = Authenticator(config.auth, "admission", own.address)
-        self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
+        self.peers = AdmissionCluster(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
             self.store.book,
             self.peers,

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from townhall.admission.cluster import ACQUIRE, Peers
+from townhall.admission.cluster import ACQUIRE, AdmissionCluster
 from townhall.admission.leases import Allowance, LeaseBook
 from townhall.admission.metrics import LEASE_CALLS, ROOMS_TAKEN_OVER
 from townhall.admission.rooms import RoomBook
@@ -42,7 +42,7 @@ class Capacity:
     def __init__(
         self,
         rooms: RoomBook,
-        peers: Peers,
+        peers: AdmissionCluster,
         default_limit: int,
         lease_min: int,
         lease_max: int,

@@ -1,4 +1,4 @@
-"""The Inbox reader: every partition of the notifications topic, from the end, into the Hub."""
+"""The Inbox reader: every partition of the notifications topic, from the end, into the InboxDelivery."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Follower, end_offsets
 from townhall.core.records import Reader, Record
-from townhall.notifier.inbox import Hub
+from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.records import batch_record, checked_batch, decode_batch
 
 log = logging.get(__name__)
@@ -22,7 +22,7 @@ class InboxReader:
     stopped).
     """
 
-    def __init__(self, kafka: KafkaConfig, topic: str, hub: Hub, records: Reader) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, hub: InboxDelivery, records: Reader) -> None:
         self._kafka = kafka
         self._topic = topic
         self._hub = hub

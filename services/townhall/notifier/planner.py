@@ -27,7 +27,7 @@ from townhall.notifier.clients import describe
 from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
 from townhall.notifier.offsets import OffsetBook
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.records import encode_task, room_started, room_started_record
 from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
 from townhall.v1 import events_pb2
@@ -78,7 +78,7 @@ class Planner:
         producers: Mapping[str, AIOKafkaProducer],
         store: SqliteFollowerStore,
         topics: Topics,
-        placement: Placement,
+        placement: ShardOwners,
         bulk_threshold: int,
         task_users: int,
         handover: Handover | None = None,

@@ -17,7 +17,7 @@ from townhall.core.tickets import TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import FanoutSettings
 from townhall.relay.guard import REPLACED, Guard, Watch
-from townhall.relay.hub import Hub
+from townhall.relay.hub import RelayRooms
 from townhall.relay.leaves import LeaveFollower
 from townhall.relay.load_report import LoadReporter
 from townhall.relay.room_state import RoomStateFollower
@@ -46,7 +46,7 @@ class RelayApp:
         tickets = TicketVerifier.from_config(config.tickets)
         self.auth = Authenticator(config.auth, "relay", relay.internal_address)
         self.upstreams = Upstreams(config.server.max_message_bytes, config.tls, self.auth.credential)
-        self.hub = Hub(
+        self.hub = RelayRooms(
             settings,
             chunk_s=relay.chunk_s,
             idle_s=idle_room_s,

@@ -16,11 +16,11 @@ from townhall.core.errors import Unavailable
 from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel, supervise
 from townhall.relay import metrics
-from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_position
+from townhall.relay.fanout import Emitted, FanoutSettings, ListenerQueue, Room, chunk_position
 
 log = logging.get(__name__)
 
-# Reasons a subscriber is closed by the relay (Subscriber.reason).
+# Reasons a subscriber is closed by the relay (ListenerQueue.reason).
 STUCK = "stuck"
 DRAINING = "draining"
 UPSTREAM_LOST = "upstream-lost"
@@ -41,7 +41,7 @@ def wall_us() -> int:
     return time.time_ns() // 1_000
 
 
-class Hub:
+class RelayRooms:
     """All rooms of this relay, their chunk timers and the sweep that forgets idle rooms."""
 
     def __init__(
@@ -117,7 +117,7 @@ class Hub:
         upstream: tuple[str, ...] = (),
         downstream: bool = False,
         resume_epoch: int = 0,
-    ) -> tuple[Room, Subscriber]:
+    ) -> tuple[Room, ListenerQueue]:
         """A new subscriber of the room, primed from the ring buffer.
 
         With `upstream` (origin first) this relay is an edge for the room: its chunks come from one
@@ -171,7 +171,7 @@ class Hub:
         room.pull_ok = False
         room.pull_failing_since = None
 
-    def subscribe_stage(self, room_id: str) -> tuple[Room, Subscriber]:
+    def subscribe_stage(self, room_id: str) -> tuple[Room, ListenerQueue]:
         """A stage subscriber (host, co-host, speaker): every frame as it arrives, at the origin."""
         self._refuse_if_draining()
         room = self._room(room_id)
@@ -181,7 +181,7 @@ class Hub:
         self._activate(room)
         return room, subscriber
 
-    def unsubscribe(self, room: Room, subscriber: Subscriber, downstream: bool = False) -> None:
+    def unsubscribe(self, room: Room, subscriber: ListenerQueue, downstream: bool = False) -> None:
         """A Subscribe or Pull stream ended (for whatever reason)."""
         room.unsubscribe(subscriber)
         if downstream:

@@ -14,7 +14,7 @@ from townhall.core.config import Config
 from townhall.core.kafka import Topics, producer
 from townhall.core.provenance import RELAY, RecordSigner, Writer
 from townhall.core.tasks import cancel, supervise
-from townhall.relay.hub import Hub
+from townhall.relay.hub import RelayRooms
 from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
@@ -27,7 +27,7 @@ class LoadReporter:
     """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
 
     def __init__(
-        self, config: Config, hub: Hub, leads: Callable[[], Mapping[str, Sequence[int]]] | None = None
+        self, config: Config, hub: RelayRooms, leads: Callable[[], Mapping[str, Sequence[int]]] | None = None
     ) -> None:
         self._hub = hub
         # Per room, the host and co-hosts connected here (the owner's host failover reads them).
