@@ -33,12 +33,12 @@ import grpc
 import numpy as np
 
 from townhall.core import logging, sharding
-from townhall.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from townhall.core.errors import FailedPrecondition, InvalidArgument, TownhallError, Unavailable
 from townhall.core.tasks import cancel, supervise
 from townhall.notifier.metrics import HANDOVER_KEYS, HANDOVER_PENDING
 from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
-from townhall.notifier.store import SqliteFollowerStore, split_key
+from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore, split_key
 from townhall.v1 import internal_pb2
 
 log = logging.get(__name__)
@@ -363,7 +363,7 @@ class Handover:
             self._wake.clear()
             try:
                 left = await self.sweep()
-            except Exception as exc:  # a sweep must never end the loop
+            except (*STORE_ERRORS, TownhallError, grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("sweep failed, will retry", error=repr(exc))
                 left = -1
             if left:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer
+from google.protobuf.message import DecodeError
 
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
@@ -55,7 +56,7 @@ class InboxReader:
             return 0  # nobody to deliver to, and de-duplication only tracks delivered users
         try:
             note, ids = decode_batch(record.value or b"")
-        except Exception:  # does not parse: the Reader counts it
+        except DecodeError:  # does not parse: the Reader counts it
             batch = self._records.read(record, batch_record)
             return 0 if batch is None else self._hub.deliver(*batch)
         if not self._hub.present(ids):

@@ -114,11 +114,20 @@ class StatefulSetMembership:
             before = self._last
             try:
                 view = await self.read()
-            except Exception as exc:  # API restart, network: keep the last view, try again
+            except api_errors() as exc:  # API restart, network: keep the last view, try again
                 log.warning("notifier membership not read; keeping the last one", error=repr(exc))
                 continue
             if view != before:
                 await on_change(*view)
+
+
+def api_errors() -> tuple[type[Exception], ...]:
+    """What a Kubernetes API read raises while the API server is away, slow or refusing (an error answer,
+    a dropped or timed-out connection): the membership keeps its last view and reads again."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    return (ApiException, HTTPError, OSError, TimeoutError)
 
 
 def membership_for(config: NotifierConfig) -> Membership:
