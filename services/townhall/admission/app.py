@@ -35,7 +35,7 @@ from townhall.core.liveness import Prober
 from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
 from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
 from townhall.core.room_records import AnyOwner, ListedOwners, Ownership, RoomRecords
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, spawn
 from townhall.core.tickets import TicketSigner
 from townhall.v1 import (
     admission_pb2,
@@ -229,7 +229,7 @@ class AdmissionApp:
         if room_id in self._marking:
             return
         self._marking.add(room_id)
-        task = asyncio.create_task(self._record_crowd(room_id), name="mark-crowd")
+        task = spawn(self._record_crowd(room_id), "mark-crowd")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

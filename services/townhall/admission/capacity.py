@@ -20,7 +20,7 @@ from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.errors import NotFound
 from townhall.core.sharding import owner
-from townhall.core.tasks import cancel, supervise
+from townhall.core.tasks import cancel, spawn, supervise
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
@@ -76,7 +76,7 @@ class Capacity:
         return allowance
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = spawn(work, "lease-refill")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -14,7 +14,7 @@ import grpc
 from townhall.core import logging
 from townhall.core.errors import Unavailable
 from townhall.core.errors import reason as error_reason
-from townhall.core.tasks import cancel, supervise
+from townhall.core.tasks import cancel, spawn, supervise
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, ListenerQueue, Room, chunk_position
 
@@ -245,7 +245,7 @@ class RelayRooms:
             # A room new to this relay, which is its origin: its first epoch.
             room.begin_epoch(self._wall_us() // 1000)
         if room.room_id not in self._timers:
-            task = asyncio.create_task(self._tick(room), name=f"relay-chunks-{room.room_id}")
+            task = spawn(self._tick(room), "relay-chunks")
             self._timers[room.room_id] = task
 
     def _start_pull(self, room: Room, resume_after: int, resume_epoch: int = 0) -> None:
@@ -253,9 +253,7 @@ class RelayRooms:
             return
         if self._upstreams is None:
             raise Unavailable("this relay cannot pull from upstream relays")
-        task = asyncio.create_task(
-            self._pull(room, resume_after, resume_epoch), name=f"relay-pull-{room.room_id}"
-        )
+        task = spawn(self._pull(room, resume_after, resume_epoch), "relay-pull")
         self._pulls[room.room_id] = task
 
     async def _pull(self, room: Room, resume_after: int, resume_epoch: int) -> None:
