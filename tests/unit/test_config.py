@@ -11,6 +11,7 @@ from townhall.core.config import (
     DEV_ENV,
     DEV_TICKET_PRIVATE_KEY,
     DEV_USER_KEY,
+    MILLISECOND_KEYS,
     Config,
     ConfigError,
     Range,
@@ -44,21 +45,7 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
     assert config.log.json is False
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "kafka.max_clock_skew_ms",
-        "server.request_timeout_ms",
-        "server.drain_notice_ms",
-        "admission.probe_interval_ms",
-        "admission.probe_timeout_ms",
-        "relay.chunk_ms",
-        "relay.late_join_ms",
-        "relay.load_report_ms",
-        "relay.large_room_chunk_ms",
-        "relay.upstream_lost_ms",
-    ],
-)
+@pytest.mark.parametrize("key", MILLISECOND_KEYS)
 def test_millisecond_keys_are_refused_by_name(key: str, tmp_path: Path) -> None:
     """Every duration is in seconds: an old `_ms` key, in a file or the environment, stops the process
     naming the key to set instead (never read as seconds, never ignored)."""

@@ -871,7 +871,7 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
 
 # Durations were once given in milliseconds by these keys; every duration is in seconds now (`_s`).
-_MILLISECOND_KEYS = (
+MILLISECOND_KEYS = (
     "kafka.max_clock_skew_ms",
     "server.request_timeout_ms",
     "server.drain_notice_ms",
@@ -891,7 +891,7 @@ _RENAMED = {
     ),
     **{
         old: f"config key {old} is gone: set {old[:-3]}_s, in seconds (every duration is in seconds)"
-        for old in _MILLISECOND_KEYS
+        for old in MILLISECOND_KEYS
     },
 }
 
