@@ -16,6 +16,7 @@ from townhall.core.config import (
     ConfigError,
     Range,
     check_ranges,
+    declared_ranges,
     load,
     positive,
     within,
@@ -340,18 +341,15 @@ def test_the_kafka_password_comes_from_its_file_when_set_and_is_never_shown(tmp_
 
 
 # Number fields with no range of their own: checked against other fields by their section's validate.
-UNRANGED = {"admission.lease_max", "admission.max_relays", "relay.ordinal"}
+UNRANGED = {"admission.lease_max", "relay.ordinal"}
 
 
 def _ranged_fields() -> list[tuple[str, str, Range]]:
-    found = []
-    for section in dataclasses.fields(Config):
-        hints = typing.get_type_hints(section.default_factory, include_extras=True)
-        for name, hint in hints.items():
-            for declared in getattr(hint, "__metadata__", ()):
-                if isinstance(declared, Range):
-                    found.append((section.name, name, declared))
-    return found
+    return [
+        (section.name, name, declared)
+        for section in dataclasses.fields(Config)
+        for name, declared in declared_ranges(section.default_factory).items()
+    ]
 
 
 def test_every_number_field_declares_its_range() -> None:
@@ -448,3 +446,13 @@ def test_a_range_may_name_another_field_of_its_section() -> None:
     assert load(env={"TOWNHALL_ADMISSION_LEASE_MIN": "8", "TOWNHALL_ADMISSION_LEASE_MAX": "8"})
     with pytest.raises(ConfigError, match=r"relay.large_room_chunk_s must be 0 or within relay.chunk_s..1"):
         load(env={"TOWNHALL_RELAY_CHUNK_S": "0.2", "TOWNHALL_RELAY_LARGE_ROOM_CHUNK_S": "0.1"})
+
+
+def test_max_relays_holds_the_seed_relays() -> None:
+    with pytest.raises(ConfigError, match=r"admission.max_relays must be within 1..100000, not 0"):
+        load(env={"TOWNHALL_ADMISSION_MAX_RELAYS": "0"})
+    seeds = {"TOWNHALL_ADMISSION_RELAYS": "a:1,b:1", "TOWNHALL_ADMISSION_RELAYS_INTERNAL": "a:2,b:2"}
+    with pytest.raises(
+        ConfigError, match=r"admission.max_relays must be at least 2 \(the seed relays\), not 1"
+    ):
+        load(env={**seeds, "TOWNHALL_ADMISSION_MAX_RELAYS": "1"})

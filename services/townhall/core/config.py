@@ -85,12 +85,21 @@ def positive(*, zero: str | None = None) -> Range:
 PORT = within(1, 65_535, zero="off")
 
 
+def declared_ranges(section: type) -> dict[str, Range]:
+    """The fields of a config section's class that declare a Range, by name."""
+    hints = typing.get_type_hints(section, include_extras=True)
+    return {
+        name: declared
+        for name, hint in hints.items()
+        for declared in getattr(hint, "__metadata__", ())
+        if isinstance(declared, Range)
+    }
+
+
 def check_ranges(section: str, owner: Any) -> None:
     """Checks every field of a config section that declares a Range (see `Range`)."""
-    for name, hint in typing.get_type_hints(type(owner), include_extras=True).items():
-        for declared in getattr(hint, "__metadata__", ()):
-            if isinstance(declared, Range):
-                declared.check(section, name, owner)
+    for name, declared in declared_ranges(type(owner)).items():
+        declared.check(section, name, owner)
 
 
 def _number(value: float) -> str:
@@ -492,7 +501,7 @@ class AdmissionConfig:
     # load reports.
     relays_internal: tuple[str, ...] = ("127.0.0.1:50072",)
     # At most this many relays known at once (seeds plus discovered); reports of more are ignored.
-    max_relays: int = 1024
+    max_relays: Annotated[int, within(1, 100_000)] = 1024
     default_listener_limit: Annotated[int, positive()] = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
     event_queue: Annotated[int, positive()] = 100_000
@@ -572,9 +581,9 @@ class AdmissionConfig:
             raise ConfigError("admission.kube_service must name the headless Service (membership kubernetes)")
         if not self.owner and self.membership == "static" and not self.members:
             raise ConfigError("admission.members must list the owners when admission.owner is false")
-        if not len(self.relays) <= self.max_relays <= 100_000:
+        if self.max_relays < len(self.relays):
             raise ConfigError(
-                f"admission.max_relays must be within {len(self.relays)} (the seed relays)..100000, "
+                f"admission.max_relays must be at least {len(self.relays)} (the seed relays), "
                 f"not {self.max_relays}"
             )
         for relay in self.relays:
