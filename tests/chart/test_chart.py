@@ -148,7 +148,7 @@ def test_shutdown_is_consistent_with_the_servers_grace_period(render: Render, sc
     """preStop sleep, then SIGTERM and a drain of server.grace_s: all within terminationGracePeriodSeconds."""
     manifests = render(scenario)
     grace_s = float(configmap(manifests)["TOWNHALL_SERVER_GRACE_S"])
-    notice_s = float(configmap(manifests)["TOWNHALL_SERVER_DRAIN_NOTICE_MS"]) / 1000
+    notice_s = float(configmap(manifests)["TOWNHALL_SERVER_DRAIN_NOTICE_S"])
     for name in SERVICES:
         spec = workload(manifests, name)["spec"]["template"]["spec"]
         (c,) = spec["containers"]
@@ -420,7 +420,7 @@ def test_rendered_config_is_accepted_by_every_service(render: Render, scenario: 
             # Admission knows relays only by the advertised address in their load reports (tickets are
             # bound to it, and name its internal address, where edges pull from), so the reports are on.
             assert config.admission.relays == () and config.admission.relays_internal == ()
-            assert config.relay.load_report_ms > 0
+            assert config.relay.load_report_s > 0
             # A relay verifies tickets and cannot make one; it checks no user tokens either.
             assert not config.tickets.private_key and not config.auth.keys
         if name == "notifier":
@@ -439,7 +439,7 @@ def test_the_host_failover_grace_reaches_admission_through_the_config_loader(ren
         config = service_config(manifests, c, "admission-0")
         assert config.admission.host_grace_s == expected, flags
         # Presence comes from the relays' load reports: they are on, and often enough for the grace.
-        assert config.relay.load_report_ms > 0
+        assert config.relay.load_report_s > 0
 
 
 def test_whole_numbers_reach_the_services_unmangled(render: Render) -> None:
@@ -460,7 +460,7 @@ def test_config_checksum_rolls_every_service(render: Render, scenario: str) -> N
     base = checksums()
     assert len(base) == 1 and re.fullmatch(r"[0-9a-f]{64}", next(iter(base)))
     assert checksums("--set", "config.log.level=debug") != base
-    assert checksums("--set", "relay.config.chunk_ms=60") != base
+    assert checksums("--set-json", "relay.config.chunk_s=0.06") != base
     # Values outside the ConfigMap (resources here) do not change it.
     assert checksums("--set", "admission.resources.requests.cpu=300m") == base
 
@@ -923,7 +923,7 @@ def test_admission_config_does_not_depend_on_how_many_relays_run(render: Render)
     )
     assert configmap(scaled) == two
     assert two["TOWNHALL_ADMISSION_RELAYS"] == two["TOWNHALL_ADMISSION_RELAYS_INTERNAL"] == ""
-    assert int(two["TOWNHALL_RELAY_LOAD_REPORT_MS"]) > 0
+    assert float(two["TOWNHALL_RELAY_LOAD_REPORT_S"]) > 0
 
 
 # The keys each service's container gets (and no other): relays verify tickets and make none.
@@ -1060,8 +1060,16 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         (["--set", "tls.requireClientCert=true"], "/tls/requireClientCert"),
         (["--set", "config.auth.keys=a"], "invalid propertyName 'keys'"),
         (["--set", "admision.replicas=3"], "admision"),
-        (["--set", "relay.config.chunk_ms=5"], "/relay/config/chunk_ms"),
-        (["--set", "relay.config.load_report_ms=0"], "/relay/config/load_report_ms"),
+        (["--set", "relay.config.chunk_s=0.005"], "/relay/config/chunk_s"),
+        (["--set", "relay.config.load_report_s=0"], "/relay/config/load_report_s"),
+        (
+            ["--set", "relay.config.chunk_ms=100"],
+            "relay.config.chunk_ms is gone: durations are in seconds, set relay.config.chunk_s",
+        ),
+        (
+            ["--set", "config.server.drain_notice_ms=1000"],
+            "config.server.drain_notice_ms is gone: durations are in seconds, set config.server.drain_notice_s",
+        ),
         (["--set", "admission.config.host_grace_s=0.5"], "/admission/config/host_grace_s"),
         (["--set", "admission.config.relays=a:1"], "relays"),
         (["--set", "service.type=Ingress"], "/service/type"),
@@ -1119,7 +1127,7 @@ def test_tls_reaches_every_service_and_the_helm_test(render: Render) -> None:
         ),
         (["--set", "kafka.users.passwords.relay=short"], "/kafka/users/passwords/relay"),
         (["--set", "kafka.users.relay=two words"], "/kafka/users/relay"),
-        (["--set", "config.kafka.max_clock_skew_ms=-1"], "/config/kafka/max_clock_skew_ms"),
+        (["--set", "config.kafka.max_clock_skew_s=-1"], "/config/kafka/max_clock_skew_s"),
         (["--set", "config.kafka.password=x"], "/config/kafka"),
     ],
 )

@@ -25,7 +25,7 @@ async def test_a_hot_rooms_listeners_are_spread_over_edges_and_all_hear_the_host
         config = config_for(
             kafka,
             admission={"relays": tuple(t.addresses), "relays_internal": tuple(t.internals)},
-            relay={"edge_target": 2, "tree_degree": 2, "load_report_ms": 0},
+            relay={"edge_target": 2, "tree_degree": 2, "load_report_s": 0},
             tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
         )
         base = random.randrange(1, 2**40) * 100

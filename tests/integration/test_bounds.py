@@ -65,7 +65,7 @@ def _config(kafka: KafkaConfig, tmp_path: Path, **sections: dict[str, Any]) -> C
     return config_for(
         kafka,
         server=server,
-        relay={"advertise": RELAY, "load_report_ms": 0},
+        relay={"advertise": RELAY, "load_report_s": 0},
         notifier={"data_dir": str(tmp_path / uuid.uuid4().hex), "group_id": f"bounds-{uuid.uuid4().hex[:8]}"},
         **sections,
     )
@@ -121,7 +121,7 @@ async def test_open_streams_and_stalled_calls_from_one_address_lock_nobody_out_o
             watches: list[Any] = []
             for wave in range(12):
                 watches += await asyncio.gather(*(_watch(attacker[(wave + i) % 10]) for i in range(25)))
-            # With valid tokens: 100 Joins whose request never comes (held up to request_timeout_ms).
+            # With valid tokens: 100 Joins whose request never comes (held up to request_timeout_s).
             stalled = []
             for i in range(100):
                 stalled.append(
@@ -237,10 +237,10 @@ async def test_streams_are_bounded_per_connection_and_per_address(
 async def test_open_streams_end_on_their_own_and_health_names_are_bounded(
     kafka: KafkaConfig, tmp_path: Path
 ) -> None:
-    config = _config(kafka, tmp_path, server={"request_timeout_ms": 1000})
+    config = _config(kafka, tmp_path, server={"request_timeout_s": 1.0})
     async with serving(RelayApp(config), config) as address, grpc.aio.insecure_channel(address) as channel:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        # Opened and never asked anything: ended after request_timeout_ms.
+        # Opened and never asked anything: ended after request_timeout_s.
         idle = reflect.ServerReflectionInfo(_idle_requests())
         error = await rpc_error(_drain(idle))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED

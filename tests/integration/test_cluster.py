@@ -32,7 +32,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         "TOWNHALL_ADMISSION_ADMIT_RATE": str(ADMIT_RATE),
         "TOWNHALL_ADMISSION_LEASE_MIN": "4",
         "TOWNHALL_RELAY_EDGE_TARGET": str(EDGE_TARGET),
-        "TOWNHALL_RELAY_LOAD_REPORT_MS": "500",
+        "TOWNHALL_RELAY_LOAD_REPORT_S": "0.5",
         # A listener that stops reading overflows a short queue quickly, and is not cut off in the test.
         "TOWNHALL_RELAY_SUBSCRIBER_QUEUE": "5",
         "TOWNHALL_RELAY_STUCK_CUTOFF_S": "60",

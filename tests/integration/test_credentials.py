@@ -77,7 +77,7 @@ class Site:
 async def site(kafka: KafkaConfig, tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[Site]:
     config = config_for(
         kafka,
-        relay={"advertise": RELAY, "load_report_ms": 0, "follow_room_state": False},
+        relay={"advertise": RELAY, "load_report_s": 0, "follow_room_state": False},
         notifier={"data_dir": str(tmp_path / uuid.uuid4().hex), "group_id": f"creds-{uuid.uuid4().hex[:8]}"},
         **sections,
     )

@@ -57,7 +57,7 @@ SLOW_EXAMPLES = max(3, EXAMPLES // 4)
 REPORT = Path(os.environ.get("FUZZ_REPORT", ".townhall/fuzz/summary.json"))
 RELAY = "fuzz-relay:7000"
 MAX_MESSAGE = 64 * 1024
-REQUEST_TIMEOUT_MS = 1000
+REQUEST_TIMEOUT_S = 1.0
 # Small bounds on calls in flight, so the flood classes reach them with few calls (core/bounds.py).
 BOUNDS = {
     "max_calls_per_connection": 32,
@@ -179,8 +179,8 @@ def fuzzed(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
         # (they have their own test). Per-user limits stay on; fuzz users are many.
         # The flood classes call from ::1, which is not exempt.
         limits={"exempt": ("127.0.0.0/8",)},
-        server={"request_timeout_ms": REQUEST_TIMEOUT_MS, **BOUNDS},
-        relay={"advertise": RELAY, "load_report_ms": 0},
+        server={"request_timeout_s": REQUEST_TIMEOUT_S, **BOUNDS},
+        relay={"advertise": RELAY, "load_report_s": 0},
         notifier={
             "data_dir": str(tmp_path_factory.mktemp("fuzz") / "notifier"),
             "group_id": f"fuzz-{uuid.uuid4().hex[:8]}",
@@ -596,7 +596,7 @@ def test_a_stalled_request_is_ended_by_the_server(fuzzed: Fuzzed, data: st.DataO
         stop_after=0,
         open_wait_s=5.0,
     )
-    assert time.monotonic() - start < 5 * REQUEST_TIMEOUT_MS / 1000
+    assert time.monotonic() - start < 5 * REQUEST_TIMEOUT_S
 
 
 @SLOW
@@ -741,7 +741,7 @@ def test_many_streams_at_once(fuzzed: Fuzzed, data: st.DataObject) -> None:
             while_held=lambda: _a_user_is_served(fuzzed),
         )
     )
-    # DEADLINE_EXCEEDED: a held reflection stream idles past request_timeout_ms (the test's doing).
+    # DEADLINE_EXCEEDED: a held reflection stream idles past request_timeout_s (the test's doing).
     held = _held("many streams at once", method, outcomes, LEGITIMATE | CAUSED)
     if method.rule == OPEN:
         assert held <= BOUNDS["max_open_streams_per_address"], (method, held)
@@ -755,7 +755,7 @@ def test_many_streams_at_once(fuzzed: Fuzzed, data: st.DataObject) -> None:
 def test_streams_that_never_end(fuzzed: Fuzzed, data: st.DataObject) -> None:
     """A few streams opened and never ended by the client (request streams never half-close). Those
     anyone may open (health Watch, reflection) are ended by the server: reflection when its next request
-    is late (request_timeout_ms), Watch at server.open_stream_max_s. The others have an owner (a token or
+    is late (request_timeout_s), Watch at server.open_stream_max_s. The others have an owner (a token or
     a ticket) and are bounded by the many-streams class; here they must not break anything."""
     method = data.draw(st.sampled_from(STREAMING), label="method")
     count = data.draw(st.integers(1, 3), label="streams")

@@ -126,7 +126,7 @@ def site(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     config = config_for(
         own,
         admission={"relays": (relay,)},
-        relay={"listen": relay, "load_report_ms": 0},
+        relay={"listen": relay, "load_report_s": 0},
         notifier={
             "data_dir": str(tmp_path_factory.mktemp("fuzz-records")),
             "group_id": f"fz-{own.topic_prefix}",

@@ -97,13 +97,13 @@ async def test_every_service_runs_on_sasl_ssl_as_its_own_principal(
         as_user(secure, "relay"),
         relay={
             "listen": relay_address,
-            "load_report_ms": 200,
+            "load_report_s": 0.2,
             "follow_room_state": True,
             "listener_capacity": RELAY_CAPACITY,
         },
     )
     admission_config = config_for(
-        as_user(secure, "admission"), admission={"relays": (relay_address,)}, relay={"load_report_ms": 200}
+        as_user(secure, "admission"), admission={"relays": (relay_address,)}, relay={"load_report_s": 0.2}
     )
     notifier_config = config_for(
         as_user(secure, "notifier"), notifier={"data_dir": str(tmp_path), "group_id": GROUP}

@@ -170,7 +170,7 @@ def test_the_metrics_listener_binds_only_the_configured_address(tmp_path: Path) 
         "TOWNHALL_RELAY_LISTEN": f"127.0.0.1:{grpc_port}",
         "TOWNHALL_RELAY_METRICS_PORT": str(metrics_port),
         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
-        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+        "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
         "TOWNHALL_SERVER_METRICS_HOST": "127.0.0.2",
     }
     with open(tmp_path / "relay.log", "wb") as log:

@@ -44,7 +44,7 @@ RELAY = "limits-relay:7000"
 def _config(kafka: KafkaConfig, tmp_path: Path, **sections: dict[str, Any]) -> Config:
     return config_for(
         kafka,
-        relay={"advertise": RELAY, "load_report_ms": 0},
+        relay={"advertise": RELAY, "load_report_s": 0},
         notifier={"data_dir": str(tmp_path / uuid.uuid4().hex), "group_id": f"limits-{uuid.uuid4().hex[:8]}"},
         **sections,
     )

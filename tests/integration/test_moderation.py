@@ -34,7 +34,7 @@ from townhall.v1.relay_pb2 import AudioFrame, Chunk
 from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
-REPORT_MS = 200  # relay load reports: who of each room's hosts is connected (host failover)
+REPORT_S = 0.2  # relay load reports: who of each room's hosts is connected (host failover)
 CUT_RUNS = 12  # removals measured on edges
 FIGURES = Path(__file__).resolve().parents[2] / ".townhall" / "figures"
 
@@ -67,8 +67,8 @@ async def site(kafka: KafkaConfig, host_grace_s: float = 0.0, relays: int = 3) -
         relays,
         kafka_bootstrap=kafka.bootstrap,
         follow_room_state="true",
-        load_report_ms=str(REPORT_MS),
-        chunk_ms="50",
+        load_report_s=str(REPORT_S),
+        chunk_s="0.05",
     ) as t:
         config = config_for(
             kafka,
@@ -78,7 +78,7 @@ async def site(kafka: KafkaConfig, host_grace_s: float = 0.0, relays: int = 3) -
                 "host_grace_s": host_grace_s,
             },
             # One listener of a room per relay before the next relay takes the room: edges at once.
-            relay={"edge_target": 1, "tree_degree": 2, "load_report_ms": REPORT_MS},
+            relay={"edge_target": 1, "tree_degree": 2, "load_report_s": REPORT_S},
             tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
         )
         app = AdmissionApp(config)
@@ -524,7 +524,7 @@ async def test_the_hosts_dropped_connection_hands_the_room_to_the_co_host(kafka:
     assert handed.state == RoomState.ROOM_STATE_LIVE and ended.state == RoomState.ROOM_STATE_ENDED
     figures(
         "host-failover",
-        {"host_grace_s": grace_s, "report_ms": REPORT_MS, "drop_to_handover_s": round(failover_s, 2)},
+        {"host_grace_s": grace_s, "report_s": REPORT_S, "drop_to_handover_s": round(failover_s, 2)},
     )
 
 

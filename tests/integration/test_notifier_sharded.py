@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from prometheus_client import REGISTRY
 from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
 from tests.integration.helpers import config_for, metadata
 from townhall.core import server
-from townhall.core.config import KafkaConfig
+from townhall.core.config import Config, KafkaConfig
 from townhall.notifier.app import build_app
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 from townhall_tools.devtools.fanout import counting_inbox, import_followers
 from townhall_tools.devtools.kafka_broker import free_port
@@ -47,7 +48,7 @@ async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
             app = build_app(config)
             apps.append(app)
             running.append(await server.start(app, config, address, internal))
-        placement = Placement(members[0], members)
+        placement = ShardOwners(members[0], members)
         # A host owned by the second notifier, followed through the first one.
         host = next(u for u in fresh_users(200) if placement.followee_owner(u) == members[1])
         follower, *crowd = fresh_users(301)
@@ -80,3 +81,59 @@ async def test_two_notifiers_keep_each_followee_on_its_owner_and_fan_out_once(
             await server.stop(app, run, 1.0)
         for app in apps[len(running) :]:
             await app.close()
+
+
+async def test_a_dead_notifiers_keys_stay_its_own_and_come_back_with_their_data(
+    kafka: KafkaConfig, tmp_path: Path
+) -> None:
+    """Unlike admission's rooms (all state in Kafka, so ownership follows the live members), a graph key
+    lives on its owner's volume: while its notifier is down its keys are UNAVAILABLE (never served, empty,
+    by another notifier, which would lose them), and they are back, whole, when it restarts."""
+    topics = await own_topics(kafka)
+    clients = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    members = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    def config(i: int) -> Config:
+        return config_for(
+            topics,
+            notifier={
+                "listen": clients[i],
+                "internal_listen": members[i],
+                "members": tuple(members),
+                "data_dir": str(tmp_path / f"n{i}"),
+                "group_id": group,
+                "metrics_port": 0,
+            },
+        )
+
+    apps = [build_app(config(i)) for i in range(2)]
+    running = [await server.start(app, config(i), clients[i], members[i]) for i, app in enumerate(apps)]
+    host = next(
+        u for u in fresh_users(200) if ShardOwners(members[0], members).followee_owner(u) == members[1]
+    )
+    first, second = fresh_users(2)
+    try:
+        async with grpc.aio.insecure_channel(clients[0]) as channel:
+            graph = graph_pb2_grpc.GraphStub(channel)
+            follow = graph_pb2.FollowRequest(followee_id=host)
+            assert (await graph.Follow(follow, metadata=metadata(first), timeout=10)).created
+
+            await server.stop(apps[1], running[1], 1.0)  # the owner of `host` is down
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await graph.Follow(follow, metadata=metadata(second), timeout=30)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert await apps[0].store.count(host) == 0, "the live notifier took none of the dead one's keys"
+
+            apps[1] = build_app(config(1))  # restarted on the same volume
+            running[1] = await server.start(apps[1], config(1), clients[1], members[1])
+            assert (await graph.Follow(follow, metadata=metadata(second), timeout=10)).created
+            count = await graph.CountFollowers(
+                graph_pb2.CountFollowersRequest(user_id=host), metadata=metadata(host), timeout=10
+            )
+            assert count.count == 2, "the follow made before the restart is still there"
+    finally:
+        for i, app in enumerate(apps):
+            if running[i] is not None:
+                with contextlib.suppress(Exception):
+                    await server.stop(app, running[i], 1.0)

@@ -77,7 +77,7 @@ async def relay(ticket_keys: str = TICKET_KEYS, **overrides: str) -> AsyncIterat
         "TOWNHALL_RELAY_METRICS_PORT": "0",
         # No Kafka: tickets alone decide, and no load reports (else it waits for their topic at start).
         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
-        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+        "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
         "TOWNHALL_TICKETS_PUBLIC_KEYS": ticket_keys,
         **{f"TOWNHALL_RELAY_{key.upper()}": value for key, value in overrides.items()},
     }
@@ -174,7 +174,7 @@ async def test_two_speakers_three_listeners_hear_the_same_frames_in_the_same_ord
 
 async def test_a_listener_that_stops_reading_does_not_delay_the_others() -> None:
     dropped_before = _metric("townhall_relay_chunks_dropped_total")
-    async with relay(chunk_ms="20", subscriber_queue="5", stuck_cutoff_s="60") as r:
+    async with relay(chunk_s="0.02", subscriber_queue="5", stuck_cutoff_s="60") as r:
         # The slow listener has its own connection with a fixed, small flow-control window, so its
         # relay-side queue overflows quickly once it stops reading.
         slow = r.stub(**{"grpc.http2.bdp_probe": 0}).Subscribe(
@@ -213,7 +213,7 @@ async def test_a_listener_that_stops_reading_does_not_delay_the_others() -> None
 
 async def test_a_listener_that_never_reads_is_cut_off_and_told_why() -> None:
     cut_before = _metric("townhall_relay_subscribers_cut_total")
-    async with relay(chunk_ms="20", subscriber_queue="2", stuck_cutoff_s="0.3") as r:
+    async with relay(chunk_s="0.02", subscriber_queue="2", stuck_cutoff_s="0.3") as r:
         stuck = r.stub(**{"grpc.http2.bdp_probe": 0}).Subscribe(
             SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER)
         )
@@ -231,7 +231,7 @@ async def test_a_listener_that_never_reads_is_cut_off_and_told_why() -> None:
 
 
 async def test_late_joiner_gets_the_last_300_ms_at_once_and_a_resume_has_no_gap() -> None:
-    async with relay(chunk_ms="50", late_join_ms="300") as r:
+    async with relay(chunk_s="0.05", late_join_s="0.3") as r:
         stop = asyncio.Event()
         speaker = r.stub().Publish(frames(500, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER))
         await wait_for(lambda: (room := r.app.hub.room(ROOM)) is not None and room.sequence >= 12)
@@ -572,7 +572,7 @@ async def test_a_background_loop_that_dies_turns_health_not_serving_and_is_count
 ) -> None:
     monkeypatch.setattr(relay_app, "EXPIRE_EVERY_S", 0.05)
     before = REGISTRY.get_sample_value("townhall_task_failures_total", {"task": "relay-expiry"}) or 0.0
-    async with relay(load_report_ms="0") as handle:  # no Kafka
+    async with relay(load_report_s="0") as handle:  # no Kafka
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
         handle.channels.append(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -598,8 +598,8 @@ async def test_a_served_process_whose_loop_died_drains_and_stops_with_task_died(
         "TOWNHALL_RELAY_ADVERTISE": ADVERTISE,
         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
         "TOWNHALL_TICKETS_PUBLIC_KEYS": TICKET_KEYS,
-        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka
-        "TOWNHALL_SERVER_DRAIN_NOTICE_MS": "0",
+        "TOWNHALL_RELAY_LOAD_REPORT_S": "0",  # no Kafka
+        "TOWNHALL_SERVER_DRAIN_NOTICE_S": "0",
     }
     config = config_module.load(env=env)
     app = RelayApp(config)

@@ -28,14 +28,14 @@ from townhall_tools.devtools.kafka_broker import free_port
 from townhall_tools.devtools.topology import Process, Topology
 
 pytestmark = pytest.mark.kafka
-REPORT_MS = 300
+REPORT_S = 0.3
 WITHIN_S = 20.0
 
 
 @pytest.fixture
 def cluster(kafka: KafkaConfig, tmp_path: Path) -> Iterator[Topology]:
     """One admission process that knows one relay (its seed); more relays are started by the test."""
-    env = {"TOWNHALL_RELAY_LOAD_REPORT_MS": str(REPORT_MS), "TOWNHALL_LOG_LEVEL": "warning"}
+    env = {"TOWNHALL_RELAY_LOAD_REPORT_S": str(REPORT_S), "TOWNHALL_LOG_LEVEL": "warning"}
     topology = Topology(
         tmp_path,
         {"relay": 1, "admission": 1},
@@ -117,7 +117,7 @@ async def report_forever(kafka: KafkaConfig, topic: str, relay: str) -> None:
             value, key = report.SerializeToString(), relay.encode()
             headers = signer.headers(topic, key, value)
             await producer.send_and_wait(topic, value, key=key, headers=headers)
-            await asyncio.sleep(REPORT_MS / 1000)
+            await asyncio.sleep(REPORT_S)
     finally:
         await producer.stop()
 

@@ -22,7 +22,7 @@ from tests.integration.test_relay import (
     read_until,
     wait_for,
 )
-from townhall.admission.placement import Placement, Placer
+from townhall.admission.placement import Placer, RelayPath
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
@@ -101,7 +101,7 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
                 "TOWNHALL_RELAY_LISTEN": address,
                 "TOWNHALL_RELAY_INTERNAL_LISTEN": internal,
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
-                "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
                 # No Kafka unless a test gives one (kafka_bootstrap=..., follow_room_state="true").
                 "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
                 "TOWNHALL_TICKETS_PUBLIC_KEYS": TICKET_KEYS,
@@ -179,7 +179,7 @@ async def test_a_mid_tier_relays_the_room_to_an_edge_below_it() -> None:
 
 @pytest.mark.parametrize("moves_to", [1, 2, 3], ids=["same-edge", "another-edge", "an-edge-new-to-the-room"])
 async def test_a_cut_listener_resumes_without_missing_buffered_frames(moves_to: int) -> None:
-    async with tree(4, chunk_ms="50") as t:
+    async with tree(4, chunk_s="0.05") as t:
         stop = asyncio.Event()
         speaker = t.speak(1, stop=stop)
         keeper = t.listen(2, 99, via=(0,))  # edge 2 already carries the room when the listener moves
@@ -199,7 +199,7 @@ async def test_a_cut_listener_resumes_without_missing_buffered_frames(moves_to: 
 
 
 async def test_a_listener_that_stops_reading_on_an_edge_delays_no_one() -> None:
-    async with tree(3, chunk_ms="20", subscriber_queue="5", stuck_cutoff_s="60") as t:
+    async with tree(3, chunk_s="0.02", subscriber_queue="5", stuck_cutoff_s="60") as t:
         slow = t.listen(1, 100, via=(0,), **{"grpc.http2.bdp_probe": 0})
         same_edge = t.listen(1, 101, via=(0,))
         other_edge = t.listen(2, 102, via=(0,))
@@ -229,7 +229,7 @@ async def test_a_listener_that_stops_reading_on_an_edge_delays_no_one() -> None:
 
 
 async def test_the_stage_hears_each_frame_as_it_arrives() -> None:
-    async with tree(1, chunk_ms="200") as t:
+    async with tree(1, chunk_s="0.2") as t:
         stage = t.stub(0).Subscribe(SubscribeRequest(room_id=ROOM), metadata=t.ticket(0, 2, Role.ROLE_COHOST))
         audience = t.listen(0, 100)
         await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and len(room.stage) == 1)
@@ -323,7 +323,7 @@ async def test_an_edge_stops_pulling_once_its_last_listener_has_gone() -> None:
 
 
 async def test_relays_report_their_load_and_admission_places_on_the_reports(kafka: KafkaConfig) -> None:
-    async with tree(2, load_report_ms="200", kafka_bootstrap=kafka.bootstrap) as t:
+    async with tree(2, load_report_s="0.2", kafka_bootstrap=kafka.bootstrap) as t:
         listeners = [t.listen(0, 100 + i) for i in range(3)]
         await wait_for(lambda: (room := t.apps[0].hub.room(ROOM)) is not None and len(room.subscribers) == 3)
         placer = Placer(t.addresses, edge_target=3, degree=2, default_capacity=100)
@@ -338,13 +338,13 @@ async def test_relays_report_their_load_and_admission_places_on_the_reports(kafk
         assert origin == t.addresses[0] or placer.carried(origin, ROOM) == 0
         if origin == t.addresses[0]:
             nxt = placer.place(ROOM, on_stage=False, now=time.time())
-            assert nxt == Placement(t.addresses[1], (t.addresses[0],))
+            assert nxt == RelayPath(t.addresses[1], (t.addresses[0],))
         for call in listeners:
             call.cancel()
 
 
 async def test_a_room_pulled_by_enough_relays_gets_the_longer_large_room_chunks() -> None:
-    async with tree(3, chunk_ms="50", large_room_chunk_ms="200", large_room_relays="2") as t:
+    async with tree(3, chunk_s="0.05", large_room_chunk_s="0.2", large_room_relays="2") as t:
         stop = asyncio.Event()
         speaker = t.speak(1, stop=stop)
         one = t.listen(1, 100, via=(0,))

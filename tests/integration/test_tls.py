@@ -78,7 +78,7 @@ async def relays(count: int, tls: TlsConfig, **env: str) -> AsyncIterator[list[s
                         "TOWNHALL_RELAY_LISTEN": address,
                         "TOWNHALL_RELAY_INTERNAL_LISTEN": INTERNAL[address],
                         "TOWNHALL_RELAY_METRICS_PORT": "0",
-                        "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                        "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
                         "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
                         **env,
                     }

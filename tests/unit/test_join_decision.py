@@ -81,7 +81,7 @@ def test_the_wait_grows_with_the_line_within_its_bounds() -> None:
 
 
 class OwnerHere:
-    """Stands in for Peers: this process owns every room, so leases come from its own book."""
+    """Stands in for AdmissionCluster: this process owns every room, so leases come from its own book."""
 
     me = "a:1"
     membership = SimpleNamespace(members=lambda: ["a:1"])
@@ -91,7 +91,7 @@ class OwnerHere:
 
 
 class SlowOwner:
-    """Stands in for Peers: another member owns every room and answers a lease call once told to."""
+    """Stands in for AdmissionCluster: another member owns every room and answers a lease call once told to."""
 
     me = "a:1"
     forwarding = SimpleNamespace(internal=lambda member, method: ())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from townhall.core.errors import InvalidArgument
-from townhall.notifier.inbox import Deduper, Hub, Subscriber
+from townhall.notifier.inbox import Deduper, InboxDelivery, InboxStream
 from townhall.notifier.records import decode_batch, encode_batch, room_started, shard_key
 from townhall.v1 import common_pb2, events_pb2, inbox_pb2
 
@@ -74,7 +74,7 @@ def test_deduper_lets_each_user_through_once_per_room_and_kind() -> None:
 
 
 def test_hub_delivers_once_to_connected_users_only() -> None:
-    hub = Hub()
+    hub = InboxDelivery()
     phone, laptop, other = hub.connect(5), hub.connect(5), hub.connect(64 + 5)
     notification = _notification("room-x")
 
@@ -90,7 +90,7 @@ def test_hub_delivers_once_to_connected_users_only() -> None:
 
 
 def test_hub_finds_few_connected_users_in_a_big_batch() -> None:
-    hub = Hub()
+    hub = InboxDelivery()
     hub.connect(123_457)
     batch = np.arange(100_000, 200_000, dtype=np.uint64)
     assert hub.present(batch) == [123_457]
@@ -98,7 +98,7 @@ def test_hub_finds_few_connected_users_in_a_big_batch() -> None:
 
 
 async def test_subscriber_drops_oldest_when_full_and_ends_after_close() -> None:
-    sub = Subscriber(1, capacity=2)
+    sub = InboxStream(1, capacity=2)
     for room in ("a", "b", "c"):
         sub.put(_notification(room))
     assert sub.dropped == 1
@@ -108,7 +108,7 @@ async def test_subscriber_drops_oldest_when_full_and_ends_after_close() -> None:
 
 
 async def test_subscriber_wakes_a_waiting_reader() -> None:
-    sub = Subscriber(1)
+    sub = InboxStream(1)
     waiting = asyncio.create_task(sub.get())
     await asyncio.sleep(0)
     sub.put(_notification("late"))

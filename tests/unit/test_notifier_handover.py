@@ -15,7 +15,7 @@ from townhall.core.config import ConfigError
 from townhall.core.config import load as load_config
 from townhall.notifier.handover import Handover, View
 from townhall.notifier.membership import StatefulSetMembership
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
 
 
@@ -100,7 +100,7 @@ async def test_markers_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_placement_follows_a_new_view() -> None:
-    placement = Placement("a:1", ["a:1", "b:1"], epoch=1)
+    placement = ShardOwners("a:1", ["a:1", "b:1"], epoch=1)
     assert not placement.alone
     assert placement.set_view(["b:1", "a:1", "c:1"], 2)
     assert not placement.set_view(["a:1", "b:1", "c:1"], 2)
@@ -109,11 +109,11 @@ def test_placement_follows_a_new_view() -> None:
     assert placement.owner(key) == sharding.owner(key, ["a:1", "b:1", "c:1"])
     placement.set_view(["b:1", "c:1"], 3)  # scaled away: a owns nothing
     assert not any(placement.owns(followee_key(f)) for f in range(1, 200))
-    assert Placement("a:1", []).owns(key), "with no members a notifier holds everything"
+    assert ShardOwners("a:1", []).owns(key), "with no members a notifier holds everything"
 
 
 async def test_who_may_still_hold_a_key(store: SqliteFollowerStore) -> None:
-    placement = Placement("a:1", ["a:1", "b:1", "c:1"], epoch=3)
+    placement = ShardOwners("a:1", ["a:1", "b:1", "c:1"], epoch=3)
     handover = Handover(store, placement, peers=None, static=False)  # type: ignore[arg-type]
     handover._view = View(3, ("a:1", "b:1", "c:1"), ("a:1", "b:1", "d:1"), frozenset({"c:1"}), True)
     keys = [followee_key(f) for f in range(1, 400) if placement.owns(followee_key(f))]
@@ -212,7 +212,7 @@ def test_a_call_forwarded_again_while_views_differ_counts_its_hops() -> None:
 async def test_hearing_another_is_drained_during_a_sweep_does_not_undo_this_ones(
     store: SqliteFollowerStore,
 ) -> None:
-    placement = Placement("a:1", ["a:1", "b:1"], epoch=2)
+    placement = ShardOwners("a:1", ["a:1", "b:1"], epoch=2)
     handover = Handover(store, placement, peers=None, static=False)  # type: ignore[arg-type]
     await handover.set_view(["a:1", "b:1"], 3)
     markers = store.markers

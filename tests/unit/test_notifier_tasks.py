@@ -15,7 +15,7 @@ from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.notifier import blocks as blk
 from townhall.notifier.lanes import LaneChooser
 from townhall.notifier.offsets import OffsetBook
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.planner import Planner
 from townhall.notifier.records import decode_batch, decode_task, encode_task, shard_of
 from townhall.notifier.store import SqliteFollowerStore
@@ -130,15 +130,15 @@ def test_lane_chooser_keeps_bulk_to_its_share_while_fast_waits() -> None:
 
 
 def test_placement_alone_owns_everything_and_members_split() -> None:
-    assert Placement("a:1", []).owns_followee(5)
+    assert ShardOwners("a:1", []).owns_followee(5)
     members = ["a:1", "b:1", "c:1"]
-    owners = {Placement(m, members).followee_owner(42) for m in members}
+    owners = {ShardOwners(m, members).followee_owner(42) for m in members}
     assert len(owners) == 1, "every member agrees on the owner"
     pairs = np.array([[f, 1] for f in range(2, 200)], dtype=np.uint64)
-    parts = Placement("a:1", members).split_pairs(pairs)
+    parts = ShardOwners("a:1", members).split_pairs(pairs)
     assert sum(len(p) for p in parts.values()) == len(pairs)
     for owner, part in parts.items():
-        assert all(Placement("a:1", members).followee_owner(int(f)) == owner for f in part[:, 0])
+        assert all(ShardOwners("a:1", members).followee_owner(int(f)) == owner for f in part[:, 0])
 
 
 class FakeFuture:
@@ -182,7 +182,7 @@ async def test_planning_the_same_start_twice_gives_the_same_tasks_on_the_right_l
         {"fast": producer, "bulk": producer},
         store,
         topics,
-        Placement("me:1", []),
+        ShardOwners("me:1", []),
         bulk_threshold=100,
         task_users=4096,
         signer=RecordSigner(DEV_AUTH, Writer(NOTIFIER, "me:1")),

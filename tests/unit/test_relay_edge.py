@@ -10,7 +10,7 @@ import grpc
 from townhall.core.config import parse_ticket_keys
 from townhall.core.tickets import TicketSigner, TicketVerifier
 from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, chunk_sequence, encode_chunk
-from townhall.relay.hub import UPSTREAM_LOST, Hub
+from townhall.relay.hub import UPSTREAM_LOST, RelayRooms
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 from townhall_tools.bench.listener_generator import first_capture_us
@@ -146,7 +146,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 async def test_an_edge_whose_upstream_is_gone_sends_its_listeners_to_join_again() -> None:
     upstreams = Upstreams({})
-    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=0.1)
+    hub = RelayRooms(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=0.1)
     _, listener = hub.subscribe("r", 0, upstream=("dead:1",))
     await until(lambda: listener.reason is not None)
     assert listener.reason == UPSTREAM_LOST
@@ -155,7 +155,7 @@ async def test_an_edge_whose_upstream_is_gone_sends_its_listeners_to_join_again(
 
 async def test_a_new_path_replaces_a_failing_upstream_and_resumes_from_the_rooms_place() -> None:
     upstreams = Upstreams({"live:1": [encode_chunk(1, 900, 1, [])]})
-    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
+    hub = RelayRooms(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
     room, first = hub.subscribe("r", 7, upstream=("dead:1",), resume_epoch=800)
     await until(lambda: len(upstreams.pulls) >= 2)  # failing, retrying
     hub.subscribe("r", 7, upstream=("live:1",), resume_epoch=800)
@@ -171,7 +171,7 @@ async def test_a_new_path_replaces_a_failing_upstream_and_resumes_from_the_rooms
 
 async def test_a_ticket_naming_no_upstream_makes_a_failing_edge_the_origin_in_a_new_epoch() -> None:
     upstreams = Upstreams({})
-    hub = Hub(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
+    hub = RelayRooms(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=5.0)
     room, _ = hub.subscribe("r", 0, upstream=("dead:1",))
     room.forward(12, encode_chunk(12, 1000, 1, []), now=0.0, epoch=1000)
     await until(lambda: len(upstreams.pulls) >= 2)

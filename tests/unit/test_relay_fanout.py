@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from townhall.relay.fanout import DROPPED, QUEUED, STUCK, FanoutSettings, Ring, Room, Subscriber
-from townhall.relay.hub import Hub
+from townhall.relay.fanout import DROPPED, QUEUED, STUCK, FanoutSettings, ListenerQueue, Ring, Room
+from townhall.relay.hub import RelayRooms
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 
 
@@ -15,7 +15,7 @@ def frame(speaker: int, sequence: int, capture_ts_us: int = 1_000_000) -> AudioF
     )
 
 
-def sequences(subscriber: Subscriber) -> list[int]:
+def sequences(subscriber: ListenerQueue) -> list[int]:
     """Drains a subscriber and returns the chunk sequence numbers it would have written."""
     out = []
     while (data := subscriber.take()) is not None:
@@ -61,7 +61,7 @@ def test_every_subscriber_gets_the_same_bytes_object() -> None:
 
 
 def test_overflow_drops_the_oldest_chunk_and_the_listener_sees_the_jump() -> None:
-    subscriber = Subscriber(limit=3, cutoff_s=10.0)
+    subscriber = ListenerQueue(limit=3, cutoff_s=10.0)
     results = [subscriber.push(Chunk(sequence=s).SerializeToString(), now=s * 0.1) for s in range(1, 6)]
     assert results == [QUEUED, QUEUED, QUEUED, DROPPED, DROPPED]
     assert subscriber.dropped == 2
@@ -105,7 +105,7 @@ def test_a_subscriber_overflowing_for_the_cutoff_is_cut_and_leaves_the_room() ->
 
 
 def test_catching_up_resets_the_stuck_clock() -> None:
-    subscriber = Subscriber(limit=1, cutoff_s=1.0)
+    subscriber = ListenerQueue(limit=1, cutoff_s=1.0)
     subscriber.push(b"a", now=0.0)
     assert subscriber.push(b"b", now=0.5) == DROPPED  # overflowing since 0.5
     assert subscriber.take() == b"b"  # caught up: queue empty
@@ -161,7 +161,7 @@ def test_replayed_chunks_come_first_and_are_not_dropped_by_the_queue_limit() -> 
 
 
 async def test_a_waiting_writer_wakes_on_a_chunk_and_on_close() -> None:
-    subscriber = Subscriber(limit=2, cutoff_s=1.0)
+    subscriber = ListenerQueue(limit=2, cutoff_s=1.0)
     waiting = asyncio.ensure_future(subscriber.wait())
     await asyncio.sleep(0)
     assert not waiting.done()
@@ -178,7 +178,7 @@ async def test_a_waiting_writer_wakes_on_a_chunk_and_on_close() -> None:
 
 async def test_hub_emits_on_its_timer_and_forgets_idle_rooms() -> None:
     clock = [0.0]
-    hub = Hub(FanoutSettings(), chunk_s=0.02, idle_s=60.0, clock=lambda: clock[0])
+    hub = RelayRooms(FanoutSettings(), chunk_s=0.02, idle_s=60.0, clock=lambda: clock[0])
     room = hub.join_publisher("r")
     _, listener = hub.subscribe("r", 0)
     room.add_frame(frame(1, 0))

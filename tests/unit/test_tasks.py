@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from townhall.core.tasks import Supervisor, cancel, supervise
+from townhall.core.tasks import Supervisor, cancel, spawn, supervise
 
 
 def failures(task: str) -> float:
@@ -104,3 +104,16 @@ async def test_closing_after_a_death_does_not_raise_it_again() -> None:
     task = supervise(_dies(), "test-closed")
     await _settle(task)
     await cancel(task)  # the app's close() goes on to close the rest
+
+
+async def test_spawned_work_that_dies_is_logged_and_counted_but_stops_nothing() -> None:
+    """A room's timer or a refill that meets a bug: visible (log, counter), and the process goes on."""
+    supervisor = Supervisor()
+    before = failures("test-spawned")
+    with capture_logs() as logs, supervisor.active():
+        task = spawn(_dies(), "test-spawned")
+        await _settle(task)
+    assert failures("test-spawned") == before + 1
+    assert [e["task"] for e in logs if e["event"] == "background task died"] == ["test-spawned"]
+    assert supervisor.failed is None, "one room's fault does not stop the process"
+    await cancel(task)  # already reported: not raised again

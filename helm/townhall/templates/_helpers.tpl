@@ -201,6 +201,17 @@ The most relays that can run at once: autoscaling.maxReplicas with the relay HPA
 {{- end }}
 
 {{/*
+A config key as its environment variable, refusing the millisecond keys that are gone (every duration is in
+seconds now, `_s`): the process would refuse the variable at start; the render says so at install.
+*/}}
+{{- define "townhall.envName" -}}
+{{- if hasSuffix "_ms" .key }}
+{{- fail (printf "%s.%s is gone: durations are in seconds, set %s.%s_s" .where .key .where (trimSuffix "_ms" .key)) }}
+{{- end }}
+{{- printf "TOWNHALL_%s_%s" (upper .section) (upper .key) }}
+{{- end }}
+
+{{/*
 One config value as environment text: lists comma-joined, whole numbers without an exponent (YAML numbers
 reach templates as float64, and 1000000 would otherwise print as 1e+06).
 */}}
@@ -215,11 +226,11 @@ reach templates as float64, and 1000000 would otherwise print as 1e+06).
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: preStop sleep + the drain notice (config.server.drain_notice_ms, rounded up
-to seconds) + the server's drain (config.server.grace_s) + time to close.
+terminationGracePeriodSeconds: preStop sleep + the drain notice (config.server.drain_notice_s, rounded up)
++ the server's drain (config.server.grace_s) + time to close.
 */}}
 {{- define "townhall.terminationGracePeriod" -}}
-{{- $notice := div (add (int (default 0 .Values.config.server.drain_notice_ms)) 999) 1000 }}
+{{- $notice := ceil (default 0 .Values.config.server.drain_notice_s) | int }}
 {{- add (int .Values.termination.preStopSleepSeconds) $notice (ceil .Values.config.server.grace_s | int) (int .Values.termination.closeSeconds) }}
 {{- end }}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import Peers
+from townhall.admission.cluster import AdmissionCluster
 from townhall.admission.failover import Failover, StagePresence
 from townhall.admission.fairness import FairBudget
 from townhall.admission.joins import Admitter
@@ -35,7 +35,7 @@ from townhall.core.liveness import Prober
 from townhall.core.membership import KubernetesMembership, Membership, ProbedMembership, StaticMembership
 from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
 from townhall.core.room_records import AnyOwner, ListedOwners, Ownership, RoomRecords
-from townhall.core.tasks import cancel
+from townhall.core.tasks import cancel, spawn
 from townhall.core.tickets import TicketSigner
 from townhall.v1 import (
     admission_pb2,
@@ -107,7 +107,7 @@ class AdmissionApp:
         self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
         self._listed = membership_for(own)
         relay = config.relay
-        report_s = relay.load_report_ms / 1000
+        report_s = relay.load_report_s
         # The relays: the configured seeds plus those found in the load reports, probed before use.
         self.relays = RelayDirectory(
             own.relays,
@@ -120,8 +120,8 @@ class AdmissionApp:
         # from the clients' side only (kind's per-relay NodePorts on the host's 127.0.0.1).
         self.prober = Prober(
             lambda: [*self._listed.members(), *self.relays.targets()],
-            own.probe_interval_ms / 1000,
-            own.probe_timeout_ms / 1000,
+            own.probe_interval_s,
+            own.probe_timeout_s,
             own.probe_failures,
             skip=(own.address,),
             tls=config.tls,
@@ -130,7 +130,7 @@ class AdmissionApp:
         )
         self.membership = ProbedMembership(self._listed, self.prober.liveness, owns=own.owner)
         self.auth = Authenticator(config.auth, "admission", own.address)
-        self.peers = Peers(self.membership, Forwarding(self.auth), config.tls)
+        self.peers = AdmissionCluster(self.membership, Forwarding(self.auth), config.tls)
         self.capacity = Capacity(
             self.store.book,
             self.peers,
@@ -173,8 +173,8 @@ class AdmissionApp:
             if own.host_grace_s
             else None
         )
-        if own.host_grace_s and not relay.load_report_ms:
-            log.warning("host failover cannot see who is connected: relay.load_report_ms is 0")
+        if own.host_grace_s and not relay.load_report_s:
+            log.warning("host failover cannot see who is connected: relay.load_report_s is 0")
         self._members: list[str] = []
         self.prober.on_round(self._probed)
 
@@ -229,7 +229,7 @@ class AdmissionApp:
         if room_id in self._marking:
             return
         self._marking.add(room_id)
-        task = asyncio.create_task(self._record_crowd(room_id), name="mark-crowd")
+        task = spawn(self._record_crowd(room_id), "mark-crowd")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

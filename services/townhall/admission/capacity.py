@@ -13,14 +13,14 @@ from typing import Any
 
 import grpc
 
-from townhall.admission.cluster import ACQUIRE, Peers
+from townhall.admission.cluster import ACQUIRE, AdmissionCluster
 from townhall.admission.leases import Allowance, LeaseBook
 from townhall.admission.metrics import LEASE_CALLS, ROOMS_TAKEN_OVER
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.errors import NotFound
 from townhall.core.sharding import owner
-from townhall.core.tasks import cancel, supervise
+from townhall.core.tasks import cancel, spawn, supervise
 from townhall.v1.common_pb2 import RoomState
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
@@ -42,7 +42,7 @@ class Capacity:
     def __init__(
         self,
         rooms: RoomBook,
-        peers: Peers,
+        peers: AdmissionCluster,
         default_limit: int,
         lease_min: int,
         lease_max: int,
@@ -76,7 +76,7 @@ class Capacity:
         return allowance
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = spawn(work, "lease-refill")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

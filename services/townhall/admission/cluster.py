@@ -19,7 +19,7 @@ ROOMS = "/townhall.v1.Rooms/"
 MODERATION = "/townhall.v1.Moderation/"
 
 
-class Peers:
+class AdmissionCluster:
     """Membership plus one channel per other member, opened on first use."""
 
     def __init__(self, membership: Membership, forwarding: Forwarding, tls: TlsConfig) -> None:

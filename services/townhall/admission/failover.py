@@ -2,7 +2,7 @@
 neither ends.
 
 Who is connected comes from the relays: each relay's load report (topic relay-load, every
-relay.load_report_ms) lists, per room, the host and co-hosts with a Publish or Subscribe stream open on
+relay.load_report_s) lists, per room, the host and co-hosts with a Publish or Subscribe stream open on
 it. A lead missing from every fresh report is gone. Once the host has been gone for
 admission.host_grace_s, the first connected co-host becomes host (the old host takes their co-host
 place); once the host and every co-host have been gone that long, the room ends. Both are room changes

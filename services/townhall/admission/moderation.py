@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from townhall.admission import stage
-from townhall.admission.cluster import MODERATION, Peers
+from townhall.admission.cluster import MODERATION, AdmissionCluster
 from townhall.admission.servicer import change_on_owner, serve_as_owner, shown
 from townhall.admission.store import RoomStore, now_ms
 from townhall.core import validation
@@ -30,10 +30,10 @@ _ROLES = (ROLE_COHOST, ROLE_SPEAKER, ROLE_LISTENER)
 class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
     """The stage calls of a room: each one a room change made on the room's owner."""
 
-    def __init__(self, store: RoomStore, peers: Peers, ticket_ttl_s: int) -> None:
+    def __init__(self, store: RoomStore, peers: AdmissionCluster, ticket_ttl_s: float) -> None:
         self._store = store
         self._peers = peers
-        self._ticket_ttl_ms = ticket_ttl_s * 1000
+        self._ticket_ttl_ms = int(ticket_ttl_s * 1000)
 
     async def RaiseHand(self, request: pb.RaiseHandRequest, context: grpc.aio.ServicerContext) -> Room:
         user = require(context, SUBSCRIBE)

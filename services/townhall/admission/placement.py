@@ -26,7 +26,7 @@ LIVE_EVERY_S = 0.25
 
 
 @dataclass(frozen=True)
-class Placement:
+class RelayPath:
     """Where a user connects, and the relays above it (origin first; empty when it is the origin)."""
 
     relay: str
@@ -193,17 +193,17 @@ class Placer:
         self._orders[room_id] = (live, order)
         return order
 
-    def place(self, room_id: str, on_stage: bool, now: float) -> Placement:
+    def place(self, room_id: str, on_stage: bool, now: float) -> RelayPath:
         """The relay for one more user of the room (the stage always goes to the origin)."""
         order = self._order(room_id, now)
         if on_stage:
-            return Placement(order[0], ())
+            return RelayPath(order[0], ())
         index = self._choose(order, room_id)
         relay = order[index]
         placed = self._placed.setdefault(relay, {})
         placed[room_id] = placed.get(room_id, 0) + 1
         self._placed_total[relay] = self._placed_total.get(relay, 0) + 1
-        return Placement(relay, path(order, index, self._degree))
+        return RelayPath(relay, path(order, index, self._degree))
 
     def _choose(self, order: list[str], room_id: str) -> int:
         for index, relay in enumerate(order):

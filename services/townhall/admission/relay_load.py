@@ -16,7 +16,7 @@ from collections.abc import Callable
 from townhall.admission.placement import Load, Placer
 from townhall.core import logging, validation
 from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.kafka import Follower, Topics, read_to_end, reader
+from townhall.core.kafka import KAFKA_ERRORS, Follower, Topics, read_to_end, reader
 from townhall.core.provenance import Writer
 from townhall.core.records import FORGED, INVALID, STALE, BadRecord, Record
 from townhall.core.tasks import cancel, supervise
@@ -101,7 +101,7 @@ class RelayLoadFollower:
         self._kafka = kafka
         self._topic = Topics(kafka.topic_prefix).relay_load
         self._reader = reader(kafka, auth, self._topic)
-        self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_ms / 1000)
+        self._check = ReportCheck(placer.stale_s, kafka.max_clock_skew_s)
         self._placer = placer
         # Also given every report: relay discovery, and host failover (who of each room's hosts is connected).
         self._on_report = on_report
@@ -150,6 +150,6 @@ class RelayLoadFollower:
                 await follower.start()
                 self._follower = follower
                 return
-            except Exception as exc:  # Kafka not there yet: placement goes on by rendezvous alone
+            except KAFKA_ERRORS as exc:  # Kafka not there yet: placement goes on by rendezvous alone
                 log.warning("relay load reports unavailable", topic=self._topic, error=repr(exc))
             await asyncio.sleep(2.0)

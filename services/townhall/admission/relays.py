@@ -1,7 +1,7 @@
 """The relays admission knows: configured seeds plus the relays found in the relay-load reports (pure).
 
 Every relay reports its advertised address (the one tickets are bound to and clients dial) and its
-load to the compacted relay-load topic every relay.load_report_ms, from its start. Admission already
+load to the compacted relay-load topic every relay.load_report_s, from its start. Admission already
 follows that topic to place listeners, so it also learns from it which relays exist: a fresh report
 from an unknown relay makes it a candidate, which the health prober then probes with the other
 targets. A candidate gets listeners only once a probe found it SERVING, and none while it is down or

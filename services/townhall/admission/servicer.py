@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from townhall.admission.capacity import Capacity
-from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, Peers
+from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, AdmissionCluster
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import (
     FORWARD_RETRIES,
@@ -47,7 +47,7 @@ MAX_SCHEDULE_AHEAD_MS = 30 * 24 * 3600 * 1000
 class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     """Room lifecycle: owner-only changes run on the room's owner (forwarded there if need be)."""
 
-    def __init__(self, store: RoomStore, admitter: Admitter, peers: Peers) -> None:
+    def __init__(self, store: RoomStore, admitter: Admitter, peers: AdmissionCluster) -> None:
         self._store = store
         self._admitter = admitter
         self._peers = peers
@@ -182,7 +182,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
 class OwnerServicer(internal_pb2_grpc.OwnerServicer):
     """Room creations forwarded by other members to this one, the owner of the new room's id."""
 
-    def __init__(self, store: RoomStore, peers: Peers) -> None:
+    def __init__(self, store: RoomStore, peers: AdmissionCluster) -> None:
         self._store = store
         self._peers = peers
 
@@ -230,7 +230,7 @@ def shown(context: grpc.aio.ServicerContext, room: Room) -> Room:
 
 
 async def change_on_owner(
-    peers: Peers,
+    peers: AdmissionCluster,
     store: RoomStore,
     room_id: str,
     here: Callable[[], Awaitable[Room]],
@@ -253,7 +253,7 @@ async def change_on_owner(
     return await on_owner(owner, here, forwarded, FORWARD_TIMEOUT_S, FORWARD_RETRIES.inc)
 
 
-async def serve_as_owner(peers: Peers, change: Callable[[], Awaitable[Room]]) -> Room:
+async def serve_as_owner(peers: AdmissionCluster, change: Callable[[], Awaitable[Room]]) -> Room:
     """Makes a change sent here by another member, unless this process is handing its rooms over."""
     if peers.leaving:
         # The sender tries again and, once it sees this process go, sends it to the next owner.

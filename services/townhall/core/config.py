@@ -14,13 +14,97 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 ENV_PREFIX = "TOWNHALL_"
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number field may take, declared next to the field (`Annotated[int, within(1, 10)]`)
+    and checked for every section before its own `validate` (`check_ranges`).
+
+    `low`..`high` inclusive (`high` None: no upper bound; `open_low`: above `low`, not at it); a bound may
+    name another field of the same section. `zero`, when not None, lets 0 stand outside the range for
+    what it says ("off", "no limit"; "" for a bare 0)."""
+
+    low: float | str
+    high: float | str | None = None
+    zero: str | None = None
+    open_low: bool = False
+
+    def check(self, section: str, name: str, owner: Any) -> None:
+        """Raises ConfigError naming `section.name`, its range and its value when the value is outside."""
+        value = getattr(owner, name)
+        low, high = self._bound(self.low, owner), self._bound(self.high, owner)
+        if self.zero is not None and value == 0:
+            return
+        above = value > low if self.open_low else value >= low
+        if above and (high is None or value <= high):
+            return
+        raise ConfigError(f"{section}.{name} must be {self.describe(section, name)}, not {_number(value)}")
+
+    def describe(self, section: str, name: str) -> str:
+        """The range as the error message says it: "within 1..10 seconds", "0 (off) or positive"."""
+        low, high = (self._shown(b, section) for b in (self.low, self.high))
+        if self.open_low and self.low == 0 and self.high is None:
+            text = "positive"
+        elif self.high is None:
+            text = f"at least {low}"
+        else:
+            seconds = " seconds" if name.endswith("_s") and not name.endswith("_per_s") else ""
+            text = f"within {low}..{high}{seconds}"
+        if self.zero is None:
+            return text
+        return f"0 ({self.zero}) or {text}" if self.zero else f"0 or {text}"
+
+    @staticmethod
+    def _bound(bound: float | str | None, owner: Any) -> float | None:
+        return getattr(owner, bound) if isinstance(bound, str) else bound
+
+    @staticmethod
+    def _shown(bound: float | str | None, section: str) -> str:
+        return f"{section}.{bound}" if isinstance(bound, str) else _number(bound or 0)
+
+
+def within(low: float | str, high: float | str | None = None, *, zero: str | None = None) -> Range:
+    """low..high inclusive (no upper bound when `high` is None); 0 also allowed, meaning `zero`, if given."""
+    return Range(low, high, zero)
+
+
+def positive(*, zero: str | None = None) -> Range:
+    """Above 0; 0 also allowed, meaning `zero`, if given ("0 (no limit) or positive")."""
+    return Range(0, None, zero, open_low=True)
+
+
+# A TCP port; 0 turns the listener off.
+PORT = within(1, 65_535, zero="off")
+
+
+def declared_ranges(section: type) -> dict[str, Range]:
+    """The fields of a config section's class that declare a Range, by name."""
+    hints = typing.get_type_hints(section, include_extras=True)
+    return {
+        name: declared
+        for name, hint in hints.items()
+        for declared in getattr(hint, "__metadata__", ())
+        if isinstance(declared, Range)
+    }
+
+
+def check_ranges(section: str, owner: Any) -> None:
+    """Checks every field of a config section that declares a Range (see `Range`)."""
+    for name, declared in declared_ranges(type(owner)).items():
+        declared.check(section, name, owner)
+
+
+def _number(value: float) -> str:
+    """A number as config files write it: 10000000, 0.05 (never 1e+07)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -46,7 +130,7 @@ class KafkaConfig:
     bootstrap: str = "127.0.0.1:19092"
     topic_prefix: str = "townhall"
     # Partitions per topic when the project creates its topics (local broker, tests).
-    partitions: int = 12
+    partitions: Annotated[int, positive()] = 12
     # How every producer, consumer and admin client connects: PLAINTEXT (the local broker), SSL,
     # SASL_PLAINTEXT or SASL_SSL (TLS and a user; what the chart's bundled broker requires).
     security_protocol: str = "PLAINTEXT"
@@ -69,20 +153,15 @@ class KafkaConfig:
     refuse_unsigned: bool = True
     # How far ahead of this process's clock a record may be stamped (relay load reports) and still take
     # effect; reports older than a relay's staleness never do.
-    max_clock_skew_ms: int = 5_000
+    max_clock_skew_s: Annotated[float, within(0, 600)] = 5.0
 
     def validate(self) -> None:
         if not self.bootstrap or any(":" not in a for a in self.bootstrap.split(",")):
             raise ConfigError(f"kafka.bootstrap must be host:port[,host:port], not {self.bootstrap!r}")
-        _positive("kafka.partitions", self.partitions)
         if self.security_protocol not in KAFKA_PROTOCOLS:
             raise ConfigError(
                 f"kafka.security_protocol must be one of {', '.join(KAFKA_PROTOCOLS)}, "
                 f"not {self.security_protocol!r}"
-            )
-        if not 0 <= self.max_clock_skew_ms <= 600_000:
-            raise ConfigError(
-                f"kafka.max_clock_skew_ms must be within 0..600000, not {self.max_clock_skew_ms}"
             )
         tls = self.security_protocol in ("SSL", "SASL_SSL")
         if bool(self.cert) != bool(self.key):
@@ -203,7 +282,7 @@ class TicketConfig:
     # The public keys relays verify tickets with, KID=<base64url 33-byte compressed point>; two live while
     # rotating: add the new one here everywhere, then sign with it, then drop the old one after ttl_s.
     public_keys: tuple[str, ...] = ()
-    ttl_s: int = 3600
+    ttl_s: Annotated[float, positive()] = 3600.0
 
     def validate(self) -> None:
         from townhall.core.tokens import ES256Signer, es256_public
@@ -212,7 +291,6 @@ class TicketConfig:
             "tickets.private_key", (self.private_key,) if self.private_key else (), True
         )
         public = dict(parse_ticket_keys("tickets.public_keys", self.public_keys, False))
-        _positive("tickets.ttl_s", self.ttl_s)
         try:
             signer = ES256Signer(*private[0]) if private else None
             points = {kid: es256_public(kid, point) for kid, point in public.items()}
@@ -247,12 +325,12 @@ class AuthConfig:
     issuer: str = ""
     audience: str = ""
     # Clock skew allowed on `exp` and `iat`, in seconds.
-    leeway_s: int = 30
+    leeway_s: Annotated[float, positive(zero="")] = 30.0
     # The longest a user token may be valid (exp - iat, or exp - now without iat), in seconds: a
     # token issued for longer is refused, so a stolen one is useless within this time. 0: no limit.
-    max_token_lifetime_s: int = 86_400
+    max_token_lifetime_s: Annotated[float, within(1, 366 * 86_400, zero="no limit")] = 86_400.0
     # Verified tokens remembered per process (0 disables the cache).
-    cache_size: int = 100_000
+    cache_size: Annotated[int, positive(zero="off")] = 100_000
     # Keys of the service credentials Townhall processes send each other on their internal ports
     # (core/credentials.py), KID=SECRET; the first signs. Never give these to a token issuer.
     service_keys: tuple[str, ...] = ()
@@ -271,15 +349,6 @@ class AuthConfig:
         if shared:
             raise ConfigError(
                 "auth.service_keys must not reuse a secret of auth.keys (users could act as services)"
-            )
-        if self.leeway_s < 0:
-            raise ConfigError(f"auth.leeway_s must be 0 or positive, not {self.leeway_s}")
-        if self.cache_size < 0:
-            raise ConfigError(f"auth.cache_size must be 0 (off) or positive, not {self.cache_size}")
-        if not 0 <= self.max_token_lifetime_s <= 366 * 86_400:
-            raise ConfigError(
-                f"auth.max_token_lifetime_s must be 0 (no limit) or within 1..31622400 seconds, not "
-                f"{self.max_token_lifetime_s}"
             )
 
 
@@ -320,42 +389,41 @@ class TlsConfig:
 class ServerConfig:
     """gRPC server limits shared by every service."""
 
-    max_message_bytes: int = 64 * 1024
-    grace_s: float = 10.0
-    max_concurrent_streams: int = 10_000
+    max_message_bytes: Annotated[int, positive()] = 64 * 1024
+    grace_s: Annotated[float, positive()] = 10.0
+    max_concurrent_streams: Annotated[int, positive()] = 10_000
     # A unary call (or a stream's first request) whose request message has not arrived this long after
     # the call began is ended with DEADLINE_EXCEEDED: a client that stalls must not hold a slot of
     # the server's concurrent-RPC limit for ever.
-    request_timeout_ms: int = 5_000
+    request_timeout_s: Annotated[float, within(0.1, 600)] = 5.0
     # A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (the kubelet's);
     # on the host of the service's listen address. 0: none.
-    health_port: int = 0
+    health_port: Annotated[int, PORT] = 0
     # The IP address the Prometheus /metrics listener binds (the service's <section>.metrics_port):
     # empty binds the host of the service's listen address; 127.0.0.1 keeps metrics on the machine,
     # a pod IP or 0.0.0.0 lets Prometheus scrape it from elsewhere.
     metrics_host: str = ""
     # On SIGTERM a process reports NOT_SERVING and keeps working this long before it ends its
-    # streams and stops, so peers' probes (admission.probe_interval_ms) move its rooms and
+    # streams and stops, so peers' probes (admission.probe_interval_s) move its rooms and
     # listeners first and clients reconnect to a process that is already in charge.
-    drain_notice_ms: int = 1_000
+    drain_notice_s: Annotated[float, within(0, 60)] = 1.0
     # At start a process waits this long for the Kafka broker and the topics it uses (a fresh install
     # creates them after the pods start), reporting NOT_SERVING on server.health_port meanwhile and
     # saying every few seconds what is missing; then it stops with an error naming it. 0: no wait.
-    kafka_wait_s: float = 300.0
+    kafka_wait_s: Annotated[float, within(0, 3_600)] = 300.0
     # Calls in flight at once (unary calls and open streams) per client connection and per client
     # address (IPv4, or IPv6 /limits.ipv6_prefix); past either a call is RESOURCE_EXHAUSTED at once.
     # limits.exempt networks and calls with the service credential are not counted (core/bounds.py).
-    max_calls_per_connection: int = 100
-    max_calls_per_address: int = 1_000
+    max_calls_per_connection: Annotated[int, positive()] = 100
+    max_calls_per_address: Annotated[int, positive()] = 1_000
     # gRPC health Watch and reflection streams (open to anyone, no token): at most this many at once per
     # server and per client address, each ended after open_stream_max_s; a reflection stream also ends
-    # when its next request has not come within request_timeout_ms.
-    max_open_streams: int = 64
-    max_open_streams_per_address: int = 4
-    open_stream_max_s: float = 300.0
+    # when its next request has not come within request_timeout_s.
+    max_open_streams: Annotated[int, positive()] = 64
+    max_open_streams_per_address: Annotated[int, positive()] = 4
+    open_stream_max_s: Annotated[float, within(1, 86_400)] = 300.0
 
     def validate(self) -> None:
-        _port("server.health_port", self.health_port)
         if self.metrics_host:
             try:
                 ipaddress.ip_address(self.metrics_host)
@@ -364,28 +432,6 @@ class ServerConfig:
                     f"server.metrics_host must be an IP address (127.0.0.1, 0.0.0.0, ::), not "
                     f"{self.metrics_host!r}"
                 ) from exc
-        for name in (
-            "max_calls_per_connection",
-            "max_calls_per_address",
-            "max_open_streams",
-            "max_open_streams_per_address",
-        ):
-            _positive(f"server.{name}", getattr(self, name))
-        if not 1 <= self.open_stream_max_s <= 86_400:
-            raise ConfigError(
-                f"server.open_stream_max_s must be within 1..86400 seconds, not {self.open_stream_max_s}"
-            )
-        _positive("server.max_message_bytes", self.max_message_bytes)
-        _positive("server.grace_s", self.grace_s)
-        if not 0 <= self.drain_notice_ms <= 60_000:
-            raise ConfigError(f"server.drain_notice_ms must be within 0..60000, not {self.drain_notice_ms}")
-        if not 0 <= self.kafka_wait_s <= 3_600:
-            raise ConfigError(f"server.kafka_wait_s must be within 0..3600 s, not {self.kafka_wait_s:g}")
-        _positive("server.max_concurrent_streams", self.max_concurrent_streams)
-        if not 100 <= self.request_timeout_ms <= 600_000:
-            raise ConfigError(
-                f"server.request_timeout_ms must be within 100..600000, not {self.request_timeout_ms}"
-            )
 
 
 @dataclass(frozen=True)
@@ -400,45 +446,34 @@ class LimitsConfig:
 
     enabled: bool = True
     # Calls per second each user may make, and each client address, in each class; 0: no such limit.
-    changes_user: float = 5.0
-    changes_address: float = 100.0
-    joins_user: float = 10.0
-    joins_address: float = 2_000.0
-    follows_user: float = 20.0
-    follows_address: float = 1_000.0
-    reads_user: float = 50.0
-    reads_address: float = 2_000.0
-    streams_user: float = 10.0
-    streams_address: float = 500.0
+    changes_user: Annotated[float, positive(zero="no limit")] = 5.0
+    changes_address: Annotated[float, positive(zero="no limit")] = 100.0
+    joins_user: Annotated[float, positive(zero="no limit")] = 10.0
+    joins_address: Annotated[float, positive(zero="no limit")] = 2_000.0
+    follows_user: Annotated[float, positive(zero="no limit")] = 20.0
+    follows_address: Annotated[float, positive(zero="no limit")] = 1_000.0
+    reads_user: Annotated[float, positive(zero="no limit")] = 50.0
+    reads_address: Annotated[float, positive(zero="no limit")] = 2_000.0
+    streams_user: Annotated[float, positive(zero="no limit")] = 10.0
+    streams_address: Annotated[float, positive(zero="no limit")] = 500.0
     # Health and reflection calls (no token) per second per address: the kubelet probes about once a
-    # second, each admission process probes every peer every admission.probe_interval_ms.
-    open_address: float = 50.0
+    # second, each admission process probes every peer every admission.probe_interval_s.
+    open_address: Annotated[float, positive(zero="no limit")] = 50.0
     # Calls per second per address whose credentials fail (missing, forged, expired, garbled): a budget
     # of their own, so garbage tokens never use up the budget of the users behind the same address.
     # Past it an address's calls are refused before their credentials are looked at.
-    failures_address: float = 20.0
+    failures_address: Annotated[float, positive(zero="no limit")] = 20.0
     # A bucket holds this many seconds of its rate (at least one call): the burst a client may send.
-    burst_s: float = 2.0
+    burst_s: Annotated[float, within(0.05, 3_600)] = 2.0
     # Keys (users, addresses) each limiter remembers; past it the least recently seen start afresh.
-    max_keys: int = 65_536
+    max_keys: Annotated[int, within(16, 10_000_000)] = 65_536
     # Client networks never limited per address (CIDRs): a load balancer or NAT gateway that every
     # client's calls come from, or loopback for local load tests and benchmarks.
     exempt: tuple[str, ...] = ()
     # IPv6 clients are counted per /ipv6_prefix network (a host usually holds a whole /64).
-    ipv6_prefix: int = 64
+    ipv6_prefix: Annotated[int, within(1, 128)] = 64
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name.endswith(("_user", "_address")):
-                value = getattr(self, f.name)
-                if value < 0:
-                    raise ConfigError(f"limits.{f.name} must be 0 (no limit) or positive, not {value}")
-        if not 0.05 <= self.burst_s <= 3600:
-            raise ConfigError(f"limits.burst_s must be within 0.05..3600, not {self.burst_s}")
-        if not 16 <= self.max_keys <= 10_000_000:
-            raise ConfigError(f"limits.max_keys must be within 16..10000000, not {self.max_keys}")
-        if not 1 <= self.ipv6_prefix <= 128:
-            raise ConfigError(f"limits.ipv6_prefix must be within 1..128, not {self.ipv6_prefix}")
         for net in self.exempt:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -455,10 +490,10 @@ class AdmissionConfig:
     # admission processes only (core/interceptor.py). Never expose it outside the cluster. Empty: none
     # (a process nobody calls: the crowd lane, or a single process).
     internal_listen: str = "127.0.0.1:50071"
-    metrics_port: int = 9101
+    metrics_port: Annotated[int, PORT] = 9101
     # Seed relays (host:port, as they advertise themselves); the room's relays are chosen by rendezvous
     # hashing over the live ones. More relays are found as they come from their load reports
-    # (relay.load_report_ms; see admission/relays.py) and placed on once a health probe finds them
+    # (relay.load_report_s; see admission/relays.py) and placed on once a health probe finds them
     # serving. May be empty (the chart names none); a relay listed here is never forgotten.
     relays: tuple[str, ...] = ("127.0.0.1:50052",)
     # The internal address of each relay in `relays`, in the same order (its relay.internal_advertise):
@@ -466,17 +501,17 @@ class AdmissionConfig:
     # load reports.
     relays_internal: tuple[str, ...] = ("127.0.0.1:50072",)
     # At most this many relays known at once (seeds plus discovered); reports of more are ignored.
-    max_relays: int = 1024
-    default_listener_limit: int = 1_000_000
+    max_relays: Annotated[int, within(1, 100_000)] = 1024
+    default_listener_limit: Annotated[int, positive()] = 1_000_000
     # Presence events waiting for Kafka; beyond this they are dropped and counted.
-    event_queue: int = 100_000
+    event_queue: Annotated[int, positive()] = 100_000
     # Rooms one host may create per hour (counted on each new room's owner from its replica, so across
     # processes); past it CreateRoom is RESOURCE_EXHAUSTED with a retry-after. 0: no limit.
-    rooms_per_host_per_hour: int = 30
+    rooms_per_host_per_hour: Annotated[int, within(1, 100_000, zero="no limit")] = 30
     # A room neither started nor scheduled this long after its creation is ended by its owner. Ended
     # rooms are deleted from the room-state topic (and forgotten by every process) once every ticket
     # issued for them has expired (tickets.ttl_s plus a minute).
-    unstarted_room_ttl_s: int = 86_400
+    unstarted_room_ttl_s: Annotated[float, within(1, 90 * 86_400)] = 86_400.0
     # The address the other admission processes reach this one at (its internal port); defaults to
     # internal_listen (to listen without one).
     advertise: str = ""
@@ -491,23 +526,23 @@ class AdmissionConfig:
     kube_namespace: str = ""
     kube_port: str = "internal"
     # Admits per lease taken from a room's owner: the size follows the join rate within these bounds.
-    lease_min: int = 8
+    lease_min: Annotated[int, within(1, "lease_max")] = 8
     lease_max: int = 5_000
     # Joins/s this process admits across all rooms, shared fairly between rooms; 0 = no budget.
-    admit_rate: float = 0.0
+    admit_rate: Annotated[float, positive(zero="no budget")] = 0.0
     # Users a room's waiting line holds per process; beyond it joins are shed.
-    waiting_room: int = 1_000
+    waiting_room: Annotated[int, positive()] = 1_000
     # Overload guard below the fair budget: RPCs handled at once, and calls gRPC queues before
     # handing them over; beyond the queue gRPC itself cancels calls, at almost no CPU, so a
     # process offered far more than it can look at keeps admitting at capacity instead of collapsing.
     # max_concurrent_rpcs counts client calls (a user token or a ticket); health probes, open streams
     # (server.max_open_streams) and calls with the service credential (peers) have room of their own,
     # so a full process still answers its probes and its peers' leases and forwarded room changes.
-    max_concurrent_rpcs: int = 256
-    max_pending_requests: int = 256
+    max_concurrent_rpcs: Annotated[int, positive()] = 256
+    max_pending_requests: Annotated[int, positive()] = 256
     # Client calls in flight from one client address (within max_concurrent_rpcs; server.
     # max_calls_per_address is the bound for the other services): one address cannot fill the process.
-    max_calls_per_address: int = 64
+    max_calls_per_address: Annotated[int, positive()] = 64
     # Whether this process owns rooms (is one of the rendezvous members). False for the crowd lane:
     # processes that take the joins of rooms that draw a crowd (Room.crowd), with a short
     # max_pending_requests, so a celebrity's join storm is shed there, on CPU of their own, and
@@ -515,46 +550,27 @@ class AdmissionConfig:
     owner: bool = True
     # Join attempts/s (all processes, as seen by the owner's leases) above which a room is marked
     # crowd; 0 never marks one.
-    crowd_joins_per_s: float = 500.0
+    crowd_joins_per_s: Annotated[float, positive(zero="never")] = 500.0
     # Liveness: every admission process probes the other members and the relays with gRPC health
     # this often; a member that misses probe_failures probes in a row (or answers NOT_SERVING)
     # owns no rooms and gets no listeners until it answers again.
-    probe_interval_ms: int = 300
-    probe_timeout_ms: int = 1_000
-    probe_failures: int = 2
+    probe_interval_s: Annotated[float, within(0.05, 60)] = 0.3
+    probe_timeout_s: Annotated[float, within(0.05, 60)] = 1.0
+    probe_failures: Annotated[int, within(1, 10)] = 2
     # A member that answers probes with RESOURCE_EXHAUSTED or CANCELLED is alive but busy (its probes
     # have room of their own, so it is refusing even those): after this many such answers in a row it
     # owns no rooms and gets no listeners, like one that does not answer.
-    probe_busy_failures: int = 10
+    probe_busy_failures: Annotated[int, within("probe_failures", 1_000)] = 10
     # Host failover, on each room's owner: once a live room's host has had no relay stream open for
     # this many seconds, its first connected co-host becomes host; a room whose host and co-hosts have
-    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_ms
+    # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_s
     # must be on). 0 turns it off.
-    host_grace_s: float = 60.0
+    host_grace_s: Annotated[float, within(1, 3_600, zero="off")] = 60.0
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)
         if self.internal_listen:
             _address("admission.internal_listen", self.internal_listen)
-        if not 50 <= self.probe_interval_ms <= 60_000:
-            raise ConfigError(
-                f"admission.probe_interval_ms must be within 50..60000, not {self.probe_interval_ms}"
-            )
-        if not 50 <= self.probe_timeout_ms <= 60_000:
-            raise ConfigError(
-                f"admission.probe_timeout_ms must be within 50..60000, not {self.probe_timeout_ms}"
-            )
-        if not 1 <= self.probe_failures <= 10:
-            raise ConfigError(f"admission.probe_failures must be within 1..10, not {self.probe_failures}")
-        if not self.probe_failures <= self.probe_busy_failures <= 1000:
-            raise ConfigError(
-                "admission.probe_busy_failures must be within admission.probe_failures..1000, "
-                f"not {self.probe_busy_failures}"
-            )
-        if self.host_grace_s and not 1 <= self.host_grace_s <= 3600:
-            raise ConfigError(
-                f"admission.host_grace_s must be 0 (off) or within 1..3600 seconds, not {self.host_grace_s}"
-            )
         if self.advertise:
             _address("admission.advertise", self.advertise)
         if self.membership not in {"static", "kubernetes"}:
@@ -563,26 +579,11 @@ class AdmissionConfig:
             _address("admission.members", member)
         if self.membership == "kubernetes" and not self.kube_service:
             raise ConfigError("admission.kube_service must name the headless Service (membership kubernetes)")
-        if not 1 <= self.lease_min <= self.lease_max:
-            raise ConfigError("admission.lease_min must be within 1..admission.lease_max")
-        if self.admit_rate < 0:
-            raise ConfigError(
-                f"admission.admit_rate must be 0 (no budget) or positive, not {self.admit_rate}"
-            )
-        _positive("admission.waiting_room", self.waiting_room)
-        _positive("admission.max_concurrent_rpcs", self.max_concurrent_rpcs)
-        _positive("admission.max_pending_requests", self.max_pending_requests)
-        _positive("admission.max_calls_per_address", self.max_calls_per_address)
         if not self.owner and self.membership == "static" and not self.members:
             raise ConfigError("admission.members must list the owners when admission.owner is false")
-        if self.crowd_joins_per_s < 0:
+        if self.max_relays < len(self.relays):
             raise ConfigError(
-                f"admission.crowd_joins_per_s must be 0 (never) or positive, not {self.crowd_joins_per_s}"
-            )
-        _port("admission.metrics_port", self.metrics_port)
-        if not len(self.relays) <= self.max_relays <= 100_000:
-            raise ConfigError(
-                f"admission.max_relays must be within {len(self.relays)} (the seed relays)..100000, "
+                f"admission.max_relays must be at least {len(self.relays)} (the seed relays), "
                 f"not {self.max_relays}"
             )
         for relay in self.relays:
@@ -594,17 +595,6 @@ class AdmissionConfig:
             )
         for relay in self.relays_internal:
             _address("admission.relays_internal", relay)
-        _positive("admission.default_listener_limit", self.default_listener_limit)
-        _positive("admission.event_queue", self.event_queue)
-        if not 0 <= self.rooms_per_host_per_hour <= 100_000:
-            raise ConfigError(
-                "admission.rooms_per_host_per_hour must be 0 (no limit) or within 1..100000, "
-                f"not {self.rooms_per_host_per_hour}"
-            )
-        if not 1 <= self.unstarted_room_ttl_s <= 90 * 86_400:
-            raise ConfigError(
-                f"admission.unstarted_room_ttl_s must be within 1..7776000, not {self.unstarted_room_ttl_s}"
-            )
 
     @property
     def address(self) -> str:
@@ -620,52 +610,52 @@ class RelayConfig:
     # The internal port: the relay tree's pulls from other relays, and peers' health probes. Never
     # expose it outside the cluster.
     internal_listen: str = "127.0.0.1:50072"
-    metrics_port: int = 9102
+    metrics_port: Annotated[int, PORT] = 9102
     # The address listeners are told to use; tickets are bound to it. Defaults to listen.
     advertise: str = ""
     # One port per relay behind one host (a NodePort each on kind): when set, `advertise` is a host
     # alone and the relay advertises host:(advertise_port_base + ordinal). 0: advertise is host:port.
-    advertise_port_base: int = 0
+    advertise_port_base: Annotated[int, PORT] = 0
     # This relay's index among the relays (a StatefulSet pod's apps.kubernetes.io/pod-index label);
     # -1: none. Only advertise_port_base reads it.
     ordinal: int = -1
     # The address other relays pull from (admission.relays_internal lists it); defaults to
     # internal_listen.
     internal_advertise: str = ""
-    chunk_ms: int = 100
+    chunk_s: Annotated[float, within(0.02, 1)] = 0.1
     # Chunks buffered per subscriber before its oldest are dropped.
-    subscriber_queue: int = 50
+    subscriber_queue: Annotated[int, positive()] = 50
     # A subscriber that has dropped chunks for this long without catching up is cut off.
-    stuck_cutoff_s: float = 10.0
+    stuck_cutoff_s: Annotated[float, positive()] = 10.0
     # Chunks kept per room for late joiners (the last ~300 ms) and resumption.
-    ring_chunks: int = 100
-    late_join_ms: int = 300
-    max_payload_bytes: int = 1500
+    ring_chunks: Annotated[int, positive()] = 100
+    late_join_s: Annotated[float, positive()] = 0.3
+    max_payload_bytes: Annotated[int, within(1, 16_384)] = 1500
     # Frames one Publish stream may send per second (a speaker sends 50: one per 20 ms), and the
     # seconds of that rate it may send at once (frames held back by a network stall, a re-sent
     # buffer after a move). Past it the stream ends with RESOURCE_EXHAUSTED.
-    max_frames_per_s: float = 100.0
-    frame_burst_s: float = 5.0
+    max_frames_per_s: Annotated[float, within(1, 10_000)] = 100.0
+    frame_burst_s: Annotated[float, within(0.1, 60)] = 5.0
     # Listener streams one relay process is sized for; admission places no more on it, and the relay
     # refuses more audience Subscribe streams (UNAVAILABLE: the listener joins again for another relay).
-    listener_capacity: int = 2_500
+    listener_capacity: Annotated[int, positive()] = 2_500
     # Publish streams, and Subscribe streams, one user may hold in one room on this relay (devices,
     # plus a reconnect whose old stream is not yet seen dead); one more ends the user's oldest.
-    streams_per_user: int = 2
+    streams_per_user: Annotated[int, within(1, 100)] = 2
     # How often the relay reports its load to Kafka (townhall.relay-load); 0 disables.
-    load_report_ms: int = 2_000
+    load_report_s: Annotated[float, positive(zero="off")] = 2.0
     # The relay tree (read by admission's placement): listeners of one room per relay before the
     # room gets another edge, and downstream relays per relay before a mid-tier level is added.
-    edge_target: int = 1_000
-    tree_degree: int = 8
+    edge_target: Annotated[int, positive()] = 1_000
+    tree_degree: Annotated[int, within(2)] = 8
     # Very large audiences: a room pulled by at least large_room_relays downstream relays is chunked
-    # every large_room_chunk_ms instead (more listeners per core, more latency); 0 keeps chunk_ms.
-    large_room_chunk_ms: int = 0
-    large_room_relays: int = 4
+    # every large_room_chunk_s instead (more listeners per core, more latency); 0 keeps chunk_s.
+    large_room_chunk_s: Annotated[float, within("chunk_s", 1, zero="")] = 0.0
+    large_room_relays: Annotated[int, positive()] = 4
     # An edge whose pull from upstream has failed for this long ends its listeners' streams of
     # the room (UNAVAILABLE): they join again, admission gives them a path over live relays, and
     # they resume from their last chunk. At once when the upstream says it is draining.
-    upstream_lost_ms: int = 1_000
+    upstream_lost_s: Annotated[float, within(0.1, 60)] = 1.0
     # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
     # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped;
     # and the presence topic's leaves: a listener's Leave voids its older tickets here.
@@ -677,50 +667,12 @@ class RelayConfig:
         _address("relay.internal_listen", self.internal_listen)
         if self.internal_advertise:
             _address("relay.internal_advertise", self.internal_advertise)
-        if not 100 <= self.upstream_lost_ms <= 60_000:
-            raise ConfigError(
-                f"relay.upstream_lost_ms must be within 100..60000, not {self.upstream_lost_ms}"
-            )
-        _positive("relay.listener_capacity", self.listener_capacity)
-        if not 1 <= self.streams_per_user <= 100:
-            raise ConfigError(f"relay.streams_per_user must be within 1..100, not {self.streams_per_user}")
-        if not 1 <= self.max_frames_per_s <= 10_000:
-            raise ConfigError(
-                f"relay.max_frames_per_s must be within 1..10000, not {self.max_frames_per_s:g}"
-            )
-        if not 0.1 <= self.frame_burst_s <= 60:
-            raise ConfigError(f"relay.frame_burst_s must be within 0.1..60, not {self.frame_burst_s:g}")
-        if self.load_report_ms < 0:
-            raise ConfigError(f"relay.load_report_ms must be 0 (off) or positive, not {self.load_report_ms}")
-        _positive("relay.edge_target", self.edge_target)
-        if self.large_room_chunk_ms and not self.chunk_ms <= self.large_room_chunk_ms <= 1000:
-            raise ConfigError(
-                f"relay.large_room_chunk_ms must be 0 or within relay.chunk_ms..1000, not "
-                f"{self.large_room_chunk_ms}"
-            )
-        _positive("relay.large_room_relays", self.large_room_relays)
-        if self.tree_degree < 2:
-            raise ConfigError(f"relay.tree_degree must be at least 2, not {self.tree_degree}")
         if self.advertise_port_base:
             self._validate_port_per_relay()
         elif self.advertise:
             _address("relay.advertise", self.advertise)
-        _port("relay.metrics_port", self.metrics_port)
-        if not 20 <= self.chunk_ms <= 1000:
-            raise ConfigError(f"relay.chunk_ms must be within 20..1000, not {self.chunk_ms}")
-        _positive("relay.subscriber_queue", self.subscriber_queue)
-        _positive("relay.stuck_cutoff_s", self.stuck_cutoff_s)
-        _positive("relay.ring_chunks", self.ring_chunks)
-        _positive("relay.late_join_ms", self.late_join_ms)
-        if not 1 <= self.max_payload_bytes <= 16_384:
-            raise ConfigError("relay.max_payload_bytes must be within 1..16384")
 
     def _validate_port_per_relay(self) -> None:
-        if not 1 <= self.advertise_port_base <= 65535:
-            raise ConfigError(
-                "relay.advertise_port_base must be 0 (off) or a port 1..65535, "
-                f"not {self.advertise_port_base}"
-            )
         host = self.advertise
         if not host or any(c.isspace() for c in host) or (":" in host and not _bracketed(host)):
             raise ConfigError(
@@ -759,18 +711,18 @@ class NotifierConfig:
     # The internal port: graph calls forwarded by the other notifiers, and operators' bulk Import
     # (`townhall graph import`). Never expose it outside the cluster.
     internal_listen: str = "127.0.0.1:50073"
-    metrics_port: int = 9103
+    metrics_port: Annotated[int, PORT] = 9103
     data_dir: str = ".townhall/notifier"
     group_id: str = "townhall-notifier"
     # Followers per notification record on the notifications topic (records stay under 1 MB).
-    batch_users: int = 1000
+    batch_users: Annotated[int, within(1, 100_000)] = 1000
     # Notifications buffered per Inbox stream before its oldest are dropped.
-    inbox_queue: int = 256
+    inbox_queue: Annotated[int, positive()] = 256
     # Inbox streams one user may hold on one notifier (their devices); one more ends the oldest.
-    inbox_streams_per_user: int = 4
+    inbox_streams_per_user: Annotated[int, within(1, 100)] = 4
     # Reminders (RemindMe) one user may hold on one notifier for rooms not yet ended; 0: no limit.
     # A reminder is taken only for a room that exists and has not started, and goes when it ends.
-    reminders_per_user: int = 100
+    reminders_per_user: Annotated[int, within(1, 1_000_000, zero="no limit")] = 100
     # The address the other notifiers reach this one at (its internal port); defaults to
     # internal_listen.
     advertise: str = ""
@@ -788,17 +740,17 @@ class NotifierConfig:
     # On SIGTERM, a notifier the membership no longer lists (scaled away) hands every graph key it
     # holds to its owner before it stops, for at most this many seconds (terminationGracePeriod
     # must cover it; the chart adds it).
-    handover_grace_s: float = 120.0
+    handover_grace_s: Annotated[float, within(0, 3_600)] = 120.0
     # Hosts with more followers than this fan out on the bulk lane; the rest on the fast lane.
-    bulk_threshold: int = 10_000
+    bulk_threshold: Annotated[int, positive()] = 10_000
     # Most of the worker's tasks that go to the bulk lane while fast-lane tasks wait (0..0.9).
-    bulk_share: float = 0.2
+    bulk_share: Annotated[float, within(0, 0.9)] = 0.2
     # Fan-out tasks a worker takes in one step (one step's records are acknowledged together).
-    worker_tasks: int = 32
+    worker_tasks: Annotated[int, within(1, 1_000)] = 32
     # Most fan-out tasks per second a worker runs (protects push gateways); 0 = no limit.
-    worker_rate: float = 0.0
+    worker_rate: Annotated[float, positive(zero="no limit")] = 0.0
     # Follower ids per fan-out task, at most 4096 (one stored block).
-    task_users: int = 4096
+    task_users: Annotated[int, within(1, 4_096)] = 4096
     # Run the planner and the workers here; false for an Inbox-only process.
     fanout: bool = True
 
@@ -824,36 +776,8 @@ class NotifierConfig:
                     f"not {self.kube_member!r}"
                 )
             _address("notifier.kube_member", self.kube_member.replace("{pod}", "pod"))
-        if not 0 <= self.handover_grace_s <= 3600:
-            raise ConfigError(
-                f"notifier.handover_grace_s must be within 0..3600, not {self.handover_grace_s:g}"
-            )
-        _positive("notifier.bulk_threshold", self.bulk_threshold)
-        if not 0 <= self.bulk_share <= 0.9:
-            raise ConfigError(f"notifier.bulk_share must be within 0..0.9, not {self.bulk_share}")
-        if not 1 <= self.worker_tasks <= 1000:
-            raise ConfigError(f"notifier.worker_tasks must be within 1..1000, not {self.worker_tasks}")
-        if self.worker_rate < 0:
-            raise ConfigError(
-                f"notifier.worker_rate must be 0 (no limit) or positive, not {self.worker_rate}"
-            )
-        if not 1 <= self.task_users <= 4096:
-            raise ConfigError(f"notifier.task_users must be within 1..4096, not {self.task_users}")
-        _port("notifier.metrics_port", self.metrics_port)
         if not self.data_dir:
             raise ConfigError("notifier.data_dir must not be empty")
-        if not 1 <= self.batch_users <= 100_000:
-            raise ConfigError(f"notifier.batch_users must be within 1..100000, not {self.batch_users}")
-        _positive("notifier.inbox_queue", self.inbox_queue)
-        if not 0 <= self.reminders_per_user <= 1_000_000:
-            raise ConfigError(
-                "notifier.reminders_per_user must be 0 (no limit) or within 1..1000000, "
-                f"not {self.reminders_per_user}"
-            )
-        if not 1 <= self.inbox_streams_per_user <= 100:
-            raise ConfigError(
-                f"notifier.inbox_streams_per_user must be within 1..100, not {self.inbox_streams_per_user}"
-            )
 
     @property
     def address(self) -> str:
@@ -878,17 +802,19 @@ class Config:
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
-        grace_ms, report_ms = self.admission.host_grace_s * 1000, self.relay.load_report_ms
-        if not self.admission.relays and not report_ms:
+            section = getattr(self, f.name)
+            check_ranges(f.name, section)
+            section.validate()
+        grace_s, report_s = self.admission.host_grace_s, self.relay.load_report_s
+        if not self.admission.relays and not report_s:
             raise ConfigError(
-                "admission.relays is empty and relay.load_report_ms is 0: admission finds relays from "
+                "admission.relays is empty and relay.load_report_s is 0: admission finds relays from "
                 "their load reports, so it would know none; turn the reports on or list the relays"
             )
-        if grace_ms and report_ms and grace_ms < 2 * report_ms:
+        if grace_s and report_s and grace_s < 2 * report_s:
             raise ConfigError(
-                f"admission.host_grace_s ({self.admission.host_grace_s:g} s) must last at least two relay "
-                f"load reports (relay.load_report_ms is {report_ms}): they say who is connected"
+                f"admission.host_grace_s ({grace_s:g} s) must last at least two relay "
+                f"load reports (relay.load_report_s is {report_s:g}): they say who is connected"
             )
 
     def development_keys(self) -> list[str]:
@@ -953,12 +879,29 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     return config
 
 
+# Durations were once given in milliseconds by these keys; every duration is in seconds now (`_s`).
+MILLISECOND_KEYS = (
+    "kafka.max_clock_skew_ms",
+    "server.request_timeout_ms",
+    "server.drain_notice_ms",
+    "admission.probe_interval_ms",
+    "admission.probe_timeout_ms",
+    "relay.chunk_ms",
+    "relay.late_join_ms",
+    "relay.load_report_ms",
+    "relay.large_room_chunk_ms",
+    "relay.upstream_lost_ms",
+)
 # Keys that are gone, and what replaced them.
 _RENAMED = {
     "tickets.keys": (
         "config key tickets.keys is gone: tickets are signed with ES256 (P-256) now, so relays cannot make "
         "them; set tickets.private_key (admission only) and tickets.public_keys (`townhall keys`)"
     ),
+    **{
+        old: f"config key {old} is gone: set {old[:-3]}_s, in seconds (every duration is in seconds)"
+        for old in MILLISECOND_KEYS
+    },
 }
 
 
@@ -1018,16 +961,6 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings (comma-separated in the environment)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, not {value}")
-
-
-def _port(key: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{key} must be a port number 0..65535 (0 disables), not {value}")
 
 
 def _address(key: str, value: str) -> None:

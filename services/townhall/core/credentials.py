@@ -107,7 +107,7 @@ def _caller_of(claims: dict[str, Any]) -> ServiceCaller:
 class ServiceChecks:
     """The receiving side: checks the credentials of calls to this member (`me`, its internal address)."""
 
-    def __init__(self, ring: KeyRing, me: str, leeway_s: int) -> None:
+    def __init__(self, ring: KeyRing, me: str, leeway_s: float) -> None:
         self.ring = ring
         self.me = me
         self._leeway_s = leeway_s

@@ -11,12 +11,12 @@ Hostile input never reaches gRPC's own error paths, which answer UNKNOWN or hang
   request-streaming one that reads its request itself, so the failure reaches the wrapper.
 - A unary call whose client half-closes without a message is INVALID_ARGUMENT (grpc.aio would
   leave it open, holding a slot of the server's concurrent-RPC limit until the client gives up),
-  and one whose message does not arrive within server.request_timeout_ms is DEADLINE_EXCEEDED.
+  and one whose message does not arrive within server.request_timeout_s is DEADLINE_EXCEEDED.
 - Per-user and per-address rate limits (core/limits.py) run before the servicer, and calls in flight are
   bounded per connection, per address and per server (core/bounds.py).
 - The open methods (health, reflection: no token) cannot hold a server: their streams (health Watch,
   reflection) end after server.open_stream_max_s, and a reflection stream whose next request does not
-  come within server.request_timeout_ms ends too.
+  come within server.request_timeout_s ends too.
 
 Each server is one of two planes. A client port serves the client APIs and refuses internal methods
 and service credentials; the internal port (core/server.py) serves only calls between Townhall

@@ -167,6 +167,21 @@ class KafkaUnreachable(RuntimeError):
     """Kafka, or topics a process needs, could not be had within the allowed time; the message says what."""
 
 
+# The one exception policy of the loops that read or write Kafka (core/tasks.py): these are what a Kafka
+# client raises while a broker is away, slow, restarting or moving partitions: aiokafka's KafkaError
+# family, a dropped connection (OSError), a timeout, a client that could not start (KafkaUnreachable),
+# and AssertionError, which aiokafka raises on a partition a rebalance took away mid-call. A loop catches
+# these, logs them and tries again; anything else is a fault nobody planned for, and ends the loop, which
+# the supervisor reports (the process stops and is restarted) instead of retrying it for ever.
+KAFKA_ERRORS: tuple[type[Exception], ...] = (
+    KafkaError,
+    OSError,
+    TimeoutError,
+    KafkaUnreachable,
+    AssertionError,
+)
+
+
 # How often wait_for_topics asks the broker again, and how often it says what it still waits for.
 WAIT_CHECK_S = 1.0
 WAIT_LOG_S = 5.0
@@ -399,11 +414,11 @@ class Follower:
                         for record in records:
                             self._handle(record)
                             self.positions[tp] = record.offset + 1
-            except Exception as exc:  # Kafka errors: make the consumer again, resume at the positions
+            except KAFKA_ERRORS as exc:  # make the consumer again, resume at the positions
                 log.warning("following a topic failed; resuming", follower=self._name, error=repr(exc))
                 current, self._consumer = self._consumer, None
                 if current is not None:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(*KAFKA_ERRORS):
                         await current.stop()
             await asyncio.sleep(self._retry_s)
 
@@ -432,7 +447,7 @@ async def _lag(consumer: AIOKafkaConsumer) -> dict[str, int]:
             if high is None:  # nothing fetched yet from this partition
                 continue
             position = await asyncio.wait_for(consumer.position(tp), 1.0)
-        except (TimeoutError, KafkaError, AssertionError):
+        except KAFKA_ERRORS:
             continue
         lag[tp.topic] += max(0, high - position)
     return lag
@@ -479,7 +494,7 @@ class EventQueue:
                 headers = self._signer.headers(topic, key, value) if self._signer is not None else None
                 future = await self._producer.send(topic, value, key=key, headers=headers)
                 future.add_done_callback(lambda f, t=topic: _count_failure(f, t))
-            except Exception as exc:
+            except KAFKA_ERRORS as exc:
                 EVENTS_DROPPED.labels(topic).inc()
                 KAFKA_PRODUCE_ERRORS.labels(topic).inc()
                 log.warning("event dropped", topic=topic, error=str(exc))

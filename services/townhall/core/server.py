@@ -140,7 +140,7 @@ def guarded(
         server,
         app.auth,
         limits,
-        config.server.request_timeout_ms / 1000,
+        config.server.request_timeout_s,
         internal=internal,
         bounds=bounds,
         open_stream_s=config.server.open_stream_max_s,
@@ -308,7 +308,7 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    notice_s = config.server.drain_notice_ms / 1000
+    notice_s = config.server.drain_notice_s
     log.info("draining", name=name, notice_s=notice_s, grace_s=config.server.grace_s)
     await stop(app, running, config.server.grace_s, notice_s)
     log.info("stopped", name=name)

@@ -8,6 +8,11 @@ the supervisor logs it once, with the task's name and traceback, counts it in
 reports NOT_SERVING and stops the process with a non-zero exit status, so Kubernetes restarts it
 rather than leaving a half-dead process serving.
 
+Work that nobody awaits and that lasts less than the process (a room's chunk timer, a pull from an
+upstream relay, a lease refill) is started with `spawn`: one that ends with an unexpected exception is
+logged and counted the same way, but does not stop the process, since the fault was one room's or one
+call's.
+
 The server's supervisor reaches the loops through a context variable: tasks copy the context they are
 created in, so every loop started while `Supervisor.active` is in force (the app's start) and every
 loop those loops start belong to it. A loop started outside any server (a unit test) is still logged
@@ -84,6 +89,15 @@ def supervise(work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
     task = asyncio.create_task(work, name=name)
     # The task's context is a copy of this one, so the supervisor in force here is the task's.
     task.add_done_callback(functools.partial(_ended, _current.get()))
+    return task
+
+
+def spawn(work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """Starts work that nobody awaits (see the module): a death is logged and counted under `name`, a
+    fixed name per kind of work (a metric label), and the process goes on. The caller keeps the task."""
+    from_zero(TASK_FAILURES, name)
+    task = asyncio.create_task(work, name=name)
+    task.add_done_callback(functools.partial(_ended, None))
     return task
 
 

@@ -66,7 +66,7 @@ class Ticket:
 class TicketSigner:
     """Issues tickets (ES256 JWTs, `kid` header) with admission's private ticket key, parsed once."""
 
-    def __init__(self, kid: str, scalar: bytes, ttl_s: int) -> None:
+    def __init__(self, kid: str, scalar: bytes, ttl_s: float) -> None:
         self._key = ES256Signer(kid, scalar)
         self._ttl_s = ttl_s
         self._relay_json: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}

@@ -262,7 +262,7 @@ class Verifier(Generic[T]):
         require: tuple[str, ...] = ("exp",),
         audience: str | None = None,
         issuer: str | None = None,
-        leeway_s: int = 0,
+        leeway_s: float = 0,
         cache_size: int = 0,
         wrong_audience: Callable[[str], TownhallError] | None = None,
         renew: str = "get a new one",

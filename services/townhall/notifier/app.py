@@ -25,16 +25,16 @@ from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.core.tasks import cancel, supervise
 from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
-from townhall.notifier.inbox import Hub
+from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.inbox_reader import InboxReader
-from townhall.notifier.membership import Membership, membership_for
+from townhall.notifier.membership import Membership, api_errors, membership_for
 from townhall.notifier.metrics import FOLLOWERS_STORED
-from townhall.notifier.peers import Peers
-from townhall.notifier.placement import Placement
+from townhall.notifier.peers import NotifierChannels
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.planner import Planner, PlannerCommitOnRevoke, start_position
 from townhall.notifier.rooms import Reminders, RoomStates
 from townhall.notifier.servicers import GraphServicer, InboxServicer, ShardsServicer
-from townhall.notifier.store import SqliteFollowerStore
+from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore
 from townhall.notifier.worker import CommitOnRevoke, Worker
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
 
@@ -59,10 +59,12 @@ class NotifierApp:
         self.config = config
         self.topics = Topics(config.kafka.topic_prefix)
         self.store = SqliteFollowerStore(config.notifier.data_dir)
-        self.hub = Hub(config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user)
-        self.placement = Placement(config.notifier.address, config.notifier.members)
+        self.hub = InboxDelivery(
+            config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user
+        )
+        self.placement = ShardOwners(config.notifier.address, config.notifier.members)
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
-        self.peers = Peers(Forwarding(self.auth), config.tls)
+        self.peers = NotifierChannels(Forwarding(self.auth), config.tls)
         # Which rooms exist: RemindMe is for rooms not yet started; reminders of ended rooms are released.
         self.rooms = RoomStates(config.kafka, config.auth)
         self.reminders = Reminders(self.store, self.rooms)
@@ -225,7 +227,7 @@ class NotifierApp:
         if self.membership.changes:
             try:
                 await self.handover.set_view(*await self.membership.read())
-            except Exception as exc:
+            except (*api_errors(), *STORE_ERRORS) as exc:
                 log.warning(
                     "notifier membership not read at shutdown; keeping the keys here", error=repr(exc)
                 )

@@ -9,7 +9,7 @@ from typing import Any, Protocol, TypeVar
 from aiokafka.errors import KafkaError
 
 from townhall.core import logging
-from townhall.core.kafka import KafkaUnreachable
+from townhall.core.kafka import KAFKA_ERRORS, KafkaUnreachable
 
 log = logging.get(__name__)
 
@@ -73,5 +73,5 @@ async def stopped(client: KafkaClient | None, what: str, timeout_s: float = 10.0
         return
     try:
         await asyncio.wait_for(client.stop(), timeout_s)
-    except Exception as exc:
+    except KAFKA_ERRORS as exc:
         log.warning("kafka client did not stop cleanly", client=what, error=describe(exc))

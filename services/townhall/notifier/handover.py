@@ -33,12 +33,12 @@ import grpc
 import numpy as np
 
 from townhall.core import logging, sharding
-from townhall.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from townhall.core.errors import FailedPrecondition, InvalidArgument, TownhallError, Unavailable
 from townhall.core.tasks import cancel, supervise
 from townhall.notifier.metrics import HANDOVER_KEYS, HANDOVER_PENDING
-from townhall.notifier.peers import Peers
-from townhall.notifier.placement import Placement
-from townhall.notifier.store import SqliteFollowerStore, split_key
+from townhall.notifier.peers import NotifierChannels
+from townhall.notifier.placement import ShardOwners
+from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore, split_key
 from townhall.v1 import internal_pb2
 
 log = logging.get(__name__)
@@ -89,7 +89,7 @@ class Handover:
     """Settles keys this notifier owns, hands over keys it holds for others, and sweeps."""
 
     def __init__(
-        self, store: SqliteFollowerStore, placement: Placement, peers: Peers, static: bool = True
+        self, store: SqliteFollowerStore, placement: ShardOwners, peers: NotifierChannels, static: bool = True
     ) -> None:
         self._store = store
         self._placement = placement
@@ -363,7 +363,7 @@ class Handover:
             self._wake.clear()
             try:
                 left = await self.sweep()
-            except Exception as exc:  # a sweep must never end the loop
+            except (*STORE_ERRORS, TownhallError, grpc.aio.AioRpcError, TimeoutError) as exc:
                 log.warning("sweep failed, will retry", error=repr(exc))
                 left = -1
             if left:

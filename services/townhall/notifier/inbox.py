@@ -28,7 +28,7 @@ DEDUP_KEYS = 10_000
 STREAMS_PER_USER = 4
 
 
-class Subscriber:
+class InboxStream:
     """One Inbox stream: a bounded queue whose oldest notification is dropped when full."""
 
     def __init__(self, user: int, capacity: int = SUBSCRIBER_QUEUE) -> None:
@@ -88,7 +88,7 @@ class Deduper:
         return new
 
 
-class Hub:
+class InboxDelivery:
     """The Inbox streams connected to this process, by user, and delivery to them."""
 
     def __init__(
@@ -99,14 +99,14 @@ class Hub:
     ) -> None:
         self._queue = queue
         # Per user, the open streams, oldest first.
-        self._subs: dict[int, list[Subscriber]] = {}
+        self._subs: dict[int, list[InboxStream]] = {}
         self._dedup = Deduper(dedup_keys)
         self._per_user = streams_per_user
         self.closed = False
 
-    def connect(self, user: int) -> Subscriber:
+    def connect(self, user: int) -> InboxStream:
         """A new stream for `user`; ends the user's oldest if they hold `streams_per_user` already."""
-        sub = Subscriber(user, self._queue)
+        sub = InboxStream(user, self._queue)
         subs = self._subs.setdefault(user, [])
         while len(subs) >= self._per_user:
             old = subs.pop(0)
@@ -122,7 +122,7 @@ class Hub:
         INBOX_CONNECTIONS.inc()
         return sub
 
-    def disconnect(self, sub: Subscriber) -> None:
+    def disconnect(self, sub: InboxStream) -> None:
         """Forgets a stream that ended."""
         subs = self._subs.get(sub.user)
         if subs is None or sub not in subs:

@@ -1,14 +1,15 @@
-"""The Inbox reader: every partition of the notifications topic, from the end, into the Hub."""
+"""The Inbox reader: every partition of the notifications topic, from the end, into the InboxDelivery."""
 
 from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer
+from google.protobuf.message import DecodeError
 
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Follower, end_offsets
 from townhall.core.records import Reader, Record
-from townhall.notifier.inbox import Hub
+from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.records import batch_record, checked_batch, decode_batch
 
 log = logging.get(__name__)
@@ -22,7 +23,7 @@ class InboxReader:
     stopped).
     """
 
-    def __init__(self, kafka: KafkaConfig, topic: str, hub: Hub, records: Reader) -> None:
+    def __init__(self, kafka: KafkaConfig, topic: str, hub: InboxDelivery, records: Reader) -> None:
         self._kafka = kafka
         self._topic = topic
         self._hub = hub
@@ -55,7 +56,7 @@ class InboxReader:
             return 0  # nobody to deliver to, and de-duplication only tracks delivered users
         try:
             note, ids = decode_batch(record.value or b"")
-        except Exception:  # does not parse: the Reader counts it
+        except DecodeError:  # does not parse: the Reader counts it
             batch = self._records.read(record, batch_record)
             return 0 if batch is None else self._hub.deliver(*batch)
         if not self._hub.present(ids):

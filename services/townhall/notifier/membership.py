@@ -7,6 +7,13 @@ notifier. The members are therefore pods 0..spec.replicas-1 by their stable addr
 Service's pod names), read from the Kubernetes API, and they change only when the StatefulSet is
 scaled; its metadata.generation, which grows with every change of its spec, is the view's epoch.
 (Admission, whose state is all in Kafka, follows the ready endpoints instead: core/membership.py.)
+
+So the notifiers do not narrow their members to the ones that answer probes, as admission does
+(core/membership.ProbedMembership): a dead notifier's keys given to another could not be settled there
+(the holder does not answer its handover, notifier/handover.py), so they would be UNAVAILABLE all the
+same, and every crash would move them away and back. Calls for them are UNAVAILABLE until it is back
+(forwarding retries within its budget, core/forwarding.py), and then served whole
+(tests/integration/test_notifier_sharded.py).
 """
 
 from __future__ import annotations
@@ -114,11 +121,20 @@ class StatefulSetMembership:
             before = self._last
             try:
                 view = await self.read()
-            except Exception as exc:  # API restart, network: keep the last view, try again
+            except api_errors() as exc:  # API restart, network: keep the last view, try again
                 log.warning("notifier membership not read; keeping the last one", error=repr(exc))
                 continue
             if view != before:
                 await on_change(*view)
+
+
+def api_errors() -> tuple[type[Exception], ...]:
+    """What a Kubernetes API read raises while the API server is away, slow or refusing (an error answer,
+    a dropped or timed-out connection): the membership keeps its last view and reads again."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    return (ApiException, HTTPError, OSError, TimeoutError)
 
 
 def membership_for(config: NotifierConfig) -> Membership:

@@ -11,7 +11,7 @@ from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.v1 import graph_pb2_grpc, internal_pb2_grpc
 
 
-class Peers:
+class NotifierChannels:
     """Lazily opened channels to peer notifiers, by address."""
 
     def __init__(self, forwarding: Forwarding, tls: TlsConfig) -> None:

@@ -15,7 +15,7 @@ from townhall.core import sharding
 from townhall.notifier.store import followee_key, room_key
 
 
-class Placement:
+class ShardOwners:
     """This notifier's view of the members; with no members it owns everything."""
 
     def __init__(self, me: str, members: Sequence[str], epoch: int = 0) -> None:

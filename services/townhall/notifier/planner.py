@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.errors import TownhallError
-from townhall.core.kafka import Topics, client_options
+from townhall.core.kafka import KAFKA_ERRORS, Topics, client_options
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
@@ -27,9 +27,9 @@ from townhall.notifier.clients import describe
 from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
 from townhall.notifier.offsets import OffsetBook
-from townhall.notifier.placement import Placement
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.records import encode_task, room_started, room_started_record
-from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
+from townhall.notifier.store import STORE_ERRORS, Moved, SqliteFollowerStore, followee_key, room_key
 from townhall.v1 import events_pb2
 
 log = logging.get(__name__)
@@ -42,6 +42,10 @@ COMMIT_EVERY_S = 0.2
 # planners' lag behind each other plus the time the notifiers take to see the change.
 REPLAY_S = 60.0
 START_ATTEMPTS = 5
+# What planning one event may meet and retry (from the event, not committed): Kafka away (core/kafka.py
+# KAFKA_ERRORS), the store's disk, a key's owner not answering its handover (UNAVAILABLE), a key handed
+# to a newer view mid-plan. Anything else ends the planner loop under the supervisor.
+PLAN_ERRORS: tuple[type[Exception], ...] = (*KAFKA_ERRORS, *STORE_ERRORS, TownhallError, Moved)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Planner:
         producers: Mapping[str, AIOKafkaProducer],
         store: SqliteFollowerStore,
         topics: Topics,
-        placement: Placement,
+        placement: ShardOwners,
         bulk_threshold: int,
         task_users: int,
         handover: Handover | None = None,
@@ -150,7 +154,7 @@ class Planner:
                 try:
                     await self._start_replay()
                     batch = await self._consumer.getmany(timeout_ms=200, max_records=100)
-                except Exception as exc:
+                except KAFKA_ERRORS as exc:
                     log.warning("room-started fetch failed, will retry", error=describe(exc))
                     await asyncio.sleep(RETRY_BACKOFF_S)
                     continue
@@ -188,7 +192,7 @@ class Planner:
     async def _plan_record(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
             await self.plan(record.value or b"", self._only(tp, record.offset))
-        except Exception as exc:
+        except PLAN_ERRORS as exc:
             # Not finished, so not committed: rewind the partition to it and try again.
             log.warning(
                 "planning failed, will retry",
@@ -196,7 +200,7 @@ class Planner:
                 offset=record.offset,
                 error=describe(exc),
             )
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*KAFKA_ERRORS):
                 self._consumer.seek(tp, self._book.oldest_unfinished(tp) or record.offset)
             await asyncio.sleep(RETRY_BACKOFF_S)
             return
@@ -278,7 +282,7 @@ class Planner:
                 headers = self._signer.headers(topic, key, value)
                 try:
                     in_flight.append(await self._producers[lane].send(topic, value, key=key, headers=headers))
-                except Exception:
+                except KAFKA_ERRORS:
                     KAFKA_PRODUCE_ERRORS.labels(topic).inc()
                     raise
                 index += 1
@@ -302,7 +306,7 @@ class Planner:
                     await self._consumer.seek_to_end(tp)
                 else:
                     self._consumer.seek(tp, found.offset)
-        except Exception as exc:  # planning from the oldest event again beats skipping any
+        except KAFKA_ERRORS as exc:  # planning from the oldest event again beats skipping any
             log.warning("a new planner group starts at the oldest event", error=describe(exc))
 
     async def commit_now(self, partitions: set[TopicPartition]) -> None:
@@ -311,7 +315,7 @@ class Planner:
         if offsets:
             try:
                 await self._consumer.commit(offsets)
-            except Exception as exc:
+            except KAFKA_ERRORS as exc:
                 log.warning("planner commit on revoke failed", error=describe(exc))
         self._book.forget(partitions)
 
@@ -326,7 +330,7 @@ class Planner:
         try:
             await self._consumer.commit(offsets)
             self._book.committed(offsets)
-        except Exception as exc:
+        except KAFKA_ERRORS as exc:
             # Lost the partition in a rebalance: its new owner replays; the task ids repeat.
             log.warning("planner commit failed", error=describe(exc))
             self._book.forget(set(offsets) - self._consumer.assignment())
@@ -347,14 +351,14 @@ async def start_position(kafka: KafkaConfig, group: str, others: Iterable[str]) 
                     log.info("a new planner group joins the others", group=group, seconds_back=REPLAY_S)
                     return int((time.time() - REPLAY_S) * 1000)
             return None
-        except Exception as exc:  # a group coordinator not there yet, Kafka away: try again, a few times
+        except KAFKA_ERRORS as exc:  # a group coordinator not there yet, Kafka away: try again, a few times
             if attempt + 1 == START_ATTEMPTS:
                 # Planning everything again beats skipping anything.
                 log.warning(
                     "planner groups not read; a new group starts at the oldest event", error=describe(exc)
                 )
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*KAFKA_ERRORS):
                 await admin.close()
         await asyncio.sleep(RETRY_BACKOFF_S)
     return None

@@ -15,10 +15,10 @@ from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
-from townhall.notifier.inbox import Hub
+from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
-from townhall.notifier.peers import Peers
-from townhall.notifier.placement import Placement
+from townhall.notifier.peers import NotifierChannels
+from townhall.notifier.placement import ShardOwners
 from townhall.notifier.rooms import RoomStates
 from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
 from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
@@ -44,8 +44,8 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
     def __init__(
         self,
         store: SqliteFollowerStore,
-        placement: Placement,
-        peers: Peers,
+        placement: ShardOwners,
+        peers: NotifierChannels,
         handover: Handover,
         rooms: RoomStates,
         reminders_per_user: int = 0,
@@ -334,7 +334,7 @@ class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
 class InboxServicer(inbox_pb2_grpc.InboxServicer):
     """Subscribe: the caller's notifications while the stream is open."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: InboxDelivery) -> None:
         self._hub = hub
 
     async def Subscribe(

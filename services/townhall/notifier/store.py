@@ -99,6 +99,11 @@ def room_key(room_id: str) -> str:
     return f"{ROOM_PREFIX}{room_id}"
 
 
+# What the follower store raises when its disk fails, fills up or is busy a moment (notifier's exception
+# policy: core/kafka.py KAFKA_ERRORS; a loop that meets one of these retries, anything else ends it).
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+
+
 class Moved(Exception):
     """The key was handed to another notifier (`owner`, whose view of the members was `epoch`)."""
 

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 
 from townhall.core import logging
-from townhall.core.kafka import Topics
+from townhall.core.kafka import KAFKA_ERRORS, Topics
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
@@ -115,7 +115,7 @@ class Worker:
             while True:
                 try:
                     await self._once()
-                except Exception as exc:
+                except KAFKA_ERRORS as exc:
                     log.warning("fan-out worker step failed, will retry", error=describe(exc))
                     await asyncio.sleep(RETRY_BACKOFF_S)
                 if self._failed:
@@ -190,7 +190,7 @@ class Worker:
             for key, value in expand(tasks, self._batch_users):
                 headers = self._signer.headers(topic, key, value)
                 step.futures.append(await self._producers[lane].send(topic, value, key=key, headers=headers))
-        except Exception:
+        except KAFKA_ERRORS:
             KAFKA_PRODUCE_ERRORS.labels(self._topics.notifications).inc()
             self._slots[lane].release()
             self._fail(step)
@@ -233,7 +233,7 @@ class Worker:
             offset = self._book.oldest_unfinished(tp)
             if offset is None or tp not in consumer.assignment():
                 continue
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*KAFKA_ERRORS):
                 consumer.seek(tp, offset)
         await asyncio.sleep(RETRY_BACKOFF_S)
 
@@ -252,7 +252,7 @@ class Worker:
             try:
                 await consumer.commit(mine)
                 self._book.committed(mine)
-            except Exception as exc:
+            except KAFKA_ERRORS as exc:
                 # Lost a partition in a rebalance: its new owner replays from the last commit.
                 log.warning("fan-out commit failed", lane=lane, error=describe(exc))
 
@@ -268,7 +268,7 @@ class Worker:
         if offsets:
             try:
                 await self._consumers[lane].commit(offsets)
-            except Exception as exc:
+            except KAFKA_ERRORS as exc:
                 log.warning("fan-out commit on revoke failed", lane=lane, error=describe(exc))
         self._book.forget(revoked)
 

@@ -17,7 +17,7 @@ from townhall.core.tickets import TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import FanoutSettings
 from townhall.relay.guard import REPLACED, Guard, Watch
-from townhall.relay.hub import Hub
+from townhall.relay.hub import RelayRooms
 from townhall.relay.leaves import LeaveFollower
 from townhall.relay.load_report import LoadReporter
 from townhall.relay.room_state import RoomStateFollower
@@ -40,22 +40,22 @@ class RelayApp:
             subscriber_queue=relay.subscriber_queue,
             stuck_cutoff_s=relay.stuck_cutoff_s,
             ring_chunks=relay.ring_chunks,
-            late_join_s=relay.late_join_ms / 1000,
+            late_join_s=relay.late_join_s,
         )
         # Public keys only: a relay verifies tickets and cannot make one.
         tickets = TicketVerifier.from_config(config.tickets)
         self.auth = Authenticator(config.auth, "relay", relay.internal_address)
         self.upstreams = Upstreams(config.server.max_message_bytes, config.tls, self.auth.credential)
-        self.hub = Hub(
+        self.hub = RelayRooms(
             settings,
-            chunk_s=relay.chunk_ms / 1000,
+            chunk_s=relay.chunk_s,
             idle_s=idle_room_s,
             upstreams=self.upstreams,
-            large_chunk_s=relay.large_room_chunk_ms / 1000,
+            large_chunk_s=relay.large_room_chunk_s,
             large_downstream=relay.large_room_relays,
-            upstream_lost_s=relay.upstream_lost_ms / 1000,
+            upstream_lost_s=relay.upstream_lost_s,
         )
-        self._flush_s = 2 * max(relay.chunk_ms, relay.large_room_chunk_ms) / 1000
+        self._flush_s = 2 * max(relay.chunk_s, relay.large_room_chunk_s)
         # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
         self.guard = Guard(relay.streams_per_user, config.tickets.ttl_s, on_replaced=_replaced)
         self.rooms: RoomStateFollower | None = None
@@ -66,7 +66,7 @@ class RelayApp:
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
         # The topics it writes (load reports) and follows (moderation); none for a relay without Kafka.
         topics = Topics(config.kafka.topic_prefix)
-        self._topics = [topics.relay_load] if relay.load_report_ms else []
+        self._topics = [topics.relay_load] if relay.load_report_s else []
         if relay.follow_room_state:
             self._topics += [topics.room_state, topics.presence]
         self._kafka = config.kafka

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from townhall.core.wire import read_varint, varint
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 
-# What Subscriber.push reports; ints so the hot loop compares cheaply.
+# What ListenerQueue.push reports; ints so the hot loop compares cheaply.
 QUEUED = 0
 DROPPED = 1
 STUCK = 2
@@ -33,7 +33,7 @@ class FanoutSettings:
     late_join_s: float = 0.3
 
 
-class Subscriber:
+class ListenerQueue:
     """One listener's bounded queue of serialised chunks; on overflow its oldest chunk is dropped."""
 
     __slots__ = (
@@ -206,7 +206,7 @@ class Emitted:
     frames: list[AudioFrame]
     subscribers: int
     dropped: int
-    cut: list[Subscriber] = field(default_factory=list)
+    cut: list[ListenerQueue] = field(default_factory=list)
 
 
 class Room:
@@ -219,9 +219,9 @@ class Room:
         self.epoch = 0
         self.sequence = 0
         self.ring = Ring(settings.ring_chunks)
-        self.subscribers: set[Subscriber] = set()
+        self.subscribers: set[ListenerQueue] = set()
         # On-stage subscribers get every frame as it arrives (conversation latency), not chunks.
-        self.stage: set[Subscriber] = set()
+        self.stage: set[ListenerQueue] = set()
         self.stage_sequence = 0
         # Relays above this one, origin first; empty when this relay is the room's origin.
         self.upstream: tuple[str, ...] = ()
@@ -289,7 +289,7 @@ class Room:
     def _fan(self, sequence: int, data: bytes, frames: list[AudioFrame], now: float) -> Emitted:
         self.ring.add(sequence, now, data, self.epoch)
         dropped = 0
-        cut: list[Subscriber] = []
+        cut: list[ListenerQueue] = []
         for subscriber in self.subscribers:
             result = subscriber.push(data, now)
             if result:
@@ -301,23 +301,25 @@ class Room:
             subscriber.close("stuck")
         return Emitted(sequence, data, frames, len(self.subscribers) + len(cut), dropped, cut)
 
-    def subscribe(self, resume_after: int, now: float, limit: int = 0, resume_epoch: int = 0) -> Subscriber:
+    def subscribe(
+        self, resume_after: int, now: float, limit: int = 0, resume_epoch: int = 0
+    ) -> ListenerQueue:
         """A new subscriber, primed with the late-join or resume chunks from the ring."""
         settings = self.settings
         replay = self.ring.replay(resume_after, now, settings.late_join_s, resume_epoch)
-        subscriber = Subscriber(limit or settings.subscriber_queue, settings.stuck_cutoff_s, replay)
+        subscriber = ListenerQueue(limit or settings.subscriber_queue, settings.stuck_cutoff_s, replay)
         self.subscribers.add(subscriber)
         self.idle_since = None
         return subscriber
 
-    def subscribe_stage(self) -> Subscriber:
+    def subscribe_stage(self) -> ListenerQueue:
         """A stage subscriber: each frame as it arrives, no replay (the stage is live)."""
-        subscriber = Subscriber(self.settings.subscriber_queue, self.settings.stuck_cutoff_s)
+        subscriber = ListenerQueue(self.settings.subscriber_queue, self.settings.stuck_cutoff_s)
         self.stage.add(subscriber)
         self.idle_since = None
         return subscriber
 
-    def unsubscribe(self, subscriber: Subscriber) -> None:
+    def unsubscribe(self, subscriber: ListenerQueue) -> None:
         """Forgets a subscriber (its stream ended)."""
         self.subscribers.discard(subscriber)
         self.stage.discard(subscriber)

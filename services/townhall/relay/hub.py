@@ -14,13 +14,13 @@ import grpc
 from townhall.core import logging
 from townhall.core.errors import Unavailable
 from townhall.core.errors import reason as error_reason
-from townhall.core.tasks import cancel, supervise
+from townhall.core.tasks import cancel, spawn, supervise
 from townhall.relay import metrics
-from townhall.relay.fanout import Emitted, FanoutSettings, Room, Subscriber, chunk_position
+from townhall.relay.fanout import Emitted, FanoutSettings, ListenerQueue, Room, chunk_position
 
 log = logging.get(__name__)
 
-# Reasons a subscriber is closed by the relay (Subscriber.reason).
+# Reasons a subscriber is closed by the relay (ListenerQueue.reason).
 STUCK = "stuck"
 DRAINING = "draining"
 UPSTREAM_LOST = "upstream-lost"
@@ -41,7 +41,7 @@ def wall_us() -> int:
     return time.time_ns() // 1_000
 
 
-class Hub:
+class RelayRooms:
     """All rooms of this relay, their chunk timers and the sweep that forgets idle rooms."""
 
     def __init__(
@@ -117,7 +117,7 @@ class Hub:
         upstream: tuple[str, ...] = (),
         downstream: bool = False,
         resume_epoch: int = 0,
-    ) -> tuple[Room, Subscriber]:
+    ) -> tuple[Room, ListenerQueue]:
         """A new subscriber of the room, primed from the ring buffer.
 
         With `upstream` (origin first) this relay is an edge for the room: its chunks come from one
@@ -171,7 +171,7 @@ class Hub:
         room.pull_ok = False
         room.pull_failing_since = None
 
-    def subscribe_stage(self, room_id: str) -> tuple[Room, Subscriber]:
+    def subscribe_stage(self, room_id: str) -> tuple[Room, ListenerQueue]:
         """A stage subscriber (host, co-host, speaker): every frame as it arrives, at the origin."""
         self._refuse_if_draining()
         room = self._room(room_id)
@@ -181,7 +181,7 @@ class Hub:
         self._activate(room)
         return room, subscriber
 
-    def unsubscribe(self, room: Room, subscriber: Subscriber, downstream: bool = False) -> None:
+    def unsubscribe(self, room: Room, subscriber: ListenerQueue, downstream: bool = False) -> None:
         """A Subscribe or Pull stream ended (for whatever reason)."""
         room.unsubscribe(subscriber)
         if downstream:
@@ -245,7 +245,7 @@ class Hub:
             # A room new to this relay, which is its origin: its first epoch.
             room.begin_epoch(self._wall_us() // 1000)
         if room.room_id not in self._timers:
-            task = asyncio.create_task(self._tick(room), name=f"relay-chunks-{room.room_id}")
+            task = spawn(self._tick(room), "relay-chunks")
             self._timers[room.room_id] = task
 
     def _start_pull(self, room: Room, resume_after: int, resume_epoch: int = 0) -> None:
@@ -253,9 +253,7 @@ class Hub:
             return
         if self._upstreams is None:
             raise Unavailable("this relay cannot pull from upstream relays")
-        task = asyncio.create_task(
-            self._pull(room, resume_after, resume_epoch), name=f"relay-pull-{room.room_id}"
-        )
+        task = spawn(self._pull(room, resume_after, resume_epoch), "relay-pull")
         self._pulls[room.room_id] = task
 
     async def _pull(self, room: Room, resume_after: int, resume_epoch: int) -> None:

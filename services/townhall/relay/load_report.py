@@ -14,7 +14,7 @@ from townhall.core.config import Config
 from townhall.core.kafka import Topics, producer
 from townhall.core.provenance import RELAY, RecordSigner, Writer
 from townhall.core.tasks import cancel, supervise
-from townhall.relay.hub import Hub
+from townhall.relay.hub import RelayRooms
 from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
@@ -27,7 +27,7 @@ class LoadReporter:
     """Publishes this relay's RelayLoad; Kafka being away delays reports but never the audio."""
 
     def __init__(
-        self, config: Config, hub: Hub, leads: Callable[[], Mapping[str, Sequence[int]]] | None = None
+        self, config: Config, hub: RelayRooms, leads: Callable[[], Mapping[str, Sequence[int]]] | None = None
     ) -> None:
         self._hub = hub
         # Per room, the host and co-hosts connected here (the owner's host failover reads them).
@@ -35,7 +35,7 @@ class LoadReporter:
         self._relay = config.relay.address
         self._internal = config.relay.internal_address
         self._capacity = config.relay.listener_capacity
-        self._every_s = config.relay.load_report_ms / 1000
+        self._every_s = config.relay.load_report_s
         self._topic = Topics(config.kafka.topic_prefix).relay_load
         self._kafka = config.kafka
         self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
@@ -58,7 +58,7 @@ class LoadReporter:
         )
 
     def start(self) -> None:
-        """Starts reporting in the background (no-op when load_report_ms is 0)."""
+        """Starts reporting in the background (no-op when load_report_s is 0)."""
         if self._every_s > 0:
             self._task = supervise(self._run(), "relay-load-report")
 

@@ -48,7 +48,7 @@ FRAME_DELAY = Histogram(
 )
 UPSTREAM_LOST = Counter(
     "townhall_relay_upstream_lost_total",
-    "Rooms whose pull from upstream failed for relay.upstream_lost_ms (or whose upstream drained):"
+    "Rooms whose pull from upstream failed for relay.upstream_lost_s (or whose upstream drained):"
     " their streams here were ended so listeners join again on a live path.",
 )
 ORIGIN_TAKEOVERS = Counter(

@@ -20,16 +20,16 @@ from townhall.core.identity import service_caller
 from townhall.core.ratelimit import Buckets
 from townhall.core.tickets import TICKET_KEY, Ticket, TicketVerifier
 from townhall.relay import metrics
-from townhall.relay.fanout import Room, Subscriber
+from townhall.relay.fanout import ListenerQueue, Room
 from townhall.relay.guard import LISTEN, PUBLISH, STAGE, Guard
-from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, Hub, wall_us
+from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, RelayRooms, wall_us
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
 
 log = logging.get(__name__)
 
 SERVICE = "townhall.v1.Relay"
-# Subscriber.reason of a stream ended by moderation (the Guard holds the status it ends with).
+# ListenerQueue.reason of a stream ended by moderation (the Guard holds the status it ends with).
 REVOKED = "revoked"
 # Relays above the one a Pull reaches (a tree of depth 16 would hold degree^16 relays).
 MAX_PATH = 16
@@ -45,7 +45,7 @@ class RelayServicer:
 
     def __init__(
         self,
-        hub: Hub,
+        hub: RelayRooms,
         tickets: TicketVerifier,
         config: RelayConfig,
         guard: Guard | None = None,
@@ -191,7 +191,7 @@ class RelayServicer:
         await self._stream(room, subscriber, context, downstream=True)
 
     async def _stream(
-        self, room: Room, subscriber: Subscriber, context: grpc.aio.ServicerContext, downstream: bool
+        self, room: Room, subscriber: ListenerQueue, context: grpc.aio.ServicerContext, downstream: bool
     ) -> None:
         take, waiter, write = subscriber.take, subscriber.waiter, context.write
         # A cut-off or drain is seen after the write in flight returns. A client that stopped

@@ -86,8 +86,8 @@ def _relays(out_dir: Path, edges: int, chunk_ms: int) -> Iterator[list[Server]]:
                     "TOWNHALL_RELAY_LISTEN": f"127.0.0.1:{port}",
                     "TOWNHALL_RELAY_INTERNAL_LISTEN": internal,
                     "TOWNHALL_RELAY_METRICS_PORT": "0",
-                    "TOWNHALL_RELAY_CHUNK_MS": str(chunk_ms),
-                    "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",
+                    "TOWNHALL_RELAY_CHUNK_S": str(chunk_ms / 1000),
+                    "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
                     "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",  # no Kafka in the bench
                     "TOWNHALL_LOG_LEVEL": "warning",
                     **LIMITS,

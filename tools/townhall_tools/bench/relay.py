@@ -91,8 +91,8 @@ def _servers(out_dir: Path) -> Iterator[tuple[Server, Server]]:
                 "TOWNHALL_RELAY_LISTEN": f"127.0.0.1:{relay_port}",
                 "TOWNHALL_RELAY_INTERNAL_LISTEN": f"127.0.0.1:{free_port()}",
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
-                "TOWNHALL_RELAY_CHUNK_MS": str(CHUNK_MS),
-                "TOWNHALL_RELAY_LOAD_REPORT_MS": "0",  # no Kafka in the bench
+                "TOWNHALL_RELAY_CHUNK_S": str(CHUNK_MS / 1000),
+                "TOWNHALL_RELAY_LOAD_REPORT_S": "0",  # no Kafka in the bench
                 "TOWNHALL_RELAY_FOLLOW_ROOM_STATE": "false",
                 "TOWNHALL_LOG_LEVEL": "warning",
                 **LIMITS,

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, AuthConfig, KafkaConfig
 from townhall.core.credentials import operator_credential
 from townhall.core.kafka import Topics, reader
-from townhall.notifier.inbox import Hub, Subscriber
+from townhall.notifier.inbox import InboxDelivery, InboxStream
 from townhall.notifier.inbox_reader import InboxReader
 from townhall.v1 import graph_pb2, graph_pb2_grpc
 
@@ -23,10 +23,10 @@ WAIT_S = 45.0
 
 @dataclass
 class CountingInbox:
-    """The real Inbox code (Hub + InboxReader) with every user of interest connected."""
+    """The real Inbox code (InboxDelivery + InboxReader) with every user of interest connected."""
 
-    hub: Hub
-    subs: dict[int, Subscriber]
+    hub: InboxDelivery
+    subs: dict[int, InboxStream]
 
     def got(self, room: str) -> dict[int, int]:
         """Notifications for `room` queued per user."""
@@ -44,7 +44,7 @@ class CountingInbox:
 @contextlib.asynccontextmanager
 async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[CountingInbox]:
     """An Inbox of our own reading the notifications topic from its current end."""
-    hub = Hub(queue=64)
+    hub = InboxDelivery(queue=64)
     subs = {u: hub.connect(u) for u in users}
     topic = Topics(kafka.topic_prefix).notifications
     # Notifiers here run with the development keys (DEV_AUTH).
