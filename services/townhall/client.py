@@ -51,6 +51,8 @@ RETRY_UNAVAILABLE_S = 30.0
 # retry-after (rooms per host per hour) or none at all is the caller's to see at once.
 MAX_RETRY_AFTER_S = 5.0
 RETRY_EXHAUSTED_TIMES = 5
+# Rooms per ListLiveRooms page when a caller wants only the first few: the server's largest page.
+LIST_PAGE = 500
 # "retry after 1234 ms" / "retry after 12 s" in a refusal's message, for servers that send no trailer.
 _RETRY_AFTER_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(ms|s)\b")
 
@@ -206,11 +208,28 @@ class Client:
             await self._rooms_call(lambda s: s.GetRoom(request, metadata=self._metadata, timeout=10))
         )
 
-    async def live_rooms(self, limit: int = 100) -> list[Room]:
-        """Live rooms, newest first."""
-        request = rooms_pb2.ListLiveRoomsRequest(limit=limit)
-        reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
-        return [self.learn(room) for room in reply.rooms]
+    async def live_rooms(self, limit: int = 0, page_size: int = 0) -> list[Room]:
+        """Live rooms, newest first: every one (page after page), or the first `limit`."""
+        rooms: list[Room] = []
+        token = ""
+        while True:
+            size = min(page_size or LIST_PAGE, limit - len(rooms)) if limit else page_size
+            request = rooms_pb2.ListLiveRoomsRequest(page_size=size, page_token=token)
+            reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
+            rooms += (self.learn(room) for room in reply.rooms)
+            token = reply.next_page_token
+            if not token or (limit and len(rooms) >= limit):
+                return rooms
+
+    async def followers(self, page_size: int = 0) -> AsyncIterator[list[int]]:
+        """This user's followers, ascending, a page at a time (only a user may list their own)."""
+        token = ""
+        while True:
+            request = graph_pb2.ListFollowersRequest(user_id=self.user, page_size=page_size, page_token=token)
+            reply = await self.graph.ListFollowers(request, metadata=self._metadata, timeout=30)
+            yield list(reply.follower_ids)
+            if not (token := reply.next_page_token):
+                return
 
     def learn(self, room: _Seen) -> _Seen:
         """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""

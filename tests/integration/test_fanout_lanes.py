@@ -101,6 +101,6 @@ async def test_follow_and_unfollow_during_a_fanout_apply_from_the_next_room(noti
     )
     assert count.count == len(followers)
     page = await notifier.graph.ListFollowers(
-        graph_pb2.ListFollowersRequest(user_id=host, limit=10_000), metadata=metadata(host), timeout=10
+        graph_pb2.ListFollowersRequest(user_id=host, page_size=10_000), metadata=metadata(host), timeout=10
     )
     assert sorted(page.follower_ids) == sorted([*followers[:-1], newcomer])

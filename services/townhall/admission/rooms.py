@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -138,9 +139,18 @@ class RoomBook:
         return banned is not None and user in banned
 
     def live(self) -> list[Room]:
-        """Live rooms, most recently started first."""
+        """Live rooms, most recently started first (then by id)."""
         rooms = [r for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE]
-        return sorted(rooms, key=lambda r: r.started_at_ms, reverse=True)
+        return sorted(rooms, key=live_order)
+
+    def live_page(self, after: tuple[int, str] | None, size: int) -> tuple[list[Room], bool]:
+        """Up to `size` live rooms in `live` order that come after the key `after` (a room's live_order),
+        and whether more follow. By key, not position: rooms started since do not shift the page."""
+        rooms = (r for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE)
+        if after is not None:
+            rooms = (r for r in rooms if live_order(r) > after)
+        page = heapq.nsmallest(size + 1, rooms, key=live_order)
+        return page[:size], len(page) > size
 
     def live_count(self) -> int:
         """How many rooms are live."""
@@ -235,6 +245,11 @@ class RoomBook:
         if room.host_id != caller:
             raise PermissionDenied(f"only the host of room {room_id} may {action} it")
         return room
+
+
+def live_order(room: Room) -> tuple[int, str]:
+    """A live room's place in ListLiveRooms: most recently started first, then by id (a total order)."""
+    return -room.started_at_ms, room.room_id
 
 
 def role_of(room: Room, user: int) -> Role.ValueType:

@@ -75,7 +75,7 @@ def _show(room: Room) -> None:
 async def _room(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
         table = Table("room", "title", "host", "started")
-        for room in await client.live_rooms(100):
+        for room in await client.live_rooms():
             started = time.strftime("%H:%M:%S", time.localtime(room.started_at_ms / 1000))
             table.add_row(room.room_id, room.title, str(room.host_id), started)
         console.print(table)

@@ -3,13 +3,14 @@ Inbox hub."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from townhall.core import validation
+from townhall.core import pages, validation
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
@@ -172,12 +173,18 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 f"user {me} may not list the followers of user {user}: a follower list is shown only to "
                 "its owner (CountFollowers gives anyone the count)"
             )
-        validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
-        limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
+        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        after = _followers_after(request, user)
 
         async def local() -> graph_pb2.ListFollowersResponse:
-            ids = await self._store.page(user, request.after_id, limit)
-            return graph_pb2.ListFollowersResponse(follower_ids=ids.tolist())
+            # One more than the page: whether another page follows, so the last page has no token.
+            ids = (await self._store.page(user, after, size + 1)).tolist()
+            token = (
+                pages.seal(_followers_scope(user), struct.pack(">Q", ids[size - 1]))
+                if len(ids) > size
+                else ""
+            )
+            return graph_pb2.ListFollowersResponse(follower_ids=ids[:size], next_page_token=token)
 
         return await self._at_owner(
             "ListFollowers",
@@ -289,6 +296,25 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
             local,
             lambda stub, md, timeout_s: stub.RemindMe(request, metadata=md, timeout=timeout_s),
         )
+
+
+def _followers_scope(user: int) -> str:
+    """What a ListFollowers page token belongs to (core/pages.py): the list of this user's followers."""
+    return f"townhall.v1.Graph/ListFollowers/{user}"
+
+
+def _followers_after(request: graph_pb2.ListFollowersRequest, user: int) -> int:
+    """The follower id a page starts after: from page_token, or the deprecated after_id (0: the start)."""
+    legacy = validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
+    if not request.page_token:
+        return legacy
+    if legacy:
+        raise InvalidArgument("after_id is deprecated and cannot go with page_token: pass page_token only")
+    key = pages.unseal(request.page_token, _followers_scope(user))
+    if len(key) != 8:
+        raise InvalidArgument("page_token does not name a follower: start again without it")
+    (after,) = struct.unpack(">Q", key)
+    return int(after)
 
 
 class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
