@@ -390,9 +390,36 @@ class Client:
         )
         return stub.Subscribe(request, metadata=md)
 
-    def notifications(self) -> grpc.aio.UnaryStreamCall:
-        """This user's Inbox stream."""
-        return self.inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=self._metadata)
+    def notifications(self, resume_cursor: str = "") -> grpc.aio.UnaryStreamCall:
+        """This user's Inbox stream; from `resume_cursor` (the last notification's cursor) it starts with
+        what was sent since (see Inbox for the bound, and `InboxCursor` for keeping one)."""
+        request = inbox_pb2.InboxSubscribeRequest(resume_cursor=resume_cursor)
+        return self.inbox.Subscribe(request, metadata=self._metadata)
+
+
+class InboxCursor:
+    """Where a user is in their Inbox, across reconnects: the cursor to resume from, and the ids of the
+    latest `remember` notifications, so one delivered again (delivery is at-least-once) is shown once."""
+
+    def __init__(self, cursor: str = "", remember: int = 1_000) -> None:
+        self.cursor = cursor
+        self.missed = 0  # NOTIFICATION_KIND_MISSED markers seen: some notifications were not kept
+        self._seen: dict[str, None] = {}
+        self._remember = remember
+
+    def fresh(self, note: inbox_pb2.Notification) -> bool:
+        """Takes note of what the stream sent; False if it is a notification seen already."""
+        if note.cursor:
+            self.cursor = note.cursor
+        if note.kind == inbox_pb2.NOTIFICATION_KIND_MISSED:
+            self.missed += 1
+            return True
+        if note.notification_id in self._seen:
+            return False
+        self._seen[note.notification_id] = None
+        if len(self._seen) > self._remember:
+            del self._seen[next(iter(self._seen))]
+        return True
 
 
 async def publish_status(

@@ -125,7 +125,10 @@ async def test_a_token_that_is_not_the_pages_is_refused_naming_page_token(admiss
                 True,
             ), error.details()
         # FULL is for GetRoom only; a view the server does not know is refused, not guessed at.
-        for view, message in ((rooms_pb2.ROOM_VIEW_FULL, "GetRoom only"), (7, "view is 7, which is not a RoomView")):
+        for view, message in (
+            (rooms_pb2.ROOM_VIEW_FULL, "GetRoom only"),
+            (7, "view is 7, which is not a RoomView"),
+        ):
             error = await rpc_error(
                 rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(view=view), metadata=md, timeout=10)
             )

@@ -44,8 +44,8 @@ def unseal(token: str, scope: str, field: str = "page_token") -> bytes:
         )
     if body[1 : 1 + _HASH] != _scope_hash(scope):
         raise InvalidArgument(
-            f"{field} belongs to another request: pass it with the same request as the one it came from "
-            "(only the page size may change), or none to start again"
+            f"{field} belongs to another request (another list, user or view): pass it with the request it "
+            "came from (only a page size may change), or none to start again"
         )
     return body[1 + _HASH :]
 

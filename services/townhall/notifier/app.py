@@ -27,6 +27,7 @@ from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.inbox_reader import InboxReader
+from townhall.notifier.inbox_resume import Backlog
 from townhall.notifier.membership import Membership, api_errors, membership_for
 from townhall.notifier.metrics import FOLLOWERS_STORED
 from townhall.notifier.peers import NotifierChannels
@@ -62,6 +63,13 @@ class NotifierApp:
         self.hub = InboxDelivery(
             config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user
         )
+        self.backlog = Backlog(
+            config.kafka,
+            self.topics.notifications,
+            reader(config.kafka, config.auth, self.topics.notifications),
+            config.notifier.inbox_resume_records,
+            config.notifier.inbox_resume_notifications,
+        )
         self.placement = ShardOwners(config.notifier.address, config.notifier.members)
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = NotifierChannels(Forwarding(self.auth), config.tls)
@@ -90,7 +98,7 @@ class NotifierApp:
             self.config.notifier.reminders_per_user,
         )
         graph_pb2_grpc.add_GraphServicer_to_server(graph, server)
-        inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub), server)
+        inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub, self.backlog), server)
         internal_pb2_grpc.add_GraphShardsServicer_to_server(ShardsServicer(self.handover), server)
 
     async def start(self) -> None:

@@ -17,6 +17,7 @@ from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
+from townhall.notifier.inbox_resume import Backlog, position
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
 from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
@@ -358,24 +359,36 @@ class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServicer):
-    """Subscribe: the caller's notifications while the stream is open."""
+    """Subscribe: what the caller missed since its resume cursor, then its notifications while the stream
+    is open."""
 
-    def __init__(self, hub: InboxDelivery) -> None:
+    def __init__(self, hub: InboxDelivery, backlog: Backlog) -> None:
         self._hub = hub
+        self._backlog = backlog
 
     async def Subscribe(
         self, request: inbox_pb2.InboxSubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inbox_pb2.Notification]:
         """Streams notifications; initial metadata is sent once the caller is registered."""
         user = caller(context)
+        if request.resume_cursor:
+            position(request.resume_cursor, user)  # a bad cursor is refused before anything is sent
         if self._hub.closed:
             raise Unavailable("this notifier is shutting down; reconnect")
+        # Connected before the backlog is read: a notification sent meanwhile is queued here, and one
+        # found in both is sent once (the backlog's ids).
         sub = self._hub.connect(user)
         try:
             # Lets a client know from which moment on it will be notified.
             await context.send_initial_metadata(())
+            resumed: set[str] = set()
+            if request.resume_cursor:
+                for missed in await self._backlog.since(user, request.resume_cursor):
+                    resumed.add(missed.notification_id)
+                    yield missed
             while (notification := await sub.get()) is not None:
-                yield notification
+                if notification.notification_id not in resumed:
+                    yield notification
         finally:
             self._hub.disconnect(sub)
         if sub.error is not None:

@@ -1,0 +1,166 @@
+"""Inbox resume on a real notifier and broker: a client that reconnects with its cursor gets what it missed,
+each notification once, and is told when some were no longer kept."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
+from tests.integration.helpers import client, config_for, serving
+from townhall.client import Client, InboxCursor
+from townhall.core.config import KafkaConfig
+from townhall.devtools.fanout import counting_inbox, import_followers
+from townhall.notifier.app import build_app
+from townhall.notifier.records import SHARDS
+from townhall.v1 import inbox_pb2
+
+pytestmark = pytest.mark.kafka
+# Notifications a resume answers with at most (notifier.inbox_resume_notifications), small for the test.
+MOST = 4
+READ_S = 30.0
+
+
+@dataclass
+class Running:
+    kafka: KafkaConfig
+    address: str
+    internal: str
+
+
+@pytest.fixture(scope="module")
+async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+    topics = await own_topics(kafka)
+    config = config_for(
+        topics,
+        notifier={
+            "data_dir": str(tmp_path_factory.mktemp("resume")),
+            "group_id": f"g-{uuid.uuid4().hex[:8]}",
+            "metrics_port": 0,
+            "inbox_resume_notifications": MOST,
+        },
+        limits={"enabled": False},
+    )
+    async with serving(build_app(config), config) as address:
+        yield Running(topics, address, config.notifier.address)
+
+
+async def _seen(user: Client, notifier: Running, host: int) -> InboxCursor:
+    """The user connects, is notified of one room, and goes away: where it was."""
+    stream = user.notifications()
+    await stream.initial_metadata()  # registered: what is sent from now on reaches it
+    await start_room(notifier.kafka, f"seen-{uuid.uuid4().hex[:6]}", host)
+    cursor = InboxCursor()
+    assert cursor.fresh(await asyncio.wait_for(stream.read(), READ_S))
+    stream.cancel()
+    return cursor
+
+
+async def _sent_while_away(notifier: Running, host: int, user: int, count: int) -> list[str]:
+    """Rooms `host` starts while `user` is away, once their notifications are on the topic."""
+    rooms = [f"away{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
+    async with counting_inbox(notifier.kafka, [user]) as watch:
+        for room in rooms:
+            await start_room(notifier.kafka, room, host)
+        await until(lambda: all(watch.delivered(room) for room in rooms), what="the notifications written")
+    return rooms
+
+
+async def _read(stream: grpc.aio.UnaryStreamCall, count: int) -> list[inbox_pb2.Notification]:
+    return [await asyncio.wait_for(stream.read(), READ_S) for _ in range(count)]
+
+
+async def _nothing_more(stream: grpc.aio.UnaryStreamCall, within_s: float = 1.5) -> None:
+    with pytest.raises(TimeoutError):
+        extra = await asyncio.wait_for(stream.read(), within_s)
+        pytest.fail(f"one more notification: {extra}")
+
+
+async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(notifier: Running) -> None:
+    host, user_id = fresh_users(2)
+    await import_followers(notifier.internal, host, [user_id])
+    user = client(notifier.address, user_id)
+    try:
+        cursor = await _seen(user, notifier, host)
+        rooms = await _sent_while_away(notifier, host, user_id, 3)
+
+        stream = user.notifications(cursor.cursor)
+        missed = await _read(stream, 3)
+        assert sorted(n.room_id for n in missed) == sorted(rooms)
+        assert all(n.kind == inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED and n.cursor for n in missed)
+        assert all(cursor.fresh(n) for n in missed), "none of them seen before"
+        # Then the live ones, once each (a room in both the backlog and the live feed is sent once).
+        live = f"live-{uuid.uuid4().hex[:6]}"
+        await start_room(notifier.kafka, live, host)
+        [now] = await _read(stream, 1)
+        assert (now.room_id, cursor.fresh(now)) == (live, True)
+        await _nothing_more(stream)
+        stream.cancel()
+
+        # At-least-once: resuming from an older cursor again sends them again, with the same ids, and the
+        # client's InboxCursor drops every one.
+        again = user.notifications(missed[0].cursor)
+        repeated = await _read(again, 3)
+        assert {n.room_id for n in repeated} <= {*rooms, live}
+        assert not any(cursor.fresh(n) for n in repeated)
+        again.cancel()
+    finally:
+        await user.close()
+
+
+async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Running) -> None:
+    host, user_id = fresh_users(2)
+    await import_followers(notifier.internal, host, [user_id])
+    user = client(notifier.address, user_id)
+    try:
+        cursor = await _seen(user, notifier, host)
+        rooms = await _sent_while_away(notifier, host, user_id, MOST + 2)
+
+        stream = user.notifications(cursor.cursor)
+        marker, *kept = await _read(stream, 1 + MOST)
+        assert (marker.kind, marker.room_id, marker.notification_id) == (
+            inbox_pb2.NOTIFICATION_KIND_MISSED,
+            "",
+            "",
+        )
+        assert len({n.room_id for n in kept}) == MOST and {n.room_id for n in kept} <= set(rooms)
+        await _nothing_more(stream)
+        stream.cancel()
+
+        # The marker's cursor is where the kept ones begin: from it, they come again and no marker.
+        stream = user.notifications(marker.cursor)
+        assert [n.room_id for n in await _read(stream, MOST)] == [n.room_id for n in kept]
+        await _nothing_more(stream)
+        stream.cancel()
+    finally:
+        await user.close()
+
+
+async def test_a_cursor_that_is_not_the_users_is_refused_naming_resume_cursor(notifier: Running) -> None:
+    host, user_id = fresh_users(2)
+    await import_followers(notifier.internal, host, [user_id])
+    user = client(notifier.address, user_id)
+    # A user of another shard: a cursor names a place in one shard's part of the topic.
+    other = client(notifier.address, user_id + 1 if (user_id + 1) % SHARDS else user_id + 2)
+    try:
+        cursor = await _seen(user, notifier, host)
+        for who, bad, message in (
+            (user, "garbage", "resume_cursor is not a token this service made"),
+            (user, cursor.cursor[:-4], "resume_cursor is not a token this service made"),
+            (other, cursor.cursor, "resume_cursor belongs to another request"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(who.notifications(bad).read(), READ_S)
+            error = refused.value
+            assert (error.code(), message in (error.details() or "")) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                True,
+            ), error.details()
+    finally:
+        await user.close()
+        await other.close()
