@@ -15,10 +15,11 @@ from rich.table import Table
 
 from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
-from townhall.client import Client, Endpoints
+from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.live import Listener, Speaker
 from townhall.v1.common_pb2 import Room
+from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_MISSED
 
 console = Console()
 
@@ -103,12 +104,22 @@ async def _follow(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _inbox(client: Client, args: argparse.Namespace) -> int:
-    call = client.notifications()
+    cursor = InboxCursor(args.resume)
+    call = client.notifications(args.resume)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(args.seconds):
             async for note in call:
-                console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
+                if not cursor.fresh(note):
+                    continue
+                if note.kind == NOTIFICATION_KIND_MISSED:
+                    console.print(
+                        "[yellow]some notifications sent while you were away are no longer kept[/yellow]"
+                    )
+                else:
+                    console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
     call.cancel()
+    if cursor.cursor:
+        console.print(f"to resume from here: --resume {cursor.cursor}")
     return 0
 
 
