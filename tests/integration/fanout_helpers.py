@@ -14,7 +14,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from townhall.core.config import DEV_ENV, KafkaConfig
+from tests.integration.helpers import config_for
+from townhall.core.config import DEV_ENV, Config, KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall_tools.devtools import processes
 from townhall_tools.devtools.events import publish_room_started
@@ -27,6 +28,20 @@ async def own_topics(kafka: KafkaConfig) -> KafkaConfig:
     config = KafkaConfig(bootstrap=kafka.bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=4)
     await ensure_topics(config)
     return config
+
+
+def notifier_config(topics: KafkaConfig, data_dir: Path, **notifier: object) -> Config:
+    """A notifier's config on `topics` (own_topics) with a store in `data_dir`, a consumer group and no
+    metrics port of its own, and `notifier` settings."""
+    return config_for(
+        topics,
+        notifier={
+            "data_dir": str(data_dir),
+            "group_id": f"g-{uuid.uuid4().hex[:8]}",
+            "metrics_port": 0,
+            **notifier,
+        },
+    )
 
 
 def fresh_users(n: int) -> list[int]:

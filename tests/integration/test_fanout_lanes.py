@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
-from tests.integration.helpers import config_for, metadata, serving
+from tests.integration.fanout_helpers import fresh_users, notifier_config, own_topics, start_room, until
+from tests.integration.helpers import metadata, serving
 from townhall.core.config import KafkaConfig
 from townhall.notifier.app import build_app
 from townhall.v1 import graph_pb2, graph_pb2_grpc
@@ -31,17 +31,13 @@ class Running:
 async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     topics = await own_topics(kafka)
     # Tasks of 10 users at 40 tasks/s: a 2,000-follower host keeps the bulk lane busy for seconds.
-    config = config_for(
+    config = notifier_config(
         topics,
-        notifier={
-            "data_dir": str(tmp_path_factory.mktemp("lanes")),
-            "group_id": f"g-{uuid.uuid4().hex[:8]}",
-            "metrics_port": 0,
-            "task_users": 10,
-            "worker_rate": 40.0,
-            "bulk_threshold": 100,
-            "bulk_share": 0.2,
-        },
+        tmp_path_factory.mktemp("lanes"),
+        task_users=10,
+        worker_rate=40.0,
+        bulk_threshold=100,
+        bulk_share=0.2,
     )
     app = build_app(config)
     async with serving(app, config) as address, grpc.aio.insecure_channel(address) as channel:

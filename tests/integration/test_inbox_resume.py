@@ -4,6 +4,7 @@ each notification once, and is told when some were no longer kept."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
-from tests.integration.helpers import client, config_for, serving
+from tests.integration.fanout_helpers import fresh_users, notifier_config, own_topics, start_room, until
+from tests.integration.helpers import client, refused_with, serving
 from townhall.client import Client, InboxCursor
 from townhall.core.config import KafkaConfig
 from townhall.devtools.fanout import counting_inbox, import_followers
@@ -36,18 +37,21 @@ class Running:
 @pytest.fixture(scope="module")
 async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     topics = await own_topics(kafka)
-    config = config_for(
-        topics,
-        notifier={
-            "data_dir": str(tmp_path_factory.mktemp("resume")),
-            "group_id": f"g-{uuid.uuid4().hex[:8]}",
-            "metrics_port": 0,
-            "inbox_resume_notifications": MOST,
-        },
-        limits={"enabled": False},
-    )
+    config = notifier_config(topics, tmp_path_factory.mktemp("resume"), inbox_resume_notifications=MOST)
     async with serving(build_app(config), config) as address:
         yield Running(topics, address, config.notifier.address)
+
+
+@contextlib.asynccontextmanager
+async def _following(notifier: Running) -> AsyncIterator[tuple[int, Client]]:
+    """A host, and a client of a user who follows them."""
+    host, user_id = fresh_users(2)
+    await import_followers(notifier.internal, host, [user_id])
+    user = client(notifier.address, user_id)
+    try:
+        yield host, user
+    finally:
+        await user.close()
 
 
 async def _seen(user: Client, notifier: Running, host: int) -> InboxCursor:
@@ -82,12 +86,9 @@ async def _nothing_more(stream: grpc.aio.UnaryStreamCall, within_s: float = 1.5)
 
 
 async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(notifier: Running) -> None:
-    host, user_id = fresh_users(2)
-    await import_followers(notifier.internal, host, [user_id])
-    user = client(notifier.address, user_id)
-    try:
+    async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
-        rooms = await _sent_while_away(notifier, host, user_id, 3)
+        rooms = await _sent_while_away(notifier, host, user.user, 3)
 
         stream = user.notifications(cursor.cursor)
         missed = await _read(stream, 3)
@@ -109,17 +110,12 @@ async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(no
         assert {n.room_id for n in repeated} <= {*rooms, live}
         assert not any(cursor.fresh(n) for n in repeated)
         again.cancel()
-    finally:
-        await user.close()
 
 
 async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Running) -> None:
-    host, user_id = fresh_users(2)
-    await import_followers(notifier.internal, host, [user_id])
-    user = client(notifier.address, user_id)
-    try:
+    async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
-        rooms = await _sent_while_away(notifier, host, user_id, MOST + 2)
+        rooms = await _sent_while_away(notifier, host, user.user, MOST + 2)
 
         stream = user.notifications(cursor.cursor)
         marker, *kept = await _read(stream, 1 + MOST)
@@ -137,30 +133,19 @@ async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Run
         assert [n.room_id for n in await _read(stream, MOST)] == [n.room_id for n in kept]
         await _nothing_more(stream)
         stream.cancel()
-    finally:
-        await user.close()
 
 
 async def test_a_cursor_that_is_not_the_users_is_refused_naming_resume_cursor(notifier: Running) -> None:
-    host, user_id = fresh_users(2)
-    await import_followers(notifier.internal, host, [user_id])
-    user = client(notifier.address, user_id)
-    # A user of another shard: a cursor names a place in one shard's part of the topic.
-    other = client(notifier.address, user_id + 1 if (user_id + 1) % SHARDS else user_id + 2)
-    try:
+    async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
-        for who, bad, message in (
-            (user, "garbage", "resume_cursor is not a token this service made"),
-            (user, cursor.cursor[:-4], "resume_cursor is not a token this service made"),
-            (other, cursor.cursor, "resume_cursor belongs to another request"),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await asyncio.wait_for(who.notifications(bad).read(), READ_S)
-            error = refused.value
-            assert (error.code(), message in (error.details() or "")) == (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                True,
-            ), error.details()
-    finally:
-        await user.close()
-        await other.close()
+        # A user of another shard: a cursor names a place in one shard's part of the topic.
+        other = client(notifier.address, user.user + 1 if (user.user + 1) % SHARDS else user.user + 2)
+        try:
+            for who, bad, message in (
+                (user, "garbage", "resume_cursor is not a token this service made"),
+                (user, cursor.cursor[:-4], "resume_cursor is not a token this service made"),
+                (other, cursor.cursor, "resume_cursor belongs to another request"),
+            ):
+                await refused_with(who.notifications(bad).read(), grpc.StatusCode.INVALID_ARGUMENT, message)
+        finally:
+            await other.close()
