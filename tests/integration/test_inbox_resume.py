@@ -22,8 +22,10 @@ from townhall.notifier.records import SHARDS
 from townhall.v1 import inbox_pb2
 
 pytestmark = pytest.mark.kafka
-# Notifications a resume answers with at most (notifier.inbox_resume_notifications), small for the test.
+# Notifications a resume answers with at most (notifier.inbox_resume_notifications), and records of the
+# user's partition it reads back at most (notifier.inbox_resume_records): small for the test.
 MOST = 4
+SCAN = 50
 READ_S = 30.0
 
 
@@ -37,7 +39,14 @@ class Running:
 @pytest.fixture(scope="module")
 async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
     topics = await own_topics(kafka)
-    config = notifier_config(topics, tmp_path_factory.mktemp("resume"), inbox_resume_notifications=MOST)
+    # One user per record (notifier.batch_users), so a room with many followers is many records.
+    config = notifier_config(
+        topics,
+        tmp_path_factory.mktemp("resume"),
+        inbox_resume_notifications=MOST,
+        inbox_resume_records=SCAN,
+        batch_users=1,
+    )
     async with serving(build_app(config), config) as address:
         yield Running(topics, address, config.notifier.address)
 
@@ -133,6 +142,29 @@ async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Run
         assert [n.room_id for n in await _read(stream, MOST)] == [n.room_id for n in kept]
         await _nothing_more(stream)
         stream.cancel()
+
+
+async def test_a_client_away_past_the_records_read_back_is_told_it_missed_some(notifier: Running) -> None:
+    async with _following(notifier) as (host, user):
+        cursor = await _seen(user, notifier, host)
+        [old] = await _sent_while_away(notifier, host, user.user, 1)
+        # Then a crowd of the user's shard is notified: more records on the user's partition than a
+        # resume reads back, so `old` is out of reach.
+        crowd_host = fresh_users(1)[0]
+        crowd = [user.user + SHARDS * (i + 1) for i in range(SCAN + 10)]
+        await import_followers(notifier.internal, crowd_host, crowd)
+        async with counting_inbox(notifier.kafka, crowd) as watch:
+            room = f"crowd-{uuid.uuid4().hex[:6]}"
+            await start_room(notifier.kafka, room, crowd_host)
+            await until(lambda: watch.delivered(room) == len(crowd), what="the crowd notified")
+        [new] = await _sent_while_away(notifier, host, user.user, 1)
+
+        stream = user.notifications(cursor.cursor)
+        marker, latest = await _read(stream, 2)
+        assert (marker.kind, latest.room_id) == (inbox_pb2.NOTIFICATION_KIND_MISSED, new)
+        await _nothing_more(stream)
+        stream.cancel()
+        assert old != new
 
 
 async def test_a_cursor_that_is_not_the_users_is_refused_naming_resume_cursor(notifier: Running) -> None:
