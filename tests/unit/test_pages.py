@@ -108,3 +108,12 @@ def test_an_ended_room_drops_out_without_moving_the_next_page() -> None:
     assert [r.room_id for r in page] == ["r4", "r5", "r6", "r7"] and more
     page, more = book.live_page(live_order(page[-1]), 4)
     assert ([r.room_id for r in page], more) == (["r8", "r9"], False)
+    # A newer version of a live room keeps its place; a forgotten room leaves the index.
+    book.apply(
+        Room(
+            room_id="r5", host_id=1, state=RoomState.ROOM_STATE_LIVE, started_at_ms=95, version=2, crowd=True
+        )
+    )
+    book.forget("r8")
+    assert [(r.room_id, r.crowd) for r in book.live()][3:6] == [("r4", False), ("r5", True), ("r6", False)]
+    assert (book.live_count(), [r.room_id for r in book.live()][-1]) == (8, "r9")
