@@ -7,19 +7,17 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 
-from tests.integration.fanout_helpers import fresh_users, notifier_config, own_topics, start_room, until
-from tests.integration.helpers import client, refused_with, serving
+from tests.integration.fanout_helpers import RunningNotifier, fresh_users, serving_notifier, start_room, until
+from tests.integration.helpers import client, refused_with
 from townhall.client import Client, InboxCursor
 from townhall.core.config import KafkaConfig
-from townhall.devtools.fanout import counting_inbox, import_followers
-from townhall.notifier.app import build_app
 from townhall.notifier.records import SHARDS
 from townhall.v1 import inbox_pb2
+from townhall_tools.devtools.fanout import counting_inbox, import_followers
 
 pytestmark = pytest.mark.kafka
 # Notifications a resume answers with at most (notifier.inbox_resume_notifications), and records of the
@@ -29,30 +27,23 @@ SCAN = 50
 READ_S = 30.0
 
 
-@dataclass
-class Running:
-    kafka: KafkaConfig
-    address: str
-    internal: str
-
-
 @pytest.fixture(scope="module")
-async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
-    topics = await own_topics(kafka)
+async def notifier(
+    kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningNotifier]:
     # One user per record (notifier.batch_users), so a room with many followers is many records.
-    config = notifier_config(
-        topics,
+    async with serving_notifier(
+        kafka,
         tmp_path_factory.mktemp("resume"),
         inbox_resume_notifications=MOST,
         inbox_resume_records=SCAN,
         batch_users=1,
-    )
-    async with serving(build_app(config), config) as address:
-        yield Running(topics, address, config.notifier.address)
+    ) as running:
+        yield running
 
 
 @contextlib.asynccontextmanager
-async def _following(notifier: Running) -> AsyncIterator[tuple[int, Client]]:
+async def _following(notifier: RunningNotifier) -> AsyncIterator[tuple[int, Client]]:
     """A host, and a client of a user who follows them."""
     host, user_id = fresh_users(2)
     await import_followers(notifier.internal, host, [user_id])
@@ -63,7 +54,7 @@ async def _following(notifier: Running) -> AsyncIterator[tuple[int, Client]]:
         await user.close()
 
 
-async def _seen(user: Client, notifier: Running, host: int) -> InboxCursor:
+async def _seen(user: Client, notifier: RunningNotifier, host: int) -> InboxCursor:
     """The user connects, is notified of one room, and goes away: where it was."""
     stream = user.notifications()
     await stream.initial_metadata()  # registered: what is sent from now on reaches it
@@ -74,7 +65,7 @@ async def _seen(user: Client, notifier: Running, host: int) -> InboxCursor:
     return cursor
 
 
-async def _sent_while_away(notifier: Running, host: int, user: int, count: int) -> list[str]:
+async def _sent_while_away(notifier: RunningNotifier, host: int, user: int, count: int) -> list[str]:
     """Rooms `host` starts while `user` is away, once their notifications are on the topic."""
     rooms = [f"away{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
     async with counting_inbox(notifier.kafka, [user]) as watch:
@@ -94,7 +85,9 @@ async def _nothing_more(stream: grpc.aio.UnaryStreamCall, within_s: float = 1.5)
         pytest.fail(f"one more notification: {extra}")
 
 
-async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(notifier: Running) -> None:
+async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(
+    notifier: RunningNotifier,
+) -> None:
     async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
         rooms = await _sent_while_away(notifier, host, user.user, 3)
@@ -121,7 +114,7 @@ async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(no
         again.cancel()
 
 
-async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Running) -> None:
+async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: RunningNotifier) -> None:
     async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
         rooms = await _sent_while_away(notifier, host, user.user, MOST + 2)
@@ -144,7 +137,9 @@ async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: Run
         stream.cancel()
 
 
-async def test_a_client_away_past_the_records_read_back_is_told_it_missed_some(notifier: Running) -> None:
+async def test_a_client_away_past_the_records_read_back_is_told_it_missed_some(
+    notifier: RunningNotifier,
+) -> None:
     async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
         [old] = await _sent_while_away(notifier, host, user.user, 1)
@@ -167,7 +162,9 @@ async def test_a_client_away_past_the_records_read_back_is_told_it_missed_some(n
         assert old != new
 
 
-async def test_a_cursor_that_is_not_the_users_is_refused_naming_resume_cursor(notifier: Running) -> None:
+async def test_a_cursor_that_is_not_the_users_is_refused_naming_resume_cursor(
+    notifier: RunningNotifier,
+) -> None:
     async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
         # A user of another shard: a cursor names a place in one shard's part of the topic.

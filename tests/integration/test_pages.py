@@ -9,16 +9,15 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from tests.integration.fanout_helpers import fresh_users, notifier_config, own_topics
+from tests.integration.fanout_helpers import fresh_users, own_topics, serving_notifier
 from tests.integration.helpers import client, config_for, metadata, refused_with, serving
 from townhall.admission.app import AdmissionApp
 from townhall.admission.servicer import LIVE_ROOMS
 from townhall.client import Client
 from townhall.core import pages
 from townhall.core.config import Config, KafkaConfig
-from townhall.devtools.fanout import import_followers
-from townhall.notifier.app import build_app
-from townhall.v1 import graph_pb2, graph_pb2_grpc, rooms_pb2, rooms_pb2_grpc
+from townhall.v1 import graph_pb2, rooms_pb2, rooms_pb2_grpc
+from townhall_tools.devtools.fanout import import_followers
 
 pytestmark = pytest.mark.kafka
 RELAY = "127.0.0.1:50999"
@@ -163,11 +162,10 @@ async def test_views_lists_carry_no_bans_getroom_full_for_moderators_basic_on_re
 async def test_followers_are_paged_each_once_while_users_follow(
     kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    config = notifier_config(await own_topics(kafka), tmp_path_factory.mktemp("pages"))
     followee, *followers = fresh_users(25_001)
-    async with serving(build_app(config), config) as address, grpc.aio.insecure_channel(address) as channel:
-        graph = graph_pb2_grpc.GraphStub(channel)
-        await import_followers(config.notifier.address, followee, followers)
+    async with serving_notifier(kafka, tmp_path_factory.mktemp("pages")) as notifier:
+        graph = notifier.graph
+        await import_followers(notifier.internal, followee, followers)
         md = metadata(followee)
         # Users follow between pages: ids below the page being read (already passed) and above it.
         newcomers = iter([followee - 1 - i for i in range(10)] + fresh_users(10))
@@ -202,7 +200,7 @@ async def test_followers_are_paged_each_once_while_users_follow(
         assert list(old.follower_ids[:2]) == followers[100:102] and len(old.follower_ids) == 10_000
 
         # The client follows every page.
-        owner = client(address, followee)
+        owner = client(notifier.address, followee)
         try:
             everyone = [i async for page in owner.followers(page_size=10_000) for i in page]
             assert everyone == sorted([*followers, *followed])
