@@ -89,7 +89,10 @@ class Backlog:
     async def _read(
         self, user: int, partitions: int, partition: int, offset: int
     ) -> list[inbox_pb2.Notification]:
-        reader = consumer(self._kafka, enable_auto_commit=False, fetch_max_wait_ms=100)
+        # A record deleted by retention while it is read: go on from the oldest kept, not from the end.
+        reader = consumer(
+            self._kafka, enable_auto_commit=False, fetch_max_wait_ms=100, auto_offset_reset="earliest"
+        )
         await reader.start()
         try:
             tp = TopicPartition(self._topic, partition)
