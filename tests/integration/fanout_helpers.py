@@ -47,11 +47,12 @@ class RunningNotifier:
 
 @contextlib.asynccontextmanager
 async def serving_notifier(
-    kafka: KafkaConfig, data_dir: Path, **notifier: object
+    kafka: KafkaConfig, data_dir: Path, own: bool = True, **notifier: object
 ) -> AsyncIterator[RunningNotifier]:
-    """A notifier on topics of its own (own_topics), its store in `data_dir`, its own consumer group, no
-    metrics port, and `notifier` settings; served until the block ends."""
-    topics = await own_topics(kafka)
+    """A notifier on topics of its own (own_topics; with `own` false, on `kafka`'s), its store in
+    `data_dir`, its own consumer group, no metrics port, and `notifier` settings; served until the block
+    ends."""
+    topics = await own_topics(kafka) if own else kafka
     settings = {"data_dir": str(data_dir), "group_id": f"g-{uuid.uuid4().hex[:8]}", "metrics_port": 0}
     config = config_for(topics, notifier={**settings, **notifier})
     async with serving(build_app(config), config) as address, grpc.aio.insecure_channel(address) as channel:

@@ -114,6 +114,28 @@ async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(
         again.cancel()
 
 
+async def test_any_notifier_answers_a_resume(
+    notifier: RunningNotifier, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Nothing is kept per user in a process: a client whose notifier went away resumes on another."""
+    async with (
+        _following(notifier) as (host, user),
+        serving_notifier(
+            notifier.kafka, tmp_path_factory.mktemp("inbox-only"), own=False, fanout=False
+        ) as other,
+    ):
+        cursor = await _seen(user, notifier, host)
+        rooms = await _sent_while_away(notifier, host, user.user, 3)
+        elsewhere = client(other.address, user.user)
+        try:
+            stream = elsewhere.notifications(cursor.cursor)
+            assert sorted(n.room_id for n in await _read(stream, 3)) == sorted(rooms)
+            await _nothing_more(stream)
+            stream.cancel()
+        finally:
+            await elsewhere.close()
+
+
 async def test_a_client_away_past_the_bound_is_told_it_missed_some(notifier: RunningNotifier) -> None:
     async with _following(notifier) as (host, user):
         cursor = await _seen(user, notifier, host)
