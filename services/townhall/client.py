@@ -390,10 +390,11 @@ class Client:
         )
         return stub.Subscribe(request, metadata=md)
 
-    def notifications(self, resume_cursor: str = "") -> grpc.aio.UnaryStreamCall:
-        """This user's Inbox stream; from `resume_cursor` (the last notification's cursor) it starts with
-        what was sent since (see Inbox for the bound, and `InboxCursor` for keeping one)."""
-        request = inbox_pb2.InboxSubscribeRequest(resume_cursor=resume_cursor)
+    def notifications(self, resume_cursor: str = "", send_start: bool = False) -> grpc.aio.UnaryStreamCall:
+        """This user's Inbox stream; from `resume_cursor` (the last cursor seen) it starts with what was
+        sent since (see Inbox for the bound, and `InboxCursor` for keeping one). With `send_start` (and no
+        cursor) its first message is a NOTIFICATION_KIND_CONNECTED marker with a cursor to resume from."""
+        request = inbox_pb2.InboxSubscribeRequest(resume_cursor=resume_cursor, send_start=send_start)
         return self.inbox.Subscribe(request, metadata=self._metadata)
 
 
@@ -411,6 +412,8 @@ class InboxCursor:
         """Takes note of what the stream sent; False if it is a notification seen already."""
         if note.cursor:
             self.cursor = note.cursor
+        if note.kind == inbox_pb2.NOTIFICATION_KIND_CONNECTED:
+            return True
         if note.kind == inbox_pb2.NOTIFICATION_KIND_MISSED:
             self.missed += 1
             return True

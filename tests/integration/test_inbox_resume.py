@@ -114,6 +114,26 @@ async def test_a_client_back_with_its_cursor_gets_exactly_the_three_it_missed(
         again.cancel()
 
 
+async def test_a_client_that_saw_no_notification_resumes_from_where_its_stream_started(
+    notifier: RunningNotifier,
+) -> None:
+    async with _following(notifier) as (host, user):
+        stream = user.notifications(send_start=True)
+        [start] = await _read(stream, 1)
+        assert (start.kind, start.room_id, start.notification_id) == (
+            inbox_pb2.NOTIFICATION_KIND_CONNECTED,
+            "",
+            "",
+        )
+        stream.cancel()
+        rooms = await _sent_while_away(notifier, host, user.user, 3)
+
+        stream = user.notifications(start.cursor, send_start=True)  # a cursor: no second marker
+        assert sorted(n.room_id for n in await _read(stream, 3)) == sorted(rooms)
+        await _nothing_more(stream)
+        stream.cancel()
+
+
 async def test_any_notifier_answers_a_resume(
     notifier: RunningNotifier, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -51,6 +51,8 @@ def test_the_client_keeps_the_last_cursor_and_shows_each_notification_once() -> 
     marker = inbox_pb2.Notification(kind=inbox_pb2.NOTIFICATION_KIND_MISSED, cursor=second.cursor)
     assert kept.fresh(marker) and kept.fresh(marker) and kept.missed == 2
     assert kept.cursor == second.cursor
+    start = inbox_pb2.Notification(kind=inbox_pb2.NOTIFICATION_KIND_CONNECTED, cursor=third.cursor)
+    assert kept.fresh(start) and (kept.cursor, kept.missed) == (third.cursor, 2)
 
 
 def test_a_record_cannot_carry_the_missed_marker() -> None:

@@ -19,7 +19,7 @@ from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.live import Listener, Speaker
 from townhall.v1.common_pb2 import Room
-from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_MISSED
+from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_CONNECTED, NOTIFICATION_KIND_MISSED
 
 console = Console()
 
@@ -105,11 +105,13 @@ async def _follow(client: Client, args: argparse.Namespace) -> int:
 
 async def _inbox(client: Client, args: argparse.Namespace) -> int:
     cursor = InboxCursor(args.resume)
-    call = client.notifications(args.resume)
+    call = client.notifications(args.resume, send_start=True)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(args.seconds):
             async for note in call:
                 if not cursor.fresh(note):
+                    continue
+                if note.kind == NOTIFICATION_KIND_CONNECTED:
                     continue
                 if note.kind == NOTIFICATION_KIND_MISSED:
                     console.print(

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from townhall.core import logging, sharding
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
+from townhall.core.errors import Unavailable
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import (
     Topics,
@@ -98,8 +99,16 @@ class NotifierApp:
             self.config.notifier.reminders_per_user,
         )
         graph_pb2_grpc.add_GraphServicer_to_server(graph, server)
-        inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub, self.backlog), server)
+        inbox_pb2_grpc.add_InboxServicer_to_server(
+            InboxServicer(self.hub, self.backlog, self._stream_start), server
+        )
         internal_pb2_grpc.add_GraphShardsServicer_to_server(ShardsServicer(self.handover), server)
+
+    def _stream_start(self, user: int) -> str:
+        """Where an Inbox stream of `user` connected now starts (its NOTIFICATION_KIND_CONNECTED cursor)."""
+        if self.inbox is None:
+            raise Unavailable("this notifier is not reading notifications yet; reconnect")
+        return self.inbox.start_cursor(user)
 
     async def start(self) -> None:
         """Waits for Kafka and its topics (server.kafka_wait_s), opens the store, connects to Kafka (bounded

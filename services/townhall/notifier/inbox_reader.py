@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
+from townhall.core.errors import Unavailable
 from townhall.core.kafka import Follower, end_offsets
 from townhall.core.records import Reader, Record
 from townhall.notifier.inbox import InboxDelivery
-from townhall.notifier.inbox_resume import stamp
-from townhall.notifier.records import batch_record, checked_batch, decode_batch
+from townhall.notifier.inbox_resume import cursor, partition_of, stamp
+from townhall.notifier.records import batch_record, checked_batch, decode_batch, shard_of
 
 log = logging.get(__name__)
 
@@ -47,6 +48,16 @@ class InboxReader:
         self._follower = Follower(self._kafka, positions, self.apply, "notifier-inbox")
         await self._follower.start()
         return len(positions)
+
+    def start_cursor(self, user: int) -> str:
+        """The cursor just before the next record this reader applies on the user's partition: a stream
+        connected now gets every later record live, and a resume from here reads them back."""
+        if self._follower is None:
+            raise Unavailable("this notifier is not reading notifications yet; reconnect")
+        shard = shard_of(user)
+        partition = partition_of(shard, self._partitions)
+        position = self._follower.positions[TopicPartition(self._topic, partition)]
+        return cursor(shard, self._partitions, partition, position - 1)
 
     async def close(self) -> None:
         """Stops following."""

@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.message import DecodeError
 
 from townhall.core import pages
@@ -31,7 +32,7 @@ from townhall.v1 import inbox_pb2
 RESUMES_AT_ONCE = 4
 # A resume that has not read its records by then fails with UNAVAILABLE (the client retries).
 RESUME_TIMEOUT_S = 15.0
-_KEY = struct.Struct(">HHQ")  # partitions, partition, offset
+_KEY = struct.Struct(">HHq")  # partitions, partition, offset (-1: before the first record)
 
 
 def _scope(shard: int) -> str:
@@ -41,6 +42,12 @@ def _scope(shard: int) -> str:
 def cursor(shard: int, partitions: int, partition: int, offset: int) -> str:
     """The resume cursor of the record at `offset` of `partition` (of `partitions`) for users of `shard`."""
     return pages.seal(_scope(shard), _KEY.pack(partitions, partition, offset))
+
+
+def partition_of(shard: int, partitions: int) -> int:
+    """The partition a shard's records are on: the producers' default partitioner (murmur2 of the key, the
+    default of every Kafka client)."""
+    return int(DefaultPartitioner()(shard_key(shard), list(range(partitions)), []))
 
 
 def stamp(note: inbox_pb2.Notification, record: Record, partitions: int) -> inbox_pb2.Notification:

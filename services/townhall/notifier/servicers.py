@@ -362,9 +362,11 @@ class InboxServicer(inbox_pb2_grpc.InboxServicer):
     """Subscribe: what the caller missed since its resume cursor, then its notifications while the stream
     is open."""
 
-    def __init__(self, hub: InboxDelivery, backlog: Backlog) -> None:
+    def __init__(self, hub: InboxDelivery, backlog: Backlog, start: Callable[[int], str]) -> None:
         self._hub = hub
         self._backlog = backlog
+        # The cursor where a stream of a user connected now starts (InboxReader.start_cursor).
+        self._start = start
 
     async def Subscribe(
         self, request: inbox_pb2.InboxSubscribeRequest, context: grpc.aio.ServicerContext
@@ -382,6 +384,10 @@ class InboxServicer(inbox_pb2_grpc.InboxServicer):
             # Lets a client know from which moment on it will be notified.
             await context.send_initial_metadata(())
             resumed: set[str] = set()
+            if not request.resume_cursor and request.send_start:
+                yield inbox_pb2.Notification(
+                    kind=inbox_pb2.NOTIFICATION_KIND_CONNECTED, cursor=self._start(user)
+                )
             if request.resume_cursor:
                 for missed in await self._backlog.since(user, request.resume_cursor):
                     resumed.add(missed.notification_id)
