@@ -51,6 +51,8 @@ RETRY_UNAVAILABLE_S = 30.0
 # retry-after (rooms per host per hour) or none at all is the caller's to see at once.
 MAX_RETRY_AFTER_S = 5.0
 RETRY_EXHAUSTED_TIMES = 5
+# Rooms per ListLiveRooms page when a caller wants only the first few: the server's largest page.
+LIST_PAGE = 500
 # "retry after 1234 ms" / "retry after 12 s" in a refusal's message, for servers that send no trailer.
 _RETRY_AFTER_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(ms|s)\b")
 
@@ -206,11 +208,28 @@ class Client:
             await self._rooms_call(lambda s: s.GetRoom(request, metadata=self._metadata, timeout=10))
         )
 
-    async def live_rooms(self, limit: int = 100) -> list[Room]:
-        """Live rooms, newest first."""
-        request = rooms_pb2.ListLiveRoomsRequest(limit=limit)
-        reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
-        return [self.learn(room) for room in reply.rooms]
+    async def live_rooms(self, limit: int = 0, page_size: int = 0) -> list[Room]:
+        """Live rooms, newest first: every one (page after page), or the first `limit`."""
+        rooms: list[Room] = []
+        token = ""
+        while True:
+            size = min(page_size or LIST_PAGE, limit - len(rooms)) if limit else page_size
+            request = rooms_pb2.ListLiveRoomsRequest(page_size=size, page_token=token)
+            reply = await self.rooms.ListLiveRooms(request, metadata=self._metadata, timeout=10)
+            rooms += (self.learn(room) for room in reply.rooms)
+            token = reply.next_page_token
+            if not token or (limit and len(rooms) >= limit):
+                return rooms
+
+    async def followers(self, page_size: int = 0) -> AsyncIterator[list[int]]:
+        """This user's followers, ascending, a page at a time (only a user may list their own)."""
+        token = ""
+        while True:
+            request = graph_pb2.ListFollowersRequest(user_id=self.user, page_size=page_size, page_token=token)
+            reply = await self.graph.ListFollowers(request, metadata=self._metadata, timeout=30)
+            yield list(reply.follower_ids)
+            if not (token := reply.next_page_token):
+                return
 
     def learn(self, room: _Seen) -> _Seen:
         """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""
@@ -371,9 +390,39 @@ class Client:
         )
         return stub.Subscribe(request, metadata=md)
 
-    def notifications(self) -> grpc.aio.UnaryStreamCall:
-        """This user's Inbox stream."""
-        return self.inbox.Subscribe(inbox_pb2.InboxSubscribeRequest(), metadata=self._metadata)
+    def notifications(self, resume_cursor: str = "", send_start: bool = False) -> grpc.aio.UnaryStreamCall:
+        """This user's Inbox stream; from `resume_cursor` (the last cursor seen) it starts with what was
+        sent since (see Inbox for the bound, and `InboxCursor` for keeping one). With `send_start` (and no
+        cursor) its first message is a NOTIFICATION_KIND_CONNECTED marker with a cursor to resume from."""
+        request = inbox_pb2.InboxSubscribeRequest(resume_cursor=resume_cursor, send_start=send_start)
+        return self.inbox.Subscribe(request, metadata=self._metadata)
+
+
+class InboxCursor:
+    """Where a user is in their Inbox, across reconnects: the cursor to resume from, and the ids of the
+    latest `remember` notifications, so one delivered again (delivery is at-least-once) is shown once."""
+
+    def __init__(self, cursor: str = "", remember: int = 1_000) -> None:
+        self.cursor = cursor
+        self.missed = 0  # NOTIFICATION_KIND_MISSED markers seen: some notifications were not kept
+        self._seen: dict[str, None] = {}
+        self._remember = remember
+
+    def fresh(self, note: inbox_pb2.Notification) -> bool:
+        """Takes note of what the stream sent; False if it is a notification seen already."""
+        if note.cursor:
+            self.cursor = note.cursor
+        if note.kind == inbox_pb2.NOTIFICATION_KIND_CONNECTED:
+            return True
+        if note.kind == inbox_pb2.NOTIFICATION_KIND_MISSED:
+            self.missed += 1
+            return True
+        if note.notification_id in self._seen:
+            return False
+        self._seen[note.notification_id] = None
+        if len(self._seen) > self._remember:
+            del self._seen[next(iter(self._seen))]
+        return True
 
 
 async def publish_status(

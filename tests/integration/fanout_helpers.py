@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from aiokafka import AIOKafkaProducer
 
+from tests.integration.helpers import config_for, serving
 from townhall.core.config import DEV_ENV, KafkaConfig
 from townhall.core.kafka import ensure_topics
+from townhall.notifier.app import build_app
+from townhall.v1 import graph_pb2_grpc
 from townhall_tools.devtools import processes
 from townhall_tools.devtools.events import publish_room_started
 
@@ -27,6 +33,30 @@ async def own_topics(kafka: KafkaConfig) -> KafkaConfig:
     config = KafkaConfig(bootstrap=kafka.bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=4)
     await ensure_topics(config)
     return config
+
+
+@dataclass
+class RunningNotifier:
+    """A notifier served in-process on its own topics."""
+
+    kafka: KafkaConfig
+    address: str
+    graph: graph_pb2_grpc.GraphStub
+    internal: str  # where Graph.Import is served
+
+
+@contextlib.asynccontextmanager
+async def serving_notifier(
+    kafka: KafkaConfig, data_dir: Path, own: bool = True, **notifier: object
+) -> AsyncIterator[RunningNotifier]:
+    """A notifier on topics of its own (own_topics; with `own` false, on `kafka`'s), its store in
+    `data_dir`, its own consumer group, no metrics port, and `notifier` settings; served until the block
+    ends."""
+    topics = await own_topics(kafka) if own else kafka
+    settings = {"data_dir": str(data_dir), "group_id": f"g-{uuid.uuid4().hex[:8]}", "metrics_port": 0}
+    config = config_for(topics, notifier={**settings, **notifier})
+    async with serving(build_app(config), config) as address, grpc.aio.insecure_channel(address) as channel:
+        yield RunningNotifier(topics, address, graph_pb2_grpc.GraphStub(channel), config.notifier.address)
 
 
 def fresh_users(n: int) -> list[int]:

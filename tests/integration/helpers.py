@@ -101,6 +101,12 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     raise AssertionError("the call succeeded but should have failed")
 
 
+async def refused_with(call: Any, code: grpc.StatusCode, message: str) -> None:
+    """An awaited call fails with `code` and a message that says `message`."""
+    error = await rpc_error(call)
+    assert (error.code(), message in (error.details() or "")) == (code, True), error.details()
+
+
 async def join_outcome(stub: Any, room_id: str, metadata: Any) -> tuple[str, grpc.aio.AioRpcError | None]:
     """One Join on `stub`: "granted", "waiting" or the refusal's status name, with the refusal."""
     try:

@@ -203,6 +203,6 @@ async def test_concurrent_callers_are_never_mixed_up(kafka: KafkaConfig, tmp_pat
                 await channel.close()
         assert len(channels) > 1 and all(created)
         listed = await graph_pb2_grpc.GraphStub(s.notifier).ListFollowers(
-            graph_pb2.ListFollowersRequest(user_id=host, limit=1000), metadata=signed(NEW, host, ())
+            graph_pb2.ListFollowersRequest(user_id=host, page_size=1000), metadata=signed(NEW, host, ())
         )
         assert list(listed.follower_ids) == users

@@ -4,51 +4,37 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import grpc
 import pytest
 
-from tests.integration.fanout_helpers import fresh_users, own_topics, start_room, until
-from tests.integration.helpers import config_for, metadata, serving
+from tests.integration.fanout_helpers import RunningNotifier, fresh_users, serving_notifier, start_room, until
+from tests.integration.helpers import metadata
 from townhall.core.config import KafkaConfig
-from townhall.notifier.app import build_app
-from townhall.v1 import graph_pb2, graph_pb2_grpc
+from townhall.v1 import graph_pb2
 from townhall_tools.devtools.fanout import counting_inbox, import_followers
 
 pytestmark = pytest.mark.kafka
 
 
-@dataclass
-class Running:
-    kafka: KafkaConfig
-    address: str
-    graph: graph_pb2_grpc.GraphStub
-    internal: str  # where Graph.Import is served
-
-
 @pytest.fixture(scope="module")
-async def notifier(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
-    topics = await own_topics(kafka)
+async def notifier(
+    kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningNotifier]:
     # Tasks of 10 users at 40 tasks/s: a 2,000-follower host keeps the bulk lane busy for seconds.
-    config = config_for(
-        topics,
-        notifier={
-            "data_dir": str(tmp_path_factory.mktemp("lanes")),
-            "group_id": f"g-{uuid.uuid4().hex[:8]}",
-            "metrics_port": 0,
-            "task_users": 10,
-            "worker_rate": 40.0,
-            "bulk_threshold": 100,
-            "bulk_share": 0.2,
-        },
-    )
-    app = build_app(config)
-    async with serving(app, config) as address, grpc.aio.insecure_channel(address) as channel:
-        yield Running(topics, address, graph_pb2_grpc.GraphStub(channel), config.notifier.address)
+    async with serving_notifier(
+        kafka,
+        tmp_path_factory.mktemp("lanes"),
+        task_users=10,
+        worker_rate=40.0,
+        bulk_threshold=100,
+        bulk_share=0.2,
+    ) as running:
+        yield running
 
 
-async def test_a_small_host_is_notified_while_a_big_fanout_is_still_running(notifier: Running) -> None:
+async def test_a_small_host_is_notified_while_a_big_fanout_is_still_running(
+    notifier: RunningNotifier,
+) -> None:
     big, *crowd = fresh_users(2001)
     small, *few = fresh_users(4)
     await import_followers(notifier.internal, big, crowd)
@@ -69,7 +55,9 @@ async def test_a_small_host_is_notified_while_a_big_fanout_is_still_running(noti
     assert bulk_done_then < len(crowd)
 
 
-async def test_follow_and_unfollow_during_a_fanout_apply_from_the_next_room(notifier: Running) -> None:
+async def test_follow_and_unfollow_during_a_fanout_apply_from_the_next_room(
+    notifier: RunningNotifier,
+) -> None:
     host, *followers = fresh_users(1001)
     [newcomer] = fresh_users(1)
     leaver = followers[-1]  # the last block: still waiting to be fanned out when it unfollows
@@ -101,6 +89,6 @@ async def test_follow_and_unfollow_during_a_fanout_apply_from_the_next_room(noti
     )
     assert count.count == len(followers)
     page = await notifier.graph.ListFollowers(
-        graph_pb2.ListFollowersRequest(user_id=host, limit=10_000), metadata=metadata(host), timeout=10
+        graph_pb2.ListFollowersRequest(user_id=host, page_size=10_000), metadata=metadata(host), timeout=10
     )
     assert sorted(page.follower_ids) == sorted([*followers[:-1], newcomer])

@@ -1,4 +1,5 @@
-"""Two notifier processes sharing a fan-out: one is stopped (SIGTERM) in the middle of it."""
+"""Two notifier processes sharing a fan-out: one is stopped (SIGTERM) in the middle of it; its Inbox reader
+resumes on the other."""
 
 from __future__ import annotations
 
@@ -26,4 +27,4 @@ async def test_sigterm_of_a_notifier_mid_fanout_notifies_every_follower_once(
     outcome = recorded(await notifier.run(topology, kill=False), tmp_path)
     assert outcome.problems == []
     f = outcome.figures
-    assert (f["notifications_lost"], f["notified_twice"], f["errors"]) == (0, 0, 0)
+    assert (f["notifications_lost"], f["notified_twice"], f["errors"], f["reader_notified"]) == (0, 0, 0, 1)

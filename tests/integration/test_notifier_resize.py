@@ -148,16 +148,15 @@ class Graph:
                 )
                 assert count.count == len(followers), (address, followee)
                 listed: list[int] = []
+                token = ""
                 while True:
                     page = await graph.ListFollowers(
-                        graph_pb2.ListFollowersRequest(
-                            user_id=followee, after_id=listed[-1] if listed else 0
-                        ),
+                        graph_pb2.ListFollowersRequest(user_id=followee, page_token=token),
                         metadata=md,
                         timeout=30,
                     )
                     listed += page.follower_ids
-                    if len(page.follower_ids) < 1000:
+                    if not (token := page.next_page_token):
                         break
                 assert listed == sorted(followers), (address, followee)
 

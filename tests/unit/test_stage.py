@@ -275,9 +275,9 @@ def test_a_hand_over_makes_the_co_host_host_and_the_old_host_a_co_host() -> None
 
 def test_a_listing_leaves_out_bans_and_removals() -> None:
     room = live_room()
-    assert stage.listed(room) is room
+    assert stage.basic(room) is room
     banned = remove(room, HOST, LISTENER, ban=True)
-    shown = stage.listed(banned)
+    shown = stage.basic(banned)
     assert list(shown.banned_ids) == [] and list(shown.removals) == [] and shown.version == banned.version
     assert list(banned.banned_ids) == [LISTENER]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import secrets
 from collections import deque
@@ -58,6 +59,10 @@ class RoomBook:
         self._banned: dict[str, frozenset[int]] = {}
         # Per host, when their rooms known here were created (Unix ms, oldest first; pruned past an hour).
         self._created: dict[int, deque[int]] = {}
+        # The live rooms' keys in ListLiveRooms order (live_order), and each live room's key: a page is a
+        # bisection and a slice, not a sort of every room on every call.
+        self._live: list[tuple[int, str]] = []
+        self._live_keys: dict[str, tuple[int, str]] = {}
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -81,6 +86,7 @@ class RoomBook:
         if held is None and room.created_at_ms:
             self._created.setdefault(room.host_id, deque()).append(room.created_at_ms)
         self._rooms[room.room_id] = room
+        self._index(room.room_id, live_order(room) if room.state == RoomState.ROOM_STATE_LIVE else None)
         if room.state == RoomState.ROOM_STATE_LIVE and not room.announced:
             self._unannounced.add(room.room_id)
         else:
@@ -95,6 +101,7 @@ class RoomBook:
         """Drops a room (its record was deleted from the room-state topic, or it ended long ago)."""
         if self._rooms.pop(room_id, None) is None:
             return False
+        self._index(room_id, None)
         self._unannounced.discard(room_id)
         self._banned.pop(room_id, None)
         return True
@@ -138,13 +145,31 @@ class RoomBook:
         return banned is not None and user in banned
 
     def live(self) -> list[Room]:
-        """Live rooms, most recently started first."""
-        rooms = [r for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE]
-        return sorted(rooms, key=lambda r: r.started_at_ms, reverse=True)
+        """Live rooms, most recently started first (then by id)."""
+        return [self._rooms[room_id] for _, room_id in self._live]
+
+    def live_page(self, after: tuple[int, str] | None, size: int) -> tuple[list[Room], bool]:
+        """Up to `size` live rooms in `live` order that come after the key `after` (a room's live_order),
+        and whether more follow. By key, not position: rooms started since do not shift the page."""
+        first = 0 if after is None else bisect.bisect_right(self._live, after)
+        keys = self._live[first : first + size + 1]
+        return [self._rooms[room_id] for _, room_id in keys[:size]], len(keys) > size
 
     def live_count(self) -> int:
         """How many rooms are live."""
-        return sum(1 for r in self._rooms.values() if r.state == RoomState.ROOM_STATE_LIVE)
+        return len(self._live)
+
+    def _index(self, room_id: str, key: tuple[int, str] | None) -> None:
+        """Files a room under its live key (None: not live) in the live index."""
+        held = self._live_keys.get(room_id)
+        if held == key:
+            return
+        if held is not None:
+            del self._live[bisect.bisect_left(self._live, held)]
+            del self._live_keys[room_id]
+        if key is not None:
+            bisect.insort(self._live, key)
+            self._live_keys[room_id] = key
 
     def created(
         self,
@@ -235,6 +260,11 @@ class RoomBook:
         if room.host_id != caller:
             raise PermissionDenied(f"only the host of room {room_id} may {action} it")
         return room
+
+
+def live_order(room: Room) -> tuple[int, str]:
+    """A live room's place in ListLiveRooms: most recently started first, then by id (a total order)."""
+    return -room.started_at_ms, room.room_id
 
 
 def role_of(room: Room, user: int) -> Role.ValueType:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -17,10 +18,10 @@ from townhall.admission.metrics import (
     JOINS_SHED,
     JOINS_WAITING,
 )
-from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, new_room_id, room_id_for
-from townhall.admission.stage import listed, shown_to
+from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, live_order, new_room_id, room_id_for
+from townhall.admission.stage import basic, shown_to
 from townhall.admission.store import RoomStore
-from townhall.core import validation
+from townhall.core import pages, validation
 from townhall.core.auth import HOST
 from townhall.core.errors import (
     InvalidArgument,
@@ -36,6 +37,8 @@ from townhall.v1.common_pb2 import Room
 from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
 
 LIST_DEFAULT, LIST_MAX = 50, 500
+# What a ListLiveRooms page token belongs to (core/pages.py): the list, in its one view (BASIC).
+LIVE_ROOMS = "townhall.v1.Rooms/ListLiveRooms"
 
 
 # Admits one member may say it holds of one room (a sanity bound, not a limit anyone reaches).
@@ -140,13 +143,22 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         return shown(context, await change_on_owner(self._peers, self._store, room_id, here, there))
 
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
-        return shown(context, self._store.book.get(validation.room_id(request.room_id)))
+        # The view is a RoomView: core/decoding.py refuses a number the enum does not define.
+        room = self._store.book.get(validation.room_id(request.room_id))
+        return basic(room) if request.view == rooms_pb2.ROOM_VIEW_BASIC else shown(context, room)
 
     async def ListLiveRooms(
         self, request: rooms_pb2.ListLiveRoomsRequest, context: grpc.aio.ServicerContext
     ) -> rooms_pb2.ListLiveRoomsResponse:
-        limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
-        return rooms_pb2.ListLiveRoomsResponse(rooms=[listed(r) for r in self._store.book.live()[:limit]])
+        if request.view == rooms_pb2.ROOM_VIEW_FULL:
+            raise InvalidArgument(
+                "view ROOM_VIEW_FULL is for GetRoom only: lists carry no bans, removals, hands or invitations"
+            )
+        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        after = _live_key(pages.unseal(request.page_token, LIVE_ROOMS)) if request.page_token else None
+        rooms, more = self._store.book.live_page(after, size)
+        token = pages.seal(LIVE_ROOMS, _live_token_key(rooms[-1])) if more else ""
+        return rooms_pb2.ListLiveRoomsResponse(rooms=[basic(r) for r in rooms], next_page_token=token)
 
 
 class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
@@ -221,6 +233,20 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
         # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
         validation.bounded(request.held, "held", 0, MAX_HELD)
         return self._capacity.grant(request)
+
+
+def _live_token_key(room: Room) -> bytes:
+    """A live room's place in ListLiveRooms (rooms.live_order) as a page token's key."""
+    started, room_id = live_order(room)
+    return struct.pack(">q", started) + room_id.encode("ascii")
+
+
+def _live_key(key: bytes) -> tuple[int, str]:
+    """The place in ListLiveRooms a page token's key names (checked: the token could be any we made)."""
+    if len(key) < 8:
+        raise InvalidArgument("page_token does not name a place in the live rooms: start again without it")
+    (started,) = struct.unpack(">q", key[:8])
+    return started, key[8:].decode("ascii", "replace")
 
 
 def shown(context: grpc.aio.ServicerContext, room: Room) -> Room:

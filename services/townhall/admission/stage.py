@@ -52,8 +52,9 @@ def shown_to(room: Room, user: int, grants: Iterable[str]) -> Room:
     return _public(room, user)
 
 
-def listed(room: Room) -> Room:
-    """The room as ListLiveRooms shows it to anyone: no bans, removals, raised hands or invitations."""
+def basic(room: Room) -> Room:
+    """The room in the BASIC view (ListLiveRooms, and GetRoom if asked): no bans, removals, raised hands
+    or invitations, for anyone."""
     return _public(room, 0)
 
 

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     inbox = sub.add_parser("inbox", help="print your notifications as they arrive")
     inbox.add_argument("--user", type=int, required=True, help="your user id")
     inbox.add_argument("--seconds", type=float, default=60.0, help="stop after this long")
+    inbox.add_argument(
+        "--resume",
+        default="",
+        metavar="CURSOR",
+        help="first show what was sent since this cursor (printed at exit)",
+    )
 
     speak = sub.add_parser("speak", help="join a room and speak an audio file into it (Opus)")
     speak.add_argument("file", type=Path, help="any audio file PyAV reads (WAV, MP3, OGG...)")

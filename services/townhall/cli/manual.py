@@ -15,10 +15,11 @@ from rich.table import Table
 
 from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
-from townhall.client import Client, Endpoints
+from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.live import Listener, Speaker
 from townhall.v1.common_pb2 import Room
+from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_CONNECTED, NOTIFICATION_KIND_MISSED
 
 console = Console()
 
@@ -75,7 +76,7 @@ def _show(room: Room) -> None:
 async def _room(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
         table = Table("room", "title", "host", "started")
-        for room in await client.live_rooms(100):
+        for room in await client.live_rooms():
             started = time.strftime("%H:%M:%S", time.localtime(room.started_at_ms / 1000))
             table.add_row(room.room_id, room.title, str(room.host_id), started)
         console.print(table)
@@ -103,12 +104,24 @@ async def _follow(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _inbox(client: Client, args: argparse.Namespace) -> int:
-    call = client.notifications()
+    cursor = InboxCursor(args.resume)
+    call = client.notifications(args.resume, send_start=True)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(args.seconds):
             async for note in call:
-                console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
+                if not cursor.fresh(note):
+                    continue
+                if note.kind == NOTIFICATION_KIND_CONNECTED:
+                    continue
+                if note.kind == NOTIFICATION_KIND_MISSED:
+                    console.print(
+                        "[yellow]some notifications sent while you were away are no longer kept[/yellow]"
+                    )
+                else:
+                    console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
     call.cancel()
+    if cursor.cursor:
+        console.print(f"to resume from here: --resume {cursor.cursor}")
     return 0
 
 

@@ -720,6 +720,11 @@ class NotifierConfig:
     inbox_queue: Annotated[int, positive()] = 256
     # Inbox streams one user may hold on one notifier (their devices); one more ends the oldest.
     inbox_streams_per_user: Annotated[int, within(1, 100)] = 4
+    # Inbox resume (docs/notifications.md): a reconnecting client gets what it missed from at most this
+    # many of the latest records of its partition of the notifications topic (each up to batch_users ids)...
+    inbox_resume_records: Annotated[int, within(1, 1_000_000)] = 2_000
+    # ...and at most this many notifications (the latest); past either it is told it missed some.
+    inbox_resume_notifications: Annotated[int, within(1, 10_000)] = 100
     # Reminders (RemindMe) one user may hold on one notifier for rooms not yet ended; 0: no limit.
     # A reminder is taken only for a room that exists and has not started, and goes when it ends.
     reminders_per_user: Annotated[int, within(1, 1_000_000, zero="no limit")] = 100

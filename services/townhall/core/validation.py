@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from google.protobuf.descriptor import EnumDescriptor
+
 from townhall.core.errors import InvalidArgument
 from townhall.v1.common_pb2 import Room, RoomState
 
@@ -143,6 +145,14 @@ def bounded(value: int, field: str, low: int, high: int) -> int:
     """An integer within low..high."""
     if not low <= value <= high:
         raise InvalidArgument(f"{field} must be within {low}..{high}, not {value}")
+    return value
+
+
+def enum_value(value: int, enum: EnumDescriptor, field: str) -> int:
+    """A value the proto enum names (an unknown one from a newer client is refused, not guessed at)."""
+    if value not in enum.values_by_number:
+        names = ", ".join(v.name for v in enum.values)
+        raise InvalidArgument(f"{field} is {value}, not one of {names}")
     return value
 
 

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from townhall.core import logging, sharding
 from townhall.core.auth import Authenticator
 from townhall.core.config import Config, KafkaConfig
+from townhall.core.errors import Unavailable
 from townhall.core.forwarding import Forwarding
 from townhall.core.kafka import (
     Topics,
@@ -27,6 +28,7 @@ from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
 from townhall.notifier.inbox_reader import InboxReader
+from townhall.notifier.inbox_resume import Backlog
 from townhall.notifier.membership import Membership, api_errors, membership_for
 from townhall.notifier.metrics import FOLLOWERS_STORED
 from townhall.notifier.peers import NotifierChannels
@@ -62,6 +64,13 @@ class NotifierApp:
         self.hub = InboxDelivery(
             config.notifier.inbox_queue, streams_per_user=config.notifier.inbox_streams_per_user
         )
+        self.backlog = Backlog(
+            config.kafka,
+            self.topics.notifications,
+            reader(config.kafka, config.auth, self.topics.notifications),
+            config.notifier.inbox_resume_records,
+            config.notifier.inbox_resume_notifications,
+        )
         self.placement = ShardOwners(config.notifier.address, config.notifier.members)
         self.auth = Authenticator(config.auth, "notifier", config.notifier.address)
         self.peers = NotifierChannels(Forwarding(self.auth), config.tls)
@@ -90,8 +99,16 @@ class NotifierApp:
             self.config.notifier.reminders_per_user,
         )
         graph_pb2_grpc.add_GraphServicer_to_server(graph, server)
-        inbox_pb2_grpc.add_InboxServicer_to_server(InboxServicer(self.hub), server)
+        inbox_pb2_grpc.add_InboxServicer_to_server(
+            InboxServicer(self.hub, self.backlog, self._stream_start), server
+        )
         internal_pb2_grpc.add_GraphShardsServicer_to_server(ShardsServicer(self.handover), server)
+
+    def _stream_start(self, user: int) -> str:
+        """Where an Inbox stream of `user` connected now starts (its NOTIFICATION_KIND_CONNECTED cursor)."""
+        if self.inbox is None:
+            raise Unavailable("this notifier is not reading notifications yet; reconnect")
+        return self.inbox.start_cursor(user)
 
     async def start(self) -> None:
         """Waits for Kafka and its topics (server.kafka_wait_s), opens the store, connects to Kafka (bounded

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
+from townhall.core.errors import Unavailable
 from townhall.core.kafka import Follower, end_offsets
 from townhall.core.records import Reader, Record
 from townhall.notifier.inbox import InboxDelivery
-from townhall.notifier.records import batch_record, checked_batch, decode_batch
+from townhall.notifier.inbox_resume import cursor, partition_of, stamp
+from townhall.notifier.records import batch_record, checked_batch, decode_batch, shard_of
 
 log = logging.get(__name__)
 
@@ -30,6 +32,8 @@ class InboxReader:
         # Delivered only if a notifier signed them and they pass batch_record's checks.
         self._records = records
         self._follower: Follower | None = None
+        # The topic's partitions when this reader started (part of every cursor: notifier/inbox_resume.py).
+        self._partitions = 0
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -40,9 +44,20 @@ class InboxReader:
         """Follows the topic from its current end, so nothing produced after this returns is missed;
         returns how many partitions it reads."""
         positions = await end_offsets(self._kafka, self._topic)
+        self._partitions = len(positions)
         self._follower = Follower(self._kafka, positions, self.apply, "notifier-inbox")
         await self._follower.start()
         return len(positions)
+
+    def start_cursor(self, user: int) -> str:
+        """The cursor just before the next record this reader applies on the user's partition: a stream
+        connected now gets every later record live, and a resume from here reads them back."""
+        if self._follower is None:
+            raise Unavailable("this notifier is not reading notifications yet; reconnect")
+        shard = shard_of(user)
+        partition = partition_of(shard, self._partitions)
+        position = self._follower.positions[TopicPartition(self._topic, partition)]
+        return cursor(shard, self._partitions, partition, position - 1)
 
     async def close(self) -> None:
         """Stops following."""
@@ -57,8 +72,8 @@ class InboxReader:
         try:
             note, ids = decode_batch(record.value or b"")
         except DecodeError:  # does not parse: the Reader counts it
-            batch = self._records.read(record, batch_record)
-            return 0 if batch is None else self._hub.deliver(*batch)
+            self._records.read(record, batch_record)  # parses no better: skipped and counted
+            return 0
         if not self._hub.present(ids):
             # Nobody here gets it, so it is not acted on here: most records of a big fan-out are for
             # users connected elsewhere, and are not worth a signature check on every notifier.
@@ -66,4 +81,4 @@ class InboxReader:
         batch = self._records.read(record, lambda _record, _writer: checked_batch(note, ids))
         if batch is None:
             return 0  # skipped and counted (core/records.py)
-        return self._hub.deliver(*batch)
+        return self._hub.deliver(stamp(batch[0], record, self._partitions), batch[1])

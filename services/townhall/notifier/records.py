@@ -26,6 +26,8 @@ MAX_TASK_ID = 128
 # length-delimited. See encode_batch for why the value is assembled by hand.
 _TAG_NOTIFICATION = b"\x0a"
 _TAG_USER_IDS = b"\x12"
+# The kinds a record may carry (MISSED is the Inbox's own marker, never sent through Kafka).
+_RECORD_KINDS = frozenset({inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED})
 
 
 def shard_of(user_id: int) -> int:
@@ -146,7 +148,7 @@ def checked_batch(note: inbox_pb2.Notification, ids: np.ndarray) -> tuple[inbox_
 
 def notification(note: inbox_pb2.Notification) -> inbox_pb2.Notification:
     """A notification as a record carries it: a known kind, a room id, a host, a title of bounded length."""
-    if note.kind not in inbox_pb2.NotificationKind.values() or not note.kind:
+    if note.kind not in _RECORD_KINDS:
         raise InvalidArgument(f"notification.kind {note.kind} is not a notification kind")
     validation.room_id(note.room_id, "notification.room_id")
     validation.user_id(note.host_id, "notification.host_id")

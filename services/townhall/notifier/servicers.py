@@ -3,19 +3,21 @@ Inbox hub."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from townhall.core import validation
+from townhall.core import pages, validation
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
+from townhall.notifier.inbox_resume import Backlog, position
 from townhall.notifier.metrics import FOLLOWERS_STORED, FOLLOWS, FORWARDED, UNFOLLOWS
 from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
@@ -172,12 +174,18 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 f"user {me} may not list the followers of user {user}: a follower list is shown only to "
                 "its owner (CountFollowers gives anyone the count)"
             )
-        validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
-        limit = validation.bounded(request.limit, "limit", 0, LIST_MAX) or LIST_DEFAULT
+        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        after = _followers_after(request, user)
 
         async def local() -> graph_pb2.ListFollowersResponse:
-            ids = await self._store.page(user, request.after_id, limit)
-            return graph_pb2.ListFollowersResponse(follower_ids=ids.tolist())
+            # One more than the page: whether another page follows, so the last page has no token.
+            ids = (await self._store.page(user, after, size + 1)).tolist()
+            token = (
+                pages.seal(_followers_scope(user), struct.pack(">Q", ids[size - 1]))
+                if len(ids) > size
+                else ""
+            )
+            return graph_pb2.ListFollowersResponse(follower_ids=ids[:size], next_page_token=token)
 
         return await self._at_owner(
             "ListFollowers",
@@ -291,6 +299,25 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         )
 
 
+def _followers_scope(user: int) -> str:
+    """What a ListFollowers page token belongs to (core/pages.py): the list of this user's followers."""
+    return f"townhall.v1.Graph/ListFollowers/{user}"
+
+
+def _followers_after(request: graph_pb2.ListFollowersRequest, user: int) -> int:
+    """The follower id a page starts after: from page_token, or the deprecated after_id (0: the start)."""
+    legacy = validation.bounded(request.after_id, "after_id", 0, validation.USER_ID_MAX)
+    if not request.page_token:
+        return legacy
+    if legacy:
+        raise InvalidArgument("after_id is deprecated and cannot go with page_token: pass page_token only")
+    key = pages.unseal(request.page_token, _followers_scope(user))
+    if len(key) != 8:
+        raise InvalidArgument("page_token does not name a follower: start again without it")
+    (after,) = struct.unpack(">Q", key)
+    return int(after)
+
+
 class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
     """Between notifiers: keys handed to their new owner (notifier/handover.py)."""
 
@@ -332,24 +359,42 @@ class ShardsServicer(internal_pb2_grpc.GraphShardsServicer):
 
 
 class InboxServicer(inbox_pb2_grpc.InboxServicer):
-    """Subscribe: the caller's notifications while the stream is open."""
+    """Subscribe: what the caller missed since its resume cursor, then its notifications while the stream
+    is open."""
 
-    def __init__(self, hub: InboxDelivery) -> None:
+    def __init__(self, hub: InboxDelivery, backlog: Backlog, start: Callable[[int], str]) -> None:
         self._hub = hub
+        self._backlog = backlog
+        # The cursor where a stream of a user connected now starts (InboxReader.start_cursor).
+        self._start = start
 
     async def Subscribe(
         self, request: inbox_pb2.InboxSubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inbox_pb2.Notification]:
         """Streams notifications; initial metadata is sent once the caller is registered."""
         user = caller(context)
+        if request.resume_cursor:
+            position(request.resume_cursor, user)  # a bad cursor is refused before anything is sent
         if self._hub.closed:
             raise Unavailable("this notifier is shutting down; reconnect")
+        # Connected before the backlog is read: a notification sent meanwhile is queued here, and one
+        # found in both is sent once (the backlog's ids).
         sub = self._hub.connect(user)
         try:
             # Lets a client know from which moment on it will be notified.
             await context.send_initial_metadata(())
+            resumed: set[str] = set()
+            if not request.resume_cursor and request.send_start:
+                yield inbox_pb2.Notification(
+                    kind=inbox_pb2.NOTIFICATION_KIND_CONNECTED, cursor=self._start(user)
+                )
+            if request.resume_cursor:
+                for missed in await self._backlog.since(user, request.resume_cursor):
+                    resumed.add(missed.notification_id)
+                    yield missed
             while (notification := await sub.get()) is not None:
-                yield notification
+                if notification.notification_id not in resumed:
+                    yield notification
         finally:
             self._hub.disconnect(sub)
         if sub.error is not None:
