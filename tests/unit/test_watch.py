@@ -124,12 +124,16 @@ async def test_one_serialisation_for_the_audience_and_the_moderator_sees_more() 
         assert first.room.room_id == h.room_id and first.counts.speakers == 1 and not first.events
     h.change(stage.raise_hand(h.book.get(h.room_id), FAN))
     await asyncio.sleep(0.1)
-    got_a, got_b, got_host = drain(hub, a), drain(hub, b), drain(hub, host)
-    assert len(got_a) == 1 and got_a[0] is got_b[0]  # the same bytes object: serialised once
-    assert not RoomUpdate.FromString(got_a[0]).events  # another user's hand is not the audience's to see
-    update = RoomUpdate.FromString(got_host[0])
+    # Another user's raised hand is not the audience's to see: no update at all for them.
+    assert drain(hub, a) == [] and drain(hub, b) == []
+    update = RoomUpdate.FromString(drain(hub, host)[0])
     assert [(e.kind, e.user_id) for e in update.events] == [(K.KIND_HAND_RAISED, FAN)]
     assert list(update.room.hand_ids) == [FAN]
+    h.change(stage.invite(h.book.get(h.room_id), HOST, FAN))  # the hand approved: the fan is on stage
+    await asyncio.sleep(0.1)
+    got_a, got_b = drain(hub, a), drain(hub, b)
+    assert len(got_a) == 1 and got_a[0] is got_b[0]  # the same bytes object: serialised once
+    assert [(e.kind, e.user_id) for e in RoomUpdate.FromString(got_a[0]).events] == [(K.KIND_ROLE, FAN)]
 
 
 async def test_changes_within_the_interval_arrive_together_and_counts_follow_the_seats() -> None:

@@ -277,7 +277,7 @@ class WatchHub:
         counts = self._counts(room)
         before = watched.sent
         if room.version != before.version:
-            written = self._send_room(watched, before, room, counts)
+            written = self._send_room(watched, before, room, counts, counts != watched.sent_counts)
         elif counts != watched.sent_counts:
             data = RoomUpdate(counts=RoomCounts(listeners=counts[0], speakers=counts[1])).SerializeToString()
             for watch in watched.watches:
@@ -293,14 +293,14 @@ class WatchHub:
                 watch.close(ENDED, keep=True)
         return written
 
-    def _send_room(self, watched: _Room, before: Room, after: Room, counts: Counts) -> int:
+    def _send_room(self, watched: _Room, before: Room, after: Room, counts: Counts, moved: bool) -> int:
         shown = RoomCounts(listeners=counts[0], speakers=counts[1])
-        audience = _update(basic(before), basic(after), shown)
+        audience = _update(basic(before), basic(after), shown, moved)
         # Who may see more than the audience does, in either version: the stage's leads (moderators),
         # raised hands and invitations (their own). Everyone else gets the audience's bytes.
         special = set(_seeing_more(before)).union(_seeing_more(after))
         banned = set(after.banned_ids).difference(before.banned_ids) if after.banned_ids else set()
-        own: dict[tuple[int, bool], bytes] = {}
+        own: dict[tuple[int, bool], bytes | None] = {}
         written = 0
         for watch in list(watched.watches):
             user = watch.user
@@ -310,12 +310,15 @@ class WatchHub:
             data = audience
             if user in special:
                 moderator = moderates(after, user, watch.grants)
-                data = own.get((user, moderator)) or own.setdefault(
-                    (user, moderator),
-                    _update(_view(before, user, moderator), _view(after, user, moderator), shown),
-                )
-            watch.push(data)
-            written += 1
+                key = (user, moderator)
+                if key not in own:
+                    own[key] = _update(
+                        _view(before, user, moderator), _view(after, user, moderator), shown, moved
+                    )
+                data = own[key]
+            if data is not None:
+                watch.push(data)
+                written += 1
         WATCH_UPDATES.labels("room").inc(written)
         return written
 
@@ -334,8 +337,23 @@ class WatchHub:
         return data
 
 
-def _update(before: Room, after: Room, counts: RoomCounts) -> bytes:
-    return RoomUpdate(room=after, counts=counts, events=changes.events(before, after)).SerializeToString()
+def _update(before: Room, after: Room, counts: RoomCounts, moved: bool) -> bytes | None:
+    """The update that takes a watcher from `before` to `after`; None if it would show nothing new (a
+    change only others see, such as another user's raised hand to the audience: no update for 600k)."""
+    happened = changes.events(before, after)
+    if not happened and not moved and _alike(before, after):
+        return None
+    return RoomUpdate(room=after, counts=counts, events=happened).SerializeToString()
+
+
+def _alike(before: Room, after: Room) -> bool:
+    """Whether two views of a room differ in their version only."""
+    if before.version == after.version:
+        return before == after
+    same = Room()
+    same.CopyFrom(after)
+    same.version = before.version
+    return same == before
 
 
 def _view(room: Room, user: int, moderator: bool) -> Room:
