@@ -135,23 +135,45 @@ async def _change(address: str, room_ids: list[str], stop: asyncio.Event) -> int
 
 @contextlib.asynccontextmanager
 async def _watchers(
-    address: str, room_ids: list[str], streams: int, start_at: float, seconds: float
+    address: str, room_ids: list[str], streams: int
 ) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Generator processes holding `streams` WatchRoom streams, spread over the rooms."""
+    """Generator processes holding `streams` WatchRoom streams, spread over the rooms, all open on entry."""
     procs = []
-    for first in range(0, streams, STREAMS_PER_GENERATOR):
-        count = min(STREAMS_PER_GENERATOR, streams - first)
-        argv = [sys.executable, "-m", "townhall.bench.watch", "--generator", address, "--room-ids", *room_ids]
-        argv += ["--streams", str(count), "--first-user", str(10_000_000 + first)]
-        argv += ["--start-at", str(start_at), "--seconds", str(seconds)]
-        procs.append(await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE))
     try:
+        for first in range(0, streams, STREAMS_PER_GENERATOR):
+            count = min(STREAMS_PER_GENERATOR, streams - first)
+            argv = [sys.executable, "-m", "townhall.bench.watch", "--generator", address]
+            argv += [
+                "--room-ids",
+                *room_ids,
+                "--streams",
+                str(count),
+                "--first-user",
+                str(10_000_000 + first),
+            ]
+            procs.append(
+                await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            )
+        for proc in procs:  # each says when its streams are open
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60 + streams / 20)
+            ready = json.loads(line)
+            if ready["failed"]:
+                raise RuntimeError(f"{ready['failed']} WatchRoom streams did not open: {ready['kinds']}")
         yield procs
     finally:
         for proc in procs:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def _window(procs: list[asyncio.subprocess.Process], start_at: float, end_at: float) -> None:
+    """Tells the generators when to count updates (Unix seconds)."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start_at} {end_at}\n".encode())
+        await proc.stdin.drain()
 
 
 async def _results(procs: list[asyncio.subprocess.Process], timeout_s: float) -> list[dict[str, Any]]:
@@ -162,17 +184,24 @@ async def _results(procs: list[asyncio.subprocess.Process], timeout_s: float) ->
     return out
 
 
-async def _generate(
-    address: str, room_ids: list[str], streams: int, first_user: int, start_at: float, seconds: float
-) -> dict[str, Any]:
-    """One generator: opens the streams, counts the updates and bytes read within the window."""
+async def _generate(address: str, room_ids: list[str], streams: int, first_user: int) -> dict[str, Any]:
+    """One generator: opens the streams (then prints a line), reads when to count from stdin, counts the
+    updates and bytes read within that window, and returns them."""
     tokens = Tokens(DEV_AUTH)
     channels = [
         grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(-(-streams // STREAMS_PER_CHANNEL))
     ]
-    counts: dict[str, Any] = {"updates": 0, "bytes": 0, "opened": 0, "errors": 0, "error_kinds": {}}
-    end_at = start_at + seconds
+    counts: dict[str, Any] = {"updates": 0, "bytes": 0, "errors": 0, "error_kinds": {}}
+    failed: dict[str, int] = {}
+    window = [float("inf"), float("inf")]
+    settled = asyncio.Event()
+    pending = [streams]
+
+    def opened_or_not() -> None:
+        pending[0] -= 1
+        if not pending[0]:
+            settled.set()
 
     async def watch(i: int) -> None:
         method = channels[i // STREAMS_PER_CHANNEL].unary_stream(
@@ -180,46 +209,49 @@ async def _generate(
         )
         request = WatchRoomRequest(room_id=room_ids[i % len(room_ids)])
         metadata = bearer(tokens.mint(first_user + i, (SUBSCRIBE,)))
-        # Opened again if refused before the window (a burst of opens past admission's pending-call queue
-        # is CANCELLED by gRPC, by design: clients come back).
+        # Opened again if refused (a burst of opens past admission's pending-call queue is CANCELLED by
+        # gRPC, by design: clients come back), for up to a minute.
+        give_up = time.monotonic() + 60
         while True:
             call = method(request, metadata=metadata)
             try:
-                await call.initial_metadata()
                 first = await call.read()
-            except grpc.aio.AioRpcError:
-                if time.time() >= start_at:
-                    counts["errors"] += 1
+                if first is not grpc.aio.EOF:
+                    break
+            except grpc.aio.AioRpcError as exc:
+                if time.monotonic() > give_up:
+                    failed[exc.code().name] = failed.get(exc.code().name, 0) + 1
+                    opened_or_not()
                     return
-                await asyncio.sleep(0.2)
-                continue
-            if first is not grpc.aio.EOF:
-                break
-        counts["opened"] += 1
+            await asyncio.sleep(0.2)
+        opened_or_not()
         try:
             while (data := await call.read()) is not grpc.aio.EOF:
                 now = time.time()
-                if start_at <= now < end_at:
+                if window[0] <= now < window[1]:
                     counts["updates"] += 1
                     counts["bytes"] += len(data)
-                elif now >= end_at:
+                elif now >= window[1]:
                     break
         except grpc.aio.AioRpcError as exc:
-            if time.time() >= end_at:
-                return  # ended by this generator after its window
-            counts["errors"] += 1
-            kinds = counts["error_kinds"]
-            kinds[exc.code().name] = kinds.get(exc.code().name, 0) + 1
+            if time.time() < window[1]:
+                counts["errors"] += 1
+                kinds = counts["error_kinds"]
+                kinds[exc.code().name] = kinds.get(exc.code().name, 0) + 1
         finally:
             call.cancel()
 
-    opened = []
+    tasks = []
     for i in range(streams):  # in waves, as listeners arrive
-        opened.append(asyncio.create_task(watch(i)))
+        tasks.append(asyncio.create_task(watch(i)))
         if i % 100 == 99:
             await asyncio.sleep(0.05)
-    await asyncio.wait(opened, timeout=max(1.0, end_at - time.time() + 5))
-    for task in opened:
+    await settled.wait()
+    print(json.dumps({"failed": sum(failed.values()), "kinds": failed}), flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    window[0], window[1] = map(float, line.split())
+    await asyncio.wait(tasks, timeout=max(1.0, window[1] - time.time() + 5))
+    for task in tasks:
         task.cancel()
     for ch in channels:
         await ch.close()
@@ -245,8 +277,9 @@ async def _delivery(admission: Server, streams: int, rooms: int, seconds: float)
     """Phase 1: the rooms changing with no watcher (what the changes cost), then with `streams` watchers."""
     room_ids = await _rooms(admission.address, rooms)
     idle_cores, idle_changes = await _changing(admission, room_ids, seconds, time.time() + WARMUP_S)
-    start_at = time.time() + WARMUP_S + 5 + streams / 1000
-    async with _watchers(admission.address, room_ids, streams, start_at, seconds) as procs:
+    async with _watchers(admission.address, room_ids, streams) as procs:
+        start_at = time.time() + WARMUP_S
+        await _window(procs, start_at, start_at + seconds)
         cores, changes = await _changing(admission, room_ids, seconds, start_at)
         results = await _results(procs, 60)
     updates = sum(r["updates"] for r in results)
@@ -291,7 +324,8 @@ async def _audience(
                 task = progress.add_task(f"audience {listeners}, {name} watchers", total=seconds)
                 change_stop = asyncio.Event()
                 # The watchers hold their streams through the whole step (they are stopped after it).
-                async with _watchers(admission.address, room_ids, watching, time.time(), 3600):
+                async with _watchers(admission.address, room_ids, watching) as procs:
+                    await _window(procs, time.time(), time.time() + 3600)
                     changer = asyncio.create_task(_change(admission.address, room_ids, change_stop))
                     step = await audience._phase(
                         edge_servers,
@@ -399,14 +433,9 @@ def main() -> None:
     parser.add_argument("--generator", metavar="ADDRESS", help=argparse.SUPPRESS)
     parser.add_argument("--room-ids", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--first-user", type=int, default=10_000_000, help=argparse.SUPPRESS)
-    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generator:
-        result = asyncio.run(
-            _generate(
-                args.generator, args.room_ids, args.streams, args.first_user, args.start_at, args.seconds
-            )
-        )
+        result = asyncio.run(_generate(args.generator, args.room_ids, args.streams, args.first_user))
         print(json.dumps(result), flush=True)
         return
     run(args.out, args.streams, args.rooms, args.listeners, args.seconds)
