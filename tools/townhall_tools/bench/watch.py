@@ -11,7 +11,7 @@ rooms take it; admission sends at most one update per room every watch_interval_
    per listener on the admission process (their room changing every interval, as a 600k room's counts
    would). Listeners per core without (edge cores) and with (edge + admission cores), and their ratio.
 
-`python -m townhall.bench.watch --streams 2000 --listeners 500` or `run(...)`; JSON in
+`python -m townhall_tools.bench.watch --streams 2000 --listeners 500` or `run(...)`; JSON in
 .townhall/bench/watch.json.
 """
 
@@ -35,16 +35,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from townhall.bench import audience
-from townhall.bench.env import LIMITS
-from townhall.bench.loadgen import cpu_s
-from townhall.bench.relay import Server, _interrupt_on_sigterm, _start, speak
 from townhall.client import Client, Endpoints
 from townhall.core.auth import HOST, MODERATE, PUBLISH, SUBSCRIBE, Tokens, bearer
 from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig
 from townhall.core.kafka import ensure_topics
-from townhall.devtools.kafka_broker import Broker, free_port
 from townhall.v1.rooms_pb2 import WatchRoomRequest
+from townhall_tools.bench import audience
+from townhall_tools.bench.env import LIMITS
+from townhall_tools.bench.listener_generator import cpu_s
+from townhall_tools.bench.relay import Server, _interrupt_on_sigterm, _merge_counts, _start, _stop_all, speak
+from townhall_tools.devtools.kafka_broker import Broker, free_port
 
 WATCH_METHOD = "/townhall.v1.Rooms/WatchRoom"
 STREAMS_PER_CHANNEL = 100
@@ -82,7 +82,7 @@ async def _admission(out_dir: Path) -> AsyncIterator[tuple[Server, Broker]]:
             yield server, broker
     finally:
         if server is not None:
-            audience._stop_all([server])
+            _stop_all([server])
         broker.stop()
 
 
@@ -142,7 +142,7 @@ async def _watchers(
     try:
         for first in range(0, streams, STREAMS_PER_GENERATOR):
             count = min(STREAMS_PER_GENERATOR, streams - first)
-            argv = [sys.executable, "-m", "townhall.bench.watch", "--generator", address]
+            argv = [sys.executable, "-m", "townhall_tools.bench.watch", "--generator", address]
             argv += [
                 "--room-ids",
                 *room_ids,
@@ -296,7 +296,7 @@ async def _delivery(admission: Server, streams: int, rooms: int, seconds: float)
         "watch_cores": round(watch_cores, 3),
         "updates_per_core_s": round(updates / seconds / watch_cores, 1) if watch_cores > 0 else None,
         "stream_errors": sum(r["errors"] for r in results),
-        "stream_error_kinds": audience._merge_counts(r["error_kinds"] for r in results),
+        "stream_error_kinds": _merge_counts(r["error_kinds"] for r in results),
         "changes_without_watchers": idle_changes,
         "changes_with_watchers": changes,
     }
@@ -424,7 +424,7 @@ def run(
 
 def main() -> None:
     """Command line entry point (also the generator processes' own)."""
-    parser = argparse.ArgumentParser(prog="python -m townhall.bench.watch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m townhall_tools.bench.watch", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(".townhall/bench"))
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--rooms", type=int, default=4)
