@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -110,15 +110,21 @@ async def _watch(client: Client, room_id: str, seconds: float) -> int:
                 counts = f"{update.counts.listeners} listening, {update.counts.speakers} on stage"
                 if update.HasField("room"):
                     state = RoomState.Name(update.room.state).removeprefix("ROOM_STATE_").lower()
-                    speakers = ",".join(map(str, update.room.speaker_ids)) or "-"
+                    room = update.room
+                    stage = f"host {room.host_id}, co-hosts {_ids(room.cohost_ids)}"
+                    stage += f", speakers {_ids(room.speaker_ids)}"
                     extra = " (resync)" if update.resync else ""
-                    console.print(f"{at} [bold]{state}[/bold]{extra}: {counts}; speakers {speakers}")
+                    console.print(f"{at} [bold]{state}[/bold]{extra}: {counts}; {stage}")
                 else:
                     console.print(f"{at} {counts}")
                 for event in update.events:
                     console.print(f"{at}   {_event(event)}")
     call.cancel()
     return 0
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ",".join(map(str, ids)) or "-"
 
 
 def _event(event: RoomEvent) -> str:
