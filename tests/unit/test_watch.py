@@ -96,7 +96,9 @@ class Hub:
         self.book.apply(room)
         self.room_id = room.room_id
         self.seated = {room.room_id: 0}
-        self.hub = WatchHub(self.book, self.seated.__getitem__, 0.05, max_streams, per_user, queue=queue)
+        self.hub = WatchHub(
+            self.book, self.seated.__getitem__, 0.05, 0.05, max_streams, per_user, queue=queue
+        )
 
     def change(self, room: Room) -> None:
         self.book.apply(room)

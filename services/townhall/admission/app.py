@@ -182,6 +182,7 @@ class AdmissionApp:
             self.store.book,
             lambda room_id: self.admitter.listeners(room_id) + self.tallies.listeners(room_id),
             own.watch_interval_s,
+            own.watch_counts_s,
             own.max_watch_streams,
             own.max_watch_streams_per_user,
         )

@@ -3,7 +3,9 @@
 Every admission process follows the room-state topic already (store.py); each version it reads is handed
 to the room's watcher here, if anyone on this process watches the room. The watcher sends at most one
 update per room every `interval_s` (changes within it are coalesced into one update whose events say
-all of them) and otherwise at once; counts are looked at on the same beat and sent when they moved.
+all of them) and otherwise at once. Counts are looked at every `counts_s` (1 s) and sent when they
+moved (and with every room update): a big room's count moves all the time, and a count update to
+every watcher each second is what one watch stream per listener costs at the most.
 
 An update is serialised once for everyone who sees the room alike (the audience: stage.basic) and
 once for each of the few users who see more (moderators; users with a raised hand or an invitation),
@@ -129,6 +131,7 @@ class WatchHub:
         book: RoomBook,
         listeners: Callable[[str], int],
         interval_s: float,
+        counts_s: float,
         max_streams: int,
         per_user: int,
         queue: int = UPDATE_QUEUE,
@@ -137,6 +140,7 @@ class WatchHub:
         self._book = book
         self._listeners = listeners
         self.interval_s = interval_s
+        self.counts_s = counts_s
         self.max_streams = max_streams
         self.per_user = per_user
         self._queue = queue
@@ -226,7 +230,7 @@ class WatchHub:
             self._schedule(watched)
 
     def recount(self) -> None:
-        """Sends the counts of every watched room whose counts moved (called every interval)."""
+        """Sends the counts of every watched room whose counts moved (called every counts_s)."""
         for room_id, watched in list(self._rooms.items()):
             room = self._book.find(room_id)
             if (
@@ -237,7 +241,7 @@ class WatchHub:
                 self._schedule(watched)
 
     def start(self) -> None:
-        """Starts looking at the counts every interval."""
+        """Starts looking at the counts every counts_s."""
         self._ticker = supervise(self._tick(), "watch-counts")
 
     async def close_all(self) -> None:
@@ -253,7 +257,7 @@ class WatchHub:
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.counts_s)
             self.recount()
 
     def _schedule(self, watched: _Room) -> None:
