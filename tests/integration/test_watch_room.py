@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.helpers import client
 from tests.integration.test_admission_cluster import Cluster, live_room, user
+from tests.integration.test_moderation import figures
 from townhall.client import Client
 from townhall.core.auth import SUBSCRIBE
 from townhall.core.config import KafkaConfig
@@ -83,11 +84,23 @@ async def test_counts_follow_listeners_joining_and_leaving_on_either_process(clu
         crowd = [client(cluster.addresses[i % 2], user(), grants=(SUBSCRIBE,)) for i in range(6)]
         for c in crowd:
             await c.join(room_id)
+        joined = time.monotonic()
         # Three seated through each process: this process counts its own, the other's from its tallies.
         await watcher.until(lambda w: listeners(w) == 6, "6 listeners")
+        seen_joins = time.monotonic() - joined
         for c in crowd[:3]:  # two of process 0's, one of process 1's
             await c.leave(room_id)
+        left = time.monotonic()
         await watcher.until(lambda w: listeners(w) == 3, "3 listeners after 3 left")
+        # Recorded, not asserted (a busy machine): the stated bound is the presence flush (0.1 s) plus
+        # Kafka's delivery, plus up to admission.watch_counts_ms (1 s) before the watcher's next update.
+        figures(
+            "watch_counts",
+            {
+                "joins_seen_after_s": round(seen_joins, 3),
+                "leaves_seen_after_s": round(time.monotonic() - left, 3),
+            },
+        )
         for address in cluster.addresses:
             reader = client(address, user())
             assert (await reader.get_room(room_id)).counts.listeners == 3
