@@ -13,6 +13,7 @@ import pytest
 from tests.integration.helpers import client
 from tests.integration.test_admission_cluster import Cluster, live_room, user
 from tests.integration.test_moderation import figures
+from townhall.admission.tallies import TALLY_EVERY_S, TALLY_TTL_S
 from townhall.client import Client
 from townhall.core.auth import SUBSCRIBE
 from townhall.core.config import KafkaConfig
@@ -161,3 +162,33 @@ async def test_a_watcher_sees_the_stage_hands_and_bans_as_they_happen(cluster: C
             await w.close()
         for c in (host, fan, heckler, audience):
             await c.close()
+
+
+async def test_the_seats_of_a_process_that_died_drop_out_of_the_count(cluster: Cluster) -> None:
+    """Stated bound: a dead process's seats stay counted until its last tally is TALLY_TTL_S (15 s) old."""
+    room_id = await live_room(cluster, user())
+    watcher = Watching(client(cluster.addresses[1], user(), grants=(SUBSCRIBE,)), room_id)
+    doomed = cluster.processes[0]
+    crowd = [client(cluster.addresses[0], user(), grants=(SUBSCRIBE,)) for _ in range(2)]
+    try:
+        for c in crowd:
+            await c.join(room_id)
+        await watcher.until(lambda w: listeners(w) == 2, "the other process's 2 listeners")
+        assert doomed.popen is not None
+        doomed.popen.kill()
+        doomed.popen.wait(10)
+        killed = time.monotonic()
+        deadline = killed + TALLY_TTL_S + WITHIN_S
+        while listeners(watcher) != 0:
+            assert time.monotonic() < deadline, f"still counted: {watcher.updates[-1]}"
+            await asyncio.sleep(0.2)
+        gone_after = time.monotonic() - killed
+        # Its last tally came at most TALLY_EVERY_S before the kill: it drops out 10..15 s after it.
+        assert gone_after >= TALLY_TTL_S - TALLY_EVERY_S - 1, "dropped before its tallies were stale"
+        figures("watch_dead_process", {"seats_dropped_after_s": round(gone_after, 1)})
+    finally:
+        for c in crowd:
+            await c.close()
+        await watcher.close()
+        if doomed.popen is not None and doomed.popen.poll() is not None:
+            cluster.start(doomed)
