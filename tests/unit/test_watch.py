@@ -13,9 +13,9 @@ from townhall.admission.changes import events
 from townhall.admission.presence import Presence
 from townhall.admission.rooms import RoomBook
 from townhall.admission.tallies import TALLY_EVERY_S, Tallies
-from townhall.admission.watch import BANNED, ENDED, WatchHub
+from townhall.admission.watch import BANNED, DRAINING, ENDED, WatchHub
 from townhall.core.auth import MODERATE, SUBSCRIBE, Principal
-from townhall.core.errors import PermissionDenied, ResourceExhausted
+from townhall.core.errors import PermissionDenied, ResourceExhausted, Unavailable
 from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_SPEAKER, Room, RoomState
 from townhall.v1.events_pb2 import PresenceEvent
 from townhall.v1.rooms_pb2 import RoomEvent, RoomUpdate
@@ -203,3 +203,13 @@ async def test_the_update_that_ends_the_room_is_the_last() -> None:
     last = [RoomUpdate.FromString(d) for d in drain(hub, w)]
     assert last[-1].room.state == RoomState.ROOM_STATE_ENDED
     assert [(e.kind, e.state) for e in last[-1].events] == [(K.KIND_STATE, RoomState.ROOM_STATE_ENDED)]
+
+
+async def test_draining_ends_every_stream_and_refuses_new_ones() -> None:
+    h = Hub(live_room(HOST))
+    hub = h.hub
+    w = hub.open(h.room_id, who(10))
+    hub.drain()
+    assert w.reason == DRAINING and hub.take(w) is None  # ended at once: the client watches elsewhere
+    with pytest.raises(Unavailable, match="watch the room again"):
+        hub.open(h.room_id, who(11))
