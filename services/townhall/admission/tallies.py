@@ -119,10 +119,12 @@ def is_tally(event: PresenceEvent | None) -> TypeGuard[PresenceEvent]:
 
 
 def tally_record(record: Record, _writer: Writer | None) -> PresenceEvent:
-    """A presence record, checked when it is a tally: a room, a member."""
+    """A presence record, checked when it is a tally: a room, a member, at most a room's listener limit."""
     event = PresenceEvent.FromString(record.value or b"")
     if is_tally(event):
         validation.room_id(event.room_id, "room_id")
+        # A sum over MAX_MEMBERS processes stays far within RoomCounts.listeners (uint64).
+        validation.bounded(event.listeners, "listeners", 0, validation.MAX_LISTENER_LIMIT)
         if not 0 < len(event.member) <= MAX_MEMBER_NAME:
             raise BadRecord(INVALID, f"member must be 1..{MAX_MEMBER_NAME} characters")
     return event
