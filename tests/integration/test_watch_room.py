@@ -94,7 +94,7 @@ async def test_counts_follow_listeners_joining_and_leaving_on_either_process(clu
         left = time.monotonic()
         await watcher.until(lambda w: listeners(w) == 3, "3 listeners after 3 left")
         # Recorded, not asserted (a busy machine): the stated bound is the presence flush (0.1 s) plus
-        # Kafka's delivery, plus up to admission.watch_counts_ms (1 s) before the watcher's next update.
+        # Kafka's delivery, plus up to admission.watch_counts_s (1 s) before the watcher's next update.
         figures(
             "watch_counts",
             {

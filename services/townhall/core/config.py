@@ -570,7 +570,7 @@ class AdmissionConfig:
     # (changes within it are sent together), counts looked at (and sent if they moved) every
     # watch_counts_s; streams open on this process at once, and per user.
     watch_interval_s: Annotated[float, within(0.01, 10)] = 0.25
-    watch_counts_s: Annotated[float, within("watch_interval_s", 60)] = 1.0
+    watch_counts_s: Annotated[float, within(0.01, 60)] = 1.0
     max_watch_streams: Annotated[int, positive()] = 20_000
     max_watch_streams_per_user: Annotated[int, positive()] = 4
 

@@ -2,7 +2,7 @@
 
 Starts a Kafka broker and one admission process, opens WatchRoom streams from generator processes and
 changes the watched rooms (a host mutes and unmutes a speaker: a change every watcher sees) as fast as the
-rooms take it; admission sends at most one update per room every watch_interval_ms (250 ms).
+rooms take it; admission sends at most one update per room every watch_interval_s (0.25 s).
 
 1. Delivery: `streams` watchers over `rooms` rooms. Updates written to streams per second and per
    admission core (the one serialisation per room and view is shared by every stream of the room).
@@ -51,7 +51,7 @@ STREAMS_PER_CHANNEL = 100
 STREAMS_PER_GENERATOR = 1000
 WARMUP_S = 1.0
 HOST_ID, SPEAKER_ID = 7_000_000, 7_000_001
-# A change per room this often: admission's watch interval (admission.watch_interval_ms, 250 ms).
+# A change per room this often: admission's watch interval (admission.watch_interval_s, 0.25 s).
 PACE_S = 0.25
 
 
@@ -392,7 +392,7 @@ def run(
             "rooms": rooms,
             "listeners": listeners,
             "seconds": seconds,
-            "watch_interval_ms": 250,
+            "watch_interval_s": 0.25,
             "change": f"host mutes/unmutes a speaker, every {PACE_S} s per room",
         },
         **figures,
