@@ -289,6 +289,22 @@ ADMISSION = Dashboard(
             [(gauge("sum", "townhall_admission_listeners", "instance"), "{{instance}}")],
         ),
         Panel(
+            "WatchRoom streams per process",
+            [(gauge("sum", "townhall_watch_streams", "instance"), "{{instance}}")],
+            description="Open WatchRoom streams (at most admission.max_watch_streams; docs/live-state.md).",
+        ),
+        Panel(
+            "WatchRoom updates/s by kind, and resyncs/s",
+            [
+                (rate("townhall_watch_updates_total", "kind"), "{{kind}}"),
+                (rate("townhall_watch_resyncs_total"), "resyncs (a stream a whole queue behind)"),
+            ],
+            "ops",
+            "Updates queued on WatchRoom streams: a room version (with its events) or counts; each room's "
+            "update is serialised once and written to every stream. Resyncs: readers too slow for the "
+            "updates, sent the room as it is instead of what they missed.",
+        ),
+        Panel(
             "Room changes/s by kind",
             [(rate("townhall_room_changes_total", "change"), "{{change}}")],
             "ops",

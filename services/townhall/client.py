@@ -231,6 +231,11 @@ class Client:
             if not (token := reply.next_page_token):
                 return
 
+    def watch_room(self, room_id: str) -> grpc.aio.UnaryStreamCall:
+        """The room's WatchRoom stream on the admission process in use: read RoomUpdates from it."""
+        request = rooms_pb2.WatchRoomRequest(room_id=room_id)
+        return self.rooms.WatchRoom(request, metadata=self._metadata)
+
     def learn(self, room: _Seen) -> _Seen:
         """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""
         if room.crowd:

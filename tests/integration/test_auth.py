@@ -75,6 +75,9 @@ class Servers:
             "Rooms/EndRoom": lambda: rooms.EndRoom(rooms_pb2.EndRoomRequest(room_id=room_id), metadata=md),
             "Rooms/GetRoom": lambda: rooms.GetRoom(rooms_pb2.GetRoomRequest(room_id=room_id), metadata=md),
             "Rooms/ListLiveRooms": lambda: rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(), metadata=md),
+            "Rooms/WatchRoom": lambda: rooms.WatchRoom(
+                rooms_pb2.WatchRoomRequest(room_id=room_id), metadata=md
+            ).read(),
             "Admission/Join": lambda: joins.Join(admission_pb2.JoinRequest(room_id=room_id), metadata=md),
             "Admission/Leave": lambda: joins.Leave(admission_pb2.LeaveRequest(room_id=room_id), metadata=md),
             "Graph/Follow": lambda: graph.Follow(graph_pb2.FollowRequest(followee_id=5), metadata=md),

@@ -155,7 +155,8 @@ def site(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         writer,
         {
             t.room_state: (ADMISSION, Room.DESCRIPTOR, 3),  # admission's replica, the relay, the notifier
-            t.presence: (ADMISSION, events_pb2.PresenceEvent.DESCRIPTOR, 1),  # the relay's leaves
+            # The relay's leaves, admission's listener tallies.
+            t.presence: (ADMISSION, events_pb2.PresenceEvent.DESCRIPTOR, 2),
             t.room_started: (ADMISSION, events_pb2.RoomStarted.DESCRIPTOR, 1),  # the planner
             t.relay_load: (RELAY, events_pb2.RelayLoad.DESCRIPTOR, 1),  # admission's placement
             t.fanout_fast: (NOTIFIER, events_pb2.FanoutTask.DESCRIPTOR, 1),  # the workers

@@ -72,6 +72,17 @@ def test_the_cli_moderates_a_room(topology: Topology) -> None:
     created = cli("room", "create", "CLI room", "--user", "501")
     room_id = json.loads(created.stdout)["roomId"]
     assert cli("room", "start", room_id, "--user", "501").returncode == 0
+    # `townhall room watch` prints the changes below as they happen (the host sees the ban too).
+    watch_argv = [sys.executable, "-m", "townhall.cli.main", "--root", str(topology.root), "room", "watch"]
+    watching = subprocess.Popen(
+        [*watch_argv, room_id, "--user", "501", "--seconds", "20"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert watching.stdout is not None
+    first = watching.stdout.readline()  # the room as it is, before the changes below
+    assert "live: 0 listening, 1 on stage; host 501, co-hosts -" in first, first
     cohost = cli("mod", "role", room_id, "502", "--role", "cohost", "--user", "501")
     assert cohost.returncode == 0 and "502" in next(
         line for line in cohost.stdout.splitlines() if "co-hosts" in line
@@ -84,6 +95,11 @@ def test_the_cli_moderates_a_room(topology: Topology) -> None:
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout and "banned" in refused.stdout
     missing = cli("mod", "mute", room_id, "--user", "501")
     assert missing.returncode == 2 and "needs the user to act on" in missing.stdout
+    assert cli("room", "end", room_id, "--user", "501").returncode == 0
+    watched = first + watching.communicate(timeout=60)[0]
+    assert watching.returncode == 0
+    assert "user 502 is now cohost" in watched and "banned: user 503" in watched
+    assert "state: ended" in watched  # the stream ends with the room
 
 
 @pytest.mark.parametrize("service", ["admission", "relay", "notifier"])

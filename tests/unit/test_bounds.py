@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, Bounds
+from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, SELF_BOUNDED, Bounds
 from townhall.core.config import ServerConfig
 from townhall.core.errors import ResourceExhausted
 
@@ -68,3 +68,23 @@ def test_open_streams_have_a_small_pool_and_a_smaller_share_per_address() -> Non
 def test_the_smaller_per_address_bound_wins() -> None:
     assert Bounds(CONFIG, per_address=2).per_address == 2
     assert Bounds(CONFIG, per_address=64).per_address == 5
+
+
+def test_watch_streams_count_per_connection_only_never_against_the_address_or_the_client_pool() -> None:
+    bounds = Bounds(CONFIG, clients=2)
+    # Six watchers behind one address (5 calls at most per address), on two connections.
+    for port in (1000, 1001):
+        for _ in range(3):
+            bounds.enter(f"ipv4:192.0.2.1:{port}", "192.0.2.1", SELF_BOUNDED)
+    with pytest.raises(ResourceExhausted, match="at most 3 calls and streams"):
+        bounds.enter("ipv4:192.0.2.1:1000", "192.0.2.1", SELF_BOUNDED)
+    # Joins from the same address still have all of the address's and the pool's room.
+    for port in (2000, 2001):
+        bounds.enter(f"ipv4:192.0.2.1:{port}", "192.0.2.1", CLIENT)
+    assert bounds.in_pool[CLIENT] == 2
+    for port in (2000, 2001):
+        bounds.leave(f"ipv4:192.0.2.1:{port}", "192.0.2.1", CLIENT)
+    for port in (1000, 1001):
+        for _ in range(3):
+            bounds.leave(f"ipv4:192.0.2.1:{port}", "192.0.2.1", SELF_BOUNDED)
+    assert bounds.held() == 0

@@ -23,8 +23,16 @@ from townhall.admission.relay_load import RelayLoadFollower
 from townhall.admission.relays import RelayDirectory
 from townhall.admission.retention import Retention
 from townhall.admission.scheduler import Scheduler
-from townhall.admission.servicer import AdmissionServicer, LeasesServicer, OwnerServicer, RoomsServicer
+from townhall.admission.servicer import (
+    WATCH_ROOM,
+    AdmissionServicer,
+    LeasesServicer,
+    OwnerServicer,
+    RoomsServicer,
+)
 from townhall.admission.store import RoomStore
+from townhall.admission.tallies import Tallies, TallyFollower
+from townhall.admission.watch import WatchHub, preserialized
 from townhall.core import logging
 from townhall.core.auth import Authenticator
 from townhall.core.config import AdmissionConfig, Config
@@ -151,8 +159,15 @@ class AdmissionApp:
             config.kafka, config.auth, self.placer, self._relay_reported, self._relay_gone
         )
         self.presence = Presence(
-            self._events, Topics(config.kafka.topic_prefix).presence, member, own.event_queue
+            self._events,
+            Topics(config.kafka.topic_prefix).presence,
+            member,
+            own.event_queue,
+            seats=self.capacity.seats,
         )
+        # Listeners seated on the other admission processes, from their tallies on the presence topic.
+        self.tallies = Tallies(member)
+        self._tally_follower = TallyFollower(config.kafka, config.auth, self.tallies)
         self.admitter = Admitter(
             self.store.book,
             TicketSigner.from_config(config.tickets),
@@ -162,6 +177,14 @@ class AdmissionApp:
             FairBudget(own.admit_rate),
             own.waiting_room,
             self.placer,
+        )
+        self.watches = WatchHub(
+            self.store.book,
+            lambda room_id: self.admitter.listeners(room_id) + self.tallies.listeners(room_id),
+            own.watch_interval_s,
+            own.watch_counts_s,
+            own.max_watch_streams,
+            own.max_watch_streams_per_user,
         )
         self.store.on_change = self._changed
         self.scheduler = Scheduler(self.store, self.peers.is_owner)
@@ -218,8 +241,10 @@ class AdmissionApp:
         PEERS_DOWN.labels("admission").set(sum(not is_up(m) for m in peers))
 
     def _changed(self, room: Room) -> None:
+        self.watches.changed(room)
         if room.state == RoomState.ROOM_STATE_ENDED:
             self.admitter.forget(room.room_id)
+            self.tallies.forget(room.room_id)
         elif room.state == RoomState.ROOM_STATE_LIVE:
             # Lease ahead of the first join, so no join waits for capacity from the owner.
             self.capacity.allowance(room.room_id)
@@ -243,8 +268,9 @@ class AdmissionApp:
             self._marking.discard(room_id)
 
     def register(self, server: grpc.aio.Server) -> None:
-        rooms = RoomsServicer(self.store, self.admitter, self.peers)
-        rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, server)
+        rooms = RoomsServicer(self.store, self.admitter, self.peers, self.watches)
+        # WatchRoom writes updates serialised once for every stream of a room (admission/watch.py).
+        rooms_pb2_grpc.add_RoomsServicer_to_server(rooms, preserialized(server, (WATCH_ROOM,)))
         admission_pb2_grpc.add_AdmissionServicer_to_server(AdmissionServicer(self.admitter), server)
         moderation = ModerationServicer(self.store, self.peers, self._config.tickets.ttl_s)
         moderation_pb2_grpc.add_ModerationServicer_to_server(moderation, server)
@@ -270,8 +296,10 @@ class AdmissionApp:
         await self.store.follow()
         for room in self.store.book.live():
             self.capacity.allowance(room.room_id)
+        await self._tally_follower.start()
         self._events.start()
         self.presence.start()
+        self.watches.start()
         self.capacity.start()
         self.scheduler.start()
         self.retention.start()
@@ -290,7 +318,8 @@ class AdmissionApp:
         log.info("rooms handed over", members=self.membership.members())
 
     async def drain(self) -> None:
-        """Unary RPCs only: the server's grace period covers in-flight calls."""
+        """Ends the WatchRoom streams (clients watch again elsewhere); unary calls finish in the grace."""
+        self.watches.drain()
 
     async def close(self) -> None:
         if isinstance(self._listed, KubernetesMembership):
@@ -302,6 +331,8 @@ class AdmissionApp:
         if self.failover is not None:
             await self.failover.close()
         await self._relay_loads.close()
+        await self.watches.close_all()
+        await self._tally_follower.close()
         await self.capacity.close()
         await self.store.stop()
         await self.peers.close()

@@ -61,6 +61,10 @@ class Capacity:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reporter: asyncio.Task[None] | None = None
 
+    def seats(self) -> dict[str, int]:
+        """Listeners seated here, per room this process admits to."""
+        return {room_id: len(allowance.listeners) for room_id, allowance in self._allowances.items()}
+
     def allowance(self, room_id: str) -> Allowance:
         """The room's allowance here, with a refill started if it runs low."""
         allowance = self._allowances.get(room_id)

@@ -60,3 +60,14 @@ HOST_FAILOVERS = Counter(
     ["outcome"],
 )
 from_zero(HOST_FAILOVERS, "handed_over", "ended")
+WATCH_STREAMS = Gauge("townhall_watch_streams", "WatchRoom streams open on this admission process.")
+WATCH_UPDATES = Counter(
+    "townhall_watch_updates_total",
+    "WatchRoom updates queued on streams, by kind: room (a new room version, with its events) or counts.",
+    ["kind"],
+)
+WATCH_RESYNCS = Counter(
+    "townhall_watch_resyncs_total",
+    "WatchRoom streams that fell a whole queue behind and were sent the room as it is instead.",
+)
+from_zero(WATCH_UPDATES, "room", "counts")

@@ -6,13 +6,19 @@ waiting for a flush are dropped and counted, so a storm never grows memory or bl
 
 A listener's Leave that gives a seat back is batched per relay with the time it happened: that relay
 voids the listener's older tickets (relay/leaves.py).
+
+Each flush also tallies this process's seats per room (`seats`): a room whose count changed gets a
+KIND_TALLY record, and every room with listeners gets one again every TALLY_EVERY_S, so every admission
+process can sum the rooms' listeners over all of them (tallies.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
 
+from townhall.admission.tallies import TALLY_EVERY_S
 from townhall.core.kafka import EVENTS_DROPPED, EventQueue
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.tasks import cancel, supervise
@@ -30,7 +36,14 @@ class Presence:
     """Batches presence events per (kind, room, role) and hands them to the event queue."""
 
     def __init__(
-        self, events: EventQueue, topic: str, member: str, capacity: int, flush_s: float = FLUSH_S
+        self,
+        events: EventQueue,
+        topic: str,
+        member: str,
+        capacity: int,
+        flush_s: float = FLUSH_S,
+        seats: Callable[[], Mapping[str, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._events = events
         self._topic = topic
@@ -43,6 +56,11 @@ class Presence:
         # Per batch of leaves that give seats back, when each user left (Unix ms, in user order).
         self._times: dict[_Key, list[int]] = {}
         self._count = 0
+        # This process's seats per room, and the tally last offered for each room.
+        self._seats = seats
+        self._told: dict[str, int] = {}
+        self._clock = clock
+        self._told_all = clock()
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -95,7 +113,37 @@ class Presence:
                 )
                 self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
                 records += 1
+        return records + self._tally(at_ms)
+
+    def _tally(self, at_ms: int) -> int:
+        """Offers the tallies that changed (and every one with listeners every TALLY_EVERY_S)."""
+        if self._seats is None:
+            return 0
+        seats, told = self._seats(), self._told
+        now = self._clock()
+        again = now - self._told_all >= TALLY_EVERY_S
+        if again:
+            self._told_all = now
+        records = 0
+        for room_id in [room for room in told if room not in seats]:
+            if told.pop(room_id):
+                records += self._offer_tally(room_id, 0, at_ms)
+        for room_id, listeners in seats.items():
+            if told.get(room_id) != listeners or (again and listeners):
+                told[room_id] = listeners
+                records += self._offer_tally(room_id, listeners, at_ms)
         return records
+
+    def _offer_tally(self, room_id: str, listeners: int, at_ms: int) -> int:
+        event = PresenceEvent(
+            kind=PresenceEvent.KIND_TALLY,
+            room_id=room_id,
+            at_ms=at_ms,
+            member=self._member,
+            listeners=listeners,
+        )
+        self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
+        return 1
 
     def start(self) -> None:
         """Starts the periodic flush."""

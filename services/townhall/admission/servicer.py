@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -21,10 +21,12 @@ from townhall.admission.metrics import (
 from townhall.admission.rooms import MAX_LISTENER_LIMIT, MAX_SPEAKERS, live_order, new_room_id, room_id_for
 from townhall.admission.stage import basic, shown_to
 from townhall.admission.store import RoomStore
+from townhall.admission.watch import BANNED, DRAINING, GONE, WatchHub, drain_error
 from townhall.core import pages, validation
 from townhall.core.auth import HOST
 from townhall.core.errors import (
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     TownhallError,
@@ -39,6 +41,7 @@ from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedC
 LIST_DEFAULT, LIST_MAX = 50, 500
 # What a ListLiveRooms page token belongs to (core/pages.py): the list, in its one view (BASIC).
 LIVE_ROOMS = "townhall.v1.Rooms/ListLiveRooms"
+WATCH_ROOM = "townhall.v1.Rooms/WatchRoom"
 
 
 # Admits one member may say it holds of one room (a sanity bound, not a limit anyone reaches).
@@ -50,10 +53,13 @@ MAX_SCHEDULE_AHEAD_MS = 30 * 24 * 3600 * 1000
 class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     """Room lifecycle: owner-only changes run on the room's owner (forwarded there if need be)."""
 
-    def __init__(self, store: RoomStore, admitter: Admitter, peers: AdmissionCluster) -> None:
+    def __init__(
+        self, store: RoomStore, admitter: Admitter, peers: AdmissionCluster, watches: WatchHub
+    ) -> None:
         self._store = store
         self._admitter = admitter
         self._peers = peers
+        self._watches = watches
 
     async def CreateRoom(
         self, request: rooms_pb2.CreateRoomRequest, context: grpc.aio.ServicerContext
@@ -145,7 +151,8 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     async def GetRoom(self, request: rooms_pb2.GetRoomRequest, context: grpc.aio.ServicerContext) -> Room:
         # The view is a RoomView: core/decoding.py refuses a number the enum does not define.
         room = self._store.book.get(validation.room_id(request.room_id))
-        return basic(room) if request.view == rooms_pb2.ROOM_VIEW_BASIC else shown(context, room)
+        shown_room = basic(room) if request.view == rooms_pb2.ROOM_VIEW_BASIC else shown(context, room)
+        return self._counted(shown_room)
 
     async def ListLiveRooms(
         self, request: rooms_pb2.ListLiveRoomsRequest, context: grpc.aio.ServicerContext
@@ -158,7 +165,41 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         after = _live_key(pages.unseal(request.page_token, LIVE_ROOMS)) if request.page_token else None
         rooms, more = self._store.book.live_page(after, size)
         token = pages.seal(LIVE_ROOMS, _live_token_key(rooms[-1])) if more else ""
-        return rooms_pb2.ListLiveRoomsResponse(rooms=[basic(r) for r in rooms], next_page_token=token)
+        return rooms_pb2.ListLiveRoomsResponse(
+            rooms=[self._counted(basic(r)) for r in rooms], next_page_token=token
+        )
+
+    async def WatchRoom(  # type: ignore[override]
+        self, request: rooms_pb2.WatchRoomRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Streams the room's updates, serialised once per room and view (admission/watch.py)."""
+        room_id = validation.room_id(request.room_id)
+        watches = self._watches
+        watch = watches.open(room_id, principal(context))
+        try:
+            while True:
+                data = watches.take(watch)
+                if data is None:
+                    if watch.reason is not None:
+                        break
+                    await watch.wait()
+                    continue
+                yield data
+        finally:
+            watches.close(watch)
+        if watch.reason == BANNED:
+            raise PermissionDenied(f"user {watch.user} is banned from room {room_id}")
+        if watch.reason == DRAINING:
+            raise drain_error()
+        if watch.reason == GONE:
+            raise NotFound(f"room {room_id} does not exist any more")
+
+    def _counted(self, room: Room) -> Room:
+        """A copy of the room with its live counts."""
+        counted = Room()
+        counted.CopyFrom(room)
+        counted.counts.CopyFrom(self._watches.counts(room))
+        return counted
 
 
 class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):

@@ -48,11 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "--name", default="townhall.local", help="the name in the certificate (tls.server_name)"
     )
 
-    room = sub.add_parser("room", help="create, start, end, get or list rooms")
-    room.add_argument("action", choices=("create", "start", "end", "get", "list"))
-    room.add_argument("arg", nargs="?", help="title (create) or room id (start, end, get)")
+    room = sub.add_parser("room", help="create, start, end, get, list or watch rooms")
+    room.add_argument("action", choices=("create", "start", "end", "get", "list", "watch"))
+    room.add_argument("arg", nargs="?", help="title (create) or room id (start, end, get, watch)")
     room.add_argument("--user", type=int, required=True, help="your user id")
     room.add_argument("--speaker", type=int, action="append", default=[], help="speaker id (create)")
+    room.add_argument(
+        "--seconds", type=float, default=0.0, help="watch: stop after this long (0: until it ends)"
+    )
 
     follow = sub.add_parser("follow", help="follow a user")
     follow.add_argument("followee", type=int)

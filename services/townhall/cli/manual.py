@@ -1,4 +1,4 @@
-"""Manual use: `townhall room|mod|follow|inbox|speak|listen`."""
+"""Manual use: `townhall room|mod|follow|inbox|speak|listen` (`room watch`: live counts and stage)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -18,8 +18,9 @@ from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.live import Listener, Speaker
-from townhall.v1.common_pb2 import Room
+from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_CONNECTED, NOTIFICATION_KIND_MISSED
+from townhall.v1.rooms_pb2 import RoomEvent
 
 console = Console()
 
@@ -92,9 +93,47 @@ async def _room(client: Client, args: argparse.Namespace) -> int:
         _show(await client.start_room(args.arg))
     elif args.action == "end":
         _show(await client.end_room(args.arg))
+    elif args.action == "watch":
+        return await _watch(client, args.arg, args.seconds)
     else:
         _show(await client.get_room(args.arg))
     return 0
+
+
+async def _watch(client: Client, room_id: str, seconds: float) -> int:
+    """Prints the room's live counts, stage and events as WatchRoom sends them (docs/live-state.md)."""
+    call = client.watch_room(room_id)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds or None):
+            async for update in call:
+                at = time.strftime("%H:%M:%S")
+                counts = f"{update.counts.listeners} listening, {update.counts.speakers} on stage"
+                if update.HasField("room"):
+                    state = RoomState.Name(update.room.state).removeprefix("ROOM_STATE_").lower()
+                    room = update.room
+                    stage = f"host {room.host_id}, co-hosts {_ids(room.cohost_ids)}"
+                    stage += f", speakers {_ids(room.speaker_ids)}"
+                    extra = " (resync)" if update.resync else ""
+                    console.print(f"{at} [bold]{state}[/bold]{extra}: {counts}; {stage}")
+                else:
+                    console.print(f"{at} {counts}")
+                for event in update.events:
+                    console.print(f"{at}   {_event(event)}")
+    call.cancel()
+    return 0
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ",".join(map(str, ids)) or "-"
+
+
+def _event(event: RoomEvent) -> str:
+    kind = RoomEvent.Kind.Name(event.kind).removeprefix("KIND_").lower().replace("_", " ")
+    if event.kind == RoomEvent.KIND_STATE:
+        return f"{kind}: {RoomState.Name(event.state).removeprefix('ROOM_STATE_').lower()}"
+    if event.kind == RoomEvent.KIND_ROLE:
+        return f"user {event.user_id} is now {Role.Name(event.role).removeprefix('ROLE_').lower()}"
+    return f"{kind}: user {event.user_id}"
 
 
 async def _follow(client: Client, args: argparse.Namespace) -> int:

@@ -13,7 +13,11 @@ touches the probe port):
   `max_concurrent_rpcs`): health checks, open streams and peers' calls are outside it, so a full
   process still answers its probes and its peers;
 - open streams (health Watch, reflection: no token needed) in a small pool of their own, per server
-  and per address.
+  and per address;
+- streams a client holds as long as it watches (`SELF_BOUNDED`: WatchRoom) per connection only: their
+  service bounds them per user and per process itself (admission.max_watch_streams...), and counting
+  them per address or in the client pool would let the watchers behind one address (or one process's
+  audience) use up the calls everyone needs to join.
 
 Past a bound a call is RESOURCE_EXHAUSTED at once, saying which bound, with a jittered retry-after.
 Counters exist only for connections and addresses with calls in flight: memory follows the calls.
@@ -27,8 +31,10 @@ from townhall.core.config import ServerConfig
 from townhall.core.errors import ResourceExhausted
 from townhall.core.metrics import CALLS_REFUSED
 
-# What a call counts in besides its connection and address.
-NONE, CLIENT, OPEN_STREAM = 0, 1, 2
+# What a call counts in besides its connection and address (SELF_BOUNDED: its connection only).
+NONE, CLIENT, OPEN_STREAM, SELF_BOUNDED = 0, 1, 2, 3
+# Methods whose service bounds their streams itself (see the module docstring).
+SELF_BOUNDED_METHODS = frozenset({"townhall.v1.Rooms/WatchRoom"})
 RETRY_MS = 200
 _JITTER = (1.0, 1.5)
 
@@ -83,6 +89,9 @@ class Bounds:
                     f"too many calls at once on this connection: at most {self.per_connection} calls "
                     "and streams (server.max_calls_per_connection)",
                 )
+            if pool == SELF_BOUNDED:
+                connections[peer] = on_connection + 1
+                return
             from_address = addresses.get(key, 0)
             if from_address >= self.per_address:
                 _refuse(
@@ -119,6 +128,8 @@ class Bounds:
                 connections[peer] = left
             else:
                 del connections[peer]
+            if pool == SELF_BOUNDED:
+                return
             left = addresses[key] - 1
             if left:
                 addresses[key] = left

@@ -566,6 +566,13 @@ class AdmissionConfig:
     # all been gone this long ends. Presence comes from the relays' load reports (relay.load_report_s
     # must be on). 0 turns it off.
     host_grace_s: Annotated[float, within(1, 3_600, zero="off")] = 60.0
+    # WatchRoom (docs/live-state.md): at most one update per watched room every watch_interval_s
+    # (changes within it are sent together), counts looked at (and sent if they moved) every
+    # watch_counts_s; streams open on this process at once, and per user.
+    watch_interval_s: Annotated[float, within(0.01, 10)] = 0.25
+    watch_counts_s: Annotated[float, within(0.01, 60)] = 1.0
+    max_watch_streams: Annotated[int, positive()] = 20_000
+    max_watch_streams_per_user: Annotated[int, positive()] = 4
 
     def validate(self) -> None:
         _address("admission.listen", self.listen)

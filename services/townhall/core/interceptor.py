@@ -37,7 +37,7 @@ import grpc
 
 from townhall.core import decoding, logging
 from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, refuse_service_credential, rule
-from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, Bounds
+from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, SELF_BOUNDED, SELF_BOUNDED_METHODS, Bounds
 from townhall.core.config import LimitsConfig, ServerConfig
 from townhall.core.credentials import SERVICE_KEY, callers
 from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, TownhallError, Unauthenticated
@@ -317,6 +317,8 @@ class _Gate:
         self._limits = limits
         self._bounds = bounds
         self._pool = OPEN_STREAM if self.open else NONE if how == OPEN else CLIENT
+        if f"{service}/{method}" in SELF_BOUNDED_METHODS:
+            self._pool = SELF_BOUNDED
         self._how = how
         check: Callable[[grpc.aio.ServicerContext], Held | None]
         if not internal:

@@ -100,9 +100,10 @@ class Topics:
         grant exactly this (townhall_tools.devtools.kafka_broker, the chart's topics Job); the notifier
         also reads its consumer groups (kafka.acl_groups)."""
         return {
+            # Admission reads the other processes' listener tallies from presence (admission/tallies.py).
             ADMISSION: (
                 (self.room_state, self.room_started, self.presence),
-                (self.room_state, self.relay_load),
+                (self.room_state, self.relay_load, self.presence),
             ),
             # Relays read leaves (Admission.Leave voids a listener's older tickets) from presence.
             RELAY: ((self.relay_load,), (self.room_state, self.presence)),
@@ -347,6 +348,15 @@ async def end_offsets(config: KafkaConfig, topic: str) -> dict[TopicPartition, i
         return dict(await reader.end_offsets(partitions))
     finally:
         await reader.stop()
+
+
+async def follow_from_end(
+    config: KafkaConfig, topic: str, handle: Callable[[Record], object], name: str
+) -> Follower:
+    """A started Follower of `topic` from its current end: records written before now are not read."""
+    follower = Follower(config, await end_offsets(config, topic), handle, name)
+    await follower.start()
+    return follower
 
 
 class Follower:

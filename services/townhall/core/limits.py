@@ -40,6 +40,7 @@ _CLASSES = {
     "townhall.v1.Rooms": CHANGES,
     "townhall.v1.Rooms/GetRoom": READS,
     "townhall.v1.Rooms/ListLiveRooms": READS,
+    "townhall.v1.Rooms/WatchRoom": STREAMS,
     # Stage and moderation calls are room changes: each is a write to the room-state topic.
     "townhall.v1.Moderation": CHANGES,
     "townhall.v1.Admission": JOINS,

@@ -15,7 +15,7 @@ from typing import TypeGuard
 
 from townhall.core import logging, validation
 from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.kafka import Follower, Topics, end_offsets, reader
+from townhall.core.kafka import Follower, Topics, follow_from_end, reader
 from townhall.core.provenance import Writer
 from townhall.core.records import INVALID, BadRecord, Record
 from townhall.relay import metrics
@@ -44,9 +44,7 @@ class LeaveFollower:
 
     async def start(self) -> None:
         """Follows the presence topic from its current end."""
-        positions = await end_offsets(self._kafka, self._topic)
-        self._follower = Follower(self._kafka, positions, self._record, "leaves")
-        await self._follower.start()
+        self._follower = await follow_from_end(self._kafka, self._topic, self._record, "leaves")
 
     async def close(self) -> None:
         """Stops following."""

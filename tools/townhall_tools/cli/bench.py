@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from townhall_tools.bench import audience, auth_cost, join_load_ghz, join_storm, notify, plots, relay
+from townhall_tools.bench import audience, auth_cost, join_load_ghz, join_storm, notify, plots, relay, watch
 
 
 def _written(out: Path, name: str) -> None:
@@ -21,6 +21,9 @@ def run_bench(args: argparse.Namespace) -> int:
     # Steps of at most 5 s: the audience bench has a dozen of them (3 chunk intervals).
     audience.run(args.out, seconds=min(args.seconds, 5.0))
     _written(args.out, "audience")
+    # WatchRoom: updates per admission core, and the audience's listeners per core with one watch each.
+    watch.run(args.out, seconds=min(args.seconds, 5.0))
+    print(f"JSON written to {args.out}/watch.json")
     # What token verification costs per join, with and without the cache.
     auth_cost.run(args.out)
     print(f"JSON written to {args.out}/auth.json")
