@@ -41,7 +41,7 @@ from townhall_tools.devtools.kafka_broker import ADMIN, SCRAM, SECURE_SETTINGS, 
 
 log = logging.get(__name__)
 
-LABEL = "townhall_tools.hosts"
+LABEL = "townhall.hosts"  # on every container and the network: what `down` removes
 NETWORK = "townhall-hosts"
 SUBNET = "172.29.0.0/24"
 GATEWAY = "172.29.0.1"
