@@ -45,6 +45,7 @@ from townhall.v1.common_pb2 import Room, RoomState
 from townhall_tools.devtools.fanout import counting_inbox, import_followers
 from townhall_tools.faults.admission import PAUSE_S, Ledger, change_rooms, check_topic, request_for
 from townhall_tools.faults.measure import FRAME_MS, Outcome, Tape, audio_gap_ms, spread, until
+from townhall_tools.faults.runner import Report, write
 from townhall_tools.hosts.cluster import Cluster, Host
 from townhall_tools.hosts.netcut import heal_all, hold_cut
 
@@ -372,9 +373,8 @@ async def one_run(cluster: Cluster, name: str) -> Outcome:
         )
         if work.ledger.errors:
             outcome.figures["error_sample"] = work.ledger.errors[0][:200]  # type: ignore[assignment]
-    except (
-        Exception
-    ) as exc:  # a run that could not finish is a failed run, with why; the next one starts clean
+    except Exception as exc:
+        # A run that could not finish is a failed run, with why; the next one starts clean.
         outcome.problems.append(f"run failed: {exc!r}"[:500])
     finally:
         await work.close()
@@ -382,11 +382,9 @@ async def one_run(cluster: Cluster, name: str) -> Outcome:
     return outcome
 
 
-@dataclass
-class HostsReport:
-    """Every outcome, one row per scenario."""
-
-    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
+class HostsReport(Report):
+    """Every outcome, one row per scenario: the faults runner's Report (JSON, loading) with this harness's
+    columns."""
 
     def summary(self) -> list[dict[str, Any]]:
         """Runs, passes, what was lost, audio gap and recovery (p50 / max over the runs)."""
@@ -435,25 +433,6 @@ class HostsReport:
                 f"{r['recovery_s'][1]:.2f} | {r['errors']:g} |"
             )
         return "\n".join(lines)
-
-    @classmethod
-    def load(cls, path: Path) -> HostsReport:
-        """A report written before (its JSON), to print its table again."""
-        runs = json.loads(path.read_text())["runs"]
-        return cls(
-            {
-                n: [Outcome(o["scenario"], o["fault"], o["figures"], o["problems"]) for o in rs]
-                for n, rs in runs.items()
-            }
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        """Everything, for the JSON file."""
-        return {
-            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "summary": self.summary(),
-            "runs": {n: [o.as_dict() for o in outcomes] for n, outcomes in self.outcomes.items()},
-        }
 
 
 def run_faults(
@@ -508,6 +487,6 @@ def run_cli(cluster: Cluster, args: argparse.Namespace) -> int:
     console.print(table)
     print(report.markdown())
     path: Path = args.json or cluster.root / "faults.json"
-    path.write_text(json.dumps(report.as_json(), indent=2))
+    write(report, path)
     console.print(f"figures written to {path}")
     return 0 if all(r["passed"] == r["runs"] for r in report.summary()) else 1
