@@ -9,7 +9,7 @@
 CLUSTER_RUNS := $(if $(filter command line environment,$(origin RUNS)),$(RUNS),5)
 CLUSTER := $(BIN)/townhall cluster --image $(IMAGE) --kafka-image $(KAFKA_IMAGE)
 
-.PHONY: cluster-up cluster-down cluster-status cluster-demo cluster-faults print-hosts-images cluster-e2e cluster-scale
+.PHONY: cluster-up cluster-down cluster-status cluster-demo cluster-faults print-hosts-images cluster-e2e cluster-scale cluster-isolation
 
 cluster-up: setup image kafka-image ## Start the multi-host topology in containers (brokers, admission, relays, notifiers)
 	$(CLUSTER) up
@@ -37,3 +37,7 @@ SCALE_RATE ?= 1500
 SCALE_SECONDS ?= 20
 cluster-scale: setup image kafka-image ## Admission scale-out: N owners (SCALE_STEPS) on one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
 	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --out .townhall/bench
+
+ISOLATION_SECONDS ?= 20
+cluster-isolation: cluster-up ## Cold rooms' join p99 alone and during a crowd-lane storm (bound x2); .townhall/bench/isolation.json
+	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --out .townhall/bench

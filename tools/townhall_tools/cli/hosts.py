@@ -19,7 +19,7 @@ def add_parser(sub: Subparsers) -> None:
     cluster = sub.add_parser(
         "cluster", help="Townhall on many hosts: every process in a container of its own (docs/hosts.md)"
     )
-    cluster.add_argument("action", choices=("up", "down", "status", "faults", "scale"))
+    cluster.add_argument("action", choices=("up", "down", "status", "faults", "scale", "isolation"))
     cluster.add_argument("--image", default="townhall:0.1.0", help="the Townhall image (make image)")
     cluster.add_argument(
         "--kafka-image", default="townhall-kafka:3.9.1", help="the broker image (make kafka-image)"
@@ -36,8 +36,14 @@ def add_parser(sub: Subparsers) -> None:
     cluster.add_argument(
         "--rate", type=float, default=1500.0, help="scale: joins/s offered per admission process (open loop)"
     )
-    cluster.add_argument("--seconds", type=float, default=20.0, help="scale: measured seconds per step")
-    cluster.add_argument("--out", type=Path, help="scale: JSON and PNG folder (default <root>/bench)")
+    cluster.add_argument(
+        "--seconds", type=float, default=20.0, help="scale, isolation: measured seconds per step or phase"
+    )
+    cluster.add_argument("--hot-rate", type=float, default=2000.0, help="isolation: the storm's joins/s")
+    cluster.add_argument("--cold-rate", type=float, default=100.0, help="isolation: cold rooms' joins/s")
+    cluster.add_argument(
+        "--out", type=Path, help="scale, isolation: JSON (and PNG) folder (default <root>/bench)"
+    )
     cluster.set_defaults(run=run)
 
 
@@ -72,6 +78,23 @@ def run(args: argparse.Namespace) -> int:
             "(or loadtest); make cluster-down removes it"
         )
         return 0
+    if args.action == "isolation":
+        from townhall_tools.hosts import isolation
+
+        if not cluster.manifest.exists():
+            console.print("[red]the topology is not up: make cluster-up[/red]")
+            return 2
+        out = args.out or args.root / "bench"
+        try:
+            report = isolation.run(cluster, args.hot_rate, args.cold_rate, args.seconds, out)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+        console.print(
+            f"cold rooms' join p99: {report['cold_p99_ms_alone']} ms alone, {report['cold_p99_ms_storm']} ms "
+            f"during the storm: x{report['ratio']} (bound x{report['bound']}); {out}/isolation.json"
+        )
+        return 0 if report["within_bound"] else 1
     if args.action == "scale":
         from townhall_tools.hosts import scale
 

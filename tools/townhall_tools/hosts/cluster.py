@@ -113,6 +113,12 @@ class Host:
         return f"127.0.0.1:{self.published}"
 
     @property
+    def direct(self) -> str:
+        """Its client port at its own address: what the benches dial from the host, through the bridge,
+        with no docker-proxy (a process on the host, outside every quota) in the path."""
+        return f"{self.ip}:{PORTS[self.role][0]}"
+
+    @property
     def internal(self) -> str:
         """Its internal address on the network (the client port for the crowd lane and brokers)."""
         if self.role == "kafka":

@@ -2,10 +2,10 @@
 same CPU quota, against an open-loop join load generated outside every quota (on the host).
 
 For each N the topology is brought up afresh with N owners (no crowd lane, one relay, one notifier), cold
-rooms are created, and `offered_per_process * N` joins/s are offered to them through every owner's published
-port (bench.join_load's generator); admitted joins/s, p99 latency and the server cores used are recorded. The
-scaling efficiency at N is admitted(N) / (N * admitted(1)). JSON and a PNG go to the bench folder
-(`scaleout.json`, `scaleout.png`, bench/plots.py).
+rooms are created, and `offered_per_process * N` joins/s are offered to them at every owner's own address
+(Host.direct: no docker-proxy in the path) by bench.join_load's generator; admitted joins/s, p99 latency
+and the server cores used are recorded. The scaling efficiency at N is admitted(N) / (N * admitted(1)).
+JSON and a PNG go to the bench folder (`scaleout.json`, `scaleout.png`, bench/plots.py).
 
 The figure only means something when the generator has cores of its own: on a machine shared with other
 work the curve shows the generator's and the neighbours' limits as much as admission's.
@@ -33,7 +33,7 @@ STEPS_MAX = 8
 
 async def _point(cluster: Cluster, offered: float, seconds: float, cold_rooms: int) -> dict[str, Any]:
     owners = cluster.of("admission")
-    addresses = tuple(h.grpc for h in owners)
+    addresses = tuple(h.direct for h in owners)
     auth, tls = cluster.secrets.auth, TlsConfig()
     _, colds = await make_rooms(addresses[0], cold_rooms, auth, tls)
     await wait_live(addresses, colds, auth, tls)
