@@ -19,6 +19,9 @@ def test_every_host_has_its_own_address_and_port() -> None:
     published = [h.published for h in hosts if h.published]
     assert len(set(published)) == len(published) == len(hosts) - 3  # brokers publish nothing
     assert len({h.name for h in hosts}) == len(hosts)
+    # Benches dial a container's own address (no docker-proxy); clients outside its published port.
+    relay = next(h for h in hosts if h.role == "relay")
+    assert relay.direct == f"{relay.ip}:50052" and relay.grpc == f"127.0.0.1:{relay.published}"
 
 
 def test_services_get_only_their_keys_and_static_members(tmp_path) -> None:  # type: ignore[no-untyped-def]
