@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from townhall.core.config import load
 from townhall_tools.faults.measure import Outcome
 from townhall_tools.hosts.cluster import GATEWAY, SUBNET, Cluster, plan
 from townhall_tools.hosts.faults import SCENARIOS, HostsReport
@@ -57,3 +58,21 @@ def test_report_rows_count_every_loss() -> None:
     assert set(SCENARIOS) == {
         "owner-kafka-cut", "owner-peers-cut", "edge-origin-cut", "broker-stop", "broker-partition", "host-kill",
     }  # fmt: skip
+
+
+def test_every_service_environment_is_a_valid_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What each container gets loads as the process would load it (keys renamed in core/config.py fail here)."""
+    cluster = Cluster.__new__(Cluster)
+    cluster.root, cluster.hosts, cluster._secrets = tmp_path, plan(), None
+    security = cluster.secrets.security
+    assert security is not None
+    (tmp_path / "password").write_text("x")
+    for host in cluster.hosts:
+        if host.role == "kafka":
+            continue
+        env = cluster._service_env(host, cluster.secrets)
+        env |= {
+            "TOWNHALL_KAFKA_CA": str(security.ca),
+            "TOWNHALL_KAFKA_PASSWORD_FILE": str(tmp_path / "password"),
+        }
+        load(env=env)
