@@ -75,6 +75,7 @@ kafka: setup ## Start the local Kafka broker alone (foreground)
 	$(BIN)/townhall kafka
 
 include deploy/k8s.mk
+include deploy/hosts.mk
 
 clean: ## Remove the venv, generated code, caches and local state
 	rm -rf $(VENV) $(GEN) .townhall .cache .pytest_cache .mypy_cache .ruff_cache

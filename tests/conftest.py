@@ -14,8 +14,11 @@ from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall_tools.devtools.kafka_broker import Broker, free_port
 
-# The kind end-to-end tests need Docker and a cluster: `make kind-e2e` runs them, `make test` does not.
-collect_ignore = [] if os.environ.get("KIND_E2E") else ["e2e"]
+# The kind end-to-end tests need Docker and a cluster: `make kind-e2e` runs them, `make test` does not; the
+# multi-host ones (containers, partitions) need Docker and root: `make cluster-e2e` runs them.
+collect_ignore = [
+    name for name, flag in (("e2e", "KIND_E2E"), ("hosts", "HOSTS_E2E")) if not os.environ.get(flag)
+]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -261,14 +261,15 @@ async def wait_for_topics(
         await asyncio.sleep(min(check_s, max(0.0, deadline - now)))
 
 
-async def ensure_topics(config: KafkaConfig) -> None:
-    """Creates the project's topics if they do not exist (local broker, tests)."""
+async def ensure_topics(config: KafkaConfig, replication: int = 1) -> None:
+    """Creates the project's topics if they do not exist (local broker, tests; `replication` replicas each:
+    3 on the multi-host topology's brokers)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap, **client_options(config))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name, config.partitions, 1, topic_configs=cfg)
+            NewTopic(name, config.partitions, replication, topic_configs=cfg)
             for name, cfg in Topics(config.topic_prefix).all().items()
             if name not in existing
         ]

@@ -6,7 +6,9 @@
 - joinstorm.png: the hot room's joins admitted, waiting and shed each second of the storm (with and
   without the crowd lane), the admit budget, and the cold rooms' grants beside them;
 - notify.png: the celebrity's followers notified over time (and per second), and when each small
-  host's followers were notified, with the latency they saw.
+  host's followers were notified, with the latency they saw;
+- scaleout.png: admitted joins/s against admission processes in containers of one CPU quota each, beside
+  perfect scaling, with each step's efficiency (`townhall cluster scale`, townhall_tools.hosts.scale).
 
 matplotlib (a dependency of townhall-tools) draws them with its Agg backend: files only, no display.
 `python -m townhall_tools.bench.plots [.townhall/bench]` redraws every plot from the JSON there.
@@ -175,11 +177,37 @@ def notify(report: Mapping[str, Any]) -> Figure:
     return figure
 
 
+def scaleout(report: Mapping[str, Any]) -> Figure:
+    """Admitted joins/s against admission processes (each on the same CPU quota), beside perfect scaling
+    from one process, with each step's scaling efficiency."""
+    points = report["points"]
+    counts = [p["admission"] for p in points]
+    admitted = [p["admitted_per_s"] for p in points]
+    figure = _figure()
+    axes = figure.subplots()
+    axes.plot(counts, admitted, marker="o", label="admitted joins/s")
+    base = next((p["admitted_per_s"] for p in points if p["admission"] == 1), None)
+    if base:
+        axes.plot(counts, [n * base for n in counts], linestyle="--", color="grey", label="N x one process")
+    for point in points:
+        if point.get("efficiency") is not None:
+            axes.annotate(f"{point['efficiency']:.2f}", (point["admission"], point["admitted_per_s"]))
+    axes.set_title(f"Admission scale-out ({report['cpu_quota_cores']} core quota per process)")
+    axes.set_xlabel("admission processes")
+    axes.set_ylabel("admitted joins/s")
+    axes.set_xticks(counts)
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
+
+
 PLOTS: dict[str, Callable[[Mapping[str, Any]], Figure]] = {
     "audience": audience,
     "relay": relay,
     "joinstorm": joinstorm,
     "notify": notify,
+    "scaleout": scaleout,
 }
 
 

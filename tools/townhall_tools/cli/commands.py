@@ -10,7 +10,7 @@ from townhall.cli.main import DEFAULT_ROOT, Subparsers
 
 
 def add_commands(sub: Subparsers) -> None:
-    """Adds dev, demo, kafka, loadtest, faults and bench; each sets `run`, what main() calls."""
+    """Adds dev, demo, kafka, loadtest, faults, cluster and bench; each sets `run`, what main() calls."""
     dev = sub.add_parser("dev", help="start Kafka and the services locally; Ctrl-C stops them")
     dev.add_argument("--admission", type=int, default=1, help="admission processes")
     dev.add_argument("--relays", type=int, default=1, help="relay processes")
@@ -30,10 +30,11 @@ def add_commands(sub: Subparsers) -> None:
 
     sub.add_parser("kafka", help="run the local Kafka broker in the foreground").set_defaults(run=_kafka)
 
-    from townhall_tools.cli import faults, loadtest
+    from townhall_tools.cli import faults, hosts, loadtest
 
     loadtest.add_parser(sub)
     faults.add_parser(sub)
+    hosts.add_parser(sub)
 
     bench = sub.add_parser("bench", help="run the benchmarks; figures on screen, JSON in --out")
     bench.add_argument("--out", type=Path, default=DEFAULT_ROOT / "bench")

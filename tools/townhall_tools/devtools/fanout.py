@@ -42,13 +42,15 @@ class CountingInbox:
 
 
 @contextlib.asynccontextmanager
-async def counting_inbox(kafka: KafkaConfig, users: list[int]) -> AsyncIterator[CountingInbox]:
-    """An Inbox of our own reading the notifications topic from its current end."""
+async def counting_inbox(
+    kafka: KafkaConfig, users: list[int], auth: AuthConfig = DEV_AUTH
+) -> AsyncIterator[CountingInbox]:
+    """An Inbox of our own reading the notifications topic from its current end; records are checked with
+    `auth`'s service keys (the notifiers' own: the development keys unless given)."""
     hub = InboxDelivery(queue=64)
     subs = {u: hub.connect(u) for u in users}
     topic = Topics(kafka.topic_prefix).notifications
-    # Notifiers here run with the development keys (DEV_AUTH).
-    inbox = InboxReader(kafka, topic, hub, reader(kafka, DEV_AUTH, topic))
+    inbox = InboxReader(kafka, topic, hub, reader(kafka, auth, topic))
     await asyncio.wait_for(inbox.start(), WAIT_S)
     try:
         yield CountingInbox(hub, subs)
@@ -77,16 +79,19 @@ async def from_end(consumer: AIOKafkaConsumer) -> list[TopicPartition]:
     return partitions
 
 
-async def import_followers(address: str, host: int, followers: list[int]) -> int:
-    """Makes `followers` follow `host` through Graph.Import on a notifier's internal port (`address`, with
-    the development service key); returns the edges created."""
+async def import_followers(
+    address: str, host: int, followers: list[int], auth: AuthConfig | None = None
+) -> int:
+    """Makes `followers` follow `host` through Graph.Import on a notifier's internal port (`address`, as an
+    operator signing with `auth`'s service key, the development one unless given); returns the edges
+    created."""
     pairs = np.array([[host, f] for f in followers], dtype="<u8")
 
     async def chunks() -> AsyncIterator[graph_pb2.ImportChunk]:
         for i in range(0, len(pairs), 3000):
             yield graph_pb2.ImportChunk(pairs=pairs[i : i + 3000].tobytes())
 
-    credential = operator_credential(AuthConfig(service_keys=(DEV_SERVICE_KEY,)))
+    credential = operator_credential(auth or AuthConfig(service_keys=(DEV_SERVICE_KEY,)))
     async with grpc.aio.insecure_channel(address) as channel:
         summary = await graph_pb2_grpc.GraphStub(channel).Import(
             chunks(), metadata=credential.metadata(address, "/townhall.v1.Graph/Import"), timeout=WAIT_S

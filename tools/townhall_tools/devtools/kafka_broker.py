@@ -229,6 +229,14 @@ async def _create_acls(config: KafkaConfig, rules: list[Acl]) -> None:
         await client.close()
 
 
+async def grant(admin: KafkaConfig, topics: Topics, notifier_group: str, replication: int = 1) -> None:
+    """Creates the topics (`replication` replicas each) and the ACLs of every service principal (`acls`),
+    as `admin` (a super user): a secure broker's, or every broker's of the multi-host topology."""
+    await ensure_topics(admin, replication)
+    await _create_acls(admin, acls(topics, notifier_group))
+    log.info("topics and ACLs created", prefix=topics.prefix, principals=list(topics.access()))
+
+
 @dataclass
 class Broker:
     """One KRaft broker+controller process on 127.0.0.1 (PLAINTEXT, or SASL_SSL with ACLs: `security`)."""
@@ -355,9 +363,7 @@ class Broker:
         if self.security is None:
             raise BrokerError("grant needs a broker with security (SASL_SSL and ACLs)")
         admin = self.security.client(ADMIN, self.bootstrap, topics.prefix, partitions=partitions)
-        asyncio.run(ensure_topics(admin))
-        asyncio.run(_create_acls(admin, acls(topics, notifier_group)))
-        log.info("topics and ACLs created", prefix=topics.prefix, principals=list(topics.access()))
+        asyncio.run(grant(admin, topics, notifier_group))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stops the broker cleanly (SIGTERM), or kills it after the timeout."""

@@ -161,7 +161,8 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         tasks = []
 
-        lost, forks = await check_topic(topology, ledger)
+        kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
+        lost, forks = await check_topic(kafka, ledger)
         stale = await check_replicas(others, ledger)
         unannounced = await check_announced(topology, ledger)
         after = [(s, e) for s, e, _ in ledger.timed if s >= faulted]
@@ -198,9 +199,9 @@ async def owner_fault(topology: Topology, kill: bool) -> Outcome:
     return outcome
 
 
-async def check_topic(topology: Topology, ledger: Ledger) -> tuple[int, int]:
-    """(acknowledged changes missing from the topic, versions written with different contents)."""
-    kafka = KafkaConfig(bootstrap=topology.bootstrap, topic_prefix=topology.topic_prefix)
+async def check_topic(kafka: KafkaConfig, ledger: Ledger) -> tuple[int, int]:
+    """(acknowledged changes missing from the room-state topic of `kafka`, versions written with different
+    contents)."""
     written: dict[tuple[str, int], set[int]] = defaultdict(set)
 
     def apply(record: Record) -> None:

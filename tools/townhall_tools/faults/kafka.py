@@ -211,7 +211,7 @@ async def broker_restart(topology: Topology, kill: bool, outage_s: float = 0.0) 
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         tasks = []
         phases["after"] = Counter(storm_joins.outcomes) - phases["before"] - phases["outage"]
-        lost, forks = await check_topic(topology, ledger)
+        lost, forks = await check_topic(kafka, ledger)
         stale = await check_replicas(members, ledger)
         unannounced = await check_announced(topology, ledger)
         dropped = sum(metric(p, "townhall_events_dropped_total") for p in topology.of("admission"))

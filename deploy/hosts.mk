@@ -1,0 +1,43 @@
+# Townhall on many hosts (docs/hosts.md): every process in a container of its own on one Docker network, with
+# its own address, CPU quota and memory limit; 3 KRaft brokers (replication factor 3, min.insync.replicas 2).
+# Included from the Makefile after deploy/k8s.mk, whose image variables it uses: IMAGE (make image) and
+# KAFKA_IMAGE (make kafka-image), both built from the official base images unless PYTHON_IMAGE, JAVA_IMAGE and
+# KAFKA_BUILD_IMAGE say otherwise (hack/kind-offline/cluster.sh on a machine without a registry).
+# Not part of `make test`: these need Docker (and root, for the partitions' iptables in the containers).
+
+# Runs of each partition scenario (`make cluster-faults RUNS=1`); 5 unless given.
+CLUSTER_RUNS := $(if $(filter command line environment,$(origin RUNS)),$(RUNS),5)
+CLUSTER := $(BIN)/townhall cluster --image $(IMAGE) --kafka-image $(KAFKA_IMAGE)
+
+.PHONY: cluster-up cluster-down cluster-status cluster-demo cluster-faults print-hosts-images cluster-e2e cluster-scale cluster-isolation
+
+cluster-up: setup image kafka-image ## Start the multi-host topology in containers (brokers, admission, relays, notifiers)
+	$(CLUSTER) up
+
+cluster-down: setup ## Remove the multi-host topology's containers, volumes and network
+	$(CLUSTER) down
+
+cluster-status: setup ## Each container of the multi-host topology: address, published client port, running
+	$(CLUSTER) status
+
+cluster-demo: setup ## Run the demo against the multi-host topology from outside its containers
+	$(BIN)/townhall --root .townhall/hosts --config .townhall/hosts/client.toml demo
+
+cluster-faults: cluster-up ## Partitions and host loss on the multi-host topology, RUNS (5) each; JSON + table
+	$(CLUSTER) faults --runs $(CLUSTER_RUNS)
+
+print-hosts-images: # The Townhall and Kafka images cluster-up runs (tests/hosts read them)
+	@echo $(IMAGE) $(KAFKA_IMAGE)
+
+cluster-e2e: setup ## The multi-host topology end to end: up, demo, one run of each partition scenario, down
+	HOSTS_E2E=1 HOSTS_E2E_MAKE="$(MAKE) --no-print-directory" $(BIN)/pytest -p no:cacheprovider -s -v tests/hosts
+
+SCALE_STEPS ?= 1 2 4
+SCALE_RATE ?= 1500
+SCALE_SECONDS ?= 20
+cluster-scale: setup image kafka-image ## Admission scale-out: N owners (SCALE_STEPS) on one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
+	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --out .townhall/bench
+
+ISOLATION_SECONDS ?= 20
+cluster-isolation: cluster-up ## Cold rooms' join p99 alone and during a crowd-lane storm (bound x2); .townhall/bench/isolation.json
+	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --out .townhall/bench

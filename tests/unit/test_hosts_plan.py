@@ -1,0 +1,78 @@
+"""The multi-host topology's plan and report, without Docker (make cluster-up runs them for real)."""
+
+from __future__ import annotations
+
+from townhall.core.config import load
+from townhall_tools.faults.measure import Outcome
+from townhall_tools.hosts.cluster import GATEWAY, SUBNET, Cluster, plan
+from townhall_tools.hosts.faults import SCENARIOS, HostsReport
+
+
+def test_every_host_has_its_own_address_and_port() -> None:
+    hosts = plan()
+    roles = [h.role for h in hosts]
+    assert {r: roles.count(r) for r in set(roles)} == {
+        "kafka": 3, "admission": 3, "crowd": 1, "relay": 5, "notifier": 2,
+    }  # fmt: skip
+    ips = [h.ip for h in hosts]
+    assert len(set(ips)) == len(ips) and GATEWAY not in ips
+    assert all(ip.startswith(SUBNET.rsplit(".", 1)[0] + ".") for ip in ips)
+    published = [h.published for h in hosts if h.published]
+    assert len(set(published)) == len(published) == len(hosts) - 3  # brokers publish nothing
+    assert len({h.name for h in hosts}) == len(hosts)
+    # Benches dial a container's own address (no docker-proxy); clients outside its published port.
+    relay = next(h for h in hosts if h.role == "relay")
+    assert relay.direct == f"{relay.ip}:50052" and relay.grpc == f"127.0.0.1:{relay.published}"
+
+
+def test_services_get_only_their_keys_and_static_members(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = Cluster.__new__(Cluster)  # no Docker client: the environment alone
+    cluster.root, cluster.hosts, cluster._secrets = tmp_path, plan(), None
+    secrets = cluster.secrets
+    relay = cluster._service_env(cluster.of("relay")[1], secrets)
+    assert "TOWNHALL_TICKETS_PRIVATE_KEY" not in relay and "TOWNHALL_AUTH_KEYS" not in relay
+    assert relay["TOWNHALL_RELAY_ADVERTISE"] == cluster.of("relay")[1].grpc  # what clients outside dial
+    crowd = cluster._service_env(cluster.of("crowd")[0], secrets)
+    assert crowd["TOWNHALL_ADMISSION_OWNER"] == "false"
+    assert crowd["TOWNHALL_ADMISSION_MEMBERS"] == ",".join(h.internal for h in cluster.of("admission"))
+    assert crowd["TOWNHALL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    # Made once, kept: a second cluster on the same folder signs with the same keys.
+    again = Cluster.__new__(Cluster)
+    again.root, again.hosts, again._secrets = tmp_path, plan(), None
+    assert again.secrets.keys == secrets.keys
+
+
+def test_report_rows_count_every_loss() -> None:
+    ok = Outcome("host-kill", "killed", {"lost": 0, "forks": 0, "notifications_lost": 0, "gap_ms_max": 40})
+    bad = Outcome("host-kill", "killed", {"lost": 1, "forks": 2, "notifications_lost": 3}, ["lost"])
+    report = HostsReport({"host-kill": [ok, bad]})
+    [row] = report.summary()
+    assert (row["runs"], row["passed"], row["lost"], row["forks"], row["notifications_lost"]) == (
+        2,
+        1,
+        1,
+        2,
+        3,
+    )
+    assert "| `host-kill` | 2 | 1 |" in report.markdown()
+    assert set(SCENARIOS) == {
+        "owner-kafka-cut", "owner-peers-cut", "edge-origin-cut", "broker-stop", "broker-partition", "host-kill",
+    }  # fmt: skip
+
+
+def test_every_service_environment_is_a_valid_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What each container gets loads as the process would load it (keys renamed in core/config.py fail here)."""
+    cluster = Cluster.__new__(Cluster)
+    cluster.root, cluster.hosts, cluster._secrets = tmp_path, plan(), None
+    security = cluster.secrets.security
+    assert security is not None
+    (tmp_path / "password").write_text("x")
+    for host in cluster.hosts:
+        if host.role == "kafka":
+            continue
+        env = cluster._service_env(host, cluster.secrets)
+        env |= {
+            "TOWNHALL_KAFKA_CA": str(security.ca),
+            "TOWNHALL_KAFKA_PASSWORD_FILE": str(tmp_path / "password"),
+        }
+        load(env=env)

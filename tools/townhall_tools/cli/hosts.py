@@ -1,0 +1,116 @@
+"""`townhall cluster`: the multi-host topology in containers (up, down, status) and its partition faults."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from townhall.cli.main import Subparsers
+
+console = Console(stderr=True)
+
+
+def add_parser(sub: Subparsers) -> None:
+    """Adds `townhall cluster` to the CLI."""
+    cluster = sub.add_parser(
+        "cluster", help="Townhall on many hosts: every process in a container of its own (docs/hosts.md)"
+    )
+    cluster.add_argument("action", choices=("up", "down", "status", "faults", "scale", "isolation"))
+    cluster.add_argument("--image", default="townhall:0.1.0", help="the Townhall image (make image)")
+    cluster.add_argument(
+        "--kafka-image", default="townhall-kafka:3.9.1", help="the broker image (make kafka-image)"
+    )
+    cluster.add_argument("--timeout-s", type=float, default=300.0, help="up: seconds for everything to serve")
+    cluster.add_argument("--runs", type=int, default=5, help="faults: runs of each scenario (1..20)")
+    cluster.add_argument("--only", nargs="+", help="faults: these scenarios only")
+    cluster.add_argument(
+        "--json", type=Path, help="faults: where the figures go (default <root>/hosts/faults.json)"
+    )
+    cluster.add_argument(
+        "--steps", type=int, nargs="+", default=[1, 2, 4], help="scale: admission processes of each step"
+    )
+    cluster.add_argument(
+        "--rate", type=float, default=1500.0, help="scale: joins/s offered per admission process (open loop)"
+    )
+    cluster.add_argument(
+        "--seconds", type=float, default=20.0, help="scale, isolation: measured seconds per step or phase"
+    )
+    cluster.add_argument("--hot-rate", type=float, default=2000.0, help="isolation: the storm's joins/s")
+    cluster.add_argument("--cold-rate", type=float, default=100.0, help="isolation: cold rooms' joins/s")
+    cluster.add_argument(
+        "--out", type=Path, help="scale, isolation: JSON (and PNG) folder (default <root>/bench)"
+    )
+    cluster.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs one action; `up` leaves the containers running, `down` removes them."""
+    from townhall_tools.hosts.cluster import Cluster, ClusterError
+
+    root: Path = args.root / "hosts"
+    cluster = Cluster(root, args.image, args.kafka_image)
+    if args.action == "down":
+        console.print(f"removed {cluster.down()} containers")
+        return 0
+    if args.action == "status":
+        table = Table(title=f"Townhall hosts ({cluster.manifest})")
+        for column in ("container", "address", "client (host)", "running"):
+            table.add_column(column)
+        for host in cluster.hosts:
+            published = host.grpc if host.published else ""
+            table.add_row(host.name, host.ip, published, "yes" if cluster.running(host) else "no")
+        console.print(table)
+        return 0
+    if args.action == "up":
+        try:
+            with console.status("starting 3 brokers and the services, each in its container..."):
+                cluster.up(args.timeout_s)
+        except ClusterError as exc:
+            console.print(f"[red]cluster up failed[/red]: {exc}")
+            return 1
+        console.print(json.dumps(cluster.describe()["services"], indent=1))
+        console.print(
+            f"[green]up[/green]: townhall --root {root} --config {root / 'client.toml'} demo "
+            "(or loadtest); make cluster-down removes it"
+        )
+        return 0
+    if args.action == "isolation":
+        from townhall_tools.hosts import isolation
+
+        if not cluster.manifest.exists():
+            console.print("[red]the topology is not up: make cluster-up[/red]")
+            return 2
+        out = args.out or args.root / "bench"
+        try:
+            report = isolation.run(cluster, args.hot_rate, args.cold_rate, args.seconds, out)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+        console.print(
+            f"cold rooms' join p99: {report['cold_p99_ms_alone']} ms alone, {report['cold_p99_ms_storm']} ms "
+            f"during the storm: x{report['ratio']} (bound x{report['bound']}); {out}/isolation.json"
+        )
+        return 0 if report["within_bound"] else 1
+    if args.action == "scale":
+        from townhall_tools.hosts import scale
+
+        out = args.out or args.root / "bench"
+        try:
+            report = scale.run(root, args.image, args.kafka_image, args.steps, args.rate, args.seconds, out)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+        for point in report["points"]:
+            console.print(
+                f"admission x{point['admission']}: {point['admitted_per_s']} joins/s, "
+                f"p99 {point['p99_ms']} ms, efficiency {point['efficiency']}"
+            )
+        console.print(f"figures and plot written to {out}/scaleout.json, scaleout.png")
+        return 0
+    from townhall_tools.hosts.faults import run_cli
+
+    return run_cli(cluster, args)

@@ -1,0 +1,72 @@
+"""Isolation under real CPU limits (issue 13, item 4, the join half): cold rooms' joins alone, then the same
+cold joins while one hot room takes a join storm through the crowd lane, on the multi-host topology, where
+each process has its own CPU quota and the load comes from the host, outside every quota.
+
+The claim checked: the cold rooms' join p99 during the storm stays within twice its value alone. Figures go to
+`isolation.json` in the bench folder. The notification half (a small host's p99 within 1 s during a 10M
+follower fan-out) is not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from townhall.core.config import TlsConfig
+from townhall_tools.bench.join_load import Load, make_rooms, offer, wait_live
+from townhall_tools.hosts.cluster import LIMITS, Cluster
+
+console = Console(stderr=True)
+BOUND = 2.0  # cold p99 during the storm / alone
+SECONDS_MAX = 600.0
+
+
+async def _phases(
+    cluster: Cluster, hot_rate: float, cold_rate: float, cold_rooms: int, seconds: float
+) -> dict[str, Any]:
+    owners = tuple(h.direct for h in cluster.of("admission"))
+    crowd = tuple(h.direct for h in cluster.of("crowd"))
+    pids = [cluster.pid(h) for h in cluster.hosts if h.service == "admission"]
+    auth, tls = cluster.secrets.auth, TlsConfig()
+    hot, colds = await make_rooms(owners[0], cold_rooms, auth, tls)
+    await wait_live(owners, [hot, *colds], auth, tls)
+    alone = Load(owners, None, 0.0, tuple(colds), cold_rate, seconds, auth=auth, tls=tls)
+    storm = Load(
+        owners, hot, hot_rate, tuple(colds), cold_rate, seconds, hot_addresses=crowd, auth=auth, tls=tls
+    )
+    return {
+        "alone": await offer(alone, pids, "cold rooms alone", console),
+        "storm": await offer(storm, pids, "cold rooms during the storm", console),
+    }
+
+
+def run(
+    cluster: Cluster, hot_rate: float, cold_rate: float, seconds: float, out_dir: Path, cold_rooms: int = 50
+) -> dict[str, Any]:
+    """Both phases on the running topology; writes isolation.json to `out_dir` and returns it."""
+    if not 0 < seconds <= SECONDS_MAX:
+        raise ValueError(f"seconds: 0..{SECONDS_MAX:.0f}, not {seconds}")
+    phases = asyncio.run(_phases(cluster, hot_rate, cold_rate, cold_rooms, seconds))
+    alone, storm = phases["alone"]["cold"]["p99_ms"], phases["storm"]["cold"]["p99_ms"]
+    ratio = round(storm / alone, 2) if alone and storm is not None else None
+    report = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu_quota_cores": {role: limits[0] for role, limits in LIMITS.items()},
+        "hot_rate": hot_rate,
+        "cold_rate": cold_rate,
+        "seconds": seconds,
+        "cold_p99_ms_alone": alone,
+        "cold_p99_ms_storm": storm,
+        "ratio": ratio,
+        "bound": BOUND,
+        "within_bound": ratio is not None and ratio <= BOUND,
+        "phases": phases,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "isolation.json").write_text(json.dumps(report, indent=2))
+    return report
