@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-PROTOS := $(wildcard proto/townhall/v1/*.proto)
+PROTOS := $(wildcard proto/townhall/v1/*.proto proto/townhall/internal/v1/*.proto)
 GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
@@ -22,11 +22,8 @@ $(STAMP): pyproject.toml tools/pyproject.toml
 
 setup: $(STAMP) $(GEN)/__init__.py ## Create .venv, install Townhall (dev extra) and townhall-tools, generate the gRPC code
 
-$(GEN)/__init__.py: $(PROTOS) $(STAMP)
-	rm -rf $(GEN) && mkdir -p $(GEN)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=services --grpc_python_out=services \
-		--mypy_out=services --mypy_grpc_out=services $(PROTOS)
-	echo '"""Generated protobuf and gRPC code for townhall.v1 (make proto; not edited by hand)."""' > $@
+$(GEN)/__init__.py: $(PROTOS) $(STAMP) deploy/tools/gen-proto.sh
+	deploy/tools/gen-proto.sh $(BIN)/python
 
 proto: ## Regenerate the protobuf/gRPC code (and .pyi stubs) from proto/
 	rm -f $(GEN)/__init__.py && $(MAKE) --no-print-directory $(GEN)/__init__.py
@@ -78,4 +75,4 @@ include deploy/k8s.mk
 include deploy/hosts.mk
 
 clean: ## Remove the venv, generated code, caches and local state
-	rm -rf $(VENV) $(GEN) .townhall .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(GEN) services/townhall/internal .townhall .cache .pytest_cache .mypy_cache .ruff_cache

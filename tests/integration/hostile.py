@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
+import townhall.internal.v1
 import townhall.v1
 from townhall.core.auth import rule
 from townhall.core.decoding import enum_problem
@@ -91,14 +92,19 @@ class Method:
         return self.path
 
 
+def _generated() -> list[Any]:
+    """The file descriptors of every generated module: townhall.v1 and townhall.internal.v1."""
+    return [
+        importlib.import_module(f"{package.__name__}.{module.name}").DESCRIPTOR
+        for package in (townhall.v1, townhall.internal.v1)
+        for module in pkgutil.iter_modules(package.__path__)
+        if module.name.endswith("_pb2")
+    ]
+
+
 def townhall_services() -> list[Any]:
-    """Every service descriptor of the townhall.v1 generated modules."""
-    services = []
-    for module in pkgutil.iter_modules(townhall.v1.__path__):
-        if module.name.endswith("_pb2"):
-            found = importlib.import_module(f"townhall.v1.{module.name}").DESCRIPTOR
-            services += list(found.services_by_name.values())
-    return services
+    """Every service descriptor of the townhall.v1 and townhall.internal.v1 generated modules."""
+    return [service for found in _generated() for service in found.services_by_name.values()]
 
 
 def all_methods() -> list[Method]:
@@ -112,16 +118,8 @@ def all_methods() -> list[Method]:
 
 
 def all_message_types() -> list[Descriptor]:
-    """Every message type of the townhall.v1 modules (for "a message of another type")."""
-    found = []
-    for module in pkgutil.iter_modules(townhall.v1.__path__):
-        if module.name.endswith("_pb2"):
-            found += list(
-                importlib.import_module(
-                    f"townhall.v1.{module.name}"
-                ).DESCRIPTOR.message_types_by_name.values()
-            )
-    return found
+    """Every message type of the generated modules (for "a message of another type")."""
+    return [message for found in _generated() for message in found.message_types_by_name.values()]
 
 
 @dataclass

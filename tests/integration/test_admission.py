@@ -13,9 +13,9 @@ from townhall.admission.app import AdmissionApp
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.kafka import Topics
 from townhall.core.tickets import TicketVerifier
+from townhall.internal.v1.events_pb2 import PresenceEvent, RoomStarted
 from townhall.v1 import admission_pb2, rooms_pb2
 from townhall.v1.common_pb2 import Role, RoomState
-from townhall.v1.events_pb2 import PresenceEvent, RoomStarted
 
 pytestmark = pytest.mark.kafka
 RELAY = "127.0.0.1:50999"

@@ -240,7 +240,11 @@ def test_a_changed_jwks_is_reloaded_and_a_dropped_key_fails(tmp_path: Path) -> N
 def test_methods_are_user_authenticated_unless_declared_otherwise() -> None:
     assert rule("townhall.v1.Rooms", "CreateRoom") == "user"
     assert rule("townhall.v1.SomethingNew", "Do") == "user"  # a new API is authenticated by default
-    assert rule("townhall.v1.Leases", "Acquire") == rule("townhall.v1.Owner", "CreateRoom") == "service"
+    assert (
+        rule("townhall.internal.v1.Leases", "Acquire")
+        == rule("townhall.internal.v1.Owner", "CreateRoom")
+        == "service"
+    )
     assert rule("townhall.v1.Relay", "Pull") == "service"
     assert rule("townhall.v1.Relay", "Subscribe") == "ticket"
     assert rule("grpc.health.v1.Health", "Check") == "open"

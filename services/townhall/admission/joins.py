@@ -26,9 +26,9 @@ from townhall.core.errors import (
 )
 from townhall.core.identity import missing
 from townhall.core.tickets import TicketSigner
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.admission_pb2 import JoinResponse, Waiting
 from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Role, Room, RoomState
-from townhall.v1.events_pb2 import PresenceEvent
 
 _STAGE_NAMES = {Role.ROLE_HOST: "host", Role.ROLE_COHOST: "co-host", Role.ROLE_SPEAKER: "speaker"}
 # Plain ints: an enum wrapper's attribute lookup is a Python call, four of them per join.

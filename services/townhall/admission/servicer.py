@@ -34,9 +34,10 @@ from townhall.core.errors import (
 )
 from townhall.core.forwarding import on_owner
 from townhall.core.identity import caller, principal, require, service_caller
-from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
+from townhall.internal.v1 import internal_pb2_grpc
+from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
+from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
-from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
 
 LIST_DEFAULT, LIST_MAX = 50, 500
 # What a ListLiveRooms page token belongs to (core/pages.py): the list, in its one view (BASIC).

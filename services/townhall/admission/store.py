@@ -28,8 +28,8 @@ from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import INVALID, STALE, Record, skipped
 from townhall.core.room_records import RoomRecords
+from townhall.internal.v1.events_pb2 import RoomStarted
 from townhall.v1.common_pb2 import Room, RoomState
-from townhall.v1.events_pb2 import RoomStarted
 
 log = logging.get(__name__)
 

@@ -41,9 +41,9 @@ _RULES = {
     # Rooms, Admission, Graph, Inbox: USER (the default). Moderation too; each call also needs a
     # grant (core/identity.require) and a role in the room (admission/stage.py).
     "townhall.v1.Moderation": USER,
-    "townhall.v1.Leases": SERVICE,
-    "townhall.v1.Owner": SERVICE,
-    "townhall.v1.GraphShards": SERVICE,
+    "townhall.internal.v1.Leases": SERVICE,
+    "townhall.internal.v1.Owner": SERVICE,
+    "townhall.internal.v1.GraphShards": SERVICE,
     "townhall.v1.Relay": TICKET,
     "townhall.v1.Relay/Pull": SERVICE,
     # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.

@@ -35,11 +35,11 @@ import numpy as np
 from townhall.core import logging, sharding
 from townhall.core.errors import FailedPrecondition, InvalidArgument, TownhallError, Unavailable
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1 import internal_pb2
 from townhall.notifier.metrics import HANDOVER_KEYS, HANDOVER_PENDING
 from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore, split_key
-from townhall.v1 import internal_pb2
 
 log = logging.get(__name__)
 
@@ -49,7 +49,7 @@ CONNECT_S = 5.0  # how long a call waits for a peer it cannot reach before it co
 SWEEP_RETRY_S = 2.0
 MAX_SETTLED = 100_000  # keys remembered as settled in this view; one forgotten is settled again
 VIEW_META = "view"
-SHARDS = "/townhall.v1.GraphShards/"
+SHARDS = "/townhall.internal.v1.GraphShards/"
 
 
 @dataclass(frozen=True)

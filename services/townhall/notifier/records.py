@@ -14,8 +14,9 @@ from townhall.core.errors import InvalidArgument
 from townhall.core.provenance import Writer
 from townhall.core.records import INVALID, BadRecord, Record
 from townhall.core.wire import read_varint, varint
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.blocks import BLOCK_IDS
-from townhall.v1 import events_pb2, inbox_pb2
+from townhall.v1 import inbox_pb2
 
 SHARDS = 64
 # Users one notification record may name (notifier.batch_users is at most this), and a task id's length.

@@ -14,6 +14,7 @@ from townhall.core import pages, validation
 from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable
 from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
+from townhall.internal.v1 import internal_pb2, internal_pb2_grpc
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
@@ -23,7 +24,7 @@ from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.rooms import RoomStates
 from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
-from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
