@@ -21,7 +21,7 @@ from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
-from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
+from townhall.core.errors import AlreadyExists, Reason, ResourceExhausted, Unavailable
 from townhall.core.kafka import Follower, Topics, read_to_end
 from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
@@ -189,6 +189,7 @@ class RoomStore:
                         f"host {host} created {len(recent)} rooms in the last hour; at most "
                         f"{self._per_host} per hour: retry after {retry_ms // 1000} s",
                         retry_ms,
+                        Reason.RATE_LIMITED,
                     )
             room = self.book.created(host, title, speakers, listener_limit, now, room_id)
             await self._commit(room, "created", deadline)

@@ -304,7 +304,7 @@ class Handover:
         _check_key(key)
         mine = self._placement.epoch
         if owner == self.me:
-            raise InvalidArgument("owner is this notifier: a key is not handed over to its holder")
+            raise InvalidArgument("owner is this notifier: a key is not handed over to its holder", "owner")
         if epoch < mine:
             raise FailedPrecondition(f"this notifier's view of the members is newer (epoch {mine} > {epoch})")
         if epoch == mine and self._placement.owner(key) != owner:
@@ -429,4 +429,4 @@ def _check_key(key: str) -> None:
     try:
         split_key(key)
     except ValueError as exc:
-        raise InvalidArgument(f"key: {exc}") from exc
+        raise InvalidArgument(f"key: {exc}", "key") from exc
