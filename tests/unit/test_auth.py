@@ -19,6 +19,7 @@ from townhall.core.auth import (
     Principal,
     Tokens,
     bearer,
+    internal_service,
     mint,
     principal_from,
     rule,
@@ -245,6 +246,10 @@ def test_methods_are_user_authenticated_unless_declared_otherwise() -> None:
         == rule("townhall.internal.v1.Owner", "CreateRoom")
         == "service"
     )
+    # Anything in the internal package, a service added later too, takes the service credential only.
+    assert rule("townhall.internal.v1.SomethingNew", "Do") == "service"
+    assert internal_service("townhall.internal.v1.SomethingNew")
+    assert not internal_service("townhall.v1.Rooms") and not internal_service("townhall.v1.Relay")
     assert rule("townhall.v1.Relay", "Pull") == "service"
     assert rule("townhall.v1.Relay", "Subscribe") == "ticket"
     assert rule("grpc.health.v1.Health", "Check") == "open"

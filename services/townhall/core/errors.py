@@ -72,6 +72,8 @@ class Reason(StrEnum):
     NO_RELAY = "NO_RELAY"
     # DEADLINE_EXCEEDED: the request message did not arrive in time.
     REQUEST_STALLED = "REQUEST_STALLED"
+    # UNIMPLEMENTED: this server does not serve the method.
+    UNIMPLEMENTED = "UNIMPLEMENTED"
     # INTERNAL: a Townhall fault (see the server's logs).
     INTERNAL = "INTERNAL"
 
@@ -189,6 +191,13 @@ class Unavailable(TownhallError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = Reason.UNAVAILABLE
+
+
+class Unimplemented(TownhallError):
+    """This server does not serve the method."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = Reason.UNIMPLEMENTED
 
 
 class LimitReached(TownhallError):

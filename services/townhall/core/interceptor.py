@@ -47,6 +47,7 @@ from townhall.core.errors import (
     Reason,
     TownhallError,
     Unauthenticated,
+    Unimplemented,
 )
 from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
@@ -291,12 +292,12 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception
     The one place a domain error becomes a status: its details (core/errors.py: ErrorInfo, RetryInfo,
     BadRequest in grpc-status-details-bin, and the deprecated trailers) go out in its trailers.
     """
-    if isinstance(error, TownhallError):
-        await context.abort(error.code, str(error), trailing_metadata=error.trailers)
     if isinstance(error, NotImplementedError):  # what a generated base servicer raises
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
-    log.error("rpc failed", method=method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
+        error = Unimplemented(f"{method} is not implemented by this server")
+    elif not isinstance(error, TownhallError):
+        log.error("rpc failed", method=method, exc_info=error)
+        error = TownhallError(f"internal error in {method}; see server logs")
+    await context.abort(error.code, str(error), trailing_metadata=error.trailers)
 
 
 class _Gate:
