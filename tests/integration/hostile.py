@@ -31,6 +31,7 @@ import townhall.internal.v1
 import townhall.v1
 from townhall.core.auth import rule
 from townhall.core.decoding import enum_problem
+from townhall.core.errors import reason
 from townhall.core.wire import varint
 
 F = FieldDescriptor
@@ -301,6 +302,8 @@ class Outcome:
 
     code: grpc.StatusCode | str
     details: str
+    # The ErrorInfo reason the server sent (core/errors.py); None where the call's trailers were not read.
+    reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -352,7 +355,7 @@ def call(
         try:
             channel.unary_unary(method.path)(request, metadata=md, timeout=timeout_s)
         except grpc.RpcError as exc:
-            return Outcome(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+            return _ended(exc)
         return Outcome(OK, "")
     stop = threading.Event()
 
@@ -381,7 +384,7 @@ def call(
         except grpc.FutureCancelledError:
             return Outcome(grpc.StatusCode.CANCELLED, "cancelled by the test")
         except grpc.RpcError as exc:
-            return Outcome(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+            return _ended(exc)
         return Outcome(OK, "")
     finally:
         stop.set()
@@ -404,7 +407,12 @@ def _server_stream(responses: Any, open_wait_s: float) -> Outcome:
         responses.cancel()
         reader.join(5)
         return Outcome(OPEN_STREAM, "open until the test cancelled it")
-    return Outcome(responses.code(), responses.details() or "")
+    return _ended(responses)
+
+
+def _ended(call: Any) -> Outcome:
+    """The outcome of a call that has ended (a sync RpcError, or a response stream read to its end)."""
+    return Outcome(call.code(), call.details() or "", reason(call) if call.code() != OK else None)
 
 
 async def hold(
@@ -481,6 +489,16 @@ def expect_enum_refusal(message: Message) -> bool:
     return bool(enum_problem(message))
 
 
+# Statuses gRPC itself gives, before or after Townhall's code runs: no ErrorInfo there.
+_GRPC_CORE = (
+    "SERVER: Received message larger than max",
+    "received metadata size exceeds",
+    "Deadline Exceeded",
+    "Cancelled",
+    "Socket closed",
+)
+
+
 def check(
     outcome: Outcome,
     method: Method,
@@ -497,5 +515,7 @@ def check(
         assert outcome.code in allowed, context
         if outcome.code != OK:
             assert outcome.details.strip(), f"{context} (a refusal must say why)"
+        if outcome.reason == "" and not outcome.details.startswith(_GRPC_CORE):
+            raise AssertionError(f"{context} (a refusal carries an ErrorInfo reason: core/errors.py)")
     if expected is not None:
         assert expected(outcome), f"{context}: not what this input must get"
