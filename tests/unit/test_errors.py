@@ -114,13 +114,16 @@ def test_a_forwarded_refusal_keeps_the_owners_details() -> None:
 
 
 def test_a_malformed_details_trailer_falls_back_to_the_deprecated_ones() -> None:
-    error = grpc.aio.AioRpcError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata((DETAILS_KEY, b"\xff\xff not a status"), ("retry-after-ms", "100")),
-        "",
-    )
-    assert details(error).retry_after_s == 0.1
+    bad_detail = status_pb2.Status(code=8)
+    bad_detail.details.add(type_url="type.googleapis.com/google.rpc.RetryInfo", value=b"\xff\xff")
+    for trailer in (b"\xff\xff not a status", bad_detail.SerializeToString()):
+        error = grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata((DETAILS_KEY, trailer), ("retry-after-ms", "100")),
+            "",
+        )
+        assert details(error).retry_after_s == 0.1
 
 
 def test_docs_list_every_reason() -> None:

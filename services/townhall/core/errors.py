@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "townhall.dev"
@@ -228,32 +229,37 @@ class Details:
     fields: tuple[str, ...] = ()  # the fields a BadRequest names
 
 
+def _standard(data: bytes) -> tuple[str, float | None, list[str]]:
+    """The ErrorInfo reason (of this domain), RetryInfo delay and BadRequest fields of a serialized Status."""
+    reason, retry_s, fields = "", None, list[str]()
+    for packed in status_pb2.Status.FromString(data).details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            packed.Unpack(info)
+            if info.domain == DOMAIN:
+                reason = info.reason
+        elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            packed.Unpack(retry)
+            retry_s = max(0.0, retry.retry_delay.ToMilliseconds() / 1000)
+        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            packed.Unpack(bad)
+            fields += [violation.field for violation in bad.field_violations]
+    return reason, retry_s, fields
+
+
 def details(error: grpc.aio.AioRpcError) -> Details:
     """The details of a refusal: the standard ones first, else the deprecated trailers (older servers)."""
-    trailers = error.trailing_metadata() or ()
-    reason, retry_s, fields = "", None, []
+    reason, retry_s, fields = "", None, list[str]()
     legacy_reason, legacy_retry_s = "", None
-    for key, value in trailers:
+    for key, value in error.trailing_metadata() or ():
         if key == DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status()
             try:
-                status.ParseFromString(value)
-            except Exception:  # a malformed trailer: read the rest as an older server's
+                found = _standard(value)
+            except DecodeError:  # a malformed trailer: read the rest as an older server's
                 continue
-            for packed in status.details:
-                if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    packed.Unpack(info)
-                    if info.domain == DOMAIN:
-                        reason = info.reason
-                elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    retry = error_details_pb2.RetryInfo()
-                    packed.Unpack(retry)
-                    retry_s = max(0.0, retry.retry_delay.ToMilliseconds() / 1000)
-                elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    packed.Unpack(bad)
-                    fields += [violation.field for violation in bad.field_violations]
+            reason, retry_s, fields = found
         elif key == RETRY_AFTER_KEY:
             with contextlib.suppress(TypeError, ValueError):
                 legacy_retry_s = max(0.0, int(value) / 1000)
