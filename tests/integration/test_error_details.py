@@ -96,7 +96,7 @@ async def test_an_invalid_field_is_named_in_a_field_violation(config: Config) ->
             (host.rooms.CreateRoom(rooms_pb2.CreateRoomRequest(title="ok", speaker_ids=[5, 0]), metadata=md), "speaker_ids[1]"),
             (host.rooms.CreateRoom(rooms_pb2.CreateRoomRequest(title="a\u202eb"), metadata=md), "title"),
             (host.admission.Join(admission_pb2.JoinRequest(room_id="bad id!"), metadata=md), "room_id"),
-            (host.rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(limit=501), metadata=md), "limit"),
+            (host.rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(page_size=-1), metadata=md), "page_size"),
         ]  # fmt: skip
         for call, field in cases:
             error = await rpc_error(call)

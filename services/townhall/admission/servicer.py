@@ -165,7 +165,8 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
                 "invitations",
                 "view",
             )
-        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        # The deprecated limit (0.1.0's field) stands in for page_size when a client sends only it.
+        size = pages.page_size(request.page_size or request.limit, LIST_DEFAULT, LIST_MAX)
         after = _live_key(pages.unseal(request.page_token, LIVE_ROOMS)) if request.page_token else None
         rooms, more = self._store.book.live_page(after, size)
         token = pages.seal(LIVE_ROOMS, _live_token_key(rooms[-1])) if more else ""

@@ -175,7 +175,8 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 f"user {me} may not list the followers of user {user}: a follower list is shown only to "
                 "its owner (CountFollowers gives anyone the count)"
             )
-        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        # The deprecated limit (0.1.0's field) stands in for page_size when a client sends only it.
+        size = pages.page_size(request.page_size or request.limit, LIST_DEFAULT, LIST_MAX)
         after = _followers_after(request, user)
 
         async def local() -> graph_pb2.ListFollowersResponse:
