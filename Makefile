@@ -3,12 +3,12 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-PROTOS := $(wildcard proto/townhall/v1/*.proto)
+PROTOS := $(wildcard proto/townhall/v1/*.proto proto/townhall/internal/v1/*.proto)
 GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run dev demo test unit integration fuzz lint diagram joinload bench faults kafka kafka-stop clean
+.PHONY: help setup proto run dev demo test unit integration fuzz lint buf diagram joinload bench faults kafka kafka-stop clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,11 +22,8 @@ $(STAMP): pyproject.toml tools/pyproject.toml
 
 setup: $(STAMP) $(GEN)/__init__.py ## Create .venv, install Townhall (dev extra) and townhall-tools, generate the gRPC code
 
-$(GEN)/__init__.py: $(PROTOS) $(STAMP)
-	rm -rf $(GEN) && mkdir -p $(GEN)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=services --grpc_python_out=services \
-		--mypy_out=services --mypy_grpc_out=services $(PROTOS)
-	echo '"""Generated protobuf and gRPC code for townhall.v1 (make proto; not edited by hand)."""' > $@
+$(GEN)/__init__.py: $(PROTOS) $(STAMP) deploy/tools/gen-proto.sh
+	deploy/tools/gen-proto.sh $(BIN)/python
 
 proto: ## Regenerate the protobuf/gRPC code (and .pyi stubs) from proto/
 	rm -f $(GEN)/__init__.py && $(MAKE) --no-print-directory $(GEN)/__init__.py
@@ -53,10 +50,17 @@ FUZZ_EXAMPLES ?= 200
 fuzz: setup ## Fuzz every RPC and every Kafka consumer with hostile input, FUZZ_EXAMPLES per class (200); counts in .townhall/fuzz/
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) timeout 3600 $(BIN)/pytest -q -ra -p no:cacheprovider tests/integration/test_fuzz_hostile.py tests/integration/test_fuzz_records.py
 
-lint: setup ## ruff and mypy on the packages (services/ and tools/)
+# The public API as last released: `buf breaking` checks proto/ against it (docs/api-versioning.md).
+PROTO_RELEASE ?= proto/released/0.1.0
+lint: setup buf ## ruff and mypy on the packages (services/ and tools/); buf lint, buf breaking against the last release
 	$(BIN)/ruff check services tools tests deploy
 	$(BIN)/ruff format --check services tools tests deploy
 	$(BIN)/mypy
+	.cache/bin/buf lint
+	.cache/bin/buf breaking proto --against $(PROTO_RELEASE)
+
+buf: ## Build buf (the protobuf linter and breaking-change checker) into .cache/bin
+	deploy/tools/install-buf.sh
 
 diagram: ## Copy the architecture diagram's source (docs/architecture.mmd) into README.md's mermaid block
 	$(PY) deploy/tools/readme_diagram.py
@@ -78,4 +82,4 @@ include deploy/k8s.mk
 include deploy/hosts.mk
 
 clean: ## Remove the venv, generated code, caches and local state
-	rm -rf $(VENV) $(GEN) .townhall .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(GEN) services/townhall/internal .townhall .cache .pytest_cache .mypy_cache .ruff_cache

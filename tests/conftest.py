@@ -1,9 +1,11 @@
-"""Shared fixtures: the real local Kafka broker (one per test session) on loopback; Prometheus and promtool."""
+"""Shared fixtures: the real local Kafka broker (one per test session) on loopback; Prometheus, promtool
+and grpcurl."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +70,12 @@ def prometheus_server() -> Path:
 def promtool() -> Path:
     """promtool in .cache/bin, built with the prometheus server (deploy/tools/install-prometheus.sh)."""
     return build_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> Path:
+    """grpcurl in .cache/bin, built from source with the Go toolchain (deploy/tools/install-grpcurl.sh);
+    its tests are skipped on a machine without Go."""
+    if shutil.which("go") is None and not (REPO / ".cache" / "bin" / "grpcurl").exists():
+        pytest.skip("grpcurl is built with Go, which is not on PATH")
+    return build_tool("grpcurl")

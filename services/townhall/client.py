@@ -17,6 +17,7 @@ from townhall.core.auth import bearer
 from townhall.core.channels import RECONNECT_OPTIONS
 from townhall.core.channels import channel as open_channel
 from townhall.core.config import TlsConfig
+from townhall.core.errors import details
 from townhall.core.tickets import TICKET_KEY
 from townhall.v1 import (
     admission_pb2,
@@ -460,14 +461,12 @@ def retry_after_s(error: grpc.aio.AioRpcError, default_s: float = 1.0) -> float:
 
 
 def retry_hint_s(error: grpc.aio.AioRpcError) -> float | None:
-    """The retry-after a server attached to a refusal, in seconds: its trailing `retry-after-ms`, else a
-    "retry after N ms" (or "N s") in its message; None if it gave none."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "retry-after-ms":
-            try:
-                return max(0.0, int(value) / 1000)
-            except (TypeError, ValueError):
-                break
+    """The retry-after a server attached to a refusal, in seconds: its RetryInfo, else the deprecated
+    `retry-after-ms` trailer (servers before it), else a "retry after N ms" (or "N s") in its message;
+    None if it gave none."""
+    hint = details(error).retry_after_s
+    if hint is not None:
+        return hint
     found = _RETRY_AFTER_TEXT.search(error.details() or "")
     if found is None:
         return None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from townhall.client import Client, now_us
-from townhall.core.errors import reason as error_reason
+from townhall.core.errors import sent_away as sent_away_by
 from townhall.core.tasks import cancel
 from townhall.v1.admission_pb2 import Grant
 from townhall.v1.common_pb2 import Role
@@ -116,7 +116,7 @@ class Listener:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                reason, sent_away = exc.code().name, bool(error_reason(exc))
+                reason, sent_away = exc.code().name, sent_away_by(exc)
             finally:
                 call.cancel()
             if move is None:
@@ -220,7 +220,7 @@ class Speaker:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in FATAL:
                 raise
-            self._sent_away = bool(error_reason(exc))
+            self._sent_away = sent_away_by(exc)
             return exc.code().name
         self.accepted += summary.frames_accepted
         return None if self._captured_all and not self._pending else "ended"

@@ -32,6 +32,7 @@ TOOLS = {
     "helm": ("install-helm.sh", "helm"),
     "prometheus_server": ("install-prometheus.sh", "prometheus"),
     "promtool": ("install-prometheus.sh", "promtool"),
+    "grpcurl": ("install-grpcurl.sh", "grpcurl"),
 }
 
 

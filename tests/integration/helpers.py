@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -49,6 +50,12 @@ def config_for(kafka: KafkaConfig, **sections: dict[str, Any]) -> Config:
     for name, changes in sections.items():
         config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)})
     return config
+
+
+def users() -> tuple[int, int, int]:
+    """Three user ids no other test uses (random, in a range of their own)."""
+    base = random.randrange(1, 2**40) * 10
+    return base + 1, base + 2, base + 3
 
 
 def dial(address: str, host: str | None = None) -> grpc.aio.Channel:

@@ -27,9 +27,11 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
+import townhall.internal.v1
 import townhall.v1
 from townhall.core.auth import rule
 from townhall.core.decoding import enum_problem
+from townhall.core.errors import reason
 from townhall.core.wire import varint
 
 F = FieldDescriptor
@@ -91,14 +93,19 @@ class Method:
         return self.path
 
 
+def _generated() -> list[Any]:
+    """The file descriptors of every generated module: townhall.v1 and townhall.internal.v1."""
+    return [
+        importlib.import_module(f"{package.__name__}.{module.name}").DESCRIPTOR
+        for package in (townhall.v1, townhall.internal.v1)
+        for module in pkgutil.iter_modules(package.__path__)
+        if module.name.endswith("_pb2")
+    ]
+
+
 def townhall_services() -> list[Any]:
-    """Every service descriptor of the townhall.v1 generated modules."""
-    services = []
-    for module in pkgutil.iter_modules(townhall.v1.__path__):
-        if module.name.endswith("_pb2"):
-            found = importlib.import_module(f"townhall.v1.{module.name}").DESCRIPTOR
-            services += list(found.services_by_name.values())
-    return services
+    """Every service descriptor of the townhall.v1 and townhall.internal.v1 generated modules."""
+    return [service for found in _generated() for service in found.services_by_name.values()]
 
 
 def all_methods() -> list[Method]:
@@ -112,16 +119,8 @@ def all_methods() -> list[Method]:
 
 
 def all_message_types() -> list[Descriptor]:
-    """Every message type of the townhall.v1 modules (for "a message of another type")."""
-    found = []
-    for module in pkgutil.iter_modules(townhall.v1.__path__):
-        if module.name.endswith("_pb2"):
-            found += list(
-                importlib.import_module(
-                    f"townhall.v1.{module.name}"
-                ).DESCRIPTOR.message_types_by_name.values()
-            )
-    return found
+    """Every message type of the generated modules (for "a message of another type")."""
+    return [message for found in _generated() for message in found.message_types_by_name.values()]
 
 
 @dataclass
@@ -303,6 +302,8 @@ class Outcome:
 
     code: grpc.StatusCode | str
     details: str
+    # The ErrorInfo reason the server sent (core/errors.py); None where the call's trailers were not read.
+    reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -354,7 +355,7 @@ def call(
         try:
             channel.unary_unary(method.path)(request, metadata=md, timeout=timeout_s)
         except grpc.RpcError as exc:
-            return Outcome(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+            return _ended(exc)
         return Outcome(OK, "")
     stop = threading.Event()
 
@@ -383,7 +384,7 @@ def call(
         except grpc.FutureCancelledError:
             return Outcome(grpc.StatusCode.CANCELLED, "cancelled by the test")
         except grpc.RpcError as exc:
-            return Outcome(exc.code(), exc.details() or "")  # type: ignore[attr-defined]
+            return _ended(exc)
         return Outcome(OK, "")
     finally:
         stop.set()
@@ -406,7 +407,12 @@ def _server_stream(responses: Any, open_wait_s: float) -> Outcome:
         responses.cancel()
         reader.join(5)
         return Outcome(OPEN_STREAM, "open until the test cancelled it")
-    return Outcome(responses.code(), responses.details() or "")
+    return _ended(responses)
+
+
+def _ended(call: Any) -> Outcome:
+    """The outcome of a call that has ended (a sync RpcError, or a response stream read to its end)."""
+    return Outcome(call.code(), call.details() or "", reason(call) if call.code() != OK else None)
 
 
 async def hold(
@@ -483,6 +489,16 @@ def expect_enum_refusal(message: Message) -> bool:
     return bool(enum_problem(message))
 
 
+# Statuses gRPC itself gives, before or after Townhall's code runs: no ErrorInfo there.
+_GRPC_CORE = (
+    "SERVER: Received message larger than max",
+    "received metadata size exceeds",
+    "Deadline Exceeded",
+    "Cancelled",
+    "Socket closed",
+)
+
+
 def check(
     outcome: Outcome,
     method: Method,
@@ -499,5 +515,7 @@ def check(
         assert outcome.code in allowed, context
         if outcome.code != OK:
             assert outcome.details.strip(), f"{context} (a refusal must say why)"
+        if outcome.reason == "" and not outcome.details.startswith(_GRPC_CORE):
+            raise AssertionError(f"{context} (a refusal carries an ErrorInfo reason: core/errors.py)")
     if expected is not None:
         assert expected(outcome), f"{context}: not what this input must get"

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import random
-
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.integration.helpers import client, config_for, metadata, rpc_error, serving, wait_for_record
+from tests.integration.helpers import client, config_for, metadata, rpc_error, serving, users, wait_for_record
 from townhall.admission.app import AdmissionApp
 from townhall.core.config import Config, KafkaConfig
 from townhall.core.kafka import Topics
 from townhall.core.tickets import TicketVerifier
+from townhall.internal.v1.events_pb2 import PresenceEvent, RoomStarted
 from townhall.v1 import admission_pb2, rooms_pb2
 from townhall.v1.common_pb2 import Role, RoomState
-from townhall.v1.events_pb2 import PresenceEvent, RoomStarted
 
 pytestmark = pytest.mark.kafka
 RELAY = "127.0.0.1:50999"
@@ -24,11 +22,6 @@ RELAY = "127.0.0.1:50999"
 @pytest.fixture
 def config(kafka: KafkaConfig) -> Config:
     return config_for(kafka, admission={"relays": (RELAY,)})
-
-
-def users() -> tuple[int, int, int]:
-    base = random.randrange(1, 2**40) * 10
-    return base + 1, base + 2, base + 3
 
 
 async def test_room_lifecycle_is_durable_and_announced(config: Config, kafka: KafkaConfig) -> None:

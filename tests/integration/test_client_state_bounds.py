@@ -24,10 +24,10 @@ from townhall.client import Client
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.records import Record
+from townhall.internal.v1.events_pb2 import RoomStarted
 from townhall.notifier.app import NotifierApp
 from townhall.v1 import graph_pb2, graph_pb2_grpc, moderation_pb2, rooms_pb2
 from townhall.v1.common_pb2 import RoomState
-from townhall.v1.events_pb2 import RoomStarted
 
 pytestmark = pytest.mark.kafka
 WITHIN_S = 20.0

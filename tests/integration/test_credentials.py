@@ -34,6 +34,7 @@ from townhall.core.config import DEV_ENV, Config, KafkaConfig
 from townhall.core.credentials import SERVICE_KEY, ServiceCredential
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.core.tokens import SigningKey
+from townhall.internal.v1 import internal_pb2, internal_pb2_grpc
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
 from townhall.v1 import (
@@ -41,8 +42,6 @@ from townhall.v1 import (
     admission_pb2_grpc,
     graph_pb2,
     graph_pb2_grpc,
-    internal_pb2,
-    internal_pb2_grpc,
     relay_pb2,
     relay_pb2_grpc,
     rooms_pb2,
@@ -52,8 +51,8 @@ from townhall.v1.common_pb2 import Role
 
 pytestmark = pytest.mark.kafka
 RELAY = "credentials-relay:7000"
-ACQUIRE = "/townhall.v1.Leases/Acquire"
-CREATE = "/townhall.v1.Owner/CreateRoom"
+ACQUIRE = "/townhall.internal.v1.Leases/Acquire"
+CREATE = "/townhall.internal.v1.Owner/CreateRoom"
 IMPORT = "/townhall.v1.Graph/Import"
 PULL = "/townhall.v1.Relay/Pull"
 Md = tuple[tuple[str, str], ...]

@@ -3,7 +3,8 @@
 Every method of every service (tests/integration/hostile.py enumerates them from the descriptors) gets
 hypothesis-generated requests of each hostile class, with valid credentials and with missing or
 forged ones. For every call: no UNKNOWN or INTERNAL, a status the method may legitimately give (with
-a message), the exact status where the input decides it, and every server SERVING afterwards.
+a message and an ErrorInfo reason), the exact status where the input decides it, and every server
+SERVING afterwards.
 `make fuzz` runs the same with more examples (FUZZ_EXAMPLES) and writes the counts for
 docs/hostile-input.md.
 """
@@ -371,7 +372,7 @@ def _run(
         allowed = allowed | {grpc.StatusCode.UNIMPLEMENTED}
     outcome = hostile.call(fuzzed.channel(method), method, messages, md, **options)
     if os.environ.get("FUZZ_TRACE"):  # every call, for a look at what the servers answer
-        print("TRACE", cls, method.path, outcome.name, outcome.details[:120])
+        print("TRACE", cls, method.path, outcome.name, outcome.reason or "-", outcome.details[:120])
     TALLY.add(cls, method, outcome)
     hostile.check(outcome, method, allowed, cls, expected)
     return outcome
@@ -711,7 +712,7 @@ def _held(
     for outcome in outcomes:
         TALLY.add(cls, method, outcome)
         if os.environ.get("FUZZ_TRACE"):
-            print("TRACE", cls, method.path, outcome.name, outcome.details[:120])
+            print("TRACE", cls, method.path, outcome.name, outcome.reason or "-", outcome.details[:120])
         if outcome.code not in (hostile.OPEN_STREAM, hostile.WRITE_RACE):
             hostile.check(outcome, method, allowed, cls)
     return sum(outcome.code == hostile.OPEN_STREAM for outcome in outcomes)

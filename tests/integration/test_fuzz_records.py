@@ -43,9 +43,9 @@ from townhall.core.config import AuthConfig, Config, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.core.provenance import ADMISSION, NOTIFIER, RELAY, RecordSigner, Writer
 from townhall.core.records import FAILED, FORGED, REASONS, UNSIGNED
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.app import NotifierApp
 from townhall.relay.app import RelayApp
-from townhall.v1 import events_pb2
 from townhall.v1.common_pb2 import Room
 from townhall_tools.devtools.kafka_broker import free_port
 

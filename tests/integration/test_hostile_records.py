@@ -30,8 +30,9 @@ from townhall.core.kafka import Topics
 from townhall.core.provenance import ADMISSION, CROWD, NOTIFIER, RELAY, RecordSigner, Writer
 from townhall.core.records import FORGED, MALFORMED, REASONS, STALE, UNSIGNED
 from townhall.core.sharding import ranked
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.records import encode_batch, encode_task, shard_key
-from townhall.v1 import common_pb2, events_pb2, inbox_pb2
+from townhall.v1 import common_pb2, inbox_pb2
 from townhall.v1.common_pb2 import Room
 from townhall_tools.devtools.kafka_broker import free_port
 

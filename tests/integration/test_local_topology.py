@@ -92,7 +92,11 @@ def test_the_cli_moderates_a_room(topology: Topology) -> None:
         line for line in banned.stdout.splitlines() if "banned" in line
     )
     refused = cli("mod", "raise-hand", room_id, "--user", "503")
-    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout and "banned" in refused.stdout
+    assert (
+        refused.returncode == 1
+        and "PERMISSION_DENIED (BANNED)" in refused.stdout
+        and "banned" in refused.stdout
+    )
     missing = cli("mod", "mute", room_id, "--user", "501")
     assert missing.returncode == 2 and "needs the user to act on" in missing.stdout
     assert cli("room", "end", room_id, "--user", "501").returncode == 0

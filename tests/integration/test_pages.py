@@ -77,6 +77,11 @@ async def test_live_rooms_are_paged_past_500_each_once_while_rooms_start(admissi
         # page_size 0 is 50.
         page = await reader.rooms.ListLiveRooms(rooms_pb2.ListLiveRoomsRequest(), metadata=md, timeout=10)
         assert len(page.rooms) == 50
+        # A client built on 0.1.0 sends the deprecated limit: it is the page size, as it was.
+        page = await reader.rooms.ListLiveRooms(
+            rooms_pb2.ListLiveRoomsRequest(limit=7), metadata=md, timeout=10
+        )
+        assert len(page.rooms) == 7
 
         # Rooms start between pages: they sort before the pages already read and shift none of the rest.
         late: list[str] = []
@@ -198,6 +203,11 @@ async def test_followers_are_paged_each_once_while_users_follow(
             timeout=30,
         )
         assert list(old.follower_ids[:2]) == followers[100:102] and len(old.follower_ids) == 10_000
+        # So does the deprecated limit (0.1.0's page size).
+        old = await graph.ListFollowers(
+            graph_pb2.ListFollowersRequest(user_id=followee, limit=3), metadata=md, timeout=30
+        )
+        assert len(old.follower_ids) == 3 and list(old.follower_ids) == sorted(old.follower_ids)
 
         # The client follows every page.
         owner = client(notifier.address, followee)

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from townhall.core import config as config_module
 from townhall.core import server
 from townhall.core.config import DEV_SERVICE_KEY
+from townhall.core.errors import REASON_KEY, Reason, reason, sent_away
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.relay import app as relay_app
 from townhall.relay.app import RelayApp
@@ -274,9 +275,13 @@ async def test_draining_ends_streams_promptly_with_unavailable() -> None:
             await read_until(listener, lambda chunks: False)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (error.value.details() or "")
+        # ErrorInfo DRAINING, and the deprecated trailer for clients older than it: move on at once.
+        assert reason(error.value) == Reason.DRAINING and sent_away(error.value)
+        assert (REASON_KEY, "draining") in tuple(error.value.trailing_metadata() or ())
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(speaker, TIMEOUT)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason(error.value) == Reason.DRAINING
         assert time.monotonic() - started < 2.0  # generous: both end within a frame or two
 
 

@@ -22,8 +22,8 @@ from townhall.core.config import DEV_AUTH, KafkaConfig
 from townhall.core.kafka import Topics
 from townhall.core.provenance import RELAY, RecordSigner, Writer
 from townhall.core.sharding import owner
+from townhall.internal.v1.events_pb2 import RelayLoad
 from townhall.v1 import admission_pb2, admission_pb2_grpc
-from townhall.v1.events_pb2 import RelayLoad
 from townhall_tools.devtools.kafka_broker import free_port
 from townhall_tools.devtools.topology import Process, Topology
 

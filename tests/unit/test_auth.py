@@ -19,6 +19,7 @@ from townhall.core.auth import (
     Principal,
     Tokens,
     bearer,
+    internal_service,
     mint,
     principal_from,
     rule,
@@ -240,7 +241,15 @@ def test_a_changed_jwks_is_reloaded_and_a_dropped_key_fails(tmp_path: Path) -> N
 def test_methods_are_user_authenticated_unless_declared_otherwise() -> None:
     assert rule("townhall.v1.Rooms", "CreateRoom") == "user"
     assert rule("townhall.v1.SomethingNew", "Do") == "user"  # a new API is authenticated by default
-    assert rule("townhall.v1.Leases", "Acquire") == rule("townhall.v1.Owner", "CreateRoom") == "service"
+    assert (
+        rule("townhall.internal.v1.Leases", "Acquire")
+        == rule("townhall.internal.v1.Owner", "CreateRoom")
+        == "service"
+    )
+    # Anything in the internal package, a service added later too, takes the service credential only.
+    assert rule("townhall.internal.v1.SomethingNew", "Do") == "service"
+    assert internal_service("townhall.internal.v1.SomethingNew")
+    assert not internal_service("townhall.v1.Rooms") and not internal_service("townhall.v1.Relay")
     assert rule("townhall.v1.Relay", "Pull") == "service"
     assert rule("townhall.v1.Relay", "Subscribe") == "ticket"
     assert rule("grpc.health.v1.Health", "Check") == "open"

@@ -13,7 +13,7 @@ from townhall.core.tokens import SigningKey
 
 SERVICE = "svc=" + "s" * 40
 ME = "10.0.0.2:50071"
-ACQUIRE = "/townhall.v1.Leases/Acquire"
+ACQUIRE = "/townhall.internal.v1.Leases/Acquire"
 
 
 def member(
@@ -22,7 +22,7 @@ def member(
     return Authenticator(AuthConfig(service_keys=keys), kind, me)
 
 
-def check(service: str = "townhall.v1.Leases", method: str = "Acquire") -> object:
+def check(service: str = "townhall.internal.v1.Leases", method: str = "Acquire") -> object:
     return member(me=ME).services.for_method(service, method)
 
 
@@ -57,7 +57,7 @@ def test_a_credential_names_its_caller_and_is_accepted_for_its_member_and_method
             "not for this call",
         ),
         (
-            lambda: member().credential.metadata(ME, "/townhall.v1.Owner/CreateRoom"),
+            lambda: member().credential.metadata(ME, "/townhall.internal.v1.Owner/CreateRoom"),
             PermissionDenied,
             "not for this call",
         ),
@@ -106,7 +106,7 @@ def test_client_ports_refuse_a_service_credential_and_a_forwarded_call_keeps_the
 
 
 def test_each_internal_method_names_who_may_call_it_and_client_methods_none() -> None:
-    assert callers("townhall.v1.Leases", "Acquire") == {"admission"}
+    assert callers("townhall.internal.v1.Leases", "Acquire") == {"admission"}
     assert callers("townhall.v1.Relay", "Pull") == {"relay"}
     assert callers("townhall.v1.Graph", "Import") == {"notifier", "operator"}
     assert callers("townhall.v1.Graph", "Follow") == {"notifier"}

@@ -4,9 +4,9 @@ import pytest
 
 from townhall.core.decoding import enum_problem, has_enums, problem
 from townhall.core.wire import varint
+from townhall.internal.v1.events_pb2 import PresenceEvent, RelayLoad
+from townhall.internal.v1.internal_pb2 import ForwardedCreate
 from townhall.v1.common_pb2 import Room
-from townhall.v1.events_pb2 import PresenceEvent, RelayLoad
-from townhall.v1.internal_pb2 import ForwardedCreate
 from townhall.v1.rooms_pb2 import CreateRoomRequest
 
 CREATE = CreateRoomRequest.DESCRIPTOR

@@ -5,8 +5,8 @@ from __future__ import annotations
 from tests.unit import stage_helpers
 from townhall.admission import stage
 from townhall.admission.failover import END, HAND_OVER, HostWatch, StagePresence, Verdict
+from townhall.internal.v1.events_pb2 import Leads, RelayLoad
 from townhall.v1.common_pb2 import Room
-from townhall.v1.events_pb2 import Leads, RelayLoad
 
 HOST, COHOST, COHOST2 = 1, 2, 4
 GRACE = 10.0

@@ -25,9 +25,9 @@ from townhall.core.config import DEV_ENV, load
 from townhall.core.errors import ResourceExhausted, TownhallError
 from townhall.core.identity import PRINCIPAL
 from townhall.core.tickets import TicketSigner
+from townhall.internal.v1.internal_pb2 import AcquireResponse
 from townhall.v1.admission_pb2 import JoinRequest
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Room
-from townhall.v1.internal_pb2 import AcquireResponse
 
 NOW = 1000.0
 RELAY = "relay-0:50052"

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from townhall.core.errors import InvalidArgument
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.inbox import Deduper, InboxDelivery, InboxStream
 from townhall.notifier.records import decode_batch, encode_batch, room_started, shard_key
-from townhall.v1 import common_pb2, events_pb2, inbox_pb2
+from townhall.v1 import common_pb2, inbox_pb2
 
 ROOM_STARTED = inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED
 

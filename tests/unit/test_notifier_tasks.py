@@ -12,6 +12,7 @@ from townhall.core.config import DEV_AUTH, KafkaConfig
 from townhall.core.errors import LimitReached
 from townhall.core.kafka import Topics, reader
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
+from townhall.internal.v1 import events_pb2
 from townhall.notifier import blocks as blk
 from townhall.notifier.lanes import LaneChooser
 from townhall.notifier.offsets import OffsetBook
@@ -20,7 +21,7 @@ from townhall.notifier.planner import Planner
 from townhall.notifier.records import decode_batch, decode_task, encode_task, shard_of
 from townhall.notifier.store import SqliteFollowerStore
 from townhall.notifier.worker import expand
-from townhall.v1 import common_pb2, events_pb2, inbox_pb2
+from townhall.v1 import common_pb2, inbox_pb2
 
 TP = TopicPartition("t", 0)
 

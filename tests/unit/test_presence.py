@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from townhall.admission.presence import MAX_BATCH, Presence
 from townhall.core.kafka import EVENTS_DROPPED
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.common_pb2 import Role
-from townhall.v1.events_pb2 import PresenceEvent
 
 JOIN, LEAVE = PresenceEvent.KIND_JOIN, PresenceEvent.KIND_LEAVE
 

@@ -35,9 +35,9 @@ from townhall.core.records import (
     guarded,
 )
 from townhall.core.room_records import AnyOwner, ListedOwners, RoomRecords
+from townhall.internal.v1.events_pb2 import Leads, PresenceEvent, RelayLoad
 from townhall.relay.leaves import is_leave, leave_record
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Removal, Room
-from townhall.v1.events_pb2 import Leads, PresenceEvent, RelayLoad
 
 KAFKA = KafkaConfig(topic_prefix="unit")
 TOPICS = Topics("unit")

@@ -16,8 +16,8 @@ from townhall.admission.tallies import TALLY_EVERY_S, Tallies
 from townhall.admission.watch import BANNED, DRAINING, ENDED, WatchHub
 from townhall.core.auth import MODERATE, SUBSCRIBE, Principal
 from townhall.core.errors import PermissionDenied, ResourceExhausted, Unavailable
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_SPEAKER, Room, RoomState
-from townhall.v1.events_pb2 import PresenceEvent
 from townhall.v1.rooms_pb2 import RoomEvent, RoomUpdate
 
 HOST, FAN, OTHER = 1, 2, 3

@@ -45,18 +45,17 @@ from townhall.core.provenance import ADMISSION, CROWD, RecordSigner, Writer
 from townhall.core.room_records import AnyOwner, ListedOwners, Ownership, RoomRecords
 from townhall.core.tasks import cancel, spawn
 from townhall.core.tickets import TicketSigner
+from townhall.internal.v1 import internal_pb2, internal_pb2_grpc
+from townhall.internal.v1.events_pb2 import RelayLoad
 from townhall.v1 import (
     admission_pb2,
     admission_pb2_grpc,
-    internal_pb2,
-    internal_pb2_grpc,
     moderation_pb2,
     moderation_pb2_grpc,
     rooms_pb2,
     rooms_pb2_grpc,
 )
 from townhall.v1.common_pb2 import Room, RoomState
-from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
 

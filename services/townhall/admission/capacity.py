@@ -21,8 +21,8 @@ from townhall.core import logging
 from townhall.core.errors import NotFound
 from townhall.core.sharding import owner
 from townhall.core.tasks import cancel, spawn, supervise
+from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse
 from townhall.v1.common_pb2 import RoomState
-from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
 log = logging.get(__name__)
 

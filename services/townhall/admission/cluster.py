@@ -7,14 +7,15 @@ import grpc
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
 from townhall.core.membership import Membership, ProbedMembership
-from townhall.v1 import internal_pb2_grpc, moderation_pb2_grpc, rooms_pb2_grpc
+from townhall.internal.v1 import internal_pb2_grpc
+from townhall.v1 import moderation_pb2_grpc, rooms_pb2_grpc
 
 # Forwarded room changes wait for Kafka on the owner (store.COMMIT_TIMEOUT_S) plus a margin, and
 # are tried again at the next owner while the current one is unreachable or handing over.
 FORWARD_TIMEOUT_S = 12.0
 # The paths of the calls members make to each other (a service credential names the one it is for).
-ACQUIRE = "/townhall.v1.Leases/Acquire"
-OWNER_CREATE = "/townhall.v1.Owner/CreateRoom"
+ACQUIRE = "/townhall.internal.v1.Leases/Acquire"
+OWNER_CREATE = "/townhall.internal.v1.Owner/CreateRoom"
 ROOMS = "/townhall.v1.Rooms/"
 MODERATION = "/townhall.v1.Moderation/"
 

@@ -26,8 +26,8 @@ from townhall.admission.store import RoomStore, now_ms
 from townhall.core import logging
 from townhall.core.errors import TownhallError
 from townhall.core.tasks import Ticker
+from townhall.internal.v1.events_pb2 import RelayLoad
 from townhall.v1.common_pb2 import Room
-from townhall.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
 

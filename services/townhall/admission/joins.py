@@ -21,14 +21,15 @@ from townhall.core.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
     Unavailable,
 )
 from townhall.core.identity import missing
 from townhall.core.tickets import TicketSigner
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.admission_pb2 import JoinResponse, Waiting
 from townhall.v1.common_pb2 import ROLE_LISTENER, ROLE_UNSPECIFIED, ROOM_STATE_LIVE, Role, Room, RoomState
-from townhall.v1.events_pb2 import PresenceEvent
 
 _STAGE_NAMES = {Role.ROLE_HOST: "host", Role.ROLE_COHOST: "co-host", Role.ROLE_SPEAKER: "speaker"}
 # Plain ints: an enum wrapper's attribute lookup is a Python call, four of them per join.
@@ -82,18 +83,24 @@ class Admitter:
         user = who.user_id
         room = self._book.get(room_id)
         if room.state != ROOM_STATE_LIVE:
-            raise FailedPrecondition(f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live")
+            ended = room.state == RoomState.ROOM_STATE_ENDED
+            raise FailedPrecondition(
+                f"room {room_id} is {RoomState.Name(room.state)[11:].lower()}, not live",
+                reason=Reason.ROOM_ENDED if ended else Reason.ROOM_NOT_LIVE,
+            )
         if self._book.banned(room_id, user):
-            raise PermissionDenied(f"user {user} is banned from room {room_id}")
+            raise PermissionDenied(f"user {user} is banned from room {room_id}", reason=Reason.BANNED)
         role = role_of(room, user)
         listener = role == ROLE_LISTENER
         needed = SUBSCRIBE if listener else PUBLISH
         if needed not in who.grants:
             as_role = "a listener" if listener else f"the {_STAGE_NAMES.get(role, 'speaker')}"
-            raise PermissionDenied(missing(needed, who, f"joining room {room_id} as {as_role}"))
+            raise PermissionDenied(
+                missing(needed, who, f"joining room {room_id} as {as_role}"), reason=Reason.MISSING_GRANT
+            )
         if not self._placer.available:
             # Checked before a listener takes an admit: no admit is spent on a join with nowhere to go.
-            raise Unavailable(NO_RELAY)
+            raise Unavailable(NO_RELAY, reason=Reason.NO_RELAY)
         allowance: Allowance | None = None
         if listener:
             admitted = self._admit_listener(room, user)
@@ -156,6 +163,7 @@ class Admitter:
                 f"admission is too busy to record leaves; your seat in room {room_id} is kept: retry "
                 f"after {retry} ms",
                 retry,
+                Reason.OVERLOADED,
             )
         self._presence.left(room_id, user, names, time.time_ns() // 1_000_000)
         allowance.leave(user)
@@ -195,7 +203,7 @@ class Admitter:
         if decision is ADMIT:
             if not self._budget.take(room_id):
                 # This process is at its admit budget and the room has had its fair share.
-                _shed(f"admission is busy; room {room_id} has had its share; retry")
+                _shed(f"admission is busy; room {room_id} has had its share; retry", Reason.OVERLOADED)
             allowance.admit(user)
             if line is not None:
                 line.remove(user)
@@ -208,11 +216,11 @@ class Admitter:
             position = line.wait(user, hold_s=retry_ms / 1000 + 1.0)
             if position:
                 return JoinResponse(waiting=Waiting(position=position, retry_after_ms=retry_ms))
-            _shed(f"room {room_id}'s waiting line is full; retry")
+            _shed(f"room {room_id}'s waiting line is full; retry", Reason.WAITING_LINE_FULL)
         limit = room.listener_limit or self._capacity.default_limit
-        _shed(f"room {room_id} is full ({limit} listeners); retry")
+        _shed(f"room {room_id} is full ({limit} listeners); retry", Reason.ROOM_FULL)
 
 
-def _shed(message: str) -> NoReturn:
+def _shed(message: str, reason: Reason) -> NoReturn:
     retry = random.randint(*RETRY_AFTER_MS)
-    raise ResourceExhausted(f"{message} after {retry} ms", retry)
+    raise ResourceExhausted(f"{message} after {retry} ms", retry, reason)

@@ -60,7 +60,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServicer):
         role = request.role
         if role not in _ROLES:
             names = ", ".join(Role.Name(r) for r in _ROLES)
-            raise InvalidArgument(f"role must be one of {names}, not {_role_name(role)}")
+            raise InvalidArgument(f"role must be one of {names}, not {_role_name(role)}", "role")
         return await self._change(
             request, context, "role_changed", lambda room: stage.set_role(room, actor, user, role)
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from townhall.core.errors import Unavailable
+from townhall.core.errors import Reason, Unavailable
 from townhall.core.sharding import ranked
 
 MAX_CACHED_ROOMS = 100_000
@@ -177,7 +177,7 @@ class Placer:
             cached_live = self._live = (now, self.live(now))
         live = cached_live[1]
         if not live:
-            raise Unavailable(NO_RELAY)
+            raise Unavailable(NO_RELAY, reason=Reason.NO_RELAY)
         cached = self._orders.get(room_id)
         if cached is not None and cached[0] == live:
             return cached[1]

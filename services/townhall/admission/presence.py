@@ -22,8 +22,8 @@ from townhall.admission.tallies import TALLY_EVERY_S
 from townhall.core.kafka import EVENTS_DROPPED, EventQueue
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.common_pb2 import Role
-from townhall.v1.events_pb2 import PresenceEvent
 
 FLUSH_S = 0.1
 # Users per record: a record stays well under Kafka's and gRPC's message limits (8 bytes a user).

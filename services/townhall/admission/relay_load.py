@@ -20,7 +20,7 @@ from townhall.core.kafka import KAFKA_ERRORS, Follower, Topics, read_to_end, rea
 from townhall.core.provenance import Writer
 from townhall.core.records import FORGED, INVALID, STALE, BadRecord, Record
 from townhall.core.tasks import cancel, supervise
-from townhall.v1.events_pb2 import RelayLoad
+from townhall.internal.v1.events_pb2 import RelayLoad
 
 log = logging.get(__name__)
 

@@ -9,7 +9,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from townhall.core.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Reason
 from townhall.core.validation import MAX_LISTENER_LIMIT as MAX_LISTENER_LIMIT
 from townhall.core.validation import MAX_SPEAKERS as MAX_SPEAKERS
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, ROLE_SPEAKER, Role, Room, RoomState
@@ -71,7 +71,7 @@ class RoomBook:
         """The room, or NOT_FOUND."""
         room = self._rooms.get(room_id)
         if room is None:
-            raise NotFound(f"room {room_id} does not exist")
+            raise NotFound(f"room {room_id} does not exist", reason=Reason.ROOM_NOT_FOUND)
         return room
 
     def find(self, room_id: str) -> Room | None:
@@ -202,7 +202,9 @@ class RoomBook:
         if room.state == RoomState.ROOM_STATE_LIVE:
             return room
         if room.state == RoomState.ROOM_STATE_ENDED:
-            raise FailedPrecondition(f"room {room_id} has ended and cannot start again")
+            raise FailedPrecondition(
+                f"room {room_id} has ended and cannot start again", reason=Reason.ROOM_ENDED
+            )
         return _next(room, state=RoomState.ROOM_STATE_LIVE, started_at_ms=now_ms, announced=False)
 
     def announced(self, room_id: str) -> Room:

@@ -28,15 +28,17 @@ from townhall.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
     TownhallError,
     Unavailable,
 )
 from townhall.core.forwarding import on_owner
 from townhall.core.identity import caller, principal, require, service_caller
-from townhall.v1 import admission_pb2, admission_pb2_grpc, internal_pb2_grpc, rooms_pb2, rooms_pb2_grpc
+from townhall.internal.v1 import internal_pb2_grpc
+from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
+from townhall.v1 import admission_pb2, admission_pb2_grpc, rooms_pb2, rooms_pb2_grpc
 from townhall.v1.common_pb2 import Room
-from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse, ForwardedCreate
 
 LIST_DEFAULT, LIST_MAX = 50, 500
 # What a ListLiveRooms page token belongs to (core/pages.py): the list, in its one view (BASIC).
@@ -68,7 +70,7 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
         title = validation.title(request.title)
         speakers = validation.user_ids(request.speaker_ids, "speaker_ids", MAX_SPEAKERS)
         if host in speakers:
-            raise InvalidArgument("speaker_ids must not include the host (the caller)")
+            raise InvalidArgument("speaker_ids must not include the host (the caller)", "speaker_ids")
         limit = validation.bounded(request.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
         key = validation.request_id(request.request_id)
         # The id decides the owner, so it is picked here, before the room exists anywhere; with an
@@ -159,9 +161,12 @@ class RoomsServicer(rooms_pb2_grpc.RoomsServicer):
     ) -> rooms_pb2.ListLiveRoomsResponse:
         if request.view == rooms_pb2.ROOM_VIEW_FULL:
             raise InvalidArgument(
-                "view ROOM_VIEW_FULL is for GetRoom only: lists carry no bans, removals, hands or invitations"
+                "view ROOM_VIEW_FULL is for GetRoom only: lists carry no bans, removals, hands or "
+                "invitations",
+                "view",
             )
-        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        # The deprecated limit (0.1.0's field) stands in for page_size when a client sends only it.
+        size = pages.page_size(request.page_size or request.limit, LIST_DEFAULT, LIST_MAX)
         after = _live_key(pages.unseal(request.page_token, LIVE_ROOMS)) if request.page_token else None
         rooms, more = self._store.book.live_page(after, size)
         token = pages.seal(LIVE_ROOMS, _live_token_key(rooms[-1])) if more else ""
@@ -245,7 +250,9 @@ class OwnerServicer(internal_pb2_grpc.OwnerServicer):
         host = validation.user_id(request.host_id, "host_id")
         speakers = validation.user_ids(create.speaker_ids, "request.speaker_ids", MAX_SPEAKERS)
         if host in speakers:
-            raise InvalidArgument("request.speaker_ids must not include the host (host_id)")
+            raise InvalidArgument(
+                "request.speaker_ids must not include the host (host_id)", "request.speaker_ids"
+            )
         title = validation.title(create.title, "request.title")
         limit = validation.bounded(create.listener_limit, "request.listener_limit", 0, MAX_LISTENER_LIMIT)
         replay = bool(validation.request_id(create.request_id))
@@ -285,7 +292,9 @@ def _live_token_key(room: Room) -> bytes:
 def _live_key(key: bytes) -> tuple[int, str]:
     """The place in ListLiveRooms a page token's key names (checked: the token could be any we made)."""
     if len(key) < 8:
-        raise InvalidArgument("page_token does not name a place in the live rooms: start again without it")
+        raise InvalidArgument(
+            "page_token does not name a place in the live rooms: start again without it", "page_token"
+        )
     (started,) = struct.unpack(">q", key[:8])
     return started, key[8:].decode("ascii", "replace")
 
@@ -324,5 +333,8 @@ async def serve_as_owner(peers: AdmissionCluster, change: Callable[[], Awaitable
     """Makes a change sent here by another member, unless this process is handing its rooms over."""
     if peers.leaving:
         # The sender tries again and, once it sees this process go, sends it to the next owner.
-        raise Unavailable("this admission process is handing its rooms over to the next owner; retry")
+        raise Unavailable(
+            "this admission process is handing its rooms over to the next owner; retry",
+            reason=Reason.DRAINING,
+        )
     return await change()

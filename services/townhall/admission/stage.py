@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, MutableSequence
 
 from townhall.admission.rooms import MAX_SPEAKERS, role_of
 from townhall.core.auth import MODERATE
-from townhall.core.errors import FailedPrecondition, LimitReached, PermissionDenied
+from townhall.core.errors import FailedPrecondition, LimitReached, PermissionDenied, Reason
 from townhall.core.validation import MAX_BANS as MAX_BANS
 from townhall.core.validation import MAX_COHOSTS as MAX_COHOSTS
 from townhall.core.validation import MAX_HANDS as MAX_HANDS
@@ -78,7 +78,7 @@ def raise_hand(room: Room, user: int) -> Room:
     """The user asks to speak."""
     _live(room)
     if user in room.banned_ids:
-        raise PermissionDenied(f"user {user} is banned from room {room.room_id}")
+        raise PermissionDenied(f"user {user} is banned from room {room.room_id}", reason=Reason.BANNED)
     if on_stage(room, user):
         raise FailedPrecondition(f"user {user} is on the stage of room {room.room_id} already")
     if user in room.invited_ids:
@@ -125,7 +125,8 @@ def accept_invite(room: Room, user: int) -> Room:
         return room
     if user not in room.invited_ids:
         raise FailedPrecondition(
-            f"user {user} has not been invited to speak in room {room.room_id} (RaiseHand asks to)"
+            f"user {user} has not been invited to speak in room {room.room_id} (RaiseHand asks to)",
+            reason=Reason.NOT_INVITED,
         )
     return _to_speakers(room, user, ("hand_ids", "invited_ids"))
 
@@ -263,12 +264,12 @@ def _live(room: Room) -> None:
     _not_ended(room)
     if room.state != RoomState.ROOM_STATE_LIVE:
         state = RoomState.Name(room.state).removeprefix("ROOM_STATE_").lower()
-        raise FailedPrecondition(f"room {room.room_id} is {state}, not live")
+        raise FailedPrecondition(f"room {room.room_id} is {state}, not live", reason=Reason.ROOM_NOT_LIVE)
 
 
 def _not_ended(room: Room) -> None:
     if room.state == RoomState.ROOM_STATE_ENDED:
-        raise FailedPrecondition(f"room {room.room_id} has ended")
+        raise FailedPrecondition(f"room {room.room_id} has ended", reason=Reason.ROOM_ENDED)
 
 
 def _moderator(room: Room, actor: int, doing: str) -> None:
@@ -278,7 +279,9 @@ def _moderator(room: Room, actor: int, doing: str) -> None:
 
 def _not_banned(room: Room, user: int) -> None:
     if user in room.banned_ids:
-        raise FailedPrecondition(f"user {user} is banned from room {room.room_id}; unban them first")
+        raise FailedPrecondition(
+            f"user {user} is banned from room {room.room_id}; unban them first", reason=Reason.BANNED
+        )
 
 
 def _speaker_slot(room: Room) -> None:

@@ -21,15 +21,15 @@ from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
-from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
+from townhall.core.errors import AlreadyExists, Reason, ResourceExhausted, Unavailable
 from townhall.core.kafka import Follower, Topics, read_to_end
 from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import INVALID, STALE, Record, skipped
 from townhall.core.room_records import RoomRecords
+from townhall.internal.v1.events_pb2 import RoomStarted
 from townhall.v1.common_pb2 import Room, RoomState
-from townhall.v1.events_pb2 import RoomStarted
 
 log = logging.get(__name__)
 
@@ -189,6 +189,7 @@ class RoomStore:
                         f"host {host} created {len(recent)} rooms in the last hour; at most "
                         f"{self._per_host} per hour: retry after {retry_ms // 1000} s",
                         retry_ms,
+                        Reason.RATE_LIMITED,
                     )
             room = self.book.created(host, title, speakers, listener_limit, now, room_id)
             await self._commit(room, "created", deadline)

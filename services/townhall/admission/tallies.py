@@ -19,7 +19,7 @@ from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.kafka import Follower, Topics, follow_from_end, reader
 from townhall.core.provenance import Writer
 from townhall.core.records import INVALID, BadRecord, Record
-from townhall.v1.events_pb2 import PresenceEvent
+from townhall.internal.v1.events_pb2 import PresenceEvent
 
 TALLY_EVERY_S = 5.0
 TALLY_TTL_S = 3 * TALLY_EVERY_S

@@ -31,7 +31,7 @@ from townhall.admission.metrics import WATCH_RESYNCS, WATCH_STREAMS, WATCH_UPDAT
 from townhall.admission.rooms import RoomBook
 from townhall.admission.stage import basic, moderates, shown_to
 from townhall.core.auth import Principal
-from townhall.core.errors import PermissionDenied, ResourceExhausted, Unavailable
+from townhall.core.errors import PermissionDenied, Reason, ResourceExhausted, Unavailable
 from townhall.core.tasks import cancel, supervise
 from townhall.v1.common_pb2 import Room, RoomCounts, RoomState
 from townhall.v1.rooms_pb2 import RoomUpdate
@@ -164,7 +164,7 @@ class WatchHub:
         room = self._book.get(room_id)
         user = who.user_id
         if user in room.banned_ids:
-            raise PermissionDenied(f"user {user} is banned from room {room_id}")
+            raise PermissionDenied(f"user {user} is banned from room {room_id}", reason=Reason.BANNED)
         if self.draining:
             raise drain_error()
         if self.streams >= self.max_streams:
@@ -173,6 +173,7 @@ class WatchHub:
                 f"(admission.max_watch_streams); retry after {(retry := _retry_ms())} ms (any admission "
                 "process serves any room)",
                 retry,
+                Reason.TOO_MANY_CALLS,
             )
         held = self._by_user.get(user, 0)
         if held >= self.per_user:
@@ -181,6 +182,7 @@ class WatchHub:
                 "(admission.max_watch_streams_per_user): close one, or retry after "
                 f"{(retry := _retry_ms())} ms",
                 retry,
+                Reason.TOO_MANY_CALLS,
             )
         watched = self._rooms.get(room_id)
         if watched is None:
@@ -376,7 +378,8 @@ def _retry_ms() -> int:
 def drain_error() -> Unavailable:
     """The status of a stream ended, or refused, because this process drains."""
     return Unavailable(
-        "this admission process is shutting down; watch the room again (any process serves it)"
+        "this admission process is shutting down; watch the room again (any process serves it)",
+        reason=Reason.DRAINING,
     )
 
 

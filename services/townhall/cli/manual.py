@@ -17,6 +17,7 @@ from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
 from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
+from townhall.core.errors import reason
 from townhall.live import Listener, Speaker
 from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.inbox_pb2 import NOTIFICATION_KIND_CONNECTED, NOTIFICATION_KIND_MISSED
@@ -26,7 +27,7 @@ console = Console()
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs one manual command; gRPC errors are printed with their status, exit code 1."""
+    """Runs one manual command; gRPC errors are printed with their status and reason, exit code 1."""
     endpoints = resolve(args.root / "topology.json", args.admission, args.notifier, args.config, args.crowd)
     handler = {
         "room": _room,
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_closing(endpoints, args, handler))
     except grpc.aio.AioRpcError as exc:
-        console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+        why = reason(exc)  # the ErrorInfo reason (docs/errors.md), when the server gave one
+        console.print(f"[red]{exc.code().name}[/red]{f' ({why})' if why else ''}: {exc.details()}")
         return 1
 
 

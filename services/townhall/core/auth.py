@@ -34,16 +34,15 @@ AUTHORIZATION = "authorization"
 Metadata = Iterable[tuple[str, Any]] | None
 
 # How each method is authenticated: USER (a user token; the default for every client API), SERVICE
-# (only the service credential, on the internal port), TICKET (the relay's ticket, checked by its
-# servicer), OPEN (health).
+# (only the service credential, on the internal port; every service of the internal package),
+# TICKET (the relay's ticket, checked by its servicer), OPEN (health).
 USER, SERVICE, TICKET, OPEN = "user", "service", "ticket", "open"
+# Calls between Townhall processes (proto/townhall/internal/v1): never served on a client port.
+INTERNAL_PACKAGE = "townhall.internal."
 _RULES = {
     # Rooms, Admission, Graph, Inbox: USER (the default). Moderation too; each call also needs a
     # grant (core/identity.require) and a role in the room (admission/stage.py).
     "townhall.v1.Moderation": USER,
-    "townhall.v1.Leases": SERVICE,
-    "townhall.v1.Owner": SERVICE,
-    "townhall.v1.GraphShards": SERVICE,
     "townhall.v1.Relay": TICKET,
     "townhall.v1.Relay/Pull": SERVICE,
     # Bulk import writes anyone's follows: an operator's tool (it holds the service key), not a user's.
@@ -55,12 +54,14 @@ _RULES = {
 
 def rule(service: str, method: str) -> str:
     """How calls of `service`/`method` are authenticated."""
+    if service.startswith(INTERNAL_PACKAGE):
+        return SERVICE
     return _RULES.get(f"{service}/{method}") or _RULES.get(service) or USER
 
 
 def internal_service(service: str) -> bool:
     """Whether every method of `service` is internal (served on the internal port only)."""
-    return _RULES.get(service) == SERVICE
+    return service.startswith(INTERNAL_PACKAGE) or _RULES.get(service) == SERVICE
 
 
 @dataclass(frozen=True, slots=True)

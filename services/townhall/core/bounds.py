@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 
 from townhall.core.config import ServerConfig
-from townhall.core.errors import ResourceExhausted
+from townhall.core.errors import Reason, ResourceExhausted
 from townhall.core.metrics import CALLS_REFUSED
 
 # What a call counts in besides its connection and address (SELF_BOUNDED: its connection only).
@@ -150,4 +150,4 @@ class Bounds:
 def _refuse(bound: str, message: str) -> None:
     _BY[bound].inc()
     retry_ms = int(RETRY_MS * random.uniform(*_JITTER))
-    raise ResourceExhausted(f"{message}; retry after {retry_ms} ms", retry_ms)
+    raise ResourceExhausted(f"{message}; retry after {retry_ms} ms", retry_ms, Reason.TOO_MANY_CALLS)

@@ -2,7 +2,7 @@
 
 A short-lived JWT (HS256, signed with `auth.service_keys`, which no token issuer holds) bound to its
 caller and its call: `sub` names the calling process (`admission@10.1.2.3:50071`: its kind and member
-address), `aud` the member called and the method (`10.1.2.4:50071/townhall.v1.Leases/Acquire`), and
+address), `aud` the member called and the method (`10.1.2.4:50071/townhall.internal.v1.Leases/Acquire`), and
 it is valid for SERVICE_TTL_S. So a credential seen in one call is good for nothing else: not another
 method, not another member, not for long, and never on a client port (client ports refuse the header
 outright). Each kind of process may make only its own kind of internal call (`callers`).
@@ -31,8 +31,8 @@ _MAX_MINTED = 4096
 ADMISSION, RELAY, NOTIFIER, OPERATOR = "admission", "relay", "notifier", "operator"
 # Which kinds of process may make each internal call: the methods served on the internal port.
 _CALLERS: dict[str, frozenset[str]] = {
-    "townhall.v1.Leases": frozenset({ADMISSION}),
-    "townhall.v1.Owner": frozenset({ADMISSION}),
+    "townhall.internal.v1.Leases": frozenset({ADMISSION}),
+    "townhall.internal.v1.Owner": frozenset({ADMISSION}),
     # Room changes forwarded by the member a client called to the room's owner.
     "townhall.v1.Rooms": frozenset({ADMISSION}),
     "townhall.v1.Moderation": frozenset({ADMISSION}),
@@ -41,7 +41,7 @@ _CALLERS: dict[str, frozenset[str]] = {
     # Bulk import: an operator's tool (`townhall graph import`), or a notifier passing a part on.
     "townhall.v1.Graph/Import": frozenset({NOTIFIER, OPERATOR}),
     # Graph keys moved between notifiers when their membership changes (notifier/handover.py).
-    "townhall.v1.GraphShards": frozenset({NOTIFIER}),
+    "townhall.internal.v1.GraphShards": frozenset({NOTIFIER}),
     "townhall.v1.Relay/Pull": frozenset({RELAY}),
 }
 Metadata = Iterable[tuple[str, Any]] | None
@@ -53,7 +53,7 @@ def callers(service: str, method: str) -> frozenset[str]:
 
 
 def method_path(service: str, method: str) -> str:
-    """The gRPC path of a method: /townhall.v1.Leases/Acquire."""
+    """The gRPC path of a method: /townhall.internal.v1.Leases/Acquire."""
     return f"/{service}/{method}"
 
 

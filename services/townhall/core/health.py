@@ -46,4 +46,6 @@ class HealthServicer(health.aio.HealthServicer):
 def _check_name(service: str) -> None:
     size = len(service.encode())
     if size > MAX_SERVICE_BYTES:
-        raise InvalidArgument(f"service is {size} bytes; a service name is at most {MAX_SERVICE_BYTES}")
+        raise InvalidArgument(
+            f"service is {size} bytes; a service name is at most {MAX_SERVICE_BYTES}", "service"
+        )

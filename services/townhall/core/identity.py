@@ -13,7 +13,7 @@ import grpc
 
 from townhall.core.auth import AUTHORIZATION, Authenticator, Principal, bearer
 from townhall.core.credentials import ServiceCaller
-from townhall.core.errors import PermissionDenied
+from townhall.core.errors import PermissionDenied, Reason
 
 # Set for each call by the handler wrapper; grpc.aio runs every RPC in a task of its own.
 AUTHENTICATOR: ContextVar[Authenticator | None] = ContextVar("townhall_authenticator", default=None)
@@ -55,7 +55,7 @@ def require(context: grpc.aio.ServicerContext, grant: str) -> int:
     """The caller's user id if its token grants `grant`; else PERMISSION_DENIED naming the grant."""
     found = principal(context)
     if grant not in found.grants:
-        raise PermissionDenied(missing(grant, found))
+        raise PermissionDenied(missing(grant, found), reason=Reason.MISSING_GRANT)
     return found.user_id
 
 

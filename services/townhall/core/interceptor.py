@@ -40,7 +40,15 @@ from townhall.core.auth import OPEN, SERVICE, TICKET, USER, Authenticator, refus
 from townhall.core.bounds import CLIENT, NONE, OPEN_STREAM, SELF_BOUNDED, SELF_BOUNDED_METHODS, Bounds
 from townhall.core.config import LimitsConfig, ServerConfig
 from townhall.core.credentials import SERVICE_KEY, callers
-from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, TownhallError, Unauthenticated
+from townhall.core.errors import (
+    REASON_KEY,
+    InvalidArgument,
+    PermissionDenied,
+    Reason,
+    TownhallError,
+    Unauthenticated,
+    Unimplemented,
+)
 from townhall.core.identity import AUTHENTICATOR, FORWARDED, PRINCIPAL, SERVICE_CALLER
 from townhall.core.limits import CHARGE, Limits, limit_class
 from townhall.core.metrics import RPCS
@@ -66,6 +74,7 @@ class Stalled(TownhallError):
     """The request message did not arrive in time."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = Reason.REQUEST_STALLED
 
 
 class Instrumented:
@@ -165,7 +174,7 @@ def _parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 
     def refuse(data: bytes) -> InvalidArgument:
         why = decoding.problem(descriptor, data) if descriptor is not None else "it does not parse"
-        return InvalidArgument(f"request is not a valid {name}: {why}")
+        return InvalidArgument(f"request is not a valid {name}: {why}", None)
 
     if descriptor is None or not decoding.has_enums(descriptor):
 
@@ -184,7 +193,7 @@ def _parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], An
             raise refuse(data) from None
         wrong = decoding.enum_problem(message)
         if wrong:
-            raise InvalidArgument(f"request is not a valid {name}: {wrong}")
+            raise InvalidArgument(f"request is not a valid {name}: {wrong}", None)
         return message
 
     return parse_checked
@@ -221,7 +230,7 @@ class _FirstReads:
         finally:
             self._waiting.pop(task, None)
         if request is grpc.aio.EOF:
-            raise InvalidArgument("no request message: the client ended the call without sending one")
+            raise InvalidArgument("no request message: the client ended the call without sending one", None)
         return request
 
     async def _sweep(self) -> None:
@@ -278,13 +287,17 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grp
 
 
 async def _fail(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
-    """Aborts the RPC with the error's status; an unexpected error becomes INTERNAL, logged."""
-    if isinstance(error, TownhallError):
-        await context.abort(error.code, str(error), trailing_metadata=error.trailers)
+    """Aborts the RPC with the error's status; an unexpected error becomes INTERNAL, logged.
+
+    The one place a domain error becomes a status: its details (core/errors.py: ErrorInfo, RetryInfo,
+    BadRequest in grpc-status-details-bin, and the deprecated trailers) go out in its trailers.
+    """
     if isinstance(error, NotImplementedError):  # what a generated base servicer raises
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
-    log.error("rpc failed", method=method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
+        error = Unimplemented(f"{method} is not implemented by this server")
+    elif not isinstance(error, TownhallError):
+        log.error("rpc failed", method=method, exc_info=error)
+        error = TownhallError(f"internal error in {method}; see server logs")
+    await context.abort(error.code, str(error), trailing_metadata=error.trailers)
 
 
 class _Gate:

@@ -9,7 +9,8 @@ cost little to check (remembered from an earlier verify, or plainly valid HS256)
 unread, so a flood of forged tokens costs a lookup or an HMAC each, never a full verify, and the users
 behind the address who are signed in already are not affected.
 Nothing on the internal port is limited (internal calls, and calls another member forwarded: counted
-where they arrived). Excess calls get RESOURCE_EXHAUSTED with a jittered `retry-after-ms` trailer.
+where they arrived). Excess calls get RESOURCE_EXHAUSTED, reason RATE_LIMITED, with a jittered RetryInfo
+(core/errors.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contextvars import ContextVar
 
 from townhall.core.auth import OPEN, SERVICE
 from townhall.core.config import LimitsConfig
-from townhall.core.errors import ResourceExhausted
+from townhall.core.errors import Reason, ResourceExhausted
 from townhall.core.metrics import RATE_LIMITED, from_zero
 from townhall.core.ratelimit import Buckets
 
@@ -210,9 +211,11 @@ def _refuse(cls: str, kind: str, who: str, what: str, buckets: Buckets, wait_s: 
             f"(bursts of {buckets.burst:g}); until then only tokens this server has verified before "
             f"are taken from it; retry after {retry_ms} ms",
             retry_ms,
+            Reason.RATE_LIMITED,
         )
     raise ResourceExhausted(
         f"too many {what} {who}: at most {buckets.rate:g}/s (bursts of {buckets.burst:g}); "
         f"retry after {retry_ms} ms",
         retry_ms,
+        Reason.RATE_LIMITED,
     )

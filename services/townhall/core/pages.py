@@ -31,7 +31,7 @@ def seal(scope: str, key: bytes) -> str:
 def unseal(token: str, scope: str, field: str = "page_token") -> bytes:
     """The key a token of `scope` carries; InvalidArgument naming `field` if it is not one."""
     if len(token) > MAX_TOKEN:
-        raise InvalidArgument(f"{field} is {len(token)} characters; a token is at most {MAX_TOKEN}")
+        raise InvalidArgument(f"{field} is {len(token)} characters; a token is at most {MAX_TOKEN}", field)
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
@@ -40,12 +40,14 @@ def unseal(token: str, scope: str, field: str = "page_token") -> bytes:
     if len(body) < 1 + _HASH or body[0] != VERSION or _check(body) != check:
         raise InvalidArgument(
             f"{field} is not a token this service made (changed or cut short?): pass the token of the "
-            "previous answer unchanged, or none to start again"
+            "previous answer unchanged, or none to start again",
+            field,
         )
     if body[1 : 1 + _HASH] != _scope_hash(scope):
         raise InvalidArgument(
             f"{field} belongs to another request (another list, user or view): pass it with the request it "
-            "came from (only a page size may change), or none to start again"
+            "came from (only a page size may change), or none to start again",
+            field,
         )
     return body[1 + _HASH :]
 
@@ -53,7 +55,7 @@ def unseal(token: str, scope: str, field: str = "page_token") -> bytes:
 def page_size(value: int, default: int, maximum: int, field: str = "page_size") -> int:
     """How many items a page holds: `default` for 0, at most `maximum` (AIP-158: a larger one is clamped)."""
     if value < 0:
-        raise InvalidArgument(f"{field} must not be negative, not {value}")
+        raise InvalidArgument(f"{field} must not be negative, not {value}", field)
     return min(value, maximum) if value else default
 
 

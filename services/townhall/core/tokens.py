@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from townhall.core.errors import TownhallError, Unauthenticated
+from townhall.core.errors import Reason, TownhallError, Unauthenticated
 
 HS256 = "HS256"
 ES256 = "ES256"
@@ -379,7 +379,9 @@ class Verifier(Generic[T]):
                 options=self._options,  # type: ignore[arg-type]
             )
         except jwt.ExpiredSignatureError as exc:
-            raise Unauthenticated(f"{self.what} has expired{_when(token)}; {self._renew}") from exc
+            raise Unauthenticated(
+                f"{self.what} has expired{_when(token)}; {self._renew}", reason=Reason.CREDENTIAL_EXPIRED
+            ) from exc
         except jwt.InvalidSignatureError as exc:
             raise Unauthenticated(
                 f"{self.what} signature does not verify with key {kid!r}: "

@@ -71,29 +71,29 @@ _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}")
 def room_id(value: str, field: str = "room_id") -> str:
     """A room id: 1..32 characters of [A-Za-z0-9_-]."""
     if not value:
-        raise InvalidArgument(f"{field} is required")
+        raise InvalidArgument(f"{field} is required", field)
     if len(value) > ROOM_ID_MAX:
-        raise InvalidArgument(f"{field} is {len(value)} characters; at most {ROOM_ID_MAX} allowed")
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {ROOM_ID_MAX} allowed", field)
     if not _ROOM_ID.fullmatch(value):
-        raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'")
+        raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'", field)
     return value
 
 
 def request_id(value: str, field: str = "request_id") -> str:
     """An optional idempotency key: empty, or 1..64 characters of [A-Za-z0-9_-]."""
     if len(value) > REQUEST_ID_MAX:
-        raise InvalidArgument(f"{field} is {len(value)} characters; at most {REQUEST_ID_MAX} allowed")
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {REQUEST_ID_MAX} allowed", field)
     if value and not _REQUEST_ID.fullmatch(value):
-        raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'")
+        raise InvalidArgument(f"{field} may only contain letters, digits, '_' and '-'", field)
     return value
 
 
 def user_id(value: int, field: str = "user_id") -> int:
     """A user id: 1..2^63-1."""
     if value == 0:
-        raise InvalidArgument(f"{field} is required (1..{USER_ID_MAX})")
+        raise InvalidArgument(f"{field} is required (1..{USER_ID_MAX})", field)
     if not 0 < value <= USER_ID_MAX:
-        raise InvalidArgument(f"{field} must be within 1..{USER_ID_MAX}, not {value}")
+        raise InvalidArgument(f"{field} must be within 1..{USER_ID_MAX}, not {value}", field)
     return value
 
 
@@ -101,12 +101,12 @@ def user_ids(values: Iterable[int], field: str, limit: int) -> list[int]:
     """Distinct user ids, at most `limit` of them."""
     ids = list(values)
     if len(ids) > limit:
-        raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed")
+        raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed", field)
     if ids and not (min(ids) > 0 and max(ids) <= USER_ID_MAX):  # else name the first one out of range
         for index, value in enumerate(ids):
             user_id(value, f"{field}[{index}]")
     if len(set(ids)) != len(ids):
-        raise InvalidArgument(f"{field} has duplicate user ids")
+        raise InvalidArgument(f"{field} has duplicate user ids", field)
     return ids
 
 
@@ -114,18 +114,19 @@ def title(value: str, field: str = "title") -> str:
     """Free text shown to users: 1..200 characters, no control, bidirectional or zero-width characters
     (a zero width joiner only inside an emoji sequence, as in 👩‍💻)."""
     if not value.strip():
-        raise InvalidArgument(f"{field} is required")
+        raise InvalidArgument(f"{field} is required", field)
     if len(value) > TITLE_MAX:
-        raise InvalidArgument(f"{field} is {len(value)} characters; at most {TITLE_MAX} allowed")
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {TITLE_MAX} allowed", field)
     if _CONTROL.search(value):
-        raise InvalidArgument(f"{field} must not contain control characters")
+        raise InvalidArgument(f"{field} must not contain control characters", field)
     for found in _INVISIBLE_RE.finditer(value):
         at = found.start()
         if found.group() == _ZWJ and _emoji_joined(value, at):
             continue
         raise InvalidArgument(
             f"{field} must not contain bidirectional or invisible characters: "
-            f"U+{ord(found.group()):04X} {_INVISIBLE[found.group()]} at position {at}"
+            f"U+{ord(found.group()):04X} {_INVISIBLE[found.group()]} at position {at}",
+            field,
         )
     return value
 
@@ -144,7 +145,7 @@ def _emoji_joined(value: str, at: int) -> bool:
 def bounded(value: int, field: str, low: int, high: int) -> int:
     """An integer within low..high."""
     if not low <= value <= high:
-        raise InvalidArgument(f"{field} must be within {low}..{high}, not {value}")
+        raise InvalidArgument(f"{field} must be within {low}..{high}, not {value}", field)
     return value
 
 
@@ -152,18 +153,18 @@ def enum_value(value: int, enum: EnumDescriptor, field: str) -> int:
     """A value the proto enum names (an unknown one from a newer client is refused, not guessed at)."""
     if value not in enum.values_by_number:
         names = ", ".join(v.name for v in enum.values)
-        raise InvalidArgument(f"{field} is {value}, not one of {names}")
+        raise InvalidArgument(f"{field} is {value}, not one of {names}", field)
     return value
 
 
 def address(value: str, field: str) -> str:
     """A member's host:port (1..255 characters; host a name, an IPv4 or a bracketed IPv6 address)."""
     if not value:
-        raise InvalidArgument(f"{field} is required (host:port)")
+        raise InvalidArgument(f"{field} is required (host:port)", field)
     if len(value) > ADDRESS_MAX:
-        raise InvalidArgument(f"{field} is {len(value)} characters; at most {ADDRESS_MAX} allowed")
+        raise InvalidArgument(f"{field} is {len(value)} characters; at most {ADDRESS_MAX} allowed", field)
     if not _ADDRESS.fullmatch(value) or int(value.rpartition(":")[2]) > 65535:
-        raise InvalidArgument(f"{field} must be host:port, not {value[:40]!r}")
+        raise InvalidArgument(f"{field} must be host:port, not {value[:40]!r}", field)
     return value
 
 
@@ -176,19 +177,21 @@ def stored_room(room: Room) -> Room:
     room_id(room.room_id, "room_id")
     user_id(room.host_id, "host_id")
     if room.state not in RoomState.values() or room.state == RoomState.ROOM_STATE_UNSPECIFIED:
-        raise InvalidArgument(f"state {room.state} is not a room state")
+        raise InvalidArgument(f"state {room.state} is not a room state", "state")
     if room.version < 1:
-        raise InvalidArgument("version must be at least 1")
+        raise InvalidArgument("version must be at least 1", "version")
     if len(room.title) > TITLE_MAX:
-        raise InvalidArgument(f"title is {len(room.title)} characters; at most {TITLE_MAX} allowed")
+        raise InvalidArgument(f"title is {len(room.title)} characters; at most {TITLE_MAX} allowed", "title")
     bounded(room.listener_limit, "listener_limit", 0, MAX_LISTENER_LIMIT)
     for name in ("created_at_ms", "started_at_ms", "ended_at_ms", "scheduled_start_ms"):
         if getattr(room, name) < 0:
-            raise InvalidArgument(f"{name} must not be negative")
+            raise InvalidArgument(f"{name} must not be negative", name)
     for name, limit in _ROOM_LISTS:
         user_ids(getattr(room, name), name, limit)
     if len(room.removals) > MAX_REMOVALS:
-        raise InvalidArgument(f"removals has {len(room.removals)} entries; at most {MAX_REMOVALS} allowed")
+        raise InvalidArgument(
+            f"removals has {len(room.removals)} entries; at most {MAX_REMOVALS} allowed", "removals"
+        )
     for index, removal in enumerate(room.removals):
         user_id(removal.user_id, f"removals[{index}].user_id")
         bounded(removal.version, f"removals[{index}].version", 1, room.version)

@@ -24,6 +24,7 @@ from townhall.core.kafka import (
 )
 from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1 import internal_pb2, internal_pb2_grpc
 from townhall.notifier.clients import started, stopped
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
@@ -38,7 +39,7 @@ from townhall.notifier.rooms import Reminders, RoomStates
 from townhall.notifier.servicers import GraphServicer, InboxServicer, ShardsServicer
 from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore
 from townhall.notifier.worker import CommitOnRevoke, Worker
-from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 log = logging.get(__name__)
 

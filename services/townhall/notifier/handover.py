@@ -35,11 +35,11 @@ import numpy as np
 from townhall.core import logging, sharding
 from townhall.core.errors import FailedPrecondition, InvalidArgument, TownhallError, Unavailable
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1 import internal_pb2
 from townhall.notifier.metrics import HANDOVER_KEYS, HANDOVER_PENDING
 from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.store import STORE_ERRORS, SqliteFollowerStore, split_key
-from townhall.v1 import internal_pb2
 
 log = logging.get(__name__)
 
@@ -49,7 +49,7 @@ CONNECT_S = 5.0  # how long a call waits for a peer it cannot reach before it co
 SWEEP_RETRY_S = 2.0
 MAX_SETTLED = 100_000  # keys remembered as settled in this view; one forgotten is settled again
 VIEW_META = "view"
-SHARDS = "/townhall.v1.GraphShards/"
+SHARDS = "/townhall.internal.v1.GraphShards/"
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ class Handover:
         _check_key(key)
         mine = self._placement.epoch
         if owner == self.me:
-            raise InvalidArgument("owner is this notifier: a key is not handed over to its holder")
+            raise InvalidArgument("owner is this notifier: a key is not handed over to its holder", "owner")
         if epoch < mine:
             raise FailedPrecondition(f"this notifier's view of the members is newer (epoch {mine} > {epoch})")
         if epoch == mine and self._placement.owner(key) != owner:
@@ -429,4 +429,4 @@ def _check_key(key: str) -> None:
     try:
         split_key(key)
     except ValueError as exc:
-        raise InvalidArgument(f"key: {exc}") from exc
+        raise InvalidArgument(f"key: {exc}", "key") from exc

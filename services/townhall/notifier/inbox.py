@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from townhall.core.errors import FailedPrecondition, TownhallError
+from townhall.core.errors import FailedPrecondition, Reason, TownhallError
 from townhall.notifier.metrics import (
     DUPLICATES_DROPPED,
     INBOX_CONNECTIONS,
@@ -113,7 +113,8 @@ class InboxDelivery:
             old.close(
                 FailedPrecondition(
                     f"user {user} opened a newer Inbox stream (at most {self._per_user} per user): "
-                    "this one is closed"
+                    "this one is closed",
+                    reason=Reason.STREAM_REPLACED,
                 )
             )
             INBOX_REPLACED.inc()

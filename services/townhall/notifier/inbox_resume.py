@@ -62,7 +62,9 @@ def position(resume_cursor: str, user: int) -> tuple[int, int, int]:
     resume_cursor if it is not one."""
     key = pages.unseal(resume_cursor, _scope(shard_of(user)), "resume_cursor")
     if len(key) != _KEY.size:
-        raise InvalidArgument("resume_cursor does not name a place in an inbox: connect without it")
+        raise InvalidArgument(
+            "resume_cursor does not name a place in an inbox: connect without it", "resume_cursor"
+        )
     partitions, partition, offset = _KEY.unpack(key)
     return partitions, partition, offset
 

@@ -8,7 +8,8 @@ import grpc
 
 from townhall.core.config import TlsConfig
 from townhall.core.forwarding import Forwarding, peer_channel
-from townhall.v1 import graph_pb2_grpc, internal_pb2_grpc
+from townhall.internal.v1 import internal_pb2_grpc
+from townhall.v1 import graph_pb2_grpc
 
 
 class NotifierChannels:

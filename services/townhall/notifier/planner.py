@@ -23,6 +23,7 @@ from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
 from townhall.core.records import Reader
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.clients import describe
 from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
@@ -30,7 +31,6 @@ from townhall.notifier.offsets import OffsetBook
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.records import encode_task, room_started, room_started_record
 from townhall.notifier.store import STORE_ERRORS, Moved, SqliteFollowerStore, followee_key, room_key
-from townhall.v1 import events_pb2
 
 log = logging.get(__name__)
 

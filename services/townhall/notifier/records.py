@@ -14,8 +14,9 @@ from townhall.core.errors import InvalidArgument
 from townhall.core.provenance import Writer
 from townhall.core.records import INVALID, BadRecord, Record
 from townhall.core.wire import read_varint, varint
+from townhall.internal.v1 import events_pb2
 from townhall.notifier.blocks import BLOCK_IDS
-from townhall.v1 import events_pb2, inbox_pb2
+from townhall.v1 import inbox_pb2
 
 SHARDS = 64
 # Users one notification record may name (notifier.batch_users is at most this), and a task id's length.
@@ -46,9 +47,9 @@ def room_started(event: events_pb2.RoomStarted) -> inbox_pb2.Notification:
     validation.room_id(room.room_id, "room.room_id")
     validation.user_id(room.host_id, "room.host_id")
     if len(room.title) > validation.TITLE_MAX:
-        raise InvalidArgument(f"room.title is longer than {validation.TITLE_MAX} characters")
+        raise InvalidArgument(f"room.title is longer than {validation.TITLE_MAX} characters", "room.title")
     if room.started_at_ms < 0:
-        raise InvalidArgument("room.started_at_ms must not be negative")
+        raise InvalidArgument("room.started_at_ms must not be negative", "room.started_at_ms")
     return inbox_pb2.Notification(
         kind=inbox_pb2.NOTIFICATION_KIND_ROOM_STARTED,
         room_id=room.room_id,
@@ -149,20 +150,24 @@ def checked_batch(note: inbox_pb2.Notification, ids: np.ndarray) -> tuple[inbox_
 def notification(note: inbox_pb2.Notification) -> inbox_pb2.Notification:
     """A notification as a record carries it: a known kind, a room id, a host, a title of bounded length."""
     if note.kind not in _RECORD_KINDS:
-        raise InvalidArgument(f"notification.kind {note.kind} is not a notification kind")
+        raise InvalidArgument(
+            f"notification.kind {note.kind} is not a notification kind", "notification.kind"
+        )
     validation.room_id(note.room_id, "notification.room_id")
     validation.user_id(note.host_id, "notification.host_id")
     if len(note.title) > validation.TITLE_MAX:
-        raise InvalidArgument(f"notification.title is longer than {validation.TITLE_MAX} characters")
+        raise InvalidArgument(
+            f"notification.title is longer than {validation.TITLE_MAX} characters", "notification.title"
+        )
     return note
 
 
 def user_ids(ids: np.ndarray, field: str, limit: int) -> np.ndarray:
     """uint64 user ids, each within 1..2^63-1 and at most `limit` of them (checked without a loop)."""
     if len(ids) > limit:
-        raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed")
+        raise InvalidArgument(f"{field} has {len(ids)} entries; at most {limit} allowed", field)
     if len(ids) and (int(ids.min()) == 0 or int(ids.max()) > validation.USER_ID_MAX):
-        raise InvalidArgument(f"{field} holds an id outside 1..{validation.USER_ID_MAX}")
+        raise InvalidArgument(f"{field} holds an id outside 1..{validation.USER_ID_MAX}", field)
     return ids
 
 

@@ -13,7 +13,7 @@ import time
 
 from townhall.core import logging
 from townhall.core.config import AuthConfig, KafkaConfig
-from townhall.core.errors import FailedPrecondition, NotFound
+from townhall.core.errors import FailedPrecondition, NotFound, Reason
 from townhall.core.kafka import Follower, read_to_end
 from townhall.core.records import Record
 from townhall.core.room_records import AnyOwner, RoomRecords
@@ -68,11 +68,11 @@ class RoomStates:
             await asyncio.sleep(MISS_POLL_S)
             state = self._states.get(room_id)
         if state is None:
-            raise NotFound(f"room {room_id} does not exist")
+            raise NotFound(f"room {room_id} does not exist", reason=Reason.ROOM_NOT_FOUND)
         if state == RoomState.ROOM_STATE_LIVE:
             raise FailedPrecondition(f"room {room_id} is live already: join it")
         if state not in PENDING:
-            raise FailedPrecondition(f"room {room_id} has ended")
+            raise FailedPrecondition(f"room {room_id} has ended", reason=Reason.ROOM_ENDED)
 
     def released(self, room_ids: list[str]) -> list[str]:
         """Those of `room_ids` that ended or no longer exist."""

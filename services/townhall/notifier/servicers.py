@@ -11,9 +11,10 @@ import grpc
 import numpy as np
 
 from townhall.core import pages, validation
-from townhall.core.errors import InvalidArgument, PermissionDenied, Unavailable
+from townhall.core.errors import InvalidArgument, PermissionDenied, Reason, Unavailable
 from townhall.core.forwarding import MAX_HOPS, Elsewhere, on_owner
 from townhall.core.identity import caller
+from townhall.internal.v1 import internal_pb2, internal_pb2_grpc
 from townhall.notifier.blocks import valid_pairs
 from townhall.notifier.handover import Handover
 from townhall.notifier.inbox import InboxDelivery
@@ -23,7 +24,7 @@ from townhall.notifier.peers import NotifierChannels
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.rooms import RoomStates
 from townhall.notifier.store import Moved, SqliteFollowerStore, followee_key, room_key
-from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc, internal_pb2, internal_pb2_grpc
+from townhall.v1 import graph_pb2, graph_pb2_grpc, inbox_pb2, inbox_pb2_grpc
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
@@ -106,7 +107,7 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         user = caller(context)
         followee = validation.user_id(request.followee_id, "followee_id")
         if followee == user:
-            raise InvalidArgument("followee_id is the caller: users cannot follow themselves")
+            raise InvalidArgument("followee_id is the caller: users cannot follow themselves", "followee_id")
 
         async def local() -> graph_pb2.FollowResponse:
             created = await self._store.follow(followee, user)
@@ -174,7 +175,8 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
                 f"user {me} may not list the followers of user {user}: a follower list is shown only to "
                 "its owner (CountFollowers gives anyone the count)"
             )
-        size = pages.page_size(request.page_size, LIST_DEFAULT, LIST_MAX)
+        # The deprecated limit (0.1.0's field) stands in for page_size when a client sends only it.
+        size = pages.page_size(request.page_size or request.limit, LIST_DEFAULT, LIST_MAX)
         after = _followers_after(request, user)
 
         async def local() -> graph_pb2.ListFollowersResponse:
@@ -223,12 +225,13 @@ class GraphServicer(graph_pb2_grpc.GraphServicer):
         async for chunk in request_iterator:
             if len(chunk.pairs) % 16:
                 raise InvalidArgument(
-                    f"pairs is {len(chunk.pairs)} bytes: not whole 16-byte (followee, follower) pairs"
+                    f"pairs is {len(chunk.pairs)} bytes: not whole 16-byte (followee, follower) pairs",
+                    "pairs",
                 )
             pairs = np.frombuffer(chunk.pairs, dtype="<u8").astype(np.uint64).reshape(-1, 2)
             if len(pairs) > MAX_IMPORT_CHUNK_PAIRS:
                 raise InvalidArgument(
-                    f"a chunk holds at most {MAX_IMPORT_CHUNK_PAIRS} pairs, not {len(pairs)}"
+                    f"a chunk holds at most {MAX_IMPORT_CHUNK_PAIRS} pairs, not {len(pairs)}", "pairs"
                 )
             received += len(pairs)
             ok = valid_pairs(pairs)
@@ -310,10 +313,12 @@ def _followers_after(request: graph_pb2.ListFollowersRequest, user: int) -> int:
     if not request.page_token:
         return legacy
     if legacy:
-        raise InvalidArgument("after_id is deprecated and cannot go with page_token: pass page_token only")
+        raise InvalidArgument(
+            "after_id is deprecated and cannot go with page_token: pass page_token only", "after_id"
+        )
     key = pages.unseal(request.page_token, _followers_scope(user))
     if len(key) != 8:
-        raise InvalidArgument("page_token does not name a follower: start again without it")
+        raise InvalidArgument("page_token does not name a follower: start again without it", "page_token")
     (after,) = struct.unpack(">Q", key)
     return int(after)
 
@@ -376,7 +381,7 @@ class InboxServicer(inbox_pb2_grpc.InboxServicer):
         if request.resume_cursor:
             position(request.resume_cursor, user)  # a bad cursor is refused before anything is sent
         if self._hub.closed:
-            raise Unavailable("this notifier is shutting down; reconnect")
+            raise Unavailable("this notifier is shutting down; reconnect", reason=Reason.DRAINING)
         # Connected before the backlog is read: a notification sent meanwhile is queued here, and one
         # found in both is sent once (the backlog's ids).
         sub = self._hub.connect(user)

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from townhall.core.errors import FailedPrecondition, PermissionDenied, TownhallError
+from townhall.core.errors import FailedPrecondition, PermissionDenied, Reason, TownhallError
 from townhall.core.tickets import Ticket, void_after_s
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_HOST, ROLE_LISTENER, Room, RoomState
 
@@ -69,20 +69,22 @@ class Rules:
         """Why a stream of `user` on a ticket of `ticket_version` may not go on (None: it may)."""
         room = self.room_id
         if self.ended:
-            return ENDED, FailedPrecondition(f"room {room} has ended")
+            return ENDED, FailedPrecondition(f"room {room} has ended", reason=Reason.ROOM_ENDED)
         if ticket_version > self.version:
             return None  # issued from a newer version than this relay has read: checked when it arrives
         if user in self.banned:
-            return BANNED, PermissionDenied(f"user {user} is banned from room {room}")
+            return BANNED, PermissionDenied(f"user {user} is banned from room {room}", reason=Reason.BANNED)
         removed_at = self.removed.get(user)
         if removed_at is not None and ticket_version < removed_at:
             return REMOVED, PermissionDenied(
                 f"user {user} was removed from room {room}; tickets issued before that are void "
-                "(join the room again)"
+                "(join the room again)",
+                reason=Reason.REMOVED,
             )
         if kind != LISTEN and user not in self.stage:
             return DEMOTED, PermissionDenied(
-                f"user {user} is no longer on the stage of room {room}; join the room again to listen"
+                f"user {user} is no longer on the stage of room {room}; join the room again to listen",
+                reason=Reason.NOT_ON_STAGE,
             )
         return None
 
@@ -194,7 +196,8 @@ class Guard:
             old.cut(
                 FailedPrecondition(
                     f"user {ticket.user_id} opened a newer {what} stream of room {ticket.room_id} on this "
-                    f"relay (at most {self._per_user} per user): this one is closed"
+                    f"relay (at most {self._per_user} per user): this one is closed",
+                    reason=Reason.STREAM_REPLACED,
                 )
             )
             if self._on_replaced is not None:
@@ -238,7 +241,8 @@ class Guard:
             return None
         return PermissionDenied(
             f"user {user} left room {room_id}; listener tickets issued before that are void "
-            "(join the room again)"
+            "(join the room again)",
+            reason=Reason.SEAT_GIVEN_BACK,
         )
 
     def _expire_leaves(self, now_ms: int) -> None:

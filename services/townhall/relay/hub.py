@@ -12,7 +12,7 @@ from typing import Protocol
 import grpc
 
 from townhall.core import logging
-from townhall.core.errors import Unavailable
+from townhall.core.errors import Reason, Unavailable
 from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel, spawn, supervise
 from townhall.relay import metrics
@@ -230,7 +230,7 @@ class RelayRooms:
 
     def _refuse_if_draining(self) -> None:
         if self._draining:
-            raise Unavailable("relay is shutting down; reconnect to continue")
+            raise Unavailable("relay is shutting down; reconnect to continue", reason=Reason.DRAINING)
 
     def _room(self, room_id: str) -> Room:
         room = self._rooms.get(room_id)
@@ -313,7 +313,10 @@ class RelayRooms:
         room.pull_ok = False
         if room.pull_failing_since is None:
             room.pull_failing_since = now
-        if reason in (DRAINING, UPSTREAM_LOST) or now - room.pull_failing_since >= self.upstream_lost_s:
+        if (
+            reason in (Reason.DRAINING, Reason.UPSTREAM_LOST)
+            or now - room.pull_failing_since >= self.upstream_lost_s
+        ):
             room.pull_failing_since = now
             self._lose_upstream(room)
 

@@ -18,9 +18,9 @@ from townhall.core.config import AuthConfig, KafkaConfig
 from townhall.core.kafka import Follower, Topics, follow_from_end, reader
 from townhall.core.provenance import Writer
 from townhall.core.records import INVALID, BadRecord, Record
+from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.relay import metrics
 from townhall.relay.guard import Guard
-from townhall.v1.events_pb2 import PresenceEvent
 
 log = logging.get(__name__)
 

@@ -14,8 +14,8 @@ from townhall.core.config import Config
 from townhall.core.kafka import Topics, producer
 from townhall.core.provenance import RELAY, RecordSigner, Writer
 from townhall.core.tasks import cancel, supervise
+from townhall.internal.v1.events_pb2 import Leads, RelayLoad
 from townhall.relay.hub import RelayRooms
-from townhall.v1.events_pb2 import Leads, RelayLoad
 
 log = logging.get(__name__)
 

@@ -15,7 +15,7 @@ import grpc
 
 from townhall.core import limits, logging, validation
 from townhall.core.config import RelayConfig
-from townhall.core.errors import REASON_KEY, InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from townhall.core.errors import InvalidArgument, PermissionDenied, Reason, ResourceExhausted, Unavailable
 from townhall.core.identity import service_caller
 from townhall.core.ratelimit import Buckets
 from townhall.core.tickets import TICKET_KEY, Ticket, TicketVerifier
@@ -91,7 +91,7 @@ class RelayServicer:
                 if self._hub.draining:
                     raise Unavailable(
                         "relay is shutting down; join again and publish to the new relay",
-                        trailers=((REASON_KEY, DRAINING),),
+                        reason=Reason.DRAINING,
                     )
                 over = budget.take(ticket.user_id)
                 if over:
@@ -101,6 +101,7 @@ class RelayServicer:
                         f"{self._frames_per_s:g} frames/s in bursts of {self._frame_burst:g} "
                         "(a speaker sends one 20 ms frame at a time)",
                         retry_after_ms=round(1000 * over),
+                        reason=Reason.RATE_LIMITED,
                     )
                 now = time.monotonic()
                 wall = wall_us()
@@ -148,7 +149,9 @@ class RelayServicer:
                 raise Unavailable(
                     f"relay is full ({self._capacity} listeners); join the room again in "
                     f"{FULL_RETRY_MS} ms for another relay, and reconnect there with resume_after set to "
-                    "the last sequence received"
+                    "the last sequence received",
+                    reason=Reason.RELAY_FULL,
+                    retry_after_ms=FULL_RETRY_MS,
                 )
             # A listener reconnecting while its old stream is not yet seen gone: it takes that one's place.
             per_user = 1
@@ -175,7 +178,9 @@ class RelayServicer:
         """
         room_id = validation.room_id(request.room_id)
         if len(request.upstream) > MAX_PATH:
-            raise InvalidArgument(f"upstream has {len(request.upstream)} relays; at most {MAX_PATH} allowed")
+            raise InvalidArgument(
+                f"upstream has {len(request.upstream)} relays; at most {MAX_PATH} allowed", "upstream"
+            )
         # A path of its own makes this relay a mid-tier: it pulls the room in turn.
         upstream = tuple(validation.address(a, f"upstream[{i}]") for i, a in enumerate(request.upstream))
         room, subscriber = self._hub.subscribe(
@@ -216,18 +221,19 @@ class RelayServicer:
                 f"listener read too slowly: chunks were dropped for {self._hub.settings.stuck_cutoff_s:g} s; "
                 "reconnect with resume_after set to the last sequence received",
                 retry_after_ms=0,
+                reason=Reason.SLOW_LISTENER,
             )
         if subscriber.reason == DRAINING:
             raise Unavailable(
                 "relay is shutting down; join again and reconnect with resume_after set to the last "
                 "sequence received",
-                trailers=((REASON_KEY, DRAINING),),
+                reason=Reason.DRAINING,
             )
         if subscriber.reason == UPSTREAM_LOST:
             raise Unavailable(
                 "this relay lost the room's upstream relay; join again (for a new path) and reconnect "
                 "with resume_after set to the last sequence received",
-                trailers=((REASON_KEY, UPSTREAM_LOST),),
+                reason=Reason.UPSTREAM_LOST,
             )
 
     def _ticket(self, context: grpc.aio.ServicerContext) -> Ticket:
@@ -239,21 +245,23 @@ class RelayServicer:
 
     def _check(self, frame: AudioFrame, user_id: int, wall: int) -> None:
         size = len(frame.payload)
-        problem = ""
+        problem, field = "", "payload"
         if size == 0:
             problem = f"frame payload is empty; it must hold 1..{self._max_payload} bytes of encoded audio"
         elif size > self._max_payload:
             problem = f"frame payload is {size} bytes; at most {self._max_payload} bytes allowed"
         elif abs(skew := frame.capture_ts_us - wall) > MAX_CLOCK_SKEW_US:
+            field = "capture_ts_us"
             problem = (
                 f"frame capture_ts_us is {skew / 1e6:+.1f} s from the relay clock; "
                 f"it must be within {MAX_CLOCK_SKEW_US // 1_000_000} s"
             )
         elif frame.speaker_id not in (0, user_id):
+            field = "speaker_id"
             problem = f"frame speaker_id {frame.speaker_id} is not the ticket's user {user_id}; send 0"
         if problem:
             metrics.FRAMES_REJECTED.inc()
-            raise InvalidArgument(problem)
+            raise InvalidArgument(problem, field)
 
 
 def _role(role: int) -> str:

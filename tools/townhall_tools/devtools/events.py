@@ -10,7 +10,8 @@ from aiokafka import AIOKafkaProducer
 from townhall.core.config import DEV_AUTH, AuthConfig, KafkaConfig
 from townhall.core.kafka import Topics
 from townhall.core.provenance import ADMISSION, RecordSigner, Writer
-from townhall.v1 import common_pb2, events_pb2
+from townhall.internal.v1 import events_pb2
+from townhall.v1 import common_pb2
 
 
 async def publish_room_started(

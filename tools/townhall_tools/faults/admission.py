@@ -24,9 +24,9 @@ from townhall.core.kafka import Topics, read_to_end
 from townhall.core.records import Record
 from townhall.core.sharding import owner
 from townhall.core.tasks import cancel
+from townhall.internal.v1.events_pb2 import RoomStarted
 from townhall.v1.admission_pb2 import JoinRequest
 from townhall.v1.common_pb2 import Room, RoomState
-from townhall.v1.events_pb2 import RoomStarted
 from townhall_tools.devtools.topology import Process, Topology
 from townhall_tools.faults.cluster import endpoints, exited, fault, fresh_user, restore, user, user_metadata
 from townhall_tools.faults.measure import Outcome
