@@ -112,7 +112,9 @@ class AdmissionApp:
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         signer = RecordSigner(config.auth, Writer(ADMISSION if own.owner else CROWD, own.address))
         records = RoomRecords(config.kafka, config.auth, ownership_for(own))
-        self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
+        self.store = RoomStore(
+            config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour, f"admission-{member}"
+        )
         self._listed = membership_for(own)
         relay = config.relay
         report_s = relay.load_report_s

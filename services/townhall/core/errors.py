@@ -72,6 +72,12 @@ class AlreadyExists(TownhallError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Aborted(TownhallError):
+    """A concurrent writer won: the change was not made; retrying it re-reads the state it is built on."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unavailable(TownhallError):
     """A dependency (Kafka, the owner) could not be reached; safe to retry."""
 
