@@ -296,6 +296,8 @@ class AdmissionApp:
         await self._producer.start()
         await self.store.load()
         await self.store.follow()
+        if taken := self.capacity.started():
+            log.info("rooms taken over at start: leases wait for the members' reports", rooms=taken)
         for room in self.store.book.live():
             self.capacity.allowance(room.room_id)
         await self._tally_follower.start()
