@@ -33,8 +33,11 @@ log = logging.get(__name__)
 # one at its next change (one InitProducerId and a catch-up: a few milliseconds).
 MAX_WRITERS = 64
 # A transaction left open by a writer that died or lost Kafka stops readers of its partition at the
-# last stable offset until the broker aborts it: at most this long (plus the broker's check interval).
-TRANSACTION_TIMEOUT_MS = 15_000
+# last stable offset until the broker aborts it: at most this long after it began, plus the broker's
+# transaction.abort.timed.out.transaction.cleanup.interval.ms (1 s in the local and bundled brokers,
+# 10 s by default), or until the room's next writer claims it. A change gives Kafka 10 s at most anyway
+# (store.COMMIT_TIMEOUT_S).
+TRANSACTION_TIMEOUT_MS = 10_000
 
 
 def transactional_id(prefix: str, room_id: str) -> str:

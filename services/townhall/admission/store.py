@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
@@ -26,7 +26,7 @@ from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.errors import AlreadyExists, ResourceExhausted, Unavailable
-from townhall.core.kafka import Follower, Topics, read_to_end
+from townhall.core.kafka import Follower, Topics, consumer, read_to_end
 from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
@@ -75,6 +75,9 @@ class RoomStore:
         self.writers = RoomWriters(kafka, client_id, self.locks.locked)
         self._ends: dict[TopicPartition, int] = {}
         self._follower: Follower | None = None
+        # Asks for the end offsets (caught_up) on a connection of its own: on the follower's, the
+        # request waits behind the follower's long-polling fetch (up to its fetch_max_wait_ms).
+        self._offsets: AIOKafkaConsumer | None = None
         # Called with each room version read from the topic while following (after `load`).
         self.on_change: Callable[[Room], None] | None = None
 
@@ -97,12 +100,19 @@ class RoomStore:
         follower = Follower(self._kafka, self._ends, self._followed, "room-state-follower")
         await follower.start()
         self._follower = follower
+        offsets = consumer(self._kafka, enable_auto_commit=False)
+        await offsets.start()
+        self._offsets = offsets
 
     async def stop(self) -> None:
         """Stops following the topic and closes the rooms' producers."""
         follower, self._follower = self._follower, None
         if follower is not None:
             await follower.close()
+        offsets, self._offsets = self._offsets, None
+        if offsets is not None:
+            with contextlib.suppress(Exception):
+                await offsets.stop()
         await self.writers.close()
 
     def _followed(self, record: Record) -> None:
@@ -135,14 +145,13 @@ class RoomStore:
 
     async def caught_up(self, deadline: float) -> None:
         """Returns once the replica holds every room change committed before this call (or UNAVAILABLE)."""
-        follower = self._follower
-        consumer = follower.consumer if follower is not None else None
-        if follower is None or consumer is None:
+        follower, offsets = self._follower, self._offsets
+        if follower is None or offsets is None:
             raise Unavailable("this process is not following the room-state topic yet: retry")
         try:
             # Read committed: the last stable offsets (a transaction still open ends the wait before it).
             ends = await asyncio.wait_for(
-                consumer.end_offsets(list(self._ends)), max(0.0, deadline - time.monotonic())
+                offsets.end_offsets(list(self._ends)), max(0.0, deadline - time.monotonic())
             )
         except (KafkaError, TimeoutError) as exc:
             raise Unavailable("Kafka did not say how far the room-state topic goes: retry") from exc

@@ -299,6 +299,10 @@ class Broker:
                     "offsets.topic.num.partitions=12",
                     "transaction.state.log.replication.factor=1",
                     "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=12",
+                    # A room writer that died in a transaction stops reads of its partition until the
+                    # broker aborts it (admission/fencing.py): look for such every second, not 10 s.
+                    "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
                     "group.initial.rebalance.delay.ms=0",
                     "log.cleaner.backoff.ms=5000",
                     "",
