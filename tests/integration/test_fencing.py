@@ -17,9 +17,9 @@ from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.membership import StaticMembership
 from townhall.core.records import Record
-from townhall.devtools.kafka_broker import free_port
 from townhall.v1.common_pb2 import Room, RoomState
 from townhall.v1.moderation_pb2 import RemoveRequest
+from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 

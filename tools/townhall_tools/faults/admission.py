@@ -205,7 +205,8 @@ async def check_topic(kafka: KafkaConfig, ledger: Ledger) -> tuple[int, int]:
     written: dict[tuple[str, int], set[int]] = defaultdict(set)
 
     def apply(record: Record) -> None:
-        # What was written, signed or not: the measure counts the log as it is.
+        # What was committed, signed or not: the log as every reader sees it (a fenced writer's aborted
+        # records are not read: docs/ownership.md).
         if record.value:
             room = Room.FromString(record.value)
             written[(room.room_id, room.version)].add(room.state)
