@@ -233,6 +233,7 @@ class AdmissionApp:
             log.info("admission members changed", members=members, before=before)
             if before:
                 self.capacity.members_changed(before, members)
+            self.store.writers.keep_owned(self.peers.is_owner)
         # Only relays a probe found serving get listeners: one not probed yet is not up either.
         self._place_relays()
         is_up = self.prober.liveness.is_up

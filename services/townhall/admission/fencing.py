@@ -141,6 +141,15 @@ class RoomWriters:
         if made is not None:
             self._close(made)
 
+    def keep_owned(self, owns: Callable[[str], bool]) -> int:
+        """Closes the producers of rooms this process no longer owns (the members changed); returns how
+        many. Another process will claim those rooms, fencing them; should a room come back here, its
+        next change claims it again instead of being refused ABORTED first."""
+        gone = [room_id for room_id in self._producers if not owns(room_id) and not self._busy(room_id)]
+        for room_id in gone:
+            self.drop(room_id)
+        return len(gone)
+
     def _evict(self) -> None:
         for room_id in list(self._producers):
             if len(self._producers) <= self._capacity:
