@@ -164,7 +164,12 @@ class RoomStore:
         """Makes this process the room's writer (caller holds the room's lock): a producer just made for
         the room has fenced any other writer, and the replica then catches up with what they wrote."""
         if await self.writers.claim(room_id, deadline):
-            await self.caught_up(deadline)
+            try:
+                await self.caught_up(deadline)
+            except BaseException:
+                # Not caught up: the next change must claim (and catch up) again, not build on this replica.
+                self.writers.drop(room_id)
+                raise
 
     async def quiesce(self, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
         """Waits until no change is being written here (hand-over on SIGTERM)."""
