@@ -114,6 +114,7 @@ class RoomWriters:
             self.drop(room_id)
             if _fenced(exc):
                 ROOM_WRITES_FENCED.inc()
+                log.warning("room write fenced: another process wrote the room since", room=room_id)
                 raise Aborted(
                     f"room {room_id} was changed by another admission process, which owns it now; this "
                     "change was not made: retry it (it goes to the room's owner)"
