@@ -9,17 +9,14 @@ from collections import defaultdict
 import grpc
 import pytest
 
-from tests.integration.helpers import client, config_for, metadata
-from townhall.admission.app import AdmissionApp
+from tests.integration.helpers import admission_members, client, metadata
 from townhall.client import Client
-from townhall.core import server
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import Topics, read_to_end
 from townhall.core.membership import StaticMembership
 from townhall.core.records import Record
 from townhall.v1.common_pb2 import Room, RoomState
 from townhall.v1.moderation_pb2 import RemoveRequest
-from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -54,21 +51,18 @@ async def test_two_processes_that_both_own_a_room_never_both_get_a_change_acknow
 ) -> None:
     # Two members; then each one's view of the members is cut to itself, so each believes it owns
     # every room (what a partition between them, or a slow probe, makes of a real cluster's views).
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    members = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    apps: list[AdmissionApp] = []
-    running: list[server.Running] = []
+    async with admission_members(kafka, 2) as started:
+        addresses = [address for address, _ in started]
+        for _, app in started:
+            app.peers.membership = StaticMembership(app.peers.me, [app.peers.me])
+        assert all(app.peers.is_owner("any-room") for _, app in started)
+        await split_brain(kafka, addresses)
+
+
+async def split_brain(kafka: KafkaConfig, addresses: list[str]) -> None:
+    """Both processes at `addresses` believe they own every room: what they get acknowledged."""
     users: list[Client] = []
     try:
-        for address, member in zip(addresses, members, strict=True):
-            config = config_for(
-                kafka, admission={"listen": address, "internal_listen": member, "members": tuple(members)}
-            )
-            app = AdmissionApp(config)
-            running.append(await server.start(app, config, address, member))
-            app.peers.membership = StaticMembership(member, [member])
-            apps.append(app)
-        assert all(app.peers.is_owner("any-room") for app in apps)
         base = random.randrange(1, 2**40) * 1000
         host_a, host_b = client(addresses[0], base), client(addresses[1], base)
         users += [host_a, host_b]
@@ -119,5 +113,3 @@ async def test_two_processes_that_both_own_a_room_never_both_get_a_change_acknow
     finally:
         for user in users:
             await user.close()
-        for app, one in zip(apps, running, strict=True):
-            await server.stop(app, one, grace_s=0.5)
