@@ -89,9 +89,6 @@ class OwnerHere:
     def is_owner(self, room_id: str) -> bool:
         return True
 
-    def down(self) -> list[str]:
-        return []
-
 
 class SlowOwner:
     """Stands in for AdmissionCluster: another member owns every room and answers a lease call once told to."""

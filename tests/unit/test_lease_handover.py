@@ -36,9 +36,6 @@ class Cluster:
     def owner(self, room_id: str) -> str:
         return owner(room_id, self.members)
 
-    def down(self) -> list[str]:
-        return sorted(self.dead)
-
     def leases(self, member: str) -> Any:
         cluster = self
 

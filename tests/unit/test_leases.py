@@ -33,9 +33,9 @@ def test_a_new_owner_relearns_holdings_from_members_reports() -> None:
 def test_holdings_of_departed_or_silent_members_are_dropped() -> None:
     clock = Clock()
     book = LeaseBook(clock)
-    book.acquire("r", "a", 50, 0, 100)
-    book.acquire("r", "b", 50, 0, 100)
-    assert book.acquire("r", "c", 10, 0, 100, members=["a", "c"], down=["b"]) == (10, 40)
+    book.acquire("r", "a", 50, 0, 100, members=["a", "b", "c"])
+    book.acquire("r", "b", 50, 0, 100, members=["a", "b", "c"])
+    assert book.acquire("r", "c", 10, 0, 100, members=["a", "c"]) == (10, 40)
     clock.now += HOLDING_TTL_S + 1
     assert book.acquire("r", "c", 80, 10, 100) == (80, 10)
 
@@ -116,7 +116,7 @@ def test_a_take_over_waits_for_a_late_live_member_however_long_but_not_for_one_g
     assert book.acquire("r", "me", 100, 0, 100, members=["me", "a", "late"]) == (75, 0), "25 stay late's"
     # A member that goes down meanwhile is not waited for.
     book.takeover("s", ["me", "a", "gone"], me="me")
-    assert book.acquire("s", "a", 10, 0, 100, members=["me", "a"], down=["gone"]) == (10, 90)
+    assert book.acquire("s", "a", 10, 0, 100, members=["me", "a"]) == (10, 90)
 
 
 def test_a_take_over_forgets_the_holdings_an_earlier_book_had() -> None:
@@ -130,7 +130,7 @@ def test_a_take_over_forgets_the_holdings_an_earlier_book_had() -> None:
 def test_a_lessee_that_is_no_member_keeps_its_holding_until_it_is_stale() -> None:
     clock = Clock()
     book = LeaseBook(clock)
-    book.acquire("r", "crowd", 60, 0, 100)  # the crowd lane leases, but owns nothing: no member
-    assert book.acquire("r", "a", 60, 0, 100, members=["a"], down=["b"]) == (40, 0)
+    book.acquire("r", "crowd", 60, 0, 100, members=["a"])  # the crowd lane leases, but is no member
+    assert book.acquire("r", "a", 60, 0, 100, members=["a"]) == (40, 0)
     clock.now += HOLDING_TTL_S + 1
     assert book.acquire("r", "a", 60, 40, 100, members=["a"]) == (60, 0)

@@ -117,7 +117,7 @@ class Capacity:
             return AcquireResponse(limit=limit, rebuilding=True)
         members = self._peers.membership.members()
         granted, available = self.book.acquire(
-            request.room_id, request.member, request.count, request.held, limit, members, self._peers.down()
+            request.room_id, request.member, request.count, request.held, limit, members
         )
         rebuilding = not granted and self.book.rebuilding(request.room_id)
         LEASE_CALLS.labels("granted" if granted else "rebuilding" if rebuilding else "empty").inc()

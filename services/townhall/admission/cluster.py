@@ -46,10 +46,6 @@ class AdmissionCluster:
         """The member that owns the room."""
         return self.membership.owner(room_id)
 
-    def down(self) -> list[str]:
-        """Configured or discovered members that are not live now (their lease holdings are dropped)."""
-        return self.membership.down() if isinstance(self.membership, ProbedMembership) else []
-
     def _channel(self, member: str) -> grpc.aio.Channel:
         channel = self._channels.get(member)
         if channel is None:

@@ -29,6 +29,8 @@ DEMAND_TAU_S = 2.0
 class _Holding:
     admits: int
     seen: float
+    # Whether the holder was a live member when it last reported (the crowd lane leases, but is none).
+    member: bool = False
 
 
 @dataclass
@@ -63,22 +65,22 @@ class LeaseBook:
         held: int,
         limit: int,
         members: Collection[str] = (),
-        down: Collection[str] = (),
     ) -> tuple[int, int]:
         """Records `member`'s holding, grants up to `count` more within `limit`: (granted, available).
 
-        `members` are the live members (the only ones a take-over waits for); the holdings of `down`
-        members are dropped. A lessee that is no member (the crowd lane) keeps its holding until it is
-        HOLDING_TTL_S old.
+        `members` are the live members: the only ones a take-over waits for; a member that is no longer
+        one has its holding dropped. A lessee that never was one (the crowd lane) keeps its holding
+        until it is HOLDING_TTL_S old.
         """
         now = self._clock()
+        live = set(members)
         room = self._rooms.setdefault(room_id, RoomLeases())
         for name, holding in list(room.holdings.items()):
-            gone = name in down and name != member
+            gone = bool(live) and holding.member and name not in live and name != member
             if gone or now - holding.seen > HOLDING_TTL_S:
                 del room.holdings[name]
         holding = room.holdings.setdefault(member, _Holding(0, now))
-        holding.admits, holding.seen = held, now
+        holding.admits, holding.seen, holding.member = held, now, member in live
         room.demand = room.demand * math.exp((room.demand_at - now) / DEMAND_TAU_S) + count / DEMAND_TAU_S
         room.demand_at = now
         room.awaiting.discard(member)

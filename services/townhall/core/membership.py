@@ -107,11 +107,6 @@ class ProbedMembership(_Base):
         self._cache = (listed, version, self.leaving, members)
         return members
 
-    def down(self) -> list[str]:
-        """The listed members that are not live now (this process too, once it leaves)."""
-        live = set(self.members())
-        return [m for m in self._inner.members() if m not in live]
-
     def leave(self) -> None:
         """Stops owning anything here (the process is shutting down)."""
         self.leaving = True
