@@ -243,5 +243,10 @@ class Capacity:
             for room_id, allowance in list(self._allowances.items()):
                 if allowance.refilling or now - allowance.last_report < REPORT_EVERY_S:
                     continue
+                # One call, in turn (not _refill, which asks again while an owner rebuilds: one room's
+                # rebuilding owner must not hold up the other rooms' reports).
                 allowance.refilling = True
-                await self._refill(room_id, allowance, 0)
+                try:
+                    await self._ask(room_id, allowance, 0)
+                finally:
+                    allowance.refilling = False
