@@ -250,3 +250,7 @@ class Capacity:
                     await self._ask(room_id, allowance, 0)
                 finally:
                     allowance.refilling = False
+                if allowance.report_due and self._allowances.get(room_id) is allowance:
+                    # The owner changed during the call: report to the new one now, as a refill would.
+                    allowance.refilling = True
+                    self._spawn(self._refill(room_id, allowance, 0))
