@@ -41,7 +41,9 @@ _Seen = TypeVar("_Seen", Room, inbox_pb2.Notification)
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024), *RECONNECT_OPTIONS]
 # Statuses an overloaded server's transport answers without a retry-after, and the backoff for them.
 _BUSY = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-_REPEAT = (*_BUSY, grpc.StatusCode.DEADLINE_EXCEEDED)
+# ABORTED: the process that took the change had been fenced by a newer writer of the room (a new
+# owner): the change was not made, and asked again it reaches the room's owner (docs/ownership.md).
+_REPEAT = (*_BUSY, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 BUSY_RETRY_S = (1.0, 3.0)
 # How long a room change or a read is tried again, on other admission processes too, while
 # admission answers UNAVAILABLE, CANCELLED or runs out of time (a process died or is stopping,
@@ -167,7 +169,7 @@ class Client:
                     await asyncio.sleep(wait_s)
                     continue
                 # CANCELLED: the server stopped (SIGTERM) before it took the call up. Every Rooms
-                # call is safe to repeat, so one that ran out of time is tried again too.
+                # call is safe to repeat, so one that ran out of time or was fenced is tried again too.
                 if exc.code() not in _REPEAT or time.monotonic() + delay > deadline:
                     raise
             self._next_admission()

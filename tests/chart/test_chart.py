@@ -1286,7 +1286,7 @@ def test_the_topics_job_signs_in_as_admin_and_grants_each_service_only_its_own_t
         principal = re.search(r"--allow-principal (\S+)", line).group(1)  # type: ignore[union-attr]
         operation = re.search(r"--operation (\S+)", line).group(1)  # type: ignore[union-attr]
         prefixed = "--resource-pattern-type prefixed" in line
-        for resource, name in re.findall(r"--(topic|group) (\S+)", line):
+        for resource, name in re.findall(r"--(topic|group|transactional-id) (\S+)", line):
             granted.add(Acl(principal, operation, resource, name, prefixed))
     if not bundled:
         assert not granted, "an external cluster's ACLs are its operators'"

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from townhall.admission.app import AdmissionApp
 from townhall.client import Client, Endpoints
 from townhall.core import server
 from townhall.core.auth import GRANTS, Tokens
@@ -78,6 +79,28 @@ async def serving(app: server.App, config: Config, host: str = "127.0.0.1") -> A
         yield f"{host}:{running.port}"
     finally:
         await server.stop(app, running, grace_s=1.0)
+
+
+@asynccontextmanager
+async def admission_members(
+    kafka: KafkaConfig, count: int, tickets: dict[str, Any] | None = None, **admission: Any
+) -> AsyncIterator[list[tuple[str, AdmissionApp]]]:
+    """`count` admission processes in this one on the test broker, each a member with the others (its
+    internal port), with `admission` settings added; yields each one's client address and app, and
+    stops them afterwards."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    members = [f"127.0.0.1:{free_port()}" for _ in range(count)]
+    started: list[tuple[str, AdmissionApp, server.Running]] = []
+    try:
+        for address, member in zip(addresses, members, strict=True):
+            own = {"listen": address, "internal_listen": member, "members": tuple(members), **admission}
+            config = config_for(kafka, admission=own, **({"tickets": tickets} if tickets else {}))
+            app = AdmissionApp(config)
+            started.append((address, app, await server.start(app, config, address, member)))
+        yield [(address, app) for address, app, _ in started]
+    finally:
+        for _, app, running in started:
+            await server.stop(app, running, grace_s=0.5)
 
 
 async def wait_for_record(

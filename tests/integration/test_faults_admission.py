@@ -28,6 +28,7 @@ async def test_kill_9_of_a_rooms_owner_loses_no_acknowledged_change(
     f = outcome.figures
     assert (f["lost"], f["forks"], f["stale_replicas"], f["half_made"]) == (0, 0, 0, 0)
     assert f["errors"] == 0, "hosts' changes were retried at the next owner, not failed"
+    # The listeners join until the room is full (and a second more), so a slow run tests the limit too.
     assert f["admitted"] <= f["limit"], "the new owner rebuilt the lease book before granting"
     assert f["admitted_after_fault"] > 0, "joins went on"
 

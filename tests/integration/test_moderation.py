@@ -20,18 +20,16 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.helpers import client, config_for, rpc_error, serving
+from tests.integration.helpers import admission_members, client, config_for, rpc_error, serving
 from tests.integration.test_relay import TICKET_KEYS, TICKET_PRIVATE_KEY, TIMEOUT, frame_ids, read_until
 from tests.integration.test_relay_tree import Tree, tree
 from townhall.admission.app import AdmissionApp
 from townhall.client import Client, publish_status
-from townhall.core import server
 from townhall.core.auth import PUBLISH, SUBSCRIBE
 from townhall.core.config import KafkaConfig
 from townhall.v1.admission_pb2 import Grant
 from townhall.v1.common_pb2 import Role, Room, RoomState
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
-from townhall_tools.devtools.kafka_broker import free_port
 
 pytestmark = pytest.mark.kafka
 REPORT_S = 0.2  # relay load reports: who of each room's hosts is connected (host failover)
@@ -435,34 +433,22 @@ async def test_moderation_needs_the_grant_and_the_role_and_says_what_is_wrong(ka
 
 
 async def test_moderation_on_a_non_owner_is_forwarded_to_the_rooms_owner(kafka: KafkaConfig) -> None:
-    async with tree(1, kafka_bootstrap=kafka.bootstrap, follow_room_state="true") as t:
-        addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-        members = [f"127.0.0.1:{free_port()}" for _ in range(2)]  # their internal ports
-        apps: list[AdmissionApp] = []
-        running: list[server.Running] = []
+    tickets = {"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)}
+    async with (
+        tree(1, kafka_bootstrap=kafka.bootstrap, follow_room_state="true") as t,
+        admission_members(
+            kafka, 2, tickets, relays=tuple(t.addresses), relays_internal=tuple(t.internals)
+        ) as started,
+    ):
+        addresses = [address for address, _ in started]
         users: list[Client] = []
         try:
-            for address, member in zip(addresses, members, strict=True):
-                config = config_for(
-                    kafka,
-                    admission={
-                        "listen": address,
-                        "internal_listen": member,
-                        "members": tuple(members),
-                        "relays": tuple(t.addresses),
-                        "relays_internal": tuple(t.internals),
-                    },
-                    tickets={"private_key": TICKET_PRIVATE_KEY, "public_keys": (TICKET_KEYS,)},
-                )
-                app = AdmissionApp(config)
-                running.append(await server.start(app, config, address, member))
-                apps.append(app)
             base = random.randrange(1, 2**40) * 1000
             host = client(addresses[0], base)
             users.append(host)
             room = await live_room(host)
-            owner = apps[0].peers.owner(room.room_id)
-            other = addresses[1 - members.index(owner)]
+            owner = started[0][1].peers.owner(room.room_id)
+            other = next(address for address, app in started if app.peers.me != owner)
             # The host's own token, sent to the process that does not own the room.
             host_elsewhere, stranger = client(other, base), client(other, base + 1)
             banned = [client(a, base + 50) for a in addresses]
@@ -484,8 +470,6 @@ async def test_moderation_on_a_non_owner_is_forwarded_to_the_rooms_owner(kafka: 
         finally:
             for c in users:
                 await c.close()
-            for app, one in zip(apps, running, strict=True):
-                await server.stop(app, one, grace_s=0.5)
     assert list(removed.banned_ids) == [base + 50]
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "only the host and co-hosts" in (denied.details() or "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from townhall.admission.leases import HANDOVER_S, HOLDING_TTL_S, Allowance, LeaseBook
+from townhall.admission.leases import HOLDING_TTL_S, Allowance, LeaseBook
 
 
 class Clock:
@@ -33,8 +33,8 @@ def test_a_new_owner_relearns_holdings_from_members_reports() -> None:
 def test_holdings_of_departed_or_silent_members_are_dropped() -> None:
     clock = Clock()
     book = LeaseBook(clock)
-    book.acquire("r", "a", 50, 0, 100)
-    book.acquire("r", "b", 50, 0, 100)
+    book.acquire("r", "a", 50, 0, 100, members=["a", "b", "c"])
+    book.acquire("r", "b", 50, 0, 100, members=["a", "b", "c"])
     assert book.acquire("r", "c", 10, 0, 100, members=["a", "c"]) == (10, 40)
     clock.now += HOLDING_TTL_S + 1
     assert book.acquire("r", "c", 80, 10, 100) == (80, 10)
@@ -104,20 +104,33 @@ def test_a_new_owner_grants_nothing_until_every_member_reported_its_holding() ->
     assert book.leased("r") == 100
 
 
-def test_a_take_over_stops_waiting_for_silent_members_after_the_handover_time() -> None:
+def test_a_take_over_waits_for_a_late_live_member_however_long_but_not_for_one_gone_down() -> None:
     clock = Clock()
     book = LeaseBook(clock)
-    book.takeover("r", ["me", "a", "gone"], me="me")
-    assert book.acquire("r", "a", 10, 0, 100) == (0, 100)
-    clock.now += HANDOVER_S + 0.1
-    assert book.acquire("r", "a", 10, 0, 100) == (10, 90)
+    book.takeover("r", ["me", "a", "late"], me="me")
+    assert book.acquire("r", "a", 10, 0, 100, members=["me", "a", "late"]) == (0, 100)
+    # A busy member's report comes 10 s late: until then its admits are not handed out again.
+    clock.now += 10.0
+    assert book.acquire("r", "me", 100, 0, 100, members=["me", "a", "late"]) == (0, 100)
+    assert book.acquire("r", "late", 0, 25, 100, members=["me", "a", "late"]) == (0, 75)
+    assert book.acquire("r", "me", 100, 0, 100, members=["me", "a", "late"]) == (75, 0), "25 stay late's"
+    # A member that goes down meanwhile is not waited for.
+    book.takeover("s", ["me", "a", "gone"], me="me")
+    assert book.acquire("s", "a", 10, 0, 100, members=["me", "a"]) == (10, 90)
 
 
-def test_reports_that_came_before_the_take_over_count() -> None:
-    clock = Clock()
-    book = LeaseBook(clock)
-    # "a" saw the old owner go first and reported here before this member noticed.
-    book.acquire("r", "a", 0, 40, 100)
+def test_a_take_over_forgets_the_holdings_an_earlier_book_had() -> None:
+    book = LeaseBook(Clock())
+    book.acquire("r", "a", 40, 0, 100)  # this member owned the room before, then again
     book.takeover("r", ["me", "a"], me="me")
-    assert not book.rebuilding("r")
-    assert book.acquire("r", "me", 80, 0, 100) == (60, 0)
+    assert book.acquire("r", "me", 80, 0, 100) == (0, 100), "a's holding now is what it reports next"
+    assert book.acquire("r", "a", 0, 10, 100) == (0, 90)
+
+
+def test_a_lessee_that_is_no_member_keeps_its_holding_until_it_is_stale() -> None:
+    clock = Clock()
+    book = LeaseBook(clock)
+    book.acquire("r", "crowd", 60, 0, 100, members=["a"])  # the crowd lane leases, but is no member
+    assert book.acquire("r", "a", 60, 0, 100, members=["a"]) == (40, 0)
+    clock.now += HOLDING_TTL_S + 1
+    assert book.acquire("r", "a", 60, 40, 100, members=["a"]) == (60, 0)

@@ -111,7 +111,9 @@ class AdmissionApp:
         self._producer = producer(config.kafka, client_id=f"admission-{member}")
         signer = RecordSigner(config.auth, Writer(ADMISSION if own.owner else CROWD, own.address))
         records = RoomRecords(config.kafka, config.auth, ownership_for(own))
-        self.store = RoomStore(config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour)
+        self.store = RoomStore(
+            config.kafka, self._producer, signer, records, own.rooms_per_host_per_hour, f"admission-{member}"
+        )
         self._listed = membership_for(own)
         relay = config.relay
         report_s = relay.load_report_s
@@ -230,6 +232,7 @@ class AdmissionApp:
             log.info("admission members changed", members=members, before=before)
             if before:
                 self.capacity.members_changed(before, members)
+            self.store.writers.keep_owned(self.peers.is_owner)
         # Only relays a probe found serving get listeners: one not probed yet is not up either.
         self._place_relays()
         is_up = self.prober.liveness.is_up
@@ -293,6 +296,8 @@ class AdmissionApp:
         await self._producer.start()
         await self.store.load()
         await self.store.follow()
+        if taken := self.capacity.started():
+            log.info("rooms taken over at start: leases wait for the members' reports", rooms=taken)
         for room in self.store.book.live():
             self.capacity.allowance(room.room_id)
         await self._tally_follower.start()

@@ -34,6 +34,9 @@ FULL_RETRY_S = 1.0
 REBUILD_RETRY_S = 0.2
 # Holdings are reported this often even without need, so a new owner learns them quickly.
 REPORT_EVERY_S = 5.0
+# Asks of one refill or report at an owner rebuilding its book (REBUILD_RETRY_S apart): about
+# leases.HOLDING_TTL_S in all; the periodic report takes over after that.
+MAX_ASKS = 100
 
 
 class Capacity:
@@ -106,6 +109,12 @@ class Capacity:
         limit = room.listener_limit or self.default_limit
         if room.state != RoomState.ROOM_STATE_LIVE:
             return AcquireResponse(limit=limit)
+        if not self._peers.is_owner(request.room_id):
+            # A member that saw the owner change before this one did (or this one is leaving): its
+            # book is not this room's book (yet). Nothing is granted or recorded; the member asks
+            # again soon, at the owner it sees then, which waits for its report (takeover).
+            LEASE_CALLS.labels("rebuilding").inc()
+            return AcquireResponse(limit=limit, rebuilding=True)
         members = self._peers.membership.members()
         granted, available = self.book.acquire(
             request.room_id, request.member, request.count, request.held, limit, members
@@ -138,14 +147,29 @@ class Capacity:
                 continue
             if old == me:
                 self.book.forget(room_id)
-            if allowance is not None and not allowance.refilling:
-                allowance.refilling = True
-                allowance.exhausted_until = 0.0
-                self._spawn(self._refill(room_id, allowance, 0))
+            if allowance is None:
+                continue
+            if allowance.refilling:
+                # A call to the old owner is in flight (to a dead one it lasts LEASE_TIMEOUT_S): the
+                # refill reports to the new owner as soon as it ends.
+                allowance.report_due = True
+                continue
+            allowance.refilling = True
+            allowance.exhausted_until = 0.0
+            self._spawn(self._refill(room_id, allowance, 0))
         if taken:
             ROOMS_TAKEN_OVER.inc(taken)
             log.info("rooms taken over", rooms=taken, members=after)
         return taken
+
+    def started(self) -> int:
+        """Takes over the live rooms this member owns as it starts: it cannot know what the others hold,
+        so it grants nothing until each has reported (they do once they see it up). Returns how many."""
+        members, me = self._peers.membership.members(), self._peers.me
+        owned = [room.room_id for room in self._rooms.live() if self._peers.is_owner(room.room_id)]
+        for room_id in owned:
+            self.book.takeover(room_id, members, me)
+        return len(owned)
 
     def start(self) -> None:
         """Starts the periodic holding reports."""
@@ -156,21 +180,35 @@ class Capacity:
         await cancel(*self._tasks, self._reporter)
 
     async def _refill(self, room_id: str, allowance: Allowance, count: int) -> None:
+        """Asks the room's owner for `count` admits (0: reports the holding), and asks again at once if
+        the owner changed during the call, or soon while the owner is rebuilding its book: a new owner
+        grants nothing until it has heard from every live member, so members never keep it waiting."""
         try:
-            await self._ask(room_id, allowance, count)
+            for _ in range(MAX_ASKS):
+                allowance.report_due = False
+                reply = await self._ask(room_id, allowance, count)
+                if self._allowances.get(room_id) is not allowance:
+                    return  # the room ended here meanwhile
+                if allowance.report_due:
+                    continue
+                if reply is None or not reply.rebuilding:
+                    return
+                await asyncio.sleep(REBUILD_RETRY_S)
         finally:
             allowance.refilling = False
 
-    def _take_local(self, room_id: str, allowance: Allowance, count: int) -> None:
+    def _take_local(self, room_id: str, allowance: Allowance, count: int) -> AcquireResponse:
         allowance.give_back()
         request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
-        self._took(allowance, count, self.grant(request))
+        reply = self.grant(request)
+        self._took(allowance, count, reply)
+        return reply
 
-    async def _ask(self, room_id: str, allowance: Allowance, count: int) -> None:
+    async def _ask(self, room_id: str, allowance: Allowance, count: int) -> AcquireResponse | None:
+        """One lease call to the owner of the moment (or this member's own book); None if it failed."""
         owner = self._peers.owner(room_id)
         if owner == self._peers.me:
-            self._take_local(room_id, allowance, count)
-            return
+            return self._take_local(room_id, allowance, count)
         allowance.give_back()
         request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
         try:
@@ -184,8 +222,9 @@ class Capacity:
             LEASE_CALLS.labels("failed").inc()
             log.warning("lease call failed", room=room_id, owner=owner, code=exc.code().name)
             allowance.exhausted_until = allowance.owner_busy_until = time.monotonic() + RETRY_S
-            return
+            return None
         self._took(allowance, count, reply)
+        return reply
 
     @staticmethod
     def _took(allowance: Allowance, count: int, reply: AcquireResponse) -> None:
@@ -204,8 +243,14 @@ class Capacity:
             for room_id, allowance in list(self._allowances.items()):
                 if allowance.refilling or now - allowance.last_report < REPORT_EVERY_S:
                     continue
+                # One call, in turn (not _refill, which asks again while an owner rebuilds: one room's
+                # rebuilding owner must not hold up the other rooms' reports).
                 allowance.refilling = True
                 try:
                     await self._ask(room_id, allowance, 0)
                 finally:
                     allowance.refilling = False
+                if allowance.report_due and self._allowances.get(room_id) is allowance:
+                    # The owner changed during the call: report to the new one now, as a refill would.
+                    allowance.refilling = True
+                    self._spawn(self._refill(room_id, allowance, 0))

@@ -3,10 +3,12 @@
 A room's listener limit is split into admits that members lease from the room's owner in
 batches. A member admits from its allowance with no call; the sum of all allowances never
 exceeds the limit, so the limit holds across processes. After an owner change (the owner died or
-left) the new owner rebuilds the book from the members' reports: every member reports its
-holding as soon as it sees the change, and the new owner grants nothing more until every live
-member has reported or HANDOVER_S has passed. Members keep admitting from what they hold
-meanwhile, so joins go on; only new leases wait.
+left, or the owner started) the new owner rebuilds the book from the members' reports: every member
+reports its holding as soon as it sees the change, and the new owner grants nothing more until every
+live member has reported, however long that takes (a member that goes down meanwhile is not waited
+for). A time limit would hand out again the admits of a member whose report is merely late (a busy
+machine), passing the limit. Members keep admitting from what they hold meanwhile, so joins go on;
+only new leases wait. See docs/faults.md (Capacity) for what the limit holds across.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ HOLDING_TTL_S = 20.0
 # Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S calls/s per room.
 REFILL_HORIZON_S = 0.5
 DEMAND_TAU_S = 2.0
-# After taking a room over, the longest a new owner waits for members' reports before granting.
-HANDOVER_S = 2.0
 
 
 @dataclass
 class _Holding:
     admits: int
     seen: float
+    # Whether the holder was a live member when it last reported (the crowd lane leases, but is none).
+    member: bool = False
 
 
 @dataclass
@@ -40,9 +42,8 @@ class RoomLeases:
     # over every member, since each member asks for REFILL_HORIZON_S of its own join rate at a time.
     demand: float = 0.0
     demand_at: float = 0.0
-    # Taken over from another owner: members yet to report, and until when to wait for them.
+    # Taken over from another owner: live members yet to report their holdings.
     awaiting: set[str] = field(default_factory=set)
-    rebuild_until: float = 0.0
 
     def leased(self) -> int:
         """Admits held by all members."""
@@ -57,24 +58,37 @@ class LeaseBook:
         self._clock = clock
 
     def acquire(
-        self, room_id: str, member: str, count: int, held: int, limit: int, members: Collection[str] = ()
+        self,
+        room_id: str,
+        member: str,
+        count: int,
+        held: int,
+        limit: int,
+        members: Collection[str] = (),
     ) -> tuple[int, int]:
-        """Records `member`'s holding, grants up to `count` more within `limit`: (granted, available)."""
+        """Records `member`'s holding, grants up to `count` more within `limit`: (granted, available).
+
+        `members` are the live members: the only ones a take-over waits for; a member that is no longer
+        one has its holding dropped. A lessee that never was one (the crowd lane) keeps its holding
+        until it is HOLDING_TTL_S old.
+        """
         now = self._clock()
+        live = set(members)
         room = self._rooms.setdefault(room_id, RoomLeases())
         for name, holding in list(room.holdings.items()):
-            gone = members and name not in members and name != member
+            gone = bool(live) and holding.member and name not in live and name != member
             if gone or now - holding.seen > HOLDING_TTL_S:
                 del room.holdings[name]
         holding = room.holdings.setdefault(member, _Holding(0, now))
-        holding.admits, holding.seen = held, now
+        holding.admits, holding.seen, holding.member = held, now, member in live
         room.demand = room.demand * math.exp((room.demand_at - now) / DEMAND_TAU_S) + count / DEMAND_TAU_S
         room.demand_at = now
         room.awaiting.discard(member)
-        if room.awaiting and now < room.rebuild_until:
-            # Still rebuilding after a take-over: a member not yet heard from may hold admits.
+        if members:
+            room.awaiting.intersection_update(members)
+        if room.awaiting:
+            # Still rebuilding after a take-over: a live member not yet heard from may hold admits.
             return 0, max(0, limit - room.leased())
-        room.awaiting.clear()
         granted = max(0, min(count, limit - room.leased()))
         holding.admits += granted
         return granted, max(0, limit - room.leased())
@@ -87,22 +101,17 @@ class LeaseBook:
         return room.demand * math.exp((room.demand_at - self._clock()) / DEMAND_TAU_S)
 
     def takeover(self, room_id: str, members: Collection[str], me: str) -> None:
-        """Rebuilds the book of a room this member now owns: waits for the others' reports.
-
-        Reports that came in before this member saw the change (members notice it at slightly
-        different times) are kept and count as heard from.
-        """
-        now = self._clock()
+        """Rebuilds the book of a room this member now owns: nothing is granted until every other live
+        member has reported what it holds (a member asks the owner it sees, and a member that is not
+        the owner yet grants nothing and records nothing: Capacity.grant)."""
         room = self._rooms.setdefault(room_id, RoomLeases())
-        heard = {name for name, h in room.holdings.items() if now - h.seen <= HANDOVER_S}
-        room.holdings = {name: h for name, h in room.holdings.items() if name in heard}
-        room.awaiting = set(members) - {me} - heard
-        room.rebuild_until = now + HANDOVER_S
+        room.holdings = {}
+        room.awaiting = set(members) - {me}
 
     def rebuilding(self, room_id: str) -> bool:
         """Whether the room's book still waits for members' reports after a take-over."""
         room = self._rooms.get(room_id)
-        return room is not None and bool(room.awaiting) and self._clock() < room.rebuild_until
+        return room is not None and bool(room.awaiting)
 
     def forget(self, room_id: str) -> None:
         """Drops a room (ended, or now owned by another member)."""
@@ -122,6 +131,8 @@ class Allowance:
         # Admitted listeners -> the relays their tickets were for (bits, see Admitter; -1: any relay).
         self.listeners: dict[int, int] = {}
         self.refilling = False
+        # The owner changed while a call was in flight: report to the new one when it ends.
+        self.report_due = False
         # The owner said the room had nothing left: do not ask again before this time.
         self.exhausted_until = 0.0
         # Until then the owner could not grant for another reason (unreachable, just took the room

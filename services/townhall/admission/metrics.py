@@ -24,6 +24,10 @@ LISTENERS = Gauge("townhall_admission_listeners", "Listeners admitted by this pr
 ROOM_CHANGES = Counter(
     "townhall_room_changes_total", "Room state changes acknowledged by Kafka, by kind.", ["change"]
 )
+ROOM_WRITES_FENCED = Counter(
+    "townhall_room_writes_fenced_total",
+    "Room changes refused (ABORTED) because another admission process had written the room since.",
+)
 LEASE_CALLS = Counter(
     "townhall_lease_calls_total",
     "Capacity lease calls by outcome: granted, empty (room full), rebuilding (a new owner still rebuilding "

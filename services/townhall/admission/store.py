@@ -1,9 +1,12 @@
 """Durable rooms: every change is acknowledged by Kafka (acks=all) before it is applied or answered.
 
-Every process keeps a replica of every room by following the compacted room-state topic. Before
-the owner makes a change it makes sure its replica holds every record written so far (the
-topic's end offsets, one ListOffsets request), so a process that has just taken a room over
-from a dead or departing owner never builds a change on a stale version of it.
+Every process keeps a replica of every room by following the compacted room-state topic (committed
+records only). A room's changes are written through the room's own transactional producer
+(admission/fencing.py): the first change a process makes to a room fences every other writer of it,
+and the process then reads the topic to its end offsets before building on its replica, so it never
+builds a change on a stale version. Until another process fences it, nobody else writes the room, so
+its replica stays current; once fenced, its writes are refused (ABORTED) and never seen by readers.
+See docs/ownership.md.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
+from townhall.admission.fencing import RoomWriters
 from townhall.admission.metrics import ROOM_CHANGES, ROOMS_LIVE
 from townhall.admission.rooms import RoomBook
 from townhall.core import logging
 from townhall.core.config import KafkaConfig
 from townhall.core.errors import AlreadyExists, Reason, ResourceExhausted, Unavailable
-from townhall.core.kafka import Follower, Topics, read_to_end
+from townhall.core.kafka import Follower, Topics, consumer, read_to_end
 from townhall.core.locks import KeyedLocks
 from townhall.core.metrics import KAFKA_PRODUCE_ERRORS, from_zero
 from townhall.core.provenance import RecordSigner
@@ -54,6 +58,7 @@ class RoomStore:
         signer: RecordSigner,
         records: RoomRecords,
         rooms_per_host_per_hour: int = 0,
+        client_id: str = "admission",
     ) -> None:
         self.book = RoomBook()
         self._signer = signer
@@ -64,12 +69,15 @@ class RoomStore:
         self._topics = Topics(kafka.topic_prefix)
         from_zero(KAFKA_PRODUCE_ERRORS, self._topics.room_state, self._topics.room_started)
         self._producer = producer
-        # One change at a time per room, so versions never fork (a lock exists only while in use).
+        # One change at a time per room here (a lock exists only while in use); across processes the
+        # room's transactional producer (fencing) makes it one writer at a time.
         self.locks = KeyedLocks()
+        self.writers = RoomWriters(kafka, client_id, self.locks.locked)
         self._ends: dict[TopicPartition, int] = {}
-        # Per partition, the offset up to which every record is applied to the book.
-        self._applied: dict[TopicPartition, int] = {}
         self._follower: Follower | None = None
+        # Asks for the end offsets (caught_up) on a connection of its own: on the follower's, the
+        # request waits behind the follower's long-polling fetch (up to its fetch_max_wait_ms).
+        self._offsets: AIOKafkaConsumer | None = None
         # Called with each room version read from the topic while following (after `load`).
         self.on_change: Callable[[Room], None] | None = None
 
@@ -83,7 +91,6 @@ class RoomStore:
             self._read(record)
 
         self._ends = await read_to_end(self._kafka, self._topics.room_state, apply)
-        self._applied = dict(self._ends)
         self._update_gauge()
         log.info("rooms rebuilt from kafka", records=count, rooms=len(self.book))
         return count
@@ -93,22 +100,26 @@ class RoomStore:
         follower = Follower(self._kafka, self._ends, self._followed, "room-state-follower")
         await follower.start()
         self._follower = follower
+        offsets = consumer(self._kafka, enable_auto_commit=False)
+        await offsets.start()
+        self._offsets = offsets
 
     async def stop(self) -> None:
-        """Stops following the topic."""
+        """Stops following the topic and closes the rooms' producers."""
         follower, self._follower = self._follower, None
         if follower is not None:
             await follower.close()
+        offsets, self._offsets = self._offsets, None
+        if offsets is not None:
+            with contextlib.suppress(Exception):
+                await offsets.stop()
+        await self.writers.close()
 
     def _followed(self, record: Record) -> None:
-        try:
-            room = self._read(record)
-            if room is not None and self.on_change is not None:
-                # Also for versions already applied (this process's own or forwarded changes).
-                self.on_change(room)
-        finally:
-            # Skipped or applied, the record is behind this replica now (caught_up counts on it).
-            self._advance(TopicPartition(record.topic, record.partition), record.offset + 1)
+        room = self._read(record)
+        if room is not None and self.on_change is not None:
+            # Also for versions already applied (this process's own or forwarded changes).
+            self.on_change(room)
 
     def _read(self, record: Record) -> Room | None:
         """Applies one record: a room version, or a deleted room; None if it changed nothing here."""
@@ -132,25 +143,33 @@ class RoomStore:
             self._update_gauge()
         return room
 
-    def _advance(self, tp: TopicPartition, offset: int) -> None:
-        if offset > self._applied.get(tp, 0):
-            self._applied[tp] = offset
-
     async def caught_up(self, deadline: float) -> None:
-        """Returns once the replica holds every room change written before this call (or UNAVAILABLE)."""
-        consumer = self._follower.consumer if self._follower is not None else None
-        if consumer is None:
+        """Returns once the replica holds every room change committed before this call (or UNAVAILABLE)."""
+        follower, offsets = self._follower, self._offsets
+        if follower is None or offsets is None:
             raise Unavailable("this process is not following the room-state topic yet: retry")
         try:
+            # Read committed: the last stable offsets (a transaction still open ends the wait before it).
             ends = await asyncio.wait_for(
-                consumer.end_offsets(list(self._applied)), max(0.0, deadline - time.monotonic())
+                offsets.end_offsets(list(self._ends)), max(0.0, deadline - time.monotonic())
             )
         except (KafkaError, TimeoutError) as exc:
             raise Unavailable("Kafka did not say how far the room-state topic goes: retry") from exc
-        while any(self._applied.get(tp, 0) < end for tp, end in ends.items()):
+        while not await follower.reached(ends):
             if time.monotonic() > deadline:
                 raise Unavailable("this replica is behind the room-state topic: retry")
             await asyncio.sleep(0.01)
+
+    async def _claim(self, room_id: str, deadline: float) -> None:
+        """Makes this process the room's writer (caller holds the room's lock): a producer just made for
+        the room has fenced any other writer, and the replica then catches up with what they wrote."""
+        if await self.writers.claim(room_id, deadline):
+            try:
+                await self.caught_up(deadline)
+            except BaseException:
+                # Not caught up: the next change must claim (and catch up) again, not build on this replica.
+                self.writers.drop(room_id)
+                raise
 
     async def quiesce(self, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
         """Waits until no change is being written here (hand-over on SIGTERM)."""
@@ -174,7 +193,7 @@ class RoomStore:
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             existing = self.book.find(room_id)
             if existing is not None:
                 if replay and existing.host_id == host:
@@ -206,7 +225,7 @@ class RoomStore:
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             room = self.book.started(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
                 await self._commit(room, "started", deadline)
@@ -222,7 +241,7 @@ class RoomStore:
                 continue
             async with self.locks.hold(room.room_id):
                 deadline = time.monotonic() + COMMIT_TIMEOUT_S
-                await self.caught_up(deadline)
+                await self._claim(room.room_id, deadline)
                 current = self.book.get(room.room_id)
                 if current.state == RoomState.ROOM_STATE_LIVE and not current.announced:
                     log.info("announcing a room started by an earlier owner", room=room.room_id)
@@ -241,7 +260,7 @@ class RoomStore:
         """Durably schedules the caller's room to start at `start_at_ms`."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             room = self.book.scheduled(room_id, caller, start_at_ms)
             await self._commit(room, "scheduled", deadline)
         return room
@@ -250,7 +269,7 @@ class RoomStore:
         """Ends the caller's room."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             room = self.book.ended(room_id, caller, now_ms())
             if room is not self.book.get(room_id):
                 await self._commit(room, "ended", deadline)
@@ -273,8 +292,10 @@ class RoomStore:
             if owns(room_id):
                 deadline = time.monotonic() + COMMIT_TIMEOUT_S
                 async with self.locks.hold(room_id):
-                    await self._send(self._topics.room_state, room_id, None, deadline)
+                    await self._claim(room_id, deadline)
+                    await self._write(room_id, None, deadline)
                     ROOM_CHANGES.labels("deleted").inc()
+                self.writers.drop(room_id)
             forgotten += self.book.forget(room_id)
         self.book.prune_created(now - HOUR_MS)
         if forgotten:
@@ -286,7 +307,7 @@ class RoomStore:
         """Durably marks a live room as drawing a crowd (its clients then join on the crowd lane)."""
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             room = self.book.crowded(room_id)
             if room is not self.book.get(room_id):
                 await self._commit(room, "crowd", deadline)
@@ -299,7 +320,7 @@ class RoomStore:
         """
         deadline = time.monotonic() + COMMIT_TIMEOUT_S
         async with self.locks.hold(room_id):
-            await self.caught_up(deadline)
+            await self._claim(room_id, deadline)
             held = self.book.get(room_id)
             room = make(held)
             if room is not held:
@@ -307,15 +328,25 @@ class RoomStore:
         return room
 
     async def _commit(self, room: Room, change: str, deadline: float) -> None:
-        written = await self._send(self._topics.room_state, room.room_id, room, deadline)
+        await self._write(room.room_id, room, deadline)
         self.book.apply(room)
-        tp = TopicPartition(written.topic, written.partition)
-        if self._applied.get(tp, 0) == written.offset:
-            # Nothing unread before this record: the replica is caught up with it already.
-            self._advance(tp, written.offset + 1)
         ROOM_CHANGES.labels(change).inc()
         self._update_gauge()
         log.info("room changed", room=room.room_id, change=change, version=room.version)
+
+    async def _write(self, room_id: str, room: Room | None, deadline: float) -> RecordMetadata:
+        """Commits a room version (None: the room deleted) through the room's producer (claimed first)."""
+        topic = self._topics.room_state
+        value = room.SerializeToString() if room is not None else None
+        key = room_id.encode()
+        # A tombstone is signed too: readers act on no unsigned deletion.
+        headers = self._signer.headers(topic, key, value or b"")
+        try:
+            return await self.writers.write(room_id, topic, key, value, headers, deadline)
+        except Unavailable:
+            KAFKA_PRODUCE_ERRORS.labels(topic).inc()
+            log.warning("kafka write failed", topic=topic, key=room_id)
+            raise
 
     async def _send(
         self, topic: str, key: str, message: Room | RoomStarted | None, deadline: float

@@ -65,6 +65,8 @@ class Reason(StrEnum):
     TOO_MANY_CALLS = "TOO_MANY_CALLS"
     LIMIT_REACHED = "LIMIT_REACHED"
     SLOW_LISTENER = "SLOW_LISTENER"
+    # ABORTED: another admission process took the room over while the change was made; it was not made.
+    OWNER_CHANGED = "OWNER_CHANGED"
     # UNAVAILABLE: safe to retry.
     UNAVAILABLE = "UNAVAILABLE"
     DRAINING = "DRAINING"
@@ -185,6 +187,13 @@ class AlreadyExists(TownhallError):
 
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = Reason.ROOM_EXISTS
+
+
+class Aborted(TownhallError):
+    """A concurrent writer won: the change was not made; retrying it re-reads the state it is built on."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = Reason.OWNER_CHANGED
 
 
 class Unavailable(TownhallError):

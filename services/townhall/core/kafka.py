@@ -83,6 +83,12 @@ class Topics:
         """Key task id; value FanoutTask: hosts above notifier.bulk_threshold followers."""
         return f"{self.prefix}.fanout-bulk"
 
+    @property
+    def room_writers(self) -> str:
+        """What every room's transactional.id starts with (admission/fencing.py); the admission principal
+        may write with any such id."""
+        return f"{self.prefix}.room-"
+
     def writers(self) -> dict[str, frozenset[str]]:
         """Per topic, the writer roles (core/provenance.py) whose records its readers act on."""
         return {
@@ -160,8 +166,14 @@ def client_options(config: KafkaConfig) -> dict[str, Any]:
 
 
 def consumer(config: KafkaConfig, *topics: str, **settings: Any) -> AIOKafkaConsumer:
-    """A consumer of `topics` (none: assigned later) with the connection settings of `config`."""
-    return AIOKafkaConsumer(*topics, bootstrap_servers=config.bootstrap, **client_options(config), **settings)
+    """A consumer of `topics` (none: assigned later) with the connection settings of `config`.
+
+    It reads committed records only (unless `settings` say otherwise): a room change written by a fenced
+    owner (admission/fencing.py) is aborted, and no reader may act on it. Topics written without
+    transactions read the same either way.
+    """
+    options: dict[str, Any] = {"isolation_level": "read_committed", **settings}
+    return AIOKafkaConsumer(*topics, bootstrap_servers=config.bootstrap, **client_options(config), **options)
 
 
 class KafkaUnreachable(RuntimeError):
@@ -328,10 +340,13 @@ async def read_to_end(
         pending = {tp for tp, end in ends.items() if end > 0}
         while pending:
             batch = await reader.getmany(*pending, timeout_ms=500)
-            for tp, records in batch.items():
+            for records in batch.values():
                 for record in records:
                     apply(record)
-                if records and records[-1].offset + 1 >= ends[tp]:
+            # By position, not by the last record's offset: a partition may end with a transaction
+            # marker or an aborted record, which the reader skips.
+            for tp in list(pending):
+                if await reader.position(tp) >= ends[tp]:
                     pending.discard(tp)
         return ends
     finally:
@@ -387,6 +402,20 @@ class Follower:
     def consumer(self) -> AIOKafkaConsumer | None:
         """The consumer in use (None while it is being made again after an error)."""
         return self._consumer
+
+    async def reached(self, ends: dict[TopicPartition, int]) -> bool:
+        """Whether every record before `ends` has been handed to `handle` (or skipped: aborted records,
+        transaction markers). The consumer's position counts: it moves past markers at once, and past
+        records only when getmany returns them, which hands them over before anything else runs."""
+        current = self._consumer
+        for tp, end in ends.items():
+            done = self.positions.get(tp, 0)
+            if done < end and current is not None:
+                with contextlib.suppress(KafkaError, AssertionError):
+                    done = max(done, await current.position(tp))
+            if done < end:
+                return False
+        return True
 
     async def start(self) -> None:
         """Connects (raising if Kafka cannot be reached), then follows in the background."""

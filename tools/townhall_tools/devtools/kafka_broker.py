@@ -178,18 +178,20 @@ def _jaas(module: str, user: str, password: str, **extra: str) -> str:
 
 @dataclass(frozen=True)
 class Acl:
-    """One ALLOW rule: `principal` may do `operation` on a topic or group (a literal name, or a prefix)."""
+    """One ALLOW rule: `principal` may do `operation` on a topic, group or transactional id (a literal
+    name, or a prefix)."""
 
     principal: str
     operation: str  # Read or Write (Describe comes with either)
-    resource: str  # topic or group
+    resource: str  # topic, group or transactional-id
     name: str
     prefixed: bool = False
 
 
 def acls(topics: Topics, notifier_group: str) -> list[Acl]:
     """Exactly what Topics.access() says each service principal may do: Write on the topics it writes, Read
-    on those it reads, and for the notifier Read on its consumer groups (those named `notifier_group`...).
+    on those it reads, for the notifier Read on its consumer groups (those named `notifier_group`...), and
+    for admission Write with the rooms' transactional ids (Topics.room_writers..., admission/fencing.py).
     The chart's topics Job creates the same rules with kafka-acls.sh."""
     rules = [
         Acl(f"User:{service}", operation, "topic", name)
@@ -197,11 +199,15 @@ def acls(topics: Topics, notifier_group: str) -> list[Acl]:
         for operation, names in (("Write", writes), ("Read", reads))
         for name in names
     ]
-    return [*rules, Acl("User:notifier", "Read", "group", notifier_group, prefixed=True)]
+    return [
+        *rules,
+        Acl("User:notifier", "Read", "group", notifier_group, prefixed=True),
+        Acl("User:admission", "Write", "transactional-id", topics.room_writers, prefixed=True),
+    ]
 
 
 # Kafka's protocol numbers (org.apache.kafka.common.acl / resource).
-_RESOURCE = {"topic": 2, "group": 3}
+_RESOURCE = {"topic": 2, "group": 3, "transactional-id": 5}
 _OPERATION = {"Read": 3, "Write": 4}
 _LITERAL, _PREFIXED, _ALLOW = 3, 4, 3
 
@@ -293,6 +299,10 @@ class Broker:
                     "offsets.topic.num.partitions=12",
                     "transaction.state.log.replication.factor=1",
                     "transaction.state.log.min.isr=1",
+                    "transaction.state.log.num.partitions=12",
+                    # A room writer that died in a transaction stops reads of its partition until the
+                    # broker aborts it (admission/fencing.py): look for such every second, not 10 s.
+                    "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
                     "group.initial.rebalance.delay.ms=0",
                     "log.cleaner.backoff.ms=5000",
                     "",
