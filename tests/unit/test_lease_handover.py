@@ -12,8 +12,8 @@ import grpc
 from townhall.admission.capacity import Capacity
 from townhall.admission.rooms import RoomBook
 from townhall.core.sharding import owner
+from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Room
-from townhall.v1.internal_pb2 import AcquireRequest, AcquireResponse
 
 
 class Cluster:
