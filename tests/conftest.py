@@ -9,12 +9,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (imported here, at startup: see below)
 import pytest
 
 from tests.chart.helpers import REPO, TOOLS, build_tool, install
 from townhall.core.config import KafkaConfig
 from townhall.core.kafka import ensure_topics
 from townhall_tools.devtools.kafka_broker import Broker, free_port
+
+# hypothesis's pytest plugin imports hypothesis in its terminal summary when no test did; pytest then rewrites
+# it deep in a finished session, where CPython 3.11.7's ast.parse can fail ("AST constructor recursion depth
+# mismatch") and turn a green run of a few tests red. Importing it with the conftest avoids that.
 
 # The kind end-to-end tests need Docker and a cluster: `make kind-e2e` runs them, `make test` does not; the
 # multi-host ones (containers, partitions) need Docker and root: `make cluster-e2e` runs them.
