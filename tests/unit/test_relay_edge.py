@@ -167,6 +167,7 @@ class HeartbeatCall:
     def __init__(self, beats: int) -> None:
         self.beats = beats
         self.cancelled = False
+        self._cancel = asyncio.Event()
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         return grpc.aio.Metadata((HEARTBEAT_KEY, "25"))
@@ -176,6 +177,7 @@ class HeartbeatCall:
 
     def cancel(self) -> bool:
         self.cancelled = True
+        self._cancel.set()
         return True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -183,7 +185,9 @@ class HeartbeatCall:
         for _ in range(self.beats):
             await asyncio.sleep(0.025)
             yield b""
-        await asyncio.Event().wait()
+        # Silent; a gRPC call cancelled locally raises CancelledError in its reader.
+        await self._cancel.wait()
+        raise asyncio.CancelledError
 
 
 class HeartbeatUpstreams(Upstreams):

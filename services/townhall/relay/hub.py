@@ -50,6 +50,36 @@ class PullSource(Protocol):
         ...
 
 
+class Silence:
+    """Cancels a pull call after `after_s` without a message (fired: it did); `cancel` None: never."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, after_s: float, cancel: Callable[[], object] | None
+    ) -> None:
+        self.fired = False
+        self._loop = loop
+        self._after_s = after_s
+        self._cancel = cancel
+        self._timer = loop.call_later(after_s, self._fire) if cancel is not None else None
+
+    def feed(self) -> None:
+        """A message came: the wait starts again (once per chunk per room, not per listener)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._loop.call_later(self._after_s, self._fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.fired = True
+        assert self._cancel is not None
+        self._cancel()
+
+
 def wall_us() -> int:
     """Unix microseconds, the unit of capture and emission timestamps."""
     return time.time_ns() // 1_000
@@ -291,37 +321,45 @@ class RelayRooms:
                 reason = ""
                 opened_here = False
                 stream = self._upstreams.pull(room.room_id, path, sequence, epoch, heartbeat_ms)
+                # The upstream must open the pull within upstream_lost_s and, if it sends heartbeats,
+                # send something every upstream_lost_s: a connection cut without a reset (packets
+                # dropped) or a stuck upstream ends no call by itself. The call itself is cancelled:
+                # a task awaiting a call that is still connecting is not woken by its own cancellation.
+                silence = Silence(loop, lost_s, getattr(stream, "cancel", None))
                 try:
-                    # The upstream must open the pull within upstream_lost_s and, if it sends
-                    # heartbeats, send something every upstream_lost_s: a connection cut without a
-                    # reset (packets dropped) or a stuck upstream ends no call by itself.
-                    async with asyncio.timeout(loop.time() + lost_s) as deadline:
-                        # A real pull says it is open before any chunk (an idle room may send none).
-                        opened = getattr(stream, "initial_metadata", None)
-                        if opened is not None:
-                            headers = await opened()
-                            # A call that failed to connect also "returns" its (empty) metadata.
-                            if not stream.done():  # type: ignore[attr-defined]
-                                opened_here = True
-                                self._pull_opened(room)
-                            # An upstream without heartbeats (an older relay) may be silent for long.
-                            if not headers or HEARTBEAT_KEY not in headers:
-                                deadline.reschedule(None)
-                        else:
-                            deadline.reschedule(None)
-                        async for data in stream:
-                            if deadline.when() is not None:
-                                deadline.reschedule(loop.time() + lost_s)
-                            if not data:
-                                continue  # a heartbeat: the room is silent, the upstream alive
-                            if not room.pull_ok:
-                                self._pull_opened(room)
-                            epoch, sequence = chunk_position(data)
-                            emitted = room.forward(sequence, data, self._clock(), epoch)
-                            self._observe(room, emitted, 0)
-                            backoff = 0.05
+                    # A real pull says it is open before any chunk (an idle room may send none).
+                    opened = getattr(stream, "initial_metadata", None)
+                    headers = None
+                    if opened is not None:
+                        headers = await opened()
+                        # A call that failed to connect also "returns" its (empty) metadata.
+                        if not stream.done():  # type: ignore[attr-defined]
+                            opened_here = True
+                            self._pull_opened(room)
+                    # An upstream without heartbeats (an older relay) may be silent for long.
+                    if not headers or HEARTBEAT_KEY not in headers:
+                        silence.stop()
+                    async for data in stream:
+                        silence.feed()
+                        if not data:
+                            continue  # a heartbeat: the room is silent, the upstream alive
+                        if not room.pull_ok:
+                            self._pull_opened(room)
+                        epoch, sequence = chunk_position(data)
+                        emitted = room.forward(sequence, data, self._clock(), epoch)
+                        self._observe(room, emitted, 0)
+                        backoff = 0.05
                     log.info("pull ended by upstream", room=room.room_id, upstream=path[-1])
-                except TimeoutError:
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this pull is being stopped
+                    if not silence.fired:
+                        # The call was cancelled under it: its channel closed (another room's pull
+                        # found the connection silent). It is dialled again.
+                        log.info("pull cancelled with its channel", room=room.room_id, upstream=path[-1])
+                        self._pull_failed(room, "")
+                        continue
                     reason = SILENT
                     metrics.PULLS_SILENT.inc()
                     log.warning(
@@ -331,9 +369,6 @@ class RelayRooms:
                         after_s=self.upstream_lost_s,
                         opened=opened_here,
                     )
-                    cancel_call = getattr(stream, "cancel", None)
-                    if cancel_call is not None:
-                        cancel_call()
                     if opened_here:
                         # Its connection went quiet (packets dropped without a reset): dial a new one.
                         # One still being set up is left to finish.
@@ -348,6 +383,8 @@ class RelayRooms:
                         details=exc.details(),
                         reason=reason,
                     )
+                finally:
+                    silence.stop()
                 self._pull_failed(room, reason)
         finally:
             if self._pulls.get(room.room_id) is asyncio.current_task():
