@@ -354,6 +354,14 @@ async def test_an_edge_cut_from_its_origin_without_a_reset_sends_its_listeners_e
         assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (REASON_KEY, UPSTREAM_LOST) in tuple(lost.value.trailing_metadata() or ())
         assert silent_s < 1.5, f"listeners were told after {silent_s:.1f} s"
+        # Sent to the same edge again (admission does not know about the cut): its pull, dialling
+        # through the cut, is given up as soon, however long a connect would take to time out.
+        same = t.listen(1, 100, via=(0,), resume_after=heard[-1].sequence)
+        cut = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await asyncio.wait_for(read_until(same, lambda ch: False, within_s=TIMEOUT), TIMEOUT)
+        assert (REASON_KEY, UPSTREAM_LOST) in tuple(lost.value.trailing_metadata() or ())
+        assert time.monotonic() - cut < 2.0
         # Joining again (admission gives it a path that works: here the origin), it resumes where it was.
         again = t.listen(0, 100, resume_after=heard[-1].sequence)
         after = chunks_of(await read_until(again, lambda ch: len(ch) >= 4))
