@@ -339,6 +339,8 @@ class RelayRooms:
                     # An upstream without heartbeats (an older relay) may be silent for long.
                     if not headers or HEARTBEAT_KEY not in headers:
                         silence.stop()
+                    else:
+                        silence.feed()  # heartbeats count from the opening
                     async for data in stream:
                         silence.feed()
                         if not data:
