@@ -28,12 +28,16 @@ from townhall.core import config as config_module
 from townhall.core import server
 from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, KafkaConfig
 from townhall.core.credentials import ServiceCredential
+from townhall.core.errors import REASON_KEY
 from townhall.core.tickets import TICKET_KEY
 from townhall.core.tokens import SigningKey
+from townhall.relay import metrics
 from townhall.relay.app import RelayApp
+from townhall.relay.hub import UPSTREAM_LOST
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import Chunk, PullRequest, SubscribeRequest
+from townhall_tools.devtools import links
 from townhall_tools.devtools.kafka_broker import free_port
 
 ROOM = "hot-room"
@@ -50,6 +54,8 @@ class Tree:
         self.internals = internals
         self.signer = SIGNER
         self.channels: list[grpc.aio.Channel] = []
+        # The links in front of the internal ports of the relays given as tree(..., cables=...).
+        self.cables: dict[int, links.Link] = {}
 
     def stub(self, relay: int, internal: bool = False, **options: Any) -> relay_pb2_grpc.RelayStub:
         """A stub for relay `relay` (its client port, or its internal one) on its own connection."""
@@ -87,19 +93,27 @@ class Tree:
 
 
 @contextlib.asynccontextmanager
-async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
-    """`relays` relay servers on free loopback ports, each advertising its real address."""
+async def tree(relays: int, cables: tuple[int, ...] = (), **overrides: str) -> AsyncIterator[Tree]:
+    """`relays` relay servers on free loopback ports, each advertising its real address; the relays in
+    `cables` advertise (and are pulled from through) a link in front of their internal port."""
     apps: list[RelayApp] = []
     running: list[server.Running] = []
     addresses: list[str] = []
     internals: list[str] = []
+    cabled: dict[int, links.Link] = {}
+    stack = contextlib.AsyncExitStack()
     try:
-        for _ in range(relays):
+        for index in range(relays):
             address, internal = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+            advertised = internal
+            if index in cables:
+                cabled[index] = await stack.enter_async_context(links.link(internal))
+                advertised = cabled[index].address
             env = {
                 "TOWNHALL_AUTH_SERVICE_KEYS": DEV_SERVICE_KEY,
                 "TOWNHALL_RELAY_LISTEN": address,
                 "TOWNHALL_RELAY_INTERNAL_LISTEN": internal,
+                "TOWNHALL_RELAY_INTERNAL_ADVERTISE": advertised,
                 "TOWNHALL_RELAY_METRICS_PORT": "0",
                 "TOWNHALL_RELAY_LOAD_REPORT_S": "0",
                 # No Kafka unless a test gives one (kafka_bootstrap=..., follow_room_state="true").
@@ -121,8 +135,9 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
             running.append(await server.start(app, config, address, internal))
             apps.append(app)
             addresses.append(address)
-            internals.append(internal)
+            internals.append(advertised)
         handle = Tree(apps, addresses, internals)
+        handle.cables = cabled
         try:
             yield handle
         finally:
@@ -131,6 +146,7 @@ async def tree(relays: int, **overrides: str) -> AsyncIterator[Tree]:
     finally:
         for app, one in zip(apps, running, strict=True):
             await server.stop(app, one, grace_s=0.5)
+        await stack.aclose()
 
 
 def chunks_of(got: list[tuple[float, Chunk]]) -> list[Chunk]:
@@ -320,6 +336,52 @@ async def test_an_edge_stops_pulling_once_its_last_listener_has_gone() -> None:
         assert time.monotonic() - started < TIMEOUT
         stop.set()
         await asyncio.wait_for(speaker, TIMEOUT)
+
+
+async def test_an_edge_cut_from_its_origin_without_a_reset_sends_its_listeners_elsewhere_at_once() -> None:
+    # Packets dropped between edge and origin (iptables DROP): no call ends by itself, only the
+    # origin's heartbeats stop. The edge must give the pull up within upstream_lost_s.
+    async with tree(2, cables=(0,), chunk_s="0.05", upstream_lost_s="0.5") as t:
+        stop = asyncio.Event()
+        speaker = t.speak(1, stop=stop)
+        listener = t.listen(1, 100, via=(0,))
+        heard = chunks_of(await read_until(listener, lambda ch: len(ch) >= 4))
+        t.cables[0].cut()
+        cut = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await asyncio.wait_for(read_until(listener, lambda ch: False, within_s=TIMEOUT), TIMEOUT)
+        silent_s = time.monotonic() - cut
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (REASON_KEY, UPSTREAM_LOST) in tuple(lost.value.trailing_metadata() or ())
+        assert silent_s < 1.5, f"listeners were told after {silent_s:.1f} s"
+        # Sent to the same edge again (admission does not know about the cut): its pull, dialling
+        # through the cut, is given up as soon, however long a connect would take to time out.
+        same = t.listen(1, 100, via=(0,), resume_after=heard[-1].sequence)
+        cut = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await asyncio.wait_for(read_until(same, lambda ch: False, within_s=TIMEOUT), TIMEOUT)
+        assert (REASON_KEY, UPSTREAM_LOST) in tuple(lost.value.trailing_metadata() or ())
+        assert time.monotonic() - cut < 2.0
+        # Joining again (admission gives it a path that works: here the origin), it resumes where it was.
+        again = t.listen(0, 100, resume_after=heard[-1].sequence)
+        after = chunks_of(await read_until(again, lambda ch: len(ch) >= 4))
+        assert after[0].sequence == heard[-1].sequence + 1
+        stop.set()
+        await asyncio.wait_for(speaker, TIMEOUT)
+
+
+async def test_an_edge_keeps_pulling_a_silent_room_on_the_origins_heartbeats() -> None:
+    async with tree(2, upstream_lost_s="0.2") as t:
+        listener = t.listen(1, 100, via=(0,))
+        await wait_for(lambda: (room := t.apps[1].hub.room(ROOM)) is not None and room.pull_ok)
+        lost = metrics.UPSTREAM_LOST._value.get()
+        await asyncio.sleep(1.0)  # five times upstream_lost_s without a chunk
+        assert t.apps[1].hub.room(ROOM).pull_ok  # type: ignore[union-attr]
+        assert metrics.UPSTREAM_LOST._value.get() == lost
+        speaker = t.speak(1, count=3)
+        got = chunks_of(await read_until(listener, lambda ch: len(frame_ids(ch)) >= 3))
+        await asyncio.wait_for(speaker, TIMEOUT)
+    assert [seq for _, seq in frame_ids(got)] == [0, 1, 2]
 
 
 async def test_relays_report_their_load_and_admission_places_on_the_reports(kafka: KafkaConfig) -> None:

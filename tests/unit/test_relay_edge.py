@@ -10,7 +10,7 @@ import grpc
 from townhall.core.config import parse_ticket_keys
 from townhall.core.tickets import TicketSigner, TicketVerifier
 from townhall.relay.fanout import FanoutSettings, Ring, Room, chunk_position, chunk_sequence, encode_chunk
-from townhall.relay.hub import UPSTREAM_LOST, RelayRooms
+from townhall.relay.hub import HEARTBEAT_KEY, UPSTREAM_LOST, RelayRooms
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, Chunk
 from townhall_tools.bench.listener_generator import first_capture_us
@@ -123,10 +123,18 @@ class Upstreams:
         self.pulls: list[tuple[str, int, int]] = []
 
     def pull(
-        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+        self,
+        room_id: str,
+        path: tuple[str, ...],
+        resume_after: int,
+        resume_epoch: int = 0,
+        heartbeat_ms: int = 0,
     ) -> AsyncIterator[bytes]:
         self.pulls.append((path[-1], resume_epoch, resume_after))
         return self._stream(path[-1])
+
+    async def forget(self, address: str) -> None:
+        pass
 
     async def _stream(self, address: str) -> AsyncIterator[bytes]:
         if address not in self.serving:
@@ -150,6 +158,63 @@ async def test_an_edge_whose_upstream_is_gone_sends_its_listeners_to_join_again(
     _, listener = hub.subscribe("r", 0, upstream=("dead:1",))
     await until(lambda: listener.reason is not None)
     assert listener.reason == UPSTREAM_LOST
+    await hub.close()
+
+
+class HeartbeatCall:
+    """A fake pull call that opens with the heartbeat header, beats `beats` times, then goes silent."""
+
+    def __init__(self, beats: int) -> None:
+        self.beats = beats
+        self.cancelled = False
+        self._cancel = asyncio.Event()
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata((HEARTBEAT_KEY, "25"))
+
+    def done(self) -> bool:
+        return self.cancelled
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self._cancel.set()
+        return True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield encode_chunk(1, 900, 1, [])
+        for _ in range(self.beats):
+            await asyncio.sleep(0.025)
+            yield b""
+        # Silent; a gRPC call cancelled locally raises CancelledError in its reader.
+        await self._cancel.wait()
+        raise asyncio.CancelledError
+
+
+class HeartbeatUpstreams(Upstreams):
+    def __init__(self, beats: int) -> None:
+        super().__init__({})
+        self.calls: list[HeartbeatCall] = []
+        self.forgotten: list[str] = []
+
+    def pull(self, room_id: str, path: tuple[str, ...], *args: int, **kwargs: int) -> AsyncIterator[bytes]:
+        self.pulls.append((path[-1], 0, 0))
+        call = HeartbeatCall(12 if not self.calls else 0)
+        self.calls.append(call)
+        return call  # type: ignore[return-value]
+
+    async def forget(self, address: str) -> None:
+        self.forgotten.append(address)
+
+
+async def test_an_edge_gives_up_a_pull_that_stops_beating_and_dials_again() -> None:
+    upstreams = HeartbeatUpstreams(beats=12)
+    hub = RelayRooms(FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=0.1)
+    room, listener = hub.subscribe("r", 0, upstream=("cut:1",))
+    await asyncio.sleep(0.25)  # heartbeats only, 2.5 times upstream_lost_s: the pull is alive
+    assert room.pull_ok and listener.reason is None and len(upstreams.calls) == 1
+    await until(lambda: listener.reason is not None)
+    assert listener.reason == UPSTREAM_LOST
+    assert upstreams.calls[0].cancelled and upstreams.forgotten[:1] == ["cut:1"]
     await hub.close()
 
 

@@ -24,16 +24,60 @@ log = logging.get(__name__)
 STUCK = "stuck"
 DRAINING = "draining"
 UPSTREAM_LOST = "upstream-lost"
+# Why a pull failed when its upstream sent nothing, not even a heartbeat, for upstream_lost_s.
+SILENT = "silent"
+# Response header of a Pull that sends heartbeats (relay/servicer.py answers it).
+HEARTBEAT_KEY = "townhall-heartbeat-ms"
 
 
 class PullSource(Protocol):
     """Where an edge pulls a room's chunks from (Upstreams; a fake in unit tests)."""
 
     def pull(
-        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+        self,
+        room_id: str,
+        path: tuple[str, ...],
+        resume_after: int,
+        resume_epoch: int = 0,
+        heartbeat_ms: int = 0,
     ) -> AsyncIterator[bytes]:
-        """The room's serialised chunks from path[-1], after (resume_epoch, resume_after)."""
+        """The room's serialised chunks from path[-1], after (resume_epoch, resume_after), and an
+        empty message (a heartbeat) after each heartbeat_ms without one if the upstream sends them."""
         ...
+
+    async def forget(self, address: str) -> None:
+        """Drops the connection to a relay that went silent (the next pull dials again)."""
+        ...
+
+
+class Silence:
+    """Cancels a pull call after `after_s` without a message (fired: it did); `cancel` None: never."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, after_s: float, cancel: Callable[[], object] | None
+    ) -> None:
+        self.fired = False
+        self._loop = loop
+        self._after_s = after_s
+        self._cancel = cancel
+        self._timer = loop.call_later(after_s, self._fire) if cancel is not None else None
+
+    def feed(self) -> None:
+        """A message came: the wait starts again (once per chunk per room, not per listener)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._loop.call_later(self._after_s, self._fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.fired = True
+        assert self._cancel is not None
+        self._cancel()
 
 
 def wall_us() -> int:
@@ -260,6 +304,10 @@ class RelayRooms:
         """Forwards the room's chunks from upstream as they come, reconnecting (with resume) on errors."""
         assert self._upstreams is not None
         backoff = 0.05
+        loop = asyncio.get_running_loop()
+        lost_s = self.upstream_lost_s
+        # Heartbeats several times per upstream_lost_s: one late message is not a lost upstream.
+        heartbeat_ms = max(1, round(1000 * lost_s / 4))
         try:
             for attempt in itertools.count():
                 if attempt:
@@ -271,16 +319,32 @@ class RelayRooms:
                 epoch, sequence = room.position if room.sequence else (resume_epoch, resume_after)
                 path = room.upstream
                 reason = ""
+                opened_here = False
+                stream = self._upstreams.pull(room.room_id, path, sequence, epoch, heartbeat_ms)
+                # The upstream must open the pull within upstream_lost_s and, if it sends heartbeats,
+                # send something every upstream_lost_s: a connection cut without a reset (packets
+                # dropped) or a stuck upstream ends no call by itself. The call itself is cancelled:
+                # a task awaiting a call that is still connecting is not woken by its own cancellation.
+                silence = Silence(loop, lost_s, getattr(stream, "cancel", None))
                 try:
-                    stream = self._upstreams.pull(room.room_id, path, sequence, epoch)
                     # A real pull says it is open before any chunk (an idle room may send none).
                     opened = getattr(stream, "initial_metadata", None)
+                    headers = None
                     if opened is not None:
-                        await opened()
+                        headers = await opened()
                         # A call that failed to connect also "returns" its (empty) metadata.
                         if not stream.done():  # type: ignore[attr-defined]
+                            opened_here = True
                             self._pull_opened(room)
+                    # An upstream without heartbeats (an older relay) may be silent for long.
+                    if not headers or HEARTBEAT_KEY not in headers:
+                        silence.stop()
+                    else:
+                        silence.feed()  # heartbeats count from the opening
                     async for data in stream:
+                        silence.feed()
+                        if not data:
+                            continue  # a heartbeat: the room is silent, the upstream alive
                         if not room.pull_ok:
                             self._pull_opened(room)
                         epoch, sequence = chunk_position(data)
@@ -288,6 +352,29 @@ class RelayRooms:
                         self._observe(room, emitted, 0)
                         backoff = 0.05
                     log.info("pull ended by upstream", room=room.room_id, upstream=path[-1])
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this pull is being stopped
+                    if not silence.fired:
+                        # The call was cancelled under it: its channel closed (another room's pull
+                        # found the connection silent). It is dialled again.
+                        log.info("pull cancelled with its channel", room=room.room_id, upstream=path[-1])
+                        self._pull_failed(room, "")
+                        continue
+                    reason = SILENT
+                    metrics.PULLS_SILENT.inc()
+                    log.warning(
+                        "upstream silent",
+                        room=room.room_id,
+                        upstream=path[-1],
+                        after_s=self.upstream_lost_s,
+                        opened=opened_here,
+                    )
+                    if opened_here:
+                        # Its connection went quiet (packets dropped without a reset): dial a new one.
+                        # One still being set up is left to finish.
+                        await self._upstreams.forget(path[-1])
                 except grpc.aio.AioRpcError as exc:
                     reason = error_reason(exc)
                     log.warning(
@@ -298,6 +385,8 @@ class RelayRooms:
                         details=exc.details(),
                         reason=reason,
                     )
+                finally:
+                    silence.stop()
                 self._pull_failed(room, reason)
         finally:
             if self._pulls.get(room.room_id) is asyncio.current_task():
@@ -308,13 +397,14 @@ class RelayRooms:
         room.pull_failing_since = None
 
     def _pull_failed(self, room: Room, reason: str) -> None:
-        """The pull ended; after upstream_lost_s of failures (or a draining upstream) listeners move."""
+        """The pull ended; after upstream_lost_s of failures (or of silence, or with a draining upstream)
+        listeners move."""
         now = self._clock()
         room.pull_ok = False
         if room.pull_failing_since is None:
             room.pull_failing_since = now
         if (
-            reason in (Reason.DRAINING, Reason.UPSTREAM_LOST)
+            reason in (Reason.DRAINING, Reason.UPSTREAM_LOST, SILENT)
             or now - room.pull_failing_since >= self.upstream_lost_s
         ):
             room.pull_failing_since = now

@@ -17,6 +17,10 @@ CHUNKS_PULLED = Counter(
 PULL_RECONNECTS = Counter(
     "townhall_relay_pull_reconnects_total", "Pulls from an upstream relay opened again after they ended."
 )
+PULLS_SILENT = Counter(
+    "townhall_relay_pulls_silent_total",
+    "Pulls from an upstream relay given up because nothing, not even a heartbeat, came for upstream_lost_s.",
+)
 ROOMS = Gauge("townhall_relay_rooms", "Rooms held by this relay (active or recently idle).")
 FRAMES_IN = Counter("townhall_relay_frames_in_total", "Audio frames accepted from speakers.")
 FRAMES_REJECTED = Counter(

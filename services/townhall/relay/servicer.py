@@ -22,7 +22,7 @@ from townhall.core.tickets import TICKET_KEY, Ticket, TicketVerifier
 from townhall.relay import metrics
 from townhall.relay.fanout import ListenerQueue, Room
 from townhall.relay.guard import LISTEN, PUBLISH, STAGE, Guard
-from townhall.relay.hub import DRAINING, STUCK, UPSTREAM_LOST, RelayRooms, wall_us
+from townhall.relay.hub import DRAINING, HEARTBEAT_KEY, STUCK, UPSTREAM_LOST, RelayRooms, wall_us
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame, PublishSummary, PullRequest, SubscribeRequest
 
@@ -38,6 +38,9 @@ MAX_CLOCK_SKEW_US = 60_000_000
 # How soon a listener refused by a full relay should join again (admission's view of the relay's load
 # is at most one load report old, so by then it places the listener elsewhere).
 FULL_RETRY_MS = 1_000
+# The heartbeat periods a Pull may ask for (PullRequest.heartbeat_ms is clamped to these).
+MIN_HEARTBEAT_MS = 50
+MAX_HEARTBEAT_MS = 10_000
 
 
 class RelayServicer:
@@ -193,10 +196,18 @@ class RelayServicer:
             resume_after=request.resume_after,
             resume_epoch=request.resume_epoch,
         )
-        await self._stream(room, subscriber, context, downstream=True)
+        heartbeat_ms = 0
+        if request.heartbeat_ms:
+            heartbeat_ms = min(MAX_HEARTBEAT_MS, max(MIN_HEARTBEAT_MS, request.heartbeat_ms))
+        await self._stream(room, subscriber, context, downstream=True, heartbeat_ms=heartbeat_ms)
 
     async def _stream(
-        self, room: Room, subscriber: ListenerQueue, context: grpc.aio.ServicerContext, downstream: bool
+        self,
+        room: Room,
+        subscriber: ListenerQueue,
+        context: grpc.aio.ServicerContext,
+        downstream: bool,
+        heartbeat_ms: int = 0,
     ) -> None:
         take, waiter, write = subscriber.take, subscriber.waiter, context.write
         # A cut-off or drain is seen after the write in flight returns. A client that stopped
@@ -204,8 +215,10 @@ class RelayServicer:
         # disconnects; cancelling the task instead would leave the call open with no status.
         try:
             # Headers at once: the caller (a downstream relay) knows the stream is open even
-            # while the room is silent.
-            await context.send_initial_metadata(())
+            # while the room is silent, and whether heartbeats come.
+            await context.send_initial_metadata(((HEARTBEAT_KEY, str(heartbeat_ms)),) if heartbeat_ms else ())
+            if heartbeat_ms:
+                await self._pull_stream(subscriber, write, heartbeat_ms / 1000)
             while subscriber.reason is None:
                 data = take()
                 if data is None:
@@ -235,6 +248,26 @@ class RelayServicer:
                 "with resume_after set to the last sequence received",
                 reason=Reason.UPSTREAM_LOST,
             )
+
+    @staticmethod
+    async def _pull_stream(
+        subscriber: ListenerQueue, write: Callable[[bytes], Any], heartbeat_s: float
+    ) -> None:
+        """A relay's pull: its chunks, and an empty message after each heartbeat_s without one.
+
+        One per pulling relay, not per listener: a silent room is told apart from a dead upstream.
+        """
+        take, waiter = subscriber.take, subscriber.waiter
+        while subscriber.reason is None:
+            data = take()
+            if data is None:
+                ready = waiter()
+                if ready is not None:
+                    done, _ = await asyncio.wait((ready,), timeout=heartbeat_s)
+                    if not done:
+                        await write(b"")
+                continue
+            await write(data)
 
     def _ticket(self, context: grpc.aio.ServicerContext) -> Ticket:
         token = ""

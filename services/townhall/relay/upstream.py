@@ -30,14 +30,21 @@ class Upstreams:
             *((k, v) for k, v in PEER_CHANNEL_OPTIONS if k != "grpc.keepalive_time_ms"),
             ("grpc.max_receive_message_length", 4 * max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
+            # A channel opened after forget() dials anew instead of sharing the old one's connection.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def pull(
-        self, room_id: str, path: tuple[str, ...], resume_after: int, resume_epoch: int = 0
+        self,
+        room_id: str,
+        path: tuple[str, ...],
+        resume_after: int,
+        resume_epoch: int = 0,
+        heartbeat_ms: int = 0,
     ) -> AsyncIterator[bytes]:
         """The room's chunks from path[-1] (internal addresses, origin first), each exactly as the origin
-        serialised it.
+        serialised it, and (with heartbeat_ms) empty messages while the room is silent.
 
         The call also has initial_metadata(): the upstream sends it as soon as the pull is open.
         """
@@ -51,11 +58,22 @@ class Upstreams:
         # A service credential for this relay's Pull: only relays make one; the request says the path above.
         stream: AsyncIterator[bytes] = call(
             PullRequest(
-                room_id=room_id, resume_after=resume_after, resume_epoch=resume_epoch, upstream=path[:-1]
+                room_id=room_id,
+                resume_after=resume_after,
+                resume_epoch=resume_epoch,
+                upstream=path[:-1],
+                heartbeat_ms=heartbeat_ms,
             ),
             metadata=self._credential.metadata(address, PULL_METHOD),
         )
         return stream
+
+    async def forget(self, address: str) -> None:
+        """Closes the channel to a relay that went silent: the next pull dials a new connection
+        (a connection cut without a reset would otherwise stay until keepalive gives up on it)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(grace=None)
 
     async def close(self) -> None:
         """Closes every upstream channel (their pulls end)."""
