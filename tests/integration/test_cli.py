@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.integration.helpers import processes_on
 from townhall.core.config import KafkaConfig
 from townhall_tools.devtools.topology import Topology
 
@@ -23,19 +23,9 @@ pytestmark = pytest.mark.kafka
 @pytest.fixture(scope="module")
 def topology(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """One process of each service, as `townhall dev` starts them, on the session broker."""
-    topology = Topology(
-        tmp_path_factory.mktemp("cli"),
-        {"admission": 1, "relay": 1, "notifier": 1},
-        fixed_ports=False,
-        env={"TOWNHALL_LOG_LEVEL": "warning"},
-        kafka=kafka.bootstrap,
-        topic_prefix=f"cli-{uuid.uuid4().hex[:8]}",
+    yield from processes_on(
+        kafka, tmp_path_factory.mktemp("cli"), {"admission": 1, "relay": 1, "notifier": 1}, "cli"
     )
-    topology.start()
-    try:
-        yield topology
-    finally:
-        topology.stop()
 
 
 def cli(topology: Topology, *args: str) -> subprocess.CompletedProcess[str]:

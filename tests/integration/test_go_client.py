@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.chart.helpers import build_tool
-from tests.integration.helpers import TOKENS, client
+from tests.integration.helpers import TOKENS, client, processes_on
 from townhall.client import Client
 from townhall.core.config import KafkaConfig
 from townhall.devtools.topology import Topology
@@ -39,19 +38,9 @@ def go_client() -> Path:
 @pytest.fixture(scope="module")
 def topology(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """One admission and one relay process, as `townhall dev` starts them, on the session broker."""
-    topology = Topology(
-        tmp_path_factory.mktemp("go-client"),
-        {"admission": 1, "relay": 1},
-        fixed_ports=False,
-        env={"TOWNHALL_LOG_LEVEL": "warning"},
-        kafka=kafka.bootstrap,
-        topic_prefix=f"go-{uuid.uuid4().hex[:8]}",
+    yield from processes_on(
+        kafka, tmp_path_factory.mktemp("go-client"), {"admission": 1, "relay": 1}, "go-client"
     )
-    topology.start()
-    try:
-        yield topology
-    finally:
-        topology.stop()
 
 
 async def _speak(host: Client, room_id: str, payloads: list[bytes]) -> None:
