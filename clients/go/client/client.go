@@ -259,11 +259,18 @@ func (c *Client) Listen(ctx context.Context, roomID string, giveUp time.Duration
 		if time.Since(progress) > giveUp {
 			return fmt.Errorf("no relay carried room %s for %s: %w", roomID, giveUp, err)
 		}
-		if Reason(err, trailer) == "" { // sent away on purpose (draining): join again at once
-			if sleep(ctx, backoff) != nil {
-				return ctx.Err()
-			}
-			backoff = min(time.Second, 2*backoff)
+		// The relay's hint first (a full relay's, a slow listener's 0); sent away on purpose (draining,
+		// upstream lost): join again at once; else back off while admission notices the relay is gone.
+		wait, hinted := RetryAfter(err, trailer)
+		switch {
+		case hinted:
+		case Reason(err, trailer) != "":
+			wait = 0
+		default:
+			wait, backoff = backoff, min(time.Second, 2*backoff)
+		}
+		if sleep(ctx, wait) != nil {
+			return ctx.Err()
 		}
 	}
 }
