@@ -211,6 +211,7 @@ func Fatal(err error) bool {
 // buffer fills the gap. It gives up after giveUp without a chunk.
 func (c *Client) Listen(ctx context.Context, roomID string, giveUp time.Duration, each func(*pb.Chunk) error) error {
 	var epoch, sequence uint64
+	heard := heardFrames{}
 	backoff := 50 * time.Millisecond
 	progress := time.Now()
 	for {
@@ -238,6 +239,9 @@ func (c *Client) Listen(ctx context.Context, roomID string, giveUp time.Duration
 					continue // resumed from a relay that had sent it already
 				}
 				epoch, sequence = chunk.GetEpoch(), chunk.GetSequence()
+			}
+			if chunk = heard.fresh(chunk); len(chunk.GetFrames()) == 0 {
+				continue
 			}
 			err = each(chunk)
 			if err != nil {
@@ -273,6 +277,33 @@ func (c *Client) Listen(ctx context.Context, roomID string, giveUp time.Duration
 			return ctx.Err()
 		}
 	}
+}
+
+// maxSpeakers bounds heardFrames: past it, the speakers heard are forgotten (a stage holds at most 15).
+const maxSpeakers = 1024
+
+// heardFrames is the newest frame delivered per speaker (sequence, capture time): a speaker that moved to
+// another relay sends its last frames again, and a listener drops those it has.
+type heardFrames map[uint64][2]int64
+
+// fresh is chunk without the frames already heard (chunk itself when none was).
+func (h heardFrames) fresh(chunk *pb.Chunk) *pb.Chunk {
+	kept := chunk.GetFrames()[:0:0]
+	for _, frame := range chunk.GetFrames() {
+		last, seen := h[frame.GetSpeakerId()]
+		if seen && int64(frame.GetSequence()) <= last[0] && frame.GetCaptureTsUs() <= last[1] {
+			continue
+		}
+		if !seen && len(h) >= maxSpeakers {
+			clear(h)
+		}
+		h[frame.GetSpeakerId()] = [2]int64{int64(frame.GetSequence()), frame.GetCaptureTsUs()}
+		kept = append(kept, frame)
+	}
+	if len(kept) == len(chunk.GetFrames()) {
+		return chunk
+	}
+	return &pb.Chunk{Sequence: chunk.GetSequence(), EmittedTsUs: chunk.GetEmittedTsUs(), Epoch: chunk.GetEpoch(), Frames: kept}
 }
 
 // RetryAfter is the delay a refusal asked for: its RetryInfo detail, else the `retry-after-ms`
