@@ -2,7 +2,8 @@
 # Builds the Go client (clients/go) into .cache/bin/townhall-go, when its source or the protos are newer:
 # protoc-gen-go and protoc-gen-go-grpc (versions pinned in clients/go/go.mod) into .cache/bin, the Go
 # code of the public protos with grpcio-tools' protoc (the .venv's: nothing else is downloaded), then
-# the binary. Go's module and build caches live in .cache/go, so a second build works offline.
+# go vet, the client's unit tests and the binary. Go's module and build caches live in .cache/go, so a
+# second build works offline.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -40,4 +41,4 @@ rm -rf "$src/townhall/v1" && mkdir -p "$src/townhall/v1"
   --go_out="$src" --go_opt=module=townhall.dev/townhall/clients/go \
   --go-grpc_out="$src" --go-grpc_opt=module=townhall.dev/townhall/clients/go \
   "${mapping[@]}" "${protos[@]}"
-(cd "$src" && go vet ./... && go build -o "$bin/townhall-go" ./cmd/townhall-go)
+(cd "$src" && go vet ./... && go test ./... && go build -o "$bin/townhall-go" ./cmd/townhall-go)
