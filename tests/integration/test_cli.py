@@ -67,6 +67,8 @@ def test_room_list_as_json(topology: Topology) -> None:
     read(topology, "room", "start", room["roomId"], "--user", "602")
     listed = read(topology, "room", "list", "--user", "602")
     assert room["roomId"] in [r["roomId"] for r in listed]
+    staged = read(topology, "mod", "role", room["roomId"], "605", "--role", "speaker", "--user", "602")
+    assert staged["speakerIds"] == ["605"]
 
 
 def test_follow_unfollow_and_followers(topology: Topology) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from townhall.cli.main import _parser
 from townhall.cli.manual import start_at_ms
+from townhall.cli.output import print_json
+from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Room
 
 
 def test_global_flags_are_taken_after_the_command() -> None:
@@ -59,3 +62,16 @@ def test_room_schedule_start_time() -> None:
         start_at_ms("2027-01-02", 5)
     with pytest.raises(ValueError, match="not an ISO 8601"):
         start_at_ms("tomorrow", None)
+
+
+def test_json_output_is_one_line_with_messages_as_their_json_mapping(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    room = Room(room_id="r1", host_id=5, speaker_ids=[7], state=ROOM_STATE_LIVE)
+    print_json({"rooms": [room], "count": 1})
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert json.loads(out) == {
+        "rooms": [{"roomId": "r1", "hostId": "5", "speakerIds": ["7"], "state": "ROOM_STATE_LIVE"}],
+        "count": 1,
+    }

@@ -6,19 +6,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
+from townhall.cli.output import emit, print_json
 from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.core.errors import reason
@@ -78,16 +76,8 @@ def print_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def emit(args: argparse.Namespace, data: Any) -> None:
-    """Prints `data` as one line of plain JSON with --json, else as coloured, indented JSON."""
-    if getattr(args, "json", False):
-        print(json.dumps(data, separators=(",", ":")))
-    else:
-        console.print_json(data=data)
-
-
 def _show(args: argparse.Namespace, room: Room) -> None:
-    emit(args, MessageToDict(room))
+    emit(args, room)
 
 
 def start_at_ms(at: str | None, in_s: float | None, now_s: float | None = None) -> int:
@@ -108,7 +98,7 @@ async def _room(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
         rooms = await client.live_rooms()
         if args.json:
-            print(json.dumps([MessageToDict(room) for room in rooms], separators=(",", ":")))
+            print_json(rooms)
             return 0
         table = Table("room", "title", "host", "started")
         for room in rooms:
@@ -208,7 +198,7 @@ async def _followers(client: Client, args: argparse.Namespace) -> int:
                 if len(ids) >= args.limit:
                     break
     if args.json:
-        print(json.dumps({"user_id": args.user, "count": count, "follower_ids": ids}, separators=(",", ":")))
+        print_json({"user_id": args.user, "count": count, "follower_ids": ids})
         return 0
     console.print(f"user {args.user} has {count:,} followers")
     if ids:
@@ -226,7 +216,7 @@ async def _inbox(client: Client, args: argparse.Namespace) -> int:
                 if not cursor.fresh(note):
                     continue
                 if args.json:  # every notification, markers too (their kind says), as it arrives
-                    print(json.dumps(MessageToDict(note), separators=(",", ":")), flush=True)
+                    print_json(note)
                 elif note.kind == NOTIFICATION_KIND_CONNECTED:
                     continue
                 elif note.kind == NOTIFICATION_KIND_MISSED:

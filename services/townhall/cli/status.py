@@ -9,7 +9,6 @@ and of Kafka (each consumer group's lag in records, per topic).
 from __future__ import annotations
 
 import argparse
-import json
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from townhall.cli.endpoints import config, load_manifest
+from townhall.cli.output import print_json
 from townhall.core.channels import blocking_channel
 from townhall.core.config import TlsConfig
 
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     """Prints the status of every process (a table, or JSON with --json); 1 if any is not serving."""
     statuses = collect(args.root / "topology.json", config(args.config).tls, args.timeout_s)
     if args.json:
-        print(json.dumps([_as_json(s) for s in statuses], indent=2))
+        print_json([_as_json(s) for s in statuses])
     else:
         table = Table("process", "address", "health", "membership", "kafka lag (records)", "error")
         for s in statuses:
