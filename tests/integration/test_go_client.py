@@ -19,8 +19,8 @@ from tests.chart.helpers import build_tool
 from tests.integration.helpers import TOKENS, client, processes_on
 from townhall.core.config import KafkaConfig
 from townhall.core.tasks import cancel
-from townhall.devtools.topology import Process, Topology
 from townhall.live import Speaker
+from townhall_tools.devtools.topology import Process, Topology
 
 pytestmark = pytest.mark.kafka
 
