@@ -192,11 +192,10 @@ async def _followers(client: Client, args: argparse.Namespace) -> int:
     count = await client.count_followers(args.user)
     ids: list[int] = []
     if args.limit:
-        async with contextlib.aclosing(client.followers(min(args.limit, MAX_PAGE))) as pages:
-            async for page in pages:
-                ids += page[: args.limit - len(ids)]
-                if len(ids) >= args.limit:
-                    break
+        async for page in client.followers(min(args.limit, MAX_PAGE)):
+            ids += page[: args.limit - len(ids)]
+            if len(ids) >= args.limit:
+                break
     if args.json:
         print_json({"user_id": args.user, "count": count, "follower_ids": ids})
         return 0
