@@ -10,10 +10,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 src="$root/clients/go"
 bin="$root/.cache/bin"
 python="$root/.venv/bin/python"
-# The public API: every proto of townhall.v1 but the internal services and the Kafka payloads.
+# The public API, townhall.v1 (its protos name their Go package: go_package).
 protos=()
 for proto in "$root"/proto/townhall/v1/*.proto; do
-  case "$(basename "$proto")" in internal.proto | events.proto) ;; *) protos+=("${proto#"$root/proto/"}") ;; esac
+  protos+=("${proto#"$root/proto/"}")
 done
 
 if [[ -x "$bin/townhall-go" ]] && [[ -z "$(find "$src" "$root/proto" "${BASH_SOURCE[0]}" -newer "$bin/townhall-go" \
@@ -29,16 +29,10 @@ mkdir -p "$bin"
 echo "install-goclient: building $bin/townhall-go (a minute the first time)" >&2
 (cd "$src" && go build -o "$bin/protoc-gen-go" google.golang.org/protobuf/cmd/protoc-gen-go \
   && go build -o "$bin/protoc-gen-go-grpc" google.golang.org/grpc/cmd/protoc-gen-go-grpc)
-# Until the protos carry go_package options, say where each file's Go code goes (M flags).
-package="townhall.dev/townhall/clients/go/townhall/v1"
-mapping=()
-for proto in "${protos[@]}"; do
-  mapping+=("--go_opt=M$proto=$package" "--go-grpc_opt=M$proto=$package")
-done
 rm -rf "$src/townhall/v1" && mkdir -p "$src/townhall/v1"
 "$python" -m grpc_tools.protoc -I"$root/proto" \
   --plugin=protoc-gen-go="$bin/protoc-gen-go" --plugin=protoc-gen-go-grpc="$bin/protoc-gen-go-grpc" \
   --go_out="$src" --go_opt=module=townhall.dev/townhall/clients/go \
   --go-grpc_out="$src" --go-grpc_opt=module=townhall.dev/townhall/clients/go \
-  "${mapping[@]}" "${protos[@]}"
+  "${protos[@]}"
 (cd "$src" && go vet ./... && go test ./... && go build -o "$bin/townhall-go" ./cmd/townhall-go)

@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,16 @@ import pytest
 
 from tests.chart.helpers import build_tool
 from tests.integration.helpers import TOKENS, client, processes_on
+from townhall.client import Client
 from townhall.core.config import KafkaConfig
 from townhall.core.tasks import cancel
 from townhall.live import Speaker
+from townhall.v1.common_pb2 import ROLE_SPEAKER
 from townhall_tools.devtools.topology import Process, Topology
 
 pytestmark = pytest.mark.kafka
 
-HOST, LISTENER = 7001, 7002
+HOST, LISTENER, ON_STAGE = 7001, 7002, 7003
 CHUNKS = 10
 
 
@@ -44,17 +46,26 @@ def topology(kafka: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> It
     )
 
 
+Heard = Callable[[Client, dict[str, Any]], Awaitable[None]]
+
+
+async def _nothing(host: Client, line: dict[str, Any]) -> None:
+    pass
+
+
 async def _listen_from_go(
-    go_client: Path, topology: Topology, chunks: int, heard: Callable[[dict[str, Any]], None]
-) -> tuple[list[dict[str, Any]], list[bytes]]:
+    go_client: Path, topology: Topology, chunks: int, heard: Heard = _nothing, watch_events: int = 0
+) -> tuple[dict[str, list[dict[str, Any]]], list[bytes]]:
     """Runs the Go client (it creates and starts a room with the host's token, then listens with the
-    listener's) while the host speaks distinct payloads into the room (moving relay if it must), each
-    line it prints given to `heard`; its lines and the payloads spoken. Fails if it does not exit 0."""
+    listener's, and watches the room for `watch_events` events) while the host speaks distinct payloads
+    into the room (moving relay if it must), each line it prints given to `heard` with the host's client;
+    its lines by event and the payloads spoken. Fails if it does not exit 0."""
     (admission,) = topology.of("admission")
     process = await asyncio.create_subprocess_exec(
         str(go_client),
         "-admission", admission.grpc,
         "-chunks", str(chunks),
+        "-watch-events", str(watch_events),
         "-timeout", "90s",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -68,7 +79,7 @@ async def _listen_from_go(
     lines: list[dict[str, Any]] = []
     # Distinct payloads of varied length, 60 s of frames: more than the Go client waits for.
     payloads = [f"go-{i:04d}-".encode() + os.urandom(20 + i % 200) for i in range(3000)]
-    host = client(admission.grpc, HOST, {"host", "publish"})
+    host = client(admission.grpc, HOST, {"host", "publish", "moderate"})
     speaking: asyncio.Task[int] | None = None
     try:
         async with asyncio.timeout(120):
@@ -77,7 +88,7 @@ async def _listen_from_go(
                 lines.append(line)
                 if line["event"] == "room":
                     speaking = asyncio.create_task(Speaker(host, line["room_id"]).speak(payloads))
-                heard(line)
+                await heard(host, line)
             code = await process.wait()
         errors = (await process.stderr.read()).decode()
     finally:
@@ -87,11 +98,14 @@ async def _listen_from_go(
             await cancel(speaking)
         await host.close()
     assert code == 0, errors
-    room, grant, *rest = lines
-    assert room["event"] == "room" and room["state"] == "ROOM_STATE_LIVE"
-    assert grant["event"] == "grant" and grant["role"] == "ROLE_LISTENER" and grant["relay"]
-    assert [c["event"] for c in rest] == ["chunk"] * chunks
-    return lines, payloads
+    by_event: dict[str, list[dict[str, Any]]] = {"room": [], "grant": [], "chunk": [], "watch": []}
+    for line in lines:
+        by_event[line["event"]].append(line)
+    ((room,), (grant,)) = by_event["room"], by_event["grant"]
+    assert lines[0] == room and room["state"] == "ROOM_STATE_LIVE"
+    assert grant["role"] == "ROLE_LISTENER" and grant["relay"]
+    assert len(by_event["chunk"]) == chunks
+    return by_event, payloads
 
 
 def _payloads(chunks: list[dict[str, Any]]) -> list[bytes]:
@@ -101,18 +115,38 @@ def _payloads(chunks: list[dict[str, Any]]) -> list[bytes]:
     return [base64.b64decode(frame["payload"]) for frame in frames]
 
 
-async def test_go_client_hears_what_the_speaker_said(go_client: Path, topology: Topology) -> None:
-    lines, payloads = await _listen_from_go(go_client, topology, CHUNKS, lambda line: None)
-    chunks = lines[2:]
+async def test_go_client_hears_what_the_speaker_said_and_watches_the_room(
+    go_client: Path, topology: Topology
+) -> None:
+    """The Go client hears the host byte for byte and, on WatchRoom, sees itself counted among the
+    listeners and then the host put user 7003 on stage."""
+    room_ids: list[str] = []
+    staged: list[dict[str, Any]] = []
+
+    async def heard(host: Client, line: dict[str, Any]) -> None:
+        # Once the Go client is counted, the host changes the stage: an event every watcher sees.
+        if line["event"] == "room":
+            room_ids.append(line["room_id"])
+        elif line["event"] == "watch" and line["listeners"] >= 1 and not staged:
+            staged.append(line)
+            await host.set_role(room_ids[0], ON_STAGE, ROLE_SPEAKER)
+
+    lines, payloads = await _listen_from_go(go_client, topology, CHUNKS, heard, watch_events=1)
+    watched = lines["watch"]
+    assert watched[0]["room_id"] == lines["room"][0]["room_id"] and "events" not in watched[0]
+    assert staged, "the Go client never saw itself counted among the listeners"
+    events = [event for w in watched for event in w.get("events", [])]
+    assert {"kind": "KIND_ROLE", "user_id": ON_STAGE, "role": "ROLE_SPEAKER"} in events
+    chunks = lines["chunk"]
     # One epoch, sequence numbers one apart: no chunk lost or repeated.
     assert len({c["epoch"] for c in chunks}) == 1
     sequences = [c["sequence"] for c in chunks]
     assert sequences == list(range(sequences[0], sequences[0] + CHUNKS))
     # The payloads are an unbroken run of what the host said, byte for byte.
-    heard = _payloads(chunks)
-    first = payloads.index(heard[0])
-    assert heard == payloads[first : first + len(heard)]
-    assert len(heard) >= CHUNKS
+    spoken = _payloads(chunks)
+    first = payloads.index(spoken[0])
+    assert spoken == payloads[first : first + len(spoken)]
+    assert len(spoken) >= CHUNKS
 
 
 async def test_go_client_resumes_when_its_relay_dies(go_client: Path, topology: Topology) -> None:
@@ -121,7 +155,7 @@ async def test_go_client_resumes_when_its_relay_dies(go_client: Path, topology: 
     relays = {p.grpc: p for p in topology.of("relay")}
     killed: list[Process] = []
 
-    def heard(line: dict[str, Any]) -> None:
+    async def heard(host: Client, line: dict[str, Any]) -> None:
         if line["event"] == "grant":
             killed.append(relays[line["relay"]])
         elif line["event"] == "chunk" and line["sequence"] >= 5 and len(killed) == 1:
@@ -134,7 +168,7 @@ async def test_go_client_resumes_when_its_relay_dies(go_client: Path, topology: 
         if killed:
             topology.restart(killed[0])
     assert len(killed) == 2, "the relay was not killed"
-    chunks = lines[2:]
+    chunks = lines["chunk"]
     epochs = [c["epoch"] for c in chunks]
     assert len(set(epochs)) == 2 and epochs == sorted(epochs), epochs
     heard_payloads = _payloads(chunks)

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 	"sync"
 	"time"
@@ -276,6 +277,43 @@ func (c *Client) Listen(ctx context.Context, roomID string, giveUp time.Duration
 		if sleep(ctx, wait) != nil {
 			return ctx.Err()
 		}
+	}
+}
+
+// Watch delivers the room's updates (Rooms.WatchRoom: the room as it is, then each change of it and of its
+// live counts) to each, until the room ends (nil), ctx is done, each returns an error or the stream ends
+// with a status other than UNAVAILABLE. A stream that an admission process ends as it drains, or that
+// breaks, is opened again on the address given to Dial (any admission process serves any room): its
+// first update is the room as it is then.
+func (c *Client) Watch(ctx context.Context, roomID string, each func(*pb.RoomUpdate) error) error {
+	backoff := 50 * time.Millisecond
+	for {
+		streamCtx, stop := context.WithCancel(c.Authorized(ctx))
+		stream, err := c.Rooms.WatchRoom(streamCtx, &pb.WatchRoomRequest{RoomId: roomID})
+		for err == nil {
+			var update *pb.RoomUpdate
+			if update, err = stream.Recv(); err != nil {
+				break
+			}
+			backoff = 50 * time.Millisecond
+			if err = each(update); err != nil {
+				stop()
+				return err
+			}
+		}
+		stop()
+		switch {
+		case errors.Is(err, io.EOF):
+			return nil // the stream ends OK after the update that ends the room
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case status.Code(err) != codes.Unavailable:
+			return err
+		}
+		if sleep(ctx, backoff) != nil {
+			return ctx.Err()
+		}
+		backoff = min(time.Second, 2*backoff)
 	}
 }
 
