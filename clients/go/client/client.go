@@ -109,8 +109,8 @@ func (c *Client) GetRoom(ctx context.Context, roomID string) (*pb.Room, error) {
 	})
 }
 
-// roomCall makes a Rooms call (all safe to repeat), again after a short retry-after or while admission
-// is UNAVAILABLE, until ctx is done.
+// roomCall makes a Rooms call (all safe to repeat), again after a short retry-after, and while admission
+// is UNAVAILABLE or ABORTED, with backoff, until ctx is done.
 func (c *Client) roomCall(
 	ctx context.Context, call func(context.Context, ...grpc.CallOption) (*pb.Room, error),
 ) (*pb.Room, error) {
@@ -126,7 +126,9 @@ func (c *Client) roomCall(
 		wait, ok := RetryAfter(err, trailer)
 		switch {
 		case status.Code(err) == codes.ResourceExhausted && ok && wait <= 5*time.Second:
-		case status.Code(err) == codes.Unavailable:
+		case status.Code(err) == codes.Unavailable, status.Code(err) == codes.Aborted:
+			// ABORTED (OWNER_CHANGED): another admission process took the room over mid-change, which
+			// was not made: as safe to send again as a call that found no process.
 			wait, backoff = backoff, min(time.Second, 2*backoff)
 		default:
 			return nil, err
