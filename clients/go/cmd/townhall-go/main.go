@@ -187,7 +187,10 @@ func run(
 		return fmt.Errorf("Listen: %w", err)
 	}
 	if watchEvents > 0 {
-		if err := <-watched; !errors.Is(err, done) {
+		switch err := <-watched; {
+		case err == nil:
+			return fmt.Errorf("WatchRoom: the room ended before %d events", watchEvents)
+		case !errors.Is(err, done):
 			return fmt.Errorf("WatchRoom: %w", err)
 		}
 	}
