@@ -8,7 +8,7 @@ GEN := services/townhall/v1
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run dev demo test unit integration fuzz lint buf diagram joinload bench faults kafka kafka-stop clean
+.PHONY: help setup proto run dev demo test unit integration fuzz lint buf diagram joinload goclient bench faults kafka kafka-stop clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,9 @@ diagram: ## Copy the architecture diagram's source (docs/architecture.mmd) into 
 
 joinload: ## Build the join-storm load generator (ghz's runner, a token per call) into .cache/bin
 	deploy/tools/install-joinload.sh
+
+goclient: setup ## Build the Go client (clients/go): protoc-gen-go(-grpc), its generated code, .cache/bin/townhall-go
+	deploy/tools/install-goclient.sh
 
 bench: setup joinload ## Run the benchmarks: figures on screen, JSON and PNG plots in .townhall/bench/
 	$(BIN)/townhall bench --out .townhall/bench

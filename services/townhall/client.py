@@ -199,6 +199,11 @@ class Client:
             await self._rooms_call(lambda s: s.StartRoom(request, metadata=self._metadata, timeout=15))
         )
 
+    async def schedule_room(self, room_id: str, start_at_ms: int) -> Room:
+        """Schedules this user's created room to start at `start_at_ms` (Unix milliseconds)."""
+        request = rooms_pb2.ScheduleRoomRequest(room_id=room_id, start_at_ms=start_at_ms)
+        return await self._rooms_call(lambda s: s.ScheduleRoom(request, metadata=self._metadata, timeout=15))
+
     async def end_room(self, room_id: str) -> Room:
         """Ends this user's room."""
         request = rooms_pb2.EndRoomRequest(room_id=room_id)
@@ -301,6 +306,18 @@ class Client:
         request = graph_pb2.FollowRequest(followee_id=followee)
         reply = await self.graph.Follow(request, metadata=self._metadata, timeout=10)
         return reply.created
+
+    async def unfollow(self, followee: int) -> bool:
+        """Stops following a user; True if the follow was there."""
+        request = graph_pb2.UnfollowRequest(followee_id=followee)
+        reply = await self.graph.Unfollow(request, metadata=self._metadata, timeout=10)
+        return reply.removed
+
+    async def count_followers(self, user: int) -> int:
+        """How many users follow `user` (public)."""
+        request = graph_pb2.CountFollowersRequest(user_id=user)
+        reply = await self.graph.CountFollowers(request, metadata=self._metadata, timeout=10)
+        return int(reply.count)
 
     async def join(self, room_id: str, give_up_after_s: float = 30.0) -> admission_pb2.Grant:
         """Joins a room, honouring retry-after when the room is full or the server is busy.

@@ -33,6 +33,7 @@ TOOLS = {
     "prometheus_server": ("install-prometheus.sh", "prometheus"),
     "promtool": ("install-prometheus.sh", "promtool"),
     "grpcurl": ("install-grpcurl.sh", "grpcurl"),
+    "go_client": ("install-goclient.sh", "townhall-go"),
 }
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -144,6 +145,24 @@ async def join_outcome(stub: Any, room_id: str, metadata: Any) -> tuple[str, grp
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, exc
     return ("granted" if reply.HasField("grant") else "waiting"), None
+
+
+def processes_on(kafka: KafkaConfig, root: Path, counts: dict[str, int], name: str) -> Iterator[Topology]:
+    """`counts` processes of each service, started as `townhall dev` starts them (free ports, warning
+    logs) on the session broker under topics of their own (prefix `name`-...); stopped after."""
+    topology = Topology(
+        root,
+        counts,
+        fixed_ports=False,
+        env={"TOWNHALL_LOG_LEVEL": "warning"},
+        kafka=kafka.bootstrap,
+        topic_prefix=f"{name}-{uuid.uuid4().hex[:8]}",
+    )
+    topology.start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
 
 
 def fault_topology(

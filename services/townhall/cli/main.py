@@ -7,7 +7,7 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from townhall.core import logging
 from townhall.core.config import LogConfig
@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token", help="a user token to call with (default: one minted with the development key)"
     )
+    parser.add_argument(
+        "--json", action="store_true", help="print what read commands show as JSON (get, list, status, ...)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     token = sub.add_parser("token", help="print a user token signed with the development key (auth.keys)")
@@ -48,18 +51,30 @@ def _parser() -> argparse.ArgumentParser:
         "--name", default="townhall.local", help="the name in the certificate (tls.server_name)"
     )
 
-    room = sub.add_parser("room", help="create, start, end, get, list or watch rooms")
-    room.add_argument("action", choices=("create", "start", "end", "get", "list", "watch"))
-    room.add_argument("arg", nargs="?", help="title (create) or room id (start, end, get, watch)")
+    room = sub.add_parser("room", help="create, schedule, start, end, get, list or watch rooms")
+    room.add_argument("action", choices=("create", "schedule", "start", "end", "get", "list", "watch"))
+    room.add_argument("arg", nargs="?", help="title (create) or room id (schedule, start, end, get, watch)")
     room.add_argument("--user", type=int, required=True, help="your user id")
     room.add_argument("--speaker", type=int, action="append", default=[], help="speaker id (create)")
     room.add_argument(
         "--seconds", type=float, default=0.0, help="watch: stop after this long (0: until it ends)"
     )
+    room.add_argument(
+        "--at", help="schedule: when it starts, ISO 8601 (2026-12-24T18:00, local time unless it says)"
+    )
+    room.add_argument("--in-s", type=float, help="schedule: it starts this many seconds from now")
 
     follow = sub.add_parser("follow", help="follow a user")
     follow.add_argument("followee", type=int)
     follow.add_argument("--user", type=int, required=True, help="your user id")
+
+    unfollow = sub.add_parser("unfollow", help="stop following a user")
+    unfollow.add_argument("followee", type=int)
+    unfollow.add_argument("--user", type=int, required=True, help="your user id")
+
+    followers = sub.add_parser("followers", help="your followers: how many, and the first --limit ids")
+    followers.add_argument("--user", type=int, required=True, help="your user id")
+    followers.add_argument("--limit", type=int, default=100, help="ids to show, 0..100000 (default 100)")
 
     inbox = sub.add_parser("inbox", help="print your notifications as they arrive")
     inbox.add_argument("--user", type=int, required=True, help="your user id")
@@ -82,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", type=Path, required=True, help="WAV file to write")
     listen.add_argument("--seconds", type=float, default=30.0, help="stop after this long")
 
-    from townhall.cli import graph, keys, moderation
+    from townhall.cli import graph, keys, moderation, status
 
     moderation.add_parser(sub)
+    status.add_parser(sub)
     graph.add_parser(sub)
     keys.add_parser(sub)
 
@@ -94,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
             "dev, demo, kafka, loadtest, faults and bench come with Townhall's tools (townhall-tools, "
             "installed by `make setup`)"
         )
+    accept_globals_after_commands(parser)
     return parser
 
 
@@ -104,6 +121,37 @@ def _tool_commands(sub: Subparsers) -> list[str]:
     for point in found:
         point.load()(sub)
     return [point.name for point in found]
+
+
+def accept_globals_after_commands(parser: argparse.ArgumentParser) -> None:
+    """Lets every command (and sub-command) take the global flags after its name too, as in
+    `townhall room get X --admission host:port --json`. Where a command has a flag of the same name
+    (`dev --admission N`: how many processes), the command's own flag is the one it takes."""
+    shared = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+    def visit(command: argparse.ArgumentParser) -> None:
+        for action in command._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                continue
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                group = child.add_argument_group("global flags (also before the command)")
+                for flag in shared:
+                    if any(name in child._option_string_actions for name in flag.option_strings):
+                        continue
+                    # SUPPRESS: a flag not repeated after the command keeps the value given before it.
+                    kwargs: dict[str, Any] = {
+                        "dest": flag.dest,
+                        "default": argparse.SUPPRESS,
+                        "help": flag.help,
+                    }
+                    if isinstance(flag, argparse._StoreTrueAction):
+                        kwargs["action"] = "store_true"
+                    else:
+                        kwargs.update(type=flag.type, metavar=flag.metavar)
+                    group.add_argument(*flag.option_strings, **kwargs)
+                visit(child)
+
+    visit(parser)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         from townhall.cli import graph as graph_cli
 
         sys.exit(graph_cli.run(args))
+    if args.command == "status":
+        from townhall.cli import status as status_cli
+
+        sys.exit(status_cli.run(args))
     if hasattr(args, "run"):  # a command that says what runs it: the tools' commands
         sys.exit(args.run(args))
     from townhall.cli import manual

@@ -1,4 +1,5 @@
-"""Manual use: `townhall room|mod|follow|inbox|speak|listen` (`room watch`: live counts and stage)."""
+"""Manual use: `townhall room|mod|follow|unfollow|followers|inbox|speak|listen` (`room watch`: live
+counts and stage)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from townhall.cli import audio, moderation
 from townhall.cli.endpoints import resolve, tokens
+from townhall.cli.output import emit, print_json
 from townhall.client import Client, Endpoints, InboxCursor
 from townhall.core.auth import GRANTS
 from townhall.core.errors import reason
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         "room": _room,
         "mod": moderation.run,
         "follow": _follow,
+        "unfollow": _unfollow,
+        "followers": _followers,
         "inbox": _inbox,
         "speak": _speak,
         "listen": _listen,
@@ -72,14 +76,32 @@ def print_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(room: Room) -> None:
-    console.print_json(data=MessageToDict(room))
+def _show(args: argparse.Namespace, room: Room) -> None:
+    emit(args, room)
+
+
+def start_at_ms(at: str | None, in_s: float | None, now_s: float | None = None) -> int:
+    """`room schedule`'s start time in Unix milliseconds, from --at (ISO 8601, local time unless it
+    names a zone) or --in-s; ValueError saying what is wrong."""
+    if (at is None) == (in_s is None):
+        raise ValueError("room schedule needs either --at TIME or --in-s SECONDS")
+    if in_s is not None:
+        return int(((time.time() if now_s is None else now_s) + in_s) * 1000)
+    try:
+        when = datetime.fromisoformat(str(at))
+    except ValueError:
+        raise ValueError(f"--at {at!r} is not an ISO 8601 time such as 2026-12-24T18:00") from None
+    return int(when.astimezone().timestamp() * 1000)
 
 
 async def _room(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
+        rooms = await client.live_rooms()
+        if args.json:
+            print_json(rooms)
+            return 0
         table = Table("room", "title", "host", "started")
-        for room in await client.live_rooms():
+        for room in rooms:
             started = time.strftime("%H:%M:%S", time.localtime(room.started_at_ms / 1000))
             table.add_row(room.room_id, room.title, str(room.host_id), started)
         console.print(table)
@@ -90,15 +112,22 @@ async def _room(client: Client, args: argparse.Namespace) -> int:
         )
         return 2
     if args.action == "create":
-        _show(await client.create_room(args.arg, args.speaker))
+        _show(args, await client.create_room(args.arg, args.speaker))
+    elif args.action == "schedule":
+        try:
+            at_ms = start_at_ms(args.at, args.in_s)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+        _show(args, await client.schedule_room(args.arg, at_ms))
     elif args.action == "start":
-        _show(await client.start_room(args.arg))
+        _show(args, await client.start_room(args.arg))
     elif args.action == "end":
-        _show(await client.end_room(args.arg))
+        _show(args, await client.end_room(args.arg))
     elif args.action == "watch":
         return await _watch(client, args.arg, args.seconds)
     else:
-        _show(await client.get_room(args.arg))
+        _show(args, await client.get_room(args.arg))
     return 0
 
 
@@ -144,6 +173,39 @@ async def _follow(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _unfollow(client: Client, args: argparse.Namespace) -> int:
+    removed = await client.unfollow(args.followee)
+    console.print(f"user {args.user} {'no longer follows' if removed else 'did not follow'} {args.followee}")
+    return 0
+
+
+# The most follower ids `townhall followers` prints: more is an export, not a look.
+MAX_FOLLOWERS_SHOWN = 100_000
+# The largest page ListFollowers serves.
+MAX_PAGE = 10_000
+
+
+async def _followers(client: Client, args: argparse.Namespace) -> int:
+    if not 0 <= args.limit <= MAX_FOLLOWERS_SHOWN:
+        console.print(f"[red]--limit must be within 0..{MAX_FOLLOWERS_SHOWN:,}[/red]")
+        return 2
+    count = await client.count_followers(args.user)
+    ids: list[int] = []
+    if args.limit:
+        async for page in client.followers(min(args.limit, MAX_PAGE)):
+            ids += page[: args.limit - len(ids)]
+            if len(ids) >= args.limit:
+                break
+    if args.json:
+        print_json({"user_id": args.user, "count": count, "follower_ids": ids})
+        return 0
+    console.print(f"user {args.user} has {count:,} followers")
+    if ids:
+        more = f" (the first {len(ids):,})" if len(ids) < count else ""
+        console.print(f"{', '.join(map(str, ids))}{more}")
+    return 0
+
+
 async def _inbox(client: Client, args: argparse.Namespace) -> int:
     cursor = InboxCursor(args.resume)
     call = client.notifications(args.resume, send_start=True)
@@ -152,16 +214,18 @@ async def _inbox(client: Client, args: argparse.Namespace) -> int:
             async for note in call:
                 if not cursor.fresh(note):
                     continue
-                if note.kind == NOTIFICATION_KIND_CONNECTED:
+                if args.json:  # every notification, markers too (their kind says), as it arrives
+                    print_json(note)
+                elif note.kind == NOTIFICATION_KIND_CONNECTED:
                     continue
-                if note.kind == NOTIFICATION_KIND_MISSED:
+                elif note.kind == NOTIFICATION_KIND_MISSED:
                     console.print(
                         "[yellow]some notifications sent while you were away are no longer kept[/yellow]"
                     )
                 else:
                     console.print(f"[bold]{note.title}[/bold] room={note.room_id} host={note.host_id}")
     call.cancel()
-    if cursor.cursor:
+    if cursor.cursor and not args.json:
         console.print(f"to resume from here: --resume {cursor.cursor}")
     return 0
 

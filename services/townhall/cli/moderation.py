@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.table import Table
 
+from townhall.cli.output import print_json
 from townhall.client import Client
 from townhall.v1.common_pb2 import ROLE_COHOST, ROLE_LISTENER, ROLE_SPEAKER, Room
 
@@ -57,7 +58,11 @@ async def run(client: Client, args: argparse.Namespace) -> int:
         "ban": lambda: client.remove(room_id, target, ban=True),
         "unban": lambda: client.unban(room_id, target),
     }
-    show(await calls[action]())
+    room = await calls[action]()
+    if args.json:
+        print_json(room)
+    else:
+        show(room)
     return 0
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from townhall.cli.status import sample_key, samples
 from townhall.client import Client, Endpoints
 from townhall.core.auth import GRANTS, Tokens
 from townhall.core.config import DEV_AUTH
@@ -44,14 +42,8 @@ def fresh_user() -> int:
 
 def scrape(proc: Process) -> dict[str, float]:
     """A process's Prometheus samples, keyed `name{label="value",...}` (labels sorted)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+    found = samples(f"http://127.0.0.1:{proc.metrics_port}/metrics")
+    return {sample_key(sample): sample.value for sample in found}
 
 
 def metric(proc: Process, name: str) -> float:
