@@ -80,9 +80,17 @@ def test_the_cli_moderates_a_room(topology: Topology) -> None:
         text=True,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert watching.stdout is not None
+    # The same with --json: one JSON line per update, as it comes.
+    watching_json = subprocess.Popen(
+        [*watch_argv, room_id, "--user", "501", "--seconds", "20", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert watching.stdout is not None and watching_json.stdout is not None
     first = watching.stdout.readline()  # the room as it is, before the changes below
     assert "live: 0 listening, 1 on stage; host 501, co-hosts -" in first, first
+    first_json = json.loads(watching_json.stdout.readline())
+    assert first_json["room"]["roomId"] == room_id and first_json["room"]["state"] == "ROOM_STATE_LIVE"
     cohost = cli("mod", "role", room_id, "502", "--role", "cohost", "--user", "501")
     assert cohost.returncode == 0 and "502" in next(
         line for line in cohost.stdout.splitlines() if "co-hosts" in line
@@ -104,6 +112,11 @@ def test_the_cli_moderates_a_room(topology: Topology) -> None:
     assert watching.returncode == 0
     assert "user 502 is now cohost" in watched and "banned: user 503" in watched
     assert "state: ended" in watched  # the stream ends with the room
+    updates = [json.loads(line) for line in watching_json.communicate(timeout=60)[0].splitlines()]
+    assert watching_json.returncode == 0
+    events = [event for update in updates for event in update.get("events", [])]
+    assert {"kind": "KIND_BANNED", "userId": "503"} in events
+    assert updates[-1]["room"]["state"] == "ROOM_STATE_ENDED"
 
 
 @pytest.mark.parametrize("service", ["admission", "relay", "notifier"])

@@ -125,18 +125,22 @@ async def _room(client: Client, args: argparse.Namespace) -> int:
     elif args.action == "end":
         _show(args, await client.end_room(args.arg))
     elif args.action == "watch":
-        return await _watch(client, args.arg, args.seconds)
+        return await _watch(client, args.arg, args.seconds, as_json=args.json)
     else:
         _show(args, await client.get_room(args.arg))
     return 0
 
 
-async def _watch(client: Client, room_id: str, seconds: float) -> int:
-    """Prints the room's live counts, stage and events as WatchRoom sends them (docs/live-state.md)."""
+async def _watch(client: Client, room_id: str, seconds: float, *, as_json: bool = False) -> int:
+    """Prints the room's live counts, stage and events as WatchRoom sends them (docs/live-state.md); with
+    --json, each update as one line of JSON (its protobuf JSON mapping), as it comes."""
     call = client.watch_room(room_id)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds or None):
             async for update in call:
+                if as_json:
+                    print_json(update)
+                    continue
                 at = time.strftime("%H:%M:%S")
                 counts = f"{update.counts.listeners} listening, {update.counts.speakers} on stage"
                 if update.HasField("room"):
