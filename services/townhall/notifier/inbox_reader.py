@@ -11,8 +11,8 @@ from townhall.core.errors import Unavailable
 from townhall.core.kafka import Follower, end_offsets
 from townhall.core.records import Reader, Record
 from townhall.notifier.inbox import InboxDelivery
-from townhall.notifier.inbox_resume import cursor, partition_of, stamp
-from townhall.notifier.records import batch_record, checked_batch, decode_batch, shard_of
+from townhall.notifier.inbox_resume import checked_stamped, cursor, partition_of
+from townhall.notifier.records import batch_record, decode_batch, shard_of
 
 log = logging.get(__name__)
 
@@ -78,7 +78,9 @@ class InboxReader:
             # Nobody here gets it, so it is not acted on here: most records of a big fan-out are for
             # users connected elsewhere, and are not worth a signature check on every notifier.
             return 0
-        batch = self._records.read(record, lambda _record, _writer: checked_batch(note, ids))
+        batch = self._records.read(
+            record, lambda _r, _w: checked_stamped(record, note, ids, self._partitions)
+        )
         if batch is None:
             return 0  # skipped and counted (core/records.py)
-        return self._hub.deliver(stamp(batch[0], record, self._partitions), batch[1])
+        return self._hub.deliver(*batch)

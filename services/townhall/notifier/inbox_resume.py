@@ -25,7 +25,7 @@ from townhall.core.config import KafkaConfig
 from townhall.core.errors import InvalidArgument, Unavailable
 from townhall.core.kafka import consumer
 from townhall.core.records import Reader, Record
-from townhall.notifier.records import checked_batch, decode_batch, shard_key, shard_of
+from townhall.notifier.records import checked_batch, decode_batch, key_shard, shard_key, shard_of
 from townhall.v1 import inbox_pb2
 
 # Resumes reading the topic at once on one process (each holds a consumer); later ones wait their turn.
@@ -50,11 +50,15 @@ def partition_of(shard: int, partitions: int) -> int:
     return int(DefaultPartitioner()(shard_key(shard), list(range(partitions)), []))
 
 
-def stamp(note: inbox_pb2.Notification, record: Record, partitions: int) -> inbox_pb2.Notification:
-    """Gives a notification read from `record` its id and its cursor (the same for every user it names)."""
+def checked_stamped(
+    record: Record, note: inbox_pb2.Notification, ids: np.ndarray, partitions: int
+) -> tuple[inbox_pb2.Notification, np.ndarray]:
+    """A decoded notifications record checked (checked_batch, its key a user shard), its notification
+    given its id and its cursor (the same for every user it names); InvalidArgument if it fails a check."""
+    note, ids = checked_batch(note, ids)
     note.notification_id = f"{note.kind}.{note.room_id}"
-    note.cursor = cursor(int(record.key or b"0"), partitions, record.partition, record.offset)
-    return note
+    note.cursor = cursor(key_shard(record.key), partitions, record.partition, record.offset)
+    return note, ids
 
 
 def position(resume_cursor: str, user: int) -> tuple[int, int, int]:
@@ -155,5 +159,7 @@ class Backlog:
             return None  # the live reader counted it
         if not (ids == user).any():
             return None
-        batch = self._records.read(record, lambda _record, _writer: checked_batch(note, ids))
-        return None if batch is None else stamp(batch[0], record, partitions)
+        batch = self._records.read(
+            record, lambda _record, _writer: checked_stamped(record, note, ids, partitions)
+        )
+        return None if batch is None else batch[0]

@@ -41,6 +41,14 @@ def shard_key(shard: int) -> bytes:
     return str(shard).encode("ascii")
 
 
+def key_shard(key: bytes | None) -> int:
+    """The user shard a notifications record's key names (shard_key's text), or InvalidArgument."""
+    text = (key or b"").decode("ascii", "replace")
+    if not text.isdecimal() or len(text) > 2 or shard_key(int(text)) != key or int(text) >= SHARDS:
+        raise InvalidArgument(f"record key {text[:20]!r} is not a user shard (0..{SHARDS - 1})", "key")
+    return int(text)
+
+
 def room_started(event: events_pb2.RoomStarted) -> inbox_pb2.Notification:
     """The notification followers get for a started room; InvalidArgument if the event is unusable."""
     room = event.room
@@ -138,7 +146,8 @@ def task_record(record: Record, _writer: Writer | None) -> Task:
 
 
 def batch_record(record: Record, _writer: Writer | None) -> tuple[inbox_pb2.Notification, np.ndarray]:
-    """A notifications record, checked (checked_batch)."""
+    """A notifications record, checked (checked_batch, and its key a user shard)."""
+    key_shard(record.key)
     return checked_batch(*decode_batch(record.value or b""))
 
 
