@@ -176,7 +176,10 @@ def test_the_metrics_listener_binds_only_the_configured_address(tmp_path: Path) 
     with open(tmp_path / "relay.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "townhall.relay"], env=env, stdout=log, stderr=log)
     try:
-        wait_serving(proc, f"127.0.0.1:{grpc_port}", "relay", 60)
+        try:
+            wait_serving(proc, f"127.0.0.1:{grpc_port}", "relay", 60)
+        except RuntimeError as exc:  # say why it exited (a clean clone's CI run saw exit 1 once)
+            pytest.fail(f"{exc}:\n{(tmp_path / 'relay.log').read_text()[-3000:]}")
         with urllib.request.urlopen(f"http://127.0.0.2:{metrics_port}/metrics", timeout=5) as reply:
             exposed = reply.read().decode()
         assert "grpc_server_started_total{" in exposed

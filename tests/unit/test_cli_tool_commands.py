@@ -10,7 +10,21 @@ import pytest
 from townhall.cli import main as cli
 
 TOOLS = {"dev", "demo", "kafka", "loadtest", "faults", "bench"}
-OWN = {"token", "certs", "room", "follow", "inbox", "speak", "listen", "mod", "graph", "keys"}
+OWN = {
+    "token",
+    "certs",
+    "room",
+    "follow",
+    "unfollow",
+    "followers",
+    "inbox",
+    "speak",
+    "listen",
+    "mod",
+    "graph",
+    "keys",
+    "status",
+}
 
 
 def _commands(parser: argparse.ArgumentParser) -> set[str]:
