@@ -172,6 +172,15 @@ def test_scaleout_plots_both_curves_beside_perfect_scaling() -> None:
     assert admission.get_xlabel() == "admission processes"
 
 
+def test_scaleout_marks_a_point_whose_steps_all_passed() -> None:
+    relays = {
+        **SCALEOUT["relays"],
+        "points": [{"edges": 1, "served": 200, "efficiency": 1.0, "limited_by_steps": True}],
+    }
+    (axes,) = plots.scaleout({"relays": relays}).axes
+    assert [t.get_text() for t in axes.texts] == ["1.00*", "*: every step passed (a floor, not the limit)"]
+
+
 def test_scaleout_with_one_half_draws_one_panel() -> None:
     (axes,) = plots.scaleout({**SCALEOUT, "points": []}).axes
     assert "listeners served" in _lines(axes)

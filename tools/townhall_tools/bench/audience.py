@@ -259,7 +259,6 @@ async def step_search(
     counts: Sequence[int],
     measure: Callable[[int], Awaitable[dict[str, Any]]],
     passed: Callable[[dict[str, Any]], bool],
-    done: Callable[[dict[str, Any]], None] | None = None,
     retries: int = STEP_RETRIES,
 ) -> list[dict[str, Any]]:
     """Measures each count in turn until one misses the bar: every attempt's step, marked `passed` and
@@ -272,8 +271,6 @@ async def step_search(
             step["passed"] = passed(step)
             step["attempt"] = attempt + 1
             steps.append(step)
-            if done is not None:
-                done(step)
             if step["passed"]:
                 break
         if not steps[-1]["passed"]:
@@ -301,16 +298,12 @@ async def _interval(
                     edge_servers, (origin.internal,), per_edge, seconds, [origin], baseline, progress, task
                 )
                 step["origin_cores"] = step.pop("other_cores")[0]
-                step["_task"] = task
+                verdict = "ok" if _passed(step, chunk_ms) else "over"
+                progress.update(task, description=f"{chunk_ms} ms, {per_edge}x{edges}: {verdict}")
                 return step
 
-            def done(step: dict[str, Any]) -> None:
-                verdict = "ok" if step["passed"] else "over"
-                label = f"{chunk_ms} ms, {step['listeners'] // edges}x{edges}: {verdict}"
-                progress.update(step.pop("_task"), description=label)
-
             steps = await step_search(
-                [int(n * scale) for n in listeners], measure, lambda s: _passed(s, chunk_ms), done
+                [int(n * scale) for n in listeners], measure, lambda s: _passed(s, chunk_ms)
             )
         finally:
             stop.set()

@@ -190,7 +190,18 @@ def _scaling(
         axes.plot(counts, [n * base for n in counts], linestyle="--", color="grey", label=perfect)
     for point in points:
         if point.get("efficiency") is not None:
-            axes.annotate(f"{point['efficiency']:.2f}", (point[count], point[value]))
+            mark = "*" if point.get("limited_by_steps") else ""
+            axes.annotate(
+                f"{point['efficiency']:.2f}{mark}",
+                (point[count], point[value]),
+                xytext=(6, -12),
+                textcoords="offset points",
+            )
+    if any(p.get("limited_by_steps") for p in points):
+        axes.text(
+            0.99, 0.02, "*: every step passed (a floor, not the limit)", transform=axes.transAxes, ha="right"
+        )
+    axes.margins(x=0.1)
     axes.set_ylabel(label)
     axes.set_xticks(counts)
     axes.set_ylim(bottom=0)

@@ -146,6 +146,8 @@ async def _search(
             targets, (origin.internal,), n, seconds, [origin], baseline, progress, task, key
         )
         step["origin_cores"] = step.pop("other_cores")[0]
+        verdict = "ok" if audience._passed(step, CHUNK_MS) else "over"
+        progress.update(task, description=f"relays: {n} x {len(targets)} edges: {verdict}")
         return step
 
     return await audience.step_search(per_edge, measure, lambda s: audience._passed(s, CHUNK_MS))
