@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from townhall.cli.main import _parser
 from townhall_tools.bench.audience import step_search
 from townhall_tools.hosts import scale
 
@@ -132,3 +133,12 @@ def test_the_relay_half_alone_keeps_the_admission_points(
     assert written == report
     assert written["points"] == admission["points"] and written["relays"] == relays
     assert (tmp_path / "scaleout.png").stat().st_size > 0
+
+
+def test_either_half_can_be_skipped_from_the_command_line() -> None:
+    args = _parser().parse_args(
+        ["cluster", "scale", "--steps", "--edges", "1", "2", "--listeners", "50", "100"]
+    )
+    assert (args.steps, args.edges, args.listeners) == ([], [1, 2], [50, 100])
+    defaults = _parser().parse_args(["cluster", "scale"])
+    assert (defaults.steps, defaults.edges) == ([1, 2, 4], [1, 2, 4])
