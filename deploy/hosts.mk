@@ -35,8 +35,11 @@ cluster-e2e: setup ## The multi-host topology end to end: up, demo, one run of e
 SCALE_STEPS ?= 1 2 4
 SCALE_RATE ?= 1500
 SCALE_SECONDS ?= 20
-cluster-scale: setup image kafka-image ## Admission scale-out: N owners (SCALE_STEPS) on one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
-	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --out .townhall/bench
+SCALE_EDGES ?= 1 2 4
+SCALE_LISTENERS ?= 250 500 1000 1500 2000
+cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M edge relays (SCALE_EDGES, listeners per edge SCALE_LISTENERS), one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
+	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) \
+		--edges $(SCALE_EDGES) --listeners $(SCALE_LISTENERS) --out .townhall/bench
 
 ISOLATION_SECONDS ?= 20
 cluster-isolation: cluster-up ## Cold rooms' join p99 alone and during a crowd-lane storm (bound x2); .townhall/bench/isolation.json

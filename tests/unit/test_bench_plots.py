@@ -59,6 +59,22 @@ JOINSTORM: dict[str, Any] = {
         ),
     }
 }
+SCALEOUT: dict[str, Any] = {
+    "cpu_quota_cores": 0.5,
+    "points": [
+        {"admission": 1, "admitted_per_s": 400.0, "efficiency": 1.0},
+        {"admission": 2, "admitted_per_s": 720.0, "efficiency": 0.9},
+    ],
+    "relays": {
+        "cpu_quota_cores": 0.5,
+        "latency_budget_ms": 300,
+        "points": [
+            {"edges": 1, "served": 1000, "efficiency": 1.0},
+            {"edges": 2, "served": 1900, "efficiency": 0.95},
+            {"edges": 4, "served": 3200, "efficiency": 0.8},
+        ],
+    },
+}
 NOTIFY: dict[str, Any] = {
     "parameters": {"celebrity_followers": 2_000_000},
     "series": {
@@ -141,9 +157,46 @@ def test_notify_plots_notifications_over_time() -> None:
     assert bottom.get_xlabel() == "seconds since the celebrity's room started"
 
 
+def test_scaleout_plots_both_curves_beside_perfect_scaling() -> None:
+    admission, relays = plots.scaleout(SCALEOUT).axes
+    assert _lines(admission) == {
+        "admitted joins/s": ([1, 2], [400, 720]),
+        "N x one process": ([1, 2], [400, 800]),
+    }
+    assert _lines(relays) == {
+        "listeners served": ([1, 2, 4], [1000, 1900, 3200]),
+        "M x one edge": ([1, 2, 4], [1000, 2000, 4000]),
+    }
+    assert [t.get_text() for t in relays.texts] == ["1.00", "0.95", "0.80"]
+    assert relays.get_xlabel().startswith("edge relays") and "300 ms" in relays.get_title()
+    assert admission.get_xlabel() == "admission processes"
+
+
+def test_scaleout_marks_a_point_whose_steps_all_passed() -> None:
+    relays = {
+        **SCALEOUT["relays"],
+        "points": [{"edges": 1, "served": 200, "efficiency": 1.0, "limited_by_steps": True}],
+    }
+    (axes,) = plots.scaleout({"relays": relays}).axes
+    assert [t.get_text() for t in axes.texts] == ["1.00*", "*: every step passed (a floor, not the limit)"]
+
+
+def test_scaleout_with_one_half_draws_one_panel() -> None:
+    (axes,) = plots.scaleout({**SCALEOUT, "points": []}).axes
+    assert "listeners served" in _lines(axes)
+    (axes,) = plots.scaleout({"cpu_quota_cores": 0.5, "points": SCALEOUT["points"]}).axes
+    assert "admitted joins/s" in _lines(axes)
+
+
 @pytest.mark.parametrize(
     ("name", "report"),
-    [("audience", AUDIENCE), ("relay", RELAY), ("joinstorm", JOINSTORM), ("notify", NOTIFY)],
+    [
+        ("audience", AUDIENCE),
+        ("relay", RELAY),
+        ("joinstorm", JOINSTORM),
+        ("notify", NOTIFY),
+        ("scaleout", SCALEOUT),
+    ],
 )
 def test_a_png_is_written_next_to_the_json(tmp_path: Path, name: str, report: dict[str, Any]) -> None:
     (tmp_path / f"{name}.json").write_text(json.dumps(report))

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import SubscribeRequest
 from townhall_tools.bench import listener_generator
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.listener_generator import cpu_s
+from townhall_tools.bench.listener_generator import bench_signer, cpu_s
 from townhall_tools.bench.relay import (
     FRAME_MS,
     PAYLOAD_BYTES,
@@ -50,7 +50,6 @@ from townhall_tools.bench.relay import (
     _round,
     _start,
     _stop_all,
-    bench_signer,
     speak,
 )
 from townhall_tools.bench.stats import LatencyHistogram, percentile
@@ -125,19 +124,21 @@ def _ceiling(out_dir: Path, chunk_ms: int) -> Iterator[Server]:
 
 
 async def _probe(
-    targets: list[Server], upstream: tuple[str, ...], until: float, times_ms: list[float]
+    targets: list[Server],
+    upstream: tuple[str, ...],
+    until: float,
+    times_ms: list[float],
+    ticket_key: str = "",
 ) -> None:
     """Late joiners at a steady 4/s while the step runs: time from Subscribe to the first chunk."""
-    signer = bench_signer()
+    signer = bench_signer(ticket_key)
     channels = [channel(t.address, TlsConfig()) for t in targets]
     try:
         for index in range(int((until - time.time()) * PROBES_PER_S)):  # bounded by the window
             if time.time() >= until:
                 break
             target = targets[index % len(targets)]
-            ticket = signer.issue(
-                ROOM, 900_000 + index, Role.ROLE_LISTENER, target.address, upstream=upstream
-            )
+            ticket = signer.issue(ROOM, 900_000 + index, Role.ROLE_LISTENER, target.claim, upstream=upstream)
             stub = relay_pb2_grpc.RelayStub(channels[index % len(targets)])
             opened = time.monotonic()
             call = stub.Subscribe(
@@ -166,8 +167,11 @@ async def _phase(
     baseline_rss: int,
     progress: Progress,
     task: Any,
+    ticket_key: str = "",
 ) -> dict[str, Any]:
-    """`per_target` listeners on each target; CPU and memory of the targets, CPU of `others`."""
+    """`per_target` listeners on each target; CPU and memory of the targets, CPU of `others`. Tickets
+    are signed with `ticket_key` (tickets.private_key; default the development key) and name each
+    target's claim."""
     label = progress.tasks[task].description
     generators = listener_generator.Generators()
     workers = max(1, -(-per_target // LISTENERS_PER_GENERATOR))
@@ -182,11 +186,12 @@ async def _phase(
                         room_id=ROOM,
                         listeners=share,
                         first_user=1_000_000 * (1 + t_index * workers + w),
-                        relay_claim=target.address,
+                        relay_claim=target.claim,
                         ready_timeout_s=ready_timeout,
                         result_timeout_s=ready_timeout + seconds + 30,
                         upstream=upstream,
                         light=True,
+                        ticket_key=ticket_key,
                     )
                 )
         progress.update(task, description=f"{label}: connecting")
@@ -197,7 +202,7 @@ async def _phase(
         gen_start = generators.cpu_s()
         progress.update(task, description=f"{label}: measuring")
         probe_ms: list[float] = []
-        probe = asyncio.create_task(_probe(targets, upstream, end_at - 0.5, probe_ms))
+        probe = asyncio.create_task(_probe(targets, upstream, end_at - 0.5, probe_ms, ticket_key))
         await listener_generator.tick_through(progress, task, seconds, end_at)
         cpu_end = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
         gen_end = generators.cpu_s()
@@ -250,11 +255,33 @@ def _passed(step: dict[str, Any], chunk_ms: int) -> bool:
     )
 
 
+async def step_search(
+    counts: Sequence[int],
+    measure: Callable[[int], Awaitable[dict[str, Any]]],
+    passed: Callable[[dict[str, Any]], bool],
+    retries: int = STEP_RETRIES,
+) -> list[dict[str, Any]]:
+    """Measures each count in turn until one misses the bar: every attempt's step, marked `passed` and
+    `attempt`. A failed step runs `retries` more times (the machine is shared: one noisy step should not
+    end the search); the search stops after a step that failed every attempt."""
+    steps: list[dict[str, Any]] = []
+    for count in counts:
+        for attempt in range(1 + retries):
+            step = await measure(count)
+            step["passed"] = passed(step)
+            step["attempt"] = attempt + 1
+            steps.append(step)
+            if step["passed"]:
+                break
+        if not steps[-1]["passed"]:
+            break
+    return steps
+
+
 async def _interval(
     out_dir: Path, chunk_ms: int, edges: int, listeners: list[int], seconds: float, progress: Progress
 ) -> dict[str, Any]:
     """Every step at one chunk interval, then the ceiling at the best passing step's listeners per edge."""
-    steps: list[dict[str, Any]] = []
     scale = chunk_ms / 100  # longer chunks: proportionally more listeners for the same message rate
     with _relays(out_dir, edges, chunk_ms) as relays:
         origin, edge_servers = relays[0], relays[1:]
@@ -264,31 +291,20 @@ async def _interval(
             asyncio.create_task(speak(origin.address, ROOM, stop, user)) for user in range(1, SPEAKERS + 1)
         ]
         try:
-            for n in listeners:
-                per_edge = int(n * scale)
-                # A failed step runs once more: the machine is shared, one noisy step should not end it.
-                for attempt in range(1 + STEP_RETRIES):
-                    task = progress.add_task(f"{chunk_ms} ms, {per_edge}x{edges} on edges", total=seconds)
-                    step = await _phase(
-                        edge_servers,
-                        (origin.internal,),
-                        per_edge,
-                        seconds,
-                        [origin],
-                        baseline,
-                        progress,
-                        task,
-                    )
-                    step["origin_cores"] = step.pop("other_cores")[0]
-                    step["passed"] = _passed(step, chunk_ms)
-                    step["attempt"] = attempt + 1
-                    steps.append(step)
-                    verdict = "ok" if step["passed"] else "over"
-                    progress.update(task, description=f"{chunk_ms} ms, {per_edge}x{edges}: {verdict}")
-                    if step["passed"]:
-                        break
-                if not step["passed"]:
-                    break
+
+            async def measure(per_edge: int) -> dict[str, Any]:
+                task = progress.add_task(f"{chunk_ms} ms, {per_edge}x{edges} on edges", total=seconds)
+                step = await _phase(
+                    edge_servers, (origin.internal,), per_edge, seconds, [origin], baseline, progress, task
+                )
+                step["origin_cores"] = step.pop("other_cores")[0]
+                verdict = "ok" if _passed(step, chunk_ms) else "over"
+                progress.update(task, description=f"{chunk_ms} ms, {per_edge}x{edges}: {verdict}")
+                return step
+
+            steps = await step_search(
+                [int(n * scale) for n in listeners], measure, lambda s: _passed(s, chunk_ms)
+            )
         finally:
             stop.set()
             for speaker in speakers:

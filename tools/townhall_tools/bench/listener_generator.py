@@ -20,7 +20,7 @@ import psutil
 from rich.progress import Progress
 
 from townhall.core.channels import channel
-from townhall.core.config import DEV_ENV, TlsConfig, load
+from townhall.core.config import DEV_ENV, TicketConfig, TlsConfig, load
 from townhall.core.tasks import cancel
 from townhall.core.tickets import TICKET_KEY, TicketSigner
 from townhall.core.wire import read_varint
@@ -51,6 +51,8 @@ class Spec:
     # Read chunks as bytes: sequence and the oldest frame's capture time only, not every frame
     # (10 speakers make 50 frames a chunk; parsing them all would make the generator the bottleneck).
     light: bool = False
+    # tickets.private_key of the deployment under test; empty: the development key (`townhall dev`, benches).
+    ticket_key: str = ""
 
 
 class _Counters:
@@ -152,12 +154,20 @@ async def _listen_light(call: Any, c: _Counters) -> None:
         c.error_kinds[key] = c.error_kinds.get(key, 0) + 1
 
 
+def bench_signer(private_key: str = "") -> TicketSigner:
+    """Tickets for the relays under test: signed with `private_key` (tickets.private_key of a deployment,
+    e.g. the multi-host topology's), or the development key the relays a benchmark starts run with."""
+    if private_key:
+        return TicketSigner.from_config(TicketConfig(private_key=private_key))
+    return TicketSigner.from_config(load(env=DEV_ENV).tickets)
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
 
 async def _run(spec: Spec, conn: Connection) -> None:
-    signer = TicketSigner.from_config(load(env=DEV_ENV).tickets)  # the relays under test run with it
+    signer = bench_signer(spec.ticket_key)
     counters = _Counters()
     channels = [
         # A local subchannel pool gives each channel its own TCP connection (else they share one).

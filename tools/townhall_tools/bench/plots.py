@@ -7,8 +7,9 @@
   without the crowd lane), the admit budget, and the cold rooms' grants beside them;
 - notify.png: the celebrity's followers notified over time (and per second), and when each small
   host's followers were notified, with the latency they saw;
-- scaleout.png: admitted joins/s against admission processes in containers of one CPU quota each, beside
-  perfect scaling, with each step's efficiency (`townhall cluster scale`, townhall_tools.hosts.scale).
+- scaleout.png: admitted joins/s against admission processes, and listeners served against edge relays,
+  in containers of one CPU quota each, beside perfect scaling, with each step's efficiency (two panels;
+  `townhall cluster scale`, townhall_tools.hosts.scale).
 
 matplotlib (a dependency of townhall-tools) draws them with its Agg backend: files only, no display.
 `python -m townhall_tools.bench.plots [.townhall/bench]` redraws every plot from the JSON there.
@@ -177,28 +178,63 @@ def notify(report: Mapping[str, Any]) -> Figure:
     return figure
 
 
-def scaleout(report: Mapping[str, Any]) -> Figure:
-    """Admitted joins/s against admission processes (each on the same CPU quota), beside perfect scaling
-    from one process, with each step's scaling efficiency."""
-    points = report["points"]
-    counts = [p["admission"] for p in points]
-    admitted = [p["admitted_per_s"] for p in points]
-    figure = _figure()
-    axes = figure.subplots()
-    axes.plot(counts, admitted, marker="o", label="admitted joins/s")
-    base = next((p["admitted_per_s"] for p in points if p["admission"] == 1), None)
+def _scaling(
+    axes: Axes, points: Sequence[Mapping[str, Any]], count: str, value: str, label: str, perfect: str
+) -> None:
+    """`value` against `count`, beside perfect scaling from count 1, each point marked with its efficiency."""
+    counts = [p[count] for p in points]
+    values = [p[value] for p in points]
+    axes.plot(counts, values, marker="o", label=label)
+    base = next((p[value] for p in points if p[count] == 1), None)
     if base:
-        axes.plot(counts, [n * base for n in counts], linestyle="--", color="grey", label="N x one process")
+        axes.plot(counts, [n * base for n in counts], linestyle="--", color="grey", label=perfect)
     for point in points:
         if point.get("efficiency") is not None:
-            axes.annotate(f"{point['efficiency']:.2f}", (point["admission"], point["admitted_per_s"]))
-    axes.set_title(f"Admission scale-out ({report['cpu_quota_cores']} core quota per process)")
-    axes.set_xlabel("admission processes")
-    axes.set_ylabel("admitted joins/s")
+            mark = "*" if point.get("limited_by_steps") else ""
+            axes.annotate(
+                f"{point['efficiency']:.2f}{mark}",
+                (point[count], point[value]),
+                xytext=(6, -12),
+                textcoords="offset points",
+            )
+    if any(p.get("limited_by_steps") for p in points):
+        axes.text(
+            0.99, 0.02, "*: every step passed (a floor, not the limit)", transform=axes.transAxes, ha="right"
+        )
+    axes.margins(x=0.1)
+    axes.set_ylabel(label)
     axes.set_xticks(counts)
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
     axes.legend()
+
+
+def scaleout(report: Mapping[str, Any]) -> Figure:
+    """The scale-out curves, a panel each: admitted joins/s against admission processes, and listeners
+    served (p99 within the bar, nothing lost) against edge relays, each process on the same CPU quota,
+    beside perfect scaling from one, with each step's scaling efficiency. A half missing from the report
+    is left out."""
+    admission = report.get("points") or []
+    relays = report.get("relays") or {}
+    panels = [
+        name for name, present in (("admission", admission), ("relays", relays.get("points"))) if present
+    ]
+    figure = _figure(width=7.0 * max(1, len(panels)))
+    axes_list = figure.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    for axes, name in zip(axes_list, panels, strict=False):
+        if name == "admission":
+            _scaling(axes, admission, "admission", "admitted_per_s", "admitted joins/s", "N x one process")
+            axes.set_title(f"Admission scale-out ({report['cpu_quota_cores']} core quota per process)")
+            axes.set_xlabel("admission processes")
+        else:
+            _scaling(axes, relays["points"], "edges", "served", "listeners served", "M x one edge")
+            axes.set_title(
+                f"Relay scale-out ({relays['cpu_quota_cores']} core quota per edge; "
+                f"p99 <= {relays['latency_budget_ms']} ms, 0 lost)"
+            )
+            axes.set_xlabel("edge relays (one origin above them)")
+    if not panels:
+        axes_list[0].set_title("Scale-out: no points in this report")
     return figure
 
 

@@ -33,14 +33,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from townhall.core.channels import channel
-from townhall.core.config import DEV_ENV, TlsConfig, load
-from townhall.core.tickets import TICKET_KEY, TicketSigner
+from townhall.core.config import DEV_ENV, TlsConfig
+from townhall.core.tickets import TICKET_KEY
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import AudioFrame
 from townhall_tools.bench import listener_generator
 from townhall_tools.bench.env import LIMITS
-from townhall_tools.bench.listener_generator import cpu_s
+from townhall_tools.bench.listener_generator import bench_signer, cpu_s
 from townhall_tools.bench.stats import LatencyHistogram, percentile
 from townhall_tools.devtools.kafka_broker import free_port
 from townhall_tools.devtools.processes import start_serving, stop
@@ -58,13 +58,26 @@ class Server:
 
     name: str
     address: str
-    process: subprocess.Popen[bytes]
+    # The child process; None for one the benchmark did not start (a container's: see `pid`).
+    process: subprocess.Popen[bytes] | None
     # A relay's internal port (where other relays pull from), if it has one.
     internal: str = ""
+    # The address tickets name, if not `address` (a relay advertising a published port, dialled directly).
+    advertise: str = ""
+    # The server's process id, if not the child's (a container's init process).
+    pid: int = 0
+
+    @property
+    def claim(self) -> str:
+        """The relay address its tickets name."""
+        return self.advertise or self.address
 
     @property
     def ps(self) -> psutil.Process:
         """The process, for CPU and memory figures."""
+        if self.pid:
+            return psutil.Process(self.pid)
+        assert self.process is not None, "a server the benchmark did not start needs its pid"
         return psutil.Process(self.process.pid)
 
 
@@ -74,7 +87,7 @@ def _start(name: str, argv: list[str], env: dict[str, str], port: int, log: Text
 
 
 def _stop_all(servers: list[Server]) -> None:
-    stop([server.process for server in servers], grace_s=5)
+    stop([server.process for server in servers if server.process is not None], grace_s=5)
 
 
 @contextlib.contextmanager
@@ -126,17 +139,15 @@ async def _frames(stop: asyncio.Event) -> AsyncIterator[AudioFrame]:
         yield AudioFrame(sequence=seq, capture_ts_us=time.time_ns() // 1_000, payload=payload)
 
 
-async def speak(address: str, room_id: str, stop: asyncio.Event, user: int = 1) -> None:
-    """One speaker at 50 frames/s until `stop` (also used by the audience benchmark)."""
-    signer = bench_signer()
-    token = signer.sign(signer.issue(room_id, user, Role.ROLE_SPEAKER, address))
+async def speak(
+    address: str, room_id: str, stop: asyncio.Event, user: int = 1, ticket_key: str = "", claim: str = ""
+) -> None:
+    """One speaker at 50 frames/s until `stop` (also used by the audience and scale-out benchmarks);
+    its ticket names `claim` (default `address`), signed with `ticket_key` (default the development key)."""
+    signer = bench_signer(ticket_key)
+    token = signer.sign(signer.issue(room_id, user, Role.ROLE_SPEAKER, claim or address))
     async with channel(address, TlsConfig()) as ch:
         await relay_pb2_grpc.RelayStub(ch).Publish(_frames(stop), metadata=((TICKET_KEY, token),))
-
-
-def bench_signer() -> TicketSigner:
-    """Tickets for the relays a benchmark starts (they run with the development ticket keys)."""
-    return TicketSigner.from_config(load(env=DEV_ENV).tickets)
 
 
 async def _phase(

@@ -31,7 +31,25 @@ def add_parser(sub: Subparsers) -> None:
         "--json", type=Path, help="faults: where the figures go (default <root>/hosts/faults.json)"
     )
     cluster.add_argument(
-        "--steps", type=int, nargs="+", default=[1, 2, 4], help="scale: admission processes of each step"
+        "--steps",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="scale: admission processes of each step (none: skip the admission half)",
+    )
+    cluster.add_argument(
+        "--edges",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="scale: edge relays of each step (none: skip the relay half)",
+    )
+    cluster.add_argument(
+        "--listeners",
+        type=int,
+        nargs="+",
+        default=[250, 500, 1000, 1500, 2000],
+        help="scale: listeners per edge of each rising step, until one misses the bar",
     )
     cluster.add_argument(
         "--rate", type=float, default=1500.0, help="scale: joins/s offered per admission process (open loop)"
@@ -100,14 +118,31 @@ def run(args: argparse.Namespace) -> int:
 
         out = args.out or args.root / "bench"
         try:
-            report = scale.run(root, args.image, args.kafka_image, args.steps, args.rate, args.seconds, out)
+            report = scale.run(
+                root,
+                args.image,
+                args.kafka_image,
+                args.steps,
+                args.rate,
+                args.seconds,
+                out,
+                edges=args.edges,
+                listeners_per_edge=args.listeners,
+            )
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")
             return 2
-        for point in report["points"]:
+        for point in report.get("points", []) if args.steps else []:
             console.print(
                 f"admission x{point['admission']}: {point['admitted_per_s']} joins/s, "
                 f"p99 {point['p99_ms']} ms, efficiency {point['efficiency']}"
+            )
+        for point in report["relays"]["points"] if args.edges else []:
+            console.print(
+                f"relays x{point['edges']}: {point['served']} listeners served, "
+                f"{point['delivered_per_s']} chunks/s, p99 {point['latency_p99_ms']} ms, "
+                f"efficiency {point['efficiency']}"
+                + (" (the steps ran out first)" if point["limited_by_steps"] else "")
             )
         console.print(f"figures and plot written to {out}/scaleout.json, scaleout.png")
         return 0
