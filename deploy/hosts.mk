@@ -33,12 +33,18 @@ cluster-e2e: setup ## The multi-host topology end to end: up, demo, one run of e
 	HOSTS_E2E=1 HOSTS_E2E_MAKE="$(MAKE) --no-print-directory" $(BIN)/pytest -p no:cacheprovider -s -v tests/hosts
 
 SCALE_STEPS ?= 1 2 4
-SCALE_RATE ?= 1500
-SCALE_SECONDS ?= 20
+# The admission rate search starts at SCALE_RATE joins/s per process; each step lasts SCALE_SECONDS. Every scaled
+# admission process runs at SCALE_QUOTA cores, every relay at SCALE_RELAY_QUOTA: 4 of them and the load generator
+# (about a core per 1,000 listeners) must fit the machine's cores.
+SCALE_RATE ?= 100
+SCALE_SECONDS ?= 8
+SCALE_QUOTA ?= 0.25
+SCALE_RELAY_QUOTA ?= 0.1
 SCALE_EDGES ?= 1 2 4
-SCALE_LISTENERS ?= 250 500 1000 1500 2000
+SCALE_LISTENERS ?= 50 100 150 200 300 400 600
 cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M edge relays (SCALE_EDGES, listeners per edge SCALE_LISTENERS), one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
-	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) \
+	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --quota $(SCALE_QUOTA) \
+		--relay-quota $(SCALE_RELAY_QUOTA) \
 		--edges $(SCALE_EDGES) --listeners $(SCALE_LISTENERS) --out .townhall/bench
 
 ISOLATION_SECONDS ?= 20

@@ -32,7 +32,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,49 +181,59 @@ class Settings:
     busy_seconds: float = 20.0
 
 
-def _clean(figures: dict[str, Any], rate: float) -> bool:
-    hot = figures["hot"]
-    sent = hot["sent_per_s"] or 1e-9
-    answered = sum(v for k, v in hot.items() if k in ("granted_per_s", "waiting_per_s"))
+def clean(figures: dict[str, Any], rate: float, kind: str = "hot") -> bool:
+    """Whether a step served its offered `rate` of `kind` joins cleanly (the bar of every rate search)."""
+    joins = figures[kind]
+    sent = joins["sent_per_s"] or 1e-9
+    answered = sum(v for k, v in joins.items() if k in ("granted_per_s", "waiting_per_s"))
     errors = sent - answered
-    p99 = hot["p99_ms"] if hot["p99_ms"] is not None else float("inf")
+    p99 = joins["p99_ms"] if joins["p99_ms"] is not None else float("inf")
     return errors <= 0.01 * sent and answered >= 0.97 * rate and p99 <= STEP_P99_MS
 
 
 async def search(
-    addresses: tuple[str, ...], room: str, pids: list[int], name: str, console: Console, settings: Settings
+    load_at: Callable[[float], Load],
+    start: float,
+    pids: list[int],
+    name: str,
+    console: Console,
+    kind: str = "hot",
 ) -> dict[str, Any]:
-    """Rising offered rates until a step is not clean; the best clean step's figures, with every step."""
+    """Offers `load_at(rate)` at rates rising by STEP_FACTOR from `start` until a step is not clean; the
+    best clean step's figures, with every step."""
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    rate = settings.search_from
+    rate = start
     for _ in range(MAX_STEPS):
-        load = Load(addresses, room, rate, (), 0.0, settings.step_seconds, generators=settings.generators,
-                    ghz=settings.ghz, auth=AUTH, tls=TLS)  # fmt: skip
-        figures = await offer(load, pids, f"{name} {rate:,.0f}/s", console)
-        clean = _clean(figures, rate)
-        steps.append({"offered_per_s": round(rate, 1), "clean": clean, **figures})
-        if not clean:
+        figures = await offer(load_at(rate), pids, f"{name} {rate:,.0f}/s", console)
+        ok = clean(figures, rate, kind)
+        steps.append({"offered_per_s": round(rate, 1), "clean": ok, **figures})
+        if not ok:
             break
         if best is None or figures["admitted_per_s"] > best["admitted_per_s"]:
             best = figures
         rate *= STEP_FACTOR
     if best is None:
-        raise RuntimeError(f"{name}: not even {settings.search_from:.0f} calls/s were served cleanly")
-    return {**best, "steps": [_step_row(s) for s in steps]}
+        raise RuntimeError(f"{name}: not even {start:.0f} calls/s were served cleanly")
+    return {**best, "steps": [_step_row(s, kind) for s in steps]}
 
 
-def _step_row(step: dict[str, Any]) -> dict[str, Any]:
-    hot = step["hot"]
+def _step_row(step: dict[str, Any], kind: str) -> dict[str, Any]:
+    joins = step[kind]
     keep = ("offered_per_s", "clean", "admitted_per_s", "server_cpu_cores", "admitted_per_core_s",
             "generator_cpu_cores")  # fmt: skip
-    return {**{k: step[k] for k in keep}, "p99_ms": hot["p99_ms"], "sent_per_s": hot["sent_per_s"]}
+    return {**{k: step[k] for k in keep}, "p99_ms": joins["p99_ms"], "sent_per_s": joins["sent_per_s"]}
 
 
 async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str, Any]:
     seconds, overload, cold_rate = settings.seconds, settings.overload, settings.cold_rate
     generators, processes, ghz_binary = settings.generators, settings.processes, settings.ghz
     phases: dict[str, dict[str, Any]] = {}
+
+    def step_load(addresses: tuple[str, ...], room: str) -> Callable[[float], Load]:
+        return lambda rate: Load(addresses, room, rate, (), 0.0, settings.step_seconds, generators=generators,
+                                 ghz=ghz_binary, auth=AUTH, tls=TLS)  # fmt: skip
+
     broker = Broker(out_dir / "joinstorm-kafka", port=free_port())
     broker.start()
     try:
@@ -233,13 +243,13 @@ async def _run(out_dir: Path, settings: Settings, console: Console) -> dict[str,
         address = f"127.0.0.1:{port}"
         with _process(argv, dict(os.environ), address, out_dir / "unary-ceiling.log") as ceiling:
             phases["ceiling"] = await search(
-                (address,), "ceiling-room", [ceiling.pid], "ceiling", console, settings
+                step_load((address,), "ceiling-room"), settings.search_from, [ceiling.pid], "ceiling", console
             )
         with admission(broker.bootstrap, processes, 0.0, out_dir) as admitting:
             hot, colds = await make_rooms(admitting.addresses[0], 50, AUTH, TLS)
             await wait_live(admitting.addresses, [hot, *colds], AUTH, TLS)
             phases["capacity"] = await search(
-                admitting.addresses, hot, admitting.pids, "capacity", console, settings
+                step_load(admitting.addresses, hot), settings.search_from, admitting.pids, "capacity", console
             )
         capacity = phases["capacity"]["admitted_per_s"]
         # The admit budget an operator would set from the capacity phase, split between processes; one

@@ -48,11 +48,26 @@ def add_parser(sub: Subparsers) -> None:
         "--listeners",
         type=int,
         nargs="+",
-        default=[250, 500, 1000, 1500, 2000],
+        default=[50, 100, 150, 200, 300, 400, 600],
         help="scale: listeners per edge of each rising step, until one misses the bar",
     )
     cluster.add_argument(
-        "--rate", type=float, default=1500.0, help="scale: joins/s offered per admission process (open loop)"
+        "--rate",
+        type=float,
+        default=100.0,
+        help="scale: joins/s per admission process the rate search starts from (open loop, rising x1.2)",
+    )
+    cluster.add_argument(
+        "--quota",
+        type=float,
+        default=0.25,
+        help="scale: CPU quota (cores) of every admission process in its curve",
+    )
+    cluster.add_argument(
+        "--relay-quota",
+        type=float,
+        default=0.1,
+        help="scale: CPU quota (cores) of every relay in its curve (the listeners' generator is on the host)",
     )
     cluster.add_argument(
         "--seconds", type=float, default=20.0, help="scale, isolation: measured seconds per step or phase"
@@ -128,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 out,
                 edges=args.edges,
                 listeners_per_edge=args.listeners,
+                quota=args.quota,
+                relay_quota=args.relay_quota,
             )
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")

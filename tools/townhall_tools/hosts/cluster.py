@@ -224,8 +224,14 @@ class Cluster:
         image: str = "townhall:0.1.0",
         kafka_image: str = "townhall-kafka:3.9.1",
         hosts: list[Host] | None = None,
+        cpus: dict[str, float] | None = None,
     ) -> None:
         self.root = root.resolve()
+        # CPU quota (cores) of each role's containers: LIMITS unless given here (the scale-out curve runs
+        # every scaled process at one quota of its choosing).
+        if set(cpus or {}) - set(LIMITS) or any(not 0.05 <= c <= 8 for c in (cpus or {}).values()):
+            raise ValueError(f"cpus: 0.05..8 cores for roles among {sorted(LIMITS)}, not {cpus}")
+        self.cpus = {role: (cpus or {}).get(role, limits[0]) for role, limits in LIMITS.items()}
         self.image = image
         self.kafka_image = kafka_image
         self.hosts = hosts if hosts is not None else plan()
@@ -353,7 +359,7 @@ class Cluster:
         binds: dict[str, str] | None = None,
         user: str | None = None,
     ) -> None:
-        cpus, memory = LIMITS[host.role]
+        cpus, memory = self.cpus[host.role], LIMITS[host.role][1]
         api = self.docker.api
         ports = [PORTS[host.role][0]] if host.published else []
         host_config = api.create_host_config(

@@ -2,9 +2,12 @@
 with the same CPU quota, against a load generated outside every quota (on the host).
 
 For each N the topology is brought up afresh with N owners (no crowd lane, one relay, one notifier), cold
-rooms are created, and `offered_per_process * N` joins/s are offered to them at every owner's own address
-(Host.direct: no docker-proxy in the path) by bench.join_load's generator; admitted joins/s, p99 latency
-and the server cores used are recorded. The scaling efficiency at N is admitted(N) / (N * admitted(1)).
+rooms are created, and joins are offered to them at every owner's own address (Host.direct: no
+docker-proxy in the path) by bench.join_load's generator processes, at rates rising from
+`offered_per_process * N` by the join storm's rate search (bench.join_storm.search: a step is clean when
+at least 97% of its offered rate is answered, at most 1% fails and p99 is within 250 ms); admitted(N) is
+the best clean step's admitted joins/s, with its p99 and the cores the owners used. The scaling
+efficiency at N is admitted(N) / (N * admitted(1)).
 
 The relay half runs on one topology with an origin relay and max(M) edge relays (no admission, no
 notifier): one speaker publishes a room to the origin at 50 frames/s and, for each M, listeners subscribe
@@ -39,8 +42,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from townhall.core.config import TlsConfig
-from townhall_tools.bench import audience
-from townhall_tools.bench.join_load import Load, make_rooms, offer, wait_live
+from townhall_tools.bench import audience, join_storm
+from townhall_tools.bench.join_load import Load, make_rooms, wait_live
 from townhall_tools.bench.relay import CHUNK_MS, Server, speak
 from townhall_tools.hosts.cluster import LIMITS, Cluster, plan
 
@@ -51,14 +54,18 @@ LISTENER_STEPS_MAX = 12
 LISTENERS_PER_EDGE_MAX = 2_500  # relay.listener_capacity: past it an edge refuses Subscribe
 
 
-async def _point(cluster: Cluster, offered: float, seconds: float, cold_rooms: int) -> dict[str, Any]:
+async def _point(cluster: Cluster, start: float, seconds: float, cold_rooms: int) -> dict[str, Any]:
     owners = cluster.of("admission")
     addresses = tuple(h.direct for h in owners)
     auth, tls = cluster.secrets.auth, TlsConfig()
     _, colds = await make_rooms(addresses[0], cold_rooms, auth, tls)
     await wait_live(addresses, colds, auth, tls)
-    load = Load(addresses, None, 0.0, tuple(colds), offered, seconds, generators=2, auth=auth, tls=tls)
-    return await offer(load, [cluster.pid(h) for h in owners], f"admission x{len(owners)}", console)
+
+    def load_at(rate: float) -> Load:
+        return Load(addresses, None, 0.0, tuple(colds), rate, seconds, generators=2, auth=auth, tls=tls)
+
+    pids = [cluster.pid(h) for h in owners]
+    return await join_storm.search(load_at, start, pids, f"admission x{len(owners)}", console, kind="cold")
 
 
 def efficiency(points: list[dict[str, Any]], count: str, value: str) -> None:
@@ -77,10 +84,12 @@ def _admission(
     offered_per_process: float,
     seconds: float,
     cold_rooms: int,
+    quota: float,
 ) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     for n in steps:
-        cluster = Cluster(root, image, kafka_image, plan(admission=n, crowd=0, relays=1, notifiers=1))
+        hosts = plan(admission=n, crowd=0, relays=1, notifiers=1)
+        cluster = Cluster(root, image, kafka_image, hosts, cpus={"admission": quota})
         cluster.down()
         started = time.monotonic()
         cluster.up()
@@ -92,7 +101,7 @@ def _admission(
         points.append(
             {
                 "admission": n,
-                "offered_per_s": offered_per_process * n,
+                "offered_per_s": figures["offered_cold_per_s"],
                 "admitted_per_s": figures["admitted_per_s"],
                 "p99_ms": figures["cold"]["p99_ms"],
                 "server_cpu_cores": figures["server_cpu_cores"],
@@ -107,9 +116,10 @@ def _admission(
     efficiency(points, "admission", "admitted_per_s")
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cpu_quota_cores": LIMITS["admission"][0],
+        "cpu_quota_cores": quota,
         "seconds": seconds,
         "offered_per_process": offered_per_process,
+        "latency_budget_ms": join_storm.STEP_P99_MS,
         "points": points,
     }
 
@@ -190,11 +200,16 @@ async def _relay_points(
 
 
 def _relays(
-    root: Path, image: str, kafka_image: str, edges: list[int], per_edge: list[int], seconds: float
+    root: Path,
+    image: str,
+    kafka_image: str,
+    edges: list[int],
+    per_edge: list[int],
+    seconds: float,
+    quota: float,
 ) -> dict[str, Any]:
-    cluster = Cluster(
-        root, image, kafka_image, plan(admission=0, crowd=0, relays=max(edges) + 1, notifiers=0)
-    )
+    hosts = plan(admission=0, crowd=0, relays=max(edges) + 1, notifiers=0)
+    cluster = Cluster(root, image, kafka_image, hosts, cpus={"relay": quota})
     cluster.down()
     started = time.monotonic()
     cluster.up()
@@ -205,7 +220,7 @@ def _relays(
         cluster.down()
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cpu_quota_cores": LIMITS["relay"][0],
+        "cpu_quota_cores": quota,
         "seconds": seconds,
         "listeners_per_edge": per_edge,
         "latency_budget_ms": audience.budget_ms(CHUNK_MS),
@@ -247,6 +262,8 @@ def run(
     cold_rooms: int = 50,
     edges: Sequence[int] = (),
     listeners_per_edge: Sequence[int] = (),
+    quota: float = LIMITS["admission"][0],
+    relay_quota: float = LIMITS["relay"][0],
 ) -> dict[str, Any]:
     """Each half's steps and efficiencies; writes scaleout.json and scaleout.png to `out_dir`. The
     admission half's figures stay at the top level (`points`), the relay half's go under `relays`."""
@@ -258,9 +275,11 @@ def run(
         with contextlib.suppress(ValueError):
             report = json.loads(path.read_text())
     if steps:
-        report.update(_admission(root, image, kafka_image, steps, offered_per_process, seconds, cold_rooms))
+        report.update(
+            _admission(root, image, kafka_image, steps, offered_per_process, seconds, cold_rooms, quota)
+        )
     if edges:
-        report["relays"] = _relays(root, image, kafka_image, edges, per_edge, seconds)
+        report["relays"] = _relays(root, image, kafka_image, edges, per_edge, seconds, relay_quota)
     report["machine"] = {"cpus": _cpus(), "python": platform.python_version()}
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
