@@ -168,10 +168,12 @@ async def _phase(
     progress: Progress,
     task: Any,
     ticket_key: str = "",
+    netns: bool = False,
 ) -> dict[str, Any]:
     """`per_target` listeners on each target; CPU and memory of the targets, CPU of `others`. Tickets
     are signed with `ticket_key` (tickets.private_key; default the development key) and name each
-    target's claim."""
+    target's claim. With `netns` (each target in a network namespace of its own, as a container is), also
+    the bytes the targets sent, from their namespaces' interface counters."""
     label = progress.tasks[task].description
     generators = listener_generator.Generators()
     workers = max(1, -(-per_target // LISTENERS_PER_GENERATOR))
@@ -199,12 +201,14 @@ async def _phase(
         start_at, end_at = generators.open_window(WARMUP_S, seconds)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu_start = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
+        sent_start = sum(tx_bytes(t.ps.pid) for t in targets) if netns else 0
         gen_start = generators.cpu_s()
         progress.update(task, description=f"{label}: measuring")
         probe_ms: list[float] = []
         probe = asyncio.create_task(_probe(targets, upstream, end_at - 0.5, probe_ms, ticket_key))
         await listener_generator.tick_through(progress, task, seconds, end_at)
         cpu_end = sum(map(cpu_s, (t.ps for t in targets))), [cpu_s(o.ps) for o in others]
+        sent_end = sum(tx_bytes(t.ps.pid) for t in targets) if netns else 0
         gen_end = generators.cpu_s()
         rss = _rss(targets)
         await asyncio.wait_for(probe, 10)
@@ -241,7 +245,28 @@ async def _phase(
         "burst_first_audio_p99_ms": _round(percentile(first_audio, 0.99)),
         "rss_mb": round(rss / 2**20, 1),
         "rss_per_listener_kb": round((rss - baseline_rss) / 1024 / connected, 1) if connected else None,
+        **(
+            {
+                "sent_bytes_per_s": round((sent_end - sent_start) / seconds),
+                "sent_bytes_per_listener_s": round((sent_end - sent_start) / seconds / connected, 1)
+                if connected
+                else None,
+            }
+            if netns
+            else {}
+        ),
     }
+
+
+def tx_bytes(pid: int) -> int:
+    """Bytes sent on every interface but loopback of the network namespace process `pid` is in
+    (/proc/PID/net/dev): what a container put on the wire, TCP/IP and TLS headers included."""
+    total = 0
+    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
+        name, counters = line.split(":", 1)
+        if name.strip() != "lo":
+            total += int(counters.split()[8])
+    return total
 
 
 def _passed(step: dict[str, Any], chunk_ms: int) -> bool:

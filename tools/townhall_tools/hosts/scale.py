@@ -137,6 +137,7 @@ def relay_point(edges: int, steps: list[dict[str, Any]], per_edge: Sequence[int]
         "latency_p99_ms": best["latency_p99_ms"] if best else None,
         "edge_cores": best["cores"] if best else None,
         "origin_cores": best["origin_cores"] if best else None,
+        "sent_bytes_per_listener_s": best.get("sent_bytes_per_listener_s") if best else None,
         "limited_by_steps": bool(steps)
         and steps[-1]["passed"]
         and steps[-1]["listeners"] == per_edge[-1] * edges,
@@ -153,7 +154,7 @@ async def _search(
     async def measure(n: int) -> dict[str, Any]:
         task = progress.add_task(f"relays: {n} x {len(targets)} edges", total=seconds)
         step = await audience._phase(
-            targets, (origin.internal,), n, seconds, [origin], baseline, progress, task, key
+            targets, (origin.internal,), n, seconds, [origin], baseline, progress, task, key, netns=True
         )
         step["origin_cores"] = step.pop("other_cores")[0]
         verdict = "ok" if audience._passed(step, CHUNK_MS) else "over"
