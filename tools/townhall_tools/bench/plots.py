@@ -9,7 +9,9 @@
   host's followers were notified, with the latency they saw;
 - scaleout.png: admitted joins/s against admission processes, and listeners served against edge relays,
   in containers of one CPU quota each, beside perfect scaling, with each step's efficiency (two panels;
-  `townhall cluster scale`, townhall_tools.hosts.scale).
+  `townhall cluster scale`, townhall_tools.hosts.scale);
+- capacity.png: the seed event's cores per service and pods as the audience grows (bench/capacity.py,
+  from the scale-out and isolation figures).
 
 matplotlib (a dependency of townhall-tools) draws them with its Agg backend: files only, no display.
 `python -m townhall_tools.bench.plots [.townhall/bench]` redraws every plot from the JSON there.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,12 +241,43 @@ def scaleout(report: Mapping[str, Any]) -> Figure:
     return figure
 
 
+def capacity(report: Mapping[str, Any]) -> Figure:
+    """The seed event's sizing (bench/capacity.py): cores per service at the event, and the pods each tier
+    needs as the audience grows to twice the event (join attempts and followers growing with it)."""
+    figure = _figure(width=12.0)
+    left, right = figure.subplots(1, 2)
+    tiers = [t for t in report["tiers"] if t["cores"]]
+    names = [t["service"] for t in tiers]
+    left.barh(names, [t["cores"] for t in tiers], color="tab:blue")
+    for y, tier in enumerate(tiers):
+        left.annotate(f" {tier['cores']} cores", (tier["cores"], y), va="center")
+    left.set_xlabel("cores at the event (pods of one core)")
+    left.set_title(f"Cores per service: {report['total_cores']} in all")
+    left.grid(alpha=0.3, axis="x")
+    listeners = report["event"]["listeners"]
+    scales = [i / 10 for i in range(1, 21)]
+    for tier in tiers:
+        right.plot(
+            [s * listeners for s in scales],
+            [math.ceil(s * tier["pods"]) for s in scales],
+            label=tier["service"],
+        )
+    right.axvline(listeners, color="grey", linestyle=":", label=f"the event ({listeners:,} listeners)")
+    right.set_xlabel("listeners (join attempts and followers in the event's proportion)")
+    right.set_ylabel("pods")
+    right.set_title("Pods as the audience grows")
+    right.grid(alpha=0.3)
+    right.legend()
+    return figure
+
+
 PLOTS: dict[str, Callable[[Mapping[str, Any]], Figure]] = {
     "audience": audience,
     "relay": relay,
     "joinstorm": joinstorm,
     "notify": notify,
     "scaleout": scaleout,
+    "capacity": capacity,
 }
 
 
