@@ -9,7 +9,7 @@
 CLUSTER_RUNS := $(if $(filter command line environment,$(origin RUNS)),$(RUNS),5)
 CLUSTER := $(BIN)/townhall cluster --image $(IMAGE) --kafka-image $(KAFKA_IMAGE)
 
-.PHONY: cluster-up cluster-down cluster-status cluster-demo cluster-faults print-hosts-images cluster-e2e cluster-scale cluster-isolation
+.PHONY: cluster-up cluster-down cluster-status cluster-demo cluster-faults print-hosts-images cluster-e2e cluster-scale cluster-isolation capacity
 
 cluster-up: setup image kafka-image ## Start the multi-host topology in containers (brokers, admission, relays, notifiers)
 	$(CLUSTER) up
@@ -50,3 +50,6 @@ cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M e
 ISOLATION_SECONDS ?= 20
 cluster-isolation: cluster-up ## Cold rooms' join p99 alone and during a crowd-lane storm (bound x2); .townhall/bench/isolation.json
 	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --out .townhall/bench
+
+capacity: setup ## The seed event sized from .townhall/bench's scale-out and isolation JSON (docs/capacity.md); capacity.json + PNG
+	$(BIN)/python -m townhall_tools.bench.capacity .townhall/bench
