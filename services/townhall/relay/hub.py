@@ -12,10 +12,10 @@ from typing import Protocol
 import grpc
 
 from townhall.core import logging
-from townhall.core.validation import MAX_LOST_ROOMS
 from townhall.core.errors import Reason, Unavailable
 from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel, spawn, supervise
+from townhall.core.validation import MAX_LOST_ROOMS
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, ListenerQueue, Room, chunk_position
 
