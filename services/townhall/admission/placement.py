@@ -11,7 +11,7 @@ edges only as its audience grows.
 The relays form a `degree`-ary tree in that order (relay i pulls from relay (i - 1) // degree):
 the origin feeds at most `degree` relays, and larger rooms get mid-tier levels.
 A relay whose report names the room as lost (its pull from upstream was given up: it cannot reach
-the room's tree, a cut the health probes do not see) is left out of the room's tree for listeners
+the room's tree, a cut the health probes do not see) goes to the end of the room's order for listeners
 while its report says so; it stays the origin if it is first (an edge whose origin died takes over).
 """
 
@@ -219,8 +219,14 @@ class Placer:
             return RelayPath(order[0], ())
         lost = self._lost.get(room_id)
         if lost:
-            # Relays that cannot reach the room's tree: none of its listeners, nor a place in its tree.
-            order = [order[0], *(relay for relay in order[1:] if relay not in lost)]
+            # Relays that cannot reach the room's tree go last: listeners only once every other relay holds
+            # its share (when every edge lost the room, its origin died: the room's new tree needs them),
+            # and no relay pulls the room through them.
+            order = [
+                order[0],
+                *(relay for relay in order[1:] if relay not in lost),
+                *(relay for relay in order[1:] if relay in lost),
+            ]
         index = self._choose(order, room_id)
         relay = order[index]
         placed = self._placed.setdefault(relay, {})
