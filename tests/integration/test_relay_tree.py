@@ -26,14 +26,17 @@ from townhall.admission.placement import Placer, RelayPath
 from townhall.admission.relay_load import RelayLoadFollower
 from townhall.core import config as config_module
 from townhall.core import server
+from townhall.core.channels import channel as open_channel
 from townhall.core.config import DEV_AUTH, DEV_SERVICE_KEY, KafkaConfig
 from townhall.core.credentials import ServiceCredential
 from townhall.core.errors import REASON_KEY
+from townhall.core.sharding import ranked
 from townhall.core.tickets import TICKET_KEY
 from townhall.core.tokens import SigningKey
 from townhall.relay import metrics
 from townhall.relay.app import RelayApp
 from townhall.relay.hub import UPSTREAM_LOST
+from townhall.relay.upstream import Upstreams
 from townhall.v1 import relay_pb2_grpc
 from townhall.v1.common_pb2 import Role
 from townhall.v1.relay_pb2 import Chunk, PullRequest, SubscribeRequest
@@ -368,6 +371,122 @@ async def test_an_edge_cut_from_its_origin_without_a_reset_sends_its_listeners_e
         assert after[0].sequence == heard[-1].sequence + 1
         stop.set()
         await asyncio.wait_for(speaker, TIMEOUT)
+
+
+def reroute(monkeypatch: pytest.MonkeyPatch, upstreams: Upstreams, address: str, via: str) -> None:
+    """This relay's side of the network: its pulls from `address` go through `via` (a link), with the
+    credential still for `address` (the relay there checks it is the audience). Other relays dial it directly."""
+    pull = upstreams.pull
+
+    def routed(room_id: str, path: tuple[str, ...], *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        if path[-1] == address and address not in upstreams._channels:
+            upstreams._channels[address] = open_channel(via, upstreams._tls, upstreams._options)
+        return pull(room_id, path, *args, **kwargs)
+
+    monkeypatch.setattr(upstreams, "pull", routed)
+
+
+class Audience:
+    """Listeners placed as admission places them (a Placer fed by the relays' load reports), joining again
+    whenever a relay sends them away."""
+
+    def __init__(self, t: Tree, placer: Placer) -> None:
+        self._t = t
+        self._placer = placer
+        self._internal = dict(zip(t.addresses, t.internals, strict=True))
+        self.heard: dict[int, list[tuple[float, int, Chunk]]] = {}  # user -> (receipt, relay index, chunk)
+        self.placed: dict[int, list[RelayPath]] = {}
+
+    async def listen(self, user: int) -> None:
+        """One listener, until cancelled: join (placement), subscribe, and on upstream-lost join again."""
+        heard = self.heard.setdefault(user, [])
+        while True:
+            placed = self._placer.place(ROOM, on_stage=False, now=time.time())
+            self.placed.setdefault(user, []).append(placed)
+            relay = self._t.addresses.index(placed.relay)
+            upstream = tuple(self._internal[hop] for hop in placed.upstream)
+            ticket = self._t.signer.issue(ROOM, user, Role.ROLE_LISTENER, placed.relay, upstream=upstream)
+            after = heard[-1][2].sequence if heard else 0
+            call = self._t.stub(relay).Subscribe(
+                SubscribeRequest(room_id=ROOM, resume_after=after),
+                metadata=((TICKET_KEY, self._t.signer.sign(ticket)),),
+            )
+            try:
+                async for chunk in call:
+                    heard.append((time.monotonic(), relay, chunk))
+            except grpc.aio.AioRpcError as exc:
+                assert (REASON_KEY, UPSTREAM_LOST) in tuple(exc.trailing_metadata() or ()), exc
+            await asyncio.sleep(0.05)  # as townhall.live's Listener does when sent away
+
+
+async def test_listeners_of_an_edge_cut_from_the_origin_join_again_on_a_path_without_it(
+    kafka: KafkaConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A silent cut (every byte held, no reset) between one edge and the origin only: the edge gives its
+    # pull up after upstream_lost_s and its listeners join again. Admission knows nothing of the cut from
+    # its health probes (the edge answers them); the edge's load report names the room as lost, at once,
+    # and placement leaves the edge out of the room's tree: the listeners hear the room again while the
+    # cut lasts, instead of being sent back to the cut edge until it heals. The periodic report (2 s)
+    # would come too late: the relay reports the loss before it sends its listeners away.
+    cut_s, lost_s = 4.0, 0.5
+    async with (
+        tree(
+            3, chunk_s="0.05", upstream_lost_s=str(lost_s), load_report_s="2", kafka_bootstrap=kafka.bootstrap
+        ) as t,
+    ):
+        placer = Placer(t.addresses, edge_target=8, degree=2, default_capacity=100)
+        follower = RelayLoadFollower(kafka, DEV_AUTH, placer)
+        follower.start()
+        tasks: list[asyncio.Task[None]] = []
+        stop = asyncio.Event()
+        try:
+            assert await follower.wait_read(20)
+            order = [t.addresses.index(relay) for relay in ranked(ROOM, t.addresses)]
+            origin, edge = order[0], order[1]
+            speaker = t.stub(origin).Publish(
+                frames(100_000, stop=stop), metadata=t.ticket(origin, 1, Role.ROLE_SPEAKER)
+            )
+            async with links.link(t.internals[origin]) as link:
+                reroute(monkeypatch, t.apps[edge].upstreams, t.internals[origin], link.address)
+                audience = Audience(t, placer)
+                # Eight listeners fill the origin's share of the room (edge_target 8), the ninth is the edge's.
+                for user in range(100, 109):
+                    tasks.append(asyncio.create_task(audience.listen(user)))
+                    await asyncio.sleep(0)
+                moved = 108
+                await wait_for(lambda: len(audience.heard.get(moved, [])) >= 4, within_s=TIMEOUT)
+                assert [p.relay for p in audience.placed[moved]] == [t.addresses[edge]]
+                link.cut()
+                cut = time.monotonic()
+                await asyncio.sleep(cut_s)
+                heard_in_cut = [at for at, _, _ in audience.heard[moved] if at > cut]
+                link.mend()
+                await wait_for(lambda: audience.heard[moved][-1][0] > cut, within_s=TIMEOUT)
+                heard_s = next(at for at, _, _ in audience.heard[moved] if at > cut) - cut
+                again = audience.placed[moved][1:]
+                names = {t.addresses[origin]: "origin", t.addresses[edge]: "cut edge"}
+                print(
+                    f"cut for {cut_s:g} s: heard again {heard_s:.2f} s after the cut, joined again on "
+                    f"{[names.get(p.relay, 'other edge') for p in again]}"
+                )
+                assert heard_in_cut, (
+                    f"the listener heard nothing during the {cut_s:g} s cut: placed on {again}"
+                )
+                assert again and all(
+                    p.relay != t.addresses[edge] and t.addresses[edge] not in p.upstream for p in again
+                )
+                chunks = [chunk for _, _, chunk in audience.heard[moved]]
+                assert gaps(chunks) == 0, "resumed from the origin's ring without a gap"
+                # Others heard on: the origin's own listeners were never moved.
+                assert all(len(audience.placed[user]) == 1 for user in range(100, 108))
+            stop.set()
+            await asyncio.wait_for(speaker, TIMEOUT)
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await follower.close()
 
 
 async def test_an_edge_keeps_pulling_a_silent_room_on_the_origins_heartbeats() -> None:

@@ -157,3 +157,50 @@ def test_a_relay_not_probed_yet_gets_no_listeners_until_a_probe_finds_it_serving
     assert {p.place(ROOM, on_stage=False, now=0.0).relay for _ in range(6)} <= set(RELAYS[:2])
     p.set_up(RELAYS[:3])
     assert RELAYS[2] in {p.place(ROOM, on_stage=False, now=1.0).relay for _ in range(12)}
+
+
+def test_a_relay_that_lost_a_rooms_upstream_is_passed_over_for_the_room_until_its_report_clears() -> None:
+    p = placer(target=1, degree=2)
+    order = ranked(ROOM, RELAYS)
+    other = next(room for room in (f"room-{i}" for i in range(100)) if ranked(room, RELAYS)[1] == order[1])
+    cut = order[1]  # the room's first edge, which can no longer reach the origin
+    p.observe(Load(cut, 0, 1000, at=1.0, lost=frozenset({ROOM})))
+    placed = [p.place(ROOM, on_stage=False, now=1.0) for _ in range(4)]
+    assert cut not in {x.relay for x in placed}
+    assert [x.relay for x in placed] == [order[0], order[2], order[3], order[4]]
+    # Nor in the tree above them: order[4] would pull through the cut edge, it pulls via order[2] now.
+    assert all(cut not in x.upstream for x in placed)
+    assert placed[3].upstream == (order[0], order[2])
+    assert p.place(ROOM, on_stage=True, now=1.0).relay == order[0]
+    # The cut edge still gets listeners of its other rooms.
+    assert p.place(other, on_stage=False, now=1.0).relay == ranked(other, RELAYS)[0]
+    assert p.place(other, on_stage=False, now=1.0).relay == cut
+    # Its next report no longer names the room (its pull works again): it is the room's first edge again.
+    p.observe(Load(cut, 0, 1000, at=2.0))
+    assert p.place(ROOM, on_stage=False, now=2.0).relay == cut
+    # A relay forgotten while its report named a room forgets that too.
+    p.observe(Load(cut, 0, 1000, at=3.0, lost=frozenset({ROOM})))
+    p.forget(cut)
+    assert p.place(ROOM, on_stage=False, now=3.0).relay == cut
+
+
+def test_relays_that_lost_a_room_get_its_listeners_last_when_every_other_relay_holds_its_share() -> None:
+    # Every edge of the room lost it (its origin died): the room's new tree is built from them anyway.
+    relays = RELAYS[:3]
+    p = placer(relays, target=1, degree=2)
+    order = ranked(ROOM, relays)
+    for relay in order[1:]:
+        p.observe(Load(relay, 0, 1000, at=1.0, lost=frozenset({ROOM})))
+    placed = [p.place(ROOM, on_stage=False, now=1.0) for _ in range(3)]
+    assert [x.relay for x in placed] == order
+    assert [x.upstream for x in placed] == [(), (order[0],), (order[0],)]
+
+
+def test_a_lost_room_keeps_its_origin_when_the_origin_reports_it_lost() -> None:
+    # The origin first in the order names the room lost: it was an edge of an origin that died, and
+    # takes the room over when a ticket names no upstream. It stays the room's origin.
+    p = placer(target=1, degree=2)
+    order = ranked(ROOM, RELAYS)
+    p.observe(Load(order[0], 0, 1000, at=1.0, lost=frozenset({ROOM})))
+    assert p.place(ROOM, on_stage=False, now=1.0).relay == order[0]
+    assert p.place(ROOM, on_stage=True, now=1.0).relay == order[0]

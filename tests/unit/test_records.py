@@ -35,6 +35,7 @@ from townhall.core.records import (
     guarded,
 )
 from townhall.core.room_records import AnyOwner, ListedOwners, RoomRecords
+from townhall.core.validation import MAX_LOST_ROOMS
 from townhall.internal.v1.events_pb2 import Leads, PresenceEvent, RelayLoad
 from townhall.relay.leaves import is_leave, leave_record
 from townhall.v1.common_pb2 import ROOM_STATE_LIVE, Removal, Room
@@ -205,7 +206,10 @@ def test_a_room_record_must_be_keyed_by_its_room_and_written_by_a_listed_member(
 def report(**fields: object) -> RelayLoad:
     made = RelayLoad(relay="r:1", listeners=3, capacity=10, at_ms=1_000_000, rooms={"a": 3}, origins=["a"])
     for name, value in fields.items():
-        setattr(made, name, value)
+        if isinstance(value, list):
+            getattr(made, name).extend(value)
+        else:
+            setattr(made, name, value)
     return made
 
 
@@ -234,6 +238,9 @@ def test_relay_reports_take_effect_only_within_the_readers_clock() -> None:
     leads = report()
     leads.leads["a"].CopyFrom(Leads(user_ids=[1, 2, 3, 4]))
     assert verdict(leads) == INVALID, "more leads than a host and its co-hosts"
+    assert verdict(report(lost=["a", "b"])) == "ok"
+    assert verdict(report(lost=[f"room-{i}" for i in range(MAX_LOST_ROOMS + 1)])) == INVALID
+    assert verdict(report(lost=["bad room id\n"])) == INVALID
 
 
 def test_a_deletion_takes_effect_only_signed_by_an_owner_and_keyed_by_a_room() -> None:

@@ -248,3 +248,39 @@ async def test_a_ticket_naming_no_upstream_makes_a_failing_edge_the_origin_in_a_
     assert chunk_position(listener.take() or b"") == (room.epoch, 1)
     assert hub.origins() == ["r"]
     await hub.close()
+
+
+async def test_a_lost_room_is_announced_before_its_listeners_leave_and_listed_until_its_pull_works() -> None:
+    upstreams = Upstreams({})
+    hub = RelayRooms(
+        FanoutSettings(), chunk_s=0.02, upstreams=upstreams, upstream_lost_s=0.1, lost_report_s=0.5
+    )
+    announced: list[tuple[list[str], list[str | None]]] = []
+
+    async def announce() -> None:
+        # What a report made now names, and whether the listeners are still there.
+        announced.append((hub.lost(), [first.reason, other.reason]))
+
+    hub.announce = announce
+    room, first = hub.subscribe("r", 0, upstream=("dead:1",))
+    _, other = hub.subscribe("q", 0, upstream=("dead:2",))
+    await until(lambda: first.reason is not None and other.reason is not None)
+    assert first.reason == other.reason == UPSTREAM_LOST
+    # Each room announced once (not at each retry of its failing pull), before its listeners were sent away.
+    assert sorted(rooms[-1] for rooms, _ in announced) == ["q", "r"]
+    assert all(reasons.count(None) >= 1 for _, reasons in announced)
+    await asyncio.sleep(0.3)
+    assert len(announced) == 2 and sorted(hub.lost()) == ["q", "r"]
+    # Room r's pull works again: no longer listed.
+    upstreams.serving["dead:1"] = [encode_chunk(1, 900, 1, [])]
+    hub.subscribe("r", 0, upstream=("dead:1",))
+    await until(lambda: room.pull_ok)
+    assert "r" not in hub.lost()
+    # Room q, its listener gone and its pull stopped while still failing: listed until lost_report_s
+    # after its last loss.
+    hub.unsubscribe(hub.room("q"), other)  # type: ignore[arg-type]
+    hub.pull_linger_s = 0.0
+    hub.sweep()
+    assert hub.lost() == ["q"]
+    await until(lambda: not hub.lost())
+    await hub.close()

@@ -10,6 +10,9 @@ carries fewer than `edge_target` of the room's listeners and is below its capaci
 edges only as its audience grows.
 The relays form a `degree`-ary tree in that order (relay i pulls from relay (i - 1) // degree):
 the origin feeds at most `degree` relays, and larger rooms get mid-tier levels.
+A relay whose report names the room as lost (its pull from upstream was given up: it cannot reach
+the room's tree, a cut the health probes do not see) goes to the end of the room's order for listeners
+while its report says so; it stays the origin if it is first (an edge whose origin died takes over).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Load:
     at: float  # when it was made, seconds on the placer's clock
     rooms: Mapping[str, int] = field(default_factory=dict)
     origins: frozenset[str] = frozenset()  # rooms the relay is the origin of (speakers publish there)
+    lost: frozenset[str] = frozenset()  # rooms whose upstream the relay lost recently
 
 
 def parent(index: int, degree: int) -> int:
@@ -90,6 +94,8 @@ class Placer:
         self._up: frozenset[str] | None = None
         # Live rooms' origins as their relays report them: a room stays where its speakers are.
         self._origins: dict[str, str] = {}
+        # Rooms -> relays whose last report names the room lost (bounded: MAX_LOST_ROOMS per relay).
+        self._lost: dict[str, set[str]] = {}
 
     @property
     def stale_s(self) -> float:
@@ -106,6 +112,7 @@ class Placer:
         load = self._loads.pop(relay, None)
         self._placed.pop(relay, None)
         self._placed_total.pop(relay, None)
+        self._unmark_lost(relay, load.lost if load is not None else ())
         for room_id in load.origins if load is not None else ():
             if self._origins.get(room_id) == relay:
                 del self._origins[room_id]
@@ -134,6 +141,10 @@ class Placer:
         self._live = None
         self._placed.pop(load.relay, None)
         self._placed_total.pop(load.relay, None)
+        lost_before = previous.lost if previous is not None else frozenset()
+        self._unmark_lost(load.relay, lost_before - load.lost)
+        for room_id in load.lost - lost_before:
+            self._lost.setdefault(room_id, set()).add(load.relay)
         before = previous.origins if previous is not None else frozenset()
         for room_id in before - load.origins:
             if self._origins.get(room_id) == load.relay:
@@ -142,6 +153,14 @@ class Placer:
         for room_id in load.origins - before:
             self._origins[room_id] = load.relay
             self._orders.pop(room_id, None)
+
+    def _unmark_lost(self, relay: str, rooms: Collection[str]) -> None:
+        for room_id in rooms:
+            relays = self._lost.get(room_id)
+            if relays is not None:
+                relays.discard(relay)
+                if not relays:
+                    del self._lost[room_id]
 
     def live(self, now: float) -> list[str]:
         """Relays that are members, answer probes and have not gone quiet (one yet to report is live)."""
@@ -198,6 +217,16 @@ class Placer:
         order = self._order(room_id, now)
         if on_stage:
             return RelayPath(order[0], ())
+        lost = self._lost.get(room_id)
+        if lost:
+            # Relays that cannot reach the room's tree go last: listeners only once every other relay holds
+            # its share (when every edge lost the room, its origin died: the room's new tree needs them),
+            # and no relay pulls the room through them.
+            order = [
+                order[0],
+                *(relay for relay in order[1:] if relay not in lost),
+                *(relay for relay in order[1:] if relay in lost),
+            ]
         index = self._choose(order, room_id)
         relay = order[index]
         placed = self._placed.setdefault(relay, {})

@@ -39,6 +39,7 @@ def to_load(value: bytes | RelayLoad) -> Load:
         report.at_ms / 1000,
         dict(report.rooms),
         frozenset(report.origins),
+        frozenset(report.lost),
     )
 
 
@@ -71,6 +72,12 @@ class ReportCheck:
                 raise BadRecord(INVALID, f"{name} lists {len(rooms)} rooms; at most {MAX_ROOMS}")
             for room_id in rooms:
                 validation.room_id(room_id, name)
+        if len(report.lost) > validation.MAX_LOST_ROOMS:
+            raise BadRecord(
+                INVALID, f"lost lists {len(report.lost)} rooms; at most {validation.MAX_LOST_ROOMS}"
+            )
+        for room_id in report.lost:
+            validation.room_id(room_id, "lost")
         for room_id, leads in report.leads.items():
             validation.user_ids(leads.user_ids, f"leads[{room_id}]", MAX_LEADS)
         return report

@@ -663,6 +663,9 @@ class RelayConfig:
     # the room (UNAVAILABLE): they join again, admission gives them a path over live relays, and
     # they resume from their last chunk. At once when the upstream says it is draining.
     upstream_lost_s: Annotated[float, within(0.1, 60)] = 1.0
+    # A room whose upstream this relay lost stays named in its load report (admission then passes this
+    # relay over for that room's listeners) until its pull works again, or this long after the last loss.
+    upstream_lost_report_s: Annotated[float, within(1, 3600)] = 30.0
     # Follow the room-state topic (read to its end before serving) to enforce moderation on this relay:
     # streams of removed, banned or demoted users and of ended rooms end, muted speakers are dropped;
     # and the presence topic's leaves: a listener's Leave voids its older tickets here.

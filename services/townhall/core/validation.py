@@ -57,6 +57,8 @@ MAX_INVITES = 20
 MAX_BANS = 1_000
 MAX_REMOVALS = 256
 MAX_LISTENER_LIMIT = 10_000_000
+# Rooms a relay's load report may name as lost (RelayLoad.lost): the relay keeps the latest ones.
+MAX_LOST_ROOMS = 1_000
 _ROOM_LISTS = (
     ("speaker_ids", MAX_SPEAKERS),
     ("cohost_ids", MAX_COHOSTS),

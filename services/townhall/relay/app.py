@@ -54,6 +54,7 @@ class RelayApp:
             large_chunk_s=relay.large_room_chunk_s,
             large_downstream=relay.large_room_relays,
             upstream_lost_s=relay.upstream_lost_s,
+            lost_report_s=relay.upstream_lost_report_s,
         )
         self._flush_s = 2 * max(relay.chunk_s, relay.large_room_chunk_s)
         # Moderation: the rooms' rules from the room-state topic, enforced on this relay's streams.
@@ -64,6 +65,7 @@ class RelayApp:
             self.rooms = RoomStateFollower(config.kafka, config.auth, self.guard)
             self.leaves = LeaveFollower(config.kafka, config.auth, self.guard, relay.address)
         self.reporter = LoadReporter(config, self.hub, self.guard.leads)
+        self.hub.announce = self.reporter.announce
         # The topics it writes (load reports) and follows (moderation); none for a relay without Kafka.
         topics = Topics(config.kafka.topic_prefix)
         self._topics = [topics.relay_load] if relay.load_report_s else []

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import grpc
@@ -15,6 +15,7 @@ from townhall.core import logging
 from townhall.core.errors import Reason, Unavailable
 from townhall.core.errors import reason as error_reason
 from townhall.core.tasks import cancel, spawn, supervise
+from townhall.core.validation import MAX_LOST_ROOMS
 from townhall.relay import metrics
 from townhall.relay.fanout import Emitted, FanoutSettings, ListenerQueue, Room, chunk_position
 
@@ -100,10 +101,18 @@ class RelayRooms:
         large_chunk_s: float = 0.0,
         large_downstream: int = 0,
         upstream_lost_s: float = 1.0,
+        lost_report_s: float = 30.0,
     ) -> None:
         self.settings = settings
         # A pull failing this long means the upstream is gone: listeners are sent to join again.
         self.upstream_lost_s = upstream_lost_s
+        # Rooms whose upstream was lost here -> when last (self._clock), oldest first, at most
+        # MAX_LOST_ROOMS: the load report names them so admission sends their listeners elsewhere.
+        self._lost: dict[str, float] = {}
+        self._lost_report_s = lost_report_s
+        # Told of a room newly lost (the load reporter: a report at once); listeners are sent away once
+        # it returns, so that admission knows of the loss when they join again. It bounds its own wait.
+        self.announce: Callable[[], Awaitable[object]] | None = None
         self._upstreams = upstreams
         # An edge keeps pulling this long after its last listener left, so one who reconnects resumes.
         self.pull_linger_s = pull_linger_s
@@ -196,6 +205,14 @@ class RelayRooms:
             self._activate(room)
         return room, subscriber
 
+    def lost(self) -> list[str]:
+        """Rooms whose upstream this relay lost within lost_report_s and has not reached since (for the
+        load report), at most MAX_LOST_ROOMS."""
+        expired = self._clock() - self._lost_report_s
+        for room_id in [room_id for room_id, at in self._lost.items() if at <= expired]:
+            del self._lost[room_id]
+        return list(self._lost)
+
     def origins(self) -> list[str]:
         """Rooms this relay is the origin of now: it emits their chunks (for the load report)."""
         return [room_id for room_id, room in self._rooms.items() if not room.upstream and room.active]
@@ -204,6 +221,7 @@ class RelayRooms:
         """This relay was pulling the room and takes it over as its origin, in a new epoch."""
         log.info("edge room became origin", room=room.room_id, upstream=room.upstream[-1])
         self._stop_pull(room)
+        self._lost.pop(room.room_id, None)
         room.upstream = ()
         room.begin_epoch(self._wall_us() // 1000)
         metrics.ORIGIN_TAKEOVERS.inc()
@@ -360,7 +378,7 @@ class RelayRooms:
                         # The call was cancelled under it: its channel closed (another room's pull
                         # found the connection silent). It is dialled again.
                         log.info("pull cancelled with its channel", room=room.room_id, upstream=path[-1])
-                        self._pull_failed(room, "")
+                        await self._pull_failed(room, "")
                         continue
                     reason = SILENT
                     metrics.PULLS_SILENT.inc()
@@ -387,7 +405,7 @@ class RelayRooms:
                     )
                 finally:
                     silence.stop()
-                self._pull_failed(room, reason)
+                await self._pull_failed(room, reason)
         finally:
             if self._pulls.get(room.room_id) is asyncio.current_task():
                 del self._pulls[room.room_id]
@@ -395,8 +413,9 @@ class RelayRooms:
     def _pull_opened(self, room: Room) -> None:
         room.pull_ok = True
         room.pull_failing_since = None
+        self._lost.pop(room.room_id, None)
 
-    def _pull_failed(self, room: Room, reason: str) -> None:
+    async def _pull_failed(self, room: Room, reason: str) -> None:
         """The pull ended; after upstream_lost_s of failures (or of silence, or with a draining upstream)
         listeners move."""
         now = self._clock()
@@ -408,10 +427,17 @@ class RelayRooms:
             or now - room.pull_failing_since >= self.upstream_lost_s
         ):
             room.pull_failing_since = now
-            self._lose_upstream(room)
+            await self._lose_upstream(room)
 
-    def _lose_upstream(self, room: Room) -> None:
-        """Ends the room's streams here so its listeners (and relays below) join again on a live path."""
+    async def _lose_upstream(self, room: Room) -> None:
+        """Ends the room's streams here so its listeners (and relays below) join again on a live path,
+        once admission has been told (the load report names the room) not to send them back here."""
+        new = self._lost.pop(room.room_id, None) is None
+        self._lost[room.room_id] = self._clock()
+        if len(self._lost) > MAX_LOST_ROOMS:
+            del self._lost[next(iter(self._lost))]
+        if new and self.announce is not None:
+            await self.announce()
         closed = 0
         for subscriber in list(room.subscribers):
             subscriber.close(UPSTREAM_LOST)

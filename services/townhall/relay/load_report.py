@@ -1,4 +1,5 @@
-"""The relay's load report: listeners per room, every few seconds, to the compacted relay-load topic."""
+"""The relay's load report: listeners per room, every few seconds, to the compacted relay-load topic, and
+at once when a room's upstream is lost (admission then places the room's listeners elsewhere)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ log = logging.get(__name__)
 
 # A clean shutdown's goodbye (a tombstone for this relay's key) is best effort, and never holds it up longer.
 GOODBYE_S = 3.0
+# How long listeners of a room whose upstream was lost wait, at most, for the report naming the room to
+# reach Kafka before they are sent to join again (Kafka away: they go after this, and may come back here).
+ANNOUNCE_S = 0.5
 
 
 class LoadReporter:
@@ -41,6 +45,8 @@ class LoadReporter:
         self._signer = RecordSigner(config.auth, Writer(RELAY, self._relay))
         self._task: asyncio.Task[None] | None = None
         self._reported = False  # a report reached Kafka: admission may know this relay
+        self._wake = asyncio.Event()  # a report is wanted now (a room's upstream was lost)
+        self._written = asyncio.Event()  # set when the next report made from now reaches Kafka
 
     def report(self) -> RelayLoad:
         """What the relay carries now."""
@@ -54,8 +60,19 @@ class LoadReporter:
             at_ms=time.time_ns() // 1_000_000,
             rooms=rooms,
             origins=self._hub.origins(),
+            lost=self._hub.lost(),
             leads={room: Leads(user_ids=users) for room, users in leads.items()},
         )
+
+    async def announce(self) -> None:
+        """Reports at once (a room's upstream was just lost) and waits until Kafka has that report, at most
+        ANNOUNCE_S; returns at once when the relay does not report."""
+        if self._task is None:
+            return
+        written = self._written
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written.wait(), ANNOUNCE_S)
 
     def start(self) -> None:
         """Starts reporting in the background (no-op when load_report_s is 0)."""
@@ -95,11 +112,16 @@ class LoadReporter:
             try:
                 await reports.start()
                 while True:
+                    self._wake.clear()
+                    # Whoever waits for a report made from now on waits for this one.
+                    written, self._written = self._written, asyncio.Event()
                     value = self.report().SerializeToString()
                     headers = self._signer.headers(self._topic, key, value)
                     await reports.send_and_wait(self._topic, value, key=key, headers=headers)
                     self._reported = True
-                    await asyncio.sleep(self._every_s)
+                    written.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._every_s)
             except KafkaError as exc:
                 log.warning("relay load report failed", topic=self._topic, error=str(exc))
             finally:
