@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -102,8 +103,8 @@ def relays_up(owner: Process) -> float:
 
 
 async def every_owner_sees_the_relays(cluster: Topology, within_s: float = 20.0) -> list[float]:
-    """Waits (bounded) until each owner counts all 3 relays up: a relay whose load report came late on a
-    loaded machine is left out of placements, as it should be, but this test needs all three."""
+    """Waits (bounded) until each owner's health probes found all 3 relays serving: a relay not probed
+    serving yet gets no listeners, as it should not, but this test needs all three."""
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
         up = [relays_up(owner) for owner in owners(cluster)]
@@ -117,17 +118,23 @@ async def test_a_hot_rooms_listeners_spread_over_edges_and_hear_every_frame_in_o
 ) -> None:
     frames = 40
     up = await every_owner_sees_the_relays(cluster)
-    # Each admission process packs from its own placements until the relays' next load reports: 9 each
-    # at 3 per relay fill the origin and two edges even before a report arrives.
+    # Each admission process counts a relay's listeners from its load reports (every 0.5 s here) plus the
+    # listeners it placed there that a report may not show yet; each listener subscribes once admitted, as
+    # a client does, so the reports soon show it. 18 at 3 per relay fill the origin and two edges.
     async with clients(cluster, 19) as (host, *audience):
         room_id = await live_room(host)
         stage = await joined(host, room_id)
-        grants = [await joined(c, room_id) for c in audience]
-        edges = {g.relay_address for g in grants} - {stage.relay_address}
+        grants: list[Grant] = []
+        calls = []
+        for c in audience:
+            grants.append(await joined(c, room_id))
+            calls.append(c.subscribe(grants[-1], room_id))
+        placed = Counter(g.relay_address for g in grants)
+        edges = set(placed) - {stage.relay_address}
         assert len(edges) >= 2, (
-            f"18 listeners at 3 per relay need the origin and at least two edges (relays up per owner: {up})"
+            f"18 listeners at 3 per relay need the origin and at least two edges: {dict(placed)}, "
+            f"origin {stage.relay_address} (relays up per owner: {up})"
         )
-        calls = [c.subscribe(g, room_id) for c, g in zip(audience, grants, strict=True)]
         await asyncio.sleep(0.5)  # edges open their pulls to the origin before the first word
         speaking = asyncio.create_task(host.publish(stage, [bytes([i]) * 40 for i in range(frames)]))
         heard = await asyncio.gather(

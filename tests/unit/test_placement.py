@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from townhall.admission.placement import Load, Placer, path
+from townhall.admission.placement import CONNECT_S, MAX_UNSEEN, Load, Placer, Unseen, path
 from townhall.core.sharding import ranked
 
 RELAYS = [f"10.0.0.{i}:50052" for i in range(1, 21)]
@@ -71,10 +71,53 @@ def test_reports_replace_the_local_count_and_fill_holes_left_by_listeners() -> N
     order = ranked(ROOM, RELAYS)
     for _ in range(20):
         p.place(ROOM, on_stage=False, now=0.0)
-    # Half the origin's listeners left; the report says so, and new listeners fill it first.
-    p.observe(Load(order[0], listeners=5, capacity=1000, at=1.0, rooms={ROOM: 5}))
-    p.observe(Load(order[1], listeners=10, capacity=1000, at=1.0, rooms={ROOM: 10}))
-    assert [p.place(ROOM, on_stage=False, now=1.0).relay for _ in range(6)] == [order[0]] * 5 + [order[2]]
+    # Half the origin's listeners left; its report, made once they all had time to connect, says so, and
+    # new listeners fill it first.
+    at = CONNECT_S + 1.0
+    p.observe(Load(order[0], listeners=5, capacity=1000, at=at, rooms={ROOM: 5}))
+    p.observe(Load(order[1], listeners=10, capacity=1000, at=at, rooms={ROOM: 10}))
+    assert [p.place(ROOM, on_stage=False, now=at).relay for _ in range(6)] == [order[0]] * 5 + [order[2]]
+
+
+def placed_on_three(placed: int) -> tuple[Placer, list[str], list[str]]:
+    """A placer over 3 relays at 3 listeners per relay, the room's order, and `placed` placements at 0 s."""
+    relays = RELAYS[:3]
+    p = placer(relays, target=3)
+    return p, ranked(ROOM, relays), [p.place(ROOM, on_stage=False, now=0.0).relay for _ in range(placed)]
+
+
+def test_a_report_made_while_placed_listeners_connect_still_counts_them() -> None:
+    p, order, first = placed_on_three(3)
+    # The origin reports before any of them subscribed (they connect after their Join): its report does
+    # not know them, and they still fill the origin.
+    p.observe(Load(order[0], listeners=0, capacity=1000, at=0.5))
+    rest = [p.place(ROOM, on_stage=False, now=0.6).relay for _ in range(6)]
+    assert Counter(first + rest) == {order[0]: 3, order[1]: 3, order[2]: 3}
+
+
+def test_placed_listeners_the_report_shows_are_not_counted_twice() -> None:
+    p, order, _ = placed_on_three(2)
+    p.observe(Load(order[0], listeners=7, capacity=1000, at=0.5, rooms={ROOM: 2, "other": 5}))
+    assert p.carried(order[0], ROOM) == 2
+    assert p.total(order[0]) == 7
+    assert p.place(ROOM, on_stage=False, now=0.6).relay == order[0]  # 2 of 3: one more fits
+
+
+def test_placed_listeners_that_never_connected_stop_counting_once_they_had_time_to() -> None:
+    p, order, _ = placed_on_three(3)
+    p.observe(Load(order[0], listeners=0, capacity=1000, at=CONNECT_S - 0.1))
+    assert p.carried(order[0], ROOM) == 3
+    p.observe(Load(order[0], listeners=0, capacity=1000, at=CONNECT_S + 0.1))
+    assert p.carried(order[0], ROOM) == 0
+    assert p.place(ROOM, on_stage=False, now=CONNECT_S + 0.2).relay == order[0]
+
+
+def test_placements_waiting_for_a_report_are_bounded_per_relay() -> None:
+    unseen = Unseen()
+    for i in range(MAX_UNSEEN + 5):
+        unseen.add(float(i), f"room-{i % 7}", 0, 0)
+    assert unseen.total(0) == MAX_UNSEEN
+    assert sum(unseen.room(f"room-{i}", 0) for i in range(7)) == MAX_UNSEEN
 
 
 def test_a_full_relay_gets_no_listeners_but_still_forwards() -> None:

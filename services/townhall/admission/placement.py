@@ -13,10 +13,13 @@ the origin feeds at most `degree` relays, and larger rooms get mid-tier levels.
 A relay whose report names the room as lost (its pull from upstream was given up: it cannot reach
 the room's tree, a cut the health probes do not see) goes to the end of the room's order for listeners
 while its report says so; it stays the origin if it is first (an edge whose origin died takes over).
+A relay's count is its last report plus the listeners this process placed on it that the report may not
+show yet: a listener connects after its Join, so a report made soon after its placement can miss it.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +29,12 @@ from townhall.core.sharding import ranked
 MAX_CACHED_ROOMS = 100_000
 NO_RELAY = "no relay is serving: none is configured and none has been found serving yet; retry"
 LIVE_EVERY_S = 0.25
+# A placed listener connects to its relay after its Join (clients subscribe at once, backing off up to 1 s
+# when refused): a report made this long after a placement shows that listener if it connected.
+CONNECT_S = 5.0
+# Placements one relay's reports may not show yet, at most (a relay takes up to its listener capacity, a
+# few thousand); past it the oldest count as shown.
+MAX_UNSEEN = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,51 @@ class Load:
     rooms: Mapping[str, int] = field(default_factory=dict)
     origins: frozenset[str] = frozenset()  # rooms the relay is the origin of (speakers publish there)
     lost: frozenset[str] = frozenset()  # rooms whose upstream the relay lost recently
+
+
+class Unseen:
+    """Listeners this process placed on one relay that the relay's reports may not show yet.
+
+    A placement counts until the relay reports `connect_s` after it (until then the listener may still be
+    connecting), less the rise in what the relay reported since it was made: those of its listeners that
+    did connect are in the report already, and counting them twice would add edges early. A rise made by
+    another admission process's listeners is taken for as many of these: an undercount, never more than
+    the count reports alone gave before."""
+
+    def __init__(self) -> None:
+        # In placement order: (when, room, the relay's reported listeners then).
+        self._placed: deque[tuple[float, str, int]] = deque()
+        # Per room, in placement order: the room's reported listeners on the relay when each was placed.
+        self._rooms: dict[str, deque[int]] = {}
+
+    def add(self, now: float, room_id: str, reported_room: int, reported_total: int) -> None:
+        """One more listener of the room placed on the relay, when it reported these counts."""
+        if len(self._placed) >= MAX_UNSEEN:
+            self._drop_oldest()
+        self._placed.append((now, room_id, reported_total))
+        self._rooms.setdefault(room_id, deque()).append(reported_room)
+
+    def settle(self, before: float) -> None:
+        """A report made after every placement before `before` had time to connect: the report shows them."""
+        while self._placed and self._placed[0][0] < before:
+            self._drop_oldest()
+
+    def room(self, room_id: str, reported: int) -> int:
+        """The room's placements the relay's report (`reported` listeners of the room) does not show."""
+        bases = self._rooms.get(room_id)
+        return max(0, len(bases) - max(0, reported - bases[0])) if bases else 0
+
+    def total(self, reported: int) -> int:
+        """The placements the relay's report (`reported` listeners in all) does not show."""
+        placed = self._placed
+        return max(0, len(placed) - max(0, reported - placed[0][2])) if placed else 0
+
+    def _drop_oldest(self) -> None:
+        _, room_id, _ = self._placed.popleft()
+        bases = self._rooms[room_id]
+        bases.popleft()
+        if not bases:
+            del self._rooms[room_id]
 
 
 def parent(index: int, degree: int) -> int:
@@ -73,6 +127,7 @@ class Placer:
         degree: int,
         default_capacity: int,
         stale_s: float = 15.0,
+        connect_s: float = CONNECT_S,
     ) -> None:
         if degree < 2 or edge_target < 1:
             raise ValueError("degree must be at least 2 and edge_target at least 1")
@@ -81,10 +136,10 @@ class Placer:
         self._degree = degree
         self._default_capacity = default_capacity
         self._stale_s = stale_s
+        self._connect_s = connect_s
         self._loads: dict[str, Load] = {}
-        # Placed by this process since the relay's last report: listeners not yet in any report.
-        self._placed: dict[str, dict[str, int]] = {}
-        self._placed_total: dict[str, int] = {}
+        # Placed by this process and maybe not in the relay's reports yet (still connecting).
+        self._unseen: dict[str, Unseen] = {}
         # A room's rendezvous order hashes every relay: cached per room while the live relays stay.
         self._orders: dict[str, tuple[list[str], list[str]]] = {}
         # The live relays, recomputed at most every LIVE_EVERY_S or when a report or member changes it.
@@ -110,8 +165,7 @@ class Placer:
     def forget(self, relay: str) -> None:
         """Drops what is known of a relay that is gone for good (its load, the rooms it was origin of)."""
         load = self._loads.pop(relay, None)
-        self._placed.pop(relay, None)
-        self._placed_total.pop(relay, None)
+        self._unseen.pop(relay, None)
         self._unmark_lost(relay, load.lost if load is not None else ())
         for room_id in load.origins if load is not None else ():
             if self._origins.get(room_id) == relay:
@@ -133,14 +187,16 @@ class Placer:
             self._live = None
 
     def observe(self, load: Load) -> None:
-        """Takes a relay's load report; it supersedes this process's count of placements on it."""
+        """Takes a relay's load report; it supersedes this process's count of the placements on it that
+        had time to connect before it was made."""
         previous = self._loads.get(load.relay)
         if previous is not None and previous.at > load.at:
             return
         self._loads[load.relay] = load
         self._live = None
-        self._placed.pop(load.relay, None)
-        self._placed_total.pop(load.relay, None)
+        unseen = self._unseen.get(load.relay)
+        if unseen is not None:
+            unseen.settle(load.at - self._connect_s)
         lost_before = previous.lost if previous is not None else frozenset()
         self._unmark_lost(load.relay, lost_before - load.lost)
         for room_id in load.lost - lost_before:
@@ -170,16 +226,18 @@ class Placer:
         return relays or serving or list(self._relays)
 
     def carried(self, relay: str, room_id: str) -> int:
-        """The room's listeners on the relay: last reported plus placed here since."""
+        """The room's listeners on the relay: last reported plus placed here and not in the report yet."""
         load = self._loads.get(relay)
         reported = load.rooms.get(room_id, 0) if load is not None else 0
-        return reported + self._placed.get(relay, {}).get(room_id, 0)
+        unseen = self._unseen.get(relay)
+        return reported + unseen.room(room_id, reported) if unseen is not None else reported
 
     def total(self, relay: str) -> int:
-        """All listeners on the relay: last reported plus placed here since."""
+        """All listeners on the relay: last reported plus placed here and not in the report yet."""
         load = self._loads.get(relay)
         reported = load.listeners if load is not None else 0
-        return reported + self._placed_total.get(relay, 0)
+        unseen = self._unseen.get(relay)
+        return reported + unseen.total(reported) if unseen is not None else reported
 
     def capacity(self, relay: str) -> int:
         """The listener streams the relay says it is sized for."""
@@ -229,9 +287,14 @@ class Placer:
             ]
         index = self._choose(order, room_id)
         relay = order[index]
-        placed = self._placed.setdefault(relay, {})
-        placed[room_id] = placed.get(room_id, 0) + 1
-        self._placed_total[relay] = self._placed_total.get(relay, 0) + 1
+        load = self._loads.get(relay)
+        unseen = self._unseen.get(relay)
+        if unseen is None:
+            unseen = self._unseen[relay] = Unseen()
+        if load is None:
+            unseen.add(now, room_id, 0, 0)
+        else:
+            unseen.add(now, room_id, load.rooms.get(room_id, 0), load.listeners)
         return RelayPath(relay, path(order, index, self._degree))
 
     def _choose(self, order: list[str], room_id: str) -> int:
