@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from townhall_tools.hosts.notify_isolation import (
     TASK_USERS,
     Fanout,
     check,
+    fast_lag_p99_s,
     summary,
 )
 
@@ -51,6 +53,31 @@ def test_summary_of_a_phase() -> None:
         "streams": 100, "notified": 100, "p50_s": 0.2, "p99_s": 0.9, "max_s": 3.0,
     }  # fmt: skip
     assert summary([], 4) == {"streams": 4, "notified": 0, "p50_s": None, "p99_s": None, "max_s": None}
+
+
+def _lags(lane: str, counts: dict[str, float]) -> dict[str, float]:
+    return {
+        f'townhall_notifier_task_lag_seconds_bucket{{lane="{lane}",le="{le}"}}': n for le, n in counts.items()
+    }
+
+
+def test_fast_lane_lag_p99_from_the_histograms_between_two_scrapes() -> None:
+    earlier = {
+        **_lags("fast", {"0.5": 1000, "1.0": 1000, "2.5": 1000, "+Inf": 1000}),
+        **_lags("bulk", {"+Inf": 7}),
+    }
+    # Since then, on notifier 0: 90 fast tasks within 0.5 s, 8 more within 1 s, 2 more within 2.5 s; on
+    # notifier 1 nothing; the bulk lane's slow tasks do not count.
+    later = {
+        **_lags("fast", {"0.5": 1090, "1.0": 1098, "2.5": 1100, "+Inf": 1100}),
+        **_lags("bulk", {"+Inf": 5000}),
+    }
+    assert fast_lag_p99_s([earlier, {}], [later, {}]) == 2.5
+    later_ok = _lags("fast", {"0.5": 1098, "1.0": 1100, "2.5": 1100, "+Inf": 1100})
+    assert fast_lag_p99_s([earlier, {}], [later_ok, {}]) == 1.0
+    past_last = _lags("fast", {"0.5": 1000, "1.0": 1000, "2.5": 1000, "+Inf": 1010})
+    assert fast_lag_p99_s([earlier], [past_last]) == math.inf
+    assert fast_lag_p99_s([earlier], [earlier]) is None  # no fast task done in between
 
 
 @pytest.mark.parametrize(
