@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 import psutil
+from aiokafka import TopicPartition
 from rich.console import Console
 
 from townhall.cli.graph import import_with_progress
 from townhall.cli.status import sample_key, samples
-from townhall.core.kafka import producer
+from townhall.core.config import KafkaConfig
+from townhall.core.kafka import Topics, consumer, end_offsets, producer
 from townhall.notifier.graphfile import GraphSpec
+from townhall.notifier.records import decode_batch
 from townhall_tools.bench.listener_generator import cpu_s
 from townhall_tools.bench.notify import small_host_latencies, write_graph
 from townhall_tools.bench.stats import percentile
@@ -46,6 +49,8 @@ WINDOW_MAX_S = 120.0
 FANOUT_TIMEOUT_S = 900.0
 START_TIMEOUT_S = 60.0  # until the first bulk task is done: the fan-out runs
 POLL_S = 0.5
+SAMPLE_RECORDS = 200  # notification records sampled for their size
+SAMPLE_TIMEOUT_S = 20.0
 TASK_USERS = 4096  # notifier.task_users: followers per fan-out task
 
 STORED = "townhall_notifier_followers_stored"
@@ -137,6 +142,33 @@ def _scrape(cluster: Cluster) -> list[dict[str, float]]:
     return [{sample_key(s): s.value for s in samples(host.metrics)} for host in cluster.of("notifier")]
 
 
+async def record_bytes_per_follower(
+    kafka: KafkaConfig, start: dict[TopicPartition, int], room: str, records: int = SAMPLE_RECORDS
+) -> float | None:
+    """Bytes of notification records (value, key and headers; no batch overhead) per follower they name:
+    from a sample of `room`'s first records after `start` (each partition's end before the room started)."""
+    reader = consumer(kafka, enable_auto_commit=False)
+    await reader.start()
+    size = users = seen = 0
+    try:
+        reader.assign(list(start))
+        for partition, offset in start.items():
+            reader.seek(partition, offset)
+        deadline = time.monotonic() + SAMPLE_TIMEOUT_S
+        while seen < records and time.monotonic() < deadline:
+            batch = await reader.getmany(timeout_ms=500, max_records=records)
+            for record in (r for rs in batch.values() for r in rs):
+                notification, ids = decode_batch(record.value or b"")
+                if notification.room_id == room and seen < records:
+                    seen += 1
+                    users += len(ids)
+                    size += len(record.value or b"") + len(record.key or b"")
+                    size += sum(len(k) + len(v or b"") for k, v in record.headers)
+    finally:
+        await reader.stop()
+    return round(size / users, 2) if users else None
+
+
 def _cpu_s(cluster: Cluster, role: str) -> float:
     """CPU seconds so far of a role's containers (each one's process is its container's init)."""
     return sum(cpu_s(psutil.Process(cluster.pid(h))) for h in cluster.of(role))
@@ -193,11 +225,14 @@ async def _during(
     kafka, auth = cluster.kafka(), cluster.secrets.auth
     before = Fanout.of(await asyncio.to_thread(_scrape, cluster))
     cpu0, brokers0 = _cpu_s(cluster, "notifier"), _cpu_s(cluster, "kafka")
+    topic = Topics(kafka.topic_prefix).notifications
+    start = await end_offsets(kafka, topic)
+    room = f"celebrity-{uuid.uuid4().hex[:8]}"
     p = producer(kafka, "bench-notifyiso")
     await p.start()
     try:
         started = time.monotonic()
-        await publish_room_started(p, kafka, f"celebrity-{uuid.uuid4().hex[:8]}", 1, "celebrity", auth=auth)
+        await publish_room_started(p, kafka, room, 1, "celebrity", auth=auth)
     finally:
         await p.stop()
     progress = Fanout()
@@ -218,6 +253,7 @@ async def _during(
             progress = Fanout.of(await asyncio.to_thread(_scrape, cluster)).since(before)
     fanout_s = time.monotonic() - started
     cpu, brokers = _cpu_s(cluster, "notifier") - cpu0, _cpu_s(cluster, "kafka") - brokers0
+    per_follower = await record_bytes_per_follower(kafka, start, room)
     return {
         **phase,
         "fanout_finished": progress.finished(followers),
@@ -231,6 +267,9 @@ async def _during(
         "notifier_cpu_s": round(cpu, 1),
         "notifier_cores": round(cpu / fanout_s, 2),  # of the notifiers' quotas, summed
         "broker_cores": round(brokers / fanout_s, 2),
+        # What bench/capacity.py sizes the notifier tier and Kafka from.
+        "fanout_per_core_s": round(progress.notified / cpu) if cpu > 0 else None,
+        "record_bytes_per_follower": per_follower,
     }
 
 
@@ -249,6 +288,8 @@ def run(
     during = asyncio.run(_during(cluster, hosts, followers, window_s, console))
     p99 = during["p99_s"]
     return {
+        "fanout_per_core_s": during["fanout_per_core_s"],
+        "record_bytes_per_follower": during["record_bytes_per_follower"],
         "followers": followers,
         "small_hosts": len(hosts),
         "window_s": window_s,
