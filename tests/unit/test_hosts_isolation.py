@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from townhall.notifier.graphfile import GraphSpec
 from townhall_tools.bench.notify import write_graph
-from townhall_tools.hosts import isolation
+from townhall_tools.hosts import isolation, notify_isolation
 from townhall_tools.hosts.notify_isolation import (
     BULK_DONE,
     BULK_PLANNED,
@@ -107,3 +108,19 @@ def test_the_graph_file_gives_the_small_hosts_apart_from_the_celebrity(tmp_path:
     assert (tmp_path / "graph.bin").stat().st_size == 16 * edges
     assert len(hosts) == 20 and spec.celebrity not in {h for h, _ in hosts}
     assert edges == 10_000 + sum(len(f) for _, f in hosts)
+
+
+def test_a_half_run_alone_keeps_the_other_halfs_last_figures(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    earlier = {
+        "at": "2026-01-01T00:00:00",
+        "joins": {"ratio": 1.5, "within_bound": True},
+        "within_bound": True,
+    }
+    (tmp_path / "isolation.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(notify_isolation, "run", lambda *_: {"p99_s_during": 3.2, "within_bound": False})
+    report = isolation.run(None, 1.0, 1.0, 1.0, tmp_path, ("notifications",))  # type: ignore[arg-type]
+    saved = json.loads((tmp_path / "isolation.json").read_text())
+    assert saved == report
+    assert saved["joins"] == {"at": "2026-01-01T00:00:00", "ratio": 1.5, "within_bound": True}
+    assert saved["notifications"]["p99_s_during"] == 3.2 and saved["notifications"]["at"] == saved["at"]
+    assert saved["within_bound"] is False  # every half on file, the kept one included

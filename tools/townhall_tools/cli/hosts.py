@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 f"the {n['followers']:,}-follower fan-out ({n['during']['fanout_s']} s), bound {n['bound_s']}"
             )
         console.print(f"{out}/isolation.json")
-        return 0 if report["within_bound"] else 1
+        return 0 if all(report[half]["within_bound"] for half in args.halves) else 1
     if args.action == "scale":
         from townhall_tools.hosts import scale
 

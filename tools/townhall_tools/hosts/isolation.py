@@ -99,13 +99,21 @@ def run(
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpu_quota_cores": {role: limits[0] for role, limits in LIMITS.items()},
     }
+    path = out_dir / "isolation.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    # A half not run this time keeps its last figures (with the time they were taken).
+    for half in HALVES:
+        if half not in halves and half in earlier:
+            report[half] = {"at": earlier[half].get("at", earlier.get("at")), **earlier[half]}
     if "joins" in halves:
         report["joins"] = joins(cluster, hot_rate, cold_rate, seconds)
     if "notifications" in halves:
         report["notifications"] = notify_isolation.run(
             cluster, n.followers, n.small_hosts, n.window_s, console
         )
-    report["within_bound"] = all(report[half]["within_bound"] for half in halves)
+    for half in halves:
+        report[half]["at"] = report["at"]
+    report["within_bound"] = all(report[half]["within_bound"] for half in HALVES if half in report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "isolation.json").write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report, indent=2))
     return report
