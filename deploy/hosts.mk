@@ -48,8 +48,9 @@ cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M e
 		--edges $(SCALE_EDGES) --listeners $(SCALE_LISTENERS) --out .townhall/bench
 
 ISOLATION_SECONDS ?= 20
-cluster-isolation: cluster-up ## Cold rooms' join p99 alone and during a crowd-lane storm (bound x2); .townhall/bench/isolation.json
-	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --out .townhall/bench
+ISOLATION_FOLLOWERS ?= 10000000
+cluster-isolation: cluster-up ## Cold joins' p99 alone vs during a crowd-lane storm (x2); small hosts' notification p99 during a 10M fan-out (1 s); .townhall/bench/isolation.json
+	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --followers $(ISOLATION_FOLLOWERS) --out .townhall/bench
 
 capacity: setup ## The seed event sized from .townhall/bench's scale-out and isolation JSON (docs/capacity.md); capacity.json + PNG
 	$(BIN)/python -m townhall_tools.bench.capacity .townhall/bench

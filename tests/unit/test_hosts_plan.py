@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from docker.errors import NotFound
+
 from townhall.core.config import load
 from townhall_tools.faults.measure import Outcome
-from townhall_tools.hosts.cluster import GATEWAY, SUBNET, Cluster, plan
+from townhall_tools.hosts.cluster import GATEWAY, LABEL, SUBNET, Cluster, plan
 from townhall_tools.hosts.faults import SCENARIOS, HostsReport
 
 
@@ -76,3 +78,52 @@ def test_every_service_environment_is_a_valid_config(tmp_path) -> None:  # type:
             "TOWNHALL_KAFKA_PASSWORD_FILE": str(tmp_path / "password"),
         }
         load(env=env)
+
+
+class _Nothing:
+    def list(self, **_: object) -> list[object]:
+        return []
+
+
+class _Volume:
+    def __init__(self, store: dict[str, _Volume], name: str) -> None:
+        self.store, self.name = store, name
+
+    def remove(self, force: bool = False) -> None:
+        del self.store[self.name]
+
+
+class _Volumes:
+    def __init__(self, names: dict[str, bool]) -> None:  # name -> labelled with LABEL
+        self.labelled = {n for n, labelled in names.items() if labelled}
+        self.store: dict[str, _Volume] = {}
+        self.store.update({name: _Volume(self.store, name) for name in names})
+
+    def list(self, filters: dict[str, str]) -> list[_Volume]:
+        assert filters == {"label": LABEL}
+        return [v for n, v in self.store.items() if n in self.labelled]
+
+    def get(self, name: str) -> _Volume:
+        if name not in self.store:
+            raise NotFound(name)
+        return self.store[name]
+
+
+class _Docker:
+    """What `Cluster.down` asks of a Docker client: no containers or networks, some volumes."""
+
+    def __init__(self, volumes: _Volumes) -> None:
+        self.containers = self.networks = _Nothing()
+        self.volumes = volumes
+
+
+def test_down_removes_the_notifiers_graph_volumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Named volumes outlive `remove(v=True)`: without this, the next topology's notifiers start with this
+    # one's graph (a 10M-follower celebrity included).
+    cluster = Cluster.__new__(Cluster)
+    cluster.root, cluster.hosts, cluster._secrets = tmp_path, plan(notifiers=1), None
+    volumes = _Volumes({"townhall-notifier-0-data": False, "townhall-notifier-1-data": True, "other": False})
+    cluster.docker = _Docker(volumes)
+    assert cluster.down() == 0
+    assert set(volumes.store) == {"other"}
+    assert cluster.down() == 0  # nothing left: still fine

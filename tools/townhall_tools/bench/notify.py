@@ -42,7 +42,7 @@ from rich.table import Table
 from townhall.cli.graph import import_with_progress
 from townhall.core.auth import Tokens, bearer
 from townhall.core.channels import channel
-from townhall.core.config import DEV_AUTH, DEV_ENV, KafkaConfig, TlsConfig
+from townhall.core.config import DEV_AUTH, DEV_ENV, AuthConfig, KafkaConfig, TlsConfig
 from townhall.core.kafka import Topics, ensure_topics, producer
 from townhall.notifier.graphfile import GraphSpec, generate
 from townhall.notifier.records import decode_batch
@@ -78,11 +78,6 @@ METHOD = {
 }
 CELEBRITY = 1
 SAMPLE_S = 0.5
-
-
-def _tokens() -> Tokens:
-    """User tokens the notifiers accept: they inherit this process's TOWNHALL_* settings."""
-    return Tokens(DEV_AUTH)
 
 
 INBOX_PER_HOST = 2
@@ -227,17 +222,22 @@ async def _count_async(
         await consumer.stop()
 
 
-async def _small_hosts(
-    notifiers: list[Notifier],
+async def small_host_latencies(
+    addresses: list[str],
     hosts: list[tuple[int, np.ndarray]],
     kafka: KafkaConfig,
     window_s: float,
     state: dict[str, Any],
+    auth: AuthConfig = DEV_AUTH,
 ) -> list[float]:
-    """Connects Inbox streams for followers of each small host, starts the rooms at random moments
-    within `window_s`, and returns each stream's latency (room start to notification), seconds."""
-    channels = [channel(n.address, TlsConfig()) for n in notifiers]
-    tokens = _tokens()
+    """Connects Inbox streams (at the notifiers' client `addresses`) for followers of each small host, starts
+    the rooms at random moments within `window_s` (room-started events signed with `auth`'s service key),
+    and returns each stream's latency (room start to notification), seconds. `state` counts the streams
+    (small_total), those notified (small_done) and when (small_arrivals)."""
+    state.setdefault("small_done", 0)
+    state.setdefault("small_arrivals", [])
+    channels = [channel(address, TlsConfig()) for address in addresses]
+    tokens = Tokens(auth)
     latencies: list[float] = []
     rooms: dict[str, int] = {}
     calls = []
@@ -278,7 +278,7 @@ async def _small_hosts(
             for h, user, _ in tasks:
                 if h == host:
                     pending[f"{room}/{user}"] = 1
-            await publish_room_started(p, kafka, room, host, "small host")
+            await publish_room_started(p, kafka, room, host, "small host", auth=auth)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_done.wait(), 120)
     finally:
@@ -291,6 +291,22 @@ async def _small_hosts(
         for ch in channels:
             await ch.close()
     return latencies
+
+
+def write_graph(spec: GraphSpec, path: Path) -> tuple[int, list[tuple[int, np.ndarray]]]:
+    """Writes the graph of `spec` to `path` (16-byte little-endian pairs, what Graph.Import takes); returns
+    the edge count and each small host (every host but the celebrity) with its followers."""
+    hosts: list[tuple[int, np.ndarray]] = []
+    edges = 0
+    with path.open("wb") as fh:
+        for pairs in generate(spec):
+            fh.write(np.ascontiguousarray(pairs, dtype="<u8").tobytes())
+            edges += len(pairs)
+            small = pairs[pairs[:, 0] != spec.celebrity]
+            if len(small):
+                for host in np.unique(small[:, 0]).tolist():
+                    hosts.append((host, small[small[:, 0] == host, 1]))
+    return edges, hosts
 
 
 def run(
@@ -312,16 +328,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="townhall-notify-") as tmp:
         work = Path(tmp)
         graph = work / "graph.bin"
-        hosts: list[tuple[int, np.ndarray]] = []
-        with console.status("generating the graph..."), graph.open("wb") as fh:
-            edges = 0
-            for pairs in generate(spec):
-                fh.write(np.ascontiguousarray(pairs, dtype="<u8").tobytes())
-                edges += len(pairs)
-                small = pairs[pairs[:, 0] != CELEBRITY]
-                if len(small):
-                    for host in np.unique(small[:, 0]).tolist():
-                        hosts.append((host, small[small[:, 0] == host, 1]))
+        with console.status("generating the graph..."):
+            edges, hosts = write_graph(spec, graph)
         small_followers = sum(len(f) for _, f in hosts)
         with _cluster(work, notifiers, bulk_threshold) as (broker, procs):
             kafka = KafkaConfig(bootstrap=broker.bootstrap)
@@ -415,7 +423,9 @@ def _measure(
             await publish_room_started(p, kafka, room, CELEBRITY, "celebrity")
         finally:
             await p.stop()
-        small = asyncio.create_task(_small_hosts(procs, hosts, kafka, window_s, state))
+        small = asyncio.create_task(
+            small_host_latencies([n.address for n in procs], hosts, kafka, window_s, state)
+        )
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),

@@ -77,6 +77,25 @@ def add_parser(sub: Subparsers) -> None:
     cluster.add_argument(
         "--out", type=Path, help="scale, isolation: JSON (and PNG) folder (default <root>/bench)"
     )
+    cluster.add_argument(
+        "--halves",
+        nargs="+",
+        choices=("joins", "notifications"),
+        default=["joins", "notifications"],
+        help="isolation: which halves to run",
+    )
+    cluster.add_argument(
+        "--followers", type=int, default=10_000_000, help="isolation: the celebrity's followers"
+    )
+    cluster.add_argument(
+        "--small-hosts",
+        type=int,
+        default=100,
+        help="isolation: small hosts starting rooms (2 Inbox streams each)",
+    )
+    cluster.add_argument(
+        "--window", type=float, default=10.0, help="isolation: seconds over which the small hosts start rooms"
+    )
     cluster.set_defaults(run=run)
 
 
@@ -118,16 +137,28 @@ def run(args: argparse.Namespace) -> int:
             console.print("[red]the topology is not up: make cluster-up[/red]")
             return 2
         out = args.out or args.root / "bench"
+        sizes = isolation.Notifications(args.followers, args.small_hosts, args.window)
         try:
-            report = isolation.run(cluster, args.hot_rate, args.cold_rate, args.seconds, out)
+            report = isolation.run(
+                cluster, args.hot_rate, args.cold_rate, args.seconds, out, tuple(args.halves), sizes
+            )
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")
             return 2
-        console.print(
-            f"cold rooms' join p99: {report['cold_p99_ms_alone']} ms alone, {report['cold_p99_ms_storm']} ms "
-            f"during the storm: x{report['ratio']} (bound x{report['bound']}); {out}/isolation.json"
-        )
-        return 0 if report["within_bound"] else 1
+        if "joins" in report:
+            j = report["joins"]
+            console.print(
+                f"cold rooms' join p99: {j['cold_p99_ms_alone']} ms alone, {j['cold_p99_ms_storm']} ms "
+                f"during the storm: x{j['ratio']} (bound x{j['bound']})"
+            )
+        if "notifications" in report:
+            n = report["notifications"]
+            console.print(
+                f"small hosts' notification p99: {n['p99_s_alone']} s alone, {n['p99_s_during']} s during "
+                f"the {n['followers']:,}-follower fan-out ({n['during']['fanout_s']} s), bound {n['bound_s']}"
+            )
+        console.print(f"{out}/isolation.json")
+        return 0 if all(report[half]["within_bound"] for half in args.halves) else 1
     if args.action == "scale":
         from townhall_tools.hosts import scale
 

@@ -108,6 +108,11 @@ class Host:
         return "admission" if self.role == "crowd" else self.role
 
     @property
+    def volume(self) -> str:
+        """Its named volume (notifiers: the follower graph), removed with the topology."""
+        return f"{self.name}-data"
+
+    @property
     def grpc(self) -> str:
         """The client address from the host (its published port)."""
         return f"127.0.0.1:{self.published}"
@@ -336,6 +341,14 @@ class Cluster:
                 removed += 1
             except NotFound:
                 pass
+        # Named volumes outlive their container (remove(v=True) takes anonymous ones only): a notifier's graph
+        # would be the next topology's. Those of this plan by name (made before they were labelled), others by
+        # label.
+        names = {h.volume for h in self.hosts if h.role == "notifier"}
+        names |= {v.name for v in self.docker.volumes.list(filters={"label": LABEL})}
+        for name in names:
+            with contextlib.suppress(NotFound):
+                self.docker.volumes.get(name).remove(force=True)
         for network in self.docker.networks.list(filters={"label": LABEL}):
             with contextlib.suppress(NotFound):
                 network.remove()
@@ -371,7 +384,7 @@ class Cluster:
             read_only=host.role != "kafka",
             tmpfs={"/tmp": "size=64m"} if host.role != "kafka" else None,
             # The notifier's graph: a volume of its own at the image's data folder (owned by its user).
-            mounts=[docker.types.Mount("/var/lib/townhall", f"{host.name}-data")]
+            mounts=[docker.types.Mount("/var/lib/townhall", host.volume, labels={LABEL: "1"})]
             if host.role == "notifier"
             else None,
             cap_drop=["ALL"] if host.role != "kafka" else None,
