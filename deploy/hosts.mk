@@ -49,7 +49,7 @@ cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M e
 
 ISOLATION_SECONDS ?= 20
 ISOLATION_FOLLOWERS ?= 10000000
-cluster-isolation: cluster-up ## Cold joins' p99 alone vs during a crowd-lane storm (x2); small hosts' notification p99 during a 10M fan-out (1 s); .townhall/bench/isolation.json
+cluster-isolation: cluster-up joinload ## Cold joins' p99 alone vs during a crowd-lane storm (x2); small hosts' notification p99 during a 10M fan-out (1 s); .townhall/bench/isolation.json
 	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --followers $(ISOLATION_FOLLOWERS) --out .townhall/bench
 
 capacity: setup ## The seed event sized from .townhall/bench's scale-out and isolation JSON (docs/capacity.md); capacity.json + PNG
