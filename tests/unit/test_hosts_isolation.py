@@ -124,3 +124,14 @@ def test_a_half_run_alone_keeps_the_other_halfs_last_figures(tmp_path: Path, mon
     assert saved["joins"] == {"at": "2026-01-01T00:00:00", "ratio": 1.5, "within_bound": True}
     assert saved["notifications"]["p99_s_during"] == 3.2 and saved["notifications"]["at"] == saved["at"]
     assert saved["within_bound"] is False  # every half on file, the kept one included
+
+
+def test_lean_topologies_hold_what_each_half_uses_and_nothing_idle() -> None:
+    joins = {h.role for h in isolation.lean_plan("joins")}
+    notifications = [h.role for h in isolation.lean_plan("notifications")]
+    # Joins: owners to join at, the crowd lane the storm goes to, a relay to place listeners on; brokers.
+    assert joins == {"kafka", "admission", "crowd", "relay"}
+    assert sum(h.role == "relay" for h in isolation.lean_plan("joins")) == 1
+    # Notifications: the harness writes room starts itself; only the notifiers and the brokers run.
+    assert sorted(set(notifications)) == ["kafka", "notifier"]
+    assert notifications.count("notifier") == 2

@@ -85,6 +85,11 @@ def add_parser(sub: Subparsers) -> None:
         help="isolation: which halves to run",
     )
     cluster.add_argument(
+        "--lean",
+        action="store_true",
+        help="isolation: each half on a topology of only the processes it uses (replaces a running one)",
+    )
+    cluster.add_argument(
         "--followers", type=int, default=10_000_000, help="isolation: the celebrity's followers"
     )
     cluster.add_argument(
@@ -133,14 +138,21 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "isolation":
         from townhall_tools.hosts import isolation
 
-        if not cluster.manifest.exists():
-            console.print("[red]the topology is not up: make cluster-up[/red]")
+        if not args.lean and not cluster.manifest.exists():
+            console.print("[red]the topology is not up: make cluster-up (or --lean)[/red]")
             return 2
         out = args.out or args.root / "bench"
         sizes = isolation.Notifications(args.followers, args.small_hosts, args.window)
         try:
             report = isolation.run(
-                cluster, args.hot_rate, args.cold_rate, args.seconds, out, tuple(args.halves), sizes
+                cluster,
+                args.hot_rate,
+                args.cold_rate,
+                args.seconds,
+                out,
+                tuple(args.halves),
+                sizes,
+                lean=args.lean,
             )
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]")

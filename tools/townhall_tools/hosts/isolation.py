@@ -24,12 +24,25 @@ from townhall.core.config import TlsConfig
 from townhall_tools.bench import join_load_ghz
 from townhall_tools.bench.join_load import Load, make_rooms, offer, wait_live
 from townhall_tools.hosts import notify_isolation
-from townhall_tools.hosts.cluster import LIMITS, Cluster
+from townhall_tools.hosts.cluster import LIMITS, Cluster, Host, plan
 
 console = Console(stderr=True)
 BOUND = 2.0  # cold p99 during the storm / alone
 SECONDS_MAX = 600.0
 HALVES = ("joins", "notifications")
+# `--lean`: each half on a topology of the processes it uses only, so that idle ones (each a few
+# hundredths of a core: probes, Kafka followers, load reports) do not share the machine's cores with
+# what is measured. Joins need the owners, the crowd lane and a relay to place on; the notification
+# half writes room starts itself and reads Inbox streams from the notifiers.
+LEAN = {
+    "joins": {"admission": 3, "crowd": 1, "relays": 1, "notifiers": 0},
+    "notifications": {"admission": 0, "crowd": 0, "relays": 0, "notifiers": 2},
+}
+
+
+def lean_plan(half: str) -> list[Host]:
+    """The containers of one half's lean topology."""
+    return plan(**LEAN[half])
 
 
 @dataclass(frozen=True)
@@ -100,8 +113,11 @@ def run(
     out_dir: Path,
     halves: tuple[str, ...] = HALVES,
     notifications: Notifications = Notifications(),
+    lean: bool = False,
 ) -> dict[str, Any]:
-    """The halves asked for on the running topology; writes isolation.json to `out_dir` and returns it."""
+    """The halves asked for on the running topology, or with `lean` each on a lean topology of its own
+    (brought up and removed here, replacing a running one); writes isolation.json to `out_dir` and
+    returns it."""
     if not 0 < seconds <= SECONDS_MAX:
         raise ValueError(f"seconds: 0..{SECONDS_MAX:.0f}, not {seconds}")
     if not halves or not set(halves) <= set(HALVES):
@@ -118,14 +134,21 @@ def run(
     for half in HALVES:
         if half not in halves and half in earlier:
             report[half] = {"at": earlier[half].get("at", earlier.get("at")), **earlier[half]}
-    if "joins" in halves:
-        report["joins"] = joins(cluster, hot_rate, cold_rate, seconds)
-    if "notifications" in halves:
-        report["notifications"] = notify_isolation.run(
-            cluster, n.followers, n.small_hosts, n.window_s, console
-        )
-    for half in halves:
+    for half in (h for h in HALVES if h in halves):
+        on = Cluster(cluster.root, cluster.image, cluster.kafka_image, lean_plan(half)) if lean else cluster
+        if lean:
+            on.down()
+            on.up()
+        try:
+            if half == "joins":
+                report[half] = joins(on, hot_rate, cold_rate, seconds)
+            else:
+                report[half] = notify_isolation.run(on, n.followers, n.small_hosts, n.window_s, console)
+        finally:
+            if lean:
+                on.down()
         report[half]["at"] = report["at"]
+        report[half]["topology"] = {role: len(on.of(role)) for role in LIMITS}
     report["within_bound"] = all(report[half]["within_bound"] for half in HALVES if half in report)
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
