@@ -161,6 +161,7 @@ def jwt_cost_us(samples: int = 20_000) -> float:
 STEP_P99_MS = 250.0
 STEP_FACTOR = 1.2
 MAX_STEPS = 14
+MAX_HALVINGS = 3
 
 
 @dataclass(frozen=True)
@@ -200,21 +201,27 @@ async def search(
     kind: str = "hot",
 ) -> dict[str, Any]:
     """Offers `load_at(rate)` at rates rising by STEP_FACTOR from `start` until a step is not clean; the
-    best clean step's figures, with every step."""
+    best clean step's figures, with every step. A first step that is not clean halves the start (at most
+    MAX_HALVINGS times) before the search gives up."""
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     rate = start
-    for _ in range(MAX_STEPS):
+    halvings = 0
+    for _ in range(MAX_STEPS + MAX_HALVINGS):
         figures = await offer(load_at(rate), pids, f"{name} {rate:,.0f}/s", console)
         ok = clean(figures, rate, kind)
         steps.append({"offered_per_s": round(rate, 1), "clean": ok, **figures})
+        if not ok and best is None and halvings < MAX_HALVINGS:
+            halvings += 1
+            rate /= 2
+            continue
         if not ok:
             break
         if best is None or figures["admitted_per_s"] > best["admitted_per_s"]:
             best = figures
         rate *= STEP_FACTOR
     if best is None:
-        raise RuntimeError(f"{name}: not even {start:.0f} calls/s were served cleanly")
+        raise RuntimeError(f"{name}: not even {rate:.0f} calls/s were served cleanly")
     return {**best, "steps": [_step_row(s, kind) for s in steps]}
 
 
