@@ -38,7 +38,7 @@ SCALE_STEPS ?= 1 2 4
 # (about a core per 1,000 listeners) must fit the machine's cores.
 SCALE_RATE ?= 100
 SCALE_SECONDS ?= 8
-SCALE_QUOTA ?= 0.25
+SCALE_QUOTA ?= 0.3
 SCALE_RELAY_QUOTA ?= 0.1
 SCALE_EDGES ?= 1 2 4
 SCALE_LISTENERS ?= 50 100 150 200 300 400 600
@@ -49,8 +49,8 @@ cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M e
 
 ISOLATION_SECONDS ?= 20
 ISOLATION_FOLLOWERS ?= 10000000
-cluster-isolation: cluster-up joinload ## Cold joins' p99 alone vs during a crowd-lane storm (x2); small hosts' notification p99 during a 10M fan-out (1 s); .townhall/bench/isolation.json
-	$(CLUSTER) isolation --seconds $(ISOLATION_SECONDS) --followers $(ISOLATION_FOLLOWERS) --out .townhall/bench
+cluster-isolation: setup image kafka-image joinload ## Each half on a lean topology of its own (replaces a running one): Cold joins' p99 alone vs during a crowd-lane storm (x2); small hosts' notification p99 during a 10M fan-out (1 s); .townhall/bench/isolation.json
+	$(CLUSTER) isolation --lean --seconds $(ISOLATION_SECONDS) --followers $(ISOLATION_FOLLOWERS) --out .townhall/bench
 
 capacity: setup ## The seed event sized from .townhall/bench's scale-out and isolation JSON (docs/capacity.md); capacity.json + PNG
 	$(BIN)/python -m townhall_tools.bench.capacity .townhall/bench

@@ -60,7 +60,7 @@ def add_parser(sub: Subparsers) -> None:
     cluster.add_argument(
         "--quota",
         type=float,
-        default=0.25,
+        default=0.3,
         help="scale: CPU quota (cores) of every admission process in its curve",
     )
     cluster.add_argument(

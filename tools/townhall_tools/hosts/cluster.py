@@ -84,6 +84,9 @@ SERVICE_ENV = {
     "TOWNHALL_RELAY_TREE_DEGREE": "2",
     "TOWNHALL_ADMISSION_ROOMS_PER_HOST_PER_HOUR": "0",
 }
+# What the benches' topologies change: their rooms' hosts never publish, and a live room whose host is
+# away for admission.host_grace_s (60 s) ends as abandoned (host failover), mid-measurement; off there.
+BENCH_SETTINGS = {"TOWNHALL_ADMISSION_HOST_GRACE_S": "0"}
 SERVICE_USER = {"admission": "admission", "crowd": "admission", "relay": "relay", "notifier": "notifier"}
 SECRETS_DIR = "/etc/townhall/kafka"
 KAFKA_DIR = "/mnt/hosts"
@@ -235,6 +238,7 @@ class Cluster:
         kafka_image: str = "townhall-kafka:3.9.1",
         hosts: list[Host] | None = None,
         cpus: dict[str, float] | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.root = root.resolve()
         # CPU quota (cores) of each role's containers: LIMITS unless given here (the scale-out curve runs
@@ -244,6 +248,8 @@ class Cluster:
                 f"cpus: 0.1..8 cores (1 ms per 10 ms period at least) of roles {sorted(LIMITS)}, not {cpus}"
             )
         self.cpus = {role: (cpus or {}).get(role, limits[0]) for role, limits in LIMITS.items()}
+        # TOWNHALL_* settings every service gets on top of the chart's (the benches' BENCH_SETTINGS).
+        self.settings = dict(settings or {})
         self.image = image
         self.kafka_image = kafka_image
         self.hosts = hosts if hosts is not None else plan()
@@ -527,7 +533,7 @@ class Cluster:
             env["TOWNHALL_NOTIFIER_MEMBERS"] = ",".join(h.internal for h in self.of("notifier"))
             env["TOWNHALL_NOTIFIER_DATA_DIR"] = "/var/lib/townhall/notifier"
             env["TOWNHALL_NOTIFIER_GROUP_ID"] = NOTIFIER_GROUP
-        return env
+        return {**env, **self.settings}
 
     def _run_service(self, host: Host, secrets: Secrets) -> None:
         security = secrets.security

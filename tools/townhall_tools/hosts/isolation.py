@@ -24,7 +24,7 @@ from townhall.core.config import TlsConfig
 from townhall_tools.bench import join_load_ghz
 from townhall_tools.bench.join_load import Load, make_rooms, offer, wait_live
 from townhall_tools.hosts import notify_isolation
-from townhall_tools.hosts.cluster import LIMITS, Cluster, Host, plan
+from townhall_tools.hosts.cluster import BENCH_SETTINGS, LIMITS, Cluster, Host, plan
 
 console = Console(stderr=True)
 BOUND = 2.0  # cold p99 during the storm / alone
@@ -135,7 +135,13 @@ def run(
         if half not in halves and half in earlier:
             report[half] = {"at": earlier[half].get("at", earlier.get("at")), **earlier[half]}
     for half in (h for h in HALVES if h in halves):
-        on = Cluster(cluster.root, cluster.image, cluster.kafka_image, lean_plan(half)) if lean else cluster
+        on = (
+            Cluster(
+                cluster.root, cluster.image, cluster.kafka_image, lean_plan(half), settings=BENCH_SETTINGS
+            )
+            if lean
+            else cluster
+        )
         if lean:
             on.down()
             on.up()

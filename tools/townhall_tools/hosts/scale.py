@@ -45,7 +45,7 @@ from townhall.core.config import TlsConfig
 from townhall_tools.bench import audience, join_storm
 from townhall_tools.bench.join_load import Load, make_rooms, wait_live
 from townhall_tools.bench.relay import CHUNK_MS, Server, speak
-from townhall_tools.hosts.cluster import LIMITS, Cluster, plan
+from townhall_tools.hosts.cluster import BENCH_SETTINGS, LIMITS, Cluster, plan
 
 console = Console(stderr=True)
 STEPS_MAX = 8
@@ -89,7 +89,7 @@ def _admission(
     points: list[dict[str, Any]] = []
     for n in steps:
         hosts = plan(admission=n, crowd=0, relays=1, notifiers=1)
-        cluster = Cluster(root, image, kafka_image, hosts, cpus={"admission": quota})
+        cluster = Cluster(root, image, kafka_image, hosts, cpus={"admission": quota}, settings=BENCH_SETTINGS)
         cluster.down()
         started = time.monotonic()
         cluster.up()
@@ -210,7 +210,7 @@ def _relays(
     quota: float,
 ) -> dict[str, Any]:
     hosts = plan(admission=0, crowd=0, relays=max(edges) + 1, notifiers=0)
-    cluster = Cluster(root, image, kafka_image, hosts, cpus={"relay": quota})
+    cluster = Cluster(root, image, kafka_image, hosts, cpus={"relay": quota}, settings=BENCH_SETTINGS)
     cluster.down()
     started = time.monotonic()
     cluster.up()
