@@ -38,19 +38,22 @@ def _bench(tmp_path: Path, *, relays: bool = True, notifications: bool = True) -
 def test_each_tier_is_sized_from_the_largest_measured_step_at_the_stated_rules(tmp_path: Path) -> None:
     report = capacity.write(_bench(tmp_path))
     admission, edges, notifiers = report["tiers"]
-    # 760 joins/s on 4 x 0.25 cores; the peak second is 2 x 1M/60 s = 33,333/s at 70% of each core.
-    assert admission["per_core"] == 760.0
-    assert admission["cores"] == 63
-    # 560 listeners on 4 x 0.1 cores = 1,400 per core; 980 per one-core pod at 70%: CPU binds first.
-    assert edges["per_core"] == 1400.0
-    assert edges["pods"] == 613
+    # One process: 200 joins/s on 0.25 cores = 800 per core; the peak second is 2 x 1M/60 s = 33,333/s at
+    # 70% of each core. The 4-process step scaled at 760 / (4 x 200).
+    assert admission["per_core"] == 800.0
+    assert admission["cores"] == 60
+    assert admission["efficiency"] == 0.95
+    # One edge: 150 listeners on 0.1 cores = 1,500 per core; 1,050 per one-core pod at 70%: CPU binds first.
+    assert edges["per_core"] == 1500.0
+    assert edges["pods"] == 572
     assert edges["bound"].startswith("CPU")
-    assert report["bandwidth"]["total_bytes_s"] == 600_000 * 4200.0
+    assert edges["efficiency"] == round(560 / 600, 3)
+    assert report["bandwidth"]["total_bytes_s"] == 600_000 * 4000.0
     # 100M in 60 s = 1.67M/s against 2M/s per core at 70%.
     assert notifiers["cores"] == 2
     assert report["kafka"]["brokers"] == 3
     assert report["kafka"]["partitions"] == 12
-    assert report["total_cores"] == 63 + 613 + 2
+    assert report["total_cores"] == 60 + 572 + 2
     assert (tmp_path / "capacity.png").stat().st_size > 0
     assert json.loads((tmp_path / "capacity.json").read_text()) == report
 
@@ -58,7 +61,7 @@ def test_each_tier_is_sized_from_the_largest_measured_step_at_the_stated_rules(t
 def test_a_tier_whose_figures_are_missing_is_not_sized(tmp_path: Path) -> None:
     report = capacity.size(_bench(tmp_path, relays=False, notifications=False))
     admission, edges, notifiers = report["tiers"]
-    assert admission["cores"] == 63
+    assert admission["cores"] == 60
     assert edges["cores"] is None and edges["bound"] == "not measured"
     assert notifiers["cores"] is None and notifiers["bound"] == "not measured"
 

@@ -4,9 +4,11 @@ The event: 600,000 listeners at once, 1,000,000 join attempts within one minute,
 followers notified. Nothing here is estimated from a model of the code: every per-core figure comes from a
 run on the multi-host topology, each process in a container on a CPU quota and the load from outside it,
 
-- `scaleout.json` (`townhall cluster scale`): admitted joins/s per admission core (the largest N's clean
-  rate, so scaling losses are in it), listeners per edge core at p99 within the audience bar with nothing
-  lost, and the bytes each edge put on the wire per listener per second;
+- `scaleout.json` (`townhall cluster scale`): admitted joins/s per admission core and listeners per edge
+  core (p99 within the audience bar, nothing lost), each from the one-process step (N = 1, M = 1: one
+  process at its quota while the machine has cores to spare, the cleanest reading of a process's cost),
+  the scaling efficiency at the largest step beside it (sizing assumes linear scaling; the efficiency
+  says how far the run bore that out), and the bytes each edge put on the wire per listener per second;
 - `isolation.json` (`townhall cluster isolation`): followers notified per second per notifier core during
   the celebrity's fan-out, and the bytes of notification records per follower on Kafka.
 
@@ -59,6 +61,8 @@ class Tier:
     pods: int | None
     bound: str  # what saturates first in one pod
     measured_in: str
+    # Throughput at the largest step / (its count x one process's), as measured (None: one step only).
+    efficiency: float | None = None
 
 
 def _ceil(value: float) -> int:
@@ -73,13 +77,16 @@ def _admission(scale: dict[str, Any]) -> Tier:
     demand = f"{peak:,.0f} joins/s at the peak ({JOIN_ATTEMPTS:,} in {JOIN_WINDOW_S:.0f} s, x{PEAK_FACTOR:g})"
     if not points:
         return Tier("admission", demand, None, unit, None, None, "not measured", source)
-    largest = max(points, key=lambda p: p["admission"])
-    per_core = largest["admitted_per_s"] / (largest["admission"] * scale["cpu_quota_cores"])
+    one = next((p for p in points if p["admission"] == 1), None)
+    if one is None or not one["admitted_per_s"]:
+        return Tier("admission", demand, None, unit, None, None, "not measured (no N = 1 step)", source)
+    per_core = one["admitted_per_s"] / scale["cpu_quota_cores"]
     cores = _ceil(peak / (per_core * UTILISATION))
     bound = "CPU (grpc.aio per-call work); the crowd lane sheds the rest at ~0.15 ms each"
-    return Tier(
-        "admission (owners + crowd lane)", demand, round(per_core, 1), unit, cores, cores, bound, source
-    )
+    largest = max(points, key=lambda p: p["admission"])
+    efficiency = _efficiency(largest["admitted_per_s"], largest["admission"], one["admitted_per_s"])
+    name = "admission (owners + crowd lane)"
+    return Tier(name, demand, round(per_core, 1), unit, cores, cores, bound, source, efficiency)
 
 
 def _edges(scale: dict[str, Any]) -> tuple[Tier, dict[str, Any]]:
@@ -88,12 +95,12 @@ def _edges(scale: dict[str, Any]) -> tuple[Tier, dict[str, Any]]:
     unit = "listeners per edge core"
     source = "scaleout.json (relays points)"
     demand = f"{LISTENERS:,} listeners, {relays.get('chunk_ms', 100)} ms chunks"
-    served = [p for p in points if p["served"]]
-    if not served:
+    one = next((p for p in points if p["edges"] == 1 and p["served"]), None)
+    if one is None:
         return Tier("relay edges", demand, None, unit, None, None, "not measured", source), {}
-    largest = max(served, key=lambda p: p["edges"])
-    per_core = largest["served"] / (largest["edges"] * relays["cpu_quota_cores"])
-    per_listener = largest.get("sent_bytes_per_listener_s")
+    per_core = one["served"] / relays["cpu_quota_cores"]
+    per_listener = one.get("sent_bytes_per_listener_s")
+    largest = max(points, key=lambda p: p["edges"])
     per_pod_cpu = per_core * UTILISATION
     per_pod = min(per_pod_cpu, LISTENER_CAPACITY)
     limits = {"CPU": per_pod_cpu, "relay.listener_capacity": float(LISTENER_CAPACITY)}
@@ -116,8 +123,13 @@ def _edges(scale: dict[str, Any]) -> tuple[Tier, dict[str, Any]]:
         pods,
         f"{bound} (at {per_pod:,.0f} listeners per pod)",
         source,
+        _efficiency(largest["served"], largest["edges"], one["served"]),
     )
     return tier, bandwidth
+
+
+def _efficiency(value: float, count: int, one: float) -> float | None:
+    return round(value / (count * one), 3) if count > 1 and one else None
 
 
 def _notifiers(isolation: dict[str, Any]) -> tuple[Tier, dict[str, Any]]:
