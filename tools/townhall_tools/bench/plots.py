@@ -258,12 +258,12 @@ def capacity(report: Mapping[str, Any]) -> Figure:
     scales = [i / 10 for i in range(1, 21)]
     for tier in tiers:
         right.plot(
-            [s * listeners for s in scales],
+            [s * listeners / 1000 for s in scales],
             [math.ceil(s * tier["pods"]) for s in scales],
             label=tier["service"],
         )
-    right.axvline(listeners, color="grey", linestyle=":", label=f"the event ({listeners:,} listeners)")
-    right.set_xlabel("listeners (join attempts and followers in the event's proportion)")
+    right.axvline(listeners / 1000, color="grey", linestyle=":", label=f"the event ({listeners:,} listeners)")
+    right.set_xlabel("thousands of listeners (joins and followers in the event's proportion)")
     right.set_ylabel("pods")
     right.set_title("Pods as the audience grows")
     right.grid(alpha=0.3)
