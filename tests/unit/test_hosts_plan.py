@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 from docker.errors import NotFound
 
 from townhall.core.config import load
 from townhall_tools.faults.measure import Outcome
-from townhall_tools.hosts.cluster import GATEWAY, LABEL, SUBNET, Cluster, plan
+from townhall_tools.hosts.cluster import BENCH_SETTINGS, GATEWAY, LABEL, SUBNET, Cluster, plan
 from townhall_tools.hosts.faults import SCENARIOS, HostsReport
 
 
@@ -29,7 +31,7 @@ def test_every_host_has_its_own_address_and_port() -> None:
 
 def test_services_get_only_their_keys_and_static_members(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cluster = Cluster.__new__(Cluster)  # no Docker client: the environment alone
-    cluster.root, cluster.hosts, cluster._secrets = tmp_path, plan(), None
+    cluster.root, cluster.hosts, cluster._secrets, cluster.settings = tmp_path, plan(), None, {}
     secrets = cluster.secrets
     relay = cluster._service_env(cluster.of("relay")[1], secrets)
     assert "TOWNHALL_TICKETS_PRIVATE_KEY" not in relay and "TOWNHALL_AUTH_KEYS" not in relay
@@ -69,9 +71,10 @@ def test_every_service_environment_is_a_valid_config(tmp_path) -> None:  # type:
     security = cluster.secrets.security
     assert security is not None
     (tmp_path / "password").write_text("x")
-    for host in cluster.hosts:
+    for host, settings in itertools.product(cluster.hosts, ({}, BENCH_SETTINGS)):
         if host.role == "kafka":
             continue
+        cluster.settings = settings  # the benches' topologies' settings load too
         env = cluster._service_env(host, cluster.secrets)
         env |= {
             "TOWNHALL_KAFKA_CA": str(security.ca),
@@ -127,3 +130,27 @@ def test_down_removes_the_notifiers_graph_volumes(tmp_path) -> None:  # type: ig
     assert cluster.down() == 0
     assert set(volumes.store) == {"other"}
     assert cluster.down() == 0  # nothing left: still fine
+
+
+def test_a_fresh_topology_is_removed_after_its_block_even_when_the_block_fails(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    calls: list[str] = []
+
+    class Recorded(Cluster):
+        def up(self, timeout_s: float = 300.0) -> None:
+            calls.append("up")
+
+        def down(self) -> int:
+            calls.append("down")
+            return 0
+
+    cluster = Recorded.__new__(Recorded)
+    with cluster.fresh() as up_s:
+        calls.append("measure")
+    assert calls == ["down", "up", "measure", "down"] and up_s >= 0
+    calls.clear()
+    try:
+        with cluster.fresh():
+            raise RuntimeError("a step failed")
+    except RuntimeError:
+        pass
+    assert calls == ["down", "up", "down"]

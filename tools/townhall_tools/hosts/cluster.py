@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,18 @@ class Cluster:
         self.manifest.write_text(json.dumps(self.describe(), indent=2))
         self._client_config()
         log.info("hosts up", manifest=str(self.manifest), containers=len(self.hosts))
+
+    @contextlib.contextmanager
+    def fresh(self, timeout_s: float = 300.0) -> Iterator[float]:
+        """This topology brought up anew (any topology up before is removed first) for the block, and
+        removed after it; yields the seconds `up` took."""
+        self.down()
+        started = time.monotonic()
+        try:
+            self.up(timeout_s)
+            yield time.monotonic() - started
+        finally:
+            self.down()
 
     def down(self) -> int:
         """Removes every container of the topology (and its volumes) and the network; returns how many

@@ -90,14 +90,8 @@ def _admission(
     for n in steps:
         hosts = plan(admission=n, crowd=0, relays=1, notifiers=1)
         cluster = Cluster(root, image, kafka_image, hosts, cpus={"admission": quota}, settings=BENCH_SETTINGS)
-        cluster.down()
-        started = time.monotonic()
-        cluster.up()
-        up_s = time.monotonic() - started
-        try:
+        with cluster.fresh() as up_s:
             figures = asyncio.run(_point(cluster, offered_per_process * n, seconds, cold_rooms))
-        finally:
-            cluster.down()
         points.append(
             {
                 "admission": n,
@@ -211,14 +205,8 @@ def _relays(
 ) -> dict[str, Any]:
     hosts = plan(admission=0, crowd=0, relays=max(edges) + 1, notifiers=0)
     cluster = Cluster(root, image, kafka_image, hosts, cpus={"relay": quota}, settings=BENCH_SETTINGS)
-    cluster.down()
-    started = time.monotonic()
-    cluster.up()
-    up_s = time.monotonic() - started
-    try:
+    with cluster.fresh() as up_s:
         points = asyncio.run(_relay_points(cluster, edges, per_edge, seconds))
-    finally:
-        cluster.down()
     return {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpu_quota_cores": quota,
