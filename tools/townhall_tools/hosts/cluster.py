@@ -240,6 +240,7 @@ class Cluster:
         hosts: list[Host] | None = None,
         cpus: dict[str, float] | None = None,
         settings: dict[str, str] | None = None,
+        cpusets: dict[str, str] | None = None,
     ) -> None:
         self.root = root.resolve()
         # CPU quota (cores) of each role's containers: LIMITS unless given here (the scale-out curve runs
@@ -251,6 +252,8 @@ class Cluster:
         self.cpus = {role: (cpus or {}).get(role, limits[0]) for role, limits in LIMITS.items()}
         # TOWNHALL_* settings every service gets on top of the chart's (the benches' BENCH_SETTINGS).
         self.settings = dict(settings or {})
+        # CPUs (cpuset) of containers by name: pinned ones run on those cores only; the others anywhere.
+        self.cpusets = dict(cpusets or {})
         self.image = image
         self.kafka_image = kafka_image
         self.hosts = hosts if hosts is not None else plan()
@@ -402,6 +405,7 @@ class Cluster:
         api = self.docker.api
         ports = [PORTS[host.role][0]] if host.published else []
         host_config = api.create_host_config(
+            cpuset_cpus=self.cpusets.get(host.name),
             cpu_period=CPU_PERIOD_US,
             cpu_quota=int(cpus * CPU_PERIOD_US),
             mem_limit=memory,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,18 @@ def lean_plan(half: str) -> list[Host]:
     return plan(**LEAN[half])
 
 
+def pinning(hosts: list[Host], cpus: int) -> tuple[Host, dict[str, str], set[int]] | None:
+    """The lean join topology on cores of its own: the owner that takes the cold rooms' joins alone on
+    CPU 0, every other container and the host's generators on the rest; None on a single CPU. CPU quotas
+    cap a process's share but leave every process on every core: on a machine with fewer cores than the
+    topology's quotas add up to, the cold owner waits for the storm's processes on the host's scheduler."""
+    if cpus < 2:
+        return None
+    cold = [h for h in hosts if h.role == "admission"][1]
+    rest = f"1-{cpus - 1}" if cpus > 2 else "1"
+    return cold, {h.name: ("0" if h == cold else rest) for h in hosts}, set(range(1, cpus))
+
+
 @dataclass(frozen=True)
 class Notifications:
     """The notification half's sizes."""
@@ -56,9 +70,11 @@ class Notifications:
 
 
 async def _phases(
-    cluster: Cluster, hot_rate: float, cold_rate: float, cold_rooms: int, seconds: float
+    cluster: Cluster, hot_rate: float, cold_rate: float, cold_rooms: int, seconds: float, cold_at: Host | None
 ) -> dict[str, Any]:
     owners = tuple(h.direct for h in cluster.of("admission"))
+    # The cold rooms' joins: on one owner when `cold_at` says which (the pinned one), else spread.
+    colds_at = (cold_at.direct,) if cold_at is not None else owners
     crowd = tuple(h.direct for h in cluster.of("crowd"))
     pids = [cluster.pid(h) for h in cluster.hosts if h.service == "admission"]
     auth, tls = cluster.secrets.auth, TlsConfig()
@@ -67,9 +83,9 @@ async def _phases(
     # The compiled generator when it is built (`make joinload`): a storm from Python generator processes
     # takes a core of the host's for 2,000 joins/s, and starves what it measures on a small machine.
     ghz = join_load_ghz.find()
-    alone = Load(owners, None, 0.0, tuple(colds), cold_rate, seconds, ghz=ghz, auth=auth, tls=tls)
+    alone = Load(colds_at, None, 0.0, tuple(colds), cold_rate, seconds, ghz=ghz, auth=auth, tls=tls)
     storm = Load(
-        owners,
+        colds_at,
         hot,
         hot_rate,
         tuple(colds),
@@ -87,10 +103,15 @@ async def _phases(
 
 
 def joins(
-    cluster: Cluster, hot_rate: float, cold_rate: float, seconds: float, cold_rooms: int = 50
+    cluster: Cluster,
+    hot_rate: float,
+    cold_rate: float,
+    seconds: float,
+    cold_rooms: int = 50,
+    cold_at: Host | None = None,
 ) -> dict[str, Any]:
     """The join half: both phases on the running topology, with the ratio and its verdict."""
-    phases = asyncio.run(_phases(cluster, hot_rate, cold_rate, cold_rooms, seconds))
+    phases = asyncio.run(_phases(cluster, hot_rate, cold_rate, cold_rooms, seconds, cold_at))
     alone, storm = phases["alone"]["cold"]["p99_ms"], phases["storm"]["cold"]["p99_ms"]
     ratio = round(storm / alone, 2) if alone and storm is not None else None
     return {
@@ -104,6 +125,20 @@ def joins(
         "within_bound": ratio is not None and ratio <= BOUND,
         "phases": phases,
     }
+
+
+@contextlib.contextmanager
+def _affinity(cpus: set[int] | None) -> Iterator[None]:
+    """This process (and the generators it starts) on `cpus` for the block; None: unchanged."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def run(
