@@ -171,18 +171,27 @@ def run(
         if half not in halves and half in earlier:
             report[half] = {"at": earlier[half].get("at", earlier.get("at")), **earlier[half]}
     for half in (h for h in HALVES if h in halves):
+        hosts = lean_plan(half)
+        pins = pinning(hosts, os.cpu_count() or 1) if lean and half == "joins" else None
         on = (
             Cluster(
-                cluster.root, cluster.image, cluster.kafka_image, lean_plan(half), settings=BENCH_SETTINGS
+                cluster.root,
+                cluster.image,
+                cluster.kafka_image,
+                hosts,
+                settings=BENCH_SETTINGS,
+                cpusets=pins[1] if pins else None,
             )
             if lean
             else cluster
         )
-        with on.fresh() if lean else contextlib.nullcontext(0.0):
+        with on.fresh() if lean else contextlib.nullcontext(0.0), _affinity(pins[2] if pins else None):
             if half == "joins":
-                report[half] = joins(on, hot_rate, cold_rate, seconds)
+                report[half] = joins(on, hot_rate, cold_rate, seconds, cold_at=pins[0] if pins else None)
             else:
                 report[half] = notify_isolation.run(on, n.followers, n.small_hosts, n.window_s, console)
+        if pins:
+            report[half]["pinned"] = {"cold_owner": pins[0].name, "its_cpu": "0", "cpusets": pins[1]}
         report[half]["at"] = report["at"]
         if on is not None:  # (None: a test's stand-in for the topology)
             report[half]["topology"] = {role: len(on.of(role)) for role in LIMITS}
