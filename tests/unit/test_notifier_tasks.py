@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from townhall.core.config import DEV_AUTH, KafkaConfig
 from townhall.core.errors import LimitReached
 from townhall.core.kafka import Topics, reader
-from townhall.core.provenance import NOTIFIER, RecordSigner, Writer
+from townhall.core.provenance import ADMISSION, NOTIFIER, RecordSigner, Writer
 from townhall.internal.v1 import events_pb2
 from townhall.notifier import blocks as blk
 from townhall.notifier.lanes import LaneChooser
@@ -162,6 +165,21 @@ class FakeProducer:
         return future
 
 
+def _planner(consumer: object, producer: FakeProducer, store: SqliteFollowerStore, topics: Topics) -> Planner:
+    """A planner owning every key (bulk lane above 100 followers), signing as a notifier."""
+    return Planner(
+        consumer,
+        {"fast": producer, "bulk": producer},
+        store,
+        topics,
+        ShardOwners("me:1", []),
+        bulk_threshold=100,
+        task_users=4096,
+        signer=RecordSigner(DEV_AUTH, Writer(NOTIFIER, "me:1")),
+        records=reader(KafkaConfig(topic_prefix="x"), DEV_AUTH, topics.room_started),
+    )
+
+
 def _event(host: int, room: str = "room-1") -> bytes:
     return events_pb2.RoomStarted(
         room=common_pb2.Room(
@@ -178,17 +196,7 @@ async def test_planning_the_same_start_twice_gives_the_same_tasks_on_the_right_l
     await store.remind("room-2", 555)
     topics = Topics("x")
     producer = FakeProducer()
-    planner = Planner(
-        None,
-        {"fast": producer, "bulk": producer},
-        store,
-        topics,
-        ShardOwners("me:1", []),
-        bulk_threshold=100,
-        task_users=4096,
-        signer=RecordSigner(DEV_AUTH, Writer(NOTIFIER, "me:1")),
-        records=reader(KafkaConfig(topic_prefix="x"), DEV_AUTH, topics.room_started),
-    )  # type: ignore[arg-type]
+    planner = _planner(None, producer, store, topics)
 
     first = await planner.plan(_event(7))
     ids_first = [(t, k) for t, k, _ in producer.sent]
@@ -203,6 +211,95 @@ async def test_planning_the_same_start_twice_gives_the_same_tasks_on_the_right_l
     assert small.users == 3  # two followers and one reminder
     assert {t for t, _, _ in producer.sent} == {topics.fanout_fast}
     assert sorted(k for _, k, _ in producer.sent) == [b"room-2/123/f/0", b"room-2/123/r/0"]
+
+
+class HeldProducer(FakeProducer):
+    """Acknowledges every record at once, but those of `held` rooms only when `release` is set."""
+
+    def __init__(self, held: str) -> None:
+        super().__init__()
+        self.held = held
+        self.release = asyncio.Event()
+        self.others_sent = asyncio.Event()  # a record of a room not held was sent
+
+    async def send(self, topic: str, value: bytes, key: bytes, headers: object = None) -> object:
+        self.sent.append((topic, key, value))
+        if not key.startswith(self.held.encode()):
+            self.others_sent.set()
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if key.startswith(self.held.encode()):
+            self.release_later(future)
+        else:
+            future.set_result(None)
+        return future
+
+    def release_later(self, future: asyncio.Future[object]) -> None:
+        async def wait() -> None:
+            await self.release.wait()
+            future.set_result(None)
+
+        asyncio.get_running_loop().create_task(wait())
+
+
+class ListConsumer:
+    """Hands out its records once, one partition; records what is committed."""
+
+    def __init__(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        self.records = records
+        self.committed: dict[TopicPartition, int] = {}
+        self.all_committed = asyncio.Event()  # the commit point passed every record
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int = 0) -> dict[TopicPartition, list[object]]:
+        records, self.records = self.records, []
+        if not records:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        return {TopicPartition(records[0].topic, 0): list(records)}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.update(offsets)
+        if offsets and max(offsets.values()) >= 2:
+            self.all_committed.set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.committed)
+
+
+async def test_a_small_host_start_is_not_held_up_by_the_acks_of_the_one_before(
+    store: SqliteFollowerStore,
+) -> None:
+    """Two small hosts' rooms start back to back; the first one's task records are not acknowledged
+    (brokers slow): the second's are written and acknowledged all the same, and the commit stays below
+    the first until its acks come."""
+    await store.import_edges(np.array([[7, 1], [7, 2], [8, 3]], dtype=np.uint64))
+    topics = Topics("x")
+    signer = RecordSigner(DEV_AUTH, Writer(ADMISSION, "a:1"))
+    records = []
+    for offset, (host, room) in enumerate(((7, "room-a"), (8, "room-b"))):
+        value, key = _event(host, room), str(host).encode()
+        headers = signer.headers(topics.room_started, key, value)
+        records.append(
+            ConsumerRecord(
+                topics.room_started, 0, offset, 0, 0, key, value, None, len(key), len(value), headers
+            )
+        )
+    consumer = ListConsumer(records)
+    producer = HeldProducer("room-a/")
+    planner = _planner(consumer, producer, store, topics)
+    run = asyncio.create_task(planner.run())
+    try:
+        async with asyncio.timeout(5):
+            await producer.others_sent.wait()
+            await asyncio.sleep(0.5)  # several commit turns while room-a's acks are held
+            assert consumer.committed.get(TopicPartition(topics.room_started, 0), 0) == 0
+            producer.release.set()
+            await consumer.all_committed.wait()
+        assert b"room-b/123/f/0" in [k for _, k, _ in producer.sent]
+        assert consumer.committed[TopicPartition(topics.room_started, 0)] == 2
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
 
 
 async def test_store_pages_imports_and_stays_under_16_bytes_per_edge(store: SqliteFollowerStore) -> None:

@@ -294,11 +294,18 @@ class NotifierApp:
 
 def fanout_producer(kafka: KafkaConfig, lane: str) -> AIOKafkaProducer:
     """The planner's and workers' producer: acks=all like every producer, with larger batches,
-    because fan-out writes many records back to back and throughput is the point."""
+    because fan-out writes many records back to back and throughput is the point.
+
+    The bulk lane compresses its batches (zstd): a celebrity's tasks and notification records are
+    packed follower ids, about 2.9 times smaller compressed, and every byte of them is replicated
+    twice, sent over TLS and read by every notifier's Inbox reader, on the brokers that also carry the
+    fast lane. The fast lane's few records are left as they are (nothing to gain, and no added step)."""
+    bulk = lane == "bulk"
     return producer(
         kafka,
         f"notifier-{lane}",
-        linger_ms=1 if lane == "fast" else 5,
-        max_batch_size=256 * 1024 if lane == "bulk" else 64 * 1024,
+        linger_ms=5 if bulk else 1,
+        max_batch_size=256 * 1024 if bulk else 64 * 1024,
         max_request_size=2 * 1024 * 1024,
+        compression_type="zstd" if bulk else None,
     )

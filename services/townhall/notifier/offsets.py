@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from townhall.core.kafka import KAFKA_ERRORS
 
 
 class OffsetBook:
@@ -55,3 +61,25 @@ class OffsetBook:
             self._pending.pop(tp, None)
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
+
+
+async def rewind(
+    book: OffsetBook,
+    failed: set[TopicPartition],
+    consumer_of: Callable[[TopicPartition], AIOKafkaConsumer],
+    in_flight: Iterable[asyncio.Task[None]],
+    backoff_s: float,
+) -> None:
+    """After failed work: lets the work in flight end, moves each failed partition still assigned back to
+    its oldest unfinished offset (fetched again from there, with what follows it), then pauses."""
+    pending = list(in_flight)
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for tp in failed:
+        consumer = consumer_of(tp)
+        offset = book.oldest_unfinished(tp)
+        if offset is None or tp not in consumer.assignment():
+            continue
+        with contextlib.suppress(*KAFKA_ERRORS):
+            consumer.seek(tp, offset)
+    await asyncio.sleep(backoff_s)

@@ -27,7 +27,7 @@ from townhall.internal.v1 import events_pb2
 from townhall.notifier.clients import describe
 from townhall.notifier.handover import Handover
 from townhall.notifier.metrics import FANOUT_EVENTS, FANOUT_LAG, FANOUT_TASKS
-from townhall.notifier.offsets import OffsetBook
+from townhall.notifier.offsets import OffsetBook, rewind
 from townhall.notifier.placement import ShardOwners
 from townhall.notifier.records import encode_task, room_started, room_started_record
 from townhall.notifier.store import STORE_ERRORS, Moved, SqliteFollowerStore, followee_key, room_key
@@ -36,6 +36,11 @@ log = logging.get(__name__)
 
 # Task records in flight before waiting for their acks: bounds memory for any follower count.
 MAX_IN_FLIGHT = 16
+# Small hosts' room starts planned at once, each waiting for its own acks: one start waiting for its
+# acks (slower while a celebrity's fan-out loads the brokers) does not hold up the starts behind it.
+MAX_PLANS_IN_FLIGHT = 32
+# How long a rebalance waits for the plans in flight before committing what is finished.
+REVOKE_WAIT_S = 10.0
 RETRY_BACKOFF_S = 1.0
 COMMIT_EVERY_S = 0.2
 # How far back a notifier plans again the keys it gains in a membership change: longer than any two
@@ -69,7 +74,9 @@ class Planner:
     it owns: the followers of hosts whose graph shard is here, and the reminders of rooms
     placed here (each settled first: notifier/handover.py). An event is committed once all its
     tasks are acknowledged; big hosts are planned in the background so a small host's event behind
-    them is not held up.
+    them is not held up, and small hosts' events are planned side by side (at most
+    MAX_PLANS_IN_FLIGHT), so neither is one behind another's acks. An event whose planning fails is
+    fetched again, with everything after it (task ids repeat: readers drop the repeats).
 
     When the membership changes, a notifier that gains keys plans the events of the last REPLAY_S
     seconds again for those keys only (`replay`): a room start read by its old owner after that one
@@ -104,6 +111,10 @@ class Planner:
         self._task_users = task_users
         self._book = OffsetBook()
         self._big: asyncio.Queue[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = asyncio.Queue()
+        self._planning: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_PLANS_IN_FLIGHT)
+        # Partitions with an event whose planning failed: rewound by the run loop.
+        self._failed: set[TopicPartition] = set()
         self._last_commit = 0.0
         self._handover = handover
         # A replay asked for (keys gained, since when), done by the run loop, which owns the consumer.
@@ -167,10 +178,29 @@ class Planner:
                         if await self._is_big(record.value or b""):
                             self._big.put_nowait((tp, record))
                         else:
-                            await self._plan_record(tp, record)
+                            await self._slots.acquire()
+                            plan = asyncio.create_task(self._plan_small(tp, record), name="planner-plan")
+                            self._planning.add(plan)
+                            plan.add_done_callback(self._planning.discard)
+                if self._failed:
+                    await self._rewind()
                 await self._commit(force=not batch)
         finally:
             await cancel(big)
+            for plan in list(self._planning):
+                plan.cancel()
+
+    async def _plan_small(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            await self._plan_record(tp, record)
+        finally:
+            self._slots.release()
+
+    async def _rewind(self) -> None:
+        """After a failed plan: let the plans in flight end, then fetch again from the oldest unfinished
+        event of each partition that failed."""
+        failed, self._failed = self._failed, set()
+        await rewind(self._book, failed, lambda _tp: self._consumer, self._planning, RETRY_BACKOFF_S)
 
     async def _big_loop(self) -> None:
         while True:
@@ -193,16 +223,14 @@ class Planner:
         try:
             await self.plan(record.value or b"", self._only(tp, record.offset))
         except PLAN_ERRORS as exc:
-            # Not finished, so not committed: rewind the partition to it and try again.
+            # Not finished, so not committed: the run loop rewinds the partition to it (_rewind).
             log.warning(
                 "planning failed, will retry",
                 partition=tp.partition,
                 offset=record.offset,
                 error=describe(exc),
             )
-            with contextlib.suppress(*KAFKA_ERRORS):
-                self._consumer.seek(tp, self._book.oldest_unfinished(tp) or record.offset)
-            await asyncio.sleep(RETRY_BACKOFF_S)
+            self._failed.add(tp)
             return
         self._book.finish(tp, record.offset)
 
@@ -310,7 +338,10 @@ class Planner:
             log.warning("a new planner group starts at the oldest event", error=describe(exc))
 
     async def commit_now(self, partitions: set[TopicPartition]) -> None:
-        """Commits the finished events of `partitions` at once, then forgets them (a rebalance)."""
+        """Commits the finished events of `partitions` at once (after the plans in flight, for at most
+        REVOKE_WAIT_S), then forgets them (a rebalance)."""
+        if self._planning:
+            await asyncio.wait(list(self._planning), timeout=REVOKE_WAIT_S)
         offsets = {tp: o for tp, o in self._book.committable().items() if tp in partitions}
         if offsets:
             try:

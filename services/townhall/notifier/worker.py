@@ -21,7 +21,7 @@ from townhall.notifier.blocks import shard_sorted
 from townhall.notifier.clients import describe
 from townhall.notifier.lanes import LaneChooser
 from townhall.notifier.metrics import FANOUT_TASKS, NOTIFICATIONS, TASK_LAG
-from townhall.notifier.offsets import OffsetBook
+from townhall.notifier.offsets import OffsetBook, rewind
 from townhall.notifier.records import SHARDS, Task, encode_batch, shard_key, task_record
 from townhall.v1 import inbox_pb2
 
@@ -225,17 +225,8 @@ class Worker:
 
     async def _rewind(self) -> None:
         """After a failed step: let the others settle, then fetch again from the oldest unfinished task."""
-        if self._steps:
-            await asyncio.gather(*list(self._steps), return_exceptions=True)
         failed, self._failed = self._failed, set()
-        for tp in failed:
-            consumer = self._consumer_of(tp)
-            offset = self._book.oldest_unfinished(tp)
-            if offset is None or tp not in consumer.assignment():
-                continue
-            with contextlib.suppress(*KAFKA_ERRORS):
-                consumer.seek(tp, offset)
-        await asyncio.sleep(RETRY_BACKOFF_S)
+        await rewind(self._book, failed, self._consumer_of, self._steps, RETRY_BACKOFF_S)
 
     async def _commit(self) -> None:
         now = time.monotonic()

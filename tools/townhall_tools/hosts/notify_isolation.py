@@ -51,6 +51,11 @@ START_TIMEOUT_S = 60.0  # until the first bulk task is done: the fan-out runs
 POLL_S = 0.5
 SAMPLE_RECORDS = 200  # notification records sampled for their size
 SAMPLE_TIMEOUT_S = 20.0
+# Before the phase alone: the graph import leaves the notifiers and brokers busy for a while (the store's
+# writes, replication); "alone" means after they are back to (almost) idle, waited for at most QUIET_MAX_S.
+QUIET_CORES = 0.3  # the notifiers' and brokers' CPU, summed
+QUIET_MAX_S = 120.0
+KAFKA_LOGS = "/var/lib/kafka/data"  # the brokers' log.dirs (hosts/cluster.py)
 TASK_USERS = 4096  # notifier.task_users: followers per fan-out task
 
 STORED = "townhall_notifier_followers_stored"
@@ -142,11 +147,12 @@ def _scrape(cluster: Cluster) -> list[dict[str, float]]:
     return [{sample_key(s): s.value for s in samples(host.metrics)} for host in cluster.of("notifier")]
 
 
-async def record_bytes_per_follower(
+async def read_bytes_per_follower(
     kafka: KafkaConfig, start: dict[TopicPartition, int], room: str, records: int = SAMPLE_RECORDS
 ) -> float | None:
-    """Bytes of notification records (value, key and headers; no batch overhead) per follower they name:
-    from a sample of `room`'s first records after `start` (each partition's end before the room started)."""
+    """Bytes of notification records as read (value, key and headers, uncompressed; no batch overhead) per
+    follower they name, from a sample of `room`'s first records after `start` (each partition's end before
+    the room started)."""
     reader = consumer(kafka, enable_auto_commit=False)
     await reader.start()
     size = users = seen = 0
@@ -172,6 +178,31 @@ async def record_bytes_per_follower(
 def _cpu_s(cluster: Cluster, role: str) -> float:
     """CPU seconds so far of a role's containers (each one's process is its container's init)."""
     return sum(cpu_s(psutil.Process(cluster.pid(h))) for h in cluster.of(role))
+
+
+def quiet(cluster: Cluster, console: Console) -> float | None:
+    """Waits until the notifiers and brokers together use less than QUIET_CORES over a second; the
+    seconds waited, or None if they were still busy after QUIET_MAX_S."""
+    started = time.monotonic()
+    with console.status("waiting for the notifiers and brokers to settle after the import..."):
+        while time.monotonic() - started < QUIET_MAX_S:
+            before = _cpu_s(cluster, "notifier") + _cpu_s(cluster, "kafka")
+            time.sleep(1.0)
+            if _cpu_s(cluster, "notifier") + _cpu_s(cluster, "kafka") - before < QUIET_CORES:
+                return round(time.monotonic() - started, 1)
+    return None
+
+
+def log_bytes(cluster: Cluster, topic: str) -> int:
+    """Bytes of `topic`'s log segments on the first broker: every broker holds every partition
+    (replication factor 3 on 3 brokers), so this is what the topic's writes take on disk and on the
+    wire, compressed batches as they are."""
+    broker = cluster.container(cluster.of("kafka")[0])
+    code, out = broker.exec_run(["sh", "-c", f"cat {KAFKA_LOGS}/{topic}-*/*.log | wc -c"])
+    if code != 0:
+        why = out.decode(errors="replace")
+        raise RuntimeError(f"could not size {topic}'s log on the first broker: {why}")
+    return int(out.decode().strip())
 
 
 def load(
@@ -227,6 +258,7 @@ async def _during(
     cpu0, brokers0 = _cpu_s(cluster, "notifier"), _cpu_s(cluster, "kafka")
     topic = Topics(kafka.topic_prefix).notifications
     start = await end_offsets(kafka, topic)
+    logged = await asyncio.to_thread(log_bytes, cluster, topic)
     room = f"celebrity-{uuid.uuid4().hex[:8]}"
     p = producer(kafka, "bench-notifyiso")
     await p.start()
@@ -253,7 +285,8 @@ async def _during(
             progress = Fanout.of(await asyncio.to_thread(_scrape, cluster)).since(before)
     fanout_s = time.monotonic() - started
     cpu, brokers = _cpu_s(cluster, "notifier") - cpu0, _cpu_s(cluster, "kafka") - brokers0
-    per_follower = await record_bytes_per_follower(kafka, start, room)
+    logged = await asyncio.to_thread(log_bytes, cluster, topic) - logged
+    per_follower = await read_bytes_per_follower(kafka, start, room)
     return {
         **phase,
         "fanout_finished": progress.finished(followers),
@@ -267,9 +300,13 @@ async def _during(
         "notifier_cpu_s": round(cpu, 1),
         "notifier_cores": round(cpu / fanout_s, 2),  # of the notifiers' quotas, summed
         "broker_cores": round(brokers / fanout_s, 2),
-        # What bench/capacity.py sizes the notifier tier and Kafka from.
+        "broker_cpu_s": round(brokers, 1),
+        # What bench/capacity.py sizes the notifier tier and Kafka from: followers per notifier core-s,
+        # and bytes per follower on the notifications topic's log (batches as written: the bulk lane's
+        # are compressed), next to the records' own bytes once read (uncompressed).
         "fanout_per_core_s": round(progress.notified / cpu) if cpu > 0 else None,
-        "record_bytes_per_follower": per_follower,
+        "record_bytes_per_follower": round(logged / progress.notified, 2) if progress.notified else None,
+        "read_bytes_per_follower": per_follower,
     }
 
 
@@ -279,6 +316,7 @@ def run(
     """Loads the graph, then both phases on the running topology; returns the figures and the verdict."""
     check(followers, small_hosts, window_s)
     hosts, loaded = load(cluster, followers, small_hosts, console)
+    settled = quiet(cluster, console)
     with console.status("warming up: one small host starts a room..."):
         # Not measured: the first room start after the notifiers start pays for their consumers' first
         # fetches and the Inbox readers catching up (seconds), which neither phase is about.
@@ -294,6 +332,7 @@ def run(
         "small_hosts": len(hosts),
         "window_s": window_s,
         "load": loaded,
+        "settled_after_import_s": settled,
         "alone": alone,
         "during": during,
         "p99_s_alone": alone["p99_s"],
@@ -303,6 +342,7 @@ def run(
         and p99 <= BOUND_S
         and during["notified"] == during["streams"]
         and during["fanout_ran_throughout"],
-        "lanes": "fast and bulk lane in each notifier process (the chart's StatefulSet): one CPU quota",
+        "lanes": "fast and bulk lane in each notifier process (the chart's StatefulSet): one CPU quota; "
+        "the bulk lane's records zstd-compressed",
         "quotas_cores": {"notifier": LIMITS["notifier"][0], "kafka": LIMITS["kafka"][0]},
     }
