@@ -67,3 +67,31 @@ def test_a_listeners_leave_is_one_record_per_relay_with_when_each_user_left() ->
         "": ([14], [], Role.ROLE_UNSPECIFIED),
     }
     assert presence.room_for(4)
+
+
+def test_the_periodic_flush_sends_leaves_at_once_and_joins_and_tallies_once_a_batch_interval() -> None:
+    """Leaves void tickets on the relays, so they go at the next 100 ms tick; joins and tallies, which
+    every admission process and relay reads, go once per batch interval, a record per room and kind."""
+    queue, now, seats = Recorder(), [0.0], {"hot": 1}
+    presence = Presence(
+        queue,  # type: ignore[arg-type]
+        "t.presence",
+        "pod-0",
+        capacity=100,
+        seats=lambda: seats,
+        clock=lambda: now[0],
+        batch_s=1.0,
+    )
+    for step in range(1, 10):  # joins arriving over 0.9 s, a tick every 0.1 s
+        now[0] = step / 10
+        presence.record(JOIN, "hot", step, Role.ROLE_LISTENER)
+        presence.tick()
+    presence.left("hot", 1, ["relay-a:1"], 1_000)
+    assert presence.tick() == 1
+    assert [(e.kind, list(e.user_ids)) for _, _, e in queue.records] == [(LEAVE, [1])]
+    assert presence.room_for(91) and not presence.room_for(92)  # the leave went; nine joins wait
+    now[0] = 1.0
+    presence.tick()
+    kinds = [(e.kind, list(e.user_ids), e.listeners) for _, _, e in queue.records[1:]]
+    assert kinds == [(JOIN, list(range(1, 10)), 0), (PresenceEvent.KIND_TALLY, [], 1)]
+    assert presence.tick() == 0 and presence.room_for(100)

@@ -1,15 +1,22 @@
 """Join and leave events, batched: one Kafka record per room, kind and role every flush interval.
 
 A join only appends a user id to a list (no protobuf, no Kafka call). A background task closes
-the batches every `flush_s` and offers them to the bounded EventQueue. Users beyond `capacity`
-waiting for a flush are dropped and counted, so a storm never grows memory or blocks a join.
+the batches and offers them to the bounded EventQueue: leaves every `flush_s` (100 ms), everything
+else every `batch_s` (1 s). Users beyond `capacity` waiting for a flush are dropped and counted, so a
+storm never grows memory or blocks a join.
 
 A listener's Leave that gives a seat back is batched per relay with the time it happened: that relay
-voids the listener's older tickets (relay/leaves.py).
+voids the listener's older tickets (relay/leaves.py), so leaves go out at the short interval.
 
-Each flush also tallies this process's seats per room (`seats`): a room whose count changed gets a
-KIND_TALLY record, and every room with listeners gets one again every TALLY_EVERY_S, so every admission
-process can sum the rooms' listeners over all of them (tallies.py).
+Each `batch_s` flush also tallies this process's seats per room (`seats`): a room whose count changed
+gets a KIND_TALLY record, and every room with listeners gets one again every TALLY_EVERY_S, so every
+admission process can sum the rooms' listeners over all of them (tallies.py).
+
+Why joins and tallies wait a second: every admission process and every relay reads (and checks the
+signature of) every presence record. With many rooms taking joins on every process, a record per room
+per 100 ms from each process made that reading grow with the square of the processes (4 processes
+over 50 busy rooms: 1,000 records/s written and 3,000/s read by each); the counts they feed are
+pushed to watchers once a second anyway (admission.watch_counts_s).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from townhall.internal.v1.events_pb2 import PresenceEvent
 from townhall.v1.common_pb2 import Role
 
 FLUSH_S = 0.1
+# Joins, the other kinds and tallies: one batch per room and kind this often.
+BATCH_S = 1.0
 # Users per record: a record stays well under Kafka's and gRPC's message limits (8 bytes a user).
 MAX_BATCH = 8192
 
@@ -44,6 +53,7 @@ class Presence:
         flush_s: float = FLUSH_S,
         seats: Callable[[], Mapping[str, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        batch_s: float = BATCH_S,
     ) -> None:
         self._events = events
         self._topic = topic
@@ -52,6 +62,7 @@ class Presence:
         self._member = member
         self._capacity = capacity
         self._flush_s = flush_s
+        self._batch_s = batch_s
         self._pending: dict[_Key, list[int]] = {}
         # Per batch of leaves that give seats back, when each user left (Unix ms, in user order).
         self._times: dict[_Key, list[int]] = {}
@@ -61,6 +72,7 @@ class Presence:
         self._told: dict[str, int] = {}
         self._clock = clock
         self._told_all = clock()
+        self._batched_at = clock()
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -92,9 +104,24 @@ class Presence:
             self._count += 1
 
     def flush(self) -> int:
-        """Offers every batch to the event queue now; returns the records offered."""
-        pending, self._pending, self._count = self._pending, {}, 0
-        times, self._times = self._times, {}
+        """Offers every batch (and the tallies due) to the event queue now; returns the records offered."""
+        self._batched_at = self._clock()
+        return self._offer(lambda _key: True) + self._tally(time.time_ns() // 1_000_000)
+
+    def tick(self) -> int:
+        """The periodic flush: the leaves' batches, and every other batch and the tallies when `batch_s`
+        has passed since they last went; returns the records offered."""
+        if self._clock() - self._batched_at >= self._batch_s:
+            return self.flush()
+        return self._offer(lambda key: key[0] == PresenceEvent.KIND_LEAVE)
+
+    def _offer(self, due: Callable[[_Key], bool]) -> int:
+        """Offers the batches `due` says go now; the rest keep waiting."""
+        pending: dict[_Key, list[int]] = {}
+        for key in [key for key in self._pending if due(key)]:
+            pending[key] = self._pending.pop(key)
+            self._count -= len(pending[key])
+        times = {key: self._times.pop(key) for key in pending if key in self._times}
         at_ms = time.time_ns() // 1_000_000
         records = 0
         for key, users in pending.items():
@@ -113,7 +140,7 @@ class Presence:
                 )
                 self._events.offer(self._topic, room_id.encode(), event.SerializeToString())
                 records += 1
-        return records + self._tally(at_ms)
+        return records
 
     def _tally(self, at_ms: int) -> int:
         """Offers the tallies that changed (and every one with listeners every TALLY_EVERY_S)."""
@@ -157,4 +184,4 @@ class Presence:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._flush_s)
-            self.flush()
+            self.tick()
