@@ -38,11 +38,11 @@ SCALE_STEPS ?= 1 2 4
 # (about a core per 1,000 listeners) must fit the machine's cores.
 SCALE_RATE ?= 100
 SCALE_SECONDS ?= 8
-SCALE_QUOTA ?= 0.3
+SCALE_QUOTA ?= 0.1
 SCALE_RELAY_QUOTA ?= 0.1
 SCALE_EDGES ?= 1 2 4
 SCALE_LISTENERS ?= 50 100 150 200 300 400 600
-cluster-scale: setup image kafka-image ## Scale-out: N owners (SCALE_STEPS), M edge relays (SCALE_EDGES, listeners per edge SCALE_LISTENERS), one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
+cluster-scale: setup image kafka-image joinload ## Scale-out: N owners (SCALE_STEPS), M edge relays (SCALE_EDGES, listeners per edge SCALE_LISTENERS), one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
 	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --quota $(SCALE_QUOTA) \
 		--relay-quota $(SCALE_RELAY_QUOTA) \
 		--edges $(SCALE_EDGES) --listeners $(SCALE_LISTENERS) --out .townhall/bench

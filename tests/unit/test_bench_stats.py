@@ -113,3 +113,23 @@ def test_ghz_details_give_outcomes_per_second(tmp_path: Path) -> None:
     assert figures["per_second"] == {"granted": [2, 0, 1], "shed": [0, 1, 0], "unavailable": [0, 1, 0]}
     assert (figures["granted_per_s"], figures["p50_ms"], figures["p99_ms"]) == (1.0, 2.0, 9.0)
     assert join_load_ghz.first_call({"details": []}) is None
+
+
+def test_ghz_reports_of_one_class_merge_into_one() -> None:
+    """A class's load over several addresses is one ghz process each: its figures are all their calls'."""
+
+    def report(codes: dict[str, int], latencies_ms: list[float]) -> dict[str, object]:
+        at = "2026-01-02T03:04:05Z"
+        details = [{"timestamp": at, "latency": ms * 1e6, "error": "", "status": "OK"} for ms in latencies_ms]
+        return {"count": len(latencies_ms), "statusCodeDistribution": codes, "details": details}
+
+    fast = report({"OK": 99}, [1.0] * 99)
+    slow = report({"OK": 1, "Unavailable": 0}, [500.0])
+    assert join_load_ghz.merge([fast]) is fast
+    merged = join_load_ghz.merge([fast, slow])
+    assert merged["count"] == 100 and merged["statusCodeDistribution"] == {"OK": 100, "Unavailable": 0}
+    figures = join_load_ghz.figures(merged, 1.0, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp())
+    # p99 of 100 calls is the 99th: one slow call of a hundred is past it, two would not be.
+    assert (figures["p50_ms"], figures["p99_ms"], figures["granted_per_s"]) == (1.0, 1.0, 100.0)
+    merged = join_load_ghz.merge([fast, slow, slow])
+    assert join_load_ghz.figures(merged, 1.0, 0.0)["p99_ms"] == 500.0

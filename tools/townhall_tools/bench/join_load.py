@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -132,35 +133,37 @@ async def _offer_ghz(
     classes = {"hot": (load.hot_room and [load.hot_room], load.hot_rate)}
     classes["cold"] = (list(load.cold_rooms), load.cold_rate)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {}
-        for i, (kind, (rooms, rate)) in enumerate(classes.items()):
+        # One generator per class and address (ghz dials one), each with its share of the class's rate.
+        runs: dict[str, list[tuple[subprocess.Popen[bytes], Path]]] = {}
+        for kind, (rooms, rate) in classes.items():
             if rooms and rate > 0:
-                out = Path(tmp) / f"{kind}.json"
                 addresses = (load.hot_addresses or load.addresses) if kind == "hot" else load.addresses
-                address = addresses[i % len(addresses)]
-                runs[kind] = (
-                    join_load_ghz.start(
+                share = rate / len(addresses)
+                for i, address in enumerate(addresses):
+                    out = Path(tmp) / f"{kind}-{i}.json"
+                    process = join_load_ghz.start(
                         binary,
                         address,
                         rooms,
-                        rate,
+                        share,
                         duration,
-                        int(rate * load.warmup_s),
+                        int(share * load.warmup_s),
                         out,
                         load.auth,
                         load.tls,
-                    ),
-                    out,
-                )
+                        index=len(runs) * 100 + i,
+                    )
+                    runs.setdefault(kind, []).append((process, out))
+        started_all = [p for kind_runs in runs.values() for p, _ in kind_runs]
         # Read every loop turn: a generator that ends before the window's end still counts.
-        generators = _LastSeenCpu([psutil.Process(p.pid) for p, _ in runs.values()])
+        generators = _LastSeenCpu([psutil.Process(p.pid) for p in started_all])
         cpu: dict[str, float] = {}
         started = time.time()
         columns = (TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(f"{name}: ghz", total=None)
             last_cpu, last_at = servers.total(), started
-            while any(p.poll() is None for p, _ in runs.values()):
+            while any(p.poll() is None for p in started_all):
                 now = time.time()
                 generated = generators.total()
                 if "start" not in cpu and now >= started + load.warmup_s:
@@ -180,7 +183,10 @@ async def _offer_ghz(
         cpu.setdefault("end", servers.total())
         cpu.setdefault("gen_end", generators.total())
         figures = _base_figures(load, cpu, generators="ghz")
-        reports = {kind: join_load_ghz.read(out) for kind, (_, out) in runs.items()}
+        reports = {
+            kind: join_load_ghz.merge([join_load_ghz.read(out) for _, out in kind_runs])
+            for kind, kind_runs in runs.items()
+        }
         # The measured window starts at the first call either generator kept (each skips its warm-up).
         firsts = [t for t in map(join_load_ghz.first_call, reports.values()) if t is not None]
         window = min(firsts, default=started + load.warmup_s)

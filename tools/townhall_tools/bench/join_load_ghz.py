@@ -3,8 +3,9 @@
 The generator is deploy/tools/joinload, ghz's runner with a metadata provider that gives every call
 a new user and an HS256 user token of its own (ghz 0.93's own command sends one metadata object for
 all calls), so a storm is a storm of first joins, each token verified by the server. `make joinload`
-builds it into .cache/bin (`make bench` does). One process per room class; its JSON report is ghz's:
-status codes and latency percentiles.
+builds it into .cache/bin (`make bench` does). One process per room class and address (ghz dials one),
+each offering its share of the class's rate; their JSON reports (ghz's: status codes, latency
+percentiles, every call) are merged into one per class.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from townhall.core.auth import signing_key
 from townhall.core.config import AuthConfig, TlsConfig
-from townhall_tools.bench.stats import PerSecond
+from townhall_tools.bench.stats import PerSecond, percentile
 
 PROTO_ROOT = Path(__file__).resolve().parents[3] / "proto"
 LOCAL = Path(".cache/bin/joinload")
@@ -48,12 +49,14 @@ def start(
     out: Path,
     auth: AuthConfig,
     tls: TlsConfig,
+    index: int = 0,
 ) -> subprocess.Popen[bytes]:
-    """A generator process offering `rate` joins/s round-robin over `rooms`, each call a new user."""
+    """A generator process offering `rate` joins/s round-robin over `rooms`, each call a new user; `index`
+    tells the processes of one load apart (their users are 10**12 ids apart)."""
     data = [{"room_id": r} for r in rooms]
     key = signing_key(auth.keys)
     # Ids different for every run and process.
-    first = 10**15 + (time.time_ns() // 1000) % 10**14
+    first = 10**15 + index * 10**12 + (time.time_ns() // 1000) % 10**11
     if tls.enabled:
         transport = ["-cacert", tls.ca, "-cert", tls.cert, "-cert-key", tls.key]
         transport += ["-cname", tls.server_name] if tls.server_name else []
@@ -76,6 +79,27 @@ def read(out: Path) -> dict[str, Any]:
     """A ghz JSON report."""
     report: dict[str, Any] = json.loads(out.read_text())
     return report
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of several processes' (one class's load over several addresses): counts and status
+    codes summed, every call kept, p50 and p99 taken from all the calls' latencies."""
+    if len(reports) == 1:
+        return reports[0]
+    codes: dict[str, int] = {}
+    for report in reports:
+        for code, count in (report.get("statusCodeDistribution") or {}).items():
+            codes[code] = codes.get(code, 0) + count
+    details = [d for report in reports for d in report.get("details") or []]
+    latencies = [d["latency"] for d in details]
+    return {
+        "count": sum(report.get("count", 0) for report in reports),
+        "statusCodeDistribution": codes,
+        "latencyDistribution": [
+            {"percentage": q, "latency": percentile(latencies, q / 100)} for q in (50, 99) if latencies
+        ],
+        "details": details,
+    }
 
 
 def _at(detail: dict[str, Any]) -> float:

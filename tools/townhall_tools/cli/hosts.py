@@ -60,7 +60,7 @@ def add_parser(sub: Subparsers) -> None:
     cluster.add_argument(
         "--quota",
         type=float,
-        default=0.3,
+        default=0.1,
         help="scale: CPU quota (cores) of every admission process in its curve",
     )
     cluster.add_argument(

@@ -3,11 +3,11 @@ with the same CPU quota, against a load generated outside every quota (on the ho
 
 For each N the topology is brought up afresh with N owners (no crowd lane, one relay, one notifier), cold
 rooms are created, and joins are offered to them at every owner's own address (Host.direct: no
-docker-proxy in the path) by bench.join_load's generator processes, at rates rising from
-`offered_per_process * N` by the join storm's rate search (bench.join_storm.search: a step is clean when
-at least 97% of its offered rate is answered, at most 1% fails and p99 is within 250 ms); admitted(N) is
-the best clean step's admitted joins/s, with its p99 and the cores the owners used. The scaling
-efficiency at N is admitted(N) / (N * admitted(1)).
+docker-proxy in the path) by bench.join_load's generators (ghz's runner when `make joinload` built it),
+at rates rising from `offered_per_process * N` by the join storm's rate search (bench.join_storm.search:
+a step is clean when at least 97% of its offered rate is answered, at most 1% fails and p99 is within
+250 ms); admitted(N) is the best clean step's admitted joins/s, with its p99 and the cores the owners
+used. The scaling efficiency at N is admitted(N) / (N * admitted(1)).
 
 The relay half runs on one topology with an origin relay and max(M) edge relays (no admission, no
 notifier): one speaker publishes a room to the origin at 50 frames/s and, for each M, listeners subscribe
@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from townhall.core.config import TlsConfig
-from townhall_tools.bench import audience, join_storm
+from townhall_tools.bench import audience, join_load_ghz, join_storm
 from townhall_tools.bench.join_load import Load, make_rooms, wait_live
 from townhall_tools.bench.relay import CHUNK_MS, Server, speak
 from townhall_tools.hosts.cluster import BENCH_SETTINGS, LIMITS, Cluster, plan
@@ -61,8 +61,15 @@ async def _point(cluster: Cluster, start: float, seconds: float, cold_rooms: int
     _, colds = await make_rooms(addresses[0], cold_rooms, auth, tls)
     await wait_live(addresses, colds, auth, tls)
 
+    # The compiled generator when it is built (`make joinload`, which `make cluster-scale` runs): Python
+    # generator processes take about a millisecond of the host's CPU per join, which the owners' cores
+    # share on a small machine.
+    ghz = join_load_ghz.find()
+
     def load_at(rate: float) -> Load:
-        return Load(addresses, None, 0.0, tuple(colds), rate, seconds, generators=2, auth=auth, tls=tls)
+        return Load(
+            addresses, None, 0.0, tuple(colds), rate, seconds, generators=2, ghz=ghz, auth=auth, tls=tls
+        )
 
     pids = [cluster.pid(h) for h in owners]
     return await join_storm.search(load_at, start, pids, f"admission x{len(owners)}", console, kind="cold")
