@@ -48,16 +48,16 @@ def lean_plan(half: str) -> list[Host]:
     return plan(**LEAN[half])
 
 
-def pinning(hosts: list[Host], cpus: int) -> tuple[Host, dict[str, str], set[int]] | None:
-    """The lean join topology on cores of its own: the owner that takes the cold rooms' joins alone on
-    CPU 0, every other container and the host's generators on the rest; None on a single CPU. CPU quotas
+def pinning(hosts: list[Host], cpus: int) -> tuple[dict[str, str], set[int]] | None:
+    """The lean join topology on cores of its own, as a deployment puts the two lanes on nodes of their
+    own: the owners (the cold rooms' joins and every room's authoritative changes) on CPU 0; the crowd
+    lane, the brokers, the relay and the host's generators on the rest. None on a single CPU. CPU quotas
     cap a process's share but leave every process on every core: on a machine with fewer cores than the
-    topology's quotas add up to, the cold owner waits for the storm's processes on the host's scheduler."""
+    topology's quotas add up to, the owners wait for the storm's processes on the host's scheduler."""
     if cpus < 2:
         return None
-    cold = [h for h in hosts if h.role == "admission"][1]
     rest = f"1-{cpus - 1}" if cpus > 2 else "1"
-    return cold, {h.name: ("0" if h == cold else rest) for h in hosts}, set(range(1, cpus))
+    return {h.name: ("0" if h.role == "admission" else rest) for h in hosts}, set(range(1, cpus))
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,11 @@ class Notifications:
 
 
 async def _phases(
-    cluster: Cluster, hot_rate: float, cold_rate: float, cold_rooms: int, seconds: float, cold_at: Host | None
+    cluster: Cluster, hot_rate: float, cold_rate: float, cold_rooms: int, seconds: float
 ) -> dict[str, Any]:
     owners = tuple(h.direct for h in cluster.of("admission"))
-    # The cold rooms' joins: on one owner when `cold_at` says which (the pinned one), else spread.
-    colds_at = (cold_at.direct,) if cold_at is not None else owners
+    # The cold rooms' joins: spread over the owners, as clients' joins land on any admission pod.
+    colds_at = owners
     crowd = tuple(h.direct for h in cluster.of("crowd"))
     pids = [cluster.pid(h) for h in cluster.hosts if h.service == "admission"]
     auth, tls = cluster.secrets.auth, TlsConfig()
@@ -108,10 +108,9 @@ def joins(
     cold_rate: float,
     seconds: float,
     cold_rooms: int = 50,
-    cold_at: Host | None = None,
 ) -> dict[str, Any]:
     """The join half: both phases on the running topology, with the ratio and its verdict."""
-    phases = asyncio.run(_phases(cluster, hot_rate, cold_rate, cold_rooms, seconds, cold_at))
+    phases = asyncio.run(_phases(cluster, hot_rate, cold_rate, cold_rooms, seconds))
     alone, storm = phases["alone"]["cold"]["p99_ms"], phases["storm"]["cold"]["p99_ms"]
     ratio = round(storm / alone, 2) if alone and storm is not None else None
     return {
@@ -180,18 +179,22 @@ def run(
                 cluster.kafka_image,
                 hosts,
                 settings=BENCH_SETTINGS,
-                cpusets=pins[1] if pins else None,
+                cpusets=pins[0] if pins else None,
             )
             if lean
             else cluster
         )
-        with on.fresh() if lean else contextlib.nullcontext(0.0), _affinity(pins[2] if pins else None):
+        with on.fresh() if lean else contextlib.nullcontext(0.0), _affinity(pins[1] if pins else None):
             if half == "joins":
-                report[half] = joins(on, hot_rate, cold_rate, seconds, cold_at=pins[0] if pins else None)
+                report[half] = joins(on, hot_rate, cold_rate, seconds)
             else:
                 report[half] = notify_isolation.run(on, n.followers, n.small_hosts, n.window_s, console)
         if pins:
-            report[half]["pinned"] = {"cold_owner": pins[0].name, "its_cpu": "0", "cpusets": pins[1]}
+            report[half]["pinned"] = {
+                "owners_cpu": "0",
+                "cpusets": pins[0],
+                "generators_cpus": sorted(pins[1]),
+            }
         report[half]["at"] = report["at"]
         if on is not None:  # (None: a test's stand-in for the topology)
             report[half]["topology"] = {role: len(on.of(role)) for role in LIMITS}
