@@ -96,7 +96,7 @@ class TallyFollower:
 
     async def start(self) -> None:
         """Follows the presence topic from its current end."""
-        self._follower = await follow_from_end(self._kafka, self._topic, self._record, "tallies")
+        self._follower = await follow_from_end(self._kafka, self._topic, self._record, "tallies", gather=True)
 
     async def close(self) -> None:
         """Stops following."""

@@ -367,10 +367,10 @@ async def end_offsets(config: KafkaConfig, topic: str) -> dict[TopicPartition, i
 
 
 async def follow_from_end(
-    config: KafkaConfig, topic: str, handle: Callable[[Record], object], name: str
+    config: KafkaConfig, topic: str, handle: Callable[[Record], object], name: str, *, gather: bool = False
 ) -> Follower:
     """A started Follower of `topic` from its current end: records written before now are not read."""
-    follower = Follower(config, await end_offsets(config, topic), handle, name)
+    follower = Follower(config, await end_offsets(config, topic), handle, name, gather=gather)
     await follower.start()
     return follower
 
@@ -381,6 +381,13 @@ async def follow_from_end(
 # processes, a relay, a notifier and 3 brokers (SASL_SSL) took 0.92 cores at 100 ms and 0.29 at 500
 # (each broker 0.15 -> 0.05, each admission process 0.07 -> 0.025).
 FOLLOW_WAIT_MS = 500
+# What a gathering follower's fetch waits for at a broker (or FOLLOW_WAIT_MS, whichever comes first). A
+# follower answered at every record fetches as often as records land, and each fetch (building it,
+# reading the answer) costs about as much as the record: 4 admission processes following the presence
+# topic (each writing ~100 records/s) spent more on fetching it than on any one part of a join. Followers
+# that may be FOLLOW_WAIT_MS late (tallies, relay loads) gather instead: 1/FOLLOW_WAIT_MS fetches per
+# broker per second, however busy the topic.
+GATHER_BYTES = 1 << 20
 
 
 class Follower:
@@ -397,8 +404,13 @@ class Follower:
         handle: Callable[[Record], object],
         name: str,
         retry_s: float = 1.0,
+        *,
+        gather: bool = False,
     ) -> None:
+        """`gather`: fetch at most once per FOLLOW_WAIT_MS per broker (records up to that late), not at
+        every record that lands."""
         self.positions = dict(positions)
+        self._min_bytes = GATHER_BYTES if gather else 1
         self._config = config
         self._handle = guarded(handle)
         self._name = name
@@ -439,7 +451,12 @@ class Follower:
                 await current.stop()
 
     async def _connect(self) -> AIOKafkaConsumer:
-        made = consumer(self._config, enable_auto_commit=False, fetch_max_wait_ms=FOLLOW_WAIT_MS)
+        made = consumer(
+            self._config,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=FOLLOW_WAIT_MS,
+            fetch_min_bytes=self._min_bytes,
+        )
         try:
             await made.start()
             made.assign(list(self.positions))
