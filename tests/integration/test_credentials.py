@@ -210,6 +210,26 @@ async def test_a_credential_is_good_only_for_its_method_its_member_and_a_minute(
         leases = internal_pb2_grpc.LeasesStub(s.internal["admission"])
         error = await rpc_error(leases.Acquire(other, metadata=seen))
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        # More rooms in the call: one answer each, in order; a room twice (the book would take the second
+        # holding as the whole and forget the first grant) and more than 255 are refused, saying which.
+        mine = internal_pb2.AcquireRequest(room_id="someroom", member="127.0.0.1:1", count=5)
+        mine.more.add(room_id="room-b", count=3)
+        mine.more.add(room_id="room-c", held=2)
+        assert len((await leases.Acquire(mine, metadata=seen)).more) == 2
+        mine.more.add(room_id="room-b")
+        error = await rpc_error(leases.Acquire(mine, metadata=seen))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more[2]: room room-b is asked for twice" in (error.details() or "")
+        del mine.more[:]
+        mine.more.extend(internal_pb2.RoomAsk(room_id=f"r{n}") for n in range(256))
+        error = await rpc_error(leases.Acquire(mine, metadata=seen))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 255" in (error.details() or "")
+        del mine.more[1:]
+        mine.more[0].room_id = "no spaces"
+        error = await rpc_error(leases.Acquire(mine, metadata=seen))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "more[0].room_id" in (
+            error.details() or ""
+        )
         # An expired credential (minted two minutes ago) and a forged one are refused.
         old = s.credential("admission").metadata(s.member["admission"], ACQUIRE, now=time.time() - 120)
         error = await rpc_error(calls[ACQUIRE](old))

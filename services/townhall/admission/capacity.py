@@ -21,7 +21,7 @@ from townhall.core import logging
 from townhall.core.errors import NotFound
 from townhall.core.sharding import owner
 from townhall.core.tasks import cancel, spawn, supervise
-from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse
+from townhall.internal.v1.internal_pb2 import AcquireRequest, AcquireResponse, RoomAsk
 from townhall.v1.common_pb2 import RoomState
 
 log = logging.get(__name__)
@@ -37,6 +37,8 @@ REPORT_EVERY_S = 5.0
 # Asks of one refill or report at an owner rebuilding its book (REBUILD_RETRY_S apart): about
 # leases.HOLDING_TTL_S in all; the periodic report takes over after that.
 MAX_ASKS = 100
+# Other rooms of the same owner one lease call may carry (AcquireRequest.more; the owner refuses more).
+MAX_MORE_ROOMS = 255
 
 
 class Capacity:
@@ -125,6 +127,14 @@ class Capacity:
             self._on_crowd(request.room_id)
         return AcquireResponse(granted=granted, available=available, limit=limit, rebuilding=rebuilding)
 
+    def grant_all(self, request: AcquireRequest) -> AcquireResponse:
+        """The owner's answer to a lease call: the request's room, then each of its `more` (validated)."""
+        reply = self.grant(request)
+        for ask in request.more:
+            more = AcquireRequest(room_id=ask.room_id, member=request.member, count=ask.count, held=ask.held)
+            reply.more.append(self.grant(more))
+        return reply
+
     def members_changed(self, before: list[str], after: list[str]) -> int:
         """Moves the lease books of rooms whose owner changed; returns the rooms taken over here.
 
@@ -205,12 +215,23 @@ class Capacity:
         return reply
 
     async def _ask(self, room_id: str, allowance: Allowance, count: int) -> AcquireResponse | None:
-        """One lease call to the owner of the moment (or this member's own book); None if it failed."""
+        """One lease call to the owner of the moment (or this member's own book); None if it failed.
+
+        The call carries the other rooms leased from the same owner that run low or are due a report
+        (_companions): with many rooms on every member, a call per room made each member's lease calls
+        grow with the rooms it admits to that others own."""
         owner = self._peers.owner(room_id)
         if owner == self._peers.me:
             return self._take_local(room_id, allowance, count)
         allowance.give_back()
-        request = AcquireRequest(room_id=room_id, member=self._peers.me, count=count, held=allowance.held)
+        companions = self._companions(owner, room_id)
+        request = AcquireRequest(
+            room_id=room_id,
+            member=self._peers.me,
+            count=count,
+            held=allowance.held,
+            more=[RoomAsk(room_id=other, count=wanted, held=held) for other, _, wanted, held in companions],
+        )
         try:
             reply = await self._peers.leases(owner).Acquire(
                 request,
@@ -222,9 +243,48 @@ class Capacity:
             LEASE_CALLS.labels("failed").inc()
             log.warning("lease call failed", room=room_id, owner=owner, code=exc.code().name)
             allowance.exhausted_until = allowance.owner_busy_until = time.monotonic() + RETRY_S
+            self._companions_done(companions, [])
             return None
         self._took(allowance, count, reply)
+        self._companions_done(companions, list(reply.more))
         return reply
+
+    def _companions(self, owner: str, room_id: str) -> list[tuple[str, Allowance, int, int]]:
+        """The other rooms leased from `owner` that a call to it should carry (marked refilling until it
+        ends): those below a whole lease (a refill starts below half of one) with count a lease, and those
+        due a report with count 0; at most MAX_MORE_ROOMS, as (room, allowance, count, held)."""
+        now = time.monotonic()
+        picked: list[tuple[str, Allowance, int, int]] = []
+        for other, allowance in self._allowances.items():
+            if other == room_id or allowance.refilling:
+                continue
+            low = allowance.spare < allowance.lease_size() and now >= allowance.exhausted_until
+            if not low and now - allowance.last_report < REPORT_EVERY_S:
+                continue
+            if self._peers.owner(other) != owner:
+                continue
+            allowance.refilling = True
+            allowance.give_back()
+            picked.append((other, allowance, allowance.lease_size() if low else 0, allowance.held))
+            if len(picked) == MAX_MORE_ROOMS:
+                break
+        return picked
+
+    def _companions_done(
+        self, companions: list[tuple[str, Allowance, int, int]], replies: list[AcquireResponse]
+    ) -> None:
+        """Applies the owner's answers to the rooms a call carried (an owner that answered none, or a failed
+        call: those rooms ask again when they need to)."""
+        for index, (room_id, allowance, count, _) in enumerate(companions):
+            allowance.refilling = False
+            if self._allowances.get(room_id) is not allowance:
+                continue  # the room ended here meanwhile
+            if index < len(replies):
+                self._took(allowance, count, replies[index])
+            if allowance.report_due:
+                # The owner changed during the call: report to the new one now, as _refill would.
+                allowance.refilling = True
+                self._spawn(self._refill(room_id, allowance, 0))
 
     @staticmethod
     def _took(allowance: Allowance, count: int, reply: AcquireResponse) -> None:

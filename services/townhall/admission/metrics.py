@@ -30,7 +30,8 @@ ROOM_WRITES_FENCED = Counter(
 )
 LEASE_CALLS = Counter(
     "townhall_lease_calls_total",
-    "Capacity lease calls by outcome: granted, empty (room full), rebuilding (a new owner still rebuilding "
+    "Rooms asked for in capacity lease calls (a call asks for the rooms of one owner), by outcome: granted, "
+    "empty (room full), rebuilding (a new owner still rebuilding "
     "its lease book after a take-over), failed (owner unreachable).",
     ["result"],
 )

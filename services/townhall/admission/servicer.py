@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from townhall.admission.capacity import Capacity
+from townhall.admission.capacity import MAX_MORE_ROOMS, Capacity
 from townhall.admission.cluster import FORWARD_TIMEOUT_S, OWNER_CREATE, ROOMS, AdmissionCluster
 from townhall.admission.joins import Admitter
 from townhall.admission.metrics import (
@@ -280,7 +280,17 @@ class LeasesServicer(internal_pb2_grpc.LeasesServicer):
             )
         # count is a uint32; held counts listeners of one room: far below 2^40 in any deployment.
         validation.bounded(request.held, "held", 0, MAX_HELD)
-        return self._capacity.grant(request)
+        if len(request.more) > MAX_MORE_ROOMS:
+            raise InvalidArgument(f"more names {len(request.more)} rooms; at most {MAX_MORE_ROOMS}", "more")
+        rooms = {request.room_id}
+        for index, ask in enumerate(request.more):
+            validation.room_id(ask.room_id, f"more[{index}].room_id")
+            validation.bounded(ask.held, f"more[{index}].held", 0, MAX_HELD)
+            if ask.room_id in rooms:
+                # The book takes `held` as the member's whole holding: a room twice would drop a grant.
+                raise InvalidArgument(f"more[{index}]: room {ask.room_id} is asked for twice", "more")
+            rooms.add(ask.room_id)
+        return self._capacity.grant_all(request)
 
 
 def _live_token_key(room: Room) -> bytes:
