@@ -22,7 +22,9 @@ def _figures(rate: float) -> dict[str, Any]:
             "admitted_per_core_s": served * 4, "generator_cpu_cores": 0.1}  # fmt: skip
 
 
-def _search(monkeypatch: pytest.MonkeyPatch, start: float) -> tuple[dict[str, Any], list[float]]:
+def _search(
+    monkeypatch: pytest.MonkeyPatch, start: float, refine: int = 0
+) -> tuple[dict[str, Any], list[float]]:
     offered: list[float] = []
 
     async def offer(load: Load, *_: Any) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def _search(monkeypatch: pytest.MonkeyPatch, start: float) -> tuple[dict[str, An
     def load_at(rate: float) -> Load:
         return Load(("a:1",), None, 0.0, ("room",), rate, 1.0)
 
-    result = asyncio.run(join_storm.search(load_at, start, [], "test", Console(quiet=True), kind="cold"))
+    result = asyncio.run(join_storm.search(load_at, start, [], "test", Console(quiet=True), "cold", refine))
     return result, offered
 
 
@@ -53,3 +55,14 @@ def test_a_start_past_capacity_is_halved_before_the_search_gives_up(monkeypatch:
     assert result["admitted_per_s"] == 144.0
     with pytest.raises(RuntimeError, match="not even"):
         _search(monkeypatch, 5_000.0)  # 5,000 -> 625 after three halvings: still past capacity
+
+
+def test_refining_steps_narrow_the_gap_between_the_best_clean_rate_and_the_first_failed_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """144 clean, 172.8 not (capacity 150): the figure is known within x1.2; three more steps take it within
+    x1.024, and find a better clean rate."""
+    result, offered = _search(monkeypatch, 100.0, refine=3)
+    assert [round(r, 1) for r in offered] == [100.0, 120.0, 144.0, 172.8, 157.7, 150.7, 147.3]
+    assert round(result["admitted_per_s"], 1) == 147.3
+    assert [s["clean"] for s in result["steps"]] == [True, True, True, False, False, False, True]

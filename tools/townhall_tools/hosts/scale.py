@@ -6,8 +6,9 @@ rooms are created, and joins are offered to them at every owner's own address (H
 docker-proxy in the path) by bench.join_load's generators (ghz's runner when `make joinload` built it),
 at rates rising from `offered_per_process * N` by the join storm's rate search (bench.join_storm.search:
 a step is clean when at least 97% of its offered rate is answered, at most 1% fails and p99 is within
-250 ms); admitted(N) is the best clean step's admitted joins/s, with its p99 and the cores the owners
-used. The scaling efficiency at N is admitted(N) / (N * admitted(1)).
+250 ms), then two steps between the best clean rate and the first that was not; admitted(N) is the best
+clean step's admitted joins/s, with its p99 and the cores the owners used. The scaling efficiency at N is
+admitted(N) / (N * admitted(1)).
 
 The relay half runs on one topology with an origin relay and max(M) edge relays (no admission, no
 notifier): one speaker publishes a room to the origin at 50 frames/s and, for each M, listeners subscribe
@@ -49,6 +50,9 @@ from townhall_tools.hosts.cluster import BENCH_SETTINGS, LIMITS, Cluster, plan
 
 console = Console(stderr=True)
 STEPS_MAX = 8
+# Steps that narrow the gap between the best clean rate and the first failed one (x1.2 -> x1.047): the
+# efficiency divides two such figures, so x1.2 steps alone could move it by a fifth.
+REFINE_STEPS = 2
 EDGES_MAX = 8  # relays are 172.29.0.40.. and notifiers .50..: the origin and at most 9 edges fit
 LISTENER_STEPS_MAX = 12
 LISTENERS_PER_EDGE_MAX = 2_500  # relay.listener_capacity: past it an edge refuses Subscribe
@@ -72,7 +76,9 @@ async def _point(cluster: Cluster, start: float, seconds: float, cold_rooms: int
         )
 
     pids = [cluster.pid(h) for h in owners]
-    return await join_storm.search(load_at, start, pids, f"admission x{len(owners)}", console, kind="cold")
+    return await join_storm.search(
+        load_at, start, pids, f"admission x{len(owners)}", console, kind="cold", refine=REFINE_STEPS
+    )
 
 
 def efficiency(points: list[dict[str, Any]], count: str, value: str) -> None:
