@@ -1,7 +1,9 @@
 """Listener capacity on one member: allowances per room, refilled from the owner ahead of need.
 
 The join path only reads and decrements an Allowance; refills run as background tasks, so a
-join never waits on the owner. The owner's own allowances come from its LeaseBook directly.
+join never waits on the owner. The owner's own allowances come from its LeaseBook directly. A call to an
+owner carries the member's other rooms of that owner that run low or are due a report, so a member
+admitting to many rooms makes about one call per owner where it made one per room.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 # A member that has not reported a holding for this long is taken to be gone.
 HOLDING_TTL_S = 20.0
-# Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S calls/s per room.
+# Seconds of joins a lease should cover: the owner then sees ~1/REFILL_HORIZON_S asks/s per room and member
+# (in fewer calls: a call carries every room of its owner that runs low, capacity.Capacity._companions).
 REFILL_HORIZON_S = 0.5
 DEMAND_TAU_S = 2.0
 
