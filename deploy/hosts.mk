@@ -35,13 +35,16 @@ cluster-e2e: setup ## The multi-host topology end to end: up, demo, one run of e
 SCALE_STEPS ?= 1 2 4
 # The admission rate search starts at SCALE_RATE joins/s per process; each step lasts SCALE_SECONDS. Every scaled
 # admission process runs at SCALE_QUOTA cores, every relay at SCALE_RELAY_QUOTA: 4 of them and the load generator
-# (about a core per 1,000 listeners) must fit the machine's cores.
+# (about a core per 1,000 listeners) must fit the machine's cores. At 0.1 cores an idle owner's own work (Kafka
+# followers, peer probes: 0.024-0.04 cores) took a quarter to two fifths of its quota; at 0.2 four owners (0.8
+# cores), the brokers and ghz's runner (0.34 cores at 660 joins/s) still fit 2 cores.
 SCALE_RATE ?= 100
 SCALE_SECONDS ?= 8
-SCALE_QUOTA ?= 0.1
+SCALE_QUOTA ?= 0.2
 SCALE_RELAY_QUOTA ?= 0.1
 SCALE_EDGES ?= 1 2 4
-SCALE_LISTENERS ?= 50 100 150 200 300 400 600
+# Steps of 25 around where a 0.1-core edge saturates (175-225): steps of 50 there made the curve the steps' own.
+SCALE_LISTENERS ?= 50 100 150 175 200 225 250 300 400 600
 cluster-scale: setup image kafka-image joinload ## Scale-out: N owners (SCALE_STEPS), M edge relays (SCALE_EDGES, listeners per edge SCALE_LISTENERS), one CPU quota each; JSON + PNG in .townhall/bench (replaces a running topology)
 	$(CLUSTER) scale --steps $(SCALE_STEPS) --rate $(SCALE_RATE) --seconds $(SCALE_SECONDS) --quota $(SCALE_QUOTA) \
 		--relay-quota $(SCALE_RELAY_QUOTA) \

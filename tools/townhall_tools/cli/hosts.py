@@ -48,7 +48,7 @@ def add_parser(sub: Subparsers) -> None:
         "--listeners",
         type=int,
         nargs="+",
-        default=[50, 100, 150, 200, 300, 400, 600],
+        default=[50, 100, 150, 175, 200, 225, 250, 300, 400, 600],
         help="scale: listeners per edge of each rising step, until one misses the bar",
     )
     cluster.add_argument(
@@ -60,7 +60,7 @@ def add_parser(sub: Subparsers) -> None:
     cluster.add_argument(
         "--quota",
         type=float,
-        default=0.1,
+        default=0.2,
         help="scale: CPU quota (cores) of every admission process in its curve",
     )
     cluster.add_argument(
