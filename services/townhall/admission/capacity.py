@@ -257,10 +257,11 @@ class Capacity:
         due a report with count 0; at most MAX_MORE_ROOMS, as (room, allowance, count, held)."""
         now = time.monotonic()
         picked: list[tuple[str, Allowance, int, int]] = []
+        # Cheap tests first: this runs over every room this member admits to, once per lease call.
         for other, allowance in self._allowances.items():
-            if other == room_id or allowance.refilling:
+            if allowance.refilling or other == room_id:
                 continue
-            low = allowance.spare < allowance.lease_size() and now >= allowance.exhausted_until
+            low = allowance.below_lease()
             if not low and now - allowance.last_report < REPORT_EVERY_S:
                 continue
             if self._peers.owner(other) != owner:

@@ -177,6 +177,11 @@ class Allowance:
             return False
         return self._clock() >= self.exhausted_until and self.spare < max(1, self.lease_size() // 2)
 
+    def below_lease(self) -> bool:
+        """Whether fewer than a lease are spare (at the lease size last worked out: no clock read), and the
+        owner has not said the room is full for now: worth topping up in a call made for another room."""
+        return self.held - len(self.listeners) < self._lease and self._clock() >= self.exhausted_until
+
     def give_back(self) -> int:
         """Spare admits beyond two leases, returned on the next report so idle processes hoard none."""
         extra = self.spare - 2 * self.lease_size()
