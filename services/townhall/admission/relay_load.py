@@ -153,7 +153,7 @@ class RelayLoadFollower:
             try:
                 ends = await read_to_end(self._kafka, self._topic, self._record)
                 self._read.set()
-                follower = Follower(self._kafka, ends, self._record, "relay-load-follower", gather=True)
+                follower = Follower(self._kafka, ends, self._record, "relay-load-follower")
                 await follower.start()
                 self._follower = follower
                 return

@@ -384,9 +384,10 @@ FOLLOW_WAIT_MS = 500
 # What a gathering follower's fetch waits for at a broker (or FOLLOW_WAIT_MS, whichever comes first). A
 # follower answered at every record fetches as often as records land, and each fetch (building it,
 # reading the answer) costs about as much as the record: 4 admission processes following the presence
-# topic (each writing ~100 records/s) spent more on fetching it than on any one part of a join. Followers
-# that may be FOLLOW_WAIT_MS late (tallies, relay loads) gather instead: 1/FOLLOW_WAIT_MS fetches per
-# broker per second, however busy the topic.
+# topic (each writing ~100 records/s) spent more on fetching it than on any one part of a join. A follower
+# that may be FOLLOW_WAIT_MS late (the tallies) gathers instead: 1/FOLLOW_WAIT_MS fetches per broker per
+# second, however busy the topic. The relay loads may not: an edge cut from its origin reports the room
+# lost just before it sends its listeners to join again, and placement must have read it by then.
 GATHER_BYTES = 1 << 20
 
 
