@@ -232,7 +232,7 @@ class Capacity:
             member=self._peers.me,
             count=count,
             held=allowance.held,
-            more=[RoomAsk(room_id=other, count=wanted, held=held) for other, _, wanted, held in companions],
+            more=[RoomAsk(room_id=r, count=wanted, held=theirs.held) for r, theirs, wanted in companions],
         )
         try:
             reply = await self._peers.leases(owner).Acquire(
@@ -251,12 +251,12 @@ class Capacity:
         self._companions_done(companions, list(reply.more))
         return reply
 
-    def _companions(self, owner: str, room_id: str) -> list[tuple[str, Allowance, int, int]]:
+    def _companions(self, owner: str, room_id: str) -> list[tuple[str, Allowance, int]]:
         """The other rooms leased from `owner` that a call to it should carry (marked refilling until it
         ends): those below a whole lease (a refill starts below half of one) with count a lease, and those
-        due a report with count 0; at most MAX_MORE_ROOMS, as (room, allowance, count, held)."""
+        due a report with count 0; at most MAX_MORE_ROOMS, as (room, allowance, count)."""
         now = time.monotonic()
-        picked: list[tuple[str, Allowance, int, int]] = []
+        picked: list[tuple[str, Allowance, int]] = []
         # Cheap tests first: this runs over every room this member admits to, once per lease call.
         for other, allowance in self._allowances.items():
             if allowance.refilling or other == room_id:
@@ -268,17 +268,17 @@ class Capacity:
                 continue
             allowance.refilling = True
             allowance.give_back()
-            picked.append((other, allowance, allowance.lease_size() if low else 0, allowance.held))
+            picked.append((other, allowance, allowance.lease_size() if low else 0))
             if len(picked) == MAX_MORE_ROOMS:
                 break
         return picked
 
     def _companions_done(
-        self, companions: list[tuple[str, Allowance, int, int]], replies: list[AcquireResponse]
+        self, companions: list[tuple[str, Allowance, int]], replies: list[AcquireResponse]
     ) -> None:
         """Applies the owner's answers to the rooms a call carried (an owner that answered none, or a failed
         call: those rooms ask again when they need to)."""
-        for index, (room_id, allowance, count, _) in enumerate(companions):
+        for index, (room_id, allowance, count) in enumerate(companions):
             allowance.refilling = False
             if self._allowances.get(room_id) is not allowance:
                 continue  # the room ended here meanwhile
