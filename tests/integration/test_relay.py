@@ -237,12 +237,26 @@ async def test_late_joiner_gets_the_last_300_ms_at_once_and_a_resume_has_no_gap(
         speaker = r.stub().Publish(frames(500, stop=stop), metadata=r.ticket(1, Role.ROLE_SPEAKER))
         await wait_for(lambda: (room := r.app.hub.room(ROOM)) is not None and room.sequence >= 12)
 
-        joined_us = now_us()
+        # The join's moment is the relay's, not the client's: on a busy machine the call can take
+        # 100 ms to arrive, and the chunks emitted meanwhile are still the last 300 ms at that moment.
+        room = r.app.hub.room(ROOM)
+        assert room is not None
+        joined: list[int] = []
+        subscribe = room.subscribe
+
+        def noting_the_moment(*args: Any, **kwargs: Any) -> Any:
+            joined.append(now_us())
+            return subscribe(*args, **kwargs)
+
+        room.subscribe = noting_the_moment  # type: ignore[method-assign]
         late = r.stub().Subscribe(SubscribeRequest(room_id=ROOM), metadata=r.ticket(100, Role.ROLE_LISTENER))
         got = [
             chunk
-            for _, chunk in await read_until(late, lambda c: bool(c) and c[-1].emitted_ts_us > joined_us)
+            for _, chunk in await read_until(
+                late, lambda c: bool(c) and bool(joined) and c[-1].emitted_ts_us > joined[0]
+            )
         ]
+        joined_us = joined[0]
         replayed = got[:-1]
         # 300 ms of 50 ms chunks, buffered before the join, delivered before the next live chunk.
         assert 5 <= len(replayed) <= 7, [c.sequence for c in got]
