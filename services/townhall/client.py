@@ -17,7 +17,7 @@ from townhall.core.auth import bearer
 from townhall.core.channels import RECONNECT_OPTIONS
 from townhall.core.channels import channel as open_channel
 from townhall.core.config import TlsConfig
-from townhall.core.errors import details
+from townhall.core.errors import Reason, details
 from townhall.core.tickets import TICKET_KEY
 from townhall.v1 import (
     admission_pb2,
@@ -49,6 +49,8 @@ BUSY_RETRY_S = (1.0, 3.0)
 # admission answers UNAVAILABLE, CANCELLED or runs out of time (a process died or is stopping,
 # Kafka is restarting).
 RETRY_UNAVAILABLE_S = 30.0
+# Rooms whose version (and crowd mark) a client remembers for its joins.
+KNOWN_ROOMS = 1_000
 # A room change or read refused with RESOURCE_EXHAUSTED (a rate limit, a busy server) whose retry-after
 # is at most this is waited out and tried again, at most RETRY_EXHAUSTED_TIMES times in a row; a longer
 # retry-after (rooms per host per hour) or none at all is the caller's to see at once.
@@ -107,6 +109,9 @@ class Client:
         self._crowd = endpoints.crowd
         # Rooms this client has seen marked crowd (in a Room or a notification): joined on the crowd lane.
         self.crowd_rooms: set[str] = set()
+        # The newest version seen of each room (oldest seen first; at most KNOWN_ROOMS): a join asks
+        # for at least that, so an admission process that has not read the room's start yet says so.
+        self.room_versions: dict[str, int] = {}
         self.graph = graph_pb2_grpc.GraphStub(self._notifier)
         self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
 
@@ -245,9 +250,21 @@ class Client:
         return self.rooms.WatchRoom(request, metadata=self._metadata)
 
     def learn(self, room: _Seen) -> _Seen:
-        """Remembers whether a room draws a crowd (from a Room or a notification), for `join`."""
+        """Remembers a room's version and whether it draws a crowd (from a Room or a notification), for
+        `join`; the least recently updated room is forgotten past KNOWN_ROOMS."""
+        room_id = room.room_id
+        version = room.version if isinstance(room, Room) else room.room_version
+        if version > self.room_versions.get(room_id, 0):
+            self.room_versions.pop(room_id, None)
+            self.room_versions[room_id] = version
+            while len(self.room_versions) > KNOWN_ROOMS:
+                oldest = next(iter(self.room_versions))
+                del self.room_versions[oldest]
+                self.crowd_rooms.discard(oldest)
         if room.crowd:
-            self.crowd_rooms.add(room.room_id)
+            if len(self.crowd_rooms) >= KNOWN_ROOMS:
+                self.crowd_rooms.pop()
+            self.crowd_rooms.add(room_id)
         return room
 
     # The stage and moderation (moderation.proto): each returns the room's new version.
@@ -326,15 +343,21 @@ class Client:
         """
         deadline = time.monotonic() + give_up_after_s
         crowd = room_id in self.crowd_rooms and bool(self._crowd)
+        seen = self.room_versions.get(room_id, 0)
+        request = admission_pb2.JoinRequest(room_id=room_id, min_room_version=seen)
         while True:
             try:
                 stub = self.crowd_admission if crowd else self.admission
-                reply = await stub.Join(
-                    admission_pb2.JoinRequest(room_id=room_id), metadata=self._metadata, timeout=10
-                )
+                reply = await stub.Join(request, metadata=self._metadata, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     delay_s = retry_after_s(exc)
+                elif details(exc).reason == Reason.ROOM_BEHIND:
+                    # That process has not read the room as far as this client has: another one may
+                    # have, or it will have in a moment.
+                    if not crowd and len(self._admissions) > 1:
+                        self._next_admission()
+                    delay_s = retry_after_s(exc, 0.2)
                 elif exc.code() in _BUSY and not crowd and self._unreachable(exc):
                     # The process is gone or draining: any other admission process admits as well.
                     self._next_admission()

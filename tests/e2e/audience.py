@@ -21,6 +21,7 @@ from townhall.core.auth import GRANTS, Tokens
 from townhall.core.config import DEV_AUTH
 from townhall.core.tasks import cancel
 from townhall.live import Listener, Speaker
+from townhall.v1.common_pb2 import Room
 from townhall_tools.faults.measure import FRAME_MS, Tape, audio_gap_ms, until
 
 # The kind values give the cluster the development keys (helm/townhall/ci/kind-default-values.yaml).
@@ -65,6 +66,7 @@ class Audience:
         self.host = client(endpoints, fresh_user())
         self.people = [client(endpoints, self.host.user + 1 + i) for i in range(size)]
         self.room_id = ""
+        self.started = Room()  # the room as its start answered
         self.speaker: Speaker | None = None
         self.listeners: list[Listener] = []
         self.tapes: list[Tape] = []
@@ -74,7 +76,7 @@ class Audience:
     async def start(self) -> None:
         room = await self.host.create_room("kind e2e: a live room")
         self.room_id = room.room_id
-        await self.host.start_room(self.room_id)
+        self.started = await self.host.start_room(self.room_id)
         self.speaker = Speaker(self.host, self.room_id)
         payloads = (index.to_bytes(4, "big") * 10 for index in range(MAX_FRAMES))
         self._tasks.append(asyncio.create_task(self._speak(payloads), name="speaker"))
@@ -83,6 +85,7 @@ class Audience:
         await until(lambda: all(t.heard >= 50 for t in self.tapes), WAIT_S, "every listener hearing audio")
 
     async def add_listener(self, person: Client) -> Listener:
+        person.learn(self.started)  # as from a notification: a process behind on the room says so
         listener = Listener(person, self.room_id, give_up_after_s=WAIT_S)
         tape = Tape(self.host.user)
         self.listeners.append(listener)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from townhall.client import RETRY_EXHAUSTED_TIMES, Client, Endpoints, retry_hint_s
+from townhall.client import KNOWN_ROOMS, RETRY_EXHAUSTED_TIMES, Client, Endpoints, retry_hint_s
 from townhall.v1.common_pb2 import Room
+from townhall.v1.inbox_pb2 import Notification
 
 
 def refusal(details: str, trailers: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
@@ -43,3 +44,21 @@ async def test_a_room_call_refused_again_and_again_is_given_up_after_a_bounded_n
 
 async def _raise(error: grpc.aio.AioRpcError) -> Room:
     raise error
+
+
+async def test_a_client_remembers_the_newest_version_of_each_room_it_saw_and_a_bounded_number_of_rooms() -> (
+    None
+):
+    client = Client(Endpoints("127.0.0.1:1", "127.0.0.1:1"), 1, "token")
+    try:
+        client.learn(Room(room_id="r", version=3))
+        client.learn(Notification(room_id="r", room_version=2, crowd=True))  # older: the version stays
+        assert client.room_versions["r"] == 3 and "r" in client.crowd_rooms
+        client.learn(Notification(room_id="r", room_version=5))
+        assert client.room_versions["r"] == 5
+        for i in range(KNOWN_ROOMS):
+            client.learn(Room(room_id=f"room-{i}", version=1, crowd=True))
+        assert len(client.room_versions) == KNOWN_ROOMS and len(client.crowd_rooms) <= KNOWN_ROOMS
+        assert "r" not in client.room_versions  # the least recently updated room went first
+    finally:
+        await client.close()

@@ -54,9 +54,10 @@ def test_large_batches_encode_with_multi_byte_lengths() -> None:
 
 
 def test_room_started_event_becomes_a_notification_or_is_rejected() -> None:
-    room = common_pb2.Room(room_id="abc", host_id=9, title="Hi", started_at_ms=1234)
+    room = common_pb2.Room(room_id="abc", host_id=9, title="Hi", started_at_ms=1234, version=3)
     n = room_started(events_pb2.RoomStarted(room=room))
     assert (n.kind, n.room_id, n.host_id, n.title, n.started_at_ms) == (ROOM_STARTED, "abc", 9, "Hi", 1234)
+    assert n.room_version == 3  # a follower's join asks for at least this version
     with pytest.raises(InvalidArgument, match=r"room\.room_id"):
         room_started(events_pb2.RoomStarted(room=common_pb2.Room(host_id=9)))
     with pytest.raises(InvalidArgument, match=r"room\.host_id"):

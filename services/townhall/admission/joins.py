@@ -36,6 +36,8 @@ _STAGE_NAMES = {Role.ROLE_HOST: "host", Role.ROLE_COHOST: "co-host", Role.ROLE_S
 KIND_JOIN = PresenceEvent.KIND_JOIN
 
 RETRY_AFTER_MS = (1_000, 3_000)  # jittered, so shed clients do not come back in step
+# A process behind the caller on a room: its room-state follower is normally milliseconds behind.
+BEHIND_RETRY_MS = 200
 # Relay paths whose internal addresses are remembered.
 MAX_PATHS = 10_000
 # The relays a listener's tickets were for are bits of one int per listener, a bit per relay known here;
@@ -74,13 +76,24 @@ class Admitter:
         self._relay_bits: dict[str, int] = {}
         self._relay_names: list[str] = []
 
-    def join(self, room_id: str, who: Principal) -> JoinResponse:
+    def join(self, room_id: str, who: Principal, min_version: int = 0) -> JoinResponse:
         """A grant, a waiting answer, or RESOURCE_EXHAUSTED with a jittered retry-after.
 
         A listener ticket needs the token's "subscribe" grant; a stage ticket (host, co-host, speaker:
-        publishing) needs "publish".
+        publishing) needs "publish". A caller that has seen the room at `min_version` is not judged on
+        an older copy (this process has not read the room-state topic that far): UNAVAILABLE, ask again.
         """
         user = who.user_id
+        if min_version:
+            known = self._book.find(room_id)
+            if known is None or known.version < min_version:
+                have = f"version {known.version}" if known is not None else "no copy"
+                raise Unavailable(
+                    f"this process has {have} of room {room_id}; the caller has seen version {min_version}:"
+                    " ask again (another process, or this one in a moment)",
+                    reason=Reason.ROOM_BEHIND,
+                    retry_after_ms=BEHIND_RETRY_MS,
+                )
         room = self._book.get(room_id)
         if room.state != ROOM_STATE_LIVE:
             ended = room.state == RoomState.ROOM_STATE_ENDED

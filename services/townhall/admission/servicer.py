@@ -219,7 +219,7 @@ class AdmissionServicer(admission_pb2_grpc.AdmissionServicer):
         # Each outcome is counted here, once; the RPC interceptor times the call.
         try:
             who = principal(context)
-            response = self._admitter.join(validation.room_id(request.room_id), who)
+            response = self._admitter.join(validation.room_id(request.room_id), who, request.min_room_version)
         except ResourceExhausted:
             JOINS_SHED.inc()
             raise

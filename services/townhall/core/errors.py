@@ -73,6 +73,7 @@ class Reason(StrEnum):
     UPSTREAM_LOST = "UPSTREAM_LOST"
     RELAY_FULL = "RELAY_FULL"
     NO_RELAY = "NO_RELAY"
+    ROOM_BEHIND = "ROOM_BEHIND"
     # DEADLINE_EXCEEDED: the request message did not arrive in time.
     REQUEST_STALLED = "REQUEST_STALLED"
     # UNIMPLEMENTED: this server does not serve the method.

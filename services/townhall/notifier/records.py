@@ -65,6 +65,7 @@ def room_started(event: events_pb2.RoomStarted) -> inbox_pb2.Notification:
         title=room.title,
         started_at_ms=room.started_at_ms,
         crowd=room.crowd,
+        room_version=room.version,
     )
 
 

@@ -46,7 +46,9 @@ async def relay_fault(topology: Topology, victim: str, kill: bool) -> Outcome:
     proc: Process | None = None
     try:
         room = (await host.create_room("fault: relay")).room_id
-        await host.start_room(room)
+        started = await host.start_room(room)
+        for client in audience:
+            client.learn(started)  # as from a notification: a process behind on the room says so
         speaker = Speaker(host, room)
         frames = int(TALK_S * 1000 / FRAME_MS)
         payloads = [index.to_bytes(4, "big") * 10 for index in range(frames)]

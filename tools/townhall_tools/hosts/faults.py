@@ -151,17 +151,33 @@ class Workload:
                 )
         speaker_host = self.user(_fresh_user())
         room = (await speaker_host.create_room("hosts: audio")).room_id
-        await speaker_host.start_room(room)
+        started = await speaker_host.start_room(room)
         self.speaker = Speaker(speaker_host, room)
         payloads = [index.to_bytes(4, "big") * 10 for index in range(int(TALK_S * 1000 / FRAME_MS))]
         self.tasks.append(asyncio.create_task(self._speak(payloads)))
         for i in range(LISTENERS):
-            listener = Listener(self.user(speaker_host.user + 100 + i), room)
+            # Each listener knows the started room (as from its notification or a room list), so an
+            # admission process that has not read the start yet sends it to another one.
+            client = self.user(speaker_host.user + 100 + i)
+            client.learn(started)
+            listener = Listener(client, room)
             tape = Tape(speaker_host.user)
             self.listeners.append(listener)
             self.tapes.append(tape)
             self.tasks.append(asyncio.create_task(self._listen(listener, tape)))
-        await until(lambda: all(t.heard >= 25 for t in self.tapes), WAIT_S, "every listener hearing audio")
+        try:
+            await until(lambda: all(t.heard >= 25 for t in self.tapes), WAIT_S, "every listener hearing")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self.hearing()}") from None
+
+    def hearing(self) -> str:
+        """Each listener's frames heard, relay and interruptions, and any audio error: why one is silent."""
+        each = [
+            f"{t.heard} via {listener.relay or 'no relay'}"
+            + "".join(f" ({m.reason} from {m.relay_before})" for m in listener.moves)
+            for listener, t in zip(self.listeners, self.tapes, strict=True)
+        ]
+        return "; ".join(each + self.audio_errors)
 
     async def _race(self, via: list[Client], target: str) -> None:
         """One host on two devices: creates a room, then starts it through the victim and ends it through
@@ -379,7 +395,7 @@ async def one_run(cluster: Cluster, name: str) -> Outcome:
             outcome.figures["error_sample"] = work.ledger.errors[0][:200]  # type: ignore[assignment]
     except Exception as exc:
         # A run that could not finish is a failed run, with why; the next one starts clean.
-        outcome.problems.append(f"run failed: {exc!r}"[:500])
+        outcome.problems.append(f"run failed: {exc!r}"[:1500])
     finally:
         await work.close()
         await restore(cluster)
