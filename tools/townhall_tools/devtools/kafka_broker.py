@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import os
 import random
@@ -71,18 +72,27 @@ def fetch_jars(libs: Path = LIBS) -> Path:
 # (bind to 0) is one it may give the next outgoing connection as its source port before the server
 # that was meant to have it binds (seen in CI: a metrics port taken between pick and bind).
 _SERVER_PORTS = range(20_000, 32_768)
+# Ports handed out lately, never handed out again while remembered: a topology picks every process's
+# ports before starting any, and a port free at two picks would go to two servers (at ~20 ports of a
+# 12,768-port range, one topology in ~70; seen in CI: a metrics port already in use).
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=2_000)
 
 
 def free_port() -> int:
-    """A TCP port on loopback that is free right now, outside the ephemeral range where possible."""
+    """A TCP port on loopback that is free right now, outside the ephemeral range where possible, and
+    not one this process handed out lately."""
     low = _ephemeral_low()
     ports = [p for p in _SERVER_PORTS if p < low]
+    taken = set(_HANDED_OUT)
     for port in random.sample(ports, min(len(ports), 200)):
+        if port in taken:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.append(port)
             return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
