@@ -109,8 +109,9 @@ class Client:
         self._crowd = endpoints.crowd
         # Rooms this client has seen marked crowd (in a Room or a notification): joined on the crowd lane.
         self.crowd_rooms: set[str] = set()
-        # The newest version seen of each room (oldest seen first; at most KNOWN_ROOMS): a join asks
-        # for at least that, so an admission process that has not read the room's start yet says so.
+        # The newest version seen of each room (least recently learnt of first; at most KNOWN_ROOMS, and
+        # crowd_rooms only names rooms in it): a join asks for at least that version, so an admission
+        # process that has not read the room's start yet says so.
         self.room_versions: dict[str, int] = {}
         self.graph = graph_pb2_grpc.GraphStub(self._notifier)
         self.inbox = inbox_pb2_grpc.InboxStub(self._notifier)
@@ -250,21 +251,17 @@ class Client:
         return self.rooms.WatchRoom(request, metadata=self._metadata)
 
     def learn(self, room: _Seen) -> _Seen:
-        """Remembers a room's version and whether it draws a crowd (from a Room or a notification), for
-        `join`; the least recently updated room is forgotten past KNOWN_ROOMS."""
+        """Remembers a room's newest version and whether it draws a crowd (from a Room or a notification),
+        for `join`; past KNOWN_ROOMS, the room learnt of least recently is forgotten (both marks)."""
         room_id = room.room_id
         version = room.version if isinstance(room, Room) else room.room_version
-        if version > self.room_versions.get(room_id, 0):
-            self.room_versions.pop(room_id, None)
-            self.room_versions[room_id] = version
-            while len(self.room_versions) > KNOWN_ROOMS:
-                oldest = next(iter(self.room_versions))
-                del self.room_versions[oldest]
-                self.crowd_rooms.discard(oldest)
+        self.room_versions[room_id] = max(version, self.room_versions.pop(room_id, 0))  # now the newest
         if room.crowd:
-            if len(self.crowd_rooms) >= KNOWN_ROOMS:
-                self.crowd_rooms.pop()
             self.crowd_rooms.add(room_id)
+        if len(self.room_versions) > KNOWN_ROOMS:
+            oldest = next(iter(self.room_versions))
+            del self.room_versions[oldest]
+            self.crowd_rooms.discard(oldest)
         return room
 
     # The stage and moderation (moderation.proto): each returns the room's new version.

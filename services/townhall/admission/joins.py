@@ -84,17 +84,18 @@ class Admitter:
         an older copy (this process has not read the room-state topic that far): UNAVAILABLE, ask again.
         """
         user = who.user_id
-        if min_version:
-            known = self._book.find(room_id)
-            if known is None or known.version < min_version:
-                have = f"version {known.version}" if known is not None else "no copy"
-                raise Unavailable(
-                    f"this process has {have} of room {room_id}; the caller has seen version {min_version}:"
-                    " ask again (another process, or this one in a moment)",
-                    reason=Reason.ROOM_BEHIND,
-                    retry_after_ms=BEHIND_RETRY_MS,
-                )
-        room = self._book.get(room_id)
+        # One lookup on the join path: the version check and the join read the same copy.
+        room = self._book.find(room_id)
+        if room is None and not min_version:
+            room = self._book.get(room_id)  # NOT_FOUND, in the book's words
+        if room is None or room.version < min_version:
+            have = f"version {room.version}" if room is not None else "no copy"
+            raise Unavailable(
+                f"this process has {have} of room {room_id}; the caller has seen version {min_version}:"
+                " ask again (another process, or this one in a moment)",
+                reason=Reason.ROOM_BEHIND,
+                retry_after_ms=BEHIND_RETRY_MS,
+            )
         if room.state != ROOM_STATE_LIVE:
             ended = room.state == RoomState.ROOM_STATE_ENDED
             raise FailedPrecondition(
